@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from mamba_pkg.ops import backend
+from mamba_pkg.ops.backend import check_cu_seqlens, check_same_device, check_tensor, resolve_backend
+
+
+def test_resolve_default_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert resolve_backend(None, torch.zeros(2)) == "torch"
+
+
+def test_resolve_env_and_explicit(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    assert resolve_backend(None, torch.zeros(2)) == "torch"
+    monkeypatch.setenv(backend.ENV_VAR, "cuda-please")
+    with pytest.raises(ValueError, match="MAMBA_PKG_BACKEND"):
+        resolve_backend(None, torch.zeros(2))
+    with pytest.raises(ValueError, match="backend="):
+        resolve_backend("fast", torch.zeros(2))
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        resolve_backend("triton", torch.zeros(2))
+
+
+def test_check_tensor_messages():
+    x = torch.zeros(2, 3)
+    check_tensor("x", x, shape=(2, None), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"x must have shape \(2, 4\)"):
+        check_tensor("x", x, shape=(2, 4))
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        check_tensor("x", x, ndim=3)
+    with pytest.raises(TypeError, match="x must have dtype float16"):
+        check_tensor("x", x, dtype=torch.float16)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        check_tensor("x", [1, 2])
+    with pytest.raises(ValueError, match="x is required"):
+        check_tensor("x", None)
+    check_tensor("x", None, optional=True)
+
+
+def test_check_same_device_meta_vs_cpu():
+    with pytest.raises(ValueError, match="y is on meta but x is on cpu"):
+        check_same_device(x=torch.zeros(1), y=torch.zeros(1, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        (torch.tensor([0, 3, 9], dtype=torch.int32), "must end at the sequence length L=10"),
+        (torch.tensor([1, 3, 10], dtype=torch.int32), "must start at 0"),
+        (torch.tensor([0, 5, 3, 10], dtype=torch.int32), "non-decreasing"),
+        (torch.tensor([0.0, 10.0]), "dtype int32"),
+        (torch.tensor([[0, 10]], dtype=torch.int32), "shape"),
+    ],
+)
+def test_check_cu_seqlens_errors(cu, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        check_cu_seqlens(cu, 10, 1)
+
+
+def test_check_cu_seqlens_batch():
+    with pytest.raises(ValueError, match="batch size 1"):
+        check_cu_seqlens(torch.tensor([0, 10], dtype=torch.int32), 10, 2)
+    check_cu_seqlens(torch.tensor([0, 4, 10], dtype=torch.int32), 10, 1)
