@@ -1,0 +1,202 @@
+"""selective_scan: the chunked torch reference against a naive per-step loop, its
+options (B/C forms, groups, varlen, states), input validation, and the Triton
+kernels against the reference (interpreter on CPU, realistic shapes on CUDA)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_pkg.ops.selective_scan import selective_scan_fn, selective_scan_ref
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+    """One time step per iteration, fp32: the definition of the recurrence."""
+    u, delta = u.float(), delta.float()
+    batch, dim, seqlen = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def at(t, l):  # (B, D, N) slice of B or C at step l
+        t = t.float()
+        if t.dim() == 2:
+            return t.expand(batch, dim, -1)
+        if t.dim() == 3:
+            return t[:, None, :, l].expand(batch, dim, -1)
+        return t[:, :, :, l].repeat_interleave(dim // t.shape[1], dim=1)
+
+    h = torch.zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.float()
+    ys = []
+    for l in range(seqlen):
+        dt = delta[:, :, l, None]
+        h = torch.exp(dt * A) * h + dt * u[:, :, l, None] * at(B, l)
+        ys.append((h * at(C, l)).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y, h
+
+
+def make_inputs(batch, dim, seqlen, dstate, bc="var", groups=2, dtype=torch.float32, device="cpu",
+                with_options=True, requires_grad=False):
+    g = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    u = rnd(batch, dim, seqlen).to(dtype)
+    delta = (rnd(batch, dim, seqlen, scale=0.5) - 1.0).to(dtype)
+    A = -torch.exp(rnd(dim, dstate, scale=0.5))
+    shapes = {"fixed": (dim, dstate), "var": (batch, dstate, seqlen), "group": (batch, groups, dstate, seqlen)}
+    B = rnd(*shapes[bc]).to(dtype if bc != "fixed" else torch.float32)
+    C = rnd(*shapes[bc]).to(dtype if bc != "fixed" else torch.float32)
+    args = dict(u=u, delta=delta, A=A, B=B, C=C)
+    if with_options:
+        args.update(D=rnd(dim), z=rnd(batch, dim, seqlen).to(dtype), delta_bias=rnd(dim, scale=0.3))
+    if requires_grad:
+        for t in args.values():
+            t.requires_grad_(True)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# The reference against the naive loop
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 63, 500])
+@pytest.mark.parametrize("bc", ["fixed", "var", "group"])
+def test_ref_matches_naive_forward(seqlen, bc):
+    args = make_inputs(2, 4, seqlen, 5, bc=bc)
+    h0 = torch.randn(2, 4, 5)
+    out, last = selective_scan_ref(**args, delta_softplus=True, return_last_state=True, initial_state=h0)
+    want, want_last = naive_scan(**args, delta_softplus=True, initial_state=h0)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, want_last, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seqlen,bc", [(7, "group"), (130, "var"), (70, "fixed")])
+def test_ref_matches_naive_backward(seqlen, bc):
+    args = make_inputs(2, 4, seqlen, 3, bc=bc, requires_grad=True)
+    h0 = torch.randn(2, 4, 3, requires_grad=True)
+    out, last = selective_scan_ref(**args, delta_softplus=True, return_last_state=True, initial_state=h0)
+    want, want_last = naive_scan(**args, delta_softplus=True, initial_state=h0)
+    g_out, g_last = torch.randn_like(out), torch.randn_like(last)
+    inputs = list(args.values()) + [h0]
+    grads = torch.autograd.grad((out * g_out).sum() + (last * g_last).sum(), inputs)
+    want_grads = torch.autograd.grad((want * g_out).sum() + (want_last * g_last).sum(), inputs)
+    for name, got, exp in zip(list(args) + ["initial_state"], grads, want_grads):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_ref_without_options_and_low_precision():
+    args = make_inputs(1, 3, 65, 4, bc="var", with_options=False, dtype=torch.bfloat16)
+    out = selective_scan_ref(**args, delta_softplus=True)
+    assert out.dtype == torch.bfloat16
+    want, _ = naive_scan(**args, delta_softplus=True)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_state_chaining():
+    args = make_inputs(2, 4, 150, 6, bc="group", groups=4)
+    cut = 67
+    first = {k: (v[..., :cut] if v.dim() >= 3 else v) for k, v in args.items()}
+    second = {k: (v[..., cut:] if v.dim() >= 3 else v) for k, v in args.items()}
+    out, last = selective_scan_ref(**args, delta_softplus=True, return_last_state=True)
+    out_a, last_a = selective_scan_ref(**first, delta_softplus=True, return_last_state=True)
+    out_b, last_b = selective_scan_ref(**second, delta_softplus=True, return_last_state=True, initial_state=last_a)
+    torch.testing.assert_close(torch.cat([out_a, out_b], -1), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_b, last, rtol=1e-5, atol=1e-5)
+
+
+def _split(args, lo, hi):
+    return {k: (v[..., lo:hi] if v.dim() >= 3 else v) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("bc", ["fixed", "group"])
+def test_varlen_equals_per_sequence(with_h0, bc):
+    lengths = [5, 0, 64, 1, 70]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    args = make_inputs(1, 4, sum(lengths), 3, bc=bc)
+    h0 = torch.randn(len(lengths), 4, 3) if with_h0 else None
+    out, last = selective_scan_ref(**args, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                   cu_seqlens=cu)
+    assert last.shape == (len(lengths), 4, 3)
+    for i in range(len(lengths)):
+        lo, hi = cu[i].item(), cu[i + 1].item()
+        init = None if h0 is None else h0[i:i + 1]
+        if hi == lo:
+            want_last = torch.zeros(1, 4, 3) if init is None else init
+            torch.testing.assert_close(last[i:i + 1], want_last)
+            continue
+        want, want_last = selective_scan_ref(**_split(args, lo, hi), delta_softplus=True, return_last_state=True,
+                                             initial_state=init)
+        torch.testing.assert_close(out[..., lo:hi], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[i:i + 1], want_last, rtol=1e-5, atol=1e-5)
+
+
+def test_public_fn_torch_backend():
+    args = make_inputs(2, 4, 20, 3)
+    out = selective_scan_fn(**args, delta_softplus=True, backend="torch")
+    torch.testing.assert_close(out, selective_scan_ref(**args, delta_softplus=True))
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ---------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    args = make_inputs(1, 4, 9, 3)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "changes,exc,match",
+    [
+        (dict(u=torch.randn(4, 9)), ValueError, "u must have 3 dimensions"),
+        (dict(delta=torch.randn(1, 4, 8)), ValueError, r"delta must have shape \(1, 4, 9\)"),
+        (dict(A=torch.randn(5, 3)), ValueError, r"A must have shape \(D, N\)"),
+        (dict(A=-torch.rand(4, 257)), ValueError, "N=257"),
+        (dict(A=-torch.rand(4, 3, dtype=torch.float64)), TypeError, "A must have dtype float32"),
+        (dict(B=torch.randn(1, 3, 8)), ValueError, r"B must have shape \(1, 3, 9\)"),
+        (dict(C=torch.randn(1, 3, 3, 9)), ValueError, "G=3 groups"),
+        (dict(B=torch.randn(4, 9)), ValueError, r"B must have shape \(4, 3\)"),
+        (dict(C=torch.randn(1, 1, 1, 3, 9)), ValueError, "C must have 2 or 3 or 4 dimensions"),
+        (dict(u=torch.randint(0, 3, (1, 4, 9))), TypeError, "u must have dtype"),
+        (dict(delta=torch.rand(1, 4, 9, dtype=torch.float16)), TypeError, "delta must have dtype float32"),
+        (dict(D=torch.randn(5)), ValueError, r"D must have shape \(4\)"),
+        (dict(z=torch.randn(1, 4, 10)), ValueError, r"z must have shape \(1, 4, 9\)"),
+        (dict(delta_bias=torch.randn(4, dtype=torch.float16)), TypeError, "delta_bias must have dtype float32"),
+        (dict(initial_state=torch.randn(2, 4, 3)), ValueError, r"initial_state must have shape \(1, 4, 3\)"),
+        (dict(u=[1.0]), TypeError, "u must be a torch.Tensor"),
+        (dict(B=torch.randn(1, 3, 9, device="meta")), ValueError, "B is on meta"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32)), ValueError, "end at the sequence length"),
+        (dict(cu_seqlens=torch.tensor([0, 6, 4, 9], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0.0, 9.0])), TypeError, "cu_seqlens must have dtype int32"),
+        (dict(cu_seqlens=torch.tensor([0, 9], dtype=torch.int32),
+              initial_state=torch.randn(1, 4, 2)), ValueError, r"initial_state must have shape \(1, 4, 3\)"),
+    ],
+)
+def test_bad_input(changes, exc, match, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "0" and not torch.cuda.is_available():
+        pytest.skip("triton backend needs CUDA or the interpreter")
+    with pytest.raises(exc, match=match):
+        selective_scan_fn(**_bad(**changes), backend=backend)
+
+
+def test_bad_cu_seqlens_batch():
+    args = make_inputs(2, 4, 9, 3)
+    with pytest.raises(ValueError, match="batch size 1"):
+        selective_scan_ref(**args, cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
