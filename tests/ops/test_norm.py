@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from mamba_pkg.ops.norm import layer_norm_fn, layer_norm_ref, rms_norm_fn, rms_norm_gated_fn, rms_norm_gated_ref
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def naive_norm_row(row, weight, bias, eps, rms):
+    """Plain-Python norm of one row (list of floats)."""
+    n = len(row)
+    mean = 0.0 if rms else sum(row) / n
+    var = sum((v - mean) ** 2 for v in row) / n
+    inv = 1.0 / math.sqrt(var + eps)
+    return [(v - mean) * inv * w + (0.0 if bias is None else b)
+            for v, w, b in zip(row, weight, bias if bias is not None else [0.0] * n)]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_norm_ref_matches_naive(rms, with_residual):
+    x = torch.randn(3, 7, dtype=torch.float64)
+    res = torch.randn(3, 7, dtype=torch.float64) if with_residual else None
+    w, b = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    out, s = layer_norm_ref(x, w, b, res, eps=1e-5, prenorm=True, is_rms_norm=rms)
+    s_exp = x + res if with_residual else x
+    torch.testing.assert_close(s, s_exp)
+    for i in range(3):
+        exp = naive_norm_row(s_exp[i].tolist(), w.tolist(), b.tolist(), 1e-5, rms)
+        torch.testing.assert_close(out[i], torch.tensor(exp, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_add_norm_backward_matches_autograd_of_naive(rms):
+    x = torch.randn(5, 13, requires_grad=True)
+    res = torch.randn(5, 13, requires_grad=True)
+    w = torch.randn(13, requires_grad=True)
+    b = torch.randn(13, requires_grad=True)
+    out, s = layer_norm_fn(x, w, b, res, eps=1e-6, prenorm=True, is_rms_norm=rms, backend="torch")
+    sn = x + res
+    if rms:
+        exp = sn / torch.sqrt(sn.pow(2).mean(-1, keepdim=True) + 1e-6) * w + b
+    else:
+        exp = torch.nn.functional.layer_norm(sn, (13,), w, b, 1e-6)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    g, gs = torch.randn_like(out), torch.randn_like(s)
+    grads = torch.autograd.grad((out * g).sum() + (s * gs).sum(), (x, res, w, b))
+    grads_exp = torch.autograd.grad((exp * g).sum() + (sn * gs).sum(), (x, res, w, b))
+    for a, e in zip(grads, grads_exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_dtypes_and_rms_norm_fn():
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    res = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    w = torch.randn(16)
+    out, s = rms_norm_fn(x, w, None, res, prenorm=True, residual_in_fp32=True, backend="torch")
+    assert out.dtype == torch.bfloat16 and s.dtype == torch.float32
+    torch.testing.assert_close(s, x.float() + res.float())
+    _, s2 = rms_norm_fn(x, w, None, res, prenorm=True, backend="torch")
+    assert s2.dtype == torch.bfloat16
+    out_only = rms_norm_fn(x, w, None, res, backend="torch")
+    assert torch.equal(out_only, out)
+    _, s3 = rms_norm_fn(x, w, None, None, prenorm=True, residual_in_fp32=True, backend="torch")
+    assert s3.dtype == torch.float32 and torch.equal(s3, x.float())
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_gated_ref_matches_naive_fwd_bwd(norm_before_gate, group_size):
+    x = torch.randn(3, 12, requires_grad=True)
+    z = torch.randn(3, 12, requires_grad=True)
+    w = torch.randn(12, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    out = rms_norm_gated_fn(x, w, b, z, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate,
+                            backend="torch")
+    gs = 12 if group_size is None else group_size
+    rows = []
+    for i in range(3):
+        gate = [zz / (1 + math.exp(-zz)) for zz in z[i].tolist()]
+        xr = x[i].tolist()
+        if not norm_before_gate:
+            xr = [a * g for a, g in zip(xr, gate)]
+        y = []
+        for g0 in range(0, 12, gs):
+            y += naive_norm_row(xr[g0:g0 + gs], w[g0:g0 + gs].tolist(), b[g0:g0 + gs].tolist(), 1e-5, True)
+        if norm_before_gate:
+            y = [a * g for a, g in zip(y, gate)]
+        rows.append(y)
+    torch.testing.assert_close(out, torch.tensor(rows), rtol=1e-5, atol=1e-5)
+    # Backward against autograd of an independent torch formulation.
+    xs = x * torch.sigmoid(z) * z if not norm_before_gate else x
+    xg = xs.view(3, 12 // gs, gs)
+    exp = (xg / xg.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).view(3, 12) * w + b
+    if norm_before_gate:
+        exp = exp * z * torch.sigmoid(z)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (x, z, w, b))
+    grads_exp = torch.autograd.grad((exp * g).sum(), (x, z, w, b))
+    for a, e in zip(grads, grads_exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_gated_without_z_is_rms_norm():
+    x = torch.randn(4, 10, dtype=torch.float16)
+    w = torch.randn(10)
+    out = rms_norm_gated_ref(x, w, None, None)
+    torch.testing.assert_close(out, rms_norm_fn(x, w, None, backend="torch"))
+    assert out.dtype == torch.float16
+
+
+def test_errors():
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        layer_norm_fn(x, torch.randn(7), None, backend="torch")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        layer_norm_fn(x, w, torch.randn(9), backend="torch")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        rms_norm_fn(x, w, None, torch.randn(4, 7), backend="torch")
+    with pytest.raises(TypeError, match="x must have dtype"):
+        rms_norm_fn(x.long(), w, None, backend="torch")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        rms_norm_fn([1.0], w, None, backend="torch")
+    with pytest.raises(ValueError, match="eps must be"):
+        rms_norm_fn(x, w, None, eps=-1.0, backend="torch")
+    with pytest.raises(ValueError, match="group_size must be"):
+        rms_norm_gated_fn(x, w, None, x, group_size=3, backend="torch")
+    with pytest.raises(ValueError, match="z must have shape"):
+        rms_norm_gated_fn(x, w, None, torch.randn(4, 9), backend="torch")
+    with pytest.raises(ValueError, match="backend="):
+        rms_norm_fn(x, w, None, backend="gpu")
