@@ -154,3 +154,203 @@ def mamba_chunk_scan_combined(
                                          dt_softplus=dt_softplus, dt_limit=dt_limit,
                                          return_final_states=return_final_states,
                                          return_varlen_states=return_varlen_states)
+
+
+# ---------------------------------------------------------------------------
+# The Mamba-2 mixer after in_proj: split -> conv1d -> SSD -> gated RMSNorm -> out_proj.
+# ---------------------------------------------------------------------------
+
+
+def _split_sizes(zxbcdt, conv1d_weight, A, D, headdim, ngroups):
+    """(D_inner, G * N, H, P, N) from the shapes, with errors naming the argument."""
+    check_tensor("A", A, ndim=1, dtype=FLOAT_DTYPES)
+    H = A.shape[0]
+    if D is not None:
+        check_tensor("D", D, ndim=(1, 2), dtype=FLOAT_DTYPES)
+        if D.shape[0] != H:
+            raise ValueError(f"D must have shape (H={H},) or (H={H}, P), got {tuple(D.shape)}")
+        if D.dim() == 2:
+            if headdim is not None and headdim != D.shape[1]:
+                raise ValueError(f"headdim={headdim} disagrees with D of shape {tuple(D.shape)}")
+            headdim = D.shape[1]
+    if isinstance(headdim, bool) or not isinstance(headdim, int) or headdim < 1:
+        raise ValueError(f"headdim must be a positive int when D is (H,) or None, got {headdim!r}")
+    if isinstance(ngroups, bool) or not isinstance(ngroups, int) or ngroups < 1 or H % ngroups:
+        raise ValueError(f"ngroups must be a positive int dividing the number of heads H={H}, got {ngroups!r}")
+    d_inner = H * headdim
+    check_tensor("conv1d_weight", conv1d_weight, ndim=2, dtype=FLOAT_DTYPES)
+    conv_dim = conv1d_weight.shape[0]
+    gn2 = conv_dim - d_inner
+    if gn2 <= 0 or gn2 % (2 * ngroups):
+        raise ValueError(f"conv1d_weight must have shape (D_inner + 2*G*N, W) with D_inner={d_inner} and G={ngroups}, "
+                         f"got {tuple(conv1d_weight.shape)}")
+    N = gn2 // (2 * ngroups)
+    check_tensor("zxbcdt", zxbcdt, ndim=3, dtype=FLOAT_DTYPES)
+    want = 2 * d_inner + 2 * ngroups * N + H
+    if zxbcdt.shape[-1] != want:
+        raise ValueError(f"zxbcdt must have shape (B, L, 2*D_inner + 2*G*N + H) = (B, L, {want}), "
+                         f"got {tuple(zxbcdt.shape)}")
+    return d_inner, H, headdim, N
+
+
+def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
+                       dt_limit, return_final_states, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight,
+                       outproj_bias, headdim, ngroups, norm_before_gate, cu_seqlens, backend):
+    """The composition itself; ``backend=None`` means the torch references."""
+    batch, L, _ = zxbcdt.shape
+    H = A.shape[0]
+    d_inner = H * headdim
+    G = ngroups
+    N = (conv1d_weight.shape[0] - d_inner) // (2 * G)
+    z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * G * N, H], dim=-1)
+    conv_in = xBC.transpose(1, 2)  # (B, conv_dim, L), channel-last memory
+    if backend is None:
+        from mamba_pkg.ops.causal_conv1d import causal_conv1d_ref as conv
+
+        conv_kw = {}
+    else:
+        from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn as conv
+
+        conv_kw = {"backend": backend}
+    if cu_seqlens is not None:
+        conv_out = conv(conv_in, conv1d_weight, conv1d_bias, activation=activation, cu_seqlens=cu_seqlens, **conv_kw)
+    else:
+        conv_out = conv(conv_in, conv1d_weight, conv1d_bias, activation=activation, seq_idx=seq_idx, **conv_kw)
+    xBC = conv_out.transpose(1, 2)  # (B, L, conv_dim)
+    x, B, C = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
+    x = x.reshape(batch, L, H, headdim)
+    B = B.reshape(batch, L, G, N)
+    C = C.reshape(batch, L, G, N)
+    scan_kw = dict(D=D, z=None if rmsnorm_weight is not None else z.reshape(batch, L, H, headdim), dt_bias=dt_bias,
+                   initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=True,
+                   dt_limit=dt_limit, return_final_states=return_final_states and cu_seqlens is None,
+                   return_varlen_states=return_final_states and cu_seqlens is not None)
+    if backend is None:
+        scanned = mamba_chunk_scan_combined_ref(x, dt, A, B, C, chunk_size, **scan_kw)
+    else:
+        scanned = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **scan_kw, backend=backend)
+    y, final_states = (scanned, None) if not return_final_states else scanned
+    y = y.reshape(batch, L, d_inner)
+    if rmsnorm_weight is not None:
+        if backend is None:
+            from mamba_pkg.ops.norm import rms_norm_gated_ref as norm
+
+            norm_kw = {}
+        else:
+            from mamba_pkg.ops.norm import rms_norm_gated_fn as norm
+
+            norm_kw = {"backend": backend}
+        y = norm(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=d_inner // G,
+                 norm_before_gate=norm_before_gate, **norm_kw)
+    if outproj_weight is not None:
+        y = torch.nn.functional.linear(y, outproj_weight.to(y.dtype),
+                                       None if outproj_bias is None else outproj_bias.to(y.dtype))
+    return y if not return_final_states else (y, final_states)
+
+
+def _check_split_inputs(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
+                        dt_limit, activation, rmsnorm_weight, outproj_weight, outproj_bias, headdim, ngroups,
+                        cu_seqlens):
+    d_inner, H, headdim, N = _split_sizes(zxbcdt, conv1d_weight, A, D, headdim, ngroups)
+    batch, L, _ = zxbcdt.shape
+    device = check_same_device(zxbcdt=zxbcdt, conv1d_weight=conv1d_weight, conv1d_bias=conv1d_bias, dt_bias=dt_bias,
+                               A=A, D=D, initial_states=initial_states, seq_idx=seq_idx,
+                               rmsnorm_weight=rmsnorm_weight, outproj_weight=outproj_weight,
+                               outproj_bias=outproj_bias, cu_seqlens=cu_seqlens)
+    if L < 1:
+        raise ValueError(f"zxbcdt must have L >= 1, got shape {tuple(zxbcdt.shape)}")
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    check_tensor("conv1d_bias", conv1d_bias, shape=(conv1d_weight.shape[0],), dtype=FLOAT_DTYPES, optional=True)
+    check_tensor("dt_bias", dt_bias, shape=(H,), dtype=FLOAT_DTYPES, optional=True)
+    check_tensor("rmsnorm_weight", rmsnorm_weight, shape=(d_inner,), dtype=FLOAT_DTYPES, optional=True)
+    check_tensor("outproj_weight", outproj_weight, ndim=2, dtype=FLOAT_DTYPES, optional=True)
+    if outproj_weight is not None and outproj_weight.shape[1] != d_inner:
+        raise ValueError(f"outproj_weight must have shape (d_model, D_inner={d_inner}), got {tuple(outproj_weight.shape)}")
+    if outproj_bias is not None:
+        if outproj_weight is None:
+            raise ValueError("outproj_bias is given without outproj_weight")
+        check_tensor("outproj_bias", outproj_bias, shape=(outproj_weight.shape[0],), dtype=FLOAT_DTYPES)
+    _check_chunk_size(chunk_size)
+    dt_limit = _check_dt_limit(dt_limit)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, L, batch)
+        if seq_idx is not None:
+            raise ValueError("give seq_idx or cu_seqlens, not both")
+    else:
+        _check_seq_idx(seq_idx, batch, L, device)
+    rows, who = (batch, "B") if cu_seqlens is None else (cu_seqlens.numel() - 1, "num_seqs")
+    if initial_states is not None:
+        check_tensor("initial_states", initial_states, dtype=FLOAT_DTYPES)
+        if tuple(initial_states.shape) != (rows, H, headdim, N):
+            raise ValueError(f"initial_states must have shape ({who}, H, P, N) = {(rows, H, headdim, N)}, "
+                             f"got {tuple(initial_states.shape)}")
+    return headdim, dt_limit
+
+
+def mamba_split_conv1d_scan_combined_ref(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                         initial_states=None, seq_idx=None, dt_limit=(0.0, float("inf")),
+                                         return_final_states=False, activation="silu", rmsnorm_weight=None,
+                                         rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
+                                         ngroups=1, norm_before_gate=True, *, cu_seqlens=None):
+    """Torch reference of :func:`mamba_split_conv1d_scan_combined` (the torch references composed)."""
+    if headdim is None and D is not None and D.dim() == 2:
+        headdim = D.shape[1]
+    return _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
+                              seq_idx, dt_limit, return_final_states, activation, rmsnorm_weight, rmsnorm_eps,
+                              outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate, cu_seqlens, None)
+
+
+def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                     initial_states=None, seq_idx=None, dt_limit=(0.0, float("inf")),
+                                     return_final_states=False, activation="silu", rmsnorm_weight=None,
+                                     rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
+                                     ngroups=1, norm_before_gate=True, *, cu_seqlens=None, backend=None):
+    """The Mamba-2 mixer from the in_proj output on (mamba_ssm semantics).
+
+    zxbcdt (B, L, 2*D_inner + 2*G*N + H) splits into z (D_inner), xBC
+    (D_inner + 2*G*N) and dt (H). xBC goes through the causal depthwise conv
+    (+ activation) and splits into x (B, L, H, P), B and C (B, L, G, N); the SSD
+    scan runs with dt_softplus=True; then either out = y * silu(z) (no
+    rmsnorm_weight) or the gated RMSNorm over groups of D_inner / G channels;
+    then out_proj.
+
+    Args:
+        zxbcdt: (B, L, 2*D_inner + 2*G*N + H), D_inner = H * P.
+        conv1d_weight: (D_inner + 2*G*N, W); conv1d_bias: (D_inner + 2*G*N,) or None.
+        dt_bias: (H,) or None.  A: (H,).  D: (H,) or (H, P) (or None: then headdim is required).
+        chunk_size: SSD chunk length.
+        initial_states: SSD states (B, H, P, N) (with cu_seqlens: (num_seqs, H, P, N)).
+        seq_idx: (B, L) int32 non-decreasing; neither conv nor scan crosses a change.
+        dt_limit: (min, max) clamp of softplus(dt + dt_bias).
+        return_final_states: also return fp32 final SSD states: (B, H, P, N), or with
+            cu_seqlens one per packed sequence, (num_seqs, H, P, N).
+        activation: None, "silu" or "swish" after the conv.
+        rmsnorm_weight: (D_inner,) or None; rmsnorm_eps its epsilon; norm_before_gate
+            as in rms_norm_gated_fn.
+        outproj_weight: (d_model, D_inner) or None; outproj_bias: (d_model,) or None.
+        headdim: P, needed when D is (H,) or None.
+        ngroups: G.
+        cu_seqlens: (num_seqs + 1,) int32 packed-sequence boundaries (B == 1).
+        backend: "torch" | "triton" | None.
+
+    Returns:
+        out (B, L, d_model) with outproj_weight, else (B, L, D_inner), dtype of
+        zxbcdt; with return_final_states (out, final_states).
+    """
+    headdim, dt_limit = _check_split_inputs(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                            initial_states, seq_idx, dt_limit, activation, rmsnorm_weight,
+                                            outproj_weight, outproj_bias, headdim, ngroups, cu_seqlens)
+    which = resolve_backend(backend, zxbcdt, conv1d_weight, A)
+    args = (zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx, dt_limit,
+            return_final_states, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
+            ngroups, norm_before_gate, cu_seqlens)
+    if which == "torch":
+        return _split_conv1d_scan(*args, None)
+    # Memory-efficient training: keep only the inputs; the conv output, the scan
+    # output and the normalised activations are recomputed in the backward pass.
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(_split_conv1d_scan, *args, which, use_reentrant=False)
+    return _split_conv1d_scan(*args, which)
