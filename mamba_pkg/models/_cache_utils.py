@@ -1,0 +1,99 @@
+"""Glue shared by the mixers for inference caches: which cache rows a call uses, conv states.
+
+A conv state (B, D, W) holds the last W inputs of the causal conv (oldest first, zeros
+before the sequence start), the layout causal_conv1d_update expects.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+
+
+def cache_rows(inference_params, batch: int, cache: tuple) -> tuple:
+    """Views of this call's rows [batch_size_offset, batch_size_offset + batch) of each cache tensor."""
+    start = inference_params.batch_size_offset
+    rows = []
+    for t in cache:
+        if t is None:
+            rows.append(None)
+            continue
+        if start + batch > t.shape[0]:
+            raise ValueError(
+                f"inference cache holds {t.shape[0]} sequences, but this call needs rows "
+                f"[{start}, {start + batch}); allocate it with a larger batch size"
+            )
+        rows.append(t[start : start + batch])
+    return tuple(rows)
+
+
+def last_inputs(x: torch.Tensor, width: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Conv state after a prefill: the last ``width`` columns of x, zero-padded on the left.
+
+    x: (B, D, L). Without cu_seqlens returns (B, D, width). With cu_seqlens (num_seqs + 1,)
+    (B == 1) returns (num_seqs, D, width), each sequence's own last inputs (no host sync).
+    """
+    if cu_seqlens is None:
+        return F.pad(x, (width - x.shape[-1], 0))
+    cu = cu_seqlens.to(torch.long)
+    idx = cu[1:, None] - width + torch.arange(width, device=x.device)  # (S, W)
+    valid = idx >= cu[:-1, None]
+    gathered = x[0][:, idx.clamp(min=0)]  # (D, S, W)
+    return (gathered * valid.to(x.dtype)).permute(1, 0, 2)
+
+
+def positions_in_sequence(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(L,) long: each packed token's position inside its own sequence."""
+    cu = cu_seqlens.to(torch.long)
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=seqlen)
+    return torch.arange(seqlen, device=cu_seqlens.device) - starts
+
+
+def sequence_index(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """(L,) long: each packed token's sequence number."""
+    cu = cu_seqlens.to(torch.long)
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=seqlen)
+
+
+def layer_cache(module, inference_params, batch: int) -> tuple:
+    """This call's rows of ``module``'s cache in ``inference_params``, allocated on first use.
+
+    The cache is allocated for ``inference_params.max_batch_size`` sequences with the module's
+    own ``allocate_inference_cache``; ``module.layer_idx`` is the key.
+    """
+    if module.layer_idx is None:
+        raise ValueError(f"{type(module).__name__} needs layer_idx (constructor argument) to use an inference cache")
+    memory = inference_params.key_value_memory_dict
+    if module.layer_idx not in memory:
+        memory[module.layer_idx] = module.allocate_inference_cache(
+            max(inference_params.max_batch_size, inference_params.batch_size_offset + batch), inference_params.max_seqlen
+        )
+    return cache_rows(inference_params, batch, memory[module.layer_idx])
+
+
+def conv_with_cache(x, weight, bias, activation, conv_state=None, *, fresh=True, cu_seqlens=None):
+    """Causal depthwise conv of x (B, D, L) -> (B, D, L), keeping conv_state (B, D, W) current.
+
+    conv_state None: a plain (packed) conv. fresh: a prefill from an empty cache; the state
+    becomes the last W inputs (per sequence with cu_seqlens, whose cache rows are the
+    sequences). Not fresh: continue from conv_state (one token: the update op; several: the
+    conv with the cached inputs as initial states), then advance it.
+    """
+    if conv_state is None or fresh:
+        out = causal_conv1d_fn(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
+        if conv_state is not None:
+            conv_state.copy_(last_inputs(x, conv_state.shape[-1], cu_seqlens))
+        return out
+    if cu_seqlens is not None:
+        raise ValueError("packed sequences (cu_seqlens) can only be prefilled from an empty cache (seqlen_offset == 0)")
+    if x.shape[-1] == 1:
+        return causal_conv1d_update(x[..., 0], conv_state, weight, bias, activation).unsqueeze(-1)
+    out = causal_conv1d_fn(x, weight, bias, initial_states=conv_state[..., -(weight.shape[1] - 1) :], activation=activation)
+    conv_state.copy_(last_inputs(torch.cat([conv_state, x], dim=-1), conv_state.shape[-1]))
+    return out
