@@ -20,6 +20,8 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from einops import rearrange
 
 from mamba_pkg.ops.backend import (
@@ -28,6 +30,7 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     resolve_backend,
+    seq_idx_from_cu_seqlens,
 )
 
 MAX_DSTATE = 256
@@ -191,6 +194,436 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 # ---------------------------------------------------------------------------
+# Triton kernels
+#
+# One program per (block of BLOCK_D channels, batch row). It walks L in tiles of
+# BLOCK_L steps; a tile is a (BLOCK_D, BLOCK_N, BLOCK_L) block of decays and
+# inputs scanned along L with tl.associative_scan, and the (BLOCK_D, BLOCK_N)
+# state is carried from tile to tile in registers. Packed sequences: position l
+# belongs to sequence seq_idx[l]; at a sequence start the decay is zeroed and the
+# sequence's initial state enters through that step's input.
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _affine_combine(a_first, b_first, a_second, b_second):
+    # Compose h -> a_first * h + b_first, then h -> a_second * h + b_second.
+    return a_first * a_second, b_first * a_second + b_second
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def _load_delta(delta_ptr, delta_bias_ptr, o_bdl, o_d, m_d, m_dl, HAS_DELTA_BIAS: tl.constexpr):
+    """(delta + delta_bias) before the softplus, fp32, (BLOCK_D, BLOCK_L)."""
+    b_dt = tl.load(delta_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        b_dt += tl.load(delta_bias_ptr + o_d, mask=m_d, other=0.0)[:, None]
+    return b_dt
+
+
+@triton.jit
+def _load_bc(ptr, o_bc_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, IS_VAR: tl.constexpr):
+    """B or C as a (BLOCK_D or 1, BLOCK_N, BLOCK_L or 1) fp32 block."""
+    if IS_VAR:
+        p = ptr + o_bc_row + o_n[:, None].to(tl.int64) * seqlen + o_l[None, :]
+        return tl.load(p, mask=m_n[:, None] & m_l[None, :], other=0.0).to(tl.float32)[None, :, :]
+    else:
+        p = ptr + o_d[:, None] * dstate + o_n[None, :]
+        return tl.load(p, mask=m_d[:, None] & m_n[None, :], other=0.0).to(tl.float32)[:, :, None]
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr,
+    out_ptr, last_ptr, ckpt_ptr,
+    seqlen, dim, dstate, group_size, stride_b_batch, stride_b_group, stride_c_batch, stride_c_group,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_LAST: tl.constexpr, STORE_CKPT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
+    m_d, m_n = o_d < dim, o_n < dstate
+    m_dn = m_d[:, None] & m_n[None, :]
+    o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # (BLOCK_D,) start of each (b, d) row
+    i_g = (i_d * BLOCK_D) // group_size
+    o_b_row = i_b.to(tl.int64) * stride_b_batch + i_g.to(tl.int64) * stride_b_group
+    o_c_row = i_b.to(tl.int64) * stride_c_batch + i_g.to(tl.int64) * stride_c_group
+    o_dn = o_d[:, None] * dstate + o_n[None, :]
+    # exp(dt * A) = exp2(dt * A * log2(e)): exp2 is the native instruction.
+    b_A2 = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0) * 1.4426950408889634
+    if HAS_D:
+        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
+    b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_H0 and not IS_VARLEN:
+        b_h = tl.load(h0_ptr + i_b.to(tl.int64) * dim * dstate + o_dn, mask=m_dn, other=0.0)
+    n_tiles = tl.cdiv(seqlen, BLOCK_L)
+    for i_t in range(0, n_tiles):
+        if STORE_CKPT:
+            p_ckpt = ckpt_ptr + ((i_b.to(tl.int64) * n_tiles + i_t) * dim) * dstate + o_dn
+            tl.store(p_ckpt, b_h, mask=m_dn)
+        o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+        m_l = o_l < seqlen
+        m_dl = m_d[:, None] & m_l[None, :]
+        o_bdl = o_row[:, None] + o_l[None, :]
+        b_u = tl.load(u_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+        b_dt = _load_delta(delta_ptr, delta_bias_ptr, o_bdl, o_d, m_d, m_dl, HAS_DELTA_BIAS)
+        if DELTA_SOFTPLUS:
+            b_dt = _softplus(b_dt)
+        # Zero dt past the end: decay 1 and input 0 keep the state unchanged there.
+        b_dt = tl.where(m_dl, b_dt, 0.0)
+        b_B = _load_bc(B_ptr, o_b_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, B_VAR)
+        b_C = _load_bc(C_ptr, o_c_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, C_VAR)
+        b_decay = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L)
+        b_inp = (b_dt * b_u)[:, None, :] * b_B
+        if IS_VARLEN:
+            b_seq = tl.load(seq_idx_ptr + o_l, mask=m_l, other=0)
+            b_seq_prev = tl.load(seq_idx_ptr + o_l - 1, mask=m_l & (o_l > 0), other=-1)
+            m_start = (b_seq != b_seq_prev) & m_l
+            b_seq_next = tl.load(seq_idx_ptr + o_l + 1, mask=o_l + 1 < seqlen, other=-1)
+            m_end = (b_seq != b_seq_next) & m_l
+            if HAS_H0:
+                p_h0 = h0_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
+                b_h0 = tl.load(p_h0, mask=m_dn[:, :, None] & m_start[None, None, :], other=0.0)
+                b_inp += b_decay * b_h0
+            b_decay = tl.where(m_start[None, None, :], 0.0, b_decay)
+        b_acc, b_hs = tl.associative_scan((b_decay, b_inp), axis=2, combine_fn=_affine_combine)
+        b_hs += b_acc * b_h[:, :, None]  # (BLOCK_D, BLOCK_N, BLOCK_L) states after each step
+        b_y = tl.sum(b_hs * b_C, axis=1)  # (BLOCK_D, BLOCK_L)
+        if HAS_D:
+            b_y += b_D[:, None] * b_u
+        if HAS_Z:
+            b_z = tl.load(z_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+            b_y *= b_z * tl.sigmoid(b_z)
+        tl.store(out_ptr + o_bdl, b_y.to(out_ptr.dtype.element_ty), mask=m_dl)
+        if IS_VARLEN and STORE_LAST:
+            p_last = last_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
+            tl.store(p_last, b_hs, mask=m_dn[:, :, None] & m_end[None, None, :])
+        m_last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
+        b_h = tl.sum(tl.where(m_last, b_hs, 0.0), axis=2)
+    if STORE_LAST and not IS_VARLEN:
+        tl.store(last_ptr + i_b.to(tl.int64) * dim * dstate + o_dn, b_h, mask=m_dn)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr, ckpt_ptr,
+    dout_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr,
+    seqlen, dim, dstate, group_size, stride_b_batch, stride_b_group, stride_c_batch, stride_c_group,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Walks the tiles last to first. Per tile: recompute the forward scan from the
+    checkpointed state, then scan the state gradient backwards,
+        dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1},
+    carrying g = d loss / d(state before the tile) to the previous tile.
+    Sums over L (dA, dD, d delta_bias, fixed dB / dC) and over the channels of a
+    block (input-dependent dB / dC) go to per-program partials that the launcher
+    adds up in torch: deterministic, no atomics."""
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    n_dblocks = tl.num_programs(0)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = tl.arange(0, BLOCK_N)
+    m_d, m_n = o_d < dim, o_n < dstate
+    m_dn = m_d[:, None] & m_n[None, :]
+    o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
+    i_g = (i_d * BLOCK_D) // group_size
+    o_b_row = i_b.to(tl.int64) * stride_b_batch + i_g.to(tl.int64) * stride_b_group
+    o_c_row = i_b.to(tl.int64) * stride_c_batch + i_g.to(tl.int64) * stride_c_group
+    o_dn = o_d[:, None] * dstate + o_n[None, :]
+    o_bdn = i_b.to(tl.int64) * dim * dstate + o_dn  # this program's (b, d, n) block of (B, D, N)
+    b_A = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0)
+    b_A2 = b_A * 1.4426950408889634
+    if HAS_D:
+        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
+    b_g = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_DLAST and not IS_VARLEN:
+        b_g = tl.load(dlast_ptr + o_bdn, mask=m_dn, other=0.0)
+    b_dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_ddb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    n_tiles = tl.cdiv(seqlen, BLOCK_L)
+    o_t = tl.arange(0, BLOCK_L)
+    for i_rev in range(0, n_tiles):
+        i_t = n_tiles - 1 - i_rev
+        o_l = i_t * BLOCK_L + o_t
+        m_l = o_l < seqlen
+        m_dl = m_d[:, None] & m_l[None, :]
+        o_bdl = o_row[:, None] + o_l[None, :]
+        # The reverse scan needs dt at the next step; the tile's last step takes
+        # the next tile's decay through the carried g instead (decay 1 here).
+        m_next = (o_t < BLOCK_L - 1)[None, :] & (o_l + 1 < seqlen)[None, :] & m_d[:, None]
+        b_u = tl.load(u_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+        b_dt_raw = _load_delta(delta_ptr, delta_bias_ptr, o_bdl, o_d, m_d, m_dl, HAS_DELTA_BIAS)
+        b_dt_next = _load_delta(delta_ptr, delta_bias_ptr, o_bdl + 1, o_d, m_d, m_next, HAS_DELTA_BIAS)
+        if DELTA_SOFTPLUS:
+            b_dt = tl.where(m_dl, _softplus(b_dt_raw), 0.0)
+            b_dt_next = tl.where(m_next, _softplus(b_dt_next), 0.0)
+        else:
+            b_dt = tl.where(m_dl, b_dt_raw, 0.0)
+            b_dt_next = tl.where(m_next, b_dt_next, 0.0)
+        b_B = _load_bc(B_ptr, o_b_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, B_VAR)
+        b_C = _load_bc(C_ptr, o_c_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, C_VAR)
+        # Forward again, from the state checkpointed at the tile start.
+        b_h = tl.load(ckpt_ptr + ((i_b.to(tl.int64) * n_tiles + i_t) * dim) * dstate + o_dn, mask=m_dn, other=0.0)
+        b_decay = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])
+        b_dtu = b_dt * b_u
+        b_inp = b_dtu[:, None, :] * b_B
+        b_inp_scan = b_inp
+        b_decay_scan = b_decay
+        b_decay_next = tl.exp2(b_dt_next[:, None, :] * b_A2[:, :, None])
+        if IS_VARLEN:
+            b_seq = tl.load(seq_idx_ptr + o_l, mask=m_l, other=0)
+            b_seq_prev = tl.load(seq_idx_ptr + o_l - 1, mask=m_l & (o_l > 0), other=-1)
+            m_start = (b_seq != b_seq_prev) & m_l
+            b_seq_next = tl.load(seq_idx_ptr + o_l + 1, mask=o_l + 1 < seqlen, other=-1)
+            m_end = (b_seq != b_seq_next) & m_l
+            if HAS_H0:
+                p_h0 = h0_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
+                b_h0 = tl.load(p_h0, mask=m_dn[:, :, None] & m_start[None, None, :], other=0.0)
+                b_inp_scan += b_decay * b_h0
+            b_decay_scan = tl.where(m_start[None, None, :], 0.0, b_decay)
+            # No gradient flows from a sequence's first step into the previous sequence.
+            b_decay_next = tl.where((m_end & (o_l + 1 < seqlen))[None, None, :], 0.0, b_decay_next)
+        b_acc, b_hs = tl.associative_scan((b_decay_scan, b_inp_scan), axis=2, combine_fn=_affine_combine)
+        b_hs += b_acc * b_h[:, :, None]
+        b_y = tl.sum(b_hs * b_C, axis=1)
+        if HAS_D:
+            b_y += b_D[:, None] * b_u
+        b_dout = tl.load(dout_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+        if HAS_Z:
+            b_z = tl.load(z_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+            b_sig = tl.sigmoid(b_z)
+            b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
+            tl.store(dz_ptr + o_bdl, b_dz.to(dz_ptr.dtype.element_ty), mask=m_dl)
+            b_dy = b_dout * b_z * b_sig
+        else:
+            b_dy = b_dout
+        b_du = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+        if HAS_D:
+            b_dD_acc += tl.sum(b_dy * b_u, axis=1)
+            b_du = b_dy * b_D[:, None]
+        # Backward scan of the state gradient.
+        b_x = b_C * b_dy[:, None, :]
+        if IS_VARLEN and HAS_DLAST:
+            p_dlast = dlast_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
+            b_x += tl.load(p_dlast, mask=m_dn[:, :, None] & m_end[None, None, :], other=0.0)
+        b_racc, b_dh = tl.associative_scan((b_decay_next, b_x), axis=2, combine_fn=_affine_combine, reverse=True)
+        b_dh += b_racc * b_g[:, :, None]  # (BLOCK_D, BLOCK_N, BLOCK_L) d loss / d h_t
+        if IS_VARLEN and HAS_H0:
+            p_dh0 = dh0_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
+            tl.store(p_dh0, b_decay * b_dh, mask=m_dn[:, :, None] & m_start[None, None, :])
+        m_first = (o_t == 0)[None, None, :]
+        b_g = tl.sum(tl.where(m_first, b_decay_scan * b_dh, 0.0), axis=2)
+        # Gradients of the step input dt * u * B and of the log-decay dt * A;
+        # decay_t * h_{t-1} = h_t - input_t avoids shifting h by one step.
+        b_dh_B = tl.sum(b_dh * b_B, axis=1)  # (BLOCK_D, BLOCK_L)
+        b_du += b_dt * b_dh_B
+        b_dlogdecay = b_dh * (b_hs - b_inp)
+        b_ddt = b_u * b_dh_B + tl.sum(b_dlogdecay * b_A[:, :, None], axis=1)
+        b_dA_acc += tl.sum(b_dlogdecay * b_dt[:, None, :], axis=2)
+        if B_VAR:
+            b_dB = tl.sum(b_dh * b_dtu[:, None, :], axis=0)  # (BLOCK_N, BLOCK_L)
+            p_dB = dB_ptr + ((i_b.to(tl.int64) * n_dblocks + i_d) * dstate + o_n[:, None]) * seqlen + o_l[None, :]
+            tl.store(p_dB, b_dB, mask=m_n[:, None] & m_l[None, :])
+        else:
+            b_dB_acc += tl.sum(b_dh * b_dtu[:, None, :], axis=2)
+        if C_VAR:
+            b_dC = tl.sum(b_hs * b_dy[:, None, :], axis=0)
+            p_dC = dC_ptr + ((i_b.to(tl.int64) * n_dblocks + i_d) * dstate + o_n[:, None]) * seqlen + o_l[None, :]
+            tl.store(p_dC, b_dC, mask=m_n[:, None] & m_l[None, :])
+        else:
+            b_dC_acc += tl.sum(b_hs * b_dy[:, None, :], axis=2)
+        if DELTA_SOFTPLUS:
+            b_ddt = b_ddt * tl.sigmoid(b_dt_raw)
+        b_ddt = tl.where(m_dl, b_ddt, 0.0)
+        b_ddb_acc += tl.sum(b_ddt, axis=1)
+        tl.store(du_ptr + o_bdl, b_du.to(du_ptr.dtype.element_ty), mask=m_dl)
+        tl.store(ddelta_ptr + o_bdl, b_ddt.to(ddelta_ptr.dtype.element_ty), mask=m_dl)
+    if HAS_H0 and not IS_VARLEN:
+        tl.store(dh0_ptr + o_bdn, b_g, mask=m_dn)
+    tl.store(dA_ptr + o_bdn, b_dA_acc, mask=m_dn)
+    if not B_VAR:
+        tl.store(dB_ptr + o_bdn, b_dB_acc, mask=m_dn)
+    if not C_VAR:
+        tl.store(dC_ptr + o_bdn, b_dC_acc, mask=m_dn)
+    if HAS_D:
+        tl.store(dD_ptr + i_b.to(tl.int64) * dim + o_d, b_dD_acc, mask=m_d)
+    if HAS_DELTA_BIAS:
+        tl.store(ddelta_bias_ptr + i_b.to(tl.int64) * dim + o_d, b_ddb_acc, mask=m_d)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
+    """(BLOCK_D, BLOCK_N, BLOCK_L, num_warps). A block of channels must not straddle
+    two groups of B/C, so with groups BLOCK_D divides D / G."""
+    block_n = max(2, triton.next_power_of_2(dstate))
+    block_l = 16
+    budget = 2048 if backward else 4096  # elements of one (BLOCK_D, BLOCK_N, BLOCK_L) block
+    block_d = max(1, min(16 if backward else 8, budget // (block_n * block_l)))
+    if grouped:
+        block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
+    num_warps = 4 if block_d * block_n * block_l <= 2048 else 8
+    return block_d, block_n, block_l, num_warps
+
+
+class _Prepared:
+    """Kernel-ready inputs: contiguous, B/C as (B, G, N, L) or (D, N), varlen index."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
+        self.batch, self.dim, self.seqlen = u.shape
+        self.dstate = A.shape[1]
+        self.u, self.delta = u.contiguous(), delta.contiguous()
+        self.z = z.contiguous() if z is not None else None
+        self.A = A.contiguous()
+        self.D = D.contiguous() if D is not None else None
+        self.delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+        self.initial_state = initial_state.contiguous() if initial_state is not None else None
+        self.B_shape, self.C_shape = B.shape, C.shape
+        self.B, self.B_var = self._bc(B)
+        self.C, self.C_var = self._bc(C)
+        groups = max(t.shape[1] if v else 1 for t, v in ((self.B, self.B_var), (self.C, self.C_var)))
+        self.group_size = self.dim // groups
+        self.grouped = groups > 1
+        self.seq_idx = None
+        if cu_seqlens is not None:
+            self.seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, self.seqlen)[0].contiguous()
+        self.num_seqs = self.batch if cu_seqlens is None else cu_seqlens.numel() - 1
+
+    @staticmethod
+    def _bc(t):
+        if t.dim() == 2:
+            return t.contiguous(), False
+        if t.dim() == 3:
+            t = t.unsqueeze(1)  # (B, 1, N, L)
+        return t.contiguous(), True
+
+    def bc_strides(self):
+        sb = (self.B.stride(0), self.B.stride(1)) if self.B_var else (0, 0)
+        sc = (self.C.stride(0), self.C.stride(1)) if self.C_var else (0, 0)
+        return (*sb, *sc)
+
+
+def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
+    """Returns out (B, D, L), last_state (num_seqs, D, N) fp32, and the per-tile
+    start states (B, L / BLOCK_L, D, N) fp32 for the backward (or None)."""
+    block_d, block_n, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=False)
+    u = p.u
+    out = torch.empty_like(u)
+    varlen = p.seq_idx is not None
+    if varlen:
+        # Empty sequences are never visited by the kernel: their last state is their initial state.
+        last = p.initial_state.clone() if p.initial_state is not None else u.new_zeros(
+            p.num_seqs, p.dim, p.dstate, dtype=torch.float32)
+    else:
+        last = u.new_empty(p.batch, p.dim, p.dstate, dtype=torch.float32)
+    n_tiles = triton.cdiv(p.seqlen, block_l)
+    ckpt = u.new_empty(p.batch, n_tiles, p.dim, p.dstate, dtype=torch.float32) if store_ckpt else None
+    grid = (triton.cdiv(p.dim, block_d), p.batch)
+    _selective_scan_fwd_kernel[grid](
+        u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx,
+        out, last, ckpt,
+        p.seqlen, p.dim, p.dstate, p.group_size, *p.bc_strides(),
+        HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
+        DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=p.initial_state is not None,
+        IS_VARLEN=varlen, STORE_LAST=True, STORE_CKPT=store_ckpt,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps,
+    )
+    return out, last, ckpt, block_l
+
+
+def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, dout, dlast):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)."""
+    block_d, block_n, _, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
+    u = p.u
+    n_dblocks = triton.cdiv(p.dim, block_d)
+    dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+    varlen = p.seq_idx is not None
+    has_h0 = p.initial_state is not None
+    du, ddelta = torch.empty_like(u), torch.empty_like(p.delta)
+    dz = torch.empty_like(p.z) if p.z is not None else None
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dA = torch.empty(p.batch, p.dim, p.dstate, **f32)
+    dB = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.B_var
+          else torch.empty(p.batch, p.dim, p.dstate, **f32))
+    dC = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.C_var
+          else torch.empty(p.batch, p.dim, p.dstate, **f32))
+    dD = torch.empty(p.batch, p.dim, **f32) if p.D is not None else None
+    ddelta_bias = torch.empty(p.batch, p.dim, **f32) if p.delta_bias is not None else None
+    dh0 = None
+    if has_h0:
+        # Empty packed sequences are never visited: their initial state's gradient is dlast.
+        dh0 = (dlast.clone() if dlast is not None else torch.zeros_like(p.initial_state)) if varlen \
+            else torch.empty_like(p.initial_state)
+    dlast = dlast.contiguous() if dlast is not None else None
+    grid = (n_dblocks, p.batch)
+    _selective_scan_bwd_kernel[grid](
+        u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx, ckpt,
+        dout, dlast,
+        du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dh0,
+        p.seqlen, p.dim, p.dstate, p.group_size, *p.bc_strides(),
+        HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
+        DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
+        IS_VARLEN=varlen, HAS_DLAST=dlast is not None,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps,
+    )
+    dA = dA.sum(0)
+    dB = _reduce_bc_grad(dB, p.B_var, p.B_shape)
+    dC = _reduce_bc_grad(dC, p.C_var, p.C_shape)
+    dD = dD.sum(0) if dD is not None else None
+    ddelta_bias = ddelta_bias.sum(0) if ddelta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
+
+
+def _reduce_bc_grad(partial, is_var: bool, shape):
+    """Per-program partials -> the gradient of B or C in its input shape (fp32)."""
+    if not is_var:
+        return partial.sum(0)  # (D, N)
+    groups = shape[1] if len(shape) == 4 else 1
+    batch, n_dblocks, dstate, seqlen = partial.shape
+    grad = partial.view(batch, groups, n_dblocks // groups, dstate, seqlen).sum(2)  # (B, G, N, L)
+    return grad.view(shape)
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Triton forward and backward. Options (delta_softplus,) ride in a tuple."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, options):
+        (delta_softplus,) = options
+        p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+        needs_grad = any(ctx.needs_input_grad[:9])
+        out, last, ckpt, block_l = _selective_scan_fwd(p, delta_softplus, store_ckpt=needs_grad)
+        if needs_grad:
+            ctx.prepared, ctx.ckpt, ctx.block_l, ctx.delta_softplus = p, ckpt, block_l, delta_softplus
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        p = ctx.prepared
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _selective_scan_bwd(
+            p, ctx.delta_softplus, ctx.ckpt, ctx.block_l, dout, dlast)
+        dB = dB.to(ctx.prepared.B.dtype)
+        dC = dC.to(ctx.prepared.C.dtype)
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, None, None
+
+
+# ---------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------
 
@@ -225,5 +658,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state, cu_seqlens=cu_seqlens)
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
-    # TODO(issue 3): the Triton kernels.
-    raise NotImplementedError("selective_scan_fn: the triton backend is not implemented yet; use backend='torch'")
+    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                      (delta_softplus,))
+    return (out, last) if return_last_state else out
