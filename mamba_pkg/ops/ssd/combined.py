@@ -98,6 +98,188 @@ def check_chunk_scan_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_s
     return dt_limit, num_seqs
 
 
+# ---------------------------------------------------------------------------
+# The Triton path: two forward kernels, four backward kernels, small torch glue.
+# ---------------------------------------------------------------------------
+
+
+def _kernel_chunk_len(chunk_size: int) -> int:
+    """The chunk length the kernels use: chunk_size rounded up to a power of two in [16, 256].
+
+    The result does not depend on the chunk length beyond rounding, and the
+    kernels need a power of two of at least 16 rows for their matrix products.
+    """
+    return min(256, max(16, 1 << (int(chunk_size) - 1).bit_length()))
+
+
+def _dot_dtype(x):
+    import triton.language as tl
+
+    from mamba_pkg.ops.backend import triton_interpret
+
+    # The interpreter computes low-precision tl.dot wrongly; it checks the fp32 path.
+    if x.dtype == torch.float32 or triton_interpret():
+        return tl.float32
+    return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+
+
+def _segmented_reverse_cumsum(v, seq_idx):
+    """out[..., k] = sum of v[..., i] for i >= k inside k's run of seq_idx; v (B, H, L), seq_idx (B, L)."""
+    rev = v.flip(-1).cumsum(-1).flip(-1)
+    if seq_idx is None:
+        return rev
+    seq = seq_idx.long().contiguous()
+    run_end = torch.searchsorted(seq, seq, right=True) - 1  # (B, L): last position of each run
+    idx = run_end.unsqueeze(1).expand_as(v)
+    return rev - rev.gather(-1, idx) + v.gather(-1, idx)
+
+
+class SsdChunkScanFn(torch.autograd.Function):
+    """Triton SSD: out (B, L, H, P) and final state (B, H, P, N), both differentiable.
+
+    options = (Q, dt_softplus, dt_limit). The backward recomputes the states
+    between chunks instead of keeping them from the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, options):
+        from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_fwd
+        from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd
+
+        Q, dt_softplus, dt_limit = options
+        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
+        dot_dtype = _dot_dtype(x)
+        states_dtype = x.dtype if x.dtype == torch.bfloat16 and not _is_fp32_dot(dot_dtype) else torch.float32
+        states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
+                                                     dt_limit, Q, states_dtype, dot_dtype)
+        out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, final)
+        ctx.options = (Q, dt_softplus, dt_limit, states_dtype, dot_dtype)
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd
+        from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
+        from mamba_pkg.ops.ssd.reference import process_dt
+
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, final = ctx.saved_tensors
+        Q, dt_softplus, dt_limit, states_dtype, dot_dtype = ctx.options
+        batch, L, H, P = x.shape
+        dout = dout.contiguous()
+        states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
+                                                 dt_limit, Q, states_dtype, dot_dtype)
+        dstates, dinit = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, H, P, Q, states_dtype, dot_dtype)
+        dx, dz, dB, dC, rowsum, ddt, dD = _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states,
+                                                          dstates, Q, dot_dtype)
+
+        # Decay gradient. With cs the running sum of dt*A, the output pairs (t, s)
+        # give d/dcs_t = rowsum_t - dt_t * ddt_t; dA at step k collects it for all
+        # later steps of k's sequence, and the final state adds <dfinal, final>.
+        def flat(v):  # (B, H, C, Q) -> (B, H, L)
+            return v.reshape(batch, H, -1)[..., :L]
+
+        dt_p = flat(dt_c)
+        dcs = flat(rowsum) - dt_p * flat(ddt)
+        ddA = _segmented_reverse_cumsum(dcs, seq_idx)
+        if dfinal is not None:
+            end_term = (dfinal * final).sum(dim=(-2, -1))  # (B, H)
+            in_last_run = torch.ones(batch, 1, L, device=x.device, dtype=torch.bool) if seq_idx is None else \
+                (seq_idx == seq_idx[:, -1:]).unsqueeze(1)
+            ddA = ddA + end_term.unsqueeze(-1) * in_last_run
+        ddt_p = flat(ddt) + ddA * A.float().view(1, H, 1)
+        dA = (ddA * dt_p).sum(dim=(0, 2)).to(A.dtype)
+        with torch.enable_grad():
+            dt_leaf = dt.detach().requires_grad_(True)
+            bias_leaf = dt_bias.detach().requires_grad_(True) if dt_bias is not None else None
+            dt_proc = process_dt(dt_leaf, bias_leaf, dt_softplus, dt_limit)
+            leaves = [dt_leaf] + ([bias_leaf] if bias_leaf is not None else [])
+            grads = torch.autograd.grad(dt_proc, leaves, ddt_p.transpose(1, 2))
+        ddt_raw = grads[0]
+        ddt_bias = grads[1] if dt_bias is not None else None
+        dD = dD.to(D.dtype) if D is not None else None
+        dinit = dinit.to(initial_states.dtype) if initial_states is not None else None
+        return dx, ddt_raw, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None
+
+
+def _is_fp32_dot(dot_dtype) -> bool:
+    import triton.language as tl
+
+    return dot_dtype == tl.float32
+
+
+def _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, initial_states, cu_seqlens, want_states):
+    """Torch glue for packed sequences: the output term of each sequence's initial state
+    (B=1, L, H, P) fp32 or None, and the per-sequence final states (num_seqs, H, P, N) or None.
+
+    Both are linear in the initial states and cheap next to the scan; autograd
+    differentiates them.
+    """
+    from einops import repeat
+
+    from mamba_pkg.ops.ssd.reference import process_dt
+
+    _, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    dt_p = process_dt(dt, dt_bias, dt_softplus, dt_limit)[0]  # (L, H)
+    dA = dt_p * A.float()
+    y_init = torch.zeros(L, H, P, device=x.device) if initial_states is not None else None
+    states = []
+    bounds = cu_seqlens.tolist()
+    for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        init_k = initial_states[k].float() if initial_states is not None else None
+        if end == start:
+            states.append(init_k if init_k is not None else torch.zeros(H, P, N, device=x.device))
+            continue
+        cs = dA[start:end].cumsum(0)  # (l, H)
+        if init_k is not None:
+            C_k = repeat(C[0, start:end].float(), "l g n -> l (g r) n", r=H // G)
+            y_k = torch.einsum("lhn,hpn->lhp", C_k, init_k) * cs.exp().unsqueeze(-1)
+            y_init = y_init.index_add(0, torch.arange(start, end, device=x.device), y_k)
+        if want_states:
+            B_k = repeat(B[0, start:end].float(), "l g n -> l (g r) n", r=H // G)
+            w = (cs[-1:] - cs).exp() * dt_p[start:end]  # (l, H)
+            state = torch.einsum("lh,lhp,lhn->hpn", w, x[0, start:end].float(), B_k)
+            if init_k is not None:
+                state = state + cs[-1].exp().view(H, 1, 1) * init_k
+            states.append(state)
+    return (None if y_init is None else y_init.unsqueeze(0)), (torch.stack(states) if want_states else None)
+
+
+def _chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
+                       dt_limit, return_final_states, return_varlen_states):
+    Q = _kernel_chunk_len(chunk_size)
+    if cu_seqlens is not None:
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    varlen_init = cu_seqlens is not None and initial_states is not None
+    # With per-sequence initial states the gate must see their output term too.
+    gate_in_kernel = z is not None and not varlen_init
+    out, final = SsdChunkScanFn.apply(x, dt, A, B, C, D, z if gate_in_kernel else None, dt_bias,
+                                      None if cu_seqlens is not None else initial_states, seq_idx,
+                                      (Q, bool(dt_softplus), tuple(dt_limit)))
+    varlen_states = None
+    if cu_seqlens is not None:
+        want_states = return_final_states or return_varlen_states
+        y_init, varlen_states = _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, initial_states,
+                                              cu_seqlens, want_states)
+        if y_init is not None:
+            y = out.float() + y_init
+            if z is not None:
+                y = y * torch.nn.functional.silu(z.float())
+            out = y.to(x.dtype)
+        if want_states:
+            final = varlen_states[-1:]
+    result = (out,)
+    if return_final_states:
+        result += (final,)
+    if return_varlen_states:
+        result += (varlen_states,)
+    return result[0] if len(result) == 1 else result
+
+
 def mamba_chunk_scan_combined(
     x,
     dt,
@@ -147,8 +329,9 @@ def mamba_chunk_scan_combined(
     dt_limit, _ = check_chunk_scan_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                           cu_seqlens, dt_limit, return_varlen_states)
     which = resolve_backend(backend, x, dt, A, B, C)
-    # TODO(issue 4): the Triton kernels replace this for backend == "triton".
-    del which
+    if which == "triton":
+        return _chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                                  dt_softplus, dt_limit, return_final_states, return_varlen_states)
     return mamba_chunk_scan_combined_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                          initial_states=initial_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
                                          dt_softplus=dt_softplus, dt_limit=dt_limit,

@@ -1,0 +1,250 @@
+"""SSD stage 1: dt processing, per-chunk decay cumsum and the states between chunks.
+
+One program walks the chunks of one (batch, head, P-block, N-block) in order and
+keeps the running state in registers, so the chunk-state, state-passing and
+cumsum stages of the usual five-kernel pipeline are one pass over x and B:
+
+    dt_t    = clamp(softplus(dt_t + dt_bias))                    (B, L, H) -> (B, H, C, Q)
+    cs_t    = dt_1 A + ... + dt_t A   (cumulated inside the chunk)  (B, H, C, Q)
+    S_c     = exp(cs_Q) S_{c-1} + sum_s exp(cs_Q - cs_s) dt_s x_s B_s^T
+    states[c] = S_{c-1}, the state entering chunk c                (B, C, H, P, N)
+
+The backward stage here is the same walk in reverse for the state gradient:
+
+    dS_{c-1} = exp(cs_Q) dS_c + sum_t exp(cs_t) dy_t C_t^T,   dstates[c] = dS_c
+
+A change of seq_idx resets the state: a position only sees states of its own
+sequence, and the state entering a row is its first run's initial state.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    """a @ b with fp32 accumulation; operands in DOT_DTYPE (exact fp32 when that is fp32)."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _softplus(v):
+    # log1p(exp(v)) without overflow and without losing small values to 1 + u rounding.
+    u = tl.exp(-tl.abs(v))
+    log1p_u = tl.where(u < 1e-4, u - 0.5 * u * u, tl.log(1.0 + u))
+    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_u)
+
+
+@triton.jit
+def _chunk_state_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr,
+    states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
+    L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_seq_b, stride_seq_l,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    i_pn = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_g = i_h // heads_per_group
+    n_pblocks = tl.cdiv(P, BLOCK_P)
+    o_p = (i_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = (i_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_p = o_p < P
+    m_n = o_n < N
+    o_q = tl.arange(0, Q)
+    A = tl.load(A_ptr + i_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
+    # Only the first (P, N) block writes the processed dt and the cumsum.
+    write_dt = i_pn == 0
+
+    x_base = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+    dt_base = dt_ptr + i_b.to(tl.int64) * stride_dt_b + i_h * stride_dt_h
+    B_base = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+    seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+    # (B, H, P, N) contiguous fp32 for init/final; (B, C, H, P, N) for states.
+    pn_off = o_p[:, None] * N + o_n[None, :]
+    m_pn = m_p[:, None] & m_n[None, :]
+    state_bh = (i_b * H + i_h).to(tl.int64) * P * N
+    if HAS_INIT:
+        state = tl.load(init_ptr + state_bh + pn_off, mask=m_pn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if HAS_SEQ_IDX:
+        seq_prev = tl.load(seq_base)
+
+    for c in range(nchunks):
+        o_l = c * Q + o_q
+        m_l = o_l < L
+        dt = tl.load(dt_base + o_l.to(tl.int64) * stride_dt_l, mask=m_l, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt = dt + dt_bias
+        if DT_SOFTPLUS:
+            dt = _softplus(dt)
+        if HAS_DT_LIMIT:
+            dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+        dt = tl.where(m_l, dt, 0.0)
+        cs = tl.cumsum(dt * A, axis=0)
+        total = tl.sum(dt * A, axis=0)
+        chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
+        if write_dt:
+            tl.store(dt_out_ptr + chunk_off + o_q, dt)
+            tl.store(cs_out_ptr + chunk_off + o_q, cs)
+        if STORE_STATES:
+            st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
+            tl.store(states_ptr + st_off + pn_off, state.to(states_ptr.dtype.element_ty), mask=m_pn)
+
+        weight = tl.exp(total - cs) * dt
+        decay = tl.exp(total)
+        if HAS_SEQ_IDX:
+            last = tl.minimum(c * Q + Q, L) - 1
+            seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
+            seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
+            weight = tl.where(seq == seq_end, weight, 0.0)
+            decay = tl.where(seq_prev == seq_end, decay, 0.0)
+            seq_prev = seq_end
+        b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
+                      mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                      mask=m_l[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        b_xw = b_x * weight[:, None]
+        state = state * decay + _dot(tl.trans(b_xw), b_B, DOT_DTYPE)
+
+    tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
+
+
+def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_limit, Q, states_dtype,
+                     dot_dtype, store_states=True):
+    """Launch the forward walk. Returns (states (B, C, H, P, N), final (B, H, P, N) fp32,
+    dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32)."""
+    import torch
+
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(L, Q)
+    dev = x.device
+    states = torch.empty(batch, nchunks, H, P, N, device=dev, dtype=states_dtype) if store_states else None
+    final = torch.empty(batch, H, P, N, device=dev, dtype=torch.float32)
+    dt_out = torch.empty(batch, H, nchunks, Q, device=dev, dtype=torch.float32)
+    cs_out = torch.empty_like(dt_out)
+    BLOCK_P = min(64, triton.next_power_of_2(P))
+    BLOCK_N = min(64, triton.next_power_of_2(N))
+    BLOCK_P, BLOCK_N = max(BLOCK_P, 16), max(BLOCK_N, 16)
+    grid = (triton.cdiv(P, BLOCK_P) * triton.cdiv(N, BLOCK_N), batch * H)
+    seq_arg = seq_idx if seq_idx is not None else dt_out
+    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    _chunk_state_fwd_kernel[grid](
+        x, dt, A, B, dt_bias if dt_bias is not None else A, seq_arg,
+        initial_states if initial_states is not None else final,
+        states if states is not None else final, final, dt_out, cs_out,
+        L, H, P, N, H // G, nchunks, float(dt_limit[0]), float(dt_limit[1]),
+        *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+        HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
+        HAS_INIT=initial_states is not None, STORE_STATES=store_states,
+        Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype,
+        num_warps=4, num_stages=2,
+    )
+    return states, final, dt_out, cs_out
+
+
+@triton.jit
+def _state_grad_bwd_kernel(
+    dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    L, H, P, N, heads_per_group, nchunks,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_seq_b, stride_seq_l,
+    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    i_pn = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_g = i_h // heads_per_group
+    n_pblocks = tl.cdiv(P, BLOCK_P)
+    o_p = (i_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = (i_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_p = o_p < P
+    m_n = o_n < N
+    o_q = tl.arange(0, Q)
+    # dout and z share x's strides (the launcher makes them so).
+    dout_base = dout_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+    z_base = z_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+    C_base = C_ptr + i_b.to(tl.int64) * stride_C_b + i_g * stride_C_g
+    seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+    pn_off = o_p[:, None] * N + o_n[None, :]
+    m_pn = m_p[:, None] & m_n[None, :]
+    state_bh = (i_b * H + i_h).to(tl.int64) * P * N
+    if HAS_DFINAL:
+        dstate = tl.load(dfinal_ptr + state_bh + pn_off, mask=m_pn, other=0.0).to(tl.float32)
+    else:
+        dstate = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+
+    for c_rev in range(nchunks):
+        c = nchunks - 1 - c_rev
+        st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
+        tl.store(dstates_ptr + st_off + pn_off, dstate.to(dstates_ptr.dtype.element_ty), mask=m_pn)
+        o_l = c * Q + o_q
+        m_l = o_l < L
+        cs = tl.load(cs_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q + o_q)
+        total = tl.load(cs_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q + Q - 1)
+        weight = tl.where(m_l, tl.exp(cs), 0.0)
+        decay = tl.exp(total)
+        if HAS_SEQ_IDX:
+            first = tl.maximum(c * Q - 1, 0)
+            last = tl.minimum(c * Q + Q, L) - 1
+            seq_prev = tl.load(seq_base + first.to(tl.int64) * stride_seq_l)
+            seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
+            seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
+            weight = tl.where(seq == seq_prev, weight, 0.0)
+            decay = tl.where(seq_prev == seq_end, decay, 0.0)
+        m_lp = m_l[:, None] & m_p[None, :]
+        x_off = o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+        dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.sigmoid(zz)
+        b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
+                      mask=m_l[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        dstate = dstate * decay + _dot(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
+
+    tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
+
+
+def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, H, P, Q, states_dtype, dot_dtype):
+    """Launch the reverse walk. Returns (dstates (B, C, H, P, N): gradient wrt the state
+    at the end of each chunk, dinit (B, H, P, N) fp32: gradient wrt the initial state)."""
+    import torch
+
+    batch, L = dout.shape[:2]
+    G, N = C.shape[2], C.shape[3]
+    nchunks = triton.cdiv(L, Q)
+    dstates = torch.empty(batch, nchunks, H, P, N, device=dout.device, dtype=states_dtype)
+    dinit = torch.empty(batch, H, P, N, device=dout.device, dtype=torch.float32)
+    BLOCK_P = max(16, min(64, triton.next_power_of_2(P)))
+    BLOCK_N = max(16, min(64, triton.next_power_of_2(N)))
+    grid = (triton.cdiv(P, BLOCK_P) * triton.cdiv(N, BLOCK_N), batch * H)
+    seq_arg = seq_idx if seq_idx is not None else cs
+    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    _state_grad_bwd_kernel[grid](
+        dout, z if z is not None else dout, C, seq_arg, cs, dfinal if dfinal is not None else dinit,
+        dstates, dinit, L, H, P, N, H // G, nchunks,
+        *dout.stride(), *C.stride(), *seq_strides,
+        HAS_Z=z is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_DFINAL=dfinal is not None,
+        Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype, num_warps=4, num_stages=2,
+    )
+    return dstates, dinit
