@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -42,8 +44,18 @@ def _check_activation(activation) -> bool:
     return activation is not None
 
 
-def _conv_dense_ref(x, weight, bias, initial_states, seq_idx, apply_silu):
-    """One row batch, no cu_seqlens. Returns (out fp32, xpad fp32, seqpad or None)."""
+def _run_starts(seq_idx):
+    """(B, L) int32: index of the first position of the run of equal seq_idx each position is in."""
+    length = seq_idx.shape[1]
+    pos = torch.arange(length, device=seq_idx.device)
+    first = torch.ones_like(seq_idx, dtype=torch.bool)
+    first[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return torch.where(first, pos, 0).cummax(dim=1).values.to(torch.int32)
+
+
+def _conv_dense_ref(x, weight, bias, initial_states, starts, apply_silu):
+    """One state per row. ``starts`` (B, L) or None: an input q reaches output t only if
+    q >= starts[t]; the initial state only reaches the row's first run. Returns fp32 out."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     xf = x.float()
@@ -52,22 +64,51 @@ def _conv_dense_ref(x, weight, bias, initial_states, seq_idx, apply_silu):
     else:
         initial = initial_states.float()
     xpad = torch.cat([initial, xf], dim=-1)  # (B, D, W-1+L)
-    seqpad = None
-    if seq_idx is not None:
-        # The initial state belongs to the row's first sequence.
-        seqpad = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=-1)  # (B, W-1+L)
     out = xf.new_zeros(batch, dim, length)
     wf = weight.float()
+    pos = torch.arange(length, device=x.device)
     for k in range(width):
         tap = xpad[..., k : k + length]
-        if seqpad is not None:
-            tap = tap * (seqpad[:, k : k + length] == seq_idx).unsqueeze(1)
+        if starts is not None:
+            q = pos - (width - 1) + k  # input position of this tap; < 0 is the initial state
+            keep = (q >= starts) | ((q < 0) & (starts == 0))
+            tap = tap * keep.unsqueeze(1)
         out = out + wf[:, k, None] * tap
     if bias is not None:
         out = out + bias.float()[:, None]
     if apply_silu:
         out = F.silu(out)
-    return out, xpad, seqpad
+    return out
+
+
+def _final_states(x, initial_states, width, starts=None, cu_seqlens=None):
+    """Last W-1 inputs of each row (or of each packed sequence), differentiable, dtype of x."""
+    batch, dim, length = x.shape
+    if cu_seqlens is None:
+        if length >= width - 1:
+            tail = x[..., length - (width - 1) :]
+        else:
+            init = initial_states if initial_states is not None else x.new_zeros(batch, dim, width - 1)
+            tail = torch.cat([init[..., length:].to(x.dtype), x], dim=-1)
+        if starts is not None and length > 0:
+            # Only the row's last run continues; inputs before its start are not its history.
+            q = torch.arange(length - (width - 1), length, device=x.device)
+            last = starts[:, -1:].long()
+            keep = (q >= last) | ((q < 0) & (last == 0))
+            tail = tail * keep.unsqueeze(1).to(tail.dtype)
+        return tail.to(x.dtype)
+    begin, end = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    q = end[:, None] + torch.arange(-(width - 1), 0, device=x.device)  # (R, W-1)
+    from_x = x[0][:, q.clamp(0, max(length - 1, 0))].transpose(0, 1) if length > 0 else None  # (R, D, W-1)
+    in_seq = (q >= begin[:, None]).unsqueeze(1)
+    if initial_states is not None:
+        slot = (q - begin[:, None] + (width - 1)).clamp(0, width - 2)
+        from_init = torch.gather(initial_states, 2, slot.unsqueeze(1).expand(-1, dim, -1)).to(x.dtype)
+    else:
+        from_init = x.new_zeros(q.shape[0], dim, width - 1)
+    if from_x is None:
+        return from_init
+    return torch.where(in_seq, from_x, from_init)
 
 
 def causal_conv1d_ref(
@@ -87,31 +128,303 @@ def causal_conv1d_ref(
     width = weight.shape[1]
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
-        outs, finals = [], []
+        outs = []
         for s in range(len(bounds) - 1):
             x_s = x[:, :, bounds[s] : bounds[s + 1]]
             init_s = None if initial_states is None else initial_states[s : s + 1]
-            out_s, xpad_s, _ = _conv_dense_ref(x_s, weight, bias, init_s, None, apply_silu)
-            outs.append(out_s)
-            finals.append(xpad_s[..., xpad_s.shape[-1] - (width - 1) :])
+            outs.append(_conv_dense_ref(x_s, weight, bias, init_s, None, apply_silu))
         out = torch.cat(outs, dim=-1).to(x.dtype)
-        final = torch.cat(finals, dim=0)
+        starts = None
     else:
-        out_f, xpad, seqpad = _conv_dense_ref(x, weight, bias, initial_states, seq_idx, apply_silu)
-        out = out_f.to(x.dtype)
-        final = xpad[..., xpad.shape[-1] - (width - 1) :]
-        if seqpad is not None:
-            # Only the last sequence of the row continues; older inputs are not its history.
-            tail = seqpad[:, seqpad.shape[-1] - (width - 1) :]
-            final = final * (tail == seqpad[:, -1:]).unsqueeze(1)
+        starts = None if seq_idx is None else _run_starts(seq_idx)
+        out = _conv_dense_ref(x, weight, bias, initial_states, starts, apply_silu).to(x.dtype)
     if not return_final_states:
         return out
-    final = final.to(x.dtype)
-    if final_states_out is not None:
-        with torch.no_grad():
-            final_states_out.copy_(final)
-        final = final_states_out if not final.requires_grad else final
-    return out, final
+    final = _final_states(x, initial_states, width, starts, cu_seqlens)
+    return out, _into_final_states_out(final, final_states_out)
+
+
+def _into_final_states_out(final, final_states_out):
+    if final_states_out is None:
+        return final
+    with torch.no_grad():
+        final_states_out.copy_(final)
+    # A tensor that needs gradients stays in the graph; the buffer holds the same values.
+    return final if final.requires_grad else final_states_out
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels. A program owns a (BLOCK_D, BLOCK_L) tile of one row; every
+# stride is passed, so one kernel serves (B, D, L)-contiguous and channel-last x
+# (Triton specialises a stride of 1 and coalesces along that axis). The W taps are
+# W shifted loads of the same tile: the overlap hits L1/L2, HBM sees x once.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
+              stride_x_l, stride_i_b, stride_i_d, stride_i_w,
+              W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, INIT_PER_SEQ: tl.constexpr):
+    """fp32 (BLOCK_D, BLOCK_L) tile of the inputs at positions o_l + q_shift (q_shift <= 0),
+    zero where the input is outside the output position's sequence."""
+    q = o_l + q_shift
+    m_q = m_l & (q >= b_start)
+    b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l, mask=m_d[:, None] & m_q[None, :], other=0.0)
+    b_x = b_x.to(tl.float32)
+    if HAS_INIT:
+        # Before its start, a sequence reads its initial state: slot W-1 + q - start.
+        slot = q - b_start + (W - 1)
+        m_i = m_l & (q < b_start)
+        if INIT_PER_SEQ:
+            row = b_row.to(tl.int64)
+        else:
+            row = i_b.to(tl.int64) + tl.zeros_like(b_start).to(tl.int64)
+            if HAS_SEQ:
+                m_i = m_i & (b_start == 0)
+        p_i = p_init + row[None, :] * stride_i_b + o_d.to(tl.int64)[:, None] * stride_i_d + slot[None, :] * stride_i_w
+        b_x += tl.load(p_i, mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _causal_conv1d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr,
+    L, D,
+    stride_x_b, stride_x_d, stride_x_l,
+    stride_o_b, stride_o_d, stride_o_l,
+    stride_i_b, stride_i_d, stride_i_w,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    m_d, m_l = o_d < D, o_l < L
+    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
+    if HAS_SEQ:
+        b_start = tl.load(start_ptr + i_b.to(tl.int64) * L + o_l, mask=m_l, other=0)
+    else:
+        b_start = tl.zeros([BLOCK_L], dtype=tl.int32)
+    if INIT_PER_SEQ:
+        b_row = tl.load(row_ptr + o_l, mask=m_l, other=0)
+    else:
+        b_row = b_start
+    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    for k in tl.static_range(W):
+        b_x = _load_tap(p_x, init_ptr, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
+                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ)
+        b_w = tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)
+        acc += b_w[:, None] * b_x
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
+           + o_l.to(tl.int64)[None, :] * stride_o_l)
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_d[:, None] & m_l[None, :])
+
+
+# Tile shapes (BLOCK_D, BLOCK_L, num_warps), chosen by measurement on an H100
+# (benchmarks/bench_conv.py --sweep); the layout decides which axis is contiguous.
+FWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
+BWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
+# dy at the W-1 positions after each position: shuffle it inside the tile (tl.gather,
+# tiles overlap by W-1) instead of recomputing it W times from x.
+BWD_SHIFT_BY_GATHER = True
+
+
+def _layout(x):
+    return "contiguous" if x.stride(2) == 1 else "channel_last"
+
+
+def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, config=None):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    out = torch.empty_like(x)  # same strides as x: channel-last in, channel-last out
+    block_d, block_l, warps = config or FWD_CONFIG[_layout(x)]
+    init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
+    grid = (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
+    _causal_conv1d_fwd_kernel[grid](
+        x, weight, bias, initial_states, starts, rows, out, length, dim,
+        *x.stride(), *out.stride(), *init_strides,
+        W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=starts is not None,
+        INIT_PER_SEQ=rows is not None, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps,
+    )
+    return out
+
+
+@triton.jit
+def _causal_conv1d_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, D, n_tiles,
+    stride_x_b, stride_x_d, stride_x_l,
+    stride_do_b, stride_do_d, stride_do_l,
+    stride_dx_b, stride_dx_d, stride_dx_l,
+    stride_i_b, stride_i_d, stride_i_w,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """dx[p] = sum_s w[W-1-s] * dy[p+s] (same sequence), dw[k] = sum_t dy[t] * in[t-(W-1)+k],
+    dbias = sum_t dy[t], with dy = dout * act'(pre) recomputed from x."""
+    i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # With GATHER, tiles overlap by W-1 positions: a tile owns its first BLOCK_L-(W-1)
+    # positions and computes dy for W-1 more, which the owned dx need.
+    OWN: tl.constexpr = BLOCK_L - (W - 1) if GATHER else BLOCK_L
+    o_t = tl.arange(0, BLOCK_L)
+    o_l = i_l * OWN + o_t
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d, m_l = o_d < D, o_l < L
+    m_own = m_l & (o_t < OWN)
+    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
+    p_do = dout_ptr + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[:, None] * stride_do_d
+    if HAS_SEQ:
+        b_start = tl.load(start_ptr + i_b.to(tl.int64) * L + o_l, mask=m_l, other=0)
+    else:
+        b_start = tl.zeros([BLOCK_L], dtype=tl.int32)
+    if INIT_PER_SEQ:
+        b_row = tl.load(row_ptr + o_l, mask=m_l, other=0)
+    else:
+        b_row = b_start
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+
+    # dy at the tile's own positions.
+    pre = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    for k in tl.static_range(W):
+        b_x = _load_tap(p_x, init_ptr, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
+                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ)
+        pre += tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)[:, None] * b_x
+    if HAS_BIAS:
+        pre += b_bias[:, None]
+    m_tile = m_d[:, None] & m_l[None, :]
+    dy0 = tl.load(p_do + o_l.to(tl.int64)[None, :] * stride_do_l, mask=m_tile, other=0.0).to(tl.float32)
+    if SILU:
+        sig = 1.0 / (1.0 + tl.exp(-pre))
+        dy0 = dy0 * sig * (1.0 + pre * (1.0 - sig))
+
+    # dx: the output at t = p + s read input p through tap W-1-s.
+    dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    for s in tl.static_range(W):
+        b_w = tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)
+        if s == 0:
+            dy_s = dy0
+            start_s = b_start
+        elif GATHER:
+            o_src = tl.minimum(o_t + s, BLOCK_L - 1)
+            dy_s = tl.gather(dy0, tl.broadcast_to(o_src[None, :], (BLOCK_D, BLOCK_L)), axis=1)
+            start_s = tl.gather(b_start, o_src, axis=0)
+        else:
+            t = o_l + s
+            m_t = t < L
+            if HAS_SEQ:
+                start_s = tl.load(start_ptr + i_b.to(tl.int64) * L + t, mask=m_t, other=0)
+            else:
+                start_s = b_start
+            if INIT_PER_SEQ:
+                row_s = tl.load(row_ptr + t, mask=m_t, other=0)
+            else:
+                row_s = start_s
+            pre_s = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+            for k in tl.static_range(W):
+                b_x = _load_tap(p_x, init_ptr, o_d, t, m_d, m_t, start_s, row_s, i_b, k - (W - 1),
+                                stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ,
+                                INIT_PER_SEQ)
+                pre_s += tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)[:, None] * b_x
+            if HAS_BIAS:
+                pre_s += b_bias[:, None]
+            dy_s = tl.load(p_do + t.to(tl.int64)[None, :] * stride_do_l, mask=m_d[:, None] & m_t[None, :],
+                           other=0.0).to(tl.float32)
+            if SILU:
+                sig_s = 1.0 / (1.0 + tl.exp(-pre_s))
+                dy_s = dy_s * sig_s * (1.0 + pre_s * (1.0 - sig_s))
+        if HAS_SEQ:
+            dy_s = tl.where((o_l >= start_s)[None, :], dy_s, 0.0)
+        dx += b_w[:, None] * dy_s
+    p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[:, None] * stride_dx_d
+            + o_l.to(tl.int64)[None, :] * stride_dx_l)
+    tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None] & m_own[None, :])
+
+    # dw and dbias partial sums over the owned positions, one row of partials per tile.
+    dy_own = tl.where(m_own[None, :], dy0, 0.0)
+    p_part = (i_b.to(tl.int64) * n_tiles + i_l) * D + o_d
+    for k in tl.static_range(W):
+        b_x = _load_tap(p_x, init_ptr, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
+                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ)
+        tl.store(dw_ptr + p_part * W + k, tl.sum(dy_own * b_x, axis=1), mask=m_d)
+    if HAS_BIAS:
+        tl.store(db_ptr + p_part, tl.sum(dy_own, axis=1), mask=m_d)
+
+
+def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout, config=None, gather=None):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    gather = BWD_SHIFT_BY_GATHER if gather is None else gather
+    block_d, block_l, warps = config or BWD_CONFIG[_layout(x)]
+    own = block_l - (width - 1) if gather else block_l
+    n_tiles = triton.cdiv(length, own)
+    dx = torch.empty_like(x)
+    dw_part = torch.empty(batch * n_tiles, dim, width, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch * n_tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
+    _causal_conv1d_bwd_kernel[(n_tiles, triton.cdiv(dim, block_d), batch)](
+        x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, length, dim, n_tiles,
+        *x.stride(), *dout.stride(), *dx.stride(), *init_strides,
+        W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=starts is not None,
+        INIT_PER_SEQ=rows is not None, SILU=silu, GATHER=gather, BLOCK_D=block_d, BLOCK_L=block_l,
+        num_warps=warps,
+    )
+    dw = dw_part.sum(0).to(weight.dtype)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+def _initial_states_grad(x, weight, bias, initial_states, starts, cu_seqlens, silu, dout):
+    """d initial_states: only the first W-1 outputs of each sequence read the state, so
+    differentiate the reference on those few positions."""
+    width = weight.shape[1]
+    n_states, length = initial_states.shape[0], x.shape[2]
+    if length == 0:
+        return torch.zeros_like(initial_states)
+    if cu_seqlens is None:
+        first = torch.arange(width - 1, device=x.device).expand(n_states, -1)  # (R, W-1)
+        seq_row = torch.arange(n_states, device=x.device)
+        valid = first < length
+    else:
+        first = cu_seqlens[:-1].long()[:, None] + torch.arange(width - 1, device=x.device)
+        seq_row = torch.zeros(n_states, dtype=torch.long, device=x.device)
+        valid = first < cu_seqlens[1:].long()[:, None]
+    pos = first.clamp(0, length - 1)
+    if starts is not None:
+        valid = valid & (torch.gather(starts, 1, pos) == 0)  # the state only feeds the first run
+
+    def head(t):  # (R, D, W-1): the first W-1 positions of each sequence, zero past its end
+        return t[seq_row[:, None], :, pos].transpose(1, 2) * valid.unsqueeze(1)
+
+    with torch.enable_grad():
+        init = initial_states.detach().requires_grad_(True)
+        out = _conv_dense_ref(head(x.detach()), weight.detach(), None if bias is None else bias.detach(), init,
+                              None, silu)
+        (grad,) = torch.autograd.grad(out, init, head(dout).float())
+    return grad.to(initial_states.dtype)
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_states, starts, rows, cu_seqlens, silu):
+        ctx.save_for_backward(x, weight, bias, initial_states, starts, rows, cu_seqlens)
+        ctx.silu = silu
+        return _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, initial_states, starts, rows, cu_seqlens = ctx.saved_tensors
+        dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout)
+        dinit = None
+        if initial_states is not None and ctx.needs_input_grad[3]:
+            dinit = _initial_states_grad(x, weight, bias, initial_states, starts if rows is None else None,
+                                         cu_seqlens, ctx.silu, dout)
+        return dx, dw, db, dinit, None, None, None, None
 
 
 def _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens):
@@ -179,10 +492,23 @@ def causal_conv1d_fn(
     """
     _check_activation(activation)
     _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens)
-    resolve_backend(backend, x, weight)
-    # TODO(issue 5): Triton kernels; until they land every backend runs the reference.
-    return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, final_states_out,
-                             activation, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+    if resolve_backend(backend, x, weight) == "torch" or x.shape[2] == 0:
+        return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, final_states_out,
+                                 activation, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+    length, width = x.shape[2], weight.shape[1]
+    starts = rows = None
+    if cu_seqlens is not None:
+        seq = seq_idx_from_cu_seqlens(cu_seqlens, length)  # (1, L)
+        starts = cu_seqlens.to(torch.int32)[seq.long()]  # (1, L): first position of each one's sequence
+        rows = seq[0].contiguous()  # (L,): its initial-state row
+    elif seq_idx is not None:
+        starts = _run_starts(seq_idx)
+    out = CausalConv1dFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                               initial_states, starts, rows, cu_seqlens, activation is not None)
+    if not return_final_states:
+        return out
+    final = _final_states(x, initial_states, width, starts if cu_seqlens is None else None, cu_seqlens)
+    return out, _into_final_states_out(final, final_states_out)
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +563,98 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None, 
     return out.squeeze(-1) if single else out
 
 
+@triton.jit
+def _causal_conv1d_update_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, seqlens_ptr, idx_ptr, out_ptr,
+    D, T, S, n_rows,
+    stride_x_b, stride_x_d, stride_x_t,
+    stride_s_b, stride_s_d, stride_s_s,
+    stride_o_b, stride_o_d, stride_o_t,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, CIRCULAR: tl.constexpr, HAS_INDICES: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    if HAS_INDICES:
+        row = tl.load(idx_ptr + i_b).to(tl.int64)
+        # Negative = padding slot; out of range is refused on the host for CPU tensors and
+        # treated as padding here (no sync to check it on the GPU).
+        row_d = tl.zeros([BLOCK_D], dtype=tl.int64) + row
+        valid = (row_d >= 0) & (row_d < n_rows)
+        row = tl.where(row >= 0, row, 0)
+    else:
+        row = i_b.to(tl.int64)
+        valid = o_d >= 0
+    m_state = m_d & valid
+    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64) * stride_x_d
+    p_s = state_ptr + row * stride_s_b + o_d.to(tl.int64) * stride_s_d
+    p_o = out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64) * stride_o_d
+    if CIRCULAR:
+        pos0 = tl.load(seqlens_ptr + i_b).to(tl.int32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+
+    # Every read of the old state happens before the barrier, every write after it.
+    for t in range(T):
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(W):
+            q = t - (W - 1) + k  # relative to the first new token; < 0 is in the state
+            if CIRCULAR:
+                slot = ((pos0 + q) % S + S) % S
+            else:
+                slot = S + q
+            q_d = tl.zeros([BLOCK_D], dtype=tl.int32) + q
+            b_in = tl.load(p_x + q * stride_x_t, mask=m_d & (q_d >= 0), other=0.0).to(tl.float32)
+            b_in += tl.load(p_s + slot * stride_s_s, mask=m_state & (q_d < 0), other=0.0).to(tl.float32)
+            acc += tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32) * b_in
+        if HAS_BIAS:
+            acc += b_bias
+        if SILU:
+            acc = acc / (1.0 + tl.exp(-acc))
+        acc = tl.where(valid, acc, 0.0)
+        tl.store(p_o + t * stride_o_t, acc.to(out_ptr.dtype.element_ty), mask=m_d)
+
+    o_s = tl.arange(0, BLOCK_S)
+    m_tile = m_state[:, None] & (o_s < S)[None, :]
+    if CIRCULAR:
+        # Slot j receives token t0 = (j - pos0) mod S, and again every S tokens; keep the last.
+        t0 = ((o_s - pos0) % S + S) % S
+        m_new = t0 < T
+        t_last = t0 + S * ((T - 1 - t0) // S)
+        src = tl.load(p_x[:, None] + t_last[None, :] * stride_x_t, mask=m_tile & m_new[None, :], other=0.0)
+        tl.debug_barrier()
+        tl.store(p_s[:, None] + o_s[None, :] * stride_s_s, src.to(state_ptr.dtype.element_ty),
+                 mask=m_tile & m_new[None, :])
+    else:
+        # Shift left by T: slot j takes old slot j + T, or new token j + T - S.
+        j = o_s + T
+        src = tl.load(p_s[:, None] + j[None, :] * stride_s_s, mask=m_tile & (j < S)[None, :], other=0.0)
+        src = src.to(tl.float32) + tl.load(p_x[:, None] + (j - S)[None, :] * stride_x_t,
+                                           mask=m_tile & (j >= S)[None, :], other=0.0).to(tl.float32)
+        tl.debug_barrier()
+        tl.store(p_s[:, None] + o_s[None, :] * stride_s_s, src.to(state_ptr.dtype.element_ty), mask=m_tile)
+
+
+UPDATE_BLOCK_D = 128
+
+
+def _causal_conv1d_update(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu):
+    batch, dim, n_tok = x3.shape
+    state_len = conv_state.shape[2]
+    out = torch.empty_like(x3)
+    block_d = min(UPDATE_BLOCK_D, triton.next_power_of_2(dim))
+    _causal_conv1d_update_kernel[(triton.cdiv(dim, block_d), batch)](
+        x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
+        dim, n_tok, state_len, conv_state.shape[0],
+        *x3.stride(), *conv_state.stride(), *out.stride(),
+        W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
+        HAS_INDICES=conv_state_indices is not None, SILU=silu, BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(state_len), num_warps=4,
+    )
+    return out
+
+
 def _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
     check_tensor("x", x, ndim=(2, 3), dtype=FLOAT_DTYPES)
     batch, dim = x.shape[:2]
@@ -256,7 +674,7 @@ def _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indi
                          f"got shape {tuple(conv_state.shape)}")
     check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
                       conv_state_indices=conv_state_indices)
-    if conv_state_indices is not None and conv_state_indices.numel() > 0:
+    if conv_state_indices is not None and conv_state_indices.numel() > 0 and not conv_state_indices.is_cuda:
         top = int(conv_state_indices.max())
         if top >= conv_state.shape[0]:
             raise ValueError(f"conv_state_indices holds {top} but conv_state has only {conv_state.shape[0]} rows")
@@ -275,7 +693,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         cache_seqlens: (B,) int32, number of tokens already in each sequence (circular mode).
             The caller advances it.
         conv_state_indices: (B,) int32, row of conv_state for each sequence; a negative
-            index is a padding slot: no state is touched and its output is zero.
+            index is a padding slot: no state is touched and its output is zero. Indices past
+            the end of conv_state are an error on CPU; on the GPU (no host sync per step) the
+            kernel treats them as padding.
         backend: "torch", "triton" or None (auto).
 
     Returns:
@@ -283,6 +703,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     """
     _check_activation(activation)
     _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
-    resolve_backend(backend, x, conv_state)
-    # TODO(issue 5): Triton kernel; until it lands every backend runs the reference.
-    return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    if resolve_backend(backend, x, conv_state) == "torch":
+        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
+    out = _causal_conv1d_update(x.unsqueeze(-1) if x.dim() == 2 else x, conv_state, weight.contiguous(),
+                                None if bias is None else bias.contiguous(), cache_seqlens, conv_state_indices,
+                                activation is not None)
+    return out.squeeze(-1) if x.dim() == 2 else out
