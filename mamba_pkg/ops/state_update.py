@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from mamba_pkg.ops.backend import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend
 
@@ -90,6 +92,142 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     return out.to(out_dtype).reshape(out_shape)
 
 
+# ---------------------------------------------------------------------------
+# Triton kernel: a program owns a (BLOCK_P, N) slice of one (sequence, head) state,
+# keeps it in registers across the T tokens and writes it back once.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _selective_state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, idx_ptr, out_ptr,
+    T, P, N, n_rows, heads_per_group,
+    stride_s_b, stride_s_h, stride_s_p, stride_s_n,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
+    stride_A_h, stride_A_p, stride_A_n,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_D_h, stride_D_p,
+    stride_z_b, stride_z_t, stride_z_h, stride_z_p,
+    stride_dtb_h, stride_dtb_p,
+    stride_o_b, stride_o_t, stride_o_h, stride_o_p,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_INDICES: tl.constexpr,
+    SOFTPLUS: tl.constexpr, TIE_HDIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_p, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_p, m_n = o_p < P, o_n < N
+    if HAS_INDICES:
+        row = tl.load(idx_ptr + i_b).to(tl.int64)
+        # Negative = padding slot (state untouched, output zero); past the end is refused on
+        # the host for CPU tensors and treated as padding here (no sync on the GPU).
+        row_p = tl.zeros([BLOCK_P], dtype=tl.int64) + row
+        valid = (row_p >= 0) & (row_p < n_rows)
+        row = tl.where(row >= 0, row, 0)
+    else:
+        row = i_b.to(tl.int64)
+        valid = o_p >= 0
+    m_state = (m_p & valid)[:, None] & m_n[None, :]
+    p_state = (state_ptr + row * stride_s_b + i_h.to(tl.int64) * stride_s_h
+               + o_p.to(tl.int64)[:, None] * stride_s_p + o_n[None, :] * stride_s_n)
+    b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
+
+    i_g = i_h // heads_per_group
+    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h + o_p * stride_x_p
+    p_B = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + o_n * stride_B_n
+    p_C = C_ptr + i_b.to(tl.int64) * stride_C_b + i_g * stride_C_g + o_n * stride_C_n
+    p_o = out_ptr + i_b.to(tl.int64) * stride_o_b + i_h * stride_o_h + o_p * stride_o_p
+    # With TIE_HDIM (Mamba-2: dt, A, D, dt_bias shared by a head's channels) these are
+    # scalars, and exp(A * dt) is one exponential per head and token.
+    if TIE_HDIM:
+        p_dt = dt_ptr + i_b.to(tl.int64) * stride_dt_b + i_h * stride_dt_h
+        b_A = tl.load(A_ptr + i_h * stride_A_h).to(tl.float32)
+        if HAS_D:
+            b_D = tl.load(D_ptr + i_h * stride_D_h).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h).to(tl.float32)
+    else:
+        p_dt = dt_ptr + i_b.to(tl.int64) * stride_dt_b + i_h * stride_dt_h + o_p * stride_dt_p
+        b_A = tl.load(A_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n,
+                      mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        if HAS_D:
+            b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h + o_p * stride_dtb_p, mask=m_p,
+                                other=0.0).to(tl.float32)
+    if HAS_Z:
+        p_z = z_ptr + i_b.to(tl.int64) * stride_z_b + i_h * stride_z_h + o_p * stride_z_p
+
+    for t in range(T):
+        b_x = tl.load(p_x + t * stride_x_t, mask=m_p, other=0.0).to(tl.float32)
+        if TIE_HDIM:
+            b_dt = tl.load(p_dt + t * stride_dt_t).to(tl.float32)
+        else:
+            b_dt = tl.load(p_dt + t * stride_dt_t, mask=m_p, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt += b_dt_bias
+        if SOFTPLUS:
+            b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+        b_B = tl.load(p_B + t * stride_B_t, mask=m_n, other=0.0).to(tl.float32)
+        b_C = tl.load(p_C + t * stride_C_t, mask=m_n, other=0.0).to(tl.float32)
+        if TIE_HDIM:
+            b_dA = tl.exp(b_A * b_dt)
+            b_state = b_state * b_dA + (b_x * b_dt)[:, None] * b_B[None, :]
+        else:
+            b_dA = tl.exp(b_A * b_dt[:, None])
+            b_state = b_state * b_dA + (b_x * b_dt)[:, None] * b_B[None, :]
+        b_out = tl.sum(b_state * b_C[None, :], axis=1)
+        if HAS_D:
+            b_out += b_x * b_D
+        if HAS_Z:
+            b_z = tl.load(p_z + t * stride_z_t, mask=m_p, other=0.0).to(tl.float32)
+            b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
+        b_out = tl.where(valid, b_out, 0.0)
+        tl.store(p_o + t * stride_o_t, b_out.to(out_ptr.dtype.element_ty), mask=m_p)
+    tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_state)
+
+
+# Tile of the state per program: BLOCK_P * BLOCK_N about TILE_ELEMS fp32 values, chosen
+# by measurement on an H100 (benchmarks/bench_decode_ops.py --sweep).
+TILE_ELEMS = {16: 1024, 128: 2048}
+NUM_WARPS = {16: 4, 128: 4}
+
+
+def _blocks(hdim, n_state):
+    block_n = triton.next_power_of_2(n_state)
+    key = 16 if block_n <= 16 else 128
+    block_p = max(1, min(triton.next_power_of_2(hdim), TILE_ELEMS[key] // block_n))
+    return block_p, block_n, NUM_WARPS[key]
+
+
+def _strides(t, n):
+    return t.stride() if t is not None else (0,) * n
+
+
+def _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    """All inputs in the canonical layout: state (Bs, H, P, N), x/dt/z (B, T, H, P), A (H, P, N),
+    B/C (B, T, G, N), D/dt_bias (H, P). Returns out (B, T, H, P)."""
+    batch, n_tok, heads, hdim = x.shape
+    n_state, groups = state.shape[-1], B.shape[2]
+    out = torch.empty_like(x)
+    tie = (dt.stride(3) == 0 and A.stride(1) == 0 and A.stride(2) == 0
+           and (D is None or D.stride(1) == 0) and (dt_bias is None or dt_bias.stride(1) == 0))
+    block_p, block_n, warps = _blocks(hdim, n_state)
+    grid = (triton.cdiv(hdim, block_p), batch, heads)
+    _selective_state_update_kernel[grid](
+        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
+        n_tok, hdim, n_state, state.shape[0], heads // groups,
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *_strides(D, 2), *_strides(z, 4), *_strides(dt_bias, 2), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_INDICES=state_batch_indices is not None, SOFTPLUS=dt_softplus, TIE_HDIM=tie,
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps,
+    )
+    return out
+
+
 def _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
     check_tensor("state", state, ndim=(3, 4), dtype=FLOAT_DTYPES)
     mamba1 = state.dim() == 3
@@ -126,7 +264,7 @@ def _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
                          f"got shape {tuple(state.shape)}")
     check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                       state_batch_indices=state_batch_indices)
-    if state_batch_indices is not None and state_batch_indices.numel() > 0:
+    if state_batch_indices is not None and state_batch_indices.numel() > 0 and not state_batch_indices.is_cuda:
         top = int(state_batch_indices.max())
         if top >= state.shape[0]:
             raise ValueError(f"state_batch_indices holds {top} but state has only {state.shape[0]} rows")
@@ -146,10 +284,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     after the batch ((B, T, D) or (B, T, H, P)), and so do B and C ((B, T, [G,] N)); the
     tokens are applied in order and out is (B, T, ...).
     state_batch_indices: (B,) int32, row of ``state`` used by each sequence; a negative
-    index is a padding slot: its state is untouched and its output is zero.
+    index is a padding slot: its state is untouched and its output is zero. An index past the
+    end of ``state`` is an error on CPU; on the GPU (no host sync per step) it is padding.
     dt_softplus applies softplus to dt + dt_bias. backend: "torch", "triton" or None.
     """
     _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    resolve_backend(backend, state, x)
-    # TODO(issue 5): Triton kernel; until it lands every backend runs the reference.
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    if resolve_backend(backend, state, x) == "torch":
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    _, multi, st, xc, dtc, Ac, Bc, Cc, Dc, zc, dtbc = _canonical(state, x, dt, A, B, C, D, z, dt_bias)
+    out = _selective_state_update(st, xc, dtc, Ac, Bc, Cc, Dc, zc, dtbc, dt_softplus, state_batch_indices)
+    return out.reshape(x.shape)
