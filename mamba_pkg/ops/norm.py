@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from mamba_pkg.ops.backend import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend
 
@@ -44,6 +46,168 @@ def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, resi
     return (out, res_out) if prenorm else out
 
 
+# ---------------------------------------------------------------------------
+# Triton kernels for add + norm. Rows are (M, D) with unit stride along D; a program
+# normalises BLOCK_M rows held whole in registers (D <= MAX_FUSED_D).
+# ---------------------------------------------------------------------------
+
+MAX_FUSED_D = 65536
+
+
+@triton.jit
+def _add_norm_fwd_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, mean_ptr, rstd_ptr,
+    M, D, stride_x, stride_res, stride_out, stride_res_out, eps,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < M, o_d < D
+    m = m_m[:, None] & m_d[None, :]
+    o_m64 = o_m.to(tl.int64)[:, None]
+    s = tl.load(x_ptr + o_m64 * stride_x + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + o_m64 * stride_res + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    if STORE_RES:
+        tl.store(res_out_ptr + o_m64 * stride_res_out + o_d[None, :], s.to(res_out_ptr.dtype.element_ty), mask=m)
+    if IS_RMS:
+        s_c = s
+    else:
+        mean = tl.sum(s, axis=1) / D
+        tl.store(mean_ptr + o_m, mean, mask=m_m)
+        s_c = tl.where(m, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(s_c * s_c, axis=1) / D + eps)
+    tl.store(rstd_ptr + o_m, rstd, mask=m_m)
+    y = s_c * rstd[:, None] * tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + o_m64 * stride_out + o_d[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _row_blocks(dim):
+    block_d = triton.next_power_of_2(dim)
+    block_m = max(1, min(16, 2048 // block_d))
+    warps = min(16, max(4, block_d * block_m // 512))
+    return block_m, block_d, warps
+
+
+def _add_norm_fwd(x2, res2, weight, bias, eps, is_rms, res_dtype, store_res):
+    rows, dim = x2.shape
+    out = torch.empty_like(x2)
+    res_out = torch.empty(rows, dim, device=x2.device, dtype=res_dtype) if store_res else None
+    mean = torch.empty(rows, device=x2.device, dtype=torch.float32) if not is_rms else None
+    rstd = torch.empty(rows, device=x2.device, dtype=torch.float32)
+    block_m, block_d, warps = _row_blocks(dim)
+    _add_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+        x2, res2, weight, bias, out, res_out, mean, rstd, rows, dim,
+        x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
+        res_out.stride(0) if res_out is not None else 0, eps,
+        IS_RMS=is_rms, HAS_RES=res2 is not None, STORE_RES=store_res, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out, res_out, mean, rstd
+
+
+@triton.jit
+def _add_norm_bwd_kernel(
+    s_ptr, w_ptr, b_ptr, dy_ptr, ds_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr, mean_ptr, rstd_ptr,
+    M, D, rows_per_program, stride_s, stride_dy, stride_ds, stride_dx, stride_dres,
+    IS_RMS: tl.constexpr, HAS_DS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """ds = rstd * (w*dy - s_hat * mean(w*dy * s_hat) [- mean(w*dy)]) + d(prenorm s); a program
+    walks rows_per_program rows and leaves one row of dw / dbias partial sums."""
+    i_prog = tl.program_id(0)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_start = i_prog * rows_per_program
+    for r in range(row_start, tl.minimum(row_start + rows_per_program, M)):
+        r64 = tl.cast(r, tl.int64)
+        s = tl.load(s_ptr + r64 * stride_s + o_d, mask=m_d, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * stride_dy + o_d, mask=m_d, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + r)
+        if IS_RMS:
+            s_hat = s * rstd
+        else:
+            s_hat = tl.where(m_d, (s - tl.load(mean_ptr + r)) * rstd, 0.0)
+        wdy = b_w * dy
+        ds = wdy - s_hat * (tl.sum(wdy * s_hat, axis=0) / D)
+        if not IS_RMS:
+            ds -= tl.sum(wdy, axis=0) / D
+        ds *= rstd
+        if HAS_DS:
+            ds += tl.load(ds_ptr + r64 * stride_ds + o_d, mask=m_d, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + r64 * stride_dx + o_d, ds.to(dx_ptr.dtype.element_ty), mask=m_d)
+        if HAS_DRES:
+            tl.store(dres_ptr + r64 * stride_dres + o_d, ds.to(dres_ptr.dtype.element_ty), mask=m_d)
+        acc_dw += dy * s_hat
+        acc_db += dy
+    tl.store(dw_ptr + i_prog * D + o_d, acc_dw, mask=m_d)
+    if HAS_BIAS:
+        tl.store(db_ptr + i_prog * D + o_d, acc_db, mask=m_d)
+
+
+def _n_programs(device, rows):
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(rows, 8 * sms))
+
+
+def _add_norm_bwd(s2, weight, bias, dy2, ds2, mean, rstd, is_rms, x_dtype, res_dtype):
+    rows, dim = s2.shape
+    n_prog = _n_programs(s2.device, rows)
+    dx = torch.empty(rows, dim, device=s2.device, dtype=x_dtype)
+    dres = torch.empty(rows, dim, device=s2.device, dtype=res_dtype) if res_dtype is not None else None
+    dw = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32)
+    db = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32) if bias is not None else None
+    block_d = triton.next_power_of_2(dim)
+    _add_norm_bwd_kernel[(n_prog,)](
+        s2, weight, bias, dy2, ds2, dx, dres, dw, db, mean, rstd,
+        rows, dim, triton.cdiv(rows, n_prog), s2.stride(0), dy2.stride(0),
+        ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dres.stride(0) if dres is not None else 0,
+        IS_RMS=is_rms, HAS_DS=ds2 is not None, HAS_DRES=dres is not None, HAS_BIAS=bias is not None,
+        BLOCK_D=block_d, num_warps=min(16, max(4, block_d // 256)),
+    )
+    return dx, dres, dw.sum(0).to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype)
+
+
+def _rows(t):
+    """(M, D) view with unit stride along D (a copy only if the last dim is strided)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+class AddNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms):
+        res_dtype = _residual_dtype(x, residual, residual_in_fp32)
+        x2 = _rows(x)
+        res2 = _rows(residual) if residual is not None else None
+        # The sum is stored when it is not x itself (it is the prenorm output and what
+        # the backward pass normalises again).
+        store_res = residual is not None or res_dtype != x.dtype
+        out, res_out, mean, rstd = _add_norm_fwd(x2, res2, weight, bias, eps, is_rms, res_dtype, store_res)
+        s2 = res_out if store_res else x2
+        ctx.save_for_backward(s2, weight, bias, mean, rstd)
+        ctx.opts = (is_rms, x.dtype, residual.dtype if residual is not None else None, x.shape)
+        out = out.view(x.shape)
+        if not prenorm:
+            return out
+        return out, (res_out if store_res else x2).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        s2, weight, bias, mean, rstd = ctx.saved_tensors
+        is_rms, x_dtype, res_in_dtype, shape = ctx.opts
+        dx, dres, dw, db = _add_norm_bwd(s2, weight, bias, _rows(dy), None if ds is None else _rows(ds), mean,
+                                         rstd, is_rms, x_dtype, res_in_dtype)
+        dres = None if dres is None else dres.view(shape)
+        return dx.view(shape), dw, db, dres, None, None, None, None
+
+
 def _validate_add_norm(x, weight, bias, residual, eps):
     check_tensor("x", x, dtype=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -52,6 +216,8 @@ def _validate_add_norm(x, weight, bias, residual, eps):
     check_tensor("weight", weight, shape=(dim,), dtype=FLOAT_DTYPES)
     check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
     check_tensor("residual", residual, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=True)
+    if x.shape[-1] > MAX_FUSED_D:
+        raise ValueError(f"x must have D <= {MAX_FUSED_D} (a row is normalised in registers), got D={x.shape[-1]}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
@@ -72,9 +238,10 @@ def layer_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, resid
         out (..., D) in the dtype of x, or (out, s) with prenorm.
     """
     _validate_add_norm(x, weight, bias, residual, eps)
-    resolve_backend(backend, x, weight)
-    # TODO(issue 5): Triton kernels; until they land every backend runs the reference.
-    return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    if resolve_backend(backend, x, weight) == "torch" or x.numel() == 0:
+        return layer_norm_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm)
+    return AddNormFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), residual, float(eps),
+                           prenorm, residual_in_fp32, is_rms_norm)
 
 
 def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False, *,
@@ -105,6 +272,137 @@ def rms_norm_gated_ref(x, weight, bias=None, z=None, eps=1e-6, group_size=None, 
     return y.to(x.dtype)
 
 
+# ---------------------------------------------------------------------------
+# Triton kernels for gated RMSNorm: program (row block, group) normalises group_size
+# channels of BLOCK_M rows.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _gated_fwd_kernel(
+    x_ptr, z_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr,
+    M, D, GS, stride_x, stride_z, stride_out, eps,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    i_m, i_g = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_c = i_g * GS + tl.arange(0, BLOCK_G)
+    m_m, m_c = o_m < M, tl.arange(0, BLOCK_G) < GS
+    m = m_m[:, None] & m_c[None, :]
+    o_m64 = o_m.to(tl.int64)[:, None]
+    b_x = tl.load(x_ptr + o_m64 * stride_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z_ptr + o_m64 * stride_z + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+        gate = b_z / (1.0 + tl.exp(-b_z))
+        if not NORM_BEFORE_GATE:
+            b_x *= gate
+    rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) / GS + eps)
+    tl.store(rstd_ptr + o_m * (D // GS) + i_g, rstd, mask=m_m)
+    y = b_x * rstd[:, None] * tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_Z and NORM_BEFORE_GATE:
+        y *= gate
+    tl.store(out_ptr + o_m64 * stride_out + o_c[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_bwd_kernel(
+    x_ptr, z_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, db_ptr, rstd_ptr,
+    M, D, GS, rows_per_program, stride_x, stride_z, stride_dy, stride_dx, stride_dz,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    i_prog, i_g = tl.program_id(0), tl.program_id(1)
+    o_c = i_g * GS + tl.arange(0, BLOCK_G)
+    m_c = tl.arange(0, BLOCK_G) < GS
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_b = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    acc_dw = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_G], dtype=tl.float32)
+    row_start = i_prog * rows_per_program
+    for r in range(row_start, tl.minimum(row_start + rows_per_program, M)):
+        r64 = tl.cast(r, tl.int64)
+        b_x = tl.load(x_ptr + r64 * stride_x + o_c, mask=m_c, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + r64 * stride_dy + o_c, mask=m_c, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + r64 * (D // GS) + i_g)
+        if HAS_Z:
+            b_z = tl.load(z_ptr + r64 * stride_z + o_c, mask=m_c, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-b_z))
+            gate = b_z * sig
+            dgate = sig * (1.0 + b_z * (1.0 - sig))
+            if not NORM_BEFORE_GATE:
+                x_in = b_x
+                b_x *= gate
+        x_hat = b_x * rstd
+        if HAS_Z and NORM_BEFORE_GATE:
+            y0 = x_hat * b_w
+            if HAS_BIAS:
+                y0 += b_b
+            dz = dy * y0 * dgate
+            dy *= gate
+        wdy = b_w * dy
+        dx = (wdy - x_hat * (tl.sum(wdy * x_hat, axis=0) / GS)) * rstd
+        if HAS_Z and not NORM_BEFORE_GATE:
+            dz = dx * x_in * dgate
+            dx *= gate
+        tl.store(dx_ptr + r64 * stride_dx + o_c, dx.to(dx_ptr.dtype.element_ty), mask=m_c)
+        if HAS_Z:
+            tl.store(dz_ptr + r64 * stride_dz + o_c, dz.to(dz_ptr.dtype.element_ty), mask=m_c)
+        acc_dw += dy * x_hat
+        acc_db += dy
+    tl.store(dw_ptr + i_prog * D + o_c, acc_dw, mask=m_c)
+    if HAS_BIAS:
+        tl.store(db_ptr + i_prog * D + o_c, acc_db, mask=m_c)
+
+
+class RMSNormGatedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, eps, group_size, norm_before_gate):
+        x2 = _rows(x)
+        z2 = _rows(z) if z is not None else None
+        rows, dim = x2.shape
+        n_groups = dim // group_size
+        out = torch.empty_like(x2)
+        rstd = torch.empty(rows, n_groups, device=x.device, dtype=torch.float32)
+        block_g = triton.next_power_of_2(group_size)
+        block_m = max(1, min(16, 2048 // block_g))
+        _gated_fwd_kernel[(triton.cdiv(rows, block_m), n_groups)](
+            x2, z2, weight, bias, out, rstd, rows, dim, group_size,
+            x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0), eps,
+            HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
+            BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, block_g * block_m // 512)),
+        )
+        ctx.save_for_backward(x2, z2, weight, bias, rstd)
+        ctx.opts = (group_size, norm_before_gate, x.shape)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, z2, weight, bias, rstd = ctx.saved_tensors
+        group_size, norm_before_gate, shape = ctx.opts
+        dy2 = _rows(dy)
+        rows, dim = x2.shape
+        n_groups = dim // group_size
+        n_prog = _n_programs(x2.device, rows)
+        dx = torch.empty_like(x2)
+        dz = torch.empty_like(z2) if z2 is not None else None
+        dw = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32)
+        db = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32) if bias is not None else None
+        block_g = triton.next_power_of_2(group_size)
+        _gated_bwd_kernel[(n_prog, n_groups)](
+            x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
+            rows, dim, group_size, triton.cdiv(rows, n_prog), x2.stride(0),
+            z2.stride(0) if z2 is not None else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if dz is not None else 0,
+            HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
+            BLOCK_G=block_g, num_warps=min(16, max(4, block_g // 256)),
+        )
+        dw = dw.sum(0).to(weight.dtype)
+        db = db.sum(0).to(bias.dtype) if bias is not None else None
+        return dx.view(shape), dw, db, None if dz is None else dz.view(shape), None, None, None
+
+
 def rms_norm_gated_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_before_gate=True, *,
                       backend=None):
     """RMSNorm over groups of channels with a silu(z) gate.
@@ -124,6 +422,7 @@ def rms_norm_gated_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, n
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0 or dim % group_size):
         raise ValueError(f"group_size must be a positive int dividing D={dim}, got {group_size!r}")
     check_same_device(x=x, z=z)
-    resolve_backend(backend, x, weight)
-    # TODO(issue 5): Triton kernels; until they land every backend runs the reference.
-    return rms_norm_gated_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
+    if resolve_backend(backend, x, weight) == "torch" or x.numel() == 0:
+        return rms_norm_gated_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
+    return RMSNormGatedFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(), z, float(eps),
+                                dim if group_size is None else group_size, norm_before_gate)
