@@ -28,9 +28,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mamba_pkg.ops.backend import triton_interpret
 from mamba_pkg.ops.ssd.chunk_state import _dot
 
 
+def _tile_configs():
+    if triton_interpret():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (4, 3), (8, 1))]
+
+
+_KEY = ["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
+
+
+@triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr,
@@ -136,7 +147,7 @@ def _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype):
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-        DOT_DTYPE=dot_dtype, num_warps=4, num_stages=2,
+        DOT_DTYPE=dot_dtype,
     )
     return out, ypre
 
@@ -150,6 +161,7 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
     return dy
 
 
+@triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dC_ptr, rowsum_ptr,
@@ -223,6 +235,7 @@ def _chunk_scan_bwd_dc_kernel(
     tl.store(dC_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + tn_off, dC.to(dC_ptr.dtype.element_ty), mask=m_tn)
 
 
+@triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, C_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
@@ -342,7 +355,7 @@ def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dsta
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     grid = (n_mblocks, nchunks, batch * G)
     common = dict(HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-                  DOT_DTYPE=dot_dtype, num_warps=4, num_stages=2)
+                  DOT_DTYPE=dot_dtype)
 
     dC = torch.empty_like(C)
     rowsum = torch.zeros_like(cs_c)

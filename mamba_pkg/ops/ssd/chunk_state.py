@@ -22,6 +22,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mamba_pkg.ops.backend import triton_interpret
+
+
+def _walk_configs():
+    """Autotuning space of the two walks: the (P, N) block decides how many programs run."""
+    if triton_interpret():
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+        for bp, bn, w in ((64, 64, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8))
+    ]
+
 
 @triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr):
@@ -40,6 +52,7 @@ def _softplus(v):
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_u)
 
 
+@triton.autotune(configs=_walk_configs(), key=["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr,
@@ -139,10 +152,7 @@ def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
     final = torch.empty(batch, H, P, N, device=dev, dtype=torch.float32)
     dt_out = torch.empty(batch, H, nchunks, Q, device=dev, dtype=torch.float32)
     cs_out = torch.empty_like(dt_out)
-    BLOCK_P = min(64, triton.next_power_of_2(P))
-    BLOCK_N = min(64, triton.next_power_of_2(N))
-    BLOCK_P, BLOCK_N = max(BLOCK_P, 16), max(BLOCK_N, 16)
-    grid = (triton.cdiv(P, BLOCK_P) * triton.cdiv(N, BLOCK_N), batch * H)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)  # noqa: E731
     seq_arg = seq_idx if seq_idx is not None else dt_out
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_state_fwd_kernel[grid](
@@ -154,12 +164,12 @@ def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
         HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
         HAS_INIT=initial_states is not None, STORE_STATES=store_states,
-        Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype,
-        num_warps=4, num_stages=2,
+        Q=Q, DOT_DTYPE=dot_dtype,
     )
     return states, final, dt_out, cs_out
 
 
+@triton.autotune(configs=_walk_configs(), key=["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
 @triton.jit
 def _state_grad_bwd_kernel(
     dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
@@ -235,9 +245,7 @@ def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, H, P, Q, states_dtype, dot_
     nchunks = triton.cdiv(L, Q)
     dstates = torch.empty(batch, nchunks, H, P, N, device=dout.device, dtype=states_dtype)
     dinit = torch.empty(batch, H, P, N, device=dout.device, dtype=torch.float32)
-    BLOCK_P = max(16, min(64, triton.next_power_of_2(P)))
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(N)))
-    grid = (triton.cdiv(P, BLOCK_P) * triton.cdiv(N, BLOCK_N), batch * H)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)  # noqa: E731
     seq_arg = seq_idx if seq_idx is not None else cs
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _state_grad_bwd_kernel[grid](
@@ -245,6 +253,6 @@ def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, H, P, Q, states_dtype, dot_
         dstates, dinit, L, H, P, N, H // G, nchunks,
         *dout.stride(), *C.stride(), *seq_strides,
         HAS_Z=z is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_DFINAL=dfinal is not None,
-        Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype, num_warps=4, num_stages=2,
+        Q=Q, DOT_DTYPE=dot_dtype,
     )
     return dstates, dinit

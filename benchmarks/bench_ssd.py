@@ -1,0 +1,147 @@
+"""Mamba-2 SSD scan: ours (Triton) vs mamba_ssm's mamba_chunk_scan_combined, bf16.
+
+Cases: B=4, H=32, P=64, N=128, G=1, chunk 256, L in {2048, 8192, 32768}; the
+2.7B shape H=80 at L=8192; N in {64, 256} at L=8192. Both providers get D,
+dt_bias and dt_softplus. `--stages` also prints the time of each of our kernels
+at the main shape (the profile).
+
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import BF16_FLOPS, HBM_BYTES_PER_S, save_results, time_ms, try_provider
+
+CHUNK = 256
+
+
+def shapes(quick: bool):
+    base = dict(B=4, H=32, P=64, N=128, G=1)
+    if quick:
+        return [dict(base, L=8192)]
+    out = [dict(base, L=L) for L in (2048, 8192, 32768)]
+    out.append(dict(base, H=80, L=8192))
+    out += [dict(base, N=N, L=8192) for N in (64, 256)]
+    return out
+
+
+def make_inputs(s, requires_grad):
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    Bsz, L, H, P, G, N = s["B"], s["L"], s["H"], s["P"], s["G"], s["N"]
+    x = torch.randn(Bsz, L, H, P, device=dev, dtype=bf)
+    dt = (torch.randn(Bsz, L, H, device=dev) * 0.5 - 2.0).to(bf)
+    A = -torch.empty(H, device=dev).uniform_(1, 16)
+    B = torch.randn(Bsz, L, G, N, device=dev, dtype=bf)
+    C = torch.randn(Bsz, L, G, N, device=dev, dtype=bf)
+    D = torch.randn(H, device=dev)
+    dt_bias = torch.randn(H, device=dev) * 0.1
+    leaves = [x, dt, A, B, C, D, dt_bias]
+    if requires_grad:
+        for t in leaves:
+            t.requires_grad_(True)
+    return leaves
+
+
+def flops_and_bytes(s, fwdbwd: bool):
+    """Work of the chunked algorithm (chunk 256) and the bytes of reading inputs / writing outputs once."""
+    Bsz, L, H, P, G, N = s["B"], s["L"], s["H"], s["P"], s["G"], s["N"]
+    Q = CHUNK
+    # Per chunk: C B^T per group (Q^2 N / 2 causal), scores @ x (Q^2 P / 2), chunk state and
+    # state output (Q P N each); 2 flops per multiply-add.
+    fwd = 2 * Bsz * L * (G * Q * N / 2 + H * (Q * P / 2 + 2 * P * N))
+    io = 2 * (2 * Bsz * L * H * P + 2 * Bsz * L * G * N + Bsz * L * H)  # bf16 x, out, B, C, dt
+    if not fwdbwd:
+        return fwd, io
+    # The backward does about twice the forward's products (dx, dB, dC, and the states again).
+    return 3 * fwd, 2 * io + 2 * Bsz * L * H * P
+
+
+def bench_case(s, provider, fwdbwd):
+    if provider == "ours":
+        from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
+    else:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
+    x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
+
+    def fwd():
+        return fn(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+    if not fwdbwd:
+        with torch.no_grad():
+            fwd()
+            return time_ms(lambda: fwd())
+    out = fwd()
+    grad = torch.randn_like(out)
+    leaves = [x, dt, A, B, C, D, dt_bias]
+
+    def step():
+        torch.autograd.grad(fwd(), leaves, grad)
+
+    step()
+    return time_ms(step)
+
+
+def stage_profile(s):
+    """Time each of our kernels alone at shape s (bf16); returns {stage: ms}."""
+    import triton.language as tl
+
+    from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd, _chunk_scan_fwd
+    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
+
+    x, dt, A, B, C, D, dt_bias = make_inputs(s, False)
+    Q, bf = CHUNK, torch.bfloat16
+    lim = (0.0, float("inf"))
+    states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16)
+    dout = torch.randn_like(x)
+    dstates, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, s["H"], s["P"], Q, bf, tl.bfloat16)
+    stages = {
+        "fwd chunk_state (dt + cumsum + states walk)":
+            lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16),
+        "fwd chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q, tl.bfloat16),
+        "bwd state-gradient walk":
+            lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, s["H"], s["P"], Q, bf, tl.bfloat16),
+        "bwd dC + dx/dB kernels":
+            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16),
+    }
+    out = {}
+    for name, fn in stages.items():
+        fn()
+        out[name] = time_ms(fn)
+        print(f"  stage {name}: {out[name]:.3f} ms")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="only the main shape (L=8192)")
+    ap.add_argument("--stages", action="store_true", help="also time each of our kernels at L=8192")
+    args = ap.parse_args()
+    rows = []
+    for s in shapes(args.quick):
+        for fwdbwd in (False, True):
+            pass_name = "fwdbwd" if fwdbwd else "fwd"
+            case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
+            flops, nbytes = flops_and_bytes(s, fwdbwd)
+            for provider in ("ours", "mamba_ssm"):
+                ms = try_provider(provider, lambda: bench_case(s, provider, fwdbwd))
+                row = {"case": case, "provider": provider, "ms": ms}
+                if ms:
+                    row["tflops"] = round(flops / ms / 1e9, 2)
+                    row["gbps"] = round(nbytes / ms / 1e6, 1)
+                    row["pct_tensor_core"] = round(100 * flops / (ms * 1e-3) / BF16_FLOPS, 1)
+                    row["pct_hbm"] = round(100 * nbytes / (ms * 1e-3) / HBM_BYTES_PER_S, 1)
+                    row["pct_limit"] = max(row["pct_tensor_core"], row["pct_hbm"])
+                rows.append(row)
+                print(f"{case} {provider}: {ms}", flush=True)
+    if args.stages:
+        stage_profile(dict(B=4, H=32, P=64, N=128, G=1, L=8192))
+    save_results("bench_ssd", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""SSD Triton kernels against the torch reference: forward, every gradient, varlen.
+
+On CPU these run through the Triton interpreter (tiny shapes); on a GPU the
+requires_cuda tests add realistic shapes, bf16, determinism and mamba_ssm.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import assert_close_rule
+from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+from mamba_pkg.ops.ssd.reference import mamba_chunk_scan_combined_ref
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+
+
+def make(batch, L, H, P, G, N, *, z=True, init=True, d_has_hdim=False, device=DEVICE, n_init=None):
+    g = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    return dict(
+        x=rnd(batch, L, H, P), dt=rnd(batch, L, H, scale=0.5, shift=-1.0), A=-(rnd(H).abs() + 0.2),
+        B=rnd(batch, L, G, N), C=rnd(batch, L, G, N), D=rnd(H, P) if d_has_hdim else rnd(H),
+        z=rnd(batch, L, H, P) if z else None, dt_bias=rnd(H, scale=0.3),
+        initial_states=rnd(n_init or batch, H, P, N) if init else None,
+    )
+
+
+def run(inputs, dtype, backend, chunk, **kw):
+    """Forward + backward with fixed output cotangents; returns [out, final, grads...]."""
+    leaves = {}
+    for k, v in inputs.items():
+        if v is None:
+            continue
+        # Parameters (A, D, dt_bias) and states stay fp32, activations take `dtype`.
+        v = v.to(dtype) if k in ("x", "dt", "B", "C", "z") else v.clone()
+        leaves[k] = v.requires_grad_(True)
+    fn = (lambda **a: mamba_chunk_scan_combined_ref(**a)) if backend == "ref" else \
+        (lambda **a: mamba_chunk_scan_combined(**a, backend=backend))
+    res = fn(**leaves, chunk_size=chunk, dt_softplus=True, return_final_states=True, **kw)
+    out, final = res[0], res[1]
+    g = torch.Generator().manual_seed(7)
+    loss = (out.float() * torch.randn(out.shape, generator=g).to(out.device)).sum()
+    loss = loss + (final * torch.randn(final.shape, generator=g).to(out.device)).sum()
+    if len(res) == 3:
+        loss = loss + (res[2] * torch.randn(res[2].shape, generator=g).to(out.device)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(out=out, final=final, **{f"d{k}": gr for k, gr in zip(leaves, grads)})
+
+
+def compare_fp32(got, want, tol):
+    for k in want:
+        err = (got[k].double() - want[k].double()).abs().max().item()
+        assert err <= tol * want[k].abs().max().item() + 1e-6, f"{k}: max error {err:.3e}"
+
+
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((2, 37, 4, 8, 2, 8), dict()),  # L not a multiple of the chunk, 2 groups, gate, initial states
+        ((1, 45, 4, 4, 1, 8), dict(seq_idx=True, d_has_hdim=True, dt_limit=(0.1, 2.0))),
+        ((1, 1, 2, 4, 1, 4), dict(z=False, init=False)),
+    ],
+)
+def test_triton_fp32_matches_reference(shape, kw):
+    kw = dict(kw)
+    make_kw = {k: kw.pop(k) for k in ("d_has_hdim", "z", "init") if k in kw}
+    inputs = make(*shape, **make_kw)
+    if kw.pop("seq_idx", False):
+        L = shape[1]
+        seq = torch.zeros(shape[0], L, dtype=torch.int32, device=DEVICE)
+        seq[:, L // 3 :] = 1
+        seq[:, 2 * L // 3 :] = 4
+        kw["seq_idx"] = seq
+    got = run(inputs, torch.float32, "triton", 16, **kw)
+    want = run(inputs, torch.float32, "ref", 16, **kw)
+    compare_fp32(got, want, 1e-4)
+
+
+def test_triton_bf16_tolerance_rule():
+    inputs = make(2, 40, 4, 8, 1, 8)
+    got = run(inputs, torch.bfloat16, "triton", 16)
+    want = run(inputs, torch.float32, "ref", 16)
+    lowp = run(inputs, torch.bfloat16, "ref", 16)
+    assert got["out"].dtype == torch.bfloat16 and got["final"].dtype == torch.float32
+    for k in want:
+        assert_close_rule(got[k], want[k], lowp[k], atol=1e-3 * want[k].abs().max().item(), name=k)
+
+
+def test_triton_varlen_matches_reference():
+    lengths = [5, 0, 23, 9]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    inputs = make(1, sum(lengths), 4, 8, 2, 8, n_init=len(lengths))
+    kw = dict(cu_seqlens=cu, return_varlen_states=True)
+    got = run(inputs, torch.float32, "triton", 16, **kw)
+    want = run(inputs, torch.float32, "ref", 16, **kw)
+    compare_fp32(got, want, 1e-4)
+
+
+def test_split_conv1d_triton_path_recomputes_and_matches():
+    H, P, G, N, W = 4, 4, 2, 8, 4
+    d_inner, conv_dim = H * P, H * P + 2 * G * N
+    g = torch.Generator().manual_seed(3)
+    args = dict(
+        zxbcdt=torch.randn(2, 21, 2 * d_inner + 2 * G * N + H, generator=g),
+        conv1d_weight=torch.randn(conv_dim, W, generator=g) * 0.5, conv1d_bias=torch.randn(conv_dim, generator=g),
+        dt_bias=torch.randn(H, generator=g) * 0.3 - 1, A=-torch.rand(H, generator=g) - 0.2,
+        D=torch.randn(H, generator=g), rmsnorm_weight=torch.rand(d_inner, generator=g) + 0.5,
+        outproj_weight=torch.randn(6, d_inner, generator=g) * 0.3,
+    )
+    args = {k: v.to(DEVICE).requires_grad_(True) for k, v in args.items()}
+    res = {}
+    for backend in ("torch", "triton"):
+        out = mamba_split_conv1d_scan_combined(**args, chunk_size=16, headdim=P, ngroups=G, backend=backend)
+        res[backend] = [out] + list(torch.autograd.grad(out.square().sum(), list(args.values())))
+    for name, a, b in zip(["out"] + list(args), res["triton"], res["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(2, 1000, 8, 64, 1, 128), (1, 777, 6, 48, 3, 80), (2, 2049, 4, 64, 2, 256)])
+def test_gpu_bf16_tolerance_rule(shape):
+    inputs = make(*shape)
+    got = run(inputs, torch.bfloat16, "triton", 256)
+    want = run(inputs, torch.float32, "ref", 256)
+    lowp = run(inputs, torch.bfloat16, "ref", 256)
+    for k in want:
+        assert_close_rule(got[k], want[k], lowp[k], atol=1e-3 * want[k].abs().max().item(), name=k)
+
+
+@requires_cuda
+def test_gpu_fp32_and_seq_idx():
+    inputs = make(2, 300, 4, 32, 2, 64)
+    seq = torch.zeros(2, 300, dtype=torch.int32, device=DEVICE)
+    seq[:, 100:] = 1
+    seq[1, 257:] = 2
+    got = run(inputs, torch.float32, "triton", 64, seq_idx=seq)
+    want = run(inputs, torch.float32, "ref", 64, seq_idx=seq)
+    compare_fp32(got, want, 2e-3)
+
+
+@requires_cuda
+def test_gpu_backward_is_deterministic():
+    inputs = make(2, 1024, 8, 64, 1, 128)
+    a = run(inputs, torch.bfloat16, "triton", 256)
+    b = run(inputs, torch.bfloat16, "triton", 256)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@requires_cuda
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="mamba_ssm anchor not installed")
+def test_gpu_matches_mamba_ssm():
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as anchor
+
+    inputs = make(2, 1000, 8, 64, 2, 128)
+    x, dt, A, B, C, D, z, dt_bias, init = (inputs[k] for k in NAMES)
+    cast = [t.bfloat16() for t in (x, dt, B, C, z)]
+    ours = mamba_chunk_scan_combined(cast[0], cast[1], A, cast[2], cast[3], 256, D=D, z=cast[4], dt_bias=dt_bias,
+                                     initial_states=init, dt_softplus=True, return_final_states=True)
+    theirs = anchor(cast[0], cast[1], A, cast[2], cast[3], 256, D=D, z=cast[4], dt_bias=dt_bias,
+                    initial_states=init, dt_softplus=True, return_final_states=True)
+    want = mamba_chunk_scan_combined_ref(x, dt, A, B, C, 256, D=D, z=z, dt_bias=dt_bias, initial_states=init,
+                                         dt_softplus=True, return_final_states=True)
+    for o, t, w in zip(ours, theirs, want):
+        assert_close_rule(o, w, t, atol=1e-3 * w.abs().max().item())
