@@ -245,7 +245,7 @@ def attention_kvcache(
         if isinstance(seqlens, torch.Tensor):
             seqlens = seqlens.to(torch.int32)
         return flash_attn.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k, v, cache_seqlens=seqlens, softmax_scale=scale, causal=causal
+            q, k_cache[:batch], v_cache[:batch], k, v, cache_seqlens=seqlens, softmax_scale=scale, causal=causal
         )
 
     new_tokens = steps if k is not None else 0

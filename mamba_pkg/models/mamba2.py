@@ -1,0 +1,244 @@
+"""Mamba-2 mixer.
+
+    [z, xBC, dt] = in_proj(u)                     u (B, L, d_model); z (B, L, D_ssm), dt (B, L, H)
+    [x, B, C] = silu(causal_conv1d(xBC))          x (B, L, H, P); B, C (B, L, G, N)
+    y = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias, softplus, dt_limit)
+    y = rmsnorm_gated(y, z)  (or y * silu(z) without rmsnorm)
+    out = out_proj(y)                             (B, L, d_model)
+
+With d_ssm < expand * d_model the remaining channels are a gated MLP inside the mixer
+(in_proj also yields [z0, x0]; out_proj sees [silu(z0) * x0, y]).
+Parameter names and shapes equal mamba_ssm's Mamba2 (in_proj, conv1d, dt_bias, A_log, D,
+norm.weight, out_proj). Inference cache: (conv_state (B, conv_dim, d_conv), ssm_state (B, H, P, N) fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from mamba_pkg.models._cache_utils import conv_with_cache, layer_cache
+from mamba_pkg.models._init import inverse_softplus_dt
+from mamba_pkg.models.norm import RMSNormGated
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
+from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+from mamba_pkg.ops.state_update import selective_state_update
+
+NO_DT_LIMIT = (0.0, float("inf"))
+
+
+class Mamba2(nn.Module):
+    def __init__(
+        self,
+        d_model,
+        d_state=128,
+        d_conv=4,
+        conv_init=None,
+        expand=2,
+        headdim=64,
+        d_ssm=None,
+        ngroups=1,
+        A_init_range=(1, 16),
+        D_has_hdim=False,
+        rmsnorm=True,
+        norm_before_gate=False,
+        dt_min=0.001,
+        dt_max=0.1,
+        dt_init_floor=1e-4,
+        dt_limit=(0.0, float("inf")),
+        bias=False,
+        conv_bias=True,
+        chunk_size=256,
+        use_mem_eff_path=True,
+        layer_idx=None,
+        device=None,
+        dtype=None,
+    ):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.conv_init = conv_init
+        self.expand = expand
+        self.d_inner = expand * d_model
+        self.headdim = headdim
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        if self.d_ssm > self.d_inner:
+            raise ValueError(f"d_ssm={self.d_ssm} exceeds expand * d_model={self.d_inner}")
+        if self.d_ssm % headdim != 0:
+            raise ValueError(f"d_ssm={self.d_ssm} (expand * d_model unless given) must be divisible by headdim={headdim}")
+        self.ngroups = ngroups
+        self.nheads = self.d_ssm // headdim
+        if self.nheads % ngroups != 0:
+            raise ValueError(f"the number of heads {self.nheads} must be divisible by ngroups={ngroups}")
+        if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
+            raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {A_init_range}")
+        self.D_has_hdim = D_has_hdim
+        self.rmsnorm = rmsnorm
+        self.norm_before_gate = norm_before_gate
+        self.dt_limit = tuple(dt_limit)
+        self.activation = "silu"
+        self.chunk_size = chunk_size
+        self.use_mem_eff_path = use_mem_eff_path
+        self.layer_idx = layer_idx
+
+        # in_proj output order: [z0, x0 (MLP part, if d_ssm < d_inner), z, x, B, C, dt]
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory_kwargs)
+        conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1, bias=conv_bias, **factory_kwargs
+        )
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor, **factory_kwargs))
+        self.dt_bias._no_weight_decay = True
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(
+                self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate, group_size=self.d_ssm // ngroups, **factory_kwargs
+            )
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """(conv_state (B, conv_dim, d_conv) in dtype (default: conv weight dtype), ssm_state (B, H, P, N) fp32)."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32)
+        return conv_state, ssm_state
+
+    def _d_mlp(self, zxbcdt):
+        return (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
+
+    def _split(self, zxbcdt):
+        d_mlp = self._d_mlp(zxbcdt)
+        conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
+        return torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, conv_dim, self.nheads], dim=-1)
+
+    def _D(self):
+        return rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D
+
+    def _finish(self, y, z, z0, x0):
+        """Gate / norm, the in-mixer MLP half, out_proj. y, z (..., D_ssm)."""
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if z0.shape[-1] > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    def forward(self, u, inference_params=None, *, cu_seqlens=None):
+        """u (B, L, d_model) -> (B, L, d_model).
+
+        cu_seqlens (num_seqs + 1,) int32 packs sequences along L (B == 1); no state crosses a
+        boundary. With inference_params: seqlen_offset == 0 writes each sequence's final conv
+        and ssm states into the cache (cache row s = packed sequence s); seqlen_offset > 0
+        continues from the cache (one token: ``step``).
+        """
+        if u.dim() != 3:
+            raise ValueError(f"u must have shape (B, L, d_model), got {tuple(u.shape)}")
+        batch, seqlen, _ = u.shape
+        conv_state = ssm_state = None
+        fresh = True
+        if inference_params is not None:
+            fresh = inference_params.seqlen_offset == 0
+            cache_batch = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            conv_state, ssm_state = layer_cache(self, inference_params, cache_batch)
+            if not fresh and seqlen == 1:
+                out, _, _ = self.step(u, conv_state, ssm_state)
+                return out
+
+        zxbcdt = self.in_proj(u)  # (B, L, d_in_proj)
+        # A from fp32: in fp16 exp(A_log) can overflow.
+        A = -torch.exp(self.A_log.float())  # (H,)
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        if self.use_mem_eff_path and inference_params is None and self._d_mlp(zxbcdt) == 0:
+            return mamba_split_conv1d_scan_combined(
+                zxbcdt,
+                conv_weight,
+                self.conv1d.bias,
+                self.dt_bias,
+                A,
+                D=self._D(),
+                chunk_size=self.chunk_size,
+                dt_limit=self.dt_limit,
+                activation=self.activation,
+                rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
+                rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6,
+                outproj_weight=self.out_proj.weight,
+                outproj_bias=self.out_proj.bias,
+                headdim=None if self.D_has_hdim else self.headdim,
+                ngroups=self.ngroups,
+                norm_before_gate=self.norm_before_gate,
+                cu_seqlens=cu_seqlens,
+            )
+        z0, x0, z, xBC, dt = self._split(zxbcdt)
+        xBC = conv_with_cache(
+            xBC.transpose(1, 2), conv_weight, self.conv1d.bias, self.activation, conv_state, fresh=fresh, cu_seqlens=cu_seqlens
+        ).transpose(1, 2)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        want_state = ssm_state is not None
+        result = mamba_chunk_scan_combined(
+            rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
+            dt,
+            A,
+            rearrange(B, "b l (g n) -> b l g n", g=self.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=self.ngroups),
+            chunk_size=self.chunk_size,
+            D=self._D(),
+            z=None if self.rmsnorm else rearrange(z, "b l (h p) -> b l h p", p=self.headdim),
+            dt_bias=self.dt_bias,
+            initial_states=None if fresh else ssm_state,
+            cu_seqlens=cu_seqlens,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+            return_final_states=want_state and cu_seqlens is None,
+            return_varlen_states=want_state and cu_seqlens is not None,
+        )
+        if want_state:
+            y, final_states = result
+            ssm_state.copy_(final_states)
+        else:
+            y = result
+        return self._finish(rearrange(y, "b l h p -> b l (h p)"), z, z0, x0)
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One decode step. hidden_states (B, 1, d_model); conv_state (B, conv_dim, d_conv) and
+        ssm_state (B, H, P, N) fp32 are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+            raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
+        batch = hidden_states.shape[0]
+        z0, x0, z, xBC, dt = self._split(self.in_proj(hidden_states.squeeze(1)))
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        H, P, N = self.nheads, self.headdim, self.d_state
+        dt_bias, dt_softplus = self.dt_bias, True
+        if self.dt_limit != NO_DT_LIMIT:
+            # The state-update op has no clamp: process dt here exactly as the parallel scan does.
+            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt_bias, dt_softplus = None, False
+        D = self._D()
+        y = selective_state_update(
+            ssm_state,
+            rearrange(x, "b (h p) -> b h p", p=P),
+            dt[:, :, None].expand(batch, H, P),
+            A[:, None, None].expand(H, P, N),
+            rearrange(B, "b (g n) -> b g n", g=self.ngroups),
+            rearrange(C, "b (g n) -> b g n", g=self.ngroups),
+            D if D.dim() == 2 else D[:, None].expand(H, P),
+            z=None if self.rmsnorm else rearrange(z, "b (h p) -> b h p", p=P),
+            dt_bias=None if dt_bias is None else dt_bias[:, None].expand(H, P),
+            dt_softplus=dt_softplus,
+        )
+        out = self._finish(rearrange(y, "b h p -> b (h p)"), z, z0, x0)
+        return out.unsqueeze(1), conv_state, ssm_state

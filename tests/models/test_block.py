@@ -1,0 +1,84 @@
+"""Block: add -> norm -> mixer (-> add -> norm2 -> mlp), fused and unfused add+norm, cached steps."""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mamba_pkg.generation.cache import InferenceParams
+from mamba_pkg.models.attention import MHA
+from mamba_pkg.models.block import Block
+from mamba_pkg.models.mamba2 import Mamba2
+from mamba_pkg.models.mlp import GatedMLP
+from mamba_pkg.models.norm import RMSNorm
+
+MIXERS = {
+    "mamba2": partial(Mamba2, d_state=8, headdim=8, chunk_size=8, layer_idx=0),
+    "mha": partial(MHA, num_heads=4, num_heads_kv=2, rotary_emb_dim=4, d_conv=3, layer_idx=0),
+}
+
+
+def _block(mixer, *, mlp=True, rms=True, fused=True, residual_in_fp32=True):
+    norm_cls = partial(RMSNorm if rms else nn.LayerNorm, eps=1e-5)
+    mlp_cls = partial(GatedMLP, hidden_features=40, multiple_of=8) if mlp else nn.Identity
+    return Block(32, MIXERS[mixer], mlp_cls, norm_cls=norm_cls, fused_add_norm=fused, residual_in_fp32=residual_in_fp32)
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("rms", [True, False])
+def test_fused_equals_unfused_equals_formula(mixer, rms):
+    block = _block(mixer, rms=rms)
+    with torch.no_grad():
+        block.norm.weight.add_(torch.randn(32) * 0.1)
+        block.norm2.weight.add_(torch.randn(32) * 0.1)
+    x, res = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    hidden, residual = block(x, res)
+    block.fused_add_norm = False
+    hidden2, residual2 = block(x, res)
+    assert torch.allclose(hidden, hidden2, atol=1e-5) and torch.allclose(residual, residual2, atol=1e-6)
+    # the formula, written out
+    r1 = x + res
+    h1 = block.mixer(block.norm(r1))
+    r2 = h1 + r1
+    assert torch.allclose(residual, r2, atol=1e-5)
+    assert torch.allclose(hidden, block.mlp(block.norm2(r2)), atol=1e-5)
+
+
+def test_first_block_and_residual_dtype():
+    block = _block("mha", mlp=False).to(torch.bfloat16)
+    x = torch.randn(1, 5, 32, dtype=torch.bfloat16)
+    hidden, residual = block(x)  # no residual: the first block
+    assert block.mlp is None and not hasattr(block, "norm2")
+    assert hidden.dtype == torch.bfloat16 and residual.dtype == torch.float32
+    assert torch.equal(residual, x.float())
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@torch.no_grad()
+def test_cached_steps_equal_forward(mixer):
+    block = _block(mixer)
+    x, res = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    hidden, residual = block(x, res)
+    params = InferenceParams(max_seqlen=9, max_batch_size=2)
+    outs = [block(x[:, :4], res[:, :4], inference_params=params)]
+    for t in range(4, 9):
+        params.seqlen_offset = t
+        outs.append(block(x[:, t : t + 1], res[:, t : t + 1], inference_params=params))
+    assert torch.allclose(torch.cat([o[0] for o in outs], dim=1), hidden, atol=1e-5)
+    assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual, atol=1e-5)
+    cache = block.allocate_inference_cache(3, 10)
+    assert cache[0].shape[:2] == (3, 10) if mixer == "mha" else cache[1].shape[0] == 3
+
+
+def test_packed_goes_to_mixer():
+    block = _block("mha")
+    x = torch.randn(1, 8, 32)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    hidden, _ = block(x, cu_seqlens=cu)
+    assert torch.allclose(hidden[:, 3:], block(x[:, 3:])[0], atol=1e-5)
+
+
+def test_fused_needs_a_known_norm():
+    with pytest.raises(TypeError, match="fused_add_norm"):
+        Block(32, MIXERS["mha"], nn.Identity, norm_cls=nn.Identity, fused_add_norm=True)
