@@ -240,3 +240,151 @@ def test_update_errors():
                              backend="torch")
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d_update(x, state, w, activation="gelu", backend="torch")
+
+
+# ------------------------------------------------------------------ Triton kernels
+# On CPU these run through the Triton interpreter (tiny shapes); on a GPU, natively.
+
+from conftest import assert_close_rule  # noqa: E402
+
+import mamba_pkg.ops.causal_conv1d as conv_mod  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _channel_last(t):
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _run_fwd_bwd(fn, x, w, b, init, seq_idx, cu, act, g, gf):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, init)]
+    out, final = fn(leaves[0], leaves[1], leaves[2], leaves[3], seq_idx, cu, act)
+    ((out.float() * g).sum() + (final.float() * gf).sum()).backward()
+    return [out, final] + [t.grad for t in leaves if t is not None]
+
+
+def _triton(x, w, b, init, seq_idx, cu, act):
+    return causal_conv1d_fn(x, w, b, seq_idx, init, True, None, act, cu_seqlens=cu, backend="triton")
+
+
+def _torch(x, w, b, init, seq_idx, cu, act):
+    return causal_conv1d_ref(x, w, b, init, True, None, act, seq_idx=seq_idx, cu_seqlens=cu)
+
+
+CONV_CASES = [
+    # (B, D, L, W, layout, init, bias, act, packing, gather)
+    (2, 5, 37, 4, "contiguous", True, True, "silu", None, True),
+    (2, 3, 7, 2, "channel_last", False, False, None, None, True),
+    (2, 4, 40, 8, "contiguous", True, True, "silu", "seq_idx", True),
+    (1, 4, 33, 5, "channel_last", True, True, "silu", "cu_seqlens", True),
+    (2, 3, 19, 3, "contiguous", True, True, "silu", "seq_idx", False),
+    (1, 3, 1, 6, "contiguous", True, False, None, None, False),
+]
+
+
+def _conv_case(B, D, L, W, layout, init, bias, act, packing, dtype):
+    x, w, b, i = make(B, D, L, W)
+    x = x.to(DEVICE)
+    if layout == "channel_last":
+        x = _channel_last(x)
+    w, b = w.to(DEVICE), b.to(DEVICE) if bias else None
+    seq_idx = cu = None
+    if packing == "seq_idx":
+        seq_idx = torch.sort(torch.randint(0, 3, (B, L)), dim=1).values.to(torch.int32).to(DEVICE)
+    if packing == "cu_seqlens":
+        cu = torch.tensor([0, 1, 1, 12, L], dtype=torch.int32, device=DEVICE)
+        i = torch.randn(4, D, W - 1)
+    i = i.to(DEVICE) if init else None
+    cast = [t.to(dtype) if t is not None else None for t in (x, w, b, i)]
+    return cast, seq_idx, cu
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"W{c[3]}-{c[4]}-{c[8]}-gather{c[9]}")
+def test_triton_conv_matches_ref_fp32(case, monkeypatch):
+    B, D, L, W, layout, init, bias, act, packing, gather = case
+    monkeypatch.setattr(conv_mod, "BWD_SHIFT_BY_GATHER", gather)
+    (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, layout, init, bias, act, packing, torch.float32)
+    g = torch.randn(B, D, L, device=DEVICE)
+    gf = torch.randn(B if cu is None else cu.numel() - 1, D, W - 1, device=DEVICE)
+    got = _run_fwd_bwd(_triton, x, w, b, i, seq_idx, cu, act, g, gf)
+    exp = _run_fwd_bwd(_torch, x, w, b, i, seq_idx, cu, act, g, gf)
+    assert got[0].stride() == x.stride()  # the output keeps the input's layout
+    for name, a, e in zip(["out", "final", "dx", "dw", "db", "dinit"], got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+def test_triton_conv_bf16_tolerance_rule(layout):
+    B, D, L, W = 2, 6, 29, 4
+    (x, w, b, i), _, _ = _conv_case(B, D, L, W, layout, True, True, "silu", None, torch.float32)
+    g = torch.randn(B, D, L, device=DEVICE)
+    gf = torch.randn(B, D, W - 1, device=DEVICE)
+    low = [t.to(torch.bfloat16) for t in (x, w, b, i)]
+    ref32 = _run_fwd_bwd(_torch, *[t.float() for t in low], None, None, "silu", g, gf)
+    ref16 = _run_fwd_bwd(_torch, *low, None, None, "silu", g, gf)
+    got = _run_fwd_bwd(_triton, *low, None, None, "silu", g, gf)
+    for name, a, r32, r16 in zip(["out", "final", "dx", "dw", "db", "dinit"], got, ref32, ref16):
+        assert a.dtype == torch.bfloat16
+        assert_close_rule(a, r32, r16, atol=1e-2, name=name)
+
+
+@pytest.mark.parametrize("mode", ["shift", "circular", "indices"])
+def test_triton_update_matches_ref(mode):
+    B, D, W, S, T = 3, 5, 4, 6, 4
+    x = torch.randn(B, D, T, device=DEVICE)
+    w, b = torch.randn(D, W, device=DEVICE), torch.randn(D, device=DEVICE)
+    rows = B + 2 if mode == "indices" else B
+    state = torch.randn(rows, D, S, device=DEVICE)
+    state_ref = state.clone()
+    seqlens = torch.tensor([0, 5, 13], dtype=torch.int32, device=DEVICE) if mode == "circular" else None
+    idx = torch.tensor([4, -1, 0], dtype=torch.int32, device=DEVICE) if mode == "indices" else None
+    out = causal_conv1d_update(x, state, w, b, "silu", seqlens, idx, backend="triton")
+    exp = causal_conv1d_update_ref(x, state_ref, w, b, "silu", seqlens, idx)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref)
+    one = causal_conv1d_update(x[..., 0], state, w, None, None, seqlens, idx, backend="triton")
+    torch.testing.assert_close(one, causal_conv1d_update_ref(x[..., 0], state_ref, w, None, None, seqlens, idx),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref)
+
+
+# ------------------------------------------------------------------ GPU, full size
+
+
+@requires_cuda
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+def test_gpu_conv_all_widths_bf16(width, layout):
+    B, D, L = 2, 96, 1000
+    (x, w, b, i), _, _ = _conv_case(B, D, L, width, layout, True, True, "silu", None, torch.bfloat16)
+    g = torch.randn(B, D, L, device=DEVICE)
+    gf = torch.randn(B, D, width - 1, device=DEVICE)
+    ref32 = _run_fwd_bwd(_torch, *[t.float() for t in (x, w, b, i)], None, None, "silu", g, gf)
+    ref16 = _run_fwd_bwd(_torch, x, w, b, i, None, None, "silu", g, gf)
+    got = _run_fwd_bwd(_triton, x, w, b, i, None, None, "silu", g, gf)
+    for name, a, r32, r16 in zip(["out", "final", "dx", "dw", "db", "dinit"], got, ref32, ref16):
+        assert_close_rule(a, r32, r16, atol=1e-2, name=name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("packing", ["seq_idx", "cu_seqlens"])
+def test_gpu_conv_packed_fp32(packing):
+    B, D, L, W = 1, 64, 500, 4
+    (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, "channel_last", True, True, "silu", packing, torch.float32)
+    g = torch.randn(B, D, L, device=DEVICE)
+    gf = torch.randn(B if cu is None else cu.numel() - 1, D, W - 1, device=DEVICE)
+    got = _run_fwd_bwd(_triton, x, w, b, i, seq_idx, cu, "silu", g, gf)
+    exp = _run_fwd_bwd(_torch, x, w, b, i, seq_idx, cu, "silu", g, gf)
+    for name, a, e in zip(["out", "final", "dx", "dw", "db", "dinit"], got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3, msg=name)
+
+
+@requires_cuda
+def test_gpu_conv_matches_causal_conv1d_package():
+    cc = pytest.importorskip("causal_conv1d")
+    x = torch.randn(2, 64, 300, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(64, 4, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(64, device=DEVICE, dtype=torch.bfloat16)
+    ours = causal_conv1d_fn(x, w, b, activation="silu")
+    theirs = cc.causal_conv1d_fn(x, w, b, activation="silu")
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
