@@ -252,6 +252,14 @@ import mamba_pkg.ops.causal_conv1d as conv_mod  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _bf16_atol(ref):
+    """The Triton interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so on CPU
+    allow one bf16 ulp of the largest value on top of the 2x rule."""
+    if torch.cuda.is_available():
+        return 1e-2
+    return max(1e-2, ref.abs().max().item() * 2.0**-7)
+
+
 def _channel_last(t):
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
@@ -325,7 +333,7 @@ def test_triton_conv_bf16_tolerance_rule(layout):
     got = _run_fwd_bwd(_triton, *low, None, None, "silu", g, gf)
     for name, a, r32, r16 in zip(["out", "final", "dx", "dw", "db", "dinit"], got, ref32, ref16):
         assert a.dtype == torch.bfloat16
-        assert_close_rule(a, r32, r16, atol=1e-2, name=name)
+        assert_close_rule(a, r32, r16, atol=_bf16_atol(r32), name=name)
 
 
 @pytest.mark.parametrize("mode", ["shift", "circular", "indices"])

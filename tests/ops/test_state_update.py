@@ -167,3 +167,100 @@ def test_errors():
         selective_state_update(**dict(kw2, B=torch.zeros(2, 5)), backend="torch")
     with pytest.raises(ValueError, match="groups G=3"):
         selective_state_update(**dict(kw2, B=torch.zeros(2, 3, 5), C=torch.zeros(2, 3, 5)), backend="torch")
+
+
+# ------------------------------------------------------------------ Triton kernel
+# On CPU it runs through the Triton interpreter (tiny shapes); on a GPU, natively.
+
+from conftest import assert_close_rule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bf16_atol(ref):
+    """The Triton interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so on CPU
+    allow one bf16 ulp of the largest value on top of the 2x rule."""
+    if torch.cuda.is_available():
+        return 1e-2
+    return max(1e-2, ref.abs().max().item() * 2.0**-7)
+
+
+def _to(kw, device, dtype=None):
+    out = {}
+    for k, v in kw.items():
+        if v is None:
+            out[k] = None
+            continue
+        v = v.to(device)
+        if dtype is not None and k in ("x", "dt", "B", "C", "z"):
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+STATE_CASES = [
+    ("mamba1", None, None, True),
+    ("mamba1", 2, 3, False),
+    ("mamba2", None, None, True),
+    ("mamba2", 2, 4, True),
+]
+
+
+@pytest.mark.parametrize("layout,groups,tokens,padding", STATE_CASES)
+def test_triton_matches_ref(layout, groups, tokens, padding):
+    if layout == "mamba1":
+        kw = mamba1_inputs(3, 6, 5, groups, tokens)
+    else:
+        kw = mamba2_inputs(3, 4, 3, 5, groups or 1, tokens)
+    kw = _to(kw, DEVICE)
+    idx = None
+    if padding:
+        kw["state"] = torch.randn(5, *kw["state"].shape[1:], device=DEVICE)
+        idx = torch.tensor([4, -1, 1], dtype=torch.int32, device=DEVICE)
+    state_ref = kw["state"].clone()
+    out = selective_state_update(**kw, dt_softplus=True, state_batch_indices=idx, backend="triton")
+    exp = selective_state_update_ref(**dict(kw, state=state_ref), dt_softplus=True, state_batch_indices=idx)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kw["state"], state_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_untied_A_and_no_optionals():
+    kw = _to(mamba2_inputs(2, 4, 3, 5, 2), DEVICE)
+    kw["A"] = -torch.rand(4, 3, 5, device=DEVICE)  # per-channel A: the non-tied path
+    kw["D"] = kw["z"] = kw["dt_bias"] = None
+    state_ref = kw["state"].clone()
+    out = selective_state_update(**kw, backend="triton")
+    exp = selective_state_update_ref(**dict(kw, state=state_ref))
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kw["state"], state_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_triton_bf16_tolerance_rule(layout):
+    kw = mamba1_inputs(2, 8, 6, tokens=2) if layout == "mamba1" else mamba2_inputs(2, 4, 4, 6, 2, tokens=2)
+    low = _to(kw, DEVICE, torch.bfloat16)
+    f32 = {k: (v.float() if v is not None else None) for k, v in low.items()}
+    states = [low["state"].clone() for _ in range(3)]
+    out = selective_state_update(**dict(low, state=states[0]), dt_softplus=True, backend="triton")
+    ref32 = selective_state_update_ref(**dict(f32, state=states[1]), dt_softplus=True)
+    ref16 = selective_state_update_ref(**dict(low, state=states[2]), dt_softplus=True)
+    assert out.dtype == torch.bfloat16 and states[0].dtype == torch.float32
+    assert_close_rule(out, ref32, ref16, atol=_bf16_atol(ref32), name="out")
+    torch.testing.assert_close(states[0], states[1], rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_gpu_full_size_bf16(layout):
+    if layout == "mamba1":
+        kw = mamba1_inputs(64, 2048, 16, dtype=torch.bfloat16)
+    else:
+        kw = mamba2_inputs(64, 32, 64, 128, 1, dtype=torch.bfloat16)
+    kw = _to(kw, DEVICE)
+    f32 = {k: (v.float() if v is not None else None) for k, v in kw.items()}
+    states = [kw["state"].clone() for _ in range(3)]
+    out = selective_state_update(**dict(kw, state=states[0]), dt_softplus=True)
+    ref32 = selective_state_update_ref(**dict(f32, state=states[1]), dt_softplus=True)
+    ref16 = selective_state_update_ref(**dict(kw, state=states[2]), dt_softplus=True)
+    assert_close_rule(out, ref32, ref16, atol=1e-2, name="out")
+    torch.testing.assert_close(states[0], states[1], rtol=1e-4, atol=1e-4)
