@@ -132,3 +132,116 @@ def test_errors():
         rms_norm_gated_fn(x, w, None, torch.randn(4, 9), backend="torch")
     with pytest.raises(ValueError, match="backend="):
         rms_norm_fn(x, w, None, backend="gpu")
+
+
+# ------------------------------------------------------------------ Triton kernels
+# On CPU they run through the Triton interpreter (tiny shapes); on a GPU, natively.
+
+from conftest import assert_close_rule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bf16_atol(ref):
+    """The Triton interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so on CPU
+    allow one bf16 ulp of the largest value on top of the 2x rule."""
+    if torch.cuda.is_available():
+        return 1e-2
+    return max(1e-2, ref.abs().max().item() * 2.0**-7)
+
+
+def _add_norm_run(backend, x, w, b, res, prenorm, res_fp32, rms, g, gs):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, res)]
+    out = layer_norm_fn(leaves[0], leaves[1], leaves[2], leaves[3], 1e-5, prenorm, res_fp32, rms, backend=backend)
+    outs = out if prenorm else (out,)
+    loss = (outs[0].float() * g).sum()
+    if prenorm:
+        loss = loss + (outs[1].float() * gs).sum()
+    loss.backward()
+    return list(outs) + [t.grad for t in leaves if t is not None]
+
+
+ADD_NORM_CASES = [  # (rms, residual, prenorm, residual_in_fp32, bias)
+    (True, True, True, True, False),
+    (True, False, False, False, True),
+    (False, True, True, False, True),
+    (False, False, True, True, True),
+]
+
+
+@pytest.mark.parametrize("rms,has_res,prenorm,res_fp32,has_bias", ADD_NORM_CASES)
+def test_triton_add_norm_matches_ref(rms, has_res, prenorm, res_fp32, has_bias):
+    shape = (3, 5, 7)
+    x = torch.randn(*shape, device=DEVICE)
+    res = torch.randn(*shape, device=DEVICE) if has_res else None
+    w = torch.randn(7, device=DEVICE)
+    b = torch.randn(7, device=DEVICE) if has_bias else None
+    g, gs = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    got = _add_norm_run("triton", x, w, b, res, prenorm, res_fp32, rms, g, gs)
+    exp = _add_norm_run("torch", x, w, b, res, prenorm, res_fp32, rms, g, gs)
+    for a, e in zip(got, exp):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_add_rms_norm_bf16_tolerance_rule():
+    shape = (4, 6, 40)
+    x, res = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+    g, gs = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    low = [t.to(torch.bfloat16) for t in (x, w, b, res)]
+    got = _add_norm_run("triton", *low, True, True, True, g, gs)
+    ref32 = _add_norm_run("torch", *[t.float() for t in low], True, True, True, g, gs)
+    ref16 = _add_norm_run("torch", *low, True, True, True, g, gs)
+    assert got[1].dtype == torch.float32  # residual_in_fp32
+    for name, a, r32, r16 in zip(["out", "residual", "dx", "dw", "db", "dres"], got, ref32, ref16):
+        assert_close_rule(a, r32, r16, atol=_bf16_atol(r32), name=name)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("group_size,has_z,has_bias", [(None, True, True), (4, True, False), (3, False, True)])
+def test_triton_gated_matches_ref(norm_before_gate, group_size, has_z, has_bias):
+    x = torch.randn(2, 3, 12, device=DEVICE, requires_grad=True)
+    z = torch.randn(2, 3, 12, device=DEVICE, requires_grad=True) if has_z else None
+    w = torch.randn(12, device=DEVICE, requires_grad=True)
+    b = torch.randn(12, device=DEVICE, requires_grad=True) if has_bias else None
+    out = rms_norm_gated_fn(x, w, b, z, 1e-5, group_size, norm_before_gate, backend="triton")
+    exp = rms_norm_gated_ref(x, w, b, z, 1e-5, group_size, norm_before_gate)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    params = [t for t in (x, z, w, b) if t is not None]
+    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(exp, params, g)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rms", [True, False])
+def test_gpu_add_norm_bf16_large(rms):
+    shape = (4, 100, 2560)
+    x, res = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    w, b = torch.randn(2560, device=DEVICE), torch.randn(2560, device=DEVICE)
+    g, gs = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    low = [t.to(torch.bfloat16) for t in (x, w, b, res)]
+    got = _add_norm_run("triton", *low, True, True, rms, g, gs)
+    ref32 = _add_norm_run("torch", *[t.float() for t in low], True, True, rms, g, gs)
+    ref16 = _add_norm_run("torch", *low, True, True, rms, g, gs)
+    for name, a, r32, r16 in zip(["out", "residual", "dx", "dw", "db", "dres"], got, ref32, ref16):
+        assert_close_rule(a, r32, r16, atol=_bf16_atol(r32), name=name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gpu_gated_bf16_large(norm_before_gate):
+    x = torch.randn(300, 4096, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    z = torch.randn(300, 4096, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(4096, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(300, 4096, device=DEVICE)
+    outs = []
+    for fn, cast in ((lambda *a: rms_norm_gated_fn(*a, backend="triton"), None), (rms_norm_gated_ref, torch.float32),
+                     (rms_norm_gated_ref, None)):
+        args = [t.detach().to(cast or t.dtype).requires_grad_() for t in (x, w, z)]
+        out = fn(args[0], args[1], None, args[2], 1e-5, 1024, norm_before_gate)
+        grads = torch.autograd.grad((out.float() * g).sum(), args)
+        outs.append([out, *grads])
+    for name, a, r32, r16 in zip(["out", "dx", "dw", "dz"], *outs):
+        assert_close_rule(a, r32, r16, atol=_bf16_atol(r32), name=name)
