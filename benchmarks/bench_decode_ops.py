@@ -1,0 +1,136 @@
+"""Decode-step ops: ours vs causal_conv1d (causal_conv1d_update) and mamba_ssm
+(selective_state_update), bf16 activations, fp32 SSM state, batch 1 / 64 / 256.
+
+Shapes: Mamba-1 D=2048, N=16; Mamba-2 H=32, P=64, N=128, G=1 (conv over
+D + 2*G*N = 2304 channels); conv width 4, conv_state (batch, channels, 4).
+Bytes: the state is read and written once (fp32 SSM state, bf16 conv state) plus the
+per-token inputs and outputs. pct_limit = GB/s / 3000 (HBM).
+
+    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import HBM_BYTES_PER_S, save_results, time_ms, try_provider
+from mamba_pkg.ops import state_update as ssu
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
+
+BATCHES = (1, 64, 256)
+MAMBA1 = dict(dim=2048, n=16)
+MAMBA2 = dict(heads=32, hdim=64, n=128, groups=1)
+W = 4
+
+
+def ssu_inputs(model, batch):
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    if model == "mamba1":
+        dim, n = MAMBA1["dim"], MAMBA1["n"]
+        kw = dict(state=torch.randn(batch, dim, n, device=dev), x=torch.randn(batch, dim, device=dev, dtype=bf),
+                  dt=torch.randn(batch, dim, device=dev, dtype=bf), A=-torch.rand(dim, n, device=dev),
+                  B=torch.randn(batch, n, device=dev, dtype=bf), C=torch.randn(batch, n, device=dev, dtype=bf),
+                  D=torch.randn(dim, device=dev), z=torch.randn(batch, dim, device=dev, dtype=bf),
+                  dt_bias=torch.randn(dim, device=dev))
+        n_bytes = batch * dim * n * 4 * 2 + batch * dim * 2 * 4 + batch * n * 2 * 2
+    else:
+        h, p, n, g = MAMBA2["heads"], MAMBA2["hdim"], MAMBA2["n"], MAMBA2["groups"]
+        kw = dict(state=torch.randn(batch, h, p, n, device=dev), x=torch.randn(batch, h, p, device=dev, dtype=bf),
+                  dt=torch.randn(batch, h, device=dev, dtype=bf)[..., None].expand(batch, h, p),
+                  A=(-torch.rand(h, device=dev))[:, None, None].expand(h, p, n),
+                  B=torch.randn(batch, g, n, device=dev, dtype=bf), C=torch.randn(batch, g, n, device=dev, dtype=bf),
+                  D=torch.randn(h, device=dev)[:, None].expand(h, p),
+                  z=torch.randn(batch, h, p, device=dev, dtype=bf),
+                  dt_bias=torch.randn(h, device=dev)[:, None].expand(h, p))
+        n_bytes = batch * h * p * n * 4 * 2 + batch * h * p * 2 * 3 + batch * g * n * 2 * 2
+    return kw, n_bytes
+
+
+def conv_inputs(model, batch):
+    torch.manual_seed(0)
+    channels = MAMBA1["dim"] if model == "mamba1" else MAMBA1["dim"] + 2 * MAMBA2["groups"] * MAMBA2["n"]
+    x = torch.randn(batch, channels, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(batch, channels, W, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(channels, W, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
+    n_bytes = batch * channels * (W * 2 * 2 + 2 * 2)
+    return (x, state, w, b), n_bytes
+
+
+def ssu_providers():
+    out = {"ours": ssu.selective_state_update}
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        out["mamba_ssm"] = selective_state_update
+    except ImportError as exc:
+        print(f"mamba_ssm not installed ({exc}); timing ours only")
+    return out
+
+
+def conv_providers():
+    out = {"ours": causal_conv1d_update}
+    try:
+        import causal_conv1d
+
+        out["causal_conv1d"] = causal_conv1d.causal_conv1d_update
+    except ImportError as exc:
+        print(f"causal_conv1d not installed ({exc}); timing ours only")
+    return out
+
+
+def _row(case, name, ms, n_bytes):
+    gbps = n_bytes / ms / 1e6
+    return {"case": case, "provider": name, "ms": round(ms, 4), "gbps": round(gbps, 1),
+            "pct_limit": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1)}
+
+
+def main_rows():
+    rows = []
+    for model in ("mamba1", "mamba2"):
+        for batch in BATCHES:
+            case = f"step state_update model={model} batch={batch}"
+            for name, fn in ssu_providers().items():
+                kw, n_bytes = ssu_inputs(model, batch)
+                ms = try_provider(name, lambda: time_ms(lambda: fn(**kw, dt_softplus=True)))
+                if ms is not None:
+                    rows.append(_row(case, name, ms, n_bytes))
+            case = f"step conv_update model={model} batch={batch}"
+            for name, fn in conv_providers().items():
+                (x, state, w, b), n_bytes = conv_inputs(model, batch)
+                ms = try_provider(name, lambda: time_ms(lambda: fn(x, state, w, b, "silu")))
+                if ms is not None:
+                    rows.append(_row(case, name, ms, n_bytes))
+    return rows
+
+
+def sweep():
+    rows = []
+    for model, key in (("mamba1", 16), ("mamba2", 128)):
+        kw, _ = ssu_inputs(model, 64)
+        for tile in (512, 1024, 2048, 4096):
+            for warps in (4, 8):
+                ssu.TILE_ELEMS[key], ssu.NUM_WARPS[key] = tile, warps
+                ms = try_provider("ours", lambda: time_ms(lambda: ssu.selective_state_update(**kw, dt_softplus=True),
+                                                          25, 100))
+                rows.append({"case": f"step state_update model={model} batch=64", "provider": f"ours tile={tile} "
+                             f"warps={warps}", "ms": ms})
+                print(rows[-1])
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="time tile shapes instead of the comparison")
+    args = parser.parse_args()
+    if args.sweep:
+        save_results("bench_decode_ops_sweep", [r for r in sweep() if r["ms"]], plot_key="batch")
+    else:
+        save_results("bench_decode_ops", main_rows(), plot_key="batch")
+
+
+if __name__ == "__main__":
+    main()
