@@ -197,12 +197,20 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # Triton kernels
 #
 # One program per (block of BLOCK_D channels, batch row). It walks L in tiles of
-# BLOCK_L steps; a tile is a (BLOCK_D, BLOCK_N, BLOCK_L) block of decays and
-# inputs scanned along L with tl.associative_scan, and the (BLOCK_D, BLOCK_N)
-# state is carried from tile to tile in registers. Packed sequences: position l
-# belongs to sequence seq_idx[l]; at a sequence start the decay is zeroed and the
-# sequence's initial state enters through that step's input.
+# BLOCK_L steps and carries the (BLOCK_D, N) state from tile to tile in registers.
+# Inside a tile the decays and inputs form a 4-D block (N_IN, BLOCK_L, BLOCK_D,
+# N_LANES), state index n = n_in * N_LANES + lane, scanned along L with
+# tl.associative_scan. The axis order is chosen for Triton's default layout:
+# threads fill the last axes first (N_LANES, then BLOCK_D) and the warps go along
+# BLOCK_D, so BLOCK_L and N_IN stay inside a thread. The scan along L is then a
+# sequential loop in registers (no shuffles), and sums over N are mostly in-thread.
+# This needs BLOCK_D * N_LANES >= 32 * num_warps (the launcher picks it so).
+#
+# Packed sequences: position l belongs to sequence seq_idx[l]; at a sequence
+# start the decay is zeroed and the sequence's initial state enters through that
+# step's input, and at a sequence end the state is stored as its last state.
 # ---------------------------------------------------------------------------
+
 
 @triton.jit
 def _affine_combine(a_first, b_first, a_second, b_second):
@@ -216,23 +224,33 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_delta(delta_ptr, delta_bias_ptr, o_bdl, o_d, m_d, m_dl, HAS_DELTA_BIAS: tl.constexpr):
-    """(delta + delta_bias) before the softplus, fp32, (BLOCK_D, BLOCK_L)."""
-    b_dt = tl.load(delta_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+def _sum_n(x):
+    """(N_IN, BLOCK_L, BLOCK_D, N_LANES) -> (BLOCK_L, BLOCK_D); the in-thread axis
+    first, so that the shuffles across lanes run on 1 / N_IN of the values."""
+    return tl.sum(tl.sum(x, axis=0), axis=2)
+
+
+@triton.jit
+def _load_delta(delta_ptr, delta_bias_ptr, o_ld, o_d, m_d, m_ld, HAS_DELTA_BIAS: tl.constexpr):
+    """(delta + delta_bias) before the softplus, fp32, (BLOCK_L, BLOCK_D)."""
+    b_dt = tl.load(delta_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
-        b_dt += tl.load(delta_bias_ptr + o_d, mask=m_d, other=0.0)[:, None]
+        b_dt += tl.load(delta_bias_ptr + o_d, mask=m_d, other=0.0)[None, :]
     return b_dt
 
 
 @triton.jit
-def _load_bc(ptr, o_bc_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, IS_VAR: tl.constexpr):
-    """B or C as a (BLOCK_D or 1, BLOCK_N, BLOCK_L or 1) fp32 block."""
+def _load_bc(ptr, o_bc_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, IS_VAR: tl.constexpr):
+    """B or C as an fp32 block: (N_IN, BLOCK_L, 1, N_LANES) if input-dependent,
+    else (N_IN, 1, BLOCK_D, N_LANES). The input-dependent block is loaded 3-D and
+    then expanded: a 4-D load would impose its memory-coalesced layout (threads
+    along L) on the whole scan."""
     if IS_VAR:
-        p = ptr + o_bc_row + o_n[:, None].to(tl.int64) * seqlen + o_l[None, :]
-        return tl.load(p, mask=m_n[:, None] & m_l[None, :], other=0.0).to(tl.float32)[None, :, :]
+        p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]  # (N_IN, BLOCK_L, N_LANES)
+        b = tl.load(p, mask=m_n3 & m_l[None, :, None], other=0.0).to(tl.float32)
+        return b[:, :, None, :]
     else:
-        p = ptr + o_d[:, None] * dstate + o_n[None, :]
-        return tl.load(p, mask=m_d[:, None] & m_n[None, :], other=0.0).to(tl.float32)[:, :, None]
+        return tl.load(ptr + o_dn4, mask=m_dn4, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -242,72 +260,78 @@ def _selective_scan_fwd_kernel(
     seqlen, dim, dstate, group_size, stride_b_batch, stride_b_group, stride_c_batch, stride_c_group,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    STORE_LAST: tl.constexpr, STORE_CKPT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    m_d, m_n = o_d < dim, o_n < dstate
-    m_dn = m_d[:, None] & m_n[None, :]
+    o_t = tl.arange(0, BLOCK_L)
+    m_d = o_d < dim
+    # State index n = n_in * N_LANES + lane: (N_IN, 1, 1, N_LANES) for 4-D blocks,
+    # (N_IN, 1, N_LANES) for (N_IN, BLOCK_D, N_LANES) states.
+    o_n3 = tl.arange(0, N_IN)[:, None, None] * N_LANES + tl.arange(0, N_LANES)[None, None, :]
+    o_dn3 = o_d[None, :, None] * dstate + o_n3  # (N_IN, BLOCK_D, N_LANES) into (D, N)
+    o_dn4 = o_dn3[:, None, :, :]
+    m_n3 = o_n3 < dstate
+    m_dn3 = m_d[None, :, None] & m_n3
+    m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # (BLOCK_D,) start of each (b, d) row
     i_g = (i_d * BLOCK_D) // group_size
     o_b_row = i_b.to(tl.int64) * stride_b_batch + i_g.to(tl.int64) * stride_b_group
     o_c_row = i_b.to(tl.int64) * stride_c_batch + i_g.to(tl.int64) * stride_c_group
-    o_dn = o_d[:, None] * dstate + o_n[None, :]
+    o_state = i_b.to(tl.int64) * dim * dstate + o_dn3
     # exp(dt * A) = exp2(dt * A * log2(e)): exp2 is the native instruction.
-    b_A2 = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0) * 1.4426950408889634
+    b_A2 = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0) * 1.4426950408889634
     if HAS_D:
         b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
-    b_h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_h = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     if HAS_H0 and not IS_VARLEN:
-        b_h = tl.load(h0_ptr + i_b.to(tl.int64) * dim * dstate + o_dn, mask=m_dn, other=0.0)
+        b_h = tl.load(h0_ptr + o_state, mask=m_dn3, other=0.0)
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
     for i_t in range(0, n_tiles):
         if STORE_CKPT:
-            p_ckpt = ckpt_ptr + ((i_b.to(tl.int64) * n_tiles + i_t) * dim) * dstate + o_dn
-            tl.store(p_ckpt, b_h, mask=m_dn)
-        o_l = i_t * BLOCK_L + tl.arange(0, BLOCK_L)
+            p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t) * dim * dstate + o_dn3
+            tl.store(p_ckpt, b_h, mask=m_dn3)
+        o_l = i_t * BLOCK_L + o_t
         m_l = o_l < seqlen
-        m_dl = m_d[:, None] & m_l[None, :]
-        o_bdl = o_row[:, None] + o_l[None, :]
-        b_u = tl.load(u_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
-        b_dt = _load_delta(delta_ptr, delta_bias_ptr, o_bdl, o_d, m_d, m_dl, HAS_DELTA_BIAS)
+        m_ld = m_l[:, None] & m_d[None, :]
+        o_ld = o_row[None, :] + o_l[:, None]  # (BLOCK_L, BLOCK_D)
+        b_u = tl.load(u_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
+        b_dt = _load_delta(delta_ptr, delta_bias_ptr, o_ld, o_d, m_d, m_ld, HAS_DELTA_BIAS)
         if DELTA_SOFTPLUS:
             b_dt = _softplus(b_dt)
         # Zero dt past the end: decay 1 and input 0 keep the state unchanged there.
-        b_dt = tl.where(m_dl, b_dt, 0.0)
-        b_B = _load_bc(B_ptr, o_b_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, B_VAR)
-        b_C = _load_bc(C_ptr, o_c_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, C_VAR)
-        b_decay = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])  # (BLOCK_D, BLOCK_N, BLOCK_L)
-        b_inp = (b_dt * b_u)[:, None, :] * b_B
+        b_dt = tl.where(m_ld, b_dt, 0.0)
+        b_B = _load_bc(B_ptr, o_b_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, B_VAR)
+        b_C = _load_bc(C_ptr, o_c_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, C_VAR)
+        b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
+        b_inp = (b_dt * b_u)[None, :, :, None] * b_B
         if IS_VARLEN:
             b_seq = tl.load(seq_idx_ptr + o_l, mask=m_l, other=0)
             b_seq_prev = tl.load(seq_idx_ptr + o_l - 1, mask=m_l & (o_l > 0), other=-1)
-            m_start = (b_seq != b_seq_prev) & m_l
             b_seq_next = tl.load(seq_idx_ptr + o_l + 1, mask=o_l + 1 < seqlen, other=-1)
-            m_end = (b_seq != b_seq_next) & m_l
+            m_start4 = ((b_seq != b_seq_prev) & m_l)[None, :, None, None]
+            m_end4 = ((b_seq != b_seq_next) & m_l)[None, :, None, None]
+            o_seq4 = (b_seq.to(tl.int64) * dim * dstate)[None, :, None, None]
             if HAS_H0:
-                p_h0 = h0_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
-                b_h0 = tl.load(p_h0, mask=m_dn[:, :, None] & m_start[None, None, :], other=0.0)
+                b_h0 = tl.load(h0_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_start4, other=0.0)
                 b_inp += b_decay * b_h0
-            b_decay = tl.where(m_start[None, None, :], 0.0, b_decay)
-        b_acc, b_hs = tl.associative_scan((b_decay, b_inp), axis=2, combine_fn=_affine_combine)
-        b_hs += b_acc * b_h[:, :, None]  # (BLOCK_D, BLOCK_N, BLOCK_L) states after each step
-        b_y = tl.sum(b_hs * b_C, axis=1)  # (BLOCK_D, BLOCK_L)
+            b_decay = tl.where(m_start4, 0.0, b_decay)
+        # The carried state enters through the first step's input.
+        b_inp += tl.where((o_t == 0)[None, :, None, None], b_decay * b_h[:, None, :, :], 0.0)
+        _, b_hs = tl.associative_scan((b_decay, b_inp), axis=1, combine_fn=_affine_combine)
+        b_y = _sum_n(b_hs * b_C)  # (BLOCK_L, BLOCK_D)
         if HAS_D:
-            b_y += b_D[:, None] * b_u
+            b_y += b_D[None, :] * b_u
         if HAS_Z:
-            b_z = tl.load(z_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+            b_z = tl.load(z_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
             b_y *= b_z * tl.sigmoid(b_z)
-        tl.store(out_ptr + o_bdl, b_y.to(out_ptr.dtype.element_ty), mask=m_dl)
-        if IS_VARLEN and STORE_LAST:
-            p_last = last_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
-            tl.store(p_last, b_hs, mask=m_dn[:, :, None] & m_end[None, None, :])
-        m_last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :]
-        b_h = tl.sum(tl.where(m_last, b_hs, 0.0), axis=2)
-    if STORE_LAST and not IS_VARLEN:
-        tl.store(last_ptr + i_b.to(tl.int64) * dim * dstate + o_dn, b_h, mask=m_dn)
+        tl.store(out_ptr + o_ld, b_y.to(out_ptr.dtype.element_ty), mask=m_ld)
+        if IS_VARLEN:
+            tl.store(last_ptr + o_seq4 + o_dn4, b_hs, mask=m_dn4 & m_end4)
+        b_h = tl.sum(tl.where((o_t == BLOCK_L - 1)[None, :, None, None], b_hs, 0.0), axis=1)
+    if not IS_VARLEN:
+        tl.store(last_ptr + o_state, b_h, mask=m_dn3)
 
 
 @triton.jit
@@ -319,7 +343,7 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
@@ -331,132 +355,135 @@ def _selective_scan_bwd_kernel(
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.arange(0, BLOCK_N)
-    m_d, m_n = o_d < dim, o_n < dstate
-    m_dn = m_d[:, None] & m_n[None, :]
+    o_t = tl.arange(0, BLOCK_L)
+    m_d = o_d < dim
+    o_n3 = tl.arange(0, N_IN)[:, None, None] * N_LANES + tl.arange(0, N_LANES)[None, None, :]
+    o_dn3 = o_d[None, :, None] * dstate + o_n3
+    o_dn4 = o_dn3[:, None, :, :]
+    m_n3 = o_n3 < dstate
+    m_dn3 = m_d[None, :, None] & m_n3
+    m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
     i_g = (i_d * BLOCK_D) // group_size
     o_b_row = i_b.to(tl.int64) * stride_b_batch + i_g.to(tl.int64) * stride_b_group
     o_c_row = i_b.to(tl.int64) * stride_c_batch + i_g.to(tl.int64) * stride_c_group
-    o_dn = o_d[:, None] * dstate + o_n[None, :]
-    o_bdn = i_b.to(tl.int64) * dim * dstate + o_dn  # this program's (b, d, n) block of (B, D, N)
-    b_A = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0)
+    o_state = i_b.to(tl.int64) * dim * dstate + o_dn3  # this program's block of a (B, D, N) tensor
+    b_A = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0)
     b_A2 = b_A * 1.4426950408889634
     if HAS_D:
         b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
-    b_g = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    b_g = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     if HAS_DLAST and not IS_VARLEN:
-        b_g = tl.load(dlast_ptr + o_bdn, mask=m_dn, other=0.0)
-    b_dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dB_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    b_dC_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        b_g = tl.load(dlast_ptr + o_state, mask=m_dn3, other=0.0)
+    b_dA_acc = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
+    b_dB_acc = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
+    b_dC_acc = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     b_dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_ddb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    o_part = (i_b.to(tl.int64) * n_dblocks + i_d) * dstate  # row of this program's dB / dC partials
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
-    o_t = tl.arange(0, BLOCK_L)
     for i_rev in range(0, n_tiles):
         i_t = n_tiles - 1 - i_rev
         o_l = i_t * BLOCK_L + o_t
         m_l = o_l < seqlen
-        m_dl = m_d[:, None] & m_l[None, :]
-        o_bdl = o_row[:, None] + o_l[None, :]
-        # The reverse scan needs dt at the next step; the tile's last step takes
-        # the next tile's decay through the carried g instead (decay 1 here).
-        m_next = (o_t < BLOCK_L - 1)[None, :] & (o_l + 1 < seqlen)[None, :] & m_d[:, None]
-        b_u = tl.load(u_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
-        b_dt_raw = _load_delta(delta_ptr, delta_bias_ptr, o_bdl, o_d, m_d, m_dl, HAS_DELTA_BIAS)
-        b_dt_next = _load_delta(delta_ptr, delta_bias_ptr, o_bdl + 1, o_d, m_d, m_next, HAS_DELTA_BIAS)
+        m_ld = m_l[:, None] & m_d[None, :]
+        o_ld = o_row[None, :] + o_l[:, None]
+        # The backward scan needs the decay of the next step; the tile's last step
+        # gets the next tile's decay through the carried g instead (decay 1 here).
+        m_next = ((o_t < BLOCK_L - 1) & (o_l + 1 < seqlen))[:, None] & m_d[None, :]
+        b_u = tl.load(u_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
+        b_dt_raw = _load_delta(delta_ptr, delta_bias_ptr, o_ld, o_d, m_d, m_ld, HAS_DELTA_BIAS)
+        b_dt_next = _load_delta(delta_ptr, delta_bias_ptr, o_ld + 1, o_d, m_d, m_next, HAS_DELTA_BIAS)
         if DELTA_SOFTPLUS:
-            b_dt = tl.where(m_dl, _softplus(b_dt_raw), 0.0)
+            b_dt = tl.where(m_ld, _softplus(b_dt_raw), 0.0)
             b_dt_next = tl.where(m_next, _softplus(b_dt_next), 0.0)
         else:
-            b_dt = tl.where(m_dl, b_dt_raw, 0.0)
+            b_dt = tl.where(m_ld, b_dt_raw, 0.0)
             b_dt_next = tl.where(m_next, b_dt_next, 0.0)
-        b_B = _load_bc(B_ptr, o_b_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, B_VAR)
-        b_C = _load_bc(C_ptr, o_c_row, o_d, o_n, o_l, m_d, m_n, m_l, seqlen, dstate, C_VAR)
+        b_B = _load_bc(B_ptr, o_b_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, B_VAR)
+        b_C = _load_bc(C_ptr, o_c_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, C_VAR)
         # Forward again, from the state checkpointed at the tile start.
-        b_h = tl.load(ckpt_ptr + ((i_b.to(tl.int64) * n_tiles + i_t) * dim) * dstate + o_dn, mask=m_dn, other=0.0)
-        b_decay = tl.exp2(b_dt[:, None, :] * b_A2[:, :, None])
+        b_h = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t) * dim * dstate + o_dn3, mask=m_dn3, other=0.0)
+        b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
         b_dtu = b_dt * b_u
-        b_inp = b_dtu[:, None, :] * b_B
+        b_inp = b_dtu[None, :, :, None] * b_B
         b_inp_scan = b_inp
         b_decay_scan = b_decay
-        b_decay_next = tl.exp2(b_dt_next[:, None, :] * b_A2[:, :, None])
+        b_decay_next = tl.exp2(b_dt_next[None, :, :, None] * b_A2)
         if IS_VARLEN:
             b_seq = tl.load(seq_idx_ptr + o_l, mask=m_l, other=0)
             b_seq_prev = tl.load(seq_idx_ptr + o_l - 1, mask=m_l & (o_l > 0), other=-1)
-            m_start = (b_seq != b_seq_prev) & m_l
             b_seq_next = tl.load(seq_idx_ptr + o_l + 1, mask=o_l + 1 < seqlen, other=-1)
+            m_start4 = ((b_seq != b_seq_prev) & m_l)[None, :, None, None]
             m_end = (b_seq != b_seq_next) & m_l
+            m_end4 = m_end[None, :, None, None]
+            o_seq4 = (b_seq.to(tl.int64) * dim * dstate)[None, :, None, None]
             if HAS_H0:
-                p_h0 = h0_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
-                b_h0 = tl.load(p_h0, mask=m_dn[:, :, None] & m_start[None, None, :], other=0.0)
+                b_h0 = tl.load(h0_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_start4, other=0.0)
                 b_inp_scan += b_decay * b_h0
-            b_decay_scan = tl.where(m_start[None, None, :], 0.0, b_decay)
+            b_decay_scan = tl.where(m_start4, 0.0, b_decay)
             # No gradient flows from a sequence's first step into the previous sequence.
-            b_decay_next = tl.where((m_end & (o_l + 1 < seqlen))[None, None, :], 0.0, b_decay_next)
-        b_acc, b_hs = tl.associative_scan((b_decay_scan, b_inp_scan), axis=2, combine_fn=_affine_combine)
-        b_hs += b_acc * b_h[:, :, None]
-        b_y = tl.sum(b_hs * b_C, axis=1)
-        if HAS_D:
-            b_y += b_D[:, None] * b_u
-        b_dout = tl.load(dout_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+            b_decay_next = tl.where((m_end & (o_l + 1 < seqlen))[None, :, None, None], 0.0, b_decay_next)
+        b_inp_scan += tl.where((o_t == 0)[None, :, None, None], b_decay_scan * b_h[:, None, :, :], 0.0)
+        _, b_hs = tl.associative_scan((b_decay_scan, b_inp_scan), axis=1, combine_fn=_affine_combine)
+        b_dout = tl.load(dout_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
         if HAS_Z:
-            b_z = tl.load(z_ptr + o_bdl, mask=m_dl, other=0.0).to(tl.float32)
+            b_y = _sum_n(b_hs * b_C)
+            if HAS_D:
+                b_y += b_D[None, :] * b_u
+            b_z = tl.load(z_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
             b_sig = tl.sigmoid(b_z)
             b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
-            tl.store(dz_ptr + o_bdl, b_dz.to(dz_ptr.dtype.element_ty), mask=m_dl)
+            tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
             b_dy = b_dout * b_z * b_sig
         else:
             b_dy = b_dout
-        b_du = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+        b_du = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         if HAS_D:
-            b_dD_acc += tl.sum(b_dy * b_u, axis=1)
-            b_du = b_dy * b_D[:, None]
+            b_dD_acc += tl.sum(b_dy * b_u, axis=0)
+            b_du = b_dy * b_D[None, :]
         # Backward scan of the state gradient.
-        b_x = b_C * b_dy[:, None, :]
+        b_x = b_C * b_dy[None, :, :, None]
         if IS_VARLEN and HAS_DLAST:
-            p_dlast = dlast_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
-            b_x += tl.load(p_dlast, mask=m_dn[:, :, None] & m_end[None, None, :], other=0.0)
-        b_racc, b_dh = tl.associative_scan((b_decay_next, b_x), axis=2, combine_fn=_affine_combine, reverse=True)
-        b_dh += b_racc * b_g[:, :, None]  # (BLOCK_D, BLOCK_N, BLOCK_L) d loss / d h_t
+            b_x += tl.load(dlast_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_end4, other=0.0)
+        # The gradient carried from the next tile enters through the last step.
+        b_x += tl.where((o_t == BLOCK_L - 1)[None, :, None, None], b_g[:, None, :, :], 0.0)
+        _, b_dh = tl.associative_scan((b_decay_next, b_x), axis=1, combine_fn=_affine_combine, reverse=True)
         if IS_VARLEN and HAS_H0:
-            p_dh0 = dh0_ptr + (b_seq.to(tl.int64) * dim * dstate)[None, None, :] + o_dn[:, :, None]
-            tl.store(p_dh0, b_decay * b_dh, mask=m_dn[:, :, None] & m_start[None, None, :])
-        m_first = (o_t == 0)[None, None, :]
-        b_g = tl.sum(tl.where(m_first, b_decay_scan * b_dh, 0.0), axis=2)
+            tl.store(dh0_ptr + o_seq4 + o_dn4, b_decay * b_dh, mask=m_dn4 & m_start4)
+        b_g = tl.sum(tl.where((o_t == 0)[None, :, None, None], b_decay_scan * b_dh, 0.0), axis=1)
         # Gradients of the step input dt * u * B and of the log-decay dt * A;
         # decay_t * h_{t-1} = h_t - input_t avoids shifting h by one step.
-        b_dh_B = tl.sum(b_dh * b_B, axis=1)  # (BLOCK_D, BLOCK_L)
+        b_dh_B = _sum_n(b_dh * b_B)  # (BLOCK_L, BLOCK_D)
         b_du += b_dt * b_dh_B
         b_dlogdecay = b_dh * (b_hs - b_inp)
-        b_ddt = b_u * b_dh_B + tl.sum(b_dlogdecay * b_A[:, :, None], axis=1)
-        b_dA_acc += tl.sum(b_dlogdecay * b_dt[:, None, :], axis=2)
+        b_ddt = b_u * b_dh_B + _sum_n(b_dlogdecay * b_A)
+        b_dA_acc += tl.sum(b_dlogdecay * b_dt[None, :, :, None], axis=1)
         if B_VAR:
-            b_dB = tl.sum(b_dh * b_dtu[:, None, :], axis=0)  # (BLOCK_N, BLOCK_L)
-            p_dB = dB_ptr + ((i_b.to(tl.int64) * n_dblocks + i_d) * dstate + o_n[:, None]) * seqlen + o_l[None, :]
-            tl.store(p_dB, b_dB, mask=m_n[:, None] & m_l[None, :])
+            b_dB = tl.sum(b_dh * b_dtu[None, :, :, None], axis=2)  # (N_IN, BLOCK_L, N_LANES)
+            p_dB = dB_ptr + (o_part + o_n3) * seqlen + o_l[None, :, None]
+            tl.store(p_dB, b_dB, mask=m_n3 & m_l[None, :, None])
         else:
-            b_dB_acc += tl.sum(b_dh * b_dtu[:, None, :], axis=2)
+            b_dB_acc += tl.sum(b_dh * b_dtu[None, :, :, None], axis=1)
         if C_VAR:
-            b_dC = tl.sum(b_hs * b_dy[:, None, :], axis=0)
-            p_dC = dC_ptr + ((i_b.to(tl.int64) * n_dblocks + i_d) * dstate + o_n[:, None]) * seqlen + o_l[None, :]
-            tl.store(p_dC, b_dC, mask=m_n[:, None] & m_l[None, :])
+            b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)
+            p_dC = dC_ptr + (o_part + o_n3) * seqlen + o_l[None, :, None]
+            tl.store(p_dC, b_dC, mask=m_n3 & m_l[None, :, None])
         else:
-            b_dC_acc += tl.sum(b_hs * b_dy[:, None, :], axis=2)
+            b_dC_acc += tl.sum(b_hs * b_dy[None, :, :, None], axis=1)
         if DELTA_SOFTPLUS:
             b_ddt = b_ddt * tl.sigmoid(b_dt_raw)
-        b_ddt = tl.where(m_dl, b_ddt, 0.0)
-        b_ddb_acc += tl.sum(b_ddt, axis=1)
-        tl.store(du_ptr + o_bdl, b_du.to(du_ptr.dtype.element_ty), mask=m_dl)
-        tl.store(ddelta_ptr + o_bdl, b_ddt.to(ddelta_ptr.dtype.element_ty), mask=m_dl)
+        b_ddt = tl.where(m_ld, b_ddt, 0.0)
+        b_ddb_acc += tl.sum(b_ddt, axis=0)
+        tl.store(du_ptr + o_ld, b_du.to(du_ptr.dtype.element_ty), mask=m_ld)
+        tl.store(ddelta_ptr + o_ld, b_ddt.to(ddelta_ptr.dtype.element_ty), mask=m_ld)
     if HAS_H0 and not IS_VARLEN:
-        tl.store(dh0_ptr + o_bdn, b_g, mask=m_dn)
-    tl.store(dA_ptr + o_bdn, b_dA_acc, mask=m_dn)
+        tl.store(dh0_ptr + o_state, b_g, mask=m_dn3)
+    tl.store(dA_ptr + o_state, b_dA_acc, mask=m_dn3)
     if not B_VAR:
-        tl.store(dB_ptr + o_bdn, b_dB_acc, mask=m_dn)
+        tl.store(dB_ptr + o_state, b_dB_acc, mask=m_dn3)
     if not C_VAR:
-        tl.store(dC_ptr + o_bdn, b_dC_acc, mask=m_dn)
+        tl.store(dC_ptr + o_state, b_dC_acc, mask=m_dn3)
     if HAS_D:
         tl.store(dD_ptr + i_b.to(tl.int64) * dim + o_d, b_dD_acc, mask=m_d)
     if HAS_DELTA_BIAS:
@@ -469,16 +496,23 @@ def _selective_scan_bwd_kernel(
 
 
 def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
-    """(BLOCK_D, BLOCK_N, BLOCK_L, num_warps). A block of channels must not straddle
-    two groups of B/C, so with groups BLOCK_D divides D / G."""
+    """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps) for the kernels' 4-D blocks.
+
+    N_LANES threads share a channel's state (N_IN entries each); BLOCK_D is chosen
+    so that threads and warps cover BLOCK_D * N_LANES exactly, keeping BLOCK_L in
+    registers. A block of channels must not straddle two groups of B/C, so with
+    groups BLOCK_D also divides D / G (a smaller block stays correct, only slower).
+    The forward that saves checkpoints for the backward uses the backward's BLOCK_L.
+    """
     block_n = max(2, triton.next_power_of_2(dstate))
-    block_l = 16
-    budget = 2048 if backward else 4096  # elements of one (BLOCK_D, BLOCK_N, BLOCK_L) block
-    block_d = max(1, min(16 if backward else 8, budget // (block_n * block_l)))
+    n_lanes = min(block_n, 4 if block_n <= 16 else 8 if block_n <= 64 else 32)
+    n_in = block_n // n_lanes
+    block_l = 8 if n_in <= 4 else 4
+    num_warps = 4
+    block_d = max(1, 32 * num_warps // n_lanes)
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
-    num_warps = 4 if block_d * block_n * block_l <= 2048 else 8
-    return block_d, block_n, block_l, num_warps
+    return block_d, n_in, n_lanes, block_l, num_warps
 
 
 class _Prepared:
@@ -521,7 +555,9 @@ class _Prepared:
 def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
     """Returns out (B, D, L), last_state (num_seqs, D, N) fp32, and the per-tile
     start states (B, L / BLOCK_L, D, N) fp32 for the backward (or None)."""
-    block_d, block_n, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=False)
+    block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=False)
+    if store_ckpt:
+        block_l = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)[3]
     u = p.u
     out = torch.empty_like(u)
     varlen = p.seq_idx is not None
@@ -540,15 +576,15 @@ def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
         p.seqlen, p.dim, p.dstate, p.group_size, *p.bc_strides(),
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=p.initial_state is not None,
-        IS_VARLEN=varlen, STORE_LAST=True, STORE_CKPT=store_ckpt,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps,
+        IS_VARLEN=varlen, STORE_CKPT=store_ckpt,
+        BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
     return out, last, ckpt, block_l
 
 
 def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, dout, dlast):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)."""
-    block_d, block_n, _, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
+    block_d, n_in, n_lanes, _, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
     u = p.u
     n_dblocks = triton.cdiv(p.dim, block_d)
     dout = torch.zeros_like(u) if dout is None else dout.contiguous()
@@ -579,7 +615,7 @@ def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, 
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=num_warps,
+        BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
     dA = dA.sum(0)
     dB = _reduce_bc_grad(dB, p.B_var, p.B_shape)

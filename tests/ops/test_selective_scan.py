@@ -200,3 +200,150 @@ def test_bad_cu_seqlens_batch():
     args = make_inputs(2, 4, 9, 3)
     with pytest.raises(ValueError, match="batch size 1"):
         selective_scan_ref(**args, cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels against the reference (interpreter on CPU, tiny shapes)
+# ---------------------------------------------------------------------------
+
+
+def _rule(out, ref32, reflow, name):
+    # The STYLE.md rule with an atol scaled to the tensor: fp32 outputs (dA, dD, ...)
+    # differ from the reference only by summation order, and a low-precision output
+    # may round to the other neighbour (half an ulp at the largest magnitude).
+    scale = ref32.double().abs().max().item()
+    atol = 2e-5 * scale + 1e-6
+    if out.dtype in (torch.float16, torch.bfloat16):
+        atol += 0.5 * torch.finfo(out.dtype).eps * scale
+    assert_close_rule(out, ref32, reflow, atol=atol, name=name)
+
+
+def assert_close_rule(out, ref_fp32, ref_lowp, *, factor=2.0, atol=1e-5, name="output"):
+    """STYLE.md tolerance rule (same as tests/conftest.py's, which cannot be imported)."""
+    assert torch.isfinite(out.float()).all(), f"{name}: non-finite values"
+    err = (out.double() - ref_fp32.double()).abs().max().item()
+    base = (ref_lowp.double() - ref_fp32.double()).abs().max().item()
+    assert err <= factor * base + atol, f"{name}: max error {err:.3e} > {factor} x {base:.3e} + {atol:.1e}"
+
+
+def _run(backend, args, h0, cu, softplus, dout, dlast, use_out=True):
+    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in args.items()}
+    init = h0.detach().clone().requires_grad_(True) if h0 is not None else None
+    out, last = selective_scan_fn(**leaves, delta_softplus=softplus, return_last_state=True, initial_state=init,
+                                  cu_seqlens=cu, backend=backend)
+    loss = (last * dlast).sum()
+    if use_out:
+        loss = loss + (out.float() * dout).sum()
+    names = list(leaves) + (["initial_state"] if init is not None else [])
+    tensors = list(leaves.values()) + ([init] if init is not None else [])
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    result = {"out": out, "last_state": last}
+    result.update({f"d{n}": (g if g is not None else torch.zeros_like(t)) for n, t, g in zip(names, tensors, grads)})
+    return result
+
+
+def check_kernel(args, h0=None, cu=None, softplus=True, use_out=True, device=DEV):
+    args = {k: v.to(device) for k, v in args.items()}
+    h0 = h0.to(device) if h0 is not None else None
+    cu = cu.to(device) if cu is not None else None
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(args["u"].shape, generator=g).to(device)
+    num_seqs = args["u"].shape[0] if cu is None else cu.numel() - 1
+    dlast = torch.randn(num_seqs, *args["A"].shape, generator=g).to(device)
+    got = _run("triton", args, h0, cu, softplus, dout, dlast, use_out)
+    lowp = _run("torch", args, h0, cu, softplus, dout, dlast, use_out)
+    args32 = {k: (v.float() if v.is_floating_point() else v) for k, v in args.items()}
+    ref = _run("torch", args32, h0, cu, softplus, dout, dlast, use_out)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].dtype == lowp[name].dtype, name
+        _rule(got[name], ref[name], lowp[name], name)
+
+
+@pytest.mark.parametrize(
+    "dtype,bc,seqlen,dstate,dim",
+    [
+        (torch.float32, "var", 7, 4, 4),
+        (torch.float16, "group", 63, 8, 8),
+        (torch.bfloat16, "fixed", 1, 16, 4),
+        (torch.bfloat16, "var", 20, 5, 6),
+    ],
+)
+def test_kernel_matches_ref(dtype, bc, seqlen, dstate, dim):
+    args = make_inputs(2, dim, seqlen, dstate, bc=bc, dtype=dtype)
+    check_kernel(args, h0=torch.randn(2, dim, dstate))
+
+
+def test_kernel_no_options_no_softplus():
+    args = make_inputs(1, 4, 33, 4, bc="var", with_options=False)
+    args["delta"] = args["delta"].abs() * 0.1
+    check_kernel(args, softplus=False)
+
+
+def test_kernel_only_last_state_used():
+    args = make_inputs(2, 4, 10, 4, bc="group")
+    check_kernel(args, h0=torch.randn(2, 4, 4), use_out=False)
+
+
+@pytest.mark.parametrize("with_h0,bc,dtype", [(True, "var", torch.float32), (False, "group", torch.bfloat16)])
+def test_kernel_varlen(with_h0, bc, dtype):
+    lengths = [5, 0, 12, 1, 19]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    args = make_inputs(1, 4, sum(lengths), 4, bc=bc, dtype=dtype)
+    check_kernel(args, h0=torch.randn(len(lengths), 4, 4) if with_h0 else None, cu=cu)
+
+
+def test_kernel_large_state_and_strided_inputs():
+    args = make_inputs(1, 4, 5, 256, bc="var")
+    # A (B, L, D) buffer seen as (B, D, L): the kernel copies what it needs contiguous.
+    args["u"] = args["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not args["u"].is_contiguous()
+    check_kernel(args)
+
+
+# ---------------------------------------------------------------------------
+# GPU: realistic shapes, and mamba_ssm where it is installed
+# ---------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "dtype,bc,batch,dim,seqlen,dstate",
+    [
+        (torch.bfloat16, "var", 2, 256, 2049, 16),
+        (torch.float16, "group", 2, 192, 1000, 16),
+        (torch.float32, "fixed", 1, 64, 777, 64),
+        (torch.bfloat16, "var", 1, 32, 300, 256),
+        (torch.bfloat16, "var", 3, 130, 4100, 4),
+    ],
+)
+def test_kernel_matches_ref_cuda(dtype, bc, batch, dim, seqlen, dstate):
+    args = make_inputs(batch, dim, seqlen, dstate, bc=bc, groups=4, dtype=dtype)
+    check_kernel(args, h0=torch.randn(batch, dim, dstate), device="cuda")
+
+
+@requires_cuda
+def test_kernel_varlen_cuda():
+    lengths = [700, 1, 0, 2048, 333]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    args = make_inputs(1, 256, sum(lengths), 16, bc="group", groups=2, dtype=torch.bfloat16)
+    check_kernel(args, h0=torch.randn(len(lengths), 256, 16), cu=cu, device="cuda")
+
+
+@requires_cuda
+def test_kernel_matches_mamba_ssm_cuda():
+    mamba_ssm = pytest.importorskip("mamba_ssm.ops.selective_scan_interface")
+    args = make_inputs(2, 512, 3000, 16, bc="var", device="cuda", requires_grad=True)
+    out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, backend="triton")
+    grads = torch.autograd.grad(out.sum(), list(args.values()))
+    theirs, their_last = mamba_ssm.selective_scan_fn(*args.values(), delta_softplus=True, return_last_state=True)
+    their_grads = torch.autograd.grad(theirs.sum(), list(args.values()))
+    torch.testing.assert_close(out, theirs, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(last, their_last, rtol=1e-3, atol=1e-3)
+    for name, a, b in zip(args, grads, their_grads):
+        assert rel_err(a, b) < 1e-3, name
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,156 @@
+"""Mamba-1 selective scan: ours (Triton) against mamba_ssm's CUDA selective_scan_fn.
+
+bf16 u / delta / z / B / C (B, C input-dependent (B, N, L)), fp32 A, D, delta_bias,
+delta_softplus=True. Passes: `fwd` (no grad) and `fwdbwd` (forward + backward of
+every input). Limits reported per row:
+  pct_hbm: the minimum HBM traffic (fwd: read u, delta, z, write out; fwdbwd: that
+           plus read u, delta, z, dout and write du, ddelta, dz; bf16) at 3.0 TB/s,
+  pct_exp: one exp per (b, d, l, n) in the forward and one in the backward at 3.9e12/s,
+as a percentage of the measured time (100 = at the limit).
+
+    python benchmarks/bench_selective_scan.py [--quick] [--sweep] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from benchmarks.common import EXP_PER_S, HBM_BYTES_PER_S, save_results, time_ms, try_provider
+
+
+def make_inputs(batch, dim, seqlen, dstate, requires_grad=False, dtype=torch.bfloat16):
+    dev = "cuda"
+    u = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
+    delta = (0.5 * torch.rand(batch, dim, seqlen, device=dev) - 4.0).to(dtype)
+    A = -torch.rand(dim, dstate, device=dev) * 4 - 0.5
+    B = torch.randn(batch, dstate, seqlen, device=dev, dtype=dtype)
+    C = torch.randn(batch, dstate, seqlen, device=dev, dtype=dtype)
+    D = torch.randn(dim, device=dev)
+    z = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
+    delta_bias = torch.rand(dim, device=dev) * 2
+    args = [u, delta, A, B, C, D, z, delta_bias]
+    if requires_grad:
+        for t in args:
+            t.requires_grad_(True)
+    return args
+
+
+def provider_fn(name):
+    if name == "ours":
+        from mamba_pkg.ops.selective_scan import selective_scan_fn
+
+        return lambda *a: selective_scan_fn(*a, delta_softplus=True, backend="triton")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return lambda *a: selective_scan_fn(*a, delta_softplus=True)
+
+
+def bench_case(provider, pass_, batch, dim, seqlen, dstate):
+    fn = provider_fn(provider)
+    if pass_ == "fwd":
+        args = make_inputs(batch, dim, seqlen, dstate)
+
+        def run():
+            with torch.no_grad():
+                return fn(*args)
+    else:
+        args = make_inputs(batch, dim, seqlen, dstate, requires_grad=True)
+        grad = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.bfloat16)
+
+        def run():
+            for t in args:
+                t.grad = None
+            fn(*args).backward(grad)
+    run()
+    return time_ms(run)
+
+
+def limits(pass_, batch, dim, seqlen, dstate):
+    elems = batch * dim * seqlen
+    hbm_bytes = elems * 2 * (4 if pass_ == "fwd" else 11)
+    exps = elems * dstate * (1 if pass_ == "fwd" else 2)
+    return hbm_bytes, hbm_bytes / HBM_BYTES_PER_S * 1e3, exps / EXP_PER_S * 1e3
+
+
+def cases(quick: bool):
+    out = []
+    for L in ([2048, 8192] if quick else [512, 2048, 8192, 32768]):
+        out.append((4, 2048, L, 16))
+    if not quick:
+        for L in (8192, 32768, 131072):
+            out.append((1, 4096, L, 16))
+        for N in (4, 64):
+            out.append((4, 2048, 4096, N))
+        out.append((4, 2048, 4096, 16))
+    return out
+
+
+def sweep():
+    """Time a few kernel shapes at the target cases (B=4, D=2048, N=16)."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    original = ss._block_sizes
+    fwd_cfgs = [(32, 4, 4, 8, 4), (32, 4, 4, 16, 4), (16, 4, 4, 8, 2), (64, 4, 4, 8, 8), (16, 2, 8, 8, 4)]
+    bwd_cfgs = [(32, 4, 4, 8, 4), (16, 4, 4, 8, 2), (64, 4, 4, 8, 8), (64, 4, 4, 8, 4), (16, 2, 8, 8, 4)]
+    for L in (2048, 8192):
+        for cfg in fwd_cfgs:
+            ss._block_sizes = lambda *a, backward, c=cfg: c if not backward else original(*a, backward=backward)
+            ms = try_provider("ours", lambda: bench_case("ours", "fwd", 4, 2048, L, 16))
+            print(f"sweep fwd L={L} cfg={cfg}: {ms}")
+        for cfg in bwd_cfgs:
+            ss._block_sizes = lambda *a, backward, c=cfg: c
+            ms = try_provider("ours", lambda: bench_case("ours", "fwdbwd", 4, 2048, L, 16))
+            print(f"sweep fwdbwd L={L} cfg={cfg}: {ms}")
+    ss._block_sizes = original
+
+
+def profile(seqlen=2048):
+    """Kernel-level breakdown of our fwd+bwd at B=4, D=2048, N=16 (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn = provider_fn("ours")
+    args = make_inputs(4, 2048, seqlen, 16, requires_grad=True)
+    grad = torch.randn(4, 2048, seqlen, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        fn(*args).backward(grad)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn(*args).backward(grad)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.sweep:
+        sweep()
+    if args.profile:
+        profile()
+    rows = []
+    for batch, dim, seqlen, dstate in cases(args.quick):
+        for pass_ in ("fwd", "fwdbwd"):
+            case = f"{pass_} B={batch} D={dim} L={seqlen} N={dstate}"
+            hbm_bytes, hbm_ms, exp_ms = limits(pass_, batch, dim, seqlen, dstate)
+            for provider in ("ours", "mamba_ssm"):
+                ms = try_provider(provider, lambda: bench_case(provider, pass_, batch, dim, seqlen, dstate))
+                torch.cuda.empty_cache()
+                row = {"case": case, "provider": provider, "ms": ms}
+                if ms:
+                    row.update(gbps=round(hbm_bytes / ms / 1e6, 1), pct_hbm=round(100 * hbm_ms / ms, 1),
+                               pct_exp=round(100 * exp_ms / ms, 1), pct_limit=round(100 * max(hbm_ms, exp_ms) / ms, 1))
+                rows.append(row)
+                print(row, flush=True)
+    save_results("bench_selective_scan", rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
