@@ -4,13 +4,17 @@
                   --step x T (one token per step, step kernels)--> sequences (B, L + T)
 
 - Prompts of different lengths come left-padded with ``attention_mask`` (B, L).
-  Rows of equal length are prefilled together, unpadded, and their states copied
-  into the batch cache, so each row decodes exactly as it would alone.
+  Padding never enters a state: the unpadded prompts are prefilled packed in one
+  varlen call (cu_seqlens; each sequence's state lands in its cache row), or, when
+  they do not fit in one chunk, per distinct length in chunks with the states
+  copied into the batch cache. Attention layers take each row's position from
+  ``lengths_per_sample``. So each row decodes exactly as it would alone.
 - Each row stops at its own EOS: after it, the row receives ``pad_token_id``
   (default: the EOS id) and no longer counts; the loop ends when every row is done.
 - ``cg=True`` on CUDA replays a CUDA graph of the one-token step. The graph is
   captured once per (batch size, dtype, device) and kept on the model, together
-  with its cache, for later calls (a longer max_length re-captures).
+  with its cache, for later calls (a longer max_length re-captures);
+  ``free_decode_graphs(model)`` releases them.
 - Scores (``output_scores``) are the model's raw logits for each new position,
   (B, vocab_size), before the sampling filters (as in mamba_ssm).
 """
@@ -281,11 +285,16 @@ def _decode_graph(model, batch, max_seqlen, dtype, vocab_size) -> DecodeGraph:
     return graph
 
 
+def free_decode_graphs(model) -> None:
+    """Drop the CUDA graphs (and their caches) that ``generate(cg=True)`` keeps on ``model``."""
+    model.__dict__.pop("_mamba_pkg_decode_graphs", None)
+
+
 # ---------------------------------------------------------------------------
 # public API
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its outputs could not be fed to a model under autograd later
 def generate(
     model,
     input_ids: torch.Tensor,

@@ -22,16 +22,30 @@ import torch
 Knob = Union[int, float, torch.Tensor]
 
 
-def _per_row(value: Knob, batch: int, name: str, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` as a (B,) tensor on the logits' device; a number is broadcast."""
+def _per_row(
+    value: Knob, batch: int, name: str, logits: torch.Tensor, dtype: torch.dtype, low=None, high=None
+) -> torch.Tensor:
+    """``value`` as a (B,) tensor on the logits' device (a number is broadcast), checked to lie in [low, high].
+
+    A number is checked on the host, so the decode loop never waits for the GPU here.
+    """
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
         if value.shape != (batch,):
             raise ValueError(f"{name}: expected a number or a tensor of shape (B,) = ({batch},), got {tuple(value.shape)}")
+        out_of_range = torch.zeros_like(value, dtype=torch.bool)
+        if low is not None:
+            out_of_range |= value < low
+        if high is not None:
+            out_of_range |= value > high
+        if bool(out_of_range.any()):
+            raise ValueError(f"{name}: every value must lie in [{low}, {high}]")
         return value.to(device=logits.device, dtype=dtype)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a number or a (B,) tensor, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}: must lie in [{low}, {high}], got {value}")
     return torch.full((batch,), value, device=logits.device, dtype=dtype)
 
 
@@ -59,17 +73,21 @@ def apply_repetition_penalty(
     batch, vocab = logits.shape
     if prev_ids.dim() != 2 or prev_ids.shape[0] != batch:
         raise ValueError(f"prev_ids: expected shape (B, T) with B = {batch}, got {tuple(prev_ids.shape)}")
-    penalty_b = _per_row(penalty, batch, "repetition_penalty", logits, torch.float32)
-    if bool((penalty_b <= 0).any()):
-        raise ValueError("repetition_penalty: must be > 0")
+    penalty_b = _per_row(penalty, batch, "repetition_penalty", logits, torch.float32, low=1e-6)
     if prev_ids.shape[1] == 0:
         return logits.clone()
     ids = prev_ids.long()
     if bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"prev_ids: ids must lie in [0, {vocab})")
+    if prev_mask is not None and prev_mask.shape != prev_ids.shape:
+        raise ValueError(f"prev_mask: expected shape {tuple(prev_ids.shape)}, got {tuple(prev_mask.shape)}")
+    return _repetition_penalty(logits, ids, penalty_b, prev_mask)
+
+
+def _repetition_penalty(logits, ids, penalty_b, prev_mask) -> torch.Tensor:
+    """apply_repetition_penalty without the checks (no host sync): ids (B, T) int64 in range."""
+    batch, vocab = logits.shape
     if prev_mask is not None:
-        if prev_mask.shape != prev_ids.shape:
-            raise ValueError(f"prev_mask: expected shape {tuple(prev_ids.shape)}, got {tuple(prev_mask.shape)}")
         # Padding goes to an extra column that is dropped, so it never marks a real token.
         ids = torch.where(prev_mask.bool(), ids, vocab)
     seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
@@ -84,9 +102,7 @@ def apply_repetition_penalty(
 def apply_temperature(logits: torch.Tensor, temperature: Knob) -> torch.Tensor:
     """logits / temperature per row; rows with temperature 0 are left as they are (greedy)."""
     _check_logits(logits)
-    t = _per_row(temperature, logits.shape[0], "temperature", logits, torch.float32)
-    if bool((t < 0).any()):
-        raise ValueError("temperature: must be >= 0")
+    t = _per_row(temperature, logits.shape[0], "temperature", logits, torch.float32, low=0)
     t = torch.where(t == 0, torch.ones_like(t), t)
     return (logits.float() / t[:, None]).to(logits.dtype)
 
@@ -98,9 +114,7 @@ def top_k_filter(logits: torch.Tensor, top_k: Knob) -> torch.Tensor:
     """
     _check_logits(logits)
     batch, vocab = logits.shape
-    k = _per_row(top_k, batch, "top_k", logits, torch.long)
-    if bool((k < 0).any()):
-        raise ValueError("top_k: must be >= 0")
+    k = _per_row(top_k, batch, "top_k", logits, torch.long, low=0)
     k = torch.where(k == 0, torch.full_like(k, vocab), k.clamp(max=vocab))
     sorted_logits = logits.sort(dim=-1, descending=True).values
     kth = sorted_logits.gather(1, (k - 1)[:, None])  # (B, 1): the k-th largest value
@@ -116,9 +130,9 @@ def top_p_filter(logits: torch.Tensor, top_p: Knob) -> torch.Tensor:
     """
     _check_logits(logits)
     p = _per_row(top_p, logits.shape[0], "top_p", logits, torch.float32)
-    active = (p > 0) & (p < 1)
-    if not bool(active.any()):
+    if not isinstance(top_p, torch.Tensor) and not 0 < top_p < 1:
         return logits.clone()
+    active = (p > 0) & (p < 1)
     sorted_logits, order = logits.float().sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -133,9 +147,7 @@ def min_p_filter(logits: torch.Tensor, min_p: Knob) -> torch.Tensor:
     logits (B, V); min_p number or (B,) in [0, 1]; 0 disables the filter for that row.
     """
     _check_logits(logits)
-    m = _per_row(min_p, logits.shape[0], "min_p", logits, torch.float32)
-    if bool(((m < 0) | (m > 1)).any()):
-        raise ValueError("min_p: must be in [0, 1]")
+    m = _per_row(min_p, logits.shape[0], "min_p", logits, torch.float32, low=0, high=1)
     x = logits.float()
     # p_i >= m * p_max  <=>  x_i - x_max >= log(m); log(0) = -inf keeps every row with m = 0.
     threshold = x.max(dim=-1, keepdim=True).values + torch.log(m)[:, None]
@@ -188,18 +200,20 @@ def sample(
     """
     _check_logits(logits)
     batch = logits.shape[0]
-    k = _per_row(top_k, batch, "top_k", logits, torch.long)
-    t = _per_row(temperature, batch, "temperature", logits, torch.float32)
-    greedy_rows = (k == 1) | (t == 0)
     if prev_ids is not None and not _is_one(repetition_penalty):
         logits = apply_repetition_penalty(logits, prev_ids, repetition_penalty, prev_mask)
     greedy_ids = logits.argmax(dim=-1)
-    if bool(greedy_rows.all()):
-        return greedy_ids
+    per_row = isinstance(top_k, torch.Tensor) or isinstance(temperature, torch.Tensor)
+    if not per_row and (top_k == 1 or temperature == 0):
+        return greedy_ids  # decided on the host: no GPU sync in a greedy decode loop
     filtered = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     probs = filtered.float().softmax(dim=-1)
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return torch.where(greedy_rows, greedy_ids, sampled)
+    if not per_row:
+        return sampled
+    k = _per_row(top_k, batch, "top_k", logits, torch.long, low=0)
+    t = _per_row(temperature, batch, "temperature", logits, torch.float32, low=0)
+    return torch.where((k == 1) | (t == 0), greedy_ids, sampled)
 
 
 def _is_one(v: Knob) -> bool:
