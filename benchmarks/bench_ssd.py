@@ -98,15 +98,21 @@ def stage_profile(s):
     lim = (0.0, float("inf"))
     states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16)
     dout = torch.randn_like(x)
-    dstates, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, s["H"], s["P"], Q, bf, tl.bfloat16)
+    dstates, _, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, states, s["H"], s["P"], Q, bf, tl.bfloat16)
     stages = {
         "fwd chunk_state (dt + cumsum + states walk)":
             lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16),
         "fwd chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q, tl.bfloat16),
         "bwd state-gradient walk":
-            lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, s["H"], s["P"], Q, bf, tl.bfloat16),
-        "bwd dC + dx/dB kernels":
+            lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, states, s["H"], s["P"], Q, bf, tl.bfloat16),
+        "bwd C B^T + dC + dx/dB kernels (auto head split)":
             lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16),
+        "bwd C B^T + dC + dx/dB kernels (no head split)":
+            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16,
+                                    head_split=1),
+        "bwd C B^T + dC + dx/dB kernels (head split 4)":
+            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16,
+                                    head_split=4),
     }
     out = {}
     for name, fn in stages.items():
@@ -122,6 +128,8 @@ def main():
     ap.add_argument("--stages", action="store_true", help="also time each of our kernels at L=8192")
     args = ap.parse_args()
     rows = []
+    if args.stages:
+        stage_profile(dict(B=4, H=32, P=64, N=128, G=1, L=8192))
     for s in shapes(args.quick):
         for fwdbwd in (False, True):
             pass_name = "fwdbwd" if fwdbwd else "fwd"
@@ -138,9 +146,7 @@ def main():
                     row["pct_limit"] = max(row["pct_tensor_core"], row["pct_hbm"])
                 rows.append(row)
                 print(f"{case} {provider}: {ms}", flush=True)
-    if args.stages:
-        stage_profile(dict(B=4, H=32, P=64, N=128, G=1, L=8192))
-    save_results("bench_ssd", rows)
+        save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
 
 
 if __name__ == "__main__":

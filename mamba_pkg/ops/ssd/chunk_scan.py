@@ -1,26 +1,34 @@
-"""SSD stage 2: outputs inside each chunk, and the input gradients.
+"""SSD stage 2: C B^T per chunk, the outputs inside each chunk, and the input gradients.
+
+CB[b, c, g] = C_chunk B_chunk^T (Q, Q) fp32 is computed once per chunk and group
+(the lower triangle only) and shared by the H / G heads of the group: with one
+group it would otherwise be recomputed for every head.
 
 Forward, for the rows t of one BLOCK_M block of chunk c and one head h (x (B, L, H, P),
 B/C (B, L, G, N), states from chunk_state.py):
 
-    y_t = exp(cs_t) C_t S_{c-1}^T + sum_{s <= t in chunk} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s
+    y_t = exp(cs_t) C_t S_{c-1}^T + sum_{s <= t in chunk} CB_ts exp(cs_t - cs_s) dt_s x_s
     out_t = (y_t + D x_t) * silu(z_t)
 
-C B^T is computed tile by tile on the fly (never stored), and D and the gate
-are applied before the single store. With a gate, the pre-gate value is also
-stored: the z gradient needs it.
+D and the gate are applied before the single store. With a gate, the pre-gate
+value is also stored: the z gradient needs it.
 
 Backward (dy = dout * silu(z), dS_c the gradient wrt the state leaving chunk c):
 
     dC_t = exp(cs_t) dy_t S_{c-1} + sum_{s <= t} (dy_t . x_s) exp(cs_t - cs_s) dt_s B_s
-    dx_s = dt_s [B_s dS_c^T exp(cs_Q - cs_s) + sum_{t >= s} (C_t . B_s) exp(cs_t - cs_s) dy_t] + D dy_s
+    dx_s = dt_s [B_s dS_c^T exp(cs_Q - cs_s) + sum_{t >= s} CB_ts exp(cs_t - cs_s) dy_t] + D dy_s
     dB_s = dt_s [x_s dS_c exp(cs_Q - cs_s) + sum_{t >= s} (dy_t . x_s) exp(cs_t - cs_s) C_t]
 
-B and C are shared by the H / G heads of a group, so one program owns a block of
-rows of a group and loops over its heads: dB and dC are summed in registers in
-a fixed order (deterministic, no atomics). The decay gradient comes from two
-row sums the kernels also write: rowsum_t = C_t . dC_t (per head) and
-ddt_s = x_s . (dx_s - D dy_s) / dt_s; see combined.py.
+B and C are shared by the heads of a group, so one program owns a block of rows
+of a group and loops over its heads: dB and dC are summed in registers in a
+fixed order (deterministic, no atomics).
+
+The decay gradient needs, per head, sums over the pair terms
+M_ts = (dy_t . x_s) CB_ts exp(cs_t - cs_s) dt_s (s < t; other chunks through the
+states): by row (rowsum_t) and by column (colsum_s). combined.py takes their
+difference and cumulative sums inside each chunk, so the pairs inside a chunk
+are formed from the fp32 products (CB, dy . x), and the diagonal, which cancels
+exactly, is left out of both.
 """
 
 from __future__ import annotations
@@ -41,10 +49,54 @@ def _tile_configs():
 _KEY = ["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
 
 
+@triton.jit
+def _bmm_chunk_kernel(
+    B_ptr, C_ptr, cb_ptr, L, N, G, nchunks,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_s = tl.program_id(1)
+    if i_s > i_t:  # the upper triangle is never read
+        return
+    i_bcg = tl.program_id(2)
+    i_g = i_bcg % G
+    i_c = (i_bcg // G) % nchunks
+    i_b = i_bcg // (G * nchunks)
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_lt = i_c * Q + o_t
+    o_ls = i_c * Q + o_s
+    base = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+    b_C = tl.load(C_ptr + base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                  mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
+    b_B = tl.load(B_ptr + base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                  mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
+    cb = _dot(b_C, tl.trans(b_B), DOT_DTYPE)
+    cb_base = i_bcg.to(tl.int64) * Q * Q
+    tl.store(cb_ptr + cb_base + o_t[:, None] * Q + o_s[None, :], cb)
+
+
+def _bmm_chunk(B, C, Q, dot_dtype):
+    """CB (B, C, G, Q, Q) fp32, lower block triangle filled."""
+    import torch
+
+    batch, L, G, N = B.shape
+    nchunks = triton.cdiv(L, Q)
+    cb = torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=torch.float32)
+    BLOCK_M = _pick_block_m(Q)
+    grid = (Q // BLOCK_M, Q // BLOCK_M, batch * nchunks * G)
+    _bmm_chunk_kernel[grid](B, C, cb, L, N, G, nchunks, *B.stride(), Q=Q, BLOCK_M=BLOCK_M,
+                            BLOCK_N=max(16, triton.next_power_of_2(N)), DOT_DTYPE=dot_dtype, num_warps=4)
+    return cb
+
+
 @triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr,
+    x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr,
     L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -53,11 +105,14 @@ def _chunk_scan_fwd_kernel(
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_bh = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    # Heads vary fastest so that the heads of one chunk run together and share
+    # its C B^T tiles through L2.
+    i_h = tl.program_id(0)
+    i_m = tl.program_id(1)
+    i_bc = tl.program_id(2)
+    i_b = i_bc // nchunks
+    i_c = i_bc % nchunks
+    G = H // heads_per_group
     i_g = i_h // heads_per_group
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -68,18 +123,18 @@ def _chunk_scan_fwd_kernel(
     m_t = o_lt < L
     chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
     cs_t = tl.load(cs_ptr + chunk_off + o_t)
+    cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
 
     x_base = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-    B_base = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     C_base = C_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
 
     b_C = tl.load(C_base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                  mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+                  mask=m_t[:, None] & m_n[None, :], other=0.0)
     # The state entering the chunk: (P, N), read once per row block.
     st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
     b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                  mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+                  mask=m_p[:, None] & m_n[None, :], other=0.0)
     scale_t = tl.exp(cs_t)
     if HAS_SEQ_IDX:
         seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
@@ -93,17 +148,15 @@ def _chunk_scan_fwd_kernel(
         m_s = o_ls < L
         cs_s = tl.load(cs_ptr + chunk_off + o_s)
         dt_s = tl.load(dt_ptr + chunk_off + o_s)
-        b_B = tl.load(B_base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                      mask=m_s[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
         b_xs = tl.load(x_base + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                       mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+                       mask=m_s[:, None] & m_p[None, :], other=0.0)
         keep = o_t[:, None] >= o_s[None, :]
         if HAS_SEQ_IDX:
             seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
             keep = keep & (seq_t[:, None] == seq_s[None, :])
         decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
-        scores = _dot(b_C, tl.trans(b_B), DOT_DTYPE) * decay * dt_s[None, :]
-        acc += _dot(scores, b_xs, DOT_DTYPE)
+        acc += _dot(cb * decay * dt_s[None, :], b_xs, DOT_DTYPE)
 
     m_tp = m_t[:, None] & m_p[None, :]
     x_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
@@ -127,22 +180,25 @@ def _pick_block_m(Q):
 
 
 def _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype):
-    """Launch the forward chunk scan. x, z (B, L, H, P) contiguous; returns (out, y_pre or None)."""
+    """Launch C B^T and the forward chunk scan. x, z (B, L, H, P) contiguous; returns (out, y_pre or None)."""
     import torch
 
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(L, Q)
+    cb = _bmm_chunk(B, C, Q, dot_dtype)
     out = torch.empty_like(x)
-    ypre = torch.empty_like(x) if z is not None else None
+    # fp32: the z gradient is dout * y_pre * silu'(z), and rounding y_pre would add
+    # the storage rounding to it.
+    ypre = torch.empty(x.shape, device=x.device, dtype=torch.float32) if z is not None else None
     BLOCK_M = _pick_block_m(Q)
     BLOCK_P = max(16, triton.next_power_of_2(P))
     BLOCK_N = max(16, triton.next_power_of_2(N))
-    grid = (Q // BLOCK_M, nchunks, batch * H)
+    grid = (H, Q // BLOCK_M, batch * nchunks)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_scan_fwd_kernel[grid](
-        x, z if z is not None else x, B, C, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
+        x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
         ypre if ypre is not None else out,
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
@@ -164,8 +220,8 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
 @triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
-    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dC_ptr, rowsum_ptr,
-    L, H, P, N, heads_per_group, nchunks,
+    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dC_ptr, rowsum_ptr,
+    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
@@ -174,11 +230,14 @@ def _chunk_scan_bwd_dc_kernel(
     DOT_DTYPE: tl.constexpr,
 ):
     i_m = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_bg = tl.program_id(2)
+    i_prog = tl.program_id(1)
     G = H // heads_per_group
-    i_b = i_bg // G
-    i_g = i_bg % G
+    n_split = heads_per_group // heads_per_prog
+    i_split = i_prog % n_split
+    i_bcg = i_prog // n_split
+    i_g = i_bcg % G
+    i_c = (i_bcg // G) % nchunks
+    i_b = i_bcg // (G * nchunks)
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
     m_p = o_p < P
@@ -188,30 +247,32 @@ def _chunk_scan_bwd_dc_kernel(
     m_t = o_lt < L
     m_tp = m_t[:, None] & m_p[None, :]
     m_tn = m_t[:, None] & m_n[None, :]
-    B_base = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
-    C_base = C_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+    group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+    cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
     tn_off = o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    b_C = tl.load(C_base + tn_off, mask=m_tn, other=0.0).to(tl.float32)
+    b_C = tl.load(C_ptr + group_off + tn_off, mask=m_tn, other=0.0).to(tl.float32)
     if HAS_SEQ_IDX:
         seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
         seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
     xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for hh in range(heads_per_group):
-        i_h = i_g * heads_per_group + hh
+    for hh in range(heads_per_prog):
+        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
         chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
         cs_t = tl.load(cs_ptr + chunk_off + o_t)
         dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xt_off, m_tp, HAS_Z)
         st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
         b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                      mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+                      mask=m_p[:, None] & m_n[None, :], other=0.0)
         scale_t = tl.exp(cs_t)
         if HAS_SEQ_IDX:
             scale_t = tl.where(seq_t == seq_prev, scale_t, 0.0)
-        dC_h = _dot(dy, b_S, DOT_DTYPE) * scale_t[:, None]
+        dC_state = _dot(dy, b_S, DOT_DTYPE) * scale_t[:, None]
+        rowsum = tl.sum(dC_state * b_C, axis=1)
+        dC += dC_state
         for j in range(0, i_m + 1):
             o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_ls = i_c * Q + o_s
@@ -219,28 +280,32 @@ def _chunk_scan_bwd_dc_kernel(
             cs_s = tl.load(cs_ptr + chunk_off + o_s)
             dt_s = tl.load(dt_ptr + chunk_off + o_s)
             b_xs = tl.load(x_ptr + head_off + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                           mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-            b_B = tl.load(B_base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                          mask=m_s[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+                           mask=m_s[:, None] & m_p[None, :], other=0.0)
+            b_B = tl.load(B_ptr + group_off + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                          mask=m_s[:, None] & m_n[None, :], other=0.0)
+            cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
             keep = o_t[:, None] >= o_s[None, :]
             if HAS_SEQ_IDX:
                 seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
                 keep = keep & (seq_t[:, None] == seq_s[None, :])
             decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
             w = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay * dt_s[None, :]
-            dC_h += _dot(w, b_B, DOT_DTYPE)
-        tl.store(rowsum_ptr + chunk_off + o_t, tl.sum(dC_h * b_C, axis=1))
-        dC += dC_h
+            dC += _dot(w, b_B, DOT_DTYPE)
+            # The diagonal (s = t) cancels in rowsum - colsum; leave it out of both.
+            rowsum += tl.sum(tl.where(o_t[:, None] > o_s[None, :], w * cb, 0.0), axis=1)
+        tl.store(rowsum_ptr + chunk_off + o_t, rowsum)
 
-    tl.store(dC_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + tn_off, dC.to(dC_ptr.dtype.element_ty), mask=m_tn)
+    # With several programs per group (split heads) each writes its own fp32 partial sum.
+    tl.store(dC_ptr + i_split.to(tl.int64) * split_stride + group_off + tn_off, dC.to(dC_ptr.dtype.element_ty),
+             mask=m_tn)
 
 
 @triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
-    x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, C_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
-    dx_ptr, dz_ptr, dB_ptr, ddt_ptr, dD_ptr,
-    L, H, P, N, heads_per_group, nchunks,
+    x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
+    dx_ptr, dz_ptr, dB_ptr, ddt_ptr, colsum_ptr, colsum_state_ptr, dD_ptr,
+    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
@@ -249,11 +314,14 @@ def _chunk_scan_bwd_dx_kernel(
     DOT_DTYPE: tl.constexpr,
 ):
     i_m = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_bg = tl.program_id(2)
+    i_prog = tl.program_id(1)
     G = H // heads_per_group
-    i_b = i_bg // G
-    i_g = i_bg % G
+    n_split = heads_per_group // heads_per_prog
+    i_split = i_prog % n_split
+    i_bcg = i_prog // n_split
+    i_g = i_bcg % G
+    i_c = (i_bcg // G) % nchunks
+    i_b = i_bcg // (G * nchunks)
     n_mblocks = Q // BLOCK_M
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -264,11 +332,11 @@ def _chunk_scan_bwd_dx_kernel(
     m_s = o_ls < L
     m_sp = m_s[:, None] & m_p[None, :]
     m_sn = m_s[:, None] & m_n[None, :]
-    B_base = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
-    C_base = C_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+    group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+    cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
     sn_off = o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    b_B = tl.load(B_base + sn_off, mask=m_sn, other=0.0).to(tl.float32)
+    b_B = tl.load(B_ptr + group_off + sn_off, mask=m_sn, other=0.0)
     end_scale_mask = m_s
     if HAS_SEQ_IDX:
         seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-1)
@@ -278,20 +346,23 @@ def _chunk_scan_bwd_dx_kernel(
     xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
     dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    for hh in range(heads_per_group):
-        i_h = i_g * heads_per_group + hh
+    for hh in range(heads_per_prog):
+        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
         chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
         cs_s = tl.load(cs_ptr + chunk_off + o_s)
         dt_s = tl.load(dt_ptr + chunk_off + o_s)
         total = tl.load(cs_ptr + chunk_off + Q - 1)
-        b_x = tl.load(x_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+        b_x = tl.load(x_ptr + head_off + xs_off, mask=m_sp, other=0.0)
+        x_f = b_x.to(tl.float32)
         st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
         b_dS = tl.load(dstates_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                       mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+                       mask=m_p[:, None] & m_n[None, :], other=0.0)
         end_scale = tl.where(end_scale_mask, tl.exp(total - cs_s), 0.0)
         dxc = _dot(b_B, tl.trans(b_dS), DOT_DTYPE) * end_scale[:, None]
-        dB_h = _dot(b_x, b_dS, DOT_DTYPE) * end_scale[:, None]
+        colsum_state = tl.sum(x_f * dxc, axis=1) * dt_s
+        dB += _dot(x_f * (end_scale * dt_s)[:, None], b_dS, DOT_DTYPE)
+        col_in = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for j in range(i_m, n_mblocks):
             o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_lt = i_c * Q + o_t
@@ -300,19 +371,21 @@ def _chunk_scan_bwd_dx_kernel(
             dy_t = _load_dy(dout_ptr + head_off, z_ptr + head_off,
                             o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
                             m_t[:, None] & m_p[None, :], HAS_Z)
-            b_Ct = tl.load(C_base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                           mask=m_t[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+            b_Ct = tl.load(C_ptr + group_off + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                           mask=m_t[:, None] & m_n[None, :], other=0.0)
+            cbT = tl.load(cb_base + o_t[None, :] * Q + o_s[:, None])  # (s, t)
             keep = o_t[None, :] >= o_s[:, None]
             if HAS_SEQ_IDX:
                 seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
                 keep = keep & (seq_t[None, :] == seq_s[:, None])
             decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (s, t)
-            cb = _dot(b_B, tl.trans(b_Ct), DOT_DTYPE) * decay
-            dxc += _dot(cb, dy_t, DOT_DTYPE)
+            dxc += _dot(cbT * decay, dy_t, DOT_DTYPE)
             xdy = _dot(b_x, tl.trans(dy_t), DOT_DTYPE) * decay
-            dB_h += _dot(xdy, b_Ct, DOT_DTYPE)
-        tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * b_x, axis=1))
-        dB += dB_h * dt_s[:, None]
+            dB += _dot(xdy * dt_s[:, None], b_Ct, DOT_DTYPE)
+            col_in += tl.sum(tl.where(o_t[None, :] > o_s[:, None], xdy * cbT, 0.0), axis=1)
+        tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
+        tl.store(colsum_ptr + chunk_off + o_s, col_in * dt_s)
+        tl.store(colsum_state_ptr + chunk_off + o_s, colsum_state)
         dy_s = _load_dy(dout_ptr + head_off, z_ptr + head_off, xs_off, m_sp, HAS_Z)
         dx = dxc * dt_s[:, None]
         if HAS_D:
@@ -323,7 +396,7 @@ def _chunk_scan_bwd_dx_kernel(
                 dx += dy_s * tl.load(D_ptr + i_h).to(tl.float32)
             # Partial sums of dy * x per (chunk, row block, head): reduced on the host side.
             dD_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * P
-            tl.store(dD_ptr + dD_off + o_p, tl.sum(dy_s * b_x, axis=0), mask=m_p)
+            tl.store(dD_ptr + dD_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
         tl.store(dx_ptr + head_off + xs_off, dx.to(dx_ptr.dtype.element_ty), mask=m_sp)
         if HAS_Z:
             zz = tl.load(z_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
@@ -333,52 +406,76 @@ def _chunk_scan_bwd_dx_kernel(
             dz = do * yp * sig * (1.0 + zz * (1.0 - sig))
             tl.store(dz_ptr + head_off + xs_off, dz.to(dz_ptr.dtype.element_ty), mask=m_sp)
 
-    tl.store(dB_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + sn_off, dB.to(dB_ptr.dtype.element_ty), mask=m_sn)
+    tl.store(dB_ptr + i_split.to(tl.int64) * split_stride + group_off + sn_off, dB.to(dB_ptr.dtype.element_ty),
+             mask=m_sn)
 
 
-def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, dot_dtype):
-    """Launch the two backward kernels. All (B, L, ...) tensors contiguous.
+def _head_split(heads_per_group, programs, target=1024):
+    """How many programs share the heads of one group: enough programs to fill the GPU,
+    a divisor of heads_per_group (each extra split costs an fp32 dB/dC partial)."""
+    want = max(1, target // max(programs, 1))
+    return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= want)
 
-    Returns dx, dz (or None), dB, dC, rowsum (B, H, C, Q) fp32, ddt (B, H, C, Q) fp32
-    (gradient wrt the processed dt through the input term only), dD (shape of D, fp32) or None.
+
+def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, dot_dtype, head_split=None):
+    """Launch C B^T and the two backward kernels. All (B, L, ...) tensors contiguous.
+
+    Returns dx, dz (or None), dB, dC, then (B, H, C, Q) fp32 pair sums for the decay
+    gradient: rowsum (pairs ending at t: inside the chunk, s < t, plus the entering
+    state), colsum (pairs starting at s inside the chunk, t > s) and colsum_state
+    (pairs from s to later chunks and the final state); then ddt (B, H, C, Q) fp32
+    (gradient wrt the processed dt through the input term only), dD (shape of D,
+    fp32) or None.
     """
     import torch
 
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(L, Q)
+    cb = _bmm_chunk(B, C, Q, dot_dtype)
     BLOCK_M = _pick_block_m(Q)
     n_mblocks = Q // BLOCK_M
     BLOCK_P = max(16, triton.next_power_of_2(P))
     BLOCK_N = max(16, triton.next_power_of_2(N))
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    grid = (n_mblocks, nchunks, batch * G)
+    heads_per_group = H // G
+    n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
+    heads_per_prog = heads_per_group // n_split
+    grid = (n_mblocks, batch * nchunks * G * n_split)
+    split_stride = B.numel()
     common = dict(HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
                   DOT_DTYPE=dot_dtype)
 
-    dC = torch.empty_like(C)
-    rowsum = torch.zeros_like(cs_c)
+    dC = torch.empty_like(C) if n_split == 1 else torch.empty((n_split,) + tuple(C.shape), device=C.device,
+                                                               dtype=torch.float32)
+    rowsum = torch.empty_like(cs_c)
     _chunk_scan_bwd_dc_kernel[grid](
-        x, dout, z if z is not None else dout, B, C, seq_arg, dt_c, cs_c, states, dC, rowsum,
-        L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides, HAS_Z=z is not None, **common,
+        x, dout, z if z is not None else dout, B, C, cb, seq_arg, dt_c, cs_c, states, dC, rowsum,
+        L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, *x.stride(), *B.stride(), *seq_strides,
+        HAS_Z=z is not None, **common,
     )
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else None
-    dB = torch.empty_like(B)
-    ddt = torch.zeros_like(cs_c)
+    dB = torch.empty_like(B) if n_split == 1 else torch.empty_like(dC)
+    ddt = torch.empty_like(cs_c)
+    colsum = torch.empty_like(cs_c)
+    colsum_state = torch.empty_like(cs_c)
     dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
         if D is not None else None
     _chunk_scan_bwd_dx_kernel[grid](
-        x, dout, z if z is not None else dout, ypre if ypre is not None else dout, B, C,
+        x, dout, z if z is not None else dout, ypre if ypre is not None else dout, B, C, cb,
         D if D is not None else cs_c, seq_arg, dt_c, cs_c, dstates,
-        dx, dz if dz is not None else dx, dB, ddt, dD_part if dD_part is not None else ddt,
-        L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
+        dx, dz if dz is not None else dx, dB, ddt, colsum, colsum_state, dD_part if dD_part is not None else ddt,
+        L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None, **common,
     )
+    if n_split > 1:
+        dB = dB.sum(dim=0).to(B.dtype)
+        dC = dC.sum(dim=0).to(C.dtype)
     dD = None
     if D is not None:
         dD = dD_part.sum(dim=(0, 1, 2))  # (H, P)
         if D.dim() == 1:
             dD = dD.sum(dim=-1)
-    return dx, dz, dB, dC, rowsum, ddt, dD
+    return dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD

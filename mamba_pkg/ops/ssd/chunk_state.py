@@ -30,8 +30,8 @@ def _walk_configs():
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w, num_stages=2)
-        for bp, bn, w in ((64, 64, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8))
+        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bp, bn, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 3))
     ]
 
 
@@ -39,9 +39,22 @@ def _walk_configs():
 def _dot(a, b, DOT_DTYPE: tl.constexpr):
     """a @ b with fp32 accumulation; operands in DOT_DTYPE (exact fp32 when that is fp32)."""
     if DOT_DTYPE == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _dot_walk(a, b, DOT_DTYPE: tl.constexpr):
+    """a @ b for the state walks: tf32 operands for low-precision inputs.
+
+    The walks carry the states and their gradients (the initial-state gradient is
+    their output) and are bound by latency, not by matmul throughput.
+    """
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
 @triton.jit
@@ -130,10 +143,11 @@ def _chunk_state_fwd_kernel(
             seq_prev = seq_end
         b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
                       mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        # Matrix operand: kept in its storage dtype, _dot casts it.
         b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                      mask=m_l[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+                      mask=m_l[:, None] & m_n[None, :], other=0.0)
         b_xw = b_x * weight[:, None]
-        state = state * decay + _dot(tl.trans(b_xw), b_B, DOT_DTYPE)
+        state = state * decay + _dot_walk(tl.trans(b_xw), b_B, DOT_DTYPE)
 
     tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
 
@@ -172,8 +186,8 @@ def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
 @triton.autotune(configs=_walk_configs(), key=["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
 @triton.jit
 def _state_grad_bwd_kernel(
-    dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
-    L, H, P, N, heads_per_group, nchunks,
+    dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, ddecay_ptr,
+    L, H, P, N, heads_per_group, nchunks, n_pn_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
@@ -208,6 +222,7 @@ def _state_grad_bwd_kernel(
         c = nchunks - 1 - c_rev
         st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
         tl.store(dstates_ptr + st_off + pn_off, dstate.to(dstates_ptr.dtype.element_ty), mask=m_pn)
+        b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0).to(tl.float32)
         o_l = c * Q + o_q
         m_l = o_l < L
         cs = tl.load(cs_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q + o_q)
@@ -229,15 +244,21 @@ def _state_grad_bwd_kernel(
             zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
             dy = dy * zz * tl.sigmoid(zz)
         b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
-                      mask=m_l[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        dstate = dstate * decay + _dot(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
+                      mask=m_l[:, None] & m_n[None, :], other=0.0)
+        # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the
+        # pairs that cross the whole chunk. Partial over this (P, N) block.
+        ddecay = tl.sum(tl.sum(dstate * b_S, axis=1), axis=0) * decay
+        tl.store(ddecay_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_pn_max + i_pn, ddecay)
+        dstate = dstate * decay + _dot_walk(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
 
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
 
 
-def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, H, P, Q, states_dtype, dot_dtype):
-    """Launch the reverse walk. Returns (dstates (B, C, H, P, N): gradient wrt the state
-    at the end of each chunk, dinit (B, H, P, N) fp32: gradient wrt the initial state)."""
+def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, states, H, P, Q, states_dtype, dot_dtype):
+    """Launch the reverse walk. Returns dstates (B, C, H, P, N): gradient wrt the state
+    at the end of each chunk; dinit (B, H, P, N) fp32: gradient wrt the initial state;
+    ddecay (B, H, C) fp32: gradient wrt each chunk's total log-decay through the
+    state it carries across."""
     import torch
 
     batch, L = dout.shape[:2]
@@ -245,14 +266,16 @@ def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, H, P, Q, states_dtype, dot_
     nchunks = triton.cdiv(L, Q)
     dstates = torch.empty(batch, nchunks, H, P, N, device=dout.device, dtype=states_dtype)
     dinit = torch.empty(batch, H, P, N, device=dout.device, dtype=torch.float32)
+    n_pn_max = triton.cdiv(P, 16) * triton.cdiv(N, 16)  # the smallest block in the autotuning space
+    ddecay = torch.zeros(batch, H, nchunks, n_pn_max, device=dout.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)  # noqa: E731
     seq_arg = seq_idx if seq_idx is not None else cs
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _state_grad_bwd_kernel[grid](
         dout, z if z is not None else dout, C, seq_arg, cs, dfinal if dfinal is not None else dinit,
-        dstates, dinit, L, H, P, N, H // G, nchunks,
+        states, dstates, dinit, ddecay, L, H, P, N, H // G, nchunks, n_pn_max,
         *dout.stride(), *C.stride(), *seq_strides,
         HAS_Z=z is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_DFINAL=dfinal is not None,
         Q=Q, DOT_DTYPE=dot_dtype,
     )
-    return dstates, dinit
+    return dstates, dinit, ddecay.sum(dim=-1)

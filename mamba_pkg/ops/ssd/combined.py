@@ -123,17 +123,6 @@ def _dot_dtype(x):
     return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
 
 
-def _segmented_reverse_cumsum(v, seq_idx):
-    """out[..., k] = sum of v[..., i] for i >= k inside k's run of seq_idx; v (B, H, L), seq_idx (B, L)."""
-    rev = v.flip(-1).cumsum(-1).flip(-1)
-    if seq_idx is None:
-        return rev
-    seq = seq_idx.long().contiguous()
-    run_end = torch.searchsorted(seq, seq, right=True) - 1  # (B, L): last position of each run
-    idx = run_end.unsqueeze(1).expand_as(v)
-    return rev - rev.gather(-1, idx) + v.gather(-1, idx)
-
-
 class SsdChunkScanFn(torch.autograd.Function):
     """Triton SSD: out (B, L, H, P) and final state (B, H, P, N), both differentiable.
 
@@ -154,7 +143,7 @@ class SsdChunkScanFn(torch.autograd.Function):
         states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
                                                      dt_limit, Q, states_dtype, dot_dtype)
         out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, final)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre)
         ctx.options = (Q, dt_softplus, dt_limit, states_dtype, dot_dtype)
         return out, final
 
@@ -164,30 +153,34 @@ class SsdChunkScanFn(torch.autograd.Function):
         from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
         from mamba_pkg.ops.ssd.reference import process_dt
 
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, final = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre = ctx.saved_tensors
         Q, dt_softplus, dt_limit, states_dtype, dot_dtype = ctx.options
         batch, L, H, P = x.shape
         dout = dout.contiguous()
         states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
                                                  dt_limit, Q, states_dtype, dot_dtype)
-        dstates, dinit = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, H, P, Q, states_dtype, dot_dtype)
-        dx, dz, dB, dC, rowsum, ddt, dD = _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states,
-                                                          dstates, Q, dot_dtype)
+        dstates, dinit, ddecay = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, states, H, P, Q, states_dtype,
+                                                 dot_dtype)
+        dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD = _chunk_scan_bwd(
+            x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, dot_dtype)
 
-        # Decay gradient. With cs the running sum of dt*A, the output pairs (t, s)
-        # give d/dcs_t = rowsum_t - dt_t * ddt_t; dA at step k collects it for all
-        # later steps of k's sequence, and the final state adds <dfinal, final>.
+        # Decay gradient, chunk by chunk (B, H, C, Q). A pair term M_ts (s < t)
+        # depends on the decay dt_k A of every step s < k <= t. For step k of chunk c:
+        # pairs inside c with t >= k > s (row sums after k minus column sums after k,
+        # which cancel except for such pairs), pairs from earlier chunks ending at
+        # t >= k (the state rows), pairs from s < k to later chunks (state columns
+        # before k) and pairs crossing all of c (ddecay). Only sums inside one chunk:
+        # a cumulative sum over the whole sequence would cancel away the precision.
+        def rev_cumsum(v):
+            return v.flip(-1).cumsum(-1).flip(-1)
+
+        ddA_c = rev_cumsum(rowsum - colsum) + (colsum_state.cumsum(-1) - colsum_state) + ddecay.unsqueeze(-1)
+
         def flat(v):  # (B, H, C, Q) -> (B, H, L)
             return v.reshape(batch, H, -1)[..., :L]
 
         dt_p = flat(dt_c)
-        dcs = flat(rowsum) - dt_p * flat(ddt)
-        ddA = _segmented_reverse_cumsum(dcs, seq_idx)
-        if dfinal is not None:
-            end_term = (dfinal * final).sum(dim=(-2, -1))  # (B, H)
-            in_last_run = torch.ones(batch, 1, L, device=x.device, dtype=torch.bool) if seq_idx is None else \
-                (seq_idx == seq_idx[:, -1:]).unsqueeze(1)
-            ddA = ddA + end_term.unsqueeze(-1) * in_last_run
+        ddA = flat(ddA_c)
         ddt_p = flat(ddt) + ddA * A.float().view(1, H, 1)
         dA = (ddA * dt_p).sum(dim=(0, 2)).to(A.dtype)
         with torch.enable_grad():

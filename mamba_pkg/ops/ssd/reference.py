@@ -18,7 +18,8 @@ Everything is computed in fp32; outputs come back in x.dtype, states in fp32.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +42,23 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return summed.masked_fill(~lower, float("-inf"))
 
 
-def ssd_minimal(X, A, B, C, block_len: int, initial_states=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _mm(equation, *operands, matmul_dtype=None):
+    """einsum; with matmul_dtype the operands are rounded to it first (fp32 result)."""
+    if matmul_dtype is None:
+        return torch.einsum(equation, *operands)
+    return torch.einsum(equation, *(t.to(matmul_dtype) for t in operands)).float()
+
+
+def ssd_minimal(X, A, B, C, block_len: int, initial_states=None, *, matmul_dtype=None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD algorithm, minimal form.
 
     X: (B, L, H, P) input already scaled by dt; A: (B, L, H) log-decay (dt * A);
     B, C: (B, L, H, N); initial_states: (B, H, P, N) or None. L must be a
     multiple of ``block_len``. Returns Y (B, L, H, P) and the final state
-    (B, H, P, N), in the dtype of X.
+    (B, H, P, N), in the dtype of X. ``matmul_dtype`` (e.g. torch.bfloat16)
+    rounds the operands of the matrix products inside a chunk, as a tensor-core
+    kernel does: the tests use it as the low-precision baseline.
     """
     if X.size(1) % block_len != 0:
         raise ValueError(f"ssd_minimal: L={X.size(1)} must be a multiple of block_len={block_len}")
@@ -57,12 +68,13 @@ def ssd_minimal(X, A, B, C, block_len: int, initial_states=None) -> Tuple[torch.
 
     # 1. Inside each chunk: y_t = sum_{s <= t} (C_t . B_s) exp(A_s+1 + ... + A_t) x_s.
     decay_in = torch.exp(segsum(A))  # (B, H, C, Q, Q)
-    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_in
-    Y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, X)
+    mm = functools.partial(_mm, matmul_dtype=matmul_dtype)
+    scores = mm("bclhn,bcshn->bhcls", C, B) * decay_in
+    Y_diag = mm("bhcls,bcshp->bclhp", scores, X)
 
     # 2. The state each chunk produces on its own (started from zero).
     decay_to_end = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (B, H, C, Q)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
+    chunk_states = mm("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
 
     # 3. Carry states across chunks: a recurrence over C chunks, written as one
     #    decay-weighted sum so that it stays a single einsum.
@@ -76,7 +88,7 @@ def ssd_minimal(X, A, B, C, block_len: int, initial_states=None) -> Tuple[torch.
     states_in, final_state = carried[:, :-1], carried[:, -1]
 
     # 4. What the state entering each chunk contributes to that chunk's outputs.
-    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states_in, torch.exp(A_cumsum))
+    Y_off = mm("bclhn,bchpn,bhcl->bclhp", C, states_in, torch.exp(A_cumsum))
 
     Y = rearrange(Y_diag + Y_off, "b c q h p -> b (c q) h p")
     return Y, final_state
@@ -94,7 +106,7 @@ def process_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))
     return dt
 
 
-def _ssd_segment(x, dt, A, B, C, chunk_size, initial_state):
+def _ssd_segment(x, dt, A, B, C, chunk_size, initial_state, matmul_dtype=None):
     """Run one packed-free stretch: fp32 x (b, l, h, p), dt (b, l, h), B/C (b, l, h, n).
 
     L need not be a multiple of chunk_size: padding with dt = 0 adds steps that
@@ -105,7 +117,7 @@ def _ssd_segment(x, dt, A, B, C, chunk_size, initial_state):
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    y, final = ssd_minimal(x * dt.unsqueeze(-1), dt * A, B, C, chunk_size, initial_state)
+    y, final = ssd_minimal(x * dt.unsqueeze(-1), dt * A, B, C, chunk_size, initial_state, matmul_dtype=matmul_dtype)
     return y[:, :L], final
 
 
@@ -133,8 +145,13 @@ def mamba_chunk_scan_combined_ref(
     dt_limit=(0.0, float("inf")),
     return_final_states=False,
     return_varlen_states=False,
+    *,
+    matmul_dtype=None,
 ):
     """Torch reference of ``mamba_chunk_scan_combined`` (same arguments and returns).
+
+    ``matmul_dtype`` rounds the matrix-product operands inside chunks (see
+    ``ssd_minimal``); None (the default) keeps everything in fp32.
 
     Inputs are assumed valid (the public function checks them). A change of
     ``seq_idx`` between two neighbouring positions starts a new sequence from a
@@ -154,7 +171,7 @@ def mamba_chunk_scan_combined_ref(
 
     varlen_states = None
     if cu_seqlens is None and seq_idx is None:
-        y, final_states = _ssd_segment(x_f, dt_f, A_f, B_f, C_f, chunk_size, initial_states)
+        y, final_states = _ssd_segment(x_f, dt_f, A_f, B_f, C_f, chunk_size, initial_states, matmul_dtype)
     else:
         ys, finals, seq_finals = [], [], []
         for b in range(batch):
@@ -175,7 +192,7 @@ def mamba_chunk_scan_combined_ref(
                     sl = slice(start, end)
                     y_seg, state = _ssd_segment(
                         x_f[b : b + 1, sl], dt_f[b : b + 1, sl], A_f, B_f[b : b + 1, sl], C_f[b : b + 1, sl],
-                        chunk_size, None if init is None else init.unsqueeze(0),
+                        chunk_size, None if init is None else init.unsqueeze(0), matmul_dtype,
                     )
                     row.append(y_seg)
                     state = state[0]
