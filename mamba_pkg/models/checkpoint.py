@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import re
 import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -300,8 +301,9 @@ class _Source:
         except errors.RevisionNotFoundError as exc:
             raise CheckpointNotFoundError(f"{self.describe()}: revision not found") from exc
         except errors.EntryNotFoundError as exc:
-            # A missing file is normal while probing formats; a missing repo is not.
-            if required:
+            # A missing file is normal while probing formats; an unreachable Hub is not.
+            unreachable = isinstance(exc, errors.LocalEntryNotFoundError) and not self.hub_kwargs["local_files_only"]
+            if required or unreachable:
                 raise CheckpointNotFoundError(f"{filename} not found in {self.describe()}: {exc}") from exc
             return None
 
@@ -369,7 +371,10 @@ class _TensorReader:
         from safetensors import safe_open
 
         # safetensors reads straight onto a CUDA device: no host copy of the tensor.
-        target = str(device) if device.type == "cuda" else "cpu"
+        if device.type == "cuda":
+            target = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+        else:
+            target = "cpu"
         try:
             handle = safe_open(path, framework="pt", device=target)
             keys = list(handle.keys())
@@ -383,12 +388,15 @@ class _TensorReader:
         for key, shape, dtype in metas:
             self._add(key, path, shape, dtype, _safetensors_getter(handle, key, path))
 
-    def add_torch(self, path: str) -> None:
-        state_dict = _torch_load(path)
+    def add_torch(self, path: str, device: torch.device) -> None:
+        self.add_state_dict(_torch_load(path, mmap=device.type != "cpu"), path)
+
+    def add_state_dict(self, state_dict: Dict[str, torch.Tensor], where: str, *, copy: bool = False) -> None:
+        """In-memory tensors; ``copy`` clones them on read so the model never aliases the source."""
         for key, value in state_dict.items():
-            self._add(key, path, value.shape, value.dtype, (lambda v=value: v),
-                      data_ptr=(value.untyped_storage().data_ptr() + value.storage_offset() * value.element_size(),
-                                value.numel()))
+            getter = (lambda v=value: v.detach().clone()) if copy else (lambda v=value: v)
+            start = value.untyped_storage().data_ptr() + value.storage_offset() * value.element_size()
+            self._add(key, where, value.shape, value.dtype, getter, data_ptr=(start, value.numel()))
 
     def same_data(self, key_a: str, key_b: str) -> bool:
         """True when two torch-format entries are views of one storage (a tied pair saved once)."""
@@ -433,17 +441,22 @@ def _safetensors_getter(handle, key: str, path: str) -> Callable[[], torch.Tenso
     return get
 
 
-def _torch_load(path: str) -> Dict[str, torch.Tensor]:
-    """torch.load with weights_only=True; the result must be a flat dict of tensors."""
+def _torch_load(path: str, *, mmap: bool) -> Dict[str, torch.Tensor]:
+    """torch.load with weights_only=True; the result must be a flat dict of tensors.
+
+    ``mmap`` (for loads onto an accelerator) reads each tensor from the page cache as it is
+    moved, with no heap copy of the file. CPU loads do not map the file: their parameters
+    would stay views of it, and rewriting the file later would corrupt a live model.
+    """
     import pickle
 
     try:
         try:
-            # mmap: tensors stay in the page cache until moved, no second copy on the heap.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as exc:
-            if "mmap" not in str(exc):
+            if not mmap or "mmap" not in str(exc):
                 raise
+            # Files in the pre-1.6 (non-zip) format cannot be mapped.
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
@@ -453,10 +466,11 @@ def _torch_load(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
-    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: a state dict must map names to tensors; not tensors: "
-                              f"{_names(bad)}")
+        raise CheckpointError(f"{path}: a state dict must map string names to tensors; bad entries "
+                              f"(key (value type)): {_names(bad)}")
     return obj
 
 
@@ -472,7 +486,7 @@ def _open_weights(kind: str, paths: List[str], device: torch.device) -> _TensorR
         if kind == "safetensors":
             reader.add_safetensors(path, device)
         else:
-            reader.add_torch(path)
+            reader.add_torch(path, device)
     return reader
 
 
@@ -667,23 +681,19 @@ def load_pretrained(cls, name_or_path: PathLike, *, revision: Optional[str] = No
     return model.eval()
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 def _parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string such as '5GB', '500MiB', '20KB'."""
+    value = -1
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     elif isinstance(size, str):
-        units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-        text = size.strip().upper()
-        for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-            if text.endswith(unit):
-                try:
-                    value = int(float(text[: -len(unit)]) * factor)
-                except ValueError:
-                    break
-                break
-        else:
-            value = int(text) if text.isdigit() else -1
-    else:
-        value = -1
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        if match and match.group(2).upper() in _SIZE_UNITS:
+            value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
     if value <= 0:
         raise ValueError(f"max_shard_size must be a positive int (bytes) or a string like '5GB', got {size!r}")
     return value
@@ -755,10 +765,9 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, max_shard_siz
         _atomic_write(index_path, lambda tmp: _write_json(tmp, index))
     _atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda tmp: config.to_json_file(tmp))
     stale = [n for n in os.listdir(save_directory)
-             if n not in names and (n == SAFE_WEIGHTS_NAME or n == TORCH_WEIGHTS_NAME
-                                    or n == TORCH_WEIGHTS_INDEX_NAME
+             if n not in names and (n == SAFE_WEIGHTS_NAME
                                     or (n == SAFE_WEIGHTS_INDEX_NAME and len(shards) == 1)
-                                    or (n.startswith("model-") and n.endswith(".safetensors")))]
+                                    or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n))]
     for name in stale:
         os.remove(os.path.join(save_directory, name))
 
@@ -822,9 +831,8 @@ def from_transformers(hf_model: nn.Module, *, cls=None, dtype=None, device=None)
     device = _as_device(device if device is not None or embedding is None else embedding.device)
     dtype = _as_dtype(dtype if dtype is not None or embedding is None else embedding.dtype)
     reader = _TensorReader()
-    for key, value in state_dict.items():
-        # clone: the new model must not alias the transformers model's storage
-        reader._add(key, "transformers model", value.shape, value.dtype, (lambda v=value: v.detach().clone()))
+    # copy: the new model must not alias the transformers model's storage
+    reader.add_state_dict(state_dict, "transformers model", copy=True)
     model = _empty_model(_model_class(cls), config, dtype)
     _assign(model, reader, device, f"{type(hf_model).__name__}")
     return model.eval()
