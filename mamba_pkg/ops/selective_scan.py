@@ -16,7 +16,8 @@ states (B, D, N) fp32. Packed sequences: batch 1 and ``cu_seqlens``
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from mamba_pkg.ops.backend import (
     resolve_backend,
     seq_idx_from_cu_seqlens,
 )
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
 
 MAX_DSTATE = 256
 # Steps per chunk of the reference: the scan inside a chunk is vectorised, the
@@ -231,26 +233,34 @@ def _sum_n(x):
 
 
 @triton.jit
-def _load_delta(delta_ptr, delta_bias_ptr, o_ld, o_d, m_d, m_ld, HAS_DELTA_BIAS: tl.constexpr):
-    """(delta + delta_bias) before the softplus, fp32, (BLOCK_L, BLOCK_D)."""
-    b_dt = tl.load(delta_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        b_dt += tl.load(delta_bias_ptr + o_d, mask=m_d, other=0.0)[None, :]
-    return b_dt
+def _load_ld(ptr, o_row, o_l, m_d, seqlen):
+    """A (BLOCK_L, BLOCK_D) tile of a (B, D, L) tensor, in its own dtype; zero past L."""
+    m_ld = ((o_l >= 0) & (o_l < seqlen))[:, None] & m_d[None, :]
+    return tl.load(ptr + o_row[None, :] + o_l[:, None], mask=m_ld, other=0.0)
 
 
 @triton.jit
-def _load_bc(ptr, o_bc_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, IS_VAR: tl.constexpr):
-    """B or C as an fp32 block: (N_IN, BLOCK_L, 1, N_LANES) if input-dependent,
-    else (N_IN, 1, BLOCK_D, N_LANES). The input-dependent block is loaded 3-D and
-    then expanded: a 4-D load would impose its memory-coalesced layout (threads
-    along L) on the whole scan."""
-    if IS_VAR:
-        p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]  # (N_IN, BLOCK_L, N_LANES)
-        b = tl.load(p, mask=m_n3 & m_l[None, :, None], other=0.0).to(tl.float32)
-        return b[:, :, None, :]
-    else:
-        return tl.load(ptr + o_dn4, mask=m_dn4, other=0.0).to(tl.float32)
+def _load_bc_tile(ptr, o_bc_row, o_n3, o_l, m_n3, seqlen):
+    """An input-dependent B or C tile as (N_IN, BLOCK_L, N_LANES), in its own dtype.
+    Loaded 3-D and expanded by the caller: a 4-D load would impose its
+    memory-coalesced layout (threads along L) on the whole scan."""
+    m_l = (o_l >= 0) & (o_l < seqlen)
+    p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]
+    return tl.load(p, mask=m_n3 & m_l[None, :, None], other=0.0)
+
+
+@triton.jit
+def _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + delta_bias), fp32, zero outside m_ld (decay 1, input 0
+    there, so padding steps leave the state unchanged). Also returns the softplus
+    input for the backward."""
+    b_raw = b_delta.to(tl.float32)
+    if HAS_DELTA_BIAS:
+        b_raw += b_delta_bias[None, :]
+    b_dt = b_raw
+    if DELTA_SOFTPLUS:
+        b_dt = _softplus(b_raw)
+    return tl.where(m_ld, b_dt, 0.0), b_raw
 
 
 @triton.jit
@@ -267,10 +277,10 @@ def _selective_scan_fwd_kernel(
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
     m_d = o_d < dim
-    # State index n = n_in * N_LANES + lane: (N_IN, 1, 1, N_LANES) for 4-D blocks,
-    # (N_IN, 1, N_LANES) for (N_IN, BLOCK_D, N_LANES) states.
+    # State index n = n_in * N_LANES + lane: (N_IN, 1, N_LANES) for (N_IN, BLOCK_D,
+    # N_LANES) states, and with a BLOCK_L axis inserted for 4-D blocks.
     o_n3 = tl.arange(0, N_IN)[:, None, None] * N_LANES + tl.arange(0, N_LANES)[None, None, :]
-    o_dn3 = o_d[None, :, None] * dstate + o_n3  # (N_IN, BLOCK_D, N_LANES) into (D, N)
+    o_dn3 = o_d[None, :, None] * dstate + o_n3  # into (D, N)
     o_dn4 = o_dn3[:, None, :, :]
     m_n3 = o_n3 < dstate
     m_dn3 = m_d[None, :, None] & m_n3
@@ -282,11 +292,25 @@ def _selective_scan_fwd_kernel(
     o_state = i_b.to(tl.int64) * dim * dstate + o_dn3
     # exp(dt * A) = exp2(dt * A * log2(e)): exp2 is the native instruction.
     b_A2 = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0) * 1.4426950408889634
-    if HAS_D:
-        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
+    b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0) if HAS_D else None
+    b_delta_bias = tl.load(delta_bias_ptr + o_d, mask=m_d, other=0.0) if HAS_DELTA_BIAS else None
+    if not B_VAR:
+        b_B = tl.load(B_ptr + o_dn4, mask=m_dn4, other=0.0).to(tl.float32)  # (N_IN, 1, BLOCK_D, N_LANES)
+    if not C_VAR:
+        b_C = tl.load(C_ptr + o_dn4, mask=m_dn4, other=0.0).to(tl.float32)
     b_h = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     if HAS_H0 and not IS_VARLEN:
         b_h = tl.load(h0_ptr + o_state, mask=m_dn3, other=0.0)
+    # Tiles are loaded one iteration ahead so that their memory latency overlaps
+    # the current tile's arithmetic (each program walks L serially).
+    b_u_next = _load_ld(u_ptr, o_row, o_t, m_d, seqlen)
+    b_delta_next = _load_ld(delta_ptr, o_row, o_t, m_d, seqlen)
+    if HAS_Z:
+        b_z_next = _load_ld(z_ptr, o_row, o_t, m_d, seqlen)
+    if B_VAR:
+        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_t, m_n3, seqlen)
+    if C_VAR:
+        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_t, m_n3, seqlen)
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
     for i_t in range(0, n_tiles):
         if STORE_CKPT:
@@ -296,14 +320,20 @@ def _selective_scan_fwd_kernel(
         m_l = o_l < seqlen
         m_ld = m_l[:, None] & m_d[None, :]
         o_ld = o_row[None, :] + o_l[:, None]  # (BLOCK_L, BLOCK_D)
-        b_u = tl.load(u_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
-        b_dt = _load_delta(delta_ptr, delta_bias_ptr, o_ld, o_d, m_d, m_ld, HAS_DELTA_BIAS)
-        if DELTA_SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        # Zero dt past the end: decay 1 and input 0 keep the state unchanged there.
-        b_dt = tl.where(m_ld, b_dt, 0.0)
-        b_B = _load_bc(B_ptr, o_b_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, B_VAR)
-        b_C = _load_bc(C_ptr, o_c_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, C_VAR)
+        b_u = b_u_next.to(tl.float32)
+        b_delta = b_delta_next
+        b_u_next = _load_ld(u_ptr, o_row, o_l + BLOCK_L, m_d, seqlen)
+        b_delta_next = _load_ld(delta_ptr, o_row, o_l + BLOCK_L, m_d, seqlen)
+        if HAS_Z:
+            b_z = b_z_next.to(tl.float32)
+            b_z_next = _load_ld(z_ptr, o_row, o_l + BLOCK_L, m_d, seqlen)
+        if B_VAR:
+            b_B = b_B_next.to(tl.float32)[:, :, None, :]  # (N_IN, BLOCK_L, 1, N_LANES)
+            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l + BLOCK_L, m_n3, seqlen)
+        if C_VAR:
+            b_C = b_C_next.to(tl.float32)[:, :, None, :]
+            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l + BLOCK_L, m_n3, seqlen)
+        b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
         b_inp = (b_dt * b_u)[None, :, :, None] * b_B
         if IS_VARLEN:
@@ -324,7 +354,6 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             b_y += b_D[None, :] * b_u
         if HAS_Z:
-            b_z = tl.load(z_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
             b_y *= b_z * tl.sigmoid(b_z)
         tl.store(out_ptr + o_ld, b_y.to(out_ptr.dtype.element_ty), mask=m_ld)
         if IS_VARLEN:
@@ -370,8 +399,12 @@ def _selective_scan_bwd_kernel(
     o_state = i_b.to(tl.int64) * dim * dstate + o_dn3  # this program's block of a (B, D, N) tensor
     b_A = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0)
     b_A2 = b_A * 1.4426950408889634
-    if HAS_D:
-        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
+    b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0) if HAS_D else None
+    b_delta_bias = tl.load(delta_bias_ptr + o_d, mask=m_d, other=0.0) if HAS_DELTA_BIAS else None
+    if not B_VAR:
+        b_B = tl.load(B_ptr + o_dn4, mask=m_dn4, other=0.0).to(tl.float32)
+    if not C_VAR:
+        b_C = tl.load(C_ptr + o_dn4, mask=m_dn4, other=0.0).to(tl.float32)
     b_g = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     if HAS_DLAST and not IS_VARLEN:
         b_g = tl.load(dlast_ptr + o_state, mask=m_dn3, other=0.0)
@@ -382,28 +415,55 @@ def _selective_scan_bwd_kernel(
     b_ddb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     o_part = (i_b.to(tl.int64) * n_dblocks + i_d) * dstate  # row of this program's dB / dC partials
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
+    # Tiles are loaded one iteration ahead (see the forward kernel). The backward
+    # scan also needs delta one step ahead: a second, shifted tile (cache hits).
+    o_l = (n_tiles - 1) * BLOCK_L + o_t
+    b_u_next = _load_ld(u_ptr, o_row, o_l, m_d, seqlen)
+    b_delta_next = _load_ld(delta_ptr, o_row, o_l, m_d, seqlen)
+    b_delta1_next = _load_ld(delta_ptr, o_row, o_l + 1, m_d, seqlen)
+    b_dout_next = _load_ld(dout_ptr, o_row, o_l, m_d, seqlen)
+    if HAS_Z:
+        b_z_next = _load_ld(z_ptr, o_row, o_l, m_d, seqlen)
+    if B_VAR:
+        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l, m_n3, seqlen)
+    if C_VAR:
+        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l, m_n3, seqlen)
+    b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + n_tiles - 1) * dim * dstate + o_dn3,
+                       mask=m_dn3, other=0.0)
     for i_rev in range(0, n_tiles):
         i_t = n_tiles - 1 - i_rev
         o_l = i_t * BLOCK_L + o_t
         m_l = o_l < seqlen
         m_ld = m_l[:, None] & m_d[None, :]
         o_ld = o_row[None, :] + o_l[:, None]
-        # The backward scan needs the decay of the next step; the tile's last step
-        # gets the next tile's decay through the carried g instead (decay 1 here).
+        o_prev = o_l - BLOCK_L
+        b_u = b_u_next.to(tl.float32)
+        b_delta = b_delta_next
+        b_delta1 = b_delta1_next
+        b_dout = b_dout_next.to(tl.float32)
+        b_h = b_h_next  # state before this tile
+        b_u_next = _load_ld(u_ptr, o_row, o_prev, m_d, seqlen)
+        b_delta_next = _load_ld(delta_ptr, o_row, o_prev, m_d, seqlen)
+        b_delta1_next = _load_ld(delta_ptr, o_row, o_prev + 1, m_d, seqlen)
+        b_dout_next = _load_ld(dout_ptr, o_row, o_prev, m_d, seqlen)
+        i_prev = tl.maximum(i_t - 1, 0)  # at the first tile this reloads it, unused
+        b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_prev) * dim * dstate + o_dn3,
+                           mask=m_dn3, other=0.0)
+        if HAS_Z:
+            b_z = b_z_next.to(tl.float32)
+            b_z_next = _load_ld(z_ptr, o_row, o_prev, m_d, seqlen)
+        if B_VAR:
+            b_B = b_B_next.to(tl.float32)[:, :, None, :]
+            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen)
+        if C_VAR:
+            b_C = b_C_next.to(tl.float32)[:, :, None, :]
+            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen)
+        b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        # The tile's last step takes the next tile's decay through the carried g
+        # instead: decay 1 there (dt 0).
         m_next = ((o_t < BLOCK_L - 1) & (o_l + 1 < seqlen))[:, None] & m_d[None, :]
-        b_u = tl.load(u_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
-        b_dt_raw = _load_delta(delta_ptr, delta_bias_ptr, o_ld, o_d, m_d, m_ld, HAS_DELTA_BIAS)
-        b_dt_next = _load_delta(delta_ptr, delta_bias_ptr, o_ld + 1, o_d, m_d, m_next, HAS_DELTA_BIAS)
-        if DELTA_SOFTPLUS:
-            b_dt = tl.where(m_ld, _softplus(b_dt_raw), 0.0)
-            b_dt_next = tl.where(m_next, _softplus(b_dt_next), 0.0)
-        else:
-            b_dt = tl.where(m_ld, b_dt_raw, 0.0)
-            b_dt_next = tl.where(m_next, b_dt_next, 0.0)
-        b_B = _load_bc(B_ptr, o_b_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, B_VAR)
-        b_C = _load_bc(C_ptr, o_c_row, o_dn4, o_n3, o_l, m_dn4, m_n3, m_l, seqlen, C_VAR)
+        b_dt_next, _ = _delta_tile(b_delta1, b_delta_bias, m_next, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         # Forward again, from the state checkpointed at the tile start.
-        b_h = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t) * dim * dstate + o_dn3, mask=m_dn3, other=0.0)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
         b_dtu = b_dt * b_u
         b_inp = b_dtu[None, :, :, None] * b_B
@@ -426,12 +486,10 @@ def _selective_scan_bwd_kernel(
             b_decay_next = tl.where((m_end & (o_l + 1 < seqlen))[None, :, None, None], 0.0, b_decay_next)
         b_inp_scan += tl.where((o_t == 0)[None, :, None, None], b_decay_scan * b_h[:, None, :, :], 0.0)
         _, b_hs = tl.associative_scan((b_decay_scan, b_inp_scan), axis=1, combine_fn=_affine_combine)
-        b_dout = tl.load(dout_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
         if HAS_Z:
             b_y = _sum_n(b_hs * b_C)
             if HAS_D:
                 b_y += b_D[None, :] * b_u
-            b_z = tl.load(z_ptr + o_ld, mask=m_ld, other=0.0).to(tl.float32)
             b_sig = tl.sigmoid(b_z)
             b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
@@ -697,3 +755,146 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                       (delta_softplus,))
     return (out, last) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------
+# The Mamba-1 inner path: in_proj output -> conv1d -> x_proj -> dt_proj -> scan -> out_proj
+# ---------------------------------------------------------------------------
+
+
+def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                 out_proj_bias, A, B, C):
+    check_tensor("xz", xz, ndim=3, dtype=FLOAT_DTYPES)
+    if xz.shape[1] % 2:
+        raise ValueError(f"xz must have shape (B, 2*D, L) (x and z halves), got {tuple(xz.shape)}")
+    dim = xz.shape[1] // 2
+    check_tensor("conv1d_weight", conv1d_weight, ndim=(2, 3), dtype=FLOAT_DTYPES)
+    if conv1d_weight.dim() == 3 and conv1d_weight.shape[1] != 1:
+        raise ValueError(f"conv1d_weight must have shape (D, W) or (D, 1, W), got {tuple(conv1d_weight.shape)}")
+    check_tensor("conv1d_weight", conv1d_weight.reshape(conv1d_weight.shape[0], -1), shape=(dim, None))
+    check_tensor("conv1d_bias", conv1d_bias, shape=(dim,), optional=True)
+    check_tensor("A", A, shape=(dim, None), dtype=torch.float32)
+    check_tensor("delta_proj_weight", delta_proj_weight, shape=(dim, None), dtype=FLOAT_DTYPES)
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    rows = rank + 2 * dstate if (B is None or C is None) else None
+    check_tensor("x_proj_weight", x_proj_weight, shape=(rows, dim), dtype=FLOAT_DTYPES)
+    check_tensor("out_proj_weight", out_proj_weight, shape=(None, dim), dtype=FLOAT_DTYPES)
+    check_tensor("out_proj_bias", out_proj_bias, shape=(out_proj_weight.shape[0],), optional=True)
+
+
+def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend):
+    """Everything before out_proj; returns the gated scan output y (B, D, L)."""
+    seqlen = xz.shape[-1]
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    x, z = xz.chunk(2, dim=1)
+    weight = rearrange(conv1d_weight, "d 1 w -> d w") if conv1d_weight.dim() == 3 else conv1d_weight
+    if backend == "torch":
+        x = causal_conv1d_ref(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
+    else:
+        x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens, backend=backend)
+    x_dbl = F.linear(rearrange(x, "b d l -> (b l) d"), x_proj_weight)  # (B*L, R + 2N)
+    delta = rearrange(delta_proj_weight @ x_dbl[:, :rank].t(), "d (b l) -> b d l", l=seqlen)
+    if B is None:
+        B = x_dbl[:, rank:rank + dstate]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        B = rearrange(B, "(b l) n -> b n l", l=seqlen).contiguous()
+    if C is None:
+        C = x_dbl[:, -dstate:]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        C = rearrange(C, "(b l) n -> b n l", l=seqlen).contiguous()
+    scan = selective_scan_ref if backend == "torch" else functools.partial(selective_scan_fn, backend=backend)
+    return scan(x, delta.to(x.dtype), A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens=cu_seqlens)
+
+
+class MambaInnerFn(torch.autograd.Function):
+    """Saves only the inputs; the backward recomputes conv1d, the projections and
+    the scan forward (which, unlike mamba_ssm, also avoids keeping the scan output
+    for out_proj's weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, options):
+        delta_softplus, cu_seqlens, backend = options
+        inputs = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                  B_proj_bias, C_proj_bias)
+        y = _inner_scan(*inputs, delta_softplus, cu_seqlens, backend)
+        out = F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
+        ctx.save_for_backward(*inputs, out_proj_weight, out_proj_bias)
+        ctx.options = options
+        ctx.autocast = (torch.is_autocast_enabled(xz.device.type), torch.get_autocast_dtype(xz.device.type))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        *inputs, out_proj_weight, out_proj_bias = ctx.saved_tensors
+        delta_softplus, cu_seqlens, backend = ctx.options
+        leaves = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(inputs, ctx.needs_input_grad[:5] + ctx.needs_input_grad[7:14])]
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
+            y = _inner_scan(*leaves, delta_softplus, cu_seqlens, backend)
+        y_bld = rearrange(y.detach(), "b d l -> b l d")
+        dout = dout.to(y.dtype)
+        dy = rearrange(dout @ out_proj_weight.to(dout.dtype), "b l d -> b d l")
+        d_out_proj_weight = rearrange(dout, "b l e -> e (b l)") @ rearrange(y_bld, "b l d -> (b l) d")
+        d_out_proj_bias = dout.sum(dim=(0, 1)) if out_proj_bias is not None else None
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
+        dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        d_out_proj_weight = d_out_proj_weight.to(out_proj_weight.dtype)
+        if d_out_proj_bias is not None:
+            d_out_proj_bias = d_out_proj_bias.to(out_proj_bias.dtype)
+        return (*dinputs[:5], d_out_proj_weight, d_out_proj_bias, *dinputs[5:], None)
+
+
+def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
+                    C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None):
+    """Torch reference of :func:`mamba_inner_fn` (plain autograd; checkpoint_lvl has
+    no effect on the result)."""
+    _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                 out_proj_bias, A, B, C)
+    y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                    B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, "torch")
+    return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
+                   C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None, backend=None):
+    """The Mamba-1 block's inner path, fused for training memory.
+
+    Args:
+        xz: (B, 2*D, L) in_proj output, x and z halves.
+        conv1d_weight: (D, W) or (D, 1, W); conv1d_bias: (D,) or None.
+        x_proj_weight: (R + 2*N, D), rows [dt (R); B (N); C (N)].
+        delta_proj_weight: (D, R).
+        out_proj_weight: (d_model, D); out_proj_bias: (d_model,) or None.
+        A: (D, N) fp32. B, C: None (taken from x_proj) or as in :func:`selective_scan_fn`.
+        D, delta_bias: (D,) fp32 or None. B_proj_bias, C_proj_bias: (N,) or None.
+        delta_softplus: softplus on dt (+ delta_bias).
+        checkpoint_lvl: 0 keeps every intermediate for the backward (plain autograd);
+            1 (default) keeps only the inputs and recomputes conv1d, x_proj, dt_proj and
+            the scan forward in the backward.
+        cu_seqlens: (num_seqs + 1,) packed-sequence boundaries (B must be 1); conv and
+            scan both restart at every boundary.
+        backend: "torch" | "triton" | None.
+
+    Returns:
+        (B, L, d_model) in the dtype of xz (or the autocast dtype).
+    """
+    _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                 out_proj_bias, A, B, C)
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl}")
+    which = resolve_backend(backend, xz, conv1d_weight, A)
+    if which == "torch" or checkpoint_lvl == 0 or not torch.is_grad_enabled():
+        y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                        B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, which)
+        return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
+    return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                              out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
+                              (delta_softplus, cu_seqlens, which))

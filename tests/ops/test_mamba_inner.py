@@ -1,0 +1,152 @@
+"""mamba_inner_fn (conv1d -> x_proj -> dt_proj -> selective scan -> out_proj) against
+mamba_inner_ref, forward and every gradient; recompute levels; packed sequences;
+bad input; on CUDA realistic shapes and activation memory against mamba_ssm."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_pkg.ops.selective_scan import mamba_inner_fn, mamba_inner_ref
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_params(batch, dim, seqlen, dstate=4, rank=2, d_model=6, width=4, device="cpu", dtype=torch.float32,
+                conv_3d=False):
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    conv_w = rnd(dim, width, scale=0.5)
+    p = dict(
+        xz=rnd(batch, 2 * dim, seqlen).to(dtype),
+        conv1d_weight=(conv_w[:, None, :] if conv_3d else conv_w).to(dtype),
+        conv1d_bias=rnd(dim, scale=0.1).to(dtype),
+        x_proj_weight=rnd(rank + 2 * dstate, dim, scale=dim ** -0.5).to(dtype),
+        delta_proj_weight=rnd(dim, rank, scale=rank ** -0.5).to(dtype),
+        out_proj_weight=rnd(d_model, dim, scale=dim ** -0.5).to(dtype),
+        out_proj_bias=rnd(d_model, scale=0.1).to(dtype),
+        A=-torch.exp(rnd(dim, dstate, scale=0.5)),
+        D=rnd(dim),
+        delta_bias=rnd(dim, scale=0.3) - 1.0,
+    )
+    return p
+
+
+def _grads(fn, params, dout, **kw):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    out = fn(**leaves, **kw)
+    grads = torch.autograd.grad((out.float() * dout).sum(), list(leaves.values()))
+    return out, dict(zip(leaves, grads))
+
+
+def _check(params, device, **kw):
+    params = {k: v.to(device) for k, v in params.items()}
+    out_ref = mamba_inner_ref(**params, cu_seqlens=kw.get("cu_seqlens"))
+    dout = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    out, grads = _grads(mamba_inner_fn, params, dout, backend="triton", **kw)
+    ref, ref_grads = _grads(mamba_inner_ref, params, dout, cu_seqlens=kw.get("cu_seqlens"))
+    tol = dict(rtol=1e-4, atol=1e-4) if params["xz"].dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads[name] / scale, ref_grads[name] / scale, **tol,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("checkpoint_lvl", [0, 1])
+def test_inner_kernel_matches_ref(checkpoint_lvl):
+    _check(make_params(2, 4, 7, conv_3d=checkpoint_lvl == 1), "cpu", checkpoint_lvl=checkpoint_lvl)
+
+
+def test_inner_varlen_equals_per_sequence():
+    lengths = [3, 6, 1]
+    cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
+    params = make_params(1, 4, sum(lengths))
+    out = mamba_inner_ref(**params, cu_seqlens=cu)
+    for i in range(len(lengths)):
+        lo, hi = cu[i].item(), cu[i + 1].item()
+        part = dict(params, xz=params["xz"][..., lo:hi])
+        torch.testing.assert_close(out[:, lo:hi], mamba_inner_ref(**part), rtol=1e-5, atol=1e-5)
+
+
+def test_inner_varlen_kernel():
+    cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
+    _check(make_params(1, 4, 10), "cpu", cu_seqlens=cu)
+
+
+def test_inner_ref_matches_unfused_composition():
+    p = make_params(2, 4, 9)
+    x, z = p["xz"].chunk(2, dim=1)
+    xc = F.silu(F.conv1d(x, p["conv1d_weight"][:, None, :], p["conv1d_bias"], padding=3, groups=4)[..., :9])
+    x_dbl = torch.einsum("bdl,rd->blr", xc, p["x_proj_weight"])
+    delta = torch.einsum("blr,dr->bdl", x_dbl[..., :2], p["delta_proj_weight"])
+    B, C = x_dbl[..., 2:6].transpose(1, 2), x_dbl[..., 6:].transpose(1, 2)
+    dt = F.softplus(delta + p["delta_bias"][:, None])
+    h = torch.zeros(2, 4, 4)
+    ys = []
+    for t in range(9):
+        h = torch.exp(dt[:, :, t, None] * p["A"]) * h + (dt[:, :, t] * xc[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = (torch.stack(ys, -1) + p["D"][:, None] * xc) * F.silu(z)
+    want = y.transpose(1, 2) @ p["out_proj_weight"].t() + p["out_proj_bias"]
+    torch.testing.assert_close(mamba_inner_ref(**p), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(xz=torch.randn(2, 7, 9)), ValueError, r"xz must have shape \(B, 2\*D, L\)"),
+        (dict(conv1d_weight=torch.randn(4, 2, 4)), ValueError, "conv1d_weight must have shape"),
+        (dict(x_proj_weight=torch.randn(9, 4)), ValueError, r"x_proj_weight must have shape \(10, 4\)"),
+        (dict(delta_proj_weight=torch.randn(5, 2)), ValueError, "delta_proj_weight must have shape"),
+        (dict(out_proj_weight=torch.randn(6, 5)), ValueError, "out_proj_weight must have shape"),
+        (dict(A=torch.randn(4, 4, dtype=torch.float64)), TypeError, "A must have dtype float32"),
+        (dict(checkpoint_lvl=2), ValueError, "checkpoint_lvl"),
+    ],
+)
+def test_inner_bad_input(change, exc, match):
+    p = make_params(2, 4, 9)
+    p.update(change)
+    with pytest.raises(exc, match=match):
+        mamba_inner_fn(**p, backend="torch")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inner_matches_ref_cuda(dtype):
+    _check(make_params(2, 256, 1000, dstate=16, rank=16, d_model=128, dtype=dtype), "cuda", checkpoint_lvl=1)
+
+
+@requires_cuda
+def test_inner_activation_memory_cuda():
+    """checkpoint_lvl=1 keeps less for the backward than lvl 0 and than mamba_ssm."""
+    p = make_params(2, 1024, 2048, dstate=16, rank=32, d_model=512, dtype=torch.bfloat16, device="cuda")
+    for t in p.values():
+        t.requires_grad_(True)
+
+    def saved_bytes(fn, **kw):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        out = fn(**p, **kw)
+        torch.cuda.synchronize()
+        used = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+        out.float().sum().backward()
+        return used
+
+    ours = saved_bytes(mamba_inner_fn, checkpoint_lvl=1)
+    plain = saved_bytes(mamba_inner_fn, checkpoint_lvl=0)
+    assert ours < plain
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as theirs
+    except ImportError:
+        return
+    args = dict(p)
+    args["conv1d_weight"] = args["conv1d_weight"][:, None, :]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = theirs(**args)
+    theirs_bytes = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    assert ours < theirs_bytes
