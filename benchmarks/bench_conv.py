@@ -81,7 +81,7 @@ def main_rows():
 
 
 def sweep():
-    """Tile shapes for each layout, and gather vs recompute in the backward pass."""
+    """Tile shapes for each layout, and the two ways the backward pass shifts dy."""
     rows = []
     fwd_configs = [(4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8)]
     cl_configs = [(64, 64, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8)]
@@ -92,11 +92,11 @@ def sweep():
             ms = try_provider(str(cfg), lambda: time_ms(
                 lambda: conv._causal_conv1d_fwd(x, w, b, None, None, None, True, config=cfg), 25, 100))
             rows.append({"case": f"fwd L=8192 layout={layout}", "provider": f"ours{cfg}", "ms": ms})
-            for gather in (True, False):
+            for variant in ("scratch", "recompute"):
                 ms = try_provider(str(cfg), lambda: time_ms(
-                    lambda: conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, gather=gather),
+                    lambda: conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, variant=variant),
                     25, 100))
-                rows.append({"case": f"bwd L=8192 layout={layout} gather={gather}", "provider": f"ours{cfg}",
+                rows.append({"case": f"bwd L=8192 layout={layout} {variant}", "provider": f"ours{cfg}",
                              "ms": ms})
     for r in rows:
         print(f"{r['case']:45s} {r['provider']:22s} {r['ms']}")

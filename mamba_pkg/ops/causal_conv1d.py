@@ -154,20 +154,30 @@ def _into_final_states_out(final, final_states_out):
 
 
 # ---------------------------------------------------------------------------
-# Triton kernels. A program owns a (BLOCK_D, BLOCK_L) tile of one row; every
+# Triton kernels. A tile is (BLOCK_D channels, BLOCK_L positions) of one row; every
 # stride is passed, so one kernel serves (B, D, L)-contiguous and channel-last x
-# (Triton specialises a stride of 1 and coalesces along that axis). The W taps are
-# W shifted loads of the same tile: the overlap hits L1/L2, HBM sees x once.
+# (Triton specialises a stride of 1 and vectorises along that axis). The W taps are
+# W shifted loads of the same tile: the overlap hits L1, HBM sees x once. Tiles away
+# from the edges (and without packing) take an unmasked path: there, masks and their
+# address arithmetic would cost more issue slots than the loads themselves.
 # ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(v):
+    return tl.fdiv(1.0, 1.0 + tl.exp(-v), ieee_rounding=False)
 
 
 @triton.jit
 def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
               stride_x_l, stride_i_b, stride_i_d, stride_i_w,
-              W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, INIT_PER_SEQ: tl.constexpr):
+              W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, INIT_PER_SEQ: tl.constexpr,
+              MASKED: tl.constexpr):
     """fp32 (BLOCK_D, BLOCK_L) tile of the inputs at positions o_l + q_shift (q_shift <= 0),
     zero where the input is outside the output position's sequence."""
     q = o_l + q_shift
+    if not MASKED:
+        return tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l).to(tl.float32)
     m_q = m_l & (q >= b_start)
     b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l, mask=m_d[:, None] & m_q[None, :], other=0.0)
     b_x = b_x.to(tl.float32)
@@ -187,6 +197,60 @@ def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
 
 
 @triton.jit
+def _conv_pre(p_x, w_ptr, b_bias, p_init, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+              stride_x_l, stride_i_b, stride_i_d, stride_i_w,
+              W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+              INIT_PER_SEQ: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pre-activation sum_k w[k] * in[t - (W-1) + k] (+ bias) at positions o_l, fp32."""
+    m_l = o_l < L
+    if HAS_SEQ:
+        b_start = tl.load(start_ptr + i_b.to(tl.int64) * L + o_l, mask=m_l, other=0)
+    else:
+        b_start = tl.zeros_like(o_l)
+    if INIT_PER_SEQ:
+        b_row = tl.load(row_ptr + o_l, mask=m_l, other=0)
+    else:
+        b_row = b_start
+    pre = tl.zeros([BLOCK_D, o_l.shape[0]], dtype=tl.float32)
+    for k in tl.static_range(W):
+        b_x = _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
+                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED)
+        if MASKED:
+            b_w = tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)
+        else:
+            b_w = tl.load(w_ptr + o_d * W + k).to(tl.float32)
+        pre += b_w[:, None] * b_x
+    if HAS_BIAS:
+        pre += b_bias[:, None]
+    return pre
+
+
+@triton.jit
+def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+                   stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
+                   stride_i_b, stride_i_d, stride_i_w,
+                   W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, MASKED: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    o_d = d0 + tl.arange(0, BLOCK_D)
+    o_l = l0 + tl.arange(0, BLOCK_L)
+    m_d = o_d < D
+    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
+    b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    acc = _conv_pre(p_x, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+                    stride_x_l, stride_i_b, stride_i_d, stride_i_w,
+                    W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
+    if SILU:
+        acc = acc * _sigmoid(acc)
+    p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
+           + o_l.to(tl.int64)[None, :] * stride_o_l)
+    if MASKED:
+        tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_d[:, None] & (o_l < L)[None, :])
+    else:
+        tl.store(p_o, acc.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _causal_conv1d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr,
     L, D,
@@ -197,40 +261,30 @@ def _causal_conv1d_fwd_kernel(
     INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    m_d, m_l = o_d < D, o_l < L
-    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
+    l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
+    args = (x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
+            stride_i_b, stride_i_d, stride_i_w)
+    consts = (W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU)
+    interior = (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= D)
     if HAS_SEQ:
-        b_start = tl.load(start_ptr + i_b.to(tl.int64) * L + o_l, mask=m_l, other=0)
+        _conv_fwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L)
+    elif interior:
+        _conv_fwd_tile(*args, *consts, False, BLOCK_D, BLOCK_L)
     else:
-        b_start = tl.zeros([BLOCK_L], dtype=tl.int32)
-    if INIT_PER_SEQ:
-        b_row = tl.load(row_ptr + o_l, mask=m_l, other=0)
-    else:
-        b_row = b_start
-    acc = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-    for k in tl.static_range(W):
-        b_x = _load_tap(p_x, init_ptr, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
-                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ)
-        b_w = tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)
-        acc += b_w[:, None] * b_x
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-    if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))
-    p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
-           + o_l.to(tl.int64)[None, :] * stride_o_l)
-    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_d[:, None] & m_l[None, :])
+        _conv_fwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L)
 
 
 # Tile shapes (BLOCK_D, BLOCK_L, num_warps), chosen by measurement on an H100
 # (benchmarks/bench_conv.py --sweep); the layout decides which axis is contiguous.
-FWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
+FWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
 BWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
-# dy at the W-1 positions after each position: shuffle it inside the tile (tl.gather,
-# tiles overlap by W-1) instead of recomputing it W times from x.
-BWD_SHIFT_BY_GATHER = True
+# Backward programs per SM (a persistent grid: each program reuses one scratch tile).
+BWD_PROGRAMS_PER_SM = 8
+# How the backward pass gets dy at the W-1 positions after each position: "scratch"
+# stores the tile's dy once to a per-program scratch tile (L1/L2-resident) and reads it
+# back shifted; "recompute" rebuilds it from x (W times the taps and sigmoids).
+BWD_DY_SHIFT = "scratch"
 
 
 def _layout(x):
@@ -240,7 +294,7 @@ def _layout(x):
 def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, config=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
-    out = torch.empty_like(x)  # same strides as x: channel-last in, channel-last out
+    out = torch.empty_like(x)  # same strides as a dense x: channel-last in, channel-last out
     block_d, block_l, warps = config or FWD_CONFIG[_layout(x)]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     grid = (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
@@ -254,138 +308,179 @@ def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, conf
 
 
 @triton.jit
+def _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+             stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
+             W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+             INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dy = dout * act'(pre) at positions o_l (zero past L), fp32."""
+    p = p_do + o_l.to(tl.int64)[None, :] * stride_do_l
+    if MASKED:
+        dy = tl.load(p, mask=m_d[:, None] & (o_l < L)[None, :], other=0.0).to(tl.float32)
+    else:
+        dy = tl.load(p).to(tl.float32)
+    if SILU:
+        pre = _conv_pre(p_x, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+                        stride_x_l, stride_i_b, stride_i_d, stride_i_w,
+                        W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
+        sig = _sigmoid(pre)
+        dy = dy * sig * (1.0 + pre * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+                   p_scratch, i_b, i_l, d0, L, D, n_l_tiles,
+                   stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
+                   stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
+                   stride_sc_d, stride_sc_l,
+                   W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, SCRATCH: tl.constexpr, MASKED: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr):
+    """dx[p] = sum_s w[W-1-s] dy[p+s] and dw[W-1-s] += sum_p x[p] dy[p+s] over the tile's p,
+    counting dy[p+s] only if p is in the sequence of p+s. dbias += sum_p dy[p]."""
+    o_t = tl.arange(0, BLOCK_L)
+    o_l = i_l * BLOCK_L + o_t
+    o_d = d0 + tl.arange(0, BLOCK_D)
+    m_d, m_l = o_d < D, o_l < L
+    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
+    p_do = dout_ptr + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[:, None] * stride_do_d
+    b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    consts = (W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
+    dy0 = _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+                   stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w, *consts)
+    if SCRATCH:
+        # dy at the HALO positions after the tile, then the whole (BLOCK_D, BLOCK_L + HALO)
+        # strip goes to this program's scratch tile, to be read back shifted.
+        o_h = i_l * BLOCK_L + BLOCK_L + tl.arange(0, HALO)
+        dy_h = _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_h, m_d, L,
+                        stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w, *consts)
+        p_sc = p_scratch + tl.arange(0, BLOCK_D)[:, None] * stride_sc_d
+        tl.store(p_sc + o_t[None, :] * stride_sc_l, dy0)
+        tl.store(p_sc + (BLOCK_L + tl.arange(0, HALO))[None, :] * stride_sc_l, dy_h)
+        tl.debug_barrier()
+    if MASKED:
+        x_own = tl.load(p_x + o_l.to(tl.int64)[None, :] * stride_x_l, mask=m_d[:, None] & m_l[None, :],
+                        other=0.0).to(tl.float32)
+    else:
+        x_own = tl.load(p_x + o_l.to(tl.int64)[None, :] * stride_x_l).to(tl.float32)
+    dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
+    p_part = (i_b.to(tl.int64) * n_l_tiles + i_l) * D + o_d
+    for s in tl.static_range(W):
+        if s == 0:
+            dy_s = dy0
+        elif SCRATCH:
+            dy_s = tl.load(p_sc + (o_t + s)[None, :] * stride_sc_l)
+        else:
+            dy_s = _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l + s, m_d, L,
+                            stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w, *consts)
+        if HAS_SEQ:
+            t = o_l + s
+            start_t = tl.load(start_ptr + i_b.to(tl.int64) * L + t, mask=t < L, other=0)
+            dy_s = tl.where((o_l >= start_t)[None, :], dy_s, 0.0)
+        if MASKED:
+            b_w = tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)
+        else:
+            b_w = tl.load(w_ptr + o_d * W + (W - 1 - s)).to(tl.float32)
+        dx += b_w[:, None] * dy_s
+        tl.store(dw_ptr + p_part * W + (W - 1 - s), tl.sum(x_own * dy_s, axis=1), mask=m_d)
+    if HAS_BIAS:
+        tl.store(db_ptr + p_part, tl.sum(dy0, axis=1), mask=m_d)
+    p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[:, None] * stride_dx_d
+            + o_l.to(tl.int64)[None, :] * stride_dx_l)
+    if MASKED:
+        tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None] & m_l[None, :])
+    else:
+        tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty))
+    if SCRATCH:
+        tl.debug_barrier()  # the next tile overwrites the scratch tile
+
+
+@triton.jit
 def _causal_conv1d_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    L, D, n_tiles,
+    x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, scratch_ptr,
+    L, D, n_l_tiles, n_d_tiles, n_tiles,
     stride_x_b, stride_x_d, stride_x_l,
     stride_do_b, stride_do_d, stride_do_l,
     stride_dx_b, stride_dx_d, stride_dx_l,
     stride_i_b, stride_i_d, stride_i_w,
+    stride_sc_p, stride_sc_d, stride_sc_l,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, GATHER: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, SCRATCH: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr,
 ):
-    """dx[p] = sum_s w[W-1-s] * dy[p+s] (same sequence), dw[k] = sum_t dy[t] * in[t-(W-1)+k],
-    dbias = sum_t dy[t], with dy = dout * act'(pre) recomputed from x."""
-    i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    # With GATHER, tiles overlap by W-1 positions: a tile owns its first BLOCK_L-(W-1)
-    # positions and computes dy for W-1 more, which the owned dx need.
-    OWN: tl.constexpr = BLOCK_L - (W - 1) if GATHER else BLOCK_L
-    o_t = tl.arange(0, BLOCK_L)
-    o_l = i_l * OWN + o_t
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d, m_l = o_d < D, o_l < L
-    m_own = m_l & (o_t < OWN)
-    p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
-    p_do = dout_ptr + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[:, None] * stride_do_d
-    if HAS_SEQ:
-        b_start = tl.load(start_ptr + i_b.to(tl.int64) * L + o_l, mask=m_l, other=0)
+    """Persistent: program i handles tiles i, i + n_programs, ... (scratch tile i)."""
+    i_prog = tl.program_id(0)
+    if SCRATCH:
+        p_scratch = scratch_ptr + i_prog.to(tl.int64) * stride_sc_p
     else:
-        b_start = tl.zeros([BLOCK_L], dtype=tl.int32)
-    if INIT_PER_SEQ:
-        b_row = tl.load(row_ptr + o_l, mask=m_l, other=0)
-    else:
-        b_row = b_start
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-
-    # dy at the tile's own positions.
-    pre = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-    for k in tl.static_range(W):
-        b_x = _load_tap(p_x, init_ptr, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
-                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ)
-        pre += tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)[:, None] * b_x
-    if HAS_BIAS:
-        pre += b_bias[:, None]
-    m_tile = m_d[:, None] & m_l[None, :]
-    dy0 = tl.load(p_do + o_l.to(tl.int64)[None, :] * stride_do_l, mask=m_tile, other=0.0).to(tl.float32)
-    if SILU:
-        sig = 1.0 / (1.0 + tl.exp(-pre))
-        dy0 = dy0 * sig * (1.0 + pre * (1.0 - sig))
-
-    # dx: the output at t = p + s read input p through tap W-1-s.
-    dx = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-    for s in tl.static_range(W):
-        b_w = tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)
-        if s == 0:
-            dy_s = dy0
-            start_s = b_start
-        elif GATHER:
-            o_src = tl.minimum(o_t + s, BLOCK_L - 1)
-            dy_s = tl.gather(dy0, tl.broadcast_to(o_src[None, :], (BLOCK_D, BLOCK_L)), axis=1)
-            start_s = tl.gather(b_start, o_src, axis=0)
-        else:
-            t = o_l + s
-            m_t = t < L
-            if HAS_SEQ:
-                start_s = tl.load(start_ptr + i_b.to(tl.int64) * L + t, mask=m_t, other=0)
-            else:
-                start_s = b_start
-            if INIT_PER_SEQ:
-                row_s = tl.load(row_ptr + t, mask=m_t, other=0)
-            else:
-                row_s = start_s
-            pre_s = tl.zeros([BLOCK_D, BLOCK_L], dtype=tl.float32)
-            for k in tl.static_range(W):
-                b_x = _load_tap(p_x, init_ptr, o_d, t, m_d, m_t, start_s, row_s, i_b, k - (W - 1),
-                                stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ,
-                                INIT_PER_SEQ)
-                pre_s += tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)[:, None] * b_x
-            if HAS_BIAS:
-                pre_s += b_bias[:, None]
-            dy_s = tl.load(p_do + t.to(tl.int64)[None, :] * stride_do_l, mask=m_d[:, None] & m_t[None, :],
-                           other=0.0).to(tl.float32)
-            if SILU:
-                sig_s = 1.0 / (1.0 + tl.exp(-pre_s))
-                dy_s = dy_s * sig_s * (1.0 + pre_s * (1.0 - sig_s))
+        p_scratch = scratch_ptr
+    for tile in range(i_prog, n_tiles, tl.num_programs(0)):
+        i_l = tile % n_l_tiles
+        i_d = (tile // n_l_tiles) % n_d_tiles
+        i_b = tile // (n_l_tiles * n_d_tiles)
+        l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
+        args = (x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+                p_scratch, i_b, i_l, d0, L, D, n_l_tiles,
+                stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
+                stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
+                stride_sc_d, stride_sc_l)
+        consts = (W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH)
+        interior = (l0 >= W - 1) & (l0 + BLOCK_L + HALO <= L) & (d0 + BLOCK_D <= D)
         if HAS_SEQ:
-            dy_s = tl.where((o_l >= start_s)[None, :], dy_s, 0.0)
-        dx += b_w[:, None] * dy_s
-    p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[:, None] * stride_dx_d
-            + o_l.to(tl.int64)[None, :] * stride_dx_l)
-    tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None] & m_own[None, :])
-
-    # dw and dbias partial sums over the owned positions, one row of partials per tile.
-    dy_own = tl.where(m_own[None, :], dy0, 0.0)
-    p_part = (i_b.to(tl.int64) * n_tiles + i_l) * D + o_d
-    for k in tl.static_range(W):
-        b_x = _load_tap(p_x, init_ptr, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
-                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ)
-        tl.store(dw_ptr + p_part * W + k, tl.sum(dy_own * b_x, axis=1), mask=m_d)
-    if HAS_BIAS:
-        tl.store(db_ptr + p_part, tl.sum(dy_own, axis=1), mask=m_d)
+            _conv_bwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L, HALO)
+        elif interior:
+            _conv_bwd_tile(*args, *consts, False, BLOCK_D, BLOCK_L, HALO)
+        else:
+            _conv_bwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L, HALO)
 
 
-def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout, config=None, gather=None):
+def _n_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,
+                       programs_per_sm=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
-    gather = BWD_SHIFT_BY_GATHER if gather is None else gather
+    scratch_mode = (variant or BWD_DY_SHIFT) == "scratch"
     block_d, block_l, warps = config or BWD_CONFIG[_layout(x)]
-    own = block_l - (width - 1) if gather else block_l
-    n_tiles = triton.cdiv(length, own)
+    halo = triton.next_power_of_2(width - 1)
+    n_l_tiles, n_d_tiles = triton.cdiv(length, block_l), triton.cdiv(dim, block_d)
+    n_tiles = batch * n_l_tiles * n_d_tiles
+    n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
+    channel_last = _layout(x) == "channel_last"
+    if scratch_mode:
+        # Laid out like x's tiles, so that the shifted reads are along the fast axis too.
+        shape = (n_prog, block_l + halo, block_d) if channel_last else (n_prog, block_d, block_l + halo)
+        scratch = torch.empty(shape, device=x.device, dtype=torch.float32)
+        sc_strides = (scratch.stride(0), 1, block_d) if channel_last else (scratch.stride(0), block_l + halo, 1)
+    else:
+        scratch, sc_strides = None, (0, 0, 0)
     dx = torch.empty_like(x)
-    dw_part = torch.empty(batch * n_tiles, dim, width, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch * n_tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    dw_part = torch.empty(batch * n_l_tiles, dim, width, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch * n_l_tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
-    _causal_conv1d_bwd_kernel[(n_tiles, triton.cdiv(dim, block_d), batch)](
-        x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, length, dim, n_tiles,
-        *x.stride(), *dout.stride(), *dx.stride(), *init_strides,
+    _causal_conv1d_bwd_kernel[(n_prog,)](
+        x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, scratch,
+        length, dim, n_l_tiles, n_d_tiles, n_tiles,
+        *x.stride(), *dout.stride(), *dx.stride(), *init_strides, *sc_strides,
         W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=starts is not None,
-        INIT_PER_SEQ=rows is not None, SILU=silu, GATHER=gather, BLOCK_D=block_d, BLOCK_L=block_l,
-        num_warps=warps,
+        INIT_PER_SEQ=rows is not None, SILU=silu, SCRATCH=scratch_mode, BLOCK_D=block_d, BLOCK_L=block_l,
+        HALO=halo, num_warps=warps,
     )
-    dw = dw_part.sum(0).to(weight.dtype)
+    dw = dw_part.sum(0)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
 
 
 def _initial_states_grad(x, weight, bias, initial_states, starts, cu_seqlens, silu, dout):
-    """d initial_states: only the first W-1 outputs of each sequence read the state, so
-    differentiate the reference on those few positions."""
+    """Gradients through the initial states: d initial_states, and the part of d weight from
+    taps that read a state (the kernel sums x taps only). Only the first W-1 outputs of each
+    sequence read a state, so differentiate the reference on those few positions."""
     width = weight.shape[1]
     n_states, length = initial_states.shape[0], x.shape[2]
     if length == 0:
-        return torch.zeros_like(initial_states)
+        return torch.zeros_like(initial_states), torch.zeros_like(weight, dtype=torch.float32)
     if cu_seqlens is None:
         first = torch.arange(width - 1, device=x.device).expand(n_states, -1)  # (R, W-1)
         seq_row = torch.arange(n_states, device=x.device)
@@ -403,10 +498,16 @@ def _initial_states_grad(x, weight, bias, initial_states, starts, cu_seqlens, si
 
     with torch.enable_grad():
         init = initial_states.detach().requires_grad_(True)
-        out = _conv_dense_ref(head(x.detach()), weight.detach(), None if bias is None else bias.detach(), init,
-                              None, silu)
-        (grad,) = torch.autograd.grad(out, init, head(dout).float())
-    return grad.to(initial_states.dtype)
+        w = weight.detach().float().requires_grad_(True)
+        zeros_init = torch.zeros_like(init)
+        # pre = (taps on x, weight held fixed) + (taps on the state, weight free).
+        pre = _conv_dense_ref(head(x.detach()), w.detach(), None, zeros_init, None, False)
+        pre = pre + _conv_dense_ref(torch.zeros_like(head(x)), w, None, init, None, False)
+        if bias is not None:
+            pre = pre + bias.detach().float()[:, None]
+        out = F.silu(pre) if silu else pre
+        grad_init, grad_w = torch.autograd.grad(out, (init, w), head(dout).float())
+    return grad_init.to(initial_states.dtype), grad_w
 
 
 class CausalConv1dFn(torch.autograd.Function):
@@ -421,10 +522,11 @@ class CausalConv1dFn(torch.autograd.Function):
         x, weight, bias, initial_states, starts, rows, cu_seqlens = ctx.saved_tensors
         dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout)
         dinit = None
-        if initial_states is not None and ctx.needs_input_grad[3]:
-            dinit = _initial_states_grad(x, weight, bias, initial_states, starts if rows is None else None,
-                                         cu_seqlens, ctx.silu, dout)
-        return dx, dw, db, dinit, None, None, None, None
+        if initial_states is not None:
+            dinit, dw_state = _initial_states_grad(x, weight, bias, initial_states, starts if rows is None else None,
+                                                   cu_seqlens, ctx.silu, dout)
+            dw = dw + dw_state
+        return dx, dw.to(weight.dtype), db, dinit, None, None, None, None
 
 
 def _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens):

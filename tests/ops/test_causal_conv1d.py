@@ -280,14 +280,17 @@ def _torch(x, w, b, init, seq_idx, cu, act):
 
 
 CONV_CASES = [
-    # (B, D, L, W, layout, init, bias, act, packing, gather)
-    (2, 5, 37, 4, "contiguous", True, True, "silu", None, True),
-    (2, 3, 7, 2, "channel_last", False, False, None, None, True),
-    (2, 4, 40, 8, "contiguous", True, True, "silu", "seq_idx", True),
-    (1, 4, 33, 5, "channel_last", True, True, "silu", "cu_seqlens", True),
-    (2, 3, 19, 3, "contiguous", True, True, "silu", "seq_idx", False),
-    (1, 3, 1, 6, "contiguous", True, False, None, None, False),
+    # (B, D, L, W, layout, init, bias, act, packing); L > 2 tiles of 16 so that interior
+    # (unmasked) tiles run too
+    (2, 5, 37, 4, "contiguous", True, True, "silu", None),
+    (2, 16, 64, 4, "contiguous", False, True, "silu", None),
+    (2, 3, 7, 2, "channel_last", False, False, None, None),
+    (2, 16, 70, 5, "channel_last", True, True, "silu", None),
+    (2, 4, 40, 8, "contiguous", True, True, "silu", "seq_idx"),
+    (1, 4, 33, 5, "channel_last", True, True, "silu", "cu_seqlens"),
+    (1, 3, 1, 6, "contiguous", True, False, None, None),
 ]
+SMALL_TILES = {"contiguous": (8, 16, 4), "channel_last": (8, 16, 4)}
 
 
 def _conv_case(B, D, L, W, layout, init, bias, act, packing, dtype):
@@ -307,10 +310,17 @@ def _conv_case(B, D, L, W, layout, init, bias, act, packing, dtype):
     return cast, seq_idx, cu
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"W{c[3]}-{c[4]}-{c[8]}-gather{c[9]}")
-def test_triton_conv_matches_ref_fp32(case, monkeypatch):
-    B, D, L, W, layout, init, bias, act, packing, gather = case
-    monkeypatch.setattr(conv_mod, "BWD_SHIFT_BY_GATHER", gather)
+# The recompute backward variant is W times slower in the interpreter: two cases suffice.
+CONV_VARIANT_CASES = [(c, "scratch") for c in CONV_CASES] + [(CONV_CASES[1], "recompute"), (CONV_CASES[5], "recompute")]
+
+
+@pytest.mark.parametrize("case,variant", CONV_VARIANT_CASES, ids=lambda c: f"W{c[3]}-L{c[2]}-{c[4]}-{c[8]}"
+                         if isinstance(c, tuple) else c)
+def test_triton_conv_matches_ref_fp32(case, variant, monkeypatch):
+    B, D, L, W, layout, init, bias, act, packing = case
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", variant)
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
     (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, layout, init, bias, act, packing, torch.float32)
     g = torch.randn(B, D, L, device=DEVICE)
     gf = torch.randn(B if cu is None else cu.numel() - 1, D, W - 1, device=DEVICE)
@@ -322,8 +332,10 @@ def test_triton_conv_matches_ref_fp32(case, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
-def test_triton_conv_bf16_tolerance_rule(layout):
-    B, D, L, W = 2, 6, 29, 4
+def test_triton_conv_bf16_tolerance_rule(layout, monkeypatch):
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
+    B, D, L, W = 2, 8, 40, 4
     (x, w, b, i), _, _ = _conv_case(B, D, L, W, layout, True, True, "silu", None, torch.float32)
     g = torch.randn(B, D, L, device=DEVICE)
     gf = torch.randn(B, D, W - 1, device=DEVICE)
@@ -360,9 +372,11 @@ def test_triton_update_matches_ref(mode):
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", ["scratch", "recompute"])
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
-def test_gpu_conv_all_widths_bf16(width, layout):
+def test_gpu_conv_all_widths_bf16(width, layout, variant, monkeypatch):
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", variant)
     B, D, L = 2, 96, 1000
     (x, w, b, i), _, _ = _conv_case(B, D, L, width, layout, True, True, "silu", None, torch.bfloat16)
     g = torch.randn(B, D, L, device=DEVICE)
@@ -375,8 +389,10 @@ def test_gpu_conv_all_widths_bf16(width, layout):
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", ["scratch", "recompute"])
 @pytest.mark.parametrize("packing", ["seq_idx", "cu_seqlens"])
-def test_gpu_conv_packed_fp32(packing):
+def test_gpu_conv_packed_fp32(packing, variant, monkeypatch):
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", variant)
     B, D, L, W = 1, 64, 500, 4
     (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, "channel_last", True, True, "silu", packing, torch.float32)
     g = torch.randn(B, D, L, device=DEVICE)
