@@ -502,7 +502,7 @@ def _parameters_on_meta() -> Iterator[None]:
     Buffers are left alone (built as usual, they are small) because non-persistent
     ones such as rotary frequencies are not in a checkpoint and must be real.
     """
-    register = nn.Module.register_parameter
+    register, normal = nn.Module.register_parameter, nn.init.normal_
 
     def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
         if param is not None and param.device.type != "meta":
@@ -511,11 +511,16 @@ def _parameters_on_meta() -> Iterator[None]:
             param = meta
         register(module, name, param)
 
-    nn.Module.register_parameter = register_on_meta
+    def normal_unless_meta(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # The values of a meta tensor are discarded anyway, and the first normal_ on one
+        # imports torch._dynamo (about 2 s, more than loading a small model takes).
+        return tensor if tensor.is_meta else normal(tensor, *args, **kwargs)
+
+    nn.Module.register_parameter, nn.init.normal_ = register_on_meta, normal_unless_meta
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        nn.Module.register_parameter, nn.init.normal_ = register, normal
 
 
 def _as_dtype(dtype) -> Optional[torch.dtype]:

@@ -291,8 +291,10 @@ def test_cpu_load_does_not_alias_the_file(tmp_path):
 
 def test_parameters_built_on_meta_and_tying_kept(tmp_path):
     config = MambaConfig.from_dict(MAMBA2ATTN_2_7B)
+    register, normal = torch.nn.Module.register_parameter, torch.nn.init.normal_
     with ckpt._parameters_on_meta():
         empty = MambaLMHeadModel(config)
+    assert torch.nn.Module.register_parameter is register and torch.nn.init.normal_ is normal
     assert all(p.is_meta for p in empty.parameters())
     assert not any(b.is_meta for b in empty.buffers())
     model = make_model(MAMBA2ATTN_2_7B)
