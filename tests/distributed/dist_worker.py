@@ -1,0 +1,323 @@
+"""Runs every distributed check in 2 CPU processes (gloo) and writes the measured errors as JSON.
+
+    python tests/distributed/dist_worker.py OUT.json [--world 2]
+
+Each check builds a tiny model from a fixed seed (identical on every rank), runs it in one
+process as the reference, shards a copy (FSDP2 or tensor parallel) and compares outputs and
+gathered gradients. Rank 0 writes {check: {"values": {what: relative error (or message)},
+"error": traceback or None}}; tests/distributed/test_distributed.py asserts on it. One spawn for all checks
+keeps the start-up cost (two interpreters importing torch) paid once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import traceback
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+os.environ["MAMBA_PKG_BACKEND"] = "torch"
+
+D_MODEL = 32
+VOCAB = 64
+SEQLEN = 21  # not a multiple of the Mamba2 chunk size (8)
+MAMBA2_CFG = {"headdim": 8, "d_state": 8, "chunk_size": 8}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _full_grads(model):
+    """{param name: single-process-layout gradient}; also checks that the rows every rank holds
+    whole (replicated segments) got equal gradients on every rank."""
+    from mamba_pkg.distributed import _layouts_of
+
+    layouts = _layouts_of(model)
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            grad = grad.full_tensor()
+        if name in layouts:
+            dim, index, full_size = layouts[name]
+            shape = list(grad.shape)
+            shape[dim] = full_size
+            full = grad.new_zeros(shape).index_copy_(dim, index, grad)
+            if not torch.equal(full.index_select(dim, index), grad):
+                raise AssertionError(f"{name}: the copies of a replicated segment have different gradients")
+            grad = full
+        grads[name] = grad
+    return grads
+
+
+def _compare_grads(errors, ref_model, grads):
+    for name, param in ref_model.named_parameters():
+        if param.grad is None:
+            continue
+        errors[f"grad {name}"] = rel_err(grads[name], param.grad)
+
+
+def _tp_module_check(mesh, build, x_shape, *, steps=0):
+    """Output, input gradient and parameter gradients of a TP copy vs the module itself."""
+    from mamba_pkg.distributed import apply_tensor_parallel, gather_state_dict
+
+    torch.manual_seed(0)
+    ref = build()
+    x = torch.randn(*x_shape)
+    tp = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    x_ref = x.clone().requires_grad_(True)
+    x_tp = x.clone().requires_grad_(True)
+    out_ref = ref(x_ref)
+    out_tp = tp(x_tp)
+    weight = torch.randn_like(out_ref)
+    (out_ref * weight).sum().backward()
+    (out_tp * weight).sum().backward()
+    errors = {"output": rel_err(out_tp, out_ref), "input grad": rel_err(x_tp.grad, x_ref.grad)}
+    _compare_grads(errors, ref, _full_grads(tp))
+    state = gather_state_dict(tp)
+    for key, value in ref.state_dict().items():
+        errors[f"state {key}"] = rel_err(state[key], value)
+    return errors
+
+
+def check_tp_gated_mlp(mesh):
+    from mamba_pkg.models.mlp import GatedMLP
+
+    return _tp_module_check(mesh, lambda: GatedMLP(D_MODEL, hidden_features=48, bias=True, multiple_of=16), (2, SEQLEN, D_MODEL))
+
+
+def check_tp_mha(mesh):
+    from mamba_pkg.models.attention import MHA
+
+    build = partial(MHA, D_MODEL, num_heads=4, num_heads_kv=2, mlp_dim=64, d_conv=3, rotary_emb_dim=4, layer_idx=0)
+    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
+
+
+def check_tp_mamba(mesh):
+    from mamba_pkg.models.mamba import Mamba
+
+    return _tp_module_check(mesh, lambda: Mamba(D_MODEL, d_state=8, bias=True, layer_idx=0), (2, SEQLEN, D_MODEL))
+
+
+def check_tp_mamba2_ngroups1(mesh):
+    """ngroups == 1: B/C replicated on every rank, norm statistics all-reduced."""
+    from mamba_pkg.models.mamba2 import Mamba2
+
+    return _tp_module_check(mesh, lambda: Mamba2(D_MODEL, **MAMBA2_CFG, layer_idx=0), (2, SEQLEN, D_MODEL))
+
+
+def check_tp_mamba2_ngroups2(mesh):
+    """ngroups == 2: groups split over the ranks; fused (mem-eff) path; bias on both projections."""
+    from mamba_pkg.models.mamba2 import Mamba2
+
+    build = lambda: Mamba2(D_MODEL, ngroups=2, bias=True, D_has_hdim=True, **MAMBA2_CFG, layer_idx=0)  # noqa: E731
+    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
+
+
+def check_tp_mamba2_mlp(mesh):
+    """d_ssm < d_inner (in-mixer MLP part), ngroups == 2, unfused path."""
+    from mamba_pkg.models.mamba2 import Mamba2
+
+    build = lambda: Mamba2(D_MODEL, ngroups=2, d_ssm=48, **MAMBA2_CFG, layer_idx=0)  # noqa: E731
+    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
+
+
+def _lm_config(layer="Mamba2", attn=True, d_intermediate=48):
+    from mamba_pkg.models.config import MambaConfig
+
+    ssm_cfg = {"layer": layer, **(MAMBA2_CFG if layer == "Mamba2" else {"d_state": 8})}
+    return MambaConfig(
+        d_model=D_MODEL,
+        n_layer=3 if attn else 2,
+        d_intermediate=d_intermediate,
+        vocab_size=VOCAB,
+        ssm_cfg=ssm_cfg,
+        attn_layer_idx=[1] if attn else [],
+        attn_cfg={"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 4},
+    )
+
+
+def _train_step(model, ids, lr=0.5):
+    # SGD: the update is linear in the gradient, so rounding-level gradient differences stay
+    # rounding-level (Adam's g / sqrt(v) amplifies them where g is near 0).
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    return out
+
+
+def check_tp_lm(mesh):
+    """Hybrid LM (Mamba2 + MHA + GatedMLP): loss, logits, gradients, one SGD step, then the
+    gathered checkpoint loaded into a single-process model gives the same logits."""
+    from mamba_pkg.distributed import apply_tensor_parallel, gather_state_dict, save_pretrained_distributed
+    from mamba_pkg.models.lm import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(_lm_config())
+    tp = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    ids = torch.randint(0, VOCAB, (2, SEQLEN))
+    out_ref = ref(ids, labels=ids)
+    out_ref.loss.backward()
+    out_tp = tp(ids, labels=ids)
+    out_tp.loss.backward()
+    errors = {"loss": rel_err(out_tp.loss, out_ref.loss), "logits": rel_err(out_tp.logits, out_ref.logits)}
+    _compare_grads(errors, ref, _full_grads(tp))
+    for model in (ref, tp):
+        model.zero_grad(set_to_none=True)
+        _train_step(model, ids)
+    state = gather_state_dict(tp)
+    for key, value in ref.state_dict().items():
+        errors[f"after step {key}"] = rel_err(state[key], value)
+    single = MambaLMHeadModel(_lm_config())
+    single.load_state_dict(state)
+    with torch.no_grad():
+        errors["reloaded logits"] = rel_err(single(ids).logits, tp(ids).logits)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = [tmp]
+        dist.broadcast_object_list(path, src=0)
+        save_pretrained_distributed(tp, path[0])
+        if dist.get_rank() == 0:
+            loaded = MambaLMHeadModel.from_pretrained(path[0])
+            with torch.no_grad():
+                errors["from_pretrained logits"] = rel_err(loaded(ids).logits, single(ids).logits)
+        dist.barrier()
+    return errors
+
+
+def check_tp_lm_mamba1(mesh):
+    """Mamba-1 LM: loss and gradients."""
+    from mamba_pkg.distributed import apply_tensor_parallel
+    from mamba_pkg.models.lm import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(_lm_config("Mamba1", attn=False, d_intermediate=0))
+    tp = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    ids = torch.randint(0, VOCAB, (2, SEQLEN))
+    out_ref = ref(ids, labels=ids)
+    out_ref.loss.backward()
+    out_tp = tp(ids, labels=ids)
+    out_tp.loss.backward()
+    errors = {"loss": rel_err(out_tp.loss, out_ref.loss)}
+    _compare_grads(errors, ref, _full_grads(tp))
+    return errors
+
+
+def check_fsdp_lm(mesh):
+    """FSDP2: each rank takes its half of the batch; the averaged loss, gathered gradients, one
+    SGD step and the gathered state dict equal the single-process full-batch run."""
+    from mamba_pkg.distributed import apply_fsdp, gather_state_dict
+    from mamba_pkg.models.lm import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(_lm_config())
+    sharded = apply_fsdp(copy.deepcopy(ref), mesh)
+    world, rank = mesh.size(), mesh.get_local_rank()
+    ids = torch.randint(0, VOCAB, (2 * world, SEQLEN))
+    mine = ids.chunk(world)[rank]
+    out_ref = ref(ids, labels=ids)
+    out_ref.loss.backward()
+    out = sharded(mine, labels=mine)
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    errors = {"loss": rel_err(loss / world, out_ref.loss)}
+    _compare_grads(errors, ref, _full_grads(sharded))
+    for model, batch in ((ref, ids), (sharded, mine)):
+        model.zero_grad(set_to_none=True)
+        _train_step(model, batch)
+    state = gather_state_dict(sharded)
+    for key, value in ref.state_dict().items():
+        errors[f"after step {key}"] = rel_err(state[key], value)
+    single = MambaLMHeadModel(_lm_config())
+    single.load_state_dict(state)
+    with torch.no_grad():
+        errors["reloaded logits"] = rel_err(single(ids).logits, ref(ids).logits)
+    return errors
+
+
+def check_tp_errors(mesh):
+    """Sizes the TP size does not divide: ValueError naming the size, model left unsharded."""
+    from mamba_pkg.distributed import apply_tensor_parallel
+    from mamba_pkg.models.attention import MHA
+    from mamba_pkg.models.mamba2 import Mamba2
+
+    messages = {}
+    cases = {
+        "mamba2 nheads": lambda: Mamba2(24, headdim=8, d_state=8, expand=1),  # 3 heads
+        "mamba2 ngroups": lambda: Mamba2(48, headdim=8, d_state=8, ngroups=3, expand=1),  # 6 heads, 3 groups
+        "mha kv heads": lambda: MHA(D_MODEL, num_heads=4, num_heads_kv=1),
+    }
+    for what, build in cases.items():
+        module = build()
+        try:
+            apply_tensor_parallel(module, mesh)
+        except ValueError as exc:
+            messages[what] = str(exc)
+            messages[what + " untouched"] = not any(isinstance(p, DTensor) for p in module.parameters())
+        else:
+            messages[what] = None
+    return messages
+
+
+CHECKS = [
+    check_tp_gated_mlp,
+    check_tp_mha,
+    check_tp_mamba,
+    check_tp_mamba2_ngroups1,
+    check_tp_mamba2_ngroups2,
+    check_tp_mamba2_mlp,
+    check_tp_lm,
+    check_tp_lm_mamba1,
+    check_fsdp_lm,
+    check_tp_errors,
+]
+
+
+def _worker(rank, world, port, out_path, only):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for check in CHECKS:
+        name = check.__name__[len("check_"):]
+        if only and name not in only:
+            continue
+        try:
+            results[name] = {"values": check(mesh), "error": None}
+        except Exception:  # reported to the test, which fails with the traceback
+            results[name] = {"values": {}, "error": traceback.format_exc()}
+        dist.barrier()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    out_path = sys.argv[1]
+    only = sys.argv[2:]
+    mp.spawn(_worker, args=(2, _free_port(), out_path, only), nprocs=2)

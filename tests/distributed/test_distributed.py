@@ -1,0 +1,84 @@
+"""FSDP2 and tensor parallel on CPU: 2 gloo processes vs the single-process run.
+
+The checks themselves live in dist_worker.py (run once, in a subprocess that spawns 2 ranks);
+each test below asserts on one check's measured relative errors. fp32 throughout: sharding only
+changes summation order, so errors must stay at rounding level.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
+TOL = 1e-4
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "results.json"
+    env = dict(os.environ, MAMBA_PKG_BACKEND="torch", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, WORKER, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and out.exists(), f"distributed worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def _assert_small(results, check, expect=()):
+    result = results[check]
+    assert result["error"] is None, f"{check} raised on a rank:\n{result['error']}"
+    values = result["values"]
+    for key in expect:
+        assert key in values, f"{check}: {key!r} was not measured (got {sorted(values)})"
+    bad = {key: err for key, err in values.items() if not err <= TOL}
+    assert not bad, f"{check}: relative errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize(
+    "check, column_weight",
+    [
+        ("tp_gated_mlp", "fc1.weight"),
+        ("tp_mha", "in_proj.weight"),
+        ("tp_mamba", "in_proj.weight"),
+        ("tp_mamba2_ngroups1", "in_proj.weight"),
+        ("tp_mamba2_ngroups2", "in_proj.weight"),
+        ("tp_mamba2_mlp", "in_proj.weight"),
+    ],
+)
+def test_tensor_parallel_mixer_matches_single_process(results, check, column_weight):
+    # output, input gradient, every parameter gradient, and the gathered state dict
+    _assert_small(results, check, expect=("output", "input grad", f"grad {column_weight}", f"state {column_weight}"))
+
+
+def test_tensor_parallel_lm_loss_grads_step_and_checkpoint(results):
+    _assert_small(
+        results,
+        "tp_lm",
+        expect=("loss", "logits", "grad backbone.embedding.weight", "reloaded logits", "from_pretrained logits"),
+    )
+
+
+def test_tensor_parallel_mamba1_lm(results):
+    _assert_small(results, "tp_lm_mamba1", expect=("loss", "grad backbone.layers.0.mixer.x_proj.weight"))
+
+
+def test_fsdp_lm_matches_single_process(results):
+    _assert_small(results, "fsdp_lm", expect=("loss", "grad backbone.layers.0.mixer.in_proj.weight", "reloaded logits"))
+
+
+@pytest.mark.parametrize(
+    "case, size",
+    [("mamba2 nheads", "nheads"), ("mamba2 ngroups", "ngroups"), ("mha kv heads", "num_heads_kv")],
+)
+def test_tensor_parallel_size_must_divide(results, case, size):
+    result = results["tp_errors"]
+    assert result["error"] is None, result["error"]
+    message = result["values"][case]
+    assert message is not None, f"{case}: no ValueError"
+    assert "tensor parallel size 2" in message and size in message, message
+    assert result["values"][case + " untouched"], f"{case}: the model was partly sharded before the error"
