@@ -191,8 +191,8 @@ def _selective_state_update_kernel(
 
 # Tile of the state per program: BLOCK_P * BLOCK_N about TILE_ELEMS fp32 values, chosen
 # by measurement on an H100 (benchmarks/bench_decode_ops.py --sweep).
-TILE_ELEMS = {16: 1024, 128: 2048}
-NUM_WARPS = {16: 4, 128: 4}
+TILE_ELEMS = {16: 2048, 128: 4096}
+NUM_WARPS = {16: 4, 128: 8}
 
 
 def _blocks(hdim, n_state):
@@ -202,30 +202,102 @@ def _blocks(hdim, n_state):
     return block_p, block_n, NUM_WARPS[key]
 
 
-def _strides(t, n):
-    return t.stride() if t is not None else (0,) * n
+def _canonical_strides(state, x, dt, A, B, C, D, z, dt_bias, out):
+    """Strides of every input seen in the canonical layout, without building views: state
+    (Bs, H, P, N), x/dt/z/out (B, T, H, P), A (H, P, N), B/C (B, T, G, N), D/dt_bias (H, P).
+    Mamba-1 channels split into H = G groups of P = D / G. Returns (heads, hdim, groups, strides)."""
+    mamba1 = state.dim() == 3
+    multi = x.dim() == (3 if mamba1 else 4)
+
+    def tok(t):  # add a token axis of stride 0 for a single-token call
+        st = t.stride()
+        return st if multi else (st[0], 0) + st[1:]
+
+    b_st, c_st = tok(B), tok(C)
+    if mamba1:
+        if len(b_st) == 3:  # (B, T, N): one group
+            b_st, c_st = b_st[:2] + (0,) + b_st[2:], c_st[:2] + (0,) + c_st[2:]
+        groups = B.shape[-2] if B.dim() == x.dim() + 1 else 1
+        hdim = x.shape[-1] // groups
+        heads = groups
+
+        def split(st, axis):  # channel axis -> (H, P) axes
+            return st[:axis] + (hdim * st[axis], st[axis]) + st[axis + 1:]
+
+        seq = [split(tok(t), 2) if t is not None else None for t in (x, dt, z, out)]
+        state_st, a_st = split(state.stride(), 1), split(A.stride(), 0)
+        d_st = split(D.stride(), 0) if D is not None else None
+        dtb_st = split(dt_bias.stride(), 0) if dt_bias is not None else None
+    else:
+        groups, heads, hdim = B.shape[-2], x.shape[-2], x.shape[-1]
+        seq = [tok(t) if t is not None else None for t in (x, dt, z, out)]
+        state_st, a_st = state.stride(), A.stride()
+        d_st = D.stride() if D is not None else None
+        dtb_st = dt_bias.stride() if dt_bias is not None else None
+    x_st, dt_st, z_st, out_st = seq
+    return heads, hdim, groups, (state_st, x_st, dt_st, a_st, b_st, c_st, d_st or (0, 0), z_st or (0, 0, 0, 0),
+                                 dtb_st or (0, 0), out_st)
 
 
 def _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
-    """All inputs in the canonical layout: state (Bs, H, P, N), x/dt/z (B, T, H, P), A (H, P, N),
-    B/C (B, T, G, N), D/dt_bias (H, P). Returns out (B, T, H, P)."""
-    batch, n_tok, heads, hdim = x.shape
-    n_state, groups = state.shape[-1], B.shape[2]
-    out = torch.empty_like(x)
-    tie = (dt.stride(3) == 0 and A.stride(1) == 0 and A.stride(2) == 0
-           and (D is None or D.stride(1) == 0) and (dt_bias is None or dt_bias.stride(1) == 0))
+    batch = x.shape[0]
+    n_tok = x.shape[1] if x.dim() == state.dim() else 1
+    n_state = state.shape[-1]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    heads, hdim, groups, strides = _canonical_strides(state, x, dt, A, B, C, D, z, dt_bias, out)
+    state_st, x_st, dt_st, a_st, b_st, c_st, d_st, z_st, dtb_st, out_st = strides
+    # Mamba-2: dt, A, D, dt_bias are expand()s of per-head values (stride 0 along P and N).
+    tie = (dt_st[3] == 0 and a_st[1] == 0 and a_st[2] == 0 and (D is None or d_st[1] == 0)
+           and (dt_bias is None or dtb_st[1] == 0))
     block_p, block_n, warps = _blocks(hdim, n_state)
     grid = (triton.cdiv(hdim, block_p), batch, heads)
     _selective_state_update_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
         n_tok, hdim, n_state, state.shape[0], heads // groups,
-        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
-        *_strides(D, 2), *_strides(z, 4), *_strides(dt_bias, 2), *out.stride(),
+        *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *out_st,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
         HAS_INDICES=state_batch_indices is not None, SOFTPLUS=dt_softplus, TIE_HDIM=tie,
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps,
     )
     return out
+
+
+def _inputs_ok(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
+    """The common case in a few comparisons (a decode step is host-bound); anything it does
+    not accept goes through _validate, which names the offending argument."""
+    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
+    device = getattr(state, "device", None)
+    for t in tensors:
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
+            return False
+    if state.dim() not in (3, 4):
+        return False
+    inner, n_state = state.shape[1:-1], state.shape[-1]
+    multi = x.dim() == len(inner) + 2
+    lead = x.shape[: 2 if multi else 1]
+    if x.shape[len(lead):] != inner or x.dim() not in (len(inner) + 1, len(inner) + 2):
+        return False
+    if dt.shape != x.shape or (z is not None and z.shape != x.shape) or A.shape != (*inner, n_state):
+        return False
+    if (D is not None and D.shape != inner) or (dt_bias is not None and dt_bias.shape != inner):
+        return False
+    if C.shape != B.shape or B.shape[: len(lead)] != lead or B.shape[-1] != n_state:
+        return False
+    extra = B.dim() - len(lead)
+    if extra == 2:
+        groups = B.shape[-2]
+    elif extra == 1 and state.dim() == 3:
+        groups = 1
+    else:
+        return False
+    if groups == 0 or inner[0] % groups:
+        return False
+    if state_batch_indices is None:
+        return state.shape[0] == lead[0]
+    # The host range check of the indices (CPU only) lives in _validate.
+    return (isinstance(state_batch_indices, torch.Tensor) and state_batch_indices.is_cuda
+            and state_batch_indices.device == device and state_batch_indices.shape == lead[:1]
+            and state_batch_indices.dtype in INDEX_DTYPES)
 
 
 def _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
@@ -288,9 +360,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     end of ``state`` is an error on CPU; on the GPU (no host sync per step) it is padding.
     dt_softplus applies softplus to dt + dt_bias. backend: "torch", "triton" or None.
     """
-    _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if not _inputs_ok(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
+        _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     if resolve_backend(backend, state, x) == "torch":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-    _, multi, st, xc, dtc, Ac, Bc, Cc, Dc, zc, dtbc = _canonical(state, x, dt, A, B, C, D, z, dt_bias)
-    out = _selective_state_update(st, xc, dtc, Ac, Bc, Cc, Dc, zc, dtbc, dt_softplus, state_batch_indices)
-    return out.reshape(x.shape)
+    return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
