@@ -176,12 +176,13 @@ def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
     """fp32 (BLOCK_D, BLOCK_L) tile of the inputs at positions o_l + q_shift (q_shift <= 0),
     zero where the input is outside the output position's sequence."""
     q = o_l + q_shift
-    if not MASKED:
-        return tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l).to(tl.float32)
-    m_q = m_l & (q >= b_start)
-    b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l, mask=m_d[:, None] & m_q[None, :], other=0.0)
+    if MASKED:
+        m_q = m_l & (q >= b_start)
+        b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l, mask=m_d[:, None] & m_q[None, :], other=0.0)
+    else:
+        b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l)
     b_x = b_x.to(tl.float32)
-    if HAS_INIT:
+    if HAS_INIT and MASKED:
         # Before its start, a sequence reads its initial state: slot W-1 + q - start.
         slot = q - b_start + (W - 1)
         m_i = m_l & (q < b_start)
@@ -741,20 +742,47 @@ def _causal_conv1d_update_kernel(
 UPDATE_BLOCK_D = 128
 
 
-def _causal_conv1d_update(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu):
-    batch, dim, n_tok = x3.shape
+def _causal_conv1d_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu):
+    batch, dim = x.shape[:2]
+    n_tok = x.shape[2] if x.dim() == 3 else 1
     state_len = conv_state.shape[2]
-    out = torch.empty_like(x3)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    # One token: a token axis of stride 0 instead of an unsqueeze()d view.
+    x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
+    out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
     block_d = min(UPDATE_BLOCK_D, triton.next_power_of_2(dim))
     _causal_conv1d_update_kernel[(triton.cdiv(dim, block_d), batch)](
-        x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
+        x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
         dim, n_tok, state_len, conv_state.shape[0],
-        *x3.stride(), *conv_state.stride(), *out.stride(),
+        *x_st, *conv_state.stride(), *out_st,
         W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
         HAS_INDICES=conv_state_indices is not None, SILU=silu, BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(state_len), num_warps=4,
     )
     return out
+
+
+def _update_inputs_ok(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
+    """The common case in a few comparisons (a decode step is host-bound); anything it does
+    not accept goes through _validate_update, which names the offending argument."""
+    device = getattr(x, "device", None)
+    for t in (x, conv_state, weight, bias):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
+            return False
+    if x.dim() not in (2, 3) or weight.dim() != 2 or conv_state.dim() != 3:
+        return False
+    batch, dim = x.shape[:2]
+    width = weight.shape[1]
+    if weight.shape[0] != dim or not 2 <= width <= 8 or (bias is not None and bias.shape != (dim,)):
+        return False
+    if conv_state.shape[1] != dim or conv_state.shape[2] < width - 1:
+        return False
+    for t in (cache_seqlens, conv_state_indices):
+        # The host range check of the indices (CPU only) lives in _validate_update.
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_cuda and t.device == device
+                                  and t.shape == (batch,) and t.dtype in INDEX_DTYPES):
+            return False
+    return conv_state_indices is not None or conv_state.shape[0] == batch
 
 
 def _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
@@ -804,10 +832,13 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         out shaped like x.
     """
     _check_activation(activation)
-    _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    if not _update_inputs_ok(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
+        _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
     if resolve_backend(backend, x, conv_state) == "torch":
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
-    out = _causal_conv1d_update(x.unsqueeze(-1) if x.dim() == 2 else x, conv_state, weight.contiguous(),
-                                None if bias is None else bias.contiguous(), cache_seqlens, conv_state_indices,
-                                activation is not None)
-    return out.squeeze(-1) if x.dim() == 2 else out
+    if weight.stride() != (weight.shape[1], 1):
+        weight = weight.contiguous()
+    if bias is not None and bias.stride() != (1,):
+        bias = bias.contiguous()
+    return _causal_conv1d_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                                 activation is not None)
