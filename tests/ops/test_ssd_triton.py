@@ -164,7 +164,7 @@ def test_split_conv1d_triton_path_recomputes_and_matches():
 
 
 @requires_cuda
-@pytest.mark.parametrize("shape", [(2, 1000, 8, 64, 1, 128), (1, 777, 6, 48, 3, 80), (2, 2049, 4, 64, 2, 256)])
+@pytest.mark.parametrize("shape", [(1, 777, 6, 48, 3, 80), (2, 1100, 4, 64, 2, 256)])
 def test_gpu_bf16_tolerance_rule(shape):
     inputs = make(*shape)
     got = run(inputs, torch.bfloat16, "triton", 256)

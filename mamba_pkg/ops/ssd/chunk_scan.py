@@ -43,7 +43,7 @@ from mamba_pkg.ops.ssd.chunk_state import _dot
 def _tile_configs():
     if triton_interpret():
         return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (4, 3), (8, 1))]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2))]
 
 
 _KEY = ["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
@@ -57,26 +57,25 @@ def _bmm_chunk_kernel(
 ):
     i_t = tl.program_id(0)
     i_s = tl.program_id(1)
-    if i_s > i_t:  # the upper triangle is never read
-        return
-    i_bcg = tl.program_id(2)
-    i_g = i_bcg % G
-    i_c = (i_bcg // G) % nchunks
-    i_b = i_bcg // (G * nchunks)
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_lt = i_c * Q + o_t
-    o_ls = i_c * Q + o_s
-    base = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
-    b_C = tl.load(C_ptr + base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                  mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
-    b_B = tl.load(B_ptr + base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                  mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
-    cb = _dot(b_C, tl.trans(b_B), DOT_DTYPE)
-    cb_base = i_bcg.to(tl.int64) * Q * Q
-    tl.store(cb_ptr + cb_base + o_t[:, None] * Q + o_s[None, :], cb)
+    if i_s <= i_t:  # the upper triangle is never read
+        i_bcg = tl.program_id(2)
+        i_g = i_bcg % G
+        i_c = (i_bcg // G) % nchunks
+        i_b = i_bcg // (G * nchunks)
+        o_n = tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_lt = i_c * Q + o_t
+        o_ls = i_c * Q + o_s
+        base = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+        b_C = tl.load(C_ptr + base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                      mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
+        b_B = tl.load(B_ptr + base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                      mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
+        cb = _dot(b_C, tl.trans(b_B), DOT_DTYPE)
+        cb_base = i_bcg.to(tl.int64) * Q * Q
+        tl.store(cb_ptr + cb_base + o_t[:, None] * Q + o_s[None, :], cb)
 
 
 def _bmm_chunk(B, C, Q, dot_dtype):
