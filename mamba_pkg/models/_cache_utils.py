@@ -1,4 +1,4 @@
-"""Glue shared by the mixers for inference caches: which cache rows a call uses, conv states.
+"""Glue shared by the mixers: input checks, which cache rows a call uses, conv states.
 
 A conv state (B, D, W) holds the last W inputs of the causal conv (oldest first, zeros
 before the sequence start), the layout causal_conv1d_update expects.
@@ -11,7 +11,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_tensor
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+
+
+def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:
+    """A mixer's input must be (B, L, d_model) float; cu_seqlens, if given, must pack it (B == 1)."""
+    check_tensor(name, x, shape=(None, None, d_model), dtype=FLOAT_DTYPES)
+    if not torch.compiler.is_compiling():
+        check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])
 
 
 def cache_rows(inference_params, batch: int, cache: tuple) -> tuple:

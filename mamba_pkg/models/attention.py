@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mamba_pkg.models._cache_utils import conv_with_cache, layer_cache, positions_in_sequence, sequence_index
+from mamba_pkg.models._cache_utils import check_mixer_input, conv_with_cache, layer_cache, positions_in_sequence, sequence_index
 from mamba_pkg.ops.attention import attention, attention_kvcache
 
 
@@ -151,6 +151,9 @@ class MHA(nn.Module):
         k_cache, v_cache = kv_cache[:, :, 0], kv_cache[:, :, 1]
         if fresh:
             # Prefill: plain (packed) attention, then store the keys/values of every sequence.
+            longest = k.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            if longest > k_cache.shape[1]:
+                raise ValueError(f"a prompt of {longest} tokens does not fit the KV cache of max_seqlen={k_cache.shape[1]}")
             context = attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens)
             if cu_seqlens is None:
                 k_cache[:, : k.shape[1]] = k
@@ -179,6 +182,7 @@ class MHA(nn.Module):
         tokens attend to the cache and are appended to it (per-sequence offsets from
         inference_params.lengths_per_sample when set).
         """
+        check_mixer_input("x", x, self.embed_dim, cu_seqlens)
         if inference_params is None:
             return self._mix(x, None, None, 0, fresh=True, cu_seqlens=cu_seqlens)
         fresh = inference_params.seqlen_offset == 0

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mamba_pkg.models._cache_utils import conv_with_cache, layer_cache
+from mamba_pkg.models._cache_utils import check_mixer_input, conv_with_cache, layer_cache
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
@@ -143,8 +143,7 @@ class Mamba2(nn.Module):
         and ssm states into the cache (cache row s = packed sequence s); seqlen_offset > 0
         continues from the cache (one token: ``step``).
         """
-        if u.dim() != 3:
-            raise ValueError(f"u must have shape (B, L, d_model), got {tuple(u.shape)}")
+        check_mixer_input("u", u, self.d_model, cu_seqlens)
         batch, seqlen, _ = u.shape
         conv_state = ssm_state = None
         fresh = True

@@ -1,0 +1,308 @@
+"""MixerModel (embedding -> blocks -> final norm) and MambaLMHeadModel (+ tied LM head, loss).
+
+Layer i is a Block whose mixer is MHA if i is in config.attn_layer_idx, else Mamba / Mamba2
+(config.ssm_cfg["layer"]), with a GatedMLP when config.d_intermediate > 0. Module and
+parameter names equal mamba_ssm's MambaLMHeadModel (backbone.embedding, backbone.layers.i.
+{norm, mixer, norm2, mlp}, backbone.norm_f, lm_head), so its state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mamba_pkg.models.attention import MHA
+from mamba_pkg.models.block import Block
+from mamba_pkg.models.config import MambaConfig
+from mamba_pkg.models.mamba import Mamba
+from mamba_pkg.models.mamba2 import Mamba2
+from mamba_pkg.models.mlp import GatedMLP
+from mamba_pkg.models.norm import RMSNorm
+from mamba_pkg.ops.backend import check_cu_seqlens, check_same_device, check_tensor, seq_idx_from_cu_seqlens
+from mamba_pkg.ops.norm import layer_norm_fn
+
+IGNORE_INDEX = -100
+
+
+class CausalLMOutput(NamedTuple):
+    """logits (B, L or num_last_tokens, padded vocab); loss: scalar fp32 when labels were given."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+def create_block(
+    d_model,
+    d_intermediate,
+    ssm_cfg=None,
+    attn_layer_idx=None,
+    attn_cfg=None,
+    norm_epsilon=1e-5,
+    rms_norm=False,
+    residual_in_fp32=False,
+    fused_add_norm=False,
+    layer_idx=None,
+    device=None,
+    dtype=None,
+):
+    """One Block of the LM: MHA at attn_layer_idx, else Mamba ("Mamba1") / Mamba2 per ssm_cfg["layer"]."""
+    factory_kwargs = {"device": device, "dtype": dtype}
+    if layer_idx in (attn_layer_idx or []):
+        mixer_cls = partial(MHA, layer_idx=layer_idx, **(attn_cfg or {}), **factory_kwargs)
+    else:
+        ssm_cfg = copy.deepcopy(ssm_cfg or {})
+        layer = ssm_cfg.pop("layer", "Mamba1")
+        if layer not in ("Mamba1", "Mamba2"):
+            raise ValueError(f"ssm_cfg['layer'] must be 'Mamba1' or 'Mamba2', got {layer!r}")
+        mixer_cls = partial(Mamba2 if layer == "Mamba2" else Mamba, layer_idx=layer_idx, **ssm_cfg, **factory_kwargs)
+    norm_cls = partial(RMSNorm if rms_norm else nn.LayerNorm, eps=norm_epsilon, **factory_kwargs)
+    if d_intermediate == 0:
+        mlp_cls = nn.Identity
+    else:
+        mlp_cls = partial(GatedMLP, hidden_features=d_intermediate, out_features=d_model, **factory_kwargs)
+    block = Block(d_model, mixer_cls, mlp_cls, norm_cls=norm_cls, fused_add_norm=fused_add_norm, residual_in_fp32=residual_in_fp32)
+    block.layer_idx = layer_idx
+    return block
+
+
+def _init_weights(module, n_layer, initializer_range=0.02, rescale_prenorm_residual=True, n_residuals_per_layer=1):
+    """mamba_ssm's init: zero Linear biases (except those marked _no_reinit), N(0, 0.02) embeddings,
+    and the residual-branch output projections (out_proj, fc2) rescaled by 1 / sqrt(n_residuals_per_layer * n_layer)
+    (GPT-2 scheme: the residual stream sums that many branches)."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    if rescale_prenorm_residual:
+        for name, p in module.named_parameters():
+            if name in ("out_proj.weight", "fc2.weight"):
+                # Re-draw before scaling so that calling this twice does not shrink the weights twice.
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                with torch.no_grad():
+                    p /= math.sqrt(n_residuals_per_layer * n_layer)
+
+
+class MixerModel(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_layer: int,
+        d_intermediate: int,
+        vocab_size: int,
+        ssm_cfg=None,
+        attn_layer_idx=None,
+        attn_cfg=None,
+        norm_epsilon: float = 1e-5,
+        rms_norm: bool = False,
+        initializer_cfg=None,
+        fused_add_norm=False,
+        residual_in_fp32=False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.residual_in_fp32 = residual_in_fp32
+        self.fused_add_norm = fused_add_norm
+        self.gradient_checkpointing = False
+        self.embedding = nn.Embedding(vocab_size, d_model, **factory_kwargs)
+        self.layers = nn.ModuleList(
+            [
+                create_block(
+                    d_model,
+                    d_intermediate=d_intermediate,
+                    ssm_cfg=ssm_cfg,
+                    attn_layer_idx=attn_layer_idx,
+                    attn_cfg=attn_cfg,
+                    norm_epsilon=norm_epsilon,
+                    rms_norm=rms_norm,
+                    residual_in_fp32=residual_in_fp32,
+                    fused_add_norm=fused_add_norm,
+                    layer_idx=i,
+                    **factory_kwargs,
+                )
+                for i in range(n_layer)
+            ]
+        )
+        self.norm_f = (RMSNorm if rms_norm else nn.LayerNorm)(d_model, eps=norm_epsilon, **factory_kwargs)
+        self.apply(
+            partial(
+                _init_weights,
+                n_layer=n_layer,
+                **(initializer_cfg or {}),
+                n_residuals_per_layer=1 if d_intermediate == 0 else 2,
+            )
+        )
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """{layer_idx: the layer mixer's cache tuple} for InferenceParams.key_value_memory_dict."""
+        return {
+            i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+            for i, layer in enumerate(self.layers)
+        }
+
+    def forward(self, input_ids, inference_params=None, *, cu_seqlens=None):
+        """input_ids (B, L) -> hidden states (B, L, d_model) after the final norm."""
+        mixer_kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        hidden_states = self.embedding(input_ids)
+        residual = None
+        use_checkpoint = self.gradient_checkpointing and self.training and inference_params is None
+        for layer in self.layers:
+            if use_checkpoint:
+                hidden_states, residual = checkpoint(layer, hidden_states, residual, use_reentrant=False, **mixer_kwargs)
+            else:
+                hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
+        norm = self.norm_f
+        if self.fused_add_norm:
+            return layer_norm_fn(
+                hidden_states,
+                norm.weight,
+                norm.bias,
+                residual=residual,
+                eps=norm.eps,
+                prenorm=False,
+                residual_in_fp32=self.residual_in_fp32,
+                is_rms_norm=isinstance(norm, RMSNorm),
+            )
+        residual = hidden_states if residual is None else hidden_states + residual
+        return norm(residual.to(dtype=norm.weight.dtype))
+
+
+def _check_lm_inputs(input_ids, labels, cu_seqlens, num_last_tokens):
+    check_tensor("input_ids", input_ids, ndim=2, dtype=(torch.int64, torch.int32))
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+    check_tensor("labels", labels, shape=tuple(input_ids.shape), dtype=(torch.int64, torch.int32), optional=True)
+    check_same_device(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens)
+    if not isinstance(num_last_tokens, int) or num_last_tokens < 0:
+        raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
+    if labels is not None and num_last_tokens > 0:
+        raise ValueError("labels need the logits of every position; do not combine them with num_last_tokens > 0")
+    if not torch.compiler.is_compiling():
+        check_cu_seqlens(cu_seqlens, input_ids.shape[1], input_ids.shape[0])
+
+
+def shifted_cross_entropy(logits, labels, cu_seqlens=None):
+    """Mean next-token cross entropy: position t predicts labels[:, t + 1].
+
+    logits (B, L, V), labels (B, L) (IGNORE_INDEX = -100 is skipped). With cu_seqlens (packed
+    sequences, B == 1) the last token of a sequence does not predict the first of the next.
+    Math in fp32.
+    """
+    targets = labels[:, 1:].long()
+    if cu_seqlens is not None:
+        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, labels.shape[1])
+        crosses = seq_idx[:, 1:] != seq_idx[:, :-1]
+        targets = targets.masked_fill(crosses, IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+class MambaLMHeadModel(nn.Module):
+    def __init__(self, config: MambaConfig, initializer_cfg=None, device=None, dtype=None) -> None:
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"config must be a MambaConfig, got {type(config).__name__}")
+        super().__init__()
+        self.config = config
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.backbone = MixerModel(
+            d_model=config.d_model,
+            n_layer=config.n_layer,
+            d_intermediate=config.d_intermediate,
+            vocab_size=config.padded_vocab_size,
+            ssm_cfg=config.ssm_cfg,
+            attn_layer_idx=config.attn_layer_idx,
+            attn_cfg=config.attn_cfg,
+            rms_norm=config.rms_norm,
+            initializer_cfg=initializer_cfg,
+            fused_add_norm=config.fused_add_norm,
+            residual_in_fp32=config.residual_in_fp32,
+            **factory_kwargs,
+        )
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory_kwargs)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each block's activations in the backward pass (training only)."""
+        self.backbone.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.backbone.gradient_checkpointing = False
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        return self.backbone.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+
+    def forward(self, input_ids, position_ids=None, inference_params=None, num_last_tokens=0, labels=None, cu_seqlens=None):
+        """Logits, and with labels the shifted cross-entropy loss.
+
+        Args:
+            input_ids: (B, L) int64 / int32 token ids.
+            position_ids: accepted for compatibility with transformers-style callers; unused.
+            inference_params: InferenceParams for prefill / decode (see mamba_pkg.generation.cache).
+            num_last_tokens: if > 0, only the logits of the last num_last_tokens positions.
+            labels: (B, L) token ids (usually input_ids); position t is scored on labels[:, t + 1];
+                -100 is ignored.
+            cu_seqlens: (num_seqs + 1,) int32 packed-sequence boundaries (B == 1); no layer and no
+                loss term crosses a boundary.
+        Returns:
+            CausalLMOutput(logits (B, L or num_last_tokens, padded vocab), loss scalar fp32 or None).
+        """
+        _check_lm_inputs(input_ids, labels, cu_seqlens, num_last_tokens)
+        hidden_states = self.backbone(input_ids, inference_params=inference_params, cu_seqlens=cu_seqlens)
+        if num_last_tokens > 0:
+            hidden_states = hidden_states[:, -num_last_tokens:]
+        logits = self.lm_head(hidden_states)
+        loss = None if labels is None else shifted_cross_entropy(logits, labels, cu_seqlens)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs):
+        """Load a mamba_ssm / transformers checkpoint (Hub name or local dir); see models.checkpoint."""
+        from mamba_pkg.models.checkpoint import load_pretrained
+
+        return load_pretrained(cls, name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write config.json + model.safetensors; see models.checkpoint."""
+        from mamba_pkg.models.checkpoint import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id, **kwargs):
+        """Upload config.json + model.safetensors to the Hub; see models.checkpoint."""
+        from mamba_pkg.models.checkpoint import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def to_transformers(self):
+        """The equivalent transformers MambaForCausalLM / Mamba2ForCausalLM; see models.checkpoint."""
+        from mamba_pkg.models.checkpoint import to_transformers
+
+        return to_transformers(self)
+
+    @classmethod
+    def from_transformers(cls, hf_model, **kwargs):
+        """Build this model from a transformers Mamba / Mamba2 model; see models.checkpoint."""
+        from mamba_pkg.models.checkpoint import from_transformers
+
+        return from_transformers(hf_model, cls=cls, **kwargs)
+
+    def generate(self, input_ids, *args, **kwargs):
+        """Generate tokens; see mamba_pkg.generation.decode.generate for the arguments
+        (mamba_ssm's positional max_length is passed through)."""
+        from mamba_pkg.generation.decode import generate
+
+        return generate(self, input_ids, *args, **kwargs)

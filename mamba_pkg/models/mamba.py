@@ -1,0 +1,179 @@
+"""Mamba (v1) mixer.
+
+    [x, z] = in_proj(u)                           u (B, L, d_model); x, z (B, D, L), D = expand * d_model
+    x = silu(causal_conv1d(x))                    width d_conv
+    [dt, B, C] = x_proj(x)                        dt (B, L, R) -> dt_proj.weight @ dt  (B, D, L); B, C (B, N, L)
+    y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z, delta_bias = dt_proj.bias, softplus)
+    out = out_proj(y)                             (B, L, d_model)
+
+Parameter names and shapes equal mamba_ssm's Mamba (in_proj, conv1d, x_proj, dt_proj, A_log,
+D, out_proj), so its state dicts load unchanged. Inference cache:
+(conv_state (B, D, d_conv), ssm_state (B, D, N) fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+from mamba_pkg.models._cache_utils import check_mixer_input, conv_with_cache, layer_cache
+from mamba_pkg.models._init import inverse_softplus_dt
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
+from mamba_pkg.ops.selective_scan import mamba_inner_fn, selective_scan_fn
+from mamba_pkg.ops.state_update import selective_state_update
+
+
+class Mamba(nn.Module):
+    def __init__(
+        self,
+        d_model,
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        dt_rank="auto",
+        dt_min=0.001,
+        dt_max=0.1,
+        dt_init="random",
+        dt_scale=1.0,
+        dt_init_floor=1e-4,
+        conv_bias=True,
+        bias=False,
+        use_fast_path=True,
+        layer_idx=None,
+        device=None,
+        dtype=None,
+    ):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.activation = "silu"
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias,
+            **factory_kwargs,
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory_kwargs)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+
+        # dt_proj keeps the variance of dt at init; its bias makes softplus(dt) span [dt_min, dt_max].
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        else:
+            raise ValueError(f"dt_init must be 'constant' or 'random', got {dt_init!r}")
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor, **factory_kwargs))
+        # The LM's _init_weights zeroes Linear biases; this one must survive it.
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real init A[d, n] = n + 1, stored as log in fp32.
+        A = repeat(torch.arange(1, d_state + 1, dtype=torch.float32, device=device), "n -> d n", d=self.d_inner)
+        self.A_log = nn.Parameter(torch.log(A).contiguous())
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """(conv_state (B, D, d_conv) in dtype (default: conv weight dtype), ssm_state (B, D, N) fp32)."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return conv_state, ssm_state
+
+    def forward(self, hidden_states, inference_params=None, *, cu_seqlens=None):
+        """hidden_states (B, L, d_model) -> (B, L, d_model).
+
+        cu_seqlens (num_seqs + 1,) int32 packs sequences along L (B == 1); no state crosses a
+        boundary. With inference_params: seqlen_offset == 0 writes each sequence's final conv
+        and ssm states into the cache (cache row s = packed sequence s); seqlen_offset > 0
+        continues from the cache (one token: ``step``).
+        """
+        check_mixer_input("hidden_states", hidden_states, self.d_model, cu_seqlens)
+        batch, seqlen, _ = hidden_states.shape
+        conv_state = ssm_state = None
+        fresh = True
+        if inference_params is not None:
+            fresh = inference_params.seqlen_offset == 0
+            cache_batch = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            conv_state, ssm_state = layer_cache(self, inference_params, cache_batch)
+            if not fresh and seqlen == 1:
+                out, _, _ = self.step(hidden_states, conv_state, ssm_state)
+                return out
+
+        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")  # (B, 2D, L)
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        if self.use_fast_path and inference_params is None:
+            return mamba_inner_fn(
+                xz,
+                conv_weight,
+                self.conv1d.bias,
+                self.x_proj.weight,
+                self.dt_proj.weight,
+                self.out_proj.weight,
+                self.out_proj.bias,
+                A,
+                None,
+                None,
+                self.D.float(),
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+                cu_seqlens=cu_seqlens,
+            )
+        x, z = xz.chunk(2, dim=1)
+        x = conv_with_cache(x, conv_weight, self.conv1d.bias, self.activation, conv_state, fresh=fresh, cu_seqlens=cu_seqlens)
+        x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
+        B = rearrange(B, "b l n -> b n l")
+        C = rearrange(C, "b l n -> b n l")
+        y = selective_scan_fn(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            return_last_state=ssm_state is not None,
+            initial_state=None if fresh else ssm_state,
+            cu_seqlens=cu_seqlens,
+        )
+        if ssm_state is not None:
+            y, last_state = y
+            ssm_state.copy_(last_state)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One decode step. hidden_states (B, 1, d_model); conv_state (B, D, d_conv) and
+        ssm_state (B, D, N) fp32 are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+            raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
+        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, D) each
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        x = causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, self.activation)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, D); the bias is added (in fp32) by the op
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(
+            ssm_state, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True
+        )
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
