@@ -198,7 +198,7 @@ def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
 
 
 @triton.jit
-def _conv_pre(p_x, w_ptr, b_bias, p_init, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+def _conv_pre(p_x, w_ptr, bias_ptr, p_init, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
               stride_x_l, stride_i_b, stride_i_d, stride_i_w,
               W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
               INIT_PER_SEQ: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -222,7 +222,7 @@ def _conv_pre(p_x, w_ptr, b_bias, p_init, start_ptr, row_ptr, i_b, o_d, o_l, m_d
             b_w = tl.load(w_ptr + o_d * W + k).to(tl.float32)
         pre += b_w[:, None] * b_x
     if HAS_BIAS:
-        pre += b_bias[:, None]
+        pre += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
     return pre
 
 
@@ -237,8 +237,7 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
     o_l = l0 + tl.arange(0, BLOCK_L)
     m_d = o_d < D
     p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
-    b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    acc = _conv_pre(p_x, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+    acc = _conv_pre(p_x, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
                     stride_x_l, stride_i_b, stride_i_d, stride_i_w,
                     W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
     if SILU:
@@ -263,17 +262,22 @@ def _causal_conv1d_fwd_kernel(
 ):
     i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
-    args = (x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
-            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
-            stride_i_b, stride_i_d, stride_i_w)
-    consts = (W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU)
-    interior = (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= D)
     if HAS_SEQ:
-        _conv_fwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L)
-    elif interior:
-        _conv_fwd_tile(*args, *consts, False, BLOCK_D, BLOCK_L)
+        _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+                       stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
+                       stride_i_b, stride_i_d, stride_i_w,
+                       W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, True, BLOCK_D, BLOCK_L)
     else:
-        _conv_fwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L)
+        if (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= D):
+            _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+                           stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
+                           stride_i_b, stride_i_d, stride_i_w,
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, False, BLOCK_D, BLOCK_L)
+        else:
+            _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+                           stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
+                           stride_i_b, stride_i_d, stride_i_w,
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, True, BLOCK_D, BLOCK_L)
 
 
 # Tile shapes (BLOCK_D, BLOCK_L, num_warps), chosen by measurement on an H100
@@ -309,7 +313,7 @@ def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, conf
 
 
 @triton.jit
-def _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+def _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
              stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
              W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
              INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -320,7 +324,7 @@ def _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o
     else:
         dy = tl.load(p).to(tl.float32)
     if SILU:
-        pre = _conv_pre(p_x, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+        pre = _conv_pre(p_x, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
                         stride_x_l, stride_i_b, stride_i_d, stride_i_w,
                         W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
         sig = _sigmoid(pre)
@@ -345,16 +349,16 @@ def _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_pt
     m_d, m_l = o_d < D, o_l < L
     p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
     p_do = dout_ptr + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[:, None] * stride_do_d
-    b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    consts = (W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
-    dy0 = _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
-                   stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w, *consts)
+    dy0 = _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
+                   stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
+                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
     if SCRATCH:
         # dy at the HALO positions after the tile, then the whole (BLOCK_D, BLOCK_L + HALO)
         # strip goes to this program's scratch tile, to be read back shifted.
         o_h = i_l * BLOCK_L + BLOCK_L + tl.arange(0, HALO)
-        dy_h = _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_h, m_d, L,
-                        stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w, *consts)
+        dy_h = _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_h, m_d, L,
+                        stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
+                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
         p_sc = p_scratch + tl.arange(0, BLOCK_D)[:, None] * stride_sc_d
         tl.store(p_sc + o_t[None, :] * stride_sc_l, dy0)
         tl.store(p_sc + (BLOCK_L + tl.arange(0, HALO))[None, :] * stride_sc_l, dy_h)
@@ -372,8 +376,9 @@ def _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_pt
         elif SCRATCH:
             dy_s = tl.load(p_sc + (o_t + s)[None, :] * stride_sc_l)
         else:
-            dy_s = _conv_dy(p_x, p_do, w_ptr, b_bias, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l + s, m_d, L,
-                            stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w, *consts)
+            dy_s = _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l + s, m_d, L,
+                            stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
+                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
         if HAS_SEQ:
             t = o_l + s
             start_t = tl.load(start_ptr + i_b.to(tl.int64) * L + t, mask=t < L, other=0)
@@ -420,19 +425,31 @@ def _causal_conv1d_bwd_kernel(
         i_d = (tile // n_l_tiles) % n_d_tiles
         i_b = tile // (n_l_tiles * n_d_tiles)
         l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
-        args = (x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-                p_scratch, i_b, i_l, d0, L, D, n_l_tiles,
-                stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
-                stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
-                stride_sc_d, stride_sc_l)
-        consts = (W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH)
-        interior = (l0 >= W - 1) & (l0 + BLOCK_L + HALO <= L) & (d0 + BLOCK_D <= D)
         if HAS_SEQ:
-            _conv_bwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L, HALO)
-        elif interior:
-            _conv_bwd_tile(*args, *consts, False, BLOCK_D, BLOCK_L, HALO)
+            _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+                           p_scratch, i_b, i_l, d0, L, D, n_l_tiles,
+                           stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
+                           stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
+                           stride_sc_d, stride_sc_l,
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH, True,
+                           BLOCK_D, BLOCK_L, HALO)
         else:
-            _conv_bwd_tile(*args, *consts, True, BLOCK_D, BLOCK_L, HALO)
+            if (l0 >= W - 1) & (l0 + BLOCK_L + HALO <= L) & (d0 + BLOCK_D <= D):
+                _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+                               p_scratch, i_b, i_l, d0, L, D, n_l_tiles,
+                               stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
+                               stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
+                               stride_sc_d, stride_sc_l,
+                               W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH, False,
+                               BLOCK_D, BLOCK_L, HALO)
+            else:
+                _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+                               p_scratch, i_b, i_l, d0, L, D, n_l_tiles,
+                               stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
+                               stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
+                               stride_sc_d, stride_sc_l,
+                               W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH, True,
+                               BLOCK_D, BLOCK_L, HALO)
 
 
 def _n_sms(device):

@@ -109,7 +109,8 @@ def test_no_optional_inputs_and_low_precision():
     out = selective_state_update(**kw, backend="torch")
     assert out.dtype == torch.bfloat16 and kw["state"].dtype == torch.float32
     dt = kw["dt"].float()[..., None]
-    exp_state = st * torch.exp(kw["A"] * dt) + dt * kw["x"].float()[..., None] * kw["B"].float()[:, :, None, :].expand(2, 4, 3, 5)
+    b_heads = kw["B"].float()[:, :, None, :].expand(2, 4, 3, 5)  # one group shared by the 4 heads
+    exp_state = st * torch.exp(kw["A"] * dt) + dt * kw["x"].float()[..., None] * b_heads
     torch.testing.assert_close(kw["state"], exp_state)
 
 
