@@ -167,3 +167,32 @@ def test_bad_inputs():
         MambaLMHeadModel({"d_model": 16})
     with pytest.raises(ValueError, match="divisible by num_heads"):
         MambaLMHeadModel(_config(attn_layer_idx=[0], attn_cfg={"num_heads": 5}))
+
+
+def test_bf16_model_close_to_fp32():
+    model = _model(d_intermediate=24, attn_layer_idx=[1], attn_cfg=dict(ATTN))
+    ids = torch.randint(0, 50, (2, 9))
+    ref = model(ids).logits
+    model.to(torch.bfloat16)
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert ((out.logits.float() - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_delegating_methods(monkeypatch):
+    """generate / save_pretrained / from_pretrained hand their arguments to the owning modules."""
+    import mamba_pkg.generation.decode as decode
+    import mamba_pkg.models.checkpoint as checkpoint
+
+    calls = {}
+    monkeypatch.setattr(decode, "generate", lambda model, ids, *a, **kw: calls.setdefault("generate", (model, ids, a, kw)))
+    monkeypatch.setattr(checkpoint, "save_pretrained", lambda model, d, **kw: calls.setdefault("save", (model, d, kw)))
+    monkeypatch.setattr(checkpoint, "load_pretrained", lambda cls, name, **kw: calls.setdefault("load", (cls, name, kw)))
+    model = _model(n_layer=1)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    model.generate(ids, 20, top_k=1)
+    model.save_pretrained("somewhere", max_shard_size="1GB")
+    MambaLMHeadModel.from_pretrained("org/name", dtype=torch.float16)
+    assert calls["generate"] == (model, ids, (20,), {"top_k": 1})
+    assert calls["save"] == (model, "somewhere", {"max_shard_size": "1GB"})
+    assert calls["load"] == (MambaLMHeadModel, "org/name", {"dtype": torch.float16})
