@@ -4,10 +4,11 @@ B=4, D=2048, W=4, L in {2048, 8192}, x in (B, D, L)-contiguous and channel-last 
 Bytes moved: fwd reads x and writes out (2 * B*D*L * 2 B); fwd+bwd adds reading x and
 dout and writing dx (5 * B*D*L * 2 B). pct_limit = GB/s / 3000 (HBM).
 
-    PYTHONPATH=. python benchmarks/bench_conv.py [--sweep]
+    PYTHONPATH=. python benchmarks/bench_conv.py [--tune]
 
---sweep times the kernel tile shapes and both backward variants and prints them (it does
-not change the defaults; copy the winners into mamba_pkg/ops/causal_conv1d.py).
+--tune first times the tile shapes, both backward variants and the persistent grid size,
+then runs the comparison with the fastest (printed and stored with the rows; copy them
+into mamba_pkg/ops/causal_conv1d.py).
 """
 
 from __future__ import annotations
@@ -80,37 +81,74 @@ def main_rows():
     return rows
 
 
+FWD_CANDIDATES = {"contiguous": [(4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8)],
+                  "channel_last": [(64, 64, 4), (128, 32, 4), (128, 64, 8)]}
+BWD_CANDIDATES = {"contiguous": [(8, 256, 4), (8, 128, 4), (16, 128, 4), (4, 256, 4)],
+                  "channel_last": [(64, 64, 4), (128, 32, 4), (64, 32, 4)]}
+
+
 def sweep():
-    """Tile shapes for each layout, and the two ways the backward pass shifts dy."""
-    rows = []
-    fwd_configs = [(4, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 4), (16, 512, 8)]
-    cl_configs = [(64, 64, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8)]
-    for layout, configs in (("contiguous", fwd_configs), ("channel_last", cl_configs)):
+    """Time the tile shapes, the two backward variants and the persistent grid size at
+    L=8192; return (rows, the fastest setting per layout and pass)."""
+    rows, best = [], {}
+
+    def timed(case, label, fn):
+        ms = try_provider(label, lambda: time_ms(fn, 25, 100))
+        if ms is not None:
+            rows.append({"case": case, "provider": f"ours {label}", "ms": round(ms, 4)})
+            print(f"{case:40s} {label:40s} {ms:.4f}")
+        return ms if ms is not None else float("inf")
+
+    for layout in ("contiguous", "channel_last"):
         x, w, b = make_inputs(8192, layout, False)
         g = torch.randn_like(x)
-        for cfg in configs:
-            ms = try_provider(str(cfg), lambda: time_ms(
-                lambda: conv._causal_conv1d_fwd(x, w, b, None, None, None, True, config=cfg), 25, 100))
-            rows.append({"case": f"fwd L=8192 layout={layout}", "provider": f"ours{cfg}", "ms": ms})
+        fwd = {cfg: timed(f"fwd L=8192 layout={layout}", str(cfg), lambda: conv._causal_conv1d_fwd(
+            x, w, b, None, None, None, True, config=cfg)) for cfg in FWD_CANDIDATES[layout]}
+        bwd = {}
+        for cfg in BWD_CANDIDATES[layout]:
             for variant in ("scratch", "recompute"):
-                ms = try_provider(str(cfg), lambda: time_ms(
-                    lambda: conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, variant=variant),
-                    25, 100))
-                rows.append({"case": f"bwd L=8192 layout={layout} {variant}", "provider": f"ours{cfg}",
-                             "ms": ms})
-    for r in rows:
-        print(f"{r['case']:45s} {r['provider']:22s} {r['ms']}")
-    return rows
+                bwd[(cfg, variant, 8)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {variant} pps=8", lambda: (
+                    conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, variant=variant,
+                                            programs_per_sm=8)))
+        cfg, variant, _ = min(bwd, key=bwd.get)
+        for pps in (4, 16):
+            bwd[(cfg, variant, pps)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {variant} pps={pps}", lambda: (
+                conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, variant=variant,
+                                        programs_per_sm=pps)))
+        best[layout] = (min(fwd, key=fwd.get), min(bwd, key=bwd.get))
+    return rows, best
+
+
+def apply(best):
+    """Make the library use the given settings (the values to copy into causal_conv1d.py)."""
+    for layout, (fwd_cfg, (bwd_cfg, variant, pps)) in best.items():
+        conv.FWD_CONFIG[layout] = fwd_cfg
+        conv.BWD_CONFIG[layout] = bwd_cfg
+        conv.BWD_DY_SHIFT[layout] = variant
+    # One grid size for both layouts: the contiguous layout's (the benchmark's headline case).
+    conv.BWD_PROGRAMS_PER_SM = best["contiguous"][1][2]
+
+
+def settings():
+    return {"fwd": dict(conv.FWD_CONFIG), "bwd": dict(conv.BWD_CONFIG), "dy_shift": dict(conv.BWD_DY_SHIFT),
+            "programs_per_sm": conv.BWD_PROGRAMS_PER_SM}
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="time tile shapes instead of the comparison")
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep tile shapes first and run the comparison with the fastest ones")
     args = parser.parse_args()
-    if args.sweep:
-        save_results("bench_conv_sweep", [r for r in sweep() if r["ms"]], plot_key="L")
-    else:
-        save_results("bench_conv", main_rows(), plot_key="L")
+    if args.tune:
+        rows, best = sweep()
+        apply(best)
+        save_results("bench_conv_sweep", rows, plot_key="L")
+    print("settings:", settings())
+    rows = main_rows()
+    for r in rows:
+        if r["provider"] == "ours":
+            r["settings"] = str(settings())
+    save_results("bench_conv", rows, plot_key="L")
 
 
 if __name__ == "__main__":

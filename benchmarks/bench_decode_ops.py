@@ -6,7 +6,9 @@ D + 2*G*N = 2304 channels); conv width 4, conv_state (batch, channels, 4).
 Bytes: the state is read and written once (fp32 SSM state, bf16 conv state) plus the
 per-token inputs and outputs. pct_limit = GB/s / 3000 (HBM).
 
-    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--sweep]
+    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--tune]
+
+--tune first times tile shapes and runs the comparison with the fastest (printed).
 """
 
 from __future__ import annotations
@@ -108,28 +110,55 @@ def main_rows():
 
 
 def sweep():
-    rows = []
+    """Time state tiles (fp32 values per program) and warps at batch 64, and the conv-update
+    channel block; return (rows, the fastest settings)."""
+    import mamba_pkg.ops.causal_conv1d as conv
+
+    rows, best = [], {}
+
+    def timed(case, label, fn):
+        ms = try_provider(label, lambda: time_ms(fn, 25, 100))
+        if ms is not None:
+            rows.append({"case": case, "provider": f"ours {label}", "ms": round(ms, 4)})
+            print(f"{case:45s} {label:25s} {ms:.4f}")
+        return ms if ms is not None else float("inf")
+
     for model, key in (("mamba1", 16), ("mamba2", 128)):
         kw, _ = ssu_inputs(model, 64)
-        for tile in (512, 1024, 2048, 4096):
+        times = {}
+        for tile in (1024, 2048, 4096, 8192):
             for warps in (4, 8):
                 ssu.TILE_ELEMS[key], ssu.NUM_WARPS[key] = tile, warps
-                ms = try_provider("ours", lambda: time_ms(lambda: ssu.selective_state_update(**kw, dt_softplus=True),
-                                                          25, 100))
-                rows.append({"case": f"step state_update model={model} batch=64", "provider": f"ours tile={tile} "
-                             f"warps={warps}", "ms": ms})
-                print(rows[-1])
-    return rows
+                times[(tile, warps)] = timed(f"step state_update model={model} batch=64", f"tile={tile} warps={warps}",
+                                             lambda: ssu.selective_state_update(**kw, dt_softplus=True))
+        best[key] = min(times, key=times.get)
+        ssu.TILE_ELEMS[key], ssu.NUM_WARPS[key] = best[key]
+    (x, state, w, b), _ = conv_inputs("mamba2", 64)
+    times = {}
+    for block in (64, 128, 256, 512):
+        conv.UPDATE_BLOCK_D = block
+        times[block] = timed("step conv_update model=mamba2 batch=64", f"block_d={block}",
+                             lambda: causal_conv1d_update(x, state, w, b, "silu"))
+    conv.UPDATE_BLOCK_D = min(times, key=times.get)
+    best["conv_update_block_d"] = conv.UPDATE_BLOCK_D
+    return rows, best
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="time tile shapes instead of the comparison")
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep tile shapes first and run the comparison with the fastest ones")
     args = parser.parse_args()
-    if args.sweep:
-        save_results("bench_decode_ops_sweep", [r for r in sweep() if r["ms"]], plot_key="batch")
-    else:
-        save_results("bench_decode_ops", main_rows(), plot_key="batch")
+    settings = None
+    if args.tune:
+        rows, settings = sweep()
+        save_results("bench_decode_ops_sweep", rows, plot_key="batch")
+        print("settings:", settings)
+    rows = main_rows()
+    for r in rows:
+        if r["provider"] == "ours" and settings:
+            r["settings"] = str(settings)
+    save_results("bench_decode_ops", rows, plot_key="batch")
 
 
 if __name__ == "__main__":

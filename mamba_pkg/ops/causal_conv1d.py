@@ -289,7 +289,7 @@ BWD_PROGRAMS_PER_SM = 8
 # How the backward pass gets dy at the W-1 positions after each position: "scratch"
 # stores the tile's dy once to a per-program scratch tile (L1/L2-resident) and reads it
 # back shifted; "recompute" rebuilds it from x (W times the taps and sigmoids).
-BWD_DY_SHIFT = "scratch"
+BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "scratch"}
 
 
 def _layout(x):
@@ -460,7 +460,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout
                        programs_per_sm=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
-    scratch_mode = (variant or BWD_DY_SHIFT) == "scratch"
+    scratch_mode = (variant or BWD_DY_SHIFT[_layout(x)]) == "scratch"
     block_d, block_l, warps = config or BWD_CONFIG[_layout(x)]
     halo = triton.next_power_of_2(width - 1)
     n_l_tiles, n_d_tiles = triton.cdiv(length, block_l), triton.cdiv(dim, block_d)

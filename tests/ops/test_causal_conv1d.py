@@ -318,7 +318,7 @@ CONV_VARIANT_CASES = [(c, "scratch") for c in CONV_CASES] + [(CONV_CASES[1], "re
                          if isinstance(c, tuple) else c)
 def test_triton_conv_matches_ref_fp32(case, variant, monkeypatch):
     B, D, L, W, layout, init, bias, act, packing = case
-    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", variant)
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
     monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
     monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
     (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, layout, init, bias, act, packing, torch.float32)
@@ -376,7 +376,7 @@ def test_triton_update_matches_ref(mode):
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 def test_gpu_conv_all_widths_bf16(width, layout, variant, monkeypatch):
-    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", variant)
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
     B, D, L = 2, 96, 1000
     (x, w, b, i), _, _ = _conv_case(B, D, L, width, layout, True, True, "silu", None, torch.bfloat16)
     g = torch.randn(B, D, L, device=DEVICE)
@@ -392,7 +392,7 @@ def test_gpu_conv_all_widths_bf16(width, layout, variant, monkeypatch):
 @pytest.mark.parametrize("variant", ["scratch", "recompute"])
 @pytest.mark.parametrize("packing", ["seq_idx", "cu_seqlens"])
 def test_gpu_conv_packed_fp32(packing, variant, monkeypatch):
-    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", variant)
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
     B, D, L, W = 1, 64, 500, 4
     (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, "channel_last", True, True, "silu", packing, torch.float32)
     g = torch.randn(B, D, L, device=DEVICE)
