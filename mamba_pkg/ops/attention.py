@@ -106,8 +106,9 @@ def _sdpa(q, k, v, *, causal, scale, attn_mask=None):
 def _flex_attention_fn(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Uncompiled FlexAttention materialises the scores; on CUDA compile it into a fused kernel.
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    # Uncompiled FlexAttention materialises the scores; on CUDA compile it into a fused kernel
+    # (default dynamic setting: after a second packed length it compiles a length-generic kernel).
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 def _flex_packed(q, k, v, cu_seqlens, *, causal, scale):
