@@ -44,16 +44,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_tensor,
+)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from mamba_pkg.models.attention import MHA
 from mamba_pkg.models.block import Block
@@ -62,15 +73,16 @@ from mamba_pkg.models.mamba2 import Mamba2
 from mamba_pkg.models.mlp import GatedMLP
 
 __all__ = [
-    "apply_fsdp",
-    "apply_tensor_parallel",
-    "tensor_parallel_plan",
-    "gather_state_dict",
-    "save_pretrained_distributed",
     "GatedMLPParallel",
     "MHAParallel",
-    "MambaParallel",
     "Mamba2Parallel",
+    "MambaParallel",
+    "apply_fsdp",
+    "apply_tensor_parallel",
+    "clip_grad_norm_",
+    "gather_state_dict",
+    "save_pretrained_distributed",
+    "tensor_parallel_plan",
 ]
 
 # Attribute on a parallelized module: {param name relative to it: (dim, index, full size)}.
@@ -90,7 +102,7 @@ def apply_fsdp(
     mesh: DeviceMesh,
     *,
     reshard_after_forward: bool = True,
-    mp_policy: Optional[MixedPrecisionPolicy] = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2: ``fully_shard`` on each Block (one all-gather / reduce-scatter
     unit per layer), then on the root (embedding, final norm, lm_head).
@@ -146,7 +158,7 @@ def _reduce_both(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _segment_index(segments: Sequence[Tuple[int, str]], world: int) -> Tuple[torch.Tensor, List[Tuple[int, int, str]]]:
+def _segment_index(segments: Sequence[tuple[int, str]], world: int) -> tuple[torch.Tensor, list[tuple[int, int, str]]]:
     """Index over the full dim for segments [(size, SHARD | REPLICATE), ...] laid end to end.
 
     Rank r's block is, per segment, its r-th contiguous part (SHARD) or the whole segment
@@ -171,11 +183,11 @@ def _segment_index(segments: Sequence[Tuple[int, str]], world: int) -> Tuple[tor
     return torch.cat(per_rank), local
 
 
-def _require_divisible(what: str, value: int, world: int, module: nn.Module) -> None:
+def _require_divisible(what: str, value: int, world: int, module: nn.Module, hint: str = "") -> None:
     if value % world != 0:
         raise ValueError(
-            f"tensor parallel size {world} must divide {what} = {value} of {type(module).__name__}"
-            f" (layer_idx={getattr(module, 'layer_idx', None)})"
+            f"tensor parallel size {world} must divide {what}={value} of {type(module).__name__}"
+            f" (layer_idx={getattr(module, 'layer_idx', None)}){hint}"
         )
 
 
@@ -400,7 +412,7 @@ class Mamba2Parallel(_LocalShardParallel):
         d_mlp = module.d_inner - d_ssm
         _require_divisible("nheads", H, world, module)
         if G != 1:
-            _require_divisible("ngroups (or use ngroups=1)", G, world, module)
+            _require_divisible("ngroups", G, world, module, hint="; ngroups=1 (B, C on every rank) also works")
         _require_divisible("d_inner - d_ssm (the in-mixer MLP width)", d_mlp, world, module)
         bc_mode = REPLICATE if G == 1 else SHARD
         xbc = [(d_ssm, SHARD), (G * N, bc_mode), (G * N, bc_mode)]
@@ -439,7 +451,7 @@ class Mamba2Parallel(_LocalShardParallel):
 _STYLES = ((GatedMLP, GatedMLPParallel), (MHA, MHAParallel), (Mamba, MambaParallel), (Mamba2, Mamba2Parallel))
 
 
-def tensor_parallel_plan(model: nn.Module) -> Dict[str, ParallelStyle]:
+def tensor_parallel_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     """{module fqn: style} for every GatedMLP, MHA, Mamba and Mamba2 in ``model`` (a plan for
     ``torch.distributed.tensor.parallel.parallelize_module``)."""
     plan = {}
@@ -486,11 +498,73 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gradient clipping over sharded and replicated parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``model`` (sharded by apply_fsdp / apply_tensor_parallel, or not)
+    to a total 2-norm of ``max_norm``; returns the total norm before clipping (fp32 scalar,
+    equal on every rank and to the single-process norm).
+
+    torch.nn.utils.clip_grad_norm_ cannot mix DTensor and plain gradients (a TP model has both).
+    Here sharded gradients contribute their local sum of squares, all-reduced; rows that every
+    tensor-parallel rank holds whole (Mamba2 B/C with ngroups == 1) count once; replicated and
+    plain gradients count once.
+    """
+    layouts = _layouts_of(model)
+    partial_sq, replicated_sq, group = None, None, None
+    grads = []
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        grads.append(grad)
+        if isinstance(grad, DTensor) and any(p.is_shard() for p in grad.placements):
+            local = grad.to_local().float()
+            if name in layouts:
+                dim, index, _ = layouts[name]
+                local_rows = local.shape[dim]
+                rank = grad.device_mesh.get_local_rank()
+                mine = index[rank * local_rows : (rank + 1) * local_rows]
+                copies = torch.bincount(index)[mine].to(local.device, local.dtype)
+                shape = [1] * local.dim()
+                shape[dim] = local_rows
+                square_sum = (local.square() / copies.view(shape)).sum()
+            else:
+                square_sum = local.square().sum()
+            partial_sq = square_sum if partial_sq is None else partial_sq + square_sum
+            group = grad.device_mesh.get_group()
+        else:
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            square_sum = local.float().square().sum()
+            replicated_sq = square_sum if replicated_sq is None else replicated_sq + square_sum
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    total = torch.zeros((), device=device)
+    if partial_sq is not None:
+        partial_sq = partial_sq.to(device)
+        dist.all_reduce(partial_sq, group=group)
+        total = total + partial_sq
+    if replicated_sq is not None:
+        total = total + replicated_sq.to(device)
+    total_norm = total.sqrt()
+    # One host sync per call: a Python scale applies to DTensor and plain gradients alike.
+    scale = min(1.0, max_norm / (total_norm.item() + 1e-6))
+    if scale < 1.0:
+        with torch.no_grad():
+            for grad in grads:
+                grad.mul_(scale)
+    return total_norm
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
-def _layouts_of(model: nn.Module) -> Dict[str, Tuple[int, torch.Tensor, int]]:
+def _layouts_of(model: nn.Module) -> dict[str, tuple[int, torch.Tensor, int]]:
     layouts = {}
     for prefix, module in model.named_modules():
         for name, layout in getattr(module, LAYOUT_ATTR, {}).items():
@@ -498,7 +572,7 @@ def _layouts_of(model: nn.Module) -> Dict[str, Tuple[int, torch.Tensor, int]]:
     return layouts
 
 
-def gather_state_dict(model: nn.Module, *, device="cpu") -> Dict[str, torch.Tensor]:
+def gather_state_dict(model: nn.Module, *, device="cpu") -> dict[str, torch.Tensor]:
     """The single-process state dict of a model sharded by apply_fsdp or apply_tensor_parallel.
 
     Collective: every rank of the model's mesh must call it. DTensors are gathered
@@ -507,7 +581,7 @@ def gather_state_dict(model: nn.Module, *, device="cpu") -> Dict[str, torch.Tens
     stay one tensor. Tensors are moved to ``device``.
     """
     layouts = _layouts_of(model)
-    gathered: Dict[int, torch.Tensor] = {}
+    gathered: dict[int, torch.Tensor] = {}
     result = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if id(value) in gathered:

@@ -11,6 +11,7 @@ keeps the start-up cost (two interpreters importing torch) paid once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,7 +23,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -124,7 +124,7 @@ def check_tp_mamba2_ngroups2(mesh):
     """ngroups == 2: groups split over the ranks; fused (mem-eff) path; bias on both projections."""
     from mamba_pkg.models.mamba2 import Mamba2
 
-    build = lambda: Mamba2(D_MODEL, ngroups=2, bias=True, D_has_hdim=True, **MAMBA2_CFG, layer_idx=0)  # noqa: E731
+    build = lambda: Mamba2(D_MODEL, ngroups=2, bias=True, D_has_hdim=True, **MAMBA2_CFG, layer_idx=0)
     return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
 
 
@@ -132,7 +132,7 @@ def check_tp_mamba2_mlp(mesh):
     """d_ssm < d_inner (in-mixer MLP part), ngroups == 2, unfused path."""
     from mamba_pkg.models.mamba2 import Mamba2
 
-    build = lambda: Mamba2(D_MODEL, ngroups=2, d_ssm=48, **MAMBA2_CFG, layer_idx=0)  # noqa: E731
+    build = lambda: Mamba2(D_MODEL, ngroups=2, d_ssm=48, **MAMBA2_CFG, layer_idx=0)
     return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
 
 
@@ -151,20 +151,53 @@ def _lm_config(layer="Mamba2", attn=True, d_intermediate=48):
     )
 
 
-def _train_step(model, ids, lr=0.5):
-    # SGD: the update is linear in the gradient, so rounding-level gradient differences stay
-    # rounding-level (Adam's g / sqrt(v) amplifies them where g is near 0).
+def _train_step(model, ids, clip, lr=0.5, max_norm=0.1):
+    """One clipped SGD step; returns the gradient norm before clipping. SGD: the update is linear
+    in the gradient, so rounding-level gradient differences stay rounding-level (Adam's
+    g / sqrt(v) amplifies them where g is near 0)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    out = model(ids, labels=ids)
-    out.loss.backward()
+    model(ids, labels=ids).loss.backward()
+    norm = clip(model, max_norm)
     opt.step()
-    return out
+    return norm
+
+
+def _torch_clip(model, max_norm):
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def _shared_tmpdir(stack):
+    """A temporary directory made by rank 0, same path on every rank (one host)."""
+    path = [stack.enter_context(tempfile.TemporaryDirectory()) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+def _dcp_round_trip(errors, sharded, fresh, ids):
+    """torch.distributed.checkpoint: save the sharded state, load it into a differently
+    initialised model sharded the same way; logits must match."""
+    import torch.distributed.checkpoint as dcp
+
+    with contextlib.ExitStack() as stack:
+        path = _shared_tmpdir(stack)
+        dcp.save(sharded.state_dict(), checkpoint_id=path)
+        state = fresh.state_dict()
+        dcp.load(state, checkpoint_id=path)
+        fresh.load_state_dict(state)
+        with torch.no_grad():
+            errors["dcp reloaded logits"] = rel_err(fresh(ids).logits, sharded(ids).logits)
+        dist.barrier()
 
 
 def check_tp_lm(mesh):
-    """Hybrid LM (Mamba2 + MHA + GatedMLP): loss, logits, gradients, one SGD step, then the
+    """Hybrid LM (Mamba2 + MHA + GatedMLP): loss, logits, gradients, one clipped SGD step, then the
     gathered checkpoint loaded into a single-process model gives the same logits."""
-    from mamba_pkg.distributed import apply_tensor_parallel, gather_state_dict, save_pretrained_distributed
+    from mamba_pkg.distributed import (
+        apply_tensor_parallel,
+        clip_grad_norm_,
+        gather_state_dict,
+        save_pretrained_distributed,
+    )
     from mamba_pkg.models.lm import MambaLMHeadModel
 
     torch.manual_seed(0)
@@ -177,9 +210,10 @@ def check_tp_lm(mesh):
     out_tp.loss.backward()
     errors = {"loss": rel_err(out_tp.loss, out_ref.loss), "logits": rel_err(out_tp.logits, out_ref.logits)}
     _compare_grads(errors, ref, _full_grads(tp))
-    for model in (ref, tp):
-        model.zero_grad(set_to_none=True)
-        _train_step(model, ids)
+    ref.zero_grad(set_to_none=True)
+    tp.zero_grad(set_to_none=True)
+    norm_ref = _train_step(ref, ids, _torch_clip)
+    errors["grad norm"] = rel_err(_train_step(tp, ids, clip_grad_norm_), norm_ref)
     state = gather_state_dict(tp)
     for key, value in ref.state_dict().items():
         errors[f"after step {key}"] = rel_err(state[key], value)
@@ -187,12 +221,11 @@ def check_tp_lm(mesh):
     single.load_state_dict(state)
     with torch.no_grad():
         errors["reloaded logits"] = rel_err(single(ids).logits, tp(ids).logits)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = [tmp]
-        dist.broadcast_object_list(path, src=0)
-        save_pretrained_distributed(tp, path[0])
+    with contextlib.ExitStack() as stack:
+        path = _shared_tmpdir(stack)
+        save_pretrained_distributed(tp, path)
         if dist.get_rank() == 0:
-            loaded = MambaLMHeadModel.from_pretrained(path[0])
+            loaded = MambaLMHeadModel.from_pretrained(path)
             with torch.no_grad():
                 errors["from_pretrained logits"] = rel_err(loaded(ids).logits, single(ids).logits)
         dist.barrier()
@@ -200,13 +233,15 @@ def check_tp_lm(mesh):
 
 
 def check_tp_lm_mamba1(mesh):
-    """Mamba-1 LM: loss and gradients."""
+    """Mamba-1 LM with gradient checkpointing (the TP mixers are recomputed in backward): loss
+    and gradients; then a torch.distributed.checkpoint round trip of the sharded weights."""
     from mamba_pkg.distributed import apply_tensor_parallel
     from mamba_pkg.models.lm import MambaLMHeadModel
 
     torch.manual_seed(0)
     ref = MambaLMHeadModel(_lm_config("Mamba1", attn=False, d_intermediate=0))
     tp = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+    tp.gradient_checkpointing_enable()
     ids = torch.randint(0, VOCAB, (2, SEQLEN))
     out_ref = ref(ids, labels=ids)
     out_ref.loss.backward()
@@ -214,13 +249,17 @@ def check_tp_lm_mamba1(mesh):
     out_tp.loss.backward()
     errors = {"loss": rel_err(out_tp.loss, out_ref.loss)}
     _compare_grads(errors, ref, _full_grads(tp))
+    torch.manual_seed(1)
+    fresh = apply_tensor_parallel(MambaLMHeadModel(_lm_config("Mamba1", attn=False, d_intermediate=0)), mesh)
+    _dcp_round_trip(errors, tp, fresh, ids)
     return errors
 
 
 def check_fsdp_lm(mesh):
     """FSDP2: each rank takes its half of the batch; the averaged loss, gathered gradients, one
-    SGD step and the gathered state dict equal the single-process full-batch run."""
-    from mamba_pkg.distributed import apply_fsdp, gather_state_dict
+    clipped SGD step and the gathered state dict equal the single-process full-batch run; then a
+    torch.distributed.checkpoint round trip."""
+    from mamba_pkg.distributed import apply_fsdp, clip_grad_norm_, gather_state_dict
     from mamba_pkg.models.lm import MambaLMHeadModel
 
     torch.manual_seed(0)
@@ -237,9 +276,10 @@ def check_fsdp_lm(mesh):
     dist.all_reduce(loss)
     errors = {"loss": rel_err(loss / world, out_ref.loss)}
     _compare_grads(errors, ref, _full_grads(sharded))
-    for model, batch in ((ref, ids), (sharded, mine)):
-        model.zero_grad(set_to_none=True)
-        _train_step(model, batch)
+    ref.zero_grad(set_to_none=True)
+    sharded.zero_grad(set_to_none=True)
+    norm_ref = _train_step(ref, ids, _torch_clip)
+    errors["grad norm"] = rel_err(_train_step(sharded, mine, clip_grad_norm_), norm_ref)
     state = gather_state_dict(sharded)
     for key, value in ref.state_dict().items():
         errors[f"after step {key}"] = rel_err(state[key], value)
@@ -247,6 +287,8 @@ def check_fsdp_lm(mesh):
     single.load_state_dict(state)
     with torch.no_grad():
         errors["reloaded logits"] = rel_err(single(ids).logits, ref(ids).logits)
+    torch.manual_seed(1)
+    _dcp_round_trip(errors, sharded, apply_fsdp(MambaLMHeadModel(_lm_config()), mesh), ids)
     return errors
 
 
@@ -300,7 +342,7 @@ def _worker(rank, world, port, out_path, only):
             continue
         try:
             results[name] = {"values": check(mesh), "error": None}
-        except Exception:  # reported to the test, which fails with the traceback
+        except Exception:  # noqa: BLE001 -- reported to the test, which fails with the traceback
             results[name] = {"values": {}, "error": traceback.format_exc()}
         dist.barrier()
     if rank == 0:
