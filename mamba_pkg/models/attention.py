@@ -12,14 +12,20 @@ Inference cache: (kv_cache (B, max_seqlen, 2, Hkv, P), conv_state (B, qkv_dim, d
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mamba_pkg.models._cache_utils import check_mixer_input, conv_with_cache, layer_cache, positions_in_sequence, sequence_index
+from mamba_pkg.models._cache_utils import (
+    check_mixer_input,
+    conv_with_cache,
+    layer_cache,
+    positions_in_sequence,
+    sequence_index,
+)
 from mamba_pkg.ops.attention import attention, attention_kvcache
 
 

@@ -25,7 +25,12 @@ from mamba_pkg.models.mamba import Mamba
 from mamba_pkg.models.mamba2 import Mamba2
 from mamba_pkg.models.mlp import GatedMLP
 from mamba_pkg.models.norm import RMSNorm
-from mamba_pkg.ops.backend import check_cu_seqlens, check_same_device, check_tensor, seq_idx_from_cu_seqlens
+from mamba_pkg.ops.backend import (
+    check_cu_seqlens,
+    check_same_device,
+    check_tensor,
+    seq_idx_from_cu_seqlens,
+)
 from mamba_pkg.ops.norm import layer_norm_fn
 
 IGNORE_INDEX = -100

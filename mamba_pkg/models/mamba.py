@@ -20,7 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from mamba_pkg.models._cache_utils import check_mixer_input, conv_with_cache, layer_cache
+from mamba_pkg.models._cache_utils import (
+    check_mixer_input,
+    conv_with_cache,
+    layer_cache,
+)
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 from mamba_pkg.ops.selective_scan import mamba_inner_fn, selective_scan_fn

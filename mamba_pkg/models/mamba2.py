@@ -19,11 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mamba_pkg.models._cache_utils import check_mixer_input, conv_with_cache, layer_cache
+from mamba_pkg.models._cache_utils import (
+    check_mixer_input,
+    conv_with_cache,
+    layer_cache,
+)
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
-from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+from mamba_pkg.ops.ssd.combined import (
+    mamba_chunk_scan_combined,
+    mamba_split_conv1d_scan_combined,
+)
 from mamba_pkg.ops.state_update import selective_state_update
 
 NO_DT_LIMIT = (0.0, float("inf"))

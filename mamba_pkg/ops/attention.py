@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -71,7 +71,7 @@ def _packed_mask(cu_seqlens: torch.Tensor, seqlen: int, causal: bool) -> torch.T
 def attention_ref(q, k, v, causal=True, softmax_scale=None, cu_seqlens=None):
     """Reference attention (fp32 math, output in q's dtype). Shapes as in ``attention``."""
     _check_qkv(q, k, v, cu_seqlens)
-    batch, seqlen, nheads, headdim = q.shape
+    seqlen, nheads, headdim = q.shape[1:]
     groups = nheads // k.shape[2]
     scale = headdim**-0.5 if softmax_scale is None else softmax_scale
     k_rep = repeat(k.float(), "b l hkv p -> b l (hkv g) p", g=groups)

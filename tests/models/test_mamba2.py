@@ -48,7 +48,7 @@ def test_step_loop_and_chunked_prefill_equal_forward(kw):
     assert torch.allclose(steps, full, atol=1e-5)
     chunked, _ = _run_cached(mixer, x, [6, 1, 3, 1])
     assert torch.allclose(chunked, full, atol=1e-5)
-    conv_state, ssm_state = params.key_value_memory_dict[0]
+    ssm_state = params.key_value_memory_dict[0][1]
     assert ssm_state.shape == (2, mixer.nheads, 8, 8) and ssm_state.dtype == torch.float32
 
 

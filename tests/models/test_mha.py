@@ -122,7 +122,7 @@ def test_rotary_is_a_rotation():
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     for interleaved in (False, True):
-        def rot(x, pos):
+        def rot(x, pos, interleaved=interleaved):
             cos, sin = rotary_cos_sin(torch.tensor([pos]), inv_freq)
             return apply_rotary(x, cos, sin, interleaved)
 
