@@ -372,8 +372,7 @@ def test_triton_update_matches_ref(mode):
 
 
 @requires_cuda
-@pytest.mark.parametrize("variant", ["scratch", "recompute"])
-@pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("width,variant", [(w, "scratch") for w in range(2, 9)] + [(4, "recompute")])
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 def test_gpu_conv_all_widths_bf16(width, layout, variant, monkeypatch):
     monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
