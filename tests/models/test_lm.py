@@ -120,13 +120,15 @@ def test_prefill_then_steps_equal_forward(attn):
     assert torch.allclose(torch.cat(outs, dim=1), full, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_same_grads():
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_checkpointing_gives_same_grads(packed):
     model = _model(d_intermediate=24, attn_layer_idx=[1], attn_cfg=dict(ATTN))
-    ids = torch.randint(0, 50, (2, 8))
+    ids = torch.randint(0, 50, (1, 8) if packed else (2, 8))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32) if packed else None
 
     def grads():
         model.zero_grad()
-        model(ids, labels=ids).loss.backward()
+        model(ids, labels=ids, cu_seqlens=cu).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = grads()
@@ -196,3 +198,18 @@ def test_delegating_methods(monkeypatch):
     assert calls["generate"] == (model, ids, (20,), {"top_k": 1})
     assert calls["save"] == (model, "somewhere", {"max_shard_size": "1GB"})
     assert calls["load"] == (MambaLMHeadModel, "org/name", {"dtype": torch.float16})
+
+
+def test_inference_params_reset():
+    model = _model(n_layer=2, attn_layer_idx=[1], attn_cfg=dict(ATTN))
+    params = InferenceParams(max_seqlen=6, max_batch_size=1, lengths_per_sample=torch.zeros(1, dtype=torch.int32))
+    ids = torch.randint(0, 50, (1, 4))
+    with torch.no_grad():
+        first = model(ids, inference_params=params).logits
+        params.seqlen_offset = 4
+        params.lengths_per_sample += 4
+        model(ids[:, :1], inference_params=params)
+        params.reset(6, 1)
+        assert params.seqlen_offset == 0 and params.lengths_per_sample.item() == 0
+        again = model(ids, inference_params=params).logits  # a fresh prefill overwrites the old states
+    assert torch.allclose(first, again, atol=1e-6)
