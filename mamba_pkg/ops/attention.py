@@ -256,11 +256,13 @@ def attention_kvcache(
         # Static length: attend only over the filled part of the cache.
         total = cache_seqlens + new_tokens
         keys, values = k_cache[:batch, :total], v_cache[:batch, :total]
+        if steps == 1 or not causal:
+            # One new token (or no causality) sees the whole filled cache: no mask needed.
+            return _sdpa(q, keys, values, causal=False, scale=scale)
         first = total - steps  # absolute position of query 0 (queries are the last T cached tokens)
         key_pos = torch.arange(total, device=q.device)
         query_pos = first + torch.arange(steps, device=q.device)
-        allowed = (key_pos[None, :] <= query_pos[:, None]) if causal else key_pos[None, :] < total
-        mask = allowed.expand(batch, 1, steps, total)
+        mask = (key_pos[None, :] <= query_pos[:, None]).expand(batch, 1, steps, total)
     else:
         # Per-sequence lengths: attend over the whole cache with a mask, so that shapes stay
         # static (CUDA-graph safe); unwritten positions are masked out.
