@@ -12,9 +12,19 @@ Batches come from one global stream seeded by the step: with --fsdp rank r train
 --batch (batch * world) sees the same tokens and gives the same loss curve. With --tp every
 rank takes the same --batch rows (the model, not the data, is split).
 
---dtype bf16: FSDP keeps fp32 master weights and computes in bf16 (MixedPrecisionPolicy, fp32
-gradient reduction); TP and 1-GPU runs use torch.autocast(bf16) over fp32 weights.
---json FILE writes the per-step losses and the mean tokens/s (after --warmup steps) from rank 0.
+--dtype bf16: torch.autocast(bf16) over fp32 weights in every mode (so FSDP, TP and 1-GPU runs
+compute alike); add --fsdp-bf16-params to have FSDP all-gather bf16 weights instead
+(MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): half the all-gather traffic).
+--json FILE writes the per-step losses and the mean tokens/s (after --warmup steps) from rank 0;
+--compare-to FILE prints the largest per-step loss difference and the tokens/s ratio against
+such a file. The 2-GPU acceptance run (issue 9):
+
+    python examples/train_distributed.py --model 370m --layer Mamba1 --batch 16 --seqlen 2048 --json one16.json
+    python examples/train_distributed.py --model 370m --layer Mamba1 --batch 8 --seqlen 2048 --json one8.json
+    torchrun --nproc_per_node 2 examples/train_distributed.py --fsdp --model 370m --layer Mamba1 --batch 8 \
+        --seqlen 2048 --compare-to one16.json       # same loss curve; then --compare-to one8.json: >= 1.8x
+    torchrun --nproc_per_node 2 examples/train_distributed.py --tp --model 370m --layer Mamba1 --batch 8 \
+        --seqlen 2048 --compare-to one8.json        # same loss curve; speed ratio recorded
 """
 
 from __future__ import annotations
@@ -61,12 +71,14 @@ def parse_args():
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fsdp-bf16-params", action="store_true", help="FSDP MixedPrecisionPolicy instead of autocast")
     parser.add_argument("--checkpointing", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--data", help="flat uint16 token file (default: synthetic Markov chain)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=1)
     parser.add_argument("--save", help="directory for the gathered checkpoint (loads with from_pretrained)")
     parser.add_argument("--json", help="rank 0 writes losses and tokens/s here")
+    parser.add_argument("--compare-to", help="--json file of another run (e.g. 1 GPU): print loss gap and speed ratio")
     return parser.parse_args()
 
 
@@ -118,11 +130,12 @@ def main():
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        use_policy = bf16 and args.fsdp_bf16_params
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_policy else None
         apply_fsdp(model, mesh, mp_policy=policy)
     elif args.tp:
         apply_tensor_parallel(model, mesh)
-    autocast = bf16 and not args.fsdp
+    autocast = bf16 and not (args.fsdp and args.fsdp_bf16_params)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     batches = Batches(config.vocab_size, args.seqlen, args.data, args.seed)
 
@@ -165,6 +178,13 @@ def main():
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "world": world, "params": n_params, "losses": losses,
                            "tokens_per_s": mean_rate, "tokens_per_s_per_rank": mean_rate / world}, f, indent=1)
+        if args.compare_to:
+            with open(args.compare_to) as f:
+                other = json.load(f)
+            steps = min(len(losses), len(other["losses"]))
+            gap = max(abs(a - b) for a, b in zip(losses[:steps], other["losses"][:steps]))
+            print(f"vs {args.compare_to}: max |loss difference| over {steps} steps {gap:.4f}, "
+                  f"tokens/s ratio {mean_rate / other['tokens_per_s']:.2f}x", flush=True)
     if args.save:
         if distributed and (args.fsdp or args.tp):
             save_pretrained_distributed(model, args.save)
