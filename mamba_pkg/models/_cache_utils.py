@@ -85,16 +85,16 @@ def layer_cache(module, inference_params, batch: int) -> tuple:
     return cache_rows(inference_params, batch, memory[module.layer_idx])
 
 
-def conv_with_cache(x, weight, bias, activation, conv_state=None, *, fresh=True, cu_seqlens=None):
+def conv_with_cache(x, weight, bias, activation, conv_state=None, *, fresh=True, cu_seqlens=None, seq_idx=None):
     """Causal depthwise conv of x (B, D, L) -> (B, D, L), keeping conv_state (B, D, W) current.
 
-    conv_state None: a plain (packed) conv. fresh: a prefill from an empty cache; the state
+    conv_state None: a plain (packed) conv; seq_idx (B, L) is only used then (no cache). fresh: a prefill from an empty cache; the state
     becomes the last W inputs (per sequence with cu_seqlens, whose cache rows are the
     sequences). Not fresh: continue from conv_state (one token: the update op; several: the
     conv with the cached inputs as initial states), then advance it.
     """
     if conv_state is None or fresh:
-        out = causal_conv1d_fn(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
+        out = causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation, cu_seqlens=cu_seqlens)
         if conv_state is not None:
             conv_state.copy_(last_inputs(x, conv_state.shape[-1], cu_seqlens))
         return out

@@ -142,15 +142,18 @@ class Mamba2(nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def forward(self, u, inference_params=None, *, cu_seqlens=None):
+    def forward(self, u, inference_params=None, *, cu_seqlens=None, seq_idx=None):
         """u (B, L, d_model) -> (B, L, d_model).
 
         cu_seqlens (num_seqs + 1,) int32 packs sequences along L (B == 1); no state crosses a
         boundary. With inference_params: seqlen_offset == 0 writes each sequence's final conv
         and ssm states into the cache (cache row s = packed sequence s); seqlen_offset > 0
-        continues from the cache (one token: ``step``).
+        continues from the cache (one token: ``step``). seq_idx (B, L) int32 (mamba_ssm's
+        argument, training only): non-decreasing per row; no state crosses a change of value.
         """
         check_mixer_input("u", u, self.d_model, cu_seqlens)
+        if seq_idx is not None and inference_params is not None:
+            raise ValueError("seq_idx cannot be combined with inference_params; use cu_seqlens for a packed prefill")
         batch, seqlen, _ = u.shape
         conv_state = ssm_state = None
         fresh = True
@@ -184,11 +187,19 @@ class Mamba2(nn.Module):
                 headdim=None if self.D_has_hdim else self.headdim,
                 ngroups=self.ngroups,
                 norm_before_gate=self.norm_before_gate,
+                seq_idx=seq_idx,
                 cu_seqlens=cu_seqlens,
             )
         z0, x0, z, xBC, dt = self._split(zxbcdt)
         xBC = conv_with_cache(
-            xBC.transpose(1, 2), conv_weight, self.conv1d.bias, self.activation, conv_state, fresh=fresh, cu_seqlens=cu_seqlens
+            xBC.transpose(1, 2),
+            conv_weight,
+            self.conv1d.bias,
+            self.activation,
+            conv_state,
+            fresh=fresh,
+            cu_seqlens=cu_seqlens,
+            seq_idx=seq_idx,
         ).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         want_state = ssm_state is not None
@@ -203,6 +214,7 @@ class Mamba2(nn.Module):
             z=None if self.rmsnorm else rearrange(z, "b l (h p) -> b l h p", p=self.headdim),
             dt_bias=self.dt_bias,
             initial_states=None if fresh else ssm_state,
+            seq_idx=seq_idx,
             cu_seqlens=cu_seqlens,
             dt_softplus=True,
             dt_limit=self.dt_limit,

@@ -110,3 +110,17 @@ def test_bad_arguments():
         Mamba2(24, headdim=8, ngroups=4)  # 6 heads
     with pytest.raises(ValueError, match="u must have shape"):
         _mamba2()(torch.randn(5, 24))
+
+
+@pytest.mark.parametrize("use_mem_eff_path", [True, False])
+def test_seq_idx_rows_equal_per_sequence(use_mem_eff_path):
+    """mamba_ssm's seq_idx: two rows, each holding differently split sequences."""
+    mixer = _mamba2(use_mem_eff_path=use_mem_eff_path)
+    x = torch.randn(2, 9, 24)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.int32)
+    out = mixer(x, seq_idx=seq_idx)
+    for row, split in ((0, 3), (1, 7)):
+        assert torch.allclose(out[row : row + 1, :split], mixer(x[row : row + 1, :split]), atol=1e-5)
+        assert torch.allclose(out[row : row + 1, split:], mixer(x[row : row + 1, split:]), atol=1e-5)
+    with pytest.raises(ValueError, match="seq_idx cannot be combined"):
+        mixer(x, InferenceParams(max_seqlen=9, max_batch_size=2), seq_idx=seq_idx)
