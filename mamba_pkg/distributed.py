@@ -4,6 +4,10 @@
     apply_tensor_parallel(model, mesh)    ``parallelize_module`` with the plans below
     gather_state_dict(model)              full single-process state dict (collective)
     save_pretrained_distributed(model, d) gather, then rank 0 writes config.json + safetensors
+    clip_grad_norm_(model, max_norm)      gradient clipping over sharded + replicated gradients
+
+Resuming in the same layout: torch.distributed.checkpoint (``dcp.save(model.state_dict(), ...)``,
+``dcp.load``) works on both kinds of sharded models as they are.
 
 Tensor-parallel plans (TP size T = mesh size; every rank sees the same input batch):
 
@@ -22,7 +26,8 @@ Tensor-parallel plans (TP size T = mesh size; every rank sees the same input bat
               and groups split alike, ngroups % T == 0), or, with ngroups == 1, B and C whole on
               every rank (their gradients are summed over the ranks); conv1d, dt_bias, A_log, D,
               norm.weight per local channel/head; out_proj row-parallel. With ngroups == 1 the
-              gated RMSNorm spans all channels, so its sum of squares is all-reduced.
+              gated RMSNorm spans all channels, so its sum of squares is all-reduced (and the
+              unfused path runs; with ngroups % T == 0 the fused mem-eff path stays).
     Embedding, norms and lm_head stay replicated (plain tensors, broadcast from rank 0 once);
     their gradients are equal on every rank, so they need no reduction.
 
@@ -36,8 +41,9 @@ gated-norm statistics and the mixer output (all-reduce) cross ranks, each throug
 backward collectives.
 
 Limits: TP mixers run training / scoring forwards only (no inference cache): gather the
-weights into a single-process model to generate. FSDP and TP are applied separately (no 2-D
-mesh yet).
+weights into a single-process model to generate. FSDP and TP are tested separately; 2-D
+(apply_tensor_parallel on mesh["tp"], then apply_fsdp on mesh["dp"]) composes in torch but is
+untested here, and clip_grad_norm_ refuses it.
 """
 
 from __future__ import annotations
@@ -520,6 +526,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
         if grad is None:
             continue
         grads.append(grad)
+        if isinstance(grad, DTensor) and grad.device_mesh.ndim != 1:
+            raise NotImplementedError(f"clip_grad_norm_ handles 1-D meshes only; {name} lives on {grad.device_mesh}")
         if isinstance(grad, DTensor) and any(p.is_shard() for p in grad.placements):
             local = grad.to_local().float()
             if name in layouts:
