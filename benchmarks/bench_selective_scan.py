@@ -88,29 +88,48 @@ def cases(quick: bool):
     return out
 
 
-def sweep():
-    """Time a few kernel shapes at the target cases (B=4, D=2048, N=16) and keep the
-    fastest for N=16 in the rows that follow (the chosen shapes are printed)."""
+def _outputs_and_grads(seed=0):
+    torch.manual_seed(seed)
+    args = make_inputs(2, 512, 1000, 16, requires_grad=True)
+    out = provider_fn("ours")(*args)
+    grads = torch.autograd.grad(out.float().square().sum(), args)
+    return [out.detach()] + list(grads)
+
+
+def sweep(out_dir=None):
+    """Time a few kernel shapes at B=4, D=2048, L=2048, N=16, check each against the
+    default shapes' results, and keep the fastest for N=16 in the rows that follow."""
+    import os
+
     import mamba_pkg.ops.selective_scan as ss
 
     original = ss._block_sizes
-    fwd_cfgs = [(32, 4, 4, 8, 4), (32, 4, 4, 16, 4), (16, 4, 4, 8, 2), (16, 2, 8, 8, 4), (64, 4, 4, 8, 8)]
-    bwd_cfgs = [(32, 4, 4, 8, 4), (16, 4, 4, 8, 2), (16, 2, 8, 8, 4), (32, 4, 4, 4, 4), (16, 2, 8, 4, 4)]
-    total = {"fwd": {}, "fwdbwd": {}}
-    for L in (2048, 8192):
-        for cfg in fwd_cfgs:
-            ss._block_sizes = lambda *a, backward, c=cfg: c if not backward else original(*a, backward=backward)
-            ms = try_provider("ours", lambda: bench_case("ours", "fwd", 4, 2048, L, 16))
-            print(f"sweep fwd L={L} cfg={cfg}: {ms}")
-            total["fwd"][cfg] = total["fwd"].get(cfg, 0.0) + (ms or 1e9)
-        for cfg in bwd_cfgs:
-            ss._block_sizes = lambda *a, backward, c=cfg: c
-            ms = try_provider("ours", lambda: bench_case("ours", "fwdbwd", 4, 2048, L, 16))
-            print(f"sweep fwdbwd L={L} cfg={cfg}: {ms}")
-            total["fwdbwd"][cfg] = total["fwdbwd"].get(cfg, 0.0) + (ms or 1e9)
-    best_fwd = min(total["fwd"], key=total["fwd"].get)
-    best_bwd = min(total["fwdbwd"], key=total["fwdbwd"].get)
-    print(f"sweep best: fwd {best_fwd}, bwd {best_bwd}")
+    reference = _outputs_and_grads()
+    fwd_cfgs = [(32, 4, 4, 8, 4), (32, 4, 4, 16, 4), (16, 4, 4, 8, 2), (8, 4, 4, 8, 1), (8, 4, 4, 16, 1),
+                (16, 2, 8, 8, 4), (4, 2, 8, 16, 1)]
+    bwd_cfgs = [(32, 4, 4, 8, 4), (16, 4, 4, 8, 2), (8, 4, 4, 8, 1), (16, 2, 8, 8, 4), (4, 2, 8, 8, 1),
+                (32, 4, 4, 4, 4), (8, 4, 4, 4, 1)]
+    lines = []
+    best = {}
+    for pass_, cfgs in (("fwd", fwd_cfgs), ("fwdbwd", bwd_cfgs)):
+        for cfg in cfgs:
+            if pass_ == "fwd":
+                ss._block_sizes = lambda *a, backward, c=cfg: c if not backward else original(*a, backward=backward)
+            else:
+                ss._block_sizes = lambda *a, backward, c=cfg: c
+            got = _outputs_and_grads()
+            worst = max(((g.double() - r.double()).norm() / r.double().norm()).item() for g, r in zip(got, reference))
+            ms = try_provider("ours", lambda: bench_case("ours", pass_, 4, 2048, 2048, 16)) if worst < 1e-2 else None
+            lines.append(f"sweep {pass_} B=4 D=2048 L=2048 N=16 cfg(BLOCK_D,N_IN,N_LANES,BLOCK_L,warps)={cfg}: "
+                         f"ms={ms} max_rel_err_vs_default={worst:.1e}")
+            print(lines[-1], flush=True)
+            if ms and ms < best.get(pass_, (1e9, None))[0]:
+                best[pass_] = (ms, cfg)
+    best_fwd, best_bwd = best["fwd"][1], best["fwdbwd"][1]
+    lines.append(f"sweep best: fwd {best_fwd}, bwd {best_bwd}")
+    print(lines[-1])
+    with open(os.path.join(out_dir or os.environ.get("OUT") or ".", "bench_selective_scan_sweep.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
     def tuned(dstate, group_size, grouped, backward):
         if dstate != 16 or grouped:
@@ -128,14 +147,24 @@ def profile(seqlen=2048):
     fn = provider_fn("ours")
     args = make_inputs(4, 2048, seqlen, 16, requires_grad=True)
     grad = torch.randn(4, 2048, seqlen, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
+    def step():
+        for t in args:
+            t.grad = None
         fn(*args).backward(grad)
+
+    for _ in range(3):
+        step()
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            fn(*args).backward(grad)
+            step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    print(table)
+    import os
+
+    with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_profile.txt"), "w") as f:
+        f.write(f"fwd+bwd x5, B=4 D=2048 L={seqlen} N=16\n{table}\n")
 
 
 def main(argv=None):
