@@ -41,9 +41,8 @@ gated-norm statistics and the mixer output (all-reduce) cross ranks, each throug
 backward collectives.
 
 Limits: TP mixers run training / scoring forwards only (no inference cache): gather the
-weights into a single-process model to generate. FSDP and TP are tested separately; 2-D
-(apply_tensor_parallel on mesh["tp"], then apply_fsdp on mesh["dp"]) composes in torch but is
-untested here, and clip_grad_norm_ refuses it.
+weights into a single-process model to generate. 2-D parallelism: apply_tensor_parallel on
+mesh["tp"], then apply_fsdp on mesh["dp"] of one (dp, tp) mesh (FSDP shards the TP shards).
 """
 
 from __future__ import annotations
@@ -508,53 +507,67 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
+def _row_weights(grad: DTensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Local (..., rows, 1, ...) weights 1 / (copies of the row) for a gradient laid out by
+    ``index`` along ``dim``: sharded like the gradient, whatever its placements (TP, FSDP on
+    top of TP)."""
+    copies = torch.bincount(index)[index].to(grad.device, torch.float32)
+    shape = [1] * grad.dim()
+    shape[dim] = -1
+    mesh = grad.device_mesh
+    weights = DTensor.from_local(copies.reciprocal().view(shape), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return weights.redistribute(mesh, grad.placements).to_local()
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the gradients of ``model`` (sharded by apply_fsdp / apply_tensor_parallel, or not)
-    to a total 2-norm of ``max_norm``; returns the total norm before clipping (fp32 scalar,
-    equal on every rank and to the single-process norm).
+    """Clip the gradients of ``model`` (sharded by apply_fsdp / apply_tensor_parallel, both, or
+    neither) to a total 2-norm of ``max_norm``; returns the total norm before clipping (fp32
+    scalar, equal on every rank and to the single-process norm).
 
     torch.nn.utils.clip_grad_norm_ cannot mix DTensor and plain gradients (a TP model has both).
-    Here sharded gradients contribute their local sum of squares, all-reduced; rows that every
-    tensor-parallel rank holds whole (Mamba2 B/C with ngroups == 1) count once; replicated and
-    plain gradients count once.
+    Here each rank sums the squares of its local gradients, divided by the number of ranks that
+    hold the same values (Replicate mesh dims), and one all-reduce per mesh (and mesh dim) adds
+    them up;
+    rows that every tensor-parallel rank holds whole (Mamba2 B/C with ngroups == 1) count once;
+    plain (replicated) gradients count once.
     """
     layouts = _layouts_of(model)
-    partial_sq, replicated_sq, group = None, None, None
+    # Per mesh: with FSDP over TP, TP weights live on the (dp, tp) mesh and the others on dp.
+    sharded_sq: dict[DeviceMesh, torch.Tensor] = {}
+    replicated_sq = None
     grads = []
     for name, param in model.named_parameters():
         grad = param.grad
         if grad is None:
             continue
         grads.append(grad)
-        if isinstance(grad, DTensor) and grad.device_mesh.ndim != 1:
-            raise NotImplementedError(f"clip_grad_norm_ handles 1-D meshes only; {name} lives on {grad.device_mesh}")
-        if isinstance(grad, DTensor) and any(p.is_shard() for p in grad.placements):
-            local = grad.to_local().float()
-            if name in layouts:
-                dim, index, _ = layouts[name]
-                local_rows = local.shape[dim]
-                rank = grad.device_mesh.get_local_rank()
-                mine = index[rank * local_rows : (rank + 1) * local_rows]
-                copies = torch.bincount(index)[mine].to(local.device, local.dtype)
-                shape = [1] * local.dim()
-                shape[dim] = local_rows
-                square_sum = (local.square() / copies.view(shape)).sum()
-            else:
-                square_sum = local.square().sum()
-            partial_sq = square_sum if partial_sq is None else partial_sq + square_sum
-            group = grad.device_mesh.get_group()
-        else:
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
-            square_sum = local.float().square().sum()
+        if not isinstance(grad, DTensor):
+            square_sum = grad.float().square().sum()
             replicated_sq = square_sum if replicated_sq is None else replicated_sq + square_sum
+            continue
+        if any(p.is_partial() for p in grad.placements):
+            raise ValueError(f"gradient of {name} is a partial sum ({grad.placements}); reduce it before clipping")
+        mesh = grad.device_mesh
+        squares = grad.to_local().float().square()
+        if name in layouts:
+            dim, index, _ = layouts[name]
+            if torch.bincount(index).max() > 1:
+                squares = squares * _row_weights(grad, dim, index)
+        replicas = 1
+        for mesh_dim, placement in enumerate(grad.placements):
+            if placement.is_replicate():
+                replicas *= mesh.size(mesh_dim)
+        square_sum = squares.sum() / replicas
+        sharded_sq[mesh] = square_sum if mesh not in sharded_sq else sharded_sq[mesh] + square_sum
     if not grads:
         return torch.zeros(())
     device = grads[0].device
     total = torch.zeros((), device=device)
-    if partial_sq is not None:
-        partial_sq = partial_sq.to(device)
-        dist.all_reduce(partial_sq, group=group)
-        total = total + partial_sq
+    for mesh, square_sum in sharded_sq.items():
+        # Ranks outside this mesh hold the same values (replicated over the other mesh dims).
+        for mesh_dim in range(mesh.ndim):
+            dist.all_reduce(square_sum, group=mesh.get_group(mesh_dim))
+        total = total + square_sum
     if replicated_sq is not None:
         total = total + replicated_sq.to(device)
     total_norm = total.sqrt()

@@ -1,6 +1,6 @@
 """Runs every distributed check in 2 CPU processes (gloo) and writes the measured errors as JSON.
 
-    python tests/distributed/dist_worker.py OUT.json [--world 2]
+    python tests/distributed/dist_worker.py OUT.json [CHECK ...] [--world 2 | 4]
 
 Each check builds a tiny model from a fixed seed (identical on every rank), runs it in one
 process as the reference, shards a copy (FSDP2 or tensor parallel) and compares outputs and
@@ -11,11 +11,11 @@ keeps the start-up cost (two interpreters importing torch) paid once.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
 import os
-import sys
 import tempfile
 import traceback
 from functools import partial
@@ -292,6 +292,42 @@ def check_fsdp_lm(mesh):
     return errors
 
 
+def check_fsdp_tp_2d_lm(mesh):
+    """(dp=2, tp=2) mesh: TP inside each dp group, FSDP across them. Loss, gradients, clipped
+    step and gathered state equal the single-process full-batch run."""
+    from mamba_pkg.distributed import (
+        apply_fsdp,
+        apply_tensor_parallel,
+        clip_grad_norm_,
+        gather_state_dict,
+    )
+    from mamba_pkg.models.lm import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    ref = MambaLMHeadModel(_lm_config())
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh["tp"])
+    apply_fsdp(model, mesh["dp"])
+    dp = mesh["dp"].size()
+    ids = torch.randint(0, VOCAB, (2 * dp, SEQLEN))
+    mine = ids.chunk(dp)[mesh["dp"].get_local_rank()]
+    out_ref = ref(ids, labels=ids)
+    out_ref.loss.backward()
+    out = model(mine, labels=mine)
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss, group=mesh["dp"].get_group())
+    errors = {"loss": rel_err(loss / dp, out_ref.loss)}
+    _compare_grads(errors, ref, _full_grads(model))
+    ref.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    norm_ref = _train_step(ref, ids, _torch_clip)
+    errors["grad norm"] = rel_err(_train_step(model, mine, clip_grad_norm_), norm_ref)
+    state = gather_state_dict(model)
+    for key, value in ref.state_dict().items():
+        errors[f"after step {key}"] = rel_err(state[key], value)
+    return errors
+
+
 def check_tp_errors(mesh):
     """Sizes the TP size does not divide: ValueError naming the size, model left unsharded."""
     from mamba_pkg.distributed import apply_tensor_parallel
@@ -330,13 +366,19 @@ CHECKS = [
 ]
 
 
+CHECKS_2D = [check_fsdp_tp_2d_lm]
+
+
 def _worker(rank, world, port, out_path, only):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    if world == 4:
+        mesh, checks = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")), CHECKS_2D
+    else:
+        mesh, checks = init_device_mesh("cpu", (world,)), CHECKS
     results = {}
-    for check in CHECKS:
+    for check in checks:
         name = check.__name__[len("check_"):]
         if only and name not in only:
             continue
@@ -360,6 +402,9 @@ def _free_port():
 
 
 if __name__ == "__main__":
-    out_path = sys.argv[1]
-    only = sys.argv[2:]
-    mp.spawn(_worker, args=(2, _free_port(), out_path, only), nprocs=2)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("only", nargs="*", help="check names (default: all)")
+    parser.add_argument("--world", type=int, choices=(2, 4), default=2, help="4: the (dp=2, tp=2) checks")
+    args = parser.parse_args()
+    mp.spawn(_worker, args=(args.world, _free_port(), args.out, args.only), nprocs=args.world)

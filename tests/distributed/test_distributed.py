@@ -1,4 +1,5 @@
-"""FSDP2 and tensor parallel on CPU: 2 gloo processes vs the single-process run.
+"""FSDP2 and tensor parallel on CPU: 2 (and, for FSDP over TP, 4) gloo processes vs the
+single-process run.
 
 The checks themselves live in dist_worker.py (run once, in a subprocess that spawns 2 ranks);
 each test below asserts on one check's measured relative errors. fp32 throughout: sharding only
@@ -19,14 +20,26 @@ TOL = 1e-4
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _run_worker(tmp_path_factory, world):
     out = tmp_path_factory.mktemp("dist") / "results.json"
     env = dict(os.environ, MAMBA_PKG_BACKEND="torch", OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, WORKER, str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    command = [sys.executable, WORKER, str(out), "--world", str(world)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0 and out.exists(), f"distributed worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """2 ranks: the TP and FSDP checks."""
+    return _run_worker(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def results_2d(tmp_path_factory):
+    """4 ranks: the (dp=2, tp=2) check."""
+    return _run_worker(tmp_path_factory, 4)
 
 
 def _assert_small(results, check, expect=()):
@@ -69,6 +82,12 @@ def test_tensor_parallel_mamba1_lm(results):
 
 def test_fsdp_lm_matches_single_process(results):
     _assert_small(results, "fsdp_lm", expect=("loss", "grad backbone.layers.0.mixer.in_proj.weight", "grad norm", "reloaded logits", "dcp reloaded logits"))
+
+
+def test_fsdp_over_tensor_parallel_2d_lm(results_2d):
+    _assert_small(
+        results_2d, "fsdp_tp_2d_lm", expect=("loss", "grad backbone.layers.1.mixer.in_proj.weight", "grad norm")
+    )
 
 
 @pytest.mark.parametrize(
