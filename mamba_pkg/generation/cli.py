@@ -123,16 +123,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_new_tokens=None if args.max_length is not None else args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, eos_token_id=None if args.no_eos else eos_id(tokenizer),
-            streamer=streamer, cg=args.cg, generator=generator,
+            streamer=streamer, cg=args.cg, generator=generator, return_dict_in_generate=True, enable_timing=True,
         )
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    new_tokens = out.shape[1] - input_ids.shape[1]
-    print(f"[{new_tokens} tokens in {seconds:.2f} s: {new_tokens / max(seconds, 1e-9):.1f} tokens/s, "
-          f"prompt {input_ids.shape[1]} tokens, {device}, {str(dtype).replace('torch.', '')}]", file=sys.stderr)
+    new_tokens = out.sequences.shape[1] - input_ids.shape[1]
+    decode_s = out.timings.get("decode_ms", 0.0) / 1e3
+    # The first new token comes from the prefill; the decode loop makes the others.
+    decode_rate = f"{(new_tokens - 1) / decode_s:.1f} tokens/s decoding" if new_tokens > 1 and decode_s > 0 else "-"
+    print(f"[{new_tokens} tokens in {seconds:.2f} s ({new_tokens / max(seconds, 1e-9):.1f} tokens/s overall, "
+          f"{decode_rate}; prompt {input_ids.shape[1]} tokens in {out.timings.get('prefill_ms', 0.0):.0f} ms; "
+          f"{device}, {str(dtype).replace('torch.', '')}]", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,240 @@
+"""generate(): step-by-step decode equals the full forward; padded / varlen batches equal
+one-by-one runs; per-sequence EOS; teacher forcing; seeding; errors; CUDA graph == eager."""
+
+import pytest
+import torch
+
+from mamba_pkg.generation.decode import GenerateOutput, decode, free_decode_graphs, generate
+from mamba_pkg.models.config import MambaConfig
+from mamba_pkg.models.lm import MambaLMHeadModel
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+VOCAB = 37
+KINDS = {
+    "mamba1": dict(ssm_cfg={"layer": "Mamba1", "d_state": 4}),
+    "mamba2": dict(ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8}),
+    "hybrid": dict(
+        ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8},
+        attn_layer_idx=[1],
+        attn_cfg={"num_heads": 2, "rotary_emb_dim": 4},
+    ),
+}
+
+
+def make_model(kind, device="cpu", dtype=torch.float32, n_layer=3, d_model=16):
+    torch.manual_seed(1)
+    config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, **KINDS[kind])
+    model = MambaLMHeadModel(config, device=device, dtype=dtype).eval()
+    # Larger-than-init weights so that logits differ clearly between tokens (greedy ties are rare).
+    with torch.no_grad():
+        model.backbone.embedding.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def kind_model(request):
+    return request.param, make_model(request.param)
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[..., :VOCAB].float()
+
+
+def test_step_logits_equal_full_forward(kind_model):
+    _, model = kind_model
+    ids = torch.randint(0, VOCAB, (2, 7))
+    out = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    assert isinstance(out, GenerateOutput)
+    assert out.sequences.shape == (2, 13)
+    assert torch.equal(out.sequences[:, :7], ids)
+    scores = torch.stack(out.scores, dim=1)  # (B, T, V)
+    ref = full_logits(model, out.sequences)[:, 6:-1]
+    torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.sequences[:, 7:], scores.argmax(-1))  # greedy by default
+
+
+def test_chunked_prefill_equals_one_call(kind_model):
+    _, model = kind_model
+    ids = torch.randint(0, VOCAB, (2, 11))
+    a = generate(model, ids, max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
+    b = generate(model, ids, max_new_tokens=4, return_dict_in_generate=True, output_scores=True, prefill_chunk_size=4)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefill_chunk_size", [4096, 3], ids=["varlen", "grouped-chunked"])
+def test_left_padded_batch_equals_one_by_one(kind_model, prefill_chunk_size):
+    _, model = kind_model
+    lengths = [5, 1, 9, 5]
+    width, new = max(lengths), 12  # max_seqlen 21 >= the packed length 20: the varlen path runs for every kind
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    out = generate(model, ids, max_new_tokens=new, attention_mask=mask, return_dict_in_generate=True,
+                   output_scores=True, prefill_chunk_size=prefill_chunk_size)
+    assert torch.equal(out.sequences[:, :width], ids)
+    for i, p in enumerate(prompts):
+        alone = generate(model, p[None], max_new_tokens=new, return_dict_in_generate=True, output_scores=True)
+        assert torch.equal(out.sequences[i, width:], alone.sequences[0, len(p):]), f"row {i}"
+        torch.testing.assert_close(
+            torch.stack([s[i] for s in out.scores]), torch.stack([s[0] for s in alone.scores]), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_per_sequence_eos():
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (3, 4))
+    free = generate(model, ids, max_new_tokens=8)[:, 4:]
+    eos = int(free[0, 2])  # row 0 emits it at step 2 (or earlier)
+    out = generate(model, ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    new = out[:, 4:]
+    for row in range(3):
+        hits = (free[row] == eos).nonzero()
+        if len(hits) == 0:
+            assert torch.equal(new[row], free[row, : new.shape[1]])
+            continue
+        stop = int(hits[0])
+        assert torch.equal(new[row, : stop + 1], free[row, : stop + 1])
+        assert (new[row, stop + 1:] == VOCAB - 1).all()
+    # every row finished: the loop stops at the last row's EOS
+    stops = [int((free[r] == eos).nonzero()[0]) if (free[r] == eos).any() else 7 for r in range(3)]
+    assert new.shape[1] == max(stops) + 1
+
+
+def test_all_rows_eos_stops_early():
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (1, 4))
+    first = int(generate(model, ids, max_new_tokens=1)[0, -1])
+    out = generate(model, ids, max_new_tokens=20, eos_token_id=[VOCAB - 2, first])
+    assert out.shape == (1, 5)
+
+
+def test_teacher_forcing():
+    model = make_model("mamba2")
+    teacher = torch.randint(0, VOCAB, (2, 12))
+    out = generate(model, teacher[:, :5], max_length=12, teacher_outputs=teacher, return_dict_in_generate=True,
+                   output_scores=True)
+    assert torch.equal(out.sequences, teacher)
+    torch.testing.assert_close(torch.stack(out.scores, 1), full_logits(model, teacher)[:, 4:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_repetition_penalty_matches_a_manual_loop():
+    """Greedy with a penalty equals: full forward, penalise the row's real tokens so far, argmax."""
+    from mamba_pkg.generation.sampling import apply_repetition_penalty
+
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out = generate(model, ids, max_new_tokens=6, attention_mask=mask, repetition_penalty=3.0)
+    plain = generate(model, ids, max_new_tokens=6, attention_mask=mask)
+    assert not torch.equal(out, plain)  # the penalty changed something
+    for row in range(2):
+        seq = ids[row, 6 - int(mask[row].sum()):][None]
+        for _ in range(6):
+            logits = full_logits(model, seq)[:, -1]
+            nxt = apply_repetition_penalty(logits, seq, 3.0).argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+        assert torch.equal(out[row, 6:], seq[0, -6:])
+
+
+def test_sampling_generator_reproducible():
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (2, 3))
+    kw = dict(max_new_tokens=12, temperature=1.5, top_k=0, top_p=0.95)
+    a = generate(model, ids, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(model, ids, generator=torch.Generator().manual_seed(5), **kw)
+    c = generate(model, ids, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_mamba_ssm_call_shapes():
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (2, 3))
+    out = decode(ids, model, 8, output_scores=True)
+    assert out.sequences.shape == (2, 8) and len(out.scores) == 5
+    same = model.generate(ids, max_length=8, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(same.sequences, out.sequences)
+    assert torch.equal(generate(model, ids, 8), out.sequences)  # max_length positional, as in mamba_ssm
+    assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+def test_streamer_receives_prompt_then_tokens():
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (1, 3))
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    rec = Recorder()
+    out = generate(model, ids, max_new_tokens=4, streamer=rec)
+    assert rec.calls[0] == ids.tolist()
+    assert [c[0] for c in rec.calls[1:-1]] == out[0, 3:].tolist()
+    assert rec.calls[-1] == "end"
+
+
+def test_bad_inputs():
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="below the prompt length"):
+        generate(model, ids, max_length=3)
+    with pytest.raises(ValueError, match=r"\[0, 37\)"):
+        generate(model, ids + VOCAB, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"\[0, 37\)"):
+        generate(model, ids - VOCAB, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_length"):
+        generate(model, ids)
+    with pytest.raises(ValueError, match="disagree"):
+        generate(model, ids, max_length=9, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        generate(model, ids[0], max_new_tokens=2)
+    with pytest.raises(TypeError, match="integer"):
+        generate(model, ids.float(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="left"):
+        generate(model, ids, max_new_tokens=2, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="no tokens"):
+        generate(model, ids, max_new_tokens=2, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="is on"):
+        generate(model, ids.to("meta"), max_new_tokens=2)
+    with pytest.raises(ValueError, match="batch size 1"):
+        generate(model, ids, max_new_tokens=2, streamer=object())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cg=True"):
+            generate(model, ids, max_new_tokens=2, cg=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_graph_equals_eager(kind):
+    model = make_model(kind, device="cuda", n_layer=4, d_model=64)
+    torch.manual_seed(0)
+    for batch, width in ((1, 9), (3, 5), (3, 12)):
+        ids = torch.randint(0, VOCAB, (batch, width), device="cuda")
+        eager = generate(model, ids, max_new_tokens=10, return_dict_in_generate=True, output_scores=True)
+        graph = generate(model, ids, max_new_tokens=10, return_dict_in_generate=True, output_scores=True, cg=True)
+        assert torch.equal(graph.sequences, eager.sequences)
+        torch.testing.assert_close(torch.stack(graph.scores), torch.stack(eager.scores), rtol=1e-3, atol=1e-3)
+    # a left-padded batch through the graph equals its rows alone
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], device="cuda")
+    ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    graph = generate(model, ids, max_new_tokens=8, attention_mask=mask, cg=True)
+    for i in range(2):
+        alone = generate(model, ids[i : i + 1, 5 - int(mask[i].sum()):], max_new_tokens=8)
+        assert torch.equal(graph[i, 5:], alone[0, -8:])
+    assert model.__dict__.get("_mamba_pkg_decode_graphs")
+    free_decode_graphs(model)
+    assert not model.__dict__.get("_mamba_pkg_decode_graphs")
