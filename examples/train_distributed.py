@@ -7,10 +7,11 @@
 
 Data: synthetic token sequences from a fixed random Markov chain (each token has 4 possible
 successors, so the loss falls towards log(4) = 1.386), or --data FILE (flat uint16 token ids).
-Batches come from one global stream seeded by the step: with --fsdp rank r trains on rows
-[r * batch, (r + 1) * batch) of a global batch of batch * world rows, so a 1-GPU run with
---batch (batch * world) sees the same tokens and gives the same loss curve. With --tp every
-rank takes the same --batch rows (the model, not the data, is split).
+Batches come from one global stream seeded by the step: with --fsdp data rank r trains on rows
+[r * batch, (r + 1) * batch) of a global batch of batch * data_ranks rows, so a 1-GPU run with
+--batch (batch * data_ranks) sees the same tokens and gives the same loss curve. With --tp every
+rank of a TP group takes the same rows (the model, not the data, is split). --fsdp --tp: a
+(world / tp_size, tp_size) mesh, TP inside each group of --tp-size ranks, FSDP across groups.
 
 --dtype bf16: torch.autocast(bf16) over fp32 weights in every mode (so FSDP, TP and 1-GPU runs
 compute alike); add --fsdp-bf16-params to have FSDP all-gather bf16 weights instead
@@ -59,9 +60,9 @@ SUCCESSORS = 4
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--fsdp", action="store_true", help="FSDP2 over all ranks (data parallel, sharded weights)")
-    mode.add_argument("--tp", action="store_true", help="tensor parallel over all ranks")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the data-parallel ranks (sharded weights)")
+    parser.add_argument("--tp", action="store_true", help="tensor parallel over all ranks (with --fsdp: over --tp-size)")
+    parser.add_argument("--tp-size", type=int, default=2, help="with --fsdp and --tp: ranks per TP group (2-D mesh)")
     parser.add_argument("--model", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--layer", choices=("Mamba1", "Mamba2"), default="Mamba2")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step per rank (--tp: per step)")
@@ -125,32 +126,35 @@ def main():
     if args.checkpointing:
         model.gradient_checkpointing_enable()
     bf16 = args.dtype == "bf16"
+    tp_size = (args.tp_size if args.fsdp else world) if args.tp else 1
+    if world % tp_size != 0:
+        raise SystemExit(f"--tp-size {tp_size} must divide the number of ranks {world}")
+    data_ranks, data_rank = (world // tp_size, rank // tp_size) if args.fsdp else (1, 0)
     if args.fsdp or args.tp:
-        mesh = init_device_mesh(args.device, (world,))
+        mesh = init_device_mesh(args.device, (data_ranks, tp_size), mesh_dim_names=("dp", "tp"))
+    if args.tp:
+        apply_tensor_parallel(model, mesh["tp"])
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         use_policy = bf16 and args.fsdp_bf16_params
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_policy else None
-        apply_fsdp(model, mesh, mp_policy=policy)
-    elif args.tp:
-        apply_tensor_parallel(model, mesh)
+        apply_fsdp(model, mesh["dp"], mp_policy=policy)
     autocast = bf16 and not (args.fsdp and args.fsdp_bf16_params)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     batches = Batches(config.vocab_size, args.seqlen, args.data, args.seed)
 
-    data_ranks = world if args.fsdp else 1
     tokens_per_step = args.batch * data_ranks * args.seqlen
     losses, rates = [], []
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
-        mode = "fsdp" if args.fsdp else "tp" if args.tp else "single"
+        mode = "fsdp+tp" if args.fsdp and args.tp else "fsdp" if args.fsdp else "tp" if args.tp else "single"
         print(f"mode={mode} world={world} model={args.model} layer={args.layer} params={n_params / 1e6:.1f}M "
               f"batch={args.batch} seqlen={args.seqlen} dtype={args.dtype} device={args.device}", flush=True)
     for step in range(args.steps):
         ids = batches(step, args.batch * data_ranks)
         if args.fsdp:
-            ids = ids[rank * args.batch : (rank + 1) * args.batch]
+            ids = ids[data_rank * args.batch : (data_rank + 1) * args.batch]
         ids = ids.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -162,8 +166,8 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         if args.fsdp:
-            dist.all_reduce(loss)
-            loss = loss / world
+            dist.all_reduce(loss, group=mesh["dp"].get_group())
+            loss = loss / data_ranks
         loss = loss.item()  # also waits for the step to finish
         elapsed = time.perf_counter() - start
         losses.append(loss)
