@@ -8,9 +8,11 @@ which reports:
 
 - ``ms``: wall time of ``MambaLMHeadModel.from_pretrained(dir, device="cuda", dtype=bfloat16)``
   (imports and CUDA context creation excluded, measured before the call);
-- ``peak_rss_gb``: ru_maxrss of that process (imports and CUDA context included);
-  ``rss_before_load_gb`` is the same figure just before the call, so the difference is
-  what loading added;
+- ``peak_rss_gb``: the peak resident set of that process (VmHWM in /proc/self/status,
+  imports and CUDA context included); ``rss_before_load_gb`` is the same figure just before
+  the call, so the difference is what loading added. (Not getrusage's ru_maxrss: Linux
+  carries the parent's high-water mark across fork + exec, so a child started by a parent
+  holding the 5 GiB model reported the parent's peak.)
 - ``ok``: the loaded bf16 weights equal the saved fp32 weights rounded to bf16 (checked on
   several tensors after timing).
 
@@ -43,8 +45,14 @@ CHECKED = ["backbone.embedding.weight", "backbone.layers.0.mixer.in_proj.weight"
            "backbone.layers.47.mixer.A_log", "backbone.layers.23.mixer.dt_proj.bias", "backbone.norm_f.weight"]
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
+
+
+def peak_rss_gb():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) / 2**20
 
 provider, path, expected_path = sys.argv[1], sys.argv[2], sys.argv[3]
 if provider == "ours":
@@ -52,20 +60,19 @@ if provider == "ours":
 else:
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 torch.zeros(1, device="cuda")
-gb = lambda kb: kb / 2**20
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_gb()
 t0 = time.perf_counter()
 model = MambaLMHeadModel.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
 torch.cuda.synchronize()
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_rss_gb()
 state = model.state_dict()
 expected = torch.load(expected_path)
 ok = all(torch.equal(state[k].float().cpu(), v.to(state[k].dtype).float()) for k, v in expected.items())
 ok = ok and all(t.is_cuda for t in state.values())
 dtypes = sorted({str(t.dtype) for t in model.parameters()})
 n_params = sum(p.numel() for p in model.parameters())
-print("RESULT " + json.dumps({"ms": seconds * 1e3, "peak_rss_gb": gb(peak), "rss_before_load_gb": gb(before),
+print("RESULT " + json.dumps({"ms": seconds * 1e3, "peak_rss_gb": peak, "rss_before_load_gb": before,
                               "ok": bool(ok), "param_dtypes": dtypes, "n_params": n_params,
                               "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}))
 """
