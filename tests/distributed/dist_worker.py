@@ -352,6 +352,32 @@ def check_tp_errors(mesh):
     return messages
 
 
+def check_misuse_errors(mesh):
+    """Other misuse: a 2-D mesh for TP, FSDP on a model without Blocks, an inference cache in a
+    TP mixer. Each gives its exception type name and message."""
+    from mamba_pkg.distributed import apply_fsdp, apply_tensor_parallel
+    from mamba_pkg.generation.cache import InferenceParams
+    from mamba_pkg.models.mamba import Mamba
+
+    mesh_2d = init_device_mesh("cpu", (1, mesh.size()), mesh_dim_names=("dp", "tp"))
+    tp_mixer = apply_tensor_parallel(Mamba(D_MODEL, d_state=8, layer_idx=0), mesh)
+    x = torch.randn(1, 4, D_MODEL)
+    cases = {
+        "2-D mesh": lambda: apply_tensor_parallel(Mamba(D_MODEL, d_state=8), mesh_2d),
+        "no blocks": lambda: apply_fsdp(Mamba(D_MODEL, d_state=8), mesh),
+        "inference cache": lambda: tp_mixer(x, InferenceParams(max_seqlen=8, max_batch_size=1)),
+    }
+    messages = {}
+    for what, call in cases.items():
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 -- the test checks the type name
+            messages[what] = f"{type(exc).__name__}: {exc}"
+        else:
+            messages[what] = None
+    return messages
+
+
 CHECKS = [
     check_tp_gated_mlp,
     check_tp_mha,
@@ -363,6 +389,7 @@ CHECKS = [
     check_tp_lm_mamba1,
     check_fsdp_lm,
     check_tp_errors,
+    check_misuse_errors,
 ]
 
 

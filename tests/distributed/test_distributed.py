@@ -101,3 +101,18 @@ def test_tensor_parallel_size_must_divide(results, case, size):
     assert message is not None, f"{case}: no ValueError"
     assert "tensor parallel size 2" in message and size in message, message
     assert result["values"][case + " untouched"], f"{case}: the model was partly sharded before the error"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("2-D mesh", "ValueError: mesh must be a 1-D DeviceMesh"),
+        ("no blocks", "ValueError: model (Mamba) holds no mamba_pkg Block"),
+        ("inference cache", "NotImplementedError: tensor-parallel Mamba runs training forwards only"),
+    ],
+)
+def test_misuse_gives_clear_errors(results, case, expected):
+    result = results["misuse_errors"]
+    assert result["error"] is None, result["error"]
+    message = result["values"][case]
+    assert message is not None and message.startswith(expected), message
