@@ -287,8 +287,9 @@ CONV_CASES = [
     (2, 3, 7, 2, "channel_last", False, False, None, None),
     (2, 16, 70, 5, "channel_last", True, True, "silu", None),
     (2, 4, 40, 8, "contiguous", True, True, "silu", "seq_idx"),
-    (1, 4, 33, 5, "channel_last", True, True, "silu", "cu_seqlens"),
-    (1, 3, 1, 6, "contiguous", True, False, None, None),
+    (1, 4, 33, 3, "channel_last", True, True, "silu", "cu_seqlens"),
+    (1, 3, 1, 7, "contiguous", True, False, None, None),
+    (2, 4, 20, 6, "contiguous", True, True, "silu", None),
 ]
 SMALL_TILES = {"contiguous": (8, 16, 4), "channel_last": (8, 16, 4)}
 
@@ -372,8 +373,8 @@ def test_triton_update_matches_ref(mode):
 
 
 @requires_cuda
-@pytest.mark.parametrize("width,variant", [(w, "scratch") for w in range(2, 9)] + [(4, "recompute")])
-@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+@pytest.mark.parametrize("width,layout,variant", [(w, "contiguous", "scratch") for w in range(2, 9)]
+                         + [(4, "channel_last", "scratch"), (4, "contiguous", "recompute")])
 def test_gpu_conv_all_widths_bf16(width, layout, variant, monkeypatch):
     monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
     B, D, L = 2, 96, 1000
@@ -388,10 +389,8 @@ def test_gpu_conv_all_widths_bf16(width, layout, variant, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("variant", ["scratch", "recompute"])
 @pytest.mark.parametrize("packing", ["seq_idx", "cu_seqlens"])
-def test_gpu_conv_packed_fp32(packing, variant, monkeypatch):
-    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
+def test_gpu_conv_packed_fp32(packing):
     B, D, L, W = 1, 64, 500, 4
     (x, w, b, i), seq_idx, cu = _conv_case(B, D, L, W, "channel_last", True, True, "silu", packing, torch.float32)
     g = torch.randn(B, D, L, device=DEVICE)
