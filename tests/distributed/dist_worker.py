@@ -71,26 +71,37 @@ def _compare_grads(errors, ref_model, grads):
         errors[f"grad {name}"] = rel_err(grads[name], param.grad)
 
 
-def _tp_module_check(mesh, build, x_shape, *, steps=0):
-    """Output, input gradient and parameter gradients of a TP copy vs the module itself."""
+def _forward_backward(module, x, weight=None, **kwargs):
+    x = x.clone().requires_grad_(True)
+    out = module(x, **kwargs)
+    weight = torch.randn_like(out) if weight is None else weight
+    (out * weight).sum().backward()
+    return out, x.grad, weight
+
+
+def _tp_module_check(mesh, build, x_shape, *, packed=False):
+    """Output, input gradient and parameter gradients of a TP copy vs the module itself, and the
+    gathered state dict; with packed, also a packed (cu_seqlens) batch."""
     from mamba_pkg.distributed import apply_tensor_parallel, gather_state_dict
 
     torch.manual_seed(0)
     ref = build()
     x = torch.randn(*x_shape)
     tp = apply_tensor_parallel(copy.deepcopy(ref), mesh)
-    x_ref = x.clone().requires_grad_(True)
-    x_tp = x.clone().requires_grad_(True)
-    out_ref = ref(x_ref)
-    out_tp = tp(x_tp)
-    weight = torch.randn_like(out_ref)
-    (out_ref * weight).sum().backward()
-    (out_tp * weight).sum().backward()
-    errors = {"output": rel_err(out_tp, out_ref), "input grad": rel_err(x_tp.grad, x_ref.grad)}
+    out_ref, dx_ref, weight = _forward_backward(ref, x)
+    out_tp, dx_tp, _ = _forward_backward(tp, x, weight)
+    errors = {"output": rel_err(out_tp, out_ref), "input grad": rel_err(dx_tp, dx_ref)}
     _compare_grads(errors, ref, _full_grads(tp))
     state = gather_state_dict(tp)
     for key, value in ref.state_dict().items():
         errors[f"state {key}"] = rel_err(state[key], value)
+    if packed:
+        cu_seqlens = torch.tensor([0, 7, 13, SEQLEN], dtype=torch.int32)
+        x = torch.randn(1, SEQLEN, x_shape[-1])
+        out_ref, dx_ref, weight = _forward_backward(ref, x, cu_seqlens=cu_seqlens)
+        out_tp, dx_tp, _ = _forward_backward(tp, x, weight, cu_seqlens=cu_seqlens)
+        errors["packed output"] = rel_err(out_tp, out_ref)
+        errors["packed input grad"] = rel_err(dx_tp, dx_ref)
     return errors
 
 
@@ -104,20 +115,21 @@ def check_tp_mha(mesh):
     from mamba_pkg.models.attention import MHA
 
     build = partial(MHA, D_MODEL, num_heads=4, num_heads_kv=2, mlp_dim=64, d_conv=3, rotary_emb_dim=4, layer_idx=0)
-    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
+    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL), packed=True)
 
 
 def check_tp_mamba(mesh):
     from mamba_pkg.models.mamba import Mamba
 
-    return _tp_module_check(mesh, lambda: Mamba(D_MODEL, d_state=8, bias=True, layer_idx=0), (2, SEQLEN, D_MODEL))
+    build = lambda: Mamba(D_MODEL, d_state=8, bias=True, layer_idx=0)
+    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL), packed=True)
 
 
 def check_tp_mamba2_ngroups1(mesh):
     """ngroups == 1: B/C replicated on every rank, norm statistics all-reduced."""
     from mamba_pkg.models.mamba2 import Mamba2
 
-    return _tp_module_check(mesh, lambda: Mamba2(D_MODEL, **MAMBA2_CFG, layer_idx=0), (2, SEQLEN, D_MODEL))
+    return _tp_module_check(mesh, lambda: Mamba2(D_MODEL, **MAMBA2_CFG, layer_idx=0), (2, SEQLEN, D_MODEL), packed=True)
 
 
 def check_tp_mamba2_ngroups2(mesh):
@@ -125,7 +137,7 @@ def check_tp_mamba2_ngroups2(mesh):
     from mamba_pkg.models.mamba2 import Mamba2
 
     build = lambda: Mamba2(D_MODEL, ngroups=2, bias=True, D_has_hdim=True, **MAMBA2_CFG, layer_idx=0)
-    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL))
+    return _tp_module_check(mesh, build, (2, SEQLEN, D_MODEL), packed=True)
 
 
 def check_tp_mamba2_mlp(mesh):
