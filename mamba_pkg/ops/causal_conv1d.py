@@ -182,18 +182,21 @@ def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
     else:
         b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l)
     b_x = b_x.to(tl.float32)
-    if HAS_INIT and MASKED:
-        # Before its start, a sequence reads its initial state: slot W-1 + q - start.
-        slot = q - b_start + (W - 1)
-        m_i = m_l & (q < b_start)
-        if INIT_PER_SEQ:
-            row = b_row.to(tl.int64)
-        else:
-            row = i_b.to(tl.int64) + tl.zeros_like(b_start).to(tl.int64)
-            if HAS_SEQ:
-                m_i = m_i & (b_start == 0)
-        p_i = p_init + row[None, :] * stride_i_b + o_d.to(tl.int64)[:, None] * stride_i_d + slot[None, :] * stride_i_w
-        b_x += tl.load(p_i, mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+    # Unmasked tiles start at or after position W-1: they never read an initial state.
+    if HAS_INIT:
+        if MASKED:
+            # Before its start, a sequence reads its initial state: slot W-1 + q - start.
+            slot = q - b_start + (W - 1)
+            m_i = m_l & (q < b_start)
+            if INIT_PER_SEQ:
+                row = b_row.to(tl.int64)
+            else:
+                row = i_b.to(tl.int64) + tl.zeros_like(b_start).to(tl.int64)
+                if HAS_SEQ:
+                    m_i = m_i & (b_start == 0)
+            p_i = (p_init + row[None, :] * stride_i_b + o_d.to(tl.int64)[:, None] * stride_i_d
+                   + slot[None, :] * stride_i_w)
+            b_x += tl.load(p_i, mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
     return b_x
 
 
@@ -281,7 +284,7 @@ def _causal_conv1d_fwd_kernel(
 
 
 # Tile shapes (BLOCK_D, BLOCK_L, num_warps), chosen by measurement on an H100
-# (benchmarks/bench_conv.py --sweep); the layout decides which axis is contiguous.
+# (benchmarks/bench_conv.py --tune); the layout decides which axis is contiguous.
 FWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
 BWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
 # Backward programs per SM (a persistent grid: each program reuses one scratch tile).
