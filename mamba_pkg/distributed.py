@@ -120,7 +120,10 @@ def apply_fsdp(
         mp_policy: optional ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 params,
             fp32 reduce).
     Returns the same module, now an FSDPModule; its parameters are DTensors sharded on dim 0.
-    Each rank feeds its own batch; gradients are averaged over the ranks.
+    Every rank must start from the same weights (same seed or checkpoint): each keeps its own
+    slice of its own copy. Each rank then feeds its own batch; gradients are averaged over the
+    ranks. For FSDP over tensor parallelism call apply_tensor_parallel(model, mesh["tp"]) first,
+    then this with mesh["dp"].
     """
     if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
         raise ValueError(f"mesh must be a 1-D DeviceMesh, got {mesh!r}")
