@@ -299,10 +299,19 @@ def _layout(x):
     return "contiguous" if x.stride(2) == 1 else "channel_last"
 
 
+def _empty_in_layout(x):
+    """A dense (B, D, L) tensor in x's layout, also when x is a strided slice (Mamba-2's xBC
+    is a channel slice of zxbcdt): writes then run along the same fast axis as the reads."""
+    batch, dim, length = x.shape
+    if _layout(x) == "contiguous":
+        return torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
+    return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+
+
 def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, config=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
-    out = torch.empty_like(x)  # same strides as a dense x: channel-last in, channel-last out
+    out = _empty_in_layout(x)
     block_d, block_l, warps = config or FWD_CONFIG[_layout(x)]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     grid = (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
@@ -477,7 +486,7 @@ def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout
         sc_strides = (scratch.stride(0), 1, block_d) if channel_last else (scratch.stride(0), block_l + halo, 1)
     else:
         scratch, sc_strides = None, (0, 0, 0)
-    dx = torch.empty_like(x)
+    dx = _empty_in_layout(x)
     dw_part = torch.empty(batch * n_l_tiles, dim, width, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch * n_l_tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)

@@ -332,6 +332,23 @@ def test_triton_conv_matches_ref_fp32(case, variant, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_triton_conv_on_a_channel_slice(monkeypatch):
+    """Mamba-2 convolves xBC = zxbcdt[..., a:b].transpose(1, 2): channel-last, not dense."""
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
+    zxbcdt = torch.randn(2, 40, 20, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(8, 4, device=DEVICE), torch.randn(8, device=DEVICE)
+    outs = []
+    for fn in (_triton, _torch):
+        x = zxbcdt[..., 5:13].transpose(1, 2)  # (B, D=8, L=40), strides (800, 1, 20)
+        out, final = fn(x, w, b, None, None, None, "silu")
+        (grad,) = torch.autograd.grad((out * out).sum() + final.sum(), zxbcdt)
+        outs.append((out, final, grad))
+    assert outs[0][0].stride(1) == 1  # written channel-last, like the input
+    for a, e in zip(*outs):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 def test_triton_conv_bf16_tolerance_rule(layout, monkeypatch):
     monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
