@@ -561,12 +561,18 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
     registers. A block of channels must not straddle two groups of B/C, so with
     groups BLOCK_D also divides D / G (a smaller block stays correct, only slower).
     The forward that saves checkpoints for the backward uses the backward's BLOCK_L.
+
+    N = 16 uses the shapes measured fastest on an H100 (benchmarks/notes_selective_scan.md):
+    one warp per program (no barriers between warps in the per-tile layout changes
+    and reductions), 16 steps per forward tile, 8 per backward tile.
     """
     block_n = max(2, triton.next_power_of_2(dstate))
     n_lanes = min(block_n, 4 if block_n <= 16 else 8 if block_n <= 64 else 32)
     n_in = block_n // n_lanes
-    block_l = 8 if n_in <= 4 else 4
-    num_warps = 4
+    if block_n == 16:
+        num_warps, block_l = 1, (8 if backward else 16)
+    else:
+        num_warps, block_l = 4, (8 if n_in <= 4 else 4)
     block_d = max(1, 32 * num_warps // n_lanes)
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
@@ -741,7 +747,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             ((num_seqs, D, N) with cu_seqlens); differentiable.
         cu_seqlens: optional (num_seqs + 1,) int32/int64 boundaries of packed sequences
             (batch must be 1); each sequence starts from zero or its own initial state.
-        backend: "torch" | "triton" | None (see mamba_pkg.ops.backend).
+        backend: "torch" | "triton" | None (see mamba_pkg.ops.backend). The Triton
+            kernels read contiguous copies of non-contiguous inputs.
 
     Returns:
         out (B, D, L) in u.dtype, and with return_last_state=True also
@@ -752,6 +759,11 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state, cu_seqlens=cu_seqlens)
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    if u.numel() == 0:
+        # Nothing to launch: the reference gives the empty output, and the initial
+        # (or zero) state as the last state.
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  initial_state=initial_state, cu_seqlens=cu_seqlens)
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                       (delta_softplus,))
     return (out, last) if return_last_state else out

@@ -293,6 +293,15 @@ def test_kernel_varlen(with_h0, bc, dtype):
     check_kernel(args, h0=torch.randn(len(lengths), 4, 4) if with_h0 else None, cu=cu)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_length(backend):
+    args = make_inputs(2, 4, 0, 3, bc="var")
+    h0 = torch.randn(2, 4, 3)
+    out, last = selective_scan_fn(**args, return_last_state=True, initial_state=h0, backend=backend)
+    assert out.shape == (2, 4, 0)
+    torch.testing.assert_close(last, h0)
+
+
 def test_kernel_large_state_and_strided_inputs():
     args = make_inputs(1, 4, 5, 256, bc="var")
     # A (B, L, D) buffer seen as (B, D, L): the kernel copies what it needs contiguous.
