@@ -17,6 +17,7 @@ states (B, D, N) fp32. Packed sequences: batch 1 and ``cu_seqlens``
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Tuple
 
 import torch
@@ -267,7 +268,8 @@ def _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS: tl.constexpr, DELTA
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr,
     out_ptr, last_ptr, ckpt_ptr,
-    seqlen, dim, dstate, group_size, stride_b_batch, stride_b_group, stride_c_batch, stride_c_group,
+    seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
+    stride_c_group,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_CKPT: tl.constexpr,
@@ -286,9 +288,9 @@ def _selective_scan_fwd_kernel(
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # (BLOCK_D,) start of each (b, d) row
-    i_g = (i_d * BLOCK_D) // group_size
-    o_b_row = i_b.to(tl.int64) * stride_b_batch + i_g.to(tl.int64) * stride_b_group
-    o_c_row = i_b.to(tl.int64) * stride_c_batch + i_g.to(tl.int64) * stride_c_group
+    # The launcher keeps a block of channels inside one group of B and of C.
+    o_b_row = i_b.to(tl.int64) * stride_b_batch + ((i_d * BLOCK_D) // b_group_size).to(tl.int64) * stride_b_group
+    o_c_row = i_b.to(tl.int64) * stride_c_batch + ((i_d * BLOCK_D) // c_group_size).to(tl.int64) * stride_c_group
     o_state = i_b.to(tl.int64) * dim * dstate + o_dn3
     # exp(dt * A) = exp2(dt * A * log2(e)): exp2 is the native instruction.
     b_A2 = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0) * 1.4426950408889634
@@ -368,7 +370,8 @@ def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr, ckpt_ptr,
     dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr,
-    seqlen, dim, dstate, group_size, stride_b_batch, stride_b_group, stride_c_batch, stride_c_group,
+    seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
+    stride_c_group,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr,
@@ -393,9 +396,9 @@ def _selective_scan_bwd_kernel(
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
-    i_g = (i_d * BLOCK_D) // group_size
-    o_b_row = i_b.to(tl.int64) * stride_b_batch + i_g.to(tl.int64) * stride_b_group
-    o_c_row = i_b.to(tl.int64) * stride_c_batch + i_g.to(tl.int64) * stride_c_group
+    # The launcher keeps a block of channels inside one group of B and of C.
+    o_b_row = i_b.to(tl.int64) * stride_b_batch + ((i_d * BLOCK_D) // b_group_size).to(tl.int64) * stride_b_group
+    o_c_row = i_b.to(tl.int64) * stride_c_batch + ((i_d * BLOCK_D) // c_group_size).to(tl.int64) * stride_c_group
     o_state = i_b.to(tl.int64) * dim * dstate + o_dn3  # this program's block of a (B, D, N) tensor
     b_A = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0)
     b_A2 = b_A * 1.4426950408889634
@@ -594,9 +597,11 @@ class _Prepared:
         self.B_shape, self.C_shape = B.shape, C.shape
         self.B, self.B_var = self._bc(B)
         self.C, self.C_var = self._bc(C)
-        groups = max(t.shape[1] if v else 1 for t, v in ((self.B, self.B_var), (self.C, self.C_var)))
-        self.group_size = self.dim // groups
-        self.grouped = groups > 1
+        # Channels per group of B and of C (D when shared by all channels).
+        self.b_group_size = self.dim // (self.B.shape[1] if self.B_var else 1)
+        self.c_group_size = self.dim // (self.C.shape[1] if self.C_var else 1)
+        self.group_size = math.gcd(self.b_group_size, self.c_group_size)
+        self.grouped = self.group_size < self.dim
         self.seq_idx = None
         if cu_seqlens is not None:
             self.seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, self.seqlen)[0].contiguous()
@@ -637,7 +642,7 @@ def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
     _selective_scan_fwd_kernel[grid](
         u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx,
         out, last, ckpt,
-        p.seqlen, p.dim, p.dstate, p.group_size, *p.bc_strides(),
+        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(),
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=p.initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt,
@@ -675,7 +680,7 @@ def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, 
         u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx, ckpt,
         dout, dlast,
         du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dh0,
-        p.seqlen, p.dim, p.dstate, p.group_size, *p.bc_strides(),
+        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(),
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None,

@@ -274,6 +274,16 @@ def test_kernel_matches_ref(dtype, bc, seqlen, dstate, dim):
     check_kernel(args, h0=torch.randn(2, dim, dstate))
 
 
+def test_kernel_mixed_bc_forms():
+    """B with groups, C shared by all channels (and the reverse): each is indexed by its own groups."""
+    args = make_inputs(1, 8, 9, 4, bc="group", groups=4)
+    args["C"] = torch.randn(1, 4, 9)
+    check_kernel(args)
+    args = make_inputs(1, 8, 9, 4, bc="group", groups=2)
+    args["B"] = torch.randn(8, 4)
+    check_kernel(args)
+
+
 def test_kernel_no_options_no_softplus():
     args = make_inputs(1, 4, 33, 4, bc="var", with_options=False)
     args["delta"] = args["delta"].abs() * 0.1
