@@ -35,13 +35,13 @@ Sharded parameters are DTensors with ``Shard`` placements over a row-permuted (f
 segments: row-repeated) copy of the single-process tensor; the permutation is kept on the
 module (``_tp_layout``) and ``gather_state_dict`` undoes it. The mixers run their own forward
 on the local shards (``torch.func.functional_call`` with each DTensor's local tensor and the
-local head/channel counts); only the mixer input (gradient all-reduce), the x_proj output, the
+local head/channel counts; likewise ``step`` and ``allocate_inference_cache``); only the mixer input (gradient all-reduce), the x_proj output, the
 gated-norm statistics and the mixer output (all-reduce) cross ranks, each through DTensor
 ``from_local`` / ``redistribute`` / ``to_local`` so that autograd inserts the matching
 backward collectives.
 
-Limits: TP mixers run training / scoring forwards only (no inference cache): gather the
-weights into a single-process model to generate. 2-D parallelism: apply_tensor_parallel on
+Generation works on a TP model too (each rank keeps the inference cache of its own heads /
+channels; feed every rank the same prompt). 2-D parallelism: apply_tensor_parallel on
 mesh["tp"], then apply_fsdp on mesh["dp"] of one (dp, tp) mesh (FSDP shards the TP shards).
 """
 
@@ -282,12 +282,20 @@ class _LocalShardParallel(ParallelStyle):
             _replace_parameter(module, name, sharded, param)
         setattr(module, LAYOUT_ATTR, layout_record)
         self._install(module, device_mesh, world)
-        module.forward = _LocalForward(module, device_mesh, local_attrs, grad_sync, self.out_bias)
+        _LocalRunner(module, device_mesh, local_attrs, grad_sync, self.out_bias).install()
         return module
 
 
-class _LocalForward:
-    """The mixer's forward on local shards: swap in local tensors and local sizes, then reduce."""
+class _LocalRunner:
+    """Runs a TP mixer's own methods (forward, step, allocate_inference_cache) on its local
+    shards: local tensors (``torch.func.functional_call``) and local sizes swapped in, the
+    hidden states' gradient all-reduced, the output all-reduced.
+
+    functional_call can only call ``forward``, so the runner is installed as the instance's
+    ``forward`` and dispatches to the method that was asked for (``pending``). Calls made while
+    a local run is active (forward -> step, forward -> allocate_inference_cache) go straight to
+    the original method: they already see the local tensors.
+    """
 
     def __init__(self, module, mesh, local_attrs, grad_sync, out_bias):
         self.module = module
@@ -295,8 +303,29 @@ class _LocalForward:
         self.local_attrs = local_attrs
         self.grad_sync = grad_sync
         self.out_bias = out_bias
-        self.inner = type(module).forward.__get__(module)
         self.active = False
+        self.pending = None
+
+    def install(self) -> None:
+        cls, module = type(self.module), self.module
+        inner_forward = cls.forward.__get__(module)
+        module.forward = self._forward_entry(inner_forward)
+        if hasattr(cls, "step"):
+            inner_step = cls.step.__get__(module)
+            module.step = lambda *args, **kwargs: self.run(inner_step, args, kwargs, reduce="first")
+        if hasattr(cls, "allocate_inference_cache"):
+            inner_allocate = cls.allocate_inference_cache.__get__(module)
+            module.allocate_inference_cache = lambda *args, **kwargs: self.run(inner_allocate, args, kwargs, reduce=None)
+
+    def _forward_entry(self, inner_forward):
+        def forward(*args, **kwargs):
+            if self.pending is not None:
+                method, method_args, method_kwargs = self.pending
+                self.pending = None
+                return method(*method_args, **method_kwargs)
+            return self.run(inner_forward, args, kwargs, reduce="all")
+
+        return forward
 
     def _local_param(self, name: str, param: torch.Tensor) -> torch.Tensor:
         local = param.to_local()
@@ -322,16 +351,12 @@ class _LocalForward:
             for attr, value in saved.items():
                 setattr(self.module, attr, value)
 
-    def __call__(self, hidden_states, inference_params=None, **kwargs):
+    def run(self, method, args, kwargs, *, reduce):
+        """method(*args, **kwargs) on the local shards. reduce: "all" (the output is a partial
+        sum), "first" (so is its first element), None (nothing to reduce, no hidden states)."""
         if self.active:
-            return self.inner(hidden_states, inference_params, **kwargs)
-        if inference_params is not None:
-            raise NotImplementedError(
-                f"tensor-parallel {type(self.module).__name__} runs training forwards only; gather the weights "
-                "(mamba_pkg.distributed.gather_state_dict) into a single-process model to generate"
-            )
-        local = {}
-        bias = None
+            return method(*args, **kwargs)
+        local, bias = {}, None
         for name, param in self.module.named_parameters():
             tensor = self._local_param(name, param) if isinstance(param, DTensor) else param
             if name == self.out_bias:
@@ -339,15 +364,23 @@ class _LocalForward:
                 # Each rank adds the bias after the all-reduce, not T times inside it.
                 tensor = torch.zeros_like(tensor)
             local[name] = tensor
-        hidden_states = _copy_to_ranks(hidden_states, self.mesh)
+        if reduce is not None:
+            args = (_copy_to_ranks(args[0], self.mesh), *args[1:])
+        self.pending = (method, args, kwargs)
         self.active = True
         try:
             with self._local_sizes():
-                out = torch.func.functional_call(self.module, local, (hidden_states,), kwargs, strict=False)
+                result = torch.func.functional_call(self.module, local, (), {}, strict=False)
         finally:
             self.active = False
+            self.pending = None
+        if reduce is None:
+            return result
+        out = result if reduce == "all" else result[0]
         out = _reduce_from_ranks(out, self.mesh)
-        return out if bias is None else out + bias.to(out.dtype)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out if reduce == "all" else (out, *result[1:])
 
 
 class MHAParallel(_LocalShardParallel):

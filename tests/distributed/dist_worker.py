@@ -364,20 +364,39 @@ def check_tp_errors(mesh):
     return messages
 
 
+def check_tp_generate(mesh):
+    """Greedy generation (prefill in chunks, cached steps) of TP LMs equals the single process:
+    same tokens, same scores. Hybrid Mamba2 + MHA + GatedMLP, and Mamba-1."""
+    from mamba_pkg.distributed import apply_tensor_parallel
+    from mamba_pkg.generation.decode import generate
+    from mamba_pkg.models.lm import MambaLMHeadModel
+
+    errors = {}
+    for name, config in (("hybrid", _lm_config()), ("mamba1", _lm_config("Mamba1", attn=False, d_intermediate=0))):
+        torch.manual_seed(0)
+        ref = MambaLMHeadModel(config).eval()
+        tp = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+        prompt = torch.randint(0, VOCAB, (2, 7))
+        outputs = []
+        for model in (ref, tp):
+            with torch.no_grad():
+                outputs.append(generate(model, prompt, max_new_tokens=6, prefill_chunk_size=4,
+                                        output_scores=True, return_dict_in_generate=True))
+        errors[f"{name} tokens differ"] = float((outputs[0].sequences != outputs[1].sequences).sum())
+        errors[f"{name} scores"] = rel_err(torch.stack(outputs[1].scores), torch.stack(outputs[0].scores))
+    return errors
+
+
 def check_misuse_errors(mesh):
-    """Other misuse: a 2-D mesh for TP, FSDP on a model without Blocks, an inference cache in a
-    TP mixer. Each gives its exception type name and message."""
+    """Misuse: a 2-D mesh for TP, FSDP on a model without Blocks. Each gives its exception type
+    name and message."""
     from mamba_pkg.distributed import apply_fsdp, apply_tensor_parallel
-    from mamba_pkg.generation.cache import InferenceParams
     from mamba_pkg.models.mamba import Mamba
 
     mesh_2d = init_device_mesh("cpu", (1, mesh.size()), mesh_dim_names=("dp", "tp"))
-    tp_mixer = apply_tensor_parallel(Mamba(D_MODEL, d_state=8, layer_idx=0), mesh)
-    x = torch.randn(1, 4, D_MODEL)
     cases = {
         "2-D mesh": lambda: apply_tensor_parallel(Mamba(D_MODEL, d_state=8), mesh_2d),
         "no blocks": lambda: apply_fsdp(Mamba(D_MODEL, d_state=8), mesh),
-        "inference cache": lambda: tp_mixer(x, InferenceParams(max_seqlen=8, max_batch_size=1)),
     }
     messages = {}
     for what, call in cases.items():
@@ -400,6 +419,7 @@ CHECKS = [
     check_tp_lm,
     check_tp_lm_mamba1,
     check_fsdp_lm,
+    check_tp_generate,
     check_tp_errors,
     check_misuse_errors,
 ]

@@ -83,6 +83,10 @@ def test_tensor_parallel_mamba1_lm(results):
     _assert_small(results, "tp_lm_mamba1", expect=("loss", "grad backbone.layers.0.mixer.x_proj.weight", "dcp reloaded logits"))
 
 
+def test_tensor_parallel_generate_matches_single_process(results):
+    _assert_small(results, "tp_generate", expect=("hybrid tokens differ", "hybrid scores", "mamba1 scores"))
+
+
 def test_fsdp_lm_matches_single_process(results):
     _assert_small(results, "fsdp_lm", expect=("loss", "grad backbone.layers.0.mixer.in_proj.weight", "grad norm", "reloaded logits", "dcp reloaded logits"))
 
@@ -111,7 +115,6 @@ def test_tensor_parallel_size_must_divide(results, case, size):
     [
         ("2-D mesh", "ValueError: mesh must be a 1-D DeviceMesh"),
         ("no blocks", "ValueError: model (Mamba) holds no mamba_pkg Block"),
-        ("inference cache", "NotImplementedError: tensor-parallel Mamba runs training forwards only"),
     ],
 )
 def test_misuse_gives_clear_errors(results, case, expected):
