@@ -1,6 +1,6 @@
 """Runs every distributed check in 2 CPU processes (gloo) and writes the measured errors as JSON.
 
-    python tests/distributed/dist_worker.py OUT.json [CHECK ...] [--world 2 | 4]
+    python tests/distributed/dist_worker.py OUT.json [CHECK ...] [--world 2 | 4] [--device cpu | cuda]
 
 Each check builds a tiny model from a fixed seed (identical on every rank), runs it in one
 process as the reference, shards a copy (FSDP2 or tensor parallel) and compares outputs and
@@ -26,8 +26,6 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-os.environ["MAMBA_PKG_BACKEND"] = "torch"
-
 D_MODEL = 32
 VOCAB = 64
 SEQLEN = 21  # not a multiple of the Mamba2 chunk size (8)
@@ -35,7 +33,7 @@ MAMBA2_CFG = {"headdim": 8, "d_state": 8, "chunk_size": 8}
 
 
 def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
@@ -56,6 +54,7 @@ def _full_grads(model):
             dim, index, full_size = layouts[name]
             shape = list(grad.shape)
             shape[dim] = full_size
+            index = index.to(grad.device)
             full = grad.new_zeros(shape).index_copy_(dim, index, grad)
             if not torch.equal(full.index_select(dim, index), grad):
                 raise AssertionError(f"{name}: the copies of a replicated segment have different gradients")
@@ -237,7 +236,7 @@ def check_tp_lm(mesh):
         path = _shared_tmpdir(stack)
         save_pretrained_distributed(tp, path)
         if dist.get_rank() == 0:
-            loaded = MambaLMHeadModel.from_pretrained(path)
+            loaded = MambaLMHeadModel.from_pretrained(path).to(ids.device)
             with torch.no_grad():
                 errors["from_pretrained logits"] = rel_err(loaded(ids).logits, single(ids).logits)
         dist.barrier()
@@ -393,7 +392,7 @@ def check_misuse_errors(mesh):
     from mamba_pkg.distributed import apply_fsdp, apply_tensor_parallel
     from mamba_pkg.models.mamba import Mamba
 
-    mesh_2d = init_device_mesh("cpu", (1, mesh.size()), mesh_dim_names=("dp", "tp"))
+    mesh_2d = init_device_mesh(mesh.device_type, (1, mesh.size()), mesh_dim_names=("dp", "tp"))
     cases = {
         "2-D mesh": lambda: apply_tensor_parallel(Mamba(D_MODEL, d_state=8), mesh_2d),
         "no blocks": lambda: apply_fsdp(Mamba(D_MODEL, d_state=8), mesh),
@@ -428,14 +427,20 @@ CHECKS = [
 CHECKS_2D = [check_fsdp_tp_2d_lm]
 
 
-def _worker(rank, world, port, out_path, only):
+def _worker(rank, world, port, out_path, only, device):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    if world == 4:
-        mesh, checks = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")), CHECKS_2D
+    if device == "cuda":
+        # Models, inputs and indices of the checks are created on this rank's GPU.
+        torch.cuda.set_device(rank)
+        torch.set_default_device(f"cuda:{rank}")
+        dist.init_process_group("nccl", rank=rank, world_size=world)
     else:
-        mesh, checks = init_device_mesh("cpu", (world,)), CHECKS
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    if world == 4:
+        mesh, checks = init_device_mesh(device, (2, 2), mesh_dim_names=("dp", "tp")), CHECKS_2D
+    else:
+        mesh, checks = init_device_mesh(device, (world,)), CHECKS
     results = {}
     for check in checks:
         name = check.__name__[len("check_"):]
@@ -465,5 +470,9 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("only", nargs="*", help="check names (default: all)")
     parser.add_argument("--world", type=int, choices=(2, 4), default=2, help="4: the (dp=2, tp=2) checks")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: nccl, one GPU per rank, Triton")
     args = parser.parse_args()
-    mp.spawn(_worker, args=(args.world, _free_port(), args.out, args.only), nprocs=args.world)
+    # The CPU run uses the torch reference ops; on GPUs the default backend (Triton) runs.
+    if args.device == "cpu":
+        os.environ["MAMBA_PKG_BACKEND"] = "torch"
+    mp.spawn(_worker, args=(args.world, _free_port(), args.out, args.only, args.device), nprocs=args.world)
