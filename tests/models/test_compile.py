@@ -1,0 +1,157 @@
+"""torch.compile(fullgraph=True) of MambaLMHeadModel: a training step and a decode step equal eager.
+
+CPU only needs the torch backend of every op, so the graphs are traced through the references;
+backend="aot_eager" runs dynamo + AOTAutograd (the joint forward/backward graph) without
+Inductor codegen, which keeps this file fast. On a GPU, benchmarks/bench_train.py measures the
+compiled model with Inductor over the Triton kernels.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+
+from mamba_pkg.generation.cache import InferenceParams
+from mamba_pkg.models.config import MambaConfig
+from mamba_pkg.models.lm import MambaLMHeadModel
+
+VOCAB = 61  # padded to 64: the padding rows of the tied head must not change the comparison
+MAMBA1 = {"d_state": 8}
+MAMBA2 = {"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 8}
+CONFIGS = {
+    "mamba1": {"d_model": 32, "n_layer": 2, "ssm_cfg": MAMBA1},
+    "mamba2": {"d_model": 32, "n_layer": 2, "ssm_cfg": MAMBA2},
+    "hybrid": {
+        "d_model": 32, "n_layer": 2, "d_intermediate": 48, "ssm_cfg": MAMBA2, "attn_layer_idx": [1],
+        "attn_cfg": {"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 4},
+    },
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return MambaLMHeadModel(MambaConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, **CONFIGS[name]))
+
+
+def _train_step(fn, model, ids, cu_seqlens=None):
+    """(logits, loss, {name: grad}) of one forward + shifted cross-entropy + backward."""
+    model.zero_grad(set_to_none=True)
+    kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    out = fn(ids, labels=ids, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _assert_same(eager, compiled):
+    (logits_e, loss_e, grads_e), (logits_c, loss_c, grads_c) = eager, compiled
+    torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        err = (grads_c[name] - grads_e[name]).abs().max().item()
+        assert torch.allclose(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5), f"grad {name}: max abs diff {err:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _softplus_backward_stride_mismatch() -> bool:
+    """True where aten.softplus_backward's real CPU output strides differ from its meta strides.
+
+    With grad (B, D, L) contiguous and self laid out (D, B, L) (the delta of mamba_inner_ref,
+    made by a (D, B*L) matmul), the CPU kernel returns a contiguous tensor while the meta
+    function follows self's layout; AOTAutograd plans the backward on the meta strides and
+    its ``view`` then fails at run time.
+    """
+    grad = torch.randn(2, 4, 3)
+    self_ = torch.randn(4, 2, 3).permute(1, 0, 2)
+    real = torch.ops.aten.softplus_backward.default(grad, self_, 1.0, 20.0)
+    meta = torch.ops.aten.softplus_backward.default(
+        grad.to("meta"), torch.empty_strided(self_.shape, self_.stride(), device="meta"), 1.0, 20.0
+    )
+    return real.stride() != meta.stride()
+
+
+AOT_MAMBA1 = pytest.mark.xfail(
+    _softplus_backward_stride_mismatch(),
+    strict=True,
+    raises=RuntimeError,
+    reason="PyTorch CPU bug: aten.softplus_backward's real strides differ from its meta strides, so "
+    "the aot_eager backward's view fails; hit through selective_scan_ref's softplus of the "
+    "(D, B, L)-laid-out delta that mamba_inner_ref builds (ops/selective_scan.py)",
+)
+
+
+@pytest.mark.parametrize(
+    "name, backend",
+    [
+        ("hybrid", "aot_eager"),
+        ("mamba2", "aot_eager"),
+        pytest.param("mamba1", "aot_eager", marks=AOT_MAMBA1),
+        ("mamba1", "eager"),
+    ],
+)
+def test_training_step_fullgraph_matches_eager(name, backend):
+    model = _model(name)
+    ids = torch.randint(0, VOCAB, (2, 21))  # L = 21: not a multiple of chunk_size 8
+    eager = _train_step(model, model, ids)
+    compiled = _train_step(torch.compile(model, backend=backend, fullgraph=True), model, ids)
+    _assert_same(eager, compiled)
+    # Every parameter gets a gradient (the tied head / embedding included).
+    assert len(eager[2]) == len(list(model.parameters()))
+
+
+def _decode(fn, model, ids, prompt_len):
+    """Logits of an eager prefill of ids[:, :prompt_len], then of each later token through ``fn``."""
+    params = InferenceParams(max_seqlen=ids.shape[1], max_batch_size=ids.shape[0])
+    with torch.no_grad():
+        logits = [model(ids[:, :prompt_len], inference_params=params).logits[:, -1]]
+        for t in range(prompt_len, ids.shape[1]):
+            params.seqlen_offset = t
+            logits.append(fn(ids[:, t : t + 1], inference_params=params).logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_decode_step_fullgraph_matches_eager(name):
+    """One-token steps through the cache compile to one graph and equal eager (and the full forward)."""
+    model = _model(name)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    eager = _decode(model, model, ids, prompt_len=6)
+    compiled = _decode(torch.compile(model, backend="aot_eager", fullgraph=True), model, ids, prompt_len=6)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+    torch.testing.assert_close(compiled[:, -1], full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.UserError,
+    reason="packed sequences do not trace as one graph: the torch references split the sequences on "
+    "cu_seqlens.tolist() (ops/causal_conv1d.py causal_conv1d_ref, ops/selective_scan.py "
+    "selective_scan_ref via _check_inputs -> ops/backend.py check_cu_seqlens, ops/ssd/reference.py "
+    "mamba_chunk_scan_combined_ref, ops/ssd/combined.py _check_split_inputs -> check_cu_seqlens), so "
+    "the lengths become unbacked symbols and dynamo cannot guard on them (e.g. einops' "
+    "`length % known_product` in mamba_inner's rearrange of delta)",
+)
+@pytest.mark.parametrize("name", ["mamba1", "mamba2"])
+def test_training_step_packed_fullgraph(name):
+    model = _model(name)
+    ids = torch.randint(0, VOCAB, (1, 13))
+    cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32)
+    _train_step(torch.compile(model, backend="aot_eager", fullgraph=True), model, ids, cu_seqlens)
+
+
+def test_training_step_packed_with_graph_breaks_matches_eager():
+    """Packed sequences still compile (several graphs) and give the eager numbers."""
+    model = _model("mamba1")
+    ids = torch.randint(0, VOCAB, (1, 13))
+    cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32)
+    eager = _train_step(model, model, ids, cu_seqlens)
+    compiled = _train_step(torch.compile(model, backend="aot_eager"), model, ids, cu_seqlens)
+    _assert_same(eager, compiled)
