@@ -97,7 +97,7 @@ def stage_profile(s):
     x, dt, A, B, C, D, dt_bias = make_inputs(s, False)
     Q, bf = CHUNK, torch.bfloat16
     lim = (0.0, float("inf"))
-    states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16)
+    states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16)
     dout = torch.randn_like(x)
     dstates, _, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, states, s["H"], s["P"], Q, bf, tl.bfloat16)
     stages = {
@@ -137,7 +137,7 @@ def main():
             case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
             flops, nbytes = flops_and_bytes(s, fwdbwd)
             for provider in ("ours", "mamba_ssm"):
-                ms = try_provider(provider, lambda: bench_case(s, provider, fwdbwd))
+                ms = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 row = {"case": case, "provider": provider, "ms": ms}
                 if ms:
                     row["tflops"] = round(flops / ms / 1e9, 2)

@@ -141,7 +141,7 @@ def _chunk_scan_fwd_kernel(
         scale_t = tl.where(seq_t == seq_prev, scale_t, 0.0)
     acc = _dot(b_C, tl.trans(b_S), DOT_DTYPE) * scale_t[:, None]
 
-    for j in range(0, i_m + 1):
+    for j in range(i_m + 1):
         o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_ls = i_c * Q + o_s
         m_s = o_ls < L
@@ -272,7 +272,7 @@ def _chunk_scan_bwd_dc_kernel(
         dC_state = _dot(dy, b_S, DOT_DTYPE) * scale_t[:, None]
         rowsum = tl.sum(dC_state * b_C, axis=1)
         dC += dC_state
-        for j in range(0, i_m + 1):
+        for j in range(i_m + 1):
             o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_ls = i_c * Q + o_s
             m_s = o_ls < L
@@ -372,7 +372,8 @@ def _chunk_scan_bwd_dx_kernel(
                             m_t[:, None] & m_p[None, :], HAS_Z)
             b_Ct = tl.load(C_ptr + group_off + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
                            mask=m_t[:, None] & m_n[None, :], other=0.0)
-            cbT = tl.load(cb_base + o_t[None, :] * Q + o_s[:, None])  # (s, t)
+            # Load the (t, s) tile row-major (coalesced) and transpose in registers.
+            cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]))  # (s, t)
             keep = o_t[None, :] >= o_s[:, None]
             if HAS_SEQ_IDX:
                 seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
@@ -409,7 +410,7 @@ def _chunk_scan_bwd_dx_kernel(
              mask=m_sn)
 
 
-def _head_split(heads_per_group, programs, target=1024):
+def _head_split(heads_per_group, programs, target=2048):
     """How many programs share the heads of one group: enough programs to fill the GPU,
     a divisor of heads_per_group (each extra split costs an fp32 dB/dC partial)."""
     want = max(1, target // max(programs, 1))

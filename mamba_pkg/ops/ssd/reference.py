@@ -160,7 +160,7 @@ def mamba_chunk_scan_combined_ref(
     ``initial_states[i]`` (shape (num_seqs, H, P, N)) and its final state is
     row i of ``varlen_states``.
     """
-    batch, L, H, P = x.shape
+    batch, _, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     x_f = x.float()
     dt_f = process_dt(dt, dt_bias, dt_softplus, dt_limit)
