@@ -99,7 +99,7 @@ def check_chunk_scan_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_s
 
 
 # ---------------------------------------------------------------------------
-# The Triton path: two forward kernels, four backward kernels, small torch glue.
+# The Triton path: three forward launches, five backward launches, small torch glue.
 # ---------------------------------------------------------------------------
 
 
@@ -300,7 +300,9 @@ def mamba_chunk_scan_combined(
         dt: (B, L, H) step sizes before dt_bias / softplus / dt_limit.
         A: (H,) decay rates (negative), fp32 recommended.
         B, C: (B, L, G, N); head h uses group h // (H / G).
-        chunk_size: chunk length Q (L need not be a multiple of it).
+        chunk_size: chunk length Q (L need not be a multiple of it). The Triton path
+            rounds it up to a power of two in [16, 256]; the result depends on the
+            chunk length only through rounding.
         D: (H,) or (H, P) skip connection, out = y + D * x.
         z: (B, L, H, P) gate, out = (y + D * x) * silu(z).
         dt_bias: (H,) added to dt before softplus.
@@ -318,6 +320,9 @@ def mamba_chunk_scan_combined(
     Returns:
         out (B, L, H, P) in x.dtype; with return_final_states (out, final_states);
         with return_varlen_states the varlen states come last.
+
+    Every output is differentiable with respect to every tensor input. The Triton
+    backward is deterministic (fixed-order reductions, no atomics).
     """
     dt_limit, _ = check_chunk_scan_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                           cu_seqlens, dt_limit, return_varlen_states)
