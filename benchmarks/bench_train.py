@@ -1,0 +1,340 @@
+"""Whole-model training step: ours vs mamba_ssm's MambaLMHeadModel, same random weights.
+
+One step = forward + shifted next-token cross-entropy (fp32 math, the same function for every
+provider, computed outside the model) + backward; gradients are set to None before each step so
+that every step allocates them alike. No optimizer step unless --optimizer (fused AdamW, then
+the optimizer state is in the peak too). Precision (--precision, same for every provider):
+  bf16      weights built in bf16 (A_log / D stay fp32 in the Mamba-1 mixers, as in mamba_ssm);
+  autocast  fp32 weights under torch.autocast(bf16).
+Providers: ours, mamba_ssm (ours' state_dict loaded into it: the parameter names are equal),
+ours_compiled (torch.compile(model), Inductor; fullgraph=True, or a note and fullgraph=False
+when dynamo cannot capture one graph).
+
+Rows: ms (median, triton.testing.do_bench), tokens_per_s, peak_gib
+(torch.cuda.max_memory_allocated over one step, weights and grads included), tflops and
+pct_limit from the 6 * params * tokens estimate of a step's matmul FLOPs (attention's
+L^2 term left out) against 790 TFLOP/s, and the ratios to mamba_ssm (speedup_vs_mamba_ssm
+= tokens/s ratio, mem_vs_mamba_ssm = peak ratio). Targets (issue 8): speedup >= 1.6,
+mem <= 0.8. Results are saved after every row, so a run cut short keeps what it measured;
+compiled rows run last and stop starting once --budget-s has passed.
+
+    PYTHONPATH=. python benchmarks/bench_train.py                     # the four issue-8 models
+    PYTHONPATH=. python benchmarks/bench_train.py --models mamba-130m --precision autocast
+    PYTHONPATH=. python benchmarks/bench_train.py --quick --cpu       # smoke run of ours on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import BF16_FLOPS, save_results, time_ms, try_provider
+
+VOCAB = 50277
+MAMBA2 = {"layer": "Mamba2"}
+# name: (config, batch, seqlen)
+MODELS = {
+    "mamba-130m": ({"d_model": 768, "n_layer": 24, "ssm_cfg": {"layer": "Mamba1"}}, 8, 2048),
+    "mamba2-130m": ({"d_model": 768, "n_layer": 24, "ssm_cfg": MAMBA2}, 8, 2048),
+    "hybrid-130m": (
+        {"d_model": 768, "n_layer": 24, "ssm_cfg": MAMBA2, "attn_layer_idx": [7, 15], "attn_cfg": {"num_heads": 12}},
+        8,
+        2048,
+    ),
+    "mamba-1.4b": ({"d_model": 2048, "n_layer": 48, "ssm_cfg": {"layer": "Mamba1"}}, 4, 2048),
+}
+QUICK = {
+    "mamba-tiny": ({"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba1", "d_state": 8}}, 2, 64),
+    "mamba2-tiny": ({"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 32}}, 2, 64),
+    "hybrid-tiny": (
+        {"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 32},
+         "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4}},
+        2,
+        64,
+    ),
+}
+COMMON = {"rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}
+QUICK_VOCAB = 256
+
+
+def config_dict(cfg: dict, vocab: int) -> dict:
+    return {**cfg, "vocab_size": vocab, **COMMON}
+
+
+def build_ours(cfg: dict, device, dtype):
+    from mamba_pkg.models.config import MambaConfig
+    from mamba_pkg.models.lm import MambaLMHeadModel
+
+    torch.manual_seed(0)
+    return MambaLMHeadModel(MambaConfig(**cfg), device=device, dtype=dtype)
+
+
+def build_mamba_ssm(cfg: dict, ours, device, dtype):
+    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmLM
+
+    model = SsmLM(SsmConfig(**cfg), device=device, dtype=dtype)
+    model.load_state_dict(ours.state_dict(), strict=True)
+    return model
+
+
+def lm_loss(logits, ids):
+    """Mean next-token cross entropy in fp32 (position t predicts ids[:, t + 1])."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def make_step(fn, model, ids, precision: str, optimizer=None):
+    """A callable running one training step of ``fn`` (the model or its compiled wrapper)."""
+    autocast = precision == "autocast"
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = fn(ids).logits
+        loss = lm_loss(logits, ids)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        return loss
+
+    return step
+
+
+def _cpu_time_ms(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(step, device) -> dict:
+    """ms, and on CUDA the peak memory of one step (after a warm-up step: compilation, autotuning)."""
+    if device.type != "cuda":
+        return {"ms": _cpu_time_ms(step)}
+    step()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"ms": time_ms(step, warmup_ms=200, rep_ms=1500), "peak_gib": round(peak, 3)}
+
+
+def release(state: dict) -> None:
+    """Drop the models of a finished provider before the next one allocates."""
+    state.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS))
+    ap.add_argument("--precision", choices=("bf16", "autocast"), default="bf16")
+    ap.add_argument("--optimizer", action="store_true", help="include a fused AdamW step")
+    ap.add_argument("--providers", default="ours,mamba_ssm,ours_compiled")
+    ap.add_argument("--compile-models", default=None, help="models to measure compiled (default: all measured)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="start no compiled row after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="tiny models and shapes (smoke run)")
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (torch backend of every op; no peak memory)")
+    ap.add_argument("--name", default="bench_train", help="results file name (without .json)")
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    table = QUICK if args.quick else MODELS
+    vocab = QUICK_VOCAB if args.quick else VOCAB
+    names = args.models.split(",") if args.models else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {list(table)}")
+    providers = args.providers.split(",")
+    compile_names = args.compile_models.split(",") if args.compile_models else names
+    weight_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    rows: list = []
+
+    def add_row(name, provider, result, **extra):
+        _, batch, seqlen = table[name]
+        tokens = batch * seqlen
+        row = {
+            "case": f"train model={name} batch={batch} L={seqlen}",
+            "provider": provider,
+            "precision": args.precision,
+            "optimizer": "adamw" if args.optimizer else "none",
+            **result,
+            **extra,
+        }
+        row["tokens_per_s"] = round(tokens / (result["ms"] / 1e3))
+        params = row.get("params")
+        if params:
+            row["tflops"] = round(6 * params * tokens / (result["ms"] / 1e3) / 1e12, 2)
+            row["pct_limit"] = round(100 * row["tflops"] * 1e12 / BF16_FLOPS, 1)
+        rows.append(row)
+        _ratios_to_mamba_ssm(rows)
+        print(f"{row['case']:<45} {provider:<14} {row['ms']:9.2f} ms {row['tokens_per_s']:>10} tok/s "
+              f"peak {row.get('peak_gib', '-')} GiB", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the full table is printed once, at the end
+            save_results(args.name, rows, plot_key="L")
+        _plot(args.name, rows)
+
+    def run_provider(name, provider, build):
+        _, batch, seqlen = table[name]
+        torch.manual_seed(1)
+        ids = torch.randint(0, vocab, (batch, seqlen), device=device)
+        state = {}
+
+        def go():
+            model, fn, extra = build()
+            state["model"] = model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if args.optimizer else None
+            result = measure(make_step(fn, model, ids, args.precision, opt), device)
+            extra["params"] = sum(p.numel() for p in model.parameters())
+            return result, extra
+
+        out = try_provider(f"{name} {provider}", go)
+        release(state)
+        if out is not None:
+            add_row(name, provider, out[0], **out[1])
+
+    cfgs = {name: config_dict(table[name][0], vocab) for name in names}
+    for name in names:
+        cfg = cfgs[name]
+        if "ours" in providers:
+            def build_plain(cfg=cfg):
+                model = build_ours(cfg, device, weight_dtype)
+                return model, model, {}
+
+            run_provider(name, "ours", build_plain)
+        if "mamba_ssm" in providers:
+            def build_ssm(cfg=cfg):
+                theirs = build_mamba_ssm(cfg, build_ours(cfg, device, weight_dtype), device, weight_dtype)
+                return theirs, theirs, {}
+
+            run_provider(name, "mamba_ssm", build_ssm)
+    if "ours_compiled" in providers:
+        for name in names:
+            if name not in compile_names:
+                continue
+            if time.perf_counter() - start > args.budget_s:
+                print(f"  [{name} ours_compiled] skipped: past --budget-s {args.budget_s:.0f} s")
+                continue
+            def build_compiled(name=name):
+                return _build_compiled(cfgs[name], table[name], device, weight_dtype, args.precision, vocab, name)
+
+            run_provider(name, "ours_compiled", build_compiled)
+    if not rows:
+        raise SystemExit("no provider ran")
+    path = save_results(args.name, rows, plot_key="L")
+    _plot(args.name, rows)
+    _summary(rows)
+    print(f"saved {path}")
+
+
+def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
+    """ours under torch.compile (Inductor): fullgraph=True first, else fullgraph=False with the reason noted.
+
+    Tracing happens on the first call, so one training step is run here (the compile time is
+    recorded as compile_s).
+    """
+    import torch._dynamo
+
+    model = build_ours(cfg, device, weight_dtype)
+    _, batch, seqlen = shape
+    ids = torch.randint(0, vocab, (batch, seqlen), device=device)
+    t0 = time.perf_counter()
+    extra = {"fullgraph": True}
+    fn = torch.compile(model, fullgraph=True)
+    try:
+        make_step(fn, model, ids, precision)()
+    except torch._dynamo.exc.TorchDynamoException as exc:  # a graph break: measure with breaks, say why
+        note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        print(f"  [{name} ours_compiled] fullgraph=True failed, using fullgraph=False: {note}")
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        fn = torch.compile(model)
+        make_step(fn, model, ids, precision)()
+        extra = {"fullgraph": False, "note": note}
+    extra["compile_s"] = round(time.perf_counter() - t0, 1)
+    return model, fn, extra
+
+
+def _ratios_to_mamba_ssm(rows) -> None:
+    """speedup_vs_mamba_ssm (tokens/s ratio) and mem_vs_mamba_ssm (peak ratio) on every other row of a case."""
+    base = {r["case"]: r for r in rows if r["provider"] == "mamba_ssm"}
+    for r in rows:
+        b = base.get(r["case"])
+        if b is None or r is b:
+            continue
+        r["speedup_vs_mamba_ssm"] = round(r["tokens_per_s"] / b["tokens_per_s"], 3)
+        if r.get("peak_gib") and b.get("peak_gib"):
+            r["mem_vs_mamba_ssm"] = round(r["peak_gib"] / b["peak_gib"], 3)
+
+
+def _summary(rows) -> None:
+    """Print tokens/s and peak per row, then the issue-8 targets: tokens/s >= 1.6x and peak <= 0.8x mamba_ssm's."""
+    print(f"\n{'case':<45} {'provider':<14} {'ms':>9} {'tokens/s':>10} {'peak GiB':>9} {'TFLOP/s':>8} {'%790':>5}")
+    for r in rows:
+        print(f"{r['case']:<45} {r['provider']:<14} {r['ms']:9.2f} {r['tokens_per_s']:>10} "
+              f"{r.get('peak_gib', '-'):>9} {r.get('tflops', '-'):>8} {r.get('pct_limit', '-'):>5}")
+    print("\nissue 8 targets (ours vs mamba_ssm, same run): speedup >= 1.6, memory <= 0.8")
+    for r in rows:
+        if "speedup_vs_mamba_ssm" not in r:
+            continue
+        speed = r["speedup_vs_mamba_ssm"]
+        mem = r.get("mem_vs_mamba_ssm")
+        ok = speed >= 1.6 and (mem is None or mem <= 0.8)
+        print(f"  {r['case']:<45} {r['provider']:<14} speed x{speed:.2f}  memory "
+              f"{'-' if mem is None else f'x{mem:.2f}'}  {'MET' if ok else 'not met'}")
+
+
+def _plot(name: str, rows: list) -> None:
+    """bench_train.png: tokens/s and peak GiB per model, one bar per provider (replaces the line plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    import os
+
+    from benchmarks.common import RESULTS_DIR, gpu_name
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    width = 0.8 / max(1, len(providers))
+    for k, provider in enumerate(providers):
+        by_case = {r["case"]: r for r in rows if r["provider"] == provider}
+        xs = [i + k * width for i in range(len(cases))]
+        axes[0].bar(xs, [by_case.get(c, {}).get("tokens_per_s", 0) / 1e3 for c in cases], width, label=provider)
+        axes[1].bar(xs, [by_case.get(c, {}).get("peak_gib", 0) or 0 for c in cases], width, label=provider)
+    labels = [c.replace("train model=", "").replace(" batch=", "\nB=").replace(" L=", " L=") for c in cases]
+    for ax, title in zip(axes, ("k tokens/s (higher is better)", "peak GiB (lower is better)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"training step (fwd + CE + bwd) on {gpu_name()}")
+    fig.tight_layout()
+    out_dir = os.environ.get("OUT") or RESULTS_DIR
+    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
