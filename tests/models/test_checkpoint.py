@@ -201,9 +201,9 @@ def test_hub_offline_env_in_fresh_process(tmp_path):
     model = make_model(MAMBA_130M)
     hf_home = tmp_path / "home"
     add_snapshot(str(hf_home / "hub"), "state-spaces/mamba-130m", save_mamba_ssm(model, tmp_path / "src", MAMBA_130M))
-    script = ("import torch, sys; from mamba_pkg.models.lm import MambaLMHeadModel as M; "
+    script = ("import json, sys, torch; from mamba_pkg.models.lm import MambaLMHeadModel as M; "
               "m = M.from_pretrained('state-spaces/mamba-130m');"
-              "torch.save(m(torch.tensor(eval(sys.argv[1]))).logits.detach(), sys.argv[2])")
+              "torch.save(m(torch.tensor(json.loads(sys.argv[1]))).logits.detach(), sys.argv[2])")
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     out = tmp_path / "logits.pt"
@@ -371,8 +371,9 @@ def test_save_rejects_bad_arguments(tmp_path):
 
 def test_transformers_ours_transformers_round_trip():
     hf_model = hf_mamba(MAMBA_130M_HF)
-    ours = ckpt.from_transformers(hf_model)
-    back = ckpt.to_transformers(ours)
+    ours = MambaLMHeadModel.from_transformers(hf_model)
+    assert isinstance(ours, MambaLMHeadModel)
+    back = ours.to_transformers()
     assert type(back) is type(hf_model)
     with torch.no_grad():
         assert torch.equal(back(INPUT_IDS).logits, hf_model(INPUT_IDS).logits)
