@@ -127,6 +127,16 @@ def test_training_step_fullgraph_matches_eager(name, backend):
     assert len(eager[2]) == len(list(model.parameters()))
 
 
+def test_training_step_gradient_checkpointing_fullgraph_matches_eager():
+    """Block-level activation checkpointing (torch.utils.checkpoint, non-reentrant) traces into the same one graph."""
+    model = _model("mamba2")
+    ids = torch.randint(0, VOCAB, (2, 21))
+    eager = _train_step(model, model, ids)
+    model.gradient_checkpointing_enable()
+    compiled = _train_step(torch.compile(model, backend="aot_eager", fullgraph=True), model, ids)
+    _assert_same(eager, compiled)
+
+
 def _decode(fn, model, ids, prompt_len):
     """Logits of an eager prefill of ids[:, :prompt_len], then of each later token through ``fn``."""
     params = InferenceParams(max_seqlen=ids.shape[1], max_batch_size=ids.shape[0])
