@@ -8,7 +8,8 @@ the optimizer state is in the peak too). Precision (--precision, same for every 
   autocast  fp32 weights under torch.autocast(bf16).
 Providers: ours, mamba_ssm (ours' state_dict loaded into it: the parameter names are equal),
 ours_compiled (torch.compile(model), Inductor; fullgraph=True, or a note and fullgraph=False
-when dynamo cannot capture one graph).
+when dynamo cannot capture one graph); optional ours_ckpt (gradient_checkpointing_enable():
+block-level recompute, for the memory column).
 
 Rows: ms (median, triton.testing.do_bench), tokens_per_s, peak_gib
 (torch.cuda.max_memory_allocated over one step, weights and grads included), tflops and
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS))
     ap.add_argument("--precision", choices=("bf16", "autocast"), default="bf16")
     ap.add_argument("--optimizer", action="store_true", help="include a fused AdamW step")
-    ap.add_argument("--providers", default="ours,mamba_ssm,ours_compiled")
+    ap.add_argument("--providers", default="ours,mamba_ssm,ours_compiled", help="also: ours_ckpt")
     ap.add_argument("--compile-models", default=None, help="models to measure compiled (default: all measured)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no compiled row after this many seconds")
     ap.add_argument("--quick", action="store_true", help="tiny models and shapes (smoke run)")
@@ -224,6 +225,13 @@ def main() -> None:
                 return theirs, theirs, {}
 
             run_provider(name, "mamba_ssm", build_ssm)
+        if "ours_ckpt" in providers:
+            def build_ckpt(cfg=cfg):
+                model = build_ours(cfg, device, weight_dtype)
+                model.gradient_checkpointing_enable()
+                return model, model, {}
+
+            run_provider(name, "ours_ckpt", build_ckpt)
     if "ours_compiled" in providers:
         for name in names:
             if name not in compile_names:
