@@ -146,8 +146,11 @@ def build_ours(cfg, seed, device):
 
 
 def build_mamba_ssm(cfg, ours):
-    from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmLM
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SsmLM
+    except ImportError as exc:
+        raise SystemExit(f"mamba_ssm cannot be imported ({exc}); install the anchor wheel or pass --no-anchor") from exc
 
     model = SsmLM(SsmConfig(**cfg), device=ours.lm_head.weight.device)
     model.load_state_dict(ours.state_dict(), strict=True)
