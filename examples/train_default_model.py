@@ -50,11 +50,11 @@ def markdown_to_text(md: str) -> str:
         if line.startswith("**") and line.endswith("**"):
             out.append(line.strip("*").strip() + ":")
             continue
+        line = re.sub(r"\\(.)", r"\1", line.replace("_\\[ ]_", ""))  # markdown escapes: \[ -> [
         if line.startswith("_") and line.endswith("_") and len(line) > 1:
-            out.append("[" + line.strip("_").strip() + "]")
+            out.append("[" + line.strip("_").strip().strip("[]") + "]")
             out.append("")
             continue
-        line = line.replace("_\\[ ]_", "").replace("\\[", "[").replace("\\]", "]")
         line = re.sub(r"[*_]", "", line)
         out.append(line)
     text = "\n".join(out)
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds of training")
     ap.add_argument("--max-steps", type=int, default=100000)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--patience", type=int, default=5, help="stop after this many evaluations without a better val loss")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -236,6 +237,9 @@ def main(argv=None) -> int:
             if val < best[0]:
                 best = (val, step)
                 torch.save(model.state_dict(), best_path)
+            elif step - best[1] >= args.patience * args.eval_every:
+                # 1.55 M tokens are memorised after a few epochs: further steps only overfit.
+                break
     if best[1] < 0:
         torch.save(model.state_dict(), best_path)
     model.load_state_dict(torch.load(best_path, weights_only=True))

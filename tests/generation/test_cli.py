@@ -52,12 +52,12 @@ def test_text_streamer_skip_prompt():
         streamer.put(torch.zeros(2, 3, dtype=torch.long))
 
 
-needs_assets = pytest.mark.skipif(
-    not os.path.exists(os.path.join(ASSETS_DIR, "model.safetensors")), reason="embedded model not built yet"
-)
+def test_embedded_model_is_shipped_and_small():
+    names = {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    assert names <= set(os.listdir(ASSETS_DIR))
+    assert sum(os.path.getsize(os.path.join(ASSETS_DIR, n)) for n in names) <= 20 * 2**20
 
 
-@needs_assets
 def test_cli_generates_with_the_embedded_model(capsys):
     assert main(["ROMEO:", "--max-new-tokens", "12", "--seed", "0", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
@@ -69,7 +69,6 @@ def test_cli_generates_with_the_embedded_model(capsys):
     assert capsys.readouterr()[0] == out
 
 
-@needs_assets
 def test_cli_greedy_matches_generate():
     from mamba_pkg.generation.decode import generate
     from mamba_pkg.models.checkpoint import load_pretrained, load_tokenizer
@@ -88,7 +87,6 @@ def test_cli_greedy_matches_generate():
     assert buf.getvalue() == expected + "\n"
 
 
-@needs_assets
 def test_cli_as_module_subprocess():
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.run(
@@ -113,8 +111,6 @@ def test_cli_as_module_subprocess():
     ],
 )
 def test_cli_bad_input(argv, message, capsys):
-    if message == "below the prompt length" and not os.path.exists(os.path.join(ASSETS_DIR, "model.safetensors")):
-        pytest.skip("embedded model not built yet")
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
