@@ -109,7 +109,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         del ours, theirs
         torch.cuda.empty_cache()
-    save_results("bench_generation", rows, plot_key="batch")
+        # Saved after every model, so that a run cut short by a time limit keeps its rows.
+        save_results("bench_generation", rows, plot_key="batch")
 
 
 def _to_transformers(ours):
