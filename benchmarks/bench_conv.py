@@ -4,8 +4,8 @@ B=4, D=2048, W=4, L in {2048, 8192}, x in (B, D, L)-contiguous and channel-last 
 Bytes moved: fwd reads x and writes out (2 * B*D*L * 2 B); fwd+bwd adds reading x and
 dout and writing dx (5 * B*D*L * 2 B). pct_limit = GB/s / 3000 (HBM).
 fwd rows are timed as CUDA-graph replays (GPU time only: a 0.1 ms kernel is otherwise
-timed partly as Python launch overhead, which differs between the providers); fwdbwd
-rows (autograd) with common.time_ms.
+timed partly as Python launch overhead, which differs between the providers); fwdbwd rows
+(autograd.grad) both eagerly with common.time_ms and as CUDA-graph replays.
 
     PYTHONPATH=. python benchmarks/bench_conv.py [--tune]
 
@@ -80,15 +80,19 @@ def providers():
 
 
 def main_rows():
+    # fwdbwd twice: eager (what a training step sees, host overhead included: at this size
+    # both providers are host-bound, about 0.6 ms whatever L) and as a CUDA-graph replay
+    # (GPU time of the kernels).
+    passes = (("fwd", fwd_fn, graph_ms, ""), ("fwdbwd", fwdbwd_fn, time_ms, " timing=eager"),
+              ("fwdbwd", fwdbwd_fn, graph_ms, " timing=graph"))
     rows = []
     for length in LENGTHS:
         for layout in ("contiguous", "channel_last"):
-            for pass_name, make in (("fwd", fwd_fn), ("fwdbwd", fwdbwd_fn)):
-                case = f"{pass_name} B={B} D={D} W={W} L={length} layout={layout}"
+            for pass_name, make, timer, suffix in passes:
+                case = f"{pass_name} B={B} D={D} W={W} L={length} layout={layout}{suffix}"
                 n_bytes = (2 if pass_name == "fwd" else 5) * B * D * length * 2
                 for name, impl in providers().items():
                     x, w, b = make_inputs(length, layout, pass_name == "fwdbwd")
-                    timer = graph_ms if pass_name == "fwd" else time_ms
                     ms = try_provider(name, lambda: timer(make(impl, x, w, b)))
                     if ms is None:
                         continue
