@@ -67,6 +67,39 @@ def build_mamba_ssm(name, ours):
     return model
 
 
+def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
+    """Rows for one model size: every batch size, every provider."""
+    ours = build_ours(name)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours.parameters()}.values())
+    floor_ms = weight_bytes / HBM_BYTES_PER_S * 1e3
+    theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, ours))
+    hf = None
+    if with_transformers and name == "mamba-130m":
+        hf = try_provider("transformers build", lambda: _to_transformers(ours))
+    rows = []
+    for batch in batches:
+        ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
+        providers = {"ours": lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True))}
+        if theirs is not None:
+            providers["mamba_ssm"] = lambda n, ids=ids: (lambda: theirs.generate(ids, max_length=PROMPT + n, cg=True))
+        if hf is not None and batch == 1:
+            providers["transformers"] = lambda n, ids=ids: (
+                lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            )
+        for provider, make_fn in providers.items():
+            provider_reps = 1 if provider == "transformers" else reps
+            ms = try_provider(provider, lambda make_fn=make_fn, r=provider_reps: step_ms(make_fn, r))
+            if ms is None:
+                continue
+            rows.append({
+                "case": f"decode model={name} batch={batch} prompt={PROMPT} new={NEW}", "provider": provider,
+                "ms": round(ms, 4), "floor_ms": round(floor_ms, 4), "gbps": round(weight_bytes / ms / 1e6, 1),
+                "pct_limit": round(100 * floor_ms / ms, 1), "tokens_per_s": round(batch / ms * 1e3, 1),
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS))
@@ -77,37 +110,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.models.split(","):
-        ours = build_ours(name)
-        weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours.parameters()}.values())
-        floor_ms = weight_bytes / HBM_BYTES_PER_S * 1e3
-        theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, ours))
-        for batch in batches:
-            ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
-            case = f"decode model={name} batch={batch} prompt={PROMPT} new={NEW}"
-            providers = {
-                "ours": lambda n: (lambda: ours.generate(ids, max_new_tokens=n, cg=True)),
-            }
-            if theirs is not None:
-                providers["mamba_ssm"] = lambda n: (lambda: theirs.generate(ids, max_length=PROMPT + n, cg=True))
-            if name == "mamba-130m" and batch == 1 and not args.no_transformers:
-                hf = try_provider("transformers build", lambda: _to_transformers(ours))
-                if hf is not None:
-                    providers["transformers"] = lambda n: (
-                        lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-                    )
-            for provider, make_fn in providers.items():
-                reps = 1 if provider == "transformers" else args.reps
-                ms = try_provider(provider, lambda: step_ms(make_fn, reps))
-                if ms is None:
-                    continue
-                rows.append({
-                    "case": case, "provider": provider, "ms": round(ms, 4), "floor_ms": round(floor_ms, 4),
-                    "gbps": round(weight_bytes / ms / 1e6, 1), "pct_limit": round(100 * floor_ms / ms, 1),
-                    "tokens_per_s": round(batch / ms * 1e3, 1),
-                })
-                print(rows[-1], flush=True)
-            torch.cuda.empty_cache()
-        del ours, theirs
+        rows += bench_model(name, batches, args.reps, not args.no_transformers)
         torch.cuda.empty_cache()
         # Saved after every model, so that a run cut short by a time limit keeps its rows.
         save_results("bench_generation", rows, plot_key="batch")
