@@ -355,6 +355,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
 
 
+def test_saved_files_get_the_umask_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        make_model(MAMBA_130M).save_pretrained(tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_save_rejects_bad_arguments(tmp_path):
     model = make_model(MAMBA_130M)
     for bad in (0, "lots", "-3GB", True):
