@@ -198,9 +198,7 @@ def _prefill(model, input_ids, mask, params, lengths, vocab_size, cache_dtype, c
     if bool((lengths == width).all()):
         return _prefill_chunks(model, input_ids, params, vocab_size, chunk_size)
     packed_length = int(lengths.sum())
-    # Attention layers check the packed length against the KV cache size.
-    packed_fits = packed_length <= params.max_seqlen or not getattr(getattr(model, "config", None), "attn_layer_idx", None)
-    if packed_length <= chunk_size and packed_fits:
+    if packed_length <= chunk_size:
         logits = _prefill_packed(model, input_ids, mask, params, lengths, vocab_size)
         params.seqlen_offset = width
         return logits
