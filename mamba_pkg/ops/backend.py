@@ -17,12 +17,36 @@ interpreter; that is how CI checks them without a GPU.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+
+class _TritonMissing:
+    """Stand-in for ``triton`` and ``triton.language`` where Triton is not installed
+    (macOS, Windows): the kernel modules still import, so the torch backend works,
+    and no kernel is ever launched because ``resolve_backend`` refuses ``triton``.
+    Every attribute is this object again; called on a single function (a bare
+    decorator) it returns the function, otherwise itself (a decorator factory)."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]
+        return self
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    triton = tl = _TritonMissing()
+    HAS_TRITON = False
 
 BACKENDS = ("torch", "triton")
 ENV_VAR = "MAMBA_PKG_BACKEND"
@@ -35,9 +59,8 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return HAS_TRITON
 
 
 def _devices(tensors: Iterable[Optional[torch.Tensor]]) -> list:

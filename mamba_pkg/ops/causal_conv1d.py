@@ -18,12 +18,9 @@ row belongs to the row's first (initial) and last (final) sequence.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -32,6 +29,8 @@ from mamba_pkg.ops.backend import (
     check_tensor,
     resolve_backend,
     seq_idx_from_cu_seqlens,
+    tl,
+    triton,
 )
 
 ACTIVATIONS = (None, "silu", "swish")
@@ -576,7 +575,7 @@ def _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states
     n_states = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     who = "B" if cu_seqlens is None else "num_seqs"
     if initial_states is not None:
-        check_tensor(f"initial_states", initial_states, dtype=FLOAT_DTYPES)
+        check_tensor("initial_states", initial_states, dtype=FLOAT_DTYPES)
         if tuple(initial_states.shape) != (n_states, dim, width - 1):
             raise ValueError(f"initial_states must have shape ({who}={n_states}, D={dim}, W-1={width - 1}), "
                              f"got {tuple(initial_states.shape)}")

@@ -22,8 +22,6 @@ from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from einops import rearrange
 
 from mamba_pkg.ops.backend import (
@@ -33,6 +31,8 @@ from mamba_pkg.ops.backend import (
     check_tensor,
     resolve_backend,
     seq_idx_from_cu_seqlens,
+    tl,
+    triton,
 )
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
 

@@ -66,3 +66,43 @@ def test_check_cu_seqlens_batch():
     with pytest.raises(ValueError, match="batch size 1"):
         check_cu_seqlens(torch.tensor([0, 10], dtype=torch.int32), 10, 2)
     check_cu_seqlens(torch.tensor([0, 4, 10], dtype=torch.int32), 10, 1)
+
+
+def test_package_works_without_triton():
+    """Where Triton is not installed (macOS, Windows) the package imports, runs on the
+    torch backend, and asking for the triton backend is a clear error."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+
+        class BlockTriton:
+            def find_spec(self, name, path=None, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ImportError("triton is blocked for this test")
+
+        sys.meta_path.insert(0, BlockTriton())
+        import torch
+        import mamba_pkg
+        from mamba_pkg.ops.backend import HAS_TRITON
+        from mamba_pkg.ops.selective_scan import selective_scan_fn
+        assert not HAS_TRITON and "triton" not in sys.modules
+        config = mamba_pkg.MambaConfig(d_model=16, n_layer=2, vocab_size=32, ssm_cfg={"layer": "Mamba2", "headdim": 8, "d_state": 8})
+        logits = mamba_pkg.MambaLMHeadModel(config)(torch.randint(0, 32, (1, 9))).logits
+        assert logits.shape == (1, 9, 32) and torch.isfinite(logits).all()
+        u = torch.randn(1, 4, 5)
+        try:
+            selective_scan_fn(u, u, -torch.ones(4, 2), torch.randn(4, 2), torch.randn(4, 2), backend="triton")
+        except RuntimeError as exc:
+            assert "triton is not installed" in str(exc), exc
+        else:
+            raise AssertionError("backend='triton' without triton did not raise")
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

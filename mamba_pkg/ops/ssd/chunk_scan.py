@@ -33,10 +33,7 @@ exactly, is left out of both.
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
-
-from mamba_pkg.ops.backend import triton_interpret
+from mamba_pkg.ops.backend import tl, triton, triton_interpret
 from mamba_pkg.ops.ssd.chunk_state import _dot
 
 

@@ -19,10 +19,7 @@ sequence, and the state entering a row is its first run's initial state.
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
-
-from mamba_pkg.ops.backend import triton_interpret
+from mamba_pkg.ops.backend import tl, triton, triton_interpret
 
 
 def _walk_configs():
