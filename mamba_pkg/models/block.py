@@ -19,6 +19,30 @@ from mamba_pkg.models.norm import RMSNorm
 from mamba_pkg.ops.norm import layer_norm_fn
 
 
+def add_norm(norm, hidden_states, residual, *, fused: bool, residual_in_fp32: bool):
+    """(norm(hidden_states + residual), hidden_states + residual); residual None means zero.
+
+    norm: nn.LayerNorm or RMSNorm. fused: one fused add+norm op (ops/norm.py) instead of
+    the add and the module call. The residual is kept in fp32 when residual_in_fp32.
+    """
+    if fused:
+        return layer_norm_fn(
+            hidden_states,
+            norm.weight,
+            norm.bias,
+            residual=residual,
+            eps=norm.eps,
+            prenorm=True,
+            residual_in_fp32=residual_in_fp32,
+            is_rms_norm=isinstance(norm, RMSNorm),
+        )
+    residual = hidden_states if residual is None else hidden_states + residual
+    normed = norm(residual.to(dtype=norm.weight.dtype))
+    if residual_in_fp32:
+        residual = residual.to(torch.float32)
+    return normed, residual
+
+
 class Block(nn.Module):
     def __init__(self, dim, mixer_cls, mlp_cls, norm_cls=nn.LayerNorm, fused_add_norm=False, residual_in_fp32=False):
         """mixer_cls, mlp_cls, norm_cls: callables taking ``dim`` (e.g. functools.partial of a module);
@@ -36,34 +60,19 @@ class Block(nn.Module):
         if fused_add_norm and not isinstance(self.norm, (nn.LayerNorm, RMSNorm)):
             raise TypeError(f"fused_add_norm needs nn.LayerNorm or RMSNorm norms, got {type(self.norm).__name__}")
 
-    def _add_norm(self, norm, hidden_states, residual):
-        """(norm(hidden_states + residual), hidden_states + residual)."""
-        if self.fused_add_norm:
-            return layer_norm_fn(
-                hidden_states,
-                norm.weight,
-                norm.bias,
-                residual=residual,
-                eps=norm.eps,
-                prenorm=True,
-                residual_in_fp32=self.residual_in_fp32,
-                is_rms_norm=isinstance(norm, RMSNorm),
-            )
-        residual = hidden_states if residual is None else hidden_states + residual
-        normed = norm(residual.to(dtype=norm.weight.dtype))
-        if self.residual_in_fp32:
-            residual = residual.to(torch.float32)
-        return normed, residual
-
     def forward(self, hidden_states, residual: Optional[torch.Tensor] = None, inference_params=None, **mixer_kwargs):
         """hidden_states, residual (B, L, dim) (residual None for the first block).
 
         mixer_kwargs (e.g. cu_seqlens) go to the mixer. Returns (hidden_states, residual), both (B, L, dim).
         """
-        hidden_states, residual = self._add_norm(self.norm, hidden_states, residual)
+        hidden_states, residual = add_norm(
+            self.norm, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32
+        )
         hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
         if self.mlp is not None:
-            hidden_states, residual = self._add_norm(self.norm2, hidden_states, residual)
+            hidden_states, residual = add_norm(
+                self.norm2, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32
+            )
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 

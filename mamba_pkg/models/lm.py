@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mamba_pkg.models.attention import MHA
-from mamba_pkg.models.block import Block
+from mamba_pkg.models.block import Block, add_norm
 from mamba_pkg.models.config import MambaConfig
 from mamba_pkg.models.mamba import Mamba
 from mamba_pkg.models.mamba2 import Mamba2
@@ -31,7 +31,6 @@ from mamba_pkg.ops.backend import (
     check_tensor,
     seq_idx_from_cu_seqlens,
 )
-from mamba_pkg.ops.norm import layer_norm_fn
 
 IGNORE_INDEX = -100
 
@@ -165,20 +164,10 @@ class MixerModel(nn.Module):
                 hidden_states, residual = checkpoint(layer, hidden_states, residual, use_reentrant=False, **mixer_kwargs)
             else:
                 hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
-        norm = self.norm_f
-        if self.fused_add_norm:
-            return layer_norm_fn(
-                hidden_states,
-                norm.weight,
-                norm.bias,
-                residual=residual,
-                eps=norm.eps,
-                prenorm=False,
-                residual_in_fp32=self.residual_in_fp32,
-                is_rms_norm=isinstance(norm, RMSNorm),
-            )
-        residual = hidden_states if residual is None else hidden_states + residual
-        return norm(residual.to(dtype=norm.weight.dtype))
+        hidden_states, _ = add_norm(
+            self.norm_f, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32
+        )
+        return hidden_states
 
 
 def _check_lm_inputs(input_ids, labels, cu_seqlens, num_last_tokens):
