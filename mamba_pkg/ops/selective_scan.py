@@ -811,7 +811,9 @@ def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
     else:
         x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens, backend=backend)
     x_dbl = F.linear(rearrange(x, "b d l -> (b l) d"), x_proj_weight)  # (B*L, R + 2N)
-    delta = rearrange(delta_proj_weight @ x_dbl[:, :rank].t(), "d (b l) -> b d l", l=seqlen)
+    # Contiguous (B, D, L): the kernels need it anyway, and the (D, B, L)-strided view trips a
+    # torch CPU stride bug in softplus_backward under torch.compile's aot_eager.
+    delta = rearrange(delta_proj_weight @ x_dbl[:, :rank].t(), "d (b l) -> b d l", l=seqlen).contiguous()
     if B is None:
         B = x_dbl[:, rank:rank + dstate]
         if B_proj_bias is not None:
