@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import HBM_BYTES_PER_S, save_results, time_ms, try_provider
+from benchmarks.common import bandwidth_row, save_results, time_ms, try_provider
 from mamba_pkg.ops import causal_conv1d as conv
 
 B, D, W = 4, 2048, 4
@@ -96,9 +96,7 @@ def main_rows():
                     ms = try_provider(name, lambda: timer(make(impl, x, w, b)))
                     if ms is None:
                         continue
-                    gbps = n_bytes / ms / 1e6
-                    rows.append({"case": case, "provider": name, "ms": round(ms, 4), "gbps": round(gbps, 1),
-                                 "pct_limit": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1)})
+                    rows.append(bandwidth_row(case, name, ms, n_bytes))
     return rows
 
 

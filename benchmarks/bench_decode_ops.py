@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import HBM_BYTES_PER_S, save_results, time_ms, try_provider
+from benchmarks.common import bandwidth_row, save_results, time_ms, try_provider
 from mamba_pkg.ops import state_update as ssu
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 
@@ -100,12 +100,6 @@ def conv_providers():
     return out
 
 
-def _row(case, name, ms, n_bytes):
-    gbps = n_bytes / ms / 1e6
-    return {"case": case, "provider": name, "ms": round(ms, 4), "gbps": round(gbps, 1),
-            "pct_limit": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1)}
-
-
 def main_rows():
     rows = []
     for model in ("mamba1", "mamba2"):
@@ -115,13 +109,13 @@ def main_rows():
                 kw, n_bytes = ssu_inputs(model, batch)
                 ms = try_provider(name, lambda: graph_ms(lambda: fn(**kw, dt_softplus=True)))
                 if ms is not None:
-                    rows.append(_row(case, name, ms, n_bytes))
+                    rows.append(bandwidth_row(case, name, ms, n_bytes))
             case = f"step conv_update model={model} batch={batch}"
             for name, fn in conv_providers().items():
                 (x, state, w, b), n_bytes = conv_inputs(model, batch)
                 ms = try_provider(name, lambda: graph_ms(lambda: fn(x, state, w, b, "silu")))
                 if ms is not None:
-                    rows.append(_row(case, name, ms, n_bytes))
+                    rows.append(bandwidth_row(case, name, ms, n_bytes))
     return rows
 
 

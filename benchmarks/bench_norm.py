@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import HBM_BYTES_PER_S, save_results, time_ms, try_provider
+from benchmarks.common import bandwidth_row, save_results, time_ms, try_provider
 from mamba_pkg.ops import norm
 
 SHAPES = ((32768, 2048), (32768, 4096))
@@ -55,12 +55,6 @@ def gated_providers():
     return out
 
 
-def _row(case, name, ms, n_bytes):
-    gbps = n_bytes / ms / 1e6
-    return {"case": case, "provider": name, "ms": round(ms, 4), "gbps": round(gbps, 1),
-            "pct_limit": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1)}
-
-
 def main_rows():
     rows = []
     for m, d in SHAPES:
@@ -68,7 +62,7 @@ def main_rows():
             x, res, w = add_norm_inputs(m, d)
             ms = try_provider(name, lambda: time_ms(lambda: fn(x, w, res)))
             if ms is not None:
-                rows.append(_row(f"fwd add_rmsnorm M={m} D={d}", name, ms, 12 * m * d))
+                rows.append(bandwidth_row(f"fwd add_rmsnorm M={m} D={d}", name, ms, 12 * m * d))
             x, res, w = add_norm_inputs(m, d, True)
             g, gs = torch.randn_like(x), torch.randn_like(res)
 
@@ -79,7 +73,7 @@ def main_rows():
             ms = try_provider(name, lambda: time_ms(fwdbwd))
             # backward: read s (4), dy (2), ds (4), write dx (2), dres (4)
             if ms is not None:
-                rows.append(_row(f"fwdbwd add_rmsnorm M={m} D={d}", name, ms, (12 + 16) * m * d))
+                rows.append(bandwidth_row(f"fwdbwd add_rmsnorm M={m} D={d}", name, ms, (12 + 16) * m * d))
         for name, fn in gated_providers().items():
             torch.manual_seed(0)
             x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -87,12 +81,12 @@ def main_rows():
             w = torch.randn(d, device="cuda", dtype=torch.float32, requires_grad=True)
             ms = try_provider(name, lambda: time_ms(lambda: fn(x, w, z, d // 4)))
             if ms is not None:
-                rows.append(_row(f"fwd gated_rmsnorm M={m} D={d}", name, ms, 6 * m * d))
+                rows.append(bandwidth_row(f"fwd gated_rmsnorm M={m} D={d}", name, ms, 6 * m * d))
             g = torch.randn_like(x)
             ms = try_provider(name, lambda: time_ms(lambda: torch.autograd.grad(fn(x, w, z, d // 4), (x, z, w), g)))
             if ms is not None:
                 # backward: read x, z, dy, write dx, dz (10 B)
-                rows.append(_row(f"fwdbwd gated_rmsnorm M={m} D={d}", name, ms, 16 * m * d))
+                rows.append(bandwidth_row(f"fwdbwd gated_rmsnorm M={m} D={d}", name, ms, 16 * m * d))
     return rows
 
 
@@ -106,7 +100,7 @@ def sweep():
             ms = try_provider("ours", lambda: time_ms(
                 lambda: norm.rms_norm_fn(x, w, None, res, prenorm=True, residual_in_fp32=True), 25, 100))
             if ms:
-                rows.append(_row("fwd add_rmsnorm M=32768 D=2048", f"ours block_m={block_m} warps={warps}", ms,
+                rows.append(bandwidth_row("fwd add_rmsnorm M=32768 D=2048", f"ours block_m={block_m} warps={warps}", ms,
                                  12 * 32768 * 2048))
                 print(rows[-1])
     norm._row_blocks = original

@@ -46,6 +46,13 @@ def try_provider(name: str, fn: Callable[[], float]) -> Optional[float]:
         return None
 
 
+def bandwidth_row(case: str, provider: str, ms: float, n_bytes: int) -> dict:
+    """A row for a memory-bound op: ms, GB/s and percent of the HBM limit."""
+    gbps = n_bytes / ms / 1e6
+    return {"case": case, "provider": provider, "ms": round(ms, 4), "gbps": round(gbps, 1),
+            "pct_limit": round(100 * gbps * 1e9 / HBM_BYTES_PER_S, 1)}
+
+
 def versions() -> dict:
     out = {"torch": torch.__version__, "python": platform.python_version()}
     for mod in ("triton", "mamba_ssm", "causal_conv1d", "transformers", "mamba_pkg"):
