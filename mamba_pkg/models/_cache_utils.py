@@ -62,13 +62,6 @@ def positions_in_sequence(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor
     return torch.arange(seqlen, device=cu_seqlens.device) - starts
 
 
-def sequence_index(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """(L,) long: each packed token's sequence number."""
-    cu = cu_seqlens.to(torch.long)
-    lengths = cu[1:] - cu[:-1]
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=seqlen)
-
-
 def layer_cache(module, inference_params, batch: int) -> tuple:
     """This call's rows of ``module``'s cache in ``inference_params``, allocated on first use.
 

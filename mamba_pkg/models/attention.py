@@ -24,9 +24,9 @@ from mamba_pkg.models._cache_utils import (
     conv_with_cache,
     layer_cache,
     positions_in_sequence,
-    sequence_index,
 )
 from mamba_pkg.ops.attention import attention, attention_kvcache
+from mamba_pkg.ops.backend import seq_idx_from_cu_seqlens
 
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
@@ -165,7 +165,7 @@ class MHA(nn.Module):
                 k_cache[:, : k.shape[1]] = k
                 v_cache[:, : v.shape[1]] = v
             else:
-                rows = sequence_index(cu_seqlens, k.shape[1])
+                rows = seq_idx_from_cu_seqlens(cu_seqlens, k.shape[1])[0].long()
                 cols = positions_in_sequence(cu_seqlens, k.shape[1])
                 k_cache.index_put_((rows, cols), k[0])
                 v_cache.index_put_((rows, cols), v[0])
