@@ -780,8 +780,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 
 def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C):
+                 out_proj_bias, A, B, C, cu_seqlens):
     check_tensor("xz", xz, ndim=3, dtype=FLOAT_DTYPES)
+    check_cu_seqlens(cu_seqlens, xz.shape[2], xz.shape[0])
     if xz.shape[1] % 2:
         raise ValueError(f"xz must have shape (B, 2*D, L) (x and z halves), got {tuple(xz.shape)}")
     dim = xz.shape[1] // 2
@@ -875,7 +876,7 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
     """Torch reference of :func:`mamba_inner_fn` (plain autograd; checkpoint_lvl has
     no effect on the result)."""
     _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C)
+                 out_proj_bias, A, B, C, cu_seqlens)
     y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                     B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, "torch")
     return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
@@ -906,7 +907,7 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         (B, L, d_model) in the dtype of xz (or the autocast dtype).
     """
     _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C)
+                 out_proj_bias, A, B, C, cu_seqlens)
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl}")
     which = resolve_backend(backend, xz, conv1d_weight, A)

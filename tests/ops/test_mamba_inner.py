@@ -105,6 +105,7 @@ def test_inner_ref_matches_unfused_composition():
         (dict(out_proj_weight=torch.randn(6, 5)), ValueError, "out_proj_weight must have shape"),
         (dict(A=torch.randn(4, 4, dtype=torch.float64)), TypeError, "A must have dtype float32"),
         (dict(checkpoint_lvl=2), ValueError, "checkpoint_lvl"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "cu_seqlens.*batch size 1"),
     ],
 )
 def test_inner_bad_input(change, exc, match):
@@ -112,6 +113,13 @@ def test_inner_bad_input(change, exc, match):
     p.update(change)
     with pytest.raises(exc, match=match):
         mamba_inner_fn(**p, backend="torch")
+
+
+@pytest.mark.parametrize("fn", [mamba_inner_fn, mamba_inner_ref])
+def test_inner_cu_seqlens_must_end_at_length(fn):
+    p = make_params(1, 4, 9)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the sequence length L=9"):
+        fn(**p, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
 
 
 @requires_cuda
