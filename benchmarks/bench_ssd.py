@@ -3,9 +3,10 @@
 Cases: B=4, H=32, P=64, N=128, G=1, chunk 256, L in {2048, 8192, 32768}; the
 2.7B shape H=80 at L=8192; N in {64, 256} at L=8192. Both providers get D,
 dt_bias and dt_softplus. `--stages` also prints the time of each of our kernels
-at the main shape (the profile).
+at the main shape; `--profile` prints torch.profiler's kernel table of one
+fwd+bwd step per provider at the main shape.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages]
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile]
 """
 
 from __future__ import annotations
@@ -123,11 +124,53 @@ def stage_profile(s):
     return out
 
 
+def kernel_profile(s, provider):
+    """torch.profiler table of the GPU kernels of 3 fwd+bwd steps at shape s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if provider == "ours":
+        from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
+    else:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
+    x, dt, A, B, C, D, dt_bias = make_inputs(s, True)
+    leaves = [x, dt, A, B, C, D, dt_bias]
+
+    def step():
+        out = fn(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"--- kernel profile, {provider}, 3 fwd+bwd steps ---")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+
+
+def tuned_configs():
+    """The autotuner's pick for each of our kernels (printed with the results)."""
+    from mamba_pkg.ops.ssd import chunk_scan, chunk_state
+
+    kernels = [chunk_state._chunk_state_fwd_kernel, chunk_state._state_grad_bwd_kernel,
+               chunk_scan._chunk_scan_fwd_kernel, chunk_scan._chunk_scan_bwd_dc_kernel,
+               chunk_scan._chunk_scan_bwd_dx_kernel]
+    for k in kernels:
+        for key, cfg in getattr(k, "cache", {}).items():
+            print(f"  tuned {k.fn.__name__} {key[:4]}: {cfg}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the main shape (L=8192)")
     ap.add_argument("--stages", action="store_true", help="also time each of our kernels at L=8192")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler kernel tables at L=8192, then exit")
     args = ap.parse_args()
+    if args.profile:
+        for provider in ("ours", "mamba_ssm"):
+            try_provider(provider, lambda provider=provider: kernel_profile(shapes(True)[0], provider))
+        return
     rows = []
     for i, s in enumerate(shapes(args.quick)):
         if args.stages and i == 1:
@@ -148,6 +191,7 @@ def main():
                 rows.append(row)
                 print(f"{case} {provider}: {ms}", flush=True)
         save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
+    tuned_configs()
 
 
 if __name__ == "__main__":

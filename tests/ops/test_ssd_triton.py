@@ -184,10 +184,14 @@ def test_split_conv1d_triton_path_recomputes_and_matches():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
+# The GPU tests share one head shape (P=64, N=128, chunk 256: the benchmark's), so
+# that the kernels compile and autotune once per dtype; cold compiles dominate.
+GPU_SHAPE = (2, 700, 4, 64, 2, 128)  # L not a multiple of the chunk, 2 groups
+
+
 @requires_cuda
-@pytest.mark.parametrize("shape", [(1, 777, 6, 48, 3, 80), (2, 1100, 4, 64, 2, 256)])
-def test_gpu_bf16_tolerance_rule(shape):
-    inputs = make(*shape)
+def test_gpu_bf16_tolerance_rule():
+    inputs = make(*GPU_SHAPE)
     got = run(inputs, torch.bfloat16, "triton", 256)
     want = run(inputs, torch.float32, "ref", 256)
     check_rule(got, want, lowp_baselines(inputs, 256))
@@ -195,18 +199,18 @@ def test_gpu_bf16_tolerance_rule(shape):
 
 @requires_cuda
 def test_gpu_fp32_and_seq_idx():
-    inputs = make(2, 300, 4, 32, 2, 64)
+    inputs = make(2, 300, 4, 64, 2, 128)
     seq = torch.zeros(2, 300, dtype=torch.int32, device=DEVICE)
     seq[:, 100:] = 1
     seq[1, 257:] = 2
-    got = run(inputs, torch.float32, "triton", 64, seq_idx=seq)
-    want = run(inputs, torch.float32, "ref", 64, seq_idx=seq)
+    got = run(inputs, torch.float32, "triton", 256, seq_idx=seq)
+    want = run(inputs, torch.float32, "ref", 256, seq_idx=seq)
     compare_fp32(got, want, 2e-3)
 
 
 @requires_cuda
 def test_gpu_backward_is_deterministic():
-    inputs = make(2, 1024, 8, 64, 1, 128)
+    inputs = make(*GPU_SHAPE)
     a = run(inputs, torch.bfloat16, "triton", 256)
     b = run(inputs, torch.bfloat16, "triton", 256)
     for k in a:
@@ -218,7 +222,7 @@ def test_gpu_backward_is_deterministic():
 def test_gpu_as_accurate_as_mamba_ssm():
     """Forward and every gradient: our error against the fp32 reference is within 2x
     of mamba_ssm's (or of the bf16-input reference's, whichever is larger)."""
-    inputs = make(2, 1000, 8, 64, 2, 128)
+    inputs = make(*GPU_SHAPE)
     got = run(inputs, torch.bfloat16, "triton", 256)
     want = run(inputs, torch.float32, "ref", 256)
     check_rule(got, want, [anchor_run(inputs, 256), run(inputs, torch.bfloat16, "ref", 256)])

@@ -43,7 +43,8 @@ def _tile_configs():
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2))]
 
 
-_KEY = ["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
+# Not keyed on H or L: one tuning per head shape serves every model width and length.
+_KEY = ["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
 
 
 @triton.jit

@@ -67,7 +67,7 @@ def _softplus(v):
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_u)
 
 
-@triton.autotune(configs=_walk_configs(), key=["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr,
@@ -185,7 +185,10 @@ def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
     return states, final, dt_out, cs_out
 
 
-@triton.autotune(configs=_walk_configs(), key=["H", "P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
+# Configs with smaller (P, N) blocks write more ddecay partial slots than larger
+# ones: zero the buffer before each autotuning run, or stale slots get summed.
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"],
+                 reset_to_zero=["ddecay_ptr"])
 @triton.jit
 def _state_grad_bwd_kernel(
     dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, ddecay_ptr,
