@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from mamba_pkg.ops.backend import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend, tl, triton
+from mamba_pkg.ops._library import absent, launcher_op
+from mamba_pkg.ops.backend import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+    tl,
+    triton,
+)
 
 
 def _residual_dtype(x, residual, residual_in_fp32):
@@ -83,6 +92,12 @@ def _add_norm_fwd_kernel(
     tl.store(out_ptr + o_m64 * stride_out + o_d[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+def _rows(t):
+    """(M, D) view with unit stride along D (a copy only if the last dim is strided)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def _row_blocks(dim):
     block_d = triton.next_power_of_2(dim)
     block_m = max(1, min(16, 2048 // block_d))
@@ -90,21 +105,41 @@ def _row_blocks(dim):
     return block_m, block_d, warps
 
 
-def _add_norm_fwd(x2, res2, weight, bias, eps, is_rms, res_dtype, store_res):
+def _add_norm_fwd_outputs(x2, is_rms, res_dtype, store_res):
+    """(out, res_out, mean, rstd) of the forward launch, uninitialised; shared with the fake op."""
     rows, dim = x2.shape
-    out = torch.empty_like(x2)
-    res_out = torch.empty(rows, dim, device=x2.device, dtype=res_dtype) if store_res else None
-    mean = torch.empty(rows, device=x2.device, dtype=torch.float32) if not is_rms else None
+    out = torch.empty(rows, dim, device=x2.device, dtype=x2.dtype)
+    res_out = torch.empty(rows, dim, device=x2.device, dtype=res_dtype) if store_res else absent(x2)
+    mean = absent(x2) if is_rms else torch.empty(rows, device=x2.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x2.device, dtype=torch.float32)
+    return out, res_out, mean, rstd
+
+
+@launcher_op("add_norm_fwd")
+def _add_norm_fwd(
+    x2: Tensor, res2: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, is_rms: bool,
+    res_dtype: torch.dtype, store_res: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x2, res2 (M, D) -> out (M, D), res_out (M, D) [empty unless store_res], mean (M,) fp32 [empty
+    for RMSNorm], rstd (M,) fp32."""
+    x2 = _rows(x2)
+    res2 = None if res2 is None else _rows(res2)
+    out, res_out, mean, rstd = _add_norm_fwd_outputs(x2, is_rms, res_dtype, store_res)
+    rows, dim = x2.shape
     block_m, block_d, warps = _row_blocks(dim)
     _add_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
         x2, res2, weight, bias, out, res_out, mean, rstd, rows, dim,
         x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
-        res_out.stride(0) if res_out is not None else 0, eps,
+        res_out.stride(0) if store_res else 0, eps,
         IS_RMS=is_rms, HAS_RES=res2 is not None, STORE_RES=store_res, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
     )
     return out, res_out, mean, rstd
+
+
+@_add_norm_fwd.register_fake
+def _(x2, res2, weight, bias, eps, is_rms, res_dtype, store_res):
+    return _add_norm_fwd_outputs(x2, is_rms, res_dtype, store_res)
 
 
 @triton.jit
@@ -154,28 +189,45 @@ def _n_programs(device, rows):
     return max(1, min(rows, 8 * sms))
 
 
-def _add_norm_bwd(s2, weight, bias, dy2, ds2, mean, rstd, is_rms, x_dtype, res_dtype):
+def _add_norm_bwd_outputs(s2, weight, bias, x_dtype, res_dtype):
+    """(dx, dres, dweight, dbias) of the backward launch; shared with the fake op."""
+    rows, dim = s2.shape
+    dx = torch.empty(rows, dim, device=s2.device, dtype=x_dtype)
+    dres = torch.empty(rows, dim, device=s2.device, dtype=res_dtype) if res_dtype is not None else absent(s2)
+    db = torch.empty(dim, device=s2.device, dtype=bias.dtype) if bias is not None else absent(s2)
+    return dx, dres, torch.empty(dim, device=s2.device, dtype=weight.dtype), db
+
+
+@launcher_op("add_norm_bwd")
+def _add_norm_bwd(
+    s2: Tensor, weight: Tensor, bias: Tensor | None, dy2: Tensor, ds2: Tensor | None, mean: Tensor,
+    rstd: Tensor, is_rms: bool, x_dtype: torch.dtype, res_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients dx (M, D), dres (M, D) [empty when res_dtype is None], dweight (D,), dbias (D,)
+    [empty without bias]."""
+    dy2 = _rows(dy2)
+    ds2 = None if ds2 is None else _rows(ds2)
+    dx, dres, _, _ = _add_norm_bwd_outputs(s2, weight, bias, x_dtype, res_dtype)
     rows, dim = s2.shape
     n_prog = _n_programs(s2.device, rows)
-    dx = torch.empty(rows, dim, device=s2.device, dtype=x_dtype)
-    dres = torch.empty(rows, dim, device=s2.device, dtype=res_dtype) if res_dtype is not None else None
+    # Per-program partial sums of dweight / dbias, reduced below.
     dw = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32)
     db = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32) if bias is not None else None
+    has_dres = res_dtype is not None
     block_d = triton.next_power_of_2(dim)
     _add_norm_bwd_kernel[(n_prog,)](
         s2, weight, bias, dy2, ds2, dx, dres, dw, db, mean, rstd,
         rows, dim, triton.cdiv(rows, n_prog), s2.stride(0), dy2.stride(0),
-        ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dres.stride(0) if dres is not None else 0,
-        IS_RMS=is_rms, HAS_DS=ds2 is not None, HAS_DRES=dres is not None, HAS_BIAS=bias is not None,
+        ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dres.stride(0) if has_dres else 0,
+        IS_RMS=is_rms, HAS_DS=ds2 is not None, HAS_DRES=has_dres, HAS_BIAS=bias is not None,
         BLOCK_D=block_d, num_warps=min(16, max(4, block_d // 256)),
     )
-    return dx, dres, dw.sum(0).to(weight.dtype), None if bias is None else db.sum(0).to(bias.dtype)
+    return dx, dres, dw.sum(0).to(weight.dtype), absent(s2) if bias is None else db.sum(0).to(bias.dtype)
 
 
-def _rows(t):
-    """(M, D) view with unit stride along D (a copy only if the last dim is strided)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+@_add_norm_bwd.register_fake
+def _(s2, weight, bias, dy2, ds2, mean, rstd, is_rms, x_dtype, res_dtype):
+    return _add_norm_bwd_outputs(s2, weight, bias, x_dtype, res_dtype)
 
 
 class AddNormFn(torch.autograd.Function):
@@ -194,7 +246,7 @@ class AddNormFn(torch.autograd.Function):
         out = out.view(x.shape)
         if not prenorm:
             return out
-        return out, (res_out if store_res else x2).view(x.shape)
+        return out, s2.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, ds=None):
@@ -202,8 +254,8 @@ class AddNormFn(torch.autograd.Function):
         is_rms, x_dtype, res_in_dtype, shape = ctx.opts
         dx, dres, dw, db = _add_norm_bwd(s2, weight, bias, _rows(dy), None if ds is None else _rows(ds), mean,
                                          rstd, is_rms, x_dtype, res_in_dtype)
-        dres = None if dres is None else dres.view(shape)
-        return dx.view(shape), dw, db, dres, None, None, None, None
+        dres = None if res_in_dtype is None else dres.view(shape)
+        return dx.view(shape), dw, None if bias is None else db, dres, None, None, None, None
 
 
 def _validate_add_norm(x, weight, bias, residual, eps):
@@ -355,23 +407,82 @@ def _gated_bwd_kernel(
         tl.store(db_ptr + i_prog * D + o_c, acc_db, mask=m_c)
 
 
+def _gated_fwd_outputs(x2, group_size):
+    """(out (M, D), rstd (M, D // group_size) fp32) of the forward launch; shared with the fake op."""
+    rows, dim = x2.shape
+    out = torch.empty(rows, dim, device=x2.device, dtype=x2.dtype)
+    return out, torch.empty(rows, dim // group_size, device=x2.device, dtype=torch.float32)
+
+
+@launcher_op("rms_norm_gated_fwd")
+def _rms_norm_gated_fwd(
+    x2: Tensor, z2: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float, group_size: int,
+    norm_before_gate: bool,
+) -> tuple[Tensor, Tensor]:
+    """x2, z2 (M, D) with unit stride along D -> out (M, D), rstd (M, D // group_size) fp32."""
+    out, rstd = _gated_fwd_outputs(x2, group_size)
+    rows, dim = x2.shape
+    block_g = triton.next_power_of_2(group_size)
+    block_m = max(1, min(16, 2048 // block_g))
+    _gated_fwd_kernel[(triton.cdiv(rows, block_m), dim // group_size)](
+        x2, z2, weight, bias, out, rstd, rows, dim, group_size,
+        x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0), eps,
+        HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
+        BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, block_g * block_m // 512)),
+    )
+    return out, rstd
+
+
+@_rms_norm_gated_fwd.register_fake
+def _(x2, z2, weight, bias, eps, group_size, norm_before_gate):
+    return _gated_fwd_outputs(x2, group_size)
+
+
+def _gated_bwd_outputs(x2, z2, weight, bias):
+    """(dx, dz [empty without z], dweight, dbias [empty without bias]); shared with the fake op."""
+    rows, dim = x2.shape
+    dx = torch.empty(rows, dim, device=x2.device, dtype=x2.dtype)
+    dz = torch.empty(rows, dim, device=x2.device, dtype=z2.dtype) if z2 is not None else absent(x2)
+    dw = torch.empty(dim, device=x2.device, dtype=weight.dtype)
+    db = torch.empty(dim, device=x2.device, dtype=bias.dtype) if bias is not None else absent(x2)
+    return dx, dz, dw, db
+
+
+@launcher_op("rms_norm_gated_bwd")
+def _rms_norm_gated_bwd(
+    x2: Tensor, z2: Tensor | None, weight: Tensor, bias: Tensor | None, dy2: Tensor, rstd: Tensor,
+    group_size: int, norm_before_gate: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients dx (M, D), dz (M, D) [empty without z], dweight (D,), dbias (D,) [empty without bias]."""
+    dy2 = _rows(dy2)
+    dx, dz, _, _ = _gated_bwd_outputs(x2, z2, weight, bias)
+    rows, dim = x2.shape
+    n_prog = _n_programs(x2.device, rows)
+    # Per-program partial sums of dweight / dbias, reduced below.
+    dw = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32)
+    db = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32) if bias is not None else None
+    block_g = triton.next_power_of_2(group_size)
+    _gated_bwd_kernel[(n_prog, dim // group_size)](
+        x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
+        rows, dim, group_size, triton.cdiv(rows, n_prog), x2.stride(0),
+        z2.stride(0) if z2 is not None else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if z2 is not None else 0,
+        HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
+        BLOCK_G=block_g, num_warps=min(16, max(4, block_g // 256)),
+    )
+    return dx, dz, dw.sum(0).to(weight.dtype), absent(x2) if bias is None else db.sum(0).to(bias.dtype)
+
+
+@_rms_norm_gated_bwd.register_fake
+def _(x2, z2, weight, bias, dy2, rstd, group_size, norm_before_gate):
+    return _gated_bwd_outputs(x2, z2, weight, bias)
+
+
 class RMSNormGatedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, z, eps, group_size, norm_before_gate):
         x2 = _rows(x)
         z2 = _rows(z) if z is not None else None
-        rows, dim = x2.shape
-        n_groups = dim // group_size
-        out = torch.empty_like(x2)
-        rstd = torch.empty(rows, n_groups, device=x.device, dtype=torch.float32)
-        block_g = triton.next_power_of_2(group_size)
-        block_m = max(1, min(16, 2048 // block_g))
-        _gated_fwd_kernel[(triton.cdiv(rows, block_m), n_groups)](
-            x2, z2, weight, bias, out, rstd, rows, dim, group_size,
-            x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0), eps,
-            HAS_Z=z is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-            BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, block_g * block_m // 512)),
-        )
+        out, rstd = _rms_norm_gated_fwd(x2, z2, weight, bias, eps, group_size, norm_before_gate)
         ctx.save_for_backward(x2, z2, weight, bias, rstd)
         ctx.opts = (group_size, norm_before_gate, x.shape)
         return out.view(x.shape)
@@ -380,25 +491,9 @@ class RMSNormGatedFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2, z2, weight, bias, rstd = ctx.saved_tensors
         group_size, norm_before_gate, shape = ctx.opts
-        dy2 = _rows(dy)
-        rows, dim = x2.shape
-        n_groups = dim // group_size
-        n_prog = _n_programs(x2.device, rows)
-        dx = torch.empty_like(x2)
-        dz = torch.empty_like(z2) if z2 is not None else None
-        dw = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32)
-        db = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32) if bias is not None else None
-        block_g = triton.next_power_of_2(group_size)
-        _gated_bwd_kernel[(n_prog, n_groups)](
-            x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
-            rows, dim, group_size, triton.cdiv(rows, n_prog), x2.stride(0),
-            z2.stride(0) if z2 is not None else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if dz is not None else 0,
-            HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-            BLOCK_G=block_g, num_warps=min(16, max(4, block_g // 256)),
-        )
-        dw = dw.sum(0).to(weight.dtype)
-        db = db.sum(0).to(bias.dtype) if bias is not None else None
-        return dx.view(shape), dw, db, None if dz is None else dz.view(shape), None, None, None
+        dx, dz, dw, db = _rms_norm_gated_bwd(x2, z2, weight, bias, _rows(dy), rstd, group_size, norm_before_gate)
+        return (dx.view(shape), dw, None if bias is None else db, None if z2 is None else dz.view(shape),
+                None, None, None)
 
 
 def rms_norm_gated_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_before_gate=True, *,
