@@ -173,7 +173,9 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total_len: int, batch: 
 
     ``cu_seqlens`` is a 1-D int32/int64 tensor ``(num_seqs + 1,)`` starting at 0,
     non-decreasing and ending at the packed length ``total_len``; packed inputs
-    have batch size 1. This reads the tensor on the host (one small copy).
+    have batch size 1. The value checks read the tensor on the host (one small
+    copy); while torch.compile traces they are skipped (a host read would break the
+    graph), the type, dtype and shape checks still run.
     """
     if cu_seqlens is None:
         return
@@ -185,6 +187,8 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total_len: int, batch: 
         raise ValueError(f"{name} must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"packed sequences ({name} given) need batch size 1, got batch {batch}")
+    if torch.compiler.is_compiling():
+        return
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")

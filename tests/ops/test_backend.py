@@ -106,3 +106,22 @@ def test_package_works_without_triton():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_check_cu_seqlens_under_compile_skips_only_value_checks():
+    """While torch.compile traces, the host read of the values is skipped (fullgraph stays one
+    graph); dtype and shape checks still raise."""
+    def packed_sum(x, cu):
+        check_cu_seqlens(cu, x.shape[1], x.shape[0])
+        return x.sum() + cu.sum()
+
+    x = torch.ones(1, 10)
+    fullgraph = torch.compile(packed_sum, backend="eager", fullgraph=True)
+    assert fullgraph(x, torch.tensor([0, 4, 10], dtype=torch.int32)).item() == 24
+    assert fullgraph(x, torch.tensor([0, 12, 10], dtype=torch.int32)).item() == 32  # values unchecked here
+    # (A raise inside a fullgraph trace surfaces as a dynamo error; this one may break the graph.)
+    compiled = torch.compile(packed_sum, backend="eager")
+    with pytest.raises(TypeError, match="int32"):
+        compiled(x, torch.tensor([0.0, 10.0]))
+    with pytest.raises(ValueError, match="batch size 1"):
+        compiled(torch.ones(2, 10), torch.tensor([0, 10], dtype=torch.int32))
