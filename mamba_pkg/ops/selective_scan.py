@@ -202,12 +202,19 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # One program per (block of BLOCK_D channels, batch row). It walks L in tiles of
 # BLOCK_L steps and carries the (BLOCK_D, N) state from tile to tile in registers.
 # Inside a tile the decays and inputs form a 4-D block (N_IN, BLOCK_L, BLOCK_D,
-# N_LANES), state index n = n_in * N_LANES + lane, scanned along L with
-# tl.associative_scan. The axis order is chosen for Triton's default layout:
-# threads fill the last axes first (N_LANES, then BLOCK_D) and the warps go along
-# BLOCK_D, so BLOCK_L and N_IN stay inside a thread. The scan along L is then a
-# sequential loop in registers (no shuffles), and sums over N are mostly in-thread.
-# This needs BLOCK_D * N_LANES >= 32 * num_warps (the launcher picks it so).
+# N_LANES), state index n = n_in * N_LANES + lane. The axis order is chosen for
+# Triton's default layout: threads fill the last axes first (N_LANES, then
+# BLOCK_D) and the warps go along BLOCK_D, so BLOCK_L and N_IN stay inside a
+# thread, and sums over N are mostly in-thread. This needs
+# BLOCK_D * N_LANES >= 32 * num_warps (the launcher picks it so).
+#
+# The scan along L is written out step by step (_scan_tile): the tile is split
+# into its BLOCK_L steps (tl.split, free in registers because L is in-thread), the
+# recurrence runs one fused multiply-add per state and step, and the steps are
+# joined back. Compared with tl.associative_scan this carries the state in and
+# out of a tile directly, and the backward reads decay_{t+1} from the step after
+# instead of recomputing it from a shifted copy of delta (one exp per element
+# less).
 #
 # Packed sequences: position l belongs to sequence seq_idx[l]; at a sequence
 # start the decay is zeroed and the sequence's initial state enters through that
@@ -216,9 +223,92 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 @triton.jit
-def _affine_combine(a_first, b_first, a_second, b_second):
-    # Compose h -> a_first * h + b_first, then h -> a_second * h + b_second.
-    return a_first * a_second, b_first * a_second + b_second
+def _halves(x, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, LEN: tl.constexpr):
+    """(S0, S1, S2, LEN) -> steps [0, LEN/2) and [LEN/2, LEN), each (S0, S1, S2, LEN/2)."""
+    return tl.split(tl.permute(tl.reshape(x, (S0, S1, S2, 2, LEN // 2)), (0, 1, 2, 4, 3)))
+
+
+@triton.jit
+def _unhalve(lo, hi, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, LEN: tl.constexpr):
+    """Inverse of _halves."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 2, 4, 3)), (S0, S1, S2, LEN))
+
+
+@triton.jit
+def _scan4(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, REVERSE: tl.constexpr):
+    """Four steps, (S0, S1, S2, 4) blocks, of h_t = d_t * h_{t-1} + x_t from
+    h_{-1} = carry; returns the h_t and h_3. REVERSE: g_t = x_t + d_{t+1} * g_{t+1},
+    the last step adding carry (the next block's d_0 * g_0); returns the g_t and
+    d_0 * g_0."""
+    d_even, d_odd = tl.split(tl.reshape(decay, (S0, S1, S2, 2, 2)))
+    x_even, x_odd = tl.split(tl.reshape(x, (S0, S1, S2, 2, 2)))
+    d0, d2 = tl.split(d_even)
+    d1, d3 = tl.split(d_odd)
+    x0, x2 = tl.split(x_even)
+    x1, x3 = tl.split(x_odd)
+    if REVERSE:
+        h3 = x3 + carry
+        h2 = x2 + d3 * h3
+        h1 = x1 + d2 * h2
+        h0 = x0 + d1 * h1
+        carry = d0 * h0
+    else:
+        h0 = d0 * carry + x0
+        h1 = d1 * h0 + x1
+        h2 = d2 * h1 + x2
+        h3 = d3 * h2 + x3
+        carry = h3
+    return tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), (S0, S1, S2, 4)), carry
+
+
+@triton.jit
+def _scan8(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, REVERSE: tl.constexpr):
+    """_scan4 over (S0, S1, S2, 8) blocks: one half after the other."""
+    d_lo, d_hi = _halves(decay, S0, S1, S2, 8)
+    x_lo, x_hi = _halves(x, S0, S1, S2, 8)
+    if REVERSE:
+        h_hi, carry = _scan4(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
+        h_lo, carry = _scan4(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
+    else:
+        h_lo, carry = _scan4(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
+        h_hi, carry = _scan4(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
+    return _unhalve(h_lo, h_hi, S0, S1, S2, 8), carry
+
+
+@triton.jit
+def _scan16(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, REVERSE: tl.constexpr):
+    """_scan8 over (S0, S1, S2, 16) blocks: one half after the other."""
+    d_lo, d_hi = _halves(decay, S0, S1, S2, 16)
+    x_lo, x_hi = _halves(x, S0, S1, S2, 16)
+    if REVERSE:
+        h_hi, carry = _scan8(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
+        h_lo, carry = _scan8(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
+    else:
+        h_lo, carry = _scan8(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
+        h_hi, carry = _scan8(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
+    return _unhalve(h_lo, h_hi, S0, S1, S2, 16), carry
+
+
+@triton.jit
+def _scan_tile(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+               N_LANES: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan (N_IN, BLOCK_L, BLOCK_D, N_LANES) blocks along L from the carried
+    (N_IN, BLOCK_D, N_LANES) state.
+
+    Forward: h_t = decay_t * h_{t-1} + x_t, h_{-1} = carry; returns all h_t and h_last.
+    Reverse: g_t = x_t + decay_{t+1} * g_{t+1}, the last step adding carry (the
+    next tile's decay_0 * g_0); returns all g_t and decay_0 * g_0.
+    """
+    decay = tl.permute(decay, (0, 2, 3, 1))  # (N_IN, BLOCK_D, N_LANES, BLOCK_L)
+    x = tl.permute(x, (0, 2, 3, 1))
+    if BLOCK_L == 4:
+        h, carry = _scan4(decay, x, carry, N_IN, BLOCK_D, N_LANES, REVERSE)
+    elif BLOCK_L == 8:
+        h, carry = _scan8(decay, x, carry, N_IN, BLOCK_D, N_LANES, REVERSE)
+    else:
+        tl.static_assert(BLOCK_L == 16, "BLOCK_L must be 4, 8 or 16")
+        h, carry = _scan16(decay, x, carry, N_IN, BLOCK_D, N_LANES, REVERSE)
+    return tl.permute(h, (0, 3, 1, 2)), carry
 
 
 @triton.jit
@@ -349,9 +439,7 @@ def _selective_scan_fwd_kernel(
                 b_h0 = tl.load(h0_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_start4, other=0.0)
                 b_inp += b_decay * b_h0
             b_decay = tl.where(m_start4, 0.0, b_decay)
-        # The carried state enters through the first step's input.
-        b_inp += tl.where((o_t == 0)[None, :, None, None], b_decay * b_h[:, None, :, :], 0.0)
-        _, b_hs = tl.associative_scan((b_decay, b_inp), axis=1, combine_fn=_affine_combine)
+        b_hs, b_h_last = _scan_tile(b_decay, b_inp, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
         b_y = _sum_n(b_hs * b_C)  # (BLOCK_L, BLOCK_D)
         if HAS_D:
             b_y += b_D[None, :] * b_u
@@ -360,7 +448,7 @@ def _selective_scan_fwd_kernel(
         tl.store(out_ptr + o_ld, b_y.to(out_ptr.dtype.element_ty), mask=m_ld)
         if IS_VARLEN:
             tl.store(last_ptr + o_seq4 + o_dn4, b_hs, mask=m_dn4 & m_end4)
-        b_h = tl.sum(tl.where((o_t == BLOCK_L - 1)[None, :, None, None], b_hs, 0.0), axis=1)
+        b_h = b_h_last
     if not IS_VARLEN:
         tl.store(last_ptr + o_state, b_h, mask=m_dn3)
 
@@ -418,12 +506,10 @@ def _selective_scan_bwd_kernel(
     b_ddb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     o_part = (i_b.to(tl.int64) * n_dblocks + i_d) * dstate  # row of this program's dB / dC partials
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
-    # Tiles are loaded one iteration ahead (see the forward kernel). The backward
-    # scan also needs delta one step ahead: a second, shifted tile (cache hits).
+    # Tiles are loaded one iteration ahead (see the forward kernel).
     o_l = (n_tiles - 1) * BLOCK_L + o_t
     b_u_next = _load_ld(u_ptr, o_row, o_l, m_d, seqlen)
     b_delta_next = _load_ld(delta_ptr, o_row, o_l, m_d, seqlen)
-    b_delta1_next = _load_ld(delta_ptr, o_row, o_l + 1, m_d, seqlen)
     b_dout_next = _load_ld(dout_ptr, o_row, o_l, m_d, seqlen)
     if HAS_Z:
         b_z_next = _load_ld(z_ptr, o_row, o_l, m_d, seqlen)
@@ -442,12 +528,10 @@ def _selective_scan_bwd_kernel(
         o_prev = o_l - BLOCK_L
         b_u = b_u_next.to(tl.float32)
         b_delta = b_delta_next
-        b_delta1 = b_delta1_next
         b_dout = b_dout_next.to(tl.float32)
         b_h = b_h_next  # state before this tile
         b_u_next = _load_ld(u_ptr, o_row, o_prev, m_d, seqlen)
         b_delta_next = _load_ld(delta_ptr, o_row, o_prev, m_d, seqlen)
-        b_delta1_next = _load_ld(delta_ptr, o_row, o_prev + 1, m_d, seqlen)
         b_dout_next = _load_ld(dout_ptr, o_row, o_prev, m_d, seqlen)
         i_prev = tl.maximum(i_t - 1, 0)  # at the first tile this reloads it, unused
         b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_prev) * dim * dstate + o_dn3,
@@ -462,17 +546,12 @@ def _selective_scan_bwd_kernel(
             b_C = b_C_next.to(tl.float32)[:, :, None, :]
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        # The tile's last step takes the next tile's decay through the carried g
-        # instead: decay 1 there (dt 0).
-        m_next = ((o_t < BLOCK_L - 1) & (o_l + 1 < seqlen))[:, None] & m_d[None, :]
-        b_dt_next, _ = _delta_tile(b_delta1, b_delta_bias, m_next, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         # Forward again, from the state checkpointed at the tile start.
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
         b_dtu = b_dt * b_u
         b_inp = b_dtu[None, :, :, None] * b_B
         b_inp_scan = b_inp
         b_decay_scan = b_decay
-        b_decay_next = tl.exp2(b_dt_next[None, :, :, None] * b_A2)
         if IS_VARLEN:
             b_seq = tl.load(seq_idx_ptr + o_l, mask=m_l, other=0)
             b_seq_prev = tl.load(seq_idx_ptr + o_l - 1, mask=m_l & (o_l > 0), other=-1)
@@ -484,11 +563,10 @@ def _selective_scan_bwd_kernel(
             if HAS_H0:
                 b_h0 = tl.load(h0_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_start4, other=0.0)
                 b_inp_scan += b_decay * b_h0
+            # The zeroed decay at a sequence start also stops the gradient flowing
+            # into the previous sequence in the reverse scan.
             b_decay_scan = tl.where(m_start4, 0.0, b_decay)
-            # No gradient flows from a sequence's first step into the previous sequence.
-            b_decay_next = tl.where((m_end & (o_l + 1 < seqlen))[None, :, None, None], 0.0, b_decay_next)
-        b_inp_scan += tl.where((o_t == 0)[None, :, None, None], b_decay_scan * b_h[:, None, :, :], 0.0)
-        _, b_hs = tl.associative_scan((b_decay_scan, b_inp_scan), axis=1, combine_fn=_affine_combine)
+        b_hs, _ = _scan_tile(b_decay_scan, b_inp_scan, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
         if HAS_Z:
             b_y = _sum_n(b_hs * b_C)
             if HAS_D:
@@ -507,12 +585,11 @@ def _selective_scan_bwd_kernel(
         b_x = b_C * b_dy[None, :, :, None]
         if IS_VARLEN and HAS_DLAST:
             b_x += tl.load(dlast_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_end4, other=0.0)
-        # The gradient carried from the next tile enters through the last step.
-        b_x += tl.where((o_t == BLOCK_L - 1)[None, :, None, None], b_g[:, None, :, :], 0.0)
-        _, b_dh = tl.associative_scan((b_decay_next, b_x), axis=1, combine_fn=_affine_combine, reverse=True)
+        # The gradient carried from the next tile (its decay_0 * dh_0) enters
+        # through the last step; the new carry is this tile's decay_0 * dh_0.
+        b_dh, b_g = _scan_tile(b_decay_scan, b_x, b_g, N_IN, BLOCK_L, BLOCK_D, N_LANES, True)
         if IS_VARLEN and HAS_H0:
             tl.store(dh0_ptr + o_seq4 + o_dn4, b_decay * b_dh, mask=m_dn4 & m_start4)
-        b_g = tl.sum(tl.where((o_t == 0)[None, :, None, None], b_decay_scan * b_dh, 0.0), axis=1)
         # Gradients of the step input dt * u * B and of the log-decay dt * A;
         # decay_t * h_{t-1} = h_t - input_t avoids shifting h by one step.
         b_dh_B = _sum_n(b_dh * b_B)  # (BLOCK_L, BLOCK_D)
