@@ -28,7 +28,7 @@ from mamba_pkg.models._cache_utils import (
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 from mamba_pkg.ops.selective_scan import mamba_inner_fn, selective_scan_fn
-from mamba_pkg.ops.state_update import selective_state_update
+from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 
 
 class Mamba(nn.Module):
@@ -92,12 +92,14 @@ class Mamba(nn.Module):
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 
-    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
-        """(conv_state (B, D, d_conv) in dtype (default: conv weight dtype), ssm_state (B, D, N) fp32)."""
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, ssm_state_dtype=None, **kwargs):
+        """(conv_state (B, D, d_conv) in dtype (default: conv weight dtype), ssm_state (B, D, N) in
+        ssm_state_dtype (default fp32; bf16 halves the bytes a decode step moves, as mamba_ssm keeps it))."""
         device = self.out_proj.weight.device
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
+                                dtype=ssm_state_dtype or torch.float32)
         return conv_state, ssm_state
 
     def forward(self, hidden_states, inference_params=None, *, cu_seqlens=None):
@@ -168,16 +170,14 @@ class Mamba(nn.Module):
 
     def step(self, hidden_states, conv_state, ssm_state):
         """One decode step. hidden_states (B, 1, d_model); conv_state (B, D, d_conv) and
-        ssm_state (B, D, N) fp32 are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
+        ssm_state (B, D, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
         x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, D) each
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         x = causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, self.activation)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, D); the bias is added (in fp32) by the op
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(
-            ssm_state, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True
-        )
+        # One fused kernel: dt_proj, + bias, softplus, A = -exp(A_log), state update, D, z gate.
+        y = ssm_decode_step(ssm_state, x, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
+                            dt_proj_weight=self.dt_proj.weight)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state

@@ -31,9 +31,7 @@ from mamba_pkg.ops.ssd.combined import (
     mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
 )
-from mamba_pkg.ops.state_update import selective_state_update
-
-NO_DT_LIMIT = (0.0, float("inf"))
+from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 
 
 class Mamba2(nn.Module):
@@ -115,12 +113,14 @@ class Mamba2(nn.Module):
             )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 
-    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
-        """(conv_state (B, conv_dim, d_conv) in dtype (default: conv weight dtype), ssm_state (B, H, P, N) fp32)."""
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, ssm_state_dtype=None, **kwargs):
+        """(conv_state (B, conv_dim, d_conv) in dtype (default: conv weight dtype), ssm_state (B, H, P, N)
+        in ssm_state_dtype (default fp32; bf16 halves the bytes a decode step moves, as mamba_ssm keeps it))."""
         device = self.out_proj.weight.device
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                dtype=ssm_state_dtype or torch.float32)
         return conv_state, ssm_state
 
     def _d_mlp(self, zxbcdt):
@@ -230,33 +230,27 @@ class Mamba2(nn.Module):
 
     def step(self, hidden_states, conv_state, ssm_state):
         """One decode step. hidden_states (B, 1, d_model); conv_state (B, conv_dim, d_conv) and
-        ssm_state (B, H, P, N) fp32 are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
+        ssm_state (B, H, P, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-        batch = hidden_states.shape[0]
         z0, x0, z, xBC, dt = self._split(self.in_proj(hidden_states.squeeze(1)))
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        H, P, N = self.nheads, self.headdim, self.d_state
-        dt_bias, dt_softplus = self.dt_bias, True
-        if self.dt_limit != NO_DT_LIMIT:
-            # The state-update op has no clamp: process dt here exactly as the parallel scan does.
-            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-            dt_bias, dt_softplus = None, False
-        D = self._D()
-        y = selective_state_update(
+        P = self.headdim
+        # One fused kernel: dt + dt_bias, softplus, dt_limit, A = -exp(A_log), state update, D (and
+        # the z gate without rmsnorm), reading x, B, C, dt, z as views of the conv / in_proj outputs.
+        y = ssm_decode_step(
             ssm_state,
             rearrange(x, "b (h p) -> b h p", p=P),
-            dt[:, :, None].expand(batch, H, P),
-            A[:, None, None].expand(H, P, N),
+            dt,
+            self.A_log,
             rearrange(B, "b (g n) -> b g n", g=self.ngroups),
             rearrange(C, "b (g n) -> b g n", g=self.ngroups),
-            D if D.dim() == 2 else D[:, None].expand(H, P),
+            self._D(),
             z=None if self.rmsnorm else rearrange(z, "b (h p) -> b h p", p=P),
-            dt_bias=None if dt_bias is None else dt_bias[:, None].expand(H, P),
-            dt_softplus=dt_softplus,
+            dt_bias=self.dt_bias,
+            dt_limit=self.dt_limit,
         )
         out = self._finish(rearrange(y, "b h p -> b (h p)"), z, z0, x0)
         return out.unsqueeze(1), conv_state, ssm_state

@@ -1,0 +1,338 @@
+"""The SSM part of one decode step in one kernel: dt projection, softplus, A from A_log,
+state update, D skip and z gate (the ops that a mixer's ``step`` runs between the x_proj /
+conv and out_proj). Fusing them removes 3-4 launches per layer and token, which is most of
+a decode step's time at small batch (benchmarks/notes_decode.md).
+
+For one token, per head h, channel p, state index n (g = group of h):
+
+    dt     = dt_proj_weight @ dt_low           (Mamba-1 low-rank dt; else dt as given)
+    dt'    = clamp(softplus(dt + dt_bias), *dt_limit)
+    A      = -exp(A_log)
+    state  = state * exp(A * dt') + dt' * B[g] * x
+    out    = sum_n state * C[g] + D * x,   times silu(z) if z is given
+
+Mamba-1: state (Bs, D, N); x, z (B, D); dt (B, R) with dt_proj_weight (D, R), or dt (B, D);
+         A_log (D, N); B, C (B, N) or (B, G, N); D, dt_bias (D,).
+Mamba-2: state (Bs, H, P, N); x, z (B, H, P); dt (B, H); A_log (H,); B, C (B, G, N);
+         D (H,) or (H, P); dt_bias (H,).
+The state may be fp32, bf16 or fp16 (math is fp32; the state is rounded once per step).
+Inputs may be strided views (e.g. slices of the in_proj / conv outputs): no copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mamba_pkg.ops.backend import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+    tl,
+    triton,
+)
+from mamba_pkg.ops.state_update import _softplus, selective_state_update_ref
+
+NO_DT_LIMIT = (0.0, float("inf"))
+
+
+def _full_dt(state, x, dt, dt_bias, dt_proj_weight, dt_limit):
+    """dt' in fp32, shaped like x."""
+    if dt_proj_weight is not None:
+        dt = dt.float() @ dt_proj_weight.float().t()  # (B, D)
+    elif state.dim() == 4:
+        dt = dt.float()[..., None].expand(x.shape)  # (B, H) -> (B, H, P)
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + (dt_bias.float()[:, None] if state.dim() == 4 else dt_bias.float())
+    dt = _softplus(dt)
+    if tuple(dt_limit) != NO_DT_LIMIT:
+        dt = dt.clamp(*dt_limit)
+    return dt
+
+
+def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
+                        dt_limit=NO_DT_LIMIT):
+    """Torch reference of :func:`ssm_decode_step` (fp32 math; updates ``state`` in place)."""
+    dt = _full_dt(state, x, dt, dt_bias, dt_proj_weight, dt_limit)
+    A = -torch.exp(A_log.float())
+    if state.dim() == 4:
+        heads, hdim, n_state = state.shape[1:]
+        A = A[:, None, None].expand(heads, hdim, n_state)
+        if D is not None and D.dim() == 1:
+            D = D[:, None].expand(heads, hdim)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z)
+
+
+# ---------------------------------------------------------------------------
+# Triton kernel. Canonical layout (as in state_update.py): Mamba-1 channels split into
+# H = G heads of P = D / G channels. A program owns a (BLOCK_P, N) slice of one head's state
+# for ROWS batch rows in turn, so that the dt_proj and A tiles it loads serve every row.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _ssm_decode_step_kernel(
+    state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr,
+    batch, P, N, R, heads_per_group, dt_min, dt_max,
+    stride_s_b, stride_s_h, stride_s_p, stride_s_n,
+    stride_x_b, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_h, stride_dt_p,
+    stride_A_h, stride_A_p, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_g, stride_C_n,
+    stride_D_h, stride_D_p,
+    stride_z_b, stride_z_h, stride_z_p,
+    stride_dtb_h, stride_dtb_p,
+    stride_w_h, stride_w_p, stride_w_r,
+    stride_o_b, stride_o_h, stride_o_p,
+    TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    i_p, i_rows, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_p, m_n = o_p < P, o_n < N
+    i_g = i_h // heads_per_group
+
+    # Per-channel constants, loaded once for the ROWS batch rows. TIE_HDIM (Mamba-2): dt,
+    # A and dt_bias are per head, so exp(A * dt) is one exponential per head and row.
+    if TIE_HDIM:
+        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
+        if HAS_DT_BIAS:
+            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h).to(tl.float32)
+    else:
+        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
+        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))
+        if HAS_DT_BIAS:
+            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h + o_p * stride_dtb_p, mask=m_p,
+                                other=0.0).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)
+    if HAS_DT_PROJ:
+        # dt_ptr holds the low-rank dt (B, R); stride_dt_p walks R.
+        o_r = tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
+        b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
+
+    for r in range(ROWS):
+        # Rows past the batch (ragged last block) recompute the last row and store nothing:
+        # every load stays in bounds, and the stores are masked by an empty range.
+        i_b = i_rows * ROWS + r
+        p_end = tl.where(i_b < batch, P, 0)
+        i_b = tl.minimum(i_b, batch - 1).to(tl.int64)
+        m_store = o_p < p_end
+        if HAS_DT_PROJ:
+            b_dt_low = tl.load(dt_ptr + i_b * stride_dt_b + o_r * stride_dt_p, mask=m_r, other=0.0)
+            b_dt = tl.sum(b_w * b_dt_low.to(tl.float32)[None, :], axis=1)
+        elif TIE_HDIM:
+            b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_h * stride_dt_h).to(tl.float32)
+        else:
+            b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_h * stride_dt_h + o_p * stride_dt_p, mask=m_p,
+                           other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt += b_dt_bias
+        b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+        if HAS_DT_LIMIT:
+            b_dt = tl.minimum(tl.maximum(b_dt, dt_min), dt_max)
+
+        p_state = (state_ptr + i_b * stride_s_b + i_h.to(tl.int64) * stride_s_h
+                   + o_p.to(tl.int64)[:, None] * stride_s_p + o_n[None, :] * stride_s_n)
+        b_state = tl.load(p_state, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)
+        b_x = tl.load(x_ptr + i_b * stride_x_b + i_h * stride_x_h + o_p * stride_x_p, mask=m_p,
+                      other=0.0).to(tl.float32)
+        b_B = tl.load(B_ptr + i_b * stride_B_b + i_g * stride_B_g + o_n * stride_B_n, mask=m_n,
+                      other=0.0).to(tl.float32)
+        b_C = tl.load(C_ptr + i_b * stride_C_b + i_g * stride_C_g + o_n * stride_C_n, mask=m_n,
+                      other=0.0).to(tl.float32)
+        if TIE_HDIM:
+            b_dA = tl.exp(b_A * b_dt)
+        else:
+            b_dA = tl.exp(b_A * b_dt[:, None])
+        b_state = b_state * b_dA + (b_x * b_dt)[:, None] * b_B[None, :]
+        tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_store[:, None] & m_n[None, :])
+        b_out = tl.sum(b_state * b_C[None, :], axis=1)
+        if HAS_D:
+            b_out += b_x * b_D
+        if HAS_Z:
+            b_z = tl.load(z_ptr + i_b * stride_z_b + i_h * stride_z_h + o_p * stride_z_p, mask=m_p,
+                          other=0.0).to(tl.float32)
+            b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
+        tl.store(out_ptr + i_b * stride_o_b + i_h * stride_o_h + o_p * stride_o_p,
+                 b_out.to(out_ptr.dtype.element_ty), mask=m_store)
+
+
+# fp32 state values per program (BLOCK_P * BLOCK_N), as in state_update.py; the dt_proj tile
+# (BLOCK_P * BLOCK_R) is held to the same budget. Batch rows per program grow until the grid
+# would drop below MIN_PROGRAMS (about two waves of 132 SMs).
+TILE_ELEMS = {16: 2048, 128: 4096}
+NUM_WARPS = {16: 4, 128: 8}
+MIN_PROGRAMS = 264
+MAX_ROWS = 16
+
+
+def _launch_config(batch, heads, hdim, n_state, rank, tie):
+    block_n = triton.next_power_of_2(n_state)
+    key = 16 if block_n <= 16 else 128
+    block_p = min(triton.next_power_of_2(hdim), max(1, TILE_ELEMS[key] // block_n))
+    block_r = triton.next_power_of_2(rank) if rank else 1
+    if rank:
+        block_p = max(1, min(block_p, TILE_ELEMS[16] // block_r))
+    per_row = triton.cdiv(hdim, block_p) * heads
+    rows = 1
+    # Rows per program only pay when per-channel tiles (A, dt_proj) are reused; Mamba-2's are scalars.
+    while not tie and rows < MAX_ROWS and rows * 2 <= batch and per_row * triton.cdiv(batch, rows * 2) >= MIN_PROGRAMS:
+        rows *= 2
+    return block_p, block_n, block_r, rows, NUM_WARPS[key]
+
+
+def _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit):
+    batch = x.shape[0]
+    n_state = state.shape[-1]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    mamba2 = state.dim() == 4
+    zero3 = (0, 0, 0)
+    if mamba2:
+        heads, hdim = x.shape[1:]
+        groups = B.shape[1]
+        state_st, x_st, o_st = state.stride(), x.stride(), out.stride()
+        z_st = z.stride() if z is not None else zero3
+        dt_st = (dt.stride(0), dt.stride(1), 0)
+        a_st = (A_log.stride(0), 0, 0)
+        d_st = ((D.stride(0), 0) if D.dim() == 1 else D.stride()) if D is not None else (0, 0)
+        dtb_st = (dt_bias.stride(0), 0) if dt_bias is not None else (0, 0)
+        b_st, c_st = B.stride(), C.stride()
+        w_st, rank = zero3, 0
+    else:
+        groups = B.shape[1] if B.dim() == 3 else 1
+        heads, hdim = groups, x.shape[1] // groups
+
+        def split(st, axis=1):  # channel axis -> (H, P) axes
+            return st[:axis] + (hdim * st[axis], st[axis]) + st[axis + 1:]
+
+        state_st, x_st, o_st = split(state.stride()), split(x.stride()), split(out.stride())
+        z_st = split(z.stride()) if z is not None else zero3
+        a_st = split(A_log.stride(), 0)
+        d_st = split(D.stride(), 0) if D is not None else (0, 0)
+        dtb_st = split(dt_bias.stride(), 0) if dt_bias is not None else (0, 0)
+        b_st = B.stride() if B.dim() == 3 else (B.stride(0), 0, B.stride(1))
+        c_st = C.stride() if C.dim() == 3 else (C.stride(0), 0, C.stride(1))
+        if dt_proj_weight is not None:
+            rank = dt_proj_weight.shape[1]
+            dt_st = (dt.stride(0), 0, dt.stride(1))
+            w_st = split(dt_proj_weight.stride(), 0)
+        else:
+            rank, w_st = 0, zero3
+            dt_st = split(dt.stride())
+    block_p, block_n, block_r, rows, warps = _launch_config(batch, heads, hdim, n_state, rank, mamba2)
+    limit = tuple(dt_limit) != NO_DT_LIMIT
+    grid = (triton.cdiv(hdim, block_p), triton.cdiv(batch, rows), heads)
+    _ssm_decode_step_kernel[grid](
+        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
+        batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
+        *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
+        TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, ROWS=rows,
+        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
+    )
+    return out
+
+
+def _inputs_ok(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
+    """The common case in a few comparisons (a decode step is host-bound); anything else goes
+    through _validate, which names the offending argument."""
+    device = getattr(state, "device", None)
+    for t in (state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
+            return False
+    if state.dim() not in (3, 4) or x.shape[1:] != state.shape[1:-1] or x.shape[0] != state.shape[0]:
+        return False
+    if (z is not None and z.shape != x.shape) or C.shape != B.shape or B.shape[0] != x.shape[0]:
+        return False
+    n_state = state.shape[-1]
+    if state.dim() == 4:
+        heads = x.shape[1]
+        return (dt_proj_weight is None and dt.shape == x.shape[:2] and A_log.shape == (heads,)
+                and B.dim() == 3 and B.shape[2] == n_state and heads % B.shape[1] == 0
+                and (D is None or D.shape in ((heads,), x.shape[1:]))
+                and (dt_bias is None or dt_bias.shape == (heads,)))
+    dim = x.shape[1]
+    if dt_proj_weight is None:
+        dt_ok = dt.shape == x.shape
+    else:
+        dt_ok = dt.dim() == 2 and dt.shape[0] == x.shape[0] and dt_proj_weight.shape == (dim, dt.shape[1])
+    groups = B.shape[1] if B.dim() == 3 else 1
+    return (dt_ok and A_log.shape == (dim, n_state) and B.dim() in (2, 3) and B.shape[-1] == n_state
+            and groups > 0 and dim % groups == 0
+            and (D is None or D.shape == (dim,)) and (dt_bias is None or dt_bias.shape == (dim,)))
+
+
+def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit):
+    check_tensor("state", state, ndim=(3, 4), dtype=FLOAT_DTYPES)
+    mamba2 = state.dim() == 4
+    inner, n_state = tuple(state.shape[1:-1]), state.shape[-1]
+    batch = state.shape[0]
+    check_tensor("x", x, shape=(batch, *inner), dtype=FLOAT_DTYPES)
+    check_tensor("z", z, shape=(batch, *inner), dtype=FLOAT_DTYPES, optional=True)
+    check_tensor("C", C, dtype=FLOAT_DTYPES)
+    if mamba2:
+        heads, hdim = inner
+        if dt_proj_weight is not None:
+            raise ValueError("dt_proj_weight is for the Mamba-1 layout (state (B, D, N)); Mamba-2 takes dt (B, H)")
+        check_tensor("dt", dt, shape=(batch, heads), dtype=FLOAT_DTYPES)
+        check_tensor("A_log", A_log, shape=(heads,), dtype=FLOAT_DTYPES)
+        check_tensor("B", B, shape=(batch, None, n_state), dtype=FLOAT_DTYPES)
+        if D is not None and tuple(D.shape) not in ((heads,), (heads, hdim)):
+            raise ValueError(f"D must have shape ({heads},) or ({heads}, {hdim}), got {tuple(D.shape)}")
+        check_tensor("D", D, dtype=FLOAT_DTYPES, optional=True)
+        check_tensor("dt_bias", dt_bias, shape=(heads,), dtype=FLOAT_DTYPES, optional=True)
+        split, split_name = heads, "H"
+    else:
+        (dim,) = inner
+        if dt_proj_weight is None:
+            check_tensor("dt", dt, shape=(batch, dim), dtype=FLOAT_DTYPES)
+        else:
+            check_tensor("dt", dt, shape=(batch, None), dtype=FLOAT_DTYPES)
+            check_tensor("dt_proj_weight", dt_proj_weight, shape=(dim, dt.shape[1]), dtype=FLOAT_DTYPES)
+        check_tensor("A_log", A_log, shape=(dim, n_state), dtype=FLOAT_DTYPES)
+        check_tensor("B", B, ndim=(2, 3), dtype=FLOAT_DTYPES)
+        if B.shape[0] != batch or B.shape[-1] != n_state:
+            raise ValueError(f"B must have shape ({batch}, {n_state}) or ({batch}, G, {n_state}), got {tuple(B.shape)}")
+        check_tensor("D", D, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
+        check_tensor("dt_bias", dt_bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
+        split, split_name = dim, "D"
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
+    groups = B.shape[1] if B.dim() == 3 else 1
+    if groups == 0 or split % groups != 0:
+        raise ValueError(f"the number of groups G={groups} in B/C must divide {split_name}={split}")
+    if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
+        raise ValueError(f"dt_limit must be (low, high) with low <= high, got {dt_limit}")
+    check_same_device(state=state, x=x, dt=dt, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                      dt_proj_weight=dt_proj_weight)
+
+
+def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
+                    dt_limit=NO_DT_LIMIT, *, backend=None):
+    """One token of the selective SSM, with the dt projection and softplus fused in; the
+    state is updated in place and the output returned.
+
+    Mamba-1 layout:
+        state (B, D, N); x, z (B, D); dt (B, R) low-rank with dt_proj_weight (D, R), or dt (B, D)
+        without it; A_log (D, N) (A = -exp(A_log)); B, C (B, N) or (B, G, N), G dividing D;
+        D, dt_bias (D,). Returns (B, D).
+    Mamba-2 layout:
+        state (B, H, P, N); x, z (B, H, P); dt (B, H); A_log (H,); B, C (B, G, N), G dividing H;
+        D (H,) or (H, P); dt_bias (H,). Returns (B, H, P).
+    dt' = clamp(softplus(dt + dt_bias), *dt_limit) (softplus always applies, as in both mixers).
+    The state may be fp32 (default of the mixers), bf16 or fp16; inputs may be strided views.
+    backend: "torch", "triton" or None (the device decides).
+    """
+    limit_ok = len(dt_limit) == 2 and dt_limit[0] <= dt_limit[1]
+    if not (limit_ok and _inputs_ok(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight)):
+        _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit)
+    if resolve_backend(backend, state, x) == "torch":
+        return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit)
+    return _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit)

@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mamba_pkg.ops.ssm_decode_step as sds
+from mamba_pkg.ops.ssm_decode_step import ssm_decode_step, ssm_decode_step_ref
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mamba1_inputs(batch, dim, n, rank, groups=None, dtype=torch.float32, device=DEVICE):
+    """Inputs as Mamba.step makes them: x and z are the two halves of one in_proj output, dt_low,
+    B, C slices of one x_proj output (strided views, not copies)."""
+    g = () if groups is None else (groups,)
+    g_n = n * (groups or 1)
+    xz = torch.randn(batch, 2 * dim, device=device, dtype=dtype)
+    x_dbl = torch.randn(batch, rank + 2 * g_n, device=device, dtype=dtype)
+    return dict(
+        state=torch.randn(batch, dim, n, device=device),
+        x=xz[:, :dim],
+        dt=x_dbl[:, :rank],
+        A_log=torch.randn(dim, n, device=device) * 0.5,
+        B=x_dbl[:, rank:rank + g_n].reshape(batch, *g, n),
+        C=x_dbl[:, rank + g_n:].reshape(batch, *g, n),
+        D=torch.randn(dim, device=device),
+        z=xz[:, dim:],
+        dt_bias=torch.randn(dim, device=device),
+        dt_proj_weight=torch.randn(dim, rank, device=device, dtype=dtype) / math.sqrt(rank),
+    )
+
+
+def mamba2_inputs(batch, heads, hdim, n, groups, dtype=torch.float32, device=DEVICE):
+    """x, B, C slices of a conv output (B, H*P + 2*G*N); dt a slice of an in_proj output."""
+    xbc = torch.randn(batch, heads * hdim + 2 * groups * n, device=device, dtype=dtype)
+    zdt = torch.randn(batch, heads * hdim + heads, device=device, dtype=dtype)
+    d_ssm = heads * hdim
+    return dict(
+        state=torch.randn(batch, heads, hdim, n, device=device),
+        x=xbc[:, :d_ssm].view(batch, heads, hdim),
+        dt=zdt[:, d_ssm:],
+        A_log=torch.rand(heads, device=device).log(),
+        B=xbc[:, d_ssm:d_ssm + groups * n].view(batch, groups, n),
+        C=xbc[:, d_ssm + groups * n:].view(batch, groups, n),
+        D=torch.randn(heads, device=device),
+        z=zdt[:, :d_ssm].view(batch, heads, hdim),
+        dt_bias=torch.randn(heads, device=device),
+    )
+
+
+def explicit_step(kw, dt_limit=(0.0, float("inf"))):
+    """The unfused chain written out in fp32 (independent of the op's reference): returns (out, new state)."""
+    f = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    state = f["state"]
+    if state.dim() == 3:
+        dt = f["dt"] @ f["dt_proj_weight"].t() if f.get("dt_proj_weight") is not None else f["dt"]
+        dt = F.softplus(dt + f["dt_bias"]).clamp(*dt_limit)[..., None]  # (B, D, 1)
+        A = -torch.exp(f["A_log"])
+        Bm, Cm = f["B"], f["C"]
+        if Bm.dim() == 2:
+            Bm, Cm = Bm[:, None], Cm[:, None]
+        rep = state.shape[1] // Bm.shape[1]
+        Bh, Ch = Bm.repeat_interleave(rep, 1), Cm.repeat_interleave(rep, 1)  # (B, D, N)
+        x = f["x"][..., None]
+        D = f["D"]
+    else:
+        dt = F.softplus(f["dt"] + f["dt_bias"]).clamp(*dt_limit)[..., None, None]  # (B, H, 1, 1)
+        A = -torch.exp(f["A_log"])[:, None, None]
+        rep = state.shape[1] // f["B"].shape[1]
+        Bh = f["B"].repeat_interleave(rep, 1)[:, :, None, :]
+        Ch = f["C"].repeat_interleave(rep, 1)[:, :, None, :]
+        x = f["x"][..., None]
+        D = f["D"] if f["D"].dim() == 2 else f["D"][:, None]
+    new_state = state * torch.exp(A * dt) + dt * x * Bh
+    out = (new_state * Ch).sum(-1) + D * f["x"]
+    if f.get("z") is not None:
+        out = out * F.silu(f["z"])
+    return out, new_state
+
+
+def _check(kw, dt_limit=(0.0, float("inf")), backend=None, tol=1e-5):
+    state0 = kw["state"].clone()
+    exp_out, exp_state = explicit_step(dict(kw, state=state0), dt_limit)
+    out = ssm_decode_step(**kw, dt_limit=dt_limit, backend=backend)
+    assert out.shape == kw["x"].shape and out.dtype == kw["x"].dtype
+    torch.testing.assert_close(out.double(), exp_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(kw["state"].double(), exp_state.to(kw["state"].dtype).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_ref_mamba1_matches_explicit_chain(groups):
+    _check(mamba1_inputs(3, 4, 5, 3, groups, device="cpu"), backend="torch")
+
+
+def test_ref_mamba2_matches_explicit_chain_with_limit_and_per_channel_D():
+    kw = mamba2_inputs(2, 4, 3, 5, 2, device="cpu")
+    kw["D"] = torch.randn(4, 3)
+    _check(kw, dt_limit=(0.05, 0.5), backend="torch")
+
+
+# ------------------------------------------------------------------ Triton kernel (interpreter on CPU)
+
+
+@pytest.mark.parametrize("groups,rows", [(None, False), (2, True)])
+def test_triton_mamba1(groups, rows, monkeypatch):
+    if rows:  # several batch rows per program (the batch-64 configuration), with a ragged last block
+        monkeypatch.setattr(sds, "MIN_PROGRAMS", 1)
+        assert sds._launch_config(5, 2, 3, 5, 3, False)[3] > 1
+    _check(mamba1_inputs(5, 6, 5, 3, groups), backend="triton")
+
+
+def test_triton_mamba1_without_dt_proj_or_optionals():
+    kw = mamba1_inputs(2, 4, 3, 4)
+    kw["dt"] = torch.randn(2, 4, device=DEVICE)
+    kw["dt_proj_weight"] = kw["D"] = kw["z"] = kw["dt_bias"] = None
+    state_ref = kw["state"].clone()
+    out = ssm_decode_step(**kw, backend="triton")
+    exp = ssm_decode_step_ref(**dict(kw, state=state_ref))
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kw["state"], state_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel_D", [False, True])
+def test_triton_mamba2(per_channel_D):
+    kw = mamba2_inputs(3, 4, 3, 5, 2)
+    if per_channel_D:
+        kw["D"] = torch.randn(4, 3, device=DEVICE)
+        kw["z"] = None
+    _check(kw, dt_limit=(0.0, float("inf")) if per_channel_D else (0.05, 0.7), backend="triton")
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_triton_low_precision_state_and_inputs(layout):
+    """bf16 activations and a bf16 state (what mamba_ssm's generate keeps): equal to the
+    reference on the same inputs up to the state's one rounding per step."""
+    kw = mamba1_inputs(2, 8, 6, 4, dtype=torch.bfloat16) if layout == "mamba1" else mamba2_inputs(2, 4, 4, 6, 1, dtype=torch.bfloat16)
+    kw["state"] = kw["state"].to(torch.bfloat16)
+    state_ref = kw["state"].clone()
+    out = ssm_decode_step(**kw, backend="triton")
+    exp = ssm_decode_step_ref(**dict(kw, state=state_ref))
+    assert out.dtype == torch.bfloat16 and kw["state"].dtype == torch.bfloat16
+    scale = exp.float().abs().max().item()
+    torch.testing.assert_close(out.float(), exp.float(), rtol=0, atol=scale * 2.0**-6)
+    s_scale = state_ref.float().abs().max().item()
+    torch.testing.assert_close(kw["state"].float(), state_ref.float(), rtol=0, atol=s_scale * 2.0**-7)
+
+
+def test_errors():
+    kw = mamba1_inputs(2, 4, 5, 3, device="cpu")
+    with pytest.raises(ValueError, match="state must have 3 or 4"):
+        ssm_decode_step(**dict(kw, state=torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match="x must have shape"):
+        ssm_decode_step(**dict(kw, x=torch.zeros(2, 5)))
+    with pytest.raises(ValueError, match="dt_proj_weight must have shape"):
+        ssm_decode_step(**dict(kw, dt_proj_weight=torch.zeros(4, 2)))
+    with pytest.raises(ValueError, match="dt must have shape"):
+        ssm_decode_step(**dict(kw, dt_proj_weight=None))
+    with pytest.raises(ValueError, match="A_log must have shape"):
+        ssm_decode_step(**dict(kw, A_log=torch.zeros(4)))
+    with pytest.raises(ValueError, match="B and C must have the same shape"):
+        ssm_decode_step(**dict(kw, C=torch.zeros(2, 1, 5)))
+    with pytest.raises(ValueError, match="groups G=3"):
+        ssm_decode_step(**dict(kw, B=torch.zeros(2, 3, 5), C=torch.zeros(2, 3, 5)))
+    with pytest.raises(TypeError, match="z must have dtype"):
+        ssm_decode_step(**dict(kw, z=torch.zeros(2, 4, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="dt_limit"):
+        ssm_decode_step(**kw, dt_limit=(1.0, 0.5))
+    kw2 = mamba2_inputs(2, 4, 3, 5, 2, device="cpu")
+    with pytest.raises(ValueError, match=r"dt must have shape \(2, 4\)"):
+        ssm_decode_step(**dict(kw2, dt=torch.zeros(2, 4, 3)))
+    with pytest.raises(ValueError, match="dt_proj_weight is for the Mamba-1 layout"):
+        ssm_decode_step(**kw2, dt_proj_weight=torch.zeros(12, 2))
+    with pytest.raises(ValueError, match="D must have shape"):
+        ssm_decode_step(**dict(kw2, D=torch.zeros(3)))
+    with pytest.raises(ValueError, match="A_log must have shape"):
+        ssm_decode_step(**dict(kw2, A_log=torch.zeros(4, 3, 5)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout,batch", [("mamba1", 1), ("mamba1", 64), ("mamba2", 64)])
+def test_gpu_full_size(layout, batch):
+    if layout == "mamba1":
+        kw = mamba1_inputs(batch, 4096, 16, 128, dtype=torch.bfloat16)
+    else:
+        kw = mamba2_inputs(batch, 32, 64, 128, 1, dtype=torch.bfloat16)
+    state_ref = kw["state"].clone()
+    out = ssm_decode_step(**kw)
+    exp = ssm_decode_step_ref(**dict(kw, state=state_ref))
+    torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kw["state"], state_ref, rtol=1e-4, atol=1e-4)
