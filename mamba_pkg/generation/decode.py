@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_pkg.generation.cache import InferenceParams
-from mamba_pkg.generation.sampling import sample
+from mamba_pkg.generation.sampling import is_greedy, sample
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,11 @@ def _eos_ids(eos_token_id, device) -> Optional[torch.Tensor]:
 # prefill
 
 
-def _new_cache(model, batch: int, max_seqlen: int, dtype) -> InferenceParams:
+def _new_cache(model, batch: int, max_seqlen: int, dtype, ssm_state_dtype=None) -> InferenceParams:
     params = InferenceParams(max_seqlen=max_seqlen, max_batch_size=batch)
-    params.key_value_memory_dict = model.allocate_inference_cache(batch, max_seqlen, dtype=dtype)
+    # Only passed when asked for, so that models without the option keep working.
+    extra = {} if ssm_state_dtype is None else {"ssm_state_dtype": ssm_state_dtype}
+    params.key_value_memory_dict = model.allocate_inference_cache(batch, max_seqlen, dtype=dtype, **extra)
     return params
 
 
@@ -187,7 +189,8 @@ def _prefill_packed(model, input_ids, mask, params, lengths, vocab_size) -> torc
     return logits[0, cu_seqlens[1:].long() - 1, :vocab_size].float()
 
 
-def _prefill(model, input_ids, mask, params, lengths, vocab_size, cache_dtype, chunk_size) -> torch.Tensor:
+def _prefill(model, input_ids, mask, params, lengths, vocab_size, cache_dtype, chunk_size,
+             ssm_state_dtype=None) -> torch.Tensor:
     """Fill ``params`` with every row's prompt state; returns (B, V) logits for the next token.
 
     Equal lengths: one batched prefill in chunks. Different lengths: one packed (varlen)
@@ -205,7 +208,7 @@ def _prefill(model, input_ids, mask, params, lengths, vocab_size, cache_dtype, c
     logits = torch.empty(batch, vocab_size, device=input_ids.device, dtype=torch.float32)
     for length in torch.unique(lengths).tolist():
         rows = (lengths == length).nonzero().squeeze(1)
-        group = _new_cache(model, rows.numel(), params.max_seqlen, cache_dtype)
+        group = _new_cache(model, rows.numel(), params.max_seqlen, cache_dtype, ssm_state_dtype)
         group_logits = _prefill_chunks(model, input_ids[rows, width - length :], group, vocab_size, chunk_size)
         _copy_rows(params.key_value_memory_dict, group.key_value_memory_dict, rows)
         logits.index_copy_(0, rows, group_logits)
@@ -228,10 +231,11 @@ class DecodeGraph:
     prefill, so the garbage it leaves is overwritten by the prefill that follows.
     """
 
-    def __init__(self, model, batch: int, max_seqlen: int, dtype, vocab_size: int):
+    def __init__(self, model, batch: int, max_seqlen: int, dtype, vocab_size: int, ssm_state_dtype=None):
         device, _ = _model_device_dtype(model)
         self.batch, self.max_seqlen, self.dtype, self.vocab_size = batch, max_seqlen, dtype, vocab_size
-        self.params = _new_cache(model, batch, max_seqlen, dtype)
+        self.ssm_state_dtype = ssm_state_dtype
+        self.params = _new_cache(model, batch, max_seqlen, dtype, ssm_state_dtype)
         self.params.lengths_per_sample = torch.ones(batch, dtype=torch.int32, device=device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         # Any offset > 0 selects the step path; positions come from lengths_per_sample.
@@ -245,6 +249,11 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = _step_eager(model, self.tokens, self.params, vocab_size)
+            # The rest of the step lives in the graph too, so that a greedy loop launches
+            # nothing else between replays: the greedy choice becomes the next input, and
+            # each row's length advances.
+            self.tokens.copy_(self.logits.argmax(dim=-1))
+            self.params.lengths_per_sample += 1
         self._storage = _cache_tensors(self.params.key_value_memory_dict)
 
     def fits(self, batch, max_seqlen, dtype, vocab_size) -> bool:
@@ -259,7 +268,11 @@ class DecodeGraph:
             )
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
+        """Feed ``tokens`` (B,) (no copy when they are ``self.tokens``, the greedy choice of the
+        last replay), advance ``params.lengths_per_sample`` and return the logits (B, V). After the
+        call ``self.tokens`` holds the argmax of the returned logits."""
+        if tokens is not self.tokens:
+            self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
 
@@ -273,14 +286,14 @@ def _cache_tensors(cache: dict) -> list:
     return out
 
 
-def _decode_graph(model, batch, max_seqlen, dtype, vocab_size) -> DecodeGraph:
+def _decode_graph(model, batch, max_seqlen, dtype, vocab_size, ssm_state_dtype=None) -> DecodeGraph:
     graphs = model.__dict__.setdefault("_mamba_pkg_decode_graphs", {})
     device, _ = _model_device_dtype(model)
-    key = (batch, dtype, str(device))
+    key = (batch, dtype, ssm_state_dtype, str(device))
     graph = graphs.get(key)
     if graph is None or not graph.fits(batch, max_seqlen, dtype, vocab_size):
         graphs.pop(key, None)  # free the old graph's memory before capturing a larger one
-        graph = DecodeGraph(model, batch, max_seqlen, dtype, vocab_size)
+        graph = DecodeGraph(model, batch, max_seqlen, dtype, vocab_size, ssm_state_dtype)
         graphs[key] = graph
     graph.params.reset(graph.max_seqlen, batch)
     return graph
@@ -319,6 +332,7 @@ def generate(
     vocab_size: Optional[int] = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     cache_dtype: Optional[torch.dtype] = None,
+    ssm_state_dtype: Optional[torch.dtype] = None,
     enable_timing: bool = False,
 ):
     """Generate tokens after ``input_ids`` with ``model`` (a MambaLMHeadModel or alike).
@@ -338,6 +352,9 @@ def generate(
     vocab_size: sample among the first vocab_size logits (default: model.config.vocab_size).
     prefill_chunk_size: prompt tokens per prefill call (bounds prefill memory).
     cache_dtype: dtype of conv states / KV caches (default: the model's dtype).
+    ssm_state_dtype: dtype of the SSM states (default: fp32). torch.bfloat16 halves the
+        bytes each decode step moves (what mamba_ssm's generate keeps for a bf16 model), at
+        the price of one bf16 rounding of the state per step.
     enable_timing: measure prefill and decode time (synchronising), logged and in output.timings.
     Returns sequences (B, L + T) int64, or a GenerateOutput (sequences, scores,
     timings) when return_dict_in_generate. T is smaller than asked when every
@@ -365,6 +382,8 @@ def generate(
     sequences[:, :width] = input_ids
     seen = torch.zeros(batch, max_length, dtype=torch.bool, device=device)  # marks non-padding positions
     seen[:, :width] = mask
+    if eos is None:  # every new position holds a real token: no per-step write
+        seen[:, width:] = True
     scores = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -375,11 +394,12 @@ def generate(
             streamer.end()
         return _finish(sequences[:, :width], scores, output_scores, return_dict_in_generate, timer, 0)
 
-    graph = _decode_graph(model, batch, max_length, cache_dtype, vocab_size) if cg else None
-    params = graph.params if graph is not None else _new_cache(model, batch, max_length, cache_dtype)
+    graph = _decode_graph(model, batch, max_length, cache_dtype, vocab_size, ssm_state_dtype) if cg else None
+    params = graph.params if graph is not None else _new_cache(model, batch, max_length, cache_dtype, ssm_state_dtype)
     if params.lengths_per_sample is None:
         params.lengths_per_sample = torch.zeros(batch, dtype=torch.int32, device=device)
-    logits = _prefill(model, input_ids, mask, params, lengths, vocab_size, cache_dtype, prefill_chunk_size)
+    logits = _prefill(model, input_ids, mask, params, lengths, vocab_size, cache_dtype, prefill_chunk_size,
+                      ssm_state_dtype)
     # From here on lengths_per_sample is each row's token count in the cache (its next position).
     params.lengths_per_sample.copy_(lengths)
     if graph is not None:
@@ -387,6 +407,7 @@ def generate(
     timer.mark("prefill_ms")
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    greedy = is_greedy(temperature, top_k, repetition_penalty)
     generated = 0
     for t in range(new_tokens):
         position = width + t
@@ -394,6 +415,8 @@ def generate(
             scores.append(logits.clone())
         if teacher_outputs is not None and position < teacher_outputs.shape[1]:
             tokens = teacher_outputs[:, position].to(device=device, dtype=torch.long)
+        elif greedy and t > 0 and graph is not None:
+            tokens = graph.tokens  # the graph took the argmax of these logits already
         else:
             tokens = sample(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -404,8 +427,6 @@ def generate(
             tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
             seen[:, position] = ~finished
             finished |= torch.isin(tokens, eos)
-        else:
-            seen[:, position] = True
         sequences[:, position] = tokens
         generated += 1
         if streamer is not None:
@@ -413,11 +434,11 @@ def generate(
         if t == new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
         if graph is not None:
-            logits = graph.step(tokens)
+            logits = graph.step(tokens)  # advances lengths_per_sample inside the graph
         else:
             logits = _step_eager(model, tokens, params, vocab_size)
+            params.lengths_per_sample += 1
         params.seqlen_offset += 1
-        params.lengths_per_sample += 1
     timer.mark("decode_ms")
     if streamer is not None:
         streamer.end()

@@ -216,6 +216,13 @@ def sample(
     return torch.where((k == 1) | (t == 0), greedy_ids, sampled)
 
 
+def is_greedy(temperature: Knob, top_k: Knob, repetition_penalty: Knob) -> bool:
+    """True when :func:`sample` returns the argmax of the raw logits for every row (decided on the host)."""
+    if isinstance(temperature, torch.Tensor) or isinstance(top_k, torch.Tensor) or not _is_one(repetition_penalty):
+        return False
+    return top_k == 1 or temperature == 0
+
+
 def _is_one(v: Knob) -> bool:
     return not isinstance(v, torch.Tensor) and v == 1
 

@@ -160,7 +160,7 @@ class Mamba(nn.Module):
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
             return_last_state=ssm_state is not None,
-            initial_state=None if fresh else ssm_state,
+            initial_state=None if fresh else ssm_state.float(),  # the cache may hold a bf16 state
             cu_seqlens=cu_seqlens,
         )
         if ssm_state is not None:

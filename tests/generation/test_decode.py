@@ -55,6 +55,23 @@ def test_step_logits_equal_full_forward(kind_model):
     assert torch.equal(out.sequences[:, 7:], scores.argmax(-1))  # greedy by default
 
 
+@pytest.mark.parametrize("prefill_chunk_size", [4096, 4])
+def test_bf16_ssm_state_option(kind_model, prefill_chunk_size):
+    """ssm_state_dtype=bf16 keeps the SSM states in bf16 (the chunked prefill continues from
+    them) and stays close to the fp32-state logits."""
+    kind, model = kind_model
+    ids = torch.randint(0, VOCAB, (2, 9))
+    ref = generate(model, ids, max_new_tokens=5, return_dict_in_generate=True, output_scores=True)
+    out = generate(model, ids, max_new_tokens=5, return_dict_in_generate=True, output_scores=True,
+                   teacher_outputs=ref.sequences, ssm_state_dtype=torch.bfloat16,
+                   prefill_chunk_size=prefill_chunk_size)
+    scores, ref_scores = torch.stack(out.scores), torch.stack(ref.scores)
+    assert (scores - ref_scores).abs().max() <= 0.05 * ref_scores.abs().max()
+    cache = model.allocate_inference_cache(2, 16, ssm_state_dtype=torch.bfloat16)
+    ssm_states = [entry[1] for i, entry in cache.items() if i not in KINDS[kind].get("attn_layer_idx", [])]
+    assert ssm_states and all(s.dtype == torch.bfloat16 for s in ssm_states)
+
+
 def test_chunked_prefill_equals_one_call(kind_model):
     _, model = kind_model
     ids = torch.randint(0, VOCAB, (2, 11))
@@ -216,6 +233,17 @@ def test_bad_inputs():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cg=True"):
             generate(model, ids, max_new_tokens=2, cg=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_step_logits_equal_full_forward(kind):
+    """The Triton step kernels (fused SSM step, conv update) against the parallel forward."""
+    model = make_model(kind, device="cuda", n_layer=4, d_model=64)
+    ids = torch.randint(0, VOCAB, (3, 7), device="cuda")
+    out = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    ref = full_logits(model, out.sequences)[:, 6:-1]
+    torch.testing.assert_close(torch.stack(out.scores, dim=1), ref, rtol=1e-3, atol=1e-3)
 
 
 @requires_cuda
