@@ -202,7 +202,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # One program per (block of BLOCK_D channels, batch row). It walks L in tiles of
 # BLOCK_L steps and carries the (BLOCK_D, N) state from tile to tile in registers.
 # Inside a tile the decays and inputs form a 4-D block (N_IN, BLOCK_L, BLOCK_D,
-# N_LANES), state index n = n_in * N_LANES + lane. The axis order is chosen for
+# N_LANES), state index n = lane * N_IN + n_in. The axis order is chosen for
 # Triton's default layout: threads fill the last axes first (N_LANES, then
 # BLOCK_D) and the warps go along BLOCK_D, so BLOCK_L and N_IN stay inside a
 # thread, and sums over N are mostly in-thread. This needs
@@ -324,18 +324,19 @@ def _sum_n(x):
 
 
 @triton.jit
-def _load_ld(ptr, o_row, o_l, m_d, seqlen):
-    """A (BLOCK_L, BLOCK_D) tile of a (B, D, L) tensor, in its own dtype; zero past L."""
-    m_ld = ((o_l >= 0) & (o_l < seqlen))[:, None] & m_d[None, :]
+def _load_ld(ptr, o_row, o_l, m_d, seqlen, EVEN: tl.constexpr):
+    """A (BLOCK_L, BLOCK_D) tile of a (B, D, L) tensor, in its own dtype; zero past L.
+    EVEN: the tile is known to be in bounds (no mask)."""
+    m_ld = (((o_l >= 0) & (o_l < seqlen)) | EVEN)[:, None] & m_d[None, :]
     return tl.load(ptr + o_row[None, :] + o_l[:, None], mask=m_ld, other=0.0)
 
 
 @triton.jit
-def _load_bc_tile(ptr, o_bc_row, o_n3, o_l, m_n3, seqlen):
+def _load_bc_tile(ptr, o_bc_row, o_n3, o_l, m_n3, seqlen, EVEN: tl.constexpr):
     """An input-dependent B or C tile as (N_IN, BLOCK_L, N_LANES), in its own dtype.
     Loaded 3-D and expanded by the caller: a 4-D load would impose its
     memory-coalesced layout (threads along L) on the whole scan."""
-    m_l = (o_l >= 0) & (o_l < seqlen)
+    m_l = ((o_l >= 0) & (o_l < seqlen)) | EVEN
     p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]
     return tl.load(p, mask=m_n3 & m_l[None, :, None], other=0.0)
 
@@ -362,19 +363,21 @@ def _selective_scan_fwd_kernel(
     stride_c_group,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    STORE_CKPT: tl.constexpr,
+    STORE_CKPT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
-    m_d = o_d < dim
-    # State index n = n_in * N_LANES + lane: (N_IN, 1, N_LANES) for (N_IN, BLOCK_D,
-    # N_LANES) states, and with a BLOCK_L axis inserted for 4-D blocks.
-    o_n3 = tl.arange(0, N_IN)[:, None, None] * N_LANES + tl.arange(0, N_LANES)[None, None, :]
+    m_d = (o_d < dim) | EVEN
+    # State index n = lane * N_IN + n_in: (N_IN, 1, N_LANES) for (N_IN, BLOCK_D,
+    # N_LANES) states, and with a BLOCK_L axis inserted for 4-D blocks. A thread's
+    # N_IN states are contiguous in (D, N) tensors, so that their vectorised loads
+    # keep N_IN inside a thread (Triton takes the compute layout from the loads).
+    o_n3 = tl.arange(0, N_IN)[:, None, None] + tl.arange(0, N_LANES)[None, None, :] * N_IN
     o_dn3 = o_d[None, :, None] * dstate + o_n3  # into (D, N)
     o_dn4 = o_dn3[:, None, :, :]
-    m_n3 = o_n3 < dstate
+    m_n3 = (o_n3 < dstate) | EVEN
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # (BLOCK_D,) start of each (b, d) row
@@ -395,36 +398,38 @@ def _selective_scan_fwd_kernel(
         b_h = tl.load(h0_ptr + o_state, mask=m_dn3, other=0.0)
     # Tiles are loaded one iteration ahead so that their memory latency overlaps
     # the current tile's arithmetic (each program walks L serially).
-    b_u_next = _load_ld(u_ptr, o_row, o_t, m_d, seqlen)
-    b_delta_next = _load_ld(delta_ptr, o_row, o_t, m_d, seqlen)
+    b_u_next = _load_ld(u_ptr, o_row, o_t, m_d, seqlen, EVEN)
+    b_delta_next = _load_ld(delta_ptr, o_row, o_t, m_d, seqlen, EVEN)
     if HAS_Z:
-        b_z_next = _load_ld(z_ptr, o_row, o_t, m_d, seqlen)
+        b_z_next = _load_ld(z_ptr, o_row, o_t, m_d, seqlen, EVEN)
     if B_VAR:
-        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_t, m_n3, seqlen)
+        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_t, m_n3, seqlen, EVEN)
     if C_VAR:
-        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_t, m_n3, seqlen)
+        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_t, m_n3, seqlen, EVEN)
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
     for i_t in range(0, n_tiles):
         if STORE_CKPT:
             p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t) * dim * dstate + o_dn3
             tl.store(p_ckpt, b_h, mask=m_dn3)
         o_l = i_t * BLOCK_L + o_t
-        m_l = o_l < seqlen
+        m_l = (o_l < seqlen) | EVEN
         m_ld = m_l[:, None] & m_d[None, :]
         o_ld = o_row[None, :] + o_l[:, None]  # (BLOCK_L, BLOCK_D)
+        # The last iteration reloads its own tile (unused) instead of reading past L.
+        o_next = tl.minimum(i_t + 1, n_tiles - 1) * BLOCK_L + o_t
         b_u = b_u_next.to(tl.float32)
         b_delta = b_delta_next
-        b_u_next = _load_ld(u_ptr, o_row, o_l + BLOCK_L, m_d, seqlen)
-        b_delta_next = _load_ld(delta_ptr, o_row, o_l + BLOCK_L, m_d, seqlen)
+        b_u_next = _load_ld(u_ptr, o_row, o_next, m_d, seqlen, EVEN)
+        b_delta_next = _load_ld(delta_ptr, o_row, o_next, m_d, seqlen, EVEN)
         if HAS_Z:
             b_z = b_z_next.to(tl.float32)
-            b_z_next = _load_ld(z_ptr, o_row, o_l + BLOCK_L, m_d, seqlen)
+            b_z_next = _load_ld(z_ptr, o_row, o_next, m_d, seqlen, EVEN)
         if B_VAR:
             b_B = b_B_next.to(tl.float32)[:, :, None, :]  # (N_IN, BLOCK_L, 1, N_LANES)
-            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l + BLOCK_L, m_n3, seqlen)
+            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
         if C_VAR:
             b_C = b_C_next.to(tl.float32)[:, :, None, :]
-            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l + BLOCK_L, m_n3, seqlen)
+            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
         b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
         b_inp = (b_dt * b_u)[None, :, :, None] * b_B
@@ -462,7 +467,7 @@ def _selective_scan_bwd_kernel(
     stride_c_group,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_DLAST: tl.constexpr,
+    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
@@ -476,11 +481,11 @@ def _selective_scan_bwd_kernel(
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
-    m_d = o_d < dim
-    o_n3 = tl.arange(0, N_IN)[:, None, None] * N_LANES + tl.arange(0, N_LANES)[None, None, :]
+    m_d = (o_d < dim) | EVEN
+    o_n3 = tl.arange(0, N_IN)[:, None, None] + tl.arange(0, N_LANES)[None, None, :] * N_IN  # see the forward
     o_dn3 = o_d[None, :, None] * dstate + o_n3
     o_dn4 = o_dn3[:, None, :, :]
-    m_n3 = o_n3 < dstate
+    m_n3 = (o_n3 < dstate) | EVEN
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
@@ -508,43 +513,44 @@ def _selective_scan_bwd_kernel(
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
     # Tiles are loaded one iteration ahead (see the forward kernel).
     o_l = (n_tiles - 1) * BLOCK_L + o_t
-    b_u_next = _load_ld(u_ptr, o_row, o_l, m_d, seqlen)
-    b_delta_next = _load_ld(delta_ptr, o_row, o_l, m_d, seqlen)
-    b_dout_next = _load_ld(dout_ptr, o_row, o_l, m_d, seqlen)
+    b_u_next = _load_ld(u_ptr, o_row, o_l, m_d, seqlen, EVEN)
+    b_delta_next = _load_ld(delta_ptr, o_row, o_l, m_d, seqlen, EVEN)
+    b_dout_next = _load_ld(dout_ptr, o_row, o_l, m_d, seqlen, EVEN)
     if HAS_Z:
-        b_z_next = _load_ld(z_ptr, o_row, o_l, m_d, seqlen)
+        b_z_next = _load_ld(z_ptr, o_row, o_l, m_d, seqlen, EVEN)
     if B_VAR:
-        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l, m_n3, seqlen)
+        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l, m_n3, seqlen, EVEN)
     if C_VAR:
-        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l, m_n3, seqlen)
+        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l, m_n3, seqlen, EVEN)
     b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + n_tiles - 1) * dim * dstate + o_dn3,
                        mask=m_dn3, other=0.0)
     for i_rev in range(0, n_tiles):
         i_t = n_tiles - 1 - i_rev
         o_l = i_t * BLOCK_L + o_t
-        m_l = o_l < seqlen
+        m_l = (o_l < seqlen) | EVEN
         m_ld = m_l[:, None] & m_d[None, :]
         o_ld = o_row[None, :] + o_l[:, None]
-        o_prev = o_l - BLOCK_L
+        # The first tile reloads itself (unused) instead of reading before 0.
+        o_prev = tl.maximum(i_t - 1, 0) * BLOCK_L + o_t
         b_u = b_u_next.to(tl.float32)
         b_delta = b_delta_next
         b_dout = b_dout_next.to(tl.float32)
         b_h = b_h_next  # state before this tile
-        b_u_next = _load_ld(u_ptr, o_row, o_prev, m_d, seqlen)
-        b_delta_next = _load_ld(delta_ptr, o_row, o_prev, m_d, seqlen)
-        b_dout_next = _load_ld(dout_ptr, o_row, o_prev, m_d, seqlen)
+        b_u_next = _load_ld(u_ptr, o_row, o_prev, m_d, seqlen, EVEN)
+        b_delta_next = _load_ld(delta_ptr, o_row, o_prev, m_d, seqlen, EVEN)
+        b_dout_next = _load_ld(dout_ptr, o_row, o_prev, m_d, seqlen, EVEN)
         i_prev = tl.maximum(i_t - 1, 0)  # at the first tile this reloads it, unused
         b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_prev) * dim * dstate + o_dn3,
                            mask=m_dn3, other=0.0)
         if HAS_Z:
             b_z = b_z_next.to(tl.float32)
-            b_z_next = _load_ld(z_ptr, o_row, o_prev, m_d, seqlen)
+            b_z_next = _load_ld(z_ptr, o_row, o_prev, m_d, seqlen, EVEN)
         if B_VAR:
             b_B = b_B_next.to(tl.float32)[:, :, None, :]
-            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen)
+            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         if C_VAR:
             b_C = b_C_next.to(tl.float32)[:, :, None, :]
-            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen)
+            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         # Forward again, from the state checkpointed at the tile start.
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
@@ -659,6 +665,11 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
     return block_d, n_in, n_lanes, block_l, num_warps
 
 
+def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
+    """Whether every tile is in bounds, so that the kernels can drop their masks."""
+    return p.dim % block_d == 0 and p.dstate == block_n and p.seqlen % block_l == 0
+
+
 class _Prepared:
     """Kernel-ready inputs: contiguous, B/C as (B, G, N, L) or (D, N), varlen index."""
 
@@ -722,7 +733,7 @@ def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(),
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=p.initial_state is not None,
-        IS_VARLEN=varlen, STORE_CKPT=store_ckpt,
+        IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
     return out, last, ckpt, block_l
@@ -760,7 +771,7 @@ def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, 
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(),
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
-        IS_VARLEN=varlen, HAS_DLAST=dlast is not None,
+        IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
     dA = dA.sum(0)
