@@ -12,6 +12,7 @@ fwd+bwd step per provider at the main shape.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -107,12 +108,12 @@ def stage_profile(s):
         "fwd chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q, tl.bfloat16),
         "bwd state-gradient walk":
             lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, states, s["H"], s["P"], Q, bf, tl.bfloat16),
-        "bwd C B^T + dC + dx/dB kernels (auto head split)":
+        "bwd C B^T + W + dB/dC + dx kernels (auto head split)":
             lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16),
-        "bwd C B^T + dC + dx/dB kernels (no head split)":
+        "bwd C B^T + W + dB/dC + dx kernels (no head split)":
             lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16,
                                     head_split=1),
-        "bwd C B^T + dC + dx/dB kernels (head split 4)":
+        "bwd C B^T + W + dB/dC + dx kernels (head split 4)":
             lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16,
                                     head_split=4),
     }
@@ -154,8 +155,8 @@ def tuned_configs():
     from mamba_pkg.ops.ssd import chunk_scan, chunk_state
 
     kernels = [chunk_state._chunk_state_fwd_kernel, chunk_state._state_grad_bwd_kernel,
-               chunk_scan._chunk_scan_fwd_kernel, chunk_scan._chunk_scan_bwd_dc_kernel,
-               chunk_scan._chunk_scan_bwd_dx_kernel]
+               chunk_scan._chunk_scan_fwd_kernel, chunk_scan._chunk_scan_bwd_w_kernel,
+               chunk_scan._chunk_scan_bwd_dbc_kernel, chunk_scan._chunk_scan_bwd_dx_kernel]
     for k in kernels:
         for key, cfg in getattr(k, "cache", {}).items():
             print(f"  tuned {k.fn.__name__} {key[:4]}: {cfg}")
@@ -172,6 +173,7 @@ def main():
             try_provider(provider, lambda provider=provider: kernel_profile(shapes(True)[0], provider))
         return
     rows = []
+    t_start = time.time()
     for i, s in enumerate(shapes(args.quick)):
         if args.stages and i == 1:
             stage_profile(dict(B=4, H=32, P=64, N=128, G=1, L=8192))
@@ -189,7 +191,7 @@ def main():
                     row["pct_hbm"] = round(100 * nbytes / (ms * 1e-3) / HBM_BYTES_PER_S, 1)
                     row["pct_limit"] = max(row["pct_tensor_core"], row["pct_hbm"])
                 rows.append(row)
-                print(f"{case} {provider}: {ms}", flush=True)
+                print(f"{case} {provider}: {ms} (at {time.time() - t_start:.0f} s)", flush=True)
         save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
     tuned_configs()
 

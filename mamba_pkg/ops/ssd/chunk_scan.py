@@ -19,9 +19,10 @@ Backward (dy = dout * silu(z), dS_c the gradient wrt the state leaving chunk c):
     dx_s = dt_s [B_s dS_c^T exp(cs_Q - cs_s) + sum_{t >= s} CB_ts exp(cs_t - cs_s) dy_t] + D dy_s
     dB_s = dt_s [x_s dS_c exp(cs_Q - cs_s) + sum_{t >= s} (dy_t . x_s) exp(cs_t - cs_s) C_t]
 
-B and C are shared by the heads of a group, so one program owns a block of rows
-of a group and loops over its heads: dB and dC are summed in registers in a
-fixed order (deterministic, no atomics).
+B and C are shared by the heads of a group, so the pair terms inside a chunk are
+first summed over the group's heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s,
+and then dC = W B, dB = W^T C cost two matrix products per chunk and group instead
+of per head. Every sum runs in a fixed order (deterministic, no atomics).
 
 The decay gradient needs, per head, sums over the pair terms
 M_ts = (dy_t . x_s) CB_ts exp(cs_t - cs_s) dt_s (s < t; other chunks through the
@@ -214,10 +215,73 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
     return dy
 
 
+@triton.autotune(configs=_tile_configs(), key=[k for k in _KEY if k != "N"])
+@triton.jit
+def _chunk_scan_bwd_w_kernel(
+    x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
+    L, H, P, heads_per_group, nchunks,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_seq_b, stride_seq_l,
+    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    # One program per (t block, s block <= t block) of a chunk and group; the
+    # loop over the group's heads is the long, pipelined loop.
+    i_t = tl.program_id(0)
+    i_s = tl.program_id(1)
+    if i_s <= i_t:
+        i_bcg = tl.program_id(2)
+        G = H // heads_per_group
+        i_g = i_bcg % G
+        i_c = (i_bcg // G) % nchunks
+        i_b = i_bcg // (G * nchunks)
+        n_mblocks = Q // BLOCK_M
+        o_p = tl.arange(0, BLOCK_P)
+        m_p = o_p < P
+        o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_lt = i_c * Q + o_t
+        o_ls = i_c * Q + o_s
+        m_t = o_lt < L
+        m_s = o_ls < L
+        cb_off = ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
+        cb = tl.load(cb_ptr + cb_off)
+        keep = o_t[:, None] >= o_s[None, :]
+        if HAS_SEQ_IDX:
+            seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+            seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
+            seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
+            keep = keep & (seq_t[:, None] == seq_s[None, :])
+        # The diagonal (s = t) cancels in rowsum - colsum; leave it out of both.
+        off_diag = o_t[:, None] > o_s[None, :]
+        xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+        xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+        w = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for hh in range(heads_per_group):
+            i_h = i_g * heads_per_group + hh
+            head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+            chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
+            cs_t = tl.load(cs_ptr + chunk_off + o_t)
+            cs_s = tl.load(cs_ptr + chunk_off + o_s)
+            dt_s = tl.load(dt_ptr + chunk_off + o_s)
+            dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xt_off, m_t[:, None] & m_p[None, :], HAS_Z)
+            b_xs = tl.load(x_ptr + head_off + xs_off, mask=m_s[:, None] & m_p[None, :], other=0.0)
+            decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
+            w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay * dt_s[None, :]
+            w += w_h
+            pair = tl.where(off_diag, w_h * cb, 0.0)
+            # Slot = the other block: each (head, chunk, block, slot) is written by one program.
+            part = chunk_off * n_mblocks
+            tl.store(rowsum_ptr + part + i_s * Q + o_t, tl.sum(pair, axis=1))
+            tl.store(colsum_ptr + part + i_t * Q + o_s, tl.sum(pair, axis=0))
+        tl.store(w_ptr + cb_off, w)
+
+
 @triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
-def _chunk_scan_bwd_dc_kernel(
-    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dC_ptr, rowsum_ptr,
+def _chunk_scan_bwd_dbc_kernel(
+    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
+    dB_ptr, dC_ptr, rowsum_state_ptr,
     L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -226,90 +290,7 @@ def _chunk_scan_bwd_dc_kernel(
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_prog = tl.program_id(1)
-    G = H // heads_per_group
-    n_split = heads_per_group // heads_per_prog
-    i_split = i_prog % n_split
-    i_bcg = i_prog // n_split
-    i_g = i_bcg % G
-    i_c = (i_bcg // G) % nchunks
-    i_b = i_bcg // (G * nchunks)
-    o_p = tl.arange(0, BLOCK_P)
-    o_n = tl.arange(0, BLOCK_N)
-    m_p = o_p < P
-    m_n = o_n < N
-    o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_lt = i_c * Q + o_t
-    m_t = o_lt < L
-    m_tp = m_t[:, None] & m_p[None, :]
-    m_tn = m_t[:, None] & m_n[None, :]
-    group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
-    seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
-    cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
-    tn_off = o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    b_C = tl.load(C_ptr + group_off + tn_off, mask=m_tn, other=0.0).to(tl.float32)
-    if HAS_SEQ_IDX:
-        seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
-        seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
-    xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-    dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    for hh in range(heads_per_prog):
-        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
-        head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-        chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
-        cs_t = tl.load(cs_ptr + chunk_off + o_t)
-        dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xt_off, m_tp, HAS_Z)
-        st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
-        b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                      mask=m_p[:, None] & m_n[None, :], other=0.0)
-        scale_t = tl.exp(cs_t)
-        if HAS_SEQ_IDX:
-            scale_t = tl.where(seq_t == seq_prev, scale_t, 0.0)
-        dC_state = _dot(dy, b_S, DOT_DTYPE) * scale_t[:, None]
-        rowsum = tl.sum(dC_state * b_C, axis=1)
-        dC += dC_state
-        for j in range(i_m + 1):
-            o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
-            o_ls = i_c * Q + o_s
-            m_s = o_ls < L
-            cs_s = tl.load(cs_ptr + chunk_off + o_s)
-            dt_s = tl.load(dt_ptr + chunk_off + o_s)
-            b_xs = tl.load(x_ptr + head_off + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                           mask=m_s[:, None] & m_p[None, :], other=0.0)
-            b_B = tl.load(B_ptr + group_off + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                          mask=m_s[:, None] & m_n[None, :], other=0.0)
-            cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
-            keep = o_t[:, None] >= o_s[None, :]
-            if HAS_SEQ_IDX:
-                seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
-                keep = keep & (seq_t[:, None] == seq_s[None, :])
-            decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
-            w = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay * dt_s[None, :]
-            dC += _dot(w, b_B, DOT_DTYPE)
-            # The diagonal (s = t) cancels in rowsum - colsum; leave it out of both.
-            rowsum += tl.sum(tl.where(o_t[:, None] > o_s[None, :], w * cb, 0.0), axis=1)
-        tl.store(rowsum_ptr + chunk_off + o_t, rowsum)
-
-    # With several programs per group (split heads) each writes its own fp32 partial sum.
-    tl.store(dC_ptr + i_split.to(tl.int64) * split_stride + group_off + tn_off, dC.to(dC_ptr.dtype.element_ty),
-             mask=m_tn)
-
-
-@triton.autotune(configs=_tile_configs(), key=_KEY)
-@triton.jit
-def _chunk_scan_bwd_dx_kernel(
-    x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
-    dx_ptr, dz_ptr, dB_ptr, ddt_ptr, colsum_ptr, colsum_state_ptr, dD_ptr,
-    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-    stride_seq_b, stride_seq_l,
-    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
+    # Rows r of one block: dC for r as the target t, dB for r as the source s.
     i_m = tl.program_id(0)
     i_prog = tl.program_id(1)
     G = H // heads_per_group
@@ -324,88 +305,165 @@ def _chunk_scan_bwd_dx_kernel(
     o_n = tl.arange(0, BLOCK_N)
     m_p = o_p < P
     m_n = o_n < N
-    o_s = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # these rows are the sources s
-    o_ls = i_c * Q + o_s
-    m_s = o_ls < L
-    m_sp = m_s[:, None] & m_p[None, :]
-    m_sn = m_s[:, None] & m_n[None, :]
+    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_lr = i_c * Q + o_r
+    m_r = o_lr < L
+    m_rp = m_r[:, None] & m_p[None, :]
+    m_rn = m_r[:, None] & m_n[None, :]
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
-    seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
-    cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
-    sn_off = o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    b_B = tl.load(B_ptr + group_off + sn_off, mask=m_sn, other=0.0)
-    end_scale_mask = m_s
+    rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
+    b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0).to(tl.float32)
+    start_mask = m_r
+    end_mask = m_r
     if HAS_SEQ_IDX:
-        seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-1)
-        last = tl.minimum(i_c * Q + Q, L) - 1
-        seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
-        end_scale_mask = end_scale_mask & (seq_s == seq_end)
-    xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+        seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+        seq_r = tl.load(seq_base + o_lr.to(tl.int64) * stride_seq_l, mask=m_r, other=-1)
+        seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
+        seq_end = tl.load(seq_base + (tl.minimum(i_c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
+        start_mask = start_mask & (seq_r == seq_prev)
+        end_mask = end_mask & (seq_r == seq_end)
+    xr_off = o_lr.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+    pn_off = o_p[:, None] * N + o_n[None, :]
+    m_pn = m_p[:, None] & m_n[None, :]
+    dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
+    # The state terms, per head: dC_t += exp(cs_t) dy_t S_{c-1}, dB_s += exp(cs_Q - cs_s) dt_s x_s dS_c.
     for hh in range(heads_per_prog):
         i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
         chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
-        cs_s = tl.load(cs_ptr + chunk_off + o_s)
-        dt_s = tl.load(dt_ptr + chunk_off + o_s)
+        cs_r = tl.load(cs_ptr + chunk_off + o_r)
+        dt_r = tl.load(dt_ptr + chunk_off + o_r)
         total = tl.load(cs_ptr + chunk_off + Q - 1)
-        b_x = tl.load(x_ptr + head_off + xs_off, mask=m_sp, other=0.0)
-        x_f = b_x.to(tl.float32)
         st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
-        b_dS = tl.load(dstates_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                       mask=m_p[:, None] & m_n[None, :], other=0.0)
-        end_scale = tl.where(end_scale_mask, tl.exp(total - cs_s), 0.0)
-        dxc = _dot(b_B, tl.trans(b_dS), DOT_DTYPE) * end_scale[:, None]
-        colsum_state = tl.sum(x_f * dxc, axis=1) * dt_s
-        dB += _dot(x_f * (end_scale * dt_s)[:, None], b_dS, DOT_DTYPE)
-        col_in = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j in range(i_m, n_mblocks):
-            o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
-            o_lt = i_c * Q + o_t
-            m_t = o_lt < L
-            cs_t = tl.load(cs_ptr + chunk_off + o_t)
-            dy_t = _load_dy(dout_ptr + head_off, z_ptr + head_off,
-                            o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                            m_t[:, None] & m_p[None, :], HAS_Z)
-            b_Ct = tl.load(C_ptr + group_off + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                           mask=m_t[:, None] & m_n[None, :], other=0.0)
-            # Load the (t, s) tile row-major (coalesced) and transpose in registers.
-            cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]))  # (s, t)
-            keep = o_t[None, :] >= o_s[:, None]
-            if HAS_SEQ_IDX:
-                seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
-                keep = keep & (seq_t[None, :] == seq_s[:, None])
-            decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (s, t)
-            dxc += _dot(cbT * decay, dy_t, DOT_DTYPE)
-            xdy = _dot(b_x, tl.trans(dy_t), DOT_DTYPE) * decay
-            dB += _dot(xdy * dt_s[:, None], b_Ct, DOT_DTYPE)
-            col_in += tl.sum(tl.where(o_t[None, :] > o_s[:, None], xdy * cbT, 0.0), axis=1)
-        tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
-        tl.store(colsum_ptr + chunk_off + o_s, col_in * dt_s)
-        tl.store(colsum_state_ptr + chunk_off + o_s, colsum_state)
-        dy_s = _load_dy(dout_ptr + head_off, z_ptr + head_off, xs_off, m_sp, HAS_Z)
-        dx = dxc * dt_s[:, None]
-        if HAS_D:
-            if D_HAS_HDIM:
-                b_D = tl.load(D_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-                dx += dy_s * b_D[None, :]
-            else:
-                dx += dy_s * tl.load(D_ptr + i_h).to(tl.float32)
-            # Partial sums of dy * x per (chunk, row block, head): reduced on the host side.
-            dD_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * P
-            tl.store(dD_ptr + dD_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
-        tl.store(dx_ptr + head_off + xs_off, dx.to(dx_ptr.dtype.element_ty), mask=m_sp)
-        if HAS_Z:
-            zz = tl.load(z_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
-            do = tl.load(dout_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
-            yp = tl.load(ypre_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zz)
-            dz = do * yp * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + head_off + xs_off, dz.to(dz_ptr.dtype.element_ty), mask=m_sp)
+        b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0)
+        b_dS = tl.load(dstates_ptr + st_off + pn_off, mask=m_pn, other=0.0)
+        dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xr_off, m_rp, HAS_Z)
+        b_x = tl.load(x_ptr + head_off + xr_off, mask=m_rp, other=0.0).to(tl.float32)
+        scale = tl.where(start_mask, tl.exp(cs_r), 0.0)
+        end_scale = tl.where(end_mask, tl.exp(total - cs_r), 0.0)
+        dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
+        tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C, axis=1))
+        dC += dC_state
+        dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
 
-    tl.store(dB_ptr + i_split.to(tl.int64) * split_stride + group_off + sn_off, dB.to(dB_ptr.dtype.element_ty),
-             mask=m_sn)
+    # The terms inside the chunk go through W (summed over the group's heads):
+    # dC_t += sum_{s <= t} W_ts B_s and dB_s += sum_{t >= s} W_ts C_t. The first
+    # program of a head split adds them.
+    if i_split == 0:
+        w_base = w_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
+        for j in range(i_m + 1):
+            o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+            o_lj = i_c * Q + o_j
+            b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
+            b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                          mask=(o_lj < L)[:, None] & m_n[None, :], other=0.0)
+            dC += _dot(b_w, b_B, DOT_DTYPE)
+        for j in range(i_m, n_mblocks):
+            o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+            o_lj = i_c * Q + o_j
+            # Load the (t, s) tile row-major (coalesced) and transpose in registers.
+            b_wT = tl.trans(tl.load(w_base + o_j[:, None] * Q + o_r[None, :]))
+            b_Cj = tl.load(C_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                           mask=(o_lj < L)[:, None] & m_n[None, :], other=0.0)
+            dB += _dot(b_wT, b_Cj, DOT_DTYPE)
+
+    # With several programs per group (split heads) each writes its own fp32 partial sum.
+    out_off = i_split.to(tl.int64) * split_stride + group_off + rn_off
+    tl.store(dC_ptr + out_off, dC.to(dC_ptr.dtype.element_ty), mask=m_rn)
+    tl.store(dB_ptr + out_off, dB.to(dB_ptr.dtype.element_ty), mask=m_rn)
+
+
+@triton.autotune(configs=_tile_configs(), key=_KEY)
+@triton.jit
+def _chunk_scan_bwd_dx_kernel(
+    x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
+    dx_ptr, dz_ptr, ddt_ptr, colsum_state_ptr, dD_ptr,
+    L, H, P, N, heads_per_group, nchunks,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_seq_b, stride_seq_l,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    # One program per (source row block, head, chunk); heads vary fastest so the
+    # heads of a chunk share its C B^T tiles through L2.
+    i_m = tl.program_id(0)
+    i_bch = tl.program_id(1)
+    i_h = i_bch % H
+    i_c = (i_bch // H) % nchunks
+    i_b = i_bch // (H * nchunks)
+    G = H // heads_per_group
+    i_g = i_h // heads_per_group
+    n_mblocks = Q // BLOCK_M
+    o_p = tl.arange(0, BLOCK_P)
+    o_n = tl.arange(0, BLOCK_N)
+    m_p = o_p < P
+    m_n = o_n < N
+    o_s = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # these rows are the sources s
+    o_ls = i_c * Q + o_s
+    m_s = o_ls < L
+    m_sp = m_s[:, None] & m_p[None, :]
+    group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+    head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+    chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
+    cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
+    b_B = tl.load(B_ptr + group_off + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                  mask=m_s[:, None] & m_n[None, :], other=0.0)
+    end_mask = m_s
+    if HAS_SEQ_IDX:
+        seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+        seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-1)
+        seq_end = tl.load(seq_base + (tl.minimum(i_c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
+        end_mask = end_mask & (seq_s == seq_end)
+    xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+    cs_s = tl.load(cs_ptr + chunk_off + o_s)
+    dt_s = tl.load(dt_ptr + chunk_off + o_s)
+    total = tl.load(cs_ptr + chunk_off + Q - 1)
+    x_f = tl.load(x_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+    st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
+    b_dS = tl.load(dstates_ptr + st_off + o_p[:, None] * N + o_n[None, :],
+                   mask=m_p[:, None] & m_n[None, :], other=0.0)
+    end_scale = tl.where(end_mask, tl.exp(total - cs_s), 0.0)
+    dxc = _dot(b_B, tl.trans(b_dS), DOT_DTYPE) * end_scale[:, None]
+    tl.store(colsum_state_ptr + chunk_off + o_s, tl.sum(x_f * dxc, axis=1) * dt_s)
+    for j in range(i_m, n_mblocks):
+        o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_lt = i_c * Q + o_t
+        m_t = o_lt < L
+        cs_t = tl.load(cs_ptr + chunk_off + o_t)
+        dy_t = _load_dy(dout_ptr + head_off, z_ptr + head_off,
+                        o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
+                        m_t[:, None] & m_p[None, :], HAS_Z)
+        cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]))  # (s, t)
+        keep = o_t[None, :] >= o_s[:, None]
+        if HAS_SEQ_IDX:
+            seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
+            keep = keep & (seq_t[None, :] == seq_s[:, None])
+        decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (s, t)
+        dxc += _dot(cbT * decay, dy_t, DOT_DTYPE)
+    tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
+    dy_s = _load_dy(dout_ptr + head_off, z_ptr + head_off, xs_off, m_sp, HAS_Z)
+    dx = dxc * dt_s[:, None]
+    if HAS_D:
+        if D_HAS_HDIM:
+            b_D = tl.load(D_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+            dx += dy_s * b_D[None, :]
+        else:
+            dx += dy_s * tl.load(D_ptr + i_h).to(tl.float32)
+        # Partial sums of dy * x per (chunk, row block, head): reduced on the host side.
+        dD_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * P
+        tl.store(dD_ptr + dD_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
+    tl.store(dx_ptr + head_off + xs_off, dx.to(dx_ptr.dtype.element_ty), mask=m_sp)
+    if HAS_Z:
+        zz = tl.load(z_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+        do = tl.load(dout_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+        yp = tl.load(ypre_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(zz)
+        dz = do * yp * sig * (1.0 + zz * (1.0 - sig))
+        tl.store(dz_ptr + head_off + xs_off, dz.to(dz_ptr.dtype.element_ty), mask=m_sp)
 
 
 def _head_split(heads_per_group, programs, target=2048):
@@ -416,14 +474,22 @@ def _head_split(heads_per_group, programs, target=2048):
 
 
 def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, dot_dtype, head_split=None):
-    """Launch C B^T and the two backward kernels. All (B, L, ...) tensors contiguous.
+    """Launch C B^T and the three backward kernels. All (B, L, ...) tensors contiguous.
+
+    1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
+       heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
+       and each head's row and column sums of the pair terms W_h * CB.
+    2. dB/dC kernel: per (chunk, group, row block): the state terms (a loop over
+       heads) plus W B and W^T C. B and C are shared by the heads of a group, so the
+       terms inside a chunk cost two matrix products per group instead of per head.
+    3. dx kernel: per (chunk, head, row block): dx, dz, ddt, the state column sums, dD.
 
     Returns dx, dz (or None), dB, dC, then (B, H, C, Q) fp32 pair sums for the decay
     gradient: rowsum (pairs ending at t: inside the chunk, s < t, plus the entering
     state), colsum (pairs starting at s inside the chunk, t > s) and colsum_state
     (pairs from s to later chunks and the final state); then ddt (B, H, C, Q) fp32
     (gradient wrt the processed dt through the input term only), dD (shape of D,
-    fp32) or None.
+    fp32) or None. Deterministic: every sum has a fixed order.
     """
     import torch
 
@@ -438,39 +504,50 @@ def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dsta
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     heads_per_group = H // G
-    n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
-    heads_per_prog = heads_per_group // n_split
-    grid = (n_mblocks, batch * nchunks * G * n_split)
-    split_stride = B.numel()
-    common = dict(HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+    z_arg = z if z is not None else dout
+    common = dict(HAS_SEQ_IDX=seq_idx is not None, HAS_Z=z is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P,
                   DOT_DTYPE=dot_dtype)
 
-    dC = torch.empty_like(C) if n_split == 1 else torch.empty((n_split,) + tuple(C.shape), device=C.device,
-                                                               dtype=torch.float32)
-    rowsum = torch.empty_like(cs_c)
-    _chunk_scan_bwd_dc_kernel[grid](
-        x, dout, z if z is not None else dout, B, C, cb, seq_arg, dt_c, cs_c, states, dC, rowsum,
-        L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, *x.stride(), *B.stride(), *seq_strides,
-        HAS_Z=z is not None, **common,
+    w = torch.empty(batch, nchunks, G, Q, Q, device=x.device, dtype=torch.float32)
+    # Slots of block pairs that do not exist (s block > t block) stay zero.
+    row_part = torch.zeros(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
+    col_part = torch.zeros_like(row_part)
+    _chunk_scan_bwd_w_kernel[(n_mblocks, n_mblocks, batch * nchunks * G)](
+        x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
+        L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, **common,
     )
-    dx = torch.empty_like(x)
-    dz = torch.empty_like(z) if z is not None else None
-    dB = torch.empty_like(B) if n_split == 1 else torch.empty_like(dC)
-    ddt = torch.empty_like(cs_c)
-    colsum = torch.empty_like(cs_c)
-    colsum_state = torch.empty_like(cs_c)
-    dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
-        if D is not None else None
-    _chunk_scan_bwd_dx_kernel[grid](
-        x, dout, z if z is not None else dout, ypre if ypre is not None else dout, B, C, cb,
-        D if D is not None else cs_c, seq_arg, dt_c, cs_c, dstates,
-        dx, dz if dz is not None else dx, dB, ddt, colsum, colsum_state, dD_part if dD_part is not None else ddt,
-        L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, *x.stride(), *B.stride(), *seq_strides,
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None, **common,
+
+    n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
+    heads_per_prog = heads_per_group // n_split
+    if n_split == 1:
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+    else:
+        dB = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
+        dC = torch.empty_like(dB)
+    rowsum_state = torch.empty_like(cs_c)
+    _chunk_scan_bwd_dbc_kernel[(n_mblocks, batch * nchunks * G * n_split)](
+        x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates, dB, dC, rowsum_state,
+        L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
+        BLOCK_N=BLOCK_N, **common,
     )
     if n_split > 1:
         dB = dB.sum(dim=0).to(B.dtype)
         dC = dC.sum(dim=0).to(C.dtype)
+
+    dx = torch.empty_like(x)
+    dz = torch.empty_like(z) if z is not None else None
+    ddt = torch.empty_like(cs_c)
+    colsum_state = torch.empty_like(cs_c)
+    dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
+        if D is not None else None
+    _chunk_scan_bwd_dx_kernel[(n_mblocks, batch * nchunks * H)](
+        x, dout, z_arg, ypre if ypre is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
+        cs_c, dstates, dx, dz if dz is not None else dx, ddt, colsum_state, dD_part if dD_part is not None else ddt,
+        L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N, **common,
+    )
+    rowsum = rowsum_state + row_part.sum(dim=3)
+    colsum = col_part.sum(dim=3)
     dD = None
     if D is not None:
         dD = dD_part.sum(dim=(0, 1, 2))  # (H, P)
