@@ -18,6 +18,7 @@ row belongs to the row's first (initial) and last (final) sequence.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +164,16 @@ def _into_final_states_out(final, final_states_out):
 
 
 @triton.jit
-def _sigmoid(v):
-    return tl.fdiv(1.0, 1.0 + tl.exp(-v), ieee_rounding=False)
+def _sigmoid(v, FAST: tl.constexpr):
+    if FAST:
+        # GPU: ex2 and rcp approximations with flush-to-zero, 4 instructions; the IEEE
+        # versions add range fix-ups that cost as many issue slots as the whole conv.
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [v * -1.4426950408889634],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.fdiv(1.0, 1.0 + tl.exp(-v), ieee_rounding=False)
 
 
 @triton.jit
@@ -233,7 +242,7 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
                    stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                    stride_i_b, stride_i_d, stride_i_w,
                    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, MASKED: tl.constexpr,
+                   INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     o_d = d0 + tl.arange(0, BLOCK_D)
     o_l = l0 + tl.arange(0, BLOCK_L)
@@ -243,7 +252,7 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
                     stride_x_l, stride_i_b, stride_i_d, stride_i_w,
                     W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
     if SILU:
-        acc = acc * _sigmoid(acc)
+        acc = acc * _sigmoid(acc, FAST)
     p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
            + o_l.to(tl.int64)[None, :] * stride_o_l)
     if MASKED:
@@ -260,7 +269,7 @@ def _causal_conv1d_fwd_kernel(
     stride_o_b, stride_o_d, stride_o_l,
     stride_i_b, stride_i_d, stride_i_w,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
@@ -268,29 +277,155 @@ def _causal_conv1d_fwd_kernel(
         _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
                        stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                        stride_i_b, stride_i_d, stride_i_w,
-                       W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, True, BLOCK_D, BLOCK_L)
+                       W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L)
     else:
         if (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= D):
             _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
                            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                            stride_i_b, stride_i_d, stride_i_w,
-                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, False, BLOCK_D, BLOCK_L)
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, False, BLOCK_D, BLOCK_L)
         else:
             _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
                            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                            stride_i_b, stride_i_d, stride_i_w,
-                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, True, BLOCK_D, BLOCK_L)
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L)
 
 
-# Tile shapes (BLOCK_D, BLOCK_L, num_warps), chosen by measurement on an H100
-# (benchmarks/bench_conv.py --tune); the layout decides which axis is contiguous.
-FWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
-BWD_CONFIG = {"contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
-# Backward programs per SM (a persistent grid: each program reuses one scratch tile).
-BWD_PROGRAMS_PER_SM = 8
-# How the backward pass gets dy at the W-1 positions after each position: "scratch"
+# ---------------------------------------------------------------------------
+# The chunked path: (B, D, L)-contiguous x without packing (Mamba-1's layout). A tile is
+# (BLOCK_D, NC, CHUNK): CHUNK = 8 consecutive positions per thread, one 16-byte load in
+# bf16. A tap needs the inputs up to W-1 positions back, so each thread also loads the
+# chunk before its own (a neighbour's, an L1/L2 hit) and shifts in registers: split/join
+# on the chunk axis compile to register renames (no shuffles, no shared memory), where
+# the general path issues W-1 unaligned 2-byte loads per position.
+# ---------------------------------------------------------------------------
+
+CHUNK = 8
+
+
+@triton.jit
+def _unzip(v, BLOCK_D: tl.constexpr, NC: tl.constexpr, K: tl.constexpr):
+    """(BLOCK_D, NC, 2K) -> its even and odd positions, (BLOCK_D, NC, K) each."""
+    return tl.split(tl.reshape(v, (BLOCK_D, NC, K, 2)))
+
+
+@triton.jit
+def _zip(even, odd, BLOCK_D: tl.constexpr, NC: tl.constexpr, K: tl.constexpr):
+    return tl.reshape(tl.join(even, odd), (BLOCK_D, NC, 2 * K))
+
+
+@triton.jit
+def _shift_right2(v, prev, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    v0, _ = _unzip(v, BLOCK_D, NC, 1)
+    _, p1 = _unzip(prev, BLOCK_D, NC, 1)
+    return _zip(p1, v0, BLOCK_D, NC, 1)
+
+
+@triton.jit
+def _shift_right4(v, prev, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    even, odd = _unzip(v, BLOCK_D, NC, 2)
+    _, p_odd = _unzip(prev, BLOCK_D, NC, 2)
+    return _zip(_shift_right2(odd, p_odd, BLOCK_D, NC), even, BLOCK_D, NC, 2)
+
+
+@triton.jit
+def _shift_right(v, prev, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    """Chunks of 8 moved one position later: out[c] = v[c-1], out[0] = prev[7]."""
+    even, odd = _unzip(v, BLOCK_D, NC, 4)
+    _, p_odd = _unzip(prev, BLOCK_D, NC, 4)
+    return _zip(_shift_right4(odd, p_odd, BLOCK_D, NC), even, BLOCK_D, NC, 4)
+
+
+@triton.jit
+def _shift_left2(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    _, v1 = _unzip(v, BLOCK_D, NC, 1)
+    n0, _ = _unzip(nxt, BLOCK_D, NC, 1)
+    return _zip(v1, n0, BLOCK_D, NC, 1)
+
+
+@triton.jit
+def _shift_left4(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    even, odd = _unzip(v, BLOCK_D, NC, 2)
+    n_even, _ = _unzip(nxt, BLOCK_D, NC, 2)
+    return _zip(odd, _shift_left2(even, n_even, BLOCK_D, NC), BLOCK_D, NC, 2)
+
+
+@triton.jit
+def _shift_left(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    """Chunks of 8 moved one position earlier: out[c] = v[c+1], out[7] = nxt[0]."""
+    even, odd = _unzip(v, BLOCK_D, NC, 4)
+    n_even, _ = _unzip(nxt, BLOCK_D, NC, 4)
+    return _zip(odd, _shift_left4(even, n_even, BLOCK_D, NC), BLOCK_D, NC, 4)
+
+
+@triton.jit
+def _chunk_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_d, stride_i_b, stride_i_d, stride_i_w,
+                W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """fp32 (BLOCK_D, NC, CHUNK) of a (B, D, L)-contiguous tensor at positions o_q (NC, CHUNK):
+    zero past L and, before 0, the initial state (HAS_INIT) or zero."""
+    p = ptr + i_b.to(tl.int64) * stride_b + o_d.to(tl.int64)[:, None, None] * stride_d + o_q[None, :, :]
+    b = tl.load(p, mask=m_d[:, None, None] & ((o_q >= 0) & (o_q < L))[None, :, :], other=0.0).to(tl.float32)
+    if HAS_INIT:
+        slot = o_q + (W - 1)
+        p_i = (init_ptr + i_b.to(tl.int64) * stride_i_b + o_d.to(tl.int64)[:, None, None] * stride_i_d
+               + slot[None, :, :] * stride_i_w)
+        m_i = m_d[:, None, None] & ((o_q < 0) & (slot >= 0))[None, :, :]
+        b += tl.load(p_i, mask=m_i, other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
+def _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    """Pre-activation at the positions of cur, given the chunks before them (prev), fp32."""
+    pre = tl.load(w_ptr + o_d * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None, None]
+    for j in tl.static_range(1, W):
+        cur = _shift_right(cur, prev, BLOCK_D, NC)
+        prev = _shift_right(prev, prev, BLOCK_D, NC)  # only its last W-1-j positions are read
+        pre += tl.load(w_ptr + o_d * W + (W - 1 - j), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
+    return pre
+
+
+@triton.jit
+def _causal_conv1d_fwd_chunk_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr,
+    L, D,
+    stride_x_b, stride_x_d, stride_o_b, stride_o_d,
+    stride_i_b, stride_i_d, stride_i_w,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, NC: tl.constexpr, CHUNK: tl.constexpr,
+):
+    tl.static_assert(CHUNK == 8)  # the shift helpers are written for chunks of 8
+    i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_l = i_l * (NC * CHUNK) + tl.arange(0, NC)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NC, CHUNK)
+    cur = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l, L, stride_x_b, stride_x_d,
+                      stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+    prev = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l - CHUNK, L, stride_x_b, stride_x_d,
+                       stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+    acc = _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC)
+    if SILU:
+        acc = acc * _sigmoid(acc, FAST)
+    p_o = out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None, None] * stride_o_d + o_l[None, :, :]
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_l < L)[None, :, :])
+
+
+# Tile shapes, chosen by measurement on an H100 (benchmarks/bench_conv.py --tune). The
+# chunked path's are (BLOCK_D, NC chunks of CHUNK positions, num_warps); the general
+# kernel's (BLOCK_D, BLOCK_L, num_warps), the layout deciding which axis is contiguous.
+FWD_CONFIG = {"chunked": (4, 32, 4), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
+BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
+# General backward kernel: programs per SM (a persistent grid: each program reuses one
+# scratch tile), and how it gets dy at the W-1 positions after each position: "scratch"
 # stores the tile's dy once to a per-program scratch tile (L1/L2-resident) and reads it
 # back shifted; "recompute" rebuilds it from x (W times the taps and sigmoids).
+BWD_PROGRAMS_PER_SM = 8
+# Chunked backward: consecutive L tiles per program (its dweight partial is reduced across
+# threads once, not per tile).
+BWD_TILES_PER_PROGRAM = 4
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "scratch"}
 
 
@@ -307,18 +442,36 @@ def _empty_in_layout(x):
     return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
+def _path(x, starts):
+    """Which kernel runs: "chunked" ((B, D, L)-contiguous, no packing) or the general
+    kernel, keyed by layout."""
+    if starts is None and x.stride(2) == 1:
+        return "chunked"
+    return _layout(x)
+
+
 def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, config=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
     out = _empty_in_layout(x)
-    block_d, block_l, warps = config or FWD_CONFIG[_layout(x)]
+    path = _path(x, starts)
+    block_d, block, warps = config or FWD_CONFIG[path]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
-    grid = (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
+    flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
+             "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
+    if path == "chunked":
+        grid = (triton.cdiv(length, block * CHUNK), triton.cdiv(dim, block_d), batch)
+        _causal_conv1d_fwd_chunk_kernel[grid](
+            x, weight, bias, initial_states, out, length, dim,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
+            NC=block, CHUNK=CHUNK, **flags,
+        )
+        return out
+    grid = (triton.cdiv(length, block), triton.cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x, weight, bias, initial_states, starts, rows, out, length, dim,
         *x.stride(), *out.stride(), *init_strides,
-        W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=starts is not None,
-        INIT_PER_SEQ=rows is not None, SILU=silu, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps,
+        HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, **flags,
     )
     return out
 
@@ -327,7 +480,8 @@ def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, conf
 def _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
              stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
              W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-             INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
+             INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+             BLOCK_D: tl.constexpr):
     """dy = dout * act'(pre) at positions o_l (zero past L), fp32."""
     p = p_do + o_l.to(tl.int64)[None, :] * stride_do_l
     if MASKED:
@@ -338,7 +492,7 @@ def _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d,
         pre = _conv_pre(p_x, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
                         stride_x_l, stride_i_b, stride_i_d, stride_i_w,
                         W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
-        sig = _sigmoid(pre)
+        sig = _sigmoid(pre, FAST)
         dy = dy * sig * (1.0 + pre * (1.0 - sig))
     return dy
 
@@ -350,8 +504,8 @@ def _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_pt
                    stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
                    stride_sc_d, stride_sc_l,
                    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, SCRATCH: tl.constexpr, MASKED: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr):
+                   INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, SCRATCH: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr):
     """dx[p] = sum_s w[W-1-s] dy[p+s] and dw[W-1-s] += sum_p x[p] dy[p+s] over the tile's p,
     counting dy[p+s] only if p is in the sequence of p+s. dbias += sum_p dy[p]."""
     o_t = tl.arange(0, BLOCK_L)
@@ -362,14 +516,14 @@ def _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_pt
     p_do = dout_ptr + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[:, None] * stride_do_d
     dy0 = _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
                    stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
-                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
+                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, MASKED, BLOCK_D)
     if SCRATCH:
         # dy at the HALO positions after the tile, then the whole (BLOCK_D, BLOCK_L + HALO)
         # strip goes to this program's scratch tile, to be read back shifted.
         o_h = i_l * BLOCK_L + BLOCK_L + tl.arange(0, HALO)
         dy_h = _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_h, m_d, L,
                         stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
-                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
+                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, MASKED, BLOCK_D)
         p_sc = p_scratch + tl.arange(0, BLOCK_D)[:, None] * stride_sc_d
         tl.store(p_sc + o_t[None, :] * stride_sc_l, dy0)
         tl.store(p_sc + (BLOCK_L + tl.arange(0, HALO))[None, :] * stride_sc_l, dy_h)
@@ -389,7 +543,7 @@ def _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_pt
         else:
             dy_s = _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l + s, m_d, L,
                             stride_x_l, stride_do_l, stride_i_b, stride_i_d, stride_i_w,
-                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, MASKED, BLOCK_D)
+                   W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, MASKED, BLOCK_D)
         if HAS_SEQ:
             t = o_l + s
             start_t = tl.load(start_ptr + i_b.to(tl.int64) * L + t, mask=t < L, other=0)
@@ -422,7 +576,7 @@ def _causal_conv1d_bwd_kernel(
     stride_i_b, stride_i_d, stride_i_w,
     stride_sc_p, stride_sc_d, stride_sc_l,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, SCRATCH: tl.constexpr,
+    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, SCRATCH: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HALO: tl.constexpr,
 ):
     """Persistent: program i handles tiles i, i + n_programs, ... (scratch tile i)."""
@@ -442,7 +596,7 @@ def _causal_conv1d_bwd_kernel(
                            stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
                            stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
                            stride_sc_d, stride_sc_l,
-                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH, True,
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, SCRATCH, True,
                            BLOCK_D, BLOCK_L, HALO)
         else:
             if (l0 >= W - 1) & (l0 + BLOCK_L + HALO <= L) & (d0 + BLOCK_D <= D):
@@ -451,7 +605,7 @@ def _causal_conv1d_bwd_kernel(
                                stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
                                stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
                                stride_sc_d, stride_sc_l,
-                               W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH, False,
+                               W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, SCRATCH, False,
                                BLOCK_D, BLOCK_L, HALO)
             else:
                 _conv_bwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
@@ -459,46 +613,209 @@ def _causal_conv1d_bwd_kernel(
                                stride_x_b, stride_x_d, stride_x_l, stride_do_b, stride_do_d, stride_do_l,
                                stride_dx_b, stride_dx_d, stride_dx_l, stride_i_b, stride_i_d, stride_i_w,
                                stride_sc_d, stride_sc_l,
-                               W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, SCRATCH, True,
+                               W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, SCRATCH, True,
                                BLOCK_D, BLOCK_L, HALO)
 
 
+@triton.jit
+def _conv_dact(dout, pre, SILU: tl.constexpr, FAST: tl.constexpr):
+    """dout * act'(pre), fp32."""
+    if SILU:
+        sig = _sigmoid(pre, FAST)
+        dout = dout * sig * (1.0 + pre * (1.0 - sig))
+    return dout
+
+
+@triton.jit
+def _tap_grads(dy, dy_next, x_cur, dx, dw, w_ptr, o_d, m_d, s: tl.constexpr, W: tl.constexpr,
+               BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    """Tap W-1-s: move dy to p+s, add its dx term and its dw products (elementwise)."""
+    if s > 0:
+        dy = _shift_left(dy, dy_next, BLOCK_D, NC)
+        dy_next = _shift_left(dy_next, dy_next, BLOCK_D, NC)  # only its first W-1-s positions are read
+    dx += tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy
+    dw += x_cur * dy
+    return dy, dy_next, dx, dw
+
+
+@triton.jit
+def _store_wgrad(p_dw, dw, k: tl.constexpr, m_d):
+    tl.store(p_dw + k, tl.sum(tl.sum(dw, axis=2), axis=1), mask=m_d)
+
+
+@triton.jit
+def _causal_conv1d_bwd_chunk_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, D,
+    stride_x_b, stride_x_d, stride_do_b, stride_do_d, stride_dx_b, stride_dx_d,
+    stride_i_b, stride_i_d, stride_i_w,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr, CHUNK: tl.constexpr, TILES: tl.constexpr,
+):
+    """One pass over TILES consecutive L tiles: dy = dout * act'(pre) with pre recomputed from
+    x (never stored), dx[p] = sum_s w[W-1-s] dy[p+s]; the program's dw[W-1-s] = sum_p x[p]
+    dy[p+s] and dbias = sum_p dy[p] go to its own fp32 partial row (summed by
+    _conv_wgrad_reduce_kernel). They accumulate elementwise (one FMA per tap and position)
+    and are reduced across threads once, after the last tile."""
+    tl.static_assert(CHUNK == 8)
+    i_g, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    # Triton has no lists of tensors: one accumulator per tap s, written out (W <= 8).
+    db = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw4 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw5 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw6 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    dw7 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    for i_t in range(TILES):
+        i_l = i_g * TILES + i_t
+        o_l = i_l * (NC * CHUNK) + tl.arange(0, NC)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NC, CHUNK)
+        x_cur = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l, L, stride_x_b, stride_x_d,
+                            stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+        # dy one chunk ahead too: dx at a chunk's last positions needs dy up to W-1 later.
+        dy = _chunk_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_l, L, stride_do_b, stride_do_d, 0, 0, 0, W, False)
+        dy_next = _chunk_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_l + CHUNK, L, stride_do_b, stride_do_d,
+                              0, 0, 0, W, False)
+        if SILU:
+            x_prev = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l - CHUNK, L, stride_x_b, stride_x_d,
+                                 stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+            x_next = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l + CHUNK, L, stride_x_b, stride_x_d,
+                                 stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+            dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC),
+                            SILU, FAST)
+            dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS,
+                                                     BLOCK_D, NC), SILU, FAST)
+        db += dy
+        dx = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+        dy, dy_next, dx, dw0 = _tap_grads(dy, dy_next, x_cur, dx, dw0, w_ptr, o_d, m_d, 0, W, BLOCK_D, NC)
+        dy, dy_next, dx, dw1 = _tap_grads(dy, dy_next, x_cur, dx, dw1, w_ptr, o_d, m_d, 1, W, BLOCK_D, NC)
+        if W > 2:
+            dy, dy_next, dx, dw2 = _tap_grads(dy, dy_next, x_cur, dx, dw2, w_ptr, o_d, m_d, 2, W, BLOCK_D, NC)
+        if W > 3:
+            dy, dy_next, dx, dw3 = _tap_grads(dy, dy_next, x_cur, dx, dw3, w_ptr, o_d, m_d, 3, W, BLOCK_D, NC)
+        if W > 4:
+            dy, dy_next, dx, dw4 = _tap_grads(dy, dy_next, x_cur, dx, dw4, w_ptr, o_d, m_d, 4, W, BLOCK_D, NC)
+        if W > 5:
+            dy, dy_next, dx, dw5 = _tap_grads(dy, dy_next, x_cur, dx, dw5, w_ptr, o_d, m_d, 5, W, BLOCK_D, NC)
+        if W > 6:
+            dy, dy_next, dx, dw6 = _tap_grads(dy, dy_next, x_cur, dx, dw6, w_ptr, o_d, m_d, 6, W, BLOCK_D, NC)
+        if W > 7:
+            dy, dy_next, dx, dw7 = _tap_grads(dy, dy_next, x_cur, dx, dw7, w_ptr, o_d, m_d, 7, W, BLOCK_D, NC)
+        p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[:, None, None] * stride_dx_d
+                + o_l[None, :, :])
+        tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_l < L)[None, :, :])
+    i_part = (i_b * tl.num_programs(0) + i_g).to(tl.int64)
+    if HAS_BIAS:
+        tl.store(db_ptr + i_part * D + o_d, tl.sum(tl.sum(db, axis=2), axis=1), mask=m_d)
+    p_dw = dw_ptr + (i_part * D + o_d) * W
+    _store_wgrad(p_dw, dw0, W - 1, m_d)
+    _store_wgrad(p_dw, dw1, W - 2, m_d)
+    if W > 2:
+        _store_wgrad(p_dw, dw2, W - 3, m_d)
+    if W > 3:
+        _store_wgrad(p_dw, dw3, W - 4, m_d)
+    if W > 4:
+        _store_wgrad(p_dw, dw4, W - 5, m_d)
+    if W > 5:
+        _store_wgrad(p_dw, dw5, W - 6, m_d)
+    if W > 6:
+        _store_wgrad(p_dw, dw6, W - 7, m_d)
+    if W > 7:
+        _store_wgrad(p_dw, dw7, W - 8, m_d)
+
+
+@triton.jit
+def _conv_wgrad_reduce_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, DW, D,
+                              HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dw = sum of the (n_parts, D*W) fp32 partial rows and dbias of the (n_parts, D) ones,
+    in a fixed order (deterministic), cast to the output dtype."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_p = tl.arange(0, BLOCK_P)
+    acc_w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        m_p = (p0 + o_p < n_parts)[:, None]
+        row = (p0 + o_p).to(tl.int64)[:, None]
+        acc_w += tl.sum(tl.load(dw_part_ptr + row * DW + o_n[None, :], mask=m_p & (o_n < DW)[None, :], other=0.0),
+                        axis=0)
+        if HAS_BIAS:
+            acc_b += tl.sum(tl.load(db_part_ptr + row * D + o_n[None, :], mask=m_p & (o_n < D)[None, :], other=0.0),
+                            axis=0)
+    tl.store(dw_ptr + o_n, acc_w.to(dw_ptr.dtype.element_ty), mask=o_n < DW)
+    if HAS_BIAS:
+        tl.store(db_ptr + o_n, acc_b.to(db_ptr.dtype.element_ty), mask=o_n < D)
+
+
+@functools.cache
 def _n_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,
-                       programs_per_sm=None):
+# The weight-gradient reduction: parts summed BLOCK_P at a time, BLOCK_N outputs per program.
+WGRAD_BLOCK_P, WGRAD_BLOCK_N = 16, 256
+
+
+def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout, wgrad_dtype=None, config=None,
+                       variant=None, programs_per_sm=None, tiles_per_program=None):
+    """dx in x's layout, dweight (D, W) in wgrad_dtype (default weight's), dbias (D,) or None.
+    dweight counts the taps on x only (the initial-state taps are _initial_states_grad's)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
-    scratch_mode = (variant or BWD_DY_SHIFT[_layout(x)]) == "scratch"
-    block_d, block_l, warps = config or BWD_CONFIG[_layout(x)]
-    halo = triton.next_power_of_2(width - 1)
-    n_l_tiles, n_d_tiles = triton.cdiv(length, block_l), triton.cdiv(dim, block_d)
-    n_tiles = batch * n_l_tiles * n_d_tiles
-    n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
-    channel_last = _layout(x) == "channel_last"
-    if scratch_mode:
-        # Laid out like x's tiles, so that the shifted reads are along the fast axis too.
-        shape = (n_prog, block_l + halo, block_d) if channel_last else (n_prog, block_d, block_l + halo)
-        scratch = torch.empty(shape, device=x.device, dtype=torch.float32)
-        sc_strides = (scratch.stride(0), 1, block_d) if channel_last else (scratch.stride(0), block_l + halo, 1)
-    else:
-        scratch, sc_strides = None, (0, 0, 0)
+    path = _path(x, starts)
+    block_d, block, warps = config or BWD_CONFIG[path]
     dx = _empty_in_layout(x)
-    dw_part = torch.empty(batch * n_l_tiles, dim, width, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch * n_l_tiles, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
-    _causal_conv1d_bwd_kernel[(n_prog,)](
-        x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, scratch,
-        length, dim, n_l_tiles, n_d_tiles, n_tiles,
-        *x.stride(), *dout.stride(), *dx.stride(), *init_strides, *sc_strides,
-        W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=starts is not None,
-        INIT_PER_SEQ=rows is not None, SILU=silu, SCRATCH=scratch_mode, BLOCK_D=block_d, BLOCK_L=block_l,
-        HALO=halo, num_warps=warps,
+    flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
+             "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
+    if path == "chunked":
+        tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, triton.cdiv(length, block * CHUNK))
+        n_parts = triton.cdiv(length, block * CHUNK * tiles)
+    else:
+        n_parts = triton.cdiv(length, block)
+    # One fp32 partial row per (row, program along L), summed in a fixed order: dweight
+    # is deterministic.
+    dw_part = torch.empty(batch * n_parts, dim, width, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch * n_parts, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    if path == "chunked":
+        if dout.stride(2) != 1:
+            dout = dout.contiguous()
+        _causal_conv1d_bwd_chunk_kernel[(n_parts, triton.cdiv(dim, block_d), batch)](
+            x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), *init_strides,
+            NC=block, CHUNK=CHUNK, TILES=tiles, **flags,
+        )
+    else:
+        n_l_tiles = n_parts
+        scratch_mode = (variant or BWD_DY_SHIFT[path]) == "scratch"
+        halo = triton.next_power_of_2(width - 1)
+        n_d_tiles = triton.cdiv(dim, block_d)
+        n_tiles = batch * n_l_tiles * n_d_tiles
+        n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
+        if scratch_mode:
+            # Laid out like x's tiles, so that the shifted reads are along the fast axis too.
+            channel_last = path == "channel_last"
+            shape = (n_prog, block + halo, block_d) if channel_last else (n_prog, block_d, block + halo)
+            scratch = torch.empty(shape, device=x.device, dtype=torch.float32)
+            sc_strides = (scratch.stride(0), 1, block_d) if channel_last else (scratch.stride(0), block + halo, 1)
+        else:
+            scratch, sc_strides = None, (0, 0, 0)
+        _causal_conv1d_bwd_kernel[(n_prog,)](
+            x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, scratch,
+            length, dim, n_l_tiles, n_d_tiles, n_tiles,
+            *x.stride(), *dout.stride(), *dx.stride(), *init_strides, *sc_strides,
+            HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
+            HALO=halo, **flags,
+        )
+    dw = torch.empty(dim, width, device=x.device, dtype=wgrad_dtype or weight.dtype)
+    db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else None
+    _conv_wgrad_reduce_kernel[(triton.cdiv(dim * width, WGRAD_BLOCK_N),)](
+        dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
+        HAS_BIAS=bias is not None, BLOCK_P=WGRAD_BLOCK_P, BLOCK_N=WGRAD_BLOCK_N, num_warps=4,
     )
-    dw = dw_part.sum(0)
-    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
 
 
@@ -549,13 +866,14 @@ class CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, initial_states, starts, rows, cu_seqlens = ctx.saved_tensors
-        dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout)
-        dinit = None
-        if initial_states is not None:
-            dinit, dw_state = _initial_states_grad(x, weight, bias, initial_states, starts if rows is None else None,
-                                                   cu_seqlens, ctx.silu, dout)
-            dw = dw + dw_state
-        return dx, dw.to(weight.dtype), db, dinit, None, None, None, None
+        if initial_states is None:
+            dx, dw, db = _causal_conv1d_bwd(x, weight, bias, None, starts, rows, ctx.silu, dout)
+            return dx, dw, db, None, None, None, None, None
+        dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout,
+                                        wgrad_dtype=torch.float32)
+        dinit, dw_state = _initial_states_grad(x, weight, bias, initial_states, starts if rows is None else None,
+                                               cu_seqlens, ctx.silu, dout)
+        return dx, (dw + dw_state).to(weight.dtype), db, dinit, None, None, None, None
 
 
 def _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens):
