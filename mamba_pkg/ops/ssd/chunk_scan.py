@@ -44,6 +44,19 @@ def _tile_configs():
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2))]
 
 
+def _fwd_configs():
+    """The forward scan also tries 128-row blocks (fewer, larger tiles per chunk)."""
+    if triton_interpret():
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2) for bm, w in ((64, 4), (64, 8), (128, 8))]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop row blocks longer than the chunk."""
+    Q = kwargs["Q"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= Q] or [triton.Config({"BLOCK_M": Q}, num_warps=4)]
+
+
 # Not keyed on H or L: one tuning per head shape serves every model width and length.
 _KEY = ["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
 
@@ -91,7 +104,7 @@ def _bmm_chunk(B, C, Q, dot_dtype):
     return cb
 
 
-@triton.autotune(configs=_tile_configs(), key=_KEY)
+@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr,
@@ -153,8 +166,10 @@ def _chunk_scan_fwd_kernel(
         if HAS_SEQ_IDX:
             seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
             keep = keep & (seq_t[:, None] == seq_s[None, :])
-        decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
-        acc += _dot(cb * decay * dt_s[None, :], b_xs, DOT_DTYPE)
+        # Select, not multiply: with 128-row blocks the diagonal tile reaches C B^T
+        # entries above the diagonal that _bmm_chunk (64-row blocks) never wrote.
+        scores = tl.where(keep, cb * tl.exp(cs_t[:, None] - cs_s[None, :]) * dt_s[None, :], 0.0)
+        acc += _dot(scores, b_xs, DOT_DTYPE)
 
     m_tp = m_t[:, None] & m_p[None, :]
     x_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
@@ -189,10 +204,9 @@ def _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype):
     # fp32: the z gradient is dout * y_pre * silu'(z), and rounding y_pre would add
     # the storage rounding to it.
     ypre = torch.empty(x.shape, device=x.device, dtype=torch.float32) if z is not None else None
-    BLOCK_M = _pick_block_m(Q)
     BLOCK_P = max(16, triton.next_power_of_2(P))
     BLOCK_N = max(16, triton.next_power_of_2(N))
-    grid = (H, Q // BLOCK_M, batch * nchunks)
+    grid = lambda meta: (H, Q // meta["BLOCK_M"], batch * nchunks)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_scan_fwd_kernel[grid](
@@ -200,8 +214,7 @@ def _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype):
         ypre if ypre is not None else out,
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-        DOT_DTYPE=dot_dtype,
+        HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype,
     )
     return out, ypre
 
