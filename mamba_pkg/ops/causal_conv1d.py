@@ -22,7 +22,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -450,10 +452,10 @@ def _path(x, starts):
     return _layout(x)
 
 
-def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, config=None):
+def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config=None):
+    """Write the forward into out; config overrides the tile shape (benchmarks)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
-    out = _empty_in_layout(x)
     path = _path(x, starts)
     block_d, block, warps = config or FWD_CONFIG[path]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
@@ -466,14 +468,29 @@ def _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu, conf
             x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, **flags,
         )
-        return out
+        return
     grid = (triton.cdiv(length, block), triton.cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x, weight, bias, initial_states, starts, rows, out, length, dim,
         *x.stride(), *out.stride(), *init_strides,
         HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, **flags,
     )
+
+
+@launcher_op("causal_conv1d_fwd")
+def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
+                       starts: Tensor | None, rows: Tensor | None, silu: bool) -> Tensor:
+    """x (B, D, L), weight (D, W) contiguous, bias (D,), initial_states (B or num_seqs, D, W-1),
+    starts (B, L) int32 first position of each position's sequence, rows (L,) int32 its
+    initial-state row (cu_seqlens) -> out (B, D, L) in x's layout."""
+    out = _empty_in_layout(x)
+    _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu)
     return out
+
+
+@_causal_conv1d_fwd.register_fake
+def _(x, weight, bias, initial_states, starts, rows, silu):
+    return _empty_in_layout(x)
 
 
 @triton.jit
@@ -759,15 +776,22 @@ def _n_sms(device):
 WGRAD_BLOCK_P, WGRAD_BLOCK_N = 16, 256
 
 
-def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout, wgrad_dtype=None, config=None,
-                       variant=None, programs_per_sm=None, tiles_per_program=None):
-    """dx in x's layout, dweight (D, W) in wgrad_dtype (default weight's), dbias (D,) or None.
-    dweight counts the taps on x only (the initial-state taps are _initial_states_grad's)."""
+def _bwd_outputs(x, weight, bias, wgrad_fp32):
+    """(dx in x's layout, dweight (D, W) fp32 or weight's dtype, dbias (D,) or absent),
+    uninitialised; shared with the fake op."""
+    dim, width = weight.shape
+    dw = torch.empty(dim, width, device=x.device, dtype=torch.float32 if wgrad_fp32 else weight.dtype)
+    db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else absent(x)
+    return _empty_in_layout(x), dw, db
+
+
+def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,
+                programs_per_sm=None, tiles_per_program=None):
+    """Write the backward into dx, dw, db; the keywords override the tuned settings (benchmarks)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     path = _path(x, starts)
     block_d, block, warps = config or BWD_CONFIG[path]
-    dx = _empty_in_layout(x)
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
@@ -810,19 +834,34 @@ def _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, silu, dout
             HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
             HALO=halo, **flags,
         )
-    dw = torch.empty(dim, width, device=x.device, dtype=wgrad_dtype or weight.dtype)
-    db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else None
     _conv_wgrad_reduce_kernel[(triton.cdiv(dim * width, WGRAD_BLOCK_N),)](
         dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
         HAS_BIAS=bias is not None, BLOCK_P=WGRAD_BLOCK_P, BLOCK_N=WGRAD_BLOCK_N, num_warps=4,
     )
+
+
+@launcher_op("causal_conv1d_bwd")
+def _causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
+                       starts: Tensor | None, rows: Tensor | None, silu: bool, dout: Tensor,
+                       wgrad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs as _causal_conv1d_fwd's, dout (B, D, L) -> dx (B, D, L) in x's layout, dweight
+    (D, W) (fp32 if wgrad_fp32, else weight's dtype), dbias (D,) (empty if bias is None).
+    dweight counts the taps on x only (the initial-state taps are _initial_states_grad's)."""
+    dx, dw, db = _bwd_outputs(x, weight, bias, wgrad_fp32)
+    _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout)
     return dx, dw, db
+
+
+@_causal_conv1d_bwd.register_fake
+def _(x, weight, bias, initial_states, starts, rows, silu, dout, wgrad_fp32):
+    return _bwd_outputs(x, weight, bias, wgrad_fp32)
 
 
 def _initial_states_grad(x, weight, bias, initial_states, starts, cu_seqlens, silu, dout):
     """Gradients through the initial states: d initial_states, and the part of d weight from
     taps that read a state (the kernel sums x taps only). Only the first W-1 outputs of each
-    sequence read a state, so differentiate the reference on those few positions."""
+    sequence read a state: a few positions, done with torch ops (no autograd inside a
+    backward, so that torch.compile can trace it)."""
     width = weight.shape[1]
     n_states, length = initial_states.shape[0], x.shape[2]
     if length == 0:
@@ -842,17 +881,19 @@ def _initial_states_grad(x, weight, bias, initial_states, starts, cu_seqlens, si
     def head(t):  # (R, D, W-1): the first W-1 positions of each sequence, zero past its end
         return t[seq_row[:, None], :, pos].transpose(1, 2) * valid.unsqueeze(1)
 
-    with torch.enable_grad():
-        init = initial_states.detach().requires_grad_(True)
-        w = weight.detach().float().requires_grad_(True)
-        zeros_init = torch.zeros_like(init)
-        # pre = (taps on x, weight held fixed) + (taps on the state, weight free).
-        pre = _conv_dense_ref(head(x.detach()), w.detach(), None, zeros_init, None, False)
-        pre = pre + _conv_dense_ref(torch.zeros_like(head(x)), w, None, init, None, False)
-        if bias is not None:
-            pre = pre + bias.detach().float()[:, None]
-        out = F.silu(pre) if silu else pre
-        grad_init, grad_w = torch.autograd.grad(out, (init, w), head(dout).float())
+    init = initial_states.float()
+    wf = weight.float()
+    pre = _conv_dense_ref(head(x), weight, bias, init, None, False)  # (R, D, W-1)
+    dy = head(dout).float()
+    if silu:
+        sig = torch.sigmoid(pre)
+        dy = dy * sig * (1 + pre * (1 - sig))
+    # Output t reads state slot t + k through tap k (while t + k < W-1).
+    grad_init = torch.zeros_like(init)
+    grad_w = torch.zeros_like(wf)
+    for k in range(width - 1):
+        grad_init[..., k:] += wf[:, k, None] * dy[..., : width - 1 - k]
+        grad_w[:, k] = (init[..., k:] * dy[..., : width - 1 - k]).sum((0, 2))
     return grad_init.to(initial_states.dtype), grad_w
 
 
@@ -866,11 +907,11 @@ class CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, initial_states, starts, rows, cu_seqlens = ctx.saved_tensors
-        if initial_states is None:
-            dx, dw, db = _causal_conv1d_bwd(x, weight, bias, None, starts, rows, ctx.silu, dout)
-            return dx, dw, db, None, None, None, None, None
         dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout,
-                                        wgrad_dtype=torch.float32)
+                                        initial_states is not None)
+        db = db if bias is not None else None
+        if initial_states is None:
+            return dx, dw, db, None, None, None, None, None
         dinit, dw_state = _initial_states_grad(x, weight, bias, initial_states, starts if rows is None else None,
                                                cu_seqlens, ctx.silu, dout)
         return dx, (dw + dw_state).to(weight.dtype), db, dinit, None, None, None, None
@@ -1088,7 +1129,11 @@ def _causal_conv1d_update_kernel(
 UPDATE_BLOCK_D = 128
 
 
-def _causal_conv1d_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu):
+@launcher_op("causal_conv1d_update", mutates_args=("conv_state",))
+def _causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+                          cache_seqlens: Tensor | None, conv_state_indices: Tensor | None, silu: bool) -> Tensor:
+    """x (B, D) or (B, D, T), conv_state (B_state, D, S) updated in place, weight (D, W)
+    contiguous -> out shaped like x (dense)."""
     batch, dim = x.shape[:2]
     n_tok = x.shape[2] if x.dim() == 3 else 1
     state_len = conv_state.shape[2]
@@ -1106,6 +1151,11 @@ def _causal_conv1d_update(x, conv_state, weight, bias, cache_seqlens, conv_state
         BLOCK_S=triton.next_power_of_2(state_len), num_warps=4,
     )
     return out
+
+
+@_causal_conv1d_update.register_fake
+def _(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 def _update_inputs_ok(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
@@ -1150,7 +1200,8 @@ def _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indi
                          f"got shape {tuple(conv_state.shape)}")
     check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
                       conv_state_indices=conv_state_indices)
-    if conv_state_indices is not None and conv_state_indices.numel() > 0 and not conv_state_indices.is_cuda:
+    if (conv_state_indices is not None and conv_state_indices.numel() > 0 and not conv_state_indices.is_cuda
+            and not torch.compiler.is_compiling()):
         top = int(conv_state_indices.max())
         if top >= conv_state.shape[0]:
             raise ValueError(f"conv_state_indices holds {top} but conv_state has only {conv_state.shape[0]} rows")
