@@ -1,5 +1,7 @@
 """Decode-step ops: ours vs causal_conv1d (causal_conv1d_update) and mamba_ssm
-(selective_state_update), bf16 activations, fp32 SSM state, batch 1 / 64 / 256.
+(selective_state_update), bf16 activations, fp32 SSM state (and bf16 state: cases
+``state=bf16``, both providers), batch 1 / 64 / 256; and ``ssm_fused``: our one-kernel
+ssm_decode_step against the chain mamba_ssm's Mamba.step runs for the same work.
 
 Shapes: Mamba-1 D=2048, N=16; Mamba-2 H=32, P=64, N=128, G=1 (conv over
 D + 2*G*N = 2304 channels); conv width 4, conv_state (batch, channels, 4).
@@ -30,27 +32,28 @@ MAMBA2 = dict(heads=32, hdim=64, n=128, groups=1)
 W = 4
 
 
-def ssu_inputs(model, batch):
+def ssu_inputs(model, batch, state_dtype=torch.float32):
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
+    sb = torch.finfo(state_dtype).bits // 8
     if model == "mamba1":
         dim, n = MAMBA1["dim"], MAMBA1["n"]
-        kw = dict(state=torch.randn(batch, dim, n, device=dev), x=torch.randn(batch, dim, device=dev, dtype=bf),
+        kw = dict(state=torch.randn(batch, dim, n, device=dev).to(state_dtype), x=torch.randn(batch, dim, device=dev, dtype=bf),
                   dt=torch.randn(batch, dim, device=dev, dtype=bf), A=-torch.rand(dim, n, device=dev),
                   B=torch.randn(batch, n, device=dev, dtype=bf), C=torch.randn(batch, n, device=dev, dtype=bf),
                   D=torch.randn(dim, device=dev), z=torch.randn(batch, dim, device=dev, dtype=bf),
                   dt_bias=torch.randn(dim, device=dev))
-        n_bytes = batch * dim * n * 4 * 2 + batch * dim * 2 * 4 + batch * n * 2 * 2
+        n_bytes = batch * dim * n * sb * 2 + batch * dim * 2 * 4 + batch * n * 2 * 2
     else:
         h, p, n, g = MAMBA2["heads"], MAMBA2["hdim"], MAMBA2["n"], MAMBA2["groups"]
-        kw = dict(state=torch.randn(batch, h, p, n, device=dev), x=torch.randn(batch, h, p, device=dev, dtype=bf),
+        kw = dict(state=torch.randn(batch, h, p, n, device=dev).to(state_dtype), x=torch.randn(batch, h, p, device=dev, dtype=bf),
                   dt=torch.randn(batch, h, device=dev, dtype=bf)[..., None].expand(batch, h, p),
                   A=(-torch.rand(h, device=dev))[:, None, None].expand(h, p, n),
                   B=torch.randn(batch, g, n, device=dev, dtype=bf), C=torch.randn(batch, g, n, device=dev, dtype=bf),
                   D=torch.randn(h, device=dev)[:, None].expand(h, p),
                   z=torch.randn(batch, h, p, device=dev, dtype=bf),
                   dt_bias=torch.randn(h, device=dev)[:, None].expand(h, p))
-        n_bytes = batch * h * p * n * 4 * 2 + batch * h * p * 2 * 3 + batch * g * n * 2 * 2
+        n_bytes = batch * h * p * n * sb * 2 + batch * h * p * 2 * 3 + batch * g * n * 2 * 2
     return kw, n_bytes
 
 
@@ -100,16 +103,61 @@ def conv_providers():
     return out
 
 
+def fused_inputs(batch, rank=128):
+    """Mamba-1 step inputs (mamba-1.4b: D=4096, N=16, dt rank 128) as the mixer has them."""
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    dim, n = 2 * MAMBA1["dim"], MAMBA1["n"]
+    xz = torch.randn(batch, 2 * dim, device=dev, dtype=bf)
+    x_dbl = torch.randn(batch, rank + 2 * n, device=dev, dtype=bf)
+    kw = dict(state=torch.randn(batch, dim, n, device=dev), x=xz[:, :dim], dt=x_dbl[:, :rank],
+              A_log=torch.randn(dim, n, device=dev), B=x_dbl[:, rank:rank + n], C=x_dbl[:, rank + n:],
+              D=torch.randn(dim, device=dev), z=xz[:, dim:], dt_bias=torch.randn(dim, device=dev, dtype=bf),
+              dt_proj_weight=torch.randn(dim, rank, device=dev, dtype=bf) / rank**0.5)
+    n_bytes = batch * dim * n * 4 * 2 + batch * dim * 2 * 3 + dim * rank * 2 + dim * n * 4
+    return kw, n_bytes
+
+
+def fused_providers():
+    """The SSM part of Mamba.step: ours in one kernel; mamba_ssm's chain (dt_proj GEMM,
+    A = -exp(A_log), bias cast, selective_state_update) as its Mamba.step runs it."""
+    from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
+
+    out = {"ours": ssm_decode_step}
+    try:
+        import torch.nn.functional as F
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        def chain(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
+            A = -torch.exp(A_log.float())
+            return selective_state_update(state, x, F.linear(dt, dt_proj_weight), A, B, C, D, z=z,
+                                          dt_bias=dt_bias.float(), dt_softplus=True)
+
+        out["mamba_ssm"] = chain
+    except Exception as exc:  # a missing or broken anchor must not stop our rows
+        print(f"mamba_ssm not installed ({exc}); timing ours only")
+    return out
+
+
 def main_rows():
     rows = []
+    for batch in BATCHES:
+        case = f"step ssm_fused model=mamba1-1.4b batch={batch}"
+        for name, fn in fused_providers().items():
+            kw, n_bytes = fused_inputs(batch)
+            ms = try_provider(name, lambda: graph_ms(lambda: fn(**kw)))
+            if ms is not None:
+                rows.append(bandwidth_row(case, name, ms, n_bytes))
     for model in ("mamba1", "mamba2"):
         for batch in BATCHES:
-            case = f"step state_update model={model} batch={batch}"
-            for name, fn in ssu_providers().items():
-                kw, n_bytes = ssu_inputs(model, batch)
-                ms = try_provider(name, lambda: graph_ms(lambda: fn(**kw, dt_softplus=True)))
-                if ms is not None:
-                    rows.append(bandwidth_row(case, name, ms, n_bytes))
+            for state_dtype in (torch.float32, torch.bfloat16):
+                suffix = "" if state_dtype == torch.float32 else " state=bf16"
+                case = f"step state_update model={model} batch={batch}{suffix}"
+                for name, fn in ssu_providers().items():
+                    kw, n_bytes = ssu_inputs(model, batch, state_dtype)
+                    ms = try_provider(name, lambda: graph_ms(lambda: fn(**kw, dt_softplus=True)))
+                    if ms is not None:
+                        rows.append(bandwidth_row(case, name, ms, n_bytes))
             case = f"step conv_update model={model} batch={batch}"
             for name, fn in conv_providers().items():
                 (x, state, w, b), n_bytes = conv_inputs(model, batch)

@@ -2,10 +2,17 @@
 
 bf16, prompt 128, 256 new tokens, greedy. Time per decode step =
 (time of a 256-new-token generate - time of a 1-new-token generate) / 255, so the
-prefill cancels out. Weight-read floor: every step reads all weights once
-(bf16 bytes / 3.0 TB/s); pct_limit = floor / measured step time.
+prefill cancels out (median of --reps runs). Weight-read floor: every step reads all
+weights once (bf16 bytes / 3.0 TB/s); pct_limit = floor / measured step time.
+
+mamba_ssm's generate keeps the SSM states in the model dtype (bf16); ours keeps fp32 by
+default. Case ``state=bf16`` compares like with like (ours with ssm_state_dtype=bf16);
+case ``state=fp32`` is our default, its ``vs_mamba_ssm`` against mamba_ssm's bf16 run.
+``graph_ms``: one replay of the captured step alone (GPU time without the host loop).
 
     PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64]
+    PYTHONPATH=. python benchmarks/bench_generation.py --profile mamba-1.4b --batches 1
+        (torch.profiler kernel table of one eager decode step, ours and mamba_ssm)
 """
 
 from __future__ import annotations
@@ -67,6 +74,34 @@ def build_mamba_ssm(name, ours):
     return model
 
 
+def replay_ms(fn, reps: int = 50) -> float:
+    """Median ms of fn() (one graph replay) timed with CUDA events."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def our_graph_ms(model, batch, ssm_state_dtype) -> float:
+    from mamba_pkg.generation.decode import _decode_graph
+
+    graph = _decode_graph(model, batch, PROMPT + NEW, torch.bfloat16, VOCAB, ssm_state_dtype)
+    return replay_ms(graph.graph.replay)
+
+
+def their_graph_ms(model, batch) -> float:
+    run = model._decoding_cache.callables[batch, 1]
+    ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    return replay_ms(lambda: run(ids, ids, PROMPT))
+
+
 def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
     """Rows for one model size: every batch size, every provider."""
     ours = build_ours(name)
@@ -79,25 +114,75 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
     rows = []
     for batch in batches:
         ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
-        providers = {"ours": lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True))}
+        base = f"decode model={name} batch={batch} prompt={PROMPT} new={NEW}"
+        runs = [  # (case, provider, make_fn, graph timing)
+            (f"{base} state=bf16", "ours",
+             lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True, ssm_state_dtype=torch.bfloat16)),
+             lambda b=batch: our_graph_ms(ours, b, torch.bfloat16)),
+            (f"{base} state=fp32", "ours", lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True)),
+             lambda b=batch: our_graph_ms(ours, b, None)),
+        ]
         if theirs is not None:
-            providers["mamba_ssm"] = lambda n, ids=ids: (lambda: theirs.generate(ids, max_length=PROMPT + n, cg=True))
+            runs.append((f"{base} state=bf16", "mamba_ssm",
+                         lambda n, ids=ids: (lambda: theirs.generate(ids, max_length=PROMPT + n, cg=True)),
+                         lambda b=batch: their_graph_ms(theirs, b)))
         if hf is not None and batch == 1:
-            providers["transformers"] = lambda n, ids=ids: (
-                lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            )
-        for provider, make_fn in providers.items():
+            runs.append((f"{base} state=fp32", "transformers",
+                         lambda n, ids=ids: (lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)),
+                         None))
+        for case, provider, make_fn, graph_fn in runs:
             provider_reps = 1 if provider == "transformers" else reps
             ms = try_provider(provider, lambda make_fn=make_fn, r=provider_reps: step_ms(make_fn, r))
             if ms is None:
                 continue
-            rows.append({
-                "case": f"decode model={name} batch={batch} prompt={PROMPT} new={NEW}", "provider": provider,
+            row = {
+                "case": case, "provider": provider,
                 "ms": round(ms, 4), "floor_ms": round(floor_ms, 4), "gbps": round(weight_bytes / ms / 1e6, 1),
                 "pct_limit": round(100 * floor_ms / ms, 1), "tokens_per_s": round(batch / ms * 1e3, 1),
-            })
+            }
+            if graph_fn is not None:
+                graph_ms = try_provider(f"{provider} graph", graph_fn)
+                if graph_ms is not None:
+                    row["graph_ms"] = round(graph_ms, 4)
+            rows.append(row)
             print(rows[-1], flush=True)
+    theirs_ms = {r["case"].rsplit(" ", 1)[0]: r["ms"] for r in rows if r["provider"] == "mamba_ssm"}
+    for r in rows:
+        if r["provider"] == "ours" and r["case"].rsplit(" ", 1)[0] in theirs_ms:
+            r["vs_mamba_ssm"] = round(theirs_ms[r["case"].rsplit(" ", 1)[0]] / r["ms"], 3)
     return rows
+
+
+def profile_step(name: str, batch: int) -> None:
+    """Print torch.profiler's kernel table of one eager decode step, ours then mamba_ssm."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mamba_pkg.generation.decode import _new_cache, _step_eager
+
+    ours = build_ours(name)
+    tokens = torch.randint(0, VOCAB, (batch,), device="cuda")
+    params = _new_cache(ours, batch, PROMPT + NEW, torch.bfloat16)
+    params.lengths_per_sample = torch.full((batch,), PROMPT, dtype=torch.int32, device="cuda")
+    params.seqlen_offset = PROMPT
+    steps = {"ours": lambda: _step_eager(ours, tokens, params, VOCAB)}
+    theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, ours))
+    if theirs is not None:
+        from mamba_ssm.utils.generation import InferenceParams as SsmParams
+
+        their_params = SsmParams(max_seqlen=PROMPT + NEW, max_batch_size=batch, seqlen_offset=PROMPT)
+        their_params.key_value_memory_dict = theirs.allocate_inference_cache(batch, PROMPT + NEW)
+        steps["mamba_ssm"] = lambda: theirs(tokens[:, None], inference_params=their_params, num_last_tokens=1).logits
+    for provider, step in steps.items():
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_us = sum(e.device_time for e in kernels)
+        print(f"== {provider} {name} batch={batch}: {len(kernels)} kernels per step, {gpu_us:.0f} us of kernel time")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=70))
 
 
 def main() -> None:
@@ -106,8 +191,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--profile", metavar="MODEL", help="only print the kernel table of one step of MODEL")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.profile:
+        for batch in batches:
+            profile_step(args.profile, batch)
+        return
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, batches, args.reps, not args.no_transformers)

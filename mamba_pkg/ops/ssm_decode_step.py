@@ -66,8 +66,9 @@ def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None,
 
 # ---------------------------------------------------------------------------
 # Triton kernel. Canonical layout (as in state_update.py): Mamba-1 channels split into
-# H = G heads of P = D / G channels. A program owns a (BLOCK_P, N) slice of one head's state
-# for ROWS batch rows in turn, so that the dt_proj and A tiles it loads serve every row.
+# H = G heads of P = D / G channels. A program owns a (BLOCK_B, BLOCK_P, N) tile: BLOCK_B
+# batch rows of a BLOCK_P-channel slice of one head, so that the dt_proj and A tiles it
+# loads serve BLOCK_B rows at once (at batch >= 16 the dt projection is a tl.dot).
 # ---------------------------------------------------------------------------
 
 
@@ -87,105 +88,105 @@ def _ssm_decode_step_kernel(
     stride_w_h, stride_w_p, stride_w_r,
     stride_o_b, stride_o_h, stride_o_p,
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    i_p, i_rows, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
-    m_p, m_n = o_p < P, o_n < N
+    m_b, m_p, m_n = o_b < batch, o_p < P, o_n < N
+    m_bp = m_b[:, None] & m_p[None, :]  # (BLOCK_B, BLOCK_P)
+    m_bn = m_b[:, None] & m_n[None, :]  # (BLOCK_B, BLOCK_N)
+    o_b = o_b.to(tl.int64)
     i_g = i_h // heads_per_group
 
-    # Per-channel constants, loaded once for the ROWS batch rows. TIE_HDIM (Mamba-2): dt,
-    # A and dt_bias are per head, so exp(A * dt) is one exponential per head and row.
-    if TIE_HDIM:
-        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
-        if HAS_DT_BIAS:
-            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h).to(tl.float32)
-    else:
-        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
-        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))
-        if HAS_DT_BIAS:
-            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h + o_p * stride_dtb_p, mask=m_p,
-                                other=0.0).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)
+    # dt (BLOCK_B, BLOCK_P), or (BLOCK_B, 1) when it is per head (Mamba-2).
     if HAS_DT_PROJ:
         # dt_ptr holds the low-rank dt (B, R); stride_dt_p walks R.
         o_r = tl.arange(0, BLOCK_R)
         m_r = o_r < R
+        b_dt_low = tl.load(dt_ptr + o_b[:, None] * stride_dt_b + o_r[None, :] * stride_dt_p,
+                           mask=m_b[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_R)
         p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
         b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
-
-    for r in range(ROWS):
-        # Rows past the batch (ragged last block) recompute the last row and store nothing:
-        # every load stays in bounds, and the stores are masked by an empty range.
-        i_b = i_rows * ROWS + r
-        p_end = tl.where(i_b < batch, P, 0)
-        i_b = tl.minimum(i_b, batch - 1).to(tl.int64)
-        m_store = o_p < p_end
-        if HAS_DT_PROJ:
-            b_dt_low = tl.load(dt_ptr + i_b * stride_dt_b + o_r * stride_dt_p, mask=m_r, other=0.0)
-            b_dt = tl.sum(b_w * b_dt_low.to(tl.float32)[None, :], axis=1)
-        elif TIE_HDIM:
-            b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_h * stride_dt_h).to(tl.float32)
+        if USE_DOT:
+            b_dt = tl.dot(b_dt_low, tl.trans(b_w), input_precision="ieee")
         else:
-            b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_h * stride_dt_h + o_p * stride_dt_p, mask=m_p,
-                           other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            b_dt += b_dt_bias
-        b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
-        if HAS_DT_LIMIT:
-            b_dt = tl.minimum(tl.maximum(b_dt, dt_min), dt_max)
-
-        p_state = (state_ptr + i_b * stride_s_b + i_h.to(tl.int64) * stride_s_h
-                   + o_p.to(tl.int64)[:, None] * stride_s_p + o_n[None, :] * stride_s_n)
-        b_state = tl.load(p_state, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        b_x = tl.load(x_ptr + i_b * stride_x_b + i_h * stride_x_h + o_p * stride_x_p, mask=m_p,
-                      other=0.0).to(tl.float32)
-        b_B = tl.load(B_ptr + i_b * stride_B_b + i_g * stride_B_g + o_n * stride_B_n, mask=m_n,
-                      other=0.0).to(tl.float32)
-        b_C = tl.load(C_ptr + i_b * stride_C_b + i_g * stride_C_g + o_n * stride_C_n, mask=m_n,
-                      other=0.0).to(tl.float32)
+            b_dt = tl.sum(b_dt_low[:, None, :] * b_w[None, :, :], axis=2)
+    elif TIE_HDIM:
+        b_dt = tl.load(dt_ptr + o_b * stride_dt_b + i_h * stride_dt_h, mask=m_b, other=0.0).to(tl.float32)[:, None]
+    else:
+        b_dt = tl.load(dt_ptr + o_b[:, None] * stride_dt_b + i_h * stride_dt_h + o_p[None, :] * stride_dt_p,
+                       mask=m_bp, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
         if TIE_HDIM:
-            b_dA = tl.exp(b_A * b_dt)
+            b_dt += tl.load(dt_bias_ptr + i_h * stride_dtb_h).to(tl.float32)
         else:
-            b_dA = tl.exp(b_A * b_dt[:, None])
-        b_state = b_state * b_dA + (b_x * b_dt)[:, None] * b_B[None, :]
-        tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_store[:, None] & m_n[None, :])
-        b_out = tl.sum(b_state * b_C[None, :], axis=1)
-        if HAS_D:
-            b_out += b_x * b_D
-        if HAS_Z:
-            b_z = tl.load(z_ptr + i_b * stride_z_b + i_h * stride_z_h + o_p * stride_z_p, mask=m_p,
-                          other=0.0).to(tl.float32)
-            b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
-        tl.store(out_ptr + i_b * stride_o_b + i_h * stride_o_h + o_p * stride_o_p,
-                 b_out.to(out_ptr.dtype.element_ty), mask=m_store)
+            b_dt += tl.load(dt_bias_ptr + i_h * stride_dtb_h + o_p * stride_dtb_p, mask=m_p,
+                            other=0.0).to(tl.float32)[None, :]
+    b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+    if HAS_DT_LIMIT:
+        b_dt = tl.minimum(tl.maximum(b_dt, dt_min), dt_max)
+
+    # exp(A * dt): with TIE_HDIM one exponential per head and row.
+    if TIE_HDIM:
+        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
+        b_dA = tl.exp(b_A * b_dt)[:, :, None]  # (BLOCK_B, 1, 1)
+    else:
+        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
+        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))
+        b_dA = tl.exp(b_A[None, :, :] * b_dt[:, :, None])  # (BLOCK_B, BLOCK_P, BLOCK_N)
+
+    m_state = m_bp[:, :, None] & m_n[None, None, :]
+    p_state = (state_ptr + o_b[:, None, None] * stride_s_b + i_h.to(tl.int64) * stride_s_h
+               + o_p.to(tl.int64)[None, :, None] * stride_s_p + o_n[None, None, :] * stride_s_n)
+    b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
+    b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + i_h * stride_x_h + o_p[None, :] * stride_x_p, mask=m_bp,
+                  other=0.0).to(tl.float32)
+    b_B = tl.load(B_ptr + o_b[:, None] * stride_B_b + i_g * stride_B_g + o_n[None, :] * stride_B_n, mask=m_bn,
+                  other=0.0).to(tl.float32)
+    b_C = tl.load(C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n, mask=m_bn,
+                  other=0.0).to(tl.float32)
+    b_state = b_state * b_dA + (b_x * b_dt)[:, :, None] * b_B[:, None, :]
+    tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_state)
+    b_out = tl.sum(b_state * b_C[:, None, :], axis=2)  # (BLOCK_B, BLOCK_P)
+    if HAS_D:
+        b_out += b_x * tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
+    if HAS_Z:
+        b_z = tl.load(z_ptr + o_b[:, None] * stride_z_b + i_h * stride_z_h + o_p[None, :] * stride_z_p, mask=m_bp,
+                      other=0.0).to(tl.float32)
+        b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
+    tl.store(out_ptr + o_b[:, None] * stride_o_b + i_h * stride_o_h + o_p[None, :] * stride_o_p,
+             b_out.to(out_ptr.dtype.element_ty), mask=m_bp)
 
 
-# fp32 state values per program (BLOCK_P * BLOCK_N), as in state_update.py; the dt_proj tile
-# (BLOCK_P * BLOCK_R) is held to the same budget. Batch rows per program grow until the grid
-# would drop below MIN_PROGRAMS (about two waves of 132 SMs).
+# fp32 values per program: the state tile BLOCK_B * BLOCK_P * BLOCK_N, and the dt-projection
+# product BLOCK_B * BLOCK_P * BLOCK_R when it is a broadcast sum (batch < DOT_BATCH). At
+# batch >= DOT_BATCH a program takes DOT_BATCH rows and the projection is a tl.dot, so each
+# dt_proj tile is read once per DOT_BATCH rows instead of once per row.
 TILE_ELEMS = {16: 2048, 128: 4096}
+PROJ_ELEMS = 8192
+DOT_BATCH = 16
 NUM_WARPS = {16: 4, 128: 8}
-MIN_PROGRAMS = 264
-MAX_ROWS = 16
 
 
-def _launch_config(batch, heads, hdim, n_state, rank, tie):
+def _launch_config(batch, hdim, n_state, rank, tie):
+    """(BLOCK_B, BLOCK_P, BLOCK_N, BLOCK_R, USE_DOT, num_warps)."""
     block_n = triton.next_power_of_2(n_state)
     key = 16 if block_n <= 16 else 128
-    block_p = min(triton.next_power_of_2(hdim), max(1, TILE_ELEMS[key] // block_n))
-    block_r = triton.next_power_of_2(rank) if rank else 1
-    if rank:
-        block_p = max(1, min(block_p, TILE_ELEMS[16] // block_r))
-    per_row = triton.cdiv(hdim, block_p) * heads
-    rows = 1
-    # Rows per program only pay when per-channel tiles (A, dt_proj) are reused; Mamba-2's are scalars.
-    while not tie and rows < MAX_ROWS and rows * 2 <= batch and per_row * triton.cdiv(batch, rows * 2) >= MIN_PROGRAMS:
-        rows *= 2
-    return block_p, block_n, block_r, rows, NUM_WARPS[key]
+    hdim_p2 = triton.next_power_of_2(hdim)
+    if tie or not rank:
+        block_p = min(hdim_p2, max(1, TILE_ELEMS[key] // block_n))
+        return 1, block_p, block_n, 1, False, NUM_WARPS[key]
+    block_r = max(16, triton.next_power_of_2(rank))
+    if batch >= DOT_BATCH:
+        block_p = min(hdim_p2, max(16, TILE_ELEMS[key] // (block_n * DOT_BATCH)))
+        if block_p >= 16:
+            return DOT_BATCH, block_p, block_n, block_r, True, NUM_WARPS[key]
+    block_b = min(triton.next_power_of_2(batch), 8)
+    block_p = min(hdim_p2, max(1, PROJ_ELEMS // (block_b * block_r)))
+    return block_b, block_p, block_n, block_r, False, NUM_WARPS[key]
 
 
 def _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit):
@@ -226,16 +227,16 @@ def _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, d
         else:
             rank, w_st = 0, zero3
             dt_st = split(dt.stride())
-    block_p, block_n, block_r, rows, warps = _launch_config(batch, heads, hdim, n_state, rank, mamba2)
+    block_b, block_p, block_n, block_r, use_dot, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
     limit = tuple(dt_limit) != NO_DT_LIMIT
-    grid = (triton.cdiv(hdim, block_p), triton.cdiv(batch, rows), heads)
+    grid = (triton.cdiv(hdim, block_p), triton.cdiv(batch, block_b), heads)
     _ssm_decode_step_kernel[grid](
         state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
         batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
         *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, ROWS=rows,
-        BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
+        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, USE_DOT=use_dot,
+        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
     )
     return out
 

@@ -103,12 +103,16 @@ def test_ref_mamba2_matches_explicit_chain_with_limit_and_per_channel_D():
 # ------------------------------------------------------------------ Triton kernel (interpreter on CPU)
 
 
-@pytest.mark.parametrize("groups,rows", [(None, False), (2, True)])
-def test_triton_mamba1(groups, rows, monkeypatch):
-    if rows:  # several batch rows per program (the batch-64 configuration), with a ragged last block
-        monkeypatch.setattr(sds, "MIN_PROGRAMS", 1)
-        assert sds._launch_config(5, 2, 3, 5, 3, False)[3] > 1
-    _check(mamba1_inputs(5, 6, 5, 3, groups), backend="triton")
+@pytest.mark.parametrize("groups,batch,dot", [(None, 1, False), (2, 5, False), (None, 19, True)])
+def test_triton_mamba1(groups, batch, dot, monkeypatch):
+    """One row per program (batch 1), several rows with a broadcast-sum projection (ragged
+    last block), and the tl.dot projection of large batches (here with a ragged block too)."""
+    if dot:
+        monkeypatch.setattr(sds, "DOT_BATCH", 16)
+        monkeypatch.setattr(sds, "TILE_ELEMS", {16: 16 * 16 * 8, 128: 4096})
+    config = sds._launch_config(batch, 16 if dot else 6, 5, 3, False)
+    assert config[4] == dot and (config[0] > 1) == (batch > 1)
+    _check(mamba1_inputs(batch, 16 if dot else 6, 5, 3, groups), backend="triton")
 
 
 def test_triton_mamba1_without_dt_proj_or_optionals():
