@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.models.config import MambaConfig
-from mamba_pkg.models.lm import MambaLMHeadModel
+from mamba_pkg.models.lm import MambaLMHeadModel, fused_lm_head_loss, shifted_cross_entropy
 
 MAMBA2 = {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8}
 ATTN = {"num_heads": 4, "num_heads_kv": 2, "rotary_emb_dim": 4, "d_conv": 3}
@@ -161,6 +161,8 @@ def test_bad_inputs():
         model(ids, labels=ids[:, :5])
     with pytest.raises(ValueError, match="num_last_tokens"):
         model(ids, labels=ids, num_last_tokens=1)
+    with pytest.raises(ValueError, match="return_logits=False needs labels"):
+        model(ids, return_logits=False)
     with pytest.raises(ValueError, match="end at the sequence length"):
         model(ids[:1], cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="batch size 1"):
@@ -213,3 +215,44 @@ def test_inference_params_reset():
         assert params.seqlen_offset == 0 and params.lengths_per_sample.item() == 0
         again = model(ids, inference_params=params).logits  # a fresh prefill overwrites the old states
     assert torch.allclose(first, again, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_lm_head_loss_equals_unfused(dtype, packed):
+    """Loss and gradients of the chunked lm_head + cross entropy equal logits -> shifted_cross_entropy
+    (chunks of 3 and 10 rows: not dividing the 2 x 37 tokens; ignored labels; packed boundaries)."""
+    batch = 1 if packed else 2
+    cu_seqlens = torch.tensor([0, 10, 11, 37], dtype=torch.int32) if packed else None
+    hidden = torch.randn(batch, 37, 16).to(dtype).requires_grad_()
+    weight = torch.randn(61, 16).to(dtype).requires_grad_()
+    labels = torch.randint(0, 61, (batch, 37))
+    labels[0, 5] = -100
+    ref = shifted_cross_entropy(F.linear(hidden, weight), labels, cu_seqlens)
+    ref_grads = torch.autograd.grad(2.5 * ref, (hidden, weight))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    for rows in (3, 10):
+        loss = fused_lm_head_loss(hidden, weight, labels, cu_seqlens, chunk_elems=61 * rows)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for got, exp in zip(torch.autograd.grad(2.5 * loss, (hidden, weight)), ref_grads):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, exp, **tol)
+        with torch.no_grad():
+            torch.testing.assert_close(fused_lm_head_loss(hidden, weight, labels, cu_seqlens, chunk_elems=61 * rows), ref,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_model_return_logits_false_gives_the_same_loss_and_grads():
+    model = _model(d_intermediate=24, attn_layer_idx=[1], attn_cfg=dict(ATTN))
+    ids = torch.randint(0, 50, (2, 9))
+    runs = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, return_logits=return_logits)
+        out.loss.backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, grads_full), (fused, grads_fused) = runs
+    assert fused.logits is None and full.logits.shape == (2, 9, 64)
+    torch.testing.assert_close(fused.loss, full.loss, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6)
