@@ -6,10 +6,15 @@ that every step allocates them alike. No optimizer step unless --optimizer (fuse
 the optimizer state is in the peak too). Precision (--precision, same for every provider):
   bf16      weights built in bf16 (A_log / D stay fp32 in the Mamba-1 mixers, as in mamba_ssm);
   autocast  fp32 weights under torch.autocast(bf16).
-Providers: ours, mamba_ssm (ours' state_dict loaded into it: the parameter names are equal),
-ours_compiled (torch.compile(model), Inductor; fullgraph=True, or a note and fullgraph=False
-when dynamo cannot capture one graph); optional ours_ckpt (gradient_checkpointing_enable():
-block-level recompute, for the memory column).
+Providers: ours, mamba_ssm (ours' state_dict loaded into it: the parameter names are equal) —
+both return the (B, L, V) logits and the loss is computed from them; ours_fused_loss: ours with
+model(ids, labels=ids, return_logits=False) (the same loss, lm_head and cross entropy fused
+chunk by chunk, so the logits never exist in full); ours_compiled (torch.compile of the
+ours_fused_loss step's model, Inductor; fullgraph=True, or a note and fullgraph=False when
+dynamo cannot capture one graph); optional ours_ckpt (gradient_checkpointing_enable():
+block-level recompute, for the memory column). --profile adds torch.profiler kernel tables
+(top kernels per step, time by kernel family) of ours_fused_loss and mamba_ssm, saved in
+bench_train_profile.json.
 
 Rows: ms (median, triton.testing.do_bench), tokens_per_s, peak_gib
 (torch.cuda.max_memory_allocated over one step, weights and grads included), tflops and
@@ -91,15 +96,20 @@ def lm_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def make_step(fn, model, ids, precision: str, optimizer=None):
-    """A callable running one training step of ``fn`` (the model or its compiled wrapper)."""
+def make_step(fn, model, ids, precision: str, optimizer=None, fused_loss=False):
+    """A callable running one training step of ``fn`` (the model or its compiled wrapper).
+
+    fused_loss: ours' own loss path, fn(ids, labels=ids, return_logits=False).loss (the same
+    loss as lm_loss of the logits, without materialising them)."""
     autocast = precision == "autocast"
 
     def step():
         model.zero_grad(set_to_none=True)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = fn(ids).logits
-        loss = lm_loss(logits, ids)
+            if fused_loss:
+                loss = fn(ids, labels=ids, return_logits=False).loss
+            else:
+                loss = lm_loss(fn(ids).logits, ids)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -146,7 +156,9 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS))
     ap.add_argument("--precision", choices=("bf16", "autocast"), default="bf16")
     ap.add_argument("--optimizer", action="store_true", help="include a fused AdamW step")
-    ap.add_argument("--providers", default="ours,mamba_ssm,ours_compiled", help="also: ours_ckpt")
+    ap.add_argument("--providers", default="ours,ours_fused_loss,mamba_ssm,ours_compiled", help="also: ours_ckpt")
+    ap.add_argument("--profile", action="store_true", help="kernel tables of ours_fused_loss and mamba_ssm")
+    ap.add_argument("--profile-models", default="mamba-130m,mamba2-130m", help="models to profile (with --profile)")
     ap.add_argument("--compile-models", default=None, help="models to measure compiled (default: all measured)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no compiled row after this many seconds")
     ap.add_argument("--quick", action="store_true", help="tiny models and shapes (smoke run)")
@@ -165,7 +177,9 @@ def main() -> None:
     providers = args.providers.split(",")
     compile_names = args.compile_models.split(",") if args.compile_models else names
     weight_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    profile_names = args.profile_models.split(",")
     rows: list = []
+    profiles: list = []
 
     def add_row(name, provider, result, **extra):
         _, batch, seqlen = table[name]
@@ -191,7 +205,7 @@ def main() -> None:
             save_results(args.name, rows, plot_key="L")
         _plot(args.name, rows)
 
-    def run_provider(name, provider, build):
+    def run_provider(name, provider, build, fused_loss=False):
         _, batch, seqlen = table[name]
         torch.manual_seed(1)
         ids = torch.randint(0, vocab, (batch, seqlen), device=device)
@@ -201,7 +215,13 @@ def main() -> None:
             model, fn, extra = build()
             state["model"] = model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if args.optimizer else None
-            result = measure(make_step(fn, model, ids, args.precision, opt), device)
+            step = make_step(fn, model, ids, args.precision, opt, fused_loss=fused_loss)
+            result = measure(step, device)
+            if args.profile and name in profile_names and provider in ("ours_fused_loss", "mamba_ssm"):
+                table_ = try_provider(f"{name} {provider} profile", lambda: kernel_profile(step))
+                if table_ is not None:
+                    profiles.append({"case": f"profile model={name} batch={batch} L={seqlen}", "provider": provider,
+                                     **table_})
             extra["params"] = sum(p.numel() for p in model.parameters())
             return result, extra
 
@@ -219,6 +239,12 @@ def main() -> None:
                 return model, model, {}
 
             run_provider(name, "ours", build_plain)
+        if "ours_fused_loss" in providers:
+            def build_fused(cfg=cfg):
+                model = build_ours(cfg, device, weight_dtype)
+                return model, model, {}
+
+            run_provider(name, "ours_fused_loss", build_fused, fused_loss=True)
         if "mamba_ssm" in providers:
             def build_ssm(cfg=cfg):
                 theirs = build_mamba_ssm(cfg, build_ours(cfg, device, weight_dtype), device, weight_dtype)
@@ -242,7 +268,9 @@ def main() -> None:
             def build_compiled(name=name):
                 return _build_compiled(cfgs[name], table[name], device, weight_dtype, args.precision, vocab, name)
 
-            run_provider(name, "ours_compiled", build_compiled)
+            run_provider(name, "ours_compiled", build_compiled, fused_loss=True)
+    if profiles:
+        _save_profiles(args.name + "_profile", profiles)
     if not rows:
         raise SystemExit("no provider ran")
     path = save_results(args.name, rows, plot_key="L")
@@ -266,17 +294,77 @@ def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
     extra = {"fullgraph": True}
     fn = torch.compile(model, fullgraph=True)
     try:
-        make_step(fn, model, ids, precision)()
+        make_step(fn, model, ids, precision, fused_loss=True)()
     except torch._dynamo.exc.TorchDynamoException as exc:  # a graph break: measure with breaks, say why
         note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         print(f"  [{name} ours_compiled] fullgraph=True failed, using fullgraph=False: {note}")
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model)
-        make_step(fn, model, ids, precision)()
+        make_step(fn, model, ids, precision, fused_loss=True)()
         extra = {"fullgraph": False, "note": note}
     extra["compile_s"] = round(time.perf_counter() - t0, 1)
     return model, fn, extra
+
+
+KERNEL_FAMILIES = (  # (family, substrings of the kernel name), first match wins
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "_mm_")),
+    ("selective scan", ("selective_scan",)),
+    ("ssd", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "ssd", "state_grad")),
+    ("conv1d", ("conv1d", "causal_conv")),
+    ("norm", ("norm",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("softmax / cross entropy", ("softmax", "nll", "cross_entropy", "logsumexp")),
+    ("copy / cast", ("copy", "memcpy", "cat", "to_copy", "contiguous")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_profile(step, steps: int = 2, top: int = 15) -> dict:
+    """GPU time of one step by kernel (torch.profiler over ``steps`` steps): the top kernels and the
+    time per kernel family, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = evt.self_cuda_time_total
+        if us > 0:
+            kernels.append({"name": evt.key[:120], "ms": round(us / 1e3 / steps, 3), "calls": evt.count // steps})
+    kernels.sort(key=lambda k: -k["ms"])
+    total = sum(k["ms"] for k in kernels)
+    families: dict = {}
+    for k in kernels:
+        name = k["name"].lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(key in name for key in keys)), "other")
+        families[family] = round(families.get(family, 0.0) + k["ms"], 3)
+    return {"gpu_ms_per_step": round(total, 2), "families": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top_kernels": kernels[:top]}
+
+
+def _save_profiles(name: str, profiles: list) -> None:
+    import json
+    import os
+
+    from benchmarks.common import RESULTS_DIR, gpu_name, versions
+
+    for p in profiles:
+        print(f"\n--- {p['case']} {p['provider']}: {p['gpu_ms_per_step']} ms of GPU kernels per step ---")
+        print("  by family: " + ", ".join(f"{f} {ms:.2f}" for f, ms in p["families"].items()))
+        for k in p["top_kernels"]:
+            print(f"  {k['ms']:8.3f} ms  x{k['calls']:<4} {k['name'][:100]}")
+    out_dir = os.environ.get("OUT") or RESULTS_DIR
+    doc = {"gpu": gpu_name(), "date": time.strftime("%Y-%m-%d"), "versions": versions(), "rows": profiles}
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def _ratios_to_mamba_ssm(rows) -> None:
