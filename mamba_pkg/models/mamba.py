@@ -27,8 +27,13 @@ from mamba_pkg.models._cache_utils import (
 )
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
+from mamba_pkg.ops.conv_xproj_step import conv_xproj_step
 from mamba_pkg.ops.selective_scan import mamba_inner_fn, selective_scan_fn
 from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
+
+# Up to this batch a decode step fuses the conv with x_proj (conv_xproj_step); above it, the
+# SSM kernel would re-read the partial sums once per row block, and cuBLAS's x_proj wins.
+FUSED_X_PROJ_MAX_BATCH = 8
 
 
 class Mamba(nn.Module):
@@ -175,9 +180,17 @@ class Mamba(nn.Module):
             raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
         x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, D) each
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
-        x = causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, self.activation)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        split_sum = x.shape[0] <= FUSED_X_PROJ_MAX_BATCH and self.x_proj.bias is None
+        if split_sum:
+            # Small batch (launch-bound): the conv and x_proj in one kernel, leaving the x_proj
+            # as per-block partial sums (S, B, R + 2N) that the SSM kernel adds up.
+            x, x_dbl = conv_xproj_step(x, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight,
+                                       self.activation)
+        else:
+            x = causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, self.activation)
+            x_dbl = self.x_proj(x)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # One fused kernel: dt_proj, + bias, softplus, A = -exp(A_log), state update, D, z gate.
         y = ssm_decode_step(ssm_state, x, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
-                            dt_proj_weight=self.dt_proj.weight)
+                            dt_proj_weight=self.dt_proj.weight, split_sum=split_sum)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state

@@ -17,12 +17,16 @@ Mamba-2: state (Bs, H, P, N); x, z (B, H, P); dt (B, H); A_log (H,); B, C (B, G,
          D (H,) or (H, P); dt_bias (H,).
 The state may be fp32, bf16 or fp16 (math is fp32; the state is rounded once per step).
 Inputs may be strided views (e.g. slices of the in_proj / conv outputs): no copies.
+split_sum: dt, B, C carry a leading axis S of partial sums (the split-K x_proj of
+conv_xproj_step) that the kernel adds while loading them.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
     check_same_device,
@@ -52,8 +56,10 @@ def _full_dt(state, x, dt, dt_bias, dt_proj_weight, dt_limit):
 
 
 def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
-                        dt_limit=NO_DT_LIMIT):
+                        dt_limit=NO_DT_LIMIT, split_sum=False):
     """Torch reference of :func:`ssm_decode_step` (fp32 math; updates ``state`` in place)."""
+    if split_sum:
+        dt, B, C = dt.float().sum(0), B.float().sum(0), C.float().sum(0)
     dt = _full_dt(state, x, dt, dt_bias, dt_proj_weight, dt_limit)
     A = -torch.exp(A_log.float())
     if state.dim() == 4:
@@ -75,7 +81,7 @@ def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None,
 @triton.jit
 def _ssm_decode_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr,
-    batch, P, N, R, heads_per_group, dt_min, dt_max,
+    batch, P, N, R, heads_per_group, dt_min, dt_max, SPLITS, stride_dt_s, stride_B_s, stride_C_s,
     stride_s_b, stride_s_h, stride_s_p, stride_s_n,
     stride_x_b, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_h, stride_dt_p,
@@ -106,8 +112,10 @@ def _ssm_decode_step_kernel(
         # dt_ptr holds the low-rank dt (B, R); stride_dt_p walks R.
         o_r = tl.arange(0, BLOCK_R)
         m_r = o_r < R
-        b_dt_low = tl.load(dt_ptr + o_b[:, None] * stride_dt_b + o_r[None, :] * stride_dt_p,
-                           mask=m_b[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_R)
+        p_dt_low = dt_ptr + o_b[:, None] * stride_dt_b + o_r[None, :] * stride_dt_p
+        b_dt_low = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for i_s in range(SPLITS):
+            b_dt_low += tl.load(p_dt_low + i_s * stride_dt_s, mask=m_b[:, None] & m_r[None, :], other=0.0).to(tl.float32)
         p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
         b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
         if USE_DOT:
@@ -144,10 +152,13 @@ def _ssm_decode_step_kernel(
     b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
     b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + i_h * stride_x_h + o_p[None, :] * stride_x_p, mask=m_bp,
                   other=0.0).to(tl.float32)
-    b_B = tl.load(B_ptr + o_b[:, None] * stride_B_b + i_g * stride_B_g + o_n[None, :] * stride_B_n, mask=m_bn,
-                  other=0.0).to(tl.float32)
-    b_C = tl.load(C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n, mask=m_bn,
-                  other=0.0).to(tl.float32)
+    p_B = B_ptr + o_b[:, None] * stride_B_b + i_g * stride_B_g + o_n[None, :] * stride_B_n
+    p_C = C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n
+    b_B = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    b_C = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for i_s in range(SPLITS):
+        b_B += tl.load(p_B + i_s * stride_B_s, mask=m_bn, other=0.0).to(tl.float32)
+        b_C += tl.load(p_C + i_s * stride_C_s, mask=m_bn, other=0.0).to(tl.float32)
     b_state = b_state * b_dA + (b_x * b_dt)[:, :, None] * b_B[:, None, :]
     tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_state)
     b_out = tl.sum(b_state * b_C[:, None, :], axis=2)  # (BLOCK_B, BLOCK_P)
@@ -189,10 +200,17 @@ def _launch_config(batch, hdim, n_state, rank, tie):
     return block_b, block_p, block_n, block_r, False, NUM_WARPS[key]
 
 
-def _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit):
+@launcher_op("ssm_decode_step", mutates_args=("state",))
+def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                     z: Tensor | None, dt_bias: Tensor | None, dt_proj_weight: Tensor | None, dt_limit: list[float],
+                     split_sum: bool) -> Tensor:
     batch = x.shape[0]
     n_state = state.shape[-1]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = _outputs(x)
+    split_st = (dt.stride(0), B.stride(0), C.stride(0)) if split_sum else (0, 0, 0)
+    n_splits = dt.shape[0] if split_sum else 1
+    if split_sum:  # one split's views, for their strides
+        dt, B, C = dt[0], B[0], C[0]
     mamba2 = state.dim() == 4
     zero3 = (0, 0, 0)
     if mamba2:
@@ -233,12 +251,22 @@ def _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, d
     _ssm_decode_step_kernel[grid](
         state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
         batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
+        n_splits, *split_st,
         *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, USE_DOT=use_dot,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
     )
     return out
+
+
+def _outputs(x):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+@_ssm_decode_step.register_fake
+def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum):
+    return _outputs(x)
 
 
 def _inputs_ok(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
@@ -316,7 +344,7 @@ def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
 
 
 def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
-                    dt_limit=NO_DT_LIMIT, *, backend=None):
+                    dt_limit=NO_DT_LIMIT, *, split_sum=False, backend=None):
     """One token of the selective SSM, with the dt projection and softplus fused in; the
     state is updated in place and the output returned.
 
@@ -329,11 +357,27 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
         D (H,) or (H, P); dt_bias (H,). Returns (B, H, P).
     dt' = clamp(softplus(dt + dt_bias), *dt_limit) (softplus always applies, as in both mixers).
     The state may be fp32 (default of the mixers), bf16 or fp16; inputs may be strided views.
+    split_sum: dt, B and C have an extra leading axis S and are summed over it (fp32) first,
+        e.g. the partial x_proj products of conv_xproj_step: dt (S, B, R), B, C (S, B, N).
     backend: "torch", "triton" or None (the device decides).
     """
     limit_ok = len(dt_limit) == 2 and dt_limit[0] <= dt_limit[1]
-    if not (limit_ok and _inputs_ok(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight)):
-        _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit)
+    if split_sum:
+        _check_splits(dt, B, C)
+        dt1, B1, C1 = dt[0], B[0], C[0]
+    else:
+        dt1, B1, C1 = dt, B, C
+    if not (limit_ok and _inputs_ok(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight)):
+        _validate(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight, dt_limit)
     if resolve_backend(backend, state, x) == "torch":
-        return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit)
-    return _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit)
+        return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum)
+    return _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight,
+                            [float(dt_limit[0]), float(dt_limit[1])], split_sum)
+
+
+def _check_splits(dt, B, C):
+    for name, t in (("dt", dt), ("B", B), ("C", C)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != dt.shape[0]:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must carry the split axis first with split_sum=True "
+                             f"((S, ...) with the same S for dt, B and C), got {shape}")

@@ -1,0 +1,178 @@
+"""One decode step of Mamba-1's causal conv fused with its x_proj: one launch instead of the
+conv update, the x_proj GEMM and cuBLAS's split-K reduction (three launches per layer and
+token at small batch, where a decode step is launch-bound; benchmarks/notes_decode.md).
+
+    xc[b, d]        = act(bias[d] + sum_k weight[d, k] * window[b, d, k])    window = last W-1 inputs, then x
+    parts[s, b, j]  = sum_{d in block s} x_proj_weight[j, d] * xc[b, d]      blocks of BLOCK_D channels
+
+x (B, D) new inputs; conv_state (B, D, S_len) the last S_len inputs, oldest first (updated in
+place, as causal_conv1d_update); weight (D, W); bias (D,); x_proj_weight (J, D).
+Returns xc (B, D) in x's dtype and parts (S, B, J) fp32, S = ceil(D / BLOCK_D): the x_proj
+output is parts.sum(0), a split-K sum left to the consumer (ssm_decode_step(split_sum=True)
+adds the S partial rows while it loads them), so no program waits for another.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mamba_pkg.ops._library import launcher_op
+from mamba_pkg.ops.backend import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+    tl,
+    triton,
+)
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
+
+BLOCK_D = 128  # channels per split: also the partition the reference uses
+BLOCK_J = 32
+
+
+def conv_xproj_step_ref(x, conv_state, weight, bias, x_proj_weight, activation=None):
+    """Torch reference of :func:`conv_xproj_step` (fp32 math; updates ``conv_state`` in place)."""
+    xc = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)  # (B, D), rounded to x's dtype
+    batch, dim = x.shape
+    splits = -(-dim // BLOCK_D)
+    pad = splits * BLOCK_D - dim
+    xs = torch.nn.functional.pad(xc.float(), (0, pad)).view(batch, splits, BLOCK_D)
+    ws = torch.nn.functional.pad(x_proj_weight.float(), (0, pad)).view(-1, splits, BLOCK_D)
+    return xc, torch.einsum("bsd,jsd->sbj", xs, ws)
+
+
+@triton.jit
+def _conv_xproj_step_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, wx_ptr, out_ptr, parts_ptr,
+    D, S_LEN, J,
+    stride_x_b, stride_x_d,
+    stride_s_b, stride_s_d, stride_s_s,
+    stride_w_d, stride_w_k,
+    stride_wx_j, stride_wx_d,
+    stride_o_b, stride_o_d,
+    stride_p_s, stride_p_b, stride_p_j,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    i_s, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_d = i_s * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_s = tl.arange(0, BLOCK_S)
+    m_d, m_s = o_d < D, o_s < S_LEN
+    m_ds = m_d[:, None] & m_s[None, :]
+
+    # Conv: slot s of the state holds input (s - S_LEN) relative to the new one; the window
+    # uses its last W-1 slots (tap k = s - (S_LEN - (W-1))) and the new input (tap W-1).
+    p_state = state_ptr + i_b * stride_s_b + o_d[:, None] * stride_s_d + o_s[None, :] * stride_s_s
+    b_state = tl.load(p_state, mask=m_ds, other=0.0).to(tl.float32)
+    b_x = tl.load(x_ptr + i_b * stride_x_b + o_d * stride_x_d, mask=m_d, other=0.0)
+    o_k = o_s - (S_LEN - (W - 1))
+    m_k = m_ds & (o_k[None, :] >= 0)
+    b_w = tl.load(w_ptr + o_d[:, None] * stride_w_d + o_k[None, :] * stride_w_k, mask=m_k, other=0.0).to(tl.float32)
+    b_acc = tl.sum(b_state * b_w, axis=1)
+    b_acc += tl.load(w_ptr + o_d * stride_w_d + (W - 1) * stride_w_k, mask=m_d, other=0.0).to(tl.float32) \
+        * b_x.to(tl.float32)
+    if HAS_BIAS:
+        b_acc += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if SILU:
+        b_acc = b_acc / (1.0 + tl.exp(-b_acc))
+    b_xc = b_acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i_b * stride_o_b + o_d * stride_o_d, b_xc, mask=m_d)
+
+    # Shift the state by one input: slot s takes slot s + 1, the last slot the new input.
+    # Only this program reads or writes these (row, channel) slots: no race.
+    b_next = tl.load(p_state + stride_s_s, mask=m_ds & (o_s[None, :] + 1 < S_LEN), other=0.0)
+    b_next = tl.where(o_s[None, :] == S_LEN - 1, b_x.to(b_next.dtype)[:, None], b_next)
+    tl.store(p_state, b_next.to(state_ptr.dtype.element_ty), mask=m_ds)
+
+    # x_proj over this block of channels, from the conv output as the consumer sees it (rounded).
+    b_xc = b_xc.to(tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        m_j = o_j < J
+        b_wx = tl.load(wx_ptr + o_j[:, None] * stride_wx_j + o_d[None, :] * stride_wx_d,
+                       mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_part = tl.sum(b_wx * b_xc[None, :], axis=1)
+        tl.store(parts_ptr + i_s * stride_p_s + i_b * stride_p_b + o_j * stride_p_j, b_part, mask=m_j)
+
+
+def _conv_xproj_outputs(x, x_proj_weight):
+    batch, dim = x.shape
+    out = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
+    parts = torch.empty(-(-dim // BLOCK_D), batch, x_proj_weight.shape[0], device=x.device,
+                        dtype=torch.float32)
+    return out, parts
+
+
+@launcher_op("conv_xproj_step", mutates_args=("conv_state",))
+def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, x_proj_weight: Tensor,
+                     silu: bool) -> tuple[Tensor, Tensor]:
+    out, parts = _conv_xproj_outputs(x, x_proj_weight)
+    batch, dim = x.shape
+    state_len = conv_state.shape[2]
+    _conv_xproj_step_kernel[(parts.shape[0], batch)](
+        x, conv_state, weight, bias, x_proj_weight, out, parts,
+        dim, state_len, x_proj_weight.shape[0],
+        *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(), *out.stride(),
+        *parts.stride(),
+        W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
+        BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(state_len), BLOCK_J=BLOCK_J, num_warps=4,
+    )
+    return out, parts
+
+
+@_conv_xproj_step.register_fake
+def _(x, conv_state, weight, bias, x_proj_weight, silu):
+    return _conv_xproj_outputs(x, x_proj_weight)
+
+
+def _validate(x, conv_state, weight, bias, x_proj_weight, activation):
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    batch, dim = x.shape
+    check_tensor("weight", weight, shape=(dim, None), dtype=FLOAT_DTYPES)
+    width = weight.shape[1]
+    if not 2 <= width <= 8:
+        raise ValueError(f"weight must have shape (D, W) with W in 2..8, got {tuple(weight.shape)}")
+    check_tensor("conv_state", conv_state, shape=(batch, dim, None), dtype=FLOAT_DTYPES)
+    if conv_state.shape[2] < width - 1:
+        raise ValueError(f"conv_state must have shape (B, D, S) with S >= W-1 = {width - 1}, got {tuple(conv_state.shape)}")
+    check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
+    check_tensor("x_proj_weight", x_proj_weight, shape=(None, dim), dtype=FLOAT_DTYPES)
+    check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, x_proj_weight=x_proj_weight)
+
+
+def _inputs_ok(x, conv_state, weight, bias, x_proj_weight, activation):
+    """The common case in a few comparisons; anything else goes through _validate (named errors)."""
+    device = getattr(x, "device", None)
+    for t in (x, conv_state, weight, bias, x_proj_weight):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
+            return False
+    if activation not in (None, "silu", "swish") or x.dim() != 2 or weight.dim() != 2:
+        return False
+    batch, dim = x.shape
+    return (conv_state.shape[:2] == (batch, dim) and conv_state.dim() == 3 and weight.shape[0] == dim
+            and 2 <= weight.shape[1] <= conv_state.shape[2] + 1 and weight.shape[1] <= 8
+            and (bias is None or bias.shape == (dim,)) and x_proj_weight.dim() == 2 and x_proj_weight.shape[1] == dim)
+
+
+def conv_xproj_step(x, conv_state, weight, bias, x_proj_weight, activation=None, *, backend=None):
+    """Causal-conv update of one token fused with the x_proj partial products.
+
+    Args:
+        x: (B, D) the new inputs (may be a strided view, e.g. half of in_proj's output).
+        conv_state: (B, D, S_len), S_len >= W-1, the last inputs oldest first; updated in place.
+        weight: (D, W), W in 2..8.  bias: (D,) or None.  activation: None | "silu" | "swish".
+        x_proj_weight: (J, D).
+        backend: "torch", "triton" or None (the device decides).
+    Returns:
+        (xc (B, D) in x's dtype, parts (S, B, J) fp32) with parts.sum(0) = xc @ x_proj_weight.T,
+        S = ceil(D / 128).
+    """
+    if not _inputs_ok(x, conv_state, weight, bias, x_proj_weight, activation):
+        _validate(x, conv_state, weight, bias, x_proj_weight, activation)
+    if resolve_backend(backend, x, conv_state) == "torch":
+        return conv_xproj_step_ref(x, conv_state, weight, bias, x_proj_weight, activation)
+    return _conv_xproj_step(x, conv_state, weight, bias, x_proj_weight, activation is not None)
