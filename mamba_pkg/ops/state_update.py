@@ -17,8 +17,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from mamba_pkg.ops.backend import FLOAT_DTYPES, check_same_device, check_tensor, resolve_backend, tl, triton
+from mamba_pkg.ops._library import launcher_op
+from mamba_pkg.ops.backend import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+    tl,
+    triton,
+)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -237,11 +246,18 @@ def _canonical_strides(state, x, dt, A, B, C, D, z, dt_bias, out):
                                  dtb_st or (0, 0), out_st)
 
 
-def _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+def _outputs(x):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+@launcher_op("selective_state_update", mutates_args=("state",))
+def _selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                            z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
+                            state_batch_indices: Tensor | None) -> Tensor:
     batch = x.shape[0]
     n_tok = x.shape[1] if x.dim() == state.dim() else 1
     n_state = state.shape[-1]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = _outputs(x)
     heads, hdim, groups, strides = _canonical_strides(state, x, dt, A, B, C, D, z, dt_bias, out)
     state_st, x_st, dt_st, a_st, b_st, c_st, d_st, z_st, dtb_st, out_st = strides
     # Mamba-2: dt, A, D, dt_bias are expand()s of per-head values (stride 0 along P and N).
@@ -258,6 +274,11 @@ def _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, s
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps,
     )
     return out
+
+
+@_selective_state_update.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    return _outputs(x)
 
 
 def _inputs_ok(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):

@@ -194,3 +194,20 @@ def test_gpu_full_size(layout, batch):
     exp = ssm_decode_step_ref(**dict(kw, state=state_ref))
     torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(kw["state"], state_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+def test_compiles_to_one_graph_with_the_custom_op():
+    """torch.compile(fullgraph=True) of the step (Triton backend) equals eager: the launcher is
+    an opaque custom op that updates the state in place."""
+    kw = mamba1_inputs(2, 4, 3, 4)
+
+    def step(state):
+        return ssm_decode_step(state, kw["x"], kw["dt"], kw["A_log"], kw["B"], kw["C"], kw["D"], kw["z"],
+                               kw["dt_bias"], kw["dt_proj_weight"], backend="triton")
+
+    states = [kw["state"].clone(), kw["state"].clone()]
+    eager = step(states[0])
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(states[1])
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(states[1], states[0])

@@ -265,3 +265,29 @@ def test_gpu_full_size_bf16(layout):
     ref16 = selective_state_update_ref(**dict(kw, state=states[2]), dt_softplus=True)
     assert_close_rule(out, ref32, ref16, atol=1e-2, name="out")
     torch.testing.assert_close(states[0], states[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["mamba1", "mamba2"])
+def test_triton_bf16_state(layout):
+    """A bf16 state (mamba_ssm's generate keeps the model dtype): half the bytes per step; the
+    kernel equals the reference on the same inputs up to the one rounding of the state."""
+    kw = mamba1_inputs(3, 6, 5) if layout == "mamba1" else mamba2_inputs(3, 4, 3, 5, 2)
+    kw = _to(kw, DEVICE, torch.bfloat16)
+    kw["state"] = kw["state"].to(torch.bfloat16)
+    state_ref = kw["state"].clone()
+    out = selective_state_update(**kw, dt_softplus=True, backend="triton")
+    exp = selective_state_update_ref(**dict(kw, state=state_ref), dt_softplus=True)
+    assert kw["state"].dtype == torch.bfloat16
+    torch.testing.assert_close(kw["state"].float(), state_ref.float(), rtol=0,
+                               atol=state_ref.float().abs().max().item() * 2.0**-7)
+    torch.testing.assert_close(out.float(), exp.float(), rtol=0, atol=exp.float().abs().max().item() * 2.0**-6)
+
+
+def test_custom_op_opcheck():
+    """The launcher is torch.ops.mamba_pkg.selective_state_update with a matching fake impl."""
+    kw = _to(mamba2_inputs(2, 4, 3, 5, 2), DEVICE)
+    args = (kw["state"], kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"], True, None)
+    torch.library.opcheck(torch.ops.mamba_pkg.selective_state_update, args)
+    idx = torch.tensor([1, -1], dtype=torch.int32, device=DEVICE)
+    args = (kw["state"], kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], None, None, None, False, idx)
+    torch.library.opcheck(torch.ops.mamba_pkg.selective_state_update, args)
