@@ -360,7 +360,7 @@ def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr,
     out_ptr, last_ptr, ckpt_ptr,
     seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
-    stride_c_group,
+    stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_CKPT: tl.constexpr, EVEN: tl.constexpr,
@@ -380,7 +380,11 @@ def _selective_scan_fwd_kernel(
     m_n3 = (o_n3 < dstate) | EVEN
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
-    o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # (BLOCK_D,) start of each (b, d) row
+    # (BLOCK_D,) start of each (b, d) row: outputs are contiguous, inputs only along L.
+    o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
+    o_row_u = i_b.to(tl.int64) * stride_u_batch + o_d.to(tl.int64) * stride_u_dim
+    o_row_delta = i_b.to(tl.int64) * stride_delta_batch + o_d.to(tl.int64) * stride_delta_dim
+    o_row_z = i_b.to(tl.int64) * stride_z_batch + o_d.to(tl.int64) * stride_z_dim
     # The launcher keeps a block of channels inside one group of B and of C.
     o_b_row = i_b.to(tl.int64) * stride_b_batch + ((i_d * BLOCK_D) // b_group_size).to(tl.int64) * stride_b_group
     o_c_row = i_b.to(tl.int64) * stride_c_batch + ((i_d * BLOCK_D) // c_group_size).to(tl.int64) * stride_c_group
@@ -398,10 +402,10 @@ def _selective_scan_fwd_kernel(
         b_h = tl.load(h0_ptr + o_state, mask=m_dn3, other=0.0)
     # Tiles are loaded one iteration ahead so that their memory latency overlaps
     # the current tile's arithmetic (each program walks L serially).
-    b_u_next = _load_ld(u_ptr, o_row, o_t, m_d, seqlen, EVEN)
-    b_delta_next = _load_ld(delta_ptr, o_row, o_t, m_d, seqlen, EVEN)
+    b_u_next = _load_ld(u_ptr, o_row_u, o_t, m_d, seqlen, EVEN)
+    b_delta_next = _load_ld(delta_ptr, o_row_delta, o_t, m_d, seqlen, EVEN)
     if HAS_Z:
-        b_z_next = _load_ld(z_ptr, o_row, o_t, m_d, seqlen, EVEN)
+        b_z_next = _load_ld(z_ptr, o_row_z, o_t, m_d, seqlen, EVEN)
     if B_VAR:
         b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_t, m_n3, seqlen, EVEN)
     if C_VAR:
@@ -419,11 +423,11 @@ def _selective_scan_fwd_kernel(
         o_next = tl.minimum(i_t + 1, n_tiles - 1) * BLOCK_L + o_t
         b_u = b_u_next.to(tl.float32)
         b_delta = b_delta_next
-        b_u_next = _load_ld(u_ptr, o_row, o_next, m_d, seqlen, EVEN)
-        b_delta_next = _load_ld(delta_ptr, o_row, o_next, m_d, seqlen, EVEN)
+        b_u_next = _load_ld(u_ptr, o_row_u, o_next, m_d, seqlen, EVEN)
+        b_delta_next = _load_ld(delta_ptr, o_row_delta, o_next, m_d, seqlen, EVEN)
         if HAS_Z:
             b_z = b_z_next.to(tl.float32)
-            b_z_next = _load_ld(z_ptr, o_row, o_next, m_d, seqlen, EVEN)
+            b_z_next = _load_ld(z_ptr, o_row_z, o_next, m_d, seqlen, EVEN)
         if B_VAR:
             b_B = b_B_next.to(tl.float32)[:, :, None, :]  # (N_IN, BLOCK_L, 1, N_LANES)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
@@ -464,7 +468,8 @@ def _selective_scan_bwd_kernel(
     dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr,
     seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
-    stride_c_group,
+    stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
+    stride_dout_batch, stride_dout_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr,
@@ -488,7 +493,11 @@ def _selective_scan_bwd_kernel(
     m_n3 = (o_n3 < dstate) | EVEN
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
-    o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
+    o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # see the forward
+    o_row_u = i_b.to(tl.int64) * stride_u_batch + o_d.to(tl.int64) * stride_u_dim
+    o_row_delta = i_b.to(tl.int64) * stride_delta_batch + o_d.to(tl.int64) * stride_delta_dim
+    o_row_z = i_b.to(tl.int64) * stride_z_batch + o_d.to(tl.int64) * stride_z_dim
+    o_row_dout = i_b.to(tl.int64) * stride_dout_batch + o_d.to(tl.int64) * stride_dout_dim
     # The launcher keeps a block of channels inside one group of B and of C.
     o_b_row = i_b.to(tl.int64) * stride_b_batch + ((i_d * BLOCK_D) // b_group_size).to(tl.int64) * stride_b_group
     o_c_row = i_b.to(tl.int64) * stride_c_batch + ((i_d * BLOCK_D) // c_group_size).to(tl.int64) * stride_c_group
@@ -513,11 +522,11 @@ def _selective_scan_bwd_kernel(
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
     # Tiles are loaded one iteration ahead (see the forward kernel).
     o_l = (n_tiles - 1) * BLOCK_L + o_t
-    b_u_next = _load_ld(u_ptr, o_row, o_l, m_d, seqlen, EVEN)
-    b_delta_next = _load_ld(delta_ptr, o_row, o_l, m_d, seqlen, EVEN)
-    b_dout_next = _load_ld(dout_ptr, o_row, o_l, m_d, seqlen, EVEN)
+    b_u_next = _load_ld(u_ptr, o_row_u, o_l, m_d, seqlen, EVEN)
+    b_delta_next = _load_ld(delta_ptr, o_row_delta, o_l, m_d, seqlen, EVEN)
+    b_dout_next = _load_ld(dout_ptr, o_row_dout, o_l, m_d, seqlen, EVEN)
     if HAS_Z:
-        b_z_next = _load_ld(z_ptr, o_row, o_l, m_d, seqlen, EVEN)
+        b_z_next = _load_ld(z_ptr, o_row_z, o_l, m_d, seqlen, EVEN)
     if B_VAR:
         b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l, m_n3, seqlen, EVEN)
     if C_VAR:
@@ -536,15 +545,15 @@ def _selective_scan_bwd_kernel(
         b_delta = b_delta_next
         b_dout = b_dout_next.to(tl.float32)
         b_h = b_h_next  # state before this tile
-        b_u_next = _load_ld(u_ptr, o_row, o_prev, m_d, seqlen, EVEN)
-        b_delta_next = _load_ld(delta_ptr, o_row, o_prev, m_d, seqlen, EVEN)
-        b_dout_next = _load_ld(dout_ptr, o_row, o_prev, m_d, seqlen, EVEN)
+        b_u_next = _load_ld(u_ptr, o_row_u, o_prev, m_d, seqlen, EVEN)
+        b_delta_next = _load_ld(delta_ptr, o_row_delta, o_prev, m_d, seqlen, EVEN)
+        b_dout_next = _load_ld(dout_ptr, o_row_dout, o_prev, m_d, seqlen, EVEN)
         i_prev = tl.maximum(i_t - 1, 0)  # at the first tile this reloads it, unused
         b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_prev) * dim * dstate + o_dn3,
                            mask=m_dn3, other=0.0)
         if HAS_Z:
             b_z = b_z_next.to(tl.float32)
-            b_z_next = _load_ld(z_ptr, o_row, o_prev, m_d, seqlen, EVEN)
+            b_z_next = _load_ld(z_ptr, o_row_z, o_prev, m_d, seqlen, EVEN)
         if B_VAR:
             b_B = b_B_next.to(tl.float32)[:, :, None, :]
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
@@ -670,14 +679,25 @@ def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
     return p.dim % block_d == 0 and p.dstate == block_n and p.seqlen % block_l == 0
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (B, D, L) as the kernels read it: any batch and channel strides, L contiguous
+    (a copy only when it is not, e.g. a channel-last tensor)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _new_rows(p, dtype) -> torch.Tensor:
+    """A new contiguous (B, D, L) output (empty_like would keep an input's strides)."""
+    return torch.empty(p.batch, p.dim, p.seqlen, device=p.u.device, dtype=dtype)
+
+
 class _Prepared:
     """Kernel-ready inputs: contiguous, B/C as (B, G, N, L) or (D, N), varlen index."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
         self.batch, self.dim, self.seqlen = u.shape
         self.dstate = A.shape[1]
-        self.u, self.delta = u.contiguous(), delta.contiguous()
-        self.z = z.contiguous() if z is not None else None
+        self.u, self.delta = _rows(u), _rows(delta)
+        self.z = _rows(z) if z is not None else None
         self.A = A.contiguous()
         self.D = D.contiguous() if D is not None else None
         self.delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -703,6 +723,11 @@ class _Prepared:
             t = t.unsqueeze(1)  # (B, 1, N, L)
         return t.contiguous(), True
 
+    def row_strides(self):
+        """(batch, channel) strides of u, delta and z (their L stride is 1)."""
+        z = self.z if self.z is not None else self.u
+        return (*self.u.stride()[:2], *self.delta.stride()[:2], *z.stride()[:2])
+
     def bc_strides(self):
         sb = (self.B.stride(0), self.B.stride(1)) if self.B_var else (0, 0)
         sc = (self.C.stride(0), self.C.stride(1)) if self.C_var else (0, 0)
@@ -716,7 +741,7 @@ def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
     if store_ckpt:
         block_l = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)[3]
     u = p.u
-    out = torch.empty_like(u)
+    out = _new_rows(p, u.dtype)
     varlen = p.seq_idx is not None
     if varlen:
         # Empty sequences are never visited by the kernel: their last state is their initial state.
@@ -730,7 +755,7 @@ def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
     _selective_scan_fwd_kernel[grid](
         u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx,
         out, last, ckpt,
-        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(),
+        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=p.initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
@@ -744,11 +769,11 @@ def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, 
     block_d, n_in, n_lanes, _, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
     u = p.u
     n_dblocks = triton.cdiv(p.dim, block_d)
-    dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+    dout = _new_rows(p, u.dtype).zero_() if dout is None else _rows(dout)
     varlen = p.seq_idx is not None
     has_h0 = p.initial_state is not None
-    du, ddelta = torch.empty_like(u), torch.empty_like(p.delta)
-    dz = torch.empty_like(p.z) if p.z is not None else None
+    du, ddelta = _new_rows(p, u.dtype), _new_rows(p, p.delta.dtype)
+    dz = _new_rows(p, p.z.dtype) if p.z is not None else None
     f32 = dict(device=u.device, dtype=torch.float32)
     dA = torch.empty(p.batch, p.dim, p.dstate, **f32)
     dB = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.B_var
@@ -768,7 +793,8 @@ def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, 
         u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx, ckpt,
         dout, dlast,
         du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dh0,
-        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(),
+        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
+        *dout.stride()[:2],
         HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
@@ -841,7 +867,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         cu_seqlens: optional (num_seqs + 1,) int32/int64 boundaries of packed sequences
             (batch must be 1); each sequence starts from zero or its own initial state.
         backend: "torch" | "triton" | None (see mamba_pkg.ops.backend). The Triton
-            kernels read contiguous copies of non-contiguous inputs.
+            kernels read u, delta and z in place when their L axis is contiguous (any
+            batch and channel strides, e.g. the halves of a (B, 2*D, L) tensor), else
+            from a contiguous copy; B and C are read from contiguous copies.
 
     Returns:
         out (B, D, L) in u.dtype, and with return_last_state=True also
@@ -900,9 +928,10 @@ def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
     else:
         x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens, backend=backend)
     x_dbl = F.linear(rearrange(x, "b d l -> (b l) d"), x_proj_weight)  # (B*L, R + 2N)
-    # Contiguous (B, D, L): the kernels need it anyway, and the (D, B, L)-strided view trips a
-    # torch CPU stride bug in softplus_backward under torch.compile's aot_eager.
-    delta = rearrange(delta_proj_weight @ x_dbl[:, :rank].t(), "d (b l) -> b d l", l=seqlen).contiguous()
+    # delta comes out of a batched product as a contiguous (B, D, L): no copy for the
+    # kernels, and no (D, B, L)-strided view (which trips a torch CPU stride bug in
+    # softplus_backward under torch.compile's aot_eager).
+    delta = torch.matmul(delta_proj_weight, rearrange(x_dbl[:, :rank], "(b l) r -> b r l", l=seqlen))
     if B is None:
         B = x_dbl[:, rank:rank + dstate]
         if B_proj_bias is not None:
@@ -917,6 +946,15 @@ def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
     return scan(x, delta.to(x.dtype), A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens=cu_seqlens)
 
 
+def _out_proj(y, weight, bias):
+    """out_proj of the scan output y (B, D, L) -> (B, L, d_model) as one batched product
+    that reads y transposed in place (F.linear on the (B, L, D) view would copy y)."""
+    weight_t = weight.t().expand(y.shape[0], -1, -1)  # (B, D, d_model)
+    if bias is None:
+        return torch.bmm(y.transpose(1, 2), weight_t)
+    return torch.baddbmm(bias.expand(y.shape[0], y.shape[2], -1), y.transpose(1, 2), weight_t)
+
+
 class MambaInnerFn(torch.autograd.Function):
     """Saves only the inputs; the backward recomputes conv1d, the projections and
     the scan forward (which, unlike mamba_ssm, also avoids keeping the scan output
@@ -929,7 +967,7 @@ class MambaInnerFn(torch.autograd.Function):
         inputs = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                   B_proj_bias, C_proj_bias)
         y = _inner_scan(*inputs, delta_softplus, cu_seqlens, backend)
-        out = F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
+        out = _out_proj(y, out_proj_weight, out_proj_bias)
         ctx.save_for_backward(*inputs, out_proj_weight, out_proj_bias)
         ctx.options = options
         ctx.autocast = (torch.is_autocast_enabled(xz.device.type), torch.get_autocast_dtype(xz.device.type))
@@ -944,10 +982,11 @@ class MambaInnerFn(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
             y = _inner_scan(*leaves, delta_softplus, cu_seqlens, backend)
-        y_bld = rearrange(y.detach(), "b d l -> b l d")
+        # Batched products that read y and dout transposed in place and give dy as a
+        # contiguous (B, D, L) for the scan's backward (no (B, D, L) copies).
         dout = dout.to(y.dtype)
-        dy = rearrange(dout @ out_proj_weight.to(dout.dtype), "b l d -> b d l")
-        d_out_proj_weight = rearrange(dout, "b l e -> e (b l)") @ rearrange(y_bld, "b l d -> (b l) d")
+        dy = torch.bmm(out_proj_weight.to(dout.dtype).t().expand(dout.shape[0], -1, -1), dout.transpose(1, 2))
+        d_out_proj_weight = torch.bmm(dout.transpose(1, 2), y.detach().transpose(1, 2)).sum(0, dtype=torch.float32)
         d_out_proj_bias = dout.sum(dim=(0, 1)) if out_proj_bias is not None else None
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
@@ -1002,7 +1041,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     if which == "torch" or checkpoint_lvl == 0 or not torch.is_grad_enabled():
         y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                         B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, which)
-        return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
+        return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias) if which == "torch" \
+            else _out_proj(y, out_proj_weight, out_proj_bias)
     return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                               out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                               (delta_softplus, cu_seqlens, which))
