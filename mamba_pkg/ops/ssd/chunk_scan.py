@@ -58,7 +58,9 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 
 
 # Not keyed on H or L: one tuning per head shape serves every model width and length.
-_KEY = ["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX", "HAS_Z"]
+# Nor on DOT_DTYPE: the autotuner adds the tensors' dtypes to the key, and a tl.dtype
+# in the key breaks TRITON_CACHE_AUTOTUNING (it is not JSON-serialisable).
+_KEY = ["P", "N", "Q", "HAS_SEQ_IDX", "HAS_Z"]
 
 
 @triton.jit

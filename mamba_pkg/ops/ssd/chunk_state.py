@@ -67,7 +67,8 @@ def _softplus(v):
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_u)
 
 
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"])
+# Keyed like the tile kernels in chunk_scan.py (the tensors' dtypes are added).
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"])
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr,
@@ -187,7 +188,7 @@ def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
 
 # Configs with smaller (P, N) blocks write more ddecay partial slots than larger
 # ones: zero the buffer before each autotuning run, or stale slots get summed.
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "DOT_DTYPE", "HAS_SEQ_IDX"],
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"],
                  reset_to_zero=["ddecay_ptr"])
 @triton.jit
 def _state_grad_bwd_kernel(
