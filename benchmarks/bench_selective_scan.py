@@ -93,14 +93,15 @@ def _outputs_and_grads(dstate, seed=0):
 
 # Candidate kernel shapes (BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps) per state size:
 # "fwd" is the forward without gradients, "bwd" the backward (and the forward that
-# saves its checkpoints). BLOCK_D * N_LANES must equal 32 * num_warps.
+# saves its checkpoints). BLOCK_D * N_LANES is a multiple of 32 * num_warps (a thread holds
+# BLOCK_D * N_LANES / (32 * num_warps) channels).
 SWEEP = {
-    (16, "fwd"): [(8, 4, 4, 16, 1), (8, 4, 4, 8, 1), (32, 4, 4, 16, 4), (16, 8, 2, 16, 1), (16, 4, 4, 16, 2)],
-    (16, "bwd"): [(8, 4, 4, 8, 1), (16, 4, 4, 8, 2), (8, 4, 4, 16, 1), (16, 8, 2, 8, 1), (8, 4, 4, 4, 1)],
-    (4, "fwd"): [(32, 4, 1, 16, 1), (16, 2, 2, 16, 1), (8, 1, 4, 16, 1)],
-    (4, "bwd"): [(32, 4, 1, 8, 1), (16, 2, 2, 8, 1), (8, 1, 4, 8, 1)],
+    (16, "fwd"): [(8, 4, 4, 16, 1), (16, 4, 4, 8, 1)],
+    (16, "bwd"): [(8, 4, 4, 8, 1), (16, 4, 4, 4, 1)],
+    (4, "fwd"): [(32, 4, 1, 16, 1), (16, 2, 2, 16, 1), (32, 4, 1, 8, 1)],
+    (4, "bwd"): [(32, 4, 1, 8, 1), (16, 2, 2, 8, 1), (32, 4, 1, 4, 1)],
     (64, "fwd"): [(4, 8, 8, 8, 1), (16, 8, 8, 8, 4), (8, 16, 4, 8, 1)],
-    (64, "bwd"): [(4, 8, 8, 4, 1), (16, 8, 8, 4, 4), (4, 8, 8, 8, 1)],
+    (64, "bwd"): [(8, 16, 4, 4, 1), (4, 8, 8, 4, 1), (16, 8, 8, 4, 4)],
 }
 
 
