@@ -11,7 +11,7 @@ Timed as CUDA-graph replays, as decoding runs them (generation captures the step
 eager call of these microsecond kernels measures the host, not the op. Without the L2
 flush of time_ms, a Mamba-1 state (8 MB at batch 64) can stay in L2; Mamba-2's does not.
 
-    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--tune]
+    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--tune] [--quick]
 
 --tune first times tile shapes and runs the comparison with the fastest (printed).
 """
@@ -139,9 +139,9 @@ def fused_providers():
     return out
 
 
-def main_rows():
+def main_rows(batches=BATCHES, with_conv=True):
     rows = []
-    for batch in BATCHES:
+    for batch in batches:
         case = f"step ssm_fused model=mamba1-1.4b batch={batch}"
         for name, fn in fused_providers().items():
             kw, n_bytes = fused_inputs(batch)
@@ -149,7 +149,7 @@ def main_rows():
             if ms is not None:
                 rows.append(bandwidth_row(case, name, ms, n_bytes))
     for model in ("mamba1", "mamba2"):
-        for batch in BATCHES:
+        for batch in batches:
             for state_dtype in (torch.float32, torch.bfloat16):
                 suffix = "" if state_dtype == torch.float32 else " state=bf16"
                 case = f"step state_update model={model} batch={batch}{suffix}"
@@ -158,6 +158,8 @@ def main_rows():
                     ms = try_provider(name, lambda: graph_ms(lambda: fn(**kw, dt_softplus=True)))
                     if ms is not None:
                         rows.append(bandwidth_row(case, name, ms, n_bytes))
+            if not with_conv:
+                continue
             case = f"step conv_update model={model} batch={batch}"
             for name, fn in conv_providers().items():
                 (x, state, w, b), n_bytes = conv_inputs(model, batch)
@@ -206,13 +208,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true",
                         help="sweep tile shapes first and run the comparison with the fastest ones")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 64 only, state update and fused rows (no conv_update rows)")
     args = parser.parse_args()
     settings = None
     if args.tune:
         rows, settings = sweep()
         save_results("bench_decode_ops_sweep", rows, plot_key="batch")
         print("settings:", settings)
-    rows = main_rows()
+    rows = main_rows((64,), with_conv=False) if args.quick else main_rows()
     for r in rows:
         if r["provider"] == "ours" and settings:
             r["settings"] = str(settings)

@@ -7,12 +7,12 @@ weights once (bf16 bytes / 3.0 TB/s); pct_limit = floor / measured step time.
 
 mamba_ssm's generate keeps the SSM states in the model dtype (bf16); ours keeps fp32 by
 default. Case ``state=bf16`` compares like with like (ours with ssm_state_dtype=bf16);
-case ``state=fp32`` is our default, its ``vs_mamba_ssm`` against mamba_ssm's bf16 run.
+case ``state=fp32`` is our default, its ``vs_mamba_ssm`` against mamba_ssm's bf16 run, timed as
+graph replays unless --fp32-full.
 ``graph_ms``: one replay of the captured step alone (GPU time without the host loop).
 
     PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64]
-    PYTHONPATH=. python benchmarks/bench_generation.py --profile mamba-1.4b --batches 1
-        (torch.profiler kernel table of one eager decode step, ours and mamba_ssm)
+    PYTHONPATH=. python benchmarks/bench_generation.py --tables profile.txt   (kernel tables of one step)
 """
 
 from __future__ import annotations
@@ -102,8 +102,10 @@ def their_graph_ms(model, batch) -> float:
     return replay_ms(lambda: run(ids, ids, PROMPT))
 
 
-def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
-    """Rows for one model size: every batch size, every provider."""
+def bench_model(name: str, batches, reps: int, with_transformers: bool, fp32_full: bool = False,
+                tables: str | None = None) -> list:
+    """Rows for one model size: every batch size, every provider. Rows of ours and mamba_ssm
+    carry ``kernels_per_step`` (one eager step under torch.profiler; the graph replays the same)."""
     ours = build_ours(name)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in ours.parameters()}.values())
     floor_ms = weight_bytes / HBM_BYTES_PER_S * 1e3
@@ -119,7 +121,8 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
             (f"{base} state=bf16", "ours",
              lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True, ssm_state_dtype=torch.bfloat16)),
              lambda b=batch: our_graph_ms(ours, b, torch.bfloat16)),
-            (f"{base} state=fp32", "ours", lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True)),
+            (f"{base} state=fp32", "ours",
+             (lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True))) if fp32_full else None,
              lambda b=batch: our_graph_ms(ours, b, None)),
         ]
         if theirs is not None:
@@ -132,7 +135,11 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
                          None))
         for case, provider, make_fn, graph_fn in runs:
             provider_reps = 1 if provider == "transformers" else reps
-            ms = try_provider(provider, lambda make_fn=make_fn, r=provider_reps: step_ms(make_fn, r))
+            if make_fn is None:  # timed as graph replays only
+                ms = try_provider(f"{provider} graph", graph_fn)
+                graph_fn = None
+            else:
+                ms = try_provider(provider, lambda make_fn=make_fn, r=provider_reps: step_ms(make_fn, r))
             if ms is None:
                 continue
             row = {
@@ -144,6 +151,16 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
                 graph_ms = try_provider(f"{provider} graph", graph_fn)
                 if graph_ms is not None:
                     row["graph_ms"] = round(graph_ms, 4)
+            else:
+                row["timing"] = "graph replay" if provider == "ours" else "generate"
+            if provider in ("ours", "mamba_ssm") and case.endswith("state=bf16"):
+                model = ours if provider == "ours" else theirs
+                prof = try_provider(f"{provider} profile", lambda m=model, p=provider: profile_step(eager_step(p, m, batch)))
+                if prof is not None:
+                    row["kernels_per_step"], row["kernel_us"] = prof[0], round(prof[1], 1)
+                    if tables:
+                        with open(tables, "a") as f:
+                            f.write(f"== {provider} {case}: {prof[0]} kernels, {prof[1]:.0f} us\n{prof[2]}\n")
             rows.append(row)
             print(rows[-1], flush=True)
     theirs_ms = {r["case"].rsplit(" ", 1)[0]: r["ms"] for r in rows if r["provider"] == "mamba_ssm"}
@@ -153,36 +170,36 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool) -> list:
     return rows
 
 
-def profile_step(name: str, batch: int) -> None:
-    """Print torch.profiler's kernel table of one eager decode step, ours then mamba_ssm."""
+def eager_step(provider, model, batch):
+    """One eager decode step of ``model`` (fresh cache with bf16 states, offset PROMPT), as a callable."""
+    tokens = torch.randint(0, VOCAB, (batch,), device="cuda")
+    if provider == "ours":
+        from mamba_pkg.generation.decode import _new_cache, _step_eager
+
+        params = _new_cache(model, batch, PROMPT + NEW, torch.bfloat16, torch.bfloat16)
+        params.lengths_per_sample = torch.full((batch,), PROMPT, dtype=torch.int32, device="cuda")
+        params.seqlen_offset = PROMPT
+        return lambda: _step_eager(model, tokens, params, VOCAB)
+    from mamba_ssm.utils.generation import InferenceParams as SsmParams
+
+    params = SsmParams(max_seqlen=PROMPT + NEW, max_batch_size=batch, seqlen_offset=PROMPT)
+    params.key_value_memory_dict = model.allocate_inference_cache(batch, PROMPT + NEW)
+    return lambda: model(tokens[:, None], inference_params=params, num_last_tokens=1).logits
+
+
+def profile_step(step):
+    """(kernels launched by one call of step, their GPU time in us, torch.profiler's table)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mamba_pkg.generation.decode import _new_cache, _step_eager
-
-    ours = build_ours(name)
-    tokens = torch.randint(0, VOCAB, (batch,), device="cuda")
-    params = _new_cache(ours, batch, PROMPT + NEW, torch.bfloat16)
-    params.lengths_per_sample = torch.full((batch,), PROMPT, dtype=torch.int32, device="cuda")
-    params.seqlen_offset = PROMPT
-    steps = {"ours": lambda: _step_eager(ours, tokens, params, VOCAB)}
-    theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, ours))
-    if theirs is not None:
-        from mamba_ssm.utils.generation import InferenceParams as SsmParams
-
-        their_params = SsmParams(max_seqlen=PROMPT + NEW, max_batch_size=batch, seqlen_offset=PROMPT)
-        their_params.key_value_memory_dict = theirs.allocate_inference_cache(batch, PROMPT + NEW)
-        steps["mamba_ssm"] = lambda: theirs(tokens[:, None], inference_params=their_params, num_last_tokens=1).logits
-    for provider, step in steps.items():
-        for _ in range(3):
-            step()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu_us = sum(e.device_time for e in kernels)
-        print(f"== {provider} {name} batch={batch}: {len(kernels)} kernels per step, {gpu_us:.0f} us of kernel time")
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=70))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=70)
+    return len(kernels), sum(e.device_time for e in kernels), table
 
 
 def main() -> None:
@@ -191,16 +208,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--profile", metavar="MODEL", help="only print the kernel table of one step of MODEL")
+    ap.add_argument("--tables", metavar="FILE", help="write torch.profiler's kernel table of one step per row here")
+    ap.add_argument("--fp32-full", action="store_true",
+                    help="time the fp32-state case by generate too (default: its graph replay only)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    if args.profile:
-        for batch in batches:
-            profile_step(args.profile, batch)
-        return
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, batches, args.reps, not args.no_transformers)
+        rows += bench_model(name, batches, args.reps, not args.no_transformers, args.fp32_full, args.tables)
         torch.cuda.empty_cache()
         # Saved after every model, so that a run cut short by a time limit keeps its rows.
         save_results("bench_generation", rows, plot_key="batch")
