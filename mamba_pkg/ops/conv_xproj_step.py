@@ -29,7 +29,8 @@ from mamba_pkg.ops.backend import (
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
 
 BLOCK_D = 128  # channels per split: also the partition the reference uses
-BLOCK_J = 32
+# x_proj outputs per step of the (unrolled) output loop: the weight tile is BLOCK_J x BLOCK_D.
+MAX_TILE = 16384
 
 
 def conv_xproj_step_ref(x, conv_state, weight, bias, x_proj_weight, activation=None):
@@ -54,7 +55,7 @@ def _conv_xproj_step_kernel(
     stride_o_b, stride_o_d,
     stride_p_s, stride_p_b, stride_p_j,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_J: tl.constexpr,
 ):
     i_s, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_d = i_s * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -88,8 +89,8 @@ def _conv_xproj_step_kernel(
 
     # x_proj over this block of channels, from the conv output as the consumer sees it (rounded).
     b_xc = b_xc.to(tl.float32)
-    for j0 in range(0, J, BLOCK_J):
-        o_j = j0 + tl.arange(0, BLOCK_J)
+    for i_j in tl.static_range(N_J):
+        o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
         m_j = o_j < J
         b_wx = tl.load(wx_ptr + o_j[:, None] * stride_wx_j + o_d[None, :] * stride_wx_d,
                        mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -111,13 +112,16 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
     out, parts = _conv_xproj_outputs(x, x_proj_weight)
     batch, dim = x.shape
     state_len = conv_state.shape[2]
+    n_out = x_proj_weight.shape[0]
+    block_j = min(triton.next_power_of_2(n_out), MAX_TILE // BLOCK_D)
     _conv_xproj_step_kernel[(parts.shape[0], batch)](
         x, conv_state, weight, bias, x_proj_weight, out, parts,
         dim, state_len, x_proj_weight.shape[0],
         *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(), *out.stride(),
         *parts.stride(),
         W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(state_len), BLOCK_J=BLOCK_J, num_warps=4,
+        BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(state_len), BLOCK_J=block_j,
+        N_J=triton.cdiv(n_out, block_j), num_warps=8,
     )
     return out, parts
 

@@ -81,7 +81,7 @@ def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None,
 @triton.jit
 def _ssm_decode_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr,
-    batch, P, N, R, heads_per_group, dt_min, dt_max, SPLITS, stride_dt_s, stride_B_s, stride_C_s,
+    batch, P, N, R, heads_per_group, dt_min, dt_max, stride_dt_s, stride_B_s, stride_C_s,
     stride_s_b, stride_s_h, stride_s_p, stride_s_n,
     stride_x_b, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_h, stride_dt_p,
@@ -94,7 +94,7 @@ def _ssm_decode_step_kernel(
     stride_w_h, stride_w_p, stride_w_r,
     stride_o_b, stride_o_h, stride_o_p,
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, USE_DOT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -114,7 +114,8 @@ def _ssm_decode_step_kernel(
         m_r = o_r < R
         p_dt_low = dt_ptr + o_b[:, None] * stride_dt_b + o_r[None, :] * stride_dt_p
         b_dt_low = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
-        for i_s in range(SPLITS):
+        # Unrolled: the SPLITS loads are independent and can all be in flight at once.
+        for i_s in tl.static_range(SPLITS):
             b_dt_low += tl.load(p_dt_low + i_s * stride_dt_s, mask=m_b[:, None] & m_r[None, :], other=0.0).to(tl.float32)
         p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
         b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
@@ -156,7 +157,7 @@ def _ssm_decode_step_kernel(
     p_C = C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n
     b_B = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     b_C = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for i_s in range(SPLITS):
+    for i_s in tl.static_range(SPLITS):
         b_B += tl.load(p_B + i_s * stride_B_s, mask=m_bn, other=0.0).to(tl.float32)
         b_C += tl.load(p_C + i_s * stride_C_s, mask=m_bn, other=0.0).to(tl.float32)
     b_state = b_state * b_dA + (b_x * b_dt)[:, :, None] * b_B[:, None, :]
@@ -251,10 +252,10 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
     _ssm_decode_step_kernel[grid](
         state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
         batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
-        n_splits, *split_st,
+        *split_st,
         *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, USE_DOT=use_dot,
+        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, USE_DOT=use_dot, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
     )
     return out
