@@ -916,6 +916,12 @@ def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weigh
     check_tensor("out_proj_bias", out_proj_bias, shape=(out_proj_weight.shape[0],), optional=True)
 
 
+def _left_matmul(weight, x):
+    """weight (E, D) @ x (B, D, L) -> (B, E, L) contiguous, as a bmm over an expanded
+    weight (torch.matmul would fold it as x^T @ weight^T and copy x into (B*L, D))."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                 B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend):
     """Everything before out_proj; returns the gated scan output y (B, D, L)."""
@@ -927,21 +933,19 @@ def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
         x = causal_conv1d_ref(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
     else:
         x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens, backend=backend)
-    x_dbl = F.linear(rearrange(x, "b d l -> (b l) d"), x_proj_weight)  # (B*L, R + 2N)
-    # delta comes out of a batched product as a contiguous (B, D, L): no copy for the
-    # kernels, and no (D, B, L)-strided view (which trips a torch CPU stride bug in
-    # softplus_backward under torch.compile's aot_eager).
-    delta = torch.matmul(delta_proj_weight, rearrange(x_dbl[:, :rank], "(b l) r -> b r l", l=seqlen))
+    # Batched products on the (B, D, L) layout: x_dbl (B, R + 2N, L) and delta (B, D, L)
+    # come out contiguous, with no transposed copy of x. (A (D, B, L)-strided delta would
+    # also trip a torch CPU stride bug in softplus_backward under torch.compile's aot_eager.)
+    x_dbl = _left_matmul(x_proj_weight, x)
+    delta = _left_matmul(delta_proj_weight, x_dbl[:, :rank])
     if B is None:
-        B = x_dbl[:, rank:rank + dstate]
+        B = x_dbl[:, rank:rank + dstate]  # (B, N, L)
         if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
-        B = rearrange(B, "(b l) n -> b n l", l=seqlen).contiguous()
+            B = B + B_proj_bias.to(B.dtype)[:, None]
     if C is None:
-        C = x_dbl[:, -dstate:]
+        C = x_dbl[:, rank + dstate:]
         if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
-        C = rearrange(C, "(b l) n -> b n l", l=seqlen).contiguous()
+            C = C + C_proj_bias.to(C.dtype)[:, None]
     scan = selective_scan_ref if backend == "torch" else functools.partial(selective_scan_fn, backend=backend)
     return scan(x, delta.to(x.dtype), A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens=cu_seqlens)
 
