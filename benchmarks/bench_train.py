@@ -228,6 +228,7 @@ def main() -> None:
                 if table_ is not None:
                     profiles.append({"case": f"profile model={name} batch={batch} L={seqlen}", "provider": provider,
                                      **table_})
+                    _save_profiles(args.name + "_profile", profiles)
             extra["params"] = sum(p.numel() for p in model.parameters())
             return result, extra
 
@@ -275,8 +276,6 @@ def main() -> None:
                 return _build_compiled(cfgs[name], table[name], device, weight_dtype, args.precision, vocab, name)
 
             run_provider(name, "ours_compiled", build_compiled, fused_loss=True)
-    if profiles:
-        _save_profiles(args.name + "_profile", profiles)
     if not rows:
         raise SystemExit("no provider ran")
     path = save_results(args.name, rows, plot_key="L")
@@ -362,7 +361,7 @@ def _save_profiles(name: str, profiles: list) -> None:
 
     from benchmarks.common import RESULTS_DIR, gpu_name, versions
 
-    for p in profiles:
+    for p in profiles[-1:]:
         print(f"\n--- {p['case']} {p['provider']}: {p['gpu_ms_per_step']} ms of GPU kernels per step ---")
         print("  by family: " + ", ".join(f"{f} {ms:.2f}" for f, ms in p["families"].items()))
         for k in p["top_kernels"]:
