@@ -1,22 +1,28 @@
 """Causal conv1d: ours vs causal_conv1d, bf16, bias + silu, forward and forward+backward.
 
 B=4, D=2048, W=4, L in {2048, 8192}, x in (B, D, L)-contiguous and channel-last layouts.
-Bytes moved: fwd reads x and writes out (2 * B*D*L * 2 B); fwd+bwd adds reading x and
-dout and writing dx (5 * B*D*L * 2 B). pct_limit = GB/s / 3000 (HBM).
-fwd rows are timed as CUDA-graph replays (GPU time only: a 0.1 ms kernel is otherwise
-timed partly as Python launch overhead, which differs between the providers); fwdbwd rows
-(autograd.grad) both eagerly with common.time_ms and as CUDA-graph replays.
+Fewest bytes (each input read once, each output written once): fwd reads x and writes out
+(2 * B*D*L * 2 B); the backward reads x and dout and writes dx (3 more; dweight/dbias are
+D*W values); fwd+bwd = 5 * B*D*L * 2 B. pct_limit = GB/s / 3000 (HBM).
 
-    PYTHONPATH=. python benchmarks/bench_conv.py [--tune]
+Every case is timed twice, for both providers:
+- timing=graph: CUDA-graph replays (GPU time of the kernels; what the ratios in the notes use,
+  since it compares the kernels and does not depend on how loaded the host is);
+- timing=eager: triton.testing.do_bench of the Python call (what an eager training step
+  sees: when the host takes longer to launch than the GPU to run, this is host time).
+  host_ms is the host's time to issue one call (no sync), to show which bound applies.
 
---tune first times the tile shapes, both backward variants and the persistent grid size,
-then runs the comparison with the fastest (printed and stored with the rows; copy them
-into mamba_pkg/ops/causal_conv1d.py).
+    PYTHONPATH=. python benchmarks/bench_conv.py [--tune] [--quick]
+
+--tune first times tile shapes and backward variants (graph replays, L=8192), then runs
+the comparison with the fastest (printed and stored with the rows; copy them into
+mamba_pkg/ops/causal_conv1d.py). --quick: L=8192 only.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -67,6 +73,18 @@ def graph_ms(fn):
         return time_ms(fn)
 
 
+def host_ms(fn, n=50):
+    """Host time to issue one call (the GPU runs behind; synchronised only at the end)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e3
+
+
 def providers():
     out = {"ours": lambda x, w, b, activation: conv.causal_conv1d_fn(x, w, b, activation=activation)}
     try:
@@ -79,90 +97,107 @@ def providers():
     return out
 
 
-def main_rows():
-    # fwdbwd twice: eager (what a training step sees, host overhead included: at this size
-    # both providers are host-bound, about 0.6 ms whatever L) and as a CUDA-graph replay
-    # (GPU time of the kernels).
-    passes = (("fwd", fwd_fn, graph_ms, ""), ("fwdbwd", fwdbwd_fn, time_ms, " timing=eager"),
-              ("fwdbwd", fwdbwd_fn, graph_ms, " timing=graph"))
+def main_rows(lengths):
     rows = []
-    for length in LENGTHS:
+    for length in lengths:
         for layout in ("contiguous", "channel_last"):
-            for pass_name, make, timer, suffix in passes:
-                case = f"{pass_name} B={B} D={D} W={W} L={length} layout={layout}{suffix}"
+            for pass_name, make in (("fwd", fwd_fn), ("fwdbwd", fwdbwd_fn)):
                 n_bytes = (2 if pass_name == "fwd" else 5) * B * D * length * 2
-                for name, impl in providers().items():
-                    x, w, b = make_inputs(length, layout, pass_name == "fwdbwd")
-                    ms = try_provider(name, lambda: timer(make(impl, x, w, b)))
-                    if ms is None:
-                        continue
-                    rows.append(bandwidth_row(case, name, ms, n_bytes))
+                for timing, timer in (("graph", graph_ms), ("eager", time_ms)):
+                    case = f"{pass_name} B={B} D={D} W={W} L={length} layout={layout} timing={timing}"
+                    for name, impl in providers().items():
+                        x, w, b = make_inputs(length, layout, pass_name == "fwdbwd")
+                        fn = make(impl, x, w, b)
+                        ms = try_provider(name, lambda: timer(fn))
+                        if ms is None:
+                            continue
+                        row = bandwidth_row(case, name, ms, n_bytes)
+                        if timing == "eager":
+                            row["host_ms"] = round(host_ms(fn), 4)
+                        rows.append(row)
     return rows
 
 
-# Few candidates: each is a Triton compile, and a device run is short.
-FWD_CANDIDATES = {"contiguous": [(8, 256, 4), (8, 512, 8)], "channel_last": [(128, 32, 4), (64, 64, 4)]}
-BWD_CANDIDATES = {"contiguous": [(8, 256, 4), (16, 128, 4)], "channel_last": [(64, 64, 4), (128, 32, 4)]}
+def kernel_rows(lengths):
+    """Our backward launch alone (graph replays), for the notes: its share of fwd+bwd."""
+    rows = []
+    for length in lengths:
+        for layout in ("contiguous", "channel_last"):
+            x, w, b = make_inputs(length, layout, False)
+            g = torch.randn_like(x)
+            ms = try_provider("ours bwd", lambda: graph_ms(lambda: conv._causal_conv1d_bwd(
+                x, w, b, None, None, None, True, g, False)))
+            if ms is not None:
+                rows.append(bandwidth_row(f"bwd B={B} D={D} W={W} L={length} layout={layout} timing=graph",
+                                          "ours", ms, 3 * B * D * length * 2))
+    return rows
+
+
+# Few candidates: each is a Triton compile, and a device run is short. The chunked path's
+# configs are (BLOCK_D, chunks of 8 positions, num_warps); the general kernel's
+# (BLOCK_D, BLOCK_L, num_warps).
+FWD_CANDIDATES = {"chunked": [(4, 32, 4), (8, 32, 4), (4, 64, 4), (2, 128, 8), (8, 64, 8)],
+                  "channel_last": [(128, 32, 4), (64, 64, 4)]}
+BWD_CANDIDATES = {"chunked": [((2, 64, 4), 4), ((1, 128, 4), 4), ((4, 32, 4), 4), ((2, 64, 4), 1), ((2, 64, 4), 16)],
+                  "channel_last": [((64, 64, 4), "scratch"), ((128, 32, 4), "scratch"), ((64, 64, 4), "recompute")]}
 
 
 def sweep():
-    """Time the tile shapes, the two backward variants and the persistent grid size at
-    L=8192; return (rows, the fastest setting per layout and pass)."""
+    """Time the candidates at L=8192 (graph replays); return (rows, the fastest per path)."""
     rows, best = [], {}
 
     def timed(case, label, fn):
         ms = try_provider(label, lambda: graph_ms(fn))
         if ms is not None:
             rows.append({"case": case, "provider": f"ours {label}", "ms": round(ms, 4)})
-            print(f"{case:40s} {label:40s} {ms:.4f}")
+            print(f"{case:40s} {label:40s} {ms:.4f}", flush=True)
         return ms if ms is not None else float("inf")
 
-    for layout in ("contiguous", "channel_last"):
+    for path, layout in (("chunked", "contiguous"), ("channel_last", "channel_last")):
         x, w, b = make_inputs(8192, layout, False)
         g = torch.randn_like(x)
-        fwd = {cfg: timed(f"fwd L=8192 layout={layout}", str(cfg), lambda: conv._causal_conv1d_fwd(
-            x, w, b, None, None, None, True, config=cfg)) for cfg in FWD_CANDIDATES[layout]}
+        out = conv._empty_in_layout(x)
+        dx, dw, db = conv._bwd_outputs(x, w, b, False)
+        fwd = {cfg: timed(f"fwd L=8192 layout={layout}", str(cfg), lambda: conv._launch_fwd(
+            out, x, w, b, None, None, None, True, config=cfg)) for cfg in FWD_CANDIDATES[path]}
         bwd = {}
-        # The recompute variant only at the first tile shape: it is the fallback, not a contender.
-        for cfg, variant in [(c, "scratch") for c in BWD_CANDIDATES[layout]] + [(BWD_CANDIDATES[layout][0],
-                                                                                "recompute")]:
-            bwd[(cfg, variant, 8)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {variant} pps=8", lambda: (
-                conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, variant=variant,
-                                        programs_per_sm=8)))
-        cfg, variant, _ = min(bwd, key=bwd.get)
-        bwd[(cfg, variant, 16)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {variant} pps=16", lambda: (
-            conv._causal_conv1d_bwd(x, w, b, None, None, None, True, g, config=cfg, variant=variant,
-                                    programs_per_sm=16)))
-        best[layout] = (min(fwd, key=fwd.get), min(bwd, key=bwd.get))
+        for cfg, option in BWD_CANDIDATES[path]:
+            extra = {"tiles_per_program": option} if path == "chunked" else {"variant": option}
+            bwd[(cfg, option)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {option}", lambda: conv._launch_bwd(
+                dx, dw, db, x, w, b, None, None, None, True, g, config=cfg, **extra))
+        best[path] = (min(fwd, key=fwd.get), min(bwd, key=bwd.get))
     return rows, best
 
 
 def apply(best):
     """Make the library use the given settings (the values to copy into causal_conv1d.py)."""
-    for layout, (fwd_cfg, (bwd_cfg, variant, pps)) in best.items():
-        conv.FWD_CONFIG[layout] = fwd_cfg
-        conv.BWD_CONFIG[layout] = bwd_cfg
-        conv.BWD_DY_SHIFT[layout] = variant
-    # One grid size for both layouts: the contiguous layout's (the benchmark's headline case).
-    conv.BWD_PROGRAMS_PER_SM = best["contiguous"][1][2]
+    for path, (fwd_cfg, (bwd_cfg, option)) in best.items():
+        conv.FWD_CONFIG[path] = fwd_cfg
+        conv.BWD_CONFIG[path] = bwd_cfg
+        if path == "chunked":
+            conv.BWD_TILES_PER_PROGRAM = option
+        else:
+            conv.BWD_DY_SHIFT[path] = option
 
 
 def settings():
     return {"fwd": dict(conv.FWD_CONFIG), "bwd": dict(conv.BWD_CONFIG), "dy_shift": dict(conv.BWD_DY_SHIFT),
-            "programs_per_sm": conv.BWD_PROGRAMS_PER_SM}
+            "tiles_per_program": conv.BWD_TILES_PER_PROGRAM, "programs_per_sm": conv.BWD_PROGRAMS_PER_SM}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true",
                         help="sweep tile shapes first and run the comparison with the fastest ones")
+    parser.add_argument("--quick", action="store_true", help="L=8192 only")
     args = parser.parse_args()
     if args.tune:
         rows, best = sweep()
         apply(best)
         save_results("bench_conv_sweep", rows, plot_key="L")
-    print("settings:", settings())
-    rows = main_rows()
+    print("settings:", settings(), flush=True)
+    lengths = (8192,) if args.quick else LENGTHS
+    rows = main_rows(lengths) + kernel_rows(lengths)
     for r in rows:
         if r["provider"] == "ours":
             r["settings"] = str(settings())
