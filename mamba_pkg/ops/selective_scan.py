@@ -657,17 +657,22 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
     groups BLOCK_D also divides D / G (a smaller block stays correct, only slower).
     The forward that saves checkpoints for the backward uses the backward's BLOCK_L.
 
-    N = 16 uses the shapes measured fastest on an H100 (benchmarks/notes_selective_scan.md):
-    one warp per program (no barriers between warps in the per-tile layout changes
-    and reductions), 16 steps per forward tile, 8 per backward tile.
+    The shapes are the fastest of the sweeps in benchmarks/bench_selective_scan.py on an
+    H100 (B=4, D=2048, bf16; benchmarks/notes_selective_scan.md): one warp per program
+    (no barriers between warps in the per-tile layout changes and reductions) wherever
+    that measured faster, 16 steps per forward tile and 8 per backward tile up to N = 16.
+    N = 64's backward stays on four warps (one-warp shapes spill registers).
     """
     block_n = max(2, triton.next_power_of_2(dstate))
-    n_lanes = min(block_n, 4 if block_n <= 16 else 8 if block_n <= 64 else 32)
-    n_in = block_n // n_lanes
-    if block_n == 16:
+    if block_n <= 16:
+        n_lanes = 2 if block_n <= 8 else 4
         num_warps, block_l = 1, (8 if backward else 16)
+    elif block_n <= 64 and not backward:
+        n_lanes, num_warps, block_l = 4, 1, 8
     else:
-        num_warps, block_l = 4, (8 if n_in <= 4 else 4)
+        n_lanes = 8 if block_n <= 64 else 32
+        num_warps, block_l = 4, (8 if block_n // n_lanes <= 4 else 4)
+    n_in = block_n // n_lanes
     block_d = max(1, 32 * num_warps // n_lanes)
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
