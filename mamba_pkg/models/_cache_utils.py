@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_tensor
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear
 
 
 def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:
@@ -98,3 +99,18 @@ def conv_with_cache(x, weight, bias, activation, conv_state=None, *, fresh=True,
     out = causal_conv1d_fn(x, weight, bias, initial_states=conv_state[..., -(weight.shape[1] - 1) :], activation=activation)
     conv_state.copy_(last_inputs(torch.cat([conv_state, x], dim=-1), conv_state.shape[-1]))
     return out
+
+
+def plain_linear(layer) -> bool:
+    """True when calling ``layer`` is nothing but its matrix product: no forward hooks (tensor
+    parallelism all-reduces through them) and plain-tensor weights (not DTensors), so a fused
+    kernel may read its weight directly."""
+    return not (layer._forward_hooks or layer._forward_pre_hooks) and type(layer.weight.data) is torch.Tensor
+
+
+def step_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a decode step, x (B, in_features): up to MAX_ROWS rows one decode_linear
+    launch (cuBLAS takes two at batch 1: split-K GEMM + reduction); else the layer itself."""
+    if x.shape[0] <= MAX_ROWS and plain_linear(layer):
+        return decode_linear(x, layer.weight, layer.bias)
+    return layer(x)

@@ -24,6 +24,8 @@ from mamba_pkg.models._cache_utils import (
     check_mixer_input,
     conv_with_cache,
     layer_cache,
+    plain_linear,
+    step_linear,
 )
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
@@ -178,9 +180,9 @@ class Mamba(nn.Module):
         ssm_state (B, D, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, D) each
+        x, z = step_linear(self.in_proj, hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, D) each
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
-        split_sum = x.shape[0] <= FUSED_X_PROJ_MAX_BATCH and self.x_proj.bias is None
+        split_sum = x.shape[0] <= FUSED_X_PROJ_MAX_BATCH and self.x_proj.bias is None and plain_linear(self.x_proj)
         if split_sum:
             # Small batch (launch-bound): the conv and x_proj in one kernel, leaving the x_proj
             # as per-block partial sums (S, B, R + 2N) that the SSM kernel adds up.
@@ -193,4 +195,4 @@ class Mamba(nn.Module):
         # One fused kernel: dt_proj, + bias, softplus, A = -exp(A_log), state update, D, z gate.
         y = ssm_decode_step(ssm_state, x, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
                             dt_proj_weight=self.dt_proj.weight, split_sum=split_sum)
-        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+        return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state

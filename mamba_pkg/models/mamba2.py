@@ -23,6 +23,7 @@ from mamba_pkg.models._cache_utils import (
     check_mixer_input,
     conv_with_cache,
     layer_cache,
+    step_linear,
 )
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
@@ -233,7 +234,7 @@ class Mamba2(nn.Module):
         ssm_state (B, H, P, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-        z0, x0, z, xBC, dt = self._split(self.in_proj(hidden_states.squeeze(1)))
+        z0, x0, z, xBC, dt = self._split(step_linear(self.in_proj, hidden_states.squeeze(1)))
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -252,5 +253,10 @@ class Mamba2(nn.Module):
             dt_bias=self.dt_bias,
             dt_limit=self.dt_limit,
         )
-        out = self._finish(rearrange(y, "b h p -> b (h p)"), z, z0, x0)
-        return out.unsqueeze(1), conv_state, ssm_state
+        y = rearrange(y, "b h p -> b (h p)")
+        # _finish's gate / norm and in-mixer MLP, with the step's one-launch out_proj.
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if z0.shape[-1] > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state
