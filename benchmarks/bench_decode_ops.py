@@ -139,8 +139,34 @@ def fused_providers():
     return out
 
 
-def main_rows(batches=BATCHES, with_conv=True):
+LINEAR_SHAPES = {  # (out_features, in_features) of a step's projections
+    "mamba-1.4b in_proj": (8192, 2048), "mamba-1.4b out_proj": (2048, 4096),
+    "mamba-130m in_proj": (3072, 768), "mamba-130m out_proj": (768, 1536),
+}
+
+
+def linear_rows(batches=(1, 8)):
+    """decode_linear (one launch) against torch's F.linear (cuBLAS) at decode batch sizes."""
+    import torch.nn.functional as F
+
+    from mamba_pkg.ops.decode_linear import decode_linear
+
     rows = []
+    for name, (n_out, n_in) in LINEAR_SHAPES.items():
+        for batch in batches:
+            x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
+            n_bytes = n_out * n_in * 2 + batch * (n_in + n_out) * 2
+            case = f"step linear {name.replace(' ', '_')} batch={batch}"
+            for provider, fn in (("ours", decode_linear), ("torch", F.linear)):
+                ms = try_provider(provider, lambda fn=fn: graph_ms(lambda: fn(x, w)))
+                if ms is not None:
+                    rows.append(bandwidth_row(case, provider, ms, n_bytes))
+    return rows
+
+
+def main_rows(batches=BATCHES, with_conv=True):
+    rows = linear_rows()
     for batch in batches:
         case = f"step ssm_fused model=mamba1-1.4b batch={batch}"
         for name, fn in fused_providers().items():
