@@ -23,7 +23,9 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import Tensor
 
+from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -690,43 +692,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _new_rows(p, dtype) -> torch.Tensor:
-    """A new contiguous (B, D, L) output (empty_like would keep an input's strides)."""
-    return torch.empty(p.batch, p.dim, p.seqlen, device=p.u.device, dtype=dtype)
-
-
 class _Prepared:
-    """Kernel-ready inputs: contiguous, B/C as (B, G, N, L) or (D, N), varlen index."""
+    """Geometry of a launch from kernel-ready inputs: u, delta, z with L contiguous
+    (_rows), B and C as (B, G, N, L) or (D, N) contiguous (_bc_form), seq_idx (L,) int32."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs):
         self.batch, self.dim, self.seqlen = u.shape
         self.dstate = A.shape[1]
-        self.u, self.delta = _rows(u), _rows(delta)
-        self.z = _rows(z) if z is not None else None
-        self.A = A.contiguous()
-        self.D = D.contiguous() if D is not None else None
-        self.delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-        self.initial_state = initial_state.contiguous() if initial_state is not None else None
-        self.B_shape, self.C_shape = B.shape, C.shape
-        self.B, self.B_var = self._bc(B)
-        self.C, self.C_var = self._bc(C)
-        # Channels per group of B and of C (D when shared by all channels).
-        self.b_group_size = self.dim // (self.B.shape[1] if self.B_var else 1)
-        self.c_group_size = self.dim // (self.C.shape[1] if self.C_var else 1)
-        self.group_size = math.gcd(self.b_group_size, self.c_group_size)
-        self.grouped = self.group_size < self.dim
-        self.seq_idx = None
-        if cu_seqlens is not None:
-            self.seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, self.seqlen)[0].contiguous()
-        self.num_seqs = self.batch if cu_seqlens is None else cu_seqlens.numel() - 1
-
-    @staticmethod
-    def _bc(t):
-        if t.dim() == 2:
-            return t.contiguous(), False
-        if t.dim() == 3:
-            t = t.unsqueeze(1)  # (B, 1, N, L)
-        return t.contiguous(), True
+        self.u, self.delta, self.z = u, delta, z
+        self.A, self.B, self.C, self.D, self.delta_bias = A, B, C, D, delta_bias
+        self.initial_state, self.seq_idx, self.num_seqs = initial_state, seq_idx, num_seqs
+        self.B_var, self.C_var = B.dim() == 4, C.dim() == 4
+        self.b_group_size, self.c_group_size, self.group_size, self.grouped = _groups(self.dim, B, C)
 
     def row_strides(self):
         """(batch, channel) strides of u, delta and z (their L stride is 1)."""
@@ -739,112 +716,194 @@ class _Prepared:
         return (*sb, *sc)
 
 
-def _selective_scan_fwd(p: _Prepared, delta_softplus: bool, store_ckpt: bool):
-    """Returns out (B, D, L), last_state (num_seqs, D, N) fp32, and the per-tile
-    start states (B, L / BLOCK_L, D, N) fp32 for the backward (or None)."""
+def _bc_form(t: torch.Tensor) -> torch.Tensor:
+    """B or C as the kernels read it: (D, N) fixed or (B, G, N, L) input-dependent, contiguous."""
+    return (t.unsqueeze(1) if t.dim() == 3 else t).contiguous()
+
+
+def _groups(dim: int, B: torch.Tensor, C: torch.Tensor):
+    """Channels per group of B and of C (D when shared by all channels), their gcd, and
+    whether there is more than one group."""
+    b_group_size = dim // (B.shape[1] if B.dim() == 4 else 1)
+    c_group_size = dim // (C.shape[1] if C.dim() == 4 else 1)
+    group_size = math.gcd(b_group_size, c_group_size)
+    return b_group_size, c_group_size, group_size, group_size < dim
+
+
+# The launchers are torch.library custom ops (mamba_pkg/ops/_library.py): torch.compile
+# sees each launch as one node with a fake implementation (shapes only) and does not
+# trace into Triton. Their allocation helpers are shared by the real and the fake op.
+
+
+def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
+    """out (B, D, L) in u.dtype, last_state (num_seqs, D, N) fp32 and the per-tile
+    start states (B, L / BLOCK_L, D, N) fp32 (empty unless store_ckpt); uninitialised."""
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    out = u.new_empty(batch, dim, seqlen)
+    last = u.new_empty(num_seqs, dim, dstate, dtype=torch.float32)
+    ckpt = absent(u)
+    if store_ckpt:
+        _, _, group_size, grouped = _groups(dim, B, C)
+        block_l = _block_sizes(dstate, group_size, grouped, backward=True)[3]
+        ckpt = u.new_empty(batch, triton.cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
+    return out, last, ckpt
+
+
+@launcher_op("selective_scan_fwd")
+def _selective_scan_fwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None, num_seqs: int,
+    delta_softplus: bool, store_ckpt: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel-ready inputs (see _Prepared) -> out (B, D, L), last_state (num_seqs, D, N)
+    fp32, and the per-tile start states for the backward (empty unless store_ckpt)."""
+    p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=False)
     if store_ckpt:
         block_l = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)[3]
-    u = p.u
-    out = _new_rows(p, u.dtype)
-    varlen = p.seq_idx is not None
-    if varlen:
+    out, last, ckpt = _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
+    varlen = seq_idx is not None
+    if varlen and initial_state is not None:
         # Empty sequences are never visited by the kernel: their last state is their initial state.
-        last = p.initial_state.clone() if p.initial_state is not None else u.new_zeros(
-            p.num_seqs, p.dim, p.dstate, dtype=torch.float32)
-    else:
-        last = u.new_empty(p.batch, p.dim, p.dstate, dtype=torch.float32)
-    n_tiles = triton.cdiv(p.seqlen, block_l)
-    ckpt = u.new_empty(p.batch, n_tiles, p.dim, p.dstate, dtype=torch.float32) if store_ckpt else None
+        last.copy_(initial_state)
+    elif varlen:
+        last.zero_()
     grid = (triton.cdiv(p.dim, block_d), p.batch)
     _selective_scan_fwd_kernel[grid](
-        u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx,
-        out, last, ckpt,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+        out, last, ckpt if store_ckpt else None,
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
-        HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
-        DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=p.initial_state is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+        DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
-    return out, last, ckpt, block_l
+    return out, last, ckpt
 
 
-def _selective_scan_bwd(p: _Prepared, delta_softplus: bool, ckpt, block_l: int, dout, dlast):
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)."""
-    block_d, n_in, n_lanes, _, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
-    u = p.u
-    n_dblocks = triton.cdiv(p.dim, block_d)
-    dout = _new_rows(p, u.dtype).zero_() if dout is None else _rows(dout)
-    varlen = p.seq_idx is not None
-    has_h0 = p.initial_state is not None
-    du, ddelta = _new_rows(p, u.dtype), _new_rows(p, p.delta.dtype)
-    dz = _new_rows(p, p.z.dtype) if p.z is not None else None
+@_selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs, delta_softplus, store_ckpt):
+    return _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
+
+
+def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state), uninitialised: dB
+    and dC fp32 in the kernel form of B and C; absent(u) for inputs that are None."""
     f32 = dict(device=u.device, dtype=torch.float32)
-    dA = torch.empty(p.batch, p.dim, p.dstate, **f32)
-    dB = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.B_var
-          else torch.empty(p.batch, p.dim, p.dstate, **f32))
-    dC = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.C_var
-          else torch.empty(p.batch, p.dim, p.dstate, **f32))
-    dD = torch.empty(p.batch, p.dim, **f32) if p.D is not None else None
-    ddelta_bias = torch.empty(p.batch, p.dim, **f32) if p.delta_bias is not None else None
-    dh0 = None
-    if has_h0:
+    return (
+        u.new_empty(u.shape), delta.new_empty(u.shape), torch.empty(A.shape, **f32),
+        torch.empty(B.shape, **f32), torch.empty(C.shape, **f32),
+        torch.empty(D.shape, **f32) if D is not None else absent(u),
+        z.new_empty(u.shape) if z is not None else absent(u),
+        torch.empty(delta_bias.shape, **f32) if delta_bias is not None else absent(u),
+        torch.empty(initial_state.shape, **f32) if initial_state is not None else absent(u),
+    )
+
+
+@launcher_op("selective_scan_bwd")
+def _selective_scan_bwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None, num_seqs: int,
+    delta_softplus: bool, ckpt: Tensor, dout: Tensor, dlast: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) from the
+    forward's checkpoints; see _bwd_outputs for their forms."""
+    p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
+    block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
+    n_dblocks = triton.cdiv(p.dim, block_d)
+    dout = _rows(dout)
+    varlen = seq_idx is not None
+    has_h0 = initial_state is not None
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias,
+                                                                    initial_state)
+    # Per-program partials, added up below: deterministic, no atomics.
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dA_part = torch.empty(p.batch, p.dim, p.dstate, **f32)
+    dB_part = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.B_var
+               else torch.empty(p.batch, p.dim, p.dstate, **f32))
+    dC_part = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.C_var
+               else torch.empty(p.batch, p.dim, p.dstate, **f32))
+    dD_part = torch.empty(p.batch, p.dim, **f32) if D is not None else None
+    ddelta_bias_part = torch.empty(p.batch, p.dim, **f32) if delta_bias is not None else None
+    if has_h0 and varlen and dlast is not None:
         # Empty packed sequences are never visited: their initial state's gradient is dlast.
-        dh0 = (dlast.clone() if dlast is not None else torch.zeros_like(p.initial_state)) if varlen \
-            else torch.empty_like(p.initial_state)
+        dh0.copy_(dlast)
+    elif has_h0 and varlen:
+        dh0.zero_()
     dlast = dlast.contiguous() if dlast is not None else None
     grid = (n_dblocks, p.batch)
     _selective_scan_bwd_kernel[grid](
-        u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, p.initial_state, p.seq_idx, ckpt,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt,
         dout, dlast,
-        du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dh0,
+        du, ddelta, dz if z is not None else None, dA_part, dB_part, dC_part, dD_part, ddelta_bias_part,
+        dh0 if has_h0 else None,
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
         *dout.stride()[:2],
-        HAS_D=p.D is not None, HAS_Z=p.z is not None, HAS_DELTA_BIAS=p.delta_bias is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
-    dA = dA.sum(0)
-    dB = _reduce_bc_grad(dB, p.B_var, p.B_shape)
-    dC = _reduce_bc_grad(dC, p.C_var, p.C_shape)
-    dD = dD.sum(0) if dD is not None else None
-    ddelta_bias = ddelta_bias.sum(0) if ddelta_bias is not None else None
+    torch.sum(dA_part, 0, out=dA)
+    _reduce_bc_grad(dB_part, p.B_var, out=dB)
+    _reduce_bc_grad(dC_part, p.C_var, out=dC)
+    if D is not None:
+        torch.sum(dD_part, 0, out=dD)
+    if delta_bias is not None:
+        torch.sum(ddelta_bias_part, 0, out=ddelta_bias)
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
 
 
-def _reduce_bc_grad(partial, is_var: bool, shape):
-    """Per-program partials -> the gradient of B or C in its input shape (fp32)."""
+@_selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs, delta_softplus, ckpt, dout, dlast):
+    return _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+
+def _reduce_bc_grad(partial, is_var: bool, out):
+    """Per-program partials -> the gradient of B or C in its kernel form (fp32), into out."""
     if not is_var:
-        return partial.sum(0)  # (D, N)
-    groups = shape[1] if len(shape) == 4 else 1
+        torch.sum(partial, 0, out=out)  # (D, N)
+        return
     batch, n_dblocks, dstate, seqlen = partial.shape
-    grad = partial.view(batch, groups, n_dblocks // groups, dstate, seqlen).sum(2)  # (B, G, N, L)
-    return grad.view(shape)
+    groups = out.shape[1]
+    torch.sum(partial.view(batch, groups, n_dblocks // groups, dstate, seqlen), 2, out=out)  # (B, G, N, L)
 
 
 class SelectiveScanFn(torch.autograd.Function):
-    """Triton forward and backward. Options (delta_softplus,) ride in a tuple."""
+    """Triton forward and backward through the custom-op launchers. Options
+    (delta_softplus,) ride in a tuple."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, options):
         (delta_softplus,) = options
-        p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+        seq_idx = None if cu_seqlens is None else seq_idx_from_cu_seqlens(cu_seqlens, u.shape[2])[0]
+        num_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        inputs = (_rows(u), _rows(delta), A.contiguous(), _bc_form(B), _bc_form(C),
+                  D.contiguous() if D is not None else None, _rows(z) if z is not None else None,
+                  delta_bias.contiguous() if delta_bias is not None else None,
+                  initial_state.contiguous() if initial_state is not None else None, seq_idx)
         needs_grad = any(ctx.needs_input_grad[:9])
-        out, last, ckpt, block_l = _selective_scan_fwd(p, delta_softplus, store_ckpt=needs_grad)
+        out, last, ckpt = _selective_scan_fwd(*inputs, num_seqs, delta_softplus, needs_grad)
         if needs_grad:
-            ctx.prepared, ctx.ckpt, ctx.block_l, ctx.delta_softplus = p, ckpt, block_l, delta_softplus
+            ctx.save_for_backward(*inputs, ckpt)
+            ctx.options = (num_seqs, delta_softplus, B.shape, C.shape, B.dtype, C.dtype)
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        p = ctx.prepared
+        *inputs, ckpt = ctx.saved_tensors
+        num_seqs, delta_softplus, B_shape, C_shape, B_dtype, C_dtype = ctx.options
+        u, _, _, _, _, D, z, delta_bias, initial_state, _ = inputs
+        if dout is None:
+            dout = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _selective_scan_bwd(
-            p, ctx.delta_softplus, ctx.ckpt, ctx.block_l, dout, dlast)
-        dB = dB.to(ctx.prepared.B.dtype)
-        dC = dC.to(ctx.prepared.C.dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, None, None
+            *inputs, num_seqs, delta_softplus, ckpt, dout, dlast)
+        return (du, ddelta, dA, dB.view(B_shape).to(B_dtype), dC.view(C_shape).to(C_dtype),
+                dD if D is not None else None, dz if z is not None else None,
+                ddelta_bias if delta_bias is not None else None,
+                dh0 if initial_state is not None else None, None, None)
 
 
 # ---------------------------------------------------------------------------
