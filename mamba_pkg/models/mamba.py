@@ -129,7 +129,14 @@ class Mamba(nn.Module):
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
 
-        xz = rearrange(self.in_proj(hidden_states), "b l d -> b d l")  # (B, 2D, L)
+        # xz (B, 2D, L) laid out as (2D, B * L): each (b, d) row has unit stride along L, so the
+        # conv and the scan read its x and z halves in place (the transposed (B, L, 2D) output
+        # of in_proj(hidden_states) would be copied into that layout, forward and backward).
+        xz = rearrange(
+            self.in_proj.weight @ rearrange(hidden_states, "b l d -> d (b l)"), "d (b l) -> b d l", l=seqlen
+        )
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         A = -torch.exp(self.A_log.float())  # (D, N)
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         if self.use_fast_path and inference_params is None:
