@@ -418,7 +418,7 @@ def _causal_conv1d_fwd_chunk_kernel(
 # Tile shapes, chosen by measurement on an H100 (benchmarks/bench_conv.py --tune). The
 # chunked path's are (BLOCK_D, NC chunks of CHUNK positions, num_warps); the general
 # kernel's (BLOCK_D, BLOCK_L, num_warps), the layout deciding which axis is contiguous.
-FWD_CONFIG = {"chunked": (4, 32, 4), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
+FWD_CONFIG = {"chunked": (2, 128, 8), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
 BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
 # General backward kernel: programs per SM (a persistent grid: each program reuses one
 # scratch tile), and how it gets dy at the W-1 positions after each position: "scratch"
@@ -427,7 +427,7 @@ BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": 
 BWD_PROGRAMS_PER_SM = 8
 # Chunked backward: consecutive L tiles per program (its dweight partial is reduced across
 # threads once, not per tile).
-BWD_TILES_PER_PROGRAM = 4
+BWD_TILES_PER_PROGRAM = 16
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "scratch"}
 
 
