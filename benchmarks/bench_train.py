@@ -11,7 +11,9 @@ both return the (B, L, V) logits and the loss is computed from them; ours_fused_
 model(ids, labels=ids, return_logits=False) (the same loss, lm_head and cross entropy fused
 chunk by chunk, so the logits never exist in full); ours_compiled (torch.compile of the
 ours_fused_loss step's model, Inductor; fullgraph=True, or a note and fullgraph=False when
-dynamo cannot capture one graph); optional ours_ckpt (gradient_checkpointing_enable():
+dynamo cannot capture one graph); ours_graphed / mamba_ssm_graphed (the whole step of
+ours_fused_loss / mamba_ssm captured in one CUDA graph and replayed: no host launch cost;
+peak is then the reserved memory); optional ours_ckpt (gradient_checkpointing_enable():
 block-level recompute, for the memory column). --profile adds torch.profiler kernel tables
 (top kernels per step, time by kernel family) of ours_fused_loss and mamba_ssm, saved in
 bench_train_profile.json.
@@ -129,8 +131,12 @@ def _cpu_time_ms(fn, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(step, device) -> dict:
-    """ms, and on CUDA the peak memory of one step (after a warm-up step: compilation, autotuning)."""
+def measure(step, device, graphed=False) -> dict:
+    """ms, and on CUDA the peak memory of one step (after a warm-up step: compilation, autotuning).
+
+    graphed: ``step`` replays a CUDA graph, whose private pool the allocator counts as reserved,
+    not allocated; the peak is then the reserved memory (weights, grads and the whole pool: an
+    upper bound)."""
     if device.type != "cuda":
         return {"ms": _cpu_time_ms(step)}
     step()
@@ -140,8 +146,30 @@ def measure(step, device) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"ms": time_ms(step, warmup_ms=200, rep_ms=1500), "peak_gib": round(peak, 3)}
+    peak = (torch.cuda.memory_reserved() if graphed else torch.cuda.max_memory_allocated()) / 2**30
+    result = {"ms": time_ms(step, warmup_ms=200, rep_ms=1500), "peak_gib": round(peak, 3)}
+    if graphed:
+        result["peak_kind"] = "reserved"
+    return result
+
+
+def capture_step(step, warmup: int = 3):
+    """``step`` (forward, loss, backward) captured whole in one CUDA graph; returns its replay.
+
+    The step runs first on a side stream (autotuning, allocator warm-up), as torch.cuda.graph
+    needs. It sets the grads to None before its backward, so during capture they are allocated
+    in the graph's pool and every replay rewrites them in place. This removes the host cost of
+    launching the step's ~1,500 kernels one by one (the eager 130m steps are host-bound)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def release(state: dict) -> None:
@@ -157,13 +185,14 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS))
     ap.add_argument("--precision", choices=("bf16", "autocast"), default="bf16")
     ap.add_argument("--optimizer", action="store_true", help="include a fused AdamW step")
-    ap.add_argument("--providers", default="ours,ours_fused_loss,mamba_ssm,ours_compiled", help="also: ours_ckpt")
+    ap.add_argument("--providers", default="ours,ours_fused_loss,mamba_ssm,ours_graphed,mamba_ssm_graphed,ours_compiled",
+                    help="also: ours_ckpt")
     ap.add_argument("--profile", action="store_true", help="kernel tables of ours_fused_loss and mamba_ssm")
     ap.add_argument("--profile-models", default="mamba-130m,mamba2-130m", help="models to profile (with --profile)")
     ap.add_argument("--compile-models", default=None, help="models to measure compiled (default: all measured)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no compiled row after this many seconds")
     ap.add_argument("--quick", action="store_true",
-                    help="mamba-130m and mamba2-130m, providers ours, ours_fused_loss, mamba_ssm (no compile)")
+                    help="mamba-130m and mamba2-130m; providers ours_fused_loss, mamba_ssm and both graphed (no compile)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and shapes (smoke run)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU (torch backend of every op; no peak memory)")
     ap.add_argument("--name", default="bench_train", help="results file name (without .json)")
@@ -175,7 +204,7 @@ def main() -> None:
     vocab = TINY_VOCAB if args.tiny else VOCAB
     if args.quick:
         args.models = args.models or "mamba-130m,mamba2-130m"
-        args.providers = "ours,ours_fused_loss,mamba_ssm"
+        args.providers = "ours_fused_loss,mamba_ssm,ours_graphed,mamba_ssm_graphed"
     names = args.models.split(",") if args.models else list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -222,7 +251,10 @@ def main() -> None:
             state["model"] = model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if args.optimizer else None
             step = make_step(fn, model, ids, args.precision, opt, fused_loss=fused_loss)
-            result = measure(step, device)
+            graphed = provider.endswith("_graphed")
+            if graphed:
+                step = capture_step(step)
+            result = measure(step, device, graphed=graphed)
             if args.profile and name in profile_names and provider in ("ours_fused_loss", "mamba_ssm"):
                 table_ = try_provider(f"{name} {provider} profile", lambda: kernel_profile(step))
                 if table_ is not None:
@@ -265,6 +297,24 @@ def main() -> None:
                 return model, model, {}
 
             run_provider(name, "ours_ckpt", build_ckpt)
+    # CUDA-graph rows after every eager row, ours first: a failed capture can leave the CUDA
+    # context unusable for what follows.
+    for name in names:
+        cfg = cfgs[name]
+        if "ours_graphed" in providers and device.type == "cuda":
+            def build_graphed(cfg=cfg):
+                model = build_ours(cfg, device, weight_dtype)
+                return model, model, {}
+
+            run_provider(name, "ours_graphed", build_graphed, fused_loss=True)
+    for name in names:
+        cfg = cfgs[name]
+        if "mamba_ssm_graphed" in providers and device.type == "cuda":
+            def build_ssm_graphed(cfg=cfg):
+                theirs = build_mamba_ssm(cfg, build_ours(cfg, device, weight_dtype), device, weight_dtype)
+                return theirs, theirs, {}
+
+            run_provider(name, "mamba_ssm_graphed", build_ssm_graphed)
     if "ours_compiled" in providers:
         for name in names:
             if name not in compile_names:
@@ -382,6 +432,12 @@ def _ratios_to_mamba_ssm(rows) -> None:
         r["speedup_vs_mamba_ssm"] = round(r["tokens_per_s"] / b["tokens_per_s"], 3)
         if r.get("peak_gib") and b.get("peak_gib"):
             r["mem_vs_mamba_ssm"] = round(r["peak_gib"] / b["peak_gib"], 3)
+    # Graphed against graphed too: the same technique applied to both.
+    graphed = {r["case"]: r for r in rows if r["provider"] == "mamba_ssm_graphed"}
+    for r in rows:
+        b = graphed.get(r["case"])
+        if r["provider"] == "ours_graphed" and b is not None:
+            r["speedup_vs_mamba_ssm_graphed"] = round(r["tokens_per_s"] / b["tokens_per_s"], 3)
 
 
 def _summary(rows) -> None:
