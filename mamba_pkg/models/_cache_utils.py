@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_tensor
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear
+from mamba_pkg.ops.decode_linear import decode_linear
+
+# Decode steps of at most this many rows use decode_linear for in_proj / out_proj. It streams
+# the weight once in one launch; it re-reads x per program, so it is meant for batch 1-2
+# (at larger batch cuBLAS's GEMM wins). 0 switches it off.
+STEP_LINEAR_MAX_ROWS = 2
 
 
 def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:
@@ -109,8 +114,8 @@ def plain_linear(layer) -> bool:
 
 
 def step_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a decode step, x (B, in_features): up to MAX_ROWS rows one decode_linear
-    launch (cuBLAS takes two at batch 1: split-K GEMM + reduction); else the layer itself."""
-    if x.shape[0] <= MAX_ROWS and plain_linear(layer):
+    """``layer(x)`` for a decode step, x (B, in_features): up to STEP_LINEAR_MAX_ROWS rows one
+    decode_linear launch (cuBLAS takes two at batch 1: split-K GEMM + reduction); else the layer."""
+    if x.shape[0] <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
         return decode_linear(x, layer.weight, layer.bias)
     return layer(x)

@@ -33,9 +33,10 @@ from mamba_pkg.ops.conv_xproj_step import conv_xproj_step
 from mamba_pkg.ops.selective_scan import mamba_inner_fn, selective_scan_fn
 from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 
-# Up to this batch a decode step fuses the conv with x_proj (conv_xproj_step); above it, the
-# SSM kernel would re-read the partial sums once per row block, and cuBLAS's x_proj wins.
-FUSED_X_PROJ_MAX_BATCH = 8
+# Up to this batch a decode step fuses the conv with x_proj (conv_xproj_step). The SSM kernel
+# then reads S = D / 128 partial sums per row (32 KB per program at batch 2, mamba-1.4b), so
+# at larger batch the cuBLAS x_proj (one summed row) is cheaper. 0 switches the fusion off.
+FUSED_X_PROJ_MAX_BATCH = 2
 
 
 class Mamba(nn.Module):
