@@ -216,19 +216,20 @@ def _chunk_loss_and_dlogits(hidden, weight, targets, grad_scale=None):
     """Sum of the cross-entropy terms of one chunk of rows, and grad_scale * d(sum)/d logits in
     hidden's dtype (None without grad_scale).
 
-    hidden (M, d), weight (V, d), targets (M,). Logits are rounded to hidden's dtype (as the lm_head
-    matmul returns them) and the softmax is taken in fp32, like cross_entropy(logits.float()).
+    hidden (M, d), weight (V, d), targets (M,). The logits come out of the matmul in hidden's dtype
+    and the softmax is taken in fp32, as in cross_entropy(logits.float()). Four passes over the
+    (M, V) block: log_softmax, the scale (added in the log domain), exp, the cast.
     """
-    logits = F.linear(hidden, weight).float()  # (M, V)
+    logp = torch.log_softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float32)  # (M, V)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = ((lse - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
+    loss = -(logp.gather(1, safe[:, None])[:, 0] * valid).sum()
     if grad_scale is None:
         return loss, None
-    dlogits = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-    dlogits.scatter_add_(1, safe[:, None], -valid[:, None].to(dlogits.dtype))
-    dlogits.mul_(valid[:, None] * grad_scale)
+    # softmax * scale on scored rows, 0 on ignored ones, minus scale at the target.
+    log_scale = torch.where(valid, torch.log(grad_scale), float("-inf"))
+    dlogits = logp.add_(log_scale[:, None]).exp_()
+    dlogits.scatter_add_(1, safe[:, None], -(valid * grad_scale)[:, None].to(dlogits.dtype))
     return loss, dlogits.to(hidden.dtype)
 
 
