@@ -1001,7 +1001,6 @@ def _left_matmul(weight, x):
 def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                 B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend):
     """Everything before out_proj; returns the gated scan output y (B, D, L)."""
-    seqlen = xz.shape[-1]
     rank, dstate = delta_proj_weight.shape[1], A.shape[1]
     x, z = xz.chunk(2, dim=1)
     weight = rearrange(conv1d_weight, "d 1 w -> d w") if conv1d_weight.dim() == 3 else conv1d_weight

@@ -58,7 +58,7 @@ def _check(params, device, **kw):
 
 @pytest.mark.parametrize("checkpoint_lvl", [0, 1])
 def test_inner_kernel_matches_ref(checkpoint_lvl):
-    _check(make_params(2, 4, 7, conv_3d=checkpoint_lvl == 1), "cpu", checkpoint_lvl=checkpoint_lvl)
+    _check(make_params(2, 4, 7, conv_3d=checkpoint_lvl == 1), DEV, checkpoint_lvl=checkpoint_lvl)
 
 
 def test_inner_varlen_equals_per_sequence():
@@ -74,7 +74,7 @@ def test_inner_varlen_equals_per_sequence():
 
 def test_inner_varlen_kernel():
     cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
-    _check(make_params(1, 4, 10), "cpu", cu_seqlens=cu)
+    _check(make_params(1, 4, 10), DEV, cu_seqlens=cu)
 
 
 def test_inner_ref_matches_unfused_composition():

@@ -192,8 +192,11 @@ def _bad(**changes):
 def test_bad_input(changes, exc, match, backend):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "0" and not torch.cuda.is_available():
         pytest.skip("triton backend needs CUDA or the interpreter")
+    # On a CUDA machine the Triton backend needs CUDA tensors (the meta one stays on meta).
+    args = {k: v.to(DEV) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
+            for k, v in _bad(**changes).items()}
     with pytest.raises(exc, match=match):
-        selective_scan_fn(**_bad(**changes), backend=backend)
+        selective_scan_fn(**args, backend=backend)
 
 
 def test_bad_cu_seqlens_batch():
@@ -276,8 +279,8 @@ def test_kernel_matches_ref(dtype, bc, seqlen, dstate, dim):
 
 def test_kernel_full_tiles():
     """D, N and L that fill every tile: the kernels drop their bounds masks."""
-    args = make_inputs(2, 16, 32, 16, bc="var", dtype=torch.bfloat16)
-    h0 = torch.randn(2, 16, 16)
+    args = make_inputs(2, 16, 32, 16, bc="var", dtype=torch.bfloat16, device=DEV)
+    h0 = torch.randn(2, 16, 16).to(DEV)
     check_kernel(args, h0=h0)
     with torch.no_grad():  # the forward without checkpoints uses its own tile length
         out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, initial_state=h0,
@@ -293,10 +296,10 @@ def test_kernel_strided_rows():
     """u and z as the halves of one (B, 2D, L) tensor and delta with padded rows: the
     kernels read them in place (batch and channel strides); values and gradients match."""
     g = torch.Generator().manual_seed(3)
-    xz = torch.randn(2, 8, 11, generator=g, dtype=torch.float64).float().requires_grad_(True)
-    delta_buf = (0.5 * torch.randn(2, 4, 16, generator=g) - 1.0).requires_grad_(True)
-    rest = make_inputs(2, 4, 11, 4, bc="var")
-    dout = torch.randn(2, 4, 11, generator=g)
+    xz = torch.randn(2, 8, 11, generator=g).to(DEV).requires_grad_(True)
+    delta_buf = (0.5 * torch.randn(2, 4, 16, generator=g) - 1.0).to(DEV).requires_grad_(True)
+    rest = make_inputs(2, 4, 11, 4, bc="var", device=DEV)
+    dout = torch.randn(2, 4, 11, generator=g).to(DEV)
     results = []
     for backend in ("triton", "torch"):
         u, z = xz.chunk(2, dim=1)
@@ -340,8 +343,8 @@ def test_kernel_varlen(with_h0, bc, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_length(backend):
-    args = make_inputs(2, 4, 0, 3, bc="var")
-    h0 = torch.randn(2, 4, 3)
+    args = make_inputs(2, 4, 0, 3, bc="var", device=DEV)
+    h0 = torch.randn(2, 4, 3).to(DEV)
     out, last = selective_scan_fn(**args, return_last_state=True, initial_state=h0, backend=backend)
     assert out.shape == (2, 4, 0)
     torch.testing.assert_close(last, h0)
@@ -409,15 +412,15 @@ def rel_err(a, b):
 
 
 def _opcheck_cases():
-    args = make_inputs(2, 8, 12, 4, bc="var", dtype=torch.bfloat16)
+    args = make_inputs(2, 8, 12, 4, bc="var", dtype=torch.bfloat16, device=DEV)
     u, delta, A, z = args["u"], args["delta"], args["A"], args["z"]
     B4, C4 = args["B"].unsqueeze(1).contiguous(), args["C"].unsqueeze(1).contiguous()
     D, db = args["D"], args["delta_bias"]
-    h0 = torch.randn(2, 8, 4)
-    seq_idx = torch.tensor([0] * 5 + [1] * 7, dtype=torch.int32)
-    dout = torch.randn(2, 8, 12).bfloat16()
+    h0 = torch.randn(2, 8, 4, device=DEV)
+    seq_idx = torch.tensor([0] * 5 + [1] * 7, dtype=torch.int32, device=DEV)
+    dout = torch.randn(2, 8, 12, device=DEV).bfloat16()
     ops = torch.ops.mamba_pkg
-    fixed = torch.randn(8, 4)
+    fixed = torch.randn(8, 4, device=DEV)
     _, _, ckpt = ops.selective_scan_fwd(u, delta, A, B4, C4, D, z, db, h0, None, 2, True, True)
     _, _, ckpt_min = ops.selective_scan_fwd(u[:1], delta[:1], A, fixed, fixed, None, None, None, None, None, 1,
                                             False, True)
@@ -425,7 +428,8 @@ def _opcheck_cases():
         (ops.selective_scan_fwd, (u, delta, A, B4, C4, D, z, db, h0, None, 2, True, True)),
         (ops.selective_scan_fwd, (u[:1], delta[:1], A, fixed, fixed, None, None, None, None, seq_idx, 2, False,
                                   False)),
-        (ops.selective_scan_bwd, (u, delta, A, B4, C4, D, z, db, h0, None, 2, True, ckpt, dout, torch.randn(2, 8, 4))),
+        (ops.selective_scan_bwd, (u, delta, A, B4, C4, D, z, db, h0, None, 2, True, ckpt, dout,
+                                  torch.randn(2, 8, 4, device=DEV))),
         (ops.selective_scan_bwd, (u[:1], delta[:1], A, fixed, fixed, None, None, None, None, None, 1, False,
                                   ckpt_min, dout[:1], None)),
     ]
@@ -450,8 +454,8 @@ def test_compiles_to_one_graph_with_custom_ops():
                                       return_last_state=True, initial_state=h0, backend="triton")
         return (out.float() ** 2).sum() + last.sum()
 
-    args = make_inputs(2, 8, 12, 4, bc="var")
-    leaves = list(args.values()) + [torch.randn(2, 8, 4)]
+    args = make_inputs(2, 8, 12, 4, bc="var", device=DEV)
+    leaves = list(args.values()) + [torch.randn(2, 8, 4, device=DEV)]
     results = []
     torch._dynamo.reset()
     backend = AotEagerAndRecordGraphs()
