@@ -91,31 +91,25 @@ def bench_case(s, provider, fwdbwd):
 
 def stage_profile(s):
     """Time each of our kernels alone at shape s (bf16); returns {stage: ms}."""
-    import triton.language as tl
-
     from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd, _chunk_scan_fwd
     from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
 
     x, dt, A, B, C, D, dt_bias = make_inputs(s, False)
-    Q, bf = CHUNK, torch.bfloat16
-    lim = (0.0, float("inf"))
-    states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16)
+    Q, inf = CHUNK, float("inf")
+    states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True)
     dout = torch.randn_like(x)
-    dstates, _, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, states, s["H"], s["P"], Q, bf, tl.bfloat16)
+    dstates, _, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q)
     stages = {
         "fwd chunk_state (dt + cumsum + states walk)":
-            lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, lim, Q, bf, tl.bfloat16),
-        "fwd chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q, tl.bfloat16),
-        "bwd state-gradient walk":
-            lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, states, s["H"], s["P"], Q, bf, tl.bfloat16),
+            lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True),
+        "fwd chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q),
+        "bwd state-gradient walk": lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q),
         "bwd C B^T + W + dB/dC + dx kernels (auto head split)":
-            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16),
+            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q),
         "bwd C B^T + W + dB/dC + dx kernels (no head split)":
-            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16,
-                                    head_split=1),
+            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, head_split=1),
         "bwd C B^T + W + dB/dC + dx kernels (head split 4)":
-            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, tl.bfloat16,
-                                    head_split=4),
+            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, head_split=4),
     }
     out = {}
     for name, fn in stages.items():

@@ -34,8 +34,12 @@ exactly, is left out of both.
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import tl, triton, triton_interpret
-from mamba_pkg.ops.ssd.chunk_state import _dot
+from mamba_pkg.ops.ssd.chunk_state import _dot, dot_dtype_for
 
 
 def _tile_configs():
@@ -94,8 +98,6 @@ def _bmm_chunk_kernel(
 
 def _bmm_chunk(B, C, Q, dot_dtype):
     """CB (B, C, G, Q, Q) fp32, lower block triangle filled."""
-    import torch
-
     batch, L, G, N = B.shape
     nchunks = triton.cdiv(L, Q)
     cb = torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=torch.float32)
@@ -194,18 +196,25 @@ def _pick_block_m(Q):
     return min(Q, 64)
 
 
-def _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype):
-    """Launch C B^T and the forward chunk scan. x, z (B, L, H, P) contiguous; returns (out, y_pre or None)."""
-    import torch
+def _chunk_scan_fwd_outputs(x, z):
+    """(out, y_pre) of the forward scan, uninitialised; shared with the fake op."""
+    # fp32: the z gradient is dout * y_pre * silu'(z), and rounding y_pre would add
+    # the storage rounding to it.
+    ypre = torch.empty(x.shape, device=x.device, dtype=torch.float32) if z is not None else absent(x)
+    return torch.empty_like(x), ypre
 
+
+@launcher_op("ssd_chunk_scan_fwd")
+def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor | None, seq_idx: Tensor | None,
+                    dt_c: Tensor, cs_c: Tensor, states: Tensor, Q: int) -> tuple[Tensor, Tensor]:
+    """Launch C B^T and the forward chunk scan. x, z (B, L, H, P) contiguous; returns
+    out (B, L, H, P) and y_pre (B, L, H, P) fp32 [empty without z]."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(L, Q)
+    dot_dtype = dot_dtype_for(x.dtype)
     cb = _bmm_chunk(B, C, Q, dot_dtype)
-    out = torch.empty_like(x)
-    # fp32: the z gradient is dout * y_pre * silu'(z), and rounding y_pre would add
-    # the storage rounding to it.
-    ypre = torch.empty(x.shape, device=x.device, dtype=torch.float32) if z is not None else None
+    out, ypre = _chunk_scan_fwd_outputs(x, z)
     BLOCK_P = max(16, triton.next_power_of_2(P))
     BLOCK_N = max(16, triton.next_power_of_2(N))
     grid = lambda meta: (H, Q // meta["BLOCK_M"], batch * nchunks)
@@ -213,12 +222,17 @@ def _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype):
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_scan_fwd_kernel[grid](
         x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
-        ypre if ypre is not None else out,
+        ypre if z is not None else out,
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype,
     )
     return out, ypre
+
+
+@_chunk_scan_fwd.register_fake
+def _(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q):
+    return _chunk_scan_fwd_outputs(x, z)
 
 
 @triton.jit
@@ -327,7 +341,9 @@ def _chunk_scan_bwd_dbc_kernel(
     m_rn = m_r[:, None] & m_n[None, :]
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0).to(tl.float32)
+    # Kept in its storage dtype through the head loop: two fp32 accumulators already
+    # take most of the registers.
+    b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
     start_mask = m_r
     end_mask = m_r
     if HAS_SEQ_IDX:
@@ -359,7 +375,7 @@ def _chunk_scan_bwd_dbc_kernel(
         scale = tl.where(start_mask, tl.exp(cs_r), 0.0)
         end_scale = tl.where(end_mask, tl.exp(total - cs_r), 0.0)
         dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
-        tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C, axis=1))
+        tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
         dC += dC_state
         dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
 
@@ -488,7 +504,20 @@ def _head_split(heads_per_group, programs, target=2048):
     return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= want)
 
 
-def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, dot_dtype, head_split=None):
+def _chunk_scan_bwd_outputs(x, z, B, C, D, cs_c):
+    """(dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD) of the backward, uninitialised;
+    the real op allocates dx and dz here and computes the others; the fake op returns these."""
+    pair = [torch.empty_like(cs_c) for _ in range(4)]
+    dD = torch.empty(D.shape, device=x.device, dtype=torch.float32) if D is not None else absent(x)
+    dz = torch.empty_like(z) if z is not None else absent(x)
+    return (torch.empty_like(x), dz, torch.empty_like(B), torch.empty_like(C), *pair, dD)
+
+
+@launcher_op("ssd_chunk_scan_bwd")
+def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | None, B: Tensor, C: Tensor,
+                    D: Tensor | None, seq_idx: Tensor | None, dt_c: Tensor, cs_c: Tensor, states: Tensor,
+                    dstates: Tensor, Q: int, head_split: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                            Tensor, Tensor, Tensor, Tensor]:
     """Launch C B^T and the three backward kernels. All (B, L, ...) tensors contiguous.
 
     1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
@@ -499,18 +528,18 @@ def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dsta
        terms inside a chunk cost two matrix products per group instead of per head.
     3. dx kernel: per (chunk, head, row block): dx, dz, ddt, the state column sums, dD.
 
-    Returns dx, dz (or None), dB, dC, then (B, H, C, Q) fp32 pair sums for the decay
-    gradient: rowsum (pairs ending at t: inside the chunk, s < t, plus the entering
-    state), colsum (pairs starting at s inside the chunk, t > s) and colsum_state
-    (pairs from s to later chunks and the final state); then ddt (B, H, C, Q) fp32
-    (gradient wrt the processed dt through the input term only), dD (shape of D,
-    fp32) or None. Deterministic: every sum has a fixed order.
+    Returns dx, dz [empty without z], dB, dC, then (B, H, C, Q) fp32 pair sums for the
+    decay gradient: rowsum (pairs ending at t: inside the chunk, s < t, plus the
+    entering state), colsum (pairs starting at s inside the chunk, t > s) and
+    colsum_state (pairs from s to later chunks and the final state); then ddt
+    (B, H, C, Q) fp32 (gradient wrt the processed dt through the input term only), dD
+    (shape of D, fp32) [empty without D]. head_split: programs per group in kernel 2
+    (0: chosen to fill the GPU). Deterministic: every sum has a fixed order.
     """
-    import torch
-
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(L, Q)
+    dot_dtype = dot_dtype_for(x.dtype)
     cb = _bmm_chunk(B, C, Q, dot_dtype)
     BLOCK_M = _pick_block_m(Q)
     n_mblocks = Q // BLOCK_M
@@ -549,23 +578,27 @@ def _chunk_scan_bwd(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dsta
         dB = dB.sum(dim=0).to(B.dtype)
         dC = dC.sum(dim=0).to(C.dtype)
 
-    dx = torch.empty_like(x)
-    dz = torch.empty_like(z) if z is not None else None
+    dx, dz = _chunk_scan_bwd_outputs(x, z, B, C, None, cs_c)[:2]
     ddt = torch.empty_like(cs_c)
     colsum_state = torch.empty_like(cs_c)
     dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
         if D is not None else None
     _chunk_scan_bwd_dx_kernel[(n_mblocks, batch * nchunks * H)](
-        x, dout, z_arg, ypre if ypre is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
-        cs_c, dstates, dx, dz if dz is not None else dx, ddt, colsum_state, dD_part if dD_part is not None else ddt,
+        x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
+        cs_c, dstates, dx, dz if z is not None else dx, ddt, colsum_state, dD_part if dD_part is not None else ddt,
         L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N, **common,
     )
     rowsum = rowsum_state + row_part.sum(dim=3)
     colsum = col_part.sum(dim=3)
-    dD = None
+    dD = absent(x)
     if D is not None:
         dD = dD_part.sum(dim=(0, 1, 2))  # (H, P)
         if D.dim() == 1:
             dD = dD.sum(dim=-1)
     return dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD
+
+
+@_chunk_scan_bwd.register_fake
+def _(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, head_split=0):
+    return _chunk_scan_bwd_outputs(x, z, B, C, D, cs_c)

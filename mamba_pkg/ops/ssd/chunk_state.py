@@ -19,7 +19,27 @@ sequence, and the state entering a row is its first run's initial state.
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import tl, triton, triton_interpret
+
+
+def dot_dtype_for(dtype: torch.dtype):
+    """Operand dtype of the kernels' matrix products for inputs of `dtype` (fp32 accumulation).
+
+    The interpreter computes low-precision tl.dot wrongly; there the fp32 path runs.
+    """
+    if dtype == torch.float32 or triton_interpret():
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def states_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the states between chunks (and their gradients): bf16 for bf16
+    inputs on tensor cores (they are matrix operands there), else fp32."""
+    return torch.bfloat16 if dot_dtype_for(dtype) == tl.bfloat16 else torch.float32
 
 
 def _walk_configs():
@@ -155,35 +175,47 @@ def _chunk_state_fwd_kernel(
     tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
 
 
-def _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_limit, Q, states_dtype,
-                     dot_dtype, store_states=True):
-    """Launch the forward walk. Returns (states (B, C, H, P, N), final (B, H, P, N) fp32,
-    dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32)."""
-    import torch
+def _chunk_state_fwd_outputs(x, B, Q, store_states):
+    """(states, final, dt, cs) of the forward walk, uninitialised; shared with the fake op."""
+    batch, L, H, P = x.shape
+    N = B.shape[3]
+    nchunks = triton.cdiv(L, Q)
+    states = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype)) if store_states else absent(x)
+    final = x.new_empty(batch, H, P, N, dtype=torch.float32)
+    dt_out = x.new_empty(batch, H, nchunks, Q, dtype=torch.float32)
+    return states, final, dt_out, torch.empty_like(dt_out)
 
+
+@launcher_op("ssd_chunk_state_fwd")
+def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
+                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
+                     store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch the forward walk. Returns states (B, C, H, P, N) [empty unless store_states],
+    final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(L, Q)
-    dev = x.device
-    states = torch.empty(batch, nchunks, H, P, N, device=dev, dtype=states_dtype) if store_states else None
-    final = torch.empty(batch, H, P, N, device=dev, dtype=torch.float32)
-    dt_out = torch.empty(batch, H, nchunks, Q, device=dev, dtype=torch.float32)
-    cs_out = torch.empty_like(dt_out)
+    states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)
     seq_arg = seq_idx if seq_idx is not None else dt_out
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_state_fwd_kernel[grid](
         x, dt, A, B, dt_bias if dt_bias is not None else A, seq_arg,
         initial_states if initial_states is not None else final,
-        states if states is not None else final, final, dt_out, cs_out,
-        L, H, P, N, H // G, nchunks, float(dt_limit[0]), float(dt_limit[1]),
+        states if store_states else final, final, dt_out, cs_out,
+        L, H, P, N, H // G, nchunks, float(dt_min), float(dt_max),
         *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        HAS_DT_LIMIT=tuple(dt_limit) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
+        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
         HAS_INIT=initial_states is not None, STORE_STATES=store_states,
-        Q=Q, DOT_DTYPE=dot_dtype,
+        Q=Q, DOT_DTYPE=dot_dtype_for(x.dtype),
     )
     return states, final, dt_out, cs_out
+
+
+@_chunk_state_fwd.register_fake
+def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states):
+    return _chunk_state_fwd_outputs(x, B, Q, store_states)
 
 
 # Configs with smaller (P, N) blocks write more ddecay partial slots than larger
@@ -260,18 +292,28 @@ def _state_grad_bwd_kernel(
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
 
 
-def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, states, H, P, Q, states_dtype, dot_dtype):
-    """Launch the reverse walk. Returns dstates (B, C, H, P, N): gradient wrt the state
-    at the end of each chunk; dinit (B, H, P, N) fp32: gradient wrt the initial state;
-    ddecay (B, H, C) fp32: gradient wrt each chunk's total log-decay through the
-    state it carries across."""
-    import torch
+def _state_grad_bwd_outputs(dout, C, Q):
+    """(dstates, dinit, ddecay) of the reverse walk, uninitialised; shared with the fake op."""
+    batch, L, H, P = dout.shape
+    N = C.shape[3]
+    nchunks = triton.cdiv(L, Q)
+    dstates = dout.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(dout.dtype))
+    dinit = dout.new_empty(batch, H, P, N, dtype=torch.float32)
+    ddecay = dout.new_empty(batch, H, nchunks, dtype=torch.float32)
+    return dstates, dinit, ddecay
 
-    batch, L = dout.shape[:2]
+
+@launcher_op("ssd_state_grad_bwd")
+def _state_grad_bwd(dout: Tensor, z: Tensor | None, C: Tensor, seq_idx: Tensor | None, cs: Tensor,
+                    dfinal: Tensor | None, states: Tensor, Q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the reverse walk. dout (B, L, H, P) carries the output dtype of the scan.
+    Returns dstates (B, C, H, P, N): gradient wrt the state at the end of each chunk;
+    dinit (B, H, P, N) fp32: gradient wrt the initial state; ddecay (B, H, C) fp32:
+    gradient wrt each chunk's total log-decay through the state it carries across."""
+    batch, L, H, P = dout.shape
     G, N = C.shape[2], C.shape[3]
     nchunks = triton.cdiv(L, Q)
-    dstates = torch.empty(batch, nchunks, H, P, N, device=dout.device, dtype=states_dtype)
-    dinit = torch.empty(batch, H, P, N, device=dout.device, dtype=torch.float32)
+    dstates, dinit, _ = _state_grad_bwd_outputs(dout, C, Q)
     n_pn_max = triton.cdiv(P, 16) * triton.cdiv(N, 16)  # the smallest block in the autotuning space
     ddecay = torch.zeros(batch, H, nchunks, n_pn_max, device=dout.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)
@@ -282,6 +324,11 @@ def _state_grad_bwd(dout, z, C, seq_idx, cs, dfinal, states, H, P, Q, states_dty
         states, dstates, dinit, ddecay, L, H, P, N, H // G, nchunks, n_pn_max,
         *dout.stride(), *C.stride(), *seq_strides,
         HAS_Z=z is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_DFINAL=dfinal is not None,
-        Q=Q, DOT_DTYPE=dot_dtype,
+        Q=Q, DOT_DTYPE=dot_dtype_for(dout.dtype),
     )
     return dstates, dinit, ddecay.sum(dim=-1)
+
+
+@_state_grad_bwd.register_fake
+def _(dout, z, C, seq_idx, cs, dfinal, states, Q):
+    return _state_grad_bwd_outputs(dout, C, Q)

@@ -45,7 +45,9 @@ def _check_chunk_size(chunk_size) -> int:
 
 def _check_seq_idx(seq_idx, batch: int, L: int, device) -> None:
     check_tensor("seq_idx", seq_idx, shape=(batch, L), dtype=INT_DTYPES, device=device, optional=True)
-    if seq_idx is not None and L > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+    # A value check reads the tensor on the host: eager only, not while torch.compile traces.
+    if (seq_idx is not None and L > 1 and not torch.compiler.is_compiling()
+            and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any())):
         raise ValueError("seq_idx must be non-decreasing along L (one run of positions per sequence)")
 
 
@@ -82,7 +84,8 @@ def check_chunk_scan_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_s
         num_seqs = cu_seqlens.numel() - 1
         if seq_idx is not None:
             check_tensor("seq_idx", seq_idx, shape=(batch, L), dtype=INT_DTYPES)
-            if not torch.equal(seq_idx.long(), seq_idx_from_cu_seqlens(cu_seqlens, L).long()):
+            if not torch.compiler.is_compiling() and not torch.equal(
+                    seq_idx.long(), seq_idx_from_cu_seqlens(cu_seqlens, L).long()):
                 raise ValueError("seq_idx disagrees with cu_seqlens; pass one of them (cu_seqlens is enough)")
     else:
         _check_seq_idx(seq_idx, batch, L, device)
@@ -112,22 +115,12 @@ def _kernel_chunk_len(chunk_size: int) -> int:
     return min(256, max(16, 1 << (int(chunk_size) - 1).bit_length()))
 
 
-def _dot_dtype(x):
-    import triton.language as tl
-
-    from mamba_pkg.ops.backend import triton_interpret
-
-    # The interpreter computes low-precision tl.dot wrongly; it checks the fp32 path.
-    if x.dtype == torch.float32 or triton_interpret():
-        return tl.float32
-    return tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
-
-
 class SsdChunkScanFn(torch.autograd.Function):
     """Triton SSD: out (B, L, H, P) and final state (B, H, P, N), both differentiable.
 
     options = (Q, dt_softplus, dt_limit). The backward recomputes the states
-    between chunks instead of keeping them from the forward pass.
+    between chunks instead of keeping them from the forward pass. Every launch is a
+    torch.ops.mamba_pkg custom op, so torch.compile sees them as opaque nodes.
     """
 
     @staticmethod
@@ -138,31 +131,27 @@ class SsdChunkScanFn(torch.autograd.Function):
         Q, dt_softplus, dt_limit = options
         x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
-        dot_dtype = _dot_dtype(x)
-        states_dtype = x.dtype if x.dtype == torch.bfloat16 and not _is_fp32_dot(dot_dtype) else torch.float32
         states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                     dt_limit, Q, states_dtype, dot_dtype)
-        out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q, dot_dtype)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre)
-        ctx.options = (Q, dt_softplus, dt_limit, states_dtype, dot_dtype)
+                                                     dt_limit[0], dt_limit[1], Q, True)
+        out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None)
+        ctx.options = options
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
         from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd
         from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
-        from mamba_pkg.ops.ssd.reference import process_dt
 
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre = ctx.saved_tensors
-        Q, dt_softplus, dt_limit, states_dtype, dot_dtype = ctx.options
+        Q, dt_softplus, dt_limit = ctx.options
         batch, L, H, P = x.shape
         dout = dout.contiguous()
         states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                 dt_limit, Q, states_dtype, dot_dtype)
-        dstates, dinit, ddecay = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, states, H, P, Q, states_dtype,
-                                                 dot_dtype)
+                                                 dt_limit[0], dt_limit[1], Q, True)
+        dstates, dinit, ddecay = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, states, Q)
         dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD = _chunk_scan_bwd(
-            x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, dot_dtype)
+            x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q)
 
         # Decay gradient, chunk by chunk (B, H, C, Q). A pair term M_ts (s < t)
         # depends on the decay dt_k A of every step s < k <= t. For step k of chunk c:
@@ -183,23 +172,29 @@ class SsdChunkScanFn(torch.autograd.Function):
         ddA = flat(ddA_c)
         ddt_p = flat(ddt) + ddA * A.float().view(1, H, 1)
         dA = (ddA * dt_p).sum(dim=(0, 2)).to(A.dtype)
-        with torch.enable_grad():
-            dt_leaf = dt.detach().requires_grad_(True)
-            bias_leaf = dt_bias.detach().requires_grad_(True) if dt_bias is not None else None
-            dt_proc = process_dt(dt_leaf, bias_leaf, dt_softplus, dt_limit)
-            leaves = [dt_leaf] + ([bias_leaf] if bias_leaf is not None else [])
-            grads = torch.autograd.grad(dt_proc, leaves, ddt_p.transpose(1, 2))
-        ddt_raw = grads[0]
-        ddt_bias = grads[1] if dt_bias is not None else None
+        ddt_raw, ddt_bias = _process_dt_backward(ddt_p.transpose(1, 2), dt, dt_bias, dt_softplus, dt_limit)
         dD = dD.to(D.dtype) if D is not None else None
+        dz = dz if z is not None else None
         dinit = dinit.to(initial_states.dtype) if initial_states is not None else None
         return dx, ddt_raw, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None
 
 
-def _is_fp32_dot(dot_dtype) -> bool:
-    import triton.language as tl
-
-    return dot_dtype == tl.float32
+def _process_dt_backward(ddt_p, dt, dt_bias, dt_softplus, dt_limit):
+    """Gradients wrt dt (B, L, H) and dt_bias (H,) from the gradient wrt the processed dt
+    (reference.process_dt: + dt_bias, softplus, clamp), written out so that the
+    backward holds no nested autograd call (torch.compile traces it)."""
+    v = dt.float()
+    if dt_bias is not None:
+        v = v + dt_bias.float()
+    grad = ddt_p
+    if dt_softplus:
+        # torch's softplus: the identity above 20, with derivative 1 there.
+        grad = grad * torch.where(v > 20.0, torch.ones_like(v), torch.sigmoid(v))
+        v = torch.nn.functional.softplus(v)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        grad = grad * ((v >= dt_limit[0]) & (v <= dt_limit[1]))
+    ddt_bias = grad.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    return grad.to(dt.dtype), ddt_bias
 
 
 def _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, initial_states, cu_seqlens, want_states):
