@@ -11,9 +11,9 @@ For one token, per head h, channel p, state index n (g = group of h):
     state  = state * exp(A * dt') + dt' * B[g] * x
     out    = sum_n state * C[g] + D * x,   times silu(z) if z is given
 
-Mamba-1: state (Bs, D, N); x, z (B, D); dt (B, R) with dt_proj_weight (D, R), or dt (B, D);
+Mamba-1: state (B, D, N); x, z (B, D); dt (B, R) with dt_proj_weight (D, R), or dt (B, D);
          A_log (D, N); B, C (B, N) or (B, G, N); D, dt_bias (D,).
-Mamba-2: state (Bs, H, P, N); x, z (B, H, P); dt (B, H); A_log (H,); B, C (B, G, N);
+Mamba-2: state (B, H, P, N); x, z (B, H, P); dt (B, H); A_log (H,); B, C (B, G, N);
          D (H,) or (H, P); dt_bias (H,).
 The state may be fp32, bf16 or fp16 (math is fp32; the state is rounded once per step).
 Inputs may be strided views (e.g. slices of the in_proj / conv outputs): no copies.
