@@ -296,3 +296,26 @@ def test_step_kernels_equal_torch_reference(layer, monkeypatch):
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
         for got, exp in zip(states[1], states[0]):
             torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_step_kernels_compile_to_one_graph(layer, monkeypatch):
+    """torch.compile(fullgraph=True) of a batch-1 step on the Triton path (custom ops
+    decode_linear, conv_xproj_step, ssm_decode_step, updating the caches in place) equals eager."""
+    from mamba_pkg.models.mamba import Mamba
+    from mamba_pkg.models.mamba2 import Mamba2
+
+    monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mixer = Mamba(16, d_state=4, layer_idx=0, device=device) if layer == "Mamba1" else \
+        Mamba2(16, d_state=8, headdim=8, layer_idx=0, device=device)
+    u = torch.randn(1, 1, 16, device=device)
+    eager_cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(1, 8)]
+    compiled_cache = [t.clone() for t in eager_cache]
+    with torch.no_grad():
+        eager = mixer.step(u, *eager_cache)[0]
+        compiled = torch.compile(mixer.step, backend="aot_eager", fullgraph=True)(u, *compiled_cache)[0]
+    torch.testing.assert_close(compiled, eager)
+    for got, exp in zip(compiled_cache, eager_cache):
+        torch.testing.assert_close(got, exp)
