@@ -11,7 +11,7 @@ case ``state=fp32`` is our default, its ``vs_mamba_ssm`` against mamba_ssm's bf1
 graph replays unless --fp32-full.
 ``graph_ms``: one replay of the captured step alone (GPU time without the host loop).
 
-    PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64]
+    PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64] [--quick]
     PYTHONPATH=. python benchmarks/bench_generation.py --tables profile.txt   (kernel tables of one step)
 """
 
@@ -211,7 +211,11 @@ def main() -> None:
     ap.add_argument("--tables", metavar="FILE", help="write torch.profiler's kernel table of one step per row here")
     ap.add_argument("--fp32-full", action="store_true",
                     help="time the fp32-state case by generate too (default: its graph replay only)")
+    ap.add_argument("--quick", action="store_true",
+                    help="mamba-1.4b and mamba2-1.3b only, no transformers (fits 120 s on an H100)")
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.no_transformers = "mamba-1.4b,mamba2-1.3b", True
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.models.split(","):
