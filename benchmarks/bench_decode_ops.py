@@ -165,8 +165,37 @@ def linear_rows(batches=(1, 8)):
     return rows
 
 
+def conv_xproj_rows(batch=1):
+    """conv_xproj_step (one launch) against the chain it replaces: causal_conv1d's update and the
+    cuBLAS x_proj (mamba-1.4b: D=4096, x_proj 160 x 4096)."""
+    import torch.nn.functional as F
+
+    from mamba_pkg.ops.conv_xproj_step import conv_xproj_step
+
+    dim, n_out = 2 * MAMBA1["dim"], 128 + 2 * MAMBA1["n"]
+    bf = torch.bfloat16
+    xz = torch.randn(batch, 2 * dim, device="cuda", dtype=bf)
+    state = torch.randn(batch, dim, W, device="cuda", dtype=bf)
+    w, b = torch.randn(dim, W, device="cuda", dtype=bf), torch.randn(dim, device="cuda", dtype=bf)
+    wx = torch.randn(n_out, dim, device="cuda", dtype=bf)
+    n_bytes = n_out * dim * 2 + batch * dim * (2 * W * 2 + 2 * 2)
+    providers = {"ours": lambda: conv_xproj_step(xz[:, :dim], state, w, b, wx, "silu")}
+    try:
+        import causal_conv1d
+
+        providers["causal_conv1d"] = lambda: F.linear(causal_conv1d.causal_conv1d_update(xz[:, :dim], state, w, b, "silu"), wx)
+    except Exception as exc:  # a missing or broken anchor must not stop our rows
+        print(f"causal_conv1d not installed ({exc}); timing ours only")
+    rows = []
+    for name, fn in providers.items():
+        ms = try_provider(name, lambda fn=fn: graph_ms(fn))
+        if ms is not None:
+            rows.append(bandwidth_row(f"step conv_xproj model=mamba1-1.4b batch={batch}", name, ms, n_bytes))
+    return rows
+
+
 def main_rows(batches=BATCHES, with_conv=True):
-    rows = linear_rows()
+    rows = linear_rows() + conv_xproj_rows()
     for batch in batches:
         case = f"step ssm_fused model=mamba1-1.4b batch={batch}"
         for name, fn in fused_providers().items():
