@@ -134,12 +134,14 @@ def kernel_rows(lengths):
 
 
 # Few candidates: each is a Triton compile, and a device run is short. The chunked path's
-# configs are (BLOCK_D, chunks of 8 positions, num_warps); the general kernel's
+# configs are (BLOCK_D, chunks of 8 positions, num_warps); the rows kernel's (BLOCK_D =
+# 256 * num_warps, chunks of 4 rows per program, num_warps); the general kernel's
 # (BLOCK_D, BLOCK_L, num_warps).
-FWD_CANDIDATES = {"chunked": [(4, 32, 4), (8, 32, 4), (4, 64, 4), (2, 128, 8), (8, 64, 8)],
+FWD_CANDIDATES = {"chunked": [(2, 128, 8), (4, 64, 4), (4, 32, 4)],
                   "channel_last": [(128, 32, 4), (64, 64, 4)]}
-BWD_CANDIDATES = {"chunked": [((2, 64, 4), 4), ((1, 128, 4), 4), ((4, 32, 4), 4), ((2, 64, 4), 1), ((2, 64, 4), 16)],
-                  "channel_last": [((64, 64, 4), "scratch"), ((128, 32, 4), "scratch"), ((64, 64, 4), "recompute")]}
+BWD_CANDIDATES = {"chunked": [((2, 64, 4), 16), ((2, 64, 4), 32), ((4, 32, 4), 16), ((2, 128, 8), 16)],
+                  "channel_last": [((256, 32, 1), "rows"), ((256, 8, 1), "rows"), ((512, 32, 2), "rows"),
+                                   ((1024, 16, 4), "rows"), ((64, 64, 4), "scratch")]}
 
 
 def sweep():
@@ -173,10 +175,11 @@ def apply(best):
     """Make the library use the given settings (the values to copy into causal_conv1d.py)."""
     for path, (fwd_cfg, (bwd_cfg, option)) in best.items():
         conv.FWD_CONFIG[path] = fwd_cfg
-        conv.BWD_CONFIG[path] = bwd_cfg
         if path == "chunked":
+            conv.BWD_CONFIG[path] = bwd_cfg
             conv.BWD_TILES_PER_PROGRAM = option
         else:
+            conv.BWD_CONFIG["rows" if option == "rows" else path] = bwd_cfg
             conv.BWD_DY_SHIFT[path] = option
 
 

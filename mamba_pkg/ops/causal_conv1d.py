@@ -378,14 +378,19 @@ def _chunk_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_d, stride
 
 @triton.jit
 def _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BLOCK_D: tl.constexpr, NC: tl.constexpr):
-    """Pre-activation at the positions of cur, given the chunks before them (prev), fp32."""
+               BLOCK_D: tl.constexpr, NC: tl.constexpr, CHUNK: tl.constexpr = 8):
+    """Pre-activation at the positions of cur, given the chunks before them (prev), fp32.
+    Chunks of 8 (or 4: the channel-last rows kernel)."""
     pre = tl.load(w_ptr + o_d * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
     if HAS_BIAS:
         pre += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None, None]
     for j in tl.static_range(1, W):
-        cur = _shift_right(cur, prev, BLOCK_D, NC)
-        prev = _shift_right(prev, prev, BLOCK_D, NC)  # only its last W-1-j positions are read
+        if CHUNK == 8:
+            cur = _shift_right(cur, prev, BLOCK_D, NC)
+            prev = _shift_right(prev, prev, BLOCK_D, NC)  # only its last W-1-j positions are read
+        else:
+            cur = _shift_right4(cur, prev, BLOCK_D, NC)
+            prev = _shift_right4(prev, prev, BLOCK_D, NC)
         pre += tl.load(w_ptr + o_d * W + (W - 1 - j), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
     return pre
 
@@ -418,17 +423,38 @@ def _causal_conv1d_fwd_chunk_kernel(
 # Tile shapes, chosen by measurement on an H100 (benchmarks/bench_conv.py --tune). The
 # chunked path's are (BLOCK_D, NC chunks of CHUNK positions, num_warps); the general
 # kernel's (BLOCK_D, BLOCK_L, num_warps), the layout deciding which axis is contiguous.
+# The rows kernel's are (BLOCK_D = 256 * num_warps: 8 channels per thread, STEPS, num_warps).
 FWD_CONFIG = {"chunked": (2, 128, 8), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
-BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4)}
-# General backward kernel: programs per SM (a persistent grid: each program reuses one
-# scratch tile), and how it gets dy at the W-1 positions after each position: "scratch"
-# stores the tile's dy once to a per-program scratch tile (L1/L2-resident) and reads it
-# back shifted; "recompute" rebuilds it from x (W times the taps and sigmoids).
+BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4), "rows": (256, 32, 1)}
+# Channel-last backward: "rows" runs the rows kernel (unpacked x, W <= 5; else the general
+# kernel's "scratch"). General backward kernel: programs per SM (a persistent grid: each
+# program reuses one scratch tile), and how it gets dy at the W-1 positions after each
+# position: "scratch" stores the tile's dy once to a per-program scratch tile (L1/L2-resident)
+# and reads it back shifted; "recompute" rebuilds it from x (W times the taps and sigmoids).
 BWD_PROGRAMS_PER_SM = 8
 # Chunked backward: consecutive L tiles per program (its dweight partial is reduced across
 # threads once, not per tile).
 BWD_TILES_PER_PROGRAM = 16
-BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "scratch"}
+BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "rows"}
+
+
+def _call_launcher(op, launcher, *args):
+    """The custom op when something traces (torch.compile, or a dispatch mode such as fake
+    tensors), else its launcher function directly: an eager call then skips the custom-op
+    dispatch, measured at ~40 us of host time per call (a third of an eager fwd+bwd's host
+    time), for the same result."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return op(*args)
+    return launcher(*args)
+
+
+def _cdiv(a, b):
+    # triton.cdiv is a constexpr function in newer Triton: slow to call from host code.
+    return -(-a // b)
+
+
+def _pow2(n):
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _layout(x):
@@ -462,14 +488,14 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
     if path == "chunked":
-        grid = (triton.cdiv(length, block * CHUNK), triton.cdiv(dim, block_d), batch)
+        grid = (_cdiv(length, block * CHUNK), _cdiv(dim, block_d), batch)
         _causal_conv1d_fwd_chunk_kernel[grid](
             x, weight, bias, initial_states, out, length, dim,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, **flags,
         )
         return
-    grid = (triton.cdiv(length, block), triton.cdiv(dim, block_d), batch)
+    grid = (_cdiv(length, block), _cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x, weight, bias, initial_states, starts, rows, out, length, dim,
         *x.stride(), *out.stride(), *init_strides,
@@ -477,8 +503,7 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     )
 
 
-@launcher_op("causal_conv1d_fwd")
-def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
+def _causal_conv1d_fwd_launcher(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
                        starts: Tensor | None, rows: Tensor | None, silu: bool) -> Tensor:
     """x (B, D, L), weight (D, W) contiguous, bias (D,), initial_states (B or num_seqs, D, W-1),
     starts (B, L) int32 first position of each position's sequence, rows (L,) int32 its
@@ -486,6 +511,9 @@ def _causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_s
     out = _empty_in_layout(x)
     _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu)
     return out
+
+
+_causal_conv1d_fwd = launcher_op("causal_conv1d_fwd")(_causal_conv1d_fwd_launcher)
 
 
 @_causal_conv1d_fwd.register_fake
@@ -745,6 +773,89 @@ def _causal_conv1d_bwd_chunk_kernel(
         _store_wgrad(p_dw, dw7, W - 8, m_d)
 
 
+# Channel-last x without packing: the rows kernel. Here the positions of a chunk are rows
+# D elements apart, so a thread holds 8 channels (one 16-byte load per row) of ROWS = 4
+# consecutive rows; Triton then keeps the row axis inside the thread and the split/join
+# shifts stay register renames (a tile with channels spread over fewer threads would move
+# the rows through shared memory). A program walks STEPS chunks along L in order, carrying
+# x and dy of the current chunk: each chunk of x and dout is loaded once, and pre and dy are
+# computed once per position (no halo recompute). W <= ROWS + 1.
+ROWS = 4
+
+
+@triton.jit
+def _rows_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_l, stride_i_b, stride_i_d, stride_i_w,
+               W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """fp32 (BLOCK_D, 1, ROWS) of a channel-last tensor (stride 1 along D) at positions o_q
+    (1, ROWS): zero past L and, before 0, the initial state (HAS_INIT) or zero."""
+    p = ptr + i_b.to(tl.int64) * stride_b + o_d[:, None, None] + o_q.to(tl.int64)[None, :, :] * stride_l
+    b = tl.load(p, mask=m_d[:, None, None] & ((o_q >= 0) & (o_q < L))[None, :, :], other=0.0).to(tl.float32)
+    if HAS_INIT:
+        slot = o_q + (W - 1)
+        p_i = (init_ptr + i_b.to(tl.int64) * stride_i_b + o_d.to(tl.int64)[:, None, None] * stride_i_d
+               + slot[None, :, :] * stride_i_w)
+        m_i = m_d[:, None, None] & ((o_q < 0) & (slot >= 0))[None, :, :]
+        b += tl.load(p_i, mask=m_i, other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
+def _causal_conv1d_bwd_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, D,
+    stride_x_b, stride_x_l, stride_do_b, stride_do_l, stride_dx_b, stride_dx_l,
+    stride_i_b, stride_i_d, stride_i_w,
+    W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
+):
+    """The chunked kernel's one-pass backward for channel-last x, over STEPS chunks of ROWS
+    positions: chunk c+1's dy is computed once and carried to the next step as chunk c's."""
+    tl.static_assert(ROWS == 4)
+    tl.static_assert(W <= ROWS + 1)
+    i_g, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_r = tl.arange(0, ROWS)[None, :]  # (1, ROWS)
+    o_w = tl.arange(0, W_POW2)
+    l0 = i_g * (STEPS * ROWS)
+    x_prev = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, l0 - ROWS + o_r, L, stride_x_b, stride_x_l,
+                        stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+    x_cur = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_x_b, stride_x_l,
+                       stride_i_b, stride_i_d, stride_i_w, W, False)
+    dy = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_do_b, stride_do_l, 0, 0, 0, W, False)
+    dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1, ROWS),
+                    SILU, FAST)
+    dw = tl.zeros([BLOCK_D, 1, W_POW2], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    for i_s in range(STEPS):
+        o_q = l0 + i_s * ROWS + o_r
+        x_next = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, o_q + ROWS, L, stride_x_b, stride_x_l,
+                            stride_i_b, stride_i_d, stride_i_w, W, False)
+        dy_next = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_q + ROWS, L, stride_do_b, stride_do_l,
+                             0, 0, 0, W, False)
+        dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1,
+                                                 ROWS), SILU, FAST)
+        db += tl.sum(dy, axis=2)
+        dx = tl.zeros([BLOCK_D, 1, ROWS], dtype=tl.float32)
+        dy_s, dy_ns = dy, dy_next
+        for s in tl.static_range(W):
+            if s > 0:  # dy at p+s
+                dy_s = _shift_left4(dy_s, dy_ns, BLOCK_D, 1)
+                dy_ns = _shift_left4(dy_ns, dy_ns, BLOCK_D, 1)
+            dx += tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy_s
+            # o_w is known per register: this adds to one column, no select.
+            dw = tl.where(o_w == W - 1 - s, dw + tl.sum(x_cur * dy_s, axis=2)[:, :, None], dw)
+        p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d[:, None, None]
+                + o_q.to(tl.int64)[None, :, :] * stride_dx_l)
+        tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_q < L)[None, :, :])
+        x_cur, dy = x_next, dy_next
+    i_part = (i_b * tl.num_programs(0) + i_g).to(tl.int64)
+    if HAS_BIAS:
+        tl.store(db_ptr + i_part * D + o_d[:, None], db, mask=m_d[:, None])
+    p_dw = dw_ptr + (i_part * D + o_d)[:, None, None] * W + o_w[None, None, :]
+    tl.store(p_dw, dw, mask=m_d[:, None, None] & (o_w < W)[None, None, :])
+
+
 @triton.jit
 def _conv_wgrad_reduce_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, DW, D,
                               HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -791,15 +902,24 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     batch, dim, length = x.shape
     width = weight.shape[1]
     path = _path(x, starts)
+    variant = variant or BWD_DY_SHIFT.get(path)
+    if path == "channel_last":
+        if variant == "rows" and (starts is not None or width > ROWS + 1 or x.stride(1) != 1):
+            variant = "scratch"
+        if variant == "rows":
+            path = "rows"
     block_d, block, warps = config or BWD_CONFIG[path]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
     if path == "chunked":
-        tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, triton.cdiv(length, block * CHUNK))
-        n_parts = triton.cdiv(length, block * CHUNK * tiles)
+        tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, _cdiv(length, block * CHUNK))
+        n_parts = _cdiv(length, block * CHUNK * tiles)
+    elif path == "rows":
+        steps = min(block, _cdiv(length, ROWS))
+        n_parts = _cdiv(length, steps * ROWS)
     else:
-        n_parts = triton.cdiv(length, block)
+        n_parts = _cdiv(length, block)
     # One fp32 partial row per (row, program along L), summed in a fixed order: dweight
     # is deterministic.
     dw_part = torch.empty(batch * n_parts, dim, width, device=x.device, dtype=torch.float32)
@@ -807,16 +927,24 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     if path == "chunked":
         if dout.stride(2) != 1:
             dout = dout.contiguous()
-        _causal_conv1d_bwd_chunk_kernel[(n_parts, triton.cdiv(dim, block_d), batch)](
+        _causal_conv1d_bwd_chunk_kernel[(n_parts, _cdiv(dim, block_d), batch)](
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, TILES=tiles, **flags,
         )
+    elif path == "rows":
+        if dout.stride(1) != 1:
+            dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+        _causal_conv1d_bwd_rows_kernel[(n_parts, _cdiv(dim, block_d), batch)](
+            x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
+            x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
+            W_POW2=_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
+        )
     else:
         n_l_tiles = n_parts
-        scratch_mode = (variant or BWD_DY_SHIFT[path]) == "scratch"
-        halo = triton.next_power_of_2(width - 1)
-        n_d_tiles = triton.cdiv(dim, block_d)
+        scratch_mode = variant == "scratch"
+        halo = _pow2(width - 1)
+        n_d_tiles = _cdiv(dim, block_d)
         n_tiles = batch * n_l_tiles * n_d_tiles
         n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
         if scratch_mode:
@@ -834,14 +962,13 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
             HALO=halo, **flags,
         )
-    _conv_wgrad_reduce_kernel[(triton.cdiv(dim * width, WGRAD_BLOCK_N),)](
+    _conv_wgrad_reduce_kernel[(_cdiv(dim * width, WGRAD_BLOCK_N),)](
         dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
         HAS_BIAS=bias is not None, BLOCK_P=WGRAD_BLOCK_P, BLOCK_N=WGRAD_BLOCK_N, num_warps=4,
     )
 
 
-@launcher_op("causal_conv1d_bwd")
-def _causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
+def _causal_conv1d_bwd_launcher(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
                        starts: Tensor | None, rows: Tensor | None, silu: bool, dout: Tensor,
                        wgrad_fp32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs as _causal_conv1d_fwd's, dout (B, D, L) -> dx (B, D, L) in x's layout, dweight
@@ -850,6 +977,9 @@ def _causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_s
     dx, dw, db = _bwd_outputs(x, weight, bias, wgrad_fp32)
     _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout)
     return dx, dw, db
+
+
+_causal_conv1d_bwd = launcher_op("causal_conv1d_bwd")(_causal_conv1d_bwd_launcher)
 
 
 @_causal_conv1d_bwd.register_fake
@@ -902,13 +1032,14 @@ class CausalConv1dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_states, starts, rows, cu_seqlens, silu):
         ctx.save_for_backward(x, weight, bias, initial_states, starts, rows, cu_seqlens)
         ctx.silu = silu
-        return _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu)
+        return _call_launcher(_causal_conv1d_fwd, _causal_conv1d_fwd_launcher,
+                              x, weight, bias, initial_states, starts, rows, silu)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, initial_states, starts, rows, cu_seqlens = ctx.saved_tensors
-        dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout,
-                                        initial_states is not None)
+        dx, dw, db = _call_launcher(_causal_conv1d_bwd, _causal_conv1d_bwd_launcher, x, weight, bias,
+                                    initial_states, starts, rows, ctx.silu, dout, initial_states is not None)
         db = db if bias is not None else None
         if initial_states is None:
             return dx, dw, db, None, None, None, None, None
@@ -1129,8 +1260,7 @@ def _causal_conv1d_update_kernel(
 UPDATE_BLOCK_D = 128
 
 
-@launcher_op("causal_conv1d_update", mutates_args=("conv_state",))
-def _causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
                           cache_seqlens: Tensor | None, conv_state_indices: Tensor | None, silu: bool) -> Tensor:
     """x (B, D) or (B, D, T), conv_state (B_state, D, S) updated in place, weight (D, W)
     contiguous -> out shaped like x (dense)."""
@@ -1141,16 +1271,20 @@ def _causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: T
     # One token: a token axis of stride 0 instead of an unsqueeze()d view.
     x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
     out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
-    block_d = min(UPDATE_BLOCK_D, triton.next_power_of_2(dim))
-    _causal_conv1d_update_kernel[(triton.cdiv(dim, block_d), batch)](
+    block_d = min(UPDATE_BLOCK_D, _pow2(dim))
+    _causal_conv1d_update_kernel[(_cdiv(dim, block_d), batch)](
         x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
         dim, n_tok, state_len, conv_state.shape[0],
         *x_st, *conv_state.stride(), *out_st,
         W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
         HAS_INDICES=conv_state_indices is not None, SILU=silu, BLOCK_D=block_d,
-        BLOCK_S=triton.next_power_of_2(state_len), num_warps=4,
+        BLOCK_S=_pow2(state_len), num_warps=4,
     )
     return out
+
+
+_causal_conv1d_update = launcher_op("causal_conv1d_update", mutates_args=("conv_state",))(
+    _causal_conv1d_update_launcher)
 
 
 @_causal_conv1d_update.register_fake
@@ -1237,5 +1371,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         weight = weight.contiguous()
     if bias is not None and bias.stride() != (1,):
         bias = bias.contiguous()
-    return _causal_conv1d_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
-                                 activation is not None)
+    return _call_launcher(_causal_conv1d_update, _causal_conv1d_update_launcher, x, conv_state, weight, bias,
+                          cache_seqlens, conv_state_indices, activation is not None)

@@ -297,8 +297,9 @@ CONV_CASES = [
     (2, 3, 100, 8, "contiguous", False, True, "silu", None),
     (2, 4, 19, 3, "contiguous", True, False, None, None),
 ]
-# "chunked": (BLOCK_D, chunks of 8 positions, warps), the contiguous unpacked path.
-SMALL_TILES = {"chunked": (4, 2, 4), "contiguous": (8, 16, 4), "channel_last": (8, 16, 4)}
+# "chunked": (BLOCK_D, chunks of 8 positions, warps), the contiguous unpacked path; "rows":
+# (BLOCK_D, chunks of 4 rows per program, warps), the channel-last unpacked backward.
+SMALL_TILES = {"chunked": (4, 2, 4), "contiguous": (8, 16, 4), "channel_last": (8, 16, 4), "rows": (8, 2, 1)}
 
 
 def _conv_case(B, D, L, W, layout, init, bias, act, packing, dtype):
@@ -319,7 +320,8 @@ def _conv_case(B, D, L, W, layout, init, bias, act, packing, dtype):
 
 
 # The recompute backward variant is W times slower in the interpreter: two cases suffice.
-CONV_VARIANT_CASES = [(c, "scratch") for c in CONV_CASES] + [(CONV_CASES[3], "recompute"), (CONV_CASES[5], "recompute")]
+CONV_VARIANT_CASES = ([(c, "scratch") for c in CONV_CASES] + [(CONV_CASES[3], "recompute"), (CONV_CASES[5], "recompute")]
+                      + [(CONV_CASES[2], "rows"), (CONV_CASES[3], "rows")])
 
 
 @interpreter_only
@@ -400,7 +402,8 @@ def test_triton_update_matches_ref(mode):
 
 @requires_cuda
 @pytest.mark.parametrize("width,layout,variant,init", [(w, "contiguous", "-", w % 2 == 0) for w in (2, 3, 4, 5, 8)]
-                         + [(4, "channel_last", "scratch", True), (4, "channel_last", "recompute", False)])
+                         + [(4, "channel_last", "rows", True), (5, "channel_last", "rows", False),
+                            (4, "channel_last", "scratch", True), (4, "channel_last", "recompute", False)])
 def test_gpu_conv_all_widths_bf16(width, layout, variant, init, monkeypatch):
     monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": variant, "channel_last": variant})
     B, D, L = 2, 96, 2000 + width  # several programs along L; a partial last chunk for odd widths
