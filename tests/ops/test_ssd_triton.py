@@ -243,6 +243,16 @@ def test_gpu_fp32_and_seq_idx(tune_nothing):
 
 
 @requires_cuda
+def test_gpu_more_programs_than_a_grid_axis_allows(tune_nothing):
+    """batch * chunks * heads = 70400 programs per row block: more than the 65535 that grid
+    axes 1 and 2 allow (the kernels use 1-D grids)."""
+    inputs = make(1, 16 * 1100, 64, 4, 1, 8, z=False, init=False)
+    got = run(inputs, torch.float32, "triton", 16)
+    want = run(inputs, torch.float32, "ref", 16)
+    compare_fp32(got, want, 2e-3)
+
+
+@requires_cuda
 def test_gpu_backward_is_deterministic(tune_nothing):
     inputs = make(*GPU_SHAPE)
     a = run(inputs, torch.bfloat16, "triton", 256)

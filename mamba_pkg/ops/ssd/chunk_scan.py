@@ -73,10 +73,13 @@ def _bmm_chunk_kernel(
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_s = tl.program_id(1)
+    # A 1-D grid (axes 1 and 2 allow at most 65535 programs); the tiles of one chunk
+    # are neighbours.
+    n_mblocks = Q // BLOCK_M
+    i_t = tl.program_id(0) % n_mblocks
+    i_s = (tl.program_id(0) // n_mblocks) % n_mblocks
+    i_bcg = tl.program_id(0) // (n_mblocks * n_mblocks)
     if i_s <= i_t:  # the upper triangle is never read
-        i_bcg = tl.program_id(2)
         i_g = i_bcg % G
         i_c = (i_bcg // G) % nchunks
         i_b = i_bcg // (G * nchunks)
@@ -102,7 +105,7 @@ def _bmm_chunk(B, C, Q, dot_dtype):
     nchunks = triton.cdiv(L, Q)
     cb = torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=torch.float32)
     BLOCK_M = _pick_block_m(Q)
-    grid = (Q // BLOCK_M, Q // BLOCK_M, batch * nchunks * G)
+    grid = (batch * nchunks * G * (Q // BLOCK_M) ** 2,)
     _bmm_chunk_kernel[grid](B, C, cb, L, N, G, nchunks, *B.stride(), Q=Q, BLOCK_M=BLOCK_M,
                             BLOCK_N=max(16, triton.next_power_of_2(N)), DOT_DTYPE=dot_dtype, num_warps=4)
     return cb
@@ -121,10 +124,10 @@ def _chunk_scan_fwd_kernel(
     DOT_DTYPE: tl.constexpr,
 ):
     # Heads vary fastest so that the heads of one chunk run together and share
-    # its C B^T tiles through L2.
-    i_h = tl.program_id(0)
-    i_m = tl.program_id(1)
-    i_bc = tl.program_id(2)
+    # its C B^T tiles through L2. A 1-D grid: axes 1 and 2 allow at most 65535 programs.
+    i_h = tl.program_id(0) % H
+    i_m = (tl.program_id(0) // H) % (Q // BLOCK_M)
+    i_bc = tl.program_id(0) // (H * (Q // BLOCK_M))
     i_b = i_bc // nchunks
     i_c = i_bc % nchunks
     G = H // heads_per_group
@@ -217,7 +220,7 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor
     out, ypre = _chunk_scan_fwd_outputs(x, z)
     BLOCK_P = max(16, triton.next_power_of_2(P))
     BLOCK_N = max(16, triton.next_power_of_2(N))
-    grid = lambda meta: (H, Q // meta["BLOCK_M"], batch * nchunks)
+    grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_scan_fwd_kernel[grid](
@@ -256,15 +259,15 @@ def _chunk_scan_bwd_w_kernel(
 ):
     # One program per (t block, s block <= t block) of a chunk and group; the
     # loop over the group's heads is the long, pipelined loop.
-    i_t = tl.program_id(0)
-    i_s = tl.program_id(1)
+    n_mblocks = Q // BLOCK_M
+    i_t = tl.program_id(0) % n_mblocks
+    i_s = (tl.program_id(0) // n_mblocks) % n_mblocks
+    i_bcg = tl.program_id(0) // (n_mblocks * n_mblocks)
     if i_s <= i_t:
-        i_bcg = tl.program_id(2)
         G = H // heads_per_group
         i_g = i_bcg % G
         i_c = (i_bcg // G) % nchunks
         i_b = i_bcg // (G * nchunks)
-        n_mblocks = Q // BLOCK_M
         o_p = tl.arange(0, BLOCK_P)
         m_p = o_p < P
         o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -320,8 +323,9 @@ def _chunk_scan_bwd_dbc_kernel(
     DOT_DTYPE: tl.constexpr,
 ):
     # Rows r of one block: dC for r as the target t, dB for r as the source s.
-    i_m = tl.program_id(0)
-    i_prog = tl.program_id(1)
+    # A 1-D grid with the row blocks of a chunk as neighbours.
+    i_m = tl.program_id(0) % (Q // BLOCK_M)
+    i_prog = tl.program_id(0) // (Q // BLOCK_M)
     G = H // heads_per_group
     n_split = heads_per_group // heads_per_prog
     i_split = i_prog % n_split
@@ -419,10 +423,11 @@ def _chunk_scan_bwd_dx_kernel(
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    # One program per (source row block, head, chunk); heads vary fastest so the
-    # heads of a chunk share its C B^T tiles through L2.
-    i_m = tl.program_id(0)
-    i_bch = tl.program_id(1)
+    # One program per (source row block, head, chunk), a 1-D grid (axes 1 and 2 allow
+    # at most 65535 programs); the row blocks of a head's chunk are neighbours (they
+    # share its dy tiles in L2), then the heads of a chunk (its C B^T tiles).
+    i_m = tl.program_id(0) % (Q // BLOCK_M)
+    i_bch = tl.program_id(0) // (Q // BLOCK_M)
     i_h = i_bch % H
     i_c = (i_bch // H) % nchunks
     i_b = i_bch // (H * nchunks)
@@ -556,7 +561,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     # Slots of block pairs that do not exist (s block > t block) stay zero.
     row_part = torch.zeros(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
     col_part = torch.zeros_like(row_part)
-    _chunk_scan_bwd_w_kernel[(n_mblocks, n_mblocks, batch * nchunks * G)](
+    _chunk_scan_bwd_w_kernel[(batch * nchunks * G * n_mblocks * n_mblocks,)](
         x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
         L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, **common,
     )
@@ -569,7 +574,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         dB = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
         dC = torch.empty_like(dB)
     rowsum_state = torch.empty_like(cs_c)
-    _chunk_scan_bwd_dbc_kernel[(n_mblocks, batch * nchunks * G * n_split)](
+    _chunk_scan_bwd_dbc_kernel[(batch * nchunks * G * n_split * n_mblocks,)](
         x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates, dB, dC, rowsum_state,
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
         BLOCK_N=BLOCK_N, **common,
@@ -583,7 +588,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     colsum_state = torch.empty_like(cs_c)
     dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
         if D is not None else None
-    _chunk_scan_bwd_dx_kernel[(n_mblocks, batch * nchunks * H)](
+    _chunk_scan_bwd_dx_kernel[(batch * nchunks * H * n_mblocks,)](
         x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
         cs_c, dstates, dx, dz if z is not None else dx, ddt, colsum_state, dD_part if dD_part is not None else ddt,
         L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
