@@ -134,14 +134,15 @@ def kernel_rows(lengths):
 
 
 # Few candidates: each is a Triton compile, and a device run is short. The chunked path's
-# configs are (BLOCK_D, chunks of 8 positions, num_warps); the rows kernel's (BLOCK_D =
-# 256 * num_warps, chunks of 4 rows per program, num_warps); the general kernel's
-# (BLOCK_D, BLOCK_L, num_warps).
+# configs are (BLOCK_D, chunks of 8 positions, num_warps[, register cap]); the rows kernel's
+# (BLOCK_D = 256 * num_warps, chunks of 4 rows per program, num_warps[, register cap]); the
+# general kernel's (BLOCK_D, BLOCK_L, num_warps).
 FWD_CANDIDATES = {"chunked": [(2, 128, 8), (4, 64, 4), (4, 32, 4)],
                   "channel_last": [(128, 32, 4), (64, 64, 4)]}
-BWD_CANDIDATES = {"chunked": [((2, 64, 4), 16), ((2, 64, 4), 32), ((4, 32, 4), 16), ((2, 128, 8), 16)],
-                  "channel_last": [((256, 32, 1), "rows"), ((256, 8, 1), "rows"), ((512, 32, 2), "rows"),
-                                   ((1024, 16, 4), "rows"), ((64, 64, 4), "scratch")]}
+BWD_CANDIDATES = {"chunked": [((2, 64, 4), 16), ((2, 64, 4, 64), 16), ((2, 64, 4, 80), 16), ((2, 64, 4, 64), 32),
+                              ((2, 128, 8, 64), 16)],
+                  "channel_last": [((256, 32, 1), "rows"), ((256, 32, 1, 128), "rows"), ((256, 8, 1, 128), "rows"),
+                                   ((512, 32, 2), "rows"), ((64, 64, 4), "scratch")]}
 
 
 def sweep():

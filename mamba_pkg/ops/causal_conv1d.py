@@ -424,6 +424,7 @@ def _causal_conv1d_fwd_chunk_kernel(
 # chunked path's are (BLOCK_D, NC chunks of CHUNK positions, num_warps); the general
 # kernel's (BLOCK_D, BLOCK_L, num_warps), the layout deciding which axis is contiguous.
 # The rows kernel's are (BLOCK_D = 256 * num_warps: 8 channels per thread, STEPS, num_warps).
+# A backward config may end with a register cap per thread (Triton's maxnreg).
 FWD_CONFIG = {"chunked": (2, 128, 8), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
 BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4), "rows": (256, 32, 1)}
 # Channel-last backward: "rows" runs the rows kernel (unpacked x, W <= 5; else the general
@@ -908,10 +909,12 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             variant = "scratch"
         if variant == "rows":
             path = "rows"
-    block_d, block, warps = config or BWD_CONFIG[path]
+    block_d, block, warps, *register_cap = config or BWD_CONFIG[path]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
+    if register_cap:  # a cap on registers per thread: more resident warps to hide the loads' latency
+        flags["maxnreg"] = register_cap[0]
     if path == "chunked":
         tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, _cdiv(length, block * CHUNK))
         n_parts = _cdiv(length, block * CHUNK * tiles)

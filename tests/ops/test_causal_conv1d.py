@@ -342,6 +342,21 @@ def test_triton_conv_matches_ref_fp32(case, variant, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@interpreter_only
+@pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
+def test_triton_conv_bwd_config_with_register_cap(layout, monkeypatch):
+    """A backward config may carry a register cap (maxnreg; the benchmark sweeps it)."""
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "BWD_CONFIG", {k: v + (64,) for k, v in SMALL_TILES.items()})
+    (x, w, b, i), _, _ = _conv_case(2, 8, 40, 4, layout, False, True, "silu", None, torch.float32)
+    g = torch.randn(2, 8, 40, device=DEVICE)
+    gf = torch.randn(2, 8, 3, device=DEVICE)
+    got = _run_fwd_bwd(_triton, x, w, b, i, None, None, "silu", g, gf)
+    exp = _run_fwd_bwd(_torch, x, w, b, i, None, None, "silu", g, gf)
+    for name, a, e in zip(["out", "final", "dx", "dw", "db"], got, exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_triton_conv_on_a_channel_slice(monkeypatch):
     """Mamba-2 convolves xBC = zxbcdt[..., a:b].transpose(1, 2): channel-last, not dense."""
     monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
