@@ -102,7 +102,7 @@ def check_chunk_scan_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_s
 
 
 # ---------------------------------------------------------------------------
-# The Triton path: three forward launches, five backward launches, small torch glue.
+# The Triton path: three forward launches, six backward launches, small torch glue.
 # ---------------------------------------------------------------------------
 
 
