@@ -48,6 +48,14 @@ def _tile_configs():
     return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2))]
 
 
+def _head_loop_configs():
+    """The kernels whose main loop runs over the heads of a group (many iterations,
+    independent loads) also try a third pipeline stage."""
+    if triton_interpret():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2), (4, 3), (8, 3))]
+
+
 def _fwd_configs():
     """The forward scan also tries 128-row blocks (fewer, larger tiles per chunk)."""
     if triton_interpret():
@@ -247,7 +255,7 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
     return dy
 
 
-@triton.autotune(configs=_tile_configs(), key=[k for k in _KEY if k != "N"])
+@triton.autotune(configs=_head_loop_configs(), key=[k for k in _KEY if k != "N"])
 @triton.jit
 def _chunk_scan_bwd_w_kernel(
     x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
@@ -309,7 +317,7 @@ def _chunk_scan_bwd_w_kernel(
         tl.store(w_ptr + cb_off, w)
 
 
-@triton.autotune(configs=_tile_configs(), key=_KEY)
+@triton.autotune(configs=_head_loop_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
