@@ -166,7 +166,7 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     which = resolve_backend(backend, q, k, v)
     if which == "triton":
-        if flash_attn_installed() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_installed():
             return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
         if cu_seqlens is not None:
             return _flex_packed(q, k, v, cu_seqlens, causal=causal, scale=scale)
