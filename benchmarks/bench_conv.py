@@ -134,15 +134,16 @@ def kernel_rows(lengths):
 
 
 # Few candidates: each is a Triton compile, and a device run is short. The chunked path's
-# configs are (BLOCK_D, chunks of 8 positions, num_warps[, register cap]); the rows kernel's
+# configs are (BLOCK_D, chunks of 8 positions, num_warps[, register cap]) with (tiles per
+# program, prefetch); the rows kernel's
 # (BLOCK_D = 256 * num_warps, chunks of 4 rows per program, num_warps[, register cap]); the
 # general kernel's (BLOCK_D, BLOCK_L, num_warps).
 FWD_CANDIDATES = {"chunked": [(2, 128, 8), (4, 64, 4), (4, 32, 4)],
                   "channel_last": [(128, 32, 4), (64, 64, 4)]}
-BWD_CANDIDATES = {"chunked": [((2, 64, 4), 16), ((2, 64, 4, 64), 16), ((2, 64, 4, 80), 16), ((2, 64, 4, 64), 32),
-                              ((2, 128, 8, 64), 16)],
-                  "channel_last": [((256, 32, 1), "rows"), ((256, 32, 1, 128), "rows"), ((256, 8, 1, 128), "rows"),
-                                   ((512, 32, 2), "rows"), ((64, 64, 4), "scratch")]}
+BWD_CANDIDATES = {"chunked": [((2, 64, 4), (16, False)), ((2, 64, 4), (16, True)), ((2, 64, 4), (32, True)),
+                              ((4, 32, 4), (16, True)), ((2, 64, 4, 80), (16, False))],
+                  "channel_last": [((256, 32, 1), "rows"), ((256, 8, 1), "rows"), ((512, 32, 2), "rows"),
+                                   ((256, 32, 1, 168), "rows"), ((64, 64, 4), "scratch")]}
 
 
 def sweep():
@@ -165,7 +166,8 @@ def sweep():
             out, x, w, b, None, None, None, True, config=cfg)) for cfg in FWD_CANDIDATES[path]}
         bwd = {}
         for cfg, option in BWD_CANDIDATES[path]:
-            extra = {"tiles_per_program": option} if path == "chunked" else {"variant": option}
+            extra = ({"tiles_per_program": option[0], "prefetch": option[1]} if path == "chunked"
+                     else {"variant": option})
             bwd[(cfg, option)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {option}", lambda: conv._launch_bwd(
                 dx, dw, db, x, w, b, None, None, None, True, g, config=cfg, **extra))
         best[path] = (min(fwd, key=fwd.get), min(bwd, key=bwd.get))
@@ -178,7 +180,7 @@ def apply(best):
         conv.FWD_CONFIG[path] = fwd_cfg
         if path == "chunked":
             conv.BWD_CONFIG[path] = bwd_cfg
-            conv.BWD_TILES_PER_PROGRAM = option
+            conv.BWD_TILES_PER_PROGRAM, conv.BWD_PREFETCH = option
         else:
             conv.BWD_CONFIG["rows" if option == "rows" else path] = bwd_cfg
             conv.BWD_DY_SHIFT[path] = option
@@ -186,7 +188,8 @@ def apply(best):
 
 def settings():
     return {"fwd": dict(conv.FWD_CONFIG), "bwd": dict(conv.BWD_CONFIG), "dy_shift": dict(conv.BWD_DY_SHIFT),
-            "tiles_per_program": conv.BWD_TILES_PER_PROGRAM, "programs_per_sm": conv.BWD_PROGRAMS_PER_SM}
+            "tiles_per_program": conv.BWD_TILES_PER_PROGRAM, "prefetch": conv.BWD_PREFETCH,
+            "programs_per_sm": conv.BWD_PROGRAMS_PER_SM}
 
 
 def main():

@@ -361,18 +361,31 @@ def _shift_left(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
 
 
 @triton.jit
+def _chunk_raw(ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_d, ok):
+    """(BLOCK_D, NC, CHUNK) of a (B, D, L)-contiguous tensor at positions o_q (NC, CHUNK), in
+    its dtype: zero outside [0, L) or where the scalar ok is false."""
+    p = ptr + i_b.to(tl.int64) * stride_b + o_d.to(tl.int64)[:, None, None] * stride_d + o_q[None, :, :]
+    return tl.load(p, mask=m_d[:, None, None] & ((o_q >= 0) & (o_q < L))[None, :, :] & ok, other=0.0)
+
+
+@triton.jit
+def _chunk_init(init_ptr, i_b, o_d, m_d, o_q, stride_i_b, stride_i_d, stride_i_w, W: tl.constexpr):
+    """fp32 initial-state values at the positions o_q < 0 (slot W-1 + o_q), zero elsewhere."""
+    slot = o_q + (W - 1)
+    p_i = (init_ptr + i_b.to(tl.int64) * stride_i_b + o_d.to(tl.int64)[:, None, None] * stride_i_d
+           + slot[None, :, :] * stride_i_w)
+    m_i = m_d[:, None, None] & ((o_q < 0) & (slot >= 0))[None, :, :]
+    return tl.load(p_i, mask=m_i, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _chunk_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_d, stride_i_b, stride_i_d, stride_i_w,
                 W: tl.constexpr, HAS_INIT: tl.constexpr):
     """fp32 (BLOCK_D, NC, CHUNK) of a (B, D, L)-contiguous tensor at positions o_q (NC, CHUNK):
     zero past L and, before 0, the initial state (HAS_INIT) or zero."""
-    p = ptr + i_b.to(tl.int64) * stride_b + o_d.to(tl.int64)[:, None, None] * stride_d + o_q[None, :, :]
-    b = tl.load(p, mask=m_d[:, None, None] & ((o_q >= 0) & (o_q < L))[None, :, :], other=0.0).to(tl.float32)
+    b = _chunk_raw(ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_d, True).to(tl.float32)
     if HAS_INIT:
-        slot = o_q + (W - 1)
-        p_i = (init_ptr + i_b.to(tl.int64) * stride_i_b + o_d.to(tl.int64)[:, None, None] * stride_i_d
-               + slot[None, :, :] * stride_i_w)
-        m_i = m_d[:, None, None] & ((o_q < 0) & (slot >= 0))[None, :, :]
-        b += tl.load(p_i, mask=m_i, other=0.0).to(tl.float32)
+        b += _chunk_init(init_ptr, i_b, o_d, m_d, o_q, stride_i_b, stride_i_d, stride_i_w, W)
     return b
 
 
@@ -436,6 +449,8 @@ BWD_PROGRAMS_PER_SM = 8
 # Chunked backward: consecutive L tiles per program (its dweight partial is reduced across
 # threads once, not per tile).
 BWD_TILES_PER_PROGRAM = 16
+# Chunked backward: load the next tile while computing this one (more registers).
+BWD_PREFETCH = False
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "rows"}
 
 
@@ -690,6 +705,18 @@ def _store_wgrad(p_dw, dw, k: tl.constexpr, m_d):
 
 
 @triton.jit
+def _bwd_chunk_raw(x_ptr, dout_ptr, i_b, o_d, m_d, o_l, L, stride_x_b, stride_x_d, stride_do_b, stride_do_d, ok,
+                   CHUNK: tl.constexpr):
+    """A tile's inputs as loaded: x at the chunks before/at/after, dout at/after."""
+    x_cur = _chunk_raw(x_ptr, i_b, o_d, m_d, o_l, L, stride_x_b, stride_x_d, ok)
+    x_prev = _chunk_raw(x_ptr, i_b, o_d, m_d, o_l - CHUNK, L, stride_x_b, stride_x_d, ok)
+    x_next = _chunk_raw(x_ptr, i_b, o_d, m_d, o_l + CHUNK, L, stride_x_b, stride_x_d, ok)
+    dout = _chunk_raw(dout_ptr, i_b, o_d, m_d, o_l, L, stride_do_b, stride_do_d, ok)
+    dout_next = _chunk_raw(dout_ptr, i_b, o_d, m_d, o_l + CHUNK, L, stride_do_b, stride_do_d, ok)
+    return x_cur, x_prev, x_next, dout, dout_next
+
+
+@triton.jit
 def _causal_conv1d_bwd_chunk_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
     L, D,
@@ -697,6 +724,7 @@ def _causal_conv1d_bwd_chunk_kernel(
     stride_i_b, stride_i_d, stride_i_w,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr, CHUNK: tl.constexpr, TILES: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One pass over TILES consecutive L tiles: dy = dout * act'(pre) with pre recomputed from
     x (never stored), dx[p] = sum_s w[W-1-s] dy[p+s]; the program's dw[W-1-s] = sum_p x[p]
@@ -717,24 +745,36 @@ def _causal_conv1d_bwd_chunk_kernel(
     dw5 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
     dw6 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
     dw7 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    o_t = tl.arange(0, NC)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NC, CHUNK)
+    if PREFETCH:
+        o_l = i_g * TILES * (NC * CHUNK) + o_t
+        x_r, xp_r, xn_r, do_r, dn_r = _bwd_chunk_raw(x_ptr, dout_ptr, i_b, o_d, m_d, o_l, L, stride_x_b,
+                                                     stride_x_d, stride_do_b, stride_do_d, True, CHUNK)
     for i_t in range(TILES):
-        i_l = i_g * TILES + i_t
-        o_l = i_l * (NC * CHUNK) + tl.arange(0, NC)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NC, CHUNK)
-        x_cur = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l, L, stride_x_b, stride_x_d,
-                            stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+        o_l = (i_g * TILES + i_t) * (NC * CHUNK) + o_t
+        if PREFETCH:
+            # The next tile's loads go out before this tile's arithmetic (the loop carries them).
+            x_n, xp_n, xn_n, do_n, dn_n = _bwd_chunk_raw(x_ptr, dout_ptr, i_b, o_d, m_d, o_l + NC * CHUNK, L,
+                                                         stride_x_b, stride_x_d, stride_do_b, stride_do_d,
+                                                         i_t + 1 < TILES, CHUNK)
+        else:
+            x_r, xp_r, xn_r, do_r, dn_r = _bwd_chunk_raw(x_ptr, dout_ptr, i_b, o_d, m_d, o_l, L, stride_x_b,
+                                                         stride_x_d, stride_do_b, stride_do_d, True, CHUNK)
+        x_cur = x_r.to(tl.float32)
         # dy one chunk ahead too: dx at a chunk's last positions needs dy up to W-1 later.
-        dy = _chunk_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_l, L, stride_do_b, stride_do_d, 0, 0, 0, W, False)
-        dy_next = _chunk_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_l + CHUNK, L, stride_do_b, stride_do_d,
-                              0, 0, 0, W, False)
+        dy = do_r.to(tl.float32)
+        dy_next = dn_r.to(tl.float32)
         if SILU:
-            x_prev = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l - CHUNK, L, stride_x_b, stride_x_d,
-                                 stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
-            x_next = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l + CHUNK, L, stride_x_b, stride_x_d,
-                                 stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+            x_prev = xp_r.to(tl.float32)
+            if HAS_INIT:
+                x_prev += _chunk_init(init_ptr, i_b, o_d, m_d, o_l - CHUNK, stride_i_b, stride_i_d, stride_i_w, W)
+            x_next = xn_r.to(tl.float32)
             dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC),
                             SILU, FAST)
             dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS,
                                                      BLOCK_D, NC), SILU, FAST)
+        if PREFETCH:
+            x_r, xp_r, xn_r, do_r, dn_r = x_n, xp_n, xn_n, do_n, dn_n
         db += dy
         dx = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
         dy, dy_next, dx, dw0 = _tap_grads(dy, dy_next, x_cur, dx, dw0, w_ptr, o_d, m_d, 0, W, BLOCK_D, NC)
@@ -898,7 +938,7 @@ def _bwd_outputs(x, weight, bias, wgrad_fp32):
 
 
 def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,
-                programs_per_sm=None, tiles_per_program=None):
+                programs_per_sm=None, tiles_per_program=None, prefetch=None):
     """Write the backward into dx, dw, db; the keywords override the tuned settings (benchmarks)."""
     batch, dim, length = x.shape
     width = weight.shape[1]
@@ -913,9 +953,10 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
-    if register_cap:  # a cap on registers per thread: more resident warps to hide the loads' latency
+    if register_cap:  # more resident warps to hide the loads' latency, at the cost of spills
         flags["maxnreg"] = register_cap[0]
     if path == "chunked":
+        prefetch = BWD_PREFETCH if prefetch is None else prefetch
         tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, _cdiv(length, block * CHUNK))
         n_parts = _cdiv(length, block * CHUNK * tiles)
     elif path == "rows":
@@ -933,7 +974,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         _causal_conv1d_bwd_chunk_kernel[(n_parts, _cdiv(dim, block_d), batch)](
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), *init_strides,
-            NC=block, CHUNK=CHUNK, TILES=tiles, **flags,
+            NC=block, CHUNK=CHUNK, TILES=tiles, PREFETCH=prefetch and tiles > 1, **flags,
         )
     elif path == "rows":
         if dout.stride(1) != 1:

@@ -344,16 +344,19 @@ def test_triton_conv_matches_ref_fp32(case, variant, monkeypatch):
 
 @interpreter_only
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
-def test_triton_conv_bwd_config_with_register_cap(layout, monkeypatch):
-    """A backward config may carry a register cap (maxnreg; the benchmark sweeps it)."""
+def test_triton_conv_bwd_options(layout, monkeypatch):
+    """Options the benchmark sweeps: a register cap (maxnreg) in a backward config, and the
+    chunked backward's prefetch of the next tile (with initial states: the first tile's)."""
     monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
     monkeypatch.setattr(conv_mod, "BWD_CONFIG", {k: v + (64,) for k, v in SMALL_TILES.items()})
-    (x, w, b, i), _, _ = _conv_case(2, 8, 40, 4, layout, False, True, "silu", None, torch.float32)
+    monkeypatch.setattr(conv_mod, "BWD_PREFETCH", True)
+    monkeypatch.setattr(conv_mod, "BWD_TILES_PER_PROGRAM", 2)
+    (x, w, b, i), _, _ = _conv_case(2, 8, 40, 4, layout, True, True, "silu", None, torch.float32)
     g = torch.randn(2, 8, 40, device=DEVICE)
     gf = torch.randn(2, 8, 3, device=DEVICE)
     got = _run_fwd_bwd(_triton, x, w, b, i, None, None, "silu", g, gf)
     exp = _run_fwd_bwd(_torch, x, w, b, i, None, None, "silu", g, gf)
-    for name, a, e in zip(["out", "final", "dx", "dw", "db"], got, exp):
+    for name, a, e in zip(["out", "final", "dx", "dw", "db", "dinit"], got, exp):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
 
 
