@@ -156,7 +156,10 @@ def _into_final_states_out(final, final_states_out):
 
 
 # ---------------------------------------------------------------------------
-# Triton kernels. A tile is (BLOCK_D channels, BLOCK_L positions) of one row; every
+# Triton kernels. Three paths: "chunked" ((B, D, L)-contiguous x without packing), "rows"
+# (the backward of channel-last x without packing) and the general kernels below (packed
+# inputs, the channel-last forward, W > 5 channel-last backward).
+# General kernels: a tile is (BLOCK_D channels, BLOCK_L positions) of one row; every
 # stride is passed, so one kernel serves (B, D, L)-contiguous and channel-last x
 # (Triton specialises a stride of 1 and vectorises along that axis). The W taps are
 # W shifted loads of the same tile: the overlap hits L1, HBM sees x once. Tiles away
