@@ -457,16 +457,6 @@ BWD_PREFETCH = False
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "rows"}
 
 
-def _call_launcher(op, launcher, *args):
-    """The custom op when something traces (torch.compile, or a dispatch mode such as fake
-    tensors), else its launcher function directly: an eager call then skips the custom-op
-    dispatch, measured at ~40 us of host time per call (a third of an eager fwd+bwd's host
-    time), for the same result."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return op(*args)
-    return launcher(*args)
-
-
 def _cdiv(a, b):
     # triton.cdiv is a constexpr function in newer Triton: slow to call from host code.
     return -(-a // b)
@@ -1079,14 +1069,13 @@ class CausalConv1dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_states, starts, rows, cu_seqlens, silu):
         ctx.save_for_backward(x, weight, bias, initial_states, starts, rows, cu_seqlens)
         ctx.silu = silu
-        return _call_launcher(_causal_conv1d_fwd, _causal_conv1d_fwd_launcher,
-                              x, weight, bias, initial_states, starts, rows, silu)
+        return _causal_conv1d_fwd(x, weight, bias, initial_states, starts, rows, silu)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, initial_states, starts, rows, cu_seqlens = ctx.saved_tensors
-        dx, dw, db = _call_launcher(_causal_conv1d_bwd, _causal_conv1d_bwd_launcher, x, weight, bias,
-                                    initial_states, starts, rows, ctx.silu, dout, initial_states is not None)
+        dx, dw, db = _causal_conv1d_bwd(x, weight, bias, initial_states, starts, rows, ctx.silu, dout,
+                                        initial_states is not None)
         db = db if bias is not None else None
         if initial_states is None:
             return dx, dw, db, None, None, None, None, None
@@ -1418,5 +1407,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         weight = weight.contiguous()
     if bias is not None and bias.stride() != (1,):
         bias = bias.contiguous()
-    return _call_launcher(_causal_conv1d_update, _causal_conv1d_update_launcher, x, conv_state, weight, bias,
-                          cache_seqlens, conv_state_indices, activation is not None)
+    return _causal_conv1d_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                                 activation is not None)

@@ -733,15 +733,6 @@ def _groups(dim: int, B: torch.Tensor, C: torch.Tensor):
 # The launchers are torch.library custom ops (mamba_pkg/ops/_library.py): torch.compile
 # sees each launch as one node with a fake implementation (shapes only) and does not
 # trace into Triton. Their allocation helpers are shared by the real and the fake op.
-# Eager calls skip the dispatcher (_launch): through the op, the forward at B=4,
-# D=2048, L=512 measured 0.128 ms instead of 0.072 ms on an H100 (host-bound).
-
-
-def _launch(op, launcher, *args):
-    """The custom op while torch.compile traces, the plain launcher otherwise."""
-    return op(*args) if torch.compiler.is_compiling() else launcher(*args)
-
-
 def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
     """out (B, D, L) in u.dtype, last_state (num_seqs, D, N) fp32 and the per-tile
     start states (B, L / BLOCK_L, D, N) fp32 (empty unless store_ckpt); uninitialised."""
@@ -895,8 +886,7 @@ class SelectiveScanFn(torch.autograd.Function):
                   delta_bias.contiguous() if delta_bias is not None else None,
                   initial_state.contiguous() if initial_state is not None else None, seq_idx)
         needs_grad = any(ctx.needs_input_grad[:9])
-        out, last, ckpt = _launch(_selective_scan_fwd_op, _selective_scan_fwd, *inputs, num_seqs, delta_softplus,
-                                  needs_grad)
+        out, last, ckpt = _selective_scan_fwd_op(*inputs, num_seqs, delta_softplus, needs_grad)
         if needs_grad:
             ctx.save_for_backward(*inputs, ckpt)
             ctx.options = (num_seqs, delta_softplus, B.shape, C.shape, B.dtype, C.dtype)
@@ -910,8 +900,8 @@ class SelectiveScanFn(torch.autograd.Function):
         u, _, _, _, _, D, z, delta_bias, initial_state, _ = inputs
         if dout is None:
             dout = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _launch(
-            _selective_scan_bwd_op, _selective_scan_bwd, *inputs, num_seqs, delta_softplus, ckpt, dout, dlast)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _selective_scan_bwd_op(
+            *inputs, num_seqs, delta_softplus, ckpt, dout, dlast)
         return (du, ddelta, dA, dB.view(B_shape).to(B_dtype), dC.view(C_shape).to(C_dtype),
                 dD if D is not None else None, dz if z is not None else None,
                 ddelta_bias if delta_bias is not None else None,
