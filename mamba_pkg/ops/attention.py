@@ -111,6 +111,15 @@ def _flex_attention_fn(device_type: str):
     return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
+# Compiled FlexAttention (CUDA) lowers only head dims of 16 and more (Inductor: "NYI: embedding
+# dimension ... must be at least 16"); smaller heads take the masked SDPA path.
+_FLEX_MIN_HEADDIM_CUDA = 16
+
+
+def _use_flex(device_type: str, headdim: int) -> bool:
+    return device_type != "cuda" or headdim >= _FLEX_MIN_HEADDIM_CUDA
+
+
 def _flex_packed(q, k, v, cu_seqlens, *, causal, scale):
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -168,9 +177,8 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_
     if which == "triton":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_installed():
             return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
-        if cu_seqlens is not None:
+        if cu_seqlens is not None and _use_flex(q.device.type, q.shape[-1]):
             return _flex_packed(q, k, v, cu_seqlens, causal=causal, scale=scale)
-        return _sdpa(q, k, v, causal=causal, scale=scale)
     if cu_seqlens is not None:
         return _sdpa(q, k, v, causal=causal, scale=scale, attn_mask=_packed_mask(cu_seqlens, q.shape[1], causal))
     return _sdpa(q, k, v, causal=causal, scale=scale)

@@ -62,8 +62,10 @@ def test_softmax_scale_and_grad():
 def test_packed_equals_per_sequence(backend, lengths):
     """Packed sequences never attend across a boundary (triton here = the FlexAttention path)."""
     total = sum(lengths)
-    q, k, v = _qkv(1, total, 4, 2, 8)
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    # On a GPU machine the triton backend needs CUDA tensors (no interpreter there).
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(1, total, 4, 2, 8, device=device)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
     out = attention(q, k, v, cu_seqlens=cu, backend=backend)
     ref = attention_ref(q, k, v, cu_seqlens=cu)
     assert torch.allclose(out, ref, atol=1e-5)
@@ -141,3 +143,13 @@ def test_cuda_fast_paths(dtype):
     err = (out.float() - ref32).abs().max().item()
     base = (ref_low.float() - ref32).abs().max().item()
     assert err <= 2 * base + 1e-3
+
+
+def test_small_heads_avoid_compiled_flex_on_cuda():
+    """Compiled FlexAttention cannot lower head dims under 16 (it raised on the H100 for P=8):
+    those packed calls take the masked SDPA path on CUDA; CPU keeps FlexAttention."""
+    from mamba_pkg.ops.attention import _use_flex
+
+    assert not _use_flex("cuda", 8)
+    assert _use_flex("cuda", 16) and _use_flex("cuda", 64)
+    assert _use_flex("cpu", 8)
