@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 from typing import Dict, Optional, Union
+
+import pytest
 
 # state-spaces/mamba-130m (real: d_model 768, n_layer 24): mamba_ssm format, Mamba1, no d_intermediate key.
 MAMBA_130M = {"d_model": 32, "n_layer": 2, "vocab_size": 91, "ssm_cfg": {}, "rms_norm": True,
@@ -50,6 +53,14 @@ MAMBA_130M_HF = {"architectures": ["MambaForCausalLM"], "bos_token_id": 0, "conv
                  "time_step_max": 0.1, "time_step_min": 0.001, "time_step_rank": 2, "time_step_scale": 1.0,
                  "torch_dtype": "float32", "use_bias": False, "use_cache": True, "use_conv_bias": True,
                  "vocab_size": 96}
+
+
+# transformers binds its Mamba mixers to causal_conv1d / mamba_ssm at import when they are installed,
+# then sends CPU tensors to their CUDA-only kernels. Tests that run a transformers Mamba model on CPU
+# skip on such machines (CI installs neither package, so the parity checks run there).
+needs_transformers_cpu_path = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is not None for p in ("causal_conv1d", "mamba_ssm")),
+    reason="transformers routes CPU Mamba forwards to the installed CUDA-only causal_conv1d/mamba_ssm kernels")
 
 
 def repo_folder(cache_dir: str, repo_id: str) -> str:

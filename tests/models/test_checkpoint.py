@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hub_fixtures import (MAMBA2_130M, MAMBA2ATTN_2_7B, MAMBA_130M, MAMBA_130M_HF, add_snapshot, dir_files,
-                          json_bytes, offline_hub)
+                          json_bytes, needs_transformers_cpu_path, offline_hub)
 from mamba_pkg.models import checkpoint as ckpt
 from mamba_pkg.models.checkpoint import CheckpointError, CheckpointNotFoundError
 from mamba_pkg.models.config import MambaConfig
@@ -163,6 +163,7 @@ def test_hub_mamba_ssm_format(hub, tmp_path, repo_id, config):
     assert torch.equal(logits(loaded), logits(model))
 
 
+@needs_transformers_cpu_path
 def test_hub_transformers_format(hub, tmp_path):
     """state-spaces/mamba-130m-hf: model_type mamba, model.safetensors without lm_head (tied)."""
     hf_model = hf_mamba(MAMBA_130M_HF)
@@ -379,6 +380,7 @@ def test_save_rejects_bad_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@needs_transformers_cpu_path
 def test_transformers_ours_transformers_round_trip():
     hf_model = hf_mamba(MAMBA_130M_HF)
     ours = MambaLMHeadModel.from_transformers(hf_model)

@@ -4,6 +4,7 @@ into our MambaLMHeadModel by the state-dict key map, give the same logits (CPU, 
 
 import pytest
 import torch
+from hub_fixtures import needs_transformers_cpu_path
 
 from mamba_pkg.models import checkpoint as ckpt
 from mamba_pkg.models.lm import MambaLMHeadModel
@@ -11,6 +12,8 @@ from mamba_pkg.models.lm import MambaLMHeadModel
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
+
+pytestmark = needs_transformers_cpu_path
 
 
 def rel_err(out, ref):

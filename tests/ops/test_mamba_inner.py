@@ -73,7 +73,7 @@ def test_inner_varlen_equals_per_sequence():
 
 
 def test_inner_varlen_kernel():
-    cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32, device=DEV)
     _check(make_params(1, 4, 10), DEV, cu_seqlens=cu)
 
 
