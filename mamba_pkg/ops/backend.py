@@ -48,6 +48,25 @@ except ImportError:
     triton = tl = _TritonMissing()
     HAS_TRITON = False
 
+@triton.jit
+def state_row(idx_ptr, i_b, n_rows, offs, HAS_INDICES: tl.constexpr):
+    """Cache row of batch entry ``i_b`` for the decode kernels, and a mask shaped like ``offs``.
+
+    With indices, a negative index is a padding slot (state untouched, output zero); an index
+    past ``n_rows`` is refused on the host for CPU tensors and treated as padding here (checking
+    it on the GPU would cost a sync). Returns (row as int64, clamped to 0 for padding; valid).
+    """
+    if HAS_INDICES:
+        row = tl.load(idx_ptr + i_b).to(tl.int64)
+        row_v = tl.zeros_like(offs).to(tl.int64) + row
+        valid = (row_v >= 0) & (row_v < n_rows)
+        row = tl.where(row >= 0, row, 0)
+    else:
+        row = i_b.to(tl.int64)
+        valid = offs >= 0
+    return row, valid
+
+
 BACKENDS = ("torch", "triton")
 ENV_VAR = "MAMBA_PKG_BACKEND"
 

@@ -32,6 +32,7 @@ from mamba_pkg.ops.backend import (
     check_tensor,
     resolve_backend,
     seq_idx_from_cu_seqlens,
+    state_row,
     tl,
     triton,
 )
@@ -1233,16 +1234,7 @@ def _causal_conv1d_update_kernel(
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    if HAS_INDICES:
-        row = tl.load(idx_ptr + i_b).to(tl.int64)
-        # Negative = padding slot; out of range is refused on the host for CPU tensors and
-        # treated as padding here (no sync to check it on the GPU).
-        row_d = tl.zeros([BLOCK_D], dtype=tl.int64) + row
-        valid = (row_d >= 0) & (row_d < n_rows)
-        row = tl.where(row >= 0, row, 0)
-    else:
-        row = i_b.to(tl.int64)
-        valid = o_d >= 0
+    row, valid = state_row(idx_ptr, i_b, n_rows, o_d, HAS_INDICES)
     m_state = m_d & valid
     p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64) * stride_x_d
     p_s = state_ptr + row * stride_s_b + o_d.to(tl.int64) * stride_s_d

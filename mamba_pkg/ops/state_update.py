@@ -25,6 +25,7 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     resolve_backend,
+    state_row,
     tl,
     triton,
 )
@@ -126,16 +127,7 @@ def _selective_state_update_kernel(
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
     m_p, m_n = o_p < P, o_n < N
-    if HAS_INDICES:
-        row = tl.load(idx_ptr + i_b).to(tl.int64)
-        # Negative = padding slot (state untouched, output zero); past the end is refused on
-        # the host for CPU tensors and treated as padding here (no sync on the GPU).
-        row_p = tl.zeros([BLOCK_P], dtype=tl.int64) + row
-        valid = (row_p >= 0) & (row_p < n_rows)
-        row = tl.where(row >= 0, row, 0)
-    else:
-        row = i_b.to(tl.int64)
-        valid = o_p >= 0
+    row, valid = state_row(idx_ptr, i_b, n_rows, o_p, HAS_INDICES)
     m_state = (m_p & valid)[:, None] & m_n[None, :]
     p_state = (state_ptr + row * stride_s_b + i_h.to(tl.int64) * stride_s_h
                + o_p.to(tl.int64)[:, None] * stride_s_p + o_n[None, :] * stride_s_n)
