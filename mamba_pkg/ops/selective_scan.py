@@ -1024,6 +1024,14 @@ def _out_proj(y, weight, bias):
     return torch.baddbmm(bias.expand(y.shape[0], y.shape[2], -1), y.transpose(1, 2), weight_t)
 
 
+def _inner_and_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                        out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                        cu_seqlens, backend):
+    y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                    B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend)
+    return _out_proj(y, out_proj_weight, out_proj_bias)
+
+
 class MambaInnerFn(torch.autograd.Function):
     """Saves only the inputs; the backward recomputes conv1d, the projections and
     the scan forward (which, unlike mamba_ssm, also avoids keeping the scan output
@@ -1112,6 +1120,14 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
                         B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, which)
         return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias) if which == "torch" \
             else _out_proj(y, out_proj_weight, out_proj_bias)
+    if torch.compiler.is_compiling():
+        # MambaInnerFn's backward re-runs the forward under torch.autograd.grad, which dynamo
+        # cannot trace; the same recompute as non-reentrant activation checkpointing traces
+        # into one graph (and keeps the same memory: only the inputs are saved).
+        return torch.utils.checkpoint.checkpoint(
+            _inner_and_out_proj, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+            out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+            cu_seqlens, which, use_reentrant=False)
     return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                               out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                               (delta_softplus, cu_seqlens, which))

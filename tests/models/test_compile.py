@@ -100,6 +100,30 @@ def test_training_step_triton_path_fullgraph_matches_eager(monkeypatch):
     assert "mamba_pkg.ssd_chunk_scan_bwd" in backward and "mamba_pkg.add_norm_bwd" in backward
 
 
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+@pytest.mark.parametrize("packed", [False, True])
+def test_training_step_triton_path_mamba1_fullgraph_matches_eager(monkeypatch, packed):
+    """Mamba-1 on the Triton path: mamba_inner_fn's recompute traces as activation checkpointing
+    (the eager autograd.Function re-runs the forward under torch.autograd.grad, which dynamo cannot
+    trace), so dense and packed training steps are one graph, equal eager, and the backward graph
+    recomputes the scan forward instead of saving its intermediates."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _model("mamba1").to(device)
+    ids = torch.randint(0, VOCAB, (1, 13) if packed else (2, 13), device=device)
+    cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32, device=device) if packed else None
+    eager = _train_step(model, model, ids, cu_seqlens)
+    backend = AotEagerAndRecordGraphs()
+    compiled = _train_step(torch.compile(model, backend=backend, fullgraph=True), model, ids, cu_seqlens)
+    _assert_same(eager, compiled)
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    backward = "\n".join(g.code for g in backend.bw_graphs)
+    assert "mamba_pkg.selective_scan_fwd" in forward and "mamba_pkg.causal_conv1d_fwd" in forward
+    assert "mamba_pkg.selective_scan_bwd" in backward and "mamba_pkg.selective_scan_fwd" in backward
+
+
 def test_training_step_fused_loss_fullgraph_matches_eager():
     """return_logits=False (chunked lm_head + cross entropy, gradients computed in the forward) is one graph too."""
     model = _model("mamba1")
@@ -157,8 +181,8 @@ def test_decode_step_fullgraph_matches_eager(name):
     "sequences on cu_seqlens.tolist() (ops/causal_conv1d.py causal_conv1d_ref, ops/selective_scan.py "
     "selective_scan_ref, ops/ssd/reference.py mamba_chunk_scan_combined_ref), so the lengths become "
     "unbacked symbols that dynamo cannot guard on. (The Triton path needs no host read outside the "
-    "custom ops except ops/ssd/combined.py _varlen_terms' cu_seqlens.tolist(); Mamba-1 there also "
-    "stops at torch.autograd.grad in MambaInnerFn.backward.)",
+    "custom ops except ops/ssd/combined.py _varlen_terms' cu_seqlens.tolist(); packed Mamba-1 on the "
+    "Triton path is one graph, see test_training_step_triton_path_mamba1_fullgraph_matches_eager.)",
 )
 @pytest.mark.parametrize("name", ["mamba1", "mamba2"])
 def test_training_step_packed_fullgraph(name):
