@@ -284,7 +284,7 @@ def test_norm_custom_ops_opcheck(case):
 def test_norm_compiles_to_one_graph_with_custom_ops():
     """torch.compile(fullgraph=True) of add+norm and gated norm (Triton backend) equals eager; the
     launches appear as mamba_pkg custom ops in the forward and backward graphs."""
-    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    from compile_check import compiled_matches_eager
 
     def step(x, res, w, b):
         out, s = layer_norm_fn(x, w, b, res, prenorm=True, residual_in_fp32=True, backend="triton")
@@ -293,17 +293,6 @@ def test_norm_compiles_to_one_graph_with_custom_ops():
 
     leaves = [torch.randn(2, 3, 12, device=DEVICE), torch.randn(2, 3, 12, device=DEVICE),
               torch.randn(12, device=DEVICE), torch.randn(12, device=DEVICE)]
-    results = []
-    torch._dynamo.reset()
-    backend = AotEagerAndRecordGraphs()
-    for fn in (step, torch.compile(step, backend=backend, fullgraph=True)):
-        args = [t.clone().requires_grad_() for t in leaves]
-        loss = fn(*args)
-        results.append([loss, *torch.autograd.grad(loss, args)])
-    torch._dynamo.reset()
-    for a, e in zip(results[1], results[0]):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-    forward = "\n".join(g.code for g in backend.fw_graphs)
-    backward = "\n".join(g.code for g in backend.bw_graphs)
+    forward, backward = compiled_matches_eager(step, leaves)
     assert "mamba_pkg.add_norm_fwd" in forward and "mamba_pkg.rms_norm_gated_fwd" in forward
     assert "mamba_pkg.add_norm_bwd" in backward and "mamba_pkg.rms_norm_gated_bwd" in backward

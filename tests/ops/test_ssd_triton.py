@@ -325,7 +325,7 @@ def test_ssd_custom_ops_opcheck(case):
 def test_ssd_compiles_to_one_graph_with_custom_ops():
     """torch.compile(fullgraph=True) of the scan (Triton backend) forward and backward equals
     eager; the launches appear as mamba_pkg custom ops in the forward and backward graphs."""
-    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    from compile_check import compiled_matches_eager
 
     inp = make(1, 20, 2, 4, 1, 4)
     leaves = {k: v for k, v in inp.items() if v is not None}
@@ -336,17 +336,6 @@ def test_ssd_compiles_to_one_graph_with_custom_ops():
                                                dt_limit=(0.05, 5.0), return_final_states=True, backend="triton")
         return (out * out).sum() + (final * final).sum()
 
-    results = []
-    torch._dynamo.reset()
-    backend = AotEagerAndRecordGraphs()
-    for fn in (step, torch.compile(step, backend=backend, fullgraph=True)):
-        args = {k: v.clone().requires_grad_() for k, v in leaves.items()}
-        loss = fn(**args)
-        results.append([loss, *torch.autograd.grad(loss, list(args.values()))])
-    torch._dynamo.reset()
-    for a, e in zip(results[1], results[0]):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-    forward = "\n".join(g.code for g in backend.fw_graphs)
-    backward = "\n".join(g.code for g in backend.bw_graphs)
+    forward, backward = compiled_matches_eager(step, leaves)
     assert "mamba_pkg.ssd_chunk_state_fwd" in forward and "mamba_pkg.ssd_chunk_scan_fwd" in forward
     assert "mamba_pkg.ssd_state_grad_bwd" in backward and "mamba_pkg.ssd_chunk_scan_bwd" in backward
