@@ -24,8 +24,7 @@ STEP_LINEAR_MAX_ROWS = 2
 def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:
     """A mixer's input must be (B, L, d_model) float; cu_seqlens, if given, must pack it (B == 1)."""
     check_tensor(name, x, shape=(None, None, d_model), dtype=FLOAT_DTYPES)
-    if not torch.compiler.is_compiling():
-        check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])
+    check_cu_seqlens(cu_seqlens, x.shape[1], x.shape[0])
 
 
 def cache_rows(inference_params, batch: int, cache: tuple) -> tuple:

@@ -180,8 +180,7 @@ def _check_lm_inputs(input_ids, labels, cu_seqlens, num_last_tokens):
         raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
     if labels is not None and num_last_tokens > 0:
         raise ValueError("labels need the logits of every position; do not combine them with num_last_tokens > 0")
-    if not torch.compiler.is_compiling():
-        check_cu_seqlens(cu_seqlens, input_ids.shape[1], input_ids.shape[0])
+    check_cu_seqlens(cu_seqlens, input_ids.shape[1], input_ids.shape[0])
 
 
 def shifted_cross_entropy(logits, labels, cu_seqlens=None):
