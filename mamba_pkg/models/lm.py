@@ -183,23 +183,6 @@ def _check_lm_inputs(input_ids, labels, cu_seqlens, num_last_tokens):
     check_cu_seqlens(cu_seqlens, input_ids.shape[1], input_ids.shape[0])
 
 
-def shifted_cross_entropy(logits, labels, cu_seqlens=None):
-    """Mean next-token cross entropy: position t predicts labels[:, t + 1].
-
-    logits (B, L, V), labels (B, L) (IGNORE_INDEX = -100 is skipped). With cu_seqlens (packed
-    sequences, B == 1) the last token of a sequence does not predict the first of the next.
-    Math in fp32.
-    """
-    targets = labels[:, 1:].long()
-    if cu_seqlens is not None:
-        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, labels.shape[1])
-        crosses = seq_idx[:, 1:] != seq_idx[:, :-1]
-        targets = targets.masked_fill(crosses, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
-
-
 def _shifted_targets(labels, cu_seqlens=None):
     """(B, L) int64: position t's target labels[:, t + 1]; IGNORE_INDEX at the last position of each row
     and, with cu_seqlens, at the last token of each packed sequence."""
@@ -209,6 +192,19 @@ def _shifted_targets(labels, cu_seqlens=None):
         crosses = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (0, 1), value=False)
         targets = targets.masked_fill(crosses, IGNORE_INDEX)
     return targets
+
+
+def shifted_cross_entropy(logits, labels, cu_seqlens=None):
+    """Mean next-token cross entropy: position t predicts labels[:, t + 1].
+
+    logits (B, L, V), labels (B, L) (IGNORE_INDEX = -100 is skipped). With cu_seqlens (packed
+    sequences, B == 1) the last token of a sequence does not predict the first of the next.
+    Math in fp32.
+    """
+    targets = _shifted_targets(labels, cu_seqlens)[:, :-1]
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def _chunk_loss_and_dlogits(hidden, weight, targets, grad_scale=None):
