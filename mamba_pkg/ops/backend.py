@@ -48,6 +48,7 @@ except ImportError:
     triton = tl = _TritonMissing()
     HAS_TRITON = False
 
+
 @triton.jit
 def state_row(idx_ptr, i_b, n_rows, offs, HAS_INDICES: tl.constexpr):
     """Cache row of batch entry ``i_b`` for the decode kernels, and a mask shaped like ``offs``.
