@@ -320,48 +320,44 @@ def _zip(even, odd, BLOCK_D: tl.constexpr, NC: tl.constexpr, K: tl.constexpr):
     return tl.reshape(tl.join(even, odd), (BLOCK_D, NC, 2 * K))
 
 
-@triton.jit
-def _shift_right2(v, prev, BLOCK_D: tl.constexpr, NC: tl.constexpr):
-    v0, _ = _unzip(v, BLOCK_D, NC, 1)
-    _, p1 = _unzip(prev, BLOCK_D, NC, 1)
-    return _zip(p1, v0, BLOCK_D, NC, 1)
+# Shifting a chunk of K positions by one, to the right (out[c] = v[c-1], out[0] = edge[K-1]:
+# the chunk before supplies the edge) or to the left (out[c] = v[c+1], out[K-1] = edge[0]: the
+# chunk after). Split into even and odd positions, one of the halves is a shift of a chunk of
+# K/2 and the other moves over unchanged; each level is its own function because the
+# recursion must end at compile time.
 
 
 @triton.jit
-def _shift_right4(v, prev, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+def _shift2(v, edge, LEFT: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr):
+    even, odd = _unzip(v, BLOCK_D, NC, 1)
+    e_even, e_odd = _unzip(edge, BLOCK_D, NC, 1)
+    if LEFT:
+        out = _zip(odd, e_even, BLOCK_D, NC, 1)
+    else:
+        out = _zip(e_odd, even, BLOCK_D, NC, 1)
+    return out
+
+
+@triton.jit
+def _shift4(v, edge, LEFT: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr):
     even, odd = _unzip(v, BLOCK_D, NC, 2)
-    _, p_odd = _unzip(prev, BLOCK_D, NC, 2)
-    return _zip(_shift_right2(odd, p_odd, BLOCK_D, NC), even, BLOCK_D, NC, 2)
+    e_even, e_odd = _unzip(edge, BLOCK_D, NC, 2)
+    if LEFT:
+        out = _zip(odd, _shift2(even, e_even, True, BLOCK_D, NC), BLOCK_D, NC, 2)
+    else:
+        out = _zip(_shift2(odd, e_odd, False, BLOCK_D, NC), even, BLOCK_D, NC, 2)
+    return out
 
 
 @triton.jit
-def _shift_right(v, prev, BLOCK_D: tl.constexpr, NC: tl.constexpr):
-    """Chunks of 8 moved one position later: out[c] = v[c-1], out[0] = prev[7]."""
+def _shift8(v, edge, LEFT: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr):
     even, odd = _unzip(v, BLOCK_D, NC, 4)
-    _, p_odd = _unzip(prev, BLOCK_D, NC, 4)
-    return _zip(_shift_right4(odd, p_odd, BLOCK_D, NC), even, BLOCK_D, NC, 4)
-
-
-@triton.jit
-def _shift_left2(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
-    _, v1 = _unzip(v, BLOCK_D, NC, 1)
-    n0, _ = _unzip(nxt, BLOCK_D, NC, 1)
-    return _zip(v1, n0, BLOCK_D, NC, 1)
-
-
-@triton.jit
-def _shift_left4(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
-    even, odd = _unzip(v, BLOCK_D, NC, 2)
-    n_even, _ = _unzip(nxt, BLOCK_D, NC, 2)
-    return _zip(odd, _shift_left2(even, n_even, BLOCK_D, NC), BLOCK_D, NC, 2)
-
-
-@triton.jit
-def _shift_left(v, nxt, BLOCK_D: tl.constexpr, NC: tl.constexpr):
-    """Chunks of 8 moved one position earlier: out[c] = v[c+1], out[7] = nxt[0]."""
-    even, odd = _unzip(v, BLOCK_D, NC, 4)
-    n_even, _ = _unzip(nxt, BLOCK_D, NC, 4)
-    return _zip(odd, _shift_left4(even, n_even, BLOCK_D, NC), BLOCK_D, NC, 4)
+    e_even, e_odd = _unzip(edge, BLOCK_D, NC, 4)
+    if LEFT:
+        out = _zip(odd, _shift4(even, e_even, True, BLOCK_D, NC), BLOCK_D, NC, 4)
+    else:
+        out = _zip(_shift4(odd, e_odd, False, BLOCK_D, NC), even, BLOCK_D, NC, 4)
+    return out
 
 
 @triton.jit
@@ -403,11 +399,11 @@ def _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W: tl.constexpr, HAS_BIAS: 
         pre += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None, None]
     for j in tl.static_range(1, W):
         if CHUNK == 8:
-            cur = _shift_right(cur, prev, BLOCK_D, NC)
-            prev = _shift_right(prev, prev, BLOCK_D, NC)  # only its last W-1-j positions are read
+            cur = _shift8(cur, prev, False, BLOCK_D, NC)
+            prev = _shift8(prev, prev, False, BLOCK_D, NC)  # only its last W-1-j positions are read
         else:
-            cur = _shift_right4(cur, prev, BLOCK_D, NC)
-            prev = _shift_right4(prev, prev, BLOCK_D, NC)
+            cur = _shift4(cur, prev, False, BLOCK_D, NC)
+            prev = _shift4(prev, prev, False, BLOCK_D, NC)
         pre += tl.load(w_ptr + o_d * W + (W - 1 - j), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
     return pre
 
@@ -686,8 +682,8 @@ def _tap_grads(dy, dy_next, x_cur, dx, dw, w_ptr, o_d, m_d, s: tl.constexpr, W: 
                BLOCK_D: tl.constexpr, NC: tl.constexpr):
     """Tap W-1-s: move dy to p+s, add its dx term and its dw products (elementwise)."""
     if s > 0:
-        dy = _shift_left(dy, dy_next, BLOCK_D, NC)
-        dy_next = _shift_left(dy_next, dy_next, BLOCK_D, NC)  # only its first W-1-s positions are read
+        dy = _shift8(dy, dy_next, True, BLOCK_D, NC)
+        dy_next = _shift8(dy_next, dy_next, True, BLOCK_D, NC)  # only its first W-1-s positions are read
     dx += tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy
     dw += x_cur * dy
     return dy, dy_next, dx, dw
@@ -875,8 +871,8 @@ def _causal_conv1d_bwd_rows_kernel(
         dy_s, dy_ns = dy, dy_next
         for s in tl.static_range(W):
             if s > 0:  # dy at p+s
-                dy_s = _shift_left4(dy_s, dy_ns, BLOCK_D, 1)
-                dy_ns = _shift_left4(dy_ns, dy_ns, BLOCK_D, 1)
+                dy_s = _shift4(dy_s, dy_ns, True, BLOCK_D, 1)
+                dy_ns = _shift4(dy_ns, dy_ns, True, BLOCK_D, 1)
             dx += tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy_s
             # o_w is known per register: this adds to one column, no select.
             dw = tl.where(o_w == W - 1 - s, dw + tl.sum(x_cur * dy_s, axis=2)[:, :, None], dw)
