@@ -86,6 +86,37 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens
     return num_seqs
 
 
+def _bc_ok(t, batch: int, dim: int, dstate: int, seqlen: int) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES
+            and (t.shape == (batch, dstate, seqlen) or t.shape == (dim, dstate)))
+
+
+def _inputs_ok(u, delta, A, B, C, D, z, delta_bias) -> bool:
+    """The common case (B and C (B, N, L) or (D, N), no initial state, no cu_seqlens) in a
+    few comparisons, since a call's host time matters at short L; anything else goes
+    through _check_inputs, which names the offending argument."""
+    if not (isinstance(u, torch.Tensor) and isinstance(delta, torch.Tensor) and isinstance(A, torch.Tensor)):
+        return False
+    shape, dtype, device = u.shape, u.dtype, u.device
+    if len(shape) != 3 or dtype not in FLOAT_DTYPES or delta.shape != shape or delta.dtype != dtype:
+        return False
+    batch, dim, seqlen = shape
+    if A.dtype != torch.float32 or A.dim() != 2 or A.shape[0] != dim or not 1 <= A.shape[1] <= MAX_DSTATE:
+        return False
+    dstate = A.shape[1]
+    if not (_bc_ok(B, batch, dim, dstate, seqlen) and _bc_ok(C, batch, dim, dstate, seqlen)):
+        return False
+    for t in (D, delta_bias):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (dim,)):
+            return False
+    if z is not None and not (isinstance(z, torch.Tensor) and z.shape == shape and z.dtype == dtype):
+        return False
+    for t in (delta, A, B, C, D, z, delta_bias):
+        if t is not None and t.device != device:
+            return False
+    return True
+
+
 def _expand_bc(t: torch.Tensor, dim: int) -> torch.Tensor:
     """B or C as (B, D, N, L) (input-dependent) or (D, N) (fixed), fp32."""
     t = t.float()
@@ -471,7 +502,7 @@ def _selective_scan_bwd_kernel(
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr,
     seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
     stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
-    stride_dout_batch, stride_dout_dim,
+    stride_dout_batch, stride_dout_dim, stride_part_batch,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr,
@@ -481,9 +512,10 @@ def _selective_scan_bwd_kernel(
     checkpointed state, then scan the state gradient backwards,
         dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1},
     carrying g = d loss / d(state before the tile) to the previous tile.
-    Sums over L (dA, dD, d delta_bias, fixed dB / dC) and over the channels of a
-    block (input-dependent dB / dC) go to per-program partials that the launcher
-    adds up in torch: deterministic, no atomics."""
+    Sums over L (dA, dD, d delta_bias, fixed dB / dC) go to one row per batch row
+    (stride_part_batch apart), sums over the channels of a block (input-dependent
+    dB / dC) to one slab per program; the launcher adds them up in torch:
+    deterministic, no atomics."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -634,15 +666,16 @@ def _selective_scan_bwd_kernel(
         tl.store(ddelta_ptr + o_ld, b_ddt.to(ddelta_ptr.dtype.element_ty), mask=m_ld)
     if HAS_H0 and not IS_VARLEN:
         tl.store(dh0_ptr + o_state, b_g, mask=m_dn3)
-    tl.store(dA_ptr + o_state, b_dA_acc, mask=m_dn3)
+    o_param_row = i_b.to(tl.int64) * stride_part_batch
+    tl.store(dA_ptr + o_param_row + o_dn3, b_dA_acc, mask=m_dn3)
     if not B_VAR:
-        tl.store(dB_ptr + o_state, b_dB_acc, mask=m_dn3)
+        tl.store(dB_ptr + o_param_row + o_dn3, b_dB_acc, mask=m_dn3)
     if not C_VAR:
-        tl.store(dC_ptr + o_state, b_dC_acc, mask=m_dn3)
+        tl.store(dC_ptr + o_param_row + o_dn3, b_dC_acc, mask=m_dn3)
     if HAS_D:
-        tl.store(dD_ptr + i_b.to(tl.int64) * dim + o_d, b_dD_acc, mask=m_d)
+        tl.store(dD_ptr + o_param_row + o_d, b_dD_acc, mask=m_d)
     if HAS_DELTA_BIAS:
-        tl.store(ddelta_bias_ptr + i_b.to(tl.int64) * dim + o_d, b_ddb_acc, mask=m_d)
+        tl.store(ddelta_bias_ptr + o_param_row + o_d, b_ddb_acc, mask=m_d)
 
 
 # ---------------------------------------------------------------------------
@@ -679,6 +712,10 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
     return block_d, n_in, n_lanes, block_l, num_warps
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
@@ -744,7 +781,7 @@ def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
     if store_ckpt:
         _, _, group_size, grouped = _groups(dim, B, C)
         block_l = _block_sizes(dstate, group_size, grouped, backward=True)[3]
-        ckpt = u.new_empty(batch, triton.cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
+        ckpt = u.new_empty(batch, _cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
     return out, last, ckpt
 
 
@@ -766,7 +803,7 @@ def _selective_scan_fwd(
         last.copy_(initial_state)
     elif varlen:
         last.zero_()
-    grid = (triton.cdiv(p.dim, block_d), p.batch)
+    grid = (_cdiv(p.dim, block_d), p.batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
         out, last, ckpt if store_ckpt else None,
@@ -787,17 +824,37 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs, del
     return _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
 
 
+def _param_grad_layout(dim: int, dstate: int, B_var: bool, C_var: bool, has_D: bool, has_delta_bias: bool):
+    """Offsets of the parameter gradients in one flat fp32 vector: dA (D*N), dB and dC when
+    fixed (D*N each), dD and d delta_bias (D each); None for an absent one. Returns the
+    offsets (dA, dB, dC, dD, d delta_bias) and the length. The kernel writes one such row
+    per batch row and a single sum over the rows gives all of them (one launch, not five)."""
+    sizes = (dim * dstate, None if B_var else dim * dstate, None if C_var else dim * dstate,
+             dim if has_D else None, dim if has_delta_bias else None)
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(None if size is None else total)
+        total += size or 0
+    return tuple(offsets), total
+
+
+def _bc_grad_sizes(B, C):
+    """Sizes of the input-dependent dB and dC, (B, G, N, L) each, in the flat dbc vector (0 if fixed)."""
+    return (B.numel() if B.dim() == 4 else 0), (C.numel() if C.dim() == 4 else 0)
+
+
 def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state), uninitialised: dB
-    and dC fp32 in the kernel form of B and C; absent(u) for inputs that are None."""
+    """(du, ddelta, dz, dinitial_state, dparams, dbc), uninitialised: dparams the flat fp32
+    parameter gradients (_param_grad_layout), dbc the input-dependent dB then dC, fp32, in
+    the kernel form of B and C (B, G, N, L), flattened; absent(u) for what is not produced."""
     f32 = dict(device=u.device, dtype=torch.float32)
+    _, n_params = _param_grad_layout(u.shape[1], A.shape[1], B.dim() == 4, C.dim() == 4, D is not None,
+                                     delta_bias is not None)
     return (
-        u.new_empty(u.shape), delta.new_empty(u.shape), torch.empty(A.shape, **f32),
-        torch.empty(B.shape, **f32), torch.empty(C.shape, **f32),
-        torch.empty(D.shape, **f32) if D is not None else absent(u),
+        u.new_empty(u.shape), delta.new_empty(u.shape),
         z.new_empty(u.shape) if z is not None else absent(u),
-        torch.empty(delta_bias.shape, **f32) if delta_bias is not None else absent(u),
         torch.empty(initial_state.shape, **f32) if initial_state is not None else absent(u),
+        torch.empty(n_params, **f32), torch.empty(sum(_bc_grad_sizes(B, C)), **f32),
     )
 
 
@@ -805,26 +862,26 @@ def _selective_scan_bwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None, num_seqs: int,
     delta_softplus: bool, ckpt: Tensor, dout: Tensor, dlast: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state) from the
-    forward's checkpoints; see _bwd_outputs for their forms."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, ddelta, dz, dinitial_state, dparams, dbc) from the forward's
+    checkpoints; see _bwd_outputs for their forms and _param_grads for the split."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
-    n_dblocks = triton.cdiv(p.dim, block_d)
+    n_dblocks = _cdiv(p.dim, block_d)
     dout = _rows(dout)
     varlen = seq_idx is not None
     has_h0 = initial_state is not None
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias,
-                                                                    initial_state)
-    # Per-program partials, added up below: deterministic, no atomics.
-    f32 = dict(device=u.device, dtype=torch.float32)
-    dA_part = torch.empty(p.batch, p.dim, p.dstate, **f32)
-    dB_part = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.B_var
-               else torch.empty(p.batch, p.dim, p.dstate, **f32))
-    dC_part = (torch.empty(p.batch, n_dblocks, p.dstate, p.seqlen, **f32) if p.C_var
-               else torch.empty(p.batch, p.dim, p.dstate, **f32))
-    dD_part = torch.empty(p.batch, p.dim, **f32) if D is not None else None
-    ddelta_bias_part = torch.empty(p.batch, p.dim, **f32) if delta_bias is not None else None
+    du, ddelta, dz, dh0, dparams, dbc = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    # Per-program partials, added up below: deterministic, no atomics. Parameter gradients:
+    # one row per batch row (with batch 1 the kernel writes the result itself).
+    # Input-dependent dB / dC: one (N, L) slab per block of channels, B's then C's.
+    (o_dA, o_dB, o_dC, o_dD, o_ddb), n_params = _param_grad_layout(
+        p.dim, p.dstate, p.B_var, p.C_var, D is not None, delta_bias is not None)
+    params_part = dparams[None] if p.batch == 1 else dparams.new_empty(p.batch, n_params)
+    n_bc_part = p.batch * n_dblocks * p.dstate * p.seqlen
+    bc_part = dbc.new_empty((p.B_var + p.C_var) * n_bc_part) if p.B_var or p.C_var else None
+    dB_part = bc_part[:n_bc_part] if p.B_var else params_part[:, o_dB:]
+    dC_part = bc_part[n_bc_part * p.B_var:] if p.C_var else params_part[:, o_dC:]
     if has_h0 and varlen and dlast is not None:
         # Empty packed sequences are never visited: their initial state's gradient is dlast.
         dh0.copy_(dlast)
@@ -835,23 +892,23 @@ def _selective_scan_bwd(
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt,
         dout, dlast,
-        du, ddelta, dz if z is not None else None, dA_part, dB_part, dC_part, dD_part, ddelta_bias_part,
+        du, ddelta, dz if z is not None else None, params_part, dB_part, dC_part,
+        params_part[:, o_dD:] if D is not None else None,
+        params_part[:, o_ddb:] if delta_bias is not None else None,
         dh0 if has_h0 else None,
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
-        *dout.stride()[:2],
+        *dout.stride()[:2], params_part.stride(0),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
-    torch.sum(dA_part, 0, out=dA)
-    _reduce_bc_grad(dB_part, p.B_var, out=dB)
-    _reduce_bc_grad(dC_part, p.C_var, out=dC)
-    if D is not None:
-        torch.sum(dD_part, 0, out=dD)
-    if delta_bias is not None:
-        torch.sum(ddelta_bias_part, 0, out=ddelta_bias)
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
+    if p.batch > 1:
+        torch.sum(params_part, 0, out=dparams)
+    if bc_part is not None:
+        _reduce_bc_grads(bc_part, dbc, p.batch, n_dblocks, p.dstate, p.seqlen, B if p.B_var else None,
+                         C if p.C_var else None)
+    return du, ddelta, dz, dh0, dparams, dbc
 
 
 _selective_scan_bwd_op = launcher_op("selective_scan_bwd")(_selective_scan_bwd)
@@ -862,14 +919,56 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs, del
     return _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
 
 
-def _reduce_bc_grad(partial, is_var: bool, out):
-    """Per-program partials -> the gradient of B or C in its kernel form (fp32), into out."""
-    if not is_var:
-        torch.sum(partial, 0, out=out)  # (D, N)
+def _reduce_bc_grads(partial, out, batch: int, n_dblocks: int, dstate: int, seqlen: int, B, C):
+    """Per-block partials (B, D / BLOCK_D, N, L) of the input-dependent dB then dC -> their sums
+    over each group's blocks, (B, G, N, L) each, into the flat out; one launch when B and C have
+    the same groups."""
+    forms = [t for t in (B, C) if t is not None]
+    if len(forms) == 2 and B.shape[1] == C.shape[1]:
+        groups = B.shape[1]
+        torch.sum(partial.view(2, batch, groups, n_dblocks // groups, dstate, seqlen), 3,
+                  out=out.view(2, batch, groups, dstate, seqlen))
         return
-    batch, n_dblocks, dstate, seqlen = partial.shape
-    groups = out.shape[1]
-    torch.sum(partial.view(batch, groups, n_dblocks // groups, dstate, seqlen), 2, out=out)  # (B, G, N, L)
+    o_in = o_out = 0
+    for t in forms:
+        groups, n_in = t.shape[1], batch * n_dblocks * dstate * seqlen
+        torch.sum(partial[o_in:o_in + n_in].view(batch, groups, n_dblocks // groups, dstate, seqlen), 2,
+                  out=out[o_out:o_out + t.numel()].view(batch, groups, dstate, seqlen))
+        o_in, o_out = o_in + n_in, o_out + t.numel()
+
+
+def _param_grads(dparams, dbc, dim: int, dstate: int, B_form, C_form, has_D: bool, has_delta_bias: bool):
+    """Split the backward launcher's flat dparams and dbc into (dA, dB, dC, dD, d delta_bias) as
+    views, dB and dC in the shapes and dtypes of B and C (B_form / C_form: (shape, dtype, kernel
+    form is input-dependent)); one cast for both when they share a dtype."""
+    (o_dA, o_dB, o_dC, o_dD, o_ddb), _ = _param_grad_layout(dim, dstate, B_form[2], C_form[2], has_D,
+                                                             has_delta_bias)
+    dA = dparams[:dim * dstate].view(dim, dstate)
+    if B_form[2] and C_form[2] and B_form[1] == C_form[1]:
+        dbc = dbc.to(B_form[1])
+    o_var = 0
+    grads = []
+    for (shape, dtype, var), offset in ((B_form, o_dB), (C_form, o_dC)):
+        size = math.prod(shape)
+        if var:
+            grads.append(dbc[o_var:o_var + size].view(shape).to(dtype))
+            o_var += size
+        else:
+            grads.append(dparams[offset:offset + size].view(shape).to(dtype))
+    dD = dparams[o_dD:o_dD + dim] if has_D else None
+    ddelta_bias = dparams[o_ddb:o_ddb + dim] if has_delta_bias else None
+    return dA, grads[0], grads[1], dD, ddelta_bias
+
+
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
+    """The launchers' inputs (see _Prepared) and the number of sequences."""
+    seq_idx = None if cu_seqlens is None else seq_idx_from_cu_seqlens(cu_seqlens, u.shape[2])[0]
+    num_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    inputs = (_rows(u), _rows(delta), A.contiguous(), _bc_form(B), _bc_form(C),
+              D.contiguous() if D is not None else None, _rows(z) if z is not None else None,
+              delta_bias.contiguous() if delta_bias is not None else None,
+              initial_state.contiguous() if initial_state is not None else None, seq_idx)
+    return inputs, num_seqs
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -879,32 +978,28 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, options):
         (delta_softplus,) = options
-        seq_idx = None if cu_seqlens is None else seq_idx_from_cu_seqlens(cu_seqlens, u.shape[2])[0]
-        num_seqs = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        inputs = (_rows(u), _rows(delta), A.contiguous(), _bc_form(B), _bc_form(C),
-                  D.contiguous() if D is not None else None, _rows(z) if z is not None else None,
-                  delta_bias.contiguous() if delta_bias is not None else None,
-                  initial_state.contiguous() if initial_state is not None else None, seq_idx)
+        inputs, num_seqs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
         needs_grad = any(ctx.needs_input_grad[:9])
         out, last, ckpt = _selective_scan_fwd_op(*inputs, num_seqs, delta_softplus, needs_grad)
         if needs_grad:
             ctx.save_for_backward(*inputs, ckpt)
-            ctx.options = (num_seqs, delta_softplus, B.shape, C.shape, B.dtype, C.dtype)
+            ctx.options = (num_seqs, delta_softplus, (B.shape, B.dtype, B.dim() > 2),
+                           (C.shape, C.dtype, C.dim() > 2))
         ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         *inputs, ckpt = ctx.saved_tensors
-        num_seqs, delta_softplus, B_shape, C_shape, B_dtype, C_dtype = ctx.options
-        u, _, _, _, _, D, z, delta_bias, initial_state, _ = inputs
+        num_seqs, delta_softplus, B_form, C_form = ctx.options
+        u, _, A, _, _, D, z, delta_bias, initial_state, _ = inputs
         if dout is None:
             dout = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = _selective_scan_bwd_op(
-            *inputs, num_seqs, delta_softplus, ckpt, dout, dlast)
-        return (du, ddelta, dA, dB.view(B_shape).to(B_dtype), dC.view(C_shape).to(C_dtype),
-                dD if D is not None else None, dz if z is not None else None,
-                ddelta_bias if delta_bias is not None else None,
+        du, ddelta, dz, dh0, dparams, dbc = _selective_scan_bwd_op(*inputs, num_seqs, delta_softplus, ckpt, dout,
+                                                                   dlast)
+        dA, dB, dC, dD, ddelta_bias = _param_grads(dparams, dbc, *A.shape, B_form, C_form, D is not None,
+                                                   delta_bias is not None)
+        return (du, ddelta, dA, dB, dC, dD, dz if z is not None else None, ddelta_bias,
                 dh0 if initial_state is not None else None, None, None)
 
 
@@ -945,14 +1040,20 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if which == "torch":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state, cu_seqlens=cu_seqlens)
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    if initial_state is not None or cu_seqlens is not None or not _inputs_ok(u, delta, A, B, C, D, z, delta_bias):
+        _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     if u.numel() == 0:
         # Nothing to launch: the reference gives the empty output, and the initial
         # (or zero) state as the last state.
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state=initial_state, cu_seqlens=cu_seqlens)
-    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
-                                      (delta_softplus,))
+    if torch.is_grad_enabled():
+        out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                          (delta_softplus,))
+    else:
+        # Without autograd the Function's bookkeeping is only host time.
+        inputs, num_seqs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+        out, last, _ = _selective_scan_fwd_op(*inputs, num_seqs, delta_softplus, False)
     return (out, last) if return_last_state else out
 
 
