@@ -1,10 +1,14 @@
-"""Host (CPU) time per call of selective_scan_fn / mamba_inner_fn with the Triton launches
-stubbed out: what a call costs the host before any kernel runs. Runs on CPU.
+"""Host (CPU) time per call of selective_scan_fn: what a call costs the host before any
+kernel runs.
 
-    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/host_selective_scan.py [--profile]
+    PYTHONPATH=. python benchmarks/host_selective_scan.py [--profile]          # CPU, launches stubbed
+    PYTHONPATH=. python benchmarks/host_selective_scan.py --cuda [--profile]   # GPU host, real launches
 
-Small shapes (the host path does not depend on the sizes except through torch ops on
-tiny tensors), B/C input-dependent, with D, z, delta_bias and softplus (the bench setup).
+CPU mode: tiny shapes (the host path does not depend on the sizes except through torch ops
+on tiny tensors), this process's CPU time, best of 5 rounds (the machine may be shared).
+CUDA mode: B=4, D=2048, L=64 (the GPU finishes each call before the host issues the next,
+so the wall time of many un-synchronised calls is the host time per call).
+B/C input-dependent, with D, z, delta_bias and softplus (the bench setup).
 """
 
 from __future__ import annotations
@@ -29,15 +33,30 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def _inputs(batch=2, dim=16, seqlen=16, dstate=16, requires_grad=False):
+def _inputs(batch=2, dim=16, seqlen=16, dstate=16, requires_grad=False, device="cpu"):
     torch.manual_seed(0)
     args = [torch.randn(batch, dim, seqlen), torch.randn(batch, dim, seqlen), -torch.rand(dim, dstate),
             torch.randn(batch, dstate, seqlen), torch.randn(batch, dstate, seqlen), torch.randn(dim),
             torch.randn(batch, dim, seqlen), torch.rand(dim)]
-    args = [a.to(torch.bfloat16) if a.dim() == 3 else a for a in args]
+    args = [(a.to(torch.bfloat16) if a.dim() == 3 else a).to(device) for a in args]
     for a in args:
         a.requires_grad_(requires_grad)
     return args
+
+
+def wall_per_call_us(fn, reps=200, rounds=5):
+    """Best of `rounds` wall-clock averages of un-synchronised calls (CUDA)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+        torch.cuda.synchronize()
+    return best
 
 
 def per_call_us(fn, reps=200, rounds=5):
@@ -56,13 +75,18 @@ def per_call_us(fn, reps=200, rounds=5):
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true", help="cProfile of the fwd+bwd call")
+    parser.add_argument("--cuda", action="store_true", help="real launches on the GPU")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    ss._selective_scan_fwd_kernel = _NoLaunch()
-    ss._selective_scan_bwd_kernel = _NoLaunch()
-    fwd_args = _inputs()
-    grad_args = _inputs(requires_grad=True)
-    dout = torch.randn(fwd_args[0].shape).to(torch.bfloat16)
+    if args.cuda:
+        shape, timer = dict(batch=4, dim=2048, seqlen=64, device="cuda"), wall_per_call_us
+    else:
+        torch.set_num_threads(1)
+        ss._selective_scan_fwd_kernel = _NoLaunch()
+        ss._selective_scan_bwd_kernel = _NoLaunch()
+        shape, timer = {}, per_call_us
+    fwd_args = _inputs(**shape)
+    grad_args = _inputs(requires_grad=True, **shape)
+    dout = torch.randn_like(fwd_args[0])
 
     def fwd():
         with torch.no_grad():
@@ -79,16 +103,33 @@ def main(argv=None):
             t.grad = None
         (grad_args[0] * 1.0).backward(dout)
 
-    print(f"fwd (no_grad):   {per_call_us(fwd):7.1f} us/call")
-    print(f"fwd+bwd:         {per_call_us(fwdbwd):7.1f} us/call")
-    print(f"harness only:    {per_call_us(fwdbwd_plain_autograd):7.1f} us/call")
+    print(f"fwd (no_grad):   {timer(fwd):7.1f} us/call")
+    print(f"fwd+bwd:         {timer(fwdbwd):7.1f} us/call")
+    print(f"harness only:    {timer(fwdbwd_plain_autograd):7.1f} us/call")
+    if args.cuda:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as anchor
+        except ImportError:
+            anchor = None
+        if anchor is not None:
+            def anchor_fwd():
+                with torch.no_grad():
+                    anchor(*fwd_args, delta_softplus=True)
+
+            def anchor_fwdbwd():
+                for t in grad_args:
+                    t.grad = None
+                anchor(*grad_args, delta_softplus=True).backward(dout)
+
+            print(f"mamba_ssm fwd:   {timer(anchor_fwd):7.1f} us/call")
+            print(f"mamba_ssm f+b:   {timer(anchor_fwdbwd):7.1f} us/call")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(200):
             fwdbwd()
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
