@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.models.mamba import Mamba
+from mixer_checks import assert_packed_equals_per_sequence, assert_packed_prefill_fills_cache_rows, run_cached
 
 
 def _mamba(**kw):
@@ -17,26 +17,15 @@ def _mamba(**kw):
     return mixer
 
 
-def _run_cached(mixer, x, splits):
-    """Run x through the cache in pieces of the given lengths (1 = a decode step)."""
-    params = InferenceParams(max_seqlen=x.shape[1], max_batch_size=x.shape[0])
-    outs, start = [], 0
-    for n in splits:
-        outs.append(mixer(x[:, start : start + n], inference_params=params))
-        start += n
-        params.seqlen_offset = start
-    return torch.cat(outs, dim=1), params
-
-
 @pytest.mark.parametrize("kw", [dict(use_fast_path=False), dict(use_fast_path=False, bias=True, d_conv=3, dt_rank=5)])
 @torch.no_grad()
 def test_step_loop_and_chunked_prefill_equal_forward(kw):
     mixer = _mamba(**kw)
     x = torch.randn(2, 13, 16)
     full = mixer(x)
-    steps, _ = _run_cached(mixer, x, [1] * 13)
+    steps, _ = run_cached(mixer, x, [1] * 13)
     assert torch.allclose(steps, full, atol=1e-5)
-    chunked, params = _run_cached(mixer, x, [5, 2, 4, 1, 1])
+    chunked, params = run_cached(mixer, x, [5, 2, 4, 1, 1])
     assert torch.allclose(chunked, full, atol=1e-5)
     conv_state, ssm_state = params.key_value_memory_dict[0]
     assert conv_state.shape == (2, 32, mixer.d_conv) and ssm_state.dtype == torch.float32
@@ -69,27 +58,12 @@ def test_fast_path_equals_unfused_path_with_grads():
 
 @pytest.mark.parametrize("use_fast_path", [False, True])
 def test_packed_equals_per_sequence(use_fast_path):
-    mixer = _mamba(use_fast_path=use_fast_path)
-    lengths = [4, 1, 9]
-    x = torch.randn(1, sum(lengths), 16)
-    cu = torch.tensor([0, 4, 5, 14], dtype=torch.int32)
-    packed = mixer(x, cu_seqlens=cu)
-    for s in range(3):
-        a, b = cu[s].item(), cu[s + 1].item()
-        assert torch.allclose(packed[:, a:b], mixer(x[:, a:b]), atol=1e-5)
+    assert_packed_equals_per_sequence(_mamba(use_fast_path=use_fast_path), [4, 1, 9], 16)
 
 
-@torch.no_grad()
 def test_packed_prefill_fills_cache_rows():
-    mixer = _mamba(use_fast_path=False)
-    seqs = [torch.randn(1, n, 16) for n in (2, 7)]  # 2 < d_conv: the conv state is zero-padded
-    nxt = torch.randn(2, 1, 16)
-    params = InferenceParams(max_seqlen=8, max_batch_size=2)
-    mixer(torch.cat(seqs, dim=1), inference_params=params, cu_seqlens=torch.tensor([0, 2, 9], dtype=torch.int32))
-    params.seqlen_offset = 1
-    out = mixer(nxt, inference_params=params)
-    for b, seq in enumerate(seqs):
-        assert torch.allclose(out[b, 0], mixer(torch.cat([seq, nxt[b : b + 1]], dim=1))[0, -1], atol=1e-5)
+    # 2 < d_conv: the conv state is zero-padded
+    assert_packed_prefill_fills_cache_rows(_mamba(use_fast_path=False), [2, 7], 16)
 
 
 def test_parameter_names_and_shapes():

@@ -5,6 +5,7 @@ import torch
 
 from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.models.mamba2 import Mamba2
+from mixer_checks import assert_packed_equals_per_sequence, assert_packed_prefill_fills_cache_rows, run_cached
 
 VARIANTS = [
     dict(),
@@ -26,16 +27,6 @@ def _mamba2(**kw):
     return mixer
 
 
-def _run_cached(mixer, x, splits):
-    params = InferenceParams(max_seqlen=x.shape[1], max_batch_size=x.shape[0])
-    outs, start = [], 0
-    for n in splits:
-        outs.append(mixer(x[:, start : start + n], inference_params=params))
-        start += n
-        params.seqlen_offset = start
-    return torch.cat(outs, dim=1), params
-
-
 @pytest.mark.parametrize("kw", VARIANTS)
 @torch.no_grad()
 def test_step_loop_and_chunked_prefill_equal_forward(kw):
@@ -44,9 +35,9 @@ def test_step_loop_and_chunked_prefill_equal_forward(kw):
     full = mixer(x)
     mixer.use_mem_eff_path = False
     assert torch.allclose(mixer(x), full, atol=1e-5)
-    steps, params = _run_cached(mixer, x, [1] * 11)
+    steps, params = run_cached(mixer, x, [1] * 11)
     assert torch.allclose(steps, full, atol=1e-5)
-    chunked, _ = _run_cached(mixer, x, [6, 1, 3, 1])
+    chunked, _ = run_cached(mixer, x, [6, 1, 3, 1])
     assert torch.allclose(chunked, full, atol=1e-5)
     ssm_state = params.key_value_memory_dict[0][1]
     assert ssm_state.shape == (2, mixer.nheads, 8, 8) and ssm_state.dtype == torch.float32
@@ -54,27 +45,11 @@ def test_step_loop_and_chunked_prefill_equal_forward(kw):
 
 @pytest.mark.parametrize("use_mem_eff_path", [True, False])
 def test_packed_equals_per_sequence(use_mem_eff_path):
-    mixer = _mamba2(use_mem_eff_path=use_mem_eff_path)
-    lengths = [6, 1, 5]
-    x = torch.randn(1, sum(lengths), 24)
-    cu = torch.tensor([0, 6, 7, 12], dtype=torch.int32)
-    packed = mixer(x, cu_seqlens=cu)
-    for s in range(3):
-        a, b = cu[s].item(), cu[s + 1].item()
-        assert torch.allclose(packed[:, a:b], mixer(x[:, a:b]), atol=1e-5)
+    assert_packed_equals_per_sequence(_mamba2(use_mem_eff_path=use_mem_eff_path), [6, 1, 5], 24)
 
 
-@torch.no_grad()
 def test_packed_prefill_fills_cache_rows():
-    mixer = _mamba2()
-    seqs = [torch.randn(1, n, 24) for n in (5, 2)]
-    nxt = torch.randn(2, 1, 24)
-    params = InferenceParams(max_seqlen=8, max_batch_size=2)
-    mixer(torch.cat(seqs, dim=1), inference_params=params, cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32))
-    params.seqlen_offset = 1
-    out = mixer(nxt, inference_params=params)
-    for b, seq in enumerate(seqs):
-        assert torch.allclose(out[b, 0], mixer(torch.cat([seq, nxt[b : b + 1]], dim=1))[0, -1], atol=1e-5)
+    assert_packed_prefill_fills_cache_rows(_mamba2(), [5, 2], 24)
 
 
 def test_grads_flow_to_every_parameter():

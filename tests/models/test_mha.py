@@ -6,6 +6,7 @@ import torch
 from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.models.attention import MHA, apply_rotary, rotary_cos_sin
 from mamba_pkg.ops.attention import attention_ref
+from mixer_checks import assert_packed_equals_per_sequence, assert_packed_prefill_fills_cache_rows
 
 CONFIGS = [
     dict(num_heads=4),
@@ -77,31 +78,11 @@ def test_lengths_per_sample():
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_packed_equals_per_sequence(cfg):
-    mha = _mha(cfg)
-    lengths = [5, 1, 8]
-    x = torch.randn(1, sum(lengths), 32)
-    cu = torch.tensor([0, 5, 6, 14], dtype=torch.int32)
-    packed = mha(x, cu_seqlens=cu)
-    for s in range(3):
-        a, b = cu[s].item(), cu[s + 1].item()
-        assert torch.allclose(packed[:, a:b], mha(x[:, a:b]), atol=1e-5)
+    assert_packed_equals_per_sequence(_mha(cfg), [5, 1, 8], 32)
 
 
-@torch.no_grad()
 def test_packed_prefill_fills_cache_rows():
-    """A packed prefill writes sequence s into cache row s; the next step matches a solo run."""
-    mha = _mha(CONFIGS[2])
-    seqs = [torch.randn(1, n, 32) for n in (4, 7)]
-    nxt = torch.randn(2, 1, 32)
-    params = InferenceParams(max_seqlen=10, max_batch_size=2)
-    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
-    mha(torch.cat(seqs, dim=1), inference_params=params, cu_seqlens=cu)
-    params.seqlen_offset = 1
-    params.lengths_per_sample = torch.tensor([4, 7], dtype=torch.int32)
-    out = mha(nxt, inference_params=params)
-    for b, seq in enumerate(seqs):
-        alone = mha(torch.cat([seq, nxt[b : b + 1]], dim=1))
-        assert torch.allclose(out[b, 0], alone[0, -1], atol=1e-5)
+    assert_packed_prefill_fills_cache_rows(_mha(CONFIGS[2]), [4, 7], 32, per_sample_lengths=True)
 
 
 def test_matches_explicit_attention():
