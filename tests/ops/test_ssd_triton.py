@@ -192,8 +192,9 @@ def test_head_split_gives_the_same_gradients():
     x, dt, A, B, C, D = (inp[k] for k in ("x", "dt", "A", "B", "C", "D"))
     states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, None, None, None, True, 0.0, float("inf"), 16, True)
     dout = torch.randn_like(x)
-    dstates, _, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, states, 16)
-    results = [_chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, 16, head_split=split)
+    dstates, _, ddecay = _state_grad_bwd(dout, None, C, None, cs_c, None, states, 16)
+    results = [_chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, None, None, dt_c, cs_c, states, dstates, ddecay,
+                               True, 0.0, float("inf"), 16, head_split=split)
                for split in (1, 2, 4)]
     for other in results[1:]:
         for a, b in zip(results[0], other):
@@ -298,7 +299,7 @@ def _opcheck_cases():
     inf = float("inf")
     states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq, init, True, 0.0, inf, 16, True)
     dout = torch.randn_like(x)
-    dstates = _state_grad_bwd(dout, z, C, seq, cs_c, final, states, 16)[0]
+    dstates, _, ddecay = _state_grad_bwd(dout, z, C, seq, cs_c, final, states, 16)
     ypre = torch.randn(x.shape, device=DEVICE)
     ops = torch.ops.mamba_pkg
     return [
@@ -308,8 +309,10 @@ def _opcheck_cases():
         (ops.ssd_state_grad_bwd, (dout, None, C, None, cs_c, None, states, 16)),
         (ops.ssd_chunk_scan_fwd, (x, z, B, C, D, seq, dt_c, cs_c, states, 16)),
         (ops.ssd_chunk_scan_fwd, (x, None, B, C, None, None, dt_c, cs_c, states, 16)),
-        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, B, C, D, seq, dt_c, cs_c, states, dstates, 16)),
-        (ops.ssd_chunk_scan_bwd, (x, dout, None, None, B, C, None, None, dt_c, cs_c, states, dstates, 16, 2)),
+        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, dstates, ddecay,
+                                  True, 0.1, 2.0, 16)),
+        (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,
+                                  ddecay, False, 0.0, inf, 16, 2)),
     ]
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import tl, triton, triton_interpret
-from mamba_pkg.ops.ssd.chunk_state import _dot, dot_dtype_for
+from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, cdiv, dot_dtype_for
 
 
 def _tile_configs():
@@ -76,46 +76,54 @@ _KEY = ["P", "N", "Q", "HAS_SEQ_IDX", "HAS_Z"]
 
 
 @triton.jit
+def _block_pair(G, nchunks, Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(t block, s block, batch-chunk-group index, group, chunk, batch) of a program of a
+    1-D grid over the block pairs of every chunk and group (grid axes 1 and 2 allow at most
+    65535 programs); the pairs of one chunk are neighbours."""
+    n_mblocks = Q // BLOCK_M
+    i_t = tl.program_id(0) % n_mblocks
+    i_s = (tl.program_id(0) // n_mblocks) % n_mblocks
+    i_bcg = tl.program_id(0) // (n_mblocks * n_mblocks)
+    return i_t, i_s, i_bcg, i_bcg % G, (i_bcg // G) % nchunks, i_bcg // (G * nchunks)
+
+
+@triton.jit
+def _cb_tile(B_ptr, C_ptr, group_off, o_lt, o_ls, L, N, stride_B_l, stride_B_n,
+             BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """C_t B_s^T (fp32) for the rows o_lt of C and o_ls of B (positions in L) of one group."""
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_C = tl.load(C_ptr + group_off + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                  mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
+    b_B = tl.load(B_ptr + group_off + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                  mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
+    return _dot(b_C, tl.trans(b_B), DOT_DTYPE)
+
+
+@triton.jit
 def _bmm_chunk_kernel(
     B_ptr, C_ptr, cb_ptr, L, N, G, nchunks,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    # A 1-D grid (axes 1 and 2 allow at most 65535 programs); the tiles of one chunk
-    # are neighbours.
-    n_mblocks = Q // BLOCK_M
-    i_t = tl.program_id(0) % n_mblocks
-    i_s = (tl.program_id(0) // n_mblocks) % n_mblocks
-    i_bcg = tl.program_id(0) // (n_mblocks * n_mblocks)
+    i_t, i_s, i_bcg, i_g, i_c, i_b = _block_pair(G, nchunks, Q, BLOCK_M)
     if i_s <= i_t:  # the upper triangle is never read
-        i_g = i_bcg % G
-        i_c = (i_bcg // G) % nchunks
-        i_b = i_bcg // (G * nchunks)
-        o_n = tl.arange(0, BLOCK_N)
-        m_n = o_n < N
         o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
         o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
-        o_lt = i_c * Q + o_t
-        o_ls = i_c * Q + o_s
-        base = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
-        b_C = tl.load(C_ptr + base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                      mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
-        b_B = tl.load(B_ptr + base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                      mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
-        cb = _dot(b_C, tl.trans(b_B), DOT_DTYPE)
-        cb_base = i_bcg.to(tl.int64) * Q * Q
-        tl.store(cb_ptr + cb_base + o_t[:, None] * Q + o_s[None, :], cb)
+        cb = _cb_tile(B_ptr, C_ptr, i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g, i_c * Q + o_t, i_c * Q + o_s,
+                      L, N, stride_B_l, stride_B_n, BLOCK_N, DOT_DTYPE)
+        tl.store(cb_ptr + i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :], cb)
 
 
 def _bmm_chunk(B, C, Q, dot_dtype):
     """CB (B, C, G, Q, Q) fp32, lower block triangle filled."""
     batch, L, G, N = B.shape
-    nchunks = triton.cdiv(L, Q)
+    nchunks = cdiv(L, Q)
     cb = torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=torch.float32)
     BLOCK_M = _pick_block_m(Q)
     grid = (batch * nchunks * G * (Q // BLOCK_M) ** 2,)
     _bmm_chunk_kernel[grid](B, C, cb, L, N, G, nchunks, *B.stride(), Q=Q, BLOCK_M=BLOCK_M,
-                            BLOCK_N=max(16, triton.next_power_of_2(N)), DOT_DTYPE=dot_dtype, num_warps=4)
+                            BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype, num_warps=4)
     return cb
 
 
@@ -222,12 +230,10 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor
     out (B, L, H, P) and y_pre (B, L, H, P) fp32 [empty without z]."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(L, Q)
+    nchunks = cdiv(L, Q)
     dot_dtype = dot_dtype_for(x.dtype)
     cb = _bmm_chunk(B, C, Q, dot_dtype)
     out, ypre = _chunk_scan_fwd_outputs(x, z)
-    BLOCK_P = max(16, triton.next_power_of_2(P))
-    BLOCK_N = max(16, triton.next_power_of_2(N))
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
@@ -236,7 +242,7 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor
         ypre if z is not None else out,
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype,
+        HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
     )
     return out, ypre
 
@@ -255,27 +261,24 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
     return dy
 
 
-@triton.autotune(configs=_head_loop_configs(), key=[k for k in _KEY if k != "N"])
+@triton.autotune(configs=_head_loop_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_w_kernel(
-    x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
-    L, H, P, heads_per_group, nchunks,
+    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, seq_idx_ptr, dt_ptr, cs_ptr, cb_ptr, w_ptr, rowsum_ptr, colsum_ptr,
+    L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     # One program per (t block, s block <= t block) of a chunk and group; the
     # loop over the group's heads is the long, pipelined loop.
-    n_mblocks = Q // BLOCK_M
-    i_t = tl.program_id(0) % n_mblocks
-    i_s = (tl.program_id(0) // n_mblocks) % n_mblocks
-    i_bcg = tl.program_id(0) // (n_mblocks * n_mblocks)
+    G = H // heads_per_group
+    i_t, i_s, i_bcg, i_g, i_c, i_b = _block_pair(G, nchunks, Q, BLOCK_M)
     if i_s <= i_t:
-        G = H // heads_per_group
-        i_g = i_bcg % G
-        i_c = (i_bcg // G) % nchunks
-        i_b = i_bcg // (G * nchunks)
+        n_mblocks = Q // BLOCK_M
         o_p = tl.arange(0, BLOCK_P)
         m_p = o_p < P
         o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,8 +287,12 @@ def _chunk_scan_bwd_w_kernel(
         o_ls = i_c * Q + o_s
         m_t = o_lt < L
         m_s = o_ls < L
-        cb_off = ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
-        cb = tl.load(cb_ptr + cb_off)
+        # C B^T of this tile, computed here rather than by a separate launch; the dx
+        # kernel reads it back.
+        cb = _cb_tile(B_ptr, C_ptr, i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g, o_lt, o_ls, L, N,
+                      stride_B_l, stride_B_n, BLOCK_N, DOT_DTYPE)
+        cb_off = i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
+        tl.store(cb_ptr + cb_off, cb)
         keep = o_t[:, None] >= o_s[None, :]
         if HAS_SEQ_IDX:
             seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
@@ -310,7 +317,9 @@ def _chunk_scan_bwd_w_kernel(
             w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay * dt_s[None, :]
             w += w_h
             pair = tl.where(off_diag, w_h * cb, 0.0)
-            # Slot = the other block: each (head, chunk, block, slot) is written by one program.
+            # Slot = the other block: each (head, chunk, block, slot) is written by one
+            # program; slots of pairs that do not exist (s block > t block) are never
+            # written, and the dx kernel masks them out.
             part = chunk_off * n_mblocks
             tl.store(rowsum_ptr + part + i_s * Q + o_t, tl.sum(pair, axis=1))
             tl.store(colsum_ptr + part + i_t * Q + o_s, tl.sum(pair, axis=0))
@@ -321,7 +330,7 @@ def _chunk_scan_bwd_w_kernel(
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-    dB_ptr, dC_ptr, rowsum_state_ptr,
+    dB_ptr, dC_ptr, rowsum_state_ptr, colsum_state_ptr,
     L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -353,9 +362,10 @@ def _chunk_scan_bwd_dbc_kernel(
     m_rn = m_r[:, None] & m_n[None, :]
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    # Kept in its storage dtype through the head loop: two fp32 accumulators already
+    # Kept in their storage dtype through the head loop: two fp32 accumulators already
     # take most of the registers.
     b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
+    b_B = tl.load(B_ptr + group_off + rn_off, mask=m_rn, other=0.0)
     start_mask = m_r
     end_mask = m_r
     if HAS_SEQ_IDX:
@@ -371,7 +381,9 @@ def _chunk_scan_bwd_dbc_kernel(
     dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # The state terms, per head: dC_t += exp(cs_t) dy_t S_{c-1}, dB_s += exp(cs_Q - cs_s) dt_s x_s dS_c.
+    # The state terms, per head: dC_t += exp(cs_t) dy_t S_{c-1}, dB_s += exp(cs_Q - cs_s) dt_s x_s dS_c;
+    # each head's pair sums through the states, rowsum_state_t = <dC_state_t, C_t> and
+    # colsum_state_s = <dB_state_s, B_s>, for the decay gradient.
     for hh in range(heads_per_prog):
         i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
@@ -389,7 +401,9 @@ def _chunk_scan_bwd_dbc_kernel(
         dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
         tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
         dC += dC_state
-        dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
+        dB_state = _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
+        tl.store(colsum_state_ptr + chunk_off + o_r, tl.sum(dB_state * b_B.to(tl.float32), axis=1))
+        dB += dB_state
 
     # The terms inside the chunk go through W (summed over the group's heads):
     # dC_t += sum_{s <= t} W_ts B_s and dB_s += sum_{t >= s} W_ts C_t. The first
@@ -400,9 +414,9 @@ def _chunk_scan_bwd_dbc_kernel(
             o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_lj = i_c * Q + o_j
             b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
-            b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                          mask=(o_lj < L)[:, None] & m_n[None, :], other=0.0)
-            dC += _dot(b_w, b_B, DOT_DTYPE)
+            b_Bj = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                           mask=(o_lj < L)[:, None] & m_n[None, :], other=0.0)
+            dC += _dot(b_w, b_Bj, DOT_DTYPE)
         for j in range(i_m, n_mblocks):
             o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_lj = i_c * Q + o_j
@@ -418,17 +432,50 @@ def _chunk_scan_bwd_dbc_kernel(
     tl.store(dB_ptr + out_off, dB.to(dB_ptr.dtype.element_ty), mask=m_rn)
 
 
+@triton.jit
+def _decay_grad_rows(row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, chunk_off, o_k,
+                     Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Gradient wrt the log-decay dt_k A of the steps k = o_k of one chunk and head, from
+    the pair sums of the W and dB/dC kernels, without the chunk-crossing term:
+
+        sum_{j >= k} (rowsum_j - colsum_j) + sum_{j < k} colsum_state_j
+
+    (rowsum_j: pairs ending at j inside the chunk and from the entering state; colsum_j:
+    pairs starting at j inside the chunk; colsum_state_j: pairs from j to later chunks).
+    Only sums inside one chunk: a cumulative sum over the whole sequence would cancel
+    two large sums and lose the precision."""
+    n_mblocks: tl.constexpr = Q // BLOCK_M
+    o_slot = tl.arange(0, n_mblocks)
+    part = chunk_off * n_mblocks
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for jb in range(n_mblocks):
+        o_j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
+        # Partial sums by slot (the other block of the pair): row sums come from source
+        # blocks <= jb, column sums from target blocks >= jb; other slots are never written.
+        slot_off = part + o_slot[:, None] * Q + o_j[None, :]
+        rows = tl.sum(tl.load(row_part_ptr + slot_off, mask=(o_slot <= jb)[:, None], other=0.0), axis=0)
+        cols = tl.sum(tl.load(col_part_ptr + slot_off, mask=(o_slot >= jb)[:, None], other=0.0), axis=0)
+        diff = tl.load(rowsum_state_ptr + chunk_off + o_j) + rows - cols
+        state_cols = tl.load(colsum_state_ptr + chunk_off + o_j)
+        acc += tl.sum(tl.where(o_j[None, :] >= o_k[:, None], diff[None, :], state_cols[None, :]), axis=1)
+    return acc
+
+
 @triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
-    dx_ptr, dz_ptr, ddt_ptr, colsum_state_ptr, dD_ptr,
-    L, H, P, N, heads_per_group, nchunks,
+    row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, ddecay_ptr,
+    A_ptr, dt_raw_ptr, dt_bias_ptr, dx_ptr, dz_ptr, ddt_raw_ptr, sums_ptr,
+    L, H, P, N, heads_per_group, nchunks, n_slots, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    stride_ddt_b, stride_ddt_l, stride_ddt_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    Q: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
     # One program per (source row block, head, chunk), a 1-D grid (axes 1 and 2 allow
@@ -472,7 +519,6 @@ def _chunk_scan_bwd_dx_kernel(
                    mask=m_p[:, None] & m_n[None, :], other=0.0)
     end_scale = tl.where(end_mask, tl.exp(total - cs_s), 0.0)
     dxc = _dot(b_B, tl.trans(b_dS), DOT_DTYPE) * end_scale[:, None]
-    tl.store(colsum_state_ptr + chunk_off + o_s, tl.sum(x_f * dxc, axis=1) * dt_s)
     for j in range(i_m, n_mblocks):
         o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_lt = i_c * Q + o_t
@@ -488,26 +534,53 @@ def _chunk_scan_bwd_dx_kernel(
             keep = keep & (seq_t[None, :] == seq_s[:, None])
         decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (s, t)
         dxc += _dot(cbT * decay, dy_t, DOT_DTYPE)
-    tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
-    dy_s = _load_dy(dout_ptr + head_off, z_ptr + head_off, xs_off, m_sp, HAS_Z)
+
+    do = tl.load(dout_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(zz)
+        dy_s = do * zz * sig
+        yp = tl.load(ypre_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
+        dz = do * yp * sig * (1.0 + zz * (1.0 - sig))
+        tl.store(dz_ptr + head_off + xs_off, dz.to(dz_ptr.dtype.element_ty), mask=m_sp)
+    else:
+        dy_s = do
     dx = dxc * dt_s[:, None]
+    # Partial sums per (chunk, row block, head), reduced by the launcher: dD (P columns),
+    # dA, ddt_bias.
+    sums_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * (P + 2)
     if HAS_D:
         if D_HAS_HDIM:
             b_D = tl.load(D_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
             dx += dy_s * b_D[None, :]
         else:
             dx += dy_s * tl.load(D_ptr + i_h).to(tl.float32)
-        # Partial sums of dy * x per (chunk, row block, head): reduced on the host side.
-        dD_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * P
-        tl.store(dD_ptr + dD_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
+        tl.store(sums_ptr + sums_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
     tl.store(dx_ptr + head_off + xs_off, dx.to(dx_ptr.dtype.element_ty), mask=m_sp)
-    if HAS_Z:
-        zz = tl.load(z_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
-        do = tl.load(dout_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
-        yp = tl.load(ypre_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(zz)
-        dz = do * yp * sig * (1.0 + zz * (1.0 - sig))
-        tl.store(dz_ptr + head_off + xs_off, dz.to(dz_ptr.dtype.element_ty), mask=m_sp)
+
+    # The dt chain of these rows: the processed dt_s enters through the input term
+    # (dt_s x_s) and through the log-decay dt_s A; then clamp and softplus backward.
+    o_slot = tl.arange(0, SLOTS)
+    ddecay = tl.sum(tl.load(ddecay_ptr + (chunk_off // Q) * n_slots + o_slot, mask=o_slot < n_slots, other=0.0))
+    ddA = _decay_grad_rows(row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, chunk_off, o_s,
+                           Q, BLOCK_M) + ddecay
+    A = tl.load(A_ptr + i_h).to(tl.float32)
+    grad = tl.sum(dxc * x_f, axis=1) + ddA * A
+    tl.store(sums_ptr + sums_off + P, tl.sum(tl.where(m_s, ddA * dt_s, 0.0)))
+    v = tl.load(dt_raw_ptr + i_b.to(tl.int64) * stride_dt_b + o_ls.to(tl.int64) * stride_dt_l + i_h * stride_dt_h,
+                mask=m_s, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        v += tl.load(dt_bias_ptr + i_h).to(tl.float32)
+    if DT_SOFTPLUS:
+        # torch's softplus: the identity above 20, with derivative 1 there.
+        grad = grad * tl.where(v > 20.0, 1.0, tl.sigmoid(v))
+        v = _softplus(v)
+    if HAS_DT_LIMIT:
+        grad = tl.where((v >= dt_min) & (v <= dt_max), grad, 0.0)
+    grad = tl.where(m_s, grad, 0.0)
+    tl.store(sums_ptr + sums_off + P + 1, tl.sum(grad))
+    tl.store(ddt_raw_ptr + i_b.to(tl.int64) * stride_ddt_b + o_ls.to(tl.int64) * stride_ddt_l + i_h * stride_ddt_h,
+             grad.to(ddt_raw_ptr.dtype.element_ty), mask=m_s)
 
 
 def _head_split(heads_per_group, programs, target=2048):
@@ -517,101 +590,112 @@ def _head_split(heads_per_group, programs, target=2048):
     return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= want)
 
 
-def _chunk_scan_bwd_outputs(x, z, B, C, D, cs_c):
-    """(dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD) of the backward, uninitialised;
-    the real op allocates dx and dz here and computes the others; the fake op returns these."""
-    pair = [torch.empty_like(cs_c) for _ in range(4)]
-    dD = torch.empty(D.shape, device=x.device, dtype=torch.float32) if D is not None else absent(x)
+def _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias):
+    """(dx, dz, dB, dC, ddt, dA, ddt_bias, dD) of the backward, uninitialised; shared with
+    the fake op."""
     dz = torch.empty_like(z) if z is not None else absent(x)
-    return (torch.empty_like(x), dz, torch.empty_like(B), torch.empty_like(C), *pair, dD)
+    ddt_bias = torch.empty_like(dt_bias) if dt_bias is not None else absent(x)
+    dD = torch.empty_like(D) if D is not None else absent(x)
+    return (torch.empty_like(x), dz, torch.empty_like(B), torch.empty_like(C), dt.new_empty(dt.shape),
+            torch.empty_like(A), ddt_bias, dD)
 
 
 @launcher_op("ssd_chunk_scan_bwd")
-def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | None, B: Tensor, C: Tensor,
-                    D: Tensor | None, seq_idx: Tensor | None, dt_c: Tensor, cs_c: Tensor, states: Tensor,
-                    dstates: Tensor, Q: int, head_split: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                            Tensor, Tensor, Tensor, Tensor]:
-    """Launch C B^T and the three backward kernels. All (B, L, ...) tensors contiguous.
+def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | None, dt: Tensor, A: Tensor,
+                    B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None,
+                    dt_c: Tensor, cs_c: Tensor, states: Tensor, dstates: Tensor, ddecay: Tensor,
+                    dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
+                    head_split: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the three backward kernels. x, dout, z, B, C (B, L, ...) contiguous; dt (B, L, H)
+    the raw dt (any strides); ddecay (B, H, C, slots) from the state-gradient walk.
 
-    1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
-       heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
-       and each head's row and column sums of the pair terms W_h * CB.
+    1. W kernel: per (chunk, group, t block, s block <= t block): C B^T (kept for kernel
+       3) and, over the group's heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s
+       (B, C, G, Q, Q) fp32, and each head's row and column sums of the pair terms
+       W_h * CB (the decay gradient needs them).
     2. dB/dC kernel: per (chunk, group, row block): the state terms (a loop over
-       heads) plus W B and W^T C. B and C are shared by the heads of a group, so the
-       terms inside a chunk cost two matrix products per group instead of per head.
-    3. dx kernel: per (chunk, head, row block): dx, dz, ddt, the state column sums, dD.
+       heads, with their row and column sums) plus W B and W^T C. B and C are shared by
+       the heads of a group, so the terms inside a chunk cost two matrix products per
+       group instead of per head.
+    3. dx kernel: per (chunk, head, row block): dx, dz, and the whole dt chain: the
+       decay gradient from the pair sums, the clamp and softplus backward, partial sums
+       of dA, ddt_bias and dD.
 
-    Returns dx, dz [empty without z], dB, dC, then (B, H, C, Q) fp32 pair sums for the
-    decay gradient: rowsum (pairs ending at t: inside the chunk, s < t, plus the
-    entering state), colsum (pairs starting at s inside the chunk, t > s) and
-    colsum_state (pairs from s to later chunks and the final state); then ddt
-    (B, H, C, Q) fp32 (gradient wrt the processed dt through the input term only), dD
-    (shape of D, fp32) [empty without D]. head_split: programs per group in kernel 2
-    (0: chosen to fill the GPU). Deterministic: every sum has a fixed order.
+    Returns dx, dz, dB, dC, ddt (B, L, H) in dt's dtype, dA (H,), ddt_bias (H,), dD (shape
+    of D), each in its input's dtype; dz, ddt_bias, dD are empty when their input is None.
+    head_split: programs per group in kernel 2 (0: chosen to fill the GPU).
+    Deterministic: every sum has a fixed order.
     """
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(L, Q)
+    nchunks = cdiv(L, Q)
     dot_dtype = dot_dtype_for(x.dtype)
-    cb = _bmm_chunk(B, C, Q, dot_dtype)
     BLOCK_M = _pick_block_m(Q)
     n_mblocks = Q // BLOCK_M
-    BLOCK_P = max(16, triton.next_power_of_2(P))
-    BLOCK_N = max(16, triton.next_power_of_2(N))
+    BLOCK_N = block_size(N)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     heads_per_group = H // G
     z_arg = z if z is not None else dout
-    common = dict(HAS_SEQ_IDX=seq_idx is not None, HAS_Z=z is not None, Q=Q, BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P,
-                  DOT_DTYPE=dot_dtype)
+    common = dict(HAS_SEQ_IDX=seq_idx is not None, HAS_Z=z is not None, Q=Q, BLOCK_M=BLOCK_M,
+                  BLOCK_P=block_size(P), BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype)
+    dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)
 
-    w = torch.empty(batch, nchunks, G, Q, Q, device=x.device, dtype=torch.float32)
-    # Slots of block pairs that do not exist (s block > t block) stay zero.
-    row_part = torch.zeros(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
-    col_part = torch.zeros_like(row_part)
+    cb = torch.empty(batch, nchunks, G, Q, Q, device=x.device, dtype=torch.float32)
+    w = torch.empty_like(cb)
+    row_part = torch.empty(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
+    col_part = torch.empty_like(row_part)
     _chunk_scan_bwd_w_kernel[(batch * nchunks * G * n_mblocks * n_mblocks,)](
-        x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
-        L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, **common,
+        x, dout, z_arg, B, C, seq_arg, dt_c, cs_c, cb, w, row_part, col_part,
+        L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides, **common,
     )
 
     n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
     heads_per_prog = heads_per_group // n_split
-    if n_split == 1:
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
-    else:
-        dB = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
-        dC = torch.empty_like(dB)
+    if n_split > 1:
+        dB_part = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
+        dC_part = torch.empty_like(dB_part)
     rowsum_state = torch.empty_like(cs_c)
+    colsum_state = torch.empty_like(cs_c)
     _chunk_scan_bwd_dbc_kernel[(batch * nchunks * G * n_split * n_mblocks,)](
-        x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates, dB, dC, rowsum_state,
+        x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
+        dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, colsum_state,
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
-        BLOCK_N=BLOCK_N, **common,
+        **common,
     )
     if n_split > 1:
-        dB = dB.sum(dim=0).to(B.dtype)
-        dC = dC.sum(dim=0).to(C.dtype)
+        _sum_into(dB, dB_part, (0,))
+        _sum_into(dC, dC_part, (0,))
 
-    dx, dz = _chunk_scan_bwd_outputs(x, z, B, C, None, cs_c)[:2]
-    ddt = torch.empty_like(cs_c)
-    colsum_state = torch.empty_like(cs_c)
-    dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
-        if D is not None else None
+    sums = torch.empty(batch, nchunks, n_mblocks, H, P + 2, device=x.device, dtype=torch.float32)
     _chunk_scan_bwd_dx_kernel[(batch * nchunks * H * n_mblocks,)](
-        x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
-        cs_c, dstates, dx, dz if z is not None else dx, ddt, colsum_state, dD_part if dD_part is not None else ddt,
-        L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N, **common,
+        x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else A, seq_arg, dt_c,
+        cs_c, dstates, row_part, col_part, rowsum_state, colsum_state, ddecay,
+        A, dt, dt_bias if dt_bias is not None else A, dx, dz if z is not None else dx, ddt, sums,
+        L, H, P, N, heads_per_group, nchunks, ddecay.shape[-1], float(dt_min), float(dt_max),
+        *x.stride(), *B.stride(), *seq_strides, *dt.stride(), *ddt.stride(),
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_DT_BIAS=dt_bias is not None,
+        DT_SOFTPLUS=bool(dt_softplus), HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")),
+        SLOTS=block_size(ddecay.shape[-1]), **common,
     )
-    rowsum = rowsum_state + row_part.sum(dim=3)
-    colsum = col_part.sum(dim=3)
-    dD = absent(x)
+    sums = sums.view(-1, H, P + 2)
+    _sum_into(dA, sums[:, :, P], (0,))
+    if dt_bias is not None:
+        _sum_into(ddt_bias, sums[:, :, P + 1], (0,))
     if D is not None:
-        dD = dD_part.sum(dim=(0, 1, 2))  # (H, P)
-        if D.dim() == 1:
-            dD = dD.sum(dim=-1)
-    return dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD
+        _sum_into(dD, sums[:, :, :P], (0, 2) if D.dim() == 1 else (0,))
+    return dx, dz, dB, dC, ddt, dA, ddt_bias, dD
+
+
+def _sum_into(out, parts, dims):
+    """out = parts.sum(dims), one op when out is fp32 like the partial sums."""
+    if out.dtype == parts.dtype:
+        torch.sum(parts, dim=dims, out=out)
+    else:
+        out.copy_(parts.sum(dim=dims))
 
 
 @_chunk_scan_bwd.register_fake
-def _(x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q, head_split=0):
-    return _chunk_scan_bwd_outputs(x, z, B, C, D, cs_c)
+def _(x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates, ddecay, dt_softplus,
+      dt_min, dt_max, Q, head_split=0):
+    return _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)

@@ -26,6 +26,16 @@ from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import tl, triton, triton_interpret
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: triton.cdiv is a constexpr function, several us per host call."""
+    return -(-a // b)
+
+
+def block_size(n: int) -> int:
+    """The block covering n: the next power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def dot_dtype_for(dtype: torch.dtype):
     """Operand dtype of the kernels' matrix products for inputs of `dtype` (fp32 accumulation).
 
@@ -80,6 +90,20 @@ def _dot_walk(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _walk_program(H, P, N, heads_per_group, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Which (batch, head, group, P block, N block) this walk program carries:
+    grid axis 0 = the (P, N) block, axis 1 = batch * H + head."""
+    i_pn = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    n_pblocks = tl.cdiv(P, BLOCK_P)
+    o_p = (i_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_n = (i_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return i_pn, i_b, i_h, i_h // heads_per_group, o_p, o_n, o_p < P, o_n < N
+
+
+@triton.jit
 def _softplus(v):
     # log1p(exp(v)) without overflow and without losing small values to 1 + u rounding.
     u = tl.exp(-tl.abs(v))
@@ -102,16 +126,7 @@ def _chunk_state_fwd_kernel(
     HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
     Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    i_pn = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_g = i_h // heads_per_group
-    n_pblocks = tl.cdiv(P, BLOCK_P)
-    o_p = (i_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    o_n = (i_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_p = o_p < P
-    m_n = o_n < N
+    i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
     o_q = tl.arange(0, Q)
     A = tl.load(A_ptr + i_h).to(tl.float32)
     if HAS_DT_BIAS:
@@ -179,7 +194,7 @@ def _chunk_state_fwd_outputs(x, B, Q, store_states):
     """(states, final, dt, cs) of the forward walk, uninitialised; shared with the fake op."""
     batch, L, H, P = x.shape
     N = B.shape[3]
-    nchunks = triton.cdiv(L, Q)
+    nchunks = cdiv(L, Q)
     states = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype)) if store_states else absent(x)
     final = x.new_empty(batch, H, P, N, dtype=torch.float32)
     dt_out = x.new_empty(batch, H, nchunks, Q, dtype=torch.float32)
@@ -194,9 +209,9 @@ def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
     final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(L, Q)
+    nchunks = cdiv(L, Q)
     states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)
+    grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), batch * H)
     seq_arg = seq_idx if seq_idx is not None else dt_out
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_state_fwd_kernel[grid](
@@ -218,30 +233,18 @@ def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max
     return _chunk_state_fwd_outputs(x, B, Q, store_states)
 
 
-# Configs with smaller (P, N) blocks write more ddecay partial slots than larger
-# ones: zero the buffer before each autotuning run, or stale slots get summed.
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"],
-                 reset_to_zero=["ddecay_ptr"])
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"])
 @triton.jit
 def _state_grad_bwd_kernel(
     dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, ddecay_ptr,
-    L, H, P, N, heads_per_group, nchunks, n_pn_max,
+    L, H, P, N, heads_per_group, nchunks, n_slots,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    i_pn = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_g = i_h // heads_per_group
-    n_pblocks = tl.cdiv(P, BLOCK_P)
-    o_p = (i_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    o_n = (i_pn // n_pblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_p = o_p < P
-    m_n = o_n < N
+    i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
     o_q = tl.arange(0, Q)
     # dout and z share x's strides (the launcher makes them so).
     dout_base = dout_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
@@ -286,20 +289,33 @@ def _state_grad_bwd_kernel(
         # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the
         # pairs that cross the whole chunk. Partial over this (P, N) block.
         ddecay = tl.sum(tl.sum(dstate * b_S, axis=1), axis=0) * decay
-        tl.store(ddecay_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_pn_max + i_pn, ddecay)
+        slot_base = ddecay_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_slots
+        tl.store(slot_base + i_pn, ddecay)
+        if i_pn == 0:
+            # This config has fewer (P, N) blocks than the buffer has slots: zero the
+            # rest, so that the reader sums every slot without knowing the config.
+            o_slot = tl.arange(0, SLOTS)
+            n_pn = tl.cdiv(P, BLOCK_P) * tl.cdiv(N, BLOCK_N)
+            tl.store(slot_base + o_slot, tl.zeros((SLOTS,), dtype=tl.float32),
+                     mask=(o_slot >= n_pn) & (o_slot < n_slots))
         dstate = dstate * decay + _dot_walk(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
 
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
+
+
+def _ddecay_slots(P, N):
+    """Partial-sum slots per chunk of the ddecay output: the most (P, N) blocks of any config."""
+    return max(cdiv(P, c.kwargs["BLOCK_P"]) * cdiv(N, c.kwargs["BLOCK_N"]) for c in _state_grad_bwd_kernel.configs)
 
 
 def _state_grad_bwd_outputs(dout, C, Q):
     """(dstates, dinit, ddecay) of the reverse walk, uninitialised; shared with the fake op."""
     batch, L, H, P = dout.shape
     N = C.shape[3]
-    nchunks = triton.cdiv(L, Q)
+    nchunks = cdiv(L, Q)
     dstates = dout.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(dout.dtype))
     dinit = dout.new_empty(batch, H, P, N, dtype=torch.float32)
-    ddecay = dout.new_empty(batch, H, nchunks, dtype=torch.float32)
+    ddecay = dout.new_empty(batch, H, nchunks, _ddecay_slots(P, N), dtype=torch.float32)
     return dstates, dinit, ddecay
 
 
@@ -308,25 +324,25 @@ def _state_grad_bwd(dout: Tensor, z: Tensor | None, C: Tensor, seq_idx: Tensor |
                     dfinal: Tensor | None, states: Tensor, Q: int) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the reverse walk. dout (B, L, H, P) carries the output dtype of the scan.
     Returns dstates (B, C, H, P, N): gradient wrt the state at the end of each chunk;
-    dinit (B, H, P, N) fp32: gradient wrt the initial state; ddecay (B, H, C) fp32:
-    gradient wrt each chunk's total log-decay through the state it carries across."""
+    dinit (B, H, P, N) fp32: gradient wrt the initial state; ddecay (B, H, C, slots)
+    fp32: gradient wrt each chunk's total log-decay through the state it carries
+    across, in partial sums over (P, N) blocks (the sum over the last axis is it)."""
     batch, L, H, P = dout.shape
     G, N = C.shape[2], C.shape[3]
-    nchunks = triton.cdiv(L, Q)
-    dstates, dinit, _ = _state_grad_bwd_outputs(dout, C, Q)
-    n_pn_max = triton.cdiv(P, 16) * triton.cdiv(N, 16)  # the smallest block in the autotuning space
-    ddecay = torch.zeros(batch, H, nchunks, n_pn_max, device=dout.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(N, meta["BLOCK_N"]), batch * H)
+    nchunks = cdiv(L, Q)
+    dstates, dinit, ddecay = _state_grad_bwd_outputs(dout, C, Q)
+    n_slots = ddecay.shape[-1]
+    grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), batch * H)
     seq_arg = seq_idx if seq_idx is not None else cs
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _state_grad_bwd_kernel[grid](
         dout, z if z is not None else dout, C, seq_arg, cs, dfinal if dfinal is not None else dinit,
-        states, dstates, dinit, ddecay, L, H, P, N, H // G, nchunks, n_pn_max,
+        states, dstates, dinit, ddecay, L, H, P, N, H // G, nchunks, n_slots,
         *dout.stride(), *C.stride(), *seq_strides,
         HAS_Z=z is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_DFINAL=dfinal is not None,
-        Q=Q, DOT_DTYPE=dot_dtype_for(dout.dtype),
+        Q=Q, SLOTS=block_size(n_slots), DOT_DTYPE=dot_dtype_for(dout.dtype),
     )
-    return dstates, dinit, ddecay.sum(dim=-1)
+    return dstates, dinit, ddecay
 
 
 @_state_grad_bwd.register_fake

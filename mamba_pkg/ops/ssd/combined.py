@@ -136,6 +136,8 @@ class SsdChunkScanFn(torch.autograd.Function):
         out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None)
         ctx.options = options
+        # An unused final state gets no zero-filled gradient (the walk then starts from zero).
+        ctx.set_materialize_grads(False)
         return out, final
 
     @staticmethod
@@ -145,56 +147,18 @@ class SsdChunkScanFn(torch.autograd.Function):
 
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre = ctx.saved_tensors
         Q, dt_softplus, dt_limit = ctx.options
-        batch, L, H, P = x.shape
-        dout = dout.contiguous()
+        dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
         states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
                                                  dt_limit[0], dt_limit[1], Q, True)
         dstates, dinit, ddecay = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, states, Q)
-        dx, dz, dB, dC, rowsum, colsum, colsum_state, ddt, dD = _chunk_scan_bwd(
-            x, dout, z, ypre, B, C, D, seq_idx, dt_c, cs_c, states, dstates, Q)
-
-        # Decay gradient, chunk by chunk (B, H, C, Q). A pair term M_ts (s < t)
-        # depends on the decay dt_k A of every step s < k <= t. For step k of chunk c:
-        # pairs inside c with t >= k > s (row sums after k minus column sums after k,
-        # which cancel except for such pairs), pairs from earlier chunks ending at
-        # t >= k (the state rows), pairs from s < k to later chunks (state columns
-        # before k) and pairs crossing all of c (ddecay). Only sums inside one chunk:
-        # a cumulative sum over the whole sequence would cancel away the precision.
-        def rev_cumsum(v):
-            return v.flip(-1).cumsum(-1).flip(-1)
-
-        ddA_c = rev_cumsum(rowsum - colsum) + (colsum_state.cumsum(-1) - colsum_state) + ddecay.unsqueeze(-1)
-
-        def flat(v):  # (B, H, C, Q) -> (B, H, L)
-            return v.reshape(batch, H, -1)[..., :L]
-
-        dt_p = flat(dt_c)
-        ddA = flat(ddA_c)
-        ddt_p = flat(ddt) + ddA * A.float().view(1, H, 1)
-        dA = (ddA * dt_p).sum(dim=(0, 2)).to(A.dtype)
-        ddt_raw, ddt_bias = _process_dt_backward(ddt_p.transpose(1, 2), dt, dt_bias, dt_softplus, dt_limit)
-        dD = dD.to(D.dtype) if D is not None else None
-        dz = dz if z is not None else None
+        # The dt, dt_bias and A gradients (decay sums, clamp and softplus backward) come
+        # out of the last kernel: no torch glue here.
+        dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd(
+            x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates, ddecay,
+            dt_softplus, dt_limit[0], dt_limit[1], Q)
         dinit = dinit.to(initial_states.dtype) if initial_states is not None else None
-        return dx, ddt_raw, dA, dB, dC, dD, dz, ddt_bias, dinit, None, None
-
-
-def _process_dt_backward(ddt_p, dt, dt_bias, dt_softplus, dt_limit):
-    """Gradients wrt dt (B, L, H) and dt_bias (H,) from the gradient wrt the processed dt
-    (reference.process_dt: + dt_bias, softplus, clamp), written out so that the
-    backward holds no nested autograd call (torch.compile traces it)."""
-    v = dt.float()
-    if dt_bias is not None:
-        v = v + dt_bias.float()
-    grad = ddt_p
-    if dt_softplus:
-        # torch's softplus: the identity above 20, with derivative 1 there.
-        grad = grad * torch.where(v > 20.0, torch.ones_like(v), torch.sigmoid(v))
-        v = torch.nn.functional.softplus(v)
-    if tuple(dt_limit) != (0.0, float("inf")):
-        grad = grad * ((v >= dt_limit[0]) & (v <= dt_limit[1]))
-    ddt_bias = grad.sum(dim=(0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
-    return grad.to(dt.dtype), ddt_bias
+        return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                ddt_bias if dt_bias is not None else None, dinit, None, None)
 
 
 def _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, initial_states, cu_seqlens, want_states):
