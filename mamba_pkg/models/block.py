@@ -5,7 +5,9 @@
 
 Returns (hidden_states, residual); the next block (or the final norm) adds them. This is the
 mamba_ssm block order, which lets the add and the norm run as one fused op
-(mamba_pkg.ops.norm.layer_norm_fn with prenorm=True) when ``fused_add_norm``.
+(mamba_pkg.ops.norm.layer_norm_fn with prenorm=True) when ``fused_add_norm``. A decode step of
+at most STEP_LINEAR_MAX_ROWS rows goes one further: add, RMSNorm and the mixer's in_proj are one
+launch (ops/decode_linear.add_rms_norm_linear), the mixer continues from its in_proj output.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from mamba_pkg.models import _cache_utils
+from mamba_pkg.models._cache_utils import plain_linear
 from mamba_pkg.models.norm import RMSNorm
+from mamba_pkg.ops.decode_linear import add_rms_norm_linear
 from mamba_pkg.ops.norm import layer_norm_fn
 
 
@@ -65,6 +70,13 @@ class Block(nn.Module):
 
         mixer_kwargs (e.g. cu_seqlens) go to the mixer. Returns (hidden_states, residual), both (B, L, dim).
         """
+        if self._fused_step(hidden_states, inference_params, mixer_kwargs):
+            in_proj = self.mixer.in_proj
+            proj, residual = add_rms_norm_linear(
+                hidden_states.squeeze(1), None if residual is None else residual.squeeze(1), self.norm.weight,
+                in_proj.weight, in_proj.bias, self.norm.eps, self.residual_in_fp32,
+            )
+            return self.mixer.cached_step(proj, inference_params), residual.unsqueeze(1)
         hidden_states, residual = add_norm(
             self.norm, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32
         )
@@ -75,6 +87,15 @@ class Block(nn.Module):
             )
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
+
+    def _fused_step(self, hidden_states, inference_params, mixer_kwargs) -> bool:
+        """A decode step that can run add + RMSNorm + in_proj as one launch: one token of at most
+        STEP_LINEAR_MAX_ROWS rows, continuing a cache, a mixer with cached_step and a plain in_proj,
+        no MLP (its norm2 would need the mixer's output first)."""
+        return (inference_params is not None and inference_params.seqlen_offset > 0 and not mixer_kwargs
+                and self.mlp is None and self.fused_add_norm and isinstance(self.norm, RMSNorm)
+                and hasattr(self.mixer, "cached_step") and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
+                and hidden_states.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS and plain_linear(self.mixer.in_proj))
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)

@@ -183,12 +183,16 @@ class Mamba(nn.Module):
             ssm_state.copy_(last_state)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
-    def step(self, hidden_states, conv_state, ssm_state):
+    def step(self, hidden_states, conv_state, ssm_state, *, xz=None):
         """One decode step. hidden_states (B, 1, d_model); conv_state (B, D, d_conv) and
-        ssm_state (B, D, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
-        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
-            raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-        x, z = step_linear(self.in_proj, hidden_states.squeeze(1)).chunk(2, dim=-1)  # (B, D) each
+        ssm_state (B, D, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state).
+        xz: (B, 2D) in_proj output computed by the caller (the block's fused add + norm + in_proj);
+        hidden_states is then not used."""
+        if xz is None:
+            if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+                raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
+            xz = step_linear(self.in_proj, hidden_states.squeeze(1))
+        x, z = xz.chunk(2, dim=-1)  # (B, D) each
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         split_sum = x.shape[0] <= FUSED_X_PROJ_MAX_BATCH and self.x_proj.bias is None and plain_linear(self.x_proj)
         if split_sum:
@@ -204,3 +208,9 @@ class Mamba(nn.Module):
         y = ssm_decode_step(ssm_state, x, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
                             dt_proj_weight=self.dt_proj.weight, split_sum=split_sum)
         return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state
+
+    def cached_step(self, xz, inference_params):
+        """A decode step (seqlen_offset > 0) from the in_proj output xz (B, 2D), on this layer's
+        rows of the cache in inference_params. Returns (B, 1, d_model)."""
+        conv_state, ssm_state = layer_cache(self, inference_params, xz.shape[0])
+        return self.step(None, conv_state, ssm_state, xz=xz)[0]

@@ -229,12 +229,16 @@ class Mamba2(nn.Module):
             y = result
         return self._finish(rearrange(y, "b l h p -> b l (h p)"), z, z0, x0)
 
-    def step(self, hidden_states, conv_state, ssm_state):
+    def step(self, hidden_states, conv_state, ssm_state, *, zxbcdt=None):
         """One decode step. hidden_states (B, 1, d_model); conv_state (B, conv_dim, d_conv) and
-        ssm_state (B, H, P, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state)."""
-        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
-            raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-        z0, x0, z, xBC, dt = self._split(step_linear(self.in_proj, hidden_states.squeeze(1)))
+        ssm_state (B, H, P, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state).
+        zxbcdt: (B, in_proj.out_features) in_proj output computed by the caller (the block's fused
+        add + norm + in_proj); hidden_states is then not used."""
+        if zxbcdt is None:
+            if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+                raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
+            zxbcdt = step_linear(self.in_proj, hidden_states.squeeze(1))
+        z0, x0, z, xBC, dt = self._split(zxbcdt)
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -260,3 +264,9 @@ class Mamba2(nn.Module):
         if z0.shape[-1] > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state
+
+    def cached_step(self, zxbcdt, inference_params):
+        """A decode step (seqlen_offset > 0) from the in_proj output zxbcdt (B, in_proj.out_features),
+        on this layer's rows of the cache in inference_params. Returns (B, 1, d_model)."""
+        conv_state, ssm_state = layer_cache(self, inference_params, zxbcdt.shape[0])
+        return self.step(None, conv_state, ssm_state, zxbcdt=zxbcdt)[0]

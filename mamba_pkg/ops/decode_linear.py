@@ -1,12 +1,20 @@
 """A linear layer for the few rows of a decode step, as one Triton kernel.
 
-    out = x @ weight.T + bias        x (B, K), weight (N, K), bias (N,), out (B, N); B <= 8
+    out = x @ weight.T + bias        x (B, K), weight (N, K), bias (N,), out (B, N); B <= 64
+
+and, for the in_proj of a decode step, the block's residual add + RMSNorm folded in:
+
+    s = x + residual;  out = (s * rsqrt(mean(s^2) + eps) * norm_weight) @ weight.T + bias
+    returns (out, s)                 B <= 8; s in fp32 if residual_in_fp32
 
 At batch 1 a decode step reads every weight once, so in_proj / out_proj are weight-streaming
 matrix-vector products. cuBLAS runs them as split-K GEMMs followed by a separate reduction
 kernel (two launches per projection). Here each program owns BLOCK_N output features and
 reads their full rows in one go (no loop-carried dependency), so every load of a program is
-in flight at once and one launch does the whole product; math in fp32.
+in flight at once and one launch does the whole product; math in fp32. The norm costs each
+program one extra read of the (L2-resident) input rows: the row scale rsqrt(...) is applied
+to the finished dot product, so it needs no pass of its own. Above 8 rows the product is a
+tl.dot over BLOCK_K steps (a weight-streaming GEMM with the whole batch in one tile).
 """
 
 from __future__ import annotations
@@ -23,11 +31,18 @@ from mamba_pkg.ops.backend import (
     resolve_backend,
     tl,
     triton,
+    triton_interpret,
 )
+from mamba_pkg.ops.norm import _residual_dtype
 
-MAX_ROWS = 8
+MAX_ROWS = 64
+SMALL_ROWS = 8  # up to here the broadcast-sum kernel; above, the tl.dot kernel
+# Broadcast-sum kernel: output features per program, fp32 values per product tile, warps.
 BLOCK_N = 4
 TILE_ELEMS = 8192  # BLOCK_B * BLOCK_N * BLOCK_K per product tile
+NUM_WARPS = 8
+# tl.dot kernel: output features per program, K step, pipeline stages, warps.
+DOT_CONFIG = (64, 128, 4, 4)
 
 
 def decode_linear_ref(x, weight, bias=None):
@@ -35,28 +50,80 @@ def decode_linear_ref(x, weight, bias=None):
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
+def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False):
+    """Torch reference of :func:`add_rms_norm_linear` (fp32 math)."""
+    s = x.float() if residual is None else x.float() + residual.float()
+    normed = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * norm_weight.float()
+    return decode_linear_ref(normed, weight, bias).to(x.dtype), s.to(_residual_dtype(x, residual, residual_in_fp32))
+
+
 @triton.jit
 def _decode_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    batch, N, K,
+    x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, nw_ptr, res_out_ptr,
+    batch, N, K, eps,
     stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
-    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_BLOCKS: tl.constexpr,
+    stride_r_b, stride_r_k, stride_ro_b, stride_ro_k,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     o_b = tl.arange(0, BLOCK_B)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_b, m_n = o_b < batch, o_n < N
     b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
     # Unrolled over K: the chunks are independent loads, all issued before the first sum.
     for i_k in tl.static_range(K_BLOCKS):
         o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m_k = o_k < K
+        m_bk = m_b[:, None] & m_k[None, :]
         b_w = tl.load(w_ptr + o_n[:, None].to(tl.int64) * stride_w_n + o_k[None, :] * stride_w_k,
                       mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
         b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + o_k[None, :] * stride_x_k,
-                      mask=m_b[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_K)
+                      mask=m_bk, other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_K)
+        if NORM:
+            if HAS_RESIDUAL:
+                b_x += tl.load(res_ptr + o_b[:, None] * stride_r_b + o_k[None, :] * stride_r_k,
+                               mask=m_bk, other=0.0).to(tl.float32)
+            # Every program has the sum; the first one writes it out.
+            if i_n == 0:
+                tl.store(res_out_ptr + o_b[:, None] * stride_ro_b + o_k[None, :] * stride_ro_k,
+                         b_x.to(res_out_ptr.dtype.element_ty), mask=m_bk)
+            b_ss += tl.sum(b_x * b_x, axis=1)
+            b_x *= tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
         b_acc += tl.sum(b_x[:, None, :] * b_w[None, :, :], axis=2)
+    if NORM:
+        b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
+    if HAS_BIAS:
+        b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n,
+             b_acc.to(out_ptr.dtype.element_ty), mask=m_b[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _decode_linear_dot_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    batch, N, K,
+    stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
+    HAS_BIAS: tl.constexpr, FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_b, m_n = o_b < batch, o_n < N
+    p_x = x_ptr + o_b[:, None].to(tl.int64) * stride_x_b
+    p_w = w_ptr + o_n[None, :].to(tl.int64) * stride_w_n
+    b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if FP32:  # mixed or fp32 operands: exact fp32 products
+            b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision="ieee")
+        else:  # bf16 / fp16 on the tensor cores, fp32 accumulation
+            b_acc = tl.dot(b_x, b_w, b_acc)
     if HAS_BIAS:
         b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n,
@@ -67,18 +134,38 @@ def _outputs(x, weight):
     return torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
 
+def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0):
+    batch, n_in = x.shape
+    block_b = triton.next_power_of_2(batch)
+    block_k = min(triton.next_power_of_2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))
+    norm = norm_weight is not None
+    r_st = residual.stride() if residual is not None else (0, 0)
+    ro_st = res_out.stride() if norm else (0, 0)
+    _decode_linear_kernel[(triton.cdiv(weight.shape[0], BLOCK_N),)](
+        x, weight, bias, out, residual, norm_weight, res_out, batch, weight.shape[0], n_in, eps,
+        *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st,
+        HAS_BIAS=bias is not None, NORM=norm, HAS_RESIDUAL=residual is not None,
+        BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=triton.cdiv(n_in, block_k),
+        num_warps=NUM_WARPS,
+    )
+
+
 @launcher_op("decode_linear")
 def _decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     out = _outputs(x, weight)
     batch, n_in = x.shape
-    n_out = weight.shape[0]
-    block_b = triton.next_power_of_2(batch)
-    block_k = min(triton.next_power_of_2(n_in), TILE_ELEMS // (block_b * BLOCK_N))
-    _decode_linear_kernel[(triton.cdiv(n_out, BLOCK_N),)](
-        x, weight, bias, out, batch, n_out, n_in,
+    if batch <= SMALL_ROWS:
+        _launch_small(x, weight, bias, out)
+        return out
+    block_n, block_k, stages, warps = DOT_CONFIG
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    # The CPU interpreter's tl.dot gets 16-bit operands wrong: it takes the fp32 route there.
+    fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
+    _decode_linear_dot_kernel[(triton.cdiv(weight.shape[0], block_n), triton.cdiv(batch, block_b))](
+        x, weight, bias, out, batch, weight.shape[0], n_in,
         *x.stride(), *weight.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-        K_BLOCKS=triton.cdiv(n_in, block_k), num_warps=8,
+        HAS_BIAS=bias is not None, FP32=fp32, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -86,6 +173,24 @@ def _decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @_decode_linear.register_fake
 def _(x, weight, bias):
     return _outputs(x, weight)
+
+
+def _norm_outputs(x, weight, residual, residual_in_fp32):
+    res_out = torch.empty(x.shape, device=x.device, dtype=_residual_dtype(x, residual, residual_in_fp32))
+    return _outputs(x, weight), res_out
+
+
+@launcher_op("add_rms_norm_linear")
+def _add_rms_norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, weight: Tensor,
+                         bias: Tensor | None, eps: float, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    out, res_out = _norm_outputs(x, weight, residual, residual_in_fp32)
+    _launch_small(x, weight, bias, out, residual, norm_weight, res_out, eps)
+    return out, res_out
+
+
+@_add_rms_norm_linear.register_fake
+def _(x, residual, norm_weight, weight, bias, eps, residual_in_fp32):
+    return _norm_outputs(x, weight, residual, residual_in_fp32)
 
 
 def _validate(x, weight, bias):
@@ -101,7 +206,7 @@ def decode_linear(x, weight, bias=None, *, backend=None):
     """``x @ weight.T + bias`` for a decode step's few rows.
 
     Args:
-        x: (B, K) with 1 <= B <= 8 (any strides).  weight: (N, K).  bias: (N,) or None.
+        x: (B, K) with 1 <= B <= 64 (any strides).  weight: (N, K).  bias: (N,) or None.
         backend: "torch", "triton" or None (the device decides).
     Returns:
         (B, N) in x's dtype, accumulated in fp32.
@@ -116,3 +221,37 @@ def decode_linear(x, weight, bias=None, *, backend=None):
     if resolve_backend(backend, x, weight) == "torch":
         return decode_linear_ref(x, weight, bias)
     return _decode_linear(x, weight, bias)
+
+
+def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False, *,
+                        backend=None):
+    """The prenorm block's add + RMSNorm and the in_proj that follows, in one launch.
+
+    Args:
+        x: (B, K) with 1 <= B <= 8, the previous block's output.  residual: (B, K) or None (zero).
+        norm_weight: (K,).  weight: (N, K).  bias: (N,) or None.
+        residual_in_fp32: return the sum in fp32 (else in residual's dtype, or x's without one).
+        backend: "torch", "triton" or None (the device decides).
+    Returns:
+        out (B, N) in x's dtype: rmsnorm(x + residual) * norm_weight @ weight.T + bias, accumulated
+        in fp32 (the normalised row is not rounded); s = x + residual (B, K).
+    """
+    ok = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(norm_weight, torch.Tensor)
+          and x.dim() == 2 and 1 <= x.shape[0] <= SMALL_ROWS and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+          and norm_weight.shape == (x.shape[1],) and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+          and norm_weight.dtype in FLOAT_DTYPES and x.device == weight.device == norm_weight.device
+          and (residual is None or (isinstance(residual, torch.Tensor) and residual.shape == x.shape
+                                    and residual.device == x.device and residual.dtype in FLOAT_DTYPES))
+          and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
+                                and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
+    if not ok:
+        check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+        if not 1 <= x.shape[0] <= SMALL_ROWS:
+            raise ValueError(f"x must have shape (B, K) with 1 <= B <= {SMALL_ROWS}, got {tuple(x.shape)}")
+        check_tensor("residual", residual, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=True)
+        check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
+        _validate(x, weight, bias)
+        check_same_device(x=x, residual=residual, norm_weight=norm_weight)
+    if resolve_backend(backend, x, weight) == "torch":
+        return add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias, eps, residual_in_fp32)
+    return _add_rms_norm_linear(x, residual, norm_weight, weight, bias, float(eps), residual_in_fp32)

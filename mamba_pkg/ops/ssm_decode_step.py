@@ -107,6 +107,29 @@ def _ssm_decode_step_kernel(
     o_b = o_b.to(tl.int64)
     i_g = i_h // heads_per_group
 
+    # The loads that do not depend on dt first: their DRAM round trip overlaps the dt math.
+    m_state = m_bp[:, :, None] & m_n[None, None, :]
+    p_state = (state_ptr + o_b[:, None, None] * stride_s_b + i_h.to(tl.int64) * stride_s_h
+               + o_p.to(tl.int64)[None, :, None] * stride_s_p + o_n[None, None, :] * stride_s_n)
+    b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
+    b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + i_h * stride_x_h + o_p[None, :] * stride_x_p, mask=m_bp,
+                  other=0.0).to(tl.float32)
+    p_B = B_ptr + o_b[:, None] * stride_B_b + i_g * stride_B_g + o_n[None, :] * stride_B_n
+    p_C = C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n
+    b_B = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    b_C = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for i_s in tl.static_range(SPLITS):
+        b_B += tl.load(p_B + i_s * stride_B_s, mask=m_bn, other=0.0).to(tl.float32)
+        b_C += tl.load(p_C + i_s * stride_C_s, mask=m_bn, other=0.0).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z_ptr + o_b[:, None] * stride_z_b + i_h * stride_z_h + o_p[None, :] * stride_z_p, mask=m_bp,
+                      other=0.0).to(tl.float32)
+    if TIE_HDIM:
+        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
+    else:
+        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
+        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))  # (BLOCK_P, BLOCK_N)
+
     # dt (BLOCK_B, BLOCK_P), or (BLOCK_B, 1) when it is per head (Mamba-2).
     if HAS_DT_PROJ:
         # dt_ptr holds the low-rank dt (B, R); stride_dt_p walks R.
@@ -140,34 +163,16 @@ def _ssm_decode_step_kernel(
 
     # exp(A * dt): with TIE_HDIM one exponential per head and row.
     if TIE_HDIM:
-        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
         b_dA = tl.exp(b_A * b_dt)[:, :, None]  # (BLOCK_B, 1, 1)
     else:
-        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
-        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))
         b_dA = tl.exp(b_A[None, :, :] * b_dt[:, :, None])  # (BLOCK_B, BLOCK_P, BLOCK_N)
 
-    m_state = m_bp[:, :, None] & m_n[None, None, :]
-    p_state = (state_ptr + o_b[:, None, None] * stride_s_b + i_h.to(tl.int64) * stride_s_h
-               + o_p.to(tl.int64)[None, :, None] * stride_s_p + o_n[None, None, :] * stride_s_n)
-    b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
-    b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + i_h * stride_x_h + o_p[None, :] * stride_x_p, mask=m_bp,
-                  other=0.0).to(tl.float32)
-    p_B = B_ptr + o_b[:, None] * stride_B_b + i_g * stride_B_g + o_n[None, :] * stride_B_n
-    p_C = C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n
-    b_B = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    b_C = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for i_s in tl.static_range(SPLITS):
-        b_B += tl.load(p_B + i_s * stride_B_s, mask=m_bn, other=0.0).to(tl.float32)
-        b_C += tl.load(p_C + i_s * stride_C_s, mask=m_bn, other=0.0).to(tl.float32)
     b_state = b_state * b_dA + (b_x * b_dt)[:, :, None] * b_B[:, None, :]
     tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_state)
     b_out = tl.sum(b_state * b_C[:, None, :], axis=2)  # (BLOCK_B, BLOCK_P)
     if HAS_D:
         b_out += b_x * tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
     if HAS_Z:
-        b_z = tl.load(z_ptr + o_b[:, None] * stride_z_b + i_h * stride_z_h + o_p[None, :] * stride_z_p, mask=m_bp,
-                      other=0.0).to(tl.float32)
         b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
     tl.store(out_ptr + o_b[:, None] * stride_o_b + i_h * stride_o_h + o_p[None, :] * stride_o_p,
              b_out.to(out_ptr.dtype.element_ty), mask=m_bp)

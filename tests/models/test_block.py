@@ -8,7 +8,10 @@ import torch.nn as nn
 
 from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.models.attention import MHA
+from mamba_pkg.models import _cache_utils
+from mamba_pkg.models import block as block_module
 from mamba_pkg.models.block import Block
+from mamba_pkg.models.mamba import Mamba
 from mamba_pkg.models.mamba2 import Mamba2
 from mamba_pkg.models.mlp import GatedMLP
 from mamba_pkg.models.norm import RMSNorm
@@ -69,6 +72,36 @@ def test_cached_steps_equal_forward(mixer):
     assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual, atol=1e-5)
     cache = block.allocate_inference_cache(3, 10)
     assert cache[0].shape[:2] == (3, 10) if mixer == "mha" else cache[1].shape[0] == 3
+
+
+@pytest.mark.parametrize("mixer", [partial(Mamba, d_state=4, layer_idx=0), MIXERS["mamba2"]])
+@torch.no_grad()
+def test_fused_norm_in_proj_step_equals_forward(mixer, monkeypatch):
+    """A decode step of batch <= STEP_LINEAR_MAX_ROWS runs add + RMSNorm + in_proj as one op
+    (counted), first block (no residual) and later ones; steps equal the full forward."""
+    torch.manual_seed(0)
+    block = Block(32, mixer, nn.Identity, norm_cls=partial(RMSNorm, eps=1e-5), fused_add_norm=True,
+                  residual_in_fp32=True)
+    block.norm.weight.add_(torch.randn(32) * 0.1)
+    calls = []
+    fused = block_module.add_rms_norm_linear
+    monkeypatch.setattr(block_module, "add_rms_norm_linear", lambda *a: calls.append(1) or fused(*a))
+    x, res = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    for residual in (None, res):
+        hidden, residual_out = block(x, residual)
+        params = InferenceParams(max_seqlen=6, max_batch_size=2)
+        outs = [block(x[:, :3], None if residual is None else residual[:, :3], inference_params=params)]
+        for t in range(3, 6):
+            params.seqlen_offset = t
+            outs.append(block(x[:, t : t + 1], None if residual is None else residual[:, t : t + 1],
+                              inference_params=params))
+        assert torch.allclose(torch.cat([o[0] for o in outs], dim=1), hidden, atol=1e-5)
+        assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual_out, atol=1e-6)
+    assert len(calls) == 6
+    monkeypatch.setattr(_cache_utils, "STEP_LINEAR_MAX_ROWS", 1)
+    params.seqlen_offset = 6
+    block(x[:, :1], res[:, :1], inference_params=params)
+    assert len(calls) == 6  # batch 2 > 1 row: the unfused path
 
 
 def test_packed_goes_to_mixer():

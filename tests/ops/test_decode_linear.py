@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_pkg.ops.decode_linear import decode_linear, decode_linear_ref
+import mamba_pkg.ops.decode_linear as dl
+
+from mamba_pkg.ops.decode_linear import (
+    add_rms_norm_linear,
+    add_rms_norm_linear_ref,
+    decode_linear,
+    decode_linear_ref,
+)
+from mamba_pkg.ops.norm import layer_norm_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -15,10 +23,13 @@ def test_ref_is_fp32_linear():
     torch.testing.assert_close(out, (x.double() @ w.double().t() + b.double()).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("batch,n_in,n_out,bias", [(1, 700, 9, True), (3, 40, 6, False), (8, 600, 5, True)])
-def test_triton_matches_ref(batch, n_in, n_out, bias):
+@pytest.mark.parametrize("batch,n_in,n_out,bias", [(1, 700, 9, True), (3, 40, 6, False), (8, 600, 5, True),
+                                                   (19, 70, 37, True)])
+def test_triton_matches_ref(batch, n_in, n_out, bias, monkeypatch):
     """Odd sizes: a ragged output block, ragged K, several unrolled K chunks (600 at batch 8: chunks
-    of 256), a strided x (half of a wider tensor, as in_proj's halves)."""
+    of 256), a strided x (half of a wider tensor, as in_proj's halves); batch 19 takes the tl.dot
+    kernel (ragged batch tile, two K steps of 64, ragged output blocks of 16)."""
+    monkeypatch.setattr(dl, "DOT_CONFIG", (16, 64, 2, 4))
     x = torch.randn(batch, 2 * n_in, device=DEVICE)[:, n_in:]
     w = torch.randn(n_out, n_in, device=DEVICE)
     b = torch.randn(n_out, device=DEVICE) if bias else None
@@ -37,8 +48,8 @@ def test_bf16():
 
 def test_errors():
     x, w = torch.randn(2, 4), torch.randn(3, 4)
-    with pytest.raises(ValueError, match="1 <= B <= 8"):
-        decode_linear(torch.randn(9, 4), w)
+    with pytest.raises(ValueError, match="1 <= B <= 64"):
+        decode_linear(torch.randn(65, 4), w)
     with pytest.raises(ValueError, match="weight must have shape"):
         decode_linear(x, torch.randn(3, 5))
     with pytest.raises(ValueError, match="bias must have shape"):
@@ -53,8 +64,53 @@ def test_custom_op_opcheck():
     torch.library.opcheck(torch.ops.mamba_pkg.decode_linear, (x, w, None))
 
 
+@pytest.mark.parametrize("residual", [None, torch.float32, torch.bfloat16])
+def test_add_rms_norm_linear_matches_ref(residual):
+    """The fused add + RMSNorm + linear equals its reference, and the reference equals the
+    composition it replaces (the block's add + norm, then the linear)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2 * 50, device=DEVICE)[:, 50:]
+    res = None if residual is None else torch.randn(2, 50, device=DEVICE).to(residual)
+    nw, w, b = torch.randn(50, device=DEVICE), torch.randn(9, 50, device=DEVICE), torch.randn(9, device=DEVICE)
+    fp32_res = residual is None
+    out, s = add_rms_norm_linear(x, res, nw, w, b, 1e-5, fp32_res, backend="triton")
+    ref_out, ref_s = add_rms_norm_linear_ref(x, res, nw, w, b, 1e-5, fp32_res)
+    normed, s2 = layer_norm_ref(x, nw, None, res, 1e-5, prenorm=True, residual_in_fp32=fp32_res, is_rms_norm=True)
+    assert s.dtype == ref_s.dtype == s2.dtype == (torch.float32 if residual is None else residual)
+    torch.testing.assert_close(ref_s, s2)
+    torch.testing.assert_close(ref_out, decode_linear_ref(normed, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, ref_s)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+
+
+def test_add_rms_norm_linear_errors_and_opcheck():
+    x, w, nw = torch.randn(2, 8), torch.randn(3, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="1 <= B <= 8"):
+        add_rms_norm_linear(torch.randn(9, 8), None, nw, w)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        add_rms_norm_linear(x, torch.randn(2, 7), nw, w)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        add_rms_norm_linear(x, None, torch.randn(7), w)
+    x, w, nw = (t.to(DEVICE) for t in (x, w, nw))
+    op = torch.ops.mamba_pkg.add_rms_norm_linear
+    torch.library.opcheck(op, (x, torch.randn(2, 8, device=DEVICE), nw, w, None, 1e-5, True))
+    torch.library.opcheck(op, (x, None, nw, w, torch.randn(3, device=DEVICE), 1e-5, False))
+
+
 @requires_cuda
-@pytest.mark.parametrize("batch", [1, 8])
+def test_gpu_add_rms_norm_linear_full_size():
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, 2048, device="cuda")
+    nw = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    out, s = add_rms_norm_linear(x, res, nw, w, None, 1e-5, True)
+    ref_out, ref_s = add_rms_norm_linear_ref(x, res, nw, w, None, 1e-5, True)
+    torch.testing.assert_close(s, ref_s)
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=1e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch", [1, 8, 64])
 def test_gpu_full_size(batch):
     x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
