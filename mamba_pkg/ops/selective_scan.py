@@ -1083,6 +1083,30 @@ def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weigh
     check_tensor("out_proj_bias", out_proj_bias, shape=(out_proj_weight.shape[0],), optional=True)
 
 
+def _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+              out_proj_bias, A, B, C) -> bool:
+    """The common case of mamba_inner_fn (B and C from x_proj, no cu_seqlens) in a few
+    comparisons; anything else goes through _check_inner, which names the bad argument."""
+    weights = (conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight)
+    if B is not None or C is not None or not (isinstance(xz, torch.Tensor) and isinstance(A, torch.Tensor)):
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in weights):
+        return False
+    if xz.dtype not in FLOAT_DTYPES or xz.dim() != 3 or xz.shape[1] % 2 or A.dtype != torch.float32:
+        return False
+    dim, width = xz.shape[1] // 2, conv1d_weight.shape[-1]
+    if conv1d_weight.shape != (dim, width) and conv1d_weight.shape != (dim, 1, width):
+        return False
+    if delta_proj_weight.dim() != 2 or A.dim() != 2 or out_proj_weight.dim() != 2:
+        return False
+    rank, dstate, d_model = delta_proj_weight.shape[1], A.shape[1], out_proj_weight.shape[0]
+    return (delta_proj_weight.shape[0] == dim and A.shape[0] == dim
+            and x_proj_weight.shape == (rank + 2 * dstate, dim) and out_proj_weight.shape[1] == dim
+            and (conv1d_bias is None or (isinstance(conv1d_bias, torch.Tensor) and conv1d_bias.shape == (dim,)))
+            and (out_proj_bias is None
+                 or (isinstance(out_proj_bias, torch.Tensor) and out_proj_bias.shape == (d_model,))))
+
+
 def _left_matmul(weight, x):
     """weight (E, D) @ x (B, D, L) -> (B, E, L) contiguous, as a bmm over an expanded
     weight (torch.matmul would fold it as x^T @ weight^T and copy x into (B*L, D))."""
@@ -1211,8 +1235,10 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     Returns:
         (B, L, d_model) in the dtype of xz (or the autocast dtype).
     """
-    _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C, cu_seqlens)
+    if cu_seqlens is not None or not _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                                               out_proj_weight, out_proj_bias, A, B, C):
+        _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                     out_proj_bias, A, B, C, cu_seqlens)
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl}")
     which = resolve_backend(backend, xz, conv1d_weight, A)

@@ -115,6 +115,20 @@ def test_inner_bad_input(change, exc, match):
         mamba_inner_fn(**p, backend="torch")
 
 
+def test_inner_common_case_takes_the_fast_check(monkeypatch):
+    """A valid call with B and C from x_proj skips the full validation (host time)."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    p = make_params(2, 4, 9)
+    want = mamba_inner_fn(**p, backend="torch")
+
+    def full_check(*args):
+        raise AssertionError("full validation ran")
+
+    monkeypatch.setattr(ss, "_check_inner", full_check)
+    torch.testing.assert_close(mamba_inner_fn(**p, backend="torch"), want)
+
+
 @pytest.mark.parametrize("fn", [mamba_inner_fn, mamba_inner_ref])
 def test_inner_cu_seqlens_must_end_at_length(fn):
     p = make_params(1, 4, 9)

@@ -199,6 +199,30 @@ def test_bad_input(changes, exc, match, backend):
         selective_scan_fn(**args, backend=backend)
 
 
+def test_common_case_takes_the_fast_check(monkeypatch):
+    """Valid common-case calls (B/C (B, N, L) or (D, N)) skip the full validation, which costs
+    host time; its errors are covered by test_bad_input."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    def full_check(*args):
+        raise AssertionError("full validation ran")
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "0" and not torch.cuda.is_available():
+        pytest.skip("triton backend needs CUDA or the interpreter")
+    monkeypatch.setattr(ss, "_check_inputs", full_check)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    for bc in ("var", "fixed"):
+        args = make_inputs(1, 4, 9, 3, bc=bc, device=DEV)
+        assert ss._inputs_ok(*(args[k] for k in names))
+    with torch.no_grad():
+        out = ss.selective_scan_fn(**args, backend="triton")
+    assert out.shape == (1, 4, 9)
+    args = make_inputs(1, 4, 9, 3, bc="group", device=DEV)
+    assert not ss._inputs_ok(*(args[k] for k in names))
+    with pytest.raises(AssertionError, match="full validation"):
+        ss.selective_scan_fn(**args, backend="triton")
+
+
 def test_bad_cu_seqlens_batch():
     args = make_inputs(2, 4, 9, 3)
     with pytest.raises(ValueError, match="batch size 1"):
