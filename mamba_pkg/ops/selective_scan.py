@@ -295,31 +295,24 @@ def _scan4(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr
 
 
 @triton.jit
-def _scan8(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, REVERSE: tl.constexpr):
-    """_scan4 over (S0, S1, S2, 8) blocks: one half after the other."""
-    d_lo, d_hi = _halves(decay, S0, S1, S2, 8)
-    x_lo, x_hi = _halves(x, S0, S1, S2, 8)
-    if REVERSE:
-        h_hi, carry = _scan4(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
-        h_lo, carry = _scan4(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
+def _scan_steps(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, LEN: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """_scan4 over (S0, S1, S2, LEN) blocks, LEN in {4, 8, 16}: longer blocks as one half
+    after the other (the first half first; the second first when REVERSE)."""
+    if LEN == 4:
+        h, carry = _scan4(decay, x, carry, S0, S1, S2, REVERSE)
     else:
-        h_lo, carry = _scan4(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
-        h_hi, carry = _scan4(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
-    return _unhalve(h_lo, h_hi, S0, S1, S2, 8), carry
-
-
-@triton.jit
-def _scan16(decay, x, carry, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, REVERSE: tl.constexpr):
-    """_scan8 over (S0, S1, S2, 16) blocks: one half after the other."""
-    d_lo, d_hi = _halves(decay, S0, S1, S2, 16)
-    x_lo, x_hi = _halves(x, S0, S1, S2, 16)
-    if REVERSE:
-        h_hi, carry = _scan8(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
-        h_lo, carry = _scan8(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
-    else:
-        h_lo, carry = _scan8(d_lo, x_lo, carry, S0, S1, S2, REVERSE)
-        h_hi, carry = _scan8(d_hi, x_hi, carry, S0, S1, S2, REVERSE)
-    return _unhalve(h_lo, h_hi, S0, S1, S2, 16), carry
+        tl.static_assert((LEN == 8) or (LEN == 16), "BLOCK_L must be 4, 8 or 16")
+        d_lo, d_hi = _halves(decay, S0, S1, S2, LEN)
+        x_lo, x_hi = _halves(x, S0, S1, S2, LEN)
+        if REVERSE:
+            h_hi, carry = _scan_steps(d_hi, x_hi, carry, S0, S1, S2, LEN // 2, REVERSE)
+            h_lo, carry = _scan_steps(d_lo, x_lo, carry, S0, S1, S2, LEN // 2, REVERSE)
+        else:
+            h_lo, carry = _scan_steps(d_lo, x_lo, carry, S0, S1, S2, LEN // 2, REVERSE)
+            h_hi, carry = _scan_steps(d_hi, x_hi, carry, S0, S1, S2, LEN // 2, REVERSE)
+        h = _unhalve(h_lo, h_hi, S0, S1, S2, LEN)
+    return h, carry
 
 
 @triton.jit
@@ -334,13 +327,7 @@ def _scan_tile(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK
     """
     decay = tl.permute(decay, (0, 2, 3, 1))  # (N_IN, BLOCK_D, N_LANES, BLOCK_L)
     x = tl.permute(x, (0, 2, 3, 1))
-    if BLOCK_L == 4:
-        h, carry = _scan4(decay, x, carry, N_IN, BLOCK_D, N_LANES, REVERSE)
-    elif BLOCK_L == 8:
-        h, carry = _scan8(decay, x, carry, N_IN, BLOCK_D, N_LANES, REVERSE)
-    else:
-        tl.static_assert(BLOCK_L == 16, "BLOCK_L must be 4, 8 or 16")
-        h, carry = _scan16(decay, x, carry, N_IN, BLOCK_D, N_LANES, REVERSE)
+    h, carry = _scan_steps(decay, x, carry, N_IN, BLOCK_D, N_LANES, BLOCK_L, REVERSE)
     return tl.permute(h, (0, 3, 1, 2)), carry
 
 
