@@ -48,31 +48,21 @@ def _inputs(batch=2, dim=16, seqlen=16, dstate=16, requires_grad=False, device="
     return args
 
 
-def wall_per_call_us(fn, reps=200, rounds=5):
-    """Best of `rounds` wall-clock averages of un-synchronised calls (CUDA)."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
-        torch.cuda.synchronize()
-    return best
-
-
-def per_call_us(fn, reps=200, rounds=5):
-    """Best of `rounds` averages of this process's CPU time (the machine may be shared)."""
+def per_call_us(fn, cuda: bool, reps=200, rounds=5):
+    """Best of `rounds` averages: on CUDA the wall time of un-synchronised calls, on CPU this
+    process's CPU time (the machine may be shared)."""
+    clock = time.perf_counter if cuda else time.process_time
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(20):
         fn()
     best = float("inf")
     for _ in range(rounds):
-        t0 = time.process_time()
+        sync()
+        t0 = clock()
         for _ in range(reps):
             fn()
-        best = min(best, (time.process_time() - t0) / reps * 1e6)
+        best = min(best, (clock() - t0) / reps * 1e6)
+    sync()
     return best
 
 
@@ -82,12 +72,15 @@ def main(argv=None):
     parser.add_argument("--cuda", action="store_true", help="real launches on the GPU")
     args = parser.parse_args(argv)
     if args.cuda:
-        shape, timer = dict(batch=4, dim=2048, seqlen=64, device="cuda"), wall_per_call_us
+        shape = dict(batch=4, dim=2048, seqlen=64, device="cuda")
     else:
         torch.set_num_threads(1)
         ss._selective_scan_fwd_kernel = _NoLaunch()
         ss._selective_scan_bwd_kernel = _NoLaunch()
-        shape, timer = {}, per_call_us
+        shape = {}
+    def timer(fn):
+        return per_call_us(fn, args.cuda)
+
     fwd_args = _inputs(**shape)
     grad_args = _inputs(requires_grad=True, **shape)
     dout = torch.randn_like(fwd_args[0])
