@@ -180,9 +180,10 @@ def test_decode_step_fullgraph_matches_eager(name):
     reason="packed sequences do not trace as one graph on the torch backend: the references split the "
     "sequences on cu_seqlens.tolist() (ops/causal_conv1d.py causal_conv1d_ref, ops/selective_scan.py "
     "selective_scan_ref, ops/ssd/reference.py mamba_chunk_scan_combined_ref), so the lengths become "
-    "unbacked symbols that dynamo cannot guard on. (The Triton path needs no host read outside the "
-    "custom ops except ops/ssd/combined.py _varlen_terms' cu_seqlens.tolist(); packed Mamba-1 on the "
-    "Triton path is one graph, see test_training_step_triton_path_mamba1_fullgraph_matches_eager.)",
+    "unbacked symbols that dynamo cannot guard on. (The Triton path reads cu_seqlens on the host only "
+    "inside custom ops: packed Mamba-1 and Mamba-2 on the Triton path are one graph, see "
+    "test_training_step_triton_path_mamba1_fullgraph_matches_eager and "
+    "test_training_step_triton_path_mamba2_packed_fullgraph_matches_eager.)",
 )
 @pytest.mark.parametrize("name", ["mamba1", "mamba2"])
 def test_training_step_packed_fullgraph(name):
@@ -190,6 +191,25 @@ def test_training_step_packed_fullgraph(name):
     ids = torch.randint(0, VOCAB, (1, 13))
     cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32)
     _train_step(torch.compile(model, backend="aot_eager", fullgraph=True), model, ids, cu_seqlens)
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+def test_training_step_triton_path_mamba2_packed_fullgraph_matches_eager(monkeypatch):
+    """Packed Mamba-2 on the Triton path: the SSD's per-sequence terms read cu_seqlens inside a custom op
+    (ssd_varlen_terms), so the packed training step is one graph and equals eager."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _model("mamba2").to(device)
+    ids = torch.randint(0, VOCAB, (1, 13), device=device)
+    cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32, device=device)
+    eager = _train_step(model, model, ids, cu_seqlens)
+    backend = AotEagerAndRecordGraphs()
+    compiled = _train_step(torch.compile(model, backend=backend, fullgraph=True), model, ids, cu_seqlens)
+    _assert_same(eager, compiled)
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    assert "mamba_pkg.ssd_chunk_scan_fwd" in forward and "mamba_pkg.causal_conv1d_fwd" in forward
 
 
 def test_training_step_packed_with_graph_breaks_matches_eager():

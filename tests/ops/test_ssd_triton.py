@@ -294,6 +294,7 @@ def _opcheck_cases():
 
     inp = make(1, 20, 2, 4, 1, 4, d_has_hdim=True)
     x, dt, A, B, C, D, z, dt_bias, init = (inp[k] for k in NAMES)
+    cu = torch.tensor([0, 12, 20], dtype=torch.int32, device=DEVICE)
     seq = torch.zeros(1, 20, dtype=torch.int32, device=DEVICE)
     seq[:, 12:] = 1
     inf = float("inf")
@@ -313,10 +314,12 @@ def _opcheck_cases():
                                   True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,
                                   ddecay, False, 0.0, inf, 16, 2)),
+        (ops.ssd_varlen_terms, (x, dt, A, B, C, dt_bias, torch.cat([init, init]), cu, True, 0.1, 2.0, True)),
+        (ops.ssd_varlen_terms, (x, dt, A, B, C, None, None, cu, False, 0.0, inf, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_ssd_custom_ops_opcheck(case):
     """Schema, fake (meta) implementation and AOT dispatch of each registered launcher agree with
     the real op (torch.library.opcheck)."""
@@ -342,3 +345,25 @@ def test_ssd_compiles_to_one_graph_with_custom_ops():
     forward, backward = compiled_matches_eager(step, leaves)
     assert "mamba_pkg.ssd_chunk_state_fwd" in forward and "mamba_pkg.ssd_chunk_scan_fwd" in forward
     assert "mamba_pkg.ssd_state_grad_bwd" in backward and "mamba_pkg.ssd_chunk_scan_bwd" in backward
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+def test_ssd_packed_compiles_to_one_graph():
+    """Packed sequences with per-sequence initial and final states: the host read of cu_seqlens
+    sits inside the ssd_varlen_terms custom op, so the scan still traces as one graph (fullgraph)
+    and equals eager, forward and backward."""
+    from compile_check import compiled_matches_eager
+
+    lengths = [5, 0, 11]
+    cu = torch.tensor([0, 5, 5, 16], dtype=torch.int32, device=DEVICE)
+    inp = make(1, sum(lengths), 2, 4, 1, 4, n_init=len(lengths))
+    leaves = {k: v for k, v in inp.items() if v is not None}
+
+    def step(x, dt, A, B, C, D, z, dt_bias, initial_states):
+        out, varlen = mamba_chunk_scan_combined(x, dt, A, B, C, 16, D=D, z=z, dt_bias=dt_bias,
+                                                initial_states=initial_states, cu_seqlens=cu, dt_softplus=True,
+                                                return_varlen_states=True, backend="triton")
+        return (out * out).sum() + (varlen * varlen).sum()
+
+    forward, backward = compiled_matches_eager(step, leaves)
+    assert "mamba_pkg.ssd_varlen_terms" in forward and "mamba_pkg.ssd_varlen_terms_bwd" in backward

@@ -11,7 +11,9 @@ import math
 from typing import Optional
 
 import torch
+from torch import Tensor
 
+from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -199,6 +201,85 @@ def _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, initial_states
     return (None if y_init is None else y_init.unsqueeze(0)), (torch.stack(states) if want_states else None)
 
 
+# The varlen terms read cu_seqlens on the host (one loop step per sequence). As a custom op
+# they are one opaque node for torch.compile, so packed training traces as one graph; the
+# backward op recomputes the terms under autograd inside its own (opaque) body.
+
+_VARLEN_INPUTS = ("x", "dt", "A", "B", "C", "dt_bias", "initial_states")
+
+
+def _varlen_outputs(x, B, initial_states, cu_seqlens, want_states):
+    """(y_init (1, L, H, P) fp32, states (num_seqs, H, P, N) fp32), empty where not asked for."""
+    _, L, H, P = x.shape
+    y_init = x.new_empty(1, L, H, P, dtype=torch.float32) if initial_states is not None else absent(x)
+    states = (x.new_empty(cu_seqlens.shape[0] - 1, H, P, B.shape[3], dtype=torch.float32) if want_states
+              else absent(x))
+    return y_init, states
+
+
+@launcher_op("ssd_varlen_terms")
+def _varlen_terms_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Tensor | None,
+                     initial_states: Tensor | None, cu_seqlens: Tensor, dt_softplus: bool, dt_min: float,
+                     dt_max: float, want_states: bool) -> tuple[Tensor, Tensor]:
+    """_varlen_terms as a custom op: (y_init, states), each empty when not asked for."""
+    y_init, states = _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, (dt_min, dt_max), initial_states,
+                                   cu_seqlens, want_states)
+    return (y_init if y_init is not None else absent(x)), (states if states is not None else absent(x))
+
+
+@_varlen_terms_op.register_fake
+def _(x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max, want_states):
+    return _varlen_outputs(x, B, initial_states, cu_seqlens, want_states)
+
+
+@launcher_op("ssd_varlen_terms_bwd")
+def _varlen_terms_bwd(dy_init: Tensor | None, dstates: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                      C: Tensor, dt_bias: Tensor | None, initial_states: Tensor | None, cu_seqlens: Tensor,
+                      dt_softplus: bool, dt_min: float, dt_max: float,
+                      want_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the varlen terms wrt x, dt, A, B, C, dt_bias, initial_states (empty for a
+    missing input), by recomputing the terms under autograd."""
+    given = [t for t in (x, dt, A, B, C, dt_bias, initial_states) if t is not None]
+    has_bias, has_init = dt_bias is not None, initial_states is not None
+
+    def terms(*tensors):
+        it = iter(tensors)
+        args = [next(it) for _ in range(5)]
+        bias = next(it) if has_bias else None
+        init = next(it) if has_init else None
+        y_init, states = _varlen_terms(*args, bias, dt_softplus, (dt_min, dt_max), init, cu_seqlens, want_states)
+        return (y_init if y_init is not None else absent(x)), (states if states is not None else absent(x))
+
+    # torch.func.vjp, not torch.autograd: a custom op's body runs below the autograd
+    # dispatch key (under torch.compile), where autograd records nothing.
+    outs, vjp = torch.func.vjp(terms, *given)
+    cotangents = tuple(g if g is not None and o.numel() else torch.zeros_like(o) for o, g in zip(outs, (dy_init, dstates)))
+    grads = iter(vjp(cotangents))
+    return tuple(next(grads) if t is not None else absent(x) for t in (x, dt, A, B, C, dt_bias, initial_states))
+
+
+@_varlen_terms_bwd.register_fake
+def _(dy_init, dstates, x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
+      want_states):
+    return tuple(torch.empty_like(t) if t is not None else absent(x) for t in (x, dt, A, B, C, dt_bias, initial_states))
+
+
+def _varlen_setup(ctx, inputs, output):
+    x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max, want_states = inputs
+    ctx.save_for_backward(x, dt, A, B, C, dt_bias, initial_states, cu_seqlens)
+    ctx.options = (dt_softplus, dt_min, dt_max, want_states)
+
+
+def _varlen_backward(ctx, dy_init, dstates):
+    x, dt, A, B, C, dt_bias, initial_states, cu_seqlens = ctx.saved_tensors
+    grads = _varlen_terms_bwd(dy_init, dstates, x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, *ctx.options)
+    given = (x, dt, A, B, C, dt_bias, initial_states)
+    return (*(g if t is not None else None for g, t in zip(grads, given)), None, None, None, None, None)
+
+
+_varlen_terms_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
 def _chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus,
                        dt_limit, return_final_states, return_varlen_states):
     Q = _kernel_chunk_len(chunk_size)
@@ -213,11 +294,11 @@ def _chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states
                                       None if cu_seqlens is not None else initial_states, seq_idx,
                                       (Q, bool(dt_softplus), tuple(dt_limit)))
     varlen_states = None
-    if cu_seqlens is not None:
-        want_states = return_final_states or return_varlen_states
-        y_init, varlen_states = _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, dt_limit, initial_states,
-                                              cu_seqlens, want_states)
-        if y_init is not None:
+    want_states = return_final_states or return_varlen_states
+    if cu_seqlens is not None and (initial_states is not None or want_states):
+        y_init, varlen_states = _varlen_terms_op(x, dt, A, B, C, dt_bias, initial_states, cu_seqlens,
+                                                 bool(dt_softplus), dt_limit[0], dt_limit[1], want_states)
+        if initial_states is not None:
             y = out.float() + y_init
             if z is not None:
                 y = y * torch.nn.functional.silu(z.float())
