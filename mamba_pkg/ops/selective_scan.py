@@ -377,6 +377,19 @@ def _load_bc_tile(ptr, o_bc_row, o_n3, o_l, m_n3, seqlen, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _row_start(i_b, o_d, stride_batch, stride_dim):
+    """(BLOCK_D,) int64 offset of each (b, d) row of a (B, D, L) tensor whose L is contiguous."""
+    return i_b.to(tl.int64) * stride_batch + o_d.to(tl.int64) * stride_dim
+
+
+@triton.jit
+def _group_row_start(i_b, i_d, BLOCK_D: tl.constexpr, group_size, stride_batch, stride_group):
+    """Offset of the (N, L) slab of an input-dependent (B, G, N, L) B or C that this program's
+    channels read (the launcher keeps a block of channels inside one group)."""
+    return i_b.to(tl.int64) * stride_batch + ((i_d * BLOCK_D) // group_size).to(tl.int64) * stride_group
+
+
+@triton.jit
 def _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
     """dt = softplus(delta + delta_bias), fp32, zero outside m_ld (decay 1, input 0
     there, so padding steps leave the state unchanged). Also returns the softplus
@@ -420,12 +433,11 @@ def _selective_scan_fwd_kernel(
     m_dn4 = m_dn3[:, None, :, :]
     # (BLOCK_D,) start of each (b, d) row: outputs are contiguous, inputs only along L.
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen
-    o_row_u = i_b.to(tl.int64) * stride_u_batch + o_d.to(tl.int64) * stride_u_dim
-    o_row_delta = i_b.to(tl.int64) * stride_delta_batch + o_d.to(tl.int64) * stride_delta_dim
-    o_row_z = i_b.to(tl.int64) * stride_z_batch + o_d.to(tl.int64) * stride_z_dim
-    # The launcher keeps a block of channels inside one group of B and of C.
-    o_b_row = i_b.to(tl.int64) * stride_b_batch + ((i_d * BLOCK_D) // b_group_size).to(tl.int64) * stride_b_group
-    o_c_row = i_b.to(tl.int64) * stride_c_batch + ((i_d * BLOCK_D) // c_group_size).to(tl.int64) * stride_c_group
+    o_row_u = _row_start(i_b, o_d, stride_u_batch, stride_u_dim)
+    o_row_delta = _row_start(i_b, o_d, stride_delta_batch, stride_delta_dim)
+    o_row_z = _row_start(i_b, o_d, stride_z_batch, stride_z_dim)
+    o_b_row = _group_row_start(i_b, i_d, BLOCK_D, b_group_size, stride_b_batch, stride_b_group)
+    o_c_row = _group_row_start(i_b, i_d, BLOCK_D, c_group_size, stride_c_batch, stride_c_group)
     o_state = i_b.to(tl.int64) * dim * dstate + o_dn3
     # exp(dt * A) = exp2(dt * A * log2(e)): exp2 is the native instruction.
     b_A2 = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0) * 1.4426950408889634
@@ -542,13 +554,12 @@ def _selective_scan_bwd_kernel(
     m_dn3 = m_d[None, :, None] & m_n3
     m_dn4 = m_dn3[:, None, :, :]
     o_row = i_b.to(tl.int64) * dim * seqlen + o_d.to(tl.int64) * seqlen  # see the forward
-    o_row_u = i_b.to(tl.int64) * stride_u_batch + o_d.to(tl.int64) * stride_u_dim
-    o_row_delta = i_b.to(tl.int64) * stride_delta_batch + o_d.to(tl.int64) * stride_delta_dim
-    o_row_z = i_b.to(tl.int64) * stride_z_batch + o_d.to(tl.int64) * stride_z_dim
-    o_row_dout = i_b.to(tl.int64) * stride_dout_batch + o_d.to(tl.int64) * stride_dout_dim
-    # The launcher keeps a block of channels inside one group of B and of C.
-    o_b_row = i_b.to(tl.int64) * stride_b_batch + ((i_d * BLOCK_D) // b_group_size).to(tl.int64) * stride_b_group
-    o_c_row = i_b.to(tl.int64) * stride_c_batch + ((i_d * BLOCK_D) // c_group_size).to(tl.int64) * stride_c_group
+    o_row_u = _row_start(i_b, o_d, stride_u_batch, stride_u_dim)
+    o_row_delta = _row_start(i_b, o_d, stride_delta_batch, stride_delta_dim)
+    o_row_z = _row_start(i_b, o_d, stride_z_batch, stride_z_dim)
+    o_row_dout = _row_start(i_b, o_d, stride_dout_batch, stride_dout_dim)
+    o_b_row = _group_row_start(i_b, i_d, BLOCK_D, b_group_size, stride_b_batch, stride_b_group)
+    o_c_row = _group_row_start(i_b, i_d, BLOCK_D, c_group_size, stride_c_batch, stride_c_group)
     o_state = i_b.to(tl.int64) * dim * dstate + o_dn3  # this program's block of a (B, D, N) tensor
     b_A = tl.load(A_ptr + o_dn4, mask=m_dn4, other=0.0)
     b_A2 = b_A * 1.4426950408889634
