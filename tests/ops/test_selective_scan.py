@@ -346,6 +346,10 @@ def test_kernel_mixed_bc_forms():
     args = make_inputs(1, 8, 9, 4, bc="group", groups=2)
     args["B"] = torch.randn(8, 4)
     check_kernel(args)
+    # Same groups, different dtypes: one reduction of both partials, a cast each.
+    args = make_inputs(2, 8, 9, 4, bc="var")
+    args["B"] = args["B"].to(torch.bfloat16)
+    check_kernel(args)
 
 
 def test_kernel_no_options_no_softplus():
