@@ -1,18 +1,24 @@
-"""Launch-config sweep of the decode-step kernels on the GPU, in one process (H100, bf16):
+"""Launch-config sweep of the decode-step kernels on the GPU, in one process (H100, bf16).
 
-- ssm_decode_step, Mamba-1 (mamba-130m: D=1536, R=48; mamba-1.4b: D=4096, R=128; N=16; bf16
-  state): batch 1 with the split-K x_proj partials of conv_xproj_step (S = D/128), batch 64 with
-  dt (B, R) a view of the x_proj output. Candidates (BLOCK_B, BLOCK_P, USE_DOT, warps), and at
-  batch 64 also "dt by cuBLAS": F.linear for dt_proj, then the kernel without the projection.
-  mamba_ssm's chain (dt_proj GEMM + exp + selective_state_update) as the reference at batch 64.
-- decode_linear at batch 1 (BLOCK_N, TILE_ELEMS, warps) and at batch 64 (the tl.dot kernel:
-  BLOCK_N, BLOCK_K, stages, warps) against F.linear (cuBLAS), in_proj / out_proj shapes.
-- add_rms_norm_linear (batch 1) against rms_norm_fn + decode_linear.
+Parts (--parts, comma-separated):
+- ssm: ssm_decode_step, Mamba-1 (mamba-130m: D=1536, R=48; mamba-1.4b: D=4096, R=128; N=16;
+  bf16 state). Batch 1 with the split-K x_proj partials of conv_xproj_step (S = D/128):
+  candidates (BLOCK_B, BLOCK_P, warps) of the in-kernel projection. Batch 64: dt by cuBLAS, then
+  the kernel without the projection, candidates (BLOCK_B, BLOCK_P, warps); mamba_ssm's chain
+  (dt_proj GEMM + exp + selective_state_update) as the reference.
+- pair: conv_xproj_step + ssm_decode_step at batch 1 for conv_xproj's channel block BLOCK_D
+  (more programs in the conv kernel, more partial sums for the SSM kernel to add).
+- linear: decode_linear at batch 1 (BLOCK_N, TILE_ELEMS, warps) and 64 (the tl.dot kernel:
+  BLOCK_N, BLOCK_K, stages, warps) against F.linear (cuBLAS); add_rms_norm_linear at batch 1
+  against rms_norm_fn + decode_linear.
+- model: whole decode steps (one CUDA-graph replay of our captured step, bf16 states) with a
+  module setting switched, A against B, on the real model sizes (weights stream from HBM, unlike
+  the isolated kernels above whose weights can stay in L2).
 
-Every time is a CUDA-graph replay (median, triton.testing.do_bench_cudagraph). Prints one line
-per candidate and saves rows via benchmarks.common.save_results ("sweep_decode").
+Every time is a CUDA-graph replay (median). Prints one line per candidate and saves rows via
+benchmarks.common.save_results ("sweep_decode").
 
-    PYTHONPATH=. python3 benchmarks/sweep_decode.py [--budget-s 120]
+    PYTHONPATH=. python3 benchmarks/sweep_decode.py [--parts ssm,pair,linear,model] [--budget-s 120]
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from benchmarks.common import save_results, try_provider
+from mamba_pkg.ops import conv_xproj_step as cx
 from mamba_pkg.ops import decode_linear as dl
 from mamba_pkg.ops import ssm_decode_step as sds
 
@@ -34,11 +42,19 @@ LINEAR = {  # (out_features, in_features)
     "mamba-1.4b in_proj": (8192, 2048), "mamba-1.4b out_proj": (2048, 4096),
     "mamba-130m in_proj": (3072, 768), "mamba-130m out_proj": (768, 1536),
 }
-SSM_B1 = [(1, p, False, w) for p in (16, 32, 64) for w in (2, 4)]
-SSM_B64 = [(16, 16, True, 4), (16, 32, True, 4), (32, 16, True, 4), (64, 16, True, 8),
-           (2, 16, False, 4), (4, 16, False, 4), (4, 8, False, 4)]
-SMALL_LINEAR = [(4, 8192, 8), (2, 4096, 4), (4, 8192, 4), (8, 8192, 8), (8, 16384, 8), (16, 16384, 8)]
-DOT_LINEAR = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (64, 256, 3, 8)]
+SSM_B1 = [(1, 16, 4), (1, 16, 2), (1, 32, 4), (1, 32, 2), (1, 8, 4)]
+SSM_B64 = [(1, 128, 4), (1, 256, 4), (1, 256, 8), (2, 64, 4), (4, 32, 4)]
+PAIR_BLOCK_D = (64, 128, 256)
+SMALL_LINEAR = [(4, 8192, 4), (2, 8192, 4), (4, 16384, 4)]
+DOT_LINEAR = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 3, 4), (64, 64, 5, 4)]
+NORM_BLOCK_N = (4, 8, 16)
+# (model, batch, module, attribute, values): the first value is the committed setting.
+MODEL_AB = [
+    ("mamba-130m", 1, "mamba_pkg.models._cache_utils", "STEP_NORM_MAX_DIM", (1024, 0)),
+    ("mamba-1.4b", 1, "mamba_pkg.models._cache_utils", "STEP_NORM_MAX_DIM", (1024, 4096)),
+    ("mamba-1.4b", 64, "mamba_pkg.models._cache_utils", "STEP_DOT_MAX_ROWS", (64, 0)),
+    ("mamba2-1.3b", 64, "mamba_pkg.models._cache_utils", "STEP_DOT_MAX_ROWS", (64, 0)),
+]
 
 
 def graph_ms(fn, rep=20):
@@ -49,12 +65,13 @@ def graph_ms(fn, rep=20):
     return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
 
 
-def ssm_inputs(dim, rank, batch, split):
+def ssm_inputs(dim, rank, batch, split, block_d=128):
     torch.manual_seed(0)
     dev = "cuda"
     xz = torch.randn(batch, 2 * dim, device=dev, dtype=BF)
     if split:
-        parts = torch.randn(dim // 128, batch, rank + 2 * N_STATE, device=dev) / (dim // 128)
+        splits = -(-dim // block_d)
+        parts = torch.randn(splits, batch, rank + 2 * N_STATE, device=dev) / splits
     else:
         parts = torch.randn(batch, rank + 2 * N_STATE, device=dev, dtype=BF)
     low = parts[..., :rank]
@@ -66,56 +83,47 @@ def ssm_inputs(dim, rank, batch, split):
     return kw
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=120.0, help="stop starting new candidates after this")
-    args = ap.parse_args()
-    t0 = time.time()
-    rows = []
-    original = sds._launch_config
+class Sweep:
+    def __init__(self, budget_s):
+        self.t0, self.budget_s, self.rows = time.time(), budget_s, []
 
-    def timed(case, label, fn):
-        if time.time() - t0 > args.budget_s:
+    def timed(self, case, label, fn, timer=graph_ms):
+        if time.time() - self.t0 > self.budget_s:
             return None
-        ms = try_provider(label, lambda: graph_ms(fn))
+        ms = try_provider(label, lambda: timer(fn))
         if ms is not None:
-            rows.append({"case": case, "provider": label, "ms": round(ms, 5)})
+            self.rows.append({"case": case, "provider": label, "ms": round(ms, 5)})
             print(f"{case:42s} {label:34s} {ms * 1e3:8.2f} us", flush=True)
         return ms
 
-    def with_config(cfg, fn):
-        block_b, block_p, dot, warps = cfg
 
-        def config(batch, hdim, n_state, rank, tie):
-            block_r = max(16, triton_next_pow2(rank)) if rank else 1
-            return block_b, block_p, 16, block_r, dot, warps
+def with_ssm_config(cfg, fn):
+    block_b, block_p, warps = cfg
+    original = sds._launch_config
 
-        def run():
-            sds._launch_config = config
-            try:
-                return fn()
-            finally:
-                sds._launch_config = original
-        return run
+    def config(batch, hdim, n_state, rank, tie):
+        block_r = max(16, triton.next_power_of_2(rank)) if rank else 1
+        return block_b, block_p, 16, block_r, warps
 
-    # ---- ssm_decode_step, Mamba-1
+    def run():
+        sds._launch_config = config
+        try:
+            return fn()
+        finally:
+            sds._launch_config = original
+    return run
+
+
+def ssm_part(sw):
     for name, (dim, rank) in MAMBA1.items():
         for batch in (1, 64):
             kw = ssm_inputs(dim, rank, batch, split=batch == 1)
             case = f"ssm {name} b{batch}"
             call = (lambda kw=kw, split=batch == 1: sds.ssm_decode_step(**kw, split_sum=split))
-            timed(case, "current", call)
+            sw.timed(case, "committed", call)
             for cfg in (SSM_B1 if batch == 1 else SSM_B64):
-                timed(case, f"bb={cfg[0]} bp={cfg[1]} dot={int(cfg[2])} w={cfg[3]}", with_config(cfg, call))
+                sw.timed(case, "bb={} bp={} w={}".format(*cfg), with_ssm_config(cfg, call))
             if batch == 64:
-                full = dict(kw, dt_proj_weight=None)
-
-                def cublas_dt(full=full, kw=kw):
-                    full["dt"] = F.linear(kw["dt"], kw["dt_proj_weight"])
-                    return sds.ssm_decode_step(**full)
-                for bp in (64, 128):
-                    timed(case, f"cublas dt + bp={bp}", with_config((1, bp, False, 4), cublas_dt))
-                timed(case, "cublas dt alone", lambda kw=kw: F.linear(kw["dt"], kw["dt_proj_weight"]))
                 try:
                     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
@@ -124,29 +132,55 @@ def main():
                         return selective_state_update(kw["state"], kw["x"], F.linear(kw["dt"], kw["dt_proj_weight"]), A,
                                                       kw["B"], kw["C"], kw["D"], z=kw["z"], dt_bias=kw["dt_bias"],
                                                       dt_softplus=True)
-                    timed(case, "mamba_ssm chain", chain)
+                    sw.timed(case, "mamba_ssm chain", chain)
                 except Exception as exc:  # the anchor is optional
                     print("mamba_ssm missing:", exc)
 
-    # ---- decode_linear batch 1 and 64, add_rms_norm_linear
-    saved = (dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.DOT_CONFIG)
+
+def pair_part(sw):
+    original = cx.BLOCK_D
+    for name, (dim, rank) in MAMBA1.items():
+        case = f"conv_xproj+ssm {name} b1"
+        x = torch.randn(1, dim, device="cuda", dtype=BF)
+        conv_state = torch.randn(1, dim, 4, device="cuda", dtype=BF)
+        conv_w, conv_b = torch.randn(dim, 4, device="cuda", dtype=BF), torch.randn(dim, device="cuda", dtype=BF)
+        wx = torch.randn(rank + 2 * N_STATE, dim, device="cuda", dtype=BF) / dim**0.5
+        kw = ssm_inputs(dim, rank, 1, split=False)
+        for block_d in PAIR_BLOCK_D:
+            def run(block_d=block_d, kw=kw):
+                cx.BLOCK_D = block_d
+                try:
+                    xc, parts = cx.conv_xproj_step(x, conv_state, conv_w, conv_b, wx, "silu")
+                    dt, B, C = torch.split(parts, [rank, N_STATE, N_STATE], dim=-1)
+                    return sds.ssm_decode_step(kw["state"], xc, dt, kw["A_log"], B, C, kw["D"], kw["z"], kw["dt_bias"],
+                                               kw["dt_proj_weight"], split_sum=True)
+                finally:
+                    cx.BLOCK_D = original
+            sw.timed(case, f"block_d={block_d}", run)
+
+
+def linear_part(sw):
+    saved = (dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.dot_config)
+
+    def restore():
+        dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.dot_config = saved
     for name, (n_out, n_in) in LINEAR.items():
         w = torch.randn(n_out, n_in, device="cuda", dtype=BF) / n_in**0.5
         for batch in (1, 64):
             x = torch.randn(batch, n_in, device="cuda", dtype=BF)
             case = f"linear {name} b{batch}"
-            timed(case, "cublas", lambda x=x, w=w: F.linear(x, w))
+            sw.timed(case, "cublas", lambda x=x, w=w: F.linear(x, w))
             for cfg in (SMALL_LINEAR if batch == 1 else DOT_LINEAR):
                 def run(cfg=cfg, x=x, w=w, batch=batch):
                     if batch == 1:
                         dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS = cfg
                     else:
-                        dl.DOT_CONFIG = cfg
+                        dl.dot_config = lambda n_out, cfg=cfg: cfg
                     try:
                         return dl.decode_linear(x, w)
                     finally:
-                        dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.DOT_CONFIG = saved
-                timed(case, "cfg=" + ",".join(map(str, cfg)), run)
+                        restore()
+                sw.timed(case, "cfg=" + ",".join(map(str, cfg)), run)
         if name.endswith("in_proj"):
             from mamba_pkg.ops.norm import rms_norm_fn
 
@@ -154,17 +188,55 @@ def main():
             res = torch.randn(1, n_in, device="cuda")
             nw = torch.randn(n_in, device="cuda", dtype=BF)
             case = f"add_norm+linear {name} b1"
-            timed(case, "fused", lambda: dl.add_rms_norm_linear(h, res, nw, w, None, 1e-5, True))
-            timed(case, "norm then decode_linear", lambda: dl.decode_linear(
+            for block_n in NORM_BLOCK_N:
+                def fused(block_n=block_n):
+                    dl.BLOCK_N = block_n
+                    try:
+                        return dl.add_rms_norm_linear(h, res, nw, w, None, 1e-5, True)
+                    finally:
+                        restore()
+                sw.timed(case, f"fused block_n={block_n}", fused)
+            sw.timed(case, "norm then decode_linear", lambda: dl.decode_linear(
                 rms_norm_fn(h, nw, None, res, 1e-5, prenorm=True, residual_in_fp32=True)[0], w))
-    print(f"sweep took {time.time() - t0:.0f} s")
-    save_results("sweep_decode", rows, plot_key="case")
 
 
-def triton_next_pow2(n):
-    import triton
+def model_part(sw):
+    import importlib
 
-    return triton.next_power_of_2(n)
+    from benchmarks.bench_generation import build_ours, our_graph_ms
+    from mamba_pkg.generation.decode import free_decode_graphs
+
+    models = {}
+    for name, batch, module, attr, values in MODEL_AB:
+        if name not in models:
+            models.clear()
+            torch.cuda.empty_cache()
+            models[name] = build_ours(name)
+        model = models[name]
+        mod = importlib.import_module(module)
+        original = getattr(mod, attr)
+        for value in values:
+            setattr(mod, attr, value)
+            try:
+                free_decode_graphs(model)
+                sw.timed(f"step {name} b{batch}", f"{attr}={value}", lambda: our_graph_ms(model, batch, BF),
+                         timer=lambda f: f())
+            finally:
+                setattr(mod, attr, original)
+        free_decode_graphs(model)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="ssm,pair,linear,model")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="start no new candidate after this")
+    args = ap.parse_args()
+    sw = Sweep(args.budget_s)
+    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "model": model_part}
+    for part in args.parts.split(","):
+        parts[part](sw)
+    print(f"sweep took {time.time() - sw.t0:.0f} s")
+    save_results("sweep_decode", sw.rows, plot_key="case")
 
 
 if __name__ == "__main__":

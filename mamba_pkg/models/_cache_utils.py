@@ -13,12 +13,21 @@ import torch.nn.functional as F
 
 from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_tensor
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from mamba_pkg.ops import decode_linear as _dl
 from mamba_pkg.ops.decode_linear import decode_linear
 
 # Decode steps of at most this many rows use decode_linear for in_proj / out_proj. It streams
 # the weight once in one launch; it re-reads x per program, so it is meant for batch 1-2
-# (at larger batch cuBLAS's GEMM wins). 0 switches it off.
+# (at batch 3-8 cuBLAS's GEMM wins). 0 switches it off.
 STEP_LINEAR_MAX_ROWS = 2
+# From 9 rows up to this many, 16-bit layers wide enough for decode_linear's tl.dot kernel
+# (dot_config) use it instead of cuBLAS (in_proj at batch 64). 0 switches it off.
+STEP_DOT_MAX_ROWS = 64
+# Blocks of at most this width fold their add + RMSNorm into the in_proj of a decode step of
+# <= STEP_LINEAR_MAX_ROWS rows (decode_linear.add_rms_norm_linear): each program re-reads the
+# input row, which paid at d_model 768 (H100: 4.2 us vs 5.0 for norm + in_proj) but not at 2048
+# (13.5 vs 11.9). 0 switches it off.
+STEP_NORM_MAX_DIM = 1024
 
 
 def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:
@@ -114,7 +123,13 @@ def plain_linear(layer) -> bool:
 
 def step_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a decode step, x (B, in_features): up to STEP_LINEAR_MAX_ROWS rows one
-    decode_linear launch (cuBLAS takes two at batch 1: split-K GEMM + reduction); else the layer."""
-    if x.shape[0] <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
+    decode_linear launch (cuBLAS takes two at batch 1: split-K GEMM + reduction), wide 16-bit
+    layers at SMALL_ROWS < B <= STEP_DOT_MAX_ROWS its tl.dot kernel; else the layer."""
+    rows = x.shape[0]
+    if rows <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
+        return decode_linear(x, layer.weight, layer.bias)
+    if (_dl.SMALL_ROWS < rows <= min(STEP_DOT_MAX_ROWS, _dl.MAX_ROWS) and x.dtype == layer.weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and _dl.dot_config(layer.out_features) is not None
+            and plain_linear(layer)):
         return decode_linear(x, layer.weight, layer.bias)
     return layer(x)

@@ -6,8 +6,9 @@
 Returns (hidden_states, residual); the next block (or the final norm) adds them. This is the
 mamba_ssm block order, which lets the add and the norm run as one fused op
 (mamba_pkg.ops.norm.layer_norm_fn with prenorm=True) when ``fused_add_norm``. A decode step of
-at most STEP_LINEAR_MAX_ROWS rows goes one further: add, RMSNorm and the mixer's in_proj are one
-launch (ops/decode_linear.add_rms_norm_linear), the mixer continues from its in_proj output.
+at most STEP_LINEAR_MAX_ROWS rows (width <= STEP_NORM_MAX_DIM, models/_cache_utils.py) goes one
+further: add, RMSNorm and the mixer's in_proj are one launch (ops/decode_linear.add_rms_norm_linear),
+the mixer continues from its in_proj output.
 """
 
 from __future__ import annotations
@@ -90,12 +91,13 @@ class Block(nn.Module):
 
     def _fused_step(self, hidden_states, inference_params, mixer_kwargs) -> bool:
         """A decode step that can run add + RMSNorm + in_proj as one launch: one token of at most
-        STEP_LINEAR_MAX_ROWS rows, continuing a cache, a mixer with cached_step and a plain in_proj,
-        no MLP (its norm2 would need the mixer's output first)."""
+        STEP_LINEAR_MAX_ROWS rows and width STEP_NORM_MAX_DIM, continuing a cache, a mixer with
+        cached_step and a plain in_proj, no MLP (its norm2 would need the mixer's output first)."""
         return (inference_params is not None and inference_params.seqlen_offset > 0 and not mixer_kwargs
                 and self.mlp is None and self.fused_add_norm and isinstance(self.norm, RMSNorm)
                 and hasattr(self.mixer, "cached_step") and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
-                and hidden_states.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS and plain_linear(self.mixer.in_proj))
+                and hidden_states.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS
+                and hidden_states.shape[-1] <= _cache_utils.STEP_NORM_MAX_DIM and plain_linear(self.mixer.in_proj))
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)

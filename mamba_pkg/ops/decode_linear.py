@@ -37,12 +37,27 @@ from mamba_pkg.ops.norm import _residual_dtype
 
 MAX_ROWS = 64
 SMALL_ROWS = 8  # up to here the broadcast-sum kernel; above, the tl.dot kernel
-# Broadcast-sum kernel: output features per program, fp32 values per product tile, warps.
+# Broadcast-sum kernel: output features per program, fp32 values per product tile, warps
+# (benchmarks/sweep_decode.py, H100, batch 1: the best or within 5% of it on the in_proj and
+# out_proj shapes of mamba-130m and mamba-1.4b).
 BLOCK_N = 4
 TILE_ELEMS = 8192  # BLOCK_B * BLOCK_N * BLOCK_K per product tile
-NUM_WARPS = 8
-# tl.dot kernel: output features per program, K step, pipeline stages, warps.
-DOT_CONFIG = (64, 128, 4, 4)
+NUM_WARPS = 4
+# tl.dot kernel: (BLOCK_N, BLOCK_K, stages, warps) for the widest BLOCK_N that still gives
+# DOT_MIN_PROGRAMS programs. Batch 64 on the H100: mamba-1.4b in_proj 7.95 us vs cuBLAS 9.20,
+# mamba-130m in_proj (BLOCK_N 32) 3.38 vs 3.64; the out_proj shapes (24-64 programs) lost to
+# cuBLAS's split-K GEMM, so dot_config says None there and step_linear keeps cuBLAS.
+DOT_CONFIGS = ((64, (64, 128, 4, 4)), (32, (32, 128, 4, 4)))
+DOT_MIN_PROGRAMS = 96
+
+
+def dot_config(n_out):
+    """(BLOCK_N, BLOCK_K, stages, warps) of the tl.dot kernel for n_out output features, or None
+    where it has too few programs to beat cuBLAS."""
+    for block_n, config in DOT_CONFIGS:
+        if triton.cdiv(n_out, block_n) >= DOT_MIN_PROGRAMS:
+            return config
+    return None
 
 
 def decode_linear_ref(x, weight, bias=None):
@@ -157,7 +172,7 @@ def _decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if batch <= SMALL_ROWS:
         _launch_small(x, weight, bias, out)
         return out
-    block_n, block_k, stages, warps = DOT_CONFIG
+    block_n, block_k, stages, warps = dot_config(weight.shape[0]) or DOT_CONFIGS[-1][1]
     block_b = min(64, max(16, triton.next_power_of_2(batch)))
     # The CPU interpreter's tl.dot gets 16-bit operands wrong: it takes the fp32 route there.
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()

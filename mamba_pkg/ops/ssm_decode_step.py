@@ -24,6 +24,7 @@ conv_xproj_step) that the kernel adds while loading them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mamba_pkg.ops._library import launcher_op
@@ -74,7 +75,8 @@ def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None,
 # Triton kernel. Canonical layout (as in state_update.py): Mamba-1 channels split into
 # H = G heads of P = D / G channels. A program owns a (BLOCK_B, BLOCK_P, N) tile: BLOCK_B
 # batch rows of a BLOCK_P-channel slice of one head, so that the dt_proj and A tiles it
-# loads serve BLOCK_B rows at once (at batch >= 16 the dt projection is a tl.dot).
+# loads serve BLOCK_B rows at once (from CUBLAS_DT_BATCH rows on the launcher forms dt with a
+# cuBLAS GEMM first, see _launch_config).
 # ---------------------------------------------------------------------------
 
 
@@ -94,8 +96,9 @@ def _ssm_decode_step_kernel(
     stride_w_h, stride_w_p, stride_w_r,
     stride_o_b, stride_o_h, stride_o_p,
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, USE_DOT: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -114,13 +117,17 @@ def _ssm_decode_step_kernel(
     b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
     b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + i_h * stride_x_h + o_p[None, :] * stride_x_p, mask=m_bp,
                   other=0.0).to(tl.float32)
-    p_B = B_ptr + o_b[:, None] * stride_B_b + i_g * stride_B_g + o_n[None, :] * stride_B_n
-    p_C = C_ptr + o_b[:, None] * stride_C_b + i_g * stride_C_g + o_n[None, :] * stride_C_n
-    b_B = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    b_C = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for i_s in tl.static_range(SPLITS):
-        b_B += tl.load(p_B + i_s * stride_B_s, mask=m_bn, other=0.0).to(tl.float32)
-        b_C += tl.load(p_C + i_s * stride_C_s, mask=m_bn, other=0.0).to(tl.float32)
+    # The S split-K partials of B, C (and dt below) as one (BLOCK_S, BLOCK_B, ...) tile summed over
+    # S: one load in flight per operand (an unrolled loop of S loads spilled registers at S = 32).
+    o_s = tl.arange(0, BLOCK_S)
+    m_s = o_s < SPLITS
+    m_sbn = m_s[:, None, None] & m_bn[None, :, :]
+    p_B = (B_ptr + o_s[:, None, None] * stride_B_s + o_b[None, :, None] * stride_B_b + i_g * stride_B_g
+           + o_n[None, None, :] * stride_B_n)
+    p_C = (C_ptr + o_s[:, None, None] * stride_C_s + o_b[None, :, None] * stride_C_b + i_g * stride_C_g
+           + o_n[None, None, :] * stride_C_n)
+    b_B = tl.sum(tl.load(p_B, mask=m_sbn, other=0.0).to(tl.float32), axis=0)  # (BLOCK_B, BLOCK_N)
+    b_C = tl.sum(tl.load(p_C, mask=m_sbn, other=0.0).to(tl.float32), axis=0)
     if HAS_Z:
         b_z = tl.load(z_ptr + o_b[:, None] * stride_z_b + i_h * stride_z_h + o_p[None, :] * stride_z_p, mask=m_bp,
                       other=0.0).to(tl.float32)
@@ -135,17 +142,13 @@ def _ssm_decode_step_kernel(
         # dt_ptr holds the low-rank dt (B, R); stride_dt_p walks R.
         o_r = tl.arange(0, BLOCK_R)
         m_r = o_r < R
-        p_dt_low = dt_ptr + o_b[:, None] * stride_dt_b + o_r[None, :] * stride_dt_p
-        b_dt_low = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
-        # Unrolled: the SPLITS loads are independent and can all be in flight at once.
-        for i_s in tl.static_range(SPLITS):
-            b_dt_low += tl.load(p_dt_low + i_s * stride_dt_s, mask=m_b[:, None] & m_r[None, :], other=0.0).to(tl.float32)
+        p_dt_low = (dt_ptr + o_s[:, None, None] * stride_dt_s + o_b[None, :, None] * stride_dt_b
+                    + o_r[None, None, :] * stride_dt_p)
+        m_dt_low = m_s[:, None, None] & m_b[None, :, None] & m_r[None, None, :]
+        b_dt_low = tl.sum(tl.load(p_dt_low, mask=m_dt_low, other=0.0).to(tl.float32), axis=0)  # (BLOCK_B, BLOCK_R)
         p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
         b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
-        if USE_DOT:
-            b_dt = tl.dot(b_dt_low, tl.trans(b_w), input_precision="ieee")
-        else:
-            b_dt = tl.sum(b_dt_low[:, None, :] * b_w[None, :, :], axis=2)
+        b_dt = tl.sum(b_dt_low[:, None, :] * b_w[None, :, :], axis=2)
     elif TIE_HDIM:
         b_dt = tl.load(dt_ptr + o_b * stride_dt_b + i_h * stride_dt_h, mask=m_b, other=0.0).to(tl.float32)[:, None]
     else:
@@ -178,32 +181,32 @@ def _ssm_decode_step_kernel(
              b_out.to(out_ptr.dtype.element_ty), mask=m_bp)
 
 
-# fp32 values per program: the state tile BLOCK_B * BLOCK_P * BLOCK_N, and the dt-projection
-# product BLOCK_B * BLOCK_P * BLOCK_R when it is a broadcast sum (batch < DOT_BATCH). At
-# batch >= DOT_BATCH a program takes DOT_BATCH rows and the projection is a tl.dot, so each
-# dt_proj tile is read once per DOT_BATCH rows instead of once per row.
+# Launch configs, from benchmarks/sweep_decode.py on an H100 (bf16 state; results/sweep_decode*.json).
+# Without the in-kernel dt projection (Mamba-2, or dt given in full) a program owns BLOCK_P channels
+# of one row: TILE_ELEMS fp32 state values. With it (Mamba-1, small batch) a program owns a
+# (BLOCK_B, BLOCK_P) tile and forms the (BLOCK_B, BLOCK_P, R) product: BLOCK_P = 16 keeps 96-256
+# programs busy at batch 1 (mamba-130m / -1.4b: 2.4 / 3.1 us against 6.2 / 53 us with BLOCK_P = 128 / 64).
+# From CUBLAS_DT_BATCH rows on, dt_proj is one cuBLAS GEMM and the kernel takes the full dt: at
+# batch 64 (mamba-1.4b) GEMM + kernel took 10.5 us, the best in-kernel projection 17.8 us (a tl.dot
+# over 16-row tiles 27 us), mamba_ssm's chain 16.5 us.
 TILE_ELEMS = {16: 2048, 128: 4096}
-PROJ_ELEMS = 8192
-DOT_BATCH = 16
 NUM_WARPS = {16: 4, 128: 8}
+PROJ_BLOCK_P = 16
+PROJ_MAX_BLOCK_B = 4
+PROJ_WARPS = 4
+CUBLAS_DT_BATCH = 16
 
 
 def _launch_config(batch, hdim, n_state, rank, tie):
-    """(BLOCK_B, BLOCK_P, BLOCK_N, BLOCK_R, USE_DOT, num_warps)."""
+    """(BLOCK_B, BLOCK_P, BLOCK_N, BLOCK_R, num_warps)."""
     block_n = triton.next_power_of_2(n_state)
     key = 16 if block_n <= 16 else 128
     hdim_p2 = triton.next_power_of_2(hdim)
     if tie or not rank:
         block_p = min(hdim_p2, max(1, TILE_ELEMS[key] // block_n))
-        return 1, block_p, block_n, 1, False, NUM_WARPS[key]
-    block_r = max(16, triton.next_power_of_2(rank))
-    if batch >= DOT_BATCH:
-        block_p = min(hdim_p2, max(16, TILE_ELEMS[key] // (block_n * DOT_BATCH)))
-        if block_p >= 16:
-            return DOT_BATCH, block_p, block_n, block_r, True, NUM_WARPS[key]
-    block_b = min(triton.next_power_of_2(batch), 8)
-    block_p = min(hdim_p2, max(1, PROJ_ELEMS // (block_b * block_r)))
-    return block_b, block_p, block_n, block_r, False, NUM_WARPS[key]
+        return 1, block_p, block_n, 1, NUM_WARPS[key]
+    block_b = min(triton.next_power_of_2(batch), PROJ_MAX_BLOCK_B)
+    return block_b, min(hdim_p2, PROJ_BLOCK_P), block_n, max(16, triton.next_power_of_2(rank)), PROJ_WARPS
 
 
 @launcher_op("ssm_decode_step", mutates_args=("state",))
@@ -218,6 +221,10 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
     if split_sum:  # one split's views, for their strides
         dt, B, C = dt[0], B[0], C[0]
     mamba2 = state.dim() == 4
+    if dt_proj_weight is not None and batch >= CUBLAS_DT_BATCH and not split_sum:
+        # dt is rounded once to the weight dtype here (as mamba_ssm's step does); the rest is fp32.
+        dt = F.linear(dt.to(dt_proj_weight.dtype), dt_proj_weight)
+        dt_proj_weight = None
     zero3 = (0, 0, 0)
     if mamba2:
         heads, hdim = x.shape[1:]
@@ -251,7 +258,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         else:
             rank, w_st = 0, zero3
             dt_st = split(dt.stride())
-    block_b, block_p, block_n, block_r, use_dot, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
+    block_b, block_p, block_n, block_r, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
     limit = tuple(dt_limit) != NO_DT_LIMIT
     grid = (triton.cdiv(hdim, block_p), triton.cdiv(batch, block_b), heads)
     _ssm_decode_step_kernel[grid](
@@ -260,8 +267,9 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         *split_st,
         *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, USE_DOT=use_dot, SPLITS=n_splits,
-        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
+        HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
+        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits),
+        num_warps=warps,
     )
     return out
 
@@ -362,6 +370,8 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
         state (B, H, P, N); x, z (B, H, P); dt (B, H); A_log (H,); B, C (B, G, N), G dividing H;
         D (H,) or (H, P); dt_bias (H,). Returns (B, H, P).
     dt' = clamp(softplus(dt + dt_bias), *dt_limit) (softplus always applies, as in both mixers).
+    From CUBLAS_DT_BATCH rows (without split_sum) the low-rank dt projection is a cuBLAS GEMM in
+    dt_proj_weight's dtype before the kernel (faster there; dt is then rounded once to that dtype).
     The state may be fp32 (default of the mixers), bf16 or fp16; inputs may be strided views.
     split_sum: dt, B and C have an extra leading axis S and are summed over it (fp32) first,
         e.g. the partial x_proj products of conv_xproj_step: dt (S, B, R), B, C (S, B, N).

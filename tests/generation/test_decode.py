@@ -319,3 +319,24 @@ def test_step_kernels_compile_to_one_graph(layer, monkeypatch):
     torch.testing.assert_close(compiled, eager)
     for got, exp in zip(compiled_cache, eager_cache):
         torch.testing.assert_close(got, exp)
+
+
+def test_step_linear_routes_by_rows_width_and_dtype(monkeypatch):
+    """decode_linear takes 1-2 rows of any layer, and 9-64 rows of a wide 16-bit layer (its
+    tl.dot kernel); the rest goes to the layer (cuBLAS). All routes give the layer's result."""
+    import copy
+
+    from mamba_pkg.models import _cache_utils
+
+    calls = []
+    real = _cache_utils.decode_linear
+    monkeypatch.setattr(_cache_utils, "decode_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    wide = torch.nn.Linear(8, 3200, dtype=torch.bfloat16)  # 100 programs of 32 outputs
+    narrow = torch.nn.Linear(8, 40, dtype=torch.bfloat16)
+    for layer, rows, routed in ((narrow, 2, True), (narrow, 16, False), (wide, 5, False), (wide, 16, True),
+                                (wide, 65, False), (copy.deepcopy(wide).float(), 16, False)):
+        x = torch.randn(rows, 8, dtype=layer.weight.dtype)
+        calls.clear()
+        out = _cache_utils.step_linear(layer, x)
+        assert calls == ([rows] if routed else [])
+        torch.testing.assert_close(out.float(), layer(x).float(), rtol=2e-2, atol=2e-2)

@@ -29,7 +29,8 @@ def test_triton_matches_ref(batch, n_in, n_out, bias, monkeypatch):
     """Odd sizes: a ragged output block, ragged K, several unrolled K chunks (600 at batch 8: chunks
     of 256), a strided x (half of a wider tensor, as in_proj's halves); batch 19 takes the tl.dot
     kernel (ragged batch tile, two K steps of 64, ragged output blocks of 16)."""
-    monkeypatch.setattr(dl, "DOT_CONFIG", (16, 64, 2, 4))
+    monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 64, 2, 4)),))
+    assert dl.dot_config(n_out) is None  # too few programs for the GEMM path: the fallback config
     x = torch.randn(batch, 2 * n_in, device=DEVICE)[:, n_in:]
     w = torch.randn(n_out, n_in, device=DEVICE)
     b = torch.randn(n_out, device=DEVICE) if bias else None

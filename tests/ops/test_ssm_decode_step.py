@@ -103,16 +103,14 @@ def test_ref_mamba2_matches_explicit_chain_with_limit_and_per_channel_D():
 # ------------------------------------------------------------------ Triton kernel (interpreter on CPU)
 
 
-@pytest.mark.parametrize("groups,batch,dot", [(None, 1, False), (2, 5, False), (None, 19, True)])
-def test_triton_mamba1(groups, batch, dot, monkeypatch):
-    """One row per program (batch 1), several rows with a broadcast-sum projection (ragged
-    last block), and the tl.dot projection of large batches (here with a ragged block too)."""
-    if dot:
-        monkeypatch.setattr(sds, "DOT_BATCH", 16)
-        monkeypatch.setattr(sds, "TILE_ELEMS", {16: 16 * 16 * 8, 128: 4096})
-    config = sds._launch_config(batch, 16 if dot else 6, 5, 3, False)
-    assert config[4] == dot and (config[0] > 1) == (batch > 1)
-    _check(mamba1_inputs(batch, 16 if dot else 6, 5, 3, groups), backend="triton")
+@pytest.mark.parametrize("groups,batch", [(None, 1), (2, 5), (None, 19)])
+def test_triton_mamba1(groups, batch):
+    """One row per program (batch 1), several rows with the in-kernel projection (ragged last
+    block of rows and of channels), and from CUBLAS_DT_BATCH rows dt by a GEMM first."""
+    config = sds._launch_config(batch, 20, 5, 3, False)
+    assert (config[0] > 1) == (batch > 1) and config[1] == 16
+    assert (batch >= sds.CUBLAS_DT_BATCH) == (batch == 19)
+    _check(mamba1_inputs(batch, 20, 5, 3, groups), backend="triton")
 
 
 def test_triton_mamba1_without_dt_proj_or_optionals():
@@ -191,7 +189,10 @@ def test_gpu_full_size(layout, batch):
         kw = mamba2_inputs(batch, 32, 64, 128, 1, dtype=torch.bfloat16)
     state_ref = kw["state"].clone()
     out = ssm_decode_step(**kw)
-    exp = ssm_decode_step_ref(**dict(kw, state=state_ref))
+    ref_kw = dict(kw, state=state_ref)
+    if layout == "mamba1" and batch >= sds.CUBLAS_DT_BATCH:  # dt from a bf16 GEMM, rounded once
+        ref_kw.update(dt=F.linear(kw["dt"], kw["dt_proj_weight"]), dt_proj_weight=None)
+    exp = ssm_decode_step_ref(**ref_kw)
     torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(kw["state"], state_ref, rtol=1e-4, atol=1e-4)
 
