@@ -2,11 +2,19 @@
 
 Cases: B=4, H=32, P=64, N=128, G=1, chunk 256, L in {2048, 8192, 32768}; the
 2.7B shape H=80 at L=8192; N in {64, 256} at L=8192. Both providers get D,
-dt_bias and dt_softplus. `--stages` also prints the time of each of our kernels
-at the main shape; `--profile` prints torch.profiler's kernel table of one
-fwd+bwd step per provider at the main shape.
+dt_bias and dt_softplus. Each case is timed twice: timing=eager (do_bench of the
+Python call: what a caller sees, host overhead included; the row also gives host_ms,
+the host time to issue one call) and timing=graph (the same call captured in a CUDA
+graph and replayed: the kernels alone). `--stages` also prints the time of each of
+our kernels at the main shape; `--profile` prints torch.profiler's kernel table of
+one fwd+bwd step per provider at the main shape.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile]
+mamba_ssm autotunes every kernel for each new d_state, which takes minutes cold; at
+N != 128 its autotuners are pinned to the configs they chose at N = 128 (rows marked
+anchor_configs="N=128 picks"); ours autotune normally. `--budget-s` skips the shapes
+that would start after that many seconds (the rows so far are saved after each shape).
+
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import time
 
 import torch
 
+from benchmarks.bench_conv import graph_ms, host_ms
 from benchmarks.common import BF16_FLOPS, HBM_BYTES_PER_S, save_results, time_ms, try_provider
 
 CHUNK = 256
@@ -25,7 +34,8 @@ def shapes(quick: bool):
     base = dict(B=4, H=32, P=64, N=128, G=1)
     if quick:
         return [dict(base, L=8192)]
-    # The main shape first: a run cut short still has it.
+    # The main shape first: a run cut short still has it; then the shapes that compile
+    # nothing new (same head shape), then the other state sizes.
     out = [dict(base, L=L) for L in (8192, 2048, 32768)]
     out.append(dict(base, H=80, L=8192))
     out += [dict(base, N=N, L=8192) for N in (64, 256)]
@@ -65,6 +75,7 @@ def flops_and_bytes(s, fwdbwd: bool):
 
 
 def bench_case(s, provider, fwdbwd):
+    """(eager ms, graph ms, host ms) of one pass of one provider at shape s."""
     if provider == "ours":
         from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
     else:
@@ -75,18 +86,37 @@ def bench_case(s, provider, fwdbwd):
         return fn(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True)
 
     if not fwdbwd:
-        with torch.no_grad():
-            fwd()
-            return time_ms(lambda: fwd())
-    out = fwd()
-    grad = torch.randn_like(out)
-    leaves = [x, dt, A, B, C, D, dt_bias]
+        def step():
+            with torch.no_grad():
+                return fwd()
+    else:
+        grad = torch.randn_like(fwd())
+        leaves = [x, dt, A, B, C, D, dt_bias]
 
-    def step():
-        torch.autograd.grad(fwd(), leaves, grad)
+        def step():
+            # autograd.grad, not backward(): no .grad accumulation kernels in the timing.
+            return torch.autograd.grad(fwd(), leaves, grad)
 
     step()
-    return time_ms(step)
+    return time_ms(step), graph_ms(step), host_ms(step)
+
+
+def pin_anchor_autotuners():
+    """Give each mamba_ssm autotuner that has tuned once only the config it picked (a new
+    key then compiles that one config instead of benchmarking all of them)."""
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+
+    pinned = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("mamba_ssm.ops.triton"):
+            continue
+        for obj in vars(module).values():
+            if isinstance(obj, Autotuner) and obj.cache and len(obj.configs) > 1:
+                obj.configs = [next(iter(obj.cache.values()))]
+                pinned += 1
+    print(f"  pinned {pinned} mamba_ssm autotuners to their N=128 picks")
 
 
 def stage_profile(s):
@@ -98,24 +128,26 @@ def stage_profile(s):
     Q, inf = CHUNK, float("inf")
     states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True)
     dout = torch.randn_like(x)
-    dstates, _, _ = _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q)
+    dstates, _, ddecay = _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q)
+
+    def bwd(split=0):
+        return _chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, dt_bias, None, dt_c, cs_c, states, dstates, ddecay,
+                               True, 0.0, inf, Q, head_split=split)
+
     stages = {
         "fwd chunk_state (dt + cumsum + states walk)":
             lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True),
-        "fwd chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q),
+        "fwd C B^T + chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q),
         "bwd state-gradient walk": lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q),
-        "bwd C B^T + W + dB/dC + dx kernels (auto head split)":
-            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q),
-        "bwd C B^T + W + dB/dC + dx kernels (no head split)":
-            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, head_split=1),
-        "bwd C B^T + W + dB/dC + dx kernels (head split 4)":
-            lambda: _chunk_scan_bwd(x, dout, None, None, B, C, D, None, dt_c, cs_c, states, dstates, Q, head_split=4),
+        "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (auto head split)": bwd,
+        "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (no head split)": lambda: bwd(1),
+        "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (head split 4)": lambda: bwd(4),
     }
     out = {}
     for name, fn in stages.items():
         fn()
-        out[name] = time_ms(fn)
-        print(f"  stage {name}: {out[name]:.3f} ms")
+        out[name] = graph_ms(fn)
+        print(f"  stage {name}: {out[name]:.3f} ms (graph)")
     return out
 
 
@@ -162,27 +194,42 @@ def main():
     ap.add_argument("--stages", action="store_true", help="also time each of our kernels at L=8192")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler kernel tables after the main shape (same process: no new compiles)")
+    ap.add_argument("--budget-s", type=float, default=160.0,
+                    help="start no new shape after this many seconds")
     args = ap.parse_args()
     rows = []
     t_start = time.time()
+    pinned = False
     for i, s in enumerate(shapes(args.quick)):
+        if time.time() - t_start > args.budget_s:
+            print(f"skipped (budget): {s}")
+            continue
         if args.stages and i == 1:
             stage_profile(dict(B=4, H=32, P=64, N=128, G=1, L=8192))
+        if s["N"] != 128 and not pinned:
+            try_provider("mamba_ssm", pin_anchor_autotuners)
+            pinned = True
         for fwdbwd in (False, True):
             pass_name = "fwdbwd" if fwdbwd else "fwd"
             case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
             flops, nbytes = flops_and_bytes(s, fwdbwd)
             for provider in ("ours", "mamba_ssm"):
-                ms = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
-                row = {"case": case, "provider": provider, "ms": ms}
-                if ms:
-                    row["tflops"] = round(flops / ms / 1e9, 2)
-                    row["gbps"] = round(nbytes / ms / 1e6, 1)
-                    row["pct_tensor_core"] = round(100 * flops / (ms * 1e-3) / BF16_FLOPS, 1)
-                    row["pct_hbm"] = round(100 * nbytes / (ms * 1e-3) / HBM_BYTES_PER_S, 1)
-                    row["pct_limit"] = max(row["pct_tensor_core"], row["pct_hbm"])
-                rows.append(row)
-                print(f"{case} {provider}: {ms} (at {time.time() - t_start:.0f} s)", flush=True)
+                res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
+                for timing, k in (("eager", 0), ("graph", 1)):
+                    ms = res[k] if res else None
+                    row = {"case": f"{case} timing={timing}", "provider": provider, "ms": ms}
+                    if ms:
+                        row["tflops"] = round(flops / ms / 1e9, 2)
+                        row["gbps"] = round(nbytes / ms / 1e6, 1)
+                        row["pct_tensor_core"] = round(100 * flops / (ms * 1e-3) / BF16_FLOPS, 1)
+                        row["pct_hbm"] = round(100 * nbytes / (ms * 1e-3) / HBM_BYTES_PER_S, 1)
+                        row["pct_limit"] = max(row["pct_tensor_core"], row["pct_hbm"])
+                    if timing == "eager" and res:
+                        row["host_ms"] = round(res[2], 3)
+                    if provider == "mamba_ssm" and s["N"] != 128:
+                        row["anchor_configs"] = "N=128 picks"
+                    rows.append(row)
+                print(f"{case} {provider}: eager/graph/host ms {res} (at {time.time() - t_start:.0f} s)", flush=True)
         save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
         tuned_configs()
         if args.profile and i == 0:

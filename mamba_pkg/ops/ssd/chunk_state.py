@@ -53,13 +53,23 @@ def states_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 
 def _walk_configs():
-    """Autotuning space of the two walks: the (P, N) block decides how many programs run."""
+    """Autotuning space of the two walks: the (P, N) block decides how many programs run,
+    BLOCK_L the rows per step (a chunk is Q // BLOCK_L steps of the recurrence; a whole
+    256-row chunk per step spills registers)."""
     if triton_interpret():
-        return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bp, bn, w, st in ((64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2))
+        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st)
+        for bp, bn, bl, w, st in ((64, 64, 64, 4, 2), (64, 64, 32, 4, 2), (64, 32, 64, 4, 2), (64, 64, 64, 8, 2),
+                                  (64, 64, 32, 4, 3))
     ]
+
+
+def _prune_walk_configs(configs, named_args, **kwargs):
+    """Steps no longer than the chunk."""
+    Q = kwargs["Q"]
+    return [c for c in configs if c.kwargs["BLOCK_L"] <= Q] or [
+        triton.Config(dict(configs[0].kwargs, BLOCK_L=Q), num_warps=configs[0].num_warps)]
 
 
 @triton.jit
@@ -112,7 +122,8 @@ def _softplus(v):
 
 
 # Keyed like the tile kernels in chunk_scan.py (the tensors' dtypes are added).
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"])
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"],
+                 prune_configs_by={"early_config_prune": _prune_walk_configs})
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr,
@@ -124,10 +135,10 @@ def _chunk_state_fwd_kernel(
     stride_seq_b, stride_seq_l,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
-    Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
-    o_q = tl.arange(0, Q)
+    o_q = tl.arange(0, BLOCK_L)
     A = tl.load(A_ptr + i_h).to(tl.float32)
     if HAS_DT_BIAS:
         dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
@@ -150,42 +161,47 @@ def _chunk_state_fwd_kernel(
         seq_prev = tl.load(seq_base)
 
     for c in range(nchunks):
-        o_l = c * Q + o_q
-        m_l = o_l < L
-        dt = tl.load(dt_base + o_l.to(tl.int64) * stride_dt_l, mask=m_l, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt = dt + dt_bias
-        if DT_SOFTPLUS:
-            dt = _softplus(dt)
-        if HAS_DT_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-        dt = tl.where(m_l, dt, 0.0)
-        cs = tl.cumsum(dt * A, axis=0)
-        total = tl.sum(dt * A, axis=0)
         chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
-        if write_dt:
-            tl.store(dt_out_ptr + chunk_off + o_q, dt)
-            tl.store(cs_out_ptr + chunk_off + o_q, cs)
         if STORE_STATES:
             st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
             tl.store(states_ptr + st_off + pn_off, state.to(states_ptr.dtype.element_ty), mask=m_pn)
-
-        weight = tl.exp(total - cs) * dt
-        decay = tl.exp(total)
-        if HAS_SEQ_IDX:
-            last = tl.minimum(c * Q + Q, L) - 1
-            seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
-            seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
-            weight = tl.where(seq == seq_end, weight, 0.0)
-            decay = tl.where(seq_prev == seq_end, decay, 0.0)
-            seq_prev = seq_end
-        b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                      mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-        # Matrix operand: kept in its storage dtype, _dot casts it.
-        b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                      mask=m_l[:, None] & m_n[None, :], other=0.0)
-        b_xw = b_x * weight[:, None]
-        state = state * decay + _dot_walk(tl.trans(b_xw), b_B, DOT_DTYPE)
+        # The chunk in row blocks of BLOCK_L, each a step of the same recurrence: a whole
+        # chunk's (Q, BLOCK_P) and (Q, BLOCK_N) tiles at once spill registers.
+        cs_base = 0.0
+        for j in range(Q // BLOCK_L):
+            o_r = j * BLOCK_L + o_q
+            o_l = c * Q + o_r
+            m_l = o_l < L
+            dt = tl.load(dt_base + o_l.to(tl.int64) * stride_dt_l, mask=m_l, other=0.0).to(tl.float32)
+            if HAS_DT_BIAS:
+                dt = dt + dt_bias
+            if DT_SOFTPLUS:
+                dt = _softplus(dt)
+            if HAS_DT_LIMIT:
+                dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+            dt = tl.where(m_l, dt, 0.0)
+            cs_local = tl.cumsum(dt * A, axis=0)  # from the start of this row block
+            total = tl.sum(dt * A, axis=0)
+            if write_dt:
+                tl.store(dt_out_ptr + chunk_off + o_r, dt)
+                tl.store(cs_out_ptr + chunk_off + o_r, cs_base + cs_local)
+            cs_base += total
+            weight = tl.exp(total - cs_local) * dt
+            decay = tl.exp(total)
+            if HAS_SEQ_IDX:
+                last = tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1
+                seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
+                seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
+                weight = tl.where(seq == seq_end, weight, 0.0)
+                decay = tl.where(seq_prev == seq_end, decay, 0.0)
+                seq_prev = seq_end
+            b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
+                          mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+            # Matrix operand: kept in its storage dtype, _dot casts it.
+            b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                          mask=m_l[:, None] & m_n[None, :], other=0.0)
+            b_xw = b_x * weight[:, None]
+            state = state * decay + _dot_walk(tl.trans(b_xw), b_B, DOT_DTYPE)
 
     tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
 
@@ -233,7 +249,8 @@ def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max
     return _chunk_state_fwd_outputs(x, B, Q, store_states)
 
 
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"])
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"],
+                 prune_configs_by={"early_config_prune": _prune_walk_configs})
 @triton.jit
 def _state_grad_bwd_kernel(
     dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, ddecay_ptr,
@@ -242,10 +259,11 @@ def _state_grad_bwd_kernel(
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    Q: tl.constexpr, SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, SLOTS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
-    o_q = tl.arange(0, Q)
+    o_q = tl.arange(0, BLOCK_L)
     # dout and z share x's strides (the launcher makes them so).
     dout_base = dout_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
     z_base = z_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
@@ -264,28 +282,13 @@ def _state_grad_bwd_kernel(
         st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
         tl.store(dstates_ptr + st_off + pn_off, dstate.to(dstates_ptr.dtype.element_ty), mask=m_pn)
         b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0).to(tl.float32)
-        o_l = c * Q + o_q
-        m_l = o_l < L
-        cs = tl.load(cs_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q + o_q)
-        total = tl.load(cs_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q + Q - 1)
-        weight = tl.where(m_l, tl.exp(cs), 0.0)
+        chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
+        total = tl.load(cs_ptr + chunk_off + Q - 1)
         decay = tl.exp(total)
         if HAS_SEQ_IDX:
-            first = tl.maximum(c * Q - 1, 0)
-            last = tl.minimum(c * Q + Q, L) - 1
-            seq_prev = tl.load(seq_base + first.to(tl.int64) * stride_seq_l)
-            seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
-            seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
-            weight = tl.where(seq == seq_prev, weight, 0.0)
-            decay = tl.where(seq_prev == seq_end, decay, 0.0)
-        m_lp = m_l[:, None] & m_p[None, :]
-        x_off = o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-        dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
-        b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
-                      mask=m_l[:, None] & m_n[None, :], other=0.0)
+            seq_first = tl.load(seq_base + tl.maximum(c * Q - 1, 0).to(tl.int64) * stride_seq_l)
+            seq_last = tl.load(seq_base + (tl.minimum(c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
+            decay = tl.where(seq_first == seq_last, decay, 0.0)
         # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the
         # pairs that cross the whole chunk. Partial over this (P, N) block.
         ddecay = tl.sum(tl.sum(dstate * b_S, axis=1), axis=0) * decay
@@ -298,7 +301,37 @@ def _state_grad_bwd_kernel(
             n_pn = tl.cdiv(P, BLOCK_P) * tl.cdiv(N, BLOCK_N)
             tl.store(slot_base + o_slot, tl.zeros((SLOTS,), dtype=tl.float32),
                      mask=(o_slot >= n_pn) & (o_slot < n_slots))
-        dstate = dstate * decay + _dot_walk(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
+        # The chunk's row blocks in reverse, each a step of the recurrence (as in the
+        # forward walk): dS_{start} = exp(cs_end - cs_start) dS_{end} + sum_t exp(cs_t - cs_start) dy_t C_t^T.
+        for j_rev in range(Q // BLOCK_L):
+            j = Q // BLOCK_L - 1 - j_rev
+            o_r = j * BLOCK_L + o_q
+            o_l = c * Q + o_r
+            m_l = o_l < L
+            cs = tl.load(cs_ptr + chunk_off + o_r)
+            cs_start = tl.load(cs_ptr + chunk_off + tl.maximum(j * BLOCK_L - 1, 0))
+            cs_start = tl.where(j == 0, 0.0, cs_start)
+            cs_end = tl.load(cs_ptr + chunk_off + j * BLOCK_L + BLOCK_L - 1)
+            weight = tl.where(m_l, tl.exp(cs - cs_start), 0.0)
+            step_decay = tl.exp(cs_end - cs_start)
+            if HAS_SEQ_IDX:
+                # Clamped into the sequence: a step past its end passes the gradient through.
+                seq_prev = tl.load(seq_base + tl.minimum(tl.maximum(c * Q + j * BLOCK_L - 1, 0), L - 1).to(tl.int64)
+                                   * stride_seq_l)
+                seq_end = tl.load(seq_base + (tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1).to(tl.int64)
+                                  * stride_seq_l)
+                seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
+                weight = tl.where(seq == seq_prev, weight, 0.0)
+                step_decay = tl.where(seq_prev == seq_end, step_decay, 0.0)
+            m_lp = m_l[:, None] & m_p[None, :]
+            x_off = o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+            dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+                dy = dy * zz * tl.sigmoid(zz)
+            b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
+                          mask=m_l[:, None] & m_n[None, :], other=0.0)
+            dstate = dstate * step_decay + _dot_walk(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
 
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
 
