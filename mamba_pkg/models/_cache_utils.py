@@ -21,12 +21,16 @@ from mamba_pkg.ops.decode_linear import decode_linear
 # (at batch 3-8 cuBLAS's GEMM wins). 0 switches it off.
 STEP_LINEAR_MAX_ROWS = 2
 # From 9 rows up to this many, 16-bit layers wide enough for decode_linear's tl.dot kernel
-# (dot_config) use it instead of cuBLAS (in_proj at batch 64). 0 switches it off.
-STEP_DOT_MAX_ROWS = 64
+# (dot_config) use it instead of cuBLAS. Off (0): alone it beat cuBLAS on mamba-1.4b's in_proj at
+# batch 64 (8.4 vs 10.0 us, weight partly L2-resident), but in whole decode steps, weights
+# streaming from HBM, it lost (H100 graph replay: mamba-1.4b 2.825 vs 2.818 ms, mamba2-1.3b
+# 4.61 vs 4.41 ms; sweep_decode "model").
+STEP_DOT_MAX_ROWS = 0
 # Blocks of at most this width fold their add + RMSNorm into the in_proj of a decode step of
 # <= STEP_LINEAR_MAX_ROWS rows (decode_linear.add_rms_norm_linear): each program re-reads the
-# input row, which paid at d_model 768 (H100: 4.2 us vs 5.0 for norm + in_proj) but not at 2048
-# (13.5 vs 11.9). 0 switches it off.
+# input row, which paid at d_model 768 (H100: 3.6 us vs 4.8 for norm + in_proj; whole mamba-130m
+# step 0.476 vs 0.504 ms) but not at 2048 (12.5 vs 11.5 us; mamba-1.4b step 1.898 vs 1.860 ms).
+# 0 switches it off.
 STEP_NORM_MAX_DIM = 1024
 
 

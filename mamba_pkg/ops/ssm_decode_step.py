@@ -184,14 +184,15 @@ def _ssm_decode_step_kernel(
 # Launch configs, from benchmarks/sweep_decode.py on an H100 (bf16 state; results/sweep_decode*.json).
 # Without the in-kernel dt projection (Mamba-2, or dt given in full) a program owns BLOCK_P channels
 # of one row: TILE_ELEMS fp32 state values. With it (Mamba-1, small batch) a program owns a
-# (BLOCK_B, BLOCK_P) tile and forms the (BLOCK_B, BLOCK_P, R) product: BLOCK_P = 16 keeps 96-256
-# programs busy at batch 1 (mamba-130m / -1.4b: 2.4 / 3.1 us against 6.2 / 53 us with BLOCK_P = 128 / 64).
+# (BLOCK_B, BLOCK_P) tile and forms the (BLOCK_B, BLOCK_P, R) product: BLOCK_P = 32 keeps 48-128
+# programs busy at batch 1 (mamba-130m / -1.4b: 2.9 / 3.5 us; the old BLOCK_P = 128 / 64 with an
+# unrolled loop over the S partial sums: 6.2 / 53 us, register spills).
 # From CUBLAS_DT_BATCH rows on, dt_proj is one cuBLAS GEMM and the kernel takes the full dt: at
 # batch 64 (mamba-1.4b) GEMM + kernel took 10.5 us, the best in-kernel projection 17.8 us (a tl.dot
 # over 16-row tiles 27 us), mamba_ssm's chain 16.5 us.
 TILE_ELEMS = {16: 2048, 128: 4096}
 NUM_WARPS = {16: 4, 128: 8}
-PROJ_BLOCK_P = 16
+PROJ_BLOCK_P = 32
 PROJ_MAX_BLOCK_B = 4
 PROJ_WARPS = 4
 CUBLAS_DT_BATCH = 16

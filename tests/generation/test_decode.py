@@ -328,6 +328,7 @@ def test_step_linear_routes_by_rows_width_and_dtype(monkeypatch):
 
     from mamba_pkg.models import _cache_utils
 
+    monkeypatch.setattr(_cache_utils, "STEP_DOT_MAX_ROWS", 64)
     calls = []
     real = _cache_utils.decode_linear
     monkeypatch.setattr(_cache_utils, "decode_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))

@@ -34,7 +34,7 @@ def test_ref_is_conv_update_then_split_x_proj():
 
 @pytest.mark.parametrize("dtype,width,state_len,silu", [(torch.float32, 4, 4, True), (torch.bfloat16, 3, 5, False)])
 def test_triton_matches_ref(dtype, width, state_len, silu):
-    kw = inputs(3, BLOCK_D + 3, width, state_len, 150, dtype)  # 150 outputs: two unrolled output blocks
+    kw = inputs(3, BLOCK_D + 3, width, state_len, 300, dtype)  # 300 outputs: two unrolled output blocks
     state_ref = kw["conv_state"].clone()
     act = "silu" if silu else None
     xc, parts = conv_xproj_step(**kw, activation=act, backend="triton")

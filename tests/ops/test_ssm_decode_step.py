@@ -107,10 +107,10 @@ def test_ref_mamba2_matches_explicit_chain_with_limit_and_per_channel_D():
 def test_triton_mamba1(groups, batch):
     """One row per program (batch 1), several rows with the in-kernel projection (ragged last
     block of rows and of channels), and from CUBLAS_DT_BATCH rows dt by a GEMM first."""
-    config = sds._launch_config(batch, 20, 5, 3, False)
-    assert (config[0] > 1) == (batch > 1) and config[1] == 16
+    config = sds._launch_config(batch, 40, 5, 3, False)
+    assert (config[0] > 1) == (batch > 1) and config[1] == sds.PROJ_BLOCK_P < 40
     assert (batch >= sds.CUBLAS_DT_BATCH) == (batch == 19)
-    _check(mamba1_inputs(batch, 20, 5, 3, groups), backend="triton")
+    _check(mamba1_inputs(batch, 40, 5, 3, groups), backend="triton")
 
 
 def test_triton_mamba1_without_dt_proj_or_optionals():
