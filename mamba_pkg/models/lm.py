@@ -25,6 +25,7 @@ from mamba_pkg.models.mamba import Mamba
 from mamba_pkg.models.mamba2 import Mamba2
 from mamba_pkg.models.mlp import GatedMLP
 from mamba_pkg.models.norm import RMSNorm
+from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     check_cu_seqlens,
     check_same_device,
@@ -228,6 +229,33 @@ def _chunk_loss_and_dlogits(hidden, weight, targets, grad_scale=None):
     return loss, dlogits.to(hidden.dtype)
 
 
+@launcher_op("lm_head_loss_grads")
+def _lm_head_loss_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss fp32 scalar, d mean / d hidden (M, d), d mean / d weight (V, d)) of the logits
+    hidden @ weight.T, chunk by chunk of rows. A custom op so that torch.compile keeps this loop
+    as one opaque call: traced, the unrolled chunks are scheduled together and their (rows, V)
+    intermediates live at once (measured: a compiled mamba-130m step peaked at 12.2 GiB instead
+    of 6.0)."""
+    inv_count = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    dhidden = torch.empty_like(hidden)
+    # dweight summed over chunks in fp32 and rounded once, as one unfused matmul would.
+    dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = hidden[start : start + chunk_rows]
+        loss, dlogits = _chunk_loss_and_dlogits(rows, weight, targets[start : start + chunk_rows], inv_count)
+        total = total + loss
+        dhidden[start : start + chunk_rows] = dlogits @ weight
+        dweight += (dlogits.t() @ rows).float()
+    return total * inv_count, dhidden, dweight.to(weight.dtype)
+
+
+@_lm_head_loss_grads.register_fake
+def _(hidden, weight, targets, chunk_rows):
+    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight)
+
+
 class _FusedLMHeadLossFn(torch.autograd.Function):
     """Mean cross entropy of the logits hidden @ weight.T, computed chunk by chunk of rows so that the
     (M, V) logits never exist at once (at mamba-130m, 8 x 2048 tokens they are 1.6 GB in bf16 and
@@ -237,19 +265,9 @@ class _FusedLMHeadLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):
         """hidden (M, d), weight (V, d), targets (M,) int64 (IGNORE_INDEX skipped) -> loss, scalar fp32."""
-        inv_count = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
-        dhidden = torch.empty_like(hidden)
-        # dweight summed over chunks in fp32 and rounded once, as one unfused matmul would.
-        dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start : start + chunk_rows]
-            loss, dlogits = _chunk_loss_and_dlogits(rows, weight, targets[start : start + chunk_rows], inv_count)
-            total = total + loss
-            dhidden[start : start + chunk_rows] = dlogits @ weight
-            dweight += (dlogits.t() @ rows).float()
-        ctx.save_for_backward(dhidden, dweight.to(weight.dtype))
-        return total * inv_count
+        loss, dhidden, dweight = _lm_head_loss_grads(hidden, weight, targets, chunk_rows)
+        ctx.save_for_backward(dhidden, dweight)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -242,6 +242,25 @@ def test_fused_lm_head_loss_equals_unfused(dtype, packed):
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_fused_loss_op_opcheck_and_compiled_graph_keeps_it_opaque():
+    """The chunk loop is one custom op (torch.compile must not unroll it: the chunks' (rows, V)
+    intermediates would then be scheduled together); its fake implementation matches."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    hidden, weight = torch.randn(23, 16), torch.randn(61, 16)
+    targets = torch.randint(0, 61, (23,))
+    targets[4] = -100
+    torch.library.opcheck(torch.ops.mamba_pkg.lm_head_loss_grads, (hidden, weight, targets, 5))
+    backend = AotEagerAndRecordGraphs()
+    hidden.requires_grad_()
+    labels = torch.randint(0, 61, (1, 23))
+    loss = torch.compile(fused_lm_head_loss, backend=backend, fullgraph=True)(hidden[None], weight, labels,
+                                                                                chunk_elems=61 * 5)
+    torch.testing.assert_close(loss, fused_lm_head_loss(hidden[None], weight, labels, chunk_elems=61 * 5))
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    assert forward.count("mamba_pkg.lm_head_loss_grads") == 1 and "log_softmax" not in forward
+
+
 def test_model_return_logits_false_gives_the_same_loss_and_grads():
     model = _model(d_intermediate=24, attn_layer_idx=[1], attn_cfg=dict(ATTN))
     ids = torch.randint(0, 50, (2, 9))
