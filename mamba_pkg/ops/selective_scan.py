@@ -332,21 +332,6 @@ def _scan_tile(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _scan_tile_mid(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                   N_LANES: tl.constexpr):
-    """Forward _scan_tile that also returns the state after the first BLOCK_L / 2 steps
-    (a checkpoint for a backward that walks tiles of half the length)."""
-    decay = tl.permute(decay, (0, 2, 3, 1))  # (N_IN, BLOCK_D, N_LANES, BLOCK_L)
-    x = tl.permute(x, (0, 2, 3, 1))
-    d_lo, d_hi = _halves(decay, N_IN, BLOCK_D, N_LANES, BLOCK_L)
-    x_lo, x_hi = _halves(x, N_IN, BLOCK_D, N_LANES, BLOCK_L)
-    h_lo, mid = _scan_steps(d_lo, x_lo, carry, N_IN, BLOCK_D, N_LANES, BLOCK_L // 2, False)
-    h_hi, carry = _scan_steps(d_hi, x_hi, mid, N_IN, BLOCK_D, N_LANES, BLOCK_L // 2, False)
-    h = _unhalve(h_lo, h_hi, N_IN, BLOCK_D, N_LANES, BLOCK_L)
-    return tl.permute(h, (0, 3, 1, 2)), carry, mid
-
-
-@triton.jit
 def _softplus(x):
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
@@ -411,12 +396,9 @@ def _selective_scan_fwd_kernel(
     stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    STORE_CKPT: tl.constexpr, CKPT_MID: tl.constexpr, EVEN: tl.constexpr,
+    STORE_CKPT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """STORE_CKPT: the state before every tile goes to ckpt for the backward; with CKPT_MID
-    also the state after its first BLOCK_L / 2 steps (checkpoints every BLOCK_L / 2 steps,
-    for a backward whose tiles are half as long, while the forward keeps its longer tiles)."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
@@ -461,11 +443,9 @@ def _selective_scan_fwd_kernel(
     if C_VAR:
         b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_t, m_n3, seqlen, EVEN)
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
-    CKPT_PER_TILE: tl.constexpr = 2 if CKPT_MID else 1
-    n_ckpt = tl.cdiv(seqlen, BLOCK_L // CKPT_PER_TILE)
     for i_t in range(0, n_tiles):
         if STORE_CKPT:
-            p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_ckpt + i_t * CKPT_PER_TILE) * dim * dstate + o_dn3
+            p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t) * dim * dstate + o_dn3
             tl.store(p_ckpt, b_h, mask=m_dn3)
         o_l = i_t * BLOCK_L + o_t
         m_l = (o_l < seqlen) | EVEN
@@ -500,14 +480,7 @@ def _selective_scan_fwd_kernel(
                 b_h0 = tl.load(h0_ptr + o_seq4 + o_dn4, mask=m_dn4 & m_start4, other=0.0)
                 b_inp += b_decay * b_h0
             b_decay = tl.where(m_start4, 0.0, b_decay)
-        if STORE_CKPT and CKPT_MID:
-            b_hs, b_h_last, b_h_mid = _scan_tile_mid(b_decay, b_inp, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES)
-            # A last tile of at most BLOCK_L / 2 steps has no second checkpoint. (The
-            # position is broadcast to a tensor: the interpreter rejects scalar masks.)
-            o_mid = i_t * BLOCK_L + BLOCK_L // 2 + tl.zeros_like(o_n3)
-            tl.store(p_ckpt + dim * dstate, b_h_mid, mask=m_dn3 & ((o_mid < seqlen) | EVEN))
-        else:
-            b_hs, b_h_last = _scan_tile(b_decay, b_inp, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
+        b_hs, b_h_last = _scan_tile(b_decay, b_inp, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
         b_y = _sum_n(b_hs * b_C)  # (BLOCK_L, BLOCK_D)
         if HAS_D:
             b_y += b_D[None, :] * b_u
@@ -819,13 +792,8 @@ def _selective_scan_fwd(
     fp32, and the per-tile start states for the backward (empty unless store_ckpt)."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=False)
-    ckpt_mid = False
     if store_ckpt:
-        # Checkpoints every backward tile: from the middle of the forward's tiles when those
-        # are twice as long (the forward keeps its faster shape), else with its tile length.
-        ckpt_l = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)[3]
-        ckpt_mid = block_l == 2 * ckpt_l
-        block_l = block_l if ckpt_mid else ckpt_l
+        block_l = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)[3]
     out, last, ckpt = _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
     varlen = seq_idx is not None
     if varlen and initial_state is not None:
@@ -840,7 +808,7 @@ def _selective_scan_fwd(
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
-        IS_VARLEN=varlen, STORE_CKPT=store_ckpt, CKPT_MID=ckpt_mid, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
+        IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
     )
     return out, last, ckpt

@@ -294,7 +294,7 @@ def check_kernel(args, h0=None, cu=None, softplus=True, use_out=True, device=DEV
         (torch.float16, "group", 63, 8, 8),
         (torch.bfloat16, "fixed", 1, 16, 4),
         (torch.bfloat16, "var", 20, 5, 6),
-        # N=33..64: 8-step forward tiles checkpointed mid-tile for the 4-step backward tiles.
+        # N=33..64: block shapes of their own (four-warp backward with 4-step tiles).
         (torch.float32, "var", 13, 40, 2),
     ],
 )
