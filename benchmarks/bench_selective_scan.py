@@ -9,6 +9,7 @@ every input). Limits reported per row:
 as a percentage of the measured time (100 = at the limit).
 
     python benchmarks/bench_selective_scan.py [--quick] [--sweep 16,4,64] [--profile] [--skip-anchor]
+                                              [--passes fwd,fwdbwd]
 """
 
 from __future__ import annotations
@@ -185,14 +186,17 @@ def main(argv=None):
     parser.add_argument("--sweep", type=str, default="", help="state sizes to sweep, e.g. 16,4,64")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
+    parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
+                        help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
     args = parser.parse_args(argv)
+    passes = tuple(args.passes.split(","))
     if args.sweep:
         sweep(tuple(int(n) for n in args.sweep.split(",")))
     if args.profile:
         profile()
     rows = []
     for batch, dim, seqlen, dstate in cases(args.quick):
-        for pass_ in ("fwd", "fwdbwd"):
+        for pass_ in passes:
             case = f"{pass_} B={batch} D={dim} L={seqlen} N={dstate}"
             hbm_bytes, hbm_ms, exp_ms = limits(pass_, batch, dim, seqlen, dstate)
             for provider in ("ours",) if args.skip_anchor else ("ours", "mamba_ssm"):
@@ -204,7 +208,8 @@ def main(argv=None):
                                pct_exp=round(100 * exp_ms / ms, 1), pct_limit=round(100 * max(hbm_ms, exp_ms) / ms, 1))
                 rows.append(row)
                 print(row, flush=True)
-    save_results("bench_selective_scan", rows)
+    both = set(passes) == {"fwd", "fwdbwd"}
+    save_results("bench_selective_scan" if both else "bench_selective_scan_" + "_".join(passes), rows)
 
 
 if __name__ == "__main__":

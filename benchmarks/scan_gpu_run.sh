@@ -3,6 +3,7 @@
 # the Mamba-1 compile tests run in parallel processes with kernel warm-ups that fill Triton's disk
 # cache; then, on a quiet machine, the full bench matrix against mamba_ssm (JSON + PNG to $OUT)
 # and the host-time probe. Logs: $OUT/scan_logs.tgz, and their tails on stdout.
+# `scan_gpu_run.sh fwdbwd`: warm-ups, then only the fwd+bwd rows of the matrix and the profile.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 L=/tmp/scan_logs; mkdir -p $L
@@ -18,6 +19,13 @@ with torch.no_grad():
     f(*make_inputs(4, 2048, 512, $1))
 torch.cuda.synchronize()"
 }
+if [ "${1:-}" = fwdbwd ]; then
+  # Only the fwd+bwd rows (after a change that leaves the no-grad forward kernel as it was).
+  for n in 4 16 64; do t warm$n 35 python3 -c "$(warm $n)"; done
+  wait
+  timeout 45 python3 benchmarks/bench_selective_scan.py --profile --passes fwdbwd > $L/bench.log 2>&1; show bench $? 40
+  exit 0
+fi
 t tests_ref1 35 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 777)"
 t tests_ref2 35 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and not (2049 or 777)"
 t tests_other 35 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "varlen_cuda or mamba_ssm_cuda or opcheck or compiles or fast_check"
