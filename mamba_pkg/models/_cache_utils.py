@@ -32,6 +32,10 @@ STEP_DOT_MAX_ROWS = 0
 # step 0.476 vs 0.504 ms) but not at 2048 (12.5 vs 11.5 us; mamba-1.4b step 1.898 vs 1.860 ms).
 # 0 switches it off.
 STEP_NORM_MAX_DIM = 1024
+# Likewise Mamba-2's gated RMSNorm folds into its out_proj (decode_linear.gated_rms_norm_linear)
+# up to this d_ssm (the out_proj input width; mamba2-130m 1536 in, mamba2-1.3b 4096 out, as
+# for the add + norm, where a 2048-wide row already lost). 0 switches it off.
+STEP_GATED_NORM_MAX_DIM = 2048
 
 
 def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:

@@ -19,15 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from mamba_pkg.models import _cache_utils
 from mamba_pkg.models._cache_utils import (
     check_mixer_input,
     conv_with_cache,
     layer_cache,
+    plain_linear,
     step_linear,
 )
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
+from mamba_pkg.ops.decode_linear import gated_rms_norm_linear
 from mamba_pkg.ops.ssd.combined import (
     mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
@@ -258,12 +261,23 @@ class Mamba2(nn.Module):
             dt_limit=self.dt_limit,
         )
         y = rearrange(y, "b h p -> b (h p)")
+        if self._fused_norm_step(y, z0):  # gated norm + out_proj in one launch
+            out = gated_rms_norm_linear(y, z, self.norm.weight, self.out_proj.weight, self.out_proj.bias, self.norm.eps,
+                                        self.norm.norm_before_gate)
+            return out.unsqueeze(1), conv_state, ssm_state
         # _finish's gate / norm and in-mixer MLP, with the step's one-launch out_proj.
         if self.rmsnorm:
             y = self.norm(y, z)
         if z0.shape[-1] > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state
+
+    def _fused_norm_step(self, y, z0) -> bool:
+        """The step's gated RMSNorm can join out_proj: one norm group spanning the row, no
+        in-mixer MLP, few rows (STEP_LINEAR_MAX_ROWS), d_ssm <= STEP_GATED_NORM_MAX_DIM."""
+        return (self.rmsnorm and z0.shape[-1] == 0 and self.norm.group_size in (None, self.d_ssm)
+                and y.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS
+                and self.d_ssm <= _cache_utils.STEP_GATED_NORM_MAX_DIM and plain_linear(self.out_proj))
 
     def cached_step(self, zxbcdt, inference_params):
         """A decode step (seqlen_offset > 0) from the in_proj output zxbcdt (B, in_proj.out_features),

@@ -7,6 +7,11 @@ and, for the in_proj of a decode step, the block's residual add + RMSNorm folded
     s = x + residual;  out = (s * rsqrt(mean(s^2) + eps) * norm_weight) @ weight.T + bias
     returns (out, s)                 B <= 8; s in fp32 if residual_in_fp32
 
+and, for Mamba-2's out_proj, its gated RMSNorm (one group spanning the row) folded in:
+
+    g = x * silu(z);  out = (g * rsqrt(mean(g^2) + eps) * norm_weight) @ weight.T + bias
+    (norm_before_gate: out = (x * rsqrt(mean(x^2) + eps) * norm_weight * silu(z)) @ weight.T + bias)
+
 At batch 1 a decode step reads every weight once, so in_proj / out_proj are weight-streaming
 matrix-vector products. cuBLAS runs them as split-K GEMMs followed by a separate reduction
 kernel (two launches per projection). Here each program owns BLOCK_N output features and
@@ -72,6 +77,21 @@ def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-
     return decode_linear_ref(normed, weight, bias).to(x.dtype), s.to(_residual_dtype(x, residual, residual_in_fp32))
 
 
+def gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_before_gate=False):
+    """Torch reference of :func:`gated_rms_norm_linear` (fp32 math)."""
+    xf, gate = x.float(), F.silu(z.float())
+    if not norm_before_gate:
+        xf = xf * gate
+    normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm_weight.float()
+    if norm_before_gate:
+        normed = normed * gate
+    return decode_linear_ref(normed, weight, bias).to(x.dtype)
+
+
+# Prologues of the small-batch kernel (NORM): none, add + RMSNorm, gated RMSNorm (gate first or last).
+NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER = 0, 1, 2, 3
+
+
 @triton.jit
 def _decode_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, nw_ptr, res_out_ptr,
@@ -81,6 +101,8 @@ def _decode_linear_kernel(
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
 ):
+    # NORM_ADD: res_ptr is the residual (if HAS_RESIDUAL), res_out_ptr takes the sum.
+    # NORM_GATE / NORM_GATE_AFTER: res_ptr is the gate z.
     i_n = tl.program_id(0)
     o_b = tl.arange(0, BLOCK_B)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,7 +118,7 @@ def _decode_linear_kernel(
                       mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
         b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + o_k[None, :] * stride_x_k,
                       mask=m_bk, other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_K)
-        if NORM:
+        if NORM == 1:
             if HAS_RESIDUAL:
                 b_x += tl.load(res_ptr + o_b[:, None] * stride_r_b + o_k[None, :] * stride_r_k,
                                mask=m_bk, other=0.0).to(tl.float32)
@@ -104,10 +126,19 @@ def _decode_linear_kernel(
             if i_n == 0:
                 tl.store(res_out_ptr + o_b[:, None] * stride_ro_b + o_k[None, :] * stride_ro_k,
                          b_x.to(res_out_ptr.dtype.element_ty), mask=m_bk)
+        if NORM >= 2:
+            b_z = tl.load(res_ptr + o_b[:, None] * stride_r_b + o_k[None, :] * stride_r_k,
+                          mask=m_bk, other=0.0).to(tl.float32)
+            b_gate = b_z / (1.0 + tl.exp(-b_z))
+            if NORM == 2:
+                b_x *= b_gate
+        if NORM != 0:
             b_ss += tl.sum(b_x * b_x, axis=1)
             b_x *= tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
+        if NORM == 3:
+            b_x *= b_gate
         b_acc += tl.sum(b_x[:, None, :] * b_w[None, :, :], axis=2)
-    if NORM:
+    if NORM != 0:
         b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
     if HAS_BIAS:
         b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
@@ -149,13 +180,13 @@ def _outputs(x, weight):
     return torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
 
-def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0):
+def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0, norm=NORM_NONE):
+    """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*)."""
     batch, n_in = x.shape
     block_b = triton.next_power_of_2(batch)
     block_k = min(triton.next_power_of_2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))
-    norm = norm_weight is not None
     r_st = residual.stride() if residual is not None else (0, 0)
-    ro_st = res_out.stride() if norm else (0, 0)
+    ro_st = res_out.stride() if res_out is not None else (0, 0)
     _decode_linear_kernel[(triton.cdiv(weight.shape[0], BLOCK_N),)](
         x, weight, bias, out, residual, norm_weight, res_out, batch, weight.shape[0], n_in, eps,
         *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st,
@@ -199,13 +230,26 @@ def _norm_outputs(x, weight, residual, residual_in_fp32):
 def _add_rms_norm_linear(x: Tensor, residual: Tensor | None, norm_weight: Tensor, weight: Tensor,
                          bias: Tensor | None, eps: float, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
     out, res_out = _norm_outputs(x, weight, residual, residual_in_fp32)
-    _launch_small(x, weight, bias, out, residual, norm_weight, res_out, eps)
+    _launch_small(x, weight, bias, out, residual, norm_weight, res_out, eps, NORM_ADD)
     return out, res_out
 
 
 @_add_rms_norm_linear.register_fake
 def _(x, residual, norm_weight, weight, bias, eps, residual_in_fp32):
     return _norm_outputs(x, weight, residual, residual_in_fp32)
+
+
+@launcher_op("gated_rms_norm_linear")
+def _gated_rms_norm_linear(x: Tensor, z: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None,
+                           eps: float, norm_before_gate: bool) -> Tensor:
+    out = _outputs(x, weight)
+    _launch_small(x, weight, bias, out, z, norm_weight, None, eps, NORM_GATE_AFTER if norm_before_gate else NORM_GATE)
+    return out
+
+
+@_gated_rms_norm_linear.register_fake
+def _(x, z, norm_weight, weight, bias, eps, norm_before_gate):
+    return _outputs(x, weight)
 
 
 def _validate(x, weight, bias):
@@ -238,6 +282,27 @@ def decode_linear(x, weight, bias=None, *, backend=None):
     return _decode_linear(x, weight, bias)
 
 
+def _check_norm_inputs(x, extra_name, extra, norm_weight, weight, bias, extra_optional):
+    """The shared checks of the fused-norm variants (the fast path compares, _validate names)."""
+    ok = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(norm_weight, torch.Tensor)
+          and x.dim() == 2 and 1 <= x.shape[0] <= SMALL_ROWS and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+          and norm_weight.shape == (x.shape[1],) and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+          and norm_weight.dtype in FLOAT_DTYPES and x.device == weight.device == norm_weight.device
+          and ((extra is None and extra_optional) or (isinstance(extra, torch.Tensor) and extra.shape == x.shape
+                                                       and extra.device == x.device and extra.dtype in FLOAT_DTYPES))
+          and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
+                                and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
+    if ok:
+        return
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    if not 1 <= x.shape[0] <= SMALL_ROWS:
+        raise ValueError(f"x must have shape (B, K) with 1 <= B <= {SMALL_ROWS}, got {tuple(x.shape)}")
+    check_tensor(extra_name, extra, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=extra_optional)
+    check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
+    _validate(x, weight, bias)
+    check_same_device(x=x, **{extra_name: extra}, norm_weight=norm_weight)
+
+
 def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False, *,
                         backend=None):
     """The prenorm block's add + RMSNorm and the in_proj that follows, in one launch.
@@ -251,22 +316,25 @@ def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, r
         out (B, N) in x's dtype: rmsnorm(x + residual) * norm_weight @ weight.T + bias, accumulated
         in fp32 (the normalised row is not rounded); s = x + residual (B, K).
     """
-    ok = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(norm_weight, torch.Tensor)
-          and x.dim() == 2 and 1 <= x.shape[0] <= SMALL_ROWS and weight.dim() == 2 and weight.shape[1] == x.shape[1]
-          and norm_weight.shape == (x.shape[1],) and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
-          and norm_weight.dtype in FLOAT_DTYPES and x.device == weight.device == norm_weight.device
-          and (residual is None or (isinstance(residual, torch.Tensor) and residual.shape == x.shape
-                                    and residual.device == x.device and residual.dtype in FLOAT_DTYPES))
-          and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
-                                and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
-    if not ok:
-        check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
-        if not 1 <= x.shape[0] <= SMALL_ROWS:
-            raise ValueError(f"x must have shape (B, K) with 1 <= B <= {SMALL_ROWS}, got {tuple(x.shape)}")
-        check_tensor("residual", residual, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=True)
-        check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
-        _validate(x, weight, bias)
-        check_same_device(x=x, residual=residual, norm_weight=norm_weight)
+    _check_norm_inputs(x, "residual", residual, norm_weight, weight, bias, True)
     if resolve_backend(backend, x, weight) == "torch":
         return add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias, eps, residual_in_fp32)
     return _add_rms_norm_linear(x, residual, norm_weight, weight, bias, float(eps), residual_in_fp32)
+
+
+def gated_rms_norm_linear(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_before_gate=False, *, backend=None):
+    """Mamba-2's gated RMSNorm (one group over the whole row) and the out_proj that follows, in one launch.
+
+    Args:
+        x: (B, K) with 1 <= B <= 8, the SSM output.  z: (B, K), the gate.  norm_weight: (K,).
+        weight: (N, K).  bias: (N,) or None.
+        norm_before_gate: False (Mamba-2's default): normalise x * silu(z); True: normalise x,
+            then multiply by silu(z).
+        backend: "torch", "triton" or None (the device decides).
+    Returns:
+        (B, N) in x's dtype, accumulated in fp32 (the normalised row is not rounded).
+    """
+    _check_norm_inputs(x, "z", z, norm_weight, weight, bias, False)
+    if resolve_backend(backend, x, weight) == "torch":
+        return gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias, eps, norm_before_gate)
+    return _gated_rms_norm_linear(x, z, norm_weight, weight, bias, float(eps), norm_before_gate)

@@ -9,8 +9,10 @@ from mamba_pkg.ops.decode_linear import (
     add_rms_norm_linear_ref,
     decode_linear,
     decode_linear_ref,
+    gated_rms_norm_linear,
+    gated_rms_norm_linear_ref,
 )
-from mamba_pkg.ops.norm import layer_norm_ref
+from mamba_pkg.ops.norm import layer_norm_ref, rms_norm_gated_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,6 +98,34 @@ def test_add_rms_norm_linear_errors_and_opcheck():
     op = torch.ops.mamba_pkg.add_rms_norm_linear
     torch.library.opcheck(op, (x, torch.randn(2, 8, device=DEVICE), nw, w, None, 1e-5, True))
     torch.library.opcheck(op, (x, None, nw, w, torch.randn(3, device=DEVICE), 1e-5, False))
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_gated_rms_norm_linear_matches_ref(norm_before_gate):
+    """Gate z (a strided view, as Mamba-2's slice of in_proj), both gate orders; the reference
+    equals the gated norm it replaces followed by the linear."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 60, device=DEVICE)
+    z = torch.randn(2, 2 * 60, device=DEVICE)[:, :60]
+    nw, w, b = torch.randn(60, device=DEVICE), torch.randn(7, 60, device=DEVICE), torch.randn(7, device=DEVICE)
+    out = gated_rms_norm_linear(x, z, nw, w, b, 1e-5, norm_before_gate, backend="triton")
+    ref = gated_rms_norm_linear_ref(x, z, nw, w, b, 1e-5, norm_before_gate)
+    normed = rms_norm_gated_ref(x, nw, z=z, eps=1e-5, norm_before_gate=norm_before_gate)
+    torch.testing.assert_close(ref, decode_linear_ref(normed, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="z must have shape"):
+        gated_rms_norm_linear(x, z[:, :59], nw, w)
+    torch.library.opcheck(torch.ops.mamba_pkg.gated_rms_norm_linear, (x, z, nw, w, None, 1e-5, norm_before_gate))
+
+
+@requires_cuda
+def test_gpu_gated_rms_norm_linear_full_size():
+    x, z = torch.randn(2, 2, 1536, device="cuda", dtype=torch.bfloat16).unbind(0)
+    nw = torch.rand(1536, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(768, 1536, device="cuda", dtype=torch.bfloat16) / 40
+    out = gated_rms_norm_linear(x, z, nw, w)
+    ref = gated_rms_norm_linear_ref(x, z, nw, w)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=2e-2)
 
 
 @requires_cuda
