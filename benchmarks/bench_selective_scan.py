@@ -96,13 +96,17 @@ def _outputs_and_grads(dstate, seed=0):
 # "fwd" is the forward without gradients, "bwd" the backward (and the forward that
 # saves its checkpoints). BLOCK_D * N_LANES is a multiple of 32 * num_warps (a thread holds
 # BLOCK_D * N_LANES / (32 * num_warps) channels).
+# Candidates added in session 3 from offline sm_90 compiles (not yet timed): backward shapes
+# without register spills for N=64 ((8, 4, 16, 4, 4), (4, 4, 16, 4, 2); the kept one spills 216
+# bytes) and N=4 ((32, 2, 2, 4, 1): two channels per thread), and N=16 shapes with twice the warps
+# ((4, 2, 8, 8|16, 1)) for the latency-bound B=1 rows.
 SWEEP = {
-    (16, "fwd"): [(8, 4, 4, 16, 1), (16, 4, 4, 8, 1)],
-    (16, "bwd"): [(8, 4, 4, 8, 1), (16, 4, 4, 4, 1)],
+    (16, "fwd"): [(8, 4, 4, 16, 1), (16, 4, 4, 8, 1), (4, 2, 8, 16, 1)],
+    (16, "bwd"): [(8, 4, 4, 8, 1), (16, 4, 4, 4, 1), (4, 2, 8, 8, 1), (4, 2, 8, 16, 1)],
     (4, "fwd"): [(32, 4, 1, 16, 1), (16, 2, 2, 16, 1), (32, 4, 1, 8, 1)],
-    (4, "bwd"): [(32, 4, 1, 8, 1), (16, 2, 2, 8, 1), (32, 4, 1, 4, 1)],
+    (4, "bwd"): [(32, 4, 1, 8, 1), (16, 2, 2, 8, 1), (32, 4, 1, 4, 1), (32, 2, 2, 4, 1)],
     (64, "fwd"): [(4, 8, 8, 8, 1), (16, 8, 8, 8, 4), (8, 16, 4, 8, 1)],
-    (64, "bwd"): [(8, 16, 4, 4, 1), (4, 8, 8, 4, 1), (16, 8, 8, 4, 4)],
+    (64, "bwd"): [(8, 16, 4, 4, 1), (4, 8, 8, 4, 1), (16, 8, 8, 4, 4), (8, 4, 16, 4, 4), (4, 4, 16, 4, 2)],
 }
 
 
