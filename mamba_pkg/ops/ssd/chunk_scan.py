@@ -26,10 +26,11 @@ of per head. Every sum runs in a fixed order (deterministic, no atomics).
 
 The decay gradient needs, per head, sums over the pair terms
 M_ts = (dy_t . x_s) CB_ts exp(cs_t - cs_s) dt_s (s < t; other chunks through the
-states): by row (rowsum_t) and by column (colsum_s). combined.py takes their
+states): by row (rowsum_t) and by column (colsum_s). The dt kernel takes their
 difference and cumulative sums inside each chunk, so the pairs inside a chunk
 are formed from the fp32 products (CB, dy . x), and the diagonal, which cancels
-exactly, is left out of both.
+exactly, is left out of both. It also runs the rest of the dt chain (clamp and
+softplus backward, dA and ddt_bias partial sums), so the backward has no torch glue.
 """
 
 from __future__ import annotations
@@ -88,19 +89,6 @@ def _block_pair(G, nchunks, Q: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _cb_tile(B_ptr, C_ptr, group_off, o_lt, o_ls, L, N, stride_B_l, stride_B_n,
-             BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """C_t B_s^T (fp32) for the rows o_lt of C and o_ls of B (positions in L) of one group."""
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    b_C = tl.load(C_ptr + group_off + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                  mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
-    b_B = tl.load(B_ptr + group_off + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                  mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
-    return _dot(b_C, tl.trans(b_B), DOT_DTYPE)
-
-
-@triton.jit
 def _bmm_chunk_kernel(
     B_ptr, C_ptr, cb_ptr, L, N, G, nchunks,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -110,8 +98,16 @@ def _bmm_chunk_kernel(
     if i_s <= i_t:  # the upper triangle is never read
         o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
         o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
-        cb = _cb_tile(B_ptr, C_ptr, i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g, i_c * Q + o_t, i_c * Q + o_s,
-                      L, N, stride_B_l, stride_B_n, BLOCK_N, DOT_DTYPE)
+        o_lt = i_c * Q + o_t
+        o_ls = i_c * Q + o_s
+        o_n = tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        base = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+        b_C = tl.load(C_ptr + base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                      mask=(o_lt < L)[:, None] & m_n[None, :], other=0.0)
+        b_B = tl.load(B_ptr + base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                      mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
+        cb = _dot(b_C, tl.trans(b_B), DOT_DTYPE)
         tl.store(cb_ptr + i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :], cb)
 
 
@@ -261,17 +257,15 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
     return dy
 
 
-@triton.autotune(configs=_head_loop_configs(), key=_KEY)
+@triton.autotune(configs=_head_loop_configs(), key=[k for k in _KEY if k != "N"])
 @triton.jit
 def _chunk_scan_bwd_w_kernel(
-    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, seq_idx_ptr, dt_ptr, cs_ptr, cb_ptr, w_ptr, rowsum_ptr, colsum_ptr,
-    L, H, P, N, heads_per_group, nchunks,
+    x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
+    L, H, P, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     # One program per (t block, s block <= t block) of a chunk and group; the
     # loop over the group's heads is the long, pipelined loop.
@@ -287,12 +281,8 @@ def _chunk_scan_bwd_w_kernel(
         o_ls = i_c * Q + o_s
         m_t = o_lt < L
         m_s = o_ls < L
-        # C B^T of this tile, computed here rather than by a separate launch; the dx
-        # kernel reads it back.
-        cb = _cb_tile(B_ptr, C_ptr, i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g, o_lt, o_ls, L, N,
-                      stride_B_l, stride_B_n, BLOCK_N, DOT_DTYPE)
         cb_off = i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
-        tl.store(cb_ptr + cb_off, cb)
+        cb = tl.load(cb_ptr + cb_off)
         keep = o_t[:, None] >= o_s[None, :]
         if HAS_SEQ_IDX:
             seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
@@ -319,7 +309,7 @@ def _chunk_scan_bwd_w_kernel(
             pair = tl.where(off_diag, w_h * cb, 0.0)
             # Slot = the other block: each (head, chunk, block, slot) is written by one
             # program; slots of pairs that do not exist (s block > t block) are never
-            # written, and the dx kernel masks them out.
+            # written, and the dt kernel masks them out.
             part = chunk_off * n_mblocks
             tl.store(rowsum_ptr + part + i_s * Q + o_t, tl.sum(pair, axis=1))
             tl.store(colsum_ptr + part + i_t * Q + o_s, tl.sum(pair, axis=0))
@@ -330,7 +320,7 @@ def _chunk_scan_bwd_w_kernel(
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-    dB_ptr, dC_ptr, rowsum_state_ptr, colsum_state_ptr,
+    dB_ptr, dC_ptr, rowsum_state_ptr,
     L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -362,10 +352,9 @@ def _chunk_scan_bwd_dbc_kernel(
     m_rn = m_r[:, None] & m_n[None, :]
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    # Kept in their storage dtype through the head loop: two fp32 accumulators already
+    # Kept in its storage dtype through the head loop: two fp32 accumulators already
     # take most of the registers.
     b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
-    b_B = tl.load(B_ptr + group_off + rn_off, mask=m_rn, other=0.0)
     start_mask = m_r
     end_mask = m_r
     if HAS_SEQ_IDX:
@@ -382,8 +371,8 @@ def _chunk_scan_bwd_dbc_kernel(
     dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # The state terms, per head: dC_t += exp(cs_t) dy_t S_{c-1}, dB_s += exp(cs_Q - cs_s) dt_s x_s dS_c;
-    # each head's pair sums through the states, rowsum_state_t = <dC_state_t, C_t> and
-    # colsum_state_s = <dB_state_s, B_s>, for the decay gradient.
+    # each head's pair sums from the entering state, rowsum_state_t = <dC_state_t, C_t>,
+    # for the decay gradient.
     for hh in range(heads_per_prog):
         i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
         head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
@@ -401,9 +390,7 @@ def _chunk_scan_bwd_dbc_kernel(
         dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
         tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
         dC += dC_state
-        dB_state = _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
-        tl.store(colsum_state_ptr + chunk_off + o_r, tl.sum(dB_state * b_B.to(tl.float32), axis=1))
-        dB += dB_state
+        dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
 
     # The terms inside the chunk go through W (summed over the group's heads):
     # dC_t += sum_{s <= t} W_ts B_s and dB_s += sum_{t >= s} W_ts C_t. The first
@@ -414,9 +401,9 @@ def _chunk_scan_bwd_dbc_kernel(
             o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_lj = i_c * Q + o_j
             b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
-            b_Bj = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                           mask=(o_lj < L)[:, None] & m_n[None, :], other=0.0)
-            dC += _dot(b_w, b_Bj, DOT_DTYPE)
+            b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                          mask=(o_lj < L)[:, None] & m_n[None, :], other=0.0)
+            dC += _dot(b_w, b_B, DOT_DTYPE)
         for j in range(i_m, n_mblocks):
             o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
             o_lj = i_c * Q + o_j
@@ -432,50 +419,17 @@ def _chunk_scan_bwd_dbc_kernel(
     tl.store(dB_ptr + out_off, dB.to(dB_ptr.dtype.element_ty), mask=m_rn)
 
 
-@triton.jit
-def _decay_grad_rows(row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, chunk_off, o_k,
-                     Q: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Gradient wrt the log-decay dt_k A of the steps k = o_k of one chunk and head, from
-    the pair sums of the W and dB/dC kernels, without the chunk-crossing term:
-
-        sum_{j >= k} (rowsum_j - colsum_j) + sum_{j < k} colsum_state_j
-
-    (rowsum_j: pairs ending at j inside the chunk and from the entering state; colsum_j:
-    pairs starting at j inside the chunk; colsum_state_j: pairs from j to later chunks).
-    Only sums inside one chunk: a cumulative sum over the whole sequence would cancel
-    two large sums and lose the precision."""
-    n_mblocks: tl.constexpr = Q // BLOCK_M
-    o_slot = tl.arange(0, n_mblocks)
-    part = chunk_off * n_mblocks
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for jb in range(n_mblocks):
-        o_j = jb * BLOCK_M + tl.arange(0, BLOCK_M)
-        # Partial sums by slot (the other block of the pair): row sums come from source
-        # blocks <= jb, column sums from target blocks >= jb; other slots are never written.
-        slot_off = part + o_slot[:, None] * Q + o_j[None, :]
-        rows = tl.sum(tl.load(row_part_ptr + slot_off, mask=(o_slot <= jb)[:, None], other=0.0), axis=0)
-        cols = tl.sum(tl.load(col_part_ptr + slot_off, mask=(o_slot >= jb)[:, None], other=0.0), axis=0)
-        diff = tl.load(rowsum_state_ptr + chunk_off + o_j) + rows - cols
-        state_cols = tl.load(colsum_state_ptr + chunk_off + o_j)
-        acc += tl.sum(tl.where(o_j[None, :] >= o_k[:, None], diff[None, :], state_cols[None, :]), axis=1)
-    return acc
-
-
 @triton.autotune(configs=_tile_configs(), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     x_ptr, dout_ptr, z_ptr, ypre_ptr, B_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, dstates_ptr,
-    row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, ddecay_ptr,
-    A_ptr, dt_raw_ptr, dt_bias_ptr, dx_ptr, dz_ptr, ddt_raw_ptr, sums_ptr,
-    L, H, P, N, heads_per_group, nchunks, n_slots, dt_min, dt_max,
+    dx_ptr, dz_ptr, ddt_ptr, colsum_state_ptr, dD_ptr,
+    L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
-    stride_dt_b, stride_dt_l, stride_dt_h,
-    stride_ddt_b, stride_ddt_l, stride_ddt_h,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
-    Q: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
     # One program per (source row block, head, chunk), a 1-D grid (axes 1 and 2 allow
@@ -519,6 +473,7 @@ def _chunk_scan_bwd_dx_kernel(
                    mask=m_p[:, None] & m_n[None, :], other=0.0)
     end_scale = tl.where(end_mask, tl.exp(total - cs_s), 0.0)
     dxc = _dot(b_B, tl.trans(b_dS), DOT_DTYPE) * end_scale[:, None]
+    tl.store(colsum_state_ptr + chunk_off + o_s, tl.sum(x_f * dxc, axis=1) * dt_s)
     for j in range(i_m, n_mblocks):
         o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_lt = i_c * Q + o_t
@@ -534,6 +489,8 @@ def _chunk_scan_bwd_dx_kernel(
             keep = keep & (seq_t[None, :] == seq_s[:, None])
         decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (s, t)
         dxc += _dot(cbT * decay, dy_t, DOT_DTYPE)
+    # Gradient wrt the processed dt through the input term dt_s x_s (the dt kernel adds the rest).
+    tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
 
     do = tl.load(dout_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
     if HAS_Z:
@@ -546,29 +503,66 @@ def _chunk_scan_bwd_dx_kernel(
     else:
         dy_s = do
     dx = dxc * dt_s[:, None]
-    # Partial sums per (chunk, row block, head), reduced by the launcher: dD (P columns),
-    # dA, ddt_bias.
-    sums_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * (P + 2)
     if HAS_D:
         if D_HAS_HDIM:
             b_D = tl.load(D_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
             dx += dy_s * b_D[None, :]
         else:
             dx += dy_s * tl.load(D_ptr + i_h).to(tl.float32)
-        tl.store(sums_ptr + sums_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
+        # Partial sums of dy * x per (chunk, row block, head), reduced by the launcher.
+        dD_off = (((i_b * nchunks + i_c) * n_mblocks + i_m) * H + i_h).to(tl.int64) * P
+        tl.store(dD_ptr + dD_off + o_p, tl.sum(dy_s * x_f, axis=0), mask=m_p)
     tl.store(dx_ptr + head_off + xs_off, dx.to(dx_ptr.dtype.element_ty), mask=m_sp)
 
-    # The dt chain of these rows: the processed dt_s enters through the input term
-    # (dt_s x_s) and through the log-decay dt_s A; then clamp and softplus backward.
-    o_slot = tl.arange(0, SLOTS)
-    ddecay = tl.sum(tl.load(ddecay_ptr + (chunk_off // Q) * n_slots + o_slot, mask=o_slot < n_slots, other=0.0))
-    ddA = _decay_grad_rows(row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, chunk_off, o_s,
-                           Q, BLOCK_M) + ddecay
+
+@triton.jit
+def _dt_bwd_kernel(
+    row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, ddecay_ptr, ddt_ptr, dt_ptr, A_ptr,
+    dt_raw_ptr, dt_bias_ptr, ddt_raw_ptr, sums_ptr,
+    L, H, nchunks, n_slots, dt_min, dt_max,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    stride_ddt_b, stride_ddt_l, stride_ddt_h,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr,
+):
+    """The dt chain of one chunk and head (program order = the (B, H, C) layout).
+
+    Decay gradient of step k (the log-decay dt_k A), from the pair sums of the other kernels:
+        ddA_k = sum_{j >= k} (rowsum_j - colsum_j) + sum_{j < k} colsum_state_j + ddecay
+    (rowsum_j: pairs ending at j inside the chunk and from the entering state; colsum_j:
+    pairs starting at j inside the chunk; colsum_state_j: pairs from j to later chunks;
+    ddecay: pairs crossing the whole chunk). Only sums inside one chunk: a cumulative sum
+    over the whole sequence would cancel two large sums and lose the precision. Then
+    ddt_k = ddt_in_k + ddA_k A through the clamp and softplus, and partial sums of dA and
+    ddt_bias for the launcher.
+    """
+    i_bhc = tl.program_id(0)
+    i_c = i_bhc % nchunks
+    i_h = (i_bhc // nchunks) % H
+    i_b = i_bhc // (nchunks * H)
+    chunk_off = i_bhc.to(tl.int64) * Q
+    o_q = tl.arange(0, Q)
+    n_mblocks: tl.constexpr = Q // BLOCK_M
+    # Pair sums by slot (the other block of the pair): row sums come from source blocks
+    # <= the row's block, column sums from target blocks >= it; other slots are never written.
+    o_slot = tl.arange(0, n_mblocks)
+    slot_off = chunk_off * n_mblocks + o_slot[:, None] * Q + o_q[None, :]
+    blk = (o_q // BLOCK_M)[None, :]
+    rows = tl.sum(tl.load(row_part_ptr + slot_off, mask=o_slot[:, None] <= blk, other=0.0), axis=0)
+    cols = tl.sum(tl.load(col_part_ptr + slot_off, mask=o_slot[:, None] >= blk, other=0.0), axis=0)
+    diff = tl.load(rowsum_state_ptr + chunk_off + o_q) + rows - cols
+    state_cols = tl.load(colsum_state_ptr + chunk_off + o_q)
+    o_sl = tl.arange(0, SLOTS)
+    ddecay = tl.sum(tl.load(ddecay_ptr + i_bhc.to(tl.int64) * n_slots + o_sl, mask=o_sl < n_slots, other=0.0))
+    ddA = tl.cumsum(diff, axis=0, reverse=True) + (tl.cumsum(state_cols, axis=0) - state_cols) + ddecay
+
+    o_l = i_c * Q + o_q
+    m_l = o_l < L
+    dt = tl.load(dt_ptr + chunk_off + o_q)
     A = tl.load(A_ptr + i_h).to(tl.float32)
-    grad = tl.sum(dxc * x_f, axis=1) + ddA * A
-    tl.store(sums_ptr + sums_off + P, tl.sum(tl.where(m_s, ddA * dt_s, 0.0)))
-    v = tl.load(dt_raw_ptr + i_b.to(tl.int64) * stride_dt_b + o_ls.to(tl.int64) * stride_dt_l + i_h * stride_dt_h,
-                mask=m_s, other=0.0).to(tl.float32)
+    grad = tl.load(ddt_ptr + chunk_off + o_q) + ddA * A
+    v = tl.load(dt_raw_ptr + i_b.to(tl.int64) * stride_dt_b + o_l.to(tl.int64) * stride_dt_l + i_h * stride_dt_h,
+                mask=m_l, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         v += tl.load(dt_bias_ptr + i_h).to(tl.float32)
     if DT_SOFTPLUS:
@@ -577,10 +571,13 @@ def _chunk_scan_bwd_dx_kernel(
         v = _softplus(v)
     if HAS_DT_LIMIT:
         grad = tl.where((v >= dt_min) & (v <= dt_max), grad, 0.0)
-    grad = tl.where(m_s, grad, 0.0)
-    tl.store(sums_ptr + sums_off + P + 1, tl.sum(grad))
-    tl.store(ddt_raw_ptr + i_b.to(tl.int64) * stride_ddt_b + o_ls.to(tl.int64) * stride_ddt_l + i_h * stride_ddt_h,
-             grad.to(ddt_raw_ptr.dtype.element_ty), mask=m_s)
+    grad = tl.where(m_l, grad, 0.0)
+    tl.store(ddt_raw_ptr + i_b.to(tl.int64) * stride_ddt_b + o_l.to(tl.int64) * stride_ddt_l + i_h * stride_ddt_h,
+             grad.to(ddt_raw_ptr.dtype.element_ty), mask=m_l)
+    # Partial sums per (batch, chunk, head): [dA, ddt_bias].
+    sums_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * 2
+    tl.store(sums_ptr + sums_off, tl.sum(tl.where(m_l, ddA * dt, 0.0), axis=0))
+    tl.store(sums_ptr + sums_off + 1, tl.sum(grad, axis=0))
 
 
 def _head_split(heads_per_group, programs, target=2048):
@@ -606,20 +603,20 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
                     dt_c: Tensor, cs_c: Tensor, states: Tensor, dstates: Tensor, ddecay: Tensor,
                     dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
                     head_split: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the three backward kernels. x, dout, z, B, C (B, L, ...) contiguous; dt (B, L, H)
-    the raw dt (any strides); ddecay (B, H, C, slots) from the state-gradient walk.
+    """Launch C B^T and the four backward kernels. x, dout, z, B, C (B, L, ...) contiguous;
+    dt (B, L, H) the raw dt (any strides); ddecay (B, H, C, slots) from the state-gradient walk.
 
-    1. W kernel: per (chunk, group, t block, s block <= t block): C B^T (kept for kernel
-       3) and, over the group's heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s
-       (B, C, G, Q, Q) fp32, and each head's row and column sums of the pair terms
-       W_h * CB (the decay gradient needs them).
+    1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
+       heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
+       and each head's row and column sums of the pair terms W_h * CB.
     2. dB/dC kernel: per (chunk, group, row block): the state terms (a loop over
-       heads, with their row and column sums) plus W B and W^T C. B and C are shared by
-       the heads of a group, so the terms inside a chunk cost two matrix products per
-       group instead of per head.
-    3. dx kernel: per (chunk, head, row block): dx, dz, and the whole dt chain: the
-       decay gradient from the pair sums, the clamp and softplus backward, partial sums
-       of dA, ddt_bias and dD.
+       heads) plus W B and W^T C. B and C are shared by the heads of a group, so the
+       terms inside a chunk cost two matrix products per group instead of per head.
+    3. dx kernel: per (chunk, head, row block): dx, dz, the input-term ddt, the state
+       column sums, dD partial sums.
+    4. dt kernel: per (chunk, head): the decay gradient from the pair sums, the clamp
+       and softplus backward, partial sums of dA and ddt_bias (one small launch instead
+       of about thirty torch ops).
 
     Returns dx, dz, dB, dC, ddt (B, L, H) in dt's dtype, dA (H,), ddt_bias (H,), dD (shape
     of D), each in its input's dtype; dz, ddt_bias, dD are empty when their input is None.
@@ -638,16 +635,16 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     heads_per_group = H // G
     z_arg = z if z is not None else dout
     common = dict(HAS_SEQ_IDX=seq_idx is not None, HAS_Z=z is not None, Q=Q, BLOCK_M=BLOCK_M,
-                  BLOCK_P=block_size(P), BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype)
+                  BLOCK_P=block_size(P), DOT_DTYPE=dot_dtype)
     dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)
 
-    cb = torch.empty(batch, nchunks, G, Q, Q, device=x.device, dtype=torch.float32)
+    cb = _bmm_chunk(B, C, Q, dot_dtype)
     w = torch.empty_like(cb)
     row_part = torch.empty(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
     col_part = torch.empty_like(row_part)
     _chunk_scan_bwd_w_kernel[(batch * nchunks * G * n_mblocks * n_mblocks,)](
-        x, dout, z_arg, B, C, seq_arg, dt_c, cs_c, cb, w, row_part, col_part,
-        L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides, **common,
+        x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
+        L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, **common,
     )
 
     n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
@@ -656,34 +653,43 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         dB_part = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
     rowsum_state = torch.empty_like(cs_c)
-    colsum_state = torch.empty_like(cs_c)
     _chunk_scan_bwd_dbc_kernel[(batch * nchunks * G * n_split * n_mblocks,)](
         x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
-        dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, colsum_state,
+        dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state,
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
-        **common,
+        BLOCK_N=BLOCK_N, **common,
     )
     if n_split > 1:
         _sum_into(dB, dB_part, (0,))
         _sum_into(dC, dC_part, (0,))
 
-    sums = torch.empty(batch, nchunks, n_mblocks, H, P + 2, device=x.device, dtype=torch.float32)
+    ddt_in = torch.empty_like(cs_c)
+    colsum_state = torch.empty_like(cs_c)
+    dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
+        if D is not None else None
     _chunk_scan_bwd_dx_kernel[(batch * nchunks * H * n_mblocks,)](
-        x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else A, seq_arg, dt_c,
-        cs_c, dstates, row_part, col_part, rowsum_state, colsum_state, ddecay,
-        A, dt, dt_bias if dt_bias is not None else A, dx, dz if z is not None else dx, ddt, sums,
-        L, H, P, N, heads_per_group, nchunks, ddecay.shape[-1], float(dt_min), float(dt_max),
-        *x.stride(), *B.stride(), *seq_strides, *dt.stride(), *ddt.stride(),
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_DT_BIAS=dt_bias is not None,
-        DT_SOFTPLUS=bool(dt_softplus), HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")),
-        SLOTS=block_size(ddecay.shape[-1]), **common,
+        x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
+        cs_c, dstates, dx, dz if z is not None else dx, ddt_in, colsum_state,
+        dD_part if dD_part is not None else ddt_in,
+        L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N, **common,
     )
-    sums = sums.view(-1, H, P + 2)
-    _sum_into(dA, sums[:, :, P], (0,))
+
+    sums = torch.empty(batch, nchunks, H, 2, device=x.device, dtype=torch.float32)
+    _dt_bwd_kernel[(batch * H * nchunks,)](
+        row_part, col_part, rowsum_state, colsum_state, ddecay, ddt_in, dt_c, A,
+        dt, dt_bias if dt_bias is not None else A, ddt, sums,
+        L, H, nchunks, ddecay.shape[-1], float(dt_min), float(dt_max), *dt.stride(), *ddt.stride(),
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), Q=Q, BLOCK_M=BLOCK_M,
+        SLOTS=block_size(ddecay.shape[-1]), num_warps=4,
+    )
+    sums = sums.view(-1, H, 2)
+    _sum_into(dA, sums[:, :, 0], (0,))
     if dt_bias is not None:
-        _sum_into(ddt_bias, sums[:, :, P + 1], (0,))
+        _sum_into(ddt_bias, sums[:, :, 1], (0,))
     if D is not None:
-        _sum_into(dD, sums[:, :, :P], (0, 2) if D.dim() == 1 else (0,))
+        _sum_into(dD, dD_part.view(-1, H, P), (0, 2) if D.dim() == 1 else (0,))
     return dx, dz, dB, dC, ddt, dA, ddt_bias, dD
 
 
