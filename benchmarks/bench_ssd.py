@@ -204,8 +204,6 @@ def main():
         if time.time() - t_start > args.budget_s:
             print(f"skipped (budget): {s}")
             continue
-        if args.stages and i == 1:
-            stage_profile(dict(B=4, H=32, P=64, N=128, G=1, L=8192))
         if s["N"] != 128 and not pinned:
             try_provider("mamba_ssm", pin_anchor_autotuners)
             pinned = True
@@ -232,6 +230,8 @@ def main():
                 print(f"{case} {provider}: eager/graph/host ms {res} (at {time.time() - t_start:.0f} s)", flush=True)
         save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
         tuned_configs()
+        if args.stages and i == 0:
+            try_provider("ours", lambda: stage_profile(s))
         if args.profile and i == 0:
             for provider in ("ours", "mamba_ssm"):
                 try_provider(provider, lambda provider=provider: kernel_profile(s, provider))

@@ -518,12 +518,13 @@ def _chunk_scan_bwd_dx_kernel(
 @triton.jit
 def _dt_bwd_kernel(
     row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, ddecay_ptr, ddt_ptr, dt_ptr, A_ptr,
-    dt_raw_ptr, dt_bias_ptr, ddt_raw_ptr, sums_ptr,
-    L, H, nchunks, n_slots, dt_min, dt_max,
+    dt_raw_ptr, dt_bias_ptr, ddt_raw_ptr, sums_ptr, dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr,
+    L, H, N, heads_per_group, nchunks, n_slots, n_split, split_stride, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_ddt_b, stride_ddt_l, stride_ddt_h,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_SPLIT: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The dt chain of one chunk and head (program order = the (B, H, C) layout).
 
@@ -535,6 +536,9 @@ def _dt_bwd_kernel(
     over the whole sequence would cancel two large sums and lose the precision. Then
     ddt_k = ddt_in_k + ddA_k A through the clamp and softplus, and partial sums of dA and
     ddt_bias for the launcher.
+
+    With a head split in the dB/dC kernel, the programs of a group's heads also sum its
+    fp32 dB/dC partials, ROWS rows of the chunk each (no extra launch, no torch sums).
     """
     i_bhc = tl.program_id(0)
     i_c = i_bhc % nchunks
@@ -578,6 +582,28 @@ def _dt_bwd_kernel(
     sums_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * 2
     tl.store(sums_ptr + sums_off, tl.sum(tl.where(m_l, ddA * dt, 0.0), axis=0))
     tl.store(sums_ptr + sums_off + 1, tl.sum(grad, axis=0))
+
+    if HAS_SPLIT:
+        G = H // heads_per_group
+        i_g = i_h // heads_per_group
+        o_r = i_c * Q + (i_h % heads_per_group) * ROWS + tl.arange(0, ROWS)
+        o_n = tl.arange(0, BLOCK_N)
+        m_rn = ((o_r < L) & (o_r < i_c * Q + Q))[:, None] & (o_n < N)[None, :]
+        # The partials are contiguous (n_split, B, L, G, N); the outputs have B's strides.
+        part_off = ((i_b.to(tl.int64) * L + o_r.to(tl.int64)) * G + i_g)[:, None] * N + o_n[None, :]
+        acc_B = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc_C = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        p_B = dB_part_ptr + part_off
+        p_C = dC_part_ptr + part_off
+        for _ in range(n_split):
+            acc_B += tl.load(p_B, mask=m_rn, other=0.0)
+            acc_C += tl.load(p_C, mask=m_rn, other=0.0)
+            p_B += split_stride
+            p_C += split_stride
+        out_off = (i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + o_r.to(tl.int64)[:, None] * stride_B_l
+                   + o_n[None, :] * stride_B_n)
+        tl.store(dB_ptr + out_off, acc_B.to(dB_ptr.dtype.element_ty), mask=m_rn)
+        tl.store(dC_ptr + out_off, acc_C.to(dC_ptr.dtype.element_ty), mask=m_rn)
 
 
 def _head_split(heads_per_group, programs, target=2048):
@@ -659,9 +685,6 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
         BLOCK_N=BLOCK_N, **common,
     )
-    if n_split > 1:
-        _sum_into(dB, dB_part, (0,))
-        _sum_into(dC, dC_part, (0,))
 
     ddt_in = torch.empty_like(cs_c)
     colsum_state = torch.empty_like(cs_c)
@@ -679,10 +702,13 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     _dt_bwd_kernel[(batch * H * nchunks,)](
         row_part, col_part, rowsum_state, colsum_state, ddecay, ddt_in, dt_c, A,
         dt, dt_bias if dt_bias is not None else A, ddt, sums,
-        L, H, nchunks, ddecay.shape[-1], float(dt_min), float(dt_max), *dt.stride(), *ddt.stride(),
+        dB_part if n_split > 1 else dB, dC_part if n_split > 1 else dC, dB, dC,
+        L, H, N, heads_per_group, nchunks, ddecay.shape[-1], n_split, B.numel(), float(dt_min), float(dt_max),
+        *dt.stride(), *ddt.stride(), *dB.stride(),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), Q=Q, BLOCK_M=BLOCK_M,
-        SLOTS=block_size(ddecay.shape[-1]), num_warps=4,
+        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SPLIT=n_split > 1, Q=Q, BLOCK_M=BLOCK_M,
+        SLOTS=block_size(ddecay.shape[-1]), ROWS=1 << (cdiv(Q, heads_per_group) - 1).bit_length(),
+        BLOCK_N=BLOCK_N, num_warps=4,
     )
     sums = sums.view(-1, H, 2)
     _sum_into(dA, sums[:, :, 0], (0,))
