@@ -115,6 +115,21 @@ def _walk_program(H, P, N, heads_per_group, BLOCK_P: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _walk_start(ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n, HAS_START: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The walk's (P, N) block of a (B, H, P, N) fp32 starting value (zeros without one),
+    its row offset, the block's offsets and mask."""
+    pn_off = o_p[:, None] * N + o_n[None, :]
+    m_pn = m_p[:, None] & m_n[None, :]
+    state_bh = (i_b * H + i_h).to(tl.int64) * P * N
+    if HAS_START:
+        start = tl.load(ptr + state_bh + pn_off, mask=m_pn, other=0.0).to(tl.float32)
+    else:
+        start = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    return start, state_bh, pn_off, m_pn
+
+
+@triton.jit
 def _softplus(v):
     # log1p(exp(v)) without overflow and without losing small values to 1 + u rounding.
     u = tl.exp(-tl.abs(v))
@@ -151,13 +166,8 @@ def _chunk_state_fwd_kernel(
     B_base = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
     # (B, H, P, N) contiguous fp32 for init/final; (B, C, H, P, N) for states.
-    pn_off = o_p[:, None] * N + o_n[None, :]
-    m_pn = m_p[:, None] & m_n[None, :]
-    state_bh = (i_b * H + i_h).to(tl.int64) * P * N
-    if HAS_INIT:
-        state = tl.load(init_ptr + state_bh + pn_off, mask=m_pn, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    state, state_bh, pn_off, m_pn = _walk_start(init_ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n, HAS_INIT,
+                                                    BLOCK_P, BLOCK_N)
     if HAS_SEQ_IDX:
         seq_prev = tl.load(seq_base)
 
@@ -270,13 +280,8 @@ def _state_grad_bwd_kernel(
     z_base = z_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
     C_base = C_ptr + i_b.to(tl.int64) * stride_C_b + i_g * stride_C_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
-    pn_off = o_p[:, None] * N + o_n[None, :]
-    m_pn = m_p[:, None] & m_n[None, :]
-    state_bh = (i_b * H + i_h).to(tl.int64) * P * N
-    if HAS_DFINAL:
-        dstate = tl.load(dfinal_ptr + state_bh + pn_off, mask=m_pn, other=0.0).to(tl.float32)
-    else:
-        dstate = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    dstate, state_bh, pn_off, m_pn = _walk_start(dfinal_ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n,
+                                                      HAS_DFINAL, BLOCK_P, BLOCK_N)
 
     for c_rev in range(nchunks):
         c = nchunks - 1 - c_rev
