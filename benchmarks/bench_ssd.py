@@ -98,7 +98,7 @@ def bench_case(s, provider, fwdbwd):
             return torch.autograd.grad(fwd(), leaves, grad)
 
     step()
-    return time_ms(step), graph_ms(step), host_ms(step)
+    return time_ms(step, warmup_ms=50, rep_ms=200), graph_ms(step), host_ms(step, n=20)
 
 
 def pin_anchor_autotuners():

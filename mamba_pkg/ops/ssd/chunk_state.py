@@ -61,8 +61,7 @@ def _walk_configs():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st)
-        for bp, bn, bl, w, st in ((64, 64, 256, 4, 2), (64, 64, 64, 4, 2), (64, 64, 32, 4, 3), (64, 32, 256, 4, 2),
-                                  (64, 64, 256, 8, 2))
+        for bp, bn, bl, w, st in ((64, 64, 256, 4, 2), (64, 64, 64, 4, 2), (64, 32, 256, 4, 2))
     ]
 
 
