@@ -547,11 +547,10 @@ def _dt_bwd_kernel(
     i_b = i_bhc // (nchunks * H)
     chunk_off = i_bhc.to(tl.int64) * Q
     o_q = tl.arange(0, Q)
-    n_mblocks: tl.constexpr = Q // BLOCK_M
     # Pair sums by slot (the other block of the pair): row sums come from source blocks
     # <= the row's block, column sums from target blocks >= it; other slots are never written.
-    o_slot = tl.arange(0, n_mblocks)
-    slot_off = chunk_off * n_mblocks + o_slot[:, None] * Q + o_q[None, :]
+    o_slot = tl.arange(0, Q // BLOCK_M)
+    slot_off = chunk_off * (Q // BLOCK_M) + o_slot[:, None] * Q + o_q[None, :]
     blk = (o_q // BLOCK_M)[None, :]
     rows = tl.sum(tl.load(row_part_ptr + slot_off, mask=o_slot[:, None] <= blk, other=0.0), axis=0)
     cols = tl.sum(tl.load(col_part_ptr + slot_off, mask=o_slot[:, None] >= blk, other=0.0), axis=0)
@@ -708,7 +707,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         *dt.stride(), *ddt.stride(), *dB.stride(),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
         HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SPLIT=n_split > 1, Q=Q, BLOCK_M=BLOCK_M,
-        SLOTS=block_size(ddecay.shape[-1]), ROWS=1 << (cdiv(Q, heads_per_group) - 1).bit_length(),
+        SLOTS=block_size(ddecay.shape[-1]), ROWS=block_size(cdiv(Q, heads_per_group)),
         BLOCK_N=BLOCK_N, num_warps=4,
     )
     sums = sums.view(-1, H, 2)
