@@ -161,6 +161,25 @@ def test_triton_fp32_matches_reference(shape, kw):
     compare_fp32(got, want, 1e-4)
 
 
+def test_triton_dt_gradients_without_softplus_or_bias():
+    """The dt kernel's other branches: no softplus, no dt_bias, a dt_limit that clamps some steps;
+    every gradient against the reference (fp32)."""
+    g = torch.Generator().manual_seed(5)
+    batch, L, H, P, G, N = 1, 37, 4, 4, 2, 8
+    leaves = dict(x=torch.randn(batch, L, H, P, generator=g), dt=torch.rand(batch, L, H, generator=g) * 0.6,
+                  A=-torch.rand(H, generator=g) - 0.2, B=torch.randn(batch, L, G, N, generator=g),
+                  C=torch.randn(batch, L, G, N, generator=g), D=torch.randn(H, generator=g))
+    res = {}
+    for backend in ("triton", "torch"):
+        inputs = {k: v.to(DEVICE).requires_grad_(True) for k, v in leaves.items()}
+        out, final = mamba_chunk_scan_combined(**inputs, chunk_size=16, dt_limit=(0.05, 0.4), return_final_states=True,
+                                               backend=backend)
+        loss = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view(out.shape)).sum() + final.square().sum()
+        res[backend] = [out, final, *torch.autograd.grad(loss, list(inputs.values()))]
+    for name, got, want in zip(["out", "final", *leaves], res["triton"], res["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
 def test_triton_several_row_blocks_per_chunk(monkeypatch):
     """16-row blocks in 64-long chunks: the block-pair logic of the backward (W tiles,
     transposed tiles, row/column pair sums from several programs) with seq_idx."""
