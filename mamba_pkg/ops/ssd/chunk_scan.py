@@ -589,19 +589,18 @@ def _dt_bwd_kernel(
         o_r = i_c * Q + (i_h % heads_per_group) * ROWS + tl.arange(0, ROWS)
         o_n = tl.arange(0, BLOCK_N)
         m_rn = ((o_r < L) & (o_r < i_c * Q + Q))[:, None] & (o_n < N)[None, :]
-        # The partials are contiguous (n_split, B, L, G, N); the outputs have B's strides.
-        part_off = ((i_b.to(tl.int64) * L + o_r.to(tl.int64)) * G + i_g)[:, None] * N + o_n[None, :]
+        # Each split's partial has B's strides, as the outputs (split_stride elements apart).
+        out_off = (i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + o_r.to(tl.int64)[:, None] * stride_B_l
+                   + o_n[None, :] * stride_B_n)
         acc_B = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         acc_C = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        p_B = dB_part_ptr + part_off
-        p_C = dC_part_ptr + part_off
+        p_B = dB_part_ptr + out_off
+        p_C = dC_part_ptr + out_off
         for _ in range(n_split):
             acc_B += tl.load(p_B, mask=m_rn, other=0.0)
             acc_C += tl.load(p_C, mask=m_rn, other=0.0)
             p_B += split_stride
             p_C += split_stride
-        out_off = (i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g + o_r.to(tl.int64)[:, None] * stride_B_l
-                   + o_n[None, :] * stride_B_n)
         tl.store(dB_ptr + out_off, acc_B.to(dB_ptr.dtype.element_ty), mask=m_rn)
         tl.store(dC_ptr + out_off, acc_C.to(dC_ptr.dtype.element_ty), mask=m_rn)
 
