@@ -231,10 +231,10 @@ def main():
         save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
         tuned_configs()
         if args.stages and i == 0:
-            try_provider("ours", lambda: stage_profile(s))
+            try_provider("ours", lambda s=s: stage_profile(s))
         if args.profile and i == 0:
             for provider in ("ours", "mamba_ssm"):
-                try_provider(provider, lambda provider=provider: kernel_profile(s, provider))
+                try_provider(provider, lambda s=s, provider=provider: kernel_profile(s, provider))
 
 
 if __name__ == "__main__":

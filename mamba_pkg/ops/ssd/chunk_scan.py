@@ -584,7 +584,6 @@ def _dt_bwd_kernel(
     tl.store(sums_ptr + sums_off + 1, tl.sum(grad, axis=0))
 
     if HAS_SPLIT:
-        G = H // heads_per_group
         i_g = i_h // heads_per_group
         o_r = i_c * Q + (i_h % heads_per_group) * ROWS + tl.arange(0, ROWS)
         o_n = tl.arange(0, BLOCK_N)
