@@ -370,7 +370,7 @@ def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
 KERNEL_FAMILIES = (  # (family, substrings of the kernel name), first match wins
     ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "_mm_")),
     ("selective scan", ("selective_scan",)),
-    ("ssd", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "ssd", "state_grad")),
+    ("ssd", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "ssd", "state_grad", "dt_bwd")),
     ("conv1d", ("conv1d", "causal_conv")),
     ("norm", ("norm",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
