@@ -138,13 +138,14 @@ class Mamba2(nn.Module):
     def _D(self):
         return rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D
 
-    def _finish(self, y, z, z0, x0):
-        """Gate / norm, the in-mixer MLP half, out_proj. y, z (..., D_ssm)."""
+    def _finish(self, y, z, z0, x0, step=False):
+        """Gate / norm, the in-mixer MLP half, out_proj. y, z (..., D_ssm); step: y is a decode
+        step's (B, D_ssm), whose out_proj is step_linear's one launch."""
         if self.rmsnorm:
             y = self.norm(y, z)
         if z0.shape[-1] > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return self.out_proj(y)
+        return step_linear(self.out_proj, y) if step else self.out_proj(y)
 
     def forward(self, u, inference_params=None, *, cu_seqlens=None, seq_idx=None):
         """u (B, L, d_model) -> (B, L, d_model).
@@ -265,12 +266,7 @@ class Mamba2(nn.Module):
             out = gated_rms_norm_linear(y, z, self.norm.weight, self.out_proj.weight, self.out_proj.bias, self.norm.eps,
                                         self.norm.norm_before_gate)
             return out.unsqueeze(1), conv_state, ssm_state
-        # _finish's gate / norm and in-mixer MLP, with the step's one-launch out_proj.
-        if self.rmsnorm:
-            y = self.norm(y, z)
-        if z0.shape[-1] > 0:
-            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state
+        return self._finish(y, z, z0, x0, step=True).unsqueeze(1), conv_state, ssm_state
 
     def _fused_norm_step(self, y, z0) -> bool:
         """The step's gated RMSNorm can join out_proj: one norm group spanning the row, no
