@@ -38,7 +38,7 @@ from mamba_pkg.ops.backend import (
     triton,
     triton_interpret,
 )
-from mamba_pkg.ops.norm import _residual_dtype
+from mamba_pkg.ops.norm import _residual_dtype, layer_norm_ref, rms_norm_gated_ref
 
 MAX_ROWS = 64
 SMALL_ROWS = 8  # up to here the broadcast-sum kernel; above, the tl.dot kernel
@@ -73,18 +73,13 @@ def decode_linear_ref(x, weight, bias=None):
 def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False):
     """Torch reference of :func:`add_rms_norm_linear` (fp32 math)."""
     s = x.float() if residual is None else x.float() + residual.float()
-    normed = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * norm_weight.float()
+    normed = layer_norm_ref(s, norm_weight, None, eps=eps, is_rms_norm=True)  # fp32 in, fp32 out: not rounded
     return decode_linear_ref(normed, weight, bias).to(x.dtype), s.to(_residual_dtype(x, residual, residual_in_fp32))
 
 
 def gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_before_gate=False):
     """Torch reference of :func:`gated_rms_norm_linear` (fp32 math)."""
-    xf, gate = x.float(), F.silu(z.float())
-    if not norm_before_gate:
-        xf = xf * gate
-    normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm_weight.float()
-    if norm_before_gate:
-        normed = normed * gate
+    normed = rms_norm_gated_ref(x.float(), norm_weight, None, z, eps, None, norm_before_gate)  # fp32: not rounded
     return decode_linear_ref(normed, weight, bias).to(x.dtype)
 
 
