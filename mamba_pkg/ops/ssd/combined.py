@@ -217,14 +217,21 @@ def _varlen_outputs(x, B, initial_states, cu_seqlens, want_states):
     return y_init, states
 
 
+def _varlen_terms_or_absent(x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
+                            want_states):
+    """_varlen_terms with the ops' argument order, absent(x) in place of a term not asked for."""
+    y_init, states = _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, (dt_min, dt_max), initial_states,
+                                   cu_seqlens, want_states)
+    return (y_init if y_init is not None else absent(x)), (states if states is not None else absent(x))
+
+
 @launcher_op("ssd_varlen_terms")
 def _varlen_terms_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dt_bias: Tensor | None,
                      initial_states: Tensor | None, cu_seqlens: Tensor, dt_softplus: bool, dt_min: float,
                      dt_max: float, want_states: bool) -> tuple[Tensor, Tensor]:
     """_varlen_terms as a custom op: (y_init, states), each empty when not asked for."""
-    y_init, states = _varlen_terms(x, dt, A, B, C, dt_bias, dt_softplus, (dt_min, dt_max), initial_states,
-                                   cu_seqlens, want_states)
-    return (y_init if y_init is not None else absent(x)), (states if states is not None else absent(x))
+    return _varlen_terms_or_absent(x, dt, A, B, C, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_min, dt_max,
+                                   want_states)
 
 
 @_varlen_terms_op.register_fake
@@ -247,8 +254,7 @@ def _varlen_terms_bwd(dy_init: Tensor | None, dstates: Tensor | None, x: Tensor,
         args = [next(it) for _ in range(5)]
         bias = next(it) if has_bias else None
         init = next(it) if has_init else None
-        y_init, states = _varlen_terms(*args, bias, dt_softplus, (dt_min, dt_max), init, cu_seqlens, want_states)
-        return (y_init if y_init is not None else absent(x)), (states if states is not None else absent(x))
+        return _varlen_terms_or_absent(*args, bias, init, cu_seqlens, dt_softplus, dt_min, dt_max, want_states)
 
     # torch.func.vjp, not torch.autograd: a custom op's body runs below the autograd
     # dispatch key (under torch.compile), where autograd records nothing.
