@@ -68,6 +68,12 @@ def state_row(idx_ptr, i_b, n_rows, offs, HAS_INDICES: tl.constexpr):
     return row, valid
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids on the host: triton.cdiv is a constexpr function in newer
+    Triton, several us per host call."""
+    return -(-a // b)
+
+
 BACKENDS = ("torch", "triton")
 ENV_VAR = "MAMBA_PKG_BACKEND"
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_cu_seqlens,
     check_same_device,
     check_tensor,
@@ -454,11 +455,6 @@ BWD_PREFETCH = False
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "rows"}
 
 
-def _cdiv(a, b):
-    # triton.cdiv is a constexpr function in newer Triton: slow to call from host code.
-    return -(-a // b)
-
-
 def _pow2(n):
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -494,14 +490,14 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
     if path == "chunked":
-        grid = (_cdiv(length, block * CHUNK), _cdiv(dim, block_d), batch)
+        grid = (cdiv(length, block * CHUNK), cdiv(dim, block_d), batch)
         _causal_conv1d_fwd_chunk_kernel[grid](
             x, weight, bias, initial_states, out, length, dim,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, **flags,
         )
         return
-    grid = (_cdiv(length, block), _cdiv(dim, block_d), batch)
+    grid = (cdiv(length, block), cdiv(dim, block_d), batch)
     _causal_conv1d_fwd_kernel[grid](
         x, weight, bias, initial_states, starts, rows, out, length, dim,
         *x.stride(), *out.stride(), *init_strides,
@@ -947,13 +943,13 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         flags["maxnreg"] = register_cap[0]
     if path == "chunked":
         prefetch = BWD_PREFETCH if prefetch is None else prefetch
-        tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, _cdiv(length, block * CHUNK))
-        n_parts = _cdiv(length, block * CHUNK * tiles)
+        tiles = min(tiles_per_program or BWD_TILES_PER_PROGRAM, cdiv(length, block * CHUNK))
+        n_parts = cdiv(length, block * CHUNK * tiles)
     elif path == "rows":
-        steps = min(block, _cdiv(length, ROWS))
-        n_parts = _cdiv(length, steps * ROWS)
+        steps = min(block, cdiv(length, ROWS))
+        n_parts = cdiv(length, steps * ROWS)
     else:
-        n_parts = _cdiv(length, block)
+        n_parts = cdiv(length, block)
     # One fp32 partial row per (row, program along L), summed in a fixed order: dweight
     # is deterministic.
     dw_part = torch.empty(batch * n_parts, dim, width, device=x.device, dtype=torch.float32)
@@ -961,7 +957,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     if path == "chunked":
         if dout.stride(2) != 1:
             dout = dout.contiguous()
-        _causal_conv1d_bwd_chunk_kernel[(n_parts, _cdiv(dim, block_d), batch)](
+        _causal_conv1d_bwd_chunk_kernel[(n_parts, cdiv(dim, block_d), batch)](
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, TILES=tiles, PREFETCH=prefetch and tiles > 1, **flags,
@@ -969,7 +965,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     elif path == "rows":
         if dout.stride(1) != 1:
             dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
-        _causal_conv1d_bwd_rows_kernel[(n_parts, _cdiv(dim, block_d), batch)](
+        _causal_conv1d_bwd_rows_kernel[(n_parts, cdiv(dim, block_d), batch)](
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
             W_POW2=_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
@@ -978,7 +974,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         n_l_tiles = n_parts
         scratch_mode = variant == "scratch"
         halo = _pow2(width - 1)
-        n_d_tiles = _cdiv(dim, block_d)
+        n_d_tiles = cdiv(dim, block_d)
         n_tiles = batch * n_l_tiles * n_d_tiles
         n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
         if scratch_mode:
@@ -996,7 +992,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
             HALO=halo, **flags,
         )
-    _conv_wgrad_reduce_kernel[(_cdiv(dim * width, WGRAD_BLOCK_N),)](
+    _conv_wgrad_reduce_kernel[(cdiv(dim * width, WGRAD_BLOCK_N),)](
         dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
         HAS_BIAS=bias is not None, BLOCK_P=WGRAD_BLOCK_P, BLOCK_N=WGRAD_BLOCK_N, num_warps=4,
     )
@@ -1296,7 +1292,7 @@ def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor
     x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
     out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
     block_d = min(UPDATE_BLOCK_D, _pow2(dim))
-    _causal_conv1d_update_kernel[(_cdiv(dim, block_d), batch)](
+    _causal_conv1d_update_kernel[(cdiv(dim, block_d), batch)](
         x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
         dim, n_tok, state_len, conv_state.shape[0],
         *x_st, *conv_state.stride(), *out_st,

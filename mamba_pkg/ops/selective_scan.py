@@ -28,6 +28,7 @@ from torch import Tensor
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_cu_seqlens,
     check_same_device,
     check_tensor,
@@ -712,10 +713,6 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
     return block_d, n_in, n_lanes, block_l, num_warps
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
     """Whether every tile is in bounds, so that the kernels can drop their masks."""
     return p.dim % block_d == 0 and p.dstate == block_n and p.seqlen % block_l == 0
@@ -779,7 +776,7 @@ def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
     if store_ckpt:
         _, _, group_size, grouped = _groups(dim, B, C)
         block_l = _block_sizes(dstate, group_size, grouped, backward=True)[3]
-        ckpt = u.new_empty(batch, _cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
+        ckpt = u.new_empty(batch, cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
     return out, last, ckpt
 
 
@@ -801,7 +798,7 @@ def _selective_scan_fwd(
         last.copy_(initial_state)
     elif varlen:
         last.zero_()
-    grid = (_cdiv(p.dim, block_d), p.batch)
+    grid = (cdiv(p.dim, block_d), p.batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
         out, last, ckpt if store_ckpt else None,
@@ -865,7 +862,7 @@ def _selective_scan_bwd(
     checkpoints; see _bwd_outputs for their forms and _param_grads for the split."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
-    n_dblocks = _cdiv(p.dim, block_d)
+    n_dblocks = cdiv(p.dim, block_d)
     dout = _rows(dout)
     varlen = seq_idx is not None
     has_h0 = initial_state is not None

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
-from mamba_pkg.ops.backend import tl, triton, triton_interpret
-from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, cdiv, dot_dtype_for
+from mamba_pkg.ops.backend import cdiv, tl, triton, triton_interpret
+from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype_for
 
 
 def _tile_configs():

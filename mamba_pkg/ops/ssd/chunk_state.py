@@ -23,12 +23,7 @@ import torch
 from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
-from mamba_pkg.ops.backend import tl, triton, triton_interpret
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) in plain Python: triton.cdiv is a constexpr function, several us per host call."""
-    return -(-a // b)
+from mamba_pkg.ops.backend import cdiv, tl, triton, triton_interpret
 
 
 def block_size(n: int) -> int:
