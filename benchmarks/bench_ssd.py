@@ -186,6 +186,9 @@ def tuned_configs():
     for k in kernels:
         for key, cfg in getattr(k, "cache", {}).items():
             print(f"  tuned {k.fn.__name__} {key[:4]}: {cfg}")
+        # The last tuning's time of every config (ms): how close the runners-up came.
+        for cfg, ms in (getattr(k, "configs_timings", None) or {}).items():
+            print(f"    {k.fn.__name__} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {ms}")
 
 
 def main():
