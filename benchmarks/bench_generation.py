@@ -103,7 +103,7 @@ def their_graph_ms(model, batch) -> float:
 
 
 def bench_model(name: str, batches, reps: int, with_transformers: bool, fp32_full: bool = False,
-                tables: str | None = None) -> list:
+                tables: str | None = None, fp32: bool = True) -> list:
     """Rows for one model size: every batch size, every provider. Rows of ours and mamba_ssm
     carry ``kernels_per_step`` (one eager step under torch.profiler; the graph replays the same)."""
     ours = build_ours(name)
@@ -121,10 +121,11 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool, fp32_ful
             (f"{base} state=bf16", "ours",
              lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True, ssm_state_dtype=torch.bfloat16)),
              lambda b=batch: our_graph_ms(ours, b, torch.bfloat16)),
-            (f"{base} state=fp32", "ours",
-             (lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True))) if fp32_full else None,
-             lambda b=batch: our_graph_ms(ours, b, None)),
         ]
+        if fp32:
+            runs.append((f"{base} state=fp32", "ours",
+                         (lambda n, ids=ids: (lambda: ours.generate(ids, max_new_tokens=n, cg=True))) if fp32_full else None,
+                         lambda b=batch: our_graph_ms(ours, b, None)))
         if theirs is not None:
             runs.append((f"{base} state=bf16", "mamba_ssm",
                          lambda n, ids=ids: (lambda: theirs.generate(ids, max_length=PROMPT + n, cg=True)),
@@ -211,6 +212,7 @@ def main() -> None:
     ap.add_argument("--tables", metavar="FILE", help="write torch.profiler's kernel table of one step per row here")
     ap.add_argument("--fp32-full", action="store_true",
                     help="time the fp32-state case by generate too (default: its graph replay only)")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32-state case (our default states)")
     ap.add_argument("--quick", action="store_true",
                     help="mamba-1.4b and mamba2-1.3b only, no transformers (fits 120 s on an H100)")
     args = ap.parse_args()
@@ -219,7 +221,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, batches, args.reps, not args.no_transformers, args.fp32_full, args.tables)
+        rows += bench_model(name, batches, args.reps, not args.no_transformers, args.fp32_full, args.tables,
+                            not args.no_fp32)
         torch.cuda.empty_cache()
         # Saved after every model, so that a run cut short by a time limit keeps its rows.
         save_results("bench_generation", rows, plot_key="batch")

@@ -11,6 +11,8 @@ Parts (--parts, comma-separated):
 - linear: decode_linear at batch 1 (BLOCK_N, TILE_ELEMS, warps) and 64 (the tl.dot kernel:
   BLOCK_N, BLOCK_K, stages, warps) against F.linear (cuBLAS); add_rms_norm_linear at batch 1
   against rms_norm_fn + decode_linear.
+- fold: the in_proj launch variants of a Mamba-2 step at batch 1 (decode_linear, add + RMSNorm, each
+  with and without the conv update folded in), mamba2-130m and mamba2-1.3b shapes, PDL on and off.
 - model: whole decode steps (one CUDA-graph replay of our captured step, bf16 states) with a
   module setting switched, A against B, on the real model sizes (weights stream from HBM, unlike
   the isolated kernels above whose weights can stay in L2).
@@ -49,11 +51,14 @@ SMALL_LINEAR = [(4, 8192, 4), (2, 8192, 4), (4, 16384, 4)]
 DOT_LINEAR = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 3, 4), (64, 64, 5, 4)]
 NORM_BLOCK_N = (4, 8, 16)
 # (model, batch, module, attribute, values): the first value is the committed setting.
+DL, CU, M2 = "mamba_pkg.ops.decode_linear", "mamba_pkg.models._cache_utils", "mamba_pkg.models.mamba2"
 MODEL_AB = [
-    ("mamba-130m", 1, "mamba_pkg.models._cache_utils", "STEP_NORM_MAX_DIM", (1024, 0)),
-    ("mamba-1.4b", 1, "mamba_pkg.models._cache_utils", "STEP_NORM_MAX_DIM", (1024, 4096)),
-    ("mamba-1.4b", 64, "mamba_pkg.models._cache_utils", "STEP_DOT_MAX_ROWS", (64, 0)),
-    ("mamba2-1.3b", 64, "mamba_pkg.models._cache_utils", "STEP_DOT_MAX_ROWS", (64, 0)),
+    ("mamba-1.4b", 1, DL, "BLOCK_N", (4, 8)),
+    ("mamba-1.4b", 1, DL, "TILE_ELEMS", (8192, 16384)),
+    ("mamba-1.4b", 1, DL, "NUM_WARPS", (4, 8)),
+    ("mamba2-130m", 1, M2, "STEP_CONV_IN_PROJ", (True, False)),
+    ("mamba2-1.3b", 1, M2, "STEP_CONV_IN_PROJ", (True, False)),
+    ("mamba2-1.3b", 1, CU, "STEP_NORM_MAX_DIM", (4096, 1024)),
 ]
 
 
@@ -200,6 +205,38 @@ def linear_part(sw):
                 rms_norm_fn(h, nw, None, res, 1e-5, prenorm=True, residual_in_fp32=True)[0], w))
 
 
+FOLD_SHAPES = {"mamba2-130m": (768, 1536, 24), "mamba2-1.3b": (2048, 4096, 64)}  # d_model, d_ssm, heads
+
+
+def fold_part(sw):
+    for name, (d_model, d_ssm, heads) in FOLD_SHAPES.items():
+        conv_dim = d_ssm + 256
+        n_out = 2 * d_ssm + 256 + heads
+        w = torch.randn(n_out, d_model, device="cuda", dtype=BF) / d_model**0.5
+        h = torch.randn(1, d_model, device="cuda", dtype=BF)
+        res = torch.randn(1, d_model, device="cuda")
+        nw = torch.randn(d_model, device="cuda", dtype=BF)
+        state = torch.randn(1, conv_dim, 4, device="cuda", dtype=BF)
+        conv = (state, torch.randn(conv_dim, 4, device="cuda", dtype=BF), torch.randn(conv_dim, device="cuda", dtype=BF),
+                d_ssm, "silu")
+        variants = {
+            "linear": lambda: dl.decode_linear(h, w),
+            "linear+conv": lambda: dl.decode_linear(h, w, conv=conv),
+            "norm": lambda: dl.add_rms_norm_linear(h, res, nw, w, None, 1e-5, True),
+            "norm+conv": lambda: dl.add_rms_norm_linear(h, res, nw, w, None, 1e-5, True, conv),
+            "norm(no res)+conv": lambda: dl.add_rms_norm_linear(h, None, nw, w, None, 1e-5, True, conv),
+        }
+        for pdl in (True, False):
+            for label, fn in variants.items():
+                def run(fn=fn, pdl=pdl):
+                    dl.PDL = pdl
+                    try:
+                        return fn()
+                    finally:
+                        dl.PDL = True
+                sw.timed(f"in_proj {name} b1", f"{label} pdl={int(pdl)}", run)
+
+
 def model_part(sw):
     import importlib
 
@@ -228,11 +265,11 @@ def model_part(sw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="ssm,pair,linear,model")
+    ap.add_argument("--parts", default="ssm,pair,linear,fold,model")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new candidate after this")
     args = ap.parse_args()
     sw = Sweep(args.budget_s)
-    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "model": model_part}
+    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part, "model": model_part}
     for part in args.parts.split(","):
         parts[part](sw)
     print(f"sweep took {time.time() - sw.t0:.0f} s")

@@ -28,14 +28,15 @@ STEP_LINEAR_MAX_ROWS = 2
 STEP_DOT_MAX_ROWS = 0
 # Blocks of at most this width fold their add + RMSNorm into the in_proj of a decode step of
 # <= STEP_LINEAR_MAX_ROWS rows (decode_linear.add_rms_norm_linear): each program re-reads the
-# input row, which paid at d_model 768 (H100: 3.6 us vs 4.8 for norm + in_proj; whole mamba-130m
-# step 0.476 vs 0.504 ms) but not at 2048 (12.5 vs 11.5 us; mamba-1.4b step 1.898 vs 1.860 ms).
+# input row. Without programmatic dependent launch this lost at d_model 2048 (mamba-1.4b step
+# 1.898 vs 1.860 ms); with it the separate norm kernel is a full stop in an otherwise overlapped
+# chain, and folding wins there too (H100 graph replay, mamba-1.4b b1: 1.409 vs 1.575 ms).
 # 0 switches it off.
-STEP_NORM_MAX_DIM = 1024
+STEP_NORM_MAX_DIM = 4096
 # Likewise Mamba-2's gated RMSNorm folds into its out_proj (decode_linear.gated_rms_norm_linear)
-# up to this d_ssm (the out_proj input width; mamba2-130m 1536 in, mamba2-1.3b 4096 out, as
-# for the add + norm, where a 2048-wide row already lost). 0 switches it off.
-STEP_GATED_NORM_MAX_DIM = 2048
+# up to this d_ssm (the out_proj input width; mamba2-130m 1536, mamba2-1.3b 4096: with PDL
+# 1.613 vs 1.697 ms per step at 4096). 0 switches it off.
+STEP_GATED_NORM_MAX_DIM = 4096
 
 
 def check_mixer_input(name: str, x, d_model: int, cu_seqlens=None) -> None:

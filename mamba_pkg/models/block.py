@@ -73,10 +73,14 @@ class Block(nn.Module):
         """
         if self._fused_step(hidden_states, inference_params, mixer_kwargs):
             in_proj = self.mixer.in_proj
+            # Mamba-2 folds its conv update into the same launch (Mamba.step fuses its conv with x_proj).
+            conv = self.mixer.step_conv(inference_params, hidden_states.shape[0]) if hasattr(self.mixer, "step_conv") else None
             proj, residual = add_rms_norm_linear(
                 hidden_states.squeeze(1), None if residual is None else residual.squeeze(1), self.norm.weight,
-                in_proj.weight, in_proj.bias, self.norm.eps, self.residual_in_fp32,
+                in_proj.weight, in_proj.bias, self.norm.eps, self.residual_in_fp32, conv,
             )
+            if conv is not None:
+                return self.mixer.cached_step(proj, inference_params, conv_done=True), residual.unsqueeze(1)
             return self.mixer.cached_step(proj, inference_params), residual.unsqueeze(1)
         hidden_states, residual = add_norm(
             self.norm, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32

@@ -30,12 +30,17 @@ from mamba_pkg.models._cache_utils import (
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
-from mamba_pkg.ops.decode_linear import gated_rms_norm_linear
+from mamba_pkg.ops.decode_linear import decode_linear, gated_rms_norm_linear
 from mamba_pkg.ops.ssd.combined import (
     mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
 )
 from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
+
+# Decode steps of <= STEP_LINEAR_MAX_ROWS rows (models/_cache_utils.py) run the conv update inside
+# the in_proj launch (decode_linear's conv argument): one launch per layer fewer (H100 graph replay,
+# mamba2-1.3b b1 with the norm unfused: 1.706 vs 1.834 ms per step). False: off.
+STEP_CONV_IN_PROJ = True
 
 
 class Mamba2(nn.Module):
@@ -233,18 +238,25 @@ class Mamba2(nn.Module):
             y = result
         return self._finish(rearrange(y, "b l h p -> b l (h p)"), z, z0, x0)
 
-    def step(self, hidden_states, conv_state, ssm_state, *, zxbcdt=None):
+    def step(self, hidden_states, conv_state, ssm_state, *, zxbcdt=None, conv_done=False):
         """One decode step. hidden_states (B, 1, d_model); conv_state (B, conv_dim, d_conv) and
         ssm_state (B, H, P, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state).
         zxbcdt: (B, in_proj.out_features) in_proj output computed by the caller (the block's fused
-        add + norm + in_proj); hidden_states is then not used."""
+        add + norm + in_proj); hidden_states is then not used. conv_done: that launch also ran the
+        conv update (step_conv), so zxbcdt's xBC part is already the conv output."""
         if zxbcdt is None:
             if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
                 raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-            zxbcdt = step_linear(self.in_proj, hidden_states.squeeze(1))
+            u = hidden_states.squeeze(1)
+            conv = self._step_conv(conv_state, u.shape[0])
+            if conv is not None:
+                zxbcdt, conv_done = decode_linear(u, self.in_proj.weight, self.in_proj.bias, conv=conv), True
+            else:
+                zxbcdt = step_linear(self.in_proj, u)
         z0, x0, z, xBC, dt = self._split(zxbcdt)
-        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
-        xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
+        if not conv_done:
+            conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+            xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         P = self.headdim
         # One fused kernel: dt + dt_bias, softplus, dt_limit, A = -exp(A_log), state update, D (and
@@ -275,8 +287,24 @@ class Mamba2(nn.Module):
                 and y.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS
                 and self.d_ssm <= _cache_utils.STEP_GATED_NORM_MAX_DIM and plain_linear(self.out_proj))
 
-    def cached_step(self, zxbcdt, inference_params):
+    def _step_conv(self, conv_state, rows):
+        """The conv argument of decode_linear / add_rms_norm_linear that folds this layer's conv
+        update into the in_proj launch of a decode step (the conv is depthwise: each in_proj
+        program owns the channels it writes), or None: more than STEP_LINEAR_MAX_ROWS rows,
+        STEP_CONV_IN_PROJ off, or an in_proj hooked or sharded (not plain_linear)."""
+        if not (STEP_CONV_IN_PROJ and rows <= _cache_utils.STEP_LINEAR_MAX_ROWS
+                and plain_linear(self.in_proj)):
+            return None
+        start = self.in_proj.out_features - self.nheads - (self.d_ssm + 2 * self.ngroups * self.d_state)
+        return (conv_state, rearrange(self.conv1d.weight, "d 1 w -> d w"), self.conv1d.bias, start, self.activation)
+
+    def step_conv(self, inference_params, rows):
+        """_step_conv on this layer's cache rows in inference_params (for the block's fused
+        add + norm + in_proj); pass conv_done=True to cached_step when it is not None."""
+        return self._step_conv(layer_cache(self, inference_params, rows)[0], rows)
+
+    def cached_step(self, zxbcdt, inference_params, conv_done=False):
         """A decode step (seqlen_offset > 0) from the in_proj output zxbcdt (B, in_proj.out_features),
         on this layer's rows of the cache in inference_params. Returns (B, 1, d_model)."""
         conv_state, ssm_state = layer_cache(self, inference_params, zxbcdt.shape[0])
-        return self.step(None, conv_state, ssm_state, zxbcdt=zxbcdt)[0]
+        return self.step(None, conv_state, ssm_state, zxbcdt=zxbcdt, conv_done=conv_done)[0]

@@ -27,6 +27,7 @@ from mamba_pkg.ops.backend import (
     triton,
 )
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
+from mamba_pkg.ops.decode_linear import pdl_launch, use_pdl
 
 # Channels per split: also the partition the reference uses. 64 gives 24 / 64 programs at
 # mamba-130m / -1.4b; with the SSM kernel adding the partials it beat 128 and 256 on an H100
@@ -59,26 +60,37 @@ def _conv_xproj_step_kernel(
     stride_p_s, stride_p_b, stride_p_j,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_J: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     i_s, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_d = i_s * BLOCK_D + tl.arange(0, BLOCK_D)
     o_s = tl.arange(0, BLOCK_S)
     m_d, m_s = o_d < D, o_s < S_LEN
     m_ds = m_d[:, None] & m_s[None, :]
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+    # Weights first: with PDL their loads are in flight while the previous kernel finishes.
+    o_k = o_s - (S_LEN - (W - 1))
+    m_k = m_ds & (o_k[None, :] >= 0)
+    b_w = tl.load(w_ptr + o_d[:, None] * stride_w_d + o_k[None, :] * stride_w_k, mask=m_k, other=0.0).to(tl.float32)
+    b_w_new = tl.load(w_ptr + o_d * stride_w_d + (W - 1) * stride_w_k, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    o_j0 = tl.arange(0, BLOCK_J)
+    b_wx0 = tl.load(wx_ptr + o_j0[:, None] * stride_wx_j + o_d[None, :] * stride_wx_d,
+                    mask=(o_j0 < J)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
 
     # Conv: slot s of the state holds input (s - S_LEN) relative to the new one; the window
     # uses its last W-1 slots (tap k = s - (S_LEN - (W-1))) and the new input (tap W-1).
     p_state = state_ptr + i_b * stride_s_b + o_d[:, None] * stride_s_d + o_s[None, :] * stride_s_s
     b_state = tl.load(p_state, mask=m_ds, other=0.0).to(tl.float32)
     b_x = tl.load(x_ptr + i_b * stride_x_b + o_d * stride_x_d, mask=m_d, other=0.0)
-    o_k = o_s - (S_LEN - (W - 1))
-    m_k = m_ds & (o_k[None, :] >= 0)
-    b_w = tl.load(w_ptr + o_d[:, None] * stride_w_d + o_k[None, :] * stride_w_k, mask=m_k, other=0.0).to(tl.float32)
-    b_acc = tl.sum(b_state * b_w, axis=1)
-    b_acc += tl.load(w_ptr + o_d * stride_w_d + (W - 1) * stride_w_k, mask=m_d, other=0.0).to(tl.float32) \
-        * b_x.to(tl.float32)
+    b_acc = tl.sum(b_state * b_w, axis=1) + b_w_new * b_x.to(tl.float32)
     if HAS_BIAS:
-        b_acc += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_acc += b_bias
     if SILU:
         b_acc = b_acc / (1.0 + tl.exp(-b_acc))
     b_xc = b_acc.to(out_ptr.dtype.element_ty)
@@ -93,10 +105,13 @@ def _conv_xproj_step_kernel(
     # x_proj over this block of channels, from the conv output as the consumer sees it (rounded).
     b_xc = b_xc.to(tl.float32)
     for i_j in tl.static_range(N_J):
-        o_j = i_j * BLOCK_J + tl.arange(0, BLOCK_J)
+        o_j = i_j * BLOCK_J + o_j0
         m_j = o_j < J
-        b_wx = tl.load(wx_ptr + o_j[:, None] * stride_wx_j + o_d[None, :] * stride_wx_d,
-                       mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        if i_j == 0:
+            b_wx = b_wx0
+        else:
+            b_wx = tl.load(wx_ptr + o_j[:, None] * stride_wx_j + o_d[None, :] * stride_wx_d,
+                           mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         b_part = tl.sum(b_wx * b_xc[None, :], axis=1)
         tl.store(parts_ptr + i_s * stride_p_s + i_b * stride_p_b + o_j * stride_p_j, b_part, mask=m_j)
 
@@ -117,6 +132,7 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
     state_len = conv_state.shape[2]
     n_out = x_proj_weight.shape[0]
     block_j = min(triton.next_power_of_2(n_out), MAX_TILE // BLOCK_D)
+    pdl = use_pdl(x)
     _conv_xproj_step_kernel[(parts.shape[0], batch)](
         x, conv_state, weight, bias, x_proj_weight, out, parts,
         dim, state_len, x_proj_weight.shape[0],
@@ -124,7 +140,7 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
         *parts.stride(),
         W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
         BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(state_len), BLOCK_J=block_j,
-        N_J=triton.cdiv(n_out, block_j), num_warps=8,
+        N_J=triton.cdiv(n_out, block_j), USE_PDL=pdl, num_warps=8, **pdl_launch(pdl),
     )
     return out, parts
 

@@ -7,6 +7,12 @@ and, for the in_proj of a decode step, the block's residual add + RMSNorm folded
     s = x + residual;  out = (s * rsqrt(mean(s^2) + eps) * norm_weight) @ weight.T + bias
     returns (out, s)                 B <= 8; s in fp32 if residual_in_fp32
 
+and, for Mamba-2's in_proj (either form above), its depthwise causal conv update folded in: the
+outputs [conv_start, conv_start + C) are replaced by
+
+    out[:, c] = act(conv_bias[c - conv_start] + sum_k conv_weight[c - conv_start, k] * window[:, c, k])
+    window = the last W-1 inputs in conv_state, then the product itself (conv_state advances in place)
+
 and, for Mamba-2's out_proj, its gated RMSNorm (one group spanning the row) folded in:
 
     g = x * silu(z);  out = (g * rsqrt(mean(g^2) + eps) * norm_weight) @ weight.T + bias
@@ -18,17 +24,27 @@ kernel (two launches per projection). Here each program owns BLOCK_N output feat
 reads their full rows in one go (no loop-carried dependency), so every load of a program is
 in flight at once and one launch does the whole product; math in fp32. The norm costs each
 program one extra read of the (L2-resident) input rows: the row scale rsqrt(...) is applied
-to the finished dot product, so it needs no pass of its own. Above 8 rows the product is a
-tl.dot over BLOCK_K steps (a weight-streaming GEMM with the whole batch in one tile).
+to the finished dot product, so it needs no pass of its own. The conv is depthwise, so the
+program that computes an output feature owns its conv channel (state, weights) outright.
+Above 8 rows the product is a tl.dot over BLOCK_K steps (a weight-streaming GEMM with the
+whole batch in one tile).
+
+On Hopper and newer the decode kernels (these, conv_xproj_step, ssm_decode_step) are launched
+with programmatic dependent launch (PDL): each lets its successor start at once, issues the
+loads of its weights, and only then waits for its predecessor to finish (gdc_wait) before it
+reads an activation or stores anything. At batch 1 a step is a chain of ~100-250 short kernels;
+this overlaps each kernel's launch and first weight round trip with the tail of the one before.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._library import launcher_op
+from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
     check_same_device,
@@ -38,6 +54,7 @@ from mamba_pkg.ops.backend import (
     triton,
     triton_interpret,
 )
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
 from mamba_pkg.ops.norm import _residual_dtype, layer_norm_ref, rms_norm_gated_ref
 
 MAX_ROWS = 64
@@ -56,6 +73,27 @@ DOT_CONFIGS = ((64, (64, 128, 4, 4)), (32, (32, 128, 4, 4)))
 DOT_MIN_PROGRAMS = 96
 
 
+# Programmatic dependent launch of the decode kernels (module docstring); False switches it off.
+PDL = True
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index):
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(t: Tensor) -> bool:
+    """Launch the decode kernels on t's device with programmatic dependent launch: CUDA on sm_90+,
+    not the interpreter. Every kernel so launched must call gdc_wait before it reads an activation
+    or writes anything, so that "kernel k finished" still implies "every kernel before it did"."""
+    return PDL and t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch keyword of a PDL launch (none otherwise: the interpreter takes no launch_pdl)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def dot_config(n_out):
     """(BLOCK_N, BLOCK_K, stages, warps) of the tl.dot kernel for n_out output features, or None
     where it has too few programs to beat cuBLAS."""
@@ -65,16 +103,28 @@ def dot_config(n_out):
     return None
 
 
-def decode_linear_ref(x, weight, bias=None):
+def _conv_columns_ref(out, conv):
+    """out with its columns [conv_start, conv_start + C) put through the conv update (in place)."""
+    if conv is None:
+        return out
+    conv_state, conv_weight, conv_bias, conv_start, activation = conv
+    cols = slice(conv_start, conv_start + conv_weight.shape[0])
+    out[:, cols] = causal_conv1d_update_ref(out[:, cols], conv_state, conv_weight, conv_bias, activation)
+    return out
+
+
+def decode_linear_ref(x, weight, bias=None, conv=None):
     """Torch reference of :func:`decode_linear` (fp32 math, output in x's dtype)."""
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return _conv_columns_ref(out, conv)
 
 
-def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False):
+def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False, conv=None):
     """Torch reference of :func:`add_rms_norm_linear` (fp32 math)."""
     s = x.float() if residual is None else x.float() + residual.float()
     normed = layer_norm_ref(s, norm_weight, None, eps=eps, is_rms_norm=True)  # fp32 in, fp32 out: not rounded
-    return decode_linear_ref(normed, weight, bias).to(x.dtype), s.to(_residual_dtype(x, residual, residual_in_fp32))
+    out = _conv_columns_ref(decode_linear_ref(normed, weight, bias).to(x.dtype), conv)
+    return out, s.to(_residual_dtype(x, residual, residual_in_fp32))
 
 
 def gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_before_gate=False):
@@ -89,21 +139,28 @@ NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER = 0, 1, 2, 3
 
 @triton.jit
 def _decode_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, nw_ptr, res_out_ptr,
-    batch, N, K, eps,
+    x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, nw_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr,
+    batch, N, K, eps, conv_start, conv_dim,
     stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
     stride_r_b, stride_r_k, stride_ro_b, stride_ro_k,
+    stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # NORM_ADD: res_ptr is the residual (if HAS_RESIDUAL), res_out_ptr takes the sum.
     # NORM_GATE / NORM_GATE_AFTER: res_ptr is the gate z.
+    # CONV: output features [conv_start, conv_start + conv_dim) are conv channels; cs_ptr is their
+    # state (B, conv_dim, S_LEN), cw_ptr the weights (conv_dim, W), cb_ptr the bias.
     i_n = tl.program_id(0)
     o_b = tl.arange(0, BLOCK_B)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_b, m_n = o_b < batch, o_n < N
     b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     # Unrolled over K: the chunks are independent loads, all issued before the first sum.
     for i_k in tl.static_range(K_BLOCKS):
         o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -111,6 +168,8 @@ def _decode_linear_kernel(
         m_bk = m_b[:, None] & m_k[None, :]
         b_w = tl.load(w_ptr + o_n[:, None].to(tl.int64) * stride_w_n + o_k[None, :] * stride_w_k,
                       mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+        if USE_PDL and i_k == 0:  # the first weight chunk is in flight while the predecessor finishes
+            tl.extra.cuda.gdc_wait()
         b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + o_k[None, :] * stride_x_k,
                       mask=m_bk, other=0.0).to(tl.float32)  # (BLOCK_B, BLOCK_K)
         if NORM == 1:
@@ -137,8 +196,33 @@ def _decode_linear_kernel(
         b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
     if HAS_BIAS:
         b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n,
-             b_acc.to(out_ptr.dtype.element_ty), mask=m_b[:, None] & m_n[None, :])
+    b_out = b_acc.to(out_ptr.dtype.element_ty)
+    if CONV:
+        # State slot s holds input (s - S_LEN) relative to the new one; the window is its last
+        # W-1 slots (tap s - (S_LEN - (W-1))) and the new input (tap W-1): the product as stored
+        # (rounded), as the unfused conv reads it. Unrolled over the slots with (BLOCK_B, BLOCK_N)
+        # tiles in the product's layout (a (B, N, S) tile here made Triton 3.6 spill at d_model 2048).
+        # Only this program reads or writes these (row, channel) slots: shifting in place is safe.
+        o_c = o_n - conv_start
+        m_c = m_n & (o_c >= 0) & (o_c < conv_dim)
+        m_bc = m_b[:, None] & m_c[None, :]
+        p_cs = cs_ptr + o_b[:, None].to(tl.int64) * stride_cs_b + o_c[None, :] * stride_cs_d
+        p_cw = cw_ptr + o_c * stride_cw_d
+        b_conv = b_out.to(tl.float32) * tl.load(p_cw + (W - 1) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        if CONV_BIAS:
+            b_conv += tl.load(cb_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        for i_s in tl.static_range(S_LEN):
+            b_slot = tl.load(p_cs + i_s * stride_cs_s, mask=m_bc, other=0.0)
+            if i_s >= S_LEN - (W - 1):
+                b_tap = tl.load(p_cw + (i_s - (S_LEN - (W - 1))) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)
+                b_conv += b_slot.to(tl.float32) * b_tap[None, :]
+            if i_s > 0:
+                tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
+        tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
+        if SILU:
+            b_conv = b_conv / (1.0 + tl.exp(-b_conv))
+        b_out = tl.where(m_c[None, :], b_conv.to(out_ptr.dtype.element_ty), b_out)
+    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
 
 
 @triton.jit
@@ -175,19 +259,28 @@ def _outputs(x, weight):
     return torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
 
-def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0, norm=NORM_NONE):
-    """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*)."""
+def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0, norm=NORM_NONE,
+                  conv=None):
+    """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
+    conv_weight, conv_bias, conv_start, silu)."""
     batch, n_in = x.shape
     block_b = triton.next_power_of_2(batch)
     block_k = min(triton.next_power_of_2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))
+    pdl = use_pdl(x)
     r_st = residual.stride() if residual is not None else (0, 0)
     ro_st = res_out.stride() if res_out is not None else (0, 0)
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
+    cs_st = conv_state.stride() if conv is not None else (0, 0, 0)
+    cw_st = conv_weight.stride() if conv is not None else (0, 0)
     _decode_linear_kernel[(triton.cdiv(weight.shape[0], BLOCK_N),)](
-        x, weight, bias, out, residual, norm_weight, res_out, batch, weight.shape[0], n_in, eps,
-        *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st,
+        x, weight, bias, out, residual, norm_weight, res_out, conv_state, conv_weight, conv_bias,
+        batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
+        *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st, *cs_st, *cw_st,
         HAS_BIAS=bias is not None, NORM=norm, HAS_RESIDUAL=residual is not None,
+        CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
+        W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
         BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=triton.cdiv(n_in, block_k),
-        num_warps=NUM_WARPS,
+        USE_PDL=pdl, num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
 
 
@@ -247,6 +340,63 @@ def _(x, z, norm_weight, weight, bias, eps, norm_before_gate):
     return _outputs(x, weight)
 
 
+def _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32):
+    if norm_weight is None:
+        return _outputs(x, weight), absent(x)
+    return _norm_outputs(x, weight, residual, residual_in_fp32)
+
+
+@launcher_op("linear_conv_step", mutates_args=("conv_state",))
+def _linear_conv_step(x: Tensor, residual: Tensor | None, norm_weight: Tensor | None, weight: Tensor,
+                      bias: Tensor | None, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
+                      conv_start: int, silu: bool, eps: float, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """decode_linear (norm_weight None) or add_rms_norm_linear with the conv folded in; the second
+    output is absent without the norm."""
+    out, res_out = _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32)
+    conv = (conv_state, conv_weight, conv_bias, conv_start, silu)
+    if norm_weight is None:
+        _launch_small(x, weight, bias, out, conv=conv)
+    else:
+        _launch_small(x, weight, bias, out, residual, norm_weight, res_out, eps, NORM_ADD, conv=conv)
+    return out, res_out
+
+
+@_linear_conv_step.register_fake
+def _(x, residual, norm_weight, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu, eps,
+      residual_in_fp32):
+    return _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32)
+
+
+def _check_conv(conv, x, weight):
+    """conv = (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None, conv_start, activation)."""
+    if not (isinstance(conv, tuple) and len(conv) == 5):
+        raise TypeError("conv must be a tuple (conv_state, conv_weight, conv_bias, conv_start, activation)")
+    conv_state, conv_weight, conv_bias, conv_start, activation = conv
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.shape[0] > SMALL_ROWS:
+        raise ValueError(f"x must have shape (B, K) with B <= {SMALL_ROWS} to fold a conv in, got {tuple(x.shape)}")
+    check_tensor("conv_weight", conv_weight, ndim=2, dtype=FLOAT_DTYPES)
+    channels, width = conv_weight.shape
+    if not 2 <= width <= 8:
+        raise ValueError(f"conv_weight must have shape (C, W) with W in 2..8, got {tuple(conv_weight.shape)}")
+    check_tensor("conv_state", conv_state, shape=(x.shape[0], channels, None), dtype=FLOAT_DTYPES)
+    if conv_state.shape[2] < width - 1:
+        raise ValueError(f"conv_state must have shape (B, C, S) with S >= W-1 = {width - 1}, "
+                         f"got {tuple(conv_state.shape)}")
+    check_tensor("conv_bias", conv_bias, shape=(channels,), dtype=FLOAT_DTYPES, optional=True)
+    if not (isinstance(conv_start, int) and 0 <= conv_start <= weight.shape[0] - channels):
+        raise ValueError(f"conv_start must be an int in [0, {weight.shape[0] - channels}] (the conv channels "
+                         f"are outputs [conv_start, conv_start + {channels}) of {weight.shape[0]}), got {conv_start!r}")
+    check_same_device(x=x, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias)
+
+
+def _launch_conv(x, residual, norm_weight, weight, bias, conv, eps, residual_in_fp32):
+    conv_state, conv_weight, conv_bias, conv_start, activation = conv
+    return _linear_conv_step(x, residual, norm_weight, weight, bias, conv_state, conv_weight, conv_bias,
+                             int(conv_start), activation is not None, float(eps), residual_in_fp32)
+
+
 def _validate(x, weight, bias):
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     if not 1 <= x.shape[0] <= MAX_ROWS:
@@ -256,11 +406,15 @@ def _validate(x, weight, bias):
     check_same_device(x=x, weight=weight, bias=bias)
 
 
-def decode_linear(x, weight, bias=None, *, backend=None):
+def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
     """``x @ weight.T + bias`` for a decode step's few rows.
 
     Args:
         x: (B, K) with 1 <= B <= 64 (any strides).  weight: (N, K).  bias: (N,) or None.
+        conv: None, or (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None,
+            conv_start, activation) with B <= 8: outputs [conv_start, conv_start + C) go through a
+            depthwise causal conv update (causal_conv1d_update's math; W in 2..8, S >= W-1,
+            activation None | "silu" | "swish"), conv_state advancing in place.
         backend: "torch", "triton" or None (the device decides).
     Returns:
         (B, N) in x's dtype, accumulated in fp32.
@@ -272,8 +426,12 @@ def decode_linear(x, weight, bias=None, *, backend=None):
                                 and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
     if not ok:
         _validate(x, weight, bias)
+    if conv is not None:
+        _check_conv(conv, x, weight)
     if resolve_backend(backend, x, weight) == "torch":
-        return decode_linear_ref(x, weight, bias)
+        return decode_linear_ref(x, weight, bias, conv)
+    if conv is not None:
+        return _launch_conv(x, None, None, weight, bias, conv, 0.0, False)[0]
     return _decode_linear(x, weight, bias)
 
 
@@ -298,7 +456,7 @@ def _check_norm_inputs(x, extra_name, extra, norm_weight, weight, bias, extra_op
     check_same_device(x=x, **{extra_name: extra}, norm_weight=norm_weight)
 
 
-def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False, *,
+def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False, conv=None, *,
                         backend=None):
     """The prenorm block's add + RMSNorm and the in_proj that follows, in one launch.
 
@@ -306,14 +464,19 @@ def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, r
         x: (B, K) with 1 <= B <= 8, the previous block's output.  residual: (B, K) or None (zero).
         norm_weight: (K,).  weight: (N, K).  bias: (N,) or None.
         residual_in_fp32: return the sum in fp32 (else in residual's dtype, or x's without one).
+        conv: None, or a conv update folded into the output, as in :func:`decode_linear`.
         backend: "torch", "triton" or None (the device decides).
     Returns:
         out (B, N) in x's dtype: rmsnorm(x + residual) * norm_weight @ weight.T + bias, accumulated
         in fp32 (the normalised row is not rounded); s = x + residual (B, K).
     """
     _check_norm_inputs(x, "residual", residual, norm_weight, weight, bias, True)
+    if conv is not None:
+        _check_conv(conv, x, weight)
     if resolve_backend(backend, x, weight) == "torch":
-        return add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias, eps, residual_in_fp32)
+        return add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias, eps, residual_in_fp32, conv)
+    if conv is not None:
+        return _launch_conv(x, residual, norm_weight, weight, bias, conv, eps, residual_in_fp32)
     return _add_rms_norm_linear(x, residual, norm_weight, weight, bias, float(eps), residual_in_fp32)
 
 

@@ -36,6 +36,7 @@ from mamba_pkg.ops.backend import (
     tl,
     triton,
 )
+from mamba_pkg.ops.decode_linear import pdl_launch, use_pdl
 from mamba_pkg.ops.state_update import _softplus, selective_state_update_ref
 
 NO_DT_LIMIT = (0.0, float("inf"))
@@ -98,7 +99,7 @@ def _ssm_decode_step_kernel(
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -109,6 +110,30 @@ def _ssm_decode_step_kernel(
     m_bn = m_b[:, None] & m_n[None, :]  # (BLOCK_B, BLOCK_N)
     o_b = o_b.to(tl.int64)
     i_g = i_h // heads_per_group
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+    # Parameters first: with PDL their loads are in flight while the previous kernel finishes.
+    if TIE_HDIM:
+        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
+    else:
+        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
+        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))  # (BLOCK_P, BLOCK_N)
+    if HAS_DT_PROJ:
+        o_r = tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
+        b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
+    if HAS_DT_BIAS:
+        if TIE_HDIM:
+            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h).to(tl.float32)
+        else:
+            b_dt_bias = tl.load(dt_bias_ptr + i_h * stride_dtb_h + o_p * stride_dtb_p, mask=m_p,
+                                other=0.0).to(tl.float32)[None, :]
+    if HAS_D:
+        b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
 
     # The loads that do not depend on dt first: their DRAM round trip overlaps the dt math.
     m_state = m_bp[:, :, None] & m_n[None, None, :]
@@ -131,23 +156,14 @@ def _ssm_decode_step_kernel(
     if HAS_Z:
         b_z = tl.load(z_ptr + o_b[:, None] * stride_z_b + i_h * stride_z_h + o_p[None, :] * stride_z_p, mask=m_bp,
                       other=0.0).to(tl.float32)
-    if TIE_HDIM:
-        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
-    else:
-        p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
-        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))  # (BLOCK_P, BLOCK_N)
 
     # dt (BLOCK_B, BLOCK_P), or (BLOCK_B, 1) when it is per head (Mamba-2).
     if HAS_DT_PROJ:
         # dt_ptr holds the low-rank dt (B, R); stride_dt_p walks R.
-        o_r = tl.arange(0, BLOCK_R)
-        m_r = o_r < R
         p_dt_low = (dt_ptr + o_s[:, None, None] * stride_dt_s + o_b[None, :, None] * stride_dt_b
                     + o_r[None, None, :] * stride_dt_p)
         m_dt_low = m_s[:, None, None] & m_b[None, :, None] & m_r[None, None, :]
         b_dt_low = tl.sum(tl.load(p_dt_low, mask=m_dt_low, other=0.0).to(tl.float32), axis=0)  # (BLOCK_B, BLOCK_R)
-        p_w = w_ptr + i_h * stride_w_h + o_p[:, None] * stride_w_p + o_r[None, :] * stride_w_r
-        b_w = tl.load(p_w, mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_P, BLOCK_R)
         b_dt = tl.sum(b_dt_low[:, None, :] * b_w[None, :, :], axis=2)
     elif TIE_HDIM:
         b_dt = tl.load(dt_ptr + o_b * stride_dt_b + i_h * stride_dt_h, mask=m_b, other=0.0).to(tl.float32)[:, None]
@@ -155,11 +171,7 @@ def _ssm_decode_step_kernel(
         b_dt = tl.load(dt_ptr + o_b[:, None] * stride_dt_b + i_h * stride_dt_h + o_p[None, :] * stride_dt_p,
                        mask=m_bp, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
-        if TIE_HDIM:
-            b_dt += tl.load(dt_bias_ptr + i_h * stride_dtb_h).to(tl.float32)
-        else:
-            b_dt += tl.load(dt_bias_ptr + i_h * stride_dtb_h + o_p * stride_dtb_p, mask=m_p,
-                            other=0.0).to(tl.float32)[None, :]
+        b_dt += b_dt_bias
     b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
     if HAS_DT_LIMIT:
         b_dt = tl.minimum(tl.maximum(b_dt, dt_min), dt_max)
@@ -174,7 +186,7 @@ def _ssm_decode_step_kernel(
     tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_state)
     b_out = tl.sum(b_state * b_C[:, None, :], axis=2)  # (BLOCK_B, BLOCK_P)
     if HAS_D:
-        b_out += b_x * tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
+        b_out += b_x * b_D
     if HAS_Z:
         b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
     tl.store(out_ptr + o_b[:, None] * stride_o_b + i_h * stride_o_h + o_p[None, :] * stride_o_p,
@@ -262,6 +274,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
     block_b, block_p, block_n, block_r, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
     limit = tuple(dt_limit) != NO_DT_LIMIT
     grid = (triton.cdiv(hdim, block_p), triton.cdiv(batch, block_b), heads)
+    pdl = use_pdl(x)
     _ssm_decode_step_kernel[grid](
         state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
         batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
@@ -270,7 +283,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits),
-        num_warps=warps,
+        USE_PDL=pdl, num_warps=warps, **pdl_launch(pdl),
     )
     return out
 

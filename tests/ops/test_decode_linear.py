@@ -12,6 +12,7 @@ from mamba_pkg.ops.decode_linear import (
     gated_rms_norm_linear,
     gated_rms_norm_linear_ref,
 )
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
 from mamba_pkg.ops.norm import layer_norm_ref, rms_norm_gated_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -116,6 +117,91 @@ def test_gated_rms_norm_linear_matches_ref(norm_before_gate):
     with pytest.raises(ValueError, match="z must have shape"):
         gated_rms_norm_linear(x, z[:, :59], nw, w)
     torch.library.opcheck(torch.ops.mamba_pkg.gated_rms_norm_linear, (x, z, nw, w, None, 1e-5, norm_before_gate))
+
+
+def _conv_case(batch, n_out, channels, start, state_len, dtype=torch.float32, bias=True):
+    conv_state = torch.randn(batch, channels, state_len, device=DEVICE).to(dtype)
+    conv_weight = torch.randn(channels, 4, device=DEVICE)
+    conv_bias = torch.randn(channels, device=DEVICE) if bias else None
+    return conv_state, (conv_state, conv_weight, conv_bias, start, "silu")
+
+
+@pytest.mark.parametrize("norm,state_dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+def test_conv_fold_matches_ref(norm, state_dtype):
+    """The conv update folded into the linear: outputs [9, 29) of 37 (not aligned to the output
+    blocks), a state of 5 slots for a width-4 conv; out and the advanced state equal the
+    reference, and the reference equals the linear followed by causal_conv1d_update on the slice."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2 * 40, device=DEVICE)[:, 40:]
+    w, b = torch.randn(37, 40, device=DEVICE), torch.randn(37, device=DEVICE)
+    res, nw = torch.randn(2, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    state, conv = _conv_case(2, 37, 20, 9, 5, state_dtype, bias=not norm)
+    ref_state = state.clone()
+    ref_conv = (ref_state, *conv[1:])
+    if norm:
+        out, s = add_rms_norm_linear(x, res, nw, w, b, 1e-5, True, conv, backend="triton")
+        ref, ref_s = add_rms_norm_linear_ref(x, res, nw, w, b, 1e-5, True, ref_conv)
+        torch.testing.assert_close(s, ref_s)
+        plain = add_rms_norm_linear_ref(x, res, nw, w, b, 1e-5, True)[0]
+    else:
+        out = decode_linear(x, w, b, conv=conv, backend="triton")
+        ref = decode_linear_ref(x, w, b, ref_conv)
+        plain = decode_linear_ref(x, w, b)
+    # A bf16 state stores the new input rounded: a last-bit difference of the fp32 product may round apart.
+    tol = 1e-4 if state_dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(state, ref_state, rtol=tol, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, :9], plain[:, :9], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, 29:], plain[:, 29:], rtol=1e-4, atol=1e-4)
+
+
+def test_conv_fold_ref_is_linear_then_conv_update():
+    torch.manual_seed(1)
+    x, w = torch.randn(1, 12), torch.randn(10, 12)
+    state, conv = _conv_case(1, 10, 6, 3, 3)
+    before = state.clone()
+    out = decode_linear_ref(x, w, None, conv)
+    plain = decode_linear_ref(x, w)
+    expected = causal_conv1d_update_ref(plain[:, 3:9], before, conv[1], conv[2], "silu")
+    torch.testing.assert_close(out[:, 3:9], expected)
+    torch.testing.assert_close(state, before)  # the reference advanced the state like the update did
+    torch.testing.assert_close(torch.cat([out[:, :3], out[:, 9:]], 1), torch.cat([plain[:, :3], plain[:, 9:]], 1))
+
+
+def test_conv_fold_errors_and_opcheck():
+    x, w = torch.randn(2, 8, device=DEVICE), torch.randn(12, 8, device=DEVICE)
+    state, conv = _conv_case(2, 12, 5, 4, 3)
+    with pytest.raises(ValueError, match="conv_start must be"):
+        decode_linear(x, w, conv=(*conv[:3], 8, "silu"))
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        decode_linear(x, w, conv=(state[:, :4], *conv[1:]))
+    with pytest.raises(ValueError, match="S >= W-1"):
+        decode_linear(x, w, conv=(state[..., :2], *conv[1:]))
+    with pytest.raises(ValueError, match="activation must be"):
+        decode_linear(x, w, conv=(*conv[:4], "relu"))
+    with pytest.raises(ValueError, match="B <= 8"):
+        decode_linear(torch.randn(9, 8, device=DEVICE), w, conv=conv)
+    with pytest.raises(TypeError, match="conv must be a tuple"):
+        decode_linear(x, w, conv=list(conv))
+    op = torch.ops.mamba_pkg.linear_conv_step
+    torch.library.opcheck(op, (x, None, None, w, None, state, conv[1], conv[2], 4, True, 0.0, False))
+    torch.library.opcheck(op, (x, torch.randn(2, 8, device=DEVICE), torch.randn(8, device=DEVICE), w,
+                               torch.randn(12, device=DEVICE), state, conv[1], None, 7, False, 1e-5, True))
+
+
+@requires_cuda
+def test_gpu_conv_fold_full_size():
+    """mamba2-1.3b's in_proj (2048 -> 8512, conv channels [4096, 8448)) at batch 1 and 2."""
+    for batch in (1, 2):
+        x = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16) / 45
+        state = torch.randn(batch, 4352, 4, device="cuda", dtype=torch.bfloat16)
+        cw, cb = torch.randn(4352, 4, device="cuda", dtype=torch.bfloat16), torch.randn(4352, device="cuda")
+        ref_state = state.clone()
+        out = decode_linear(x, w, conv=(state, cw, cb, 4096, "silu"))
+        ref = decode_linear_ref(x, w, None, (ref_state, cw, cb, 4096, "silu"))
+        torch.testing.assert_close(state, ref_state, rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=5e-2)
 
 
 @requires_cuda
