@@ -9,6 +9,7 @@ every input). Limits reported per row:
 as a percentage of the measured time (100 = at the limit).
 
     python benchmarks/bench_selective_scan.py [--quick] [--sweep 16,4,64] [--profile] [--skip-anchor]
+                                              [--variants all|NAME,NAME]
                                               [--passes fwd,fwdbwd]
 """
 
@@ -84,22 +85,18 @@ def cases(quick: bool):
     return out
 
 
-def _outputs_and_grads(dstate, seed=0):
+def _outputs_and_grads(dstate, seed=0, seqlen=1024):
     torch.manual_seed(seed)
-    args = make_inputs(2, 512, 1024, dstate, requires_grad=True)
+    args = make_inputs(2, 512, seqlen, dstate, requires_grad=True)
     out = provider_fn("ours")(*args)
     grads = torch.autograd.grad(out.float().square().sum(), args)
     return [out.detach()] + list(grads)
 
 
-# Candidate kernel shapes (BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps) per state size:
-# "fwd" is the forward without gradients, "bwd" the backward (and the forward that
-# saves its checkpoints). BLOCK_D * N_LANES is a multiple of 32 * num_warps (a thread holds
+# Candidate kernel shapes (BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps[, max_registers]) per state
+# size: "fwd" is the forward without gradients, "bwd" the backward (and the forward that saves
+# its checkpoints). BLOCK_D * N_LANES is a multiple of 32 * num_warps (a thread holds
 # BLOCK_D * N_LANES / (32 * num_warps) channels).
-# Candidates added in session 3 from offline sm_90 compiles (not yet timed): backward shapes
-# without register spills for N=64 ((8, 4, 16, 4, 4), (4, 4, 16, 4, 2); the kept one spills 216
-# bytes) and N=4 ((32, 2, 2, 4, 1): two channels per thread), and N=16 shapes with twice the warps
-# ((4, 2, 8, 8|16, 1)) for the latency-bound B=1 rows.
 SWEEP = {
     (16, "fwd"): [(8, 4, 4, 16, 1), (16, 4, 4, 8, 1), (4, 2, 8, 16, 1)],
     (16, "bwd"): [(8, 4, 4, 8, 1), (16, 4, 4, 4, 1), (4, 2, 8, 8, 1), (4, 2, 8, 16, 1)],
@@ -110,21 +107,32 @@ SWEEP = {
 }
 
 
+def _hook_block_sizes(overrides):
+    """Make the launchers use overrides {(dstate, pass_): cfg} ("fwd", "ckpt", "bwd"; cfg as in
+    SWEEP, the checkpointing forward following "bwd" unless given); returns the undo function."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    original = ss._block_sizes
+
+    def hooked(dstate, group_size, grouped, pass_):
+        cfg = overrides.get((dstate, pass_))
+        if cfg is None and pass_ == "ckpt" and (dstate, "bwd") in overrides:
+            cfg = overrides[(dstate, "bwd")]
+        if cfg is None or grouped:
+            return original(dstate, group_size, grouped, pass_)
+        return (*cfg, None) if len(cfg) == 5 else tuple(cfg)
+
+    ss._block_sizes = hooked
+    return lambda: setattr(ss, "_block_sizes", original)
+
+
 def sweep(states=(16, 4, 64)):
     """Time the SWEEP shapes at B=4, D=2048 (L=2048 for N=16, else 4096), check each
     against the default shapes' results, and use the fastest in the rows that follow."""
     import os
 
-    import mamba_pkg.ops.selective_scan as ss
-
-    original = ss._block_sizes
     chosen = {}
-
-    def hooked(dstate, group_size, grouped, backward):
-        cfg = chosen.get((dstate, "bwd" if backward else "fwd"))
-        return cfg if cfg is not None and not grouped else original(dstate, group_size, grouped, backward=backward)
-
-    ss._block_sizes = hooked
+    _hook_block_sizes(chosen)
     lines = []
     for dstate in states:
         seqlen = 2048 if dstate == 16 else 4096
@@ -153,6 +161,60 @@ def sweep(states=(16, 4, 64)):
             lines.append(f"sweep best N={dstate} {pass_}: {best[1]} ({best[0]:.4f} ms)")
             print(lines[-1], flush=True)
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_sweep.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# Variants timed side by side at N=16 (--variants): block-shape overrides per pass (cfg as in
+# SWEEP, with a register cap as a sixth entry), and "fast_math": False for Triton's own exp2 /
+# log2 (libdevice's accurate log2f on Triton 3.6) instead of the inline-PTX approximations.
+# Each is checked against the first variant on the same inputs before it is timed.
+VARIANTS = {
+    "default": {},
+    "exact math": {"fast_math": False},
+    "fwd (4,2,8,8,1)": {"fwd": (4, 2, 8, 8, 1)},
+    "fwd (4,2,8,16,1) r128": {"fwd": (4, 2, 8, 16, 1, 128)},
+    "ckpt (4,2,8,8,1)": {"ckpt": (4, 2, 8, 8, 1)},
+}
+
+
+def variants(names=None):
+    import os
+
+    import mamba_pkg.ops.selective_scan as ss
+
+    fast_math = ss._fast_math
+    shapes = [(4, 2048, 2048), (4, 2048, 8192), (1, 4096, 8192)]
+    lines, reference = [], None
+    for batch, dim, seqlen in shapes:
+        for pass_ in ("fwd", "fwdbwd"):
+            ms = try_provider("mamba_ssm", lambda: bench_case("mamba_ssm", pass_, batch, dim, seqlen, 16))
+            lines.append(f"mamba_ssm {pass_} B={batch} D={dim} L={seqlen}: ms={ms}")
+            print(lines[-1], flush=True)
+    for name, spec in VARIANTS.items():
+        if names and name not in names and name != "default":
+            continue
+        overrides = {(16, k): v for k, v in spec.items() if k in ("fwd", "ckpt", "bwd")}
+        undo = _hook_block_sizes(overrides)
+        ss._fast_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
+        try:
+            got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
+            if reference is None:
+                reference = got
+            worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
+                        for g, r in zip(got, reference))
+            passes = [p for p, keys in (("fwd", {"fwd", "fast_math"}), ("fwdbwd", {"ckpt", "bwd", "fast_math"}))
+                      if name == "default" or keys & set(spec)]
+            for batch, dim, seqlen in shapes:
+                for pass_ in passes if worst < 1e-2 else ():
+                    ms = try_provider("ours", lambda: bench_case("ours", pass_, batch, dim, seqlen, 16))
+                    lines.append(f"variant {name!r} {pass_} B={batch} D={dim} L={seqlen}: ms={ms}")
+                    print(lines[-1], flush=True)
+            lines.append(f"variant {name!r}: max_rel_err_vs_default={worst:.1e}")
+            print(lines[-1], flush=True)
+        finally:
+            undo()
+            ss._fast_math = fast_math
+    with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_variants.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -189,11 +251,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", type=str, default="", help="state sizes to sweep, e.g. 16,4,64")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", type=str, default=None,
+                        help="time VARIANTS (comma-separated names, or 'all') and exit")
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
     args = parser.parse_args(argv)
     passes = tuple(args.passes.split(","))
+    if args.variants:
+        variants(None if args.variants == "all" else args.variants.split(","))
+        return 0
     if args.sweep:
         sweep(tuple(int(n) for n in args.sweep.split(",")))
     if args.profile:

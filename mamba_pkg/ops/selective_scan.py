@@ -333,8 +333,37 @@ def _scan_tile(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+def _exp2(x, FAST_MATH: tl.constexpr):
+    """2 ** x, fp32. FAST_MATH (compiled for NVIDIA, not the interpreter): the single
+    approximate instruction (ex2.approx.ftz, relative error ~2e-7) as inline PTX."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _log2(x, FAST_MATH: tl.constexpr):
+    """log2(x), fp32. FAST_MATH: lg2.approx.ftz as inline PTX; Triton 3.6 lowers tl.log2 to
+    libdevice's accurate log2f, about 40 instructions (measured from the SASS: the softplus
+    of dt was 650 of the forward loop's 1416 instructions, replicated over the N_LANES lanes)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.log2(x)
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
+    """log(1 + exp(x)), through base-2 instructions."""
+    e = _exp2(tl.minimum(x, 20.0) * 1.4426950408889634, FAST_MATH)
+    return tl.where(x > 20.0, x, _log2(1.0 + e, FAST_MATH) * 0.6931471805599453)
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    """1 / (1 + exp(-x)), through the base-2 exponential."""
+    return 1.0 / (1.0 + _exp2(x * -1.4426950408889634, FAST_MATH))
 
 
 @triton.jit
@@ -376,7 +405,8 @@ def _group_row_start(i_b, i_d, BLOCK_D: tl.constexpr, group_size, stride_batch, 
 
 
 @triton.jit
-def _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+def _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+                FAST_MATH: tl.constexpr):
     """dt = softplus(delta + delta_bias), fp32, zero outside m_ld (decay 1, input 0
     there, so padding steps leave the state unchanged). Also returns the softplus
     input for the backward."""
@@ -385,7 +415,7 @@ def _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS: tl.constexpr, DELTA
         b_raw += b_delta_bias[None, :]
     b_dt = b_raw
     if DELTA_SOFTPLUS:
-        b_dt = _softplus(b_raw)
+        b_dt = _softplus(b_raw, FAST_MATH)
     return tl.where(m_ld, b_dt, 0.0), b_raw
 
 
@@ -397,7 +427,7 @@ def _selective_scan_fwd_kernel(
     stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    STORE_CKPT: tl.constexpr, EVEN: tl.constexpr,
+    STORE_CKPT: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     i_d, i_b = tl.program_id(0), tl.program_id(1)
@@ -467,7 +497,7 @@ def _selective_scan_fwd_kernel(
         if C_VAR:
             b_C = b_C_next.to(tl.float32)[:, :, None, :]
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
-        b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
         b_inp = (b_dt * b_u)[None, :, :, None] * b_B
         if IS_VARLEN:
@@ -486,7 +516,7 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             b_y += b_D[None, :] * b_u
         if HAS_Z:
-            b_y *= b_z * tl.sigmoid(b_z)
+            b_y *= b_z * _sigmoid(b_z, FAST_MATH)
         tl.store(out_ptr + o_ld, b_y.to(out_ptr.dtype.element_ty), mask=m_ld)
         if IS_VARLEN:
             tl.store(last_ptr + o_seq4 + o_dn4, b_hs, mask=m_dn4 & m_end4)
@@ -505,7 +535,7 @@ def _selective_scan_bwd_kernel(
     stride_dout_batch, stride_dout_dim, stride_part_batch,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr,
+    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
@@ -593,7 +623,7 @@ def _selective_scan_bwd_kernel(
         if C_VAR:
             b_C = b_C_next.to(tl.float32)[:, :, None, :]
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
-        b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         # Forward again, from the state checkpointed at the tile start.
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
         b_dtu = b_dt * b_u
@@ -619,7 +649,7 @@ def _selective_scan_bwd_kernel(
             b_y = _sum_n(b_hs * b_C)
             if HAS_D:
                 b_y += b_D[None, :] * b_u
-            b_sig = tl.sigmoid(b_z)
+            b_sig = _sigmoid(b_z, FAST_MATH)
             b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
             b_dy = b_dout * b_z * b_sig
@@ -658,7 +688,7 @@ def _selective_scan_bwd_kernel(
         else:
             b_dC_acc += tl.sum(b_hs * b_dy[None, :, :, None], axis=1)
         if DELTA_SOFTPLUS:
-            b_ddt = b_ddt * tl.sigmoid(b_dt_raw)
+            b_ddt = b_ddt * _sigmoid(b_dt_raw, FAST_MATH)
         b_ddt = tl.where(m_ld, b_ddt, 0.0)
         b_ddb_acc += tl.sum(b_ddt, axis=0)
         tl.store(du_ptr + o_ld, b_du.to(du_ptr.dtype.element_ty), mask=m_ld)
@@ -682,14 +712,16 @@ def _selective_scan_bwd_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
-    """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps) for the kernels' 4-D blocks.
+def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
+    """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps, max_registers) of the kernels' 4-D blocks
+    for pass_ "fwd" (no gradient), "ckpt" (the forward that saves the backward's
+    checkpoints; always the backward's BLOCK_L) or "bwd".
 
     N_LANES threads share a channel's state (N_IN entries each); BLOCK_D is chosen
     so that threads and warps cover BLOCK_D * N_LANES exactly, keeping BLOCK_L in
     registers. A block of channels must not straddle two groups of B/C, so with
     groups BLOCK_D also divides D / G (a smaller block stays correct, only slower).
-    The forward that saves checkpoints for the backward uses the backward's BLOCK_L.
+    max_registers (None: the compiler's choice) caps registers per thread.
 
     The shapes are the fastest of the sweeps in benchmarks/bench_selective_scan.py on an
     H100 (B=4, D=2048, bf16; benchmarks/notes_selective_scan.md): one warp per program
@@ -697,25 +729,34 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, backward: bool):
     that measured faster, 16 steps per forward tile and 8 per backward tile up to N = 16.
     N = 64's backward stays on four warps (one-warp shapes spill registers).
     """
+    backward = pass_ != "fwd"
     block_n = max(2, triton.next_power_of_2(dstate))
     if block_n <= 16:
         n_lanes = 2 if block_n <= 8 else 4
         num_warps, block_l = 1, (8 if backward else 16)
-    elif block_n <= 64 and not backward:
+    elif block_n <= 64 and pass_ != "bwd":
         n_lanes, num_warps, block_l = 4, 1, 8
     else:
         n_lanes = 8 if block_n <= 64 else 32
         num_warps, block_l = 4, (8 if block_n // n_lanes <= 4 else 4)
+    if pass_ == "ckpt" and block_n > 16:
+        block_l = _block_sizes(dstate, group_size, grouped, "bwd")[3]
     n_in = block_n // n_lanes
     block_d = max(1, 32 * num_warps // n_lanes)
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
-    return block_d, n_in, n_lanes, block_l, num_warps
+    return block_d, n_in, n_lanes, block_l, num_warps, None
 
 
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
     """Whether every tile is in bounds, so that the kernels can drop their masks."""
     return p.dim % block_d == 0 and p.dstate == block_n and p.seqlen % block_l == 0
+
+
+def _fast_math(kernel) -> bool:
+    """Whether the kernel may use inline PTX (_exp2, _log2): compiled for NVIDIA, not run by
+    Triton's interpreter."""
+    return torch.version.hip is None and type(kernel).__name__ != "InterpretedFunction"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -775,7 +816,7 @@ def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
     ckpt = absent(u)
     if store_ckpt:
         _, _, group_size, grouped = _groups(dim, B, C)
-        block_l = _block_sizes(dstate, group_size, grouped, backward=True)[3]
+        block_l = _block_sizes(dstate, group_size, grouped, "bwd")[3]
         ckpt = u.new_empty(batch, cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
     return out, last, ckpt
 
@@ -788,9 +829,8 @@ def _selective_scan_fwd(
     """Kernel-ready inputs (see _Prepared) -> out (B, D, L), last_state (num_seqs, D, N)
     fp32, and the per-tile start states for the backward (empty unless store_ckpt)."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
-    block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=False)
-    if store_ckpt:
-        block_l = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)[3]
+    block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
+        p.dstate, p.group_size, p.grouped, "ckpt" if store_ckpt else "fwd")
     out, last, ckpt = _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
     varlen = seq_idx is not None
     if varlen and initial_state is not None:
@@ -806,7 +846,9 @@ def _selective_scan_fwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
+        FAST_MATH=_fast_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
+        maxnreg=max_registers,
     )
     return out, last, ckpt
 
@@ -861,7 +903,8 @@ def _selective_scan_bwd(
     """Gradients (du, ddelta, dz, dinitial_state, dparams, dbc) from the forward's
     checkpoints; see _bwd_outputs for their forms and _param_grads for the split."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
-    block_d, n_in, n_lanes, block_l, num_warps = _block_sizes(p.dstate, p.group_size, p.grouped, backward=True)
+    block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
+        p.dstate, p.group_size, p.grouped, "bwd")
     n_dblocks = cdiv(p.dim, block_d)
     dout = _rows(dout)
     varlen = seq_idx is not None
@@ -896,7 +939,9 @@ def _selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
+        FAST_MATH=_fast_math(_selective_scan_bwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
+        maxnreg=max_registers,
     )
     if p.batch > 1:
         torch.sum(params_part, 0, out=dparams)
