@@ -1,8 +1,10 @@
 """SSD stage 2: C B^T per chunk, the outputs inside each chunk, and the input gradients.
 
-CB[b, c, g] = C_chunk B_chunk^T (Q, Q) fp32 is computed once per chunk and group
+CB[b, c, g] = C_chunk B_chunk^T (Q, Q) is computed once per chunk and group
 (the lower triangle only) and shared by the H / G heads of the group: with one
-group it would otherwise be recomputed for every head.
+group it would otherwise be recomputed for every head. It is stored in bf16 for
+the kernels that only use it as a matrix-product operand (bf16 inputs), and in
+fp32 for the backward's decay-gradient pair sums.
 
 Forward, for the rows t of one BLOCK_M block of chunk c and one head h (x (B, L, H, P),
 B/C (B, L, G, N), states from chunk_state.py):
@@ -44,33 +46,38 @@ from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype
 
 
 def _tile_configs():
+    """The dx kernel: 4 or 8 warps, and register caps that let more programs share an SM
+    (8 warps at 128 registers: 2 programs; 4 warps at 168: 3) at the cost of a few spills
+    (offline sm_90 compile: 16 and 80 bytes per thread)."""
     if triton_interpret():
         return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((4, 2), (8, 2))]
+    return [triton.Config({}, num_warps=w, num_stages=2, maxnreg=r)
+            for w, r in ((4, None), (8, None), (8, 128), (4, 168))]
 
 
 def _head_loop_configs():
     """The kernels whose main loop runs over the heads of a group (many iterations,
-    independent loads): three pipeline stages (the pick of every H100 run so far)."""
+    independent loads): three pipeline stages (the pick of every H100 run so far). The
+    128-register cap at 8 warps fits two programs per SM without spilling the W kernel."""
     if triton_interpret():
         return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 3), (4, 3))]
+    return [triton.Config({}, num_warps=w, num_stages=3, maxnreg=r) for w, r in ((8, None), (4, None), (8, 128))]
 
 
 def _fwd_configs():
-    """Row block, heads per program (they share the C and C B^T tiles), warps. In the
-    interpreter two heads per program, so the CPU tests run the head loop."""
+    """64-row blocks with 4 or 8 warps (128-row blocks spill registers and were never
+    picked on an H100; the kernel still takes any BLOCK_M). With 4 warps, a cap of 128
+    registers keeps 4 programs per SM (the kernel is bound by load latency)."""
     if triton_interpret():
-        return [triton.Config({"BLOCK_M": 16, "HEADS": 2}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm, "HEADS": hp}, num_warps=w, num_stages=2)
-            for bm, hp, w in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 2, 8), (128, 2, 8))]
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": 64}, num_warps=w, num_stages=2, maxnreg=r)
+            for w, r in ((4, None), (4, 128), (8, None))]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Drop row blocks longer than the chunk."""
     Q = kwargs["Q"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= Q] or [
-        triton.Config({"BLOCK_M": Q, "HEADS": 1}, num_warps=4)]
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= Q] or [triton.Config({"BLOCK_M": Q}, num_warps=4)]
 
 
 # Not keyed on H or L: one tuning per head shape serves every model width and length.
@@ -93,9 +100,10 @@ def _block_pair(G, nchunks, Q: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _bmm_chunk_kernel(
-    B_ptr, C_ptr, cb_ptr, L, N, G, nchunks,
+    B_ptr, C_ptr, cb_ptr, cb2_ptr, L, N, G, nchunks,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    TWO_COPIES: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     i_t, i_s, i_bcg, i_g, i_c, i_b = _block_pair(G, nchunks, Q, BLOCK_M)
     if i_s <= i_t:  # the upper triangle is never read
@@ -111,20 +119,31 @@ def _bmm_chunk_kernel(
         b_B = tl.load(B_ptr + base + o_ls.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
                       mask=(o_ls < L)[:, None] & m_n[None, :], other=0.0)
         cb = _dot(b_C, tl.trans(b_B), DOT_DTYPE)
-        tl.store(cb_ptr + i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :],
-                 cb.to(cb_ptr.dtype.element_ty))
+        cb_off = i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
+        tl.store(cb_ptr + cb_off, cb.to(cb_ptr.dtype.element_ty))
+        if TWO_COPIES:
+            tl.store(cb2_ptr + cb_off, cb.to(cb2_ptr.dtype.element_ty))
 
 
-def _bmm_chunk(B, C, Q, dot_dtype, dtype=torch.float32):
-    """CB (B, C, G, Q, Q) in `dtype`, lower block triangle filled."""
+def _cb_operand_dtype(dot_dtype):
+    """Storage dtype of C B^T where it only feeds a matrix product (forward scan, dx): bf16
+    for bf16 inputs. Those kernels read each tile once per head of the group, most of their
+    bytes, and round the scores to bf16 for the tensor cores anyway. The W kernel's
+    decay-gradient pair sums read an fp32 copy."""
+    return torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32
+
+
+def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,)):
+    """CB (B, C, G, Q, Q), lower block triangle filled: one tensor per entry of `dtypes`
+    (one or two dtypes; the same tensor twice when they are equal)."""
     batch, L, G, N = B.shape
     nchunks = cdiv(L, Q)
-    cb = torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=dtype)
+    cbs = [torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=dt) for dt in dict.fromkeys(dtypes)]
     BLOCK_M = _pick_block_m(Q)
     grid = (batch * nchunks * G * (Q // BLOCK_M) ** 2,)
-    _bmm_chunk_kernel[grid](B, C, cb, L, N, G, nchunks, *B.stride(), Q=Q, BLOCK_M=BLOCK_M,
-                            BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype, num_warps=4)
-    return cb
+    _bmm_chunk_kernel[grid](B, C, cbs[0], cbs[-1], L, N, G, nchunks, *B.stride(), TWO_COPIES=len(cbs) == 2,
+                            Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype, num_warps=4)
+    return [cbs[0] if dt == dtypes[0] else cbs[-1] for dt in dtypes]
 
 
 @triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd_configs})
@@ -136,21 +155,18 @@ def _chunk_scan_fwd_kernel(
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, HEADS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    # One program per (row block, group, block of HEADS heads of the group, chunk): the
-    # heads share the C tile (loaded once) and the C B^T tiles (L1). The head blocks of a
-    # chunk vary fastest, so the programs of one chunk share its C B^T tiles through L2.
-    # A 1-D grid: axes 1 and 2 allow at most 65535 programs.
-    G = H // heads_per_group
-    n_hblocks = tl.cdiv(heads_per_group, HEADS)
-    i_hb = tl.program_id(0) % n_hblocks
-    i_g = (tl.program_id(0) // n_hblocks) % G
-    i_m = (tl.program_id(0) // (n_hblocks * G)) % (Q // BLOCK_M)
-    i_bc = tl.program_id(0) // (n_hblocks * G * (Q // BLOCK_M))
+    # Heads vary fastest so that the heads of one chunk run together and share
+    # its C B^T tiles through L2. A 1-D grid: axes 1 and 2 allow at most 65535 programs.
+    i_h = tl.program_id(0) % H
+    i_m = (tl.program_id(0) // H) % (Q // BLOCK_M)
+    i_bc = tl.program_id(0) // (H * (Q // BLOCK_M))
     i_b = i_bc // nchunks
     i_c = i_bc % nchunks
+    G = H // heads_per_group
+    i_g = i_h // heads_per_group
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
     m_p = o_p < P
@@ -158,70 +174,60 @@ def _chunk_scan_fwd_kernel(
     o_t = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows inside the chunk
     o_lt = i_c * Q + o_t
     m_t = o_lt < L
-    m_tp = m_t[:, None] & m_p[None, :]
+    chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
+    cs_t = tl.load(cs_ptr + chunk_off + o_t)
     cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
+
+    x_base = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
     C_base = C_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
-    xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
 
     b_C = tl.load(C_base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
                   mask=m_t[:, None] & m_n[None, :], other=0.0)
-    # The diagonal tile: causal pairs only, selected with tl.where (a 128-row block
-    # reaches C B^T entries above the diagonal that _bmm_chunk (64-row blocks) never wrote).
-    causal = o_t[:, None] >= o_t[None, :]
-    start_ok = m_t
+    # The state entering the chunk: (P, N), read once per row block.
+    st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
+    b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
+                  mask=m_p[:, None] & m_n[None, :], other=0.0)
+    scale_t = tl.exp(cs_t)
     if HAS_SEQ_IDX:
         seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
         seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
-        start_ok = seq_t == seq_prev
-        causal = causal & (seq_t[:, None] == seq_t[None, :])
-    cb_diag = tl.load(cb_base + o_t[:, None] * Q + o_t[None, :])
+        scale_t = tl.where(seq_t == seq_prev, scale_t, 0.0)
+    acc = _dot(b_C, tl.trans(b_S), DOT_DTYPE) * scale_t[:, None]
 
-    h_first = i_hb * HEADS
-    for hh in range(h_first, tl.minimum(h_first + HEADS, heads_per_group)):
-        i_h = i_g * heads_per_group + hh
-        chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
-        x_base = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-        cs_t = tl.load(cs_ptr + chunk_off + o_t)
-        # The state entering the chunk: (P, N).
-        st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
-        b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                      mask=m_p[:, None] & m_n[None, :], other=0.0)
-        scale_t = tl.where(start_ok, tl.exp(cs_t), 0.0)
-        acc = _dot(b_C, tl.trans(b_S), DOT_DTYPE) * scale_t[:, None]
+    for j in range(i_m + 1):
+        o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_ls = i_c * Q + o_s
+        m_s = o_ls < L
+        cs_s = tl.load(cs_ptr + chunk_off + o_s)
+        dt_s = tl.load(dt_ptr + chunk_off + o_s)
+        cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]).to(tl.float32)
+        b_xs = tl.load(x_base + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
+                       mask=m_s[:, None] & m_p[None, :], other=0.0)
+        keep = o_t[:, None] >= o_s[None, :]
+        if HAS_SEQ_IDX:
+            seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
+            keep = keep & (seq_t[:, None] == seq_s[None, :])
+        # Select, not multiply: with 128-row blocks the diagonal tile reaches C B^T
+        # entries above the diagonal that _bmm_chunk (64-row blocks) never wrote.
+        scores = tl.where(keep, cb * tl.exp(cs_t[:, None] - cs_s[None, :]) * dt_s[None, :], 0.0)
+        acc += _dot(scores, b_xs, DOT_DTYPE)
 
-        # Blocks of earlier rows: every pair is causal, cs_t - cs_s <= 0.
-        for j in range(i_m):
-            o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
-            o_ls = i_c * Q + o_s
-            cs_s = tl.load(cs_ptr + chunk_off + o_s)
-            dt_s = tl.load(dt_ptr + chunk_off + o_s)
-            cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]).to(tl.float32)
-            b_xs = tl.load(x_base + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                           mask=(o_ls < L)[:, None] & m_p[None, :], other=0.0)
-            scores = cb * tl.exp(cs_t[:, None] - cs_s[None, :]) * dt_s[None, :]
-            if HAS_SEQ_IDX:
-                seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=o_ls < L, other=-2)
-                scores = tl.where(seq_t[:, None] == seq_s[None, :], scores, 0.0)
-            acc += _dot(scores, b_xs, DOT_DTYPE)
-
-        # The diagonal block: its x tile is also the D term's.
-        dt_t = tl.load(dt_ptr + chunk_off + o_t)
-        b_xt = tl.load(x_base + xt_off, mask=m_tp, other=0.0)
-        scores = tl.where(causal, cb_diag.to(tl.float32) * tl.exp(cs_t[:, None] - cs_t[None, :]) * dt_t[None, :], 0.0)
-        acc += _dot(scores, b_xt, DOT_DTYPE)
-        if HAS_D:
-            if D_HAS_HDIM:
-                b_D = tl.load(D_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-                acc += b_xt.to(tl.float32) * b_D[None, :]
-            else:
-                acc += b_xt.to(tl.float32) * tl.load(D_ptr + i_h).to(tl.float32)
-        out_base = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-        if HAS_Z:
-            tl.store(ypre_ptr + out_base + xt_off, acc.to(ypre_ptr.dtype.element_ty), mask=m_tp)
-            b_z = tl.load(z_ptr + out_base + xt_off, mask=m_tp, other=0.0).to(tl.float32)
-            acc = acc * b_z * tl.sigmoid(b_z)
-        tl.store(out_ptr + out_base + xt_off, acc.to(out_ptr.dtype.element_ty), mask=m_tp)
+    m_tp = m_t[:, None] & m_p[None, :]
+    x_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+    if HAS_D:
+        b_x = tl.load(x_base + x_off, mask=m_tp, other=0.0).to(tl.float32)
+        if D_HAS_HDIM:
+            b_D = tl.load(D_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+            acc += b_x * b_D[None, :]
+        else:
+            acc += b_x * tl.load(D_ptr + i_h).to(tl.float32)
+    out_base = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+    if HAS_Z:
+        tl.store(ypre_ptr + out_base + x_off, acc.to(ypre_ptr.dtype.element_ty), mask=m_tp)
+        b_z = tl.load(z_ptr + out_base + x_off, mask=m_tp, other=0.0).to(tl.float32)
+        acc = acc * b_z * tl.sigmoid(b_z)
+    tl.store(out_ptr + out_base + x_off, acc.to(out_ptr.dtype.element_ty), mask=m_tp)
 
 
 def _pick_block_m(Q):
@@ -245,19 +251,15 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor
     G, N = B.shape[2], B.shape[3]
     nchunks = cdiv(L, Q)
     dot_dtype = dot_dtype_for(x.dtype)
-    # bf16 C B^T for bf16 inputs: the forward scan is bound by the bytes it reads, most of
-    # them these tiles (each read by every head of the group); the scores are rounded to
-    # bf16 for the tensor cores anyway. The backward keeps fp32 (its decay-gradient sums).
-    cb = _bmm_chunk(B, C, Q, dot_dtype, torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32)
+    (cb,) = _bmm_chunk(B, C, Q, dot_dtype, (_cb_operand_dtype(dot_dtype),))
     out, ypre = _chunk_scan_fwd_outputs(x, z)
-    heads_per_group = H // G
-    grid = lambda meta: (cdiv(heads_per_group, meta["HEADS"]) * G * (Q // meta["BLOCK_M"]) * batch * nchunks,)
+    grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     _chunk_scan_fwd_kernel[grid](
         x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
         ypre if z is not None else out,
-        L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
+        L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
     )
@@ -408,12 +410,9 @@ def _chunk_scan_bwd_dbc_kernel(
         b_x = tl.load(x_ptr + head_off + xr_off, mask=m_rp, other=0.0).to(tl.float32)
         scale = tl.where(start_mask, tl.exp(cs_r), 0.0)
         end_scale = tl.where(end_mask, tl.exp(total - cs_r), 0.0)
-        # rowsum_state_t = <dC_state_t, C_t> = scale_t (dy_t . (C S^T)_t): a (rows, P) product
-        # instead of keeping the (rows, N) fp32 dC_state next to the two accumulators (spills).
-        # The scales go into the operands, so each product adds straight into its accumulator.
-        cs_term = _dot(b_C, tl.trans(b_S), DOT_DTYPE)
-        tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dy * cs_term, axis=1) * scale)
-        dC += _dot(dy * scale[:, None], b_S, DOT_DTYPE)
+        dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
+        tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
+        dC += dC_state
         dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
 
     # The terms inside the chunk go through W (summed over the group's heads):
@@ -506,7 +505,7 @@ def _chunk_scan_bwd_dx_kernel(
         dy_t = _load_dy(dout_ptr + head_off, z_ptr + head_off,
                         o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
                         m_t[:, None] & m_p[None, :], HAS_Z)
-        cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]))  # (s, t)
+        cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]).to(tl.float32))  # (s, t)
         keep = o_t[None, :] >= o_s[:, None]
         if HAS_SEQ_IDX:
             seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
@@ -685,7 +684,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
                   BLOCK_P=block_size(P), DOT_DTYPE=dot_dtype)
     dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)
 
-    cb = _bmm_chunk(B, C, Q, dot_dtype)
+    cb, cb_operand = _bmm_chunk(B, C, Q, dot_dtype, (torch.float32, _cb_operand_dtype(dot_dtype)))
     w = torch.empty_like(cb)
     row_part = torch.empty(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
     col_part = torch.empty_like(row_part)
@@ -712,7 +711,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
         if D is not None else None
     _chunk_scan_bwd_dx_kernel[(batch * nchunks * H * n_mblocks,)](
-        x, dout, z_arg, ypre if z is not None else dout, B, cb, D if D is not None else cs_c, seq_arg, dt_c,
+        x, dout, z_arg, ypre if z is not None else dout, B, cb_operand, D if D is not None else cs_c, seq_arg, dt_c,
         cs_c, dstates, dx, dz if z is not None else dx, ddt_in, colsum_state,
         dD_part if dD_part is not None else ddt_in,
         L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,

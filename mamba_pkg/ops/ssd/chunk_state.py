@@ -50,14 +50,15 @@ def states_dtype_for(dtype: torch.dtype) -> torch.dtype:
 def _walk_configs():
     """Autotuning space of the two walks: the (P, N) block decides how many programs run,
     BLOCK_L the rows per step (a chunk is Q // BLOCK_L steps of the recurrence). A whole
-    256-row chunk per step spills registers (offline sm_90 compile) but has the fewest
-    steps; shorter steps do not spill, and with the steps of all chunks in one loop the
-    next steps' loads are issued ahead (num_stages). The autotuner decides."""
+    256-row chunk per step spills registers (offline sm_90 compile), yet 64- and 32-row
+    steps measured 15% slower on an H100 (more sequential steps); 8 warps hold a whole
+    chunk without spilling: the autotuner decides."""
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st)
-        for bp, bn, bl, w, st in ((64, 64, 256, 4, 2), (64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (64, 32, 64, 4, 3))
+        for bp, bn, bl, w, st in ((64, 64, 256, 4, 2), (64, 64, 64, 4, 2), (64, 32, 256, 4, 2),
+                                  (64, 64, 256, 8, 2), (32, 128, 256, 4, 2))
     ]
 
 
@@ -77,22 +78,10 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
 
-@triton.jit
-def _dot_walk(a, b, DOT_DTYPE: tl.constexpr):
-    """a @ b for the state walks, where a is an fp32 product and b a stored input.
-
-    In low precision a is split into a high and a low part (two matmuls), which
-    keeps about 16 bits of it: the walks carry the states and their gradients
-    (the initial-state gradient is their output), and they are bound by latency,
-    not by matmul throughput. tf32 operands were measured 3.5x slower here.
-    """
-    if DOT_DTYPE == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        a_hi = a.to(DOT_DTYPE)
-        a_lo = (a - a_hi.to(tl.float32)).to(DOT_DTYPE)
-        b_lp = b.to(DOT_DTYPE)
-        return tl.dot(a_lo, b_lp, acc=tl.dot(a_hi, b_lp))
+# The walks' products round the fp32 weighted rows (dt-and-decay-weighted x, or dy) to
+# bf16 once, as any tensor-core chunk-state kernel does; the running state stays fp32.
+# (Sessions 1-3 split that operand into a high and a low bf16 part: two products per
+# step, twice the serial matrix work of the walk.)
 
 
 @triton.jit
@@ -122,14 +111,6 @@ def _walk_start(ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n, HAS_START: tl.conste
     else:
         start = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     return start, state_bh, pn_off, m_pn
-
-
-@triton.jit
-def _int_tensor(v):
-    """v as an int32 scalar tensor (the interpreter's loop counters are Python ints). A mask
-    from a scalar condition is tl.where(cond, mask, False): the interpreter's store rejects
-    mask & cond with cond a scalar."""
-    return tl.full((), 0, tl.int32) + v
 
 
 @triton.jit
@@ -174,53 +155,48 @@ def _chunk_state_fwd_kernel(
     if HAS_SEQ_IDX:
         seq_prev = tl.load(seq_base)
 
-    # One loop over the BLOCK_L-row steps of every chunk (not a loop over chunks around a
-    # loop over steps): the loads of a step do not depend on the state, and a single loop
-    # lets the compiler prefetch the next steps' x and B while this one computes.
-    n_steps = Q // BLOCK_L
-    cs_base = 0.0
-    for k in range(nchunks * n_steps):
-        c = k // n_steps
-        j = _int_tensor(k % n_steps)
+    for c in range(nchunks):
         chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
         if STORE_STATES:
             st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
-            tl.store(states_ptr + st_off + pn_off, state.to(states_ptr.dtype.element_ty),
-                     mask=tl.where(j == 0, m_pn, False))
-        cs_base = tl.where(j == 0, 0.0, cs_base)
-        o_r = j * BLOCK_L + o_q
-        o_l = c * Q + o_r
-        m_l = o_l < L
-        dt = tl.load(dt_base + o_l.to(tl.int64) * stride_dt_l, mask=m_l, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt = dt + dt_bias
-        if DT_SOFTPLUS:
-            dt = _softplus(dt)
-        if HAS_DT_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-        dt = tl.where(m_l, dt, 0.0)
-        cs_local = tl.cumsum(dt * A, axis=0)  # from the start of this step
-        total = tl.sum(dt * A, axis=0)
-        if write_dt:
-            tl.store(dt_out_ptr + chunk_off + o_r, dt)
-            tl.store(cs_out_ptr + chunk_off + o_r, cs_base + cs_local)
-        cs_base += total
-        weight = tl.exp(total - cs_local) * dt
-        decay = tl.exp(total)
-        if HAS_SEQ_IDX:
-            last = tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1
-            seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
-            seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
-            weight = tl.where(seq == seq_end, weight, 0.0)
-            decay = tl.where(seq_prev == seq_end, decay, 0.0)
-            seq_prev = seq_end
-        b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                      mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-        # Matrix operand: kept in its storage dtype, _dot casts it.
-        b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                      mask=m_l[:, None] & m_n[None, :], other=0.0)
-        b_xw = b_x * weight[:, None]
-        state = state * decay + _dot_walk(tl.trans(b_xw), b_B, DOT_DTYPE)
+            tl.store(states_ptr + st_off + pn_off, state.to(states_ptr.dtype.element_ty), mask=m_pn)
+        # The chunk in row blocks of BLOCK_L, each a step of the same recurrence: a whole
+        # chunk's (Q, BLOCK_P) and (Q, BLOCK_N) tiles at once spill registers.
+        cs_base = 0.0
+        for j in range(Q // BLOCK_L):
+            o_r = j * BLOCK_L + o_q
+            o_l = c * Q + o_r
+            m_l = o_l < L
+            dt = tl.load(dt_base + o_l.to(tl.int64) * stride_dt_l, mask=m_l, other=0.0).to(tl.float32)
+            if HAS_DT_BIAS:
+                dt = dt + dt_bias
+            if DT_SOFTPLUS:
+                dt = _softplus(dt)
+            if HAS_DT_LIMIT:
+                dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+            dt = tl.where(m_l, dt, 0.0)
+            cs_local = tl.cumsum(dt * A, axis=0)  # from the start of this row block
+            total = tl.sum(dt * A, axis=0)
+            if write_dt:
+                tl.store(dt_out_ptr + chunk_off + o_r, dt)
+                tl.store(cs_out_ptr + chunk_off + o_r, cs_base + cs_local)
+            cs_base += total
+            weight = tl.exp(total - cs_local) * dt
+            decay = tl.exp(total)
+            if HAS_SEQ_IDX:
+                last = tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1
+                seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
+                seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
+                weight = tl.where(seq == seq_end, weight, 0.0)
+                decay = tl.where(seq_prev == seq_end, decay, 0.0)
+                seq_prev = seq_end
+            b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
+                          mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+            # Matrix operand: kept in its storage dtype, _dot casts it.
+            b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                          mask=m_l[:, None] & m_n[None, :], other=0.0)
+            b_xw = b_x * weight[:, None]
+            state = state * decay + _dot(tl.trans(b_xw), b_B, DOT_DTYPE)
 
     tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
 
@@ -291,30 +267,12 @@ def _state_grad_bwd_kernel(
     dstate, state_bh, pn_off, m_pn = _walk_start(dfinal_ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n,
                                                       HAS_DFINAL, BLOCK_P, BLOCK_N)
 
-    if i_pn == 0:
-        # This config has fewer (P, N) blocks than the buffer has slots: zero the rest,
-        # so that the reader sums every slot without knowing the config.
-        o_slot = tl.arange(0, SLOTS)
-        n_pn = tl.cdiv(P, BLOCK_P) * tl.cdiv(N, BLOCK_N)
-        for c in range(nchunks):
-            tl.store(ddecay_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_slots + o_slot,
-                     tl.zeros((SLOTS,), dtype=tl.float32), mask=(o_slot >= n_pn) & (o_slot < n_slots))
-
-    # The row steps of every chunk in reverse, one loop (as in the forward walk, so that
-    # the next steps' loads are issued ahead): dS_{start} = exp(cs_end - cs_start) dS_{end}
-    # + sum_t exp(cs_t - cs_start) dy_t C_t^T. The per-chunk work (store dS_c, the decay
-    # gradient) runs at each chunk's last step, under masks.
-    n_steps = Q // BLOCK_L
-    for k in range(nchunks * n_steps):
-        c = nchunks - 1 - k // n_steps
-        j = _int_tensor(n_steps - 1 - k % n_steps)
-        chunk_end = j == n_steps - 1
+    for c_rev in range(nchunks):
+        c = nchunks - 1 - c_rev
         st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
-        m_chunk = tl.where(chunk_end, m_pn, False)
-        tl.store(dstates_ptr + st_off + pn_off, dstate.to(dstates_ptr.dtype.element_ty), mask=m_chunk)
-        b_S = tl.load(states_ptr + st_off + pn_off, mask=m_chunk, other=0.0).to(tl.float32)
+        tl.store(dstates_ptr + st_off + pn_off, dstate.to(dstates_ptr.dtype.element_ty), mask=m_pn)
+        b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0).to(tl.float32)
         chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
-        chunk_slots = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_slots
         total = tl.load(cs_ptr + chunk_off + Q - 1)
         decay = tl.exp(total)
         if HAS_SEQ_IDX:
@@ -324,35 +282,46 @@ def _state_grad_bwd_kernel(
         # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the
         # pairs that cross the whole chunk. Partial over this (P, N) block.
         ddecay = tl.sum(tl.sum(dstate * b_S, axis=1), axis=0) * decay
-        tl.store(ddecay_ptr + chunk_slots + i_pn, ddecay, mask=chunk_end)
-
-        o_r = j * BLOCK_L + o_q
-        o_l = c * Q + o_r
-        m_l = o_l < L
-        cs = tl.load(cs_ptr + chunk_off + o_r)
-        cs_start = tl.load(cs_ptr + chunk_off + tl.maximum(j * BLOCK_L - 1, 0))
-        cs_start = tl.where(j == 0, 0.0, cs_start)
-        cs_end = tl.load(cs_ptr + chunk_off + j * BLOCK_L + BLOCK_L - 1)
-        weight = tl.where(m_l, tl.exp(cs - cs_start), 0.0)
-        step_decay = tl.exp(cs_end - cs_start)
-        if HAS_SEQ_IDX:
-            # Clamped into the sequence: a step past its end passes the gradient through.
-            seq_prev = tl.load(seq_base + tl.minimum(tl.maximum(c * Q + j * BLOCK_L - 1, 0), L - 1).to(tl.int64)
-                               * stride_seq_l)
-            seq_end = tl.load(seq_base + (tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1).to(tl.int64)
-                              * stride_seq_l)
-            seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
-            weight = tl.where(seq == seq_prev, weight, 0.0)
-            step_decay = tl.where(seq_prev == seq_end, step_decay, 0.0)
-        m_lp = m_l[:, None] & m_p[None, :]
-        x_off = o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-        dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.sigmoid(zz)
-        b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
-                      mask=m_l[:, None] & m_n[None, :], other=0.0)
-        dstate = dstate * step_decay + _dot_walk(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
+        slot_base = ddecay_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_slots
+        tl.store(slot_base + i_pn, ddecay)
+        if i_pn == 0:
+            # This config has fewer (P, N) blocks than the buffer has slots: zero the
+            # rest, so that the reader sums every slot without knowing the config.
+            o_slot = tl.arange(0, SLOTS)
+            n_pn = tl.cdiv(P, BLOCK_P) * tl.cdiv(N, BLOCK_N)
+            tl.store(slot_base + o_slot, tl.zeros((SLOTS,), dtype=tl.float32),
+                     mask=(o_slot >= n_pn) & (o_slot < n_slots))
+        # The chunk's row blocks in reverse, each a step of the recurrence (as in the
+        # forward walk): dS_{start} = exp(cs_end - cs_start) dS_{end} + sum_t exp(cs_t - cs_start) dy_t C_t^T.
+        for j_rev in range(Q // BLOCK_L):
+            j = Q // BLOCK_L - 1 - j_rev
+            o_r = j * BLOCK_L + o_q
+            o_l = c * Q + o_r
+            m_l = o_l < L
+            cs = tl.load(cs_ptr + chunk_off + o_r)
+            cs_start = tl.load(cs_ptr + chunk_off + tl.maximum(j * BLOCK_L - 1, 0))
+            cs_start = tl.where(j == 0, 0.0, cs_start)
+            cs_end = tl.load(cs_ptr + chunk_off + j * BLOCK_L + BLOCK_L - 1)
+            weight = tl.where(m_l, tl.exp(cs - cs_start), 0.0)
+            step_decay = tl.exp(cs_end - cs_start)
+            if HAS_SEQ_IDX:
+                # Clamped into the sequence: a step past its end passes the gradient through.
+                seq_prev = tl.load(seq_base + tl.minimum(tl.maximum(c * Q + j * BLOCK_L - 1, 0), L - 1).to(tl.int64)
+                                   * stride_seq_l)
+                seq_end = tl.load(seq_base + (tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1).to(tl.int64)
+                                  * stride_seq_l)
+                seq = tl.load(seq_base + o_l.to(tl.int64) * stride_seq_l, mask=m_l, other=-1)
+                weight = tl.where(seq == seq_prev, weight, 0.0)
+                step_decay = tl.where(seq_prev == seq_end, step_decay, 0.0)
+            m_lp = m_l[:, None] & m_p[None, :]
+            x_off = o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+            dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+                dy = dy * zz * tl.sigmoid(zz)
+            b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
+                          mask=m_l[:, None] & m_n[None, :], other=0.0)
+            dstate = dstate * step_decay + _dot(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
 
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
 
