@@ -5,7 +5,7 @@
 # and the host-time probe. Logs: $OUT/scan_logs.tgz, and their tails on stdout.
 # `scan_gpu_run.sh fwdbwd`: warm-ups, then only the fwd+bwd rows of the matrix and the profile.
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
-# and each block-shape variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the host probe.
+# and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 L=/tmp/scan_logs; mkdir -p $L
@@ -32,7 +32,7 @@ if [ "${1:-}" = variants ]; then
   t tests_n16 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 1000) or varlen_cuda"
   timeout 170 python3 benchmarks/bench_selective_scan.py --variants all > $L/variants.log 2>&1; show variants $? 40
   wait
-  timeout 25 python3 benchmarks/host_selective_scan.py --cuda --profile > $L/host.log 2>&1; show host $? 45
+  timeout 30 python3 -c "from benchmarks.bench_selective_scan import profile; profile()" > $L/profile.log 2>&1; show profile $? 16
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
