@@ -354,6 +354,16 @@ def _log2(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _rcp(x, FAST_MATH: tl.constexpr):
+    """1 / x, fp32. FAST_MATH: rcp.approx.ftz as inline PTX (one instruction instead of the
+    refined division)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return 1.0 / x
+
+
+@triton.jit
 def _softplus(x, FAST_MATH: tl.constexpr):
     """log(1 + exp(x)), through base-2 instructions."""
     e = _exp2(tl.minimum(x, 20.0) * 1.4426950408889634, FAST_MATH)
@@ -363,7 +373,14 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 @triton.jit
 def _sigmoid(x, FAST_MATH: tl.constexpr):
     """1 / (1 + exp(-x)), through the base-2 exponential."""
-    return 1.0 / (1.0 + _exp2(x * -1.4426950408889634, FAST_MATH))
+    return _rcp(1.0 + _exp2(x * -1.4426950408889634, FAST_MATH), FAST_MATH)
+
+
+@triton.jit
+def _anchor(x, AXIS: tl.constexpr):
+    """x unchanged (AXIS: its number of dimensions), as a sum over the pair (x, 0): a reduction,
+    which Triton's layout pass does not recompute in the consumers' layout."""
+    return tl.sum(tl.join(x, tl.zeros_like(x)), axis=AXIS)
 
 
 @triton.jit
@@ -474,10 +491,9 @@ def _selective_scan_fwd_kernel(
     if C_VAR:
         b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_t, m_n3, seqlen, EVEN)
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
+    if STORE_CKPT:
+        tl.store(ckpt_ptr + i_b.to(tl.int64) * n_tiles * dim * dstate + o_dn3, b_h, mask=m_dn3)
     for i_t in range(0, n_tiles):
-        if STORE_CKPT:
-            p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t) * dim * dstate + o_dn3
-            tl.store(p_ckpt, b_h, mask=m_dn3)
         o_l = i_t * BLOCK_L + o_t
         m_l = (o_l < seqlen) | EVEN
         m_ld = m_l[:, None] & m_d[None, :]
@@ -492,12 +508,13 @@ def _selective_scan_fwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_next, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = b_B_next.to(tl.float32)[:, :, None, :]  # (N_IN, BLOCK_L, 1, N_LANES)
+            b_B = _anchor(b_B_next.to(tl.float32), 3)[:, :, None, :]  # (N_IN, BLOCK_L, 1, N_LANES)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
         if C_VAR:
-            b_C = b_C_next.to(tl.float32)[:, :, None, :]
+            b_C = _anchor(b_C_next.to(tl.float32), 3)[:, :, None, :]
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
         b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        b_dt = _anchor(b_dt, 2)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
         b_inp = (b_dt * b_u)[None, :, :, None] * b_B
         if IS_VARLEN:
@@ -520,6 +537,13 @@ def _selective_scan_fwd_kernel(
         tl.store(out_ptr + o_ld, b_y.to(out_ptr.dtype.element_ty), mask=m_ld)
         if IS_VARLEN:
             tl.store(last_ptr + o_seq4 + o_dn4, b_hs, mask=m_dn4 & m_end4)
+        if STORE_CKPT:
+            # The next tile's start state, stored from this tile's last step of the 4-D states
+            # rather than from the carried (N_IN, BLOCK_D, N_LANES) state: for that store Triton
+            # 3.6 carries a second copy of the state and computes the whole tile twice (SASS).
+            m_next4 = ((o_t == BLOCK_L - 1) & (o_l < (n_tiles - 1) * BLOCK_L))[None, :, None, None]
+            p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t + 1) * dim * dstate + o_dn4
+            tl.store(tl.broadcast_to(p_ckpt, (N_IN, BLOCK_L, BLOCK_D, N_LANES)), b_hs, mask=m_dn4 & m_next4)
         b_h = b_h_last
     if not IS_VARLEN:
         tl.store(last_ptr + o_state, b_h, mask=m_dn3)
@@ -618,15 +642,16 @@ def _selective_scan_bwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_prev, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = b_B_next.to(tl.float32)[:, :, None, :]
+            b_B = _anchor(b_B_next.to(tl.float32), 3)[:, :, None, :]
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         if C_VAR:
-            b_C = b_C_next.to(tl.float32)[:, :, None, :]
+            b_C = _anchor(b_C_next.to(tl.float32), 3)[:, :, None, :]
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
+        b_dt = _anchor(b_dt, 2)
         # Forward again, from the state checkpointed at the tile start.
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
-        b_dtu = b_dt * b_u
+        b_dtu = _anchor(b_dt * b_u, 2)
         b_inp = b_dtu[None, :, :, None] * b_B
         b_inp_scan = b_inp
         b_decay_scan = b_decay
