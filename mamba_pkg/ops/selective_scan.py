@@ -333,33 +333,32 @@ def _scan_tile(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _ptx_unary(x, ASM: tl.constexpr):
+    """ASM, one PTX instruction "op $0, $1;" on fp32 registers, on each element of x."""
+    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+# FAST_MATH (compiled for NVIDIA, not the interpreter): the single approximate instructions
+# (relative error ~2e-7) as inline PTX. Triton 3.6 lowers tl.log2 to libdevice's accurate log2f,
+# about 40 instructions: the softplus of dt was 650 of the forward loop's 1416 SASS instructions.
+@triton.jit
 def _exp2(x, FAST_MATH: tl.constexpr):
-    """2 ** x, fp32. FAST_MATH (compiled for NVIDIA, not the interpreter): the single
-    approximate instruction (ex2.approx.ftz, relative error ~2e-7) as inline PTX."""
     if FAST_MATH:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_unary(x, "ex2.approx.ftz.f32 $0, $1;")
     return tl.exp2(x)
 
 
 @triton.jit
 def _log2(x, FAST_MATH: tl.constexpr):
-    """log2(x), fp32. FAST_MATH: lg2.approx.ftz as inline PTX; Triton 3.6 lowers tl.log2 to
-    libdevice's accurate log2f, about 40 instructions (measured from the SASS: the softplus
-    of dt was 650 of the forward loop's 1416 instructions, replicated over the N_LANES lanes)."""
     if FAST_MATH:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_unary(x, "lg2.approx.ftz.f32 $0, $1;")
     return tl.log2(x)
 
 
 @triton.jit
 def _rcp(x, FAST_MATH: tl.constexpr):
-    """1 / x, fp32. FAST_MATH: rcp.approx.ftz as inline PTX (one instruction instead of the
-    refined division)."""
     if FAST_MATH:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_unary(x, "rcp.approx.ftz.f32 $0, $1;")
     return 1.0 / x
 
 
