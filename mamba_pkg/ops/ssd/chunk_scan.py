@@ -55,13 +55,17 @@ def _tile_configs():
             for w, r in ((4, None), (8, None), (8, 128), (4, 168))]
 
 
-def _head_loop_configs():
+def _head_loop_configs(fewer_stages=False):
     """The kernels whose main loop runs over the heads of a group (many iterations,
     independent loads): three pipeline stages (the pick of every H100 run so far). The
-    128-register cap at 8 warps fits two programs per SM without spilling the W kernel."""
+    128-register cap at 8 warps fits two programs per SM without spilling the W kernel.
+    fewer_stages adds 2- and 1-stage configs: the dB/dC kernel buffers four (rows, N) or
+    (P, N) tiles per stage, and at N=256 three stages need 247 KB of shared memory (H100
+    limit 227 KB), so without them no config fits."""
     if triton_interpret():
         return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w, num_stages=3, maxnreg=r) for w, r in ((8, None), (4, None), (8, 128))]
+    configs = [(8, 3, None), (4, 3, None), (8, 3, 128)] + ([(8, 2, None), (8, 1, None)] if fewer_stages else [])
+    return [triton.Config({}, num_warps=w, num_stages=st, maxnreg=r) for w, st, r in configs]
 
 
 def _fwd_configs():
@@ -339,7 +343,7 @@ def _chunk_scan_bwd_w_kernel(
         tl.store(w_ptr + cb_off, w)
 
 
-@triton.autotune(configs=_head_loop_configs(), key=_KEY)
+@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
