@@ -376,10 +376,23 @@ def _sigmoid(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def _anchor(x, AXIS: tl.constexpr):
-    """x unchanged (AXIS: its number of dimensions), as a sum over the pair (x, 0): a reduction,
-    which Triton's layout pass does not recompute in the consumers' layout."""
-    return tl.sum(tl.join(x, tl.zeros_like(x)), axis=AXIS)
+def _anchor(x, AXIS: tl.constexpr, ONE_WARP: tl.constexpr):
+    """x unchanged (AXIS: its number of dimensions). ONE_WARP: as a sum over the pair (x, 0), a
+    reduction, which Triton's layout pass does not recompute in the consumers' layout: Triton 3.6
+    otherwise moves the layout change up to the loads and redoes the per-(l, d) work (softplus,
+    bf16 unpacking) on the copies that the scan layout replicates over the N_LANES lanes. Not
+    with several warps (there it made the N = 64 backward spill more)."""
+    if ONE_WARP:
+        x = tl.sum(tl.join(x, tl.zeros_like(x)), axis=AXIS)
+    return x
+
+
+@triton.jit
+def _bc_f32(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, ONE_WARP: tl.constexpr):
+    """A loaded B or C tile (N_IN, BLOCK_L, N_LANES) in fp32, as (N_IN, BLOCK_L, 1, N_LANES),
+    converted in the load layout (_anchor) up to 64 values per thread; larger tiles keep the
+    bf16 pairs until the scan layout (fp32 there spills registers: N = 64)."""
+    return _anchor(x.to(tl.float32), 3, ONE_WARP and N_IN * BLOCK_L <= 64)[:, :, None, :]
 
 
 @triton.jit
@@ -507,13 +520,13 @@ def _selective_scan_fwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_next, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = _anchor(b_B_next.to(tl.float32), 3)[:, :, None, :]  # (N_IN, BLOCK_L, 1, N_LANES)
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)  # (N_IN, BLOCK_L, 1, N_LANES)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
         if C_VAR:
-            b_C = _anchor(b_C_next.to(tl.float32), 3)[:, :, None, :]
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
         b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
-        b_dt = _anchor(b_dt, 2)
+        b_dt = _anchor(b_dt, 2, BLOCK_D * N_LANES == 32)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
         b_inp = (b_dt * b_u)[None, :, :, None] * b_B
         if IS_VARLEN:
@@ -641,16 +654,16 @@ def _selective_scan_bwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_prev, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = _anchor(b_B_next.to(tl.float32), 3)[:, :, None, :]
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         if C_VAR:
-            b_C = _anchor(b_C_next.to(tl.float32), 3)[:, :, None, :]
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
-        b_dt = _anchor(b_dt, 2)
+        b_dt = _anchor(b_dt, 2, BLOCK_D * N_LANES == 32)
         # Forward again, from the state checkpointed at the tile start.
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
-        b_dtu = _anchor(b_dt * b_u, 2)
+        b_dtu = _anchor(b_dt * b_u, 2, BLOCK_D * N_LANES == 32)
         b_inp = b_dtu[None, :, :, None] * b_B
         b_inp_scan = b_inp
         b_decay_scan = b_decay
