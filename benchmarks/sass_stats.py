@@ -92,6 +92,7 @@ def intercept():
         cfg = self.configs[0]
         kw = {**kwargs, **cfg.all_kwargs()}
         kw.pop("grid", None)
+        kw.pop("warmup", None)  # Triton 3.6 passes the launch's warmup flag on to Autotuner.run
         kernel = self.fn.warmup(*args, grid=(1,), **kw)
         found.append({"name": self.fn.__name__ + " (autotune config 0)", **_stats(kernel)})
 
