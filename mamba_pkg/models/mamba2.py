@@ -295,7 +295,8 @@ class Mamba2(nn.Module):
         if not (STEP_CONV_IN_PROJ and rows <= _cache_utils.STEP_LINEAR_MAX_ROWS
                 and plain_linear(self.in_proj)):
             return None
-        start = self.in_proj.out_features - self.nheads - (self.d_ssm + 2 * self.ngroups * self.d_state)
+        # From the weight, not in_proj.out_features: under tensor parallelism the weight is this rank's rows.
+        start = self.in_proj.weight.shape[0] - self.nheads - (self.d_ssm + 2 * self.ngroups * self.d_state)
         return (conv_state, rearrange(self.conv1d.weight, "d 1 w -> d w"), self.conv1d.bias, start, self.activation)
 
     def step_conv(self, inference_params, rows):
