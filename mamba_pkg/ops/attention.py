@@ -36,9 +36,13 @@ from mamba_pkg.ops.backend import (
 )
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import: torch.compile must not trace importlib (torch 2.11's dynamo refuses
+# find_spec as a skipped function, which broke fullgraph=True for hybrid models on CUDA).
+_FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
 def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return _FLASH_ATTN_INSTALLED
 
 
 def _compiling() -> bool:
@@ -175,7 +179,7 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, cu_seqlens=None, max_
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     which = resolve_backend(backend, q, k, v)
     if which == "triton":
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_installed():
+        if flash_attn_installed() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
         if cu_seqlens is not None and _use_flex(q.device.type, q.shape[-1]):
             return _flex_packed(q, k, v, cu_seqlens, causal=causal, scale=scale)
