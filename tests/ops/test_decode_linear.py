@@ -157,7 +157,7 @@ def test_conv_fold_matches_ref(norm, state_dtype):
 
 def test_conv_fold_ref_is_linear_then_conv_update():
     torch.manual_seed(1)
-    x, w = torch.randn(1, 12), torch.randn(10, 12)
+    x, w = torch.randn(1, 12, device=DEVICE), torch.randn(10, 12, device=DEVICE)
     state, conv = _conv_case(1, 10, 6, 3, 3)
     before = state.clone()
     out = decode_linear_ref(x, w, None, conv)
