@@ -357,6 +357,7 @@ def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
     except torch._dynamo.exc.TorchDynamoException as exc:  # a graph break: measure with breaks, say why
         note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         print(f"  [{name} ours_compiled] fullgraph=True failed, using fullgraph=False: {note}")
+        print("    " + "\n    ".join(str(exc).splitlines()[1:16]))  # dynamo's explanation and user stack
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         fn = torch.compile(model)
