@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.common import bandwidth_row, save_results, time_ms, try_provider
 from mamba_pkg.ops import norm
+from mamba_pkg.ops.backend import next_pow2
 
 SHAPES = ((32768, 2048), (32768, 4096))
 
@@ -96,7 +97,7 @@ def sweep():
     original = norm._row_blocks
     for block_m in (1, 2, 4):
         for warps in (4, 8, 16):
-            norm._row_blocks = lambda dim, bm=block_m, nw=warps: (bm, triton_pow2(dim), nw)
+            norm._row_blocks = lambda dim, bm=block_m, nw=warps: (bm, next_pow2(dim), nw)
             ms = try_provider("ours", lambda: time_ms(
                 lambda: norm.rms_norm_fn(x, w, None, res, prenorm=True, residual_in_fp32=True), 25, 100))
             if ms:
@@ -105,12 +106,6 @@ def sweep():
                 print(rows[-1])
     norm._row_blocks = original
     return rows
-
-
-def triton_pow2(n):
-    import triton
-
-    return triton.next_power_of_2(n)
 
 
 def main():

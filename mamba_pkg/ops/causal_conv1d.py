@@ -31,6 +31,7 @@ from mamba_pkg.ops.backend import (
     check_cu_seqlens,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     seq_idx_from_cu_seqlens,
     state_row,
@@ -453,10 +454,6 @@ BWD_TILES_PER_PROGRAM = 16
 # Chunked backward: load the next tile while computing this one (more registers).
 BWD_PREFETCH = False
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "rows"}
-
-
-def _pow2(n):
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _layout(x):
@@ -968,12 +965,12 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         _causal_conv1d_bwd_rows_kernel[(n_parts, cdiv(dim, block_d), batch)](
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
-            W_POW2=_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
+            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
         )
     else:
         n_l_tiles = n_parts
         scratch_mode = variant == "scratch"
-        halo = _pow2(width - 1)
+        halo = next_pow2(width - 1)
         n_d_tiles = cdiv(dim, block_d)
         n_tiles = batch * n_l_tiles * n_d_tiles
         n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
@@ -1291,14 +1288,14 @@ def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor
     # One token: a token axis of stride 0 instead of an unsqueeze()d view.
     x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
     out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
-    block_d = min(UPDATE_BLOCK_D, _pow2(dim))
+    block_d = min(UPDATE_BLOCK_D, next_pow2(dim))
     _causal_conv1d_update_kernel[(cdiv(dim, block_d), batch)](
         x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
         dim, n_tok, state_len, conv_state.shape[0],
         *x_st, *conv_state.stride(), *out_st,
         W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
         HAS_INDICES=conv_state_indices is not None, SILU=silu, BLOCK_D=block_d,
-        BLOCK_S=_pow2(state_len), num_warps=4,
+        BLOCK_S=next_pow2(state_len), num_warps=4,
     )
     return out
 

@@ -20,8 +20,10 @@ from torch import Tensor
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -131,7 +133,7 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
     batch, dim = x.shape
     state_len = conv_state.shape[2]
     n_out = x_proj_weight.shape[0]
-    block_j = min(triton.next_power_of_2(n_out), MAX_TILE // BLOCK_D)
+    block_j = min(next_pow2(n_out), MAX_TILE // BLOCK_D)
     pdl = use_pdl(x)
     _conv_xproj_step_kernel[(parts.shape[0], batch)](
         x, conv_state, weight, bias, x_proj_weight, out, parts,
@@ -139,8 +141,8 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
         *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(), *out.stride(),
         *parts.stride(),
         W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(state_len), BLOCK_J=block_j,
-        N_J=triton.cdiv(n_out, block_j), USE_PDL=pdl, num_warps=8, **pdl_launch(pdl),
+        BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(state_len), BLOCK_J=block_j,
+        N_J=cdiv(n_out, block_j), USE_PDL=pdl, num_warps=8, **pdl_launch(pdl),
     )
     return out, parts
 

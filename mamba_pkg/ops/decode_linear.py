@@ -47,8 +47,10 @@ from torch import Tensor
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -98,7 +100,7 @@ def dot_config(n_out):
     """(BLOCK_N, BLOCK_K, stages, warps) of the tl.dot kernel for n_out output features, or None
     where it has too few programs to beat cuBLAS."""
     for block_n, config in DOT_CONFIGS:
-        if triton.cdiv(n_out, block_n) >= DOT_MIN_PROGRAMS:
+        if cdiv(n_out, block_n) >= DOT_MIN_PROGRAMS:
             return config
     return None
 
@@ -264,22 +266,22 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
     """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
     conv_weight, conv_bias, conv_start, silu)."""
     batch, n_in = x.shape
-    block_b = triton.next_power_of_2(batch)
-    block_k = min(triton.next_power_of_2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))
+    block_b = next_pow2(batch)
+    block_k = min(next_pow2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))
     pdl = use_pdl(x)
     r_st = residual.stride() if residual is not None else (0, 0)
     ro_st = res_out.stride() if res_out is not None else (0, 0)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
     cs_st = conv_state.stride() if conv is not None else (0, 0, 0)
     cw_st = conv_weight.stride() if conv is not None else (0, 0)
-    _decode_linear_kernel[(triton.cdiv(weight.shape[0], BLOCK_N),)](
+    _decode_linear_kernel[(cdiv(weight.shape[0], BLOCK_N),)](
         x, weight, bias, out, residual, norm_weight, res_out, conv_state, conv_weight, conv_bias,
         batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
         *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st, *cs_st, *cw_st,
         HAS_BIAS=bias is not None, NORM=norm, HAS_RESIDUAL=residual is not None,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
-        BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=triton.cdiv(n_in, block_k),
+        BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=cdiv(n_in, block_k),
         USE_PDL=pdl, num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
 
@@ -292,10 +294,10 @@ def _decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         _launch_small(x, weight, bias, out)
         return out
     block_n, block_k, stages, warps = dot_config(weight.shape[0]) or DOT_CONFIGS[-1][1]
-    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    block_b = min(64, max(16, next_pow2(batch)))
     # The CPU interpreter's tl.dot gets 16-bit operands wrong: it takes the fp32 route there.
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
-    _decode_linear_dot_kernel[(triton.cdiv(weight.shape[0], block_n), triton.cdiv(batch, block_b))](
+    _decode_linear_dot_kernel[(cdiv(weight.shape[0], block_n), cdiv(batch, block_b))](
         x, weight, bias, out, batch, weight.shape[0], n_in,
         *x.stride(), *weight.stride(), *out.stride(),
         HAS_BIAS=bias is not None, FP32=fp32, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -20,8 +20,10 @@ from torch import Tensor
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -99,7 +101,7 @@ def _rows(t):
 
 
 def _row_blocks(dim):
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_pow2(dim)
     block_m = max(1, min(16, 2048 // block_d))
     warps = min(16, max(4, block_d * block_m // 512))
     return block_m, block_d, warps
@@ -127,7 +129,7 @@ def _add_norm_fwd(
     out, res_out, mean, rstd = _add_norm_fwd_outputs(x2, is_rms, res_dtype, store_res)
     rows, dim = x2.shape
     block_m, block_d, warps = _row_blocks(dim)
-    _add_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+    _add_norm_fwd_kernel[(cdiv(rows, block_m),)](
         x2, res2, weight, bias, out, res_out, mean, rstd, rows, dim,
         x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
         res_out.stride(0) if store_res else 0, eps,
@@ -214,10 +216,10 @@ def _add_norm_bwd(
     dw = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32)
     db = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32) if bias is not None else None
     has_dres = res_dtype is not None
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_pow2(dim)
     _add_norm_bwd_kernel[(n_prog,)](
         s2, weight, bias, dy2, ds2, dx, dres, dw, db, mean, rstd,
-        rows, dim, triton.cdiv(rows, n_prog), s2.stride(0), dy2.stride(0),
+        rows, dim, cdiv(rows, n_prog), s2.stride(0), dy2.stride(0),
         ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dres.stride(0) if has_dres else 0,
         IS_RMS=is_rms, HAS_DS=ds2 is not None, HAS_DRES=has_dres, HAS_BIAS=bias is not None,
         BLOCK_D=block_d, num_warps=min(16, max(4, block_d // 256)),
@@ -422,9 +424,9 @@ def _rms_norm_gated_fwd(
     """x2, z2 (M, D) with unit stride along D -> out (M, D), rstd (M, D // group_size) fp32."""
     out, rstd = _gated_fwd_outputs(x2, group_size)
     rows, dim = x2.shape
-    block_g = triton.next_power_of_2(group_size)
+    block_g = next_pow2(group_size)
     block_m = max(1, min(16, 2048 // block_g))
-    _gated_fwd_kernel[(triton.cdiv(rows, block_m), dim // group_size)](
+    _gated_fwd_kernel[(cdiv(rows, block_m), dim // group_size)](
         x2, z2, weight, bias, out, rstd, rows, dim, group_size,
         x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0), eps,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
@@ -461,10 +463,10 @@ def _rms_norm_gated_bwd(
     # Per-program partial sums of dweight / dbias, reduced below.
     dw = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32)
     db = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32) if bias is not None else None
-    block_g = triton.next_power_of_2(group_size)
+    block_g = next_pow2(group_size)
     _gated_bwd_kernel[(n_prog, dim // group_size)](
         x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
-        rows, dim, group_size, triton.cdiv(rows, n_prog), x2.stride(0),
+        rows, dim, group_size, cdiv(rows, n_prog), x2.stride(0),
         z2.stride(0) if z2 is not None else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if z2 is not None else 0,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
         BLOCK_G=block_g, num_warps=min(16, max(4, block_g // 256)),

@@ -32,6 +32,7 @@ from mamba_pkg.ops.backend import (
     check_cu_seqlens,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     seq_idx_from_cu_seqlens,
     tl,
@@ -767,7 +768,7 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     N = 64's backward stays on four warps (one-warp shapes spill registers).
     """
     backward = pass_ != "fwd"
-    block_n = max(2, triton.next_power_of_2(dstate))
+    block_n = max(2, next_pow2(dstate))
     if block_n <= 16:
         n_lanes = 2 if block_n <= 8 else 4
         num_warps, block_l = 1, (8 if backward else 16)

@@ -30,8 +30,10 @@ from torch import Tensor
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     tl,
     triton,
@@ -212,14 +214,14 @@ CUBLAS_DT_BATCH = 16
 
 def _launch_config(batch, hdim, n_state, rank, tie):
     """(BLOCK_B, BLOCK_P, BLOCK_N, BLOCK_R, num_warps)."""
-    block_n = triton.next_power_of_2(n_state)
+    block_n = next_pow2(n_state)
     key = 16 if block_n <= 16 else 128
-    hdim_p2 = triton.next_power_of_2(hdim)
+    hdim_p2 = next_pow2(hdim)
     if tie or not rank:
         block_p = min(hdim_p2, max(1, TILE_ELEMS[key] // block_n))
         return 1, block_p, block_n, 1, NUM_WARPS[key]
-    block_b = min(triton.next_power_of_2(batch), PROJ_MAX_BLOCK_B)
-    return block_b, min(hdim_p2, PROJ_BLOCK_P), block_n, max(16, triton.next_power_of_2(rank)), PROJ_WARPS
+    block_b = min(next_pow2(batch), PROJ_MAX_BLOCK_B)
+    return block_b, min(hdim_p2, PROJ_BLOCK_P), block_n, max(16, next_pow2(rank)), PROJ_WARPS
 
 
 @launcher_op("ssm_decode_step", mutates_args=("state",))
@@ -273,7 +275,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
             dt_st = split(dt.stride())
     block_b, block_p, block_n, block_r, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
     limit = tuple(dt_limit) != NO_DT_LIMIT
-    grid = (triton.cdiv(hdim, block_p), triton.cdiv(batch, block_b), heads)
+    grid = (cdiv(hdim, block_p), cdiv(batch, block_b), heads)
     pdl = use_pdl(x)
     _ssm_decode_step_kernel[grid](
         state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
@@ -282,7 +284,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
-        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(n_splits),
+        BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
         USE_PDL=pdl, num_warps=warps, **pdl_launch(pdl),
     )
     return out

@@ -22,8 +22,10 @@ from torch import Tensor
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
+    cdiv,
     check_same_device,
     check_tensor,
+    next_pow2,
     resolve_backend,
     state_row,
     tl,
@@ -195,9 +197,9 @@ NUM_WARPS = {16: 4, 128: 8}
 
 
 def _blocks(hdim, n_state):
-    block_n = triton.next_power_of_2(n_state)
+    block_n = next_pow2(n_state)
     key = 16 if block_n <= 16 else 128
-    block_p = max(1, min(triton.next_power_of_2(hdim), TILE_ELEMS[key] // block_n))
+    block_p = max(1, min(next_pow2(hdim), TILE_ELEMS[key] // block_n))
     return block_p, block_n, NUM_WARPS[key]
 
 
@@ -256,7 +258,7 @@ def _selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: 
     tie = (dt_st[3] == 0 and a_st[1] == 0 and a_st[2] == 0 and (D is None or d_st[1] == 0)
            and (dt_bias is None or dtb_st[1] == 0))
     block_p, block_n, warps = _blocks(hdim, n_state)
-    grid = (triton.cdiv(hdim, block_p), batch, heads)
+    grid = (cdiv(hdim, block_p), batch, heads)
     _selective_state_update_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
         n_tok, hdim, n_state, state.shape[0], heads // groups,
