@@ -68,6 +68,44 @@ def state_row(idx_ptr, i_b, n_rows, offs, HAS_INDICES: tl.constexpr):
     return row, valid
 
 
+@triton.jit
+def _ptx_unary(x, ASM: tl.constexpr):
+    """ASM, one PTX instruction "op $0, $1;" on fp32 registers, on each element of x."""
+    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+# PTX (ptx_math(kernel): compiled for NVIDIA, not run by the interpreter): the single approximate
+# instructions, flush-to-zero (relative error ~2e-7), as inline PTX. Triton's own functions add
+# range fix-ups, and Triton 3.6 lowers tl.log2 to libdevice's accurate log2f (about 40 SASS
+# instructions: the scan's softplus of dt was 650 of its forward loop's 1416).
+@triton.jit
+def ptx_exp2(x, PTX: tl.constexpr):
+    if PTX:
+        return _ptx_unary(x, "ex2.approx.ftz.f32 $0, $1;")
+    return tl.exp2(x)
+
+
+@triton.jit
+def ptx_log2(x, PTX: tl.constexpr):
+    if PTX:
+        return _ptx_unary(x, "lg2.approx.ftz.f32 $0, $1;")
+    return tl.log2(x)
+
+
+@triton.jit
+def ptx_sigmoid(x, PTX: tl.constexpr):
+    """1 / (1 + exp(-x)): with PTX ex2 and rcp approximations, 4 instructions."""
+    if PTX:
+        return _ptx_unary(1.0 + ptx_exp2(x * -1.4426950408889634, PTX), "rcp.approx.ftz.f32 $0, $1;")
+    return tl.fdiv(1.0, 1.0 + tl.exp(-x), ieee_rounding=False)
+
+
+def ptx_math(kernel) -> bool:
+    """Whether ``kernel`` (a @triton.jit function) may take the PTX paths above: compiled for
+    NVIDIA (not ROCm), not run by Triton's interpreter."""
+    return torch.version.hip is None and type(kernel).__name__ != "InterpretedFunction"
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids on the host: triton.cdiv is a constexpr function in newer
     Triton, several us per host call."""

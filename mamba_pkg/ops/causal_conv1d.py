@@ -32,6 +32,8 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     next_pow2,
+    ptx_math,
+    ptx_sigmoid,
     resolve_backend,
     seq_idx_from_cu_seqlens,
     state_row,
@@ -172,19 +174,6 @@ def _into_final_states_out(final, final_states_out):
 
 
 @triton.jit
-def _sigmoid(v, FAST: tl.constexpr):
-    if FAST:
-        # GPU: ex2 and rcp approximations with flush-to-zero, 4 instructions; the IEEE
-        # versions add range fix-ups that cost as many issue slots as the whole conv.
-        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [v * -1.4426950408889634],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return tl.fdiv(1.0, 1.0 + tl.exp(-v), ieee_rounding=False)
-
-
-@triton.jit
 def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
               stride_x_l, stride_i_b, stride_i_d, stride_i_w,
               W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, INIT_PER_SEQ: tl.constexpr,
@@ -260,7 +249,7 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
                     stride_x_l, stride_i_b, stride_i_d, stride_i_w,
                     W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
     if SILU:
-        acc = acc * _sigmoid(acc, FAST)
+        acc = acc * ptx_sigmoid(acc, FAST)
     p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
            + o_l.to(tl.int64)[None, :] * stride_o_l)
     if MASKED:
@@ -430,7 +419,7 @@ def _causal_conv1d_fwd_chunk_kernel(
                        stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
     acc = _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC)
     if SILU:
-        acc = acc * _sigmoid(acc, FAST)
+        acc = acc * ptx_sigmoid(acc, FAST)
     p_o = out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None, None] * stride_o_d + o_l[None, :, :]
     tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_l < L)[None, :, :])
 
@@ -485,7 +474,7 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     block_d, block, warps = config or FWD_CONFIG[path]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
-             "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
+             "FAST": ptx_math(_causal_conv1d_fwd_kernel), "BLOCK_D": block_d, "num_warps": warps}
     if path == "chunked":
         grid = (cdiv(length, block * CHUNK), cdiv(dim, block_d), batch)
         _causal_conv1d_fwd_chunk_kernel[grid](
@@ -536,7 +525,7 @@ def _conv_dy(p_x, p_do, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d,
         pre = _conv_pre(p_x, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
                         stride_x_l, stride_i_b, stride_i_d, stride_i_w,
                         W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
-        sig = _sigmoid(pre, FAST)
+        sig = ptx_sigmoid(pre, FAST)
         dy = dy * sig * (1.0 + pre * (1.0 - sig))
     return dy
 
@@ -665,7 +654,7 @@ def _causal_conv1d_bwd_kernel(
 def _conv_dact(dout, pre, SILU: tl.constexpr, FAST: tl.constexpr):
     """dout * act'(pre), fp32."""
     if SILU:
-        sig = _sigmoid(pre, FAST)
+        sig = ptx_sigmoid(pre, FAST)
         dout = dout * sig * (1.0 + pre * (1.0 - sig))
     return dout
 
@@ -935,7 +924,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     block_d, block, warps, *register_cap = config or BWD_CONFIG[path]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
-             "FAST": x.is_cuda, "BLOCK_D": block_d, "num_warps": warps}
+             "FAST": ptx_math(_causal_conv1d_fwd_kernel), "BLOCK_D": block_d, "num_warps": warps}
     if register_cap:  # more resident warps to hide the loads' latency, at the cost of spills
         flags["maxnreg"] = register_cap[0]
     if path == "chunked":

@@ -33,6 +33,10 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     next_pow2,
+    ptx_exp2,
+    ptx_log2,
+    ptx_math,
+    ptx_sigmoid,
     resolve_backend,
     seq_idx_from_cu_seqlens,
     tl,
@@ -334,46 +338,10 @@ def _scan_tile(decay, x, carry, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _ptx_unary(x, ASM: tl.constexpr):
-    """ASM, one PTX instruction "op $0, $1;" on fp32 registers, on each element of x."""
-    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-# FAST_MATH (compiled for NVIDIA, not the interpreter): the single approximate instructions
-# (relative error ~2e-7) as inline PTX. Triton 3.6 lowers tl.log2 to libdevice's accurate log2f,
-# about 40 instructions: the softplus of dt was 650 of the forward loop's 1416 SASS instructions.
-@triton.jit
-def _exp2(x, FAST_MATH: tl.constexpr):
-    if FAST_MATH:
-        return _ptx_unary(x, "ex2.approx.ftz.f32 $0, $1;")
-    return tl.exp2(x)
-
-
-@triton.jit
-def _log2(x, FAST_MATH: tl.constexpr):
-    if FAST_MATH:
-        return _ptx_unary(x, "lg2.approx.ftz.f32 $0, $1;")
-    return tl.log2(x)
-
-
-@triton.jit
-def _rcp(x, FAST_MATH: tl.constexpr):
-    if FAST_MATH:
-        return _ptx_unary(x, "rcp.approx.ftz.f32 $0, $1;")
-    return 1.0 / x
-
-
-@triton.jit
 def _softplus(x, FAST_MATH: tl.constexpr):
     """log(1 + exp(x)), through base-2 instructions."""
-    e = _exp2(tl.minimum(x, 20.0) * 1.4426950408889634, FAST_MATH)
-    return tl.where(x > 20.0, x, _log2(1.0 + e, FAST_MATH) * 0.6931471805599453)
-
-
-@triton.jit
-def _sigmoid(x, FAST_MATH: tl.constexpr):
-    """1 / (1 + exp(-x)), through the base-2 exponential."""
-    return _rcp(1.0 + _exp2(x * -1.4426950408889634, FAST_MATH), FAST_MATH)
+    e = ptx_exp2(tl.minimum(x, 20.0) * 1.4426950408889634, FAST_MATH)
+    return tl.where(x > 20.0, x, ptx_log2(1.0 + e, FAST_MATH) * 0.6931471805599453)
 
 
 @triton.jit
@@ -546,7 +514,7 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             b_y += b_D[None, :] * b_u
         if HAS_Z:
-            b_y *= b_z * _sigmoid(b_z, FAST_MATH)
+            b_y *= b_z * ptx_sigmoid(b_z, FAST_MATH)
         tl.store(out_ptr + o_ld, b_y.to(out_ptr.dtype.element_ty), mask=m_ld)
         if IS_VARLEN:
             tl.store(last_ptr + o_seq4 + o_dn4, b_hs, mask=m_dn4 & m_end4)
@@ -687,7 +655,7 @@ def _selective_scan_bwd_kernel(
             b_y = _sum_n(b_hs * b_C)
             if HAS_D:
                 b_y += b_D[None, :] * b_u
-            b_sig = _sigmoid(b_z, FAST_MATH)
+            b_sig = ptx_sigmoid(b_z, FAST_MATH)
             b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
             tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
             b_dy = b_dout * b_z * b_sig
@@ -726,7 +694,7 @@ def _selective_scan_bwd_kernel(
         else:
             b_dC_acc += tl.sum(b_hs * b_dy[None, :, :, None], axis=1)
         if DELTA_SOFTPLUS:
-            b_ddt = b_ddt * _sigmoid(b_dt_raw, FAST_MATH)
+            b_ddt = b_ddt * ptx_sigmoid(b_dt_raw, FAST_MATH)
         b_ddt = tl.where(m_ld, b_ddt, 0.0)
         b_ddb_acc += tl.sum(b_ddt, axis=0)
         tl.store(du_ptr + o_ld, b_du.to(du_ptr.dtype.element_ty), mask=m_ld)
@@ -789,12 +757,6 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
     """Whether every tile is in bounds, so that the kernels can drop their masks."""
     return p.dim % block_d == 0 and p.dstate == block_n and p.seqlen % block_l == 0
-
-
-def _fast_math(kernel) -> bool:
-    """Whether the kernel may use inline PTX (_exp2, _log2): compiled for NVIDIA, not run by
-    Triton's interpreter."""
-    return torch.version.hip is None and type(kernel).__name__ != "InterpretedFunction"
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -884,7 +846,7 @@ def _selective_scan_fwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
-        FAST_MATH=_fast_math(_selective_scan_fwd_kernel),
+        FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
         maxnreg=max_registers,
     )
@@ -977,7 +939,7 @@ def _selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
-        FAST_MATH=_fast_math(_selective_scan_bwd_kernel),
+        FAST_MATH=ptx_math(_selective_scan_bwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
         maxnreg=max_registers,
     )
