@@ -24,6 +24,8 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     next_pow2,
+    ptx_math,
+    ptx_sigmoid,
     resolve_backend,
     tl,
     triton,
@@ -62,7 +64,7 @@ def _conv_xproj_step_kernel(
     stride_p_s, stride_p_b, stride_p_j,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_J: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PTX: tl.constexpr,
 ):
     i_s, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_d = i_s * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -94,7 +96,7 @@ def _conv_xproj_step_kernel(
     if HAS_BIAS:
         b_acc += b_bias
     if SILU:
-        b_acc = b_acc / (1.0 + tl.exp(-b_acc))
+        b_acc = b_acc * ptx_sigmoid(b_acc, PTX)
     b_xc = b_acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + i_b * stride_o_b + o_d * stride_o_d, b_xc, mask=m_d)
 
@@ -142,7 +144,7 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
         *parts.stride(),
         W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
         BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(state_len), BLOCK_J=block_j,
-        N_J=cdiv(n_out, block_j), USE_PDL=pdl, num_warps=8, **pdl_launch(pdl),
+        N_J=cdiv(n_out, block_j), USE_PDL=pdl, PTX=ptx_math(_conv_xproj_step_kernel), num_warps=8, **pdl_launch(pdl),
     )
     return out, parts
 

@@ -51,6 +51,8 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     next_pow2,
+    ptx_math,
+    ptx_sigmoid,
     resolve_backend,
     tl,
     triton,
@@ -149,7 +151,7 @@ def _decode_linear_kernel(
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PTX: tl.constexpr,
 ):
     # NORM_ADD: res_ptr is the residual (if HAS_RESIDUAL), res_out_ptr takes the sum.
     # NORM_GATE / NORM_GATE_AFTER: res_ptr is the gate z.
@@ -185,7 +187,7 @@ def _decode_linear_kernel(
         if NORM >= 2:
             b_z = tl.load(res_ptr + o_b[:, None] * stride_r_b + o_k[None, :] * stride_r_k,
                           mask=m_bk, other=0.0).to(tl.float32)
-            b_gate = b_z / (1.0 + tl.exp(-b_z))
+            b_gate = b_z * ptx_sigmoid(b_z, PTX)
             if NORM == 2:
                 b_x *= b_gate
         if NORM != 0:
@@ -222,7 +224,7 @@ def _decode_linear_kernel(
                 tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
         tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
         if SILU:
-            b_conv = b_conv / (1.0 + tl.exp(-b_conv))
+            b_conv = b_conv * ptx_sigmoid(b_conv, PTX)
         b_out = tl.where(m_c[None, :], b_conv.to(out_ptr.dtype.element_ty), b_out)
     tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
 
@@ -282,7 +284,7 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
         BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=cdiv(n_in, block_k),
-        USE_PDL=pdl, num_warps=NUM_WARPS, **pdl_launch(pdl),
+        USE_PDL=pdl, PTX=ptx_math(_decode_linear_kernel), num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
 
 

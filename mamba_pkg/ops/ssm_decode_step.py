@@ -34,6 +34,10 @@ from mamba_pkg.ops.backend import (
     check_same_device,
     check_tensor,
     next_pow2,
+    ptx_exp2,
+    ptx_log2,
+    ptx_math,
+    ptx_sigmoid,
     resolve_backend,
     tl,
     triton,
@@ -101,7 +105,7 @@ def _ssm_decode_step_kernel(
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PTX: tl.constexpr,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -116,11 +120,15 @@ def _ssm_decode_step_kernel(
         tl.extra.cuda.gdc_launch_dependents()
 
     # Parameters first: with PDL their loads are in flight while the previous kernel finishes.
+    # Exponentials are base 2 (1.4426950408889634 = log2(e), 0.6931471805599453 = ln(2)): b_A holds
+    # A * log2(e), so exp(A * dt) = exp2(b_A * dt) with no extra multiply per state element.
     if TIE_HDIM:
-        b_A = -tl.exp(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32))
+        b_A = ptx_exp2(tl.load(A_log_ptr + i_h * stride_A_h).to(tl.float32) * 1.4426950408889634, PTX)
     else:
         p_A = A_log_ptr + i_h * stride_A_h + o_p[:, None] * stride_A_p + o_n[None, :] * stride_A_n
-        b_A = -tl.exp(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32))  # (BLOCK_P, BLOCK_N)
+        b_A = ptx_exp2(tl.load(p_A, mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32) * 1.4426950408889634,
+                       PTX)  # (BLOCK_P, BLOCK_N)
+    b_A = b_A * -1.4426950408889634
     if HAS_DT_PROJ:
         o_r = tl.arange(0, BLOCK_R)
         m_r = o_r < R
@@ -174,15 +182,16 @@ def _ssm_decode_step_kernel(
                        mask=m_bp, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         b_dt += b_dt_bias
-    b_dt = tl.where(b_dt <= 20.0, tl.log(1.0 + tl.exp(b_dt)), b_dt)
+    b_dt = tl.where(b_dt <= 20.0, ptx_log2(1.0 + ptx_exp2(b_dt * 1.4426950408889634, PTX), PTX) * 0.6931471805599453,
+                    b_dt)
     if HAS_DT_LIMIT:
         b_dt = tl.minimum(tl.maximum(b_dt, dt_min), dt_max)
 
     # exp(A * dt): with TIE_HDIM one exponential per head and row.
     if TIE_HDIM:
-        b_dA = tl.exp(b_A * b_dt)[:, :, None]  # (BLOCK_B, 1, 1)
+        b_dA = ptx_exp2(b_A * b_dt, PTX)[:, :, None]  # (BLOCK_B, 1, 1)
     else:
-        b_dA = tl.exp(b_A[None, :, :] * b_dt[:, :, None])  # (BLOCK_B, BLOCK_P, BLOCK_N)
+        b_dA = ptx_exp2(b_A[None, :, :] * b_dt[:, :, None], PTX)  # (BLOCK_B, BLOCK_P, BLOCK_N)
 
     b_state = b_state * b_dA + (b_x * b_dt)[:, :, None] * b_B[:, None, :]
     tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_state)
@@ -190,7 +199,7 @@ def _ssm_decode_step_kernel(
     if HAS_D:
         b_out += b_x * b_D
     if HAS_Z:
-        b_out = b_out * b_z / (1.0 + tl.exp(-b_z))
+        b_out = b_out * b_z * ptx_sigmoid(b_z, PTX)
     tl.store(out_ptr + o_b[:, None] * stride_o_b + i_h * stride_o_h + o_p[None, :] * stride_o_p,
              b_out.to(out_ptr.dtype.element_ty), mask=m_bp)
 
@@ -285,7 +294,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
-        USE_PDL=pdl, num_warps=warps, **pdl_launch(pdl),
+        USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), num_warps=warps, **pdl_launch(pdl),
     )
     return out
 
