@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
-from mamba_pkg.ops.backend import cdiv, tl, triton, triton_interpret
+from mamba_pkg.ops.backend import cdiv, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
 from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype_for
 
 
@@ -551,7 +551,8 @@ def _dt_bwd_kernel(
     stride_ddt_b, stride_ddt_l, stride_ddt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_SPLIT: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    PTX: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """The dt chain of one chunk and head (program order = the (B, H, C) layout).
 
@@ -597,8 +598,8 @@ def _dt_bwd_kernel(
         v += tl.load(dt_bias_ptr + i_h).to(tl.float32)
     if DT_SOFTPLUS:
         # torch's softplus: the identity above 20, with derivative 1 there.
-        grad = grad * tl.where(v > 20.0, 1.0, tl.sigmoid(v))
-        v = _softplus(v)
+        grad = grad * tl.where(v > 20.0, 1.0, ptx_sigmoid(v, PTX))
+        v = _softplus(v, PTX)
     if HAS_DT_LIMIT:
         grad = tl.where((v >= dt_min) & (v <= dt_max), grad, 0.0)
     grad = tl.where(m_l, grad, 0.0)
@@ -730,7 +731,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         L, H, N, heads_per_group, nchunks, ddecay.shape[-1], n_split, B.numel(), float(dt_min), float(dt_max),
         *dt.stride(), *ddt.stride(), *dB.stride(),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SPLIT=n_split > 1, Q=Q, BLOCK_M=BLOCK_M,
+        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SPLIT=n_split > 1, PTX=ptx_math(_dt_bwd_kernel),
+        Q=Q, BLOCK_M=BLOCK_M,
         SLOTS=block_size(ddecay.shape[-1]), ROWS=block_size(cdiv(Q, heads_per_group)),
         BLOCK_N=BLOCK_N, num_warps=4,
     )

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
-from mamba_pkg.ops.backend import cdiv, tl, triton, triton_interpret
+from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_log2, ptx_math, tl, triton, triton_interpret
 
 
 def block_size(n: int) -> int:
@@ -114,10 +114,13 @@ def _walk_start(ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n, HAS_START: tl.conste
 
 
 @triton.jit
-def _softplus(v):
+def _softplus(v, PTX: tl.constexpr):
     # log1p(exp(v)) without overflow and without losing small values to 1 + u rounding.
-    u = tl.exp(-tl.abs(v))
-    log1p_u = tl.where(u < 1e-4, u - 0.5 * u * u, tl.log(1.0 + u))
+    # PTX: the single ex2/lg2 approximations (Triton 3.6 lowers tl.log to libdevice's
+    # accurate logf, a long polynomial); 1 + u lies in [1, 2], where lg2.approx is exact
+    # to ~2e-7 absolute.
+    u = ptx_exp2(tl.abs(v) * -1.4426950408889634, PTX)
+    log1p_u = tl.where(u < 1e-4, u - 0.5 * u * u, ptx_log2(1.0 + u, PTX) * 0.6931471805599453)
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_u)
 
 
@@ -134,7 +137,7 @@ def _chunk_state_fwd_kernel(
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, PTX: tl.constexpr,
     Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
@@ -171,7 +174,7 @@ def _chunk_state_fwd_kernel(
             if HAS_DT_BIAS:
                 dt = dt + dt_bias
             if DT_SOFTPLUS:
-                dt = _softplus(dt)
+                dt = _softplus(dt, PTX)
             if HAS_DT_LIMIT:
                 dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
             dt = tl.where(m_l, dt, 0.0)
@@ -233,7 +236,7 @@ def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
         *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
         HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
-        HAS_INIT=initial_states is not None, STORE_STATES=store_states,
+        HAS_INIT=initial_states is not None, STORE_STATES=store_states, PTX=ptx_math(_chunk_state_fwd_kernel.fn),
         Q=Q, DOT_DTYPE=dot_dtype_for(x.dtype),
     )
     return states, final, dt_out, cs_out
