@@ -104,6 +104,21 @@ def test_left_padded_batch_equals_one_by_one(kind_model, prefill_chunk_size):
         )
 
 
+def test_greedy_blocks_equal_step_by_step(kind_model):
+    """Plain greedy decoding runs GRAPH_STEPS steps per block (eagerly here): the same tokens as the
+    token-by-token loop (taken with output_scores), over two blocks and a remainder."""
+    from mamba_pkg.generation.decode import GRAPH_STEPS
+
+    _, model = kind_model
+    ids = torch.randint(0, VOCAB, (2, 5))
+    new = 2 * GRAPH_STEPS + 3
+    blocks = generate(model, ids, max_new_tokens=new)
+    steps = generate(model, ids, max_new_tokens=new, return_dict_in_generate=True, output_scores=True)
+    assert blocks.shape == (2, 5 + new)
+    assert torch.equal(blocks, steps.sequences)
+    assert torch.equal(blocks[:, 5:], torch.stack(steps.scores, dim=1).argmax(-1))
+
+
 def test_per_sequence_eos():
     model = make_model("mamba1")
     ids = torch.randint(0, VOCAB, (3, 4))
@@ -267,6 +282,29 @@ def test_cuda_graph_equals_eager(kind):
     assert model.__dict__.get("_mamba_pkg_decode_graphs")
     free_decode_graphs(model)
     assert not model.__dict__.get("_mamba_pkg_decode_graphs")
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_multistep_graph_equals_eager(kind):
+    """Greedy cg=True replays the multi-step graph (GRAPH_STEPS tokens per replay, the rest one
+    replay each): the same tokens as eager steps, for several batch sizes, prompt lengths and
+    repeated calls (the graphs are captured once and reused)."""
+    from mamba_pkg.generation.decode import GRAPH_STEPS
+
+    model = make_model(kind, device="cuda", n_layer=4, d_model=64)
+    torch.manual_seed(0)
+    new = 2 * GRAPH_STEPS + 5
+    for batch, width in ((1, 9), (3, 5), (3, 12), (1, 4)):
+        ids = torch.randint(0, VOCAB, (batch, width), device="cuda")
+        eager = generate(model, ids, max_new_tokens=new)
+        graph = generate(model, ids, max_new_tokens=new, cg=True)
+        assert torch.equal(graph, eager)
+        graph = generate(model, ids, max_new_tokens=GRAPH_STEPS + 1, cg=True)
+        assert torch.equal(graph, eager[:, : width + GRAPH_STEPS + 1])
+    graphs = model.__dict__["_mamba_pkg_decode_graphs"]
+    assert all(g.block is not None for g in graphs.values())
+    free_decode_graphs(model)
 
 
 @requires_cuda
