@@ -1,8 +1,8 @@
 """Mamba-2 SSD scan: ours (Triton) vs mamba_ssm's mamba_chunk_scan_combined, bf16.
 
 Cases: B=4, H=32, P=64, N=128, G=1, chunk 256, L in {2048, 8192, 32768}; the
-2.7B shape H=80 at L=8192; N in {64, 256} at L=8192 (order: L=8192, N=256, the other
-lengths, H=80, N=64). Both providers get D,
+2.7B shape H=80 at L=8192; N in {64, 256} at L=8192 (order: L=8192, N=64, N=256, the
+other lengths, H=80). Both providers get D,
 dt_bias and dt_softplus. Each case is timed twice: timing=eager (do_bench of the
 Python call: what a caller sees, host overhead included; the row also gives host_ms,
 the host time to issue one call) and timing=graph (the same call captured in a CUDA
@@ -14,13 +14,22 @@ mamba_ssm autotunes every kernel for each new d_state, which takes minutes cold;
 N != 128 its autotuners are pinned to the configs they chose at N = 128 (rows marked
 anchor_configs="N=128 picks"); ours autotune normally. `--budget-s` skips the shapes
 that would start after that many seconds (the rows so far are saved after each shape).
+`--host-profile` prints cProfile's top functions of our eager fwd+bwd step.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--budget-s S]
+Cold compiles dominate a device call (every autotuning config of every kernel, per d_state).
+`--precompile N [N ...]` only compiles every config of our kernels for the main shape with
+d_state N (no kernel runs), and `--precompile-anchor N [N ...]` mamba_ssm's pinned N=128 picks
+at those N: run them in parallel processes (e.g. beside the GPU tests) with a shared
+TRITON_CACHE_DIR, and the benchmark then only loads and times.
+
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--host-profile] [--budget-s S]
+    PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -35,13 +44,11 @@ def shapes(quick: bool):
     base = dict(B=4, H=32, P=64, N=128, G=1)
     if quick:
         return [dict(base, L=8192)]
-    # The main shape first: a run cut short still has it; then N=256 (cut by the time
-    # budget in every earlier run), the shapes that compile nothing new (same head shape),
-    # then N=64.
-    out = [dict(base, L=8192), dict(base, N=256, L=8192)]
+    # The main shape first: a run cut short still has it; then the other d_states (cut by
+    # the time budget in earlier runs), then the shapes that compile nothing new.
+    out = [dict(base, L=8192), dict(base, N=64, L=8192), dict(base, N=256, L=8192)]
     out += [dict(base, L=L) for L in (2048, 32768)]
     out.append(dict(base, H=80, L=8192))
-    out.append(dict(base, N=64, L=8192))
     return out
 
 
@@ -102,6 +109,80 @@ def bench_case(s, provider, fwdbwd):
 
     step()
     return time_ms(step, warmup_ms=50, rep_ms=200), graph_ms(step), host_ms(step, n=20)
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Launches inside only compile: every (pruned) config of an autotuned kernel, the kernel
+    itself otherwise; nothing runs (the outputs stay uninitialised)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    jit_run, tuned_run = JITFunction.run, Autotuner.run
+
+    def compile_jit(self, *args, grid, warmup, **kwargs):
+        return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    def compile_configs(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        return self.warmup(*args, **kwargs)
+
+    JITFunction.run, Autotuner.run = compile_jit, compile_configs
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tuned_run
+
+
+def precompile(d_states, provider):
+    """Compile (not run) what one fwd+bwd step of `provider` launches at the main shape with
+    each d_state. mamba_ssm first runs one real step at N=128 (its tuned configs, from the
+    autotuning cache when TRITON_CACHE_AUTOTUNING is set) and is pinned to them, as in main()."""
+    base = dict(B=4, H=32, P=64, N=128, G=1, L=8192)
+    if provider == "ours":
+        from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
+    else:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
+
+    def step(s):
+        leaves = make_inputs(s, True)
+        x, dt, A, B, C, D, dt_bias = leaves
+        out = fn(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    if provider != "ours":
+        step(base)
+        pin_anchor_autotuners()
+    for n in d_states:
+        t0 = time.time()
+        with compile_only():
+            step(dict(base, N=n))
+        print(f"precompiled {provider} N={n} in {time.time() - t0:.0f} s", flush=True)
+
+
+def host_profile(s, steps=20):
+    """cProfile's top functions (own time) of `steps` eager fwd+bwd steps of ours at shape s."""
+    import cProfile
+    import pstats
+
+    from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
+    leaves = make_inputs(s, True)
+    x, dt, A, B, C, D, dt_bias = leaves
+    grad = torch.randn_like(x)
+
+    def step():
+        return torch.autograd.grad(fn(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True), leaves, grad)
+
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"--- host profile, ours, {steps} eager fwd+bwd steps ---")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 def pin_anchor_autotuners():
@@ -200,9 +281,20 @@ def main():
     ap.add_argument("--stages", action="store_true", help="also time each of our kernels at L=8192")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler kernel tables after the main shape (same process: no new compiles)")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile of our eager fwd+bwd at L=8192")
     ap.add_argument("--budget-s", type=float, default=160.0,
                     help="start no new shape after this many seconds")
+    ap.add_argument("--precompile", type=int, nargs="+", metavar="N",
+                    help="only compile our kernels' configs for these d_states, then exit")
+    ap.add_argument("--precompile-anchor", type=int, nargs="+", metavar="N",
+                    help="only compile mamba_ssm's pinned configs for these d_states, then exit")
     args = ap.parse_args()
+    if args.precompile or args.precompile_anchor:
+        if args.precompile:
+            precompile(args.precompile, "ours")
+        if args.precompile_anchor:
+            precompile(args.precompile_anchor, "mamba_ssm")
+        return
     rows = []
     t_start = time.time()
     pinned = False
@@ -241,6 +333,8 @@ def main():
         if args.profile and i == 0:
             for provider in ("ours", "mamba_ssm"):
                 try_provider(provider, lambda s=s, provider=provider: kernel_profile(s, provider))
+        if args.host_profile and i == 0:
+            try_provider("ours", lambda s=s: host_profile(s))
 
 
 if __name__ == "__main__":
