@@ -13,6 +13,11 @@ graph replays unless --fp32-full.
 
     PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64] [--quick]
     PYTHONPATH=. python benchmarks/bench_generation.py --tables profile.txt   (kernel tables of one step)
+    PYTHONPATH=. python benchmarks/bench_generation.py --warmup --models mamba-1.4b   (compile only)
+--warmup runs each model's decode paths once (ours and mamba_ssm, every batch size) and times nothing:
+run one such process per model in parallel with a shared TRITON_CACHE_DIR (and TRITON_CACHE_AUTOTUNING=1)
+before the timed run, so that the Triton compiles of all models overlap. --budget-s: start no model or
+batch size after that many seconds (the rows so far are saved after every model).
 """
 
 from __future__ import annotations
@@ -102,8 +107,25 @@ def their_graph_ms(model, batch) -> float:
     return replay_ms(lambda: run(ids, ids, PROMPT))
 
 
+def warmup_model(name: str, batches) -> None:
+    """Compile what the timed run of ``name`` will launch: ours (the graphs, the multi-step one
+    included, and the eager step of the kernel table) and mamba_ssm's generate, every batch size."""
+    from mamba_pkg.generation.decode import GRAPH_STEPS
+
+    ours = build_ours(name)
+    theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, ours))
+    for batch in batches:
+        ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
+        ours.generate(ids, max_new_tokens=GRAPH_STEPS + 2, cg=True, ssm_state_dtype=torch.bfloat16)
+        eager_step("ours", ours, batch)()
+        if theirs is not None:
+            try_provider("mamba_ssm", lambda: theirs.generate(ids, max_length=PROMPT + 2, cg=True))
+    torch.cuda.synchronize()
+    print(f"warm {name}", flush=True)
+
+
 def bench_model(name: str, batches, reps: int, with_transformers: bool, fp32_full: bool = False,
-                tables: str | None = None, fp32: bool = True) -> list:
+                tables: str | None = None, fp32: bool = True, deadline: float = float("inf")) -> list:
     """Rows for one model size: every batch size, every provider. Rows of ours and mamba_ssm
     carry ``kernels_per_step`` (one eager step under torch.profiler; the graph replays the same)."""
     ours = build_ours(name)
@@ -115,6 +137,9 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool, fp32_ful
         hf = try_provider("transformers build", lambda: _to_transformers(ours))
     rows = []
     for batch in batches:
+        if time.perf_counter() > deadline:
+            print(f"skipped {name} batch {batch}: --budget-s spent", flush=True)
+            break
         ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
         base = f"decode model={name} batch={batch} prompt={PROMPT} new={NEW}"
         runs = [  # (case, provider, make_fn, graph timing)
@@ -213,16 +238,27 @@ def main() -> None:
     ap.add_argument("--fp32-full", action="store_true",
                     help="time the fp32-state case by generate too (default: its graph replay only)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32-state case (our default states)")
+    ap.add_argument("--warmup", action="store_true", help="compile only (see the module docstring); times nothing")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start no model / batch size after this many seconds")
     ap.add_argument("--quick", action="store_true",
                     help="mamba-1.4b and mamba2-1.3b only, no transformers (fits 120 s on an H100)")
     args = ap.parse_args()
     if args.quick:
         args.models, args.no_transformers = "mamba-1.4b,mamba2-1.3b", True
     batches = [int(b) for b in args.batches.split(",")]
+    if args.warmup:
+        for name in args.models.split(","):
+            warmup_model(name, batches)
+        return
+    deadline = time.perf_counter() + args.budget_s
     rows = []
     for name in args.models.split(","):
+        if time.perf_counter() > deadline:
+            print(f"skipped {name}: --budget-s spent", flush=True)
+            continue
         rows += bench_model(name, batches, args.reps, not args.no_transformers, args.fp32_full, args.tables,
-                            not args.no_fp32)
+                            not args.no_fp32, deadline)
         torch.cuda.empty_cache()
         # Saved after every model, so that a run cut short by a time limit keeps its rows.
         save_results("bench_generation", rows, plot_key="batch")
