@@ -427,7 +427,10 @@ def _selective_scan_fwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_CKPT: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
+    CKPT_L: tl.constexpr,
 ):
+    """STORE_CKPT: also store the state before every CKPT_L steps (the backward's tiles; CKPT_L
+    divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
@@ -472,8 +475,9 @@ def _selective_scan_fwd_kernel(
     if C_VAR:
         b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_t, m_n3, seqlen, EVEN)
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
+    n_ckpt = tl.cdiv(seqlen, CKPT_L)
     if STORE_CKPT:
-        tl.store(ckpt_ptr + i_b.to(tl.int64) * n_tiles * dim * dstate + o_dn3, b_h, mask=m_dn3)
+        tl.store(ckpt_ptr + i_b.to(tl.int64) * n_ckpt * dim * dstate + o_dn3, b_h, mask=m_dn3)
     for i_t in range(0, n_tiles):
         o_l = i_t * BLOCK_L + o_t
         m_l = (o_l < seqlen) | EVEN
@@ -519,12 +523,19 @@ def _selective_scan_fwd_kernel(
         if IS_VARLEN:
             tl.store(last_ptr + o_seq4 + o_dn4, b_hs, mask=m_dn4 & m_end4)
         if STORE_CKPT:
-            # The next tile's start state, stored from this tile's last step of the 4-D states
-            # rather than from the carried (N_IN, BLOCK_D, N_LANES) state: for that store Triton
-            # 3.6 carries a second copy of the state and computes the whole tile twice (SASS).
-            m_next4 = ((o_t == BLOCK_L - 1) & (o_l < (n_tiles - 1) * BLOCK_L))[None, :, None, None]
-            p_ckpt = ckpt_ptr + (i_b.to(tl.int64) * n_tiles + i_t + 1) * dim * dstate + o_dn4
-            tl.store(tl.broadcast_to(p_ckpt, (N_IN, BLOCK_L, BLOCK_D, N_LANES)), b_hs, mask=m_dn4 & m_next4)
+            # The start states of the backward's next tiles, taken from the last steps of the
+            # backward's tiles in the 4-D states (an in-thread pick: L is inside a thread) rather
+            # than from the carried (N_IN, BLOCK_D, N_LANES) state: for that store Triton 3.6
+            # carries a second copy of the state and computes the whole tile twice (SASS).
+            for j in tl.static_range(BLOCK_L // CKPT_L):
+                m_step4 = (o_t == j * CKPT_L + CKPT_L - 1)[None, :, None, None]
+                b_ckpt = tl.sum(tl.where(m_step4, b_hs, 0.0), axis=1)  # (N_IN, BLOCK_D, N_LANES)
+                i_slot = i_t * (BLOCK_L // CKPT_L) + j + 1
+                # (The slot test as a tensor: the Triton 3.9 interpreter rejects a mask made of a
+                # tensor & a scalar comparison.)
+                m_slot = (o_n3 * 0 + i_slot) < n_ckpt
+                tl.store(ckpt_ptr + (i_b.to(tl.int64) * n_ckpt + i_slot) * dim * dstate + o_dn3, b_ckpt,
+                         mask=m_dn3 & m_slot)
         b_h = b_h_last
     if not IS_VARLEN:
         tl.store(last_ptr + o_state, b_h, mask=m_dn3)
@@ -721,7 +732,7 @@ def _selective_scan_bwd_kernel(
 def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps, max_registers) of the kernels' 4-D blocks
     for pass_ "fwd" (no gradient), "ckpt" (the forward that saves the backward's
-    checkpoints; always the backward's BLOCK_L) or "bwd".
+    checkpoints, one per backward tile; up to N = 16 its tiles span two backward tiles) or "bwd".
 
     N_LANES threads share a channel's state (N_IN entries each); BLOCK_D is chosen
     so that threads and warps cover BLOCK_D * N_LANES exactly, keeping BLOCK_L in
@@ -735,17 +746,17 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     that measured faster, 16 steps per forward tile and 8 per backward tile up to N = 16.
     N = 64's backward stays on four warps (one-warp shapes spill registers).
     """
-    backward = pass_ != "fwd"
     block_n = max(2, next_pow2(dstate))
     if block_n <= 16:
         n_lanes = 2 if block_n <= 8 else 4
-        num_warps, block_l = 1, (8 if backward else 16)
+        num_warps, block_l = 1, (8 if pass_ == "bwd" else 16)
     elif block_n <= 64 and pass_ != "bwd":
         n_lanes, num_warps, block_l = 4, 1, 8
     else:
         n_lanes = 8 if block_n <= 64 else 32
         num_warps, block_l = 4, (8 if block_n // n_lanes <= 4 else 4)
     if pass_ == "ckpt" and block_n > 16:
+        # Larger tiles with two checkpoints each spill registers here (N = 64 with Triton 3.6).
         block_l = _block_sizes(dstate, group_size, grouped, "bwd")[3]
     n_in = block_n // n_lanes
     block_d = max(1, 32 * num_warps // n_lanes)
@@ -832,6 +843,7 @@ def _selective_scan_fwd(
     block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
         p.dstate, p.group_size, p.grouped, "ckpt" if store_ckpt else "fwd")
     out, last, ckpt = _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
+    ckpt_l = _block_sizes(p.dstate, p.group_size, p.grouped, "bwd")[3] if store_ckpt else block_l
     varlen = seq_idx is not None
     if varlen and initial_state is not None:
         # Empty sequences are never visited by the kernel: their last state is their initial state.
@@ -847,7 +859,7 @@ def _selective_scan_fwd(
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
-        BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
+        BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, CKPT_L=ckpt_l, num_warps=num_warps,
         maxnreg=max_registers,
     )
     return out, last, ckpt
