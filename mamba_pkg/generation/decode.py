@@ -15,10 +15,11 @@
   captured once per (batch size, dtype, device) and kept on the model, together
   with its cache, for later calls (a longer max_length re-captures);
   ``free_decode_graphs(model)`` releases them.
-- Plain greedy decoding (no EOS, scores, streamer or teacher tokens) needs nothing from
-  the host between tokens, so it runs GRAPH_STEPS steps per replay of a second graph
-  (argmax, next-token feed and the token's write included): the host loop and the graph
-  launch are paid once per GRAPH_STEPS tokens instead of once per token.
+- Greedy decoding without scores, streamer or teacher tokens needs nothing from the host
+  between tokens, so it runs GRAPH_STEPS steps per replay of a second graph (argmax, EOS
+  bookkeeping, next-token feed and the token's write included): the host loop, the graph
+  launch and the all-finished check (a sync) come once per GRAPH_STEPS tokens instead of
+  once per token. Steps after every row finished only write padding that is cut off.
 - Scores (``output_scores``) are the model's raw logits for each new position,
   (B, vocab_size), before the sampling filters (as in mamba_ssm).
 """
@@ -231,13 +232,28 @@ def _step_eager(model, tokens, params, vocab_size) -> torch.Tensor:
     return _last_logits(model, tokens[:, None], params, vocab_size)
 
 
-def _greedy_steps(model, tokens, params, vocab_size, out) -> None:
+def _stop(tokens, eos, pad, finished, live) -> torch.Tensor:
+    """EOS bookkeeping of one position, on the device: rows already finished get ``pad``; ``live``
+    (0-d int64) counts the positions at which some row was unfinished (= tokens generated when
+    the loop stops); ``finished`` (B,) bool is updated in place."""
+    tokens = torch.where(finished, pad, tokens)
+    live += (~finished).any()
+    # Not torch.isin: with many EOS ids it takes a sorting path whose unique() syncs (no graph capture).
+    finished |= (tokens[:, None] == eos[None, :]).any(dim=1)
+    return tokens
+
+
+def _greedy_steps(model, tokens, params, vocab_size, out, stop=None) -> None:
     """out.shape[1] greedy steps from ``tokens`` (B,): step j feeds ``tokens``, writes the
-    argmax back into ``tokens`` and into ``out[:, j]`` (out (B, n) int64), and advances each
-    row's length. Run eagerly, or captured as the multi-step graph."""
+    argmax (through _stop(*stop) when given) back into ``tokens`` and into ``out[:, j]``
+    (out (B, n) int64), and advances each row's length. Run eagerly, or captured as the
+    multi-step graph."""
     for j in range(out.shape[1]):
         logits = _step_eager(model, tokens, params, vocab_size)
-        tokens.copy_(logits.argmax(dim=-1))
+        chosen = logits.argmax(dim=-1)
+        if stop is not None:
+            chosen = _stop(chosen, *stop)
+        tokens.copy_(chosen)
         out[:, j].copy_(tokens)
         params.lengths_per_sample += 1
         params.seqlen_offset += 1
@@ -274,8 +290,14 @@ class DecodeGraph:
             self.tokens.copy_(self.logits.argmax(dim=-1))
             self.params.lengths_per_sample += 1
         self._storage = _cache_tensors(self.params.key_value_memory_dict)
-        self.block = None  # the multi-step greedy graph, captured on first use
+        # Multi-step greedy graphs, captured on first use: key 0 without EOS, else the number of
+        # EOS ids. They read and write the EOS state below in place.
+        self.blocks = {}
         self.block_tokens = torch.zeros(batch, GRAPH_STEPS, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.live = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = torch.zeros((), dtype=torch.long, device=device)
+        self.eos = {}
 
     def fits(self, batch, max_seqlen, dtype, vocab_size) -> bool:
         return batch == self.batch and max_seqlen <= self.max_seqlen and dtype == self.dtype and vocab_size == self.vocab_size
@@ -288,21 +310,34 @@ class DecodeGraph:
                 "the CUDA graph would read stale states. Use cg=False."
             )
 
-    def greedy_block(self, model, tokens: torch.Tensor) -> torch.Tensor:
+    def stop_state(self, eos: torch.Tensor, pad_token_id: int) -> tuple:
+        """The graph's EOS state (eos ids, pad, finished, live) set up for a new generation."""
+        buf = self.eos.get(eos.numel())
+        if buf is None:
+            buf = self.eos[eos.numel()] = torch.empty_like(eos)
+        buf.copy_(eos)
+        self.pad.fill_(pad_token_id)
+        self.finished.zero_()
+        self.live.zero_()
+        return buf, self.pad, self.finished, self.live
+
+    def greedy_block(self, model, tokens: torch.Tensor, stop=None) -> torch.Tensor:
         """GRAPH_STEPS greedy steps from ``tokens`` (B,) in one replay (the graph is captured on
-        the first call); returns ``block_tokens`` (B, GRAPH_STEPS), the tokens chosen, which the
-        next replay overwrites. ``self.tokens`` holds the last of them afterwards. The host keeps
-        ``params.seqlen_offset``."""
-        if self.block is None:
+        the first call); stop: None or ``stop_state(...)``. Returns ``block_tokens`` (B,
+        GRAPH_STEPS), the tokens chosen, which the next replay overwrites; ``self.tokens`` holds
+        the last of them afterwards. The host keeps ``params.seqlen_offset``."""
+        key = 0 if stop is None else stop[0].numel()
+        block = self.blocks.get(key)
+        if block is None:
             offset = self.params.seqlen_offset
             block = torch.cuda.CUDAGraph()
             with torch.cuda.graph(block):
-                _greedy_steps(model, self.tokens, self.params, self.vocab_size, self.block_tokens)
+                _greedy_steps(model, self.tokens, self.params, self.vocab_size, self.block_tokens, stop)
             self.params.seqlen_offset = offset  # capture ran no kernel: the cache is where it was
-            self.block = block
+            self.blocks[key] = block
         if tokens is not self.tokens:
             self.tokens.copy_(tokens)
-        self.block.replay()
+        block.replay()
         return self.block_tokens
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -445,10 +480,12 @@ def generate(
     timer.mark("prefill_ms")
 
     greedy = is_greedy(temperature, top_k, repetition_penalty)
-    if greedy and eos is None and teacher_outputs is None and streamer is None and not output_scores:
-        _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, vocab_size)
+    if greedy and teacher_outputs is None and streamer is None and not output_scores:
+        generated = _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, vocab_size, eos,
+                                   pad_token_id)
         timer.mark("decode_ms")
-        return _finish(sequences, scores, output_scores, return_dict_in_generate, timer, new_tokens)
+        return _finish(sequences[:, : width + generated], scores, output_scores, return_dict_in_generate, timer,
+                       generated)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = 0
     for t in range(new_tokens):
@@ -487,29 +524,41 @@ def generate(
     return _finish(sequences[:, : width + generated], scores, output_scores, return_dict_in_generate, timer, generated)
 
 
-def _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, vocab_size) -> None:
-    """Greedy tokens for positions width .. width + new_tokens - 1 of ``sequences``, nothing read
-    back to the host: the first from the prefill ``logits``, then GRAPH_STEPS per replay of the
-    multi-step graph (the rest one replay each); without a graph, eager steps."""
+def _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, vocab_size, eos, pad_token_id) -> int:
+    """Greedy tokens for positions width .. width + new_tokens - 1 of ``sequences``: the first from
+    the prefill ``logits``, then GRAPH_STEPS per replay of the multi-step graph (the rest one
+    replay each); without a graph, eager steps (one at a time with EOS, so that none is wasted).
+    With EOS the host reads the all-finished flag once per block. Returns the number of tokens
+    generated (fewer than new_tokens when every row finished)."""
+    stop = None
+    if eos is not None:
+        if graph is not None:
+            stop = graph.stop_state(eos, pad_token_id)
+        else:
+            stop = (eos, torch.tensor(pad_token_id, device=eos.device), torch.zeros(sequences.shape[0], dtype=torch.bool,
+                    device=eos.device), torch.zeros((), dtype=torch.long, device=eos.device))
     tokens = logits.argmax(dim=-1)
+    if stop is not None:
+        tokens = _stop(tokens, *stop)
     sequences[:, width] = tokens
     done = 1
-    while done < new_tokens:
-        n = min(GRAPH_STEPS, new_tokens - done)
+    while done < new_tokens and not (stop is not None and bool(stop[2].all())):
+        n = min(GRAPH_STEPS if graph is not None or stop is None else 1, new_tokens - done)
         pos = width + done
         if graph is None:
-            _greedy_steps(model, tokens, params, vocab_size, sequences[:, pos : pos + n])
+            _greedy_steps(model, tokens, params, vocab_size, sequences[:, pos : pos + n], stop)
         elif n == GRAPH_STEPS:
-            sequences[:, pos : pos + n] = graph.greedy_block(model, tokens)
+            sequences[:, pos : pos + n] = graph.greedy_block(model, tokens, stop)
             tokens = graph.tokens
             params.seqlen_offset += n
         else:
             graph.step(tokens)
-            tokens = graph.tokens  # the step's argmax
+            tokens = graph.tokens if stop is None else _stop(graph.tokens, *stop)  # the step's argmax
             sequences[:, pos] = tokens
             params.seqlen_offset += 1
             n = 1
         done += n
+    return new_tokens if stop is None else int(stop[3])
 
 
 def decode(

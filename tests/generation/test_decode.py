@@ -4,7 +4,8 @@ one-by-one runs; per-sequence EOS; teacher forcing; seeding; errors; CUDA graph 
 import pytest
 import torch
 
-from mamba_pkg.generation.decode import GenerateOutput, decode, free_decode_graphs, generate
+from mamba_pkg.generation import decode as dec
+from mamba_pkg.generation.decode import DecodeGraph, GenerateOutput, decode, free_decode_graphs, generate
 from mamba_pkg.models.config import MambaConfig
 from mamba_pkg.models.lm import MambaLMHeadModel
 
@@ -107,16 +108,85 @@ def test_left_padded_batch_equals_one_by_one(kind_model, prefill_chunk_size):
 def test_greedy_blocks_equal_step_by_step(kind_model):
     """Plain greedy decoding runs GRAPH_STEPS steps per block (eagerly here): the same tokens as the
     token-by-token loop (taken with output_scores), over two blocks and a remainder."""
-    from mamba_pkg.generation.decode import GRAPH_STEPS
-
     _, model = kind_model
     ids = torch.randint(0, VOCAB, (2, 5))
-    new = 2 * GRAPH_STEPS + 3
+    new = 2 * dec.GRAPH_STEPS + 3
     blocks = generate(model, ids, max_new_tokens=new)
     steps = generate(model, ids, max_new_tokens=new, return_dict_in_generate=True, output_scores=True)
     assert blocks.shape == (2, 5 + new)
     assert torch.equal(blocks, steps.sequences)
     assert torch.equal(blocks[:, 5:], torch.stack(steps.scores, dim=1).argmax(-1))
+
+
+def test_greedy_eos_equals_step_by_step():
+    """Greedy decoding with EOS ids (the block path: EOS bookkeeping on the device) gives the
+    same sequences and length as the token-by-token loop (taken with output_scores)."""
+    model = make_model("mamba2")
+    ids = torch.randint(0, VOCAB, (3, 4))
+    free = generate(model, ids, max_new_tokens=20)[:, 4:]
+    for eos in (int(free[0, 3]), [int(free[1, 5]), int(free[2, 1])], VOCAB - 1):
+        fast = generate(model, ids, max_new_tokens=20, eos_token_id=eos, pad_token_id=VOCAB - 2)
+        slow = generate(model, ids, max_new_tokens=20, eos_token_id=eos, pad_token_id=VOCAB - 2,
+                        return_dict_in_generate=True, output_scores=True)
+        assert torch.equal(fast, slow.sequences)
+
+
+class _EagerGraph:
+    """DecodeGraph's replay interface run eagerly on CPU: what the captured graphs do, so that
+    _greedy_decode's bookkeeping around them (blocks, remainder, EOS state) is tested here."""
+
+    def __init__(self, model, batch, max_seqlen):
+        self.model = model
+        self.params = dec._new_cache(model, batch, max_seqlen, torch.float32)
+        self.params.lengths_per_sample = torch.zeros(batch, dtype=torch.int32)
+        self.tokens = torch.zeros(batch, dtype=torch.long)
+        self.block_tokens = torch.zeros(batch, dec.GRAPH_STEPS, dtype=torch.long)
+        self.finished, self.live = torch.zeros(batch, dtype=torch.bool), torch.zeros((), dtype=torch.long)
+        self.pad, self.eos = torch.zeros((), dtype=torch.long), {}
+        self.blocks, self.replays = {}, 0
+
+    stop_state = DecodeGraph.stop_state
+
+    def greedy_block(self, model, tokens, stop=None):
+        self.tokens.copy_(tokens)
+        offset = self.params.seqlen_offset
+        dec._greedy_steps(model, self.tokens, self.params, VOCAB, self.block_tokens, stop)
+        self.params.seqlen_offset = offset
+        self.replays += 1
+        return self.block_tokens
+
+    def step(self, tokens):
+        self.tokens.copy_(tokens)
+        logits = dec._step_eager(self.model, self.tokens, self.params, VOCAB)
+        self.tokens.copy_(logits.argmax(-1))
+        self.params.lengths_per_sample += 1
+        return logits
+
+
+@pytest.mark.parametrize("eos", [None, "mid", "many"])
+def test_greedy_decode_graph_bookkeeping(eos):
+    """_greedy_decode's graph branch (GRAPH_STEPS per block, then single steps, EOS state in the
+    graph's buffers) against the eager generate, with the replays done eagerly."""
+    model = make_model("mamba1")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    new = 2 * dec.GRAPH_STEPS + 4
+    free = generate(model, ids, max_new_tokens=new)
+    eos_ids = {None: None, "mid": int(free[0, 5 + dec.GRAPH_STEPS + 2]), "many": list(range(VOCAB - 13, VOCAB))}[eos]
+    ref = generate(model, ids, max_new_tokens=new, eos_token_id=eos_ids)
+    fake = _EagerGraph(model, 2, 5 + new)
+    eos_t = dec._eos_ids(eos_ids, torch.device("cpu"))
+    pad = int(eos_t[0]) if eos_t is not None else 0
+    lengths = torch.full((2,), 5)
+    logits = dec._prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), fake.params, lengths, VOCAB,
+                          torch.float32, 4096)
+    fake.params.lengths_per_sample.copy_(lengths)
+    seq = torch.full((2, 5 + new), pad, dtype=torch.long)
+    seq[:, :5] = ids
+    n = dec._greedy_decode(model, fake, fake.params, logits, seq, 5, new, VOCAB, eos_t, pad)
+    assert n == ref.shape[1] - 5
+    assert torch.equal(seq[:, : 5 + n], ref)
+    if eos is None:
+        assert fake.replays == 2
 
 
 def test_per_sequence_eos():
@@ -290,20 +360,26 @@ def test_cuda_multistep_graph_equals_eager(kind):
     """Greedy cg=True replays the multi-step graph (GRAPH_STEPS tokens per replay, the rest one
     replay each): the same tokens as eager steps, for several batch sizes, prompt lengths and
     repeated calls (the graphs are captured once and reused)."""
-    from mamba_pkg.generation.decode import GRAPH_STEPS
-
     model = make_model(kind, device="cuda", n_layer=4, d_model=64)
     torch.manual_seed(0)
-    new = 2 * GRAPH_STEPS + 5
+    new = 2 * dec.GRAPH_STEPS + 5
     for batch, width in ((1, 9), (3, 5), (3, 12), (1, 4)):
         ids = torch.randint(0, VOCAB, (batch, width), device="cuda")
         eager = generate(model, ids, max_new_tokens=new)
         graph = generate(model, ids, max_new_tokens=new, cg=True)
         assert torch.equal(graph, eager)
-        graph = generate(model, ids, max_new_tokens=GRAPH_STEPS + 1, cg=True)
-        assert torch.equal(graph, eager[:, : width + GRAPH_STEPS + 1])
+        graph = generate(model, ids, max_new_tokens=dec.GRAPH_STEPS + 1, cg=True)
+        assert torch.equal(graph, eager[:, : width + dec.GRAPH_STEPS + 1])
+    # EOS handled inside the graph: rows stop at their own EOS (one mid-block), the length is the
+    # eager loop's; one id and a list long enough that torch.isin would sort (and sync).
+    ids = torch.randint(0, VOCAB, (3, 6), device="cuda")
+    free = generate(model, ids, max_new_tokens=new)[:, 6:]
+    for eos in (int(free[0, dec.GRAPH_STEPS + 3]), [int(free[1, 2])] + list(range(VOCAB - 12, VOCAB - 1))):
+        eager = generate(model, ids, max_new_tokens=new, eos_token_id=eos)
+        graph = generate(model, ids, max_new_tokens=new, eos_token_id=eos, cg=True)
+        assert torch.equal(graph, eager)
     graphs = model.__dict__["_mamba_pkg_decode_graphs"]
-    assert all(g.block is not None for g in graphs.values())
+    assert all(0 in g.blocks for g in graphs.values())
     free_decode_graphs(model)
 
 
