@@ -180,17 +180,24 @@ def test_triton_dt_gradients_without_softplus_or_bias():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_triton_several_row_blocks_per_chunk(monkeypatch):
+@pytest.mark.parametrize("packed", [True, False])
+def test_triton_several_row_blocks_per_chunk(monkeypatch, packed):
     """16-row blocks in 64-long chunks: the block-pair logic of the backward (W tiles,
-    transposed tiles, row/column pair sums from several programs) with seq_idx."""
+    transposed tiles, row/column pair sums from several programs) and the forward's tiles
+    before the diagonal (decay split at the block boundary); with seq_idx and D (H, P), or
+    without seq_idx, with D (H,) and one head with A > 0 (an increasing cumulative decay)."""
     from mamba_pkg.ops.ssd import chunk_scan
 
     monkeypatch.setattr(chunk_scan, "_pick_block_m", lambda Q: 16)
-    inputs = make(1, 100, 4, 4, 2, 8, d_has_hdim=True)
-    seq = torch.zeros(1, 100, dtype=torch.int32, device=DEVICE)
-    seq[:, 40:] = 1
-    got = run(inputs, torch.float32, "triton", 64, seq_idx=seq)
-    want = run(inputs, torch.float32, "ref", 64, seq_idx=seq)
+    inputs = make(1, 100, 4, 4, 2, 8, d_has_hdim=packed)
+    kw = {}
+    if packed:
+        kw["seq_idx"] = torch.zeros(1, 100, dtype=torch.int32, device=DEVICE)
+        kw["seq_idx"][:, 40:] = 1
+    else:
+        inputs["A"][1] = 0.05
+    got = run(inputs, torch.float32, "triton", 64, **kw)
+    want = run(inputs, torch.float32, "ref", 64, **kw)
     compare_fp32(got, want, 1e-4)
 
 
