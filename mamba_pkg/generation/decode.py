@@ -290,8 +290,8 @@ class DecodeGraph:
             self.tokens.copy_(self.logits.argmax(dim=-1))
             self.params.lengths_per_sample += 1
         self._storage = _cache_tensors(self.params.key_value_memory_dict)
-        # Multi-step greedy graphs, captured on first use: key 0 without EOS, else the number of
-        # EOS ids. They read and write the EOS state below in place.
+        # Multi-step greedy graphs, captured on first use, keyed by (steps, number of EOS ids):
+        # they read and write the EOS state below in place.
         self.blocks = {}
         self.block_tokens = torch.zeros(batch, GRAPH_STEPS, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -321,24 +321,25 @@ class DecodeGraph:
         self.live.zero_()
         return buf, self.pad, self.finished, self.live
 
-    def greedy_block(self, model, tokens: torch.Tensor, stop=None) -> torch.Tensor:
-        """GRAPH_STEPS greedy steps from ``tokens`` (B,) in one replay (the graph is captured on
-        the first call); stop: None or ``stop_state(...)``. Returns ``block_tokens`` (B,
-        GRAPH_STEPS), the tokens chosen, which the next replay overwrites; ``self.tokens`` holds
-        the last of them afterwards. The host keeps ``params.seqlen_offset``."""
-        key = 0 if stop is None else stop[0].numel()
+    def greedy_block(self, model, tokens: torch.Tensor, steps: int, stop=None) -> torch.Tensor:
+        """``steps`` (<= GRAPH_STEPS) greedy steps from ``tokens`` (B,) in one replay (each block
+        size is captured on first use); stop: None or ``stop_state(...)``. Returns the tokens
+        chosen (B, steps), a view that the next replay overwrites; ``self.tokens`` holds the last
+        of them afterwards. The host keeps ``params.seqlen_offset``."""
+        key = (steps, 0 if stop is None else stop[0].numel())
         block = self.blocks.get(key)
+        out = self.block_tokens[:, :steps]
         if block is None:
             offset = self.params.seqlen_offset
             block = torch.cuda.CUDAGraph()
             with torch.cuda.graph(block):
-                _greedy_steps(model, self.tokens, self.params, self.vocab_size, self.block_tokens, stop)
+                _greedy_steps(model, self.tokens, self.params, self.vocab_size, out, stop)
             self.params.seqlen_offset = offset  # capture ran no kernel: the cache is where it was
             self.blocks[key] = block
         if tokens is not self.tokens:
             self.tokens.copy_(tokens)
         block.replay()
-        return self.block_tokens
+        return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (B,) (no copy when they are ``self.tokens``, the greedy choice of the
@@ -526,8 +527,9 @@ def generate(
 
 def _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, vocab_size, eos, pad_token_id) -> int:
     """Greedy tokens for positions width .. width + new_tokens - 1 of ``sequences``: the first from
-    the prefill ``logits``, then GRAPH_STEPS per replay of the multi-step graph (the rest one
-    replay each); without a graph, eager steps (one at a time with EOS, so that none is wasted).
+    the prefill ``logits``, then GRAPH_STEPS per replay of a multi-step graph, the rest in blocks
+    of 8, 4, 2, 1 steps (at most four more replays); without a graph, eager steps (one at a time
+    with EOS, so that none is wasted).
     With EOS the host reads the all-finished flag once per block. Returns the number of tokens
     generated (fewer than new_tokens when every row finished)."""
     stop = None
@@ -543,20 +545,15 @@ def _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, v
     sequences[:, width] = tokens
     done = 1
     while done < new_tokens and not (stop is not None and bool(stop[2].all())):
-        n = min(GRAPH_STEPS if graph is not None or stop is None else 1, new_tokens - done)
         pos = width + done
         if graph is None:
+            n = min(GRAPH_STEPS if stop is None else 1, new_tokens - done)
             _greedy_steps(model, tokens, params, vocab_size, sequences[:, pos : pos + n], stop)
-        elif n == GRAPH_STEPS:
-            sequences[:, pos : pos + n] = graph.greedy_block(model, tokens, stop)
+        else:
+            n = min(GRAPH_STEPS, 1 << ((new_tokens - done).bit_length() - 1))  # a power of two
+            sequences[:, pos : pos + n] = graph.greedy_block(model, tokens, n, stop)
             tokens = graph.tokens
             params.seqlen_offset += n
-        else:
-            graph.step(tokens)
-            tokens = graph.tokens if stop is None else _stop(graph.tokens, *stop)  # the step's argmax
-            sequences[:, pos] = tokens
-            params.seqlen_offset += 1
-            n = 1
         done += n
     return new_tokens if stop is None else int(stop[3])
 

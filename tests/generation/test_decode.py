@@ -147,20 +147,14 @@ class _EagerGraph:
 
     stop_state = DecodeGraph.stop_state
 
-    def greedy_block(self, model, tokens, stop=None):
+    def greedy_block(self, model, tokens, steps, stop=None):
+        assert steps <= dec.GRAPH_STEPS and steps & (steps - 1) == 0
         self.tokens.copy_(tokens)
         offset = self.params.seqlen_offset
-        dec._greedy_steps(model, self.tokens, self.params, VOCAB, self.block_tokens, stop)
+        dec._greedy_steps(model, self.tokens, self.params, VOCAB, self.block_tokens[:, :steps], stop)
         self.params.seqlen_offset = offset
         self.replays += 1
-        return self.block_tokens
-
-    def step(self, tokens):
-        self.tokens.copy_(tokens)
-        logits = dec._step_eager(self.model, self.tokens, self.params, VOCAB)
-        self.tokens.copy_(logits.argmax(-1))
-        self.params.lengths_per_sample += 1
-        return logits
+        return self.block_tokens[:, :steps]
 
 
 @pytest.mark.parametrize("eos", [None, "mid", "many"])
@@ -169,7 +163,7 @@ def test_greedy_decode_graph_bookkeeping(eos):
     graph's buffers) against the eager generate, with the replays done eagerly."""
     model = make_model("mamba1")
     ids = torch.randint(0, VOCAB, (2, 5))
-    new = 2 * dec.GRAPH_STEPS + 4
+    new = 2 * dec.GRAPH_STEPS + 7  # the first token, two full blocks, then blocks of 4, 2
     free = generate(model, ids, max_new_tokens=new)
     eos_ids = {None: None, "mid": int(free[0, 5 + dec.GRAPH_STEPS + 2]), "many": list(range(VOCAB - 13, VOCAB))}[eos]
     ref = generate(model, ids, max_new_tokens=new, eos_token_id=eos_ids)
@@ -186,7 +180,7 @@ def test_greedy_decode_graph_bookkeeping(eos):
     assert n == ref.shape[1] - 5
     assert torch.equal(seq[:, : 5 + n], ref)
     if eos is None:
-        assert fake.replays == 2
+        assert fake.replays == 4
 
 
 def test_per_sequence_eos():
@@ -357,9 +351,9 @@ def test_cuda_graph_equals_eager(kind):
 @requires_cuda
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_cuda_multistep_graph_equals_eager(kind):
-    """Greedy cg=True replays the multi-step graph (GRAPH_STEPS tokens per replay, the rest one
-    replay each): the same tokens as eager steps, for several batch sizes, prompt lengths and
-    repeated calls (the graphs are captured once and reused)."""
+    """Greedy cg=True replays multi-step graphs (GRAPH_STEPS tokens per replay, the rest in
+    power-of-two blocks): the same tokens as eager steps, for several batch sizes, prompt lengths
+    and repeated calls (the graphs are captured once and reused)."""
     model = make_model(kind, device="cuda", n_layer=4, d_model=64)
     torch.manual_seed(0)
     new = 2 * dec.GRAPH_STEPS + 5
@@ -379,7 +373,7 @@ def test_cuda_multistep_graph_equals_eager(kind):
         graph = generate(model, ids, max_new_tokens=new, eos_token_id=eos, cg=True)
         assert torch.equal(graph, eager)
     graphs = model.__dict__["_mamba_pkg_decode_graphs"]
-    assert all(0 in g.blocks for g in graphs.values())
+    assert all((dec.GRAPH_STEPS, 0) in g.blocks for g in graphs.values())
     free_decode_graphs(model)
 
 
