@@ -18,7 +18,8 @@ value is also stored: the z gradient needs it. Tiles of rows s before the block
 exp(cs_t - c0) exp(c0 - cs_s): a row weight on x_s and a row scale of the sum, so
 C B^T goes to the tensor cores as stored and the tile costs no exp per pair (the
 loop body: 641 -> 293 sm_90 instructions per thread); the diagonal tile keeps the
-exact decay per pair.
+exact decay per pair. The dx kernel splits its decays the same way (at its source
+block's last row).
 
 Backward (dy = dout * silu(z), dS_c the gradient wrt the state leaving chunk c):
 
@@ -51,13 +52,14 @@ from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype
 
 
 def _tile_configs():
-    """The dx kernel: 4 or 8 warps, and register caps that let more programs share an SM
-    (8 warps at 128 registers: 2 programs; 4 warps at 168: 3) at the cost of a few spills
-    (offline sm_90 compile: 16 and 80 bytes per thread)."""
+    """The dx kernel: 4 warps with register caps that let more programs share an SM (offline
+    sm_90 compile with Triton 3.6: 212 registers uncapped = 2 programs; 168 = 3, no spill;
+    128 = 4, 152 bytes spilled outside the loop), or 8 warps at 128 (2 programs). 8 warps
+    uncapped was the slowest on every H100 run (0.92 vs 0.44 ms) and is not offered."""
     if triton_interpret():
         return [triton.Config({}, num_warps=4)]
     return [triton.Config({}, num_warps=w, num_stages=2, maxnreg=r)
-            for w, r in ((4, None), (8, None), (8, 128), (4, 168))]
+            for w, r in ((4, None), (8, 128), (4, 168), (4, 128))]
 
 
 def _head_loop_configs(fewer_stages=False):
@@ -74,13 +76,13 @@ def _head_loop_configs(fewer_stages=False):
 
 
 def _fwd_configs():
-    """64-row blocks with 4 or 8 warps (128-row blocks spill registers and were never
-    picked on an H100; the kernel still takes any BLOCK_M). With 4 warps, a cap of 128
-    registers keeps 4 programs per SM (the kernel is bound by load latency)."""
+    """64-row blocks, 4 warps, with register caps for more programs per SM (offline sm_90
+    compile with Triton 3.6: 128 registers uncapped and at 128 = 4 programs; at 96 = 5, 56
+    bytes spilled outside the loop). 128-row blocks spill registers and were never picked on
+    an H100, nor were 8 warps (0.48 vs 0.33 ms); the kernel still takes any BLOCK_M."""
     if triton_interpret():
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": 64}, num_warps=w, num_stages=2, maxnreg=r)
-            for w, r in ((4, None), (4, 128), (8, None))]
+    return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2, maxnreg=r) for r in (None, 128, 96)]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
@@ -482,7 +484,7 @@ def _chunk_scan_bwd_dx_kernel(
     stride_seq_b, stride_seq_l,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
 ):
     # One program per (source row block, head, chunk), a 1-D grid (axes 1 and 2 allow
     # at most 65535 programs); the row blocks of a head's chunk are neighbours (they
@@ -516,44 +518,60 @@ def _chunk_scan_bwd_dx_kernel(
         seq_end = tl.load(seq_base + (tl.minimum(i_c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
         end_mask = end_mask & (seq_s == seq_end)
     xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-    cs_s = tl.load(cs_ptr + chunk_off + o_s)
+    # Log-decays in log2 units. c1: the cumulative log-decay at this block's last row. For
+    # a source s of the block and a later row t (a later block, or the chunk's end),
+    # exp(cs_t - cs_s) = exp2(c1 - cs_s) exp2(cs_t - c1), each factor between 1 and the
+    # product (cs is monotone), as in the forward scan: a row scale of the sum and row
+    # weights on dy, no exp per pair, C B^T to the tensor cores as stored.
+    cs_s = tl.load(cs_ptr + chunk_off + o_s) * 1.4426950408889634
     dt_s = tl.load(dt_ptr + chunk_off + o_s)
-    total = tl.load(cs_ptr + chunk_off + Q - 1)
+    c1 = tl.load(cs_ptr + chunk_off + i_m * BLOCK_M + BLOCK_M - 1) * 1.4426950408889634
+    total = tl.load(cs_ptr + chunk_off + Q - 1) * 1.4426950408889634
     x_f = tl.load(x_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
     st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
     b_dS = tl.load(dstates_ptr + st_off + o_p[:, None] * N + o_n[None, :],
                    mask=m_p[:, None] & m_n[None, :], other=0.0)
-    end_scale = tl.where(end_mask, tl.exp(total - cs_s), 0.0)
-    dxc = _dot(b_B, tl.trans(b_dS), DOT_DTYPE) * end_scale[:, None]
-    tl.store(colsum_state_ptr + chunk_off + o_s, tl.sum(x_f * dxc, axis=1) * dt_s)
-    for j in range(i_m, n_mblocks):
+    dx_state = _dot(b_B, tl.trans(b_dS), DOT_DTYPE)
+    scale_s = ptx_exp2(c1 - cs_s, PTX)
+    end_scale = tl.where(end_mask, ptx_exp2(total - c1, PTX), 0.0)
+    tl.store(colsum_state_ptr + chunk_off + o_s, tl.sum(x_f * dx_state, axis=1) * end_scale * scale_s * dt_s)
+    dxc = dx_state * end_scale[:, None]
+    for j in range(i_m + 1, n_mblocks):
         o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_lt = i_c * Q + o_t
         m_t = o_lt < L
-        cs_t = tl.load(cs_ptr + chunk_off + o_t)
+        w_t = ptx_exp2(tl.load(cs_ptr + chunk_off + o_t) * 1.4426950408889634 - c1, PTX)
         dy_t = _load_dy(dout_ptr + head_off, z_ptr + head_off,
                         o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
                         m_t[:, None] & m_p[None, :], HAS_Z)
-        cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]).to(tl.float32))  # (s, t)
-        keep = o_t[None, :] >= o_s[:, None]
+        cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]))  # (s, t)
         if HAS_SEQ_IDX:
             seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
-            keep = keep & (seq_t[None, :] == seq_s[:, None])
-        decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))  # (s, t)
-        dxc += _dot(cbT * decay, dy_t, DOT_DTYPE)
-    # Gradient wrt the processed dt through the input term dt_s x_s (the dt kernel adds the rest).
-    tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
+            cbT = tl.where(seq_t[None, :] == seq_s[:, None], cbT, 0.0)
+        dxc += _dot(cbT, dy_t * w_t[:, None], DOT_DTYPE)
+    dxc = dxc * scale_s[:, None]
 
+    # The diagonal tile (t in this block): the exact decay per pair. Its dy rows are the
+    # sources' own (D and dD below).
     do = tl.load(dout_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
     if HAS_Z:
         zz = tl.load(z_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
         sig = tl.sigmoid(zz)
         dy_s = do * zz * sig
+    else:
+        dy_s = do
+    cbT = tl.trans(tl.load(cb_base + o_s[:, None] * Q + o_s[None, :]).to(tl.float32))  # (s, t)
+    keep = o_s[None, :] >= o_s[:, None]
+    if HAS_SEQ_IDX:
+        keep = keep & (seq_s[None, :] == seq_s[:, None])
+    dxc += _dot(tl.where(keep, cbT * ptx_exp2(cs_s[None, :] - cs_s[:, None], PTX), 0.0), dy_s, DOT_DTYPE)
+    # Gradient wrt the processed dt through the input term dt_s x_s (the dt kernel adds the rest).
+    tl.store(ddt_ptr + chunk_off + o_s, tl.sum(dxc * x_f, axis=1))
+
+    if HAS_Z:
         yp = tl.load(ypre_ptr + head_off + xs_off, mask=m_sp, other=0.0).to(tl.float32)
         dz = do * yp * sig * (1.0 + zz * (1.0 - sig))
         tl.store(dz_ptr + head_off + xs_off, dz.to(dz_ptr.dtype.element_ty), mask=m_sp)
-    else:
-        dy_s = do
     dx = dxc * dt_s[:, None]
     if HAS_D:
         if D_HAS_HDIM:
@@ -745,7 +763,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         cs_c, dstates, dx, dz if z is not None else dx, ddt_in, colsum_state,
         dD_part if dD_part is not None else ddt_in,
         L, H, P, N, heads_per_group, nchunks, *x.stride(), *B.stride(), *seq_strides,
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N, **common,
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N,
+        PTX=ptx_math(_chunk_scan_bwd_dx_kernel.fn), **common,
     )
 
     sums = torch.empty(batch, nchunks, H, 2, device=x.device, dtype=torch.float32)
