@@ -529,16 +529,15 @@ def _greedy_decode(model, graph, params, logits, sequences, width, new_tokens, v
     """Greedy tokens for positions width .. width + new_tokens - 1 of ``sequences``: the first from
     the prefill ``logits``, then GRAPH_STEPS per replay of a multi-step graph, the rest in blocks
     of 8, 4, 2, 1 steps (at most four more replays); without a graph, eager steps (one at a time
-    with EOS, so that none is wasted).
-    With EOS the host reads the all-finished flag once per block. Returns the number of tokens
-    generated (fewer than new_tokens when every row finished)."""
+    with EOS, so that none is wasted). With EOS the host reads the all-finished flag once per
+    block. Returns the number of tokens generated (fewer than new_tokens when every row finished)."""
     stop = None
-    if eos is not None:
-        if graph is not None:
-            stop = graph.stop_state(eos, pad_token_id)
-        else:
-            stop = (eos, torch.tensor(pad_token_id, device=eos.device), torch.zeros(sequences.shape[0], dtype=torch.bool,
-                    device=eos.device), torch.zeros((), dtype=torch.long, device=eos.device))
+    if eos is not None and graph is not None:
+        stop = graph.stop_state(eos, pad_token_id)
+    elif eos is not None:
+        device = eos.device
+        finished = torch.zeros(sequences.shape[0], dtype=torch.bool, device=device)
+        stop = (eos, torch.tensor(pad_token_id, device=device), finished, torch.zeros((), dtype=torch.long, device=device))
     tokens = logits.argmax(dim=-1)
     if stop is not None:
         tokens = _stop(tokens, *stop)
