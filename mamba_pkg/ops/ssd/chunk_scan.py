@@ -19,7 +19,8 @@ exp(cs_t - c0) exp(c0 - cs_s): a row weight on x_s and a row scale of the sum, s
 C B^T goes to the tensor cores as stored and the tile costs no exp per pair (the
 loop body: 641 -> 293 sm_90 instructions per thread); the diagonal tile keeps the
 exact decay per pair. The dx kernel splits its decays the same way (at its source
-block's last row).
+block's last row); the W kernel's blocks below the diagonal too, as an fp32 outer
+product after the matrix product.
 
 Backward (dy = dout * silu(z), dS_c the gradient wrt the state leaving chunk c):
 
@@ -319,7 +320,7 @@ def _chunk_scan_bwd_w_kernel(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
 ):
     # One program per (t block, s block <= t block) of a chunk and group; the
     # loop over the group's heads is the long, pipelined loop.
@@ -348,17 +349,27 @@ def _chunk_scan_bwd_w_kernel(
         xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
         xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
         w = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        # Below the diagonal block every s precedes every t: the decay splits at the s
+        # block's last row c (as in the forward scan), an outer product of two exp2 vectors
+        # applied in fp32 after the product (the operands stay the exact inputs).
+        below = i_s < i_t
         for hh in range(heads_per_group):
             i_h = i_g * heads_per_group + hh
             head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
             chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
-            cs_t = tl.load(cs_ptr + chunk_off + o_t)
-            cs_s = tl.load(cs_ptr + chunk_off + o_s)
+            cs_t = tl.load(cs_ptr + chunk_off + o_t) * 1.4426950408889634
+            cs_s = tl.load(cs_ptr + chunk_off + o_s) * 1.4426950408889634
             dt_s = tl.load(dt_ptr + chunk_off + o_s)
             dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xt_off, m_t[:, None] & m_p[None, :], HAS_Z)
             b_xs = tl.load(x_ptr + head_off + xs_off, mask=m_s[:, None] & m_p[None, :], other=0.0)
-            decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
-            w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay * dt_s[None, :]
+            if below:
+                c = tl.load(cs_ptr + chunk_off + i_s * BLOCK_M + BLOCK_M - 1) * 1.4426950408889634
+                decay = ptx_exp2(cs_t - c, PTX)[:, None] * (ptx_exp2(c - cs_s, PTX) * dt_s)[None, :]
+                if HAS_SEQ_IDX:
+                    decay = tl.where(keep, decay, 0.0)
+            else:
+                decay = tl.where(keep, ptx_exp2(cs_t[:, None] - cs_s[None, :], PTX), 0.0) * dt_s[None, :]
+            w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay
             w += w_h
             pair = tl.where(off_diag, w_h * cb, 0.0)
             # Slot = the other block: each (head, chunk, block, slot) is written by one
@@ -738,7 +749,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     col_part = torch.empty_like(row_part)
     _chunk_scan_bwd_w_kernel[(batch * nchunks * G * n_mblocks * n_mblocks,)](
         x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
-        L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, **common,
+        L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, PTX=ptx_math(_chunk_scan_bwd_w_kernel.fn),
+        **common,
     )
 
     n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
