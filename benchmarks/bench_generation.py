@@ -9,7 +9,9 @@ mamba_ssm's generate keeps the SSM states in the model dtype (bf16); ours keeps 
 default. Case ``state=bf16`` compares like with like (ours with ssm_state_dtype=bf16);
 case ``state=fp32`` is our default, its ``vs_mamba_ssm`` against mamba_ssm's bf16 run, timed as
 graph replays unless --fp32-full.
-``graph_ms``: one replay of the captured step alone (GPU time without the host loop).
+``graph_ms``: one replay of the captured step alone (GPU time without the host loop; an idle GPU
+waits for the launch, so this is above the GPU time per step inside a long generate).
+``block_ms`` (ours, greedy): one replay of the 16-step graph that generate replays, per step.
 
     PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64] [--quick]
     PYTHONPATH=. python benchmarks/bench_generation.py --tables profile.txt   (kernel tables of one step)
@@ -101,6 +103,15 @@ def our_graph_ms(model, batch, ssm_state_dtype) -> float:
     return replay_ms(graph.graph.replay)
 
 
+def our_block_ms(model, batch, ssm_state_dtype) -> float | None:
+    """ms per step of one replay of the multi-step greedy graph (captured by the timed generate)."""
+    from mamba_pkg.generation.decode import GRAPH_STEPS, _decode_graph
+
+    graph = _decode_graph(model, batch, PROMPT + NEW, torch.bfloat16, VOCAB, ssm_state_dtype)
+    block = graph.blocks.get((GRAPH_STEPS, 0))
+    return None if block is None else replay_ms(block.replay, reps=10) / GRAPH_STEPS
+
+
 def their_graph_ms(model, batch) -> float:
     run = model._decoding_cache.callables[batch, 1]
     ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
@@ -177,6 +188,10 @@ def bench_model(name: str, batches, reps: int, with_transformers: bool, fp32_ful
                 graph_ms = try_provider(f"{provider} graph", graph_fn)
                 if graph_ms is not None:
                     row["graph_ms"] = round(graph_ms, 4)
+                if provider == "ours" and case.endswith("state=bf16"):
+                    block_ms = try_provider("ours block", lambda b=batch: our_block_ms(ours, b, torch.bfloat16))
+                    if block_ms is not None:
+                        row["block_ms"] = round(block_ms, 4)
             else:
                 row["timing"] = "graph replay" if provider == "ours" else "generate"
             if provider in ("ours", "mamba_ssm") and case.endswith("state=bf16"):
