@@ -372,6 +372,44 @@ def _sum_n(x):
 
 
 @triton.jit
+def _sum_d_halving(t, R: tl.constexpr, Q: tl.constexpr, NL: tl.constexpr, M: tl.constexpr):
+    """Reduce-scatter of a sum over lanes. t (R, Q, NL, M): R channels still to add up, on lanes
+    (lowest bit first), Q lanes already paired up, M values in a thread. Each level pairs the lanes
+    of the channels' lowest bit: a lane keeps one half of its M values (by the lowest bit of m),
+    sends the other half (a gather along the lane axis: one shuffle per value) and adds what it
+    receives. Returns (1, Q * R, NL, M / R): the sums, the R new lane positions holding the low
+    bits of m."""
+    if R > 1:
+        x0, x1 = tl.split(tl.reshape(t, (R // 2, 2, Q, NL, M // 2, 2)))  # (R / 2, 2, Q, NL, M / 2)
+        o_bit = tl.arange(0, 2)[None, :, None, None, None]
+        m_hi = o_bit == 1
+        b_recv = tl.gather(tl.where(m_hi, x0, x1), tl.broadcast_to(1 - o_bit, x0.shape), axis=1)
+        t = tl.reshape(tl.where(m_hi, x1, x0) + b_recv, (R // 2, 2 * Q, NL, M // 2))
+        t = _sum_d_halving(t, R // 2, 2 * Q, NL, M // 2)
+    return t
+
+
+@triton.jit
+def _sum_d(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, N_LANES: tl.constexpr,
+           ONE_WARP: tl.constexpr):
+    """(N_IN, BLOCK_L, BLOCK_D, N_LANES) -> sum over the channels, (N_IN, BLOCK_L, N_LANES).
+    In one-warp programs (channels on lanes) by halving (_sum_d_halving): 2 (BLOCK_D - 1) / BLOCK_D
+    shuffles per value instead of tl.sum's log2(BLOCK_D), e.g. 28 instead of 96 for 32 values
+    and 8 channels (and 2 selects each), through tl.gather, so that Triton places the lanes
+    (lane-level inline PTX would depend on its layouts: wrong results with Triton 3.6). Only with
+    four lanes per channel (N = 9..16): for N = 8 Triton 3.6 gives the gathers layouts that need
+    conversions (SASS: more shuffles than tl.sum, and a spill); N = 4 gained 2%."""
+    if ONE_WARP and N_LANES == 4 and N_IN * BLOCK_L >= BLOCK_D:
+        x = _anchor(x, 4, True)
+        t = tl.reshape(tl.permute(x, (2, 3, 0, 1)), (BLOCK_D, 1, N_LANES, N_IN * BLOCK_L))
+        t = _sum_d_halving(t, BLOCK_D, 1, N_LANES, N_IN * BLOCK_L)  # (1, BLOCK_D, N_LANES, M / BLOCK_D)
+        t = tl.permute(tl.reshape(t, (BLOCK_D, N_LANES, N_IN * BLOCK_L // BLOCK_D)), (2, 0, 1))
+        return tl.reshape(t, (N_IN, BLOCK_L, N_LANES))
+    else:
+        return tl.sum(x, axis=2)
+
+
+@triton.jit
 def _load_ld(ptr, o_row, o_l, m_d, seqlen, EVEN: tl.constexpr):
     """A (BLOCK_L, BLOCK_D) tile of a (B, D, L) tensor, in its own dtype; zero past L.
     EVEN: the tile is known to be in bounds (no mask)."""
@@ -693,13 +731,14 @@ def _selective_scan_bwd_kernel(
         b_ddt = b_u * b_dh_B + _sum_n(b_dlogdecay * b_A)
         b_dA_acc += tl.sum(b_dlogdecay * b_dt[None, :, :, None], axis=1)
         if B_VAR:
-            b_dB = tl.sum(b_dh * b_dtu[None, :, :, None], axis=2)  # (N_IN, BLOCK_L, N_LANES)
+            b_dB = _sum_d(b_dh * b_dtu[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES,
+                          BLOCK_D * N_LANES == 32)  # (N_IN, BLOCK_L, N_LANES)
             p_dB = dB_ptr + (o_part + o_n3) * seqlen + o_l[None, :, None]
             tl.store(p_dB, b_dB, mask=m_n3 & m_l[None, :, None])
         else:
             b_dB_acc += tl.sum(b_dh * b_dtu[None, :, :, None], axis=1)
         if C_VAR:
-            b_dC = tl.sum(b_hs * b_dy[None, :, :, None], axis=2)
+            b_dC = _sum_d(b_hs * b_dy[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES, BLOCK_D * N_LANES == 32)
             p_dC = dC_ptr + (o_part + o_n3) * seqlen + o_l[None, :, None]
             tl.store(p_dC, b_dC, mask=m_n3 & m_l[None, :, None])
         else:
