@@ -1035,17 +1035,18 @@ def _param_grads(dparams, dbc, dim: int, dstate: int, B_form, C_form, has_D: boo
     (o_dA, o_dB, o_dC, o_dD, o_ddb), _ = _param_grad_layout(dim, dstate, B_form[2], C_form[2], has_D,
                                                              has_delta_bias)
     dA = dparams[:dim * dstate].view(dim, dstate)
-    if B_form[2] and C_form[2] and B_form[1] == C_form[1]:
+    if B_form[2] and C_form[2] and B_form[1] == C_form[1] != dbc.dtype:
         dbc = dbc.to(B_form[1])
     o_var = 0
     grads = []
     for (shape, dtype, var), offset in ((B_form, o_dB), (C_form, o_dC)):
         size = math.prod(shape)
         if var:
-            grads.append(dbc[o_var:o_var + size].view(shape).to(dtype))
+            grad = dbc[o_var:o_var + size].view(shape)
             o_var += size
         else:
-            grads.append(dparams[offset:offset + size].view(shape).to(dtype))
+            grad = dparams[offset:offset + size].view(shape)
+        grads.append(grad if grad.dtype == dtype else grad.to(dtype))
     dD = dparams[o_dD:o_dD + dim] if has_D else None
     ddelta_bias = dparams[o_ddb:o_ddb + dim] if has_delta_bias else None
     return dA, grads[0], grads[1], dD, ddelta_bias
