@@ -218,21 +218,30 @@ def _chunk_scan_fwd_kernel(
     acc = _dot(b_C, tl.trans(b_S), DOT_DTYPE) * scale_t[:, None]
 
     # The tiles before the diagonal: sum_s CB_ts exp2(c0 - cs_s) dt_s x_s, with the row
-    # weights on x (C B^T goes to the matrix product as stored).
+    # weights on x (C B^T goes to the matrix product as stored). seq_idx is non-decreasing,
+    # so a pair s < c0's row < t is in one sequence iff both s and t are in c0's: the mask
+    # splits too (a row weight and a row scale; rows t outside c0's sequence have no
+    # state term either, as the state entering the chunk precedes c0's row).
+    if HAS_SEQ_IDX:
+        seq_c0 = tl.load(seq_base + tl.minimum(i_c * Q + tl.maximum(i_m * BLOCK_M - 1, 0), L - 1).to(tl.int64)
+                         * stride_seq_l)
     for j in range(i_m):
         o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_ls = i_c * Q + o_s
         m_s = o_ls < L
         w_s = ptx_exp2(c0 - tl.load(cs_ptr + chunk_off + o_s) * 1.4426950408889634, PTX) \
             * tl.load(dt_ptr + chunk_off + o_s)
-        cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
         if HAS_SEQ_IDX:
             seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
-            cb = tl.where(seq_t[:, None] == seq_s[None, :], cb, 0.0)
+            w_s = tl.where(seq_s == seq_c0, w_s, 0.0)
+        cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
         b_xs = tl.load(x_base + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
                        mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)
         acc += _dot(cb, b_xs * w_s[:, None], DOT_DTYPE)
-    acc = acc * ptx_exp2(cs_t - c0, PTX)[:, None]
+    scale_t = ptx_exp2(cs_t - c0, PTX)
+    if HAS_SEQ_IDX:
+        scale_t = tl.where(seq_t == seq_c0, scale_t, 0.0)
+    acc = acc * scale_t[:, None]
 
     # The diagonal tile (this block's own rows): the exact decay per pair, and D x_t.
     m_tp = m_t[:, None] & m_p[None, :]
@@ -353,6 +362,12 @@ def _chunk_scan_bwd_w_kernel(
         # block's last row c (as in the forward scan), an outer product of two exp2 vectors
         # applied in fp32 after the product (the operands stay the exact inputs).
         below = i_s < i_t
+        if HAS_SEQ_IDX:
+            # The sequence mask splits there too (see the forward scan): both rows in c's sequence.
+            seq_c = tl.load(seq_base + tl.minimum(i_c * Q + i_s * BLOCK_M + BLOCK_M - 1, L - 1).to(tl.int64)
+                            * stride_seq_l)
+            keep_t = seq_t == seq_c
+            keep_s = seq_s == seq_c
         for hh in range(heads_per_group):
             i_h = i_g * heads_per_group + hh
             head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
@@ -364,9 +379,12 @@ def _chunk_scan_bwd_w_kernel(
             b_xs = tl.load(x_ptr + head_off + xs_off, mask=m_s[:, None] & m_p[None, :], other=0.0)
             if below:
                 c = tl.load(cs_ptr + chunk_off + i_s * BLOCK_M + BLOCK_M - 1) * 1.4426950408889634
-                decay = ptx_exp2(cs_t - c, PTX)[:, None] * (ptx_exp2(c - cs_s, PTX) * dt_s)[None, :]
+                decay_t = ptx_exp2(cs_t - c, PTX)
+                decay_s = ptx_exp2(c - cs_s, PTX) * dt_s
                 if HAS_SEQ_IDX:
-                    decay = tl.where(keep, decay, 0.0)
+                    decay_t = tl.where(keep_t, decay_t, 0.0)
+                    decay_s = tl.where(keep_s, decay_s, 0.0)
+                decay = decay_t[:, None] * decay_s[None, :]
             else:
                 decay = tl.where(keep, ptx_exp2(cs_t[:, None] - cs_s[None, :], PTX), 0.0) * dt_s[None, :]
             w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay
@@ -547,19 +565,27 @@ def _chunk_scan_bwd_dx_kernel(
     end_scale = tl.where(end_mask, ptx_exp2(total - c1, PTX), 0.0)
     tl.store(colsum_state_ptr + chunk_off + o_s, tl.sum(x_f * dx_state, axis=1) * end_scale * scale_s * dt_s)
     dxc = dx_state * end_scale[:, None]
+    # The sequence mask splits as in the forward scan: a pair s <= c1's row < t is in one
+    # sequence iff s and t are in c1's (and a source outside it has no end-of-chunk term).
+    if HAS_SEQ_IDX:
+        # Clamped into the sequence: past L there are no targets, and the chunk's end is L - 1.
+        seq_c1 = tl.load(seq_base + tl.minimum(i_c * Q + i_m * BLOCK_M + BLOCK_M - 1, L - 1).to(tl.int64)
+                         * stride_seq_l)
     for j in range(i_m + 1, n_mblocks):
         o_t = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_lt = i_c * Q + o_t
         m_t = o_lt < L
         w_t = ptx_exp2(tl.load(cs_ptr + chunk_off + o_t) * 1.4426950408889634 - c1, PTX)
+        if HAS_SEQ_IDX:
+            seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
+            w_t = tl.where(seq_t == seq_c1, w_t, 0.0)
         dy_t = _load_dy(dout_ptr + head_off, z_ptr + head_off,
                         o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
                         m_t[:, None] & m_p[None, :], HAS_Z)
         cbT = tl.trans(tl.load(cb_base + o_t[:, None] * Q + o_s[None, :]))  # (s, t)
-        if HAS_SEQ_IDX:
-            seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-2)
-            cbT = tl.where(seq_t[None, :] == seq_s[:, None], cbT, 0.0)
         dxc += _dot(cbT, dy_t * w_t[:, None], DOT_DTYPE)
+    if HAS_SEQ_IDX:
+        scale_s = tl.where(seq_s == seq_c1, scale_s, 0.0)
     dxc = dxc * scale_s[:, None]
 
     # The diagonal tile (t in this block): the exact decay per pair. Its dy rows are the
