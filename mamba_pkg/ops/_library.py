@@ -19,12 +19,42 @@ Rules the launchers follow (torch.library.custom_op's contract):
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Iterable
 
 import torch
 from torch._library.custom_ops import CustomOpDef
+from torch.torch_version import TorchVersion
 
 NAMESPACE = "mamba_pkg"
+
+# Inductor before torch 2.13 formats "Creating implicit fallback for: <op>(<args>)" eagerly, even
+# with logging off, when it first meets an op without a lowering. The arguments' IR prints its
+# producers recursively, once per path: for the final-norm / loss op at the end of a 24-layer
+# model of extern kernels (a Mamba-1 LM), that is exponential in depth. On torch 2.11 the compile
+# of mamba-130m never got past it (> 270 s, H100 host), and a hybrid model's compile died in it
+# (a segfault, the C stack). 2.13 formats the message lazily.
+_EAGER_FALLBACK_LOG = TorchVersion(torch.__version__) < (2, 13)
+
+
+def explicit_inductor_fallback(op: torch._ops.OpOverload) -> bool:
+    """Register Inductor's fallback for ``op`` (what its implicit fallback registers, without the
+    message) once Inductor's lowering module is loaded. True when nothing is left to do."""
+    if not _EAGER_FALLBACK_LOG:
+        return True
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is None:  # dynamo's trace runs before Inductor is imported: try again later
+        return False
+    if op not in lowering.lowerings:
+        try:
+            from torch._library.utils import get_layout_constraint_tag
+
+            tag = get_layout_constraint_tag(op, with_default=True)
+            lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag))
+        except (AttributeError, ImportError, TypeError):
+            pass  # Inductor's internals moved: its own implicit fallback still works (slowly)
+    return True
 
 
 class _LauncherOp(CustomOpDef):
@@ -44,6 +74,20 @@ class _LauncherOp(CustomOpDef):
                 or torch._C._len_torch_dispatch_stack() > 0):
             return self._opoverload(*args, **kwargs)
         return self._init_fn(*args, **kwargs)
+
+    _inductor_ready = False
+
+    def register_fake(self, fn, /):
+        """CustomOpDef.register_fake, with the fake also registering Inductor's fallback for the
+        op (see explicit_inductor_fallback): fakes run in the AOT trace, before lowering."""
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            if not self._inductor_ready:
+                self._inductor_ready = explicit_inductor_fallback(self._opoverload)
+            return fn(*args, **kwargs)
+
+        super().register_fake(fake)
+        return fn
 
 
 def launcher_op(name: str, *, mutates_args: Iterable[str] = ()):

@@ -1,5 +1,7 @@
 """ops/_library.py: launchers as custom ops, and the eager fast path that skips the dispatcher."""
 
+import sys
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -52,3 +54,40 @@ def test_compiled_call_matches_eager():
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.mamba_pkg._test_scale, (torch.randn(4), 2.0))
+
+
+@launcher_op("_test_shift")
+def _shift(x: torch.Tensor, by: float) -> torch.Tensor:
+    return x + by
+
+
+@_shift.register_fake
+def _(x, by):
+    return torch.empty_like(x)
+
+
+def test_inductor_fallback_registered_before_lowering(monkeypatch):
+    """Inductor < 2.13 formats the implicit-fallback message eagerly (exponential for deep graphs):
+    the op's fake registers the fallback itself, so lowering never takes that branch."""
+    import torch._inductor.graph as graph
+    import torch._inductor.lowering as lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    from mamba_pkg.ops import _library
+
+    monkeypatch.setattr(_library, "_EAGER_FALLBACK_LOG", True)
+    op = torch.ops.mamba_pkg._test_shift.default
+    with monkeypatch.context() as m:  # dynamo's trace, before Inductor's lowering is imported
+        m.delitem(sys.modules, "torch._inductor.lowering")
+        assert _library.explicit_inductor_fallback(op) is False
+    assert op not in lowering.lowerings
+    messages = []
+    monkeypatch.setattr(graph.log, "info", lambda msg, *args: messages.append(msg))
+    compiled = torch.compile(lambda t: _shift(t * 2, 1.5), fullgraph=True, backend="inductor")
+    x = torch.randn(8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), 2 * x + 1.5)
+    assert op in lowering.lowerings and _shift._inductor_ready
+    assert not any("implicit fallback" in str(msg) for msg in messages)
+    expected = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+    assert lowering._maybe_layout_constraints.get(op) is expected
