@@ -1271,24 +1271,92 @@ class MambaInnerFn(torch.autograd.Function):
     def backward(ctx, dout):
         *inputs, out_proj_weight, out_proj_bias = ctx.saved_tensors
         delta_softplus, cu_seqlens, backend = ctx.options
-        leaves = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(inputs, ctx.needs_input_grad[:5] + ctx.needs_input_grad[7:14])]
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
-            y = _inner_scan(*leaves, delta_softplus, cu_seqlens, backend)
-        # Batched products that read y and dout transposed in place and give dy as a
-        # contiguous (B, D, L) for the scan's backward (no (B, D, L) copies).
-        dout = dout.to(y.dtype)
-        dy = torch.bmm(out_proj_weight.to(dout.dtype).t().expand(dout.shape[0], -1, -1), dout.transpose(1, 2))
-        d_out_proj_weight = torch.bmm(dout.transpose(1, 2), y.detach().transpose(1, 2)).sum(0, dtype=torch.float32)
-        d_out_proj_bias = dout.sum(dim=(0, 1)) if out_proj_bias is not None else None
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
-        dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        d_out_proj_weight = d_out_proj_weight.to(out_proj_weight.dtype)
-        if d_out_proj_bias is not None:
-            d_out_proj_bias = d_out_proj_bias.to(out_proj_bias.dtype)
-        return (*dinputs[:5], d_out_proj_weight, d_out_proj_bias, *dinputs[5:], None)
+        with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
+            if inputs[6] is None and inputs[7] is None:
+                return _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias)
+            return _inner_backward_autograd(ctx, dout, inputs, out_proj_weight, out_proj_bias)
+
+
+def _out_proj_backward(dout, y, out_proj_weight, out_proj_bias):
+    """dy (B, D, L) and the out_proj gradients, from batched products that read y and dout
+    transposed in place (no (B, D, L) copies)."""
+    dout = dout.to(y.dtype)
+    dy = torch.bmm(out_proj_weight.to(dout.dtype).t().expand(dout.shape[0], -1, -1), dout.transpose(1, 2))
+    d_out_proj_weight = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0, dtype=torch.float32)
+    d_out_proj_bias = dout.sum(dim=(0, 1)).to(out_proj_bias.dtype) if out_proj_bias is not None else None
+    return dy, d_out_proj_weight.to(out_proj_weight.dtype), d_out_proj_bias
+
+
+def _inner_backward_autograd(ctx, dout, inputs, out_proj_weight, out_proj_bias):
+    """Backward with B or C given: recompute the forward with a graph and differentiate it."""
+    delta_softplus, cu_seqlens, backend = ctx.options
+    leaves = [t.detach().requires_grad_(need) if t is not None else None
+              for t, need in zip(inputs, ctx.needs_input_grad[:5] + ctx.needs_input_grad[7:14])]
+    with torch.enable_grad():
+        y = _inner_scan(*leaves, delta_softplus, cu_seqlens, backend)
+    dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y.detach(), out_proj_weight, out_proj_bias)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
+    dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return (*dinputs[:5], d_out_proj_weight, d_out_proj_bias, *dinputs[5:], None)
+
+
+def _weight_grad(dout, x, weight):
+    """Gradient of weight (E, K) in weight @ x for dout (B, E, L), x (B, K, L), summed over the batch in fp32."""
+    return torch.bmm(dout, x.transpose(1, 2)).sum(0, dtype=torch.float32).to(weight.dtype)
+
+
+def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias):
+    """Backward with B and C from x_proj, written out instead of a second autograd pass over
+    the recomputed forward (about half the host time of a training step's Mamba block): only
+    the conv is recomputed with a graph; x_proj, dt_proj and the scan forward are recomputed
+    plainly, and their gradients are batched products and the scan's backward launcher."""
+    (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, _, _, D, delta_bias, B_proj_bias,
+     C_proj_bias) = inputs
+    delta_softplus, cu_seqlens, backend = ctx.options
+    needs = ctx.needs_input_grad
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    x, z = xz.detach().chunk(2, dim=1)
+    conv_leaves = [x.requires_grad_(needs[0]), conv1d_weight.detach().requires_grad_(needs[1]),
+                   conv1d_bias.detach().requires_grad_(needs[2]) if conv1d_bias is not None else None]
+    with torch.enable_grad():
+        weight = conv_leaves[1]
+        weight = rearrange(weight, "d 1 w -> d w") if weight.dim() == 3 else weight
+        xc = causal_conv1d_fn(x, weight, conv_leaves[2], activation="silu", cu_seqlens=cu_seqlens, backend=backend)
+    xc_plain = xc.detach()
+    x_dbl = _left_matmul(x_proj_weight, xc_plain)  # (B, R + 2N, L)
+    delta = _left_matmul(delta_proj_weight, x_dbl[:, :rank]).to(xc_plain.dtype)  # (B, D, L)
+    B = x_dbl[:, rank:rank + dstate]  # (B, N, L)
+    C = x_dbl[:, rank + dstate:]
+    if B_proj_bias is not None:
+        B = B + B_proj_bias.to(B.dtype)[:, None]
+    if C_proj_bias is not None:
+        C = C + C_proj_bias.to(C.dtype)[:, None]
+    scan_inputs, num_seqs = _kernel_inputs(xc_plain, delta, A, B, C, D, z, delta_bias, None, cu_seqlens)
+    y, _, ckpt = _selective_scan_fwd_op(*scan_inputs, num_seqs, delta_softplus, True)
+    dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y, out_proj_weight, out_proj_bias)
+    dxc, ddelta, dz, _, dparams, dbc = _selective_scan_bwd_op(*scan_inputs, num_seqs, delta_softplus, ckpt, dy,
+                                                              None)
+    form = (B.shape, B.dtype, True)
+    dA, dB, dC, dD, ddelta_bias = _param_grads(dparams, dbc, *A.shape, form, (C.shape, C.dtype, True),
+                                               D is not None, delta_bias is not None)
+    # d x_dbl (B, R + 2N, L): dt_proj's input gradient, then dB and dC.
+    ddelta = ddelta.to(x_dbl.dtype)
+    dx_dbl = torch.cat([_left_matmul(delta_proj_weight.t(), ddelta).to(x_dbl.dtype), dB.to(x_dbl.dtype),
+                        dC.to(x_dbl.dtype)], dim=1)
+    d_delta_proj_weight = _weight_grad(ddelta, x_dbl[:, :rank], delta_proj_weight)
+    d_x_proj_weight = _weight_grad(dx_dbl, xc_plain.to(dx_dbl.dtype), x_proj_weight)
+    dxc = dxc + _left_matmul(x_proj_weight.t(), dx_dbl).to(dxc.dtype)
+    d_B_proj_bias = dB.sum(dim=(0, 2)).to(B_proj_bias.dtype) if B_proj_bias is not None else None
+    d_C_proj_bias = dC.sum(dim=(0, 2)).to(C_proj_bias.dtype) if C_proj_bias is not None else None
+    wanted = [t for t in conv_leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(xc, wanted, dxc) if wanted else [])
+    dx, d_conv1d_weight, d_conv1d_bias = [next(grads) if t is not None and t.requires_grad else None
+                                          for t in conv_leaves]
+    dxz = torch.cat([dx, dz.to(dx.dtype)], dim=1) if dx is not None else None
+    return (dxz, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
+            d_out_proj_bias, dA, None, None, dD, ddelta_bias, d_B_proj_bias, d_C_proj_bias, None)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,

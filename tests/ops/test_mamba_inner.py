@@ -61,6 +61,28 @@ def test_inner_kernel_matches_ref(checkpoint_lvl):
     _check(make_params(2, 4, 7, conv_3d=checkpoint_lvl == 1), DEV, checkpoint_lvl=checkpoint_lvl)
 
 
+def test_inner_proj_biases_match_ref():
+    """The written-out backward (B and C from x_proj) with B/C projection biases, every gradient."""
+    params = make_params(2, 4, 9)
+    g = torch.Generator().manual_seed(7)
+    params.update(B_proj_bias=torch.randn(4, generator=g), C_proj_bias=torch.randn(4, generator=g))
+    _check(params, DEV)
+
+
+def test_inner_input_without_grad():
+    """Only the weights need gradients (xz does not): they match the reference's."""
+    params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
+    dout = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(5)).to(DEV)
+    grads = {}
+    for fn, kw in ((mamba_inner_fn, dict(backend="triton")), (mamba_inner_ref, {})):
+        leaves = {k: v.detach().clone().requires_grad_(k != "xz") for k, v in params.items()}
+        out = fn(**leaves, **kw)
+        names = [k for k in leaves if k != "xz"]
+        grads[fn] = dict(zip(names, torch.autograd.grad((out * dout).sum(), [leaves[k] for k in names])))
+    for name, want in grads[mamba_inner_ref].items():
+        torch.testing.assert_close(grads[mamba_inner_fn][name], want, rtol=1e-4, atol=1e-4)
+
+
 def test_inner_varlen_equals_per_sequence():
     lengths = [3, 6, 1]
     cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
