@@ -50,7 +50,15 @@ def provider_fn(name):
     return lambda *a: selective_scan_fn(*a, delta_softplus=True)
 
 
-def bench_case(provider, pass_, batch, dim, seqlen, dstate):
+def bench_case(provider, pass_, batch, dim, seqlen, dstate, deterministic=False):
+    """ms per call; deterministic: under torch.use_deterministic_algorithms (our backward then sums
+    per-block dB / dC partials instead of adding them atomically)."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return bench_case(provider, pass_, batch, dim, seqlen, dstate)
+        finally:
+            torch.use_deterministic_algorithms(False)
     fn = provider_fn(provider)
     if pass_ == "fwd":
         args = make_inputs(batch, dim, seqlen, dstate)
@@ -77,8 +85,11 @@ def limits(pass_, batch, dim, seqlen, dstate):
     return hbm_bytes, hbm_bytes / HBM_BYTES_PER_S * 1e3, exps / EXP_PER_S * 1e3
 
 
-def cases(quick: bool):
-    """(B, D, L, N) rows: the issue's matrix; --quick keeps one of each kind."""
+def cases(quick: bool, main: bool = False):
+    """(B, D, L, N) rows: the issue's matrix; --quick keeps one of each kind; --main only the
+    issue's main shapes (B=4, D=2048, N=16, L in 512, 2048, 8192)."""
+    if main:
+        return [(4, 2048, L, 16) for L in (512, 2048, 8192)]
     out = [(4, 2048, L, 16) for L in ([512, 2048, 8192] if quick else [512, 2048, 8192, 32768])]
     out += [(1, 4096, L, 16) for L in ([32768] if quick else [8192, 32768, 131072])]
     out += [(4, 2048, 4096, N) for N in (4, 16, 64)]
@@ -248,6 +259,9 @@ def profile(seqlen=2048):
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--main", action="store_true",
+                        help="only B=4 D=2048 N=16 L=512/2048/8192, plus our fwd+bwd in deterministic mode; "
+                             "results to bench_selective_scan_main")
     parser.add_argument("--sweep", type=str, default="", help="state sizes to sweep, e.g. 16,4,64")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", type=str, default=None,
@@ -265,7 +279,12 @@ def main(argv=None):
     if args.profile:
         profile()
     rows = []
-    for batch, dim, seqlen, dstate in cases(args.quick):
+    for batch, dim, seqlen, dstate in cases(args.quick, args.main):
+        if args.main and "fwdbwd" in passes:
+            ms = try_provider("ours", lambda: bench_case("ours", "fwdbwd", batch, dim, seqlen, dstate, True))
+            rows.append({"case": f"fwdbwd B={batch} D={dim} L={seqlen} N={dstate} deterministic=1",
+                         "provider": "ours", "ms": ms})
+            print(rows[-1], flush=True)
         for pass_ in passes:
             case = f"{pass_} B={batch} D={dim} L={seqlen} N={dstate}"
             hbm_bytes, hbm_ms, exp_ms = limits(pass_, batch, dim, seqlen, dstate)
@@ -279,7 +298,8 @@ def main(argv=None):
                 rows.append(row)
                 print(row, flush=True)
     both = set(passes) == {"fwd", "fwdbwd"}
-    save_results("bench_selective_scan" if both else "bench_selective_scan_" + "_".join(passes), rows)
+    name = "bench_selective_scan" if both else "bench_selective_scan_" + "_".join(passes)
+    save_results(name + "_main" if args.main else name, rows)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ kernel runs.
 
     PYTHONPATH=. python benchmarks/host_selective_scan.py [--profile]          # CPU, launches stubbed
     PYTHONPATH=. python benchmarks/host_selective_scan.py --cuda [--profile]   # GPU host, real launches
+    add --inner to time mamba_inner_fn (a Mamba-1 block's inner path) forward + backward instead
 
 CPU mode: tiny shapes (the host path does not depend on the sizes except through torch ops
 on tiny tensors), this process's CPU time, best of 5 rounds (the machine may be shared).
@@ -48,6 +49,67 @@ def _inputs(batch=2, dim=16, seqlen=16, dstate=16, requires_grad=False, device="
     return args
 
 
+def _inner_inputs(batch=2, dim=16, seqlen=16, dstate=16, rank=4, d_model=32, device="cpu"):
+    """mamba_inner_fn's arguments (mamba-130m's sizes on CUDA: D=1536, R=48, d_model=768), bf16
+    activations and weights, fp32 A, D, delta_bias; all requiring gradients."""
+    torch.manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    args = dict(xz=torch.randn(batch, 2 * dim, seqlen, **bf16), conv1d_weight=torch.randn(dim, 4, **bf16),
+                conv1d_bias=torch.randn(dim, **bf16), x_proj_weight=torch.randn(rank + 2 * dstate, dim, **bf16) * 0.05,
+                delta_proj_weight=torch.randn(dim, rank, **bf16) * 0.1, out_proj_weight=torch.randn(d_model, dim, **bf16) * 0.03,
+                out_proj_bias=None, A=-torch.rand(dim, dstate, device=device), D=torch.randn(dim, device=device),
+                delta_bias=torch.rand(dim, device=device))
+    for t in args.values():
+        if t is not None:
+            t.requires_grad_(True)
+    return args
+
+
+def _stub_kernels(module):
+    for name in dir(module):
+        if name.startswith("_") and name.endswith("_kernel"):
+            setattr(module, name, _NoLaunch())
+
+
+def inner_main(cuda: bool, profile: bool):
+    """Host time of mamba_inner_fn forward + backward (ours, and mamba_ssm's on CUDA)."""
+    import mamba_pkg.ops.causal_conv1d as conv
+
+    if not cuda:
+        torch.set_num_threads(1)
+        _stub_kernels(ss)
+        _stub_kernels(conv)
+    shape = dict(batch=4, dim=1536, seqlen=64, rank=48, d_model=768, device="cuda") if cuda else {}
+    args = _inner_inputs(**shape)
+    dout = torch.randn(args["xz"].shape[0], args["xz"].shape[2], args["out_proj_weight"].shape[0],
+                       device=args["xz"].device, dtype=torch.bfloat16)
+
+    def step(fn, **kw):
+        def run():
+            for t in args.values():
+                if t is not None:
+                    t.grad = None
+            fn(**args, delta_softplus=True, **kw).backward(dout)
+        return run
+
+    ours = step(ss.mamba_inner_fn, backend="triton")
+    print(f"mamba_inner_fn fwd+bwd ours:      {per_call_us(ours, cuda):7.1f} us/call")
+    if cuda:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn as anchor
+        except ImportError:
+            anchor = None
+        if anchor is not None:
+            print(f"mamba_inner_fn fwd+bwd mamba_ssm: {per_call_us(step(anchor), cuda):7.1f} us/call")
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            ours()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def per_call_us(fn, cuda: bool, reps=200, rounds=5):
     """Best of `rounds` averages: on CUDA the wall time of un-synchronised calls, on CPU this
     process's CPU time (the machine may be shared)."""
@@ -70,7 +132,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true", help="cProfile of the fwd+bwd call")
     parser.add_argument("--cuda", action="store_true", help="real launches on the GPU")
+    parser.add_argument("--inner", action="store_true", help="mamba_inner_fn instead of selective_scan_fn")
     args = parser.parse_args(argv)
+    if args.inner:
+        return inner_main(args.cuda, args.profile)
     if args.cuda:
         shape = dict(batch=4, dim=2048, seqlen=64, device="cuda")
     else:

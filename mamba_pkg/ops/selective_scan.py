@@ -580,6 +580,18 @@ def _selective_scan_fwd_kernel(
 
 
 @triton.jit
+def _store_bc_grad(ptr, b_grad, o_part, o_bc_row, o_n3, o_l, mask, seqlen, ATOMIC: tl.constexpr):
+    """A tile (N_IN, BLOCK_L, N_LANES) of this program's input-dependent dB or dC: into its
+    partial slab (row o_part of a (B, D / BLOCK_D, N, L) tensor), or ATOMIC: added into the
+    (B, G, N, L) result at the group's row o_bc_row."""
+    if ATOMIC:
+        p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]
+        tl.atomic_add(p, b_grad, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr + (o_part + o_n3) * seqlen + o_l[None, :, None], b_grad, mask=mask)
+
+
+@triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr, ckpt_ptr,
     dout_ptr, dlast_ptr,
@@ -589,7 +601,7 @@ def _selective_scan_bwd_kernel(
     stride_dout_batch, stride_dout_dim, stride_part_batch,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
@@ -599,7 +611,8 @@ def _selective_scan_bwd_kernel(
     Sums over L (dA, dD, d delta_bias, fixed dB / dC) go to one row per batch row
     (stride_part_batch apart), sums over the channels of a block (input-dependent
     dB / dC) to one slab per program; the launcher adds them up in torch:
-    deterministic, no atomics."""
+    deterministic, no atomics. ATOMIC_BC: the input-dependent dB / dC sums are instead
+    added atomically into their zeroed (B, G, N, L) fp32 result (order-dependent rounding)."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -733,14 +746,12 @@ def _selective_scan_bwd_kernel(
         if B_VAR:
             b_dB = _sum_d(b_dh * b_dtu[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES,
                           BLOCK_D * N_LANES == 32)  # (N_IN, BLOCK_L, N_LANES)
-            p_dB = dB_ptr + (o_part + o_n3) * seqlen + o_l[None, :, None]
-            tl.store(p_dB, b_dB, mask=m_n3 & m_l[None, :, None])
+            _store_bc_grad(dB_ptr, b_dB, o_part, o_b_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen, ATOMIC_BC)
         else:
             b_dB_acc += tl.sum(b_dh * b_dtu[None, :, :, None], axis=1)
         if C_VAR:
             b_dC = _sum_d(b_hs * b_dy[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES, BLOCK_D * N_LANES == 32)
-            p_dC = dC_ptr + (o_part + o_n3) * seqlen + o_l[None, :, None]
-            tl.store(p_dC, b_dC, mask=m_n3 & m_l[None, :, None])
+            _store_bc_grad(dC_ptr, b_dC, o_part, o_c_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen, ATOMIC_BC)
         else:
             b_dC_acc += tl.sum(b_hs * b_dy[None, :, :, None], axis=1)
         if DELTA_SOFTPLUS:
@@ -963,12 +974,19 @@ def _selective_scan_bwd(
     du, ddelta, dz, dh0, dparams, dbc = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     # Per-program partials, added up below: deterministic, no atomics. Parameter gradients:
     # one row per batch row (with batch 1 the kernel writes the result itself).
-    # Input-dependent dB / dC: one (N, L) slab per block of channels, B's then C's.
+    # Input-dependent dB / dC: one (N, L) slab per block of channels, B's then C's; unless
+    # torch's deterministic mode is off: then the kernel adds them atomically into dbc
+    # (no 2 x B * D / BLOCK_D * N * L fp32 partials written and summed again).
     (o_dA, o_dB, o_dC, o_dD, o_ddb), n_params = _param_grad_layout(
         p.dim, p.dstate, p.B_var, p.C_var, D is not None, delta_bias is not None)
     params_part = dparams[None] if p.batch == 1 else dparams.new_empty(p.batch, n_params)
-    n_bc_part = p.batch * n_dblocks * p.dstate * p.seqlen
-    bc_part = dbc.new_empty((p.B_var + p.C_var) * n_bc_part) if p.B_var or p.C_var else None
+    atomic_bc = (p.B_var or p.C_var) and not torch.are_deterministic_algorithms_enabled()
+    if atomic_bc:
+        bc_part = dbc.zero_()
+        n_bc_part = _bc_grad_sizes(B, C)[0]
+    else:
+        n_bc_part = p.batch * n_dblocks * p.dstate * p.seqlen
+        bc_part = dbc.new_empty((p.B_var + p.C_var) * n_bc_part) if p.B_var or p.C_var else None
     dB_part = bc_part[:n_bc_part] if p.B_var else params_part[:, o_dB:]
     dC_part = bc_part[n_bc_part * p.B_var:] if p.C_var else params_part[:, o_dC:]
     if has_h0 and varlen and dlast is not None:
@@ -990,13 +1008,13 @@ def _selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
-        FAST_MATH=ptx_math(_selective_scan_bwd_kernel),
+        FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC_BC=atomic_bc,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
         maxnreg=max_registers,
     )
     if p.batch > 1:
         torch.sum(params_part, 0, out=dparams)
-    if bc_part is not None:
+    if bc_part is not None and not atomic_bc:
         _reduce_bc_grads(bc_part, dbc, p.batch, n_dblocks, p.dstate, p.seqlen, B if p.B_var else None,
                          C if p.C_var else None)
     return du, ddelta, dz, dh0, dparams, dbc
