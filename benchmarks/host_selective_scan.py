@@ -102,12 +102,17 @@ def inner_main(cuda: bool, profile: bool):
         if anchor is not None:
             print(f"mamba_inner_fn fwd+bwd mamba_ssm: {per_call_us(step(anchor), cuda):7.1f} us/call")
     if profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(100):
-            ours()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        _profile(ours, 100)
+
+
+def _profile(fn, reps: int):
+    """cProfile of reps calls of fn, the 30 functions with the most own time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 def per_call_us(fn, cuda: bool, reps=200, rounds=5):
@@ -186,12 +191,7 @@ def main(argv=None):
             print(f"mamba_ssm fwd:   {timer(anchor_fwd):7.1f} us/call")
             print(f"mamba_ssm f+b:   {timer(anchor_fwdbwd):7.1f} us/call")
     if args.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            fwdbwd()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        _profile(fwdbwd, 200)
 
 
 if __name__ == "__main__":
