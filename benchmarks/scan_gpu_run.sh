@@ -4,7 +4,7 @@
 # cache; then, on a quiet machine, the full bench matrix against mamba_ssm (JSON + PNG to $OUT)
 # and the variants (fast vs exact math). Logs: $OUT/scan_logs.tgz, and their tails on stdout.
 # `scan_gpu_run.sh fwdbwd`: warm-ups, then only the fwd+bwd rows of the matrix and the profile.
-# `scan_gpu_run.sh main` (session 5's final call, about 200 s): the GPU tests of the scan and
+# `scan_gpu_run.sh main` (session 5's final call, at most about 230 s): the GPU tests of the scan and
 # mamba_inner in parallel groups with an N=16 warm-up, then bench --main --profile (ours vs
 # mamba_ssm at B=4 D=2048 N=16 L=512/2048/8192, fwd and fwd+bwd, plus our deterministic mode) and
 # the host probes (selective_scan_fn and mamba_inner_fn, ours vs mamba_ssm).
@@ -33,15 +33,15 @@ if [ "${1:-}" = fwdbwd ]; then
   exit 0
 fi
 if [ "${1:-}" = main ]; then
-  t tests_ref1 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 777)"
-  t tests_ref2 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and not (2049 or 777)"
-  t tests_other 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "varlen_cuda or mamba_ssm_cuda or opcheck or compiles or fast_check or deterministic or full_tiles"
-  t tests_inner 150 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda or fast_check or biases or without_grad"
-  t warm16 150 python3 -c "$(warm 16)"
+  t tests_ref1 110 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 777)"
+  t tests_ref2 110 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and not (2049 or 777)"
+  t tests_other 110 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "varlen_cuda or mamba_ssm_cuda or opcheck or compiles or fast_check or deterministic or full_tiles"
+  t tests_inner 110 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda or fast_check or biases or without_grad"
+  t warm16 110 python3 -c "$(warm 16)"
   wait
-  timeout 75 python3 benchmarks/bench_selective_scan.py --main --profile > $L/bench.log 2>&1; show bench $? 40
-  timeout 25 python3 benchmarks/host_selective_scan.py --cuda > $L/host.log 2>&1; show host $? 6
-  timeout 25 python3 benchmarks/host_selective_scan.py --cuda --inner > $L/host_inner.log 2>&1; show host_inner $? 3
+  timeout 70 python3 benchmarks/bench_selective_scan.py --main --profile > $L/bench.log 2>&1; show bench $? 40
+  timeout 20 python3 benchmarks/host_selective_scan.py --cuda > $L/host.log 2>&1; show host $? 6
+  timeout 20 python3 benchmarks/host_selective_scan.py --cuda --inner > $L/host_inner.log 2>&1; show host_inner $? 3
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi

@@ -393,7 +393,7 @@ def _sum_d_halving(t, R: tl.constexpr, Q: tl.constexpr, NL: tl.constexpr, M: tl.
 def _sum_d(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, N_LANES: tl.constexpr,
            ONE_WARP: tl.constexpr):
     """(N_IN, BLOCK_L, BLOCK_D, N_LANES) -> sum over the channels, (N_IN, BLOCK_L, N_LANES).
-    In one-warp programs (channels on lanes) by halving (_sum_d_halving): 2 (BLOCK_D - 1) / BLOCK_D
+    In one-warp programs (channels on lanes) by halving (_sum_d_halving): (BLOCK_D - 1) / BLOCK_D
     shuffles per value instead of tl.sum's log2(BLOCK_D), e.g. 28 instead of 96 for 32 values
     and 8 channels (and 2 selects each), through tl.gather, so that Triton places the lanes
     (lane-level inline PTX would depend on its layouts: wrong results with Triton 3.6). Only with
