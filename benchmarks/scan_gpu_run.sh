@@ -8,6 +8,7 @@
 # mamba_inner in parallel groups with an N=16 warm-up, then bench --main --profile (ours vs
 # mamba_ssm at B=4 D=2048 N=16 L=512/2048/8192, fwd and fwd+bwd, plus our deterministic mode) and
 # the host probes (selective_scan_fn and mamba_inner_fn, ours vs mamba_ssm).
+# `scan_gpu_run.sh final`: the same within ~90 s (no compile test, profile or host probes).
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -32,16 +33,29 @@ if [ "${1:-}" = fwdbwd ]; then
   timeout 45 python3 benchmarks/bench_selective_scan.py --profile --passes fwdbwd > $L/bench.log 2>&1; show bench $? 40
   exit 0
 fi
+gpu_tests() {  # the scan / mamba_inner GPU tests in 4 parallel groups: time limit, extra -k terms of the two last
+  t tests_ref1 $1 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 777)"
+  t tests_ref2 $1 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and not (2049 or 777)"
+  t tests_other $1 python3 -m pytest -q -rs tests/ops/test_selective_scan.py \
+    -k "$2varlen_cuda or mamba_ssm_cuda or opcheck or deterministic or full_tiles"
+  t tests_inner $1 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "$3cuda or biases or without_grad"
+}
 if [ "${1:-}" = main ]; then
-  t tests_ref1 110 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 777)"
-  t tests_ref2 110 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and not (2049 or 777)"
-  t tests_other 110 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "varlen_cuda or mamba_ssm_cuda or opcheck or compiles or fast_check or deterministic or full_tiles"
-  t tests_inner 110 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda or fast_check or biases or without_grad"
+  gpu_tests 110 "compiles or fast_check or " "fast_check or "
   t warm16 110 python3 -c "$(warm 16)"
   wait
   timeout 70 python3 benchmarks/bench_selective_scan.py --main --profile > $L/bench.log 2>&1; show bench $? 40
   timeout 20 python3 benchmarks/host_selective_scan.py --cuda > $L/host.log 2>&1; show host $? 6
   timeout 20 python3 benchmarks/host_selective_scan.py --cuda --inner > $L/host_inner.log 2>&1; show host_inner $? 3
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
+if [ "${1:-}" = final ]; then
+  # `main` within ~90 s (a second call of the session): no compile test, warm-up, profile or host probes.
+  gpu_tests 52 "" ""
+  t warm16 52 python3 -c "$(warm 16)"
+  wait
+  timeout 35 python3 benchmarks/bench_selective_scan.py --main > $L/bench.log 2>&1; show bench $? 18
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi

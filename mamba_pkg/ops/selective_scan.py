@@ -592,27 +592,37 @@ def _store_bc_grad(ptr, b_grad, o_part, o_bc_row, o_n3, o_l, mask, seqlen, ATOMI
 
 
 @triton.jit
+def _store_param_grad(p, b_grad, mask, ATOMIC: tl.constexpr):
+    """A program's sum over L of a parameter gradient: stored, or ATOMIC: added."""
+    if ATOMIC:
+        tl.atomic_add(p, b_grad, mask=mask, sem="relaxed")
+    else:
+        tl.store(p, b_grad, mask=mask)
+
+
+@triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr, ckpt_ptr,
     dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dparam_ptr, dbc_ptr, dh0_ptr,
     seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
     stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
-    stride_dout_batch, stride_dout_dim, stride_part_batch,
+    stride_dout_batch, stride_dout_dim, stride_part_batch, o_dB, o_dC, o_dD, o_ddb, o_dB_var, o_dC_var,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
         dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1},
     carrying g = d loss / d(state before the tile) to the previous tile.
-    Sums over L (dA, dD, d delta_bias, fixed dB / dC) go to one row per batch row
-    (stride_part_batch apart), sums over the channels of a block (input-dependent
-    dB / dC) to one slab per program; the launcher adds them up in torch:
-    deterministic, no atomics. ATOMIC_BC: the input-dependent dB / dC sums are instead
-    added atomically into their zeroed (B, G, N, L) fp32 result (order-dependent rounding)."""
+    Sums over L (dA, dD, d delta_bias, fixed dB / dC: at o_dB, o_dC, o_dD, o_ddb of
+    dparam_ptr's rows, see _param_grad_layout) go to one row per batch row (stride_part_batch
+    apart), sums over the channels of a block (input-dependent dB / dC, at o_dB_var and
+    o_dC_var of dbc_ptr) to one slab per program; the launcher adds them up in torch:
+    deterministic, no atomics. ATOMIC: all of them are instead added atomically into their
+    zeroed fp32 results (order-dependent rounding; stride_part_batch 0)."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -746,12 +756,14 @@ def _selective_scan_bwd_kernel(
         if B_VAR:
             b_dB = _sum_d(b_dh * b_dtu[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES,
                           BLOCK_D * N_LANES == 32)  # (N_IN, BLOCK_L, N_LANES)
-            _store_bc_grad(dB_ptr, b_dB, o_part, o_b_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen, ATOMIC_BC)
+            _store_bc_grad(dbc_ptr + o_dB_var, b_dB, o_part, o_b_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen,
+                           ATOMIC)
         else:
             b_dB_acc += tl.sum(b_dh * b_dtu[None, :, :, None], axis=1)
         if C_VAR:
             b_dC = _sum_d(b_hs * b_dy[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES, BLOCK_D * N_LANES == 32)
-            _store_bc_grad(dC_ptr, b_dC, o_part, o_c_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen, ATOMIC_BC)
+            _store_bc_grad(dbc_ptr + o_dC_var, b_dC, o_part, o_c_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen,
+                           ATOMIC)
         else:
             b_dC_acc += tl.sum(b_hs * b_dy[None, :, :, None], axis=1)
         if DELTA_SOFTPLUS:
@@ -762,16 +774,16 @@ def _selective_scan_bwd_kernel(
         tl.store(ddelta_ptr + o_ld, b_ddt.to(ddelta_ptr.dtype.element_ty), mask=m_ld)
     if HAS_H0 and not IS_VARLEN:
         tl.store(dh0_ptr + o_state, b_g, mask=m_dn3)
-    o_param_row = i_b.to(tl.int64) * stride_part_batch
-    tl.store(dA_ptr + o_param_row + o_dn3, b_dA_acc, mask=m_dn3)
+    p_param = dparam_ptr + i_b.to(tl.int64) * stride_part_batch
+    _store_param_grad(p_param + o_dn3, b_dA_acc, m_dn3, ATOMIC)
     if not B_VAR:
-        tl.store(dB_ptr + o_param_row + o_dn3, b_dB_acc, mask=m_dn3)
+        _store_param_grad(p_param + o_dB + o_dn3, b_dB_acc, m_dn3, ATOMIC)
     if not C_VAR:
-        tl.store(dC_ptr + o_param_row + o_dn3, b_dC_acc, mask=m_dn3)
+        _store_param_grad(p_param + o_dC + o_dn3, b_dC_acc, m_dn3, ATOMIC)
     if HAS_D:
-        tl.store(dD_ptr + o_param_row + o_d, b_dD_acc, mask=m_d)
+        _store_param_grad(p_param + o_dD + o_d, b_dD_acc, m_d, ATOMIC)
     if HAS_DELTA_BIAS:
-        tl.store(ddelta_bias_ptr + o_param_row + o_d, b_ddb_acc, mask=m_d)
+        _store_param_grad(p_param + o_ddb + o_d, b_ddb_acc, m_d, ATOMIC)
 
 
 # ---------------------------------------------------------------------------
@@ -938,22 +950,22 @@ def _param_grad_layout(dim: int, dstate: int, B_var: bool, C_var: bool, has_D: b
 
 
 def _bc_grad_sizes(B, C):
-    """Sizes of the input-dependent dB and dC, (B, G, N, L) each, in the flat dbc vector (0 if fixed)."""
+    """Sizes of the input-dependent dB and dC, (B, G, N, L) each, in the flat dgrads vector (0 if fixed)."""
     return (B.numel() if B.dim() == 4 else 0), (C.numel() if C.dim() == 4 else 0)
 
 
 def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    """(du, ddelta, dz, dinitial_state, dparams, dbc), uninitialised: dparams the flat fp32
-    parameter gradients (_param_grad_layout), dbc the input-dependent dB then dC, fp32, in
-    the kernel form of B and C (B, G, N, L), flattened; absent(u) for what is not produced."""
-    f32 = dict(device=u.device, dtype=torch.float32)
+    """(du, ddelta, dz, dinitial_state, dgrads), uninitialised: dgrads one flat fp32 vector, the
+    parameter gradients (_param_grad_layout) then the input-dependent dB and dC in the kernel
+    form of B and C (B, G, N, L) (one tensor, so one allocation and one fill); absent(u) for
+    what is not produced."""
     _, n_params = _param_grad_layout(u.shape[1], A.shape[1], B.dim() == 4, C.dim() == 4, D is not None,
                                      delta_bias is not None)
     return (
         u.new_empty(u.shape), delta.new_empty(u.shape),
         z.new_empty(u.shape) if z is not None else absent(u),
-        torch.empty(initial_state.shape, **f32) if initial_state is not None else absent(u),
-        torch.empty(n_params, **f32), torch.empty(sum(_bc_grad_sizes(B, C)), **f32),
+        A.new_empty(initial_state.shape) if initial_state is not None else absent(u),
+        A.new_empty(n_params + sum(_bc_grad_sizes(B, C))),
     )
 
 
@@ -961,9 +973,9 @@ def _selective_scan_bwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None, num_seqs: int,
     delta_softplus: bool, ckpt: Tensor, dout: Tensor, dlast: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (du, ddelta, dz, dinitial_state, dparams, dbc) from the forward's
-    checkpoints; see _bwd_outputs for their forms and _param_grads for the split."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (du, ddelta, dz, dinitial_state, dgrads) from the forward's checkpoints; see
+    _bwd_outputs for their forms and _param_grads for the split."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
         p.dstate, p.group_size, p.grouped, "bwd")
@@ -971,24 +983,26 @@ def _selective_scan_bwd(
     dout = _rows(dout)
     varlen = seq_idx is not None
     has_h0 = initial_state is not None
-    du, ddelta, dz, dh0, dparams, dbc = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    # Per-program partials, added up below: deterministic, no atomics. Parameter gradients:
-    # one row per batch row (with batch 1 the kernel writes the result itself).
-    # Input-dependent dB / dC: one (N, L) slab per block of channels, B's then C's; unless
-    # torch's deterministic mode is off: then the kernel adds them atomically into dbc
-    # (no 2 x B * D / BLOCK_D * N * L fp32 partials written and summed again).
-    (o_dA, o_dB, o_dC, o_dD, o_ddb), n_params = _param_grad_layout(
+    du, ddelta, dz, dh0, dgrads = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    (_, o_dB, o_dC, o_dD, o_ddb), n_params = _param_grad_layout(
         p.dim, p.dstate, p.B_var, p.C_var, D is not None, delta_bias is not None)
-    params_part = dparams[None] if p.batch == 1 else dparams.new_empty(p.batch, n_params)
-    atomic_bc = (p.B_var or p.C_var) and not torch.are_deterministic_algorithms_enabled()
-    if atomic_bc:
-        bc_part = dbc.zero_()
-        n_bc_part = _bc_grad_sizes(B, C)[0]
+    n_b, _ = _bc_grad_sizes(B, C)
+    # Unless torch's deterministic mode is on, the kernel adds every sum over programs
+    # atomically into the zeroed dgrads: no per-program partials (for the input-dependent
+    # dB / dC 2 x B * D / BLOCK_D * N * L fp32 values) written and summed again.
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        params_part, stride_part = dgrads.zero_(), 0
+        bc_part, o_dB_var = dgrads, n_params
     else:
+        # Per-program partials, added up below. Parameter gradients: one row per batch row
+        # (with batch 1 the kernel writes the result itself). Input-dependent dB / dC: one
+        # (N, L) slab per block of channels, B's then C's.
+        params_part = dgrads if p.batch == 1 else dgrads.new_empty(p.batch, n_params)
+        stride_part = n_params
         n_bc_part = p.batch * n_dblocks * p.dstate * p.seqlen
-        bc_part = dbc.new_empty((p.B_var + p.C_var) * n_bc_part) if p.B_var or p.C_var else None
-    dB_part = bc_part[:n_bc_part] if p.B_var else params_part[:, o_dB:]
-    dC_part = bc_part[n_bc_part * p.B_var:] if p.C_var else params_part[:, o_dC:]
+        bc_part = dgrads.new_empty((p.B_var + p.C_var) * n_bc_part) if p.B_var or p.C_var else dgrads
+        o_dB_var, n_b = 0, n_bc_part * p.B_var
     if has_h0 and varlen and dlast is not None:
         # Empty packed sequences are never visited: their initial state's gradient is dlast.
         dh0.copy_(dlast)
@@ -999,25 +1013,22 @@ def _selective_scan_bwd(
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt,
         dout, dlast,
-        du, ddelta, dz if z is not None else None, params_part, dB_part, dC_part,
-        params_part[:, o_dD:] if D is not None else None,
-        params_part[:, o_ddb:] if delta_bias is not None else None,
-        dh0 if has_h0 else None,
+        du, ddelta, dz if z is not None else None, params_part, bc_part, dh0 if has_h0 else None,
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
-        *dout.stride()[:2], params_part.stride(0),
+        *dout.stride()[:2], stride_part, o_dB or 0, o_dC or 0, o_dD or 0, o_ddb or 0, o_dB_var, o_dB_var + n_b,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
-        FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC_BC=atomic_bc,
+        FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, num_warps=num_warps,
         maxnreg=max_registers,
     )
-    if p.batch > 1:
-        torch.sum(params_part, 0, out=dparams)
-    if bc_part is not None and not atomic_bc:
-        _reduce_bc_grads(bc_part, dbc, p.batch, n_dblocks, p.dstate, p.seqlen, B if p.B_var else None,
-                         C if p.C_var else None)
-    return du, ddelta, dz, dh0, dparams, dbc
+    if not atomic and p.batch > 1:
+        torch.sum(params_part, 0, out=dgrads[:n_params])
+    if not atomic and (p.B_var or p.C_var):
+        _reduce_bc_grads(bc_part, dgrads[n_params:], p.batch, n_dblocks, p.dstate, p.seqlen,
+                         B if p.B_var else None, C if p.C_var else None)
+    return du, ddelta, dz, dh0, dgrads
 
 
 _selective_scan_bwd_op = launcher_op("selective_scan_bwd")(_selective_scan_bwd)
@@ -1046,15 +1057,17 @@ def _reduce_bc_grads(partial, out, batch: int, n_dblocks: int, dstate: int, seql
         o_in, o_out = o_in + n_in, o_out + t.numel()
 
 
-def _param_grads(dparams, dbc, dim: int, dstate: int, B_form, C_form, has_D: bool, has_delta_bias: bool):
-    """Split the backward launcher's flat dparams and dbc into (dA, dB, dC, dD, d delta_bias) as
-    views, dB and dC in the shapes and dtypes of B and C (B_form / C_form: (shape, dtype, kernel
-    form is input-dependent)); one cast for both when they share a dtype."""
-    (o_dA, o_dB, o_dC, o_dD, o_ddb), _ = _param_grad_layout(dim, dstate, B_form[2], C_form[2], has_D,
-                                                             has_delta_bias)
-    dA = dparams[:dim * dstate].view(dim, dstate)
-    if B_form[2] and C_form[2] and B_form[1] == C_form[1] != dbc.dtype:
-        dbc = dbc.to(B_form[1])
+def _param_grads(dgrads, dim: int, dstate: int, B_form, C_form, has_D: bool, has_delta_bias: bool):
+    """Split the backward launcher's flat dgrads into (dA, dB, dC, dD, d delta_bias) as views,
+    dB and dC in the shapes and dtypes of B and C (B_form / C_form: (shape, dtype, kernel form
+    is input-dependent)); one cast for both when they share a dtype."""
+    (o_dA, o_dB, o_dC, o_dD, o_ddb), n_params = _param_grad_layout(dim, dstate, B_form[2], C_form[2], has_D,
+                                                                    has_delta_bias)
+    dA = dgrads[:dim * dstate].view(dim, dstate)
+    if B_form[2] or C_form[2]:
+        dbc = dgrads[n_params:]
+        if B_form[2] and C_form[2] and B_form[1] == C_form[1]:
+            dbc = dbc.to(B_form[1])
     o_var = 0
     grads = []
     for (shape, dtype, var), offset in ((B_form, o_dB), (C_form, o_dC)):
@@ -1063,10 +1076,10 @@ def _param_grads(dparams, dbc, dim: int, dstate: int, B_form, C_form, has_D: boo
             grad = dbc[o_var:o_var + size].view(shape)
             o_var += size
         else:
-            grad = dparams[offset:offset + size].view(shape)
+            grad = dgrads[offset:offset + size].view(shape)
         grads.append(grad if grad.dtype == dtype else grad.to(dtype))
-    dD = dparams[o_dD:o_dD + dim] if has_D else None
-    ddelta_bias = dparams[o_ddb:o_ddb + dim] if has_delta_bias else None
+    dD = dgrads[o_dD:o_dD + dim] if has_D else None
+    ddelta_bias = dgrads[o_ddb:o_ddb + dim] if has_delta_bias else None
     return dA, grads[0], grads[1], dD, ddelta_bias
 
 
@@ -1105,9 +1118,8 @@ class SelectiveScanFn(torch.autograd.Function):
         u, _, A, _, _, D, z, delta_bias, initial_state, _ = inputs
         if dout is None:
             dout = torch.zeros_like(u)
-        du, ddelta, dz, dh0, dparams, dbc = _selective_scan_bwd_op(*inputs, num_seqs, delta_softplus, ckpt, dout,
-                                                                   dlast)
-        dA, dB, dC, dD, ddelta_bias = _param_grads(dparams, dbc, *A.shape, B_form, C_form, D is not None,
+        du, ddelta, dz, dh0, dgrads = _selective_scan_bwd_op(*inputs, num_seqs, delta_softplus, ckpt, dout, dlast)
+        dA, dB, dC, dD, ddelta_bias = _param_grads(dgrads, *A.shape, B_form, C_form, D is not None,
                                                    delta_bias is not None)
         return (du, ddelta, dA, dB, dC, dD, dz if z is not None else None, ddelta_bias,
                 dh0 if initial_state is not None else None, None, None)
@@ -1354,10 +1366,9 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias):
     scan_inputs, num_seqs = _kernel_inputs(xc_plain, delta, A, B, C, D, z, delta_bias, None, cu_seqlens)
     y, _, ckpt = _selective_scan_fwd_op(*scan_inputs, num_seqs, delta_softplus, True)
     dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y, out_proj_weight, out_proj_bias)
-    dxc, ddelta, dz, _, dparams, dbc = _selective_scan_bwd_op(*scan_inputs, num_seqs, delta_softplus, ckpt, dy,
-                                                              None)
+    dxc, ddelta, dz, _, dgrads = _selective_scan_bwd_op(*scan_inputs, num_seqs, delta_softplus, ckpt, dy, None)
     form = (B.shape, B.dtype, True)
-    dA, dB, dC, dD, ddelta_bias = _param_grads(dparams, dbc, *A.shape, form, (C.shape, C.dtype, True),
+    dA, dB, dC, dD, ddelta_bias = _param_grads(dgrads, *A.shape, form, (C.shape, C.dtype, True),
                                                D is not None, delta_bias is not None)
     # d x_dbl (B, R + 2N, L): dt_proj's input gradient, then dB and dC.
     ddelta = ddelta.to(x_dbl.dtype)
