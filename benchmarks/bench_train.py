@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--optimizer", action="store_true", help="include a fused AdamW step")
     ap.add_argument("--providers", default="ours,ours_fused_loss,mamba_ssm,ours_graphed,mamba_ssm_graphed,ours_compiled",
                     help="also: ours_ckpt")
-    ap.add_argument("--profile", action="store_true", help="kernel tables of ours_fused_loss and mamba_ssm")
+    ap.add_argument("--profile", action="store_true", help="kernel tables of ours_fused_loss, mamba_ssm and ours_compiled")
     ap.add_argument("--profile-models", default="mamba-130m,mamba2-130m", help="models to profile (with --profile)")
     ap.add_argument("--compile-models", default=None, help="models to measure compiled (default: all measured)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no compiled row after this many seconds")
@@ -256,7 +256,7 @@ def main() -> None:
             if graphed:
                 step = capture_step(step)
             result = measure(step, device, graphed=graphed)
-            if args.profile and name in profile_names and provider in ("ours_fused_loss", "mamba_ssm"):
+            if args.profile and name in profile_names and provider in ("ours_fused_loss", "mamba_ssm", "ours_compiled"):
                 table_ = try_provider(f"{name} {provider} profile", lambda: kernel_profile(step))
                 if table_ is not None:
                     profiles.append({"case": f"profile model={name} batch={batch} L={seqlen}", "provider": provider,

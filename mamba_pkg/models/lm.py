@@ -32,8 +32,7 @@ from mamba_pkg.ops.backend import (
     check_tensor,
     seq_idx_from_cu_seqlens,
 )
-
-IGNORE_INDEX = -100
+from mamba_pkg.ops.cross_entropy import IGNORE_INDEX, cross_entropy_grad_
 
 
 class CausalLMOutput(NamedTuple):
@@ -213,20 +212,15 @@ def _chunk_loss_and_dlogits(hidden, weight, targets, grad_scale=None):
     hidden's dtype (None without grad_scale).
 
     hidden (M, d), weight (V, d), targets (M,). The logits come out of the matmul in hidden's dtype
-    and the softmax is taken in fp32, as in cross_entropy(logits.float()). Four passes over the
-    (M, V) block: log_softmax, the scale (added in the log domain), exp, the cast.
+    and the softmax is taken in fp32, as in cross_entropy(logits.float()). With grad_scale, one
+    kernel (ops/cross_entropy.py) turns the logits into their gradient in place.
     """
-    logp = torch.log_softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float32)  # (M, V)
+    logits = F.linear(hidden, weight)  # (M, V)
+    if grad_scale is not None:
+        return cross_entropy_grad_(logits, targets, grad_scale, IGNORE_INDEX).sum(), logits
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     valid = targets != IGNORE_INDEX
-    safe = targets.clamp(min=0)
-    loss = -(logp.gather(1, safe[:, None])[:, 0] * valid).sum()
-    if grad_scale is None:
-        return loss, None
-    # softmax * scale on scored rows, 0 on ignored ones, minus scale at the target.
-    log_scale = torch.where(valid, torch.log(grad_scale), float("-inf"))
-    dlogits = logp.add_(log_scale[:, None]).exp_()
-    dlogits.scatter_add_(1, safe[:, None], -(valid * grad_scale)[:, None].to(dlogits.dtype))
-    return loss, dlogits.to(hidden.dtype)
+    return -(logp.gather(1, targets.clamp(min=0)[:, None])[:, 0] * valid).sum(), None
 
 
 @launcher_op("lm_head_loss_grads")
