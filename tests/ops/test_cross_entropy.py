@@ -7,6 +7,9 @@ from conftest import assert_close_rule
 from mamba_pkg.ops.cross_entropy import IGNORE_INDEX, cross_entropy_grad_, cross_entropy_grad_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The small cases run through Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1 there)
+# and natively on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(rows, vocab, dtype, device="cpu", seed=0):
@@ -36,13 +39,13 @@ def _check(rows, vocab, dtype, device="cpu", backend="triton"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab", [(1, 7), (5, 300), (3, 5000)])  # 5000: two row pieces
-def test_matches_reference_interpreter(rows, vocab, dtype):
-    _check(rows, vocab, dtype)
+def test_matches_reference_small(rows, vocab, dtype):
+    _check(rows, vocab, dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_out_of_range_target_gives_nan_not_a_bad_read(backend):
-    logits, targets, scale = _case(4, 50, torch.float32)
+    logits, targets, scale = _case(4, 50, torch.float32, DEVICE)
     targets[1] = 50
     targets[2] = -3
     loss = cross_entropy_grad_(logits, targets, scale, backend=backend)
@@ -65,7 +68,7 @@ def test_bad_input_is_named():
 
 
 def test_opcheck():
-    logits, targets, scale = _case(3, 20, torch.float32)
+    logits, targets, scale = _case(3, 20, torch.float32, DEVICE)
     torch.library.opcheck(torch.ops.mamba_pkg.cross_entropy_grad_, (logits, targets, scale, IGNORE_INDEX))
 
 
