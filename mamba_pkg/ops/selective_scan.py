@@ -801,7 +801,7 @@ class _Launch:
     kernels with Triton 3.6 on a CPU that needs ~160 us for the rest of a fwd+bwd call, several
     times that on the H100 host, where the scan at L=2048 was host-bound. Here the first launch
     of each key goes through Triton (which compiles if needed and returns its compiled kernel)
-    and later ones call that kernel's launcher directly. The key holds everything that selects
+    and later ones call that kernel's launcher directly, with the tensors' addresses. The key holds everything that selects
     a specialisation, or more: the constexprs and options, the ints' values (Triton keys on
     == 1, divisibility by 16 and the int32 range), each pointer's dtype, None-ness and 16-byte
     alignment of its address, the device and Triton's debug / instrumentation knobs. Only for
@@ -830,9 +830,10 @@ class _Launch:
             return
         knobs = _triton_knobs()
         device = _driver().active.get_current_device()
+        addresses = [None if t is None else t.data_ptr() for t in pointers]
         key = (device, tuple(consts.values()), num_warps, maxnreg, ints, knobs.runtime.debug,
                knobs.compilation.instrumentation_mode,
-               tuple([None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in pointers]))
+               tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(pointers, addresses)]))
         kernel = self.kernels.get(key)
         if kernel is None:
             kernel = self.fn[grid](*pointers, *ints, **consts, num_warps=num_warps, maxnreg=maxnreg)
@@ -842,8 +843,11 @@ class _Launch:
             return
         if self.const_names is None:
             self.const_names = [p.name for p in self.fn.params if p.is_constexpr]
+        # Addresses as ints: the launcher then neither calls data_ptr() nor asks the driver whether
+        # each pointer is a device pointer (cuPointerGetAttribute), as it does for a tensor; the
+        # inputs were checked to be on one CUDA device before any launch.
         kernel.run(grid[0], grid[1], 1, _driver().active.get_current_stream(device), kernel.function,
-                   kernel.packed_metadata, None, None, None, *pointers, *ints, *[consts[n] for n in self.const_names])
+                   kernel.packed_metadata, None, None, None, *addresses, *ints, *[consts[n] for n in self.const_names])
 
 
 # Triton versions whose JITFunction.run ends in the launch that _Launch repeats (checked on an H100).
