@@ -22,9 +22,13 @@ At batch 1 a decode step reads every weight once, so in_proj / out_proj are weig
 matrix-vector products. cuBLAS runs them as split-K GEMMs followed by a separate reduction
 kernel (two launches per projection). Here each program owns BLOCK_N output features and
 reads their full rows in one go (no loop-carried dependency), so every load of a program is
-in flight at once and one launch does the whole product; math in fp32. The norm costs each
-program one extra read of the (L2-resident) input rows: the row scale rsqrt(...) is applied
-to the finished dot product, so it needs no pass of its own. The conv is depthwise, so the
+in flight at once and one launch does the whole product; math in fp32. The norms run as a
+pre-pass (NORM_PREPASS): one program per row writes the normalised row once, in fp32 (not
+rounded), and the product reads that row; folded into the product instead, every one of its
+~500-2100 programs re-reads the input row, the residual (or gate) and the norm weight and sums
+the squares again (at d_model 2048 as many bytes from L2 as it streams weights), scaling the
+finished dot product by rsqrt(...). The pre-pass is one more launch per norm, which PDL
+overlaps with the product's first weight loads. The conv is depthwise, so the
 program that computes an output feature owns its conv channel (state, weights) outright.
 Above 8 rows the product is a tl.dot over BLOCK_K steps (a weight-streaming GEMM with the
 whole batch in one tile).
@@ -79,6 +83,14 @@ DOT_MIN_PROGRAMS = 96
 
 # Programmatic dependent launch of the decode kernels (module docstring); False switches it off.
 PDL = True
+# The norms of add_rms_norm_linear / gated_rms_norm_linear as a pre-pass over each row (module
+# docstring) for rows PREPASS_MIN_K..PREPASS_MAX_K wide; False, or other widths, fold them into every
+# program of the product. Narrow rows (the 130m models: 768, 1536) keep the fold: their steps are
+# latency-bound chains where one more launch per norm costs more than the re-reads. PREPASS_MAX_K:
+# one register tile per row.
+NORM_PREPASS = True
+PREPASS_MIN_K = 2048
+PREPASS_MAX_K = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,6 +151,39 @@ def gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias=None, eps=1e-5, no
 
 # Prologues of the small-batch kernel (NORM): none, add + RMSNorm, gated RMSNorm (gate first or last).
 NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER = 0, 1, 2, 3
+
+
+@triton.jit
+def _row_norm_kernel(
+    x_ptr, res_ptr, nw_ptr, res_out_ptr, y_ptr,
+    K, eps, stride_x_b, stride_x_k, stride_r_b, stride_r_k, stride_ro_b, stride_ro_k,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    # One program per row: y = the normalised row (fp32, contiguous (B, K)); res_ptr / res_out_ptr
+    # as in _decode_linear_kernel (NORM_ADD: residual in, sum out; NORM_GATE*: res_ptr is z).
+    i_b = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < K
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    b_x = tl.load(x_ptr + i_b * stride_x_b + o_k * stride_x_k, mask=m_k, other=0.0).to(tl.float32)
+    if NORM == 1:
+        if HAS_RESIDUAL:
+            b_x += tl.load(res_ptr + i_b * stride_r_b + o_k * stride_r_k, mask=m_k, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + i_b * stride_ro_b + o_k * stride_ro_k, b_x.to(res_out_ptr.dtype.element_ty), mask=m_k)
+    if NORM >= 2:
+        b_z = tl.load(res_ptr + i_b * stride_r_b + o_k * stride_r_k, mask=m_k, other=0.0).to(tl.float32)
+        b_gate = b_z * ptx_sigmoid(b_z, PTX)
+        if NORM == 2:
+            b_x *= b_gate
+    b_y = b_x * (1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / K + eps)) * b_nw
+    if NORM == 3:
+        b_y *= b_gate
+    tl.store(y_ptr + i_b * K + o_k, b_y, mask=m_k)
 
 
 @triton.jit
@@ -263,10 +308,30 @@ def _outputs(x, weight):
     return torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
 
+def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm):
+    """The normalised rows (B, K) in fp32 of x (and residual or gate, as in _launch_small)."""
+    batch, n_in = x.shape
+    normed = torch.empty(batch, n_in, device=x.device, dtype=torch.float32)
+    block_k = next_pow2(n_in)
+    pdl = use_pdl(x)
+    r_st = residual.stride() if residual is not None else (0, 0)
+    ro_st = res_out.stride() if res_out is not None else (0, 0)
+    _row_norm_kernel[(batch,)](
+        x, residual, norm_weight, res_out, normed, n_in, eps, *x.stride(), *r_st, *ro_st,
+        NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_K=block_k, USE_PDL=pdl,
+        PTX=ptx_math(_row_norm_kernel), num_warps=4 if block_k <= 2048 else 8, **pdl_launch(pdl),
+    )
+    return normed
+
+
 def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0, norm=NORM_NONE,
                   conv=None):
     """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
     conv_weight, conv_bias, conv_start, silu)."""
+    if norm != NORM_NONE and NORM_PREPASS and PREPASS_MIN_K <= x.shape[1] <= PREPASS_MAX_K:
+        x = _launch_row_norm(x, residual, norm_weight, res_out, eps, norm)
+        residual = norm_weight = res_out = None
+        norm = NORM_NONE
     batch, n_in = x.shape
     block_b = next_pow2(batch)
     block_k = min(next_pow2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))

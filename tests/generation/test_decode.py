@@ -8,6 +8,7 @@ from mamba_pkg.generation import decode as dec
 from mamba_pkg.generation.decode import DecodeGraph, GenerateOutput, decode, free_decode_graphs, generate
 from mamba_pkg.models.config import MambaConfig
 from mamba_pkg.models.lm import MambaLMHeadModel
+from mamba_pkg.ops import decode_linear as dl
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -323,6 +324,22 @@ def test_cuda_step_logits_equal_full_forward(kind):
     out = generate(model, ids, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
     ref = full_logits(model, out.sequences)[:, 6:-1]
     torch.testing.assert_close(torch.stack(out.scores, dim=1), ref, rtol=1e-3, atol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+def test_cuda_step_logits_equal_full_forward_wide(kind, monkeypatch):
+    """At d_model 2048 the step's norms run as decode_linear's row pre-pass (add + RMSNorm before
+    in_proj; Mamba-2's gated RMSNorm over d_inner 4096 before out_proj)."""
+    launches = []
+    row_norm = dl._launch_row_norm
+    monkeypatch.setattr(dl, "_launch_row_norm", lambda *args: launches.append(1) or row_norm(*args))
+    model = make_model(kind, device="cuda", n_layer=2, d_model=2048)
+    ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
+    out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
+    ref = full_logits(model, out.sequences)[:, 4:-1]
+    torch.testing.assert_close(torch.stack(out.scores, dim=1), ref, rtol=1e-3, atol=1e-3)
+    assert len(launches) >= (2 if kind == "mamba1" else 4) * 2
 
 
 @requires_cuda

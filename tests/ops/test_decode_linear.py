@@ -68,10 +68,19 @@ def test_custom_op_opcheck():
     torch.library.opcheck(torch.ops.mamba_pkg.decode_linear, (x, w, None))
 
 
-@pytest.mark.parametrize("residual", [None, torch.float32, torch.bfloat16])
-def test_add_rms_norm_linear_matches_ref(residual):
-    """The fused add + RMSNorm + linear equals its reference, and the reference equals the
-    composition it replaces (the block's add + norm, then the linear)."""
+def _norm_path(monkeypatch, prepass):
+    """The norm as a pre-pass at every width, or folded into the product."""
+    monkeypatch.setattr(dl, "NORM_PREPASS", prepass)
+    monkeypatch.setattr(dl, "PREPASS_MIN_K", 1)
+
+
+@pytest.mark.parametrize("residual,prepass", [(None, True), (torch.float32, True), (torch.bfloat16, True),
+                                              (torch.float32, False)])
+def test_add_rms_norm_linear_matches_ref(residual, prepass, monkeypatch):
+    """The fused add + RMSNorm + linear (norm as a pre-pass or folded into the product) equals
+    its reference, and the reference equals the composition it replaces (the block's add +
+    norm, then the linear)."""
+    _norm_path(monkeypatch, prepass)
     torch.manual_seed(0)
     x = torch.randn(2, 2 * 50, device=DEVICE)[:, 50:]
     res = None if residual is None else torch.randn(2, 50, device=DEVICE).to(residual)
@@ -101,10 +110,12 @@ def test_add_rms_norm_linear_errors_and_opcheck():
     torch.library.opcheck(op, (x, None, nw, w, torch.randn(3, device=DEVICE), 1e-5, False))
 
 
-@pytest.mark.parametrize("norm_before_gate", [False, True])
-def test_gated_rms_norm_linear_matches_ref(norm_before_gate):
-    """Gate z (a strided view, as Mamba-2's slice of in_proj), both gate orders; the reference
-    equals the gated norm it replaces followed by the linear."""
+@pytest.mark.parametrize("norm_before_gate,prepass", [(False, True), (True, True), (False, False), (True, False)])
+def test_gated_rms_norm_linear_matches_ref(norm_before_gate, prepass, monkeypatch):
+    """Gate z (a strided view, as Mamba-2's slice of in_proj), both gate orders, the norm as a
+    pre-pass or folded into the product; the reference equals the gated norm it replaces
+    followed by the linear."""
+    _norm_path(monkeypatch, prepass)
     torch.manual_seed(0)
     x = torch.randn(2, 60, device=DEVICE)
     z = torch.randn(2, 2 * 60, device=DEVICE)[:, :60]
@@ -126,11 +137,14 @@ def _conv_case(batch, n_out, channels, start, state_len, dtype=torch.float32, bi
     return conv_state, (conv_state, conv_weight, conv_bias, start, "silu")
 
 
-@pytest.mark.parametrize("norm,state_dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
-def test_conv_fold_matches_ref(norm, state_dtype):
+@pytest.mark.parametrize("norm,state_dtype,prepass", [(False, torch.float32, True), (True, torch.float32, True),
+                                                     (True, torch.bfloat16, True), (True, torch.float32, False)])
+def test_conv_fold_matches_ref(norm, state_dtype, prepass, monkeypatch):
     """The conv update folded into the linear: outputs [9, 29) of 37 (not aligned to the output
     blocks), a state of 5 slots for a width-4 conv; out and the advanced state equal the
-    reference, and the reference equals the linear followed by causal_conv1d_update on the slice."""
+    reference, and the reference equals the linear followed by causal_conv1d_update on the slice.
+    With the norm: as a pre-pass or folded into the product."""
+    _norm_path(monkeypatch, prepass)
     torch.manual_seed(0)
     x = torch.randn(2, 2 * 40, device=DEVICE)[:, 40:]
     w, b = torch.randn(37, 40, device=DEVICE), torch.randn(37, device=DEVICE)
@@ -205,17 +219,22 @@ def test_gpu_conv_fold_full_size():
 
 
 @requires_cuda
-def test_gpu_gated_rms_norm_linear_full_size():
-    x, z = torch.randn(2, 2, 1536, device="cuda", dtype=torch.bfloat16).unbind(0)
-    nw = torch.rand(1536, device="cuda", dtype=torch.bfloat16) + 0.5
-    w = torch.randn(768, 1536, device="cuda", dtype=torch.bfloat16) / 40
+@pytest.mark.parametrize("width,prepass", [(1536, True), (4096, True), (4096, False)])
+def test_gpu_gated_rms_norm_linear_full_size(width, prepass, monkeypatch):
+    """mamba2-130m's and mamba2-1.3b's out_proj widths, the norm as a pre-pass (4 and 8 warps) or folded."""
+    _norm_path(monkeypatch, prepass)
+    x, z = torch.randn(2, 2, width, device="cuda", dtype=torch.bfloat16).unbind(0)
+    nw = torch.rand(width, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(768, width, device="cuda", dtype=torch.bfloat16) / 40
     out = gated_rms_norm_linear(x, z, nw, w)
     ref = gated_rms_norm_linear_ref(x, z, nw, w)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=2e-2)
 
 
 @requires_cuda
-def test_gpu_add_rms_norm_linear_full_size():
+@pytest.mark.parametrize("prepass", [True, False])
+def test_gpu_add_rms_norm_linear_full_size(prepass, monkeypatch):
+    _norm_path(monkeypatch, prepass)
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(1, 2048, device="cuda")
     nw = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
