@@ -9,6 +9,8 @@
 # mamba_ssm at B=4 D=2048 N=16 L=512/2048/8192, fwd and fwd+bwd, plus our deterministic mode) and
 # the host probes (selective_scan_fn and mamba_inner_fn, ours vs mamba_ssm).
 # `scan_gpu_run.sh final`: the same within ~90 s (no compile test, profile or host probes).
+# `scan_gpu_run.sh round2`: the GPU tests (65 s), bench --main and the host probes (this code, the previous
+# selective_scan.py when its copy is there, mamba_inner_fn), at most about 150 s.
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -56,6 +58,23 @@ if [ "${1:-}" = final ]; then
   t warm16 52 python3 -c "$(warm 16)"
   wait
   timeout 35 python3 benchmarks/bench_selective_scan.py --main > $L/bench.log 2>&1; show bench $? 18
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
+if [ "${1:-}" = round2 ]; then
+  # Session 5 round 2 (host path), at most about 150 s: the GPU tests, bench --main, then the host probes
+  # of this code and, when benchmarks/results/bench_selective_scan_old_impl.py (the previous
+  # selective_scan.py, untracked) is there, of that one in a copy of the package.
+  gpu_tests 65 "" ""
+  t warm16 65 python3 -c "$(warm 16)"
+  wait
+  timeout 33 python3 benchmarks/bench_selective_scan.py --main > $L/bench.log 2>&1; show bench $? 18
+  timeout 16 python3 benchmarks/host_selective_scan.py --cuda > $L/host.log 2>&1; show host $? 5
+  if [ -f benchmarks/results/bench_selective_scan_old_impl.py ]; then
+    mkdir -p /tmp/old && cp -r mamba_pkg /tmp/old/ && cp benchmarks/results/bench_selective_scan_old_impl.py /tmp/old/mamba_pkg/ops/selective_scan.py
+    PYTHONPATH=/tmp/old:. timeout 16 python3 benchmarks/host_selective_scan.py --cuda > $L/host_old.log 2>&1; show host_old $? 5
+  fi
+  timeout 15 python3 benchmarks/host_selective_scan.py --cuda --inner > $L/host_inner.log 2>&1; show host_inner $? 3
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
