@@ -14,7 +14,8 @@ mamba_ssm autotunes every kernel for each new d_state, which takes minutes cold;
 N != 128 its autotuners are pinned to the configs they chose at N = 128 (rows marked
 anchor_configs="N=128 picks"); ours autotune normally. `--budget-s` skips the shapes
 that would start after that many seconds (the rows so far are saved after each shape).
-`--host-profile` prints cProfile's top functions of our eager fwd+bwd step.
+`--host-profile` prints cProfile's top functions of our eager fwd+bwd step; `--uncached` adds, at
+the main shape, ours launched through Triton's launch path every call (no cached launches).
 
 Cold compiles dominate a device call (every autotuning config of every kernel, per d_state).
 `--precompile N [N ...]` only compiles every config of our kernels for the main shape with
@@ -22,7 +23,8 @@ d_state N (no kernel runs), and `--precompile-anchor N [N ...]` mamba_ssm's pinn
 at those N: run them in parallel processes (e.g. beside the GPU tests) with a shared
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--host-profile] [--budget-s S]
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--host-profile] [--uncached]
+        [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -86,10 +88,13 @@ def flops_and_bytes(s, fwdbwd: bool):
 
 def bench_case(s, provider, fwdbwd):
     """(eager ms, graph ms, host ms) of one pass of one provider at shape s."""
-    if provider == "ours":
+    if provider.startswith("ours"):
         from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
     else:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
+    if provider == UNCACHED:
+        with uncached_launches():
+            return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
     def fwd():
@@ -111,6 +116,22 @@ def bench_case(s, provider, fwdbwd):
     return time_ms(step, warmup_ms=50, rep_ms=200), graph_ms(step), host_ms(step, n=20)
 
 
+# Our kernels launched through Triton's own launch path every time (no cached launches,
+# mamba_pkg/ops/ssd/_launch.py): the host time before session 5 round 2, same kernels.
+UNCACHED = "ours_uncached_launch"
+
+
+@contextlib.contextmanager
+def uncached_launches():
+    from mamba_pkg.ops.ssd import _launch
+
+    _launch.enabled = False
+    try:
+        yield
+    finally:
+        _launch.enabled = True
+
+
 @contextlib.contextmanager
 def compile_only():
     """Launches inside only compile: every (pruned) config of an autotuned kernel, the kernel
@@ -129,7 +150,8 @@ def compile_only():
 
     JITFunction.run, Autotuner.run = compile_jit, compile_configs
     try:
-        yield
+        with uncached_launches():  # a cached launch would run the kernel
+            yield
     finally:
         JITFunction.run, Autotuner.run = jit_run, tuned_run
 
@@ -282,6 +304,8 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler kernel tables after the main shape (same process: no new compiles)")
     ap.add_argument("--host-profile", action="store_true", help="cProfile of our eager fwd+bwd at L=8192")
+    ap.add_argument("--uncached", action="store_true",
+                    help=f"main shape: also ours with Triton's own launch path every call (provider {UNCACHED})")
     ap.add_argument("--budget-s", type=float, default=160.0,
                     help="start no new shape after this many seconds")
     ap.add_argument("--precompile", type=int, nargs="+", metavar="N",
@@ -309,7 +333,7 @@ def main():
             pass_name = "fwdbwd" if fwdbwd else "fwd"
             case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
             flops, nbytes = flops_and_bytes(s, fwdbwd)
-            for provider in ("ours", "mamba_ssm"):
+            for provider in ("ours", "mamba_ssm") + ((UNCACHED,) if args.uncached and i == 0 else ()):
                 res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 for timing, k in (("eager", 0), ("graph", 1)):
                     ms = res[k] if res else None

@@ -292,12 +292,19 @@ def test_gpu_more_programs_than_a_grid_axis_allows():
 
 
 @requires_cuda
-def test_gpu_backward_is_deterministic():
+def test_gpu_backward_is_deterministic(monkeypatch):
+    """Same bits twice; and the cached direct launches (ssd/_launch.py: every launch of the
+    second run) give the same bits as Triton's own launch path."""
+    from mamba_pkg.ops.ssd import _launch
+
     inputs = make(*GPU_SHAPE)
     a = run(inputs, torch.bfloat16, "triton", 256)
     b = run(inputs, torch.bfloat16, "triton", 256)
+    monkeypatch.setattr(_launch, "enabled", False)
+    c = run(inputs, torch.bfloat16, "triton", 256)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k
 
 
 @requires_cuda

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
+from mamba_pkg.ops.ssd._launch import launch
 from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype_for
 
 
@@ -153,7 +154,7 @@ def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,)):
     cbs = [torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=dt) for dt in dict.fromkeys(dtypes)]
     BLOCK_M = _pick_block_m(Q)
     grid = (batch * nchunks * G * (Q // BLOCK_M) ** 2,)
-    _bmm_chunk_kernel[grid](B, C, cbs[0], cbs[-1], L, N, G, nchunks, *B.stride(), TWO_COPIES=len(cbs) == 2,
+    launch(_bmm_chunk_kernel, grid, B, C, cbs[0], cbs[-1], L, N, G, nchunks, *B.stride(), TWO_COPIES=len(cbs) == 2,
                             Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype, num_warps=4)
     return [cbs[0] if dt == dtypes[0] else cbs[-1] for dt in dtypes]
 
@@ -296,7 +297,7 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    _chunk_scan_fwd_kernel[grid](
+    launch(_chunk_scan_fwd_kernel, grid,
         x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
         ypre if z is not None else out,
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
@@ -773,7 +774,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     w = torch.empty_like(cb)
     row_part = torch.empty(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
     col_part = torch.empty_like(row_part)
-    _chunk_scan_bwd_w_kernel[(batch * nchunks * G * n_mblocks * n_mblocks,)](
+    launch(_chunk_scan_bwd_w_kernel, (batch * nchunks * G * n_mblocks * n_mblocks,),
         x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
         L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, PTX=ptx_math(_chunk_scan_bwd_w_kernel.fn),
         **common,
@@ -785,7 +786,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         dB_part = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
     rowsum_state = torch.empty_like(cs_c)
-    _chunk_scan_bwd_dbc_kernel[(batch * nchunks * G * n_split * n_mblocks,)](
+    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_mblocks,),
         x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
         dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state,
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
@@ -796,7 +797,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     colsum_state = torch.empty_like(cs_c)
     dD_part = torch.empty(batch, nchunks, n_mblocks, H, P, device=x.device, dtype=torch.float32) \
         if D is not None else None
-    _chunk_scan_bwd_dx_kernel[(batch * nchunks * H * n_mblocks,)](
+    launch(_chunk_scan_bwd_dx_kernel, (batch * nchunks * H * n_mblocks,),
         x, dout, z_arg, ypre if z is not None else dout, B, cb_operand, D if D is not None else cs_c, seq_arg, dt_c,
         cs_c, dstates, dx, dz if z is not None else dx, ddt_in, colsum_state,
         dD_part if dD_part is not None else ddt_in,
@@ -806,7 +807,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     )
 
     sums = torch.empty(batch, nchunks, H, 2, device=x.device, dtype=torch.float32)
-    _dt_bwd_kernel[(batch * H * nchunks,)](
+    launch(_dt_bwd_kernel, (batch * H * nchunks,),
         row_part, col_part, rowsum_state, colsum_state, ddecay, ddt_in, dt_c, A,
         dt, dt_bias if dt_bias is not None else A, ddt, sums,
         dB_part if n_split > 1 else dB, dC_part if n_split > 1 else dC, dB, dC,

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_log2, ptx_math, tl, triton, triton_interpret
+from mamba_pkg.ops.ssd._launch import launch
 
 
 def block_size(n: int) -> int:
@@ -230,7 +231,7 @@ def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
     grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), batch * H)
     seq_arg = seq_idx if seq_idx is not None else dt_out
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    _chunk_state_fwd_kernel[grid](
+    launch(_chunk_state_fwd_kernel, grid,
         x, dt, A, B, dt_bias if dt_bias is not None else A, seq_arg,
         initial_states if initial_states is not None else final,
         states if store_states else final, final, dt_out, cs_out,
@@ -363,7 +364,7 @@ def _state_grad_bwd(dout: Tensor, z: Tensor | None, C: Tensor, seq_idx: Tensor |
     grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), batch * H)
     seq_arg = seq_idx if seq_idx is not None else cs
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    _state_grad_bwd_kernel[grid](
+    launch(_state_grad_bwd_kernel, grid,
         dout, z if z is not None else dout, C, seq_arg, cs, dfinal if dfinal is not None else dinit,
         states, dstates, dinit, ddecay, L, H, P, N, H // G, nchunks, n_slots,
         *dout.stride(), *C.stride(), *seq_strides,

@@ -1,0 +1,118 @@
+"""The SSD kernels' cached launches (mamba_pkg/ops/ssd/_launch.py), with stand-ins for Triton's
+compiled kernel, autotuner, driver and knobs: which calls take Triton's own launch path and what
+a cached launch passes to the compiled kernel. (On a GPU, test_gpu_backward_is_deterministic in
+test_ssd_triton.py checks that cached and uncached launches give the same bits.)"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mamba_pkg.ops.ssd import _launch
+
+
+class FakeCompiled:
+    function = "function"
+    packed_metadata = "packed"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class FakeJit:
+    """kernel[grid](*args, **kwargs) records the call and returns its compiled kernel."""
+    arg_names = ["x_ptr", "y_ptr", "n", "scale", "FLAG", "BLOCK"]
+
+    def __init__(self):
+        self.pre_run_hooks = []
+        self.compiled = FakeCompiled()
+        self.slow = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            return self.compiled
+        return launch
+
+
+class FakeAutotuner(FakeJit):
+    def __init__(self, pre_hook=None):
+        super().__init__()
+        self.fn = FakeJit()
+        self.configs = [SimpleNamespace(kwargs={"BLOCK": 32}, pre_hook=pre_hook)]
+        self.best_config = self.configs[0]
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    hooks = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=None)
+    monkeypatch.setattr(_launch, "CompiledKernel", FakeCompiled)
+    monkeypatch.setattr(_launch, "Autotuner", FakeAutotuner)
+    monkeypatch.setattr(_launch, "knobs", SimpleNamespace(runtime=hooks))
+    monkeypatch.setattr(_launch, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: 99)))
+    monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
+    monkeypatch.setattr(_launch, "_caches", {})
+    return hooks
+
+
+def test_second_launch_of_a_signature_calls_the_compiled_kernel(fakes):
+    k = FakeJit()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    for _ in range(3):
+        _launch.launch(k, (5, 2), x, y, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
+    assert len(k.slow) == 1
+    assert k.slow[0] == ((5, 2), (x, y, 7, 0.5), {"FLAG": True, "BLOCK": 16, "num_warps": 4})
+    assert len(k.compiled.calls) == 2
+    # grid padded to 3-D, the stream, the kernel's handles, no launch metadata or hooks, then
+    # every parameter in signature order (launch options such as num_warps are not parameters).
+    assert k.compiled.calls[0] == (5, 2, 1, 99, "function", "packed", None, None, None, x, y, 7, 0.5, True, 16)
+
+
+@pytest.mark.parametrize("change", ["int", "float", "dtype", "alignment", "constexpr", "option"])
+def test_anything_that_selects_a_specialisation_is_a_new_signature(fakes, change):
+    k = FakeJit()
+    base = torch.zeros(64)
+    args = dict(x=base, y=base, n=16, scale=0.5, FLAG=True, BLOCK=16, num_warps=4)
+    changed = dict(args, **{
+        "int": {"n": 1}, "float": {"scale": 0.25}, "dtype": {"y": base.double()},
+        "alignment": {"x": base[1:]}, "constexpr": {"FLAG": False}, "option": {"num_warps": 8}}[change])
+    for a in (args, args, changed, changed):
+        _launch.launch(k, (1,), a["x"], a["y"], a["n"], a["scale"], FLAG=a["FLAG"], BLOCK=a["BLOCK"],
+                       num_warps=a["num_warps"])
+    assert len(k.slow) == 2 and len(k.compiled.calls) == 2
+
+
+def test_autotuned_kernel_launches_with_its_best_config(fakes):
+    k = FakeAutotuner()
+    x = torch.zeros(64)
+    grid = lambda meta: (128 // meta["BLOCK"],)
+    for _ in range(2):
+        _launch.launch(k, grid, x, x, 3, 1.0, FLAG=False)
+    assert len(k.slow) == 1 and k.compiled.calls[0][:3] == (4, 1, 1)
+    assert k.compiled.calls[0][-2:] == (False, 32)  # FLAG from the call, BLOCK from the config
+    # A new list of configs (as the GPU tests' fixture pins them) goes through the autotuner again.
+    k.configs = list(k.configs)
+    _launch.launch(k, grid, x, x, 3, 1.0, FLAG=False)
+    assert len(k.slow) == 2
+
+
+def test_hooks_pre_hooks_and_switch_keep_the_normal_path(fakes, monkeypatch):
+    x = torch.zeros(64)
+    pre_hooked = FakeAutotuner(pre_hook=lambda nargs: None)
+    for _ in range(2):
+        _launch.launch(pre_hooked, (1,), x, x, 3, 1.0, FLAG=False)
+    assert len(pre_hooked.slow) == 2 and not pre_hooked.compiled.calls
+
+    k = FakeJit()
+    fakes.launch_enter_hook.calls.append(print)  # a profiler's hook
+    for _ in range(2):
+        _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
+    fakes.launch_enter_hook.calls.clear()
+    monkeypatch.setattr(_launch, "enabled", False)
+    for _ in range(2):
+        _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
+    assert len(k.slow) == 4 and not k.compiled.calls
