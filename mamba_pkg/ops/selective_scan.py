@@ -972,12 +972,11 @@ def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
     dstate = A.shape[1]
     out = u.new_empty(batch, dim, seqlen)
     last = u.new_empty(num_seqs, dim, dstate, dtype=torch.float32)
-    ckpt = absent(u)
-    if store_ckpt:
-        _, _, group_size, grouped = _groups(dim, B, C)
-        block_l = _block_sizes(dstate, group_size, grouped, "bwd")[3]
-        ckpt = u.new_empty(batch, cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
-    return out, last, ckpt
+    if not store_ckpt:
+        return out, last, absent(u)
+    _, _, group_size, grouped = _groups(dim, B, C)
+    block_l = _block_sizes(dstate, group_size, grouped, "bwd")[3]
+    return out, last, u.new_empty(batch, cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
 
 
 def _selective_scan_fwd(
