@@ -7,6 +7,7 @@ from mamba_pkg.ops.causal_conv1d import (
     causal_conv1d_update,
     causal_conv1d_update_ref,
 )
+from mamba_pkg.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_ref
 from mamba_pkg.ops.norm import layer_norm_fn, layer_norm_ref, rms_norm_fn, rms_norm_gated_fn, rms_norm_gated_ref
 from mamba_pkg.ops.selective_scan import mamba_inner_fn, mamba_inner_ref, selective_scan_fn, selective_scan_ref
 from mamba_pkg.ops.ssd import (
@@ -21,6 +22,7 @@ from mamba_pkg.ops.state_update import selective_state_update, selective_state_u
 __all__ = [
     "attention", "attention_kvcache", "attention_ref",
     "causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
+    "cross_entropy_grad_", "cross_entropy_grad_ref",
     "layer_norm_fn", "layer_norm_ref", "rms_norm_fn", "rms_norm_gated_fn", "rms_norm_gated_ref",
     "mamba_inner_fn", "mamba_inner_ref", "selective_scan_fn", "selective_scan_ref",
     "mamba_chunk_scan_combined", "mamba_chunk_scan_combined_ref",
