@@ -53,10 +53,8 @@ NORM_BLOCK_N = (4, 8, 16)
 # (model, batch, module, attribute, values): the first value is the committed setting.
 DL = "mamba_pkg.ops.decode_linear"
 MODEL_AB = [  # a value repeated measures the noise of the A/B
-    ("mamba-1.4b", 1, DL, "NORM_PREPASS", (True, False, True)),
+    ("mamba-1.4b", 1, DL, "PREPASS_ADD_NORM_ALONE", (False, True, False)),
     ("mamba2-1.3b", 1, DL, "NORM_PREPASS", (True, False, True)),
-    ("mamba2-1.3b", 1, DL, "NUM_WARPS", (4, 8)),
-    ("mamba2-1.3b", 1, DL, "BLOCK_N", (4, 8)),
 ]
 
 

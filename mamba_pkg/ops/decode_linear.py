@@ -22,13 +22,14 @@ At batch 1 a decode step reads every weight once, so in_proj / out_proj are weig
 matrix-vector products. cuBLAS runs them as split-K GEMMs followed by a separate reduction
 kernel (two launches per projection). Here each program owns BLOCK_N output features and
 reads their full rows in one go (no loop-carried dependency), so every load of a program is
-in flight at once and one launch does the whole product; math in fp32. The norms run as a
-pre-pass (NORM_PREPASS): one program per row writes the normalised row once, in fp32 (not
-rounded), and the product reads that row; folded into the product instead, every one of its
+in flight at once and one launch does the whole product; math in fp32. A norm either runs as
+a pre-pass (NORM_PREPASS): one program per row writes the normalised row once, in fp32 (not
+rounded), and the product reads that row; or it is folded into the product: every one of its
 ~500-2100 programs re-reads the input row, the residual (or gate) and the norm weight and sums
 the squares again (at d_model 2048 as many bytes from L2 as it streams weights), scaling the
 finished dot product by rsqrt(...). The pre-pass is one more launch per norm, which PDL
-overlaps with the product's first weight loads. The conv is depthwise, so the
+overlaps with the product's first weight loads; which one is faster depends on the product
+(measured settings below). The conv is depthwise, so the
 program that computes an output feature owns its conv channel (state, weights) outright.
 Above 8 rows the product is a tl.dot over BLOCK_K steps (a weight-streaming GEMM with the
 whole batch in one tile).
@@ -87,8 +88,12 @@ PDL = True
 # docstring) for rows PREPASS_MIN_K..PREPASS_MAX_K wide; False, or other widths, fold them into every
 # program of the product. Narrow rows (the 130m models: 768, 1536) keep the fold: their steps are
 # latency-bound chains where one more launch per norm costs more than the re-reads. PREPASS_MAX_K:
-# one register tile per row.
+# one register tile per row. H100, b1 step (graph replay, same run): mamba2-1.3b (gated norm before
+# out_proj, add + norm before an in_proj with the conv folded) 1.45 ms with the pre-pass vs 1.57
+# folded; mamba-1.4b (add + norm before a plain in_proj) 1.43-1.45 vs 1.39 folded, so the add + norm
+# takes the pre-pass only where the product also carries the conv (PREPASS_ADD_NORM_ALONE).
 NORM_PREPASS = True
+PREPASS_ADD_NORM_ALONE = False
 PREPASS_MIN_K = 2048
 PREPASS_MAX_K = 8192
 
@@ -328,7 +333,8 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
                   conv=None):
     """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
     conv_weight, conv_bias, conv_start, silu)."""
-    if norm != NORM_NONE and NORM_PREPASS and PREPASS_MIN_K <= x.shape[1] <= PREPASS_MAX_K:
+    if (norm != NORM_NONE and NORM_PREPASS and PREPASS_MIN_K <= x.shape[1] <= PREPASS_MAX_K
+            and (norm != NORM_ADD or conv is not None or PREPASS_ADD_NORM_ALONE)):
         x = _launch_row_norm(x, residual, norm_weight, res_out, eps, norm)
         residual = norm_weight = res_out = None
         norm = NORM_NONE

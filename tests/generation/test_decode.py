@@ -331,6 +331,7 @@ def test_cuda_step_logits_equal_full_forward(kind):
 def test_cuda_step_logits_equal_full_forward_wide(kind, monkeypatch):
     """At d_model 2048 the step's norms run as decode_linear's row pre-pass (add + RMSNorm before
     in_proj; Mamba-2's gated RMSNorm over d_inner 4096 before out_proj)."""
+    monkeypatch.setattr(dl, "PREPASS_ADD_NORM_ALONE", True)  # Mamba-1's in_proj too
     launches = []
     row_norm = dl._launch_row_norm
     monkeypatch.setattr(dl, "_launch_row_norm", lambda *args: launches.append(1) or row_norm(*args))

@@ -69,9 +69,10 @@ def test_custom_op_opcheck():
 
 
 def _norm_path(monkeypatch, prepass):
-    """The norm as a pre-pass at every width, or folded into the product."""
+    """The norm as a pre-pass at every width (and without a conv), or folded into the product."""
     monkeypatch.setattr(dl, "NORM_PREPASS", prepass)
     monkeypatch.setattr(dl, "PREPASS_MIN_K", 1)
+    monkeypatch.setattr(dl, "PREPASS_ADD_NORM_ALONE", True)
 
 
 @pytest.mark.parametrize("residual,prepass", [(None, True), (torch.float32, True), (torch.bfloat16, True),
