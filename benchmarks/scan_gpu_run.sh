@@ -42,6 +42,12 @@ gpu_tests() {  # the scan / mamba_inner GPU tests in 4 parallel groups: time lim
     -k "$2varlen_cuda or mamba_ssm_cuda or opcheck or deterministic or full_tiles"
   t tests_inner $1 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "$3cuda or biases or without_grad"
 }
+tests_and_bench() {  # the GPU tests and an N=16 warm-up in parallel ($1 s), then bench --main alone ($2 s)
+  gpu_tests $1 "" ""
+  t warm16 $1 python3 -c "$(warm 16)"
+  wait
+  timeout $2 python3 benchmarks/bench_selective_scan.py --main > $L/bench.log 2>&1; show bench $? 18
+}
 if [ "${1:-}" = main ]; then
   gpu_tests 110 "compiles or fast_check or " "fast_check or "
   t warm16 110 python3 -c "$(warm 16)"
@@ -54,10 +60,7 @@ if [ "${1:-}" = main ]; then
 fi
 if [ "${1:-}" = final ]; then
   # `main` within ~90 s (a second call of the session): no compile test, warm-up, profile or host probes.
-  gpu_tests 52 "" ""
-  t warm16 52 python3 -c "$(warm 16)"
-  wait
-  timeout 35 python3 benchmarks/bench_selective_scan.py --main > $L/bench.log 2>&1; show bench $? 18
+  tests_and_bench 52 35
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
@@ -65,10 +68,7 @@ if [ "${1:-}" = round2 ]; then
   # Session 5 round 2 (host path), at most about 150 s: the GPU tests, bench --main, then the host probes
   # of this code and, when benchmarks/results/bench_selective_scan_old_impl.py (the previous
   # selective_scan.py, untracked) is there, of that one in a copy of the package.
-  gpu_tests 65 "" ""
-  t warm16 65 python3 -c "$(warm 16)"
-  wait
-  timeout 33 python3 benchmarks/bench_selective_scan.py --main > $L/bench.log 2>&1; show bench $? 18
+  tests_and_bench 65 33
   timeout 16 python3 benchmarks/host_selective_scan.py --cuda > $L/host.log 2>&1; show host $? 5
   if [ -f benchmarks/results/bench_selective_scan_old_impl.py ]; then
     mkdir -p /tmp/old && cp -r mamba_pkg /tmp/old/ && cp benchmarks/results/bench_selective_scan_old_impl.py /tmp/old/mamba_pkg/ops/selective_scan.py
