@@ -1453,14 +1453,25 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias):
                         dC.to(x_dbl.dtype)], dim=1)
     d_delta_proj_weight = _weight_grad(ddelta, x_dbl[:, :rank], delta_proj_weight)
     d_x_proj_weight = _weight_grad(dx_dbl, xc_plain.to(dx_dbl.dtype), x_proj_weight)
-    dxc = dxc + _left_matmul(x_proj_weight.t(), dx_dbl).to(dxc.dtype)
+    if dxc.dtype == dx_dbl.dtype:  # the add in the product's epilogue: one pass less over (B, D, L)
+        dxc = torch.baddbmm(dxc, x_proj_weight.t().expand(dxc.shape[0], -1, -1), dx_dbl)
+    else:
+        dxc = dxc + _left_matmul(x_proj_weight.t(), dx_dbl).to(dxc.dtype)
     d_B_proj_bias = dB.sum(dim=(0, 2)).to(B_proj_bias.dtype) if B_proj_bias is not None else None
     d_C_proj_bias = dC.sum(dim=(0, 2)).to(C_proj_bias.dtype) if C_proj_bias is not None else None
     wanted = [t for t in conv_leaves if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(xc, wanted, dxc) if wanted else [])
     dx, d_conv1d_weight, d_conv1d_bias = [next(grads) if t is not None and t.requires_grad else None
                                           for t in conv_leaves]
-    dxz = torch.cat([dx, dz.to(dx.dtype)], dim=1) if dx is not None else None
+    dxz = None
+    if dx is not None:
+        # dxz in xz's layout when xz is a (B, 2D, L) view of a (2D, B * L) product (Mamba's in_proj):
+        # a contiguous dxz would be permuted (copied) once more on its way back through that view.
+        batch, _, seqlen = xz.shape
+        strides = xz.stride() if xz.stride() == (seqlen, batch * seqlen, 1) else None
+        dxz = (torch.empty(xz.shape, dtype=dx.dtype, device=dx.device) if strides is None else
+               torch.empty_strided(xz.shape, strides, dtype=dx.dtype, device=dx.device))
+        torch.cat([dx, dz.to(dx.dtype)], dim=1, out=dxz)
     return (dxz, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
             d_out_proj_bias, dA, None, None, dD, ddelta_bias, d_B_proj_bias, d_C_proj_bias, None)
 

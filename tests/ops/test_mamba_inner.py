@@ -69,6 +69,23 @@ def test_inner_proj_biases_match_ref():
     _check(params, DEV)
 
 
+def test_inner_xz_as_a_view_of_in_proj_output():
+    """Mamba's xz is a (B, 2D, L) view of in_proj's (2D, B * L) product: the gradient comes back in
+    that layout (no extra permute copy) and matches the reference's."""
+    params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
+    base = params.pop("xz").permute(1, 0, 2).reshape(8, 2 * 9)  # (2D, B * L)
+    dout = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(5)).to(DEV)
+    grads, layouts = {}, []
+    for name, fn, kw in (("ours", mamba_inner_fn, {"backend": "triton"}), ("ref", mamba_inner_ref, {})):
+        leaf = base.detach().clone().requires_grad_(True)
+        xz = leaf.reshape(8, 2, 9).permute(1, 0, 2)  # (B, 2D, L) with strides (L, B * L, 1)
+        xz.register_hook(lambda g: layouts.append(g.stride()))
+        out = fn(xz=xz, **params, **kw)
+        (grads[name],) = torch.autograd.grad((out.float() * dout).sum(), leaf)
+    assert layouts[0] == (9, 18, 1)
+    torch.testing.assert_close(grads["ours"], grads["ref"], rtol=1e-4, atol=1e-4)
+
+
 def test_inner_input_without_grad():
     """Only the weights need gradients (xz does not): they match the reference's."""
     params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
