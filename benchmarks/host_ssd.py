@@ -6,7 +6,7 @@ unset: kernels compile for sm_90 against a stand-in driver, autotuners take thei
 without benchmarking, and the compiled kernels' launcher records instead of launching. Everything
 above the driver call runs as on the GPU host (which was ~4-5x slower per Python call here).
 
-    PYTHONPATH=. python benchmarks/results/bench_ssd_host_cpu.py [--uncached] [--verify]
+    PYTHONPATH=. python benchmarks/host_ssd.py [--uncached] [--verify]
 
 --uncached: Triton's own launch path every call (ssd/_launch.py off). --verify: check that cached
 launches pass the compiled kernels the same grid, stream and parameters as Triton's path.
@@ -20,28 +20,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/ssd_host_cpu_cache")
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 import mamba_pkg.ops.backend as backend  # noqa: E402
+from benchmarks.sass_stats import _FakeDriver  # noqa: E402
 
 LOG = []
-
-
-class _Driver:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 def _init_handles(self):
@@ -52,7 +38,7 @@ def _init_handles(self):
         self.function = 0
 
 
-driver.set_active(_Driver())
+driver.set_active(_FakeDriver())
 CompiledKernel._init_handles = _init_handles
 Autotuner._bench = lambda self, *a, config, **k: [float(self.configs.index(config))]
 backend.triton_interpret = lambda: True  # backend="triton" accepts CPU tensors
