@@ -192,7 +192,7 @@ def variants(names=None):
 
     import mamba_pkg.ops.selective_scan as ss
 
-    fast_math = ss._fast_math
+    fast_math = ss.ptx_math
     shapes = [(4, 2048, 2048), (4, 2048, 8192), (1, 4096, 8192)]
     lines, reference = [], None
     for batch, dim, seqlen in shapes:
@@ -205,7 +205,7 @@ def variants(names=None):
             continue
         overrides = {(16, k): v for k, v in spec.items() if k in ("fwd", "ckpt", "bwd")}
         undo = _hook_block_sizes(overrides)
-        ss._fast_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
+        ss.ptx_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
         try:
             got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
             if reference is None:
@@ -223,7 +223,7 @@ def variants(names=None):
             print(lines[-1], flush=True)
         finally:
             undo()
-            ss._fast_math = fast_math
+            ss.ptx_math = fast_math
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_variants.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
