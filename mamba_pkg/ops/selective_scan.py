@@ -1465,12 +1465,10 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias):
                                           for t in conv_leaves]
     dxz = None
     if dx is not None:
-        # dxz in xz's layout when xz is a (B, 2D, L) view of a (2D, B * L) product (Mamba's in_proj):
-        # a contiguous dxz would be permuted (copied) once more on its way back through that view.
-        batch, _, seqlen = xz.shape
-        strides = xz.stride() if xz.stride() == (seqlen, batch * seqlen, 1) else None
-        dxz = (torch.empty(xz.shape, dtype=dx.dtype, device=dx.device) if strides is None else
-               torch.empty_strided(xz.shape, strides, dtype=dx.dtype, device=dx.device))
+        # dxz in xz's layout (empty_like keeps a dense tensor's strides): Mamba's xz is a (B, 2D, L)
+        # view of in_proj's (2D, B * L) product, and a contiguous dxz would be permuted (copied)
+        # once more on its way back through that view.
+        dxz = torch.empty_like(xz, dtype=dx.dtype)
         torch.cat([dx, dz.to(dx.dtype)], dim=1, out=dxz)
     return (dxz, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
             d_out_proj_bias, dA, None, None, dD, ddelta_bias, d_B_proj_bias, d_C_proj_bias, None)
