@@ -30,7 +30,8 @@ from mamba_pkg.models._cache_utils import (
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 from mamba_pkg.ops.conv_xproj_step import conv_xproj_step
-from mamba_pkg.ops.selective_scan import mamba_inner_fn, selective_scan_fn
+from mamba_pkg.ops.mamba_inner import mamba_inner_fn
+from mamba_pkg.ops.selective_scan import selective_scan_fn
 from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 
 # Up to this batch a decode step fuses the conv with x_proj (conv_xproj_step). The SSM kernel

@@ -9,7 +9,8 @@ from mamba_pkg.ops.causal_conv1d import (
 )
 from mamba_pkg.ops.cross_entropy import cross_entropy_grad_, cross_entropy_grad_ref
 from mamba_pkg.ops.norm import layer_norm_fn, layer_norm_ref, rms_norm_fn, rms_norm_gated_fn, rms_norm_gated_ref
-from mamba_pkg.ops.selective_scan import mamba_inner_fn, mamba_inner_ref, selective_scan_fn, selective_scan_ref
+from mamba_pkg.ops.mamba_inner import mamba_inner_fn, mamba_inner_ref
+from mamba_pkg.ops.selective_scan import selective_scan_fn, selective_scan_ref
 from mamba_pkg.ops.ssd import (
     mamba_chunk_scan_combined,
     mamba_chunk_scan_combined_ref,

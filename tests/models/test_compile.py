@@ -63,7 +63,7 @@ def _fresh_dynamo():
     "name, backend",
     [
         ("hybrid", "aot_eager"),
-        # Mamba-1's delta is made contiguous before softplus (ops/selective_scan.py _inner_scan):
+        # Mamba-1's delta is made contiguous before softplus (ops/mamba_inner.py _inner_scan):
         # a (D, B, L)-strided one meets a torch CPU stride bug in softplus_backward under aot_eager.
         ("mamba1", "aot_eager"),
     ],

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mamba_pkg.ops.selective_scan import mamba_inner_fn, mamba_inner_ref
+from mamba_pkg.ops.mamba_inner import mamba_inner_fn, mamba_inner_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,7 +156,7 @@ def test_inner_bad_input(change, exc, match):
 
 def test_inner_common_case_takes_the_fast_check(monkeypatch):
     """A valid call with B and C from x_proj skips the full validation (host time)."""
-    import mamba_pkg.ops.selective_scan as ss
+    import mamba_pkg.ops.mamba_inner as ss
 
     p = make_params(2, 4, 9)
     want = mamba_inner_fn(**p, backend="torch")

@@ -1,0 +1,316 @@
+"""Mamba-1 block's inner path, fused for training memory.
+
+    x, z  = xz.chunk(2)                              xz (B, 2*D, L): in_proj output
+    xc    = silu(causal_conv1d(x, conv1d_weight) + conv1d_bias)
+    x_dbl = x_proj_weight @ xc                        (B, R + 2*N, L): rows [dt; B; C]
+    delta = delta_proj_weight @ x_dbl[:, :R]          (B, D, L)
+    y     = selective_scan(xc, delta, A, B, C, D, z, delta_bias, softplus)
+    out   = y^T @ out_proj_weight^T (+ out_proj_bias) (B, L, d_model)
+
+The autograd Function saves only its inputs and recomputes conv1d, the projections
+and the scan forward in the backward (the scan's kernels and launchers live in
+selective_scan.py). Under torch.compile the same recompute is expressed as
+selective activation checkpointing, which dynamo traces into one graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_tensor, resolve_backend
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
+from mamba_pkg.ops.selective_scan import (
+    _kernel_inputs,
+    _param_grads,
+    _selective_scan_bwd_op,
+    _selective_scan_fwd_op,
+    selective_scan_fn,
+    selective_scan_ref,
+)
+
+
+def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                 out_proj_bias, A, B, C, cu_seqlens):
+    check_tensor("xz", xz, ndim=3, dtype=FLOAT_DTYPES)
+    check_cu_seqlens(cu_seqlens, xz.shape[2], xz.shape[0])
+    if xz.shape[1] % 2:
+        raise ValueError(f"xz must have shape (B, 2*D, L) (x and z halves), got {tuple(xz.shape)}")
+    dim = xz.shape[1] // 2
+    check_tensor("conv1d_weight", conv1d_weight, ndim=(2, 3), dtype=FLOAT_DTYPES)
+    if conv1d_weight.dim() == 3 and conv1d_weight.shape[1] != 1:
+        raise ValueError(f"conv1d_weight must have shape (D, W) or (D, 1, W), got {tuple(conv1d_weight.shape)}")
+    check_tensor("conv1d_weight", conv1d_weight.reshape(conv1d_weight.shape[0], -1), shape=(dim, None))
+    check_tensor("conv1d_bias", conv1d_bias, shape=(dim,), optional=True)
+    check_tensor("A", A, shape=(dim, None), dtype=torch.float32)
+    check_tensor("delta_proj_weight", delta_proj_weight, shape=(dim, None), dtype=FLOAT_DTYPES)
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    rows = rank + 2 * dstate if (B is None or C is None) else None
+    check_tensor("x_proj_weight", x_proj_weight, shape=(rows, dim), dtype=FLOAT_DTYPES)
+    check_tensor("out_proj_weight", out_proj_weight, shape=(None, dim), dtype=FLOAT_DTYPES)
+    check_tensor("out_proj_bias", out_proj_bias, shape=(out_proj_weight.shape[0],), optional=True)
+
+
+def _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+              out_proj_bias, A, B, C) -> bool:
+    """The common case of mamba_inner_fn (B and C from x_proj, no cu_seqlens) in a few
+    comparisons; anything else goes through _check_inner, which names the bad argument."""
+    weights = (conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight)
+    if B is not None or C is not None or not (isinstance(xz, torch.Tensor) and isinstance(A, torch.Tensor)):
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in weights):
+        return False
+    if xz.dtype not in FLOAT_DTYPES or xz.dim() != 3 or xz.shape[1] % 2 or A.dtype != torch.float32:
+        return False
+    dim, width = xz.shape[1] // 2, conv1d_weight.shape[-1]
+    if conv1d_weight.shape != (dim, width) and conv1d_weight.shape != (dim, 1, width):
+        return False
+    if delta_proj_weight.dim() != 2 or A.dim() != 2 or out_proj_weight.dim() != 2:
+        return False
+    rank, dstate, d_model = delta_proj_weight.shape[1], A.shape[1], out_proj_weight.shape[0]
+    return (delta_proj_weight.shape[0] == dim and A.shape[0] == dim
+            and x_proj_weight.shape == (rank + 2 * dstate, dim) and out_proj_weight.shape[1] == dim
+            and (conv1d_bias is None or (isinstance(conv1d_bias, torch.Tensor) and conv1d_bias.shape == (dim,)))
+            and (out_proj_bias is None
+                 or (isinstance(out_proj_bias, torch.Tensor) and out_proj_bias.shape == (d_model,))))
+
+
+def _left_matmul(weight, x):
+    """weight (E, D) @ x (B, D, L) -> (B, E, L) contiguous, as a bmm over an expanded
+    weight (torch.matmul would fold it as x^T @ weight^T and copy x into (B*L, D))."""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
+def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend):
+    """Everything before out_proj; returns the gated scan output y (B, D, L)."""
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    x, z = xz.chunk(2, dim=1)
+    weight = rearrange(conv1d_weight, "d 1 w -> d w") if conv1d_weight.dim() == 3 else conv1d_weight
+    if backend == "torch":
+        x = causal_conv1d_ref(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens)
+    else:
+        x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", cu_seqlens=cu_seqlens, backend=backend)
+    # Batched products on the (B, D, L) layout: x_dbl (B, R + 2N, L) and delta (B, D, L)
+    # come out contiguous, with no transposed copy of x. (A (D, B, L)-strided delta would
+    # also trip a torch CPU stride bug in softplus_backward under torch.compile's aot_eager.)
+    x_dbl = _left_matmul(x_proj_weight, x)
+    delta = _left_matmul(delta_proj_weight, x_dbl[:, :rank])
+    if B is None:
+        B = x_dbl[:, rank:rank + dstate]  # (B, N, L)
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)[:, None]
+    if C is None:
+        C = x_dbl[:, rank + dstate:]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)[:, None]
+    scan = selective_scan_ref if backend == "torch" else functools.partial(selective_scan_fn, backend=backend)
+    return scan(x, delta.to(x.dtype), A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens=cu_seqlens)
+
+
+def _out_proj(y, weight, bias):
+    """out_proj of the scan output y (B, D, L) -> (B, L, d_model) as one batched product
+    that reads y transposed in place (F.linear on the (B, L, D) view would copy y)."""
+    weight_t = weight.t().expand(y.shape[0], -1, -1)  # (B, D, d_model)
+    if bias is None:
+        return torch.bmm(y.transpose(1, 2), weight_t)
+    return torch.baddbmm(bias.expand(y.shape[0], y.shape[2], -1), y.transpose(1, 2), weight_t)
+
+
+def _inner_and_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                        out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                        cu_seqlens, backend):
+    y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                    B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend)
+    return _out_proj(y, out_proj_weight, out_proj_bias)
+
+
+class MambaInnerFn(torch.autograd.Function):
+    """Saves only the inputs; the backward recomputes conv1d, the projections and
+    the scan forward (which, unlike mamba_ssm, also avoids keeping the scan output
+    for out_proj's weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, options):
+        delta_softplus, cu_seqlens, backend = options
+        inputs = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                  B_proj_bias, C_proj_bias)
+        y = _inner_scan(*inputs, delta_softplus, cu_seqlens, backend)
+        out = _out_proj(y, out_proj_weight, out_proj_bias)
+        ctx.save_for_backward(*inputs, out_proj_weight, out_proj_bias)
+        ctx.options = options
+        ctx.autocast = (torch.is_autocast_enabled(xz.device.type), torch.get_autocast_dtype(xz.device.type))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        *inputs, out_proj_weight, out_proj_bias = ctx.saved_tensors
+        delta_softplus, cu_seqlens, backend = ctx.options
+        enabled, dtype = ctx.autocast
+        with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
+            if inputs[6] is None and inputs[7] is None:
+                return _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias)
+            return _inner_backward_autograd(ctx, dout, inputs, out_proj_weight, out_proj_bias)
+
+
+def _out_proj_backward(dout, y, out_proj_weight, out_proj_bias):
+    """dy (B, D, L) and the out_proj gradients, from batched products that read y and dout
+    transposed in place (no (B, D, L) copies)."""
+    dout = dout.to(y.dtype)
+    dy = torch.bmm(out_proj_weight.to(dout.dtype).t().expand(dout.shape[0], -1, -1), dout.transpose(1, 2))
+    d_out_proj_weight = torch.bmm(dout.transpose(1, 2), y.transpose(1, 2)).sum(0, dtype=torch.float32)
+    d_out_proj_bias = dout.sum(dim=(0, 1)).to(out_proj_bias.dtype) if out_proj_bias is not None else None
+    return dy, d_out_proj_weight.to(out_proj_weight.dtype), d_out_proj_bias
+
+
+def _inner_backward_autograd(ctx, dout, inputs, out_proj_weight, out_proj_bias):
+    """Backward with B or C given: recompute the forward with a graph and differentiate it."""
+    delta_softplus, cu_seqlens, backend = ctx.options
+    leaves = [t.detach().requires_grad_(need) if t is not None else None
+              for t, need in zip(inputs, ctx.needs_input_grad[:5] + ctx.needs_input_grad[7:14])]
+    with torch.enable_grad():
+        y = _inner_scan(*leaves, delta_softplus, cu_seqlens, backend)
+    dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y.detach(), out_proj_weight, out_proj_bias)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
+    dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return (*dinputs[:5], d_out_proj_weight, d_out_proj_bias, *dinputs[5:], None)
+
+
+def _weight_grad(dout, x, weight):
+    """Gradient of weight (E, K) in weight @ x for dout (B, E, L), x (B, K, L), summed over the batch in fp32."""
+    return torch.bmm(dout, x.transpose(1, 2)).sum(0, dtype=torch.float32).to(weight.dtype)
+
+
+def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias):
+    """Backward with B and C from x_proj, written out instead of a second autograd pass over
+    the recomputed forward (about half the host time of a training step's Mamba block): only
+    the conv is recomputed with a graph; x_proj, dt_proj and the scan forward are recomputed
+    plainly, and their gradients are batched products and the scan's backward launcher."""
+    (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, _, _, D, delta_bias, B_proj_bias,
+     C_proj_bias) = inputs
+    delta_softplus, cu_seqlens, backend = ctx.options
+    needs = ctx.needs_input_grad
+    rank, dstate = delta_proj_weight.shape[1], A.shape[1]
+    x, z = xz.detach().chunk(2, dim=1)
+    conv_leaves = [x.requires_grad_(needs[0]), conv1d_weight.detach().requires_grad_(needs[1]),
+                   conv1d_bias.detach().requires_grad_(needs[2]) if conv1d_bias is not None else None]
+    with torch.enable_grad():
+        weight = conv_leaves[1]
+        weight = rearrange(weight, "d 1 w -> d w") if weight.dim() == 3 else weight
+        xc = causal_conv1d_fn(x, weight, conv_leaves[2], activation="silu", cu_seqlens=cu_seqlens, backend=backend)
+    xc_plain = xc.detach()
+    x_dbl = _left_matmul(x_proj_weight, xc_plain)  # (B, R + 2N, L)
+    delta = _left_matmul(delta_proj_weight, x_dbl[:, :rank]).to(xc_plain.dtype)  # (B, D, L)
+    B = x_dbl[:, rank:rank + dstate]  # (B, N, L)
+    C = x_dbl[:, rank + dstate:]
+    if B_proj_bias is not None:
+        B = B + B_proj_bias.to(B.dtype)[:, None]
+    if C_proj_bias is not None:
+        C = C + C_proj_bias.to(C.dtype)[:, None]
+    scan_inputs, num_seqs = _kernel_inputs(xc_plain, delta, A, B, C, D, z, delta_bias, None, cu_seqlens)
+    y, _, ckpt = _selective_scan_fwd_op(*scan_inputs, num_seqs, delta_softplus, True)
+    dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y, out_proj_weight, out_proj_bias)
+    dxc, ddelta, dz, _, dgrads = _selective_scan_bwd_op(*scan_inputs, num_seqs, delta_softplus, ckpt, dy, None)
+    form = (B.shape, B.dtype, True)
+    dA, dB, dC, dD, ddelta_bias = _param_grads(dgrads, *A.shape, form, (C.shape, C.dtype, True),
+                                               D is not None, delta_bias is not None)
+    # d x_dbl (B, R + 2N, L): dt_proj's input gradient, then dB and dC.
+    ddelta = ddelta.to(x_dbl.dtype)
+    dx_dbl = torch.cat([_left_matmul(delta_proj_weight.t(), ddelta).to(x_dbl.dtype), dB.to(x_dbl.dtype),
+                        dC.to(x_dbl.dtype)], dim=1)
+    d_delta_proj_weight = _weight_grad(ddelta, x_dbl[:, :rank], delta_proj_weight)
+    d_x_proj_weight = _weight_grad(dx_dbl, xc_plain.to(dx_dbl.dtype), x_proj_weight)
+    if dxc.dtype == dx_dbl.dtype:  # the add in the product's epilogue: one pass less over (B, D, L)
+        dxc = torch.baddbmm(dxc, x_proj_weight.t().expand(dxc.shape[0], -1, -1), dx_dbl)
+    else:
+        dxc = dxc + _left_matmul(x_proj_weight.t(), dx_dbl).to(dxc.dtype)
+    d_B_proj_bias = dB.sum(dim=(0, 2)).to(B_proj_bias.dtype) if B_proj_bias is not None else None
+    d_C_proj_bias = dC.sum(dim=(0, 2)).to(C_proj_bias.dtype) if C_proj_bias is not None else None
+    wanted = [t for t in conv_leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(xc, wanted, dxc) if wanted else [])
+    dx, d_conv1d_weight, d_conv1d_bias = [next(grads) if t is not None and t.requires_grad else None
+                                          for t in conv_leaves]
+    dxz = None
+    if dx is not None:
+        # dxz in xz's layout (empty_like keeps a dense tensor's strides): Mamba's xz is a (B, 2D, L)
+        # view of in_proj's (2D, B * L) product, and a contiguous dxz would be permuted (copied)
+        # once more on its way back through that view.
+        dxz = torch.empty_like(xz, dtype=dx.dtype)
+        torch.cat([dx, dz.to(dx.dtype)], dim=1, out=dxz)
+    return (dxz, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
+            d_out_proj_bias, dA, None, None, dD, ddelta_bias, d_B_proj_bias, d_C_proj_bias, None)
+
+
+def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
+                    C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None):
+    """Torch reference of :func:`mamba_inner_fn` (plain autograd; checkpoint_lvl has
+    no effect on the result)."""
+    _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                 out_proj_bias, A, B, C, cu_seqlens)
+    y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                    B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, "torch")
+    return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
+
+
+def _must_recompute(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy of mamba_inner_fn's compiled path: recompute everything."""
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
+                   C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None, backend=None):
+    """The Mamba-1 block's inner path, fused for training memory.
+
+    Args:
+        xz: (B, 2*D, L) in_proj output, x and z halves.
+        conv1d_weight: (D, W) or (D, 1, W); conv1d_bias: (D,) or None.
+        x_proj_weight: (R + 2*N, D), rows [dt (R); B (N); C (N)].
+        delta_proj_weight: (D, R).
+        out_proj_weight: (d_model, D); out_proj_bias: (d_model,) or None.
+        A: (D, N) fp32. B, C: None (taken from x_proj) or as in :func:`selective_scan_fn`.
+        D, delta_bias: (D,) fp32 or None. B_proj_bias, C_proj_bias: (N,) or None.
+        delta_softplus: softplus on dt (+ delta_bias).
+        checkpoint_lvl: 0 keeps every intermediate for the backward (plain autograd);
+            1 (default) keeps only the inputs and recomputes conv1d, x_proj, dt_proj and
+            the scan forward in the backward.
+        cu_seqlens: (num_seqs + 1,) packed-sequence boundaries (B must be 1); conv and
+            scan both restart at every boundary.
+        backend: "torch" | "triton" | None.
+
+    Returns:
+        (B, L, d_model) in the dtype of xz (or the autocast dtype).
+    """
+    if cu_seqlens is not None or not _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                                               out_proj_weight, out_proj_bias, A, B, C):
+        _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                     out_proj_bias, A, B, C, cu_seqlens)
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl}")
+    which = resolve_backend(backend, xz, conv1d_weight, A)
+    if which == "torch" or checkpoint_lvl == 0 or not torch.is_grad_enabled():
+        y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                        B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, which)
+        return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias) if which == "torch" \
+            else _out_proj(y, out_proj_weight, out_proj_bias)
+    if torch.compiler.is_compiling():
+        # MambaInnerFn's backward re-runs the forward under torch.autograd.grad, which dynamo
+        # cannot trace; the same recompute as non-reentrant activation checkpointing traces
+        # into one graph. Every op in it is marked must-recompute, so only the inputs are saved,
+        # as in eager: left to prefer, torch 2.11's partitioner saved the scan's checkpoints and
+        # intermediates instead (compiled mamba-1.4b, 4 x 2048: 32.5 GiB peak against 14.5 eager).
+        return torch.utils.checkpoint.checkpoint(
+            _inner_and_out_proj, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+            out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+            cu_seqlens, which, use_reentrant=False,
+            context_fn=functools.partial(create_selective_checkpoint_contexts, _must_recompute))
+    return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                              out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
+                              (delta_softplus, cu_seqlens, which))
