@@ -84,6 +84,10 @@ DOT_MIN_PROGRAMS = 96
 
 # Programmatic dependent launch of the decode kernels (module docstring); False switches it off.
 PDL = True
+# The weights are read once per step: their loads ask L2 to drop them first, so that they do not
+# push out what is read again (activations, states, the next product's weight that
+# ssm_decode_step's prefetch= brings into L2 ahead of its use).
+WEIGHT_EVICT_FIRST = True
 # The norms of add_rms_norm_linear / gated_rms_norm_linear as a pre-pass over each row (module
 # docstring) for rows PREPASS_MIN_K..PREPASS_MAX_K wide; False, or other widths, fold them into every
 # program of the product. Narrow rows (the 130m models: 768, 1536) keep the fold: their steps are
@@ -201,7 +205,7 @@ def _decode_linear_kernel(
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_BLOCKS: tl.constexpr,
-    USE_PDL: tl.constexpr, PTX: tl.constexpr,
+    USE_PDL: tl.constexpr, PTX: tl.constexpr, W_EVICT: tl.constexpr,
 ):
     # NORM_ADD: res_ptr is the residual (if HAS_RESIDUAL), res_out_ptr takes the sum.
     # NORM_GATE / NORM_GATE_AFTER: res_ptr is the gate z.
@@ -221,7 +225,9 @@ def _decode_linear_kernel(
         m_k = o_k < K
         m_bk = m_b[:, None] & m_k[None, :]
         b_w = tl.load(w_ptr + o_n[:, None].to(tl.int64) * stride_w_n + o_k[None, :] * stride_w_k,
-                      mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+                      mask=m_n[:, None] & m_k[None, :], other=0.0, eviction_policy=W_EVICT).to(tl.float32)
+        if NORM != 0:
+            b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]  # a parameter: before the wait
         if USE_PDL and i_k == 0:  # the first weight chunk is in flight while the predecessor finishes
             tl.extra.cuda.gdc_wait()
         b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + o_k[None, :] * stride_x_k,
@@ -242,10 +248,16 @@ def _decode_linear_kernel(
                 b_x *= b_gate
         if NORM != 0:
             b_ss += tl.sum(b_x * b_x, axis=1)
-            b_x *= tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
+            b_x *= b_nw
         if NORM == 3:
             b_x *= b_gate
-        b_acc += tl.sum(b_x[:, None, :] * b_w[None, :, :], axis=2)
+        if BLOCK_B == 1:
+            # One row: reduce the weight tile along K in the layout it was loaded in (the
+            # (B, N, K) broadcast below makes Triton 3.6 pass every weight tile through shared
+            # memory first: 8 store / barrier / load rounds per program at mamba-1.4b's in_proj).
+            b_acc += tl.sum(b_w * b_x, axis=1)[None, :]
+        else:
+            b_acc += tl.sum(b_x[:, None, :] * b_w[None, :, :], axis=2)
     if NORM != 0:
         b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
     if HAS_BIAS:
@@ -355,7 +367,8 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
         BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=cdiv(n_in, block_k),
-        USE_PDL=pdl, PTX=ptx_math(_decode_linear_kernel), num_warps=NUM_WARPS, **pdl_launch(pdl),
+        USE_PDL=pdl, PTX=ptx_math(_decode_linear_kernel), W_EVICT="evict_first" if WEIGHT_EVICT_FIRST else "",
+        num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
 
 
