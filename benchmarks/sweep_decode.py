@@ -50,12 +50,12 @@ PAIR_BLOCK_D = (64, 128, 256)
 SMALL_LINEAR = [(4, 8192, 4), (2, 8192, 4), (4, 16384, 4)]
 DOT_LINEAR = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 3, 4), (64, 64, 5, 4)]
 NORM_BLOCK_N = (4, 8, 16)
-# (model, batch, module, attribute, values): the first value is the committed setting.
-DL = "mamba_pkg.ops.decode_linear"
-MODEL_AB = [  # a value repeated measures the noise of the A/B
-    ("mamba-1.4b", 1, DL, "PREPASS_ADD_NORM_ALONE", (False, True, False)),
-    ("mamba2-1.3b", 1, DL, "NORM_PREPASS", (True, False, True)),
-]
+# (model, batch, settings): each setting a dict {"module.ATTR": value} of mamba_pkg.ops module
+# attributes; the first ({}) is the committed code. A setting repeated measures the noise of the A/B.
+NO_PF, NO_EF = "ssm_decode_step.L2_PREFETCH", "decode_linear.WEIGHT_EVICT_FIRST"
+B1_SETTINGS = ({}, {NO_PF: False}, {NO_EF: False}, {NO_PF: False, NO_EF: False}, {"decode_linear.TILE_ELEMS": 16384},
+               {})
+MODEL_AB = [("mamba-1.4b", 1, B1_SETTINGS), ("mamba2-1.3b", 1, B1_SETTINGS)]
 
 
 def graph_ms(fn, rep=20):
@@ -233,29 +233,43 @@ def fold_part(sw):
                 sw.timed(f"in_proj {name} b1", f"{label} pdl={int(pdl)}", run)
 
 
-def model_part(sw):
+def _label(setting):
+    return ",".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in setting.items()) or "committed"
+
+
+def model_part(sw, models=None, compile_only=False):
+    """Whole-step A/B (MODEL_AB) of the models in ``models`` (all if None). compile_only: run one
+    eager step per setting and time nothing (a process per model in parallel fills the Triton cache)."""
     import importlib
 
-    from benchmarks.bench_generation import build_ours, our_graph_ms
+    from benchmarks.bench_generation import build_ours, eager_step, our_graph_ms
     from mamba_pkg.generation.decode import free_decode_graphs
 
-    models = {}
-    for name, batch, module, attr, values in MODEL_AB:
-        if name not in models:
-            models.clear()
+    built = {}
+    for name, batch, settings in MODEL_AB:
+        if models is not None and name not in models:
+            continue
+        if name not in built:
+            built.clear()
             torch.cuda.empty_cache()
-            models[name] = build_ours(name)
-        model = models[name]
-        mod = importlib.import_module(module)
-        original = getattr(mod, attr)
-        for value in values:
-            setattr(mod, attr, value)
+            built[name] = build_ours(name)
+        model = built[name]
+        for setting in settings:
+            targets = {k: (importlib.import_module("mamba_pkg.ops." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
+                       for k in setting}
+            original = {k: getattr(mod, attr) for k, (mod, attr) in targets.items()}
+            for k, v in setting.items():
+                setattr(*targets[k], v)
             try:
                 free_decode_graphs(model)
-                sw.timed(f"step {name} b{batch}", f"{attr}={value}", lambda: our_graph_ms(model, batch, BF),
+                if compile_only:
+                    eager_step("ours", model, batch)()
+                    continue
+                sw.timed(f"step {name} b{batch}", _label(setting), lambda: our_graph_ms(model, batch, BF),
                          timer=lambda f: f())
             finally:
-                setattr(mod, attr, original)
+                for k, v in original.items():
+                    setattr(*targets[k], v)
         free_decode_graphs(model)
 
 
@@ -263,11 +277,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="ssm,pair,linear,fold,model")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new candidate after this")
+    ap.add_argument("--models", help="model part: only these models (comma-separated)")
+    ap.add_argument("--compile-only", action="store_true", help="model part: compile the settings, time nothing")
     args = ap.parse_args()
     sw = Sweep(args.budget_s)
-    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part, "model": model_part}
+    models = args.models.split(",") if args.models else None
+    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part,
+             "model": lambda sw: model_part(sw, models, args.compile_only)}
     for part in args.parts.split(","):
         parts[part](sw)
+    if args.compile_only:
+        return
     print(f"sweep took {time.time() - sw.t0:.0f} s")
     save_results("sweep_decode", sw.rows, plot_key="case")
 
