@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from mamba_pkg.models import _cache_utils
 from mamba_pkg.models._cache_utils import (
     check_mixer_input,
     conv_with_cache,
@@ -39,16 +38,6 @@ from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 # then reads S = D / 128 partial sums per row (32 KB per program at batch 2, mamba-1.4b), so
 # at larger batch the cuBLAS x_proj (one summed row) is cheaper. 0 switches the fusion off.
 FUSED_X_PROJ_MAX_BATCH = 2
-
-
-def step_prefetch(layer, rows):
-    """ssm_decode_step's prefetch= for a decode step of ``rows`` rows whose next product is
-    ``layer``: its weight where decode_linear streams it (step_linear: at most STEP_LINEAR_MAX_ROWS
-    rows, a plain contiguous weight), else None."""
-    weight = layer.weight
-    if rows <= _cache_utils.STEP_LINEAR_MAX_ROWS and plain_linear(layer) and weight.is_contiguous():
-        return weight
-    return None
 
 
 class Mamba(nn.Module):
@@ -217,10 +206,8 @@ class Mamba(nn.Module):
             x_dbl = self.x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # One fused kernel: dt_proj, + bias, softplus, A = -exp(A_log), state update, D, z gate.
-        # It also brings out_proj's weight into L2 when decode_linear (below) will stream it.
         y = ssm_decode_step(ssm_state, x, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
-                            dt_proj_weight=self.dt_proj.weight, split_sum=split_sum,
-                            prefetch=step_prefetch(self.out_proj, x.shape[0]))
+                            dt_proj_weight=self.dt_proj.weight, split_sum=split_sum)
         return step_linear(self.out_proj, y).unsqueeze(1), conv_state, ssm_state
 
     def cached_step(self, xz, inference_params):

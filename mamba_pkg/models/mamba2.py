@@ -35,7 +35,6 @@ from mamba_pkg.ops.ssd.combined import (
     mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
 )
-from mamba_pkg.models.mamba import step_prefetch
 from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 
 # Decode steps of <= STEP_LINEAR_MAX_ROWS rows (models/_cache_utils.py) run the conv update inside
@@ -273,7 +272,6 @@ class Mamba2(nn.Module):
             z=None if self.rmsnorm else rearrange(z, "b (h p) -> b h p", p=P),
             dt_bias=self.dt_bias,
             dt_limit=self.dt_limit,
-            prefetch=step_prefetch(self.out_proj, x.shape[0]),  # out_proj's weight into L2 meanwhile
         )
         y = rearrange(y, "b h p -> b (h p)")
         if self._fused_norm_step(y, z0):  # gated norm + out_proj in one launch

@@ -88,17 +88,9 @@ def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None,
 
 
 @triton.jit
-def _l2_prefetch(ptrs):
-    # PTX prefetch of the cache line at each pointer into L2, kept there before other lines
-    # (evict_last); no register result (the dummy output keeps the op from being removed).
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _ssm_decode_step_kernel(
-    state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr, pf_ptr,
-    batch, P, N, R, heads_per_group, dt_min, dt_max, pf_lines, stride_dt_s, stride_B_s, stride_C_s,
+    state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr,
+    batch, P, N, R, heads_per_group, dt_min, dt_max, stride_dt_s, stride_B_s, stride_C_s,
     stride_s_b, stride_s_h, stride_s_p, stride_s_n,
     stride_x_b, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_h, stride_dt_p,
@@ -114,7 +106,6 @@ def _ssm_decode_step_kernel(
     HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PTX: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_LINE: tl.constexpr, PF_BLOCK: tl.constexpr,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -151,15 +142,6 @@ def _ssm_decode_step_kernel(
                                 other=0.0).to(tl.float32)[None, :]
     if HAS_D:
         b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
-    if PREFETCH:
-        # This program's share of the pf_lines cache lines of pf (PF_LINE elements each) into L2.
-        n_prog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        pid = (i_h * tl.num_programs(1) + i_bb) * tl.num_programs(0) + i_p
-        per_prog = tl.cdiv(pf_lines, n_prog)
-        for i_l in range(0, per_prog, PF_BLOCK):
-            o_l = i_l + tl.arange(0, PF_BLOCK)
-            o_l = tl.where((o_l < per_prog) & (pid * per_prog + o_l < pf_lines), pid * per_prog + o_l, 0)
-            _l2_prefetch(pf_ptr + o_l.to(tl.int64) * PF_LINE)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
 
@@ -237,9 +219,6 @@ PROJ_BLOCK_P = 32
 PROJ_MAX_BLOCK_B = 4
 PROJ_WARPS = 4
 CUBLAS_DT_BATCH = 16
-# prefetch= (ssm_decode_step): the kernel's programs ask L2 for that tensor's bytes (the out_proj
-# weight that follows, at batch 1) before they wait for their inputs. False ignores prefetch=.
-L2_PREFETCH = True
 
 
 def _launch_config(batch, hdim, n_state, rank, tie):
@@ -257,7 +236,7 @@ def _launch_config(batch, hdim, n_state, rank, tie):
 @launcher_op("ssm_decode_step", mutates_args=("state",))
 def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                      z: Tensor | None, dt_bias: Tensor | None, dt_proj_weight: Tensor | None, dt_limit: list[float],
-                     split_sum: bool, prefetch: Tensor | None) -> Tensor:
+                     split_sum: bool) -> Tensor:
     batch = x.shape[0]
     n_state = state.shape[-1]
     out = _outputs(x)
@@ -307,20 +286,15 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
     limit = tuple(dt_limit) != NO_DT_LIMIT
     grid = (cdiv(hdim, block_p), cdiv(batch, block_b), heads)
     pdl = use_pdl(x)
-    ptx = ptx_math(_ssm_decode_step_kernel)
-    # Only with PDL: the prefetch overlaps the wait for the previous kernel (without PDL there is none).
-    pf = L2_PREFETCH and prefetch is not None and pdl
-    pf_line = 128 // prefetch.element_size() if pf else 1  # elements per 128-byte line
     _ssm_decode_step_kernel[grid](
-        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out, prefetch if pf else None,
+        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
         batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
-        cdiv(prefetch.numel(), pf_line) if pf else 0, *split_st,
+        *split_st,
         *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
-        USE_PDL=pdl, PTX=ptx, PREFETCH=pf, PF_LINE=pf_line, PF_BLOCK=32 * warps, num_warps=warps,
-        **pdl_launch(pdl),
+        USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), num_warps=warps, **pdl_launch(pdl),
     )
     return out
 
@@ -330,7 +304,7 @@ def _outputs(x):
 
 
 @_ssm_decode_step.register_fake
-def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, prefetch):
+def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum):
     return _outputs(x)
 
 
@@ -409,7 +383,7 @@ def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
 
 
 def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
-                    dt_limit=NO_DT_LIMIT, *, split_sum=False, prefetch=None, backend=None):
+                    dt_limit=NO_DT_LIMIT, *, split_sum=False, backend=None):
     """One token of the selective SSM, with the dt projection and softplus fused in; the
     state is updated in place and the output returned.
 
@@ -426,10 +400,6 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
     The state may be fp32 (default of the mixers), bf16 or fp16; inputs may be strided views.
     split_sum: dt, B and C have an extra leading axis S and are summed over it (fp32) first,
         e.g. the partial x_proj products of conv_xproj_step: dt (S, B, R), B, C (S, B, N).
-    prefetch: None, or a contiguous tensor on state's device that the next kernel reads (e.g. the
-        out_proj weight): launched with PDL (decode_linear.use_pdl), the kernel brings it into L2
-        while it waits for its inputs (a batch-1 step otherwise leaves HBM idle here). No effect on
-        the result.
     backend: "torch", "triton" or None (the device decides).
     """
     limit_ok = len(dt_limit) == 2 and dt_limit[0] <= dt_limit[1]
@@ -440,21 +410,10 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
         dt1, B1, C1 = dt, B, C
     if not (limit_ok and _inputs_ok(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight)):
         _validate(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight, dt_limit)
-    if prefetch is not None and not (isinstance(prefetch, torch.Tensor) and prefetch.device == state.device
-                                     and prefetch.is_contiguous()):
-        _check_prefetch(prefetch, state)
     if resolve_backend(backend, state, x) == "torch":
         return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum)
     return _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight,
-                            [float(dt_limit[0]), float(dt_limit[1])], split_sum, prefetch)
-
-
-def _check_prefetch(prefetch, state):
-    if not isinstance(prefetch, torch.Tensor):
-        raise TypeError(f"prefetch must be None or a tensor, got {type(prefetch).__name__}")
-    if prefetch.device != state.device:
-        raise ValueError(f"prefetch must be on state's device {state.device}, got {prefetch.device}")
-    raise ValueError(f"prefetch must be contiguous, got strides {prefetch.stride()} for shape {tuple(prefetch.shape)}")
+                            [float(dt_limit[0]), float(dt_limit[1])], split_sum)
 
 
 def _check_splits(dt, B, C):

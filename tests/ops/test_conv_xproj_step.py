@@ -95,7 +95,7 @@ def test_custom_ops_opcheck():
     state = torch.randn(2, 6, 3, device=DEVICE)
     args = (state, torch.randn(2, 6, device=DEVICE), torch.randn(2, 2, device=DEVICE), torch.randn(6, 3, device=DEVICE),
             torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE), None, None, None,
-            torch.randn(6, 2, device=DEVICE), [0.0, float("inf")], False, torch.randn(4, 5, device=DEVICE))
+            torch.randn(6, 2, device=DEVICE), [0.0, float("inf")], False)
     torch.library.opcheck(torch.ops.mamba_pkg.ssm_decode_step, args)
 
 
