@@ -50,12 +50,19 @@ PAIR_BLOCK_D = (64, 128, 256)
 SMALL_LINEAR = [(4, 8192, 4), (2, 8192, 4), (4, 16384, 4)]
 DOT_LINEAR = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 3, 4), (64, 64, 5, 4)]
 NORM_BLOCK_N = (4, 8, 16)
-# (model, batch, settings): each setting a dict {"module.ATTR": value} of mamba_pkg.ops module
-# attributes; the first ({}) is the committed code. A setting repeated measures the noise of the A/B.
-NO_PF, NO_EF = "ssm_decode_step.L2_PREFETCH", "decode_linear.WEIGHT_EVICT_FIRST"
-B1_SETTINGS = ({}, {NO_PF: False}, {NO_EF: False}, {NO_PF: False, NO_EF: False}, {"decode_linear.TILE_ELEMS": 16384},
-               {})
-MODEL_AB = [("mamba-1.4b", 1, B1_SETTINGS), ("mamba2-1.3b", 1, B1_SETTINGS)]
+# (model, batch, settings): each setting a dict {"module.ATTR": value} of mamba_pkg module attributes
+# ("ops.decode_linear.BLOCK_N"); the first ({}) is the committed code. A setting repeated measures the
+# noise of the A/B.
+DL = "ops.decode_linear."
+DOT64 = {"models._cache_utils.STEP_DOT_MAX_ROWS": 64}
+MODEL_AB = [
+    ("mamba-1.4b", 1, ({}, {DL + "TILE_ELEMS": 16384}, {DL + "BLOCK_N": 2}, {DL + "BLOCK_N": 8, DL + "TILE_ELEMS": 16384},
+                       {DL + "PREPASS_ADD_NORM_ALONE": True}, {})),
+    ("mamba-1.4b", 64, ({}, DOT64)),
+    ("mamba2-1.3b", 1, ({}, {DL + "TILE_ELEMS": 16384}, {DL + "BLOCK_N": 2}, {DL + "PREPASS_GATED": False},
+                        {DL + "PREPASS_ADD_NORM_CONV": False}, {DL + "NORM_PREPASS": False}, {})),
+    ("mamba2-1.3b", 64, ({}, DOT64)),
+]
 
 
 def graph_ms(fn, rep=20):
@@ -255,7 +262,7 @@ def model_part(sw, models=None, compile_only=False):
             built[name] = build_ours(name)
         model = built[name]
         for setting in settings:
-            targets = {k: (importlib.import_module("mamba_pkg.ops." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
+            targets = {k: (importlib.import_module("mamba_pkg." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
                        for k in setting}
             original = {k: getattr(mod, attr) for k, (mod, attr) in targets.items()}
             for k, v in setting.items():

@@ -97,7 +97,9 @@ WEIGHT_EVICT_FIRST = True
 # folded; mamba-1.4b (add + norm before a plain in_proj) 1.43-1.45 vs 1.39 folded, so the add + norm
 # takes the pre-pass only where the product also carries the conv (PREPASS_ADD_NORM_ALONE).
 NORM_PREPASS = True
-PREPASS_ADD_NORM_ALONE = False
+PREPASS_GATED = True  # the gated norm before out_proj
+PREPASS_ADD_NORM_CONV = True  # the add + norm before an in_proj that carries the conv
+PREPASS_ADD_NORM_ALONE = False  # the add + norm before a plain in_proj
 PREPASS_MIN_K = 2048
 PREPASS_MAX_K = 8192
 
@@ -341,12 +343,20 @@ def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm):
     return normed
 
 
+def _prepass(norm, n_in, has_conv):
+    """Whether the norm runs as the row pre-pass (else folded into the product): the switches above."""
+    if norm == NORM_NONE or not NORM_PREPASS or not PREPASS_MIN_K <= n_in <= PREPASS_MAX_K:
+        return False
+    if norm != NORM_ADD:
+        return PREPASS_GATED
+    return PREPASS_ADD_NORM_CONV if has_conv else PREPASS_ADD_NORM_ALONE
+
+
 def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0, norm=NORM_NONE,
                   conv=None):
     """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
     conv_weight, conv_bias, conv_start, silu)."""
-    if (norm != NORM_NONE and NORM_PREPASS and PREPASS_MIN_K <= x.shape[1] <= PREPASS_MAX_K
-            and (norm != NORM_ADD or conv is not None or PREPASS_ADD_NORM_ALONE)):
+    if _prepass(norm, x.shape[1], conv is not None):
         x = _launch_row_norm(x, residual, norm_weight, res_out, eps, norm)
         residual = norm_weight = res_out = None
         norm = NORM_NONE
