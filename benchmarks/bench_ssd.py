@@ -16,6 +16,8 @@ anchor_configs="N=128 picks"); ours autotune normally. `--budget-s` skips the sh
 that would start after that many seconds (the rows so far are saved after each shape).
 `--host-profile` prints cProfile's top functions of our eager fwd+bwd step; `--uncached` adds, at
 the main shape, ours launched through Triton's launch path every call (no cached launches).
+`--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
+times of `--stages` compare them at the main shape).
 
 Cold compiles dominate a device call (every autotuning config of every kernel, per d_state).
 `--precompile N [N ...]` only compiles every config of our kernels for the main shape with
@@ -228,26 +230,38 @@ def pin_anchor_autotuners():
 def stage_profile(s):
     """Time each of our kernels alone at shape s (bf16); returns {stage: ms}."""
     from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd, _chunk_scan_fwd
-    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
+    from mamba_pkg.ops.ssd import chunk_state
+    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_walks_bwd
 
     x, dt, A, B, C, D, dt_bias = make_inputs(s, False)
     Q, inf = CHUNK, float("inf")
     states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True)
     dout = torch.randn_like(x)
-    dstates, _, ddecay = _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q)
+    _, dstates, _ = _state_walks_bwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, dout, None, C, cs_c, None)
 
-    def bwd(split=0):
-        return _chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, dt_bias, None, dt_c, cs_c, states, dstates, ddecay,
-                               True, 0.0, inf, Q, head_split=split)
+    def bwd(split=0, n_blocks=0):
+        return _chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, dt_bias, None, dt_c, cs_c, states, dstates,
+                               True, 0.0, inf, Q, head_split=split, n_blocks=n_blocks)
+
+    def walks(fused):
+        chunk_state.FUSED_WALKS = fused
+        try:
+            return _state_walks_bwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, dout, None, C, cs_c, None)
+        finally:
+            chunk_state.FUSED_WALKS = True
 
     stages = {
         "fwd chunk_state (dt + cumsum + states walk)":
             lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True),
         "fwd C B^T + chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q),
-        "bwd state-gradient walk": lambda: _state_grad_bwd(dout, None, C, None, cs_c, None, states, Q),
+        "bwd walks, one launch (states rerun beside the state-gradient walk)": lambda: walks(True),
+        "bwd walks, two launches": lambda: walks(False),
         "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (auto head split)": bwd,
         "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (no head split)": lambda: bwd(1),
         "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (head split 4)": lambda: bwd(4),
+        "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (dB/dC N in 2 blocks, no head split)": lambda: bwd(1, 2),
+        "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (dB/dC N in 2 blocks, head split 2)": lambda: bwd(2, 2),
+        "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (dB/dC N in 4 blocks, no head split)": lambda: bwd(1, 4),
     }
     out = {}
     for name, fn in stages.items():
@@ -286,7 +300,7 @@ def tuned_configs():
     """The autotuner's pick for each of our kernels (printed with the results)."""
     from mamba_pkg.ops.ssd import chunk_scan, chunk_state
 
-    kernels = [chunk_state._chunk_state_fwd_kernel, chunk_state._state_grad_bwd_kernel,
+    kernels = [chunk_state._chunk_state_walks_kernel,
                chunk_scan._chunk_scan_fwd_kernel, chunk_scan._chunk_scan_bwd_w_kernel,
                chunk_scan._chunk_scan_bwd_dbc_kernel, chunk_scan._chunk_scan_bwd_dx_kernel]
     for k in kernels:
@@ -312,7 +326,16 @@ def main():
                     help="only compile our kernels' configs for these d_states, then exit")
     ap.add_argument("--precompile-anchor", type=int, nargs="+", metavar="N",
                     help="only compile mamba_ssm's pinned configs for these d_states, then exit")
+    ap.add_argument("--dbc-block-n", type=int, help="our dB/dC kernel's N block (chunk_scan.DBC_BLOCK_N)")
+    ap.add_argument("--two-walk-launches", action="store_true",
+                    help="our backward's walks as two launches (chunk_state.FUSED_WALKS = False)")
     args = ap.parse_args()
+    from mamba_pkg.ops.ssd import chunk_scan, chunk_state
+
+    if args.dbc_block_n:
+        chunk_scan.DBC_BLOCK_N = args.dbc_block_n
+    if args.two_walk_launches:
+        chunk_state.FUSED_WALKS = False
     if args.precompile or args.precompile_anchor:
         if args.precompile:
             precompile(args.precompile, "ours")

@@ -119,7 +119,7 @@ def tune_nothing(monkeypatch):
                 monkeypatch.setattr(obj, "configs", obj.configs[:keep] if ours else [obj.configs[0], obj.configs[-1]])
 
 
-_WALK_KERNELS = ("_chunk_state_fwd_kernel", "_state_grad_bwd_kernel")
+_WALK_KERNELS = ("_chunk_state_walks_kernel",)
 
 
 def lowp_baselines(inputs, chunk, **kw):
@@ -209,19 +209,21 @@ def test_triton_bf16_tolerance_rule():
     check_rule(got, want, lowp_baselines(inputs, 16))
 
 
-def test_head_split_gives_the_same_gradients():
-    """The backward may split a group's heads over programs (fp32 partial dB/dC); same result."""
+def test_head_and_n_splits_give_the_same_gradients():
+    """The dB/dC kernel may split a group's heads over programs (fp32 partial dB/dC) or N
+    (partial pair sums); same result."""
     from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd
-    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
+    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_walks_bwd
 
-    inp = make(1, 20, 4, 4, 1, 4)
+    inp = make(1, 20, 4, 4, 1, 32)
     x, dt, A, B, C, D = (inp[k] for k in ("x", "dt", "A", "B", "C", "D"))
-    states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, None, None, None, True, 0.0, float("inf"), 16, True)
+    inf = float("inf")
+    states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, None, None, None, True, 0.0, inf, 16, True)
     dout = torch.randn_like(x)
-    dstates, _, ddecay = _state_grad_bwd(dout, None, C, None, cs_c, None, states, 16)
-    results = [_chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, None, None, dt_c, cs_c, states, dstates, ddecay,
-                               True, 0.0, float("inf"), 16, head_split=split)
-               for split in (1, 2, 4)]
+    _, dstates, _ = _state_walks_bwd(x, dt, A, B, None, None, None, True, 0.0, inf, 16, dout, None, C, cs_c, None)
+    results = [_chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, None, None, dt_c, cs_c, states, dstates,
+                               True, 0.0, inf, 16, head_split=split, n_blocks=nb)
+               for split, nb in ((1, 1), (4, 1), (1, 2), (2, 2))]
     for other in results[1:]:
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -323,7 +325,7 @@ def test_gpu_as_accurate_as_mamba_ssm():
 
 def _opcheck_cases():
     from mamba_pkg.ops.ssd import chunk_scan  # noqa: F401  (registers the chunk-scan ops)
-    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
+    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_walks_bwd
 
     inp = make(1, 20, 2, 4, 1, 4, d_has_hdim=True)
     x, dt, A, B, C, D, z, dt_bias, init = (inp[k] for k in NAMES)
@@ -333,20 +335,20 @@ def _opcheck_cases():
     inf = float("inf")
     states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq, init, True, 0.0, inf, 16, True)
     dout = torch.randn_like(x)
-    dstates, _, ddecay = _state_grad_bwd(dout, z, C, seq, cs_c, final, states, 16)
+    _, dstates, _ = _state_walks_bwd(x, dt, A, B, dt_bias, seq, init, True, 0.0, inf, 16, dout, z, C, cs_c, final)
     ypre = torch.randn(x.shape, device=DEVICE)
     ops = torch.ops.mamba_pkg
     return [
         (ops.ssd_chunk_state_fwd, (x, dt, A, B, dt_bias, seq, init, True, 0.1, 2.0, 16, True)),
         (ops.ssd_chunk_state_fwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, False)),
-        (ops.ssd_state_grad_bwd, (dout, z, C, seq, cs_c, final, states, 16)),
-        (ops.ssd_state_grad_bwd, (dout, None, C, None, cs_c, None, states, 16)),
+        (ops.ssd_state_walks_bwd, (x, dt, A, B, dt_bias, seq, init, True, 0.1, 2.0, 16, dout, z, C, cs_c, final)),
+        (ops.ssd_state_walks_bwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, dout, None, C, cs_c, None)),
         (ops.ssd_chunk_scan_fwd, (x, z, B, C, D, seq, dt_c, cs_c, states, 16)),
         (ops.ssd_chunk_scan_fwd, (x, None, B, C, None, None, dt_c, cs_c, states, 16)),
-        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, dstates, ddecay,
+        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, dstates,
                                   True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,
-                                  ddecay, False, 0.0, inf, 16, 2)),
+                                  False, 0.0, inf, 16, 2)),
         (ops.ssd_varlen_terms, (x, dt, A, B, C, dt_bias, torch.cat([init, init]), cu, True, 0.1, 2.0, True)),
         (ops.ssd_varlen_terms, (x, dt, A, B, C, None, None, cu, False, 0.0, inf, True)),
     ]
@@ -377,7 +379,7 @@ def test_ssd_compiles_to_one_graph_with_custom_ops():
 
     forward, backward = compiled_matches_eager(step, leaves)
     assert "mamba_pkg.ssd_chunk_state_fwd" in forward and "mamba_pkg.ssd_chunk_scan_fwd" in forward
-    assert "mamba_pkg.ssd_state_grad_bwd" in backward and "mamba_pkg.ssd_chunk_scan_bwd" in backward
+    assert "mamba_pkg.ssd_state_walks_bwd" in backward and "mamba_pkg.ssd_chunk_scan_bwd" in backward
 
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")

@@ -400,12 +400,12 @@ def _chunk_scan_bwd_w_kernel(
         tl.store(w_ptr + cb_off, w)
 
 
-@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY)
+@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY + ["BLOCK_N"])
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-    dB_ptr, dC_ptr, rowsum_state_ptr,
-    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride,
+    dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr,
+    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, n_nblocks, slot_stride,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
@@ -413,10 +413,12 @@ def _chunk_scan_bwd_dbc_kernel(
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    # Rows r of one block: dC for r as the target t, dB for r as the source s.
-    # A 1-D grid with the row blocks of a chunk as neighbours.
+    # Rows r of one block, columns of one BLOCK_N block of N: dC for r as the target t, dB
+    # for r as the source s. A 1-D grid with the row blocks of a chunk as neighbours, then
+    # its N blocks (they share the row block's dy and x tiles).
     i_m = tl.program_id(0) % (Q // BLOCK_M)
-    i_prog = tl.program_id(0) // (Q // BLOCK_M)
+    i_nb = (tl.program_id(0) // (Q // BLOCK_M)) % n_nblocks
+    i_prog = tl.program_id(0) // ((Q // BLOCK_M) * n_nblocks)
     G = H // heads_per_group
     n_split = heads_per_group // heads_per_prog
     i_split = i_prog % n_split
@@ -426,7 +428,7 @@ def _chunk_scan_bwd_dbc_kernel(
     i_b = i_bcg // (G * nchunks)
     n_mblocks = Q // BLOCK_M
     o_p = tl.arange(0, BLOCK_P)
-    o_n = tl.arange(0, BLOCK_N)
+    o_n = i_nb * BLOCK_N + tl.arange(0, BLOCK_N)
     m_p = o_p < P
     m_n = o_n < N
     o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -434,6 +436,10 @@ def _chunk_scan_bwd_dbc_kernel(
     m_r = o_lr < L
     m_rp = m_r[:, None] & m_p[None, :]
     m_rn = m_r[:, None] & m_n[None, :]
+    # The pair sums below are partial sums over this N block: one slot of batch * H * nchunks
+    # (ddecay) or that times Q (rowsum_state) per block.
+    rowsum_state_ptr += i_nb.to(tl.int64) * slot_stride * Q
+    ddecay_ptr += i_nb.to(tl.int64) * slot_stride
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
     # Kept in its storage dtype through the head loop: two fp32 accumulators already
@@ -448,6 +454,8 @@ def _chunk_scan_bwd_dbc_kernel(
         seq_end = tl.load(seq_base + (tl.minimum(i_c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
         start_mask = start_mask & (seq_r == seq_prev)
         end_mask = end_mask & (seq_r == seq_end)
+        # A sequence that starts inside the chunk carries no state across it.
+        keep_decay = seq_prev == seq_end
     xr_off = o_lr.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
     pn_off = o_p[:, None] * N + o_n[None, :]
     m_pn = m_p[:, None] & m_n[None, :]
@@ -475,6 +483,13 @@ def _chunk_scan_bwd_dbc_kernel(
         tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
         dC += dC_state
         dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
+        if i_m == 0:
+            # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the pairs
+            # that cross the whole chunk, <dS_c, S_{c-1}> exp(total) (the dt kernel adds it).
+            ddecay = tl.sum(tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1), axis=0) * tl.exp(total)
+            if HAS_SEQ_IDX:
+                ddecay = tl.where(keep_decay, ddecay, 0.0)
+            tl.store(ddecay_ptr + (i_b * H + i_h).to(tl.int64) * nchunks + i_c, ddecay)
 
     # The terms inside the chunk go through W (summed over the group's heads):
     # dC_t += sum_{s <= t} W_ts B_s and dB_s += sum_{t >= s} W_ts C_t. The first
@@ -627,12 +642,12 @@ def _chunk_scan_bwd_dx_kernel(
 def _dt_bwd_kernel(
     row_part_ptr, col_part_ptr, rowsum_state_ptr, colsum_state_ptr, ddecay_ptr, ddt_ptr, dt_ptr, A_ptr,
     dt_raw_ptr, dt_bias_ptr, ddt_raw_ptr, sums_ptr, dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr,
-    L, H, N, heads_per_group, nchunks, n_slots, n_split, split_stride, dt_min, dt_max,
+    L, H, N, heads_per_group, nchunks, n_split, split_stride, n_nblocks, slot_stride, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_ddt_b, stride_ddt_l, stride_ddt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, HAS_SPLIT: tl.constexpr,
-    PTX: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+    PTX: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """The dt chain of one chunk and head (program order = the (B, H, C) layout).
@@ -662,10 +677,14 @@ def _dt_bwd_kernel(
     blk = (o_q // BLOCK_M)[None, :]
     rows = tl.sum(tl.load(row_part_ptr + slot_off, mask=o_slot[:, None] <= blk, other=0.0), axis=0)
     cols = tl.sum(tl.load(col_part_ptr + slot_off, mask=o_slot[:, None] >= blk, other=0.0), axis=0)
-    diff = tl.load(rowsum_state_ptr + chunk_off + o_q) + rows - cols
+    # The dB/dC kernel's sums come in n_nblocks partials (its N blocks), slot_stride chunks apart.
+    rowsum_state = tl.zeros((Q,), dtype=tl.float32)
+    ddecay = 0.0
+    for k in range(n_nblocks):
+        rowsum_state += tl.load(rowsum_state_ptr + k * slot_stride * Q + chunk_off + o_q)
+        ddecay += tl.load(ddecay_ptr + k * slot_stride + i_bhc)
+    diff = rowsum_state + rows - cols
     state_cols = tl.load(colsum_state_ptr + chunk_off + o_q)
-    o_sl = tl.arange(0, SLOTS)
-    ddecay = tl.sum(tl.load(ddecay_ptr + i_bhc.to(tl.int64) * n_slots + o_sl, mask=o_sl < n_slots, other=0.0))
     ddA = tl.cumsum(diff, axis=0, reverse=True) + (tl.cumsum(state_cols, axis=0) - state_cols) + ddecay
 
     o_l = i_c * Q + o_q
@@ -712,6 +731,12 @@ def _dt_bwd_kernel(
         tl.store(dC_ptr + out_off, acc_C.to(dC_ptr.dtype.element_ty), mask=m_rn)
 
 
+# The dB/dC kernel's N block: a whole N (up to 256) per program, its heads split over
+# programs (fp32 dB/dC partials); smaller blocks split N instead (dy and x tiles read once
+# per block, partial pair sums only).
+DBC_BLOCK_N = 256
+
+
 def _head_split(heads_per_group, programs, target=2048):
     """How many programs share the heads of one group: enough programs to fill the GPU,
     a divisor of heads_per_group (each extra split costs an fp32 dB/dC partial)."""
@@ -732,18 +757,20 @@ def _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias):
 @launcher_op("ssd_chunk_scan_bwd")
 def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | None, dt: Tensor, A: Tensor,
                     B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None,
-                    dt_c: Tensor, cs_c: Tensor, states: Tensor, dstates: Tensor, ddecay: Tensor,
+                    dt_c: Tensor, cs_c: Tensor, states: Tensor, dstates: Tensor,
                     dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
-                    head_split: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    head_split: int = 0,
+                    n_blocks: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch C B^T and the four backward kernels. x, dout, z, B, C (B, L, ...) contiguous;
-    dt (B, L, H) the raw dt (any strides); ddecay (B, H, C, slots) from the state-gradient walk.
+    dt (B, L, H) the raw dt (any strides); states and dstates (B, C, H, P, N) from the walks.
 
     1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
        heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
        and each head's row and column sums of the pair terms W_h * CB.
     2. dB/dC kernel: per (chunk, group, row block): the state terms (a loop over
        heads) plus W B and W^T C. B and C are shared by the heads of a group, so the
-       terms inside a chunk cost two matrix products per group instead of per head.
+       terms inside a chunk cost two matrix products per group instead of per head;
+       and each chunk's decay gradient through the state it carries across.
     3. dx kernel: per (chunk, head, row block): dx, dz, the input-term ddt, the state
        column sums, dD partial sums.
     4. dt kernel: per (chunk, head): the decay gradient from the pair sums, the clamp
@@ -752,7 +779,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
 
     Returns dx, dz, dB, dC, ddt (B, L, H) in dt's dtype, dA (H,), ddt_bias (H,), dD (shape
     of D), each in its input's dtype; dz, ddt_bias, dD are empty when their input is None.
-    head_split: programs per group in kernel 2 (0: chosen to fill the GPU).
+    head_split: programs per group in kernel 2 (0: chosen to fill the GPU); n_blocks: its
+    blocks of N (0: N / DBC_BLOCK_N; each needs 16 columns or more).
     Deterministic: every sum has a fixed order.
     """
     batch, L, H, P = x.shape
@@ -780,17 +808,19 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         **common,
     )
 
-    n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G)
+    n_nblocks = n_blocks or max(1, BLOCK_N // DBC_BLOCK_N)
+    n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G * n_nblocks)
     heads_per_prog = heads_per_group // n_split
     if n_split > 1:
         dB_part = torch.empty((n_split,) + tuple(B.shape), device=B.device, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
-    rowsum_state = torch.empty_like(cs_c)
-    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_mblocks,),
+    rowsum_state = cs_c.new_empty((n_nblocks,) + tuple(cs_c.shape))
+    ddecay = cs_c.new_empty(n_nblocks, batch, H, nchunks)
+    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * n_mblocks,),
         x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
-        dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state,
-        L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), *x.stride(), *B.stride(), *seq_strides,
-        BLOCK_N=BLOCK_N, **common,
+        dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, ddecay,
+        L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), n_nblocks, batch * H * nchunks,
+        *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, **common,
     )
 
     ddt_in = torch.empty_like(cs_c)
@@ -811,12 +841,13 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         row_part, col_part, rowsum_state, colsum_state, ddecay, ddt_in, dt_c, A,
         dt, dt_bias if dt_bias is not None else A, ddt, sums,
         dB_part if n_split > 1 else dB, dC_part if n_split > 1 else dC, dB, dC,
-        L, H, N, heads_per_group, nchunks, ddecay.shape[-1], n_split, B.numel(), float(dt_min), float(dt_max),
+        L, H, N, heads_per_group, nchunks, n_split, B.numel(), n_nblocks, batch * H * nchunks, float(dt_min),
+        float(dt_max),
         *dt.stride(), *ddt.stride(), *dB.stride(),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
         HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SPLIT=n_split > 1, PTX=ptx_math(_dt_bwd_kernel),
         Q=Q, BLOCK_M=BLOCK_M,
-        SLOTS=block_size(ddecay.shape[-1]), ROWS=block_size(cdiv(Q, heads_per_group)),
+        ROWS=block_size(cdiv(Q, heads_per_group)),
         BLOCK_N=BLOCK_N, num_warps=4,
     )
     sums = sums.view(-1, H, 2)
@@ -837,6 +868,6 @@ def _sum_into(out, parts, dims):
 
 
 @_chunk_scan_bwd.register_fake
-def _(x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates, ddecay, dt_softplus,
-      dt_min, dt_max, Q, head_split=0):
+def _(x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates, dt_softplus,
+      dt_min, dt_max, Q, head_split=0, n_blocks=0):
     return _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)

@@ -13,6 +13,13 @@ The backward stage here is the same walk in reverse for the state gradient:
 
     dS_{c-1} = exp(cs_Q) dS_c + sum_t exp(cs_t) dy_t C_t^T,   dstates[c] = dS_c
 
+The backward runs it in one launch beside a rerun of the forward walk (the states are
+recomputed, not kept): the two are independent (the reverse walk reads the forward
+pass's cs), and each alone is a chain of dependent steps that leaves the SMs half idle.
+The gradient wrt each chunk's total decay through the state it carries across,
+<dS_c, S_{c-1}> exp(cs_Q), needs both walks' results; the dB/dC kernel (chunk_scan.py)
+forms it, where both tiles are loaded anyway.
+
 A change of seq_idx resets the state: a position only sees states of its own
 sequence, and the state entering a row is its first run's initial state.
 """
@@ -55,13 +62,17 @@ def _walk_configs():
     walks are latency-bound (at the main shape (32, 128) blocks make 256 programs, 2 per
     SM, and won at 0.168 ms): the smaller (16, 128) and (32, 64) blocks double the programs
     (offline sm_90 compile with Triton 3.6: 92-151 registers, no spill). (64, 64) is first
-    for the GPU tests' one-config fixture; the second, kept there too, fits in fp32."""
+    for the GPU tests' one-config fixture; the second, kept there too, fits in fp32. The
+    backward's two walks in one launch take 146 registers at (32, 128) (3 programs per SM:
+    512 programs at the main shape need two rounds); capped at 128 (32 bytes spilled) they
+    fit 4 programs per SM, one round."""
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st)
-        for bp, bn, bl, w, st in ((64, 64, 256, 4, 2), (32, 64, 256, 4, 2), (32, 128, 256, 4, 2),
-                                  (16, 128, 256, 4, 2))
+        triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st, maxnreg=r)
+        for bp, bn, bl, w, st, r in ((64, 64, 256, 4, 2, None), (32, 64, 256, 4, 2, None),
+                                     (32, 128, 256, 4, 2, None), (16, 128, 256, 4, 2, None),
+                                     (32, 128, 256, 4, 2, 128))
     ]
 
 
@@ -88,11 +99,10 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _walk_program(H, P, N, heads_per_group, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _walk_program(i_bh, H, P, N, heads_per_group, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Which (batch, head, group, P block, N block) this walk program carries:
-    grid axis 0 = the (P, N) block, axis 1 = batch * H + head."""
+    grid axis 0 = the (P, N) block; i_bh = batch * H + head."""
     i_pn = tl.program_id(0)
-    i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     n_pblocks = tl.cdiv(P, BLOCK_P)
@@ -127,23 +137,22 @@ def _softplus(v, PTX: tl.constexpr):
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_u)
 
 
-# Keyed like the tile kernels in chunk_scan.py (the tensors' dtypes are added).
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"],
-                 prune_configs_by={"early_config_prune": _prune_walk_configs})
 @triton.jit
-def _chunk_state_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr,
-    states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
-    L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+def _forward_walk(
+    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
+    i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, PTX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, WRITE_DT: tl.constexpr,
+    PTX: tl.constexpr, Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
-    i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
+    """The forward walk of one (batch * H + head) = i_bh and (P, N) block. WRITE_DT: also
+    the processed dt, the cumsum and the final state (the backward's rerun needs only the states)."""
+    i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(i_bh, H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
     o_q = tl.arange(0, BLOCK_L)
     A = tl.load(A_ptr + i_h).to(tl.float32)
     if HAS_DT_BIAS:
@@ -157,7 +166,7 @@ def _chunk_state_fwd_kernel(
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
     # (B, H, P, N) contiguous fp32 for init/final; (B, C, H, P, N) for states.
     state, state_bh, pn_off, m_pn = _walk_start(init_ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n, HAS_INIT,
-                                                    BLOCK_P, BLOCK_N)
+                                                BLOCK_P, BLOCK_N)
     if HAS_SEQ_IDX:
         seq_prev = tl.load(seq_base)
 
@@ -183,9 +192,10 @@ def _chunk_state_fwd_kernel(
             dt = tl.where(m_l, dt, 0.0)
             cs_local = tl.cumsum(dt * A, axis=0)  # from the start of this row block
             total = tl.sum(dt * A, axis=0)
-            if write_dt:
-                tl.store(dt_out_ptr + chunk_off + o_r, dt)
-                tl.store(cs_out_ptr + chunk_off + o_r, cs_base + cs_local)
+            if WRITE_DT:
+                if write_dt:
+                    tl.store(dt_out_ptr + chunk_off + o_r, dt)
+                    tl.store(cs_out_ptr + chunk_off + o_r, cs_base + cs_local)
             cs_base += total
             weight = tl.exp(total - cs_local) * dt
             decay = tl.exp(total)
@@ -204,66 +214,22 @@ def _chunk_state_fwd_kernel(
             b_xw = b_x * weight[:, None]
             state = state * decay + _dot(tl.trans(b_xw), b_B, DOT_DTYPE)
 
-    tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
+    if WRITE_DT:
+        tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
 
 
-def _chunk_state_fwd_outputs(x, B, Q, store_states):
-    """(states, final, dt, cs) of the forward walk, uninitialised; shared with the fake op."""
-    batch, L, H, P = x.shape
-    N = B.shape[3]
-    nchunks = cdiv(L, Q)
-    states = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype)) if store_states else absent(x)
-    final = x.new_empty(batch, H, P, N, dtype=torch.float32)
-    dt_out = x.new_empty(batch, H, nchunks, Q, dtype=torch.float32)
-    return states, final, dt_out, torch.empty_like(dt_out)
-
-
-@launcher_op("ssd_chunk_state_fwd")
-def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
-                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
-                     store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward walk. Returns states (B, C, H, P, N) [empty unless store_states],
-    final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
-    batch, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
-    nchunks = cdiv(L, Q)
-    states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
-    grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), batch * H)
-    seq_arg = seq_idx if seq_idx is not None else dt_out
-    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    launch(_chunk_state_fwd_kernel, grid,
-        x, dt, A, B, dt_bias if dt_bias is not None else A, seq_arg,
-        initial_states if initial_states is not None else final,
-        states if store_states else final, final, dt_out, cs_out,
-        L, H, P, N, H // G, nchunks, float(dt_min), float(dt_max),
-        *x.stride(), *dt.stride(), *B.stride(), *seq_strides,
-        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-        HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
-        HAS_INIT=initial_states is not None, STORE_STATES=store_states, PTX=ptx_math(_chunk_state_fwd_kernel.fn),
-        Q=Q, DOT_DTYPE=dot_dtype_for(x.dtype),
-    )
-    return states, final, dt_out, cs_out
-
-
-@_chunk_state_fwd.register_fake
-def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states):
-    return _chunk_state_fwd_outputs(x, B, Q, store_states)
-
-
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX"],
-                 prune_configs_by={"early_config_prune": _prune_walk_configs})
 @triton.jit
-def _state_grad_bwd_kernel(
-    dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, states_ptr, dstates_ptr, dinit_ptr, ddecay_ptr,
-    L, H, P, N, heads_per_group, nchunks, n_slots,
+def _reverse_walk(
+    dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    i_bh, L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    Q: tl.constexpr, SLOTS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
+    """The state-gradient walk of one (batch * H + head) = i_bh and (P, N) block, last chunk first."""
+    i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(i_bh, H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
     o_q = tl.arange(0, BLOCK_L)
     # dout and z share x's strides (the launcher makes them so).
     dout_base = dout_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
@@ -271,32 +237,13 @@ def _state_grad_bwd_kernel(
     C_base = C_ptr + i_b.to(tl.int64) * stride_C_b + i_g * stride_C_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
     dstate, state_bh, pn_off, m_pn = _walk_start(dfinal_ptr, i_b, i_h, H, P, N, o_p, o_n, m_p, m_n,
-                                                      HAS_DFINAL, BLOCK_P, BLOCK_N)
+                                                 HAS_DFINAL, BLOCK_P, BLOCK_N)
 
     for c_rev in range(nchunks):
         c = nchunks - 1 - c_rev
         st_off = ((i_b * nchunks + c) * H + i_h).to(tl.int64) * P * N
         tl.store(dstates_ptr + st_off + pn_off, dstate.to(dstates_ptr.dtype.element_ty), mask=m_pn)
-        b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0).to(tl.float32)
         chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
-        total = tl.load(cs_ptr + chunk_off + Q - 1)
-        decay = tl.exp(total)
-        if HAS_SEQ_IDX:
-            seq_first = tl.load(seq_base + tl.maximum(c * Q - 1, 0).to(tl.int64) * stride_seq_l)
-            seq_last = tl.load(seq_base + (tl.minimum(c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
-            decay = tl.where(seq_first == seq_last, decay, 0.0)
-        # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the
-        # pairs that cross the whole chunk. Partial over this (P, N) block.
-        ddecay = tl.sum(tl.sum(dstate * b_S, axis=1), axis=0) * decay
-        slot_base = ddecay_ptr + ((i_b * H + i_h) * nchunks + c).to(tl.int64) * n_slots
-        tl.store(slot_base + i_pn, ddecay)
-        if i_pn == 0:
-            # This config has fewer (P, N) blocks than the buffer has slots: zero the
-            # rest, so that the reader sums every slot without knowing the config.
-            o_slot = tl.arange(0, SLOTS)
-            n_pn = tl.cdiv(P, BLOCK_P) * tl.cdiv(N, BLOCK_N)
-            tl.store(slot_base + o_slot, tl.zeros((SLOTS,), dtype=tl.float32),
-                     mask=(o_slot >= n_pn) & (o_slot < n_slots))
         # The chunk's row blocks in reverse, each a step of the recurrence (as in the
         # forward walk): dS_{start} = exp(cs_end - cs_start) dS_{end} + sum_t exp(cs_t - cs_start) dy_t C_t^T.
         for j_rev in range(Q // BLOCK_L):
@@ -332,48 +279,166 @@ def _state_grad_bwd_kernel(
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
 
 
-def _ddecay_slots(P, N):
-    """Partial-sum slots per chunk of the ddecay output: the most (P, N) blocks of any config."""
-    return max(cdiv(P, c.kwargs["BLOCK_P"]) * cdiv(N, c.kwargs["BLOCK_N"]) for c in _state_grad_bwd_kernel.configs)
+# Keyed like the tile kernels in chunk_scan.py (the tensors' dtypes are added), and on which walks run.
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX", "FWD", "REV"],
+                 prune_configs_by={"early_config_prune": _prune_walk_configs})
+@triton.jit
+def _chunk_state_walks_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
+    dout_ptr, z_ptr, C_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_seq_b, stride_seq_l,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    STORE_STATES: tl.constexpr, FWD: tl.constexpr, REV: tl.constexpr, PTX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """FWD only: the forward pass's walk (states, final, dt, cs). FWD and REV: the backward's
+    two walks side by side in one launch (grid axis 1 = 2 * batch * H; the first half reruns
+    the forward walk for the states, the second walks the state gradient back, from the cs
+    kept by the forward pass). Each walk is a chain of dependent steps with the SMs half
+    idle, so the two overlap. REV only: the state-gradient walk alone."""
+    i_bh = tl.program_id(1)
+    if FWD and REV:
+        n_bh = tl.num_programs(1) // 2
+        if i_bh < n_bh:
+            _forward_walk(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr,
+                          dt_out_ptr, cs_out_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+                          stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_dt_b, stride_dt_l, stride_dt_h,
+                          stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
+                          HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, False, PTX,
+                          Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
+        else:
+            _reverse_walk(dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+                          i_bh - n_bh, L, H, P, N, heads_per_group, nchunks,
+                          stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+                          stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
+                          HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
+    elif FWD:
+        _forward_walk(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr,
+                      dt_out_ptr, cs_out_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+                      stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_dt_b, stride_dt_l, stride_dt_h,
+                      stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
+                      HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, True, PTX,
+                      Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
+    else:
+        _reverse_walk(dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+                      i_bh, L, H, P, N, heads_per_group, nchunks,
+                      stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+                      stride_seq_b, stride_seq_l, HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, Q, BLOCK_L, BLOCK_P, BLOCK_N,
+                      DOT_DTYPE)
 
 
-def _state_grad_bwd_outputs(dout, C, Q):
-    """(dstates, dinit, ddecay) of the reverse walk, uninitialised; shared with the fake op."""
-    batch, L, H, P = dout.shape
-    N = C.shape[3]
+def _chunk_state_fwd_outputs(x, B, Q, store_states):
+    """(states, final, dt, cs) of the forward walk, uninitialised; shared with the fake op."""
+    batch, L, H, P = x.shape
+    N = B.shape[3]
     nchunks = cdiv(L, Q)
-    dstates = dout.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(dout.dtype))
-    dinit = dout.new_empty(batch, H, P, N, dtype=torch.float32)
-    ddecay = dout.new_empty(batch, H, nchunks, _ddecay_slots(P, N), dtype=torch.float32)
-    return dstates, dinit, ddecay
+    states = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype)) if store_states else absent(x)
+    final = x.new_empty(batch, H, P, N, dtype=torch.float32)
+    dt_out = x.new_empty(batch, H, nchunks, Q, dtype=torch.float32)
+    return states, final, dt_out, torch.empty_like(dt_out)
 
 
-@launcher_op("ssd_state_grad_bwd")
-def _state_grad_bwd(dout: Tensor, z: Tensor | None, C: Tensor, seq_idx: Tensor | None, cs: Tensor,
-                    dfinal: Tensor | None, states: Tensor, Q: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the reverse walk. dout (B, L, H, P) carries the output dtype of the scan.
-    Returns dstates (B, C, H, P, N): gradient wrt the state at the end of each chunk;
-    dinit (B, H, P, N) fp32: gradient wrt the initial state; ddecay (B, H, C, slots)
-    fp32: gradient wrt each chunk's total log-decay through the state it carries
-    across, in partial sums over (P, N) blocks (the sum over the last axis is it)."""
-    batch, L, H, P = dout.shape
-    G, N = C.shape[2], C.shape[3]
-    nchunks = cdiv(L, Q)
-    dstates, dinit, ddecay = _state_grad_bwd_outputs(dout, C, Q)
-    n_slots = ddecay.shape[-1]
-    grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), batch * H)
-    seq_arg = seq_idx if seq_idx is not None else cs
+def _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, states, final, dt_out,
+               cs_out):
+    """The forward walk's part of the walk kernel's arguments: (pointers, scalars and strides,
+    constexprs)."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    seq_arg = seq_idx if seq_idx is not None else cs_out
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    launch(_state_grad_bwd_kernel, grid,
-        dout, z if z is not None else dout, C, seq_arg, cs, dfinal if dfinal is not None else dinit,
-        states, dstates, dinit, ddecay, L, H, P, N, H // G, nchunks, n_slots,
-        *dout.stride(), *C.stride(), *seq_strides,
-        HAS_Z=z is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_DFINAL=dfinal is not None,
-        Q=Q, SLOTS=block_size(n_slots), DOT_DTYPE=dot_dtype_for(dout.dtype),
-    )
-    return dstates, dinit, ddecay
+    ptrs = (x, dt, A, B, dt_bias if dt_bias is not None else A, seq_arg,
+            initial_states if initial_states is not None else final, states, final, dt_out, cs_out)
+    scalars = (L, H, P, N, H // G, cdiv(L, Q), float(dt_min), float(dt_max), *x.stride(), *dt.stride(), *B.stride(),
+               *seq_strides)
+    flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+                 HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
+                 HAS_INIT=initial_states is not None, PTX=ptx_math(_chunk_state_walks_kernel.fn), Q=Q,
+                 DOT_DTYPE=dot_dtype_for(x.dtype))
+    return ptrs, scalars, flags
 
 
-@_state_grad_bwd.register_fake
-def _(dout, z, C, seq_idx, cs, dfinal, states, Q):
-    return _state_grad_bwd_outputs(dout, C, Q)
+def _walk_grid(batch, H, P, N, n_walks):
+    return lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), n_walks * batch * H)
+
+
+@launcher_op("ssd_chunk_state_fwd")
+def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
+                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
+                     store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch the forward walk. Returns states (B, C, H, P, N) [empty unless store_states],
+    final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
+    batch, L, H, P = x.shape
+    N = B.shape[3]
+    states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
+    ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q,
+                                      states if store_states else final, final, dt_out, cs_out)
+    # The reverse walk's pointers are not read.
+    launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *([x] * 7), *scalars, **flags,
+           HAS_Z=False, HAS_DFINAL=False, STORE_STATES=store_states, FWD=True, REV=False)
+    return states, final, dt_out, cs_out
+
+
+@_chunk_state_fwd.register_fake
+def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states):
+    return _chunk_state_fwd_outputs(x, B, Q, store_states)
+
+
+# The backward's two walks run in one launch (see _chunk_state_walks_kernel); False launches
+# them one after the other (the same kernel with FWD, then with REV), for comparisons.
+FUSED_WALKS = True
+
+
+def _state_walks_bwd_outputs(x, B, Q):
+    """(states, dstates, dinit) of the backward's walks, uninitialised; shared with the fake op."""
+    batch, L, H, P = x.shape
+    N = B.shape[3]
+    nchunks = cdiv(L, Q)
+    states = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype))
+    dinit = x.new_empty(batch, H, P, N, dtype=torch.float32)
+    return states, torch.empty_like(states), dinit
+
+
+@launcher_op("ssd_state_walks_bwd")
+def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
+                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
+                     dout: Tensor, z: Tensor | None, C: Tensor, cs: Tensor,
+                     dfinal: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward's walks: the forward walk again for the states between chunks
+    (recomputed, not kept from the forward pass), and the reverse walk for their gradients
+    from the forward pass's cs (B, H, C, Q). dout, z (B, L, H, P) with x's strides, C with
+    B's. Returns states (B, C, H, P, N) (the state entering each chunk), dstates
+    (B, C, H, P, N) (the gradient wrt the state leaving each chunk) and dinit (B, H, P, N)
+    fp32 (the gradient wrt the initial state)."""
+    batch, L, H, P = x.shape
+    N = B.shape[3]
+    states, dstates, dinit = _state_walks_bwd_outputs(x, B, Q)
+    rev_ptrs = (dout, z if z is not None else dout, C, cs, dfinal if dfinal is not None else dinit, dstates, dinit)
+    rev_flags = dict(HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, STORE_STATES=True)
+    # One launch unless grid axis 1 (at most 65535 programs) cannot take both walks.
+    fused = FUSED_WALKS and 2 * batch * H <= 65535
+    grid = _walk_grid(batch, H, P, N, 2 if fused else 1)
+    if fused:
+        # The rerun writes only the states (no final state, dt or cs: the pointers are not read).
+        ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
+                                          Q, states, dinit, cs, cs)
+        launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, *scalars, **flags, **rev_flags,
+               FWD=True, REV=True)
+    else:
+        # The forward walk alone also writes a final state (into dinit, before the reverse
+        # walk writes it), dt and cs (scratch).
+        ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
+                                          Q, states, dinit, torch.empty_like(cs), torch.empty_like(cs))
+        for fwd in (True, False):
+            launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, *scalars, **flags, **rev_flags,
+                   FWD=fwd, REV=not fwd)
+    return states, dstates, dinit
+
+
+@_state_walks_bwd.register_fake
+def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs, dfinal):
+    return _state_walks_bwd_outputs(x, B, Q)

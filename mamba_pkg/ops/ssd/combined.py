@@ -136,7 +136,10 @@ class SsdChunkScanFn(torch.autograd.Function):
         states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
                                                      dt_limit[0], dt_limit[1], Q, True)
         out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None)
+        # The processed dt and its cumsum (B, H, C, Q) fp32 are kept (small next to x): the
+        # backward's state-gradient walk then needs nothing from its rerun of the forward walk.
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None,
+                              dt_c, cs_c)
         ctx.options = options
         # An unused final state gets no zero-filled gradient (the walk then starts from zero).
         ctx.set_materialize_grads(False)
@@ -145,18 +148,17 @@ class SsdChunkScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dfinal):
         from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd
-        from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_grad_bwd
+        from mamba_pkg.ops.ssd.chunk_state import _state_walks_bwd
 
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, dt_c, cs_c = ctx.saved_tensors
         Q, dt_softplus, dt_limit = ctx.options
         dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
-        states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                 dt_limit[0], dt_limit[1], Q, True)
-        dstates, dinit, ddecay = _state_grad_bwd(dout, z, C, seq_idx, cs_c, dfinal, states, Q)
+        states, dstates, dinit = _state_walks_bwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
+                                                  dt_limit[0], dt_limit[1], Q, dout, z, C, cs_c, dfinal)
         # The dt, dt_bias and A gradients (decay sums, clamp and softplus backward) come
         # out of the last kernel: no torch glue here.
         dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd(
-            x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates, ddecay,
+            x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates,
             dt_softplus, dt_limit[0], dt_limit[1], Q)
         dinit = dinit.to(initial_states.dtype) if initial_states is not None else None
         return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
