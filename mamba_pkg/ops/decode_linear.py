@@ -73,6 +73,13 @@ SMALL_ROWS = 8  # up to here the broadcast-sum kernel; above, the tl.dot kernel
 # out_proj shapes of mamba-130m and mamba-1.4b).
 BLOCK_N = 4
 TILE_ELEMS = 8192  # BLOCK_B * BLOCK_N * BLOCK_K per product tile
+# Rows at least WIDE_K wide take WIDE_BLOCK_N output features per program (twice the programs, and
+# out_proj's 4096-wide rows whole in one tile, all loaded before the PDL wait), except where the gated
+# norm is folded in (each program re-reads the gate row and recomputes its sigmoids). H100 b1 whole
+# step, same run (results/bench_generation_session6_ab2.json), BLOCK_N 2 vs 4 everywhere: mamba-1.4b
+# 1.245 vs 1.274-1.294 ms, mamba2-1.3b (pre-pass norms) 1.370 vs 1.424-1.427.
+WIDE_K = 2048
+WIDE_BLOCK_N = 2
 NUM_WARPS = 4
 # tl.dot kernel: (BLOCK_N, BLOCK_K, stages, warps) for the widest BLOCK_N that still gives
 # DOT_MIN_PROGRAMS programs. Batch 64 on the H100: mamba-1.4b in_proj 7.95 us vs cuBLAS 9.20,
@@ -95,9 +102,12 @@ WEIGHT_EVICT_FIRST = True
 # one register tile per row. H100, b1 step (graph replay, same run): mamba2-1.3b (gated norm before
 # out_proj, add + norm before an in_proj with the conv folded) 1.45 ms with the pre-pass vs 1.57
 # folded; mamba-1.4b (add + norm before a plain in_proj) 1.43-1.45 vs 1.39 folded, so the add + norm
-# takes the pre-pass only where the product also carries the conv (PREPASS_ADD_NORM_ALONE).
+# takes the pre-pass only where the product also carries the conv (PREPASS_ADD_NORM_ALONE). Session 6,
+# with the batch-1 product reducing in its load layout (cheaper folds): mamba2-1.3b's gated norm folded
+# 1.360 ms vs 1.424-1.427 with its pre-pass, so it is folded again (PREPASS_GATED); the add + norm before
+# its in_proj + conv: 1.425 folded, no change (results/bench_generation_session6_ab2.json).
 NORM_PREPASS = True
-PREPASS_GATED = True  # the gated norm before out_proj
+PREPASS_GATED = False  # the gated norm before out_proj
 PREPASS_ADD_NORM_CONV = True  # the add + norm before an in_proj that carries the conv
 PREPASS_ADD_NORM_ALONE = False  # the add + norm before a plain in_proj
 PREPASS_MIN_K = 2048
@@ -362,21 +372,22 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         norm = NORM_NONE
     batch, n_in = x.shape
     block_b = next_pow2(batch)
-    block_k = min(next_pow2(n_in), max(16, TILE_ELEMS // (block_b * BLOCK_N)))
+    block_n = WIDE_BLOCK_N if n_in >= WIDE_K and norm not in (NORM_GATE, NORM_GATE_AFTER) else BLOCK_N
+    block_k = min(next_pow2(n_in), max(16, TILE_ELEMS // (block_b * block_n)))
     pdl = use_pdl(x)
     r_st = residual.stride() if residual is not None else (0, 0)
     ro_st = res_out.stride() if res_out is not None else (0, 0)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
     cs_st = conv_state.stride() if conv is not None else (0, 0, 0)
     cw_st = conv_weight.stride() if conv is not None else (0, 0)
-    _decode_linear_kernel[(cdiv(weight.shape[0], BLOCK_N),)](
+    _decode_linear_kernel[(cdiv(weight.shape[0], block_n),)](
         x, weight, bias, out, residual, norm_weight, res_out, conv_state, conv_weight, conv_bias,
         batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
         *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st, *cs_st, *cw_st,
         HAS_BIAS=bias is not None, NORM=norm, HAS_RESIDUAL=residual is not None,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
-        BLOCK_B=block_b, BLOCK_N=BLOCK_N, BLOCK_K=block_k, K_BLOCKS=cdiv(n_in, block_k),
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, K_BLOCKS=cdiv(n_in, block_k),
         USE_PDL=pdl, PTX=ptx_math(_decode_linear_kernel), W_EVICT="evict_first" if WEIGHT_EVICT_FIRST else "",
         num_warps=NUM_WARPS, **pdl_launch(pdl),
     )

@@ -69,22 +69,25 @@ def test_custom_op_opcheck():
 
 
 def _norm_path(monkeypatch, prepass):
-    """The norm as a pre-pass at every width (and without a conv), or folded into the product."""
+    """The norm as a pre-pass at every width (with and without a conv), or folded into the product;
+    every width takes WIDE_BLOCK_N output features per program (the gated fold keeps BLOCK_N)."""
     monkeypatch.setattr(dl, "NORM_PREPASS", prepass)
     monkeypatch.setattr(dl, "PREPASS_MIN_K", 1)
-    monkeypatch.setattr(dl, "PREPASS_ADD_NORM_ALONE", True)
+    for name in ("PREPASS_ADD_NORM_ALONE", "PREPASS_ADD_NORM_CONV", "PREPASS_GATED"):
+        monkeypatch.setattr(dl, name, True)
+    monkeypatch.setattr(dl, "WIDE_K", 1)
 
 
-@pytest.mark.parametrize("residual,prepass", [(None, True), (torch.float32, True), (torch.bfloat16, True),
-                                              (torch.float32, False)])
-def test_add_rms_norm_linear_matches_ref(residual, prepass, monkeypatch):
-    """The fused add + RMSNorm + linear (norm as a pre-pass or folded into the product) equals
-    its reference, and the reference equals the composition it replaces (the block's add +
-    norm, then the linear)."""
+@pytest.mark.parametrize("residual,prepass,batch", [(None, True, 2), (torch.float32, True, 1), (torch.bfloat16, True, 2),
+                                                    (torch.float32, False, 2), (torch.float32, False, 1)])
+def test_add_rms_norm_linear_matches_ref(residual, prepass, batch, monkeypatch):
+    """The fused add + RMSNorm + linear (norm as a pre-pass or folded into the product; batch 1
+    takes the one-row product) equals its reference, and the reference equals the composition it
+    replaces (the block's add + norm, then the linear)."""
     _norm_path(monkeypatch, prepass)
     torch.manual_seed(0)
-    x = torch.randn(2, 2 * 50, device=DEVICE)[:, 50:]
-    res = None if residual is None else torch.randn(2, 50, device=DEVICE).to(residual)
+    x = torch.randn(batch, 2 * 50, device=DEVICE)[:, 50:]
+    res = None if residual is None else torch.randn(batch, 50, device=DEVICE).to(residual)
     nw, w, b = torch.randn(50, device=DEVICE), torch.randn(9, 50, device=DEVICE), torch.randn(9, device=DEVICE)
     fp32_res = residual is None
     out, s = add_rms_norm_linear(x, res, nw, w, b, 1e-5, fp32_res, backend="triton")
@@ -111,15 +114,16 @@ def test_add_rms_norm_linear_errors_and_opcheck():
     torch.library.opcheck(op, (x, None, nw, w, torch.randn(3, device=DEVICE), 1e-5, False))
 
 
-@pytest.mark.parametrize("norm_before_gate,prepass", [(False, True), (True, True), (False, False), (True, False)])
-def test_gated_rms_norm_linear_matches_ref(norm_before_gate, prepass, monkeypatch):
+@pytest.mark.parametrize("norm_before_gate,prepass,batch", [(False, True, 2), (True, True, 1), (False, False, 2),
+                                                            (True, False, 2), (False, False, 1)])
+def test_gated_rms_norm_linear_matches_ref(norm_before_gate, prepass, batch, monkeypatch):
     """Gate z (a strided view, as Mamba-2's slice of in_proj), both gate orders, the norm as a
-    pre-pass or folded into the product; the reference equals the gated norm it replaces
-    followed by the linear."""
+    pre-pass or folded into the product, batch 1 (the one-row product) and 2; the reference equals
+    the gated norm it replaces followed by the linear."""
     _norm_path(monkeypatch, prepass)
     torch.manual_seed(0)
-    x = torch.randn(2, 60, device=DEVICE)
-    z = torch.randn(2, 2 * 60, device=DEVICE)[:, :60]
+    x = torch.randn(batch, 60, device=DEVICE)
+    z = torch.randn(batch, 2 * 60, device=DEVICE)[:, :60]
     nw, w, b = torch.randn(60, device=DEVICE), torch.randn(7, 60, device=DEVICE), torch.randn(7, device=DEVICE)
     out = gated_rms_norm_linear(x, z, nw, w, b, 1e-5, norm_before_gate, backend="triton")
     ref = gated_rms_norm_linear_ref(x, z, nw, w, b, 1e-5, norm_before_gate)
@@ -138,19 +142,20 @@ def _conv_case(batch, n_out, channels, start, state_len, dtype=torch.float32, bi
     return conv_state, (conv_state, conv_weight, conv_bias, start, "silu")
 
 
-@pytest.mark.parametrize("norm,state_dtype,prepass", [(False, torch.float32, True), (True, torch.float32, True),
-                                                     (True, torch.bfloat16, True), (True, torch.float32, False)])
-def test_conv_fold_matches_ref(norm, state_dtype, prepass, monkeypatch):
+@pytest.mark.parametrize("norm,state_dtype,prepass,batch", [(False, torch.float32, True, 2), (False, torch.float32, True, 1),
+                                                           (True, torch.float32, True, 2), (True, torch.bfloat16, True, 1),
+                                                           (True, torch.float32, False, 2), (True, torch.float32, False, 1)])
+def test_conv_fold_matches_ref(norm, state_dtype, prepass, batch, monkeypatch):
     """The conv update folded into the linear: outputs [9, 29) of 37 (not aligned to the output
     blocks), a state of 5 slots for a width-4 conv; out and the advanced state equal the
     reference, and the reference equals the linear followed by causal_conv1d_update on the slice.
-    With the norm: as a pre-pass or folded into the product."""
+    With the norm: as a pre-pass or folded into the product. Batch 1: the one-row product."""
     _norm_path(monkeypatch, prepass)
     torch.manual_seed(0)
-    x = torch.randn(2, 2 * 40, device=DEVICE)[:, 40:]
+    x = torch.randn(batch, 2 * 40, device=DEVICE)[:, 40:]
     w, b = torch.randn(37, 40, device=DEVICE), torch.randn(37, device=DEVICE)
-    res, nw = torch.randn(2, 40, device=DEVICE), torch.randn(40, device=DEVICE)
-    state, conv = _conv_case(2, 37, 20, 9, 5, state_dtype, bias=not norm)
+    res, nw = torch.randn(batch, 40, device=DEVICE), torch.randn(40, device=DEVICE)
+    state, conv = _conv_case(batch, 37, 20, 9, 5, state_dtype, bias=not norm)
     ref_state = state.clone()
     ref_conv = (ref_state, *conv[1:])
     if norm:
