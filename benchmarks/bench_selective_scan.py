@@ -179,11 +179,14 @@ def sweep(states=(16, 4, 64)):
 # SWEEP, with a register cap as a sixth entry), and "fast_math": False for Triton's own exp2 /
 # log2 (libdevice's accurate log2f on Triton 3.6) instead of the inline-PTX approximations.
 # Each is checked against the first variant on the same inputs before it is timed.
-# Not kept: forward shapes with eight lanes per channel, (4, 2, 8, 8|16, 1) (twice the warps):
-# 35 SASS instructions per element against 22 for (8, 4, 4, 16, 1) with Triton 3.6.
+# Not kept (H100, same run, session 6; results/bench_selective_scan_s6_variants.txt): eight lanes
+# per channel (twice the warps), fwd (4, 2, 8, 16, 1) 0.277 / (4, 2, 8, 8, 1) 0.313 ms against 0.176
+# at B=4 D=2048 L=2048 (0.516 / 0.647 against 0.502 at B=1 D=4096 L=8192), bwd (4, 2, 8, 8, 1)
+# fwd+bwd 1.396 against 0.799; 8-step forward tiles computing the decays a tile ahead 0.223.
 VARIANTS = {
     "default": {},
     "exact math": {"fast_math": False},
+    "no L1 prefetch": {"l1_prefetch": False},
 }
 
 
@@ -206,13 +209,15 @@ def variants(names=None):
         overrides = {(16, k): v for k, v in spec.items() if k in ("fwd", "ckpt", "bwd")}
         undo = _hook_block_sizes(overrides)
         ss.ptx_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
+        ss.L1_PREFETCH = spec.get("l1_prefetch", True)
         try:
             got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
             if reference is None:
                 reference = got
             worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                         for g, r in zip(got, reference))
-            passes = [p for p, keys in (("fwd", {"fwd", "fast_math"}), ("fwdbwd", {"ckpt", "bwd", "fast_math"}))
+            passes = [p for p, keys in (("fwd", {"fwd", "fast_math", "l1_prefetch"}),
+                                        ("fwdbwd", {"ckpt", "bwd", "fast_math", "l1_prefetch"}))
                       if name == "default" or keys & set(spec)]
             for batch, dim, seqlen in shapes:
                 for pass_ in passes if worst < 1e-2 else ():
@@ -224,6 +229,7 @@ def variants(names=None):
         finally:
             undo()
             ss.ptx_math = fast_math
+            ss.L1_PREFETCH = True
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_variants.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -44,6 +44,12 @@ from mamba_pkg.ops.backend import (
 )
 
 MAX_DSTATE = 256
+# With full tiles (EVEN), the forward kernels prefetch their next tiles' lines into L1 (PTX; see
+# _prefetch_tile; with masked tiles, which already spill, the prefetch adds to the spill). H100,
+# same run: fwd B=1 D=4096 L=8192 0.503 -> 0.479 ms, B=4 D=2048 L=8192 0.674 -> 0.665, L=2048 equal;
+# in the backward too it cost 1% at B=4 D=2048 (fwd+bwd 0.798 -> 0.808 ms at L=2048), so not there.
+# A switch for benchmarks/bench_selective_scan.py --variants.
+L1_PREFETCH = True
 # Steps per chunk of the reference: the scan inside a chunk is vectorised, the
 # state is carried across chunks in a Python loop of L / REF_CHUNK iterations.
 REF_CHUNK = 64
@@ -427,6 +433,34 @@ def _load_bc_tile(ptr, o_bc_row, o_n3, o_l, m_n3, seqlen, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(p, mask):
+    """Ask for the lines at the addresses p (any shape) where mask holds to be brought into L1 (PTX;
+    no register result, so no scoreboard)."""
+    tl.inline_asm_elementwise(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;\n\t}",
+        "=r,l,r", [p, tl.broadcast_to(mask, p.shape).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, o_n3,
+                   m_d, m_n3, l_pf, seqlen, HAS_Z: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr):
+    """L1 prefetch of the lines holding step l_pf of this program's rows of u, delta, z and of the
+    input-dependent B, C: one instruction per tensor and thread. Why: ptxas (Triton 3.6) gives the
+    loads of the next tile (the register prefetches) scoreboards that it also waits on for
+    shared-memory or MUFU results in the same iteration; such a wait then lasts until the load
+    is back, a global load's latency unless the line is already in L1 (ncu, B=4 D=2048 L=2048: 9% of
+    the forward's and 14% of the checkpointing forward's stall samples at one such instruction)."""
+    _prefetch(u_ptr + o_row_u + l_pf, m_d)
+    _prefetch(delta_ptr + o_row_delta + l_pf, m_d)
+    if HAS_Z:
+        _prefetch(z_ptr + o_row_z + l_pf, m_d)
+    if B_VAR:
+        _prefetch(B_ptr + o_b_row + o_n3.to(tl.int64) * seqlen + l_pf, m_n3)
+    if C_VAR:
+        _prefetch(C_ptr + o_c_row + o_n3.to(tl.int64) * seqlen + l_pf, m_n3)
+
+
+@triton.jit
 def _row_start(i_b, o_d, stride_batch, stride_dim):
     """(BLOCK_D,) int64 offset of each (b, d) row of a (B, D, L) tensor whose L is contiguous."""
     return i_b.to(tl.int64) * stride_batch + o_d.to(tl.int64) * stride_dim
@@ -464,10 +498,10 @@ def _selective_scan_fwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_CKPT: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
-    CKPT_L: tl.constexpr,
+    CKPT_L: tl.constexpr, L1_PREFETCH: tl.constexpr,
 ):
     """STORE_CKPT: also store the state before every CKPT_L steps (the backward's tiles; CKPT_L
-    divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward."""
+    divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward. L1_PREFETCH: see _prefetch_tile."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
@@ -535,6 +569,11 @@ def _selective_scan_fwd_kernel(
         if C_VAR:
             b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
+        # Two tiles ahead of the register prefetch (clamped to the last step: in bounds).
+        l_pf = tl.minimum(i_t * BLOCK_L + 3 * BLOCK_L, seqlen - 1)
+        if L1_PREFETCH:
+            _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, o_n3,
+                           m_d, m_n3, l_pf, seqlen, HAS_Z, B_VAR, C_VAR)
         b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         b_dt = _anchor(b_dt, 2, BLOCK_D * N_LANES == 32)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
@@ -996,15 +1035,17 @@ def _selective_scan_fwd(
     elif varlen:
         last.zero_()
     grid = (cdiv(p.dim, block_d), p.batch)
+    even = _is_even(p, block_d, n_in * n_lanes, block_l)
     _launch_fwd(
         grid, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last, ckpt if store_ckpt else None),
         (p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides()),
         num_warps, max_registers,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
-        IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
+        IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=even,
         FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, CKPT_L=ckpt_l,
+        L1_PREFETCH=L1_PREFETCH and even and ptx_math(_selective_scan_fwd_kernel),
     )
     return out, last, ckpt
 

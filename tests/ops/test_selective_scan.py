@@ -410,6 +410,8 @@ def test_kernel_large_state_and_strided_inputs():
     "dtype,bc,batch,dim,seqlen,dstate",
     [
         (torch.bfloat16, "var", 2, 256, 2049, 16),
+        # Full tiles: the forward's L1 prefetch (EVEN only).
+        (torch.bfloat16, "var", 2, 256, 2048, 16),
         (torch.float16, "group", 2, 192, 1000, 16),
         (torch.float32, "fixed", 1, 64, 777, 64),
         (torch.bfloat16, "var", 1, 32, 300, 256),
@@ -419,6 +421,26 @@ def test_kernel_large_state_and_strided_inputs():
 def test_kernel_matches_ref_cuda(dtype, bc, batch, dim, seqlen, dstate):
     args = make_inputs(batch, dim, seqlen, dstate, bc=bc, groups=4, dtype=dtype)
     check_kernel(args, h0=torch.randn(batch, dim, dstate), device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dstate", [4, 16])
+def test_kernel_l1_prefetch_changes_no_bits_cuda(monkeypatch, dstate):
+    """The forward kernels' L1 prefetch (PTX, full tiles) is only a hint: the same output and
+    last state, with and without gradients (the checkpointing forward), bit for bit."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    args = make_inputs(2, 256, 1024, dstate, bc="var", dtype=torch.bfloat16, device="cuda")
+    results = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(ss, "L1_PREFETCH", prefetch)
+        with torch.no_grad():
+            plain = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, backend="triton")
+        leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+        ckpt = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend="triton")
+        results.append([t.detach() for t in (*plain, *ckpt)])
+    for on, off in zip(*results):
+        assert torch.equal(on, off)
 
 
 @requires_cuda
