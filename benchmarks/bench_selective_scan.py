@@ -10,17 +10,23 @@ as a percentage of the measured time (100 = at the limit).
 
     python benchmarks/bench_selective_scan.py [--quick] [--sweep 16,4,64] [--profile] [--skip-anchor]
                                               [--variants all|NAME,NAME]
-                                              [--passes fwd,fwdbwd]
+                                              [--passes fwd,fwdbwd] [--rep-ms 400]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 import torch
 
 from benchmarks.common import EXP_PER_S, HBM_BYTES_PER_S, save_results, time_ms, try_provider
+
+
+# Timed repetitions per case in ms (--rep-ms; the warm-up is a quarter of it).
+REP_MS = 400
 
 
 def make_inputs(batch, dim, seqlen, dstate, requires_grad=False, dtype=torch.bfloat16):
@@ -75,7 +81,7 @@ def bench_case(provider, pass_, batch, dim, seqlen, dstate, deterministic=False)
                 t.grad = None
             fn(*args).backward(grad)
     run()
-    return time_ms(run)
+    return time_ms(run, warmup_ms=REP_MS // 4, rep_ms=REP_MS)
 
 
 def limits(pass_, batch, dim, seqlen, dstate):
@@ -140,8 +146,6 @@ def _hook_block_sizes(overrides):
 def sweep(states=(16, 4, 64)):
     """Time the SWEEP shapes at B=4, D=2048 (L=2048 for N=16, else 4096), check each
     against the default shapes' results, and use the fastest in the rows that follow."""
-    import os
-
     chosen = {}
     _hook_block_sizes(chosen)
     lines = []
@@ -191,8 +195,6 @@ VARIANTS = {
 
 
 def variants(names=None):
-    import os
-
     import mamba_pkg.ops.selective_scan as ss
 
     fast_math = ss.ptx_math
@@ -256,13 +258,12 @@ def profile(seqlen=2048):
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
     print(table)
-    import os
-
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_profile.txt"), "w") as f:
         f.write(f"fwd+bwd x5, B=4 D=2048 L={seqlen} N=16\n{table}\n")
 
 
 def main(argv=None):
+    global REP_MS
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--main", action="store_true",
@@ -275,7 +276,9 @@ def main(argv=None):
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
+    parser.add_argument("--rep-ms", type=int, default=REP_MS, help="timed repetitions per case, in ms")
     args = parser.parse_args(argv)
+    REP_MS = args.rep_ms
     passes = tuple(args.passes.split(","))
     if args.variants:
         variants(None if args.variants == "all" else args.variants.split(","))
@@ -303,6 +306,9 @@ def main(argv=None):
                                pct_exp=round(100 * exp_ms / ms, 1), pct_limit=round(100 * max(hbm_ms, exp_ms) / ms, 1))
                 rows.append(row)
                 print(row, flush=True)
+        # The rows so far, in case a time limit cuts the run (the plot is made at the end).
+        with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_partial.json"), "w") as f:
+            json.dump(rows, f)
     both = set(passes) == {"fwd", "fwdbwd"}
     name = "bench_selective_scan" if both else "bench_selective_scan_" + "_".join(passes)
     save_results(name + "_main" if args.main else name, rows)

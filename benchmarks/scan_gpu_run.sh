@@ -11,6 +11,7 @@
 # `scan_gpu_run.sh final`: the same within ~90 s (no compile test, profile or host probes).
 # `scan_gpu_run.sh round2`: the GPU tests (65 s), bench --main and the host probes (this code, the previous
 # selective_scan.py when its copy is there, mamba_inner_fn), at most about 150 s.
+# `scan_gpu_run.sh s6final [SECONDS]`: session 6's last call (see below).
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -75,6 +76,25 @@ if [ "${1:-}" = round2 ]; then
     PYTHONPATH=/tmp/old:. timeout 16 python3 benchmarks/host_selective_scan.py --cuda > $L/host_old.log 2>&1; show host_old $? 5
   fi
   timeout 15 python3 benchmarks/host_selective_scan.py --cuda --inner > $L/host_inner.log 2>&1; show host_inner $? 3
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
+if [ "${1:-}" = s6final ]; then
+  # Session 6's last call within $2 s (default 60): the full matrix vs mamba_ssm first (--rep-ms 150; N=4 / 64
+  # kernels compiled meanwhile by warm-ups), then with the time left the fwd+bwd profile and the scan's CUDA
+  # tests (full tiles, prefetch bits, varlen).
+  lim=${2:-60}
+  for n in 4 64; do t warm$n 45 python3 -c "$(warm $n)"; done
+  timeout $(( lim - 8 )) python3 benchmarks/bench_selective_scan.py --rep-ms 150 > $L/bench.log 2>&1; show bench $? 50
+  wait
+  left=$(( lim - $(date +%s) + T0 - 2 ))
+  if [ $left -gt 12 ]; then
+    timeout 8 python3 -c "from benchmarks.bench_selective_scan import profile; profile()" > $L/profile.log 2>&1
+    show profile $? 16
+    left=$(( lim - $(date +%s) + T0 - 2 ))
+    timeout $left python3 -m pytest -q -rs tests/ops/test_selective_scan.py \
+      -k "prefetch or varlen_cuda or (matches_ref_cuda and 2048)" > $L/tests_cuda.log 2>&1; show tests_cuda $? 4
+  fi
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
