@@ -1,8 +1,8 @@
 """Mamba-2 SSD scan: ours (Triton) vs mamba_ssm's mamba_chunk_scan_combined, bf16.
 
 Cases: B=4, H=32, P=64, N=128, G=1, chunk 256, L in {2048, 8192, 32768}; the
-2.7B shape H=80 at L=8192; N in {64, 256} at L=8192 (order: L=8192, N=64, N=256, the
-other lengths, H=80). Both providers get D,
+2.7B shape H=80 at L=8192; N in {64, 256} at L=8192 (order: L=8192, 2048, 32768, H=80,
+N=64, N=256). Both providers get D,
 dt_bias and dt_softplus. Each case is timed twice: timing=eager (do_bench of the
 Python call: what a caller sees, host overhead included; the row also gives host_ms,
 the host time to issue one call) and timing=graph (the same call captured in a CUDA
@@ -48,11 +48,11 @@ def shapes(quick: bool):
     base = dict(B=4, H=32, P=64, N=128, G=1)
     if quick:
         return [dict(base, L=8192)]
-    # The main shape first: a run cut short still has it; then the other d_states (cut by
-    # the time budget in earlier runs), then the shapes that compile nothing new.
-    out = [dict(base, L=8192), dict(base, N=64, L=8192), dict(base, N=256, L=8192)]
-    out += [dict(base, L=L) for L in (2048, 32768)]
-    out.append(dict(base, H=80, L=8192))
+    # The main shape first: a run cut short still has it; then the shapes that compile
+    # nothing new, while `--precompile 64 256` / `--precompile-anchor 64 256` processes
+    # beside the run compile the other d_states.
+    out = [dict(base, L=L) for L in (8192, 2048, 32768)]
+    out += [dict(base, H=80, L=8192), dict(base, N=64, L=8192), dict(base, N=256, L=8192)]
     return out
 
 

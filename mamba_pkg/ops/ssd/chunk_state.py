@@ -302,6 +302,8 @@ def _chunk_state_walks_kernel(
     kept by the forward pass). Each walk is a chain of dependent steps with the SMs half
     idle, so the two overlap. REV only: the state-gradient walk alone."""
     i_bh = tl.program_id(1)
+    # Two call sites per walk: the forward pass's walk alone must not sit under the runtime
+    # branch (offline sm_90 compile: 187 registers instead of 145 at (32, 128)).
     if FWD and REV:
         n_bh = tl.num_programs(1) // 2
         if i_bh < n_bh:
