@@ -56,6 +56,7 @@ class Mamba(nn.Module):
         conv_bias=True,
         bias=False,
         use_fast_path=True,
+        save_scan_states=False,
         layer_idx=None,
         device=None,
         dtype=None,
@@ -69,6 +70,8 @@ class Mamba(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.use_fast_path = use_fast_path
+        # Training speed for memory: see mamba_inner_fn's save_scan_states.
+        self.save_scan_states = save_scan_states
         self.layer_idx = layer_idx
         self.activation = "silu"
 
@@ -157,6 +160,7 @@ class Mamba(nn.Module):
                 delta_bias=self.dt_proj.bias.float(),
                 delta_softplus=True,
                 cu_seqlens=cu_seqlens,
+                save_scan_states=self.save_scan_states,
             )
         x, z = xz.chunk(2, dim=1)
         x = conv_with_cache(x, conv_weight, self.conv1d.bias, self.activation, conv_state, fresh=fresh, cu_seqlens=cu_seqlens)

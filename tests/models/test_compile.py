@@ -27,9 +27,11 @@ CONFIGS = {
 }
 
 
-def _model(name):
+def _model(name, **ssm_cfg):
     torch.manual_seed(0)
-    return MambaLMHeadModel(MambaConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, **CONFIGS[name]))
+    cfg = dict(CONFIGS[name])
+    cfg["ssm_cfg"] = {**cfg["ssm_cfg"], **ssm_cfg}
+    return MambaLMHeadModel(MambaConfig(vocab_size=VOCAB, pad_vocab_size_multiple=16, **cfg))
 
 
 def _train_step(fn, model, ids, cu_seqlens=None):
@@ -100,7 +102,7 @@ def test_training_step_triton_path_fullgraph_matches_eager(monkeypatch):
     assert "mamba_pkg.ssd_chunk_scan_bwd" in backward and "mamba_pkg.add_norm_bwd" in backward
 
 
-def _mamba1_triton_compiled_step(monkeypatch, packed):
+def _mamba1_triton_compiled_step(monkeypatch, packed, **ssm_cfg):
     """Eager and compiled (fullgraph, min-cut partitioner as in Inductor) training steps of a Mamba-1
     LM on the Triton path, and the code of the recorded forward / backward graphs (nested graph
     modules included)."""
@@ -109,7 +111,7 @@ def _mamba1_triton_compiled_step(monkeypatch, packed):
 
     monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _model("mamba1").to(device)
+    model = _model("mamba1", **ssm_cfg).to(device)
     ids = torch.randint(0, VOCAB, (1, 13) if packed else (2, 13), device=device)
     cu_seqlens = torch.tensor([0, 5, 13], dtype=torch.int32, device=device) if packed else None
     eager = _train_step(model, model, ids, cu_seqlens)
@@ -147,6 +149,16 @@ def test_training_step_triton_path_mamba1_backward_recomputes_the_scan(monkeypat
     intermediates."""
     _, _, _, backward = _mamba1_triton_compiled_step(monkeypatch, False)
     assert "mamba_pkg.selective_scan_bwd" in backward and "mamba_pkg.selective_scan_fwd" in backward
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
+def test_training_step_triton_path_mamba1_save_scan_states(monkeypatch):
+    """save_scan_states=True compiled: equal to eager (which skips the scan recompute, see
+    test_mamba_inner.py), and the backward graph runs the scan backward without its forward."""
+    eager, compiled, forward, backward = _mamba1_triton_compiled_step(monkeypatch, False, save_scan_states=True)
+    _assert_same(eager, compiled)
+    assert "mamba_pkg.selective_scan_fwd" in forward
+    assert "mamba_pkg.selective_scan_bwd" in backward and "mamba_pkg.selective_scan_fwd" not in backward
 
 
 def test_training_step_fused_loss_fullgraph_matches_eager():

@@ -100,6 +100,33 @@ def test_inner_input_without_grad():
         torch.testing.assert_close(grads[mamba_inner_fn][name], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_inner_save_scan_states_skips_the_scan_recompute(monkeypatch, packed):
+    """save_scan_states=True: the forward keeps the scan's output and checkpoints, the backward
+    launches no scan forward, and output and every gradient equal the recomputing path's."""
+    import mamba_pkg.ops.mamba_inner as inner
+
+    params = {k: v.to(DEV) for k, v in make_params(1 if packed else 2, 4, 10).items()}
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=DEV) if packed else None
+    dout = torch.randn(params["xz"].shape[0], 10, 6, generator=torch.Generator().manual_seed(5)).to(DEV)
+    calls = []
+    real = inner._selective_scan_fwd_op
+
+    def counting(*args):
+        calls.append(args[-1])  # store_ckpt
+        return real(*args)
+
+    monkeypatch.setattr(inner, "_selective_scan_fwd_op", counting)
+    out_r, grads_r = _grads(mamba_inner_fn, params, dout, backend="triton", cu_seqlens=cu)
+    assert calls == [True]  # the backward's recompute (the forward ran through selective_scan_fn)
+    calls.clear()
+    out_s, grads_s = _grads(mamba_inner_fn, params, dout, backend="triton", cu_seqlens=cu, save_scan_states=True)
+    assert calls == [True]  # the forward only
+    torch.testing.assert_close(out_s, out_r, rtol=0, atol=0)
+    for name in grads_r:
+        torch.testing.assert_close(grads_s[name], grads_r[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_inner_varlen_equals_per_sequence():
     lengths = [3, 6, 1]
     cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
@@ -144,6 +171,7 @@ def test_inner_ref_matches_unfused_composition():
         (dict(out_proj_weight=torch.randn(6, 5)), ValueError, "out_proj_weight must have shape"),
         (dict(A=torch.randn(4, 4, dtype=torch.float64)), TypeError, "A must have dtype float32"),
         (dict(checkpoint_lvl=2), ValueError, "checkpoint_lvl"),
+        (dict(save_scan_states=1), TypeError, "save_scan_states must be a bool"),
         (dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "cu_seqlens.*batch size 1"),
     ],
 )
