@@ -196,6 +196,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny models and shapes (smoke run)")
     ap.add_argument("--cpu", action="store_true", help="run on CPU (torch backend of every op; no peak memory)")
     ap.add_argument("--name", default="bench_train", help="results file name (without .json)")
+    ap.add_argument("--save-scan-states", choices=("off", "on", "both"), default="off",
+                    help="Mamba-1 layers of ours keep the scan's states for the backward (mamba_inner_fn's "
+                         "save_scan_states; rows of ours named <provider>+saved); both: each ours row twice")
     args = ap.parse_args()
 
     start = time.perf_counter()
@@ -256,7 +259,7 @@ def main() -> None:
             if graphed:
                 step = capture_step(step)
             result = measure(step, device, graphed=graphed)
-            if args.profile and name in profile_names and provider in ("ours_fused_loss", "mamba_ssm", "ours_compiled"):
+            if args.profile and name in profile_names and provider.split("+")[0] in ("ours_fused_loss", "mamba_ssm", "ours_compiled"):
                 table_ = try_provider(f"{name} {provider} profile", lambda: kernel_profile(step))
                 if table_ is not None:
                     profiles.append({"case": f"profile model={name} batch={batch} L={seqlen}", "provider": provider,
@@ -271,43 +274,53 @@ def main() -> None:
             add_row(name, provider, out[0], **out[1])
 
     cfgs = {name: config_dict(table[name][0], vocab) for name in names}
-    for name in names:
+    variants = {"off": [""], "on": ["+saved"], "both": ["", "+saved"]}[args.save_scan_states]
+
+    def ours_cfgs(name):
+        """(suffix, cfg) of ours per --save-scan-states variant (Mamba-1 models only get +saved)."""
         cfg = cfgs[name]
-        if "ours" in providers:
-            def build_plain(cfg=cfg):
-                model = build_ours(cfg, device, weight_dtype)
-                return model, model, {}
+        mamba1 = cfg.get("ssm_cfg", {}).get("layer", "Mamba1") == "Mamba1"
+        for suffix in variants if mamba1 else [""]:
+            yield suffix, cfg if not suffix else {**cfg, "ssm_cfg": {**cfg["ssm_cfg"], "save_scan_states": True}}
 
-            run_provider(name, "ours", build_plain)
-        if "ours_fused_loss" in providers:
-            def build_fused(cfg=cfg):
-                model = build_ours(cfg, device, weight_dtype)
-                return model, model, {}
+    for name in names:
+        for suffix, cfg in ours_cfgs(name):
+            if "ours" in providers:
+                def build_plain(cfg=cfg):
+                    model = build_ours(cfg, device, weight_dtype)
+                    return model, model, {}
 
-            run_provider(name, "ours_fused_loss", build_fused, fused_loss=True)
+                run_provider(name, "ours" + suffix, build_plain)
+            if "ours_fused_loss" in providers:
+                def build_fused(cfg=cfg):
+                    model = build_ours(cfg, device, weight_dtype)
+                    return model, model, {}
+
+                run_provider(name, "ours_fused_loss" + suffix, build_fused, fused_loss=True)
+            if "ours_ckpt" in providers:
+                def build_ckpt(cfg=cfg):
+                    model = build_ours(cfg, device, weight_dtype)
+                    model.gradient_checkpointing_enable()
+                    return model, model, {}
+
+                run_provider(name, "ours_ckpt" + suffix, build_ckpt)
+        cfg = cfgs[name]
         if "mamba_ssm" in providers:
             def build_ssm(cfg=cfg):
                 theirs = build_mamba_ssm(cfg, build_ours(cfg, device, weight_dtype), device, weight_dtype)
                 return theirs, theirs, {}
 
             run_provider(name, "mamba_ssm", build_ssm)
-        if "ours_ckpt" in providers:
-            def build_ckpt(cfg=cfg):
-                model = build_ours(cfg, device, weight_dtype)
-                model.gradient_checkpointing_enable()
-                return model, model, {}
-
-            run_provider(name, "ours_ckpt", build_ckpt)
     # CUDA-graph rows after every eager row, ours first: a failed capture can leave the CUDA
     # context unusable for what follows.
     for name in names:
-        cfg = cfgs[name]
-        if "ours_graphed" in providers and device.type == "cuda":
-            def build_graphed(cfg=cfg):
-                model = build_ours(cfg, device, weight_dtype)
-                return model, model, {}
+        for suffix, cfg in ours_cfgs(name):
+            if "ours_graphed" in providers and device.type == "cuda":
+                def build_graphed(cfg=cfg):
+                    model = build_ours(cfg, device, weight_dtype)
+                    return model, model, {}
 
-            run_provider(name, "ours_graphed", build_graphed, fused_loss=True)
+                run_provider(name, "ours_graphed" + suffix, build_graphed, fused_loss=True)
     for name in names:
         cfg = cfgs[name]
         if "mamba_ssm_graphed" in providers and device.type == "cuda":
@@ -323,10 +336,11 @@ def main() -> None:
             if time.perf_counter() - start > args.budget_s:
                 print(f"  [{name} ours_compiled] skipped: past --budget-s {args.budget_s:.0f} s")
                 continue
-            def build_compiled(name=name):
-                return _build_compiled(cfgs[name], table[name], device, weight_dtype, args.precision, vocab, name)
+            for suffix, cfg in ours_cfgs(name):
+                def build_compiled(name=name, cfg=cfg):
+                    return _build_compiled(cfg, table[name], device, weight_dtype, args.precision, vocab, name)
 
-            run_provider(name, "ours_compiled", build_compiled, fused_loss=True)
+                run_provider(name, "ours_compiled" + suffix, build_compiled, fused_loss=True)
     if not rows:
         raise SystemExit("no provider ran")
     path = save_results(args.name, rows, plot_key="L")
@@ -442,7 +456,7 @@ def _ratios_to_mamba_ssm(rows) -> None:
     graphed = {r["case"]: r for r in rows if r["provider"] == "mamba_ssm_graphed"}
     for r in rows:
         b = graphed.get(r["case"])
-        if r["provider"] == "ours_graphed" and b is not None:
+        if r["provider"].startswith("ours_graphed") and b is not None:
             r["speedup_vs_mamba_ssm_graphed"] = round(r["tokens_per_s"] / b["tokens_per_s"], 3)
 
 
