@@ -44,8 +44,9 @@ from mamba_pkg.ops.backend import (
 )
 
 MAX_DSTATE = 256
-# With full tiles (EVEN), the forward kernels prefetch their next tiles' lines into L1 (PTX; see
-# _prefetch_tile; with masked tiles, which already spill, the prefetch adds to the spill). H100,
+# With full tiles (EVEN) and N <= 16, the forward kernels prefetch their next tiles' lines into L1
+# (PTX; see _prefetch_tile; masked tiles and N = 64's forward already spill, and the prefetch's
+# addresses add to the spill: offline SASS, N = 64 24 -> 56 bytes of stack). H100,
 # same run: fwd B=1 D=4096 L=8192 0.503 -> 0.479 ms, B=4 D=2048 L=8192 0.674 -> 0.665, L=2048 equal;
 # in the backward too it cost 1% at B=4 D=2048 (fwd+bwd 0.798 -> 0.808 ms at L=2048), so not there.
 # A switch for benchmarks/bench_selective_scan.py --variants.
@@ -351,13 +352,14 @@ def _softplus(x, FAST_MATH: tl.constexpr):
 
 @triton.jit
 def _anchor(x, AXIS: tl.constexpr, ONE_WARP: tl.constexpr):
-    """x unchanged (AXIS: its number of dimensions). ONE_WARP: as a sum over the pair (x, 0), a
-    reduction, which Triton's layout pass does not recompute in the consumers' layout: Triton 3.6
+    """x unchanged (AXIS: its number of dimensions). ONE_WARP: as the max over the pair (x, x), a
+    reduction, which Triton's layout pass does not recompute in the consumers' layout (and which
+    LLVM folds away: no instruction, where a sum over (x, 0) left an add per value): Triton 3.6
     otherwise moves the layout change up to the loads and redoes the per-(l, d) work (softplus,
     bf16 unpacking) on the copies that the scan layout replicates over the N_LANES lanes. Not
     with several warps (there it made the N = 64 backward spill more)."""
     if ONE_WARP:
-        x = tl.sum(tl.join(x, tl.zeros_like(x)), axis=AXIS)
+        x = tl.max(tl.join(x, x), axis=AXIS)
     return x
 
 
@@ -442,8 +444,9 @@ def _prefetch(p, mask):
 
 
 @triton.jit
-def _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, o_n3,
-                   m_d, m_n3, l_pf, seqlen, HAS_Z: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr):
+def _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, m_d,
+                   l_pf, seqlen, dstate, HAS_Z: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """L1 prefetch of the lines holding step l_pf of this program's rows of u, delta, z and of the
     input-dependent B, C: one instruction per tensor and thread. Why: ptxas (Triton 3.6) gives the
     loads of the next tile (the register prefetches) scoreboards that it also waits on for
@@ -454,10 +457,12 @@ def _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, 
     _prefetch(delta_ptr + o_row_delta + l_pf, m_d)
     if HAS_Z:
         _prefetch(z_ptr + o_row_z + l_pf, m_d)
+    # B and C: a 1-D block of rows (few per thread), not the replicated state layout of the loads.
+    o_n = tl.arange(0, BLOCK_N)
     if B_VAR:
-        _prefetch(B_ptr + o_b_row + o_n3.to(tl.int64) * seqlen + l_pf, m_n3)
+        _prefetch(B_ptr + o_b_row + o_n.to(tl.int64) * seqlen + l_pf, o_n < dstate)
     if C_VAR:
-        _prefetch(C_ptr + o_c_row + o_n3.to(tl.int64) * seqlen + l_pf, m_n3)
+        _prefetch(C_ptr + o_c_row + o_n.to(tl.int64) * seqlen + l_pf, o_n < dstate)
 
 
 @triton.jit
@@ -572,8 +577,8 @@ def _selective_scan_fwd_kernel(
         # Two tiles ahead of the register prefetch (clamped to the last step: in bounds).
         l_pf = tl.minimum(i_t * BLOCK_L + 3 * BLOCK_L, seqlen - 1)
         if L1_PREFETCH:
-            _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, o_n3,
-                           m_d, m_n3, l_pf, seqlen, HAS_Z, B_VAR, C_VAR)
+            _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, m_d,
+                           l_pf, seqlen, dstate, HAS_Z, B_VAR, C_VAR, N_IN * N_LANES)
         b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         b_dt = _anchor(b_dt, 2, BLOCK_D * N_LANES == 32)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
@@ -1045,7 +1050,7 @@ def _selective_scan_fwd(
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=even,
         FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, CKPT_L=ckpt_l,
-        L1_PREFETCH=L1_PREFETCH and even and ptx_math(_selective_scan_fwd_kernel),
+        L1_PREFETCH=L1_PREFETCH and even and n_in * n_lanes <= 16 and ptx_math(_selective_scan_fwd_kernel),
     )
     return out, last, ckpt
 
