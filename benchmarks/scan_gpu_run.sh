@@ -83,20 +83,20 @@ if [ "${1:-}" = s6final ]; then
   # Session 6's last call within $2 s (default 60): the full matrix vs mamba_ssm first (--rep-ms 150; N=4 / 64
   # kernels compiled meanwhile by warm-ups), then with the time left the fwd+bwd profile and the scan's CUDA
   # tests (full tiles, prefetch bits, varlen).
-  lim=${2:-60}
+  budget=${2:-60}  # not lim: t() sets lim
   for n in 4 64; do t warm$n 45 python3 -c "$(warm $n)"; done
-  timeout $(( lim - 8 )) python3 benchmarks/bench_selective_scan.py --rep-ms 150 > $L/bench.log 2>&1; show bench $? 50
+  timeout $(( budget - 8 )) python3 benchmarks/bench_selective_scan.py --rep-ms 150 > $L/bench.log 2>&1; show bench $? 50
   if [ ! -f ${OUT:-.}/bench_selective_scan.json ] && [ -f ${OUT:-.}/bench_selective_scan_partial.json ]; then
     # Cut by the limit: JSON + plot of the rows measured.
     python3 -c "import json, os; from benchmarks.common import save_results
 save_results('bench_selective_scan', json.load(open(os.path.join(os.environ.get('OUT') or '.', 'bench_selective_scan_partial.json'))))" > /dev/null 2>&1
   fi
   wait
-  left=$(( lim - $(date +%s) + T0 - 2 ))
+  left=$(( budget - $(date +%s) + T0 - 2 ))
   if [ $left -gt 12 ]; then
     timeout 8 python3 -c "from benchmarks.bench_selective_scan import profile; profile()" > $L/profile.log 2>&1
     show profile $? 16
-    left=$(( lim - $(date +%s) + T0 - 2 ))
+    left=$(( budget - $(date +%s) + T0 - 2 ))
     timeout $left python3 -m pytest -q -rs tests/ops/test_selective_scan.py \
       -k "prefetch or varlen_cuda or (matches_ref_cuda and 2048)" > $L/tests_cuda.log 2>&1; show tests_cuda $? 4
   fi
