@@ -119,13 +119,13 @@ def bench_case(s, provider, fwdbwd):
 
 
 # Our kernels launched through Triton's own launch path every time (no cached launches,
-# mamba_pkg/ops/ssd/_launch.py): the host time before session 5 round 2, same kernels.
+# mamba_pkg/ops/_launch.py): the host time before session 5 round 2, same kernels.
 UNCACHED = "ours_uncached_launch"
 
 
 @contextlib.contextmanager
 def uncached_launches():
-    from mamba_pkg.ops.ssd import _launch
+    from mamba_pkg.ops import _launch
 
     _launch.enabled = False
     try:

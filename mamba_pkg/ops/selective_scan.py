@@ -16,7 +16,6 @@ states (B, D, N) fp32. Packed sequences: batch 1 and ``cu_seqlens``
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Tuple
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -834,91 +834,6 @@ def _selective_scan_bwd_kernel(
 # ---------------------------------------------------------------------------
 
 
-class _Launch:
-    """``fn[grid](*pointers, *ints, **consts, num_warps=, maxnreg=)`` for one @triton.jit kernel whose
-    parameters are its pointers, then its ints (each in the kernel's order), then its constexprs.
-
-    Triton's JITFunction.run binds and specialises every argument, builds a string cache key and
-    launch metadata on every call: about 18 (forward) and 34 us (backward) per launch of these
-    kernels with Triton 3.6 on a CPU that needs ~160 us for the rest of a fwd+bwd call, several
-    times that on the H100 host, where the scan at L=2048 was host-bound. Here the first launch
-    of each key goes through Triton (which compiles if needed and returns its compiled kernel)
-    and later ones call that kernel's launcher directly, with the tensors' addresses. The key holds everything that selects
-    a specialisation, or more: the constexprs and options, the ints' values (Triton keys on
-    == 1, divisibility by 16 and the int32 range), each pointer's dtype, None-ness and 16-byte
-    alignment of its address, the device and Triton's debug / instrumentation knobs. Only for
-    Triton versions whose launch convention was checked on a GPU, compiled kernels (not the
-    interpreter), and while no launch hook (a profiler) or pre-run hook is installed; anything
-    else takes Triton's own path.
-    """
-
-    _MAX_KEYS = 1024
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.kernels = {}
-        self.const_names = None
-
-    def _direct(self) -> bool:
-        if type(self.fn).__name__ != "JITFunction" or not triton.__version__.startswith(_DIRECT_LAUNCH_TRITON):
-            return False
-        runtime = _triton_knobs().runtime
-        return not (self.fn.pre_run_hooks or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook))
-
-    def __call__(self, grid, pointers: tuple, ints: tuple, num_warps: int, maxnreg=None, **consts):
-        """Launch on a 2-D grid; consts are the constexpr parameters by name."""
-        if not self._direct():
-            self.fn[grid](*pointers, *ints, **consts, num_warps=num_warps, maxnreg=maxnreg)
-            return
-        knobs = _triton_knobs()
-        device = _driver().active.get_current_device()
-        addresses = [None if t is None else t.data_ptr() for t in pointers]
-        key = (device, tuple(consts.values()), num_warps, maxnreg, ints, knobs.runtime.debug,
-               knobs.compilation.instrumentation_mode,
-               tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(pointers, addresses)]))
-        kernel = self.kernels.get(key)
-        if kernel is None:
-            kernel = self.fn[grid](*pointers, *ints, **consts, num_warps=num_warps, maxnreg=maxnreg)
-            if len(self.kernels) >= self._MAX_KEYS:
-                self.kernels.clear()
-            self.kernels[key] = kernel
-            return
-        if self.const_names is None:
-            self.const_names = [p.name for p in self.fn.params if p.is_constexpr]
-        # Addresses as ints: the launcher then neither calls data_ptr() nor asks the driver whether
-        # each pointer is a device pointer (cuPointerGetAttribute), as it does for a tensor; the
-        # inputs were checked to be on one CUDA device before any launch.
-        kernel.run(grid[0], grid[1], 1, _driver().active.get_current_stream(device), kernel.function,
-                   kernel.packed_metadata, None, None, None, *addresses, *ints, *[consts[n] for n in self.const_names])
-
-
-# Triton versions whose JITFunction.run ends in the launch that _Launch repeats (checked on an H100).
-_DIRECT_LAUNCH_TRITON = ("3.6.",)
-
-
-def _hooked(hook) -> bool:
-    """Whether a Triton launch hook (None, a function, or a HookChain in Triton >= 3.5) does anything."""
-    return hook is not None and getattr(hook, "calls", True) != []
-
-
-@functools.cache
-def _triton_knobs():
-    from triton import knobs
-
-    return knobs
-
-
-@functools.cache
-def _driver():
-    from triton.runtime.driver import driver
-
-    return driver
-
-
-_launch_fwd = _Launch(_selective_scan_fwd_kernel)
-_launch_bwd = _Launch(_selective_scan_bwd_kernel)
-
-
 def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps, max_registers) of the kernels' 4-D blocks
     for pass_ "fwd" (no gradient), "ckpt" (the forward that saves the backward's
@@ -1041,10 +956,11 @@ def _selective_scan_fwd(
         last.zero_()
     grid = (cdiv(p.dim, block_d), p.batch)
     even = _is_even(p, block_d, n_in * n_lanes, block_l)
-    _launch_fwd(
-        grid, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last, ckpt if store_ckpt else None),
-        (p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides()),
-        num_warps, max_registers,
+    launch(
+        _selective_scan_fwd_kernel, grid,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last, ckpt if store_ckpt else None,
+        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
+        num_warps=num_warps, maxnreg=max_registers,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=initial_state is not None,
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=even,
@@ -1138,12 +1054,13 @@ def _selective_scan_bwd(
         dh0.zero_()
     dlast = dlast.contiguous() if dlast is not None else None
     grid = (n_dblocks, p.batch)
-    _launch_bwd(
-        grid, (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt, dout, dlast,
-               du, ddelta, dz if z is not None else None, params_part, bc_part, dh0 if has_h0 else None),
-        (p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
-         *dout.stride()[:2], stride_part, o_dB or 0, o_dC or 0, o_dD or 0, o_ddb or 0, o_dB_var, o_dB_var + n_b),
-        num_warps, max_registers,
+    launch(
+        _selective_scan_bwd_kernel, grid,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt, dout, dlast,
+        du, ddelta, dz if z is not None else None, params_part, bc_part, dh0 if has_h0 else None,
+        p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
+        *dout.stride()[:2], stride_part, o_dB or 0, o_dC or 0, o_dD or 0, o_ddb or 0, o_dB_var, o_dB_var + n_b,
+        num_warps=num_warps, maxnreg=max_registers,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),

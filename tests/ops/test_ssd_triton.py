@@ -295,9 +295,9 @@ def test_gpu_more_programs_than_a_grid_axis_allows():
 
 @requires_cuda
 def test_gpu_backward_is_deterministic(monkeypatch):
-    """Same bits twice; and the cached direct launches (ssd/_launch.py: every launch of the
+    """Same bits twice; and the cached direct launches (ops/_launch.py: every launch of the
     second run) give the same bits as Triton's own launch path."""
-    from mamba_pkg.ops.ssd import _launch
+    from mamba_pkg.ops import _launch
 
     inputs = make(*GPU_SHAPE)
     a = run(inputs, torch.bfloat16, "triton", 256)

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
-from mamba_pkg.ops.ssd._launch import launch
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype_for
 
 

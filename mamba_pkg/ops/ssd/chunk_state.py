@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_log2, ptx_math, tl, triton, triton_interpret
-from mamba_pkg.ops.ssd._launch import launch
+from mamba_pkg.ops._launch import launch
 
 
 def block_size(n: int) -> int:

@@ -1,14 +1,15 @@
-"""The SSD kernels' cached launches (mamba_pkg/ops/ssd/_launch.py), with stand-ins for Triton's
-compiled kernel, autotuner, driver and knobs: which calls take Triton's own launch path and what
-a cached launch passes to the compiled kernel. (On a GPU, test_gpu_backward_is_deterministic in
-test_ssd_triton.py checks that cached and uncached launches give the same bits.)"""
+"""Cached kernel launches (mamba_pkg/ops/_launch.py: the SSD kernels and the selective scan), with
+stand-ins for Triton's compiled kernel, autotuner, driver and knobs: which calls take Triton's own
+launch path and what a cached launch passes to the compiled kernel. (On a GPU,
+test_gpu_backward_is_deterministic in test_ssd_triton.py checks that cached and uncached launches
+give the same bits, and the selective scan's GPU tests run on cached launches.)"""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mamba_pkg.ops.ssd import _launch
+from mamba_pkg.ops import _launch
 
 
 class FakeCompiled:
@@ -48,10 +49,12 @@ class FakeAutotuner(FakeJit):
 
 @pytest.fixture
 def fakes(monkeypatch):
-    hooks = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=None)
+    hooks = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=None, debug=False)
     monkeypatch.setattr(_launch, "CompiledKernel", FakeCompiled)
     monkeypatch.setattr(_launch, "Autotuner", FakeAutotuner)
-    monkeypatch.setattr(_launch, "knobs", SimpleNamespace(runtime=hooks))
+    monkeypatch.setattr(_launch, "triton", SimpleNamespace(__version__=_launch.DIRECT_LAUNCH_TRITON[0] + "0"))
+    monkeypatch.setattr(_launch, "knobs", SimpleNamespace(runtime=hooks,
+                                                         compilation=SimpleNamespace(instrumentation_mode="")))
     monkeypatch.setattr(_launch, "driver", SimpleNamespace(active=SimpleNamespace(
         get_current_device=lambda: 0, get_current_stream=lambda device: 99)))
     monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
@@ -68,18 +71,32 @@ def test_second_launch_of_a_signature_calls_the_compiled_kernel(fakes):
     assert k.slow[0] == ((5, 2), (x, y, 7, 0.5), {"FLAG": True, "BLOCK": 16, "num_warps": 4})
     assert len(k.compiled.calls) == 2
     # grid padded to 3-D, the stream, the kernel's handles, no launch metadata or hooks, then
-    # every parameter in signature order (launch options such as num_warps are not parameters).
-    assert k.compiled.calls[0] == (5, 2, 1, 99, "function", "packed", None, None, None, x, y, 7, 0.5, True, 16)
+    # every parameter in signature order: the pointers as addresses, then the other arguments and
+    # the constexprs (launch options such as num_warps are not parameters).
+    want = (5, 2, 1, 99, "function", "packed", None, None, None, x.data_ptr(), y.data_ptr(), 7, 0.5, True, 16)
+    assert k.compiled.calls[0] == want
 
 
-@pytest.mark.parametrize("change", ["int", "float", "dtype", "alignment", "constexpr", "option"])
+def test_absent_pointer_is_passed_as_none(fakes):
+    """An optional pointer left out (None) stays None in the direct launch, and None-ness is part of
+    the signature."""
+    k = FakeJit()
+    x = torch.zeros(64)
+    for y in (None, None, x, x):
+        _launch.launch(k, (1,), x, y, 3, 1.0, FLAG=False, BLOCK=16)
+    assert len(k.slow) == 2 and len(k.compiled.calls) == 2
+    assert k.compiled.calls[0][9:11] == (x.data_ptr(), None)
+    assert k.compiled.calls[1][9:11] == (x.data_ptr(), x.data_ptr())
+
+
+@pytest.mark.parametrize("change", ["int", "float", "dtype", "alignment", "none", "constexpr", "option"])
 def test_anything_that_selects_a_specialisation_is_a_new_signature(fakes, change):
     k = FakeJit()
     base = torch.zeros(64)
     args = dict(x=base, y=base, n=16, scale=0.5, FLAG=True, BLOCK=16, num_warps=4)
     changed = dict(args, **{
-        "int": {"n": 1}, "float": {"scale": 0.25}, "dtype": {"y": base.double()},
-        "alignment": {"x": base[1:]}, "constexpr": {"FLAG": False}, "option": {"num_warps": 8}}[change])
+        "int": {"n": 1}, "float": {"scale": 0.25}, "dtype": {"y": base.double()}, "alignment": {"x": base[1:]},
+        "none": {"y": None}, "constexpr": {"FLAG": False}, "option": {"num_warps": 8}}[change])
     for a in (args, args, changed, changed):
         _launch.launch(k, (1,), a["x"], a["y"], a["n"], a["scale"], FLAG=a["FLAG"], BLOCK=a["BLOCK"],
                        num_warps=a["num_warps"])
@@ -115,4 +132,17 @@ def test_hooks_pre_hooks_and_switch_keep_the_normal_path(fakes, monkeypatch):
     monkeypatch.setattr(_launch, "enabled", False)
     for _ in range(2):
         _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
-    assert len(k.slow) == 4 and not k.compiled.calls
+    monkeypatch.setattr(_launch, "enabled", True)
+    k.pre_run_hooks.append(print)  # a pre-run hook added after the first launches
+    for _ in range(2):
+        _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
+    assert len(k.slow) == 6 and not k.compiled.calls
+
+
+def test_unchecked_triton_version_keeps_the_normal_path(fakes, monkeypatch):
+    monkeypatch.setattr(_launch, "triton", SimpleNamespace(__version__="9.9.0"))
+    k = FakeJit()
+    x = torch.zeros(64)
+    for _ in range(2):
+        _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
+    assert len(k.slow) == 2 and not k.compiled.calls

@@ -1,0 +1,120 @@
+"""Cached kernel launches: Triton's Python per launch, paid once per launch signature.
+
+``kernel[grid](*args, **kwargs)`` costs 15-45 us of host time per launch on top of the driver
+call with Triton 3.6 (binding and specialising every argument, the kernel-cache key with the
+options' string, the autotuner's key over every argument, launch metadata, two hook chains).
+On the H100 host that made the eager SSD forward and the selective scan at L=2048 host-bound.
+``launch`` goes through ``kernel[grid]`` the first time it meets a signature (so the autotuner
+still benchmarks its configs on first use and Triton compiles what it must), keeps the compiled
+kernel and the autotuner's config, and later calls the compiled kernel's launcher directly with
+the tensors' addresses (so the launcher neither calls ``data_ptr()`` nor asks the driver about
+each pointer: the callers check that their tensors are on one CUDA device).
+
+The signature is everything that selects a config or a specialisation, or more: the device;
+per pointer its None-ness, dtype and whether its address is a multiple of 16; every other
+argument's value (ints exactly: Triton specialises on == 1, divisibility by 16 and the integer
+width); the constexpr keywords and launch options; Triton's debug and instrumentation knobs.
+
+Only for Triton versions whose launch convention was checked on a GPU; launches that something
+else watches or changes (launch hooks such as a profiler's, pre-run hooks, config pre-hooks,
+the interpreter) always take Triton's own path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mamba_pkg.ops.backend import triton_interpret
+
+try:
+    import triton
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+except ImportError:  # no Triton, or one without these internals: always the normal path
+    triton = knobs = CompiledKernel = Autotuner = driver = None
+
+# Triton versions whose JITFunction.run ends in the launch repeated here (checked on an H100).
+DIRECT_LAUNCH_TRITON = ("3.6.",)
+# Off: every launch takes Triton's path (bench_ssd's compile-only mode and A/B runs).
+enabled = True
+# Entries per kernel before its cache is dropped (a new length or batch is a new signature).
+_MAX_ENTRIES = 256
+_caches: dict = {}
+
+
+def _direct_ok() -> bool:
+    return (CompiledKernel is not None and enabled and triton.__version__.startswith(DIRECT_LAUNCH_TRITON)
+            and not triton_interpret() and not _hooked())
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is set (Triton 3.5+ keeps them in chains, empty unless a profiler
+    such as proton adds one; without hooks the launch metadata is not needed)."""
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(leave, "calls", leave))
+
+
+def _n_pointers(args) -> int:
+    """The pointer parameters come first in every kernel launched here: tensors, or None for an
+    absent optional one."""
+    n = 0
+    while n < len(args) and (args[n] is None or isinstance(args[n], torch.Tensor)):
+        n += 1
+    return n
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a @triton.jit or @triton.autotune kernel; args are
+    the leading parameters (pointers first), kwargs the constexprs and launch options (num_warps,
+    maxnreg, ...)."""
+    jit = kernel.fn if Autotuner is not None and isinstance(kernel, Autotuner) else kernel
+    if not _direct_ok() or getattr(jit, "pre_run_hooks", None):
+        kernel[grid](*args, **kwargs)
+        return
+    device = driver.active.get_current_device()
+    cache = _caches.get(kernel)
+    # A new list of autotuning configs (the GPU tests pin them) starts a new cache.
+    configs = getattr(kernel, "configs", None)
+    if cache is None or cache["configs"] is not configs:
+        cache = _caches[kernel] = {"n_pointers": _n_pointers(args), "configs": configs}
+    n = cache["n_pointers"]
+    addresses = [None if t is None else t.data_ptr() for t in args[:n]]
+    key = (device, tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(args[:n], addresses)]),
+           args[n:], tuple(kwargs.items()), knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+    entry = cache.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **kwargs)
+        entry = _entry(kernel, jit, compiled, len(args), kwargs)
+        if entry is not None:
+            if len(cache) > _MAX_ENTRIES:
+                cache = _caches[kernel] = {"n_pointers": n, "configs": configs}
+            cache[key] = entry
+        return
+    compiled, meta, tail = entry
+    if callable(grid):
+        grid = grid(meta)
+    stream = driver.active.get_current_stream(device)
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                 compiled.function, compiled.packed_metadata, None, None, None, *addresses, *args[n:], *tail)
+
+
+def _entry(kernel, jit, compiled, n_args, kwargs):
+    """(compiled kernel, the constexprs a grid function sees, the parameters after args) for
+    the cache, or None where the direct launch would not be the same launch."""
+    if not isinstance(compiled, CompiledKernel):
+        return None  # the interpreter, or a launch that only compiled (intercepted)
+    config = {}
+    if jit is not kernel:
+        best = kernel.best_config
+        if best is None or best.pre_hook is not None:
+            return None
+        config = best.kwargs
+    if not hasattr(jit, "arg_names"):
+        return None
+    meta = {**kwargs, **config}
+    tail = jit.arg_names[n_args:]
+    if any(name not in meta for name in tail):
+        return None  # a parameter left to its default
+    return compiled, meta, tuple(meta[name] for name in tail)
