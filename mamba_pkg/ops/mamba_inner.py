@@ -266,8 +266,12 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
         # dxz in xz's layout (empty_like keeps a dense tensor's strides): Mamba's xz is a (B, 2D, L)
         # view of in_proj's (2D, B * L) product, and a contiguous dxz would be permuted (copied)
         # once more on its way back through that view.
+        # Two copies rather than torch.cat(out=dxz): cat into that non-contiguous layout takes
+        # its unvectorised path (152 us per mamba-130m layer on an H100, ~1.3 TB/s).
         dxz = torch.empty_like(xz, dtype=dx.dtype)
-        torch.cat([dx, dz.to(dx.dtype)], dim=1, out=dxz)
+        dim = dx.shape[1]
+        dxz[:, :dim].copy_(dx)
+        dxz[:, dim:].copy_(dz)
     return (dxz, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
             d_out_proj_bias, dA, None, None, dD, ddelta_bias, d_B_proj_bias, d_C_proj_bias, None)
 
