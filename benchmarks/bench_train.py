@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernel tables of ours_fused_loss, mamba_ssm and ours_compiled")
     ap.add_argument("--profile-models", default="mamba-130m,mamba2-130m", help="models to profile (with --profile)")
     ap.add_argument("--compile-models", default=None, help="models to measure compiled (default: all measured)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of ours_compiled (e.g. reduce-overhead: CUDA graphs)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="start no compiled row after this many seconds")
     ap.add_argument("--quick", action="store_true",
                     help="mamba-130m and mamba2-130m; providers ours_fused_loss, mamba_ssm and both graphed (no compile)")
@@ -338,7 +340,8 @@ def main() -> None:
                 continue
             for suffix, cfg in ours_cfgs(name):
                 def build_compiled(name=name, cfg=cfg):
-                    return _build_compiled(cfg, table[name], device, weight_dtype, args.precision, vocab, name)
+                    return _build_compiled(cfg, table[name], device, weight_dtype, args.precision, vocab, name,
+                                           args.compile_mode)
 
                 run_provider(name, "ours_compiled" + suffix, build_compiled, fused_loss=True)
     if not rows:
@@ -349,7 +352,7 @@ def main() -> None:
     print(f"saved {path}")
 
 
-def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
+def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name, mode=None):
     """ours under torch.compile (Inductor): fullgraph=True first, else fullgraph=False with the reason noted.
 
     Tracing happens on the first calls, so two training steps are run here (the compile time is
@@ -362,8 +365,8 @@ def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
     ids = torch.randint(0, vocab, (batch, seqlen), device=device)
     torch._dynamo.reset()  # no guards or cache entries left from the previous model
     t0 = time.perf_counter()
-    extra = {"fullgraph": True}
-    fn = torch.compile(model, fullgraph=True)
+    extra = {"fullgraph": True, **({"mode": mode} if mode else {})}
+    fn = torch.compile(model, fullgraph=True, mode=mode)
     try:
         # Two steps: the second recompiles once (einops' backend cache changes size on first use).
         make_step(fn, model, ids, precision, fused_loss=True)()
@@ -374,10 +377,10 @@ def _build_compiled(cfg, shape, device, weight_dtype, precision, vocab, name):
         print("    " + "\n    ".join(str(exc).splitlines()[1:16]))  # dynamo's explanation and user stack
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
-        fn = torch.compile(model)
+        fn = torch.compile(model, mode=mode)
         make_step(fn, model, ids, precision, fused_loss=True)()
         make_step(fn, model, ids, precision, fused_loss=True)()
-        extra = {"fullgraph": False, "note": note}
+        extra = {"fullgraph": False, "note": note, **({"mode": mode} if mode else {})}
     extra["compile_s"] = round(time.perf_counter() - t0, 1)
     return model, fn, extra
 
