@@ -101,8 +101,8 @@ def launches(f, enabled, n=3):
 def _canonical(a):
     """A pointer argument as its 16-byte alignment: Triton's path passes the tensor, the cached path
     its address (an int far above any scalar argument of these kernels)."""
-    if isinstance(a, torch.Tensor):
-        return ("pointer", a.data_ptr() % 16)
+    if isinstance(a, torch.Tensor):  # an empty tensor's address is 0 in both paths
+        return ("pointer", a.data_ptr() % 16) if a.data_ptr() else 0
     if isinstance(a, int) and not isinstance(a, bool) and a > 2**40:
         return ("pointer", a % 16)
     return a

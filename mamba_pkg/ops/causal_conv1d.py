@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -477,14 +478,14 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
              "FAST": ptx_math(_causal_conv1d_fwd_kernel), "BLOCK_D": block_d, "num_warps": warps}
     if path == "chunked":
         grid = (cdiv(length, block * CHUNK), cdiv(dim, block_d), batch)
-        _causal_conv1d_fwd_chunk_kernel[grid](
+        launch(_causal_conv1d_fwd_chunk_kernel, grid,
             x, weight, bias, initial_states, out, length, dim,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, **flags,
         )
         return
     grid = (cdiv(length, block), cdiv(dim, block_d), batch)
-    _causal_conv1d_fwd_kernel[grid](
+    launch(_causal_conv1d_fwd_kernel, grid,
         x, weight, bias, initial_states, starts, rows, out, length, dim,
         *x.stride(), *out.stride(), *init_strides,
         HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, **flags,
@@ -943,7 +944,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     if path == "chunked":
         if dout.stride(2) != 1:
             dout = dout.contiguous()
-        _causal_conv1d_bwd_chunk_kernel[(n_parts, cdiv(dim, block_d), batch)](
+        launch(_causal_conv1d_bwd_chunk_kernel, (n_parts, cdiv(dim, block_d), batch),
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), *init_strides,
             NC=block, CHUNK=CHUNK, TILES=tiles, PREFETCH=prefetch and tiles > 1, **flags,
@@ -951,7 +952,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     elif path == "rows":
         if dout.stride(1) != 1:
             dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
-        _causal_conv1d_bwd_rows_kernel[(n_parts, cdiv(dim, block_d), batch)](
+        launch(_causal_conv1d_bwd_rows_kernel, (n_parts, cdiv(dim, block_d), batch),
             x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
             W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
@@ -971,14 +972,14 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             sc_strides = (scratch.stride(0), 1, block_d) if channel_last else (scratch.stride(0), block + halo, 1)
         else:
             scratch, sc_strides = None, (0, 0, 0)
-        _causal_conv1d_bwd_kernel[(n_prog,)](
+        launch(_causal_conv1d_bwd_kernel, (n_prog,),
             x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, scratch,
             length, dim, n_l_tiles, n_d_tiles, n_tiles,
             *x.stride(), *dout.stride(), *dx.stride(), *init_strides, *sc_strides,
             HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
             HALO=halo, **flags,
         )
-    _conv_wgrad_reduce_kernel[(cdiv(dim * width, WGRAD_BLOCK_N),)](
+    launch(_conv_wgrad_reduce_kernel, (cdiv(dim * width, WGRAD_BLOCK_N),),
         dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
         HAS_BIAS=bias is not None, BLOCK_P=WGRAD_BLOCK_P, BLOCK_N=WGRAD_BLOCK_N, num_warps=4,
     )

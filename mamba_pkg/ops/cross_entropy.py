@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -96,7 +97,7 @@ def _cross_entropy_grad_fwd(logits: Tensor, targets: Tensor, scale: Tensor, igno
     if rows == 0:
         return loss
     block_v = min(next_pow2(vocab), MAX_BLOCK_V)
-    _cross_entropy_grad_kernel[(rows,)](
+    launch(_cross_entropy_grad_kernel, (rows,),
         logits, targets, scale, loss, vocab, logits.stride(0),
         IGNORE=ignore_index, BLOCK_V=block_v, PTX=ptx_math(_cross_entropy_grad_kernel),
         num_warps=8 if block_v >= 2048 else 4,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -129,7 +130,7 @@ def _add_norm_fwd(
     out, res_out, mean, rstd = _add_norm_fwd_outputs(x2, is_rms, res_dtype, store_res)
     rows, dim = x2.shape
     block_m, block_d, warps = _row_blocks(dim)
-    _add_norm_fwd_kernel[(cdiv(rows, block_m),)](
+    launch(_add_norm_fwd_kernel, (cdiv(rows, block_m),),
         x2, res2, weight, bias, out, res_out, mean, rstd, rows, dim,
         x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
         res_out.stride(0) if store_res else 0, eps,
@@ -217,7 +218,7 @@ def _add_norm_bwd(
     db = torch.empty(n_prog, dim, device=s2.device, dtype=torch.float32) if bias is not None else None
     has_dres = res_dtype is not None
     block_d = next_pow2(dim)
-    _add_norm_bwd_kernel[(n_prog,)](
+    launch(_add_norm_bwd_kernel, (n_prog,),
         s2, weight, bias, dy2, ds2, dx, dres, dw, db, mean, rstd,
         rows, dim, cdiv(rows, n_prog), s2.stride(0), dy2.stride(0),
         ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dres.stride(0) if has_dres else 0,
@@ -426,7 +427,7 @@ def _rms_norm_gated_fwd(
     rows, dim = x2.shape
     block_g = next_pow2(group_size)
     block_m = max(1, min(16, 2048 // block_g))
-    _gated_fwd_kernel[(cdiv(rows, block_m), dim // group_size)](
+    launch(_gated_fwd_kernel, (cdiv(rows, block_m), dim // group_size),
         x2, z2, weight, bias, out, rstd, rows, dim, group_size,
         x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0), eps,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
@@ -464,7 +465,7 @@ def _rms_norm_gated_bwd(
     dw = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32)
     db = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32) if bias is not None else None
     block_g = next_pow2(group_size)
-    _gated_bwd_kernel[(n_prog, dim // group_size)](
+    launch(_gated_bwd_kernel, (n_prog, dim // group_size),
         x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
         rows, dim, group_size, cdiv(rows, n_prog), x2.stride(0),
         z2.stride(0) if z2 is not None else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if z2 is not None else 0,
