@@ -10,7 +10,7 @@ as a percentage of the measured time (100 = at the limit).
 
     python benchmarks/bench_selective_scan.py [--quick] [--sweep 16,4,64] [--profile] [--skip-anchor]
                                               [--variants all|NAME,NAME]
-                                              [--passes fwd,fwdbwd] [--rep-ms 400]
+                                              [--passes fwd,fwdbwd] [--rep-ms 400] [--waves]
 """
 
 from __future__ import annotations
@@ -131,12 +131,12 @@ def _hook_block_sizes(overrides):
 
     original = ss._block_sizes
 
-    def hooked(dstate, group_size, grouped, pass_):
+    def hooked(dstate, group_size, grouped, pass_, low_reg=False):
         cfg = overrides.get((dstate, pass_))
         if cfg is None and pass_ == "ckpt" and (dstate, "bwd") in overrides:
             cfg = overrides[(dstate, "bwd")]
         if cfg is None or grouped:
-            return original(dstate, group_size, grouped, pass_)
+            return original(dstate, group_size, grouped, pass_, low_reg)
         return (*cfg, None) if len(cfg) == 5 else tuple(cfg)
 
     ss._block_sizes = hooked
@@ -236,6 +236,88 @@ def variants(names=None):
         f.write("\n".join(lines) + "\n")
 
 
+# --waves: the N = 16 shapes of selective_scan._block_sizes forced (whatever _low_register picks), at
+# mamba-130m's training shape (issue #8), the issue's B=4 D=2048 and mamba-1.4b's B=4 D=4096.
+WAVE_SHAPES = [(8, 1536, 2048), (4, 2048, 2048), (4, 4096, 2048), (8, 1536, 8192), (4, 2048, 8192)]
+WAVE_VARIANTS = {
+    "default": {"fwd": (8, 4, 4, 16, 1), "ckpt": (8, 4, 4, 16, 1), "bwd": (8, 4, 4, 8, 1)},
+    "low_reg": {"fwd": (8, 4, 4, 8, 1), "ckpt": (8, 4, 4, 8, 1), "bwd": (8, 4, 4, 4, 1, 168)},
+}
+
+
+def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
+    """ms per call of our kernels (torch.profiler): the forward without gradients, then the
+    checkpointing forward and the backward of a fwd+bwd."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn = provider_fn("ours")
+    result = {}
+    for pass_ in ("fwd", "fwdbwd"):
+        args = make_inputs(batch, dim, seqlen, dstate, requires_grad=pass_ == "fwdbwd")
+        grad = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            if pass_ == "fwd":
+                with torch.no_grad():
+                    fn(*args)
+            else:
+                fn(*args).backward(grad)
+
+        step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        for e in prof.key_averages():
+            for kernel, name in (("_fwd_kernel", "fwd" if pass_ == "fwd" else "ckpt_fwd"), ("_bwd_kernel", "bwd")):
+                if e.key.startswith("_selective_scan") and e.key.endswith(kernel):
+                    total = getattr(e, "device_time_total", None) or e.cuda_time_total
+                    result[name] = round(total / 1e3 / steps, 4)
+    return result
+
+
+def waves():
+    import mamba_pkg.ops.selective_scan as ss
+
+    lines, rows = [], []
+    reference = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)
+
+    def log(text):
+        lines.append(text)
+        print(text, flush=True)
+
+    for batch, dim, seqlen in WAVE_SHAPES:
+        picks = ss._low_register(batch, dim, 16, dim, False, torch.device("cuda", torch.cuda.current_device()))
+        log(f"B={batch} D={dim} L={seqlen}: launch picks {'low_reg' if picks else 'default'}")
+        for pass_ in ("fwd", "fwdbwd"):
+            ms = try_provider("mamba_ssm", lambda: bench_case("mamba_ssm", pass_, batch, dim, seqlen, 16))
+            rows.append({"case": f"{pass_} B={batch} D={dim} L={seqlen} N=16", "provider": "mamba_ssm", "ms": ms})
+            log(f"  mamba_ssm {pass_}: {ms}")
+        for name, spec in WAVE_VARIANTS.items():
+            undo = _hook_block_sizes({(16, k): v for k, v in spec.items()})
+            try:
+                got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)
+                worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
+                            for g, r in zip(got, reference))
+                if worst > 1e-2:
+                    log(f"  {name}: max_rel_err {worst:.1e} vs the launch's shapes: not timed")
+                    continue
+                for pass_ in ("fwd", "fwdbwd"):
+                    ms = try_provider("ours", lambda: bench_case("ours", pass_, batch, dim, seqlen, 16))
+                    rows.append({"case": f"{pass_} B={batch} D={dim} L={seqlen} N=16", "provider": f"ours {name}",
+                                 "ms": ms})
+                    log(f"  ours {name} {pass_}: {ms}")
+                log(f"  ours {name} kernels ms: {kernel_ms(batch, dim, seqlen)} (max_rel_err {worst:.1e})")
+            finally:
+                undo()
+        with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_waves.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_waves.json"), "w") as f:
+            json.dump(rows, f)
+
+
 def profile(seqlen=2048):
     """Kernel-level breakdown of our fwd+bwd at B=4, D=2048, N=16 (torch.profiler)."""
     from torch.profiler import ProfilerActivity
@@ -273,6 +355,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", type=str, default=None,
                         help="time VARIANTS (comma-separated names, or 'all') and exit")
+    parser.add_argument("--waves", action="store_true",
+                        help="default vs low-register N=16 shapes at WAVE_SHAPES (kernel times too) and exit")
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
@@ -280,6 +364,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     REP_MS = args.rep_ms
     passes = tuple(args.passes.split(","))
+    if args.waves:
+        waves()
+        return 0
     if args.variants:
         variants(None if args.variants == "all" else args.variants.split(","))
         return 0

@@ -12,6 +12,7 @@
 # `scan_gpu_run.sh round2`: the GPU tests (65 s), bench --main and the host probes (this code, the previous
 # selective_scan.py when its copy is there, mamba_inner_fn), at most about 150 s.
 # `scan_gpu_run.sh s6final [SECONDS]`: session 6's last call (see below).
+# `scan_gpu_run.sh waves`: session 6 round 2's call (see below).
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -100,6 +101,28 @@ save_results('bench_selective_scan', json.load(open(os.path.join(os.environ.get(
     timeout $left python3 -m pytest -q -rs tests/ops/test_selective_scan.py \
       -k "prefetch or varlen_cuda or (matches_ref_cuda and 2048)" > $L/tests_cuda.log 2>&1; show tests_cuda $? 4
   fi
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
+if [ "${1:-}" = waves ]; then
+  # Session 6 round 2 (wave quantization at B=8 D=1536), one call within ~180 s: every scan test and the
+  # mamba_inner tests on CUDA in 4 parallel groups beside a warm-up of bench --waves' kernels, then on a
+  # quiet machine bench --waves (default vs low-register shapes, ours vs mamba_ssm, kernel times).
+  t tests_ref 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda"
+  t tests_rest 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda"
+  t tests_inner 100 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py
+  t warm_waves 100 python3 -c "import torch
+from benchmarks.bench_selective_scan import WAVE_VARIANTS, _hook_block_sizes, _outputs_and_grads, make_inputs, provider_fn
+for spec in WAVE_VARIANTS.values():
+    undo = _hook_block_sizes({(16, k): v for k, v in spec.items()})
+    _outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
+    with torch.no_grad():
+        provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
+    undo()
+torch.cuda.synchronize()"
+  wait
+  timeout 75 python3 benchmarks/bench_selective_scan.py --waves --rep-ms 150 > $L/bench.log 2>&1; show bench $? 60
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
