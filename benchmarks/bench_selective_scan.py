@@ -242,6 +242,8 @@ WAVE_SHAPES = [(8, 1536, 2048), (4, 2048, 2048), (4, 4096, 2048), (8, 1536, 8192
 WAVE_VARIANTS = {
     "default": {"fwd": (8, 4, 4, 16, 1), "ckpt": (8, 4, 4, 16, 1), "bwd": (8, 4, 4, 8, 1)},
     "low_reg": {"fwd": (8, 4, 4, 8, 1), "ckpt": (8, 4, 4, 8, 1), "bwd": (8, 4, 4, 4, 1, 168)},
+    # Only the backward low-register (the checkpointing forward keeps 16-step tiles, 246 registers).
+    "low_reg_bwd": {"fwd": (8, 4, 4, 16, 1), "ckpt": (8, 4, 4, 16, 1), "bwd": (8, 4, 4, 4, 1, 168)},
 }
 
 
