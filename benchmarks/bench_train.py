@@ -44,7 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import BF16_FLOPS, save_results, time_ms, try_provider
+from benchmarks.common import BF16_FLOPS, cuda_profile, save_results, time_ms, try_provider
 
 VOCAB = 50277
 MAMBA2 = {"layer": "Mamba2"}
@@ -404,14 +404,7 @@ KERNEL_FAMILIES = (  # (family, substrings of the kernel name), first match wins
 def kernel_profile(step, steps: int = 2, top: int = 15) -> dict:
     """GPU time of one step by kernel (torch.profiler over ``steps`` steps): the top kernels and the
     time per kernel family, in ms per step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    prof = cuda_profile(step, steps)
     kernels = []
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", None)

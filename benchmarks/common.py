@@ -37,6 +37,20 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 100, rep_ms: int = 400) -
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def cuda_profile(step: Callable[[], object], steps: int = 2):
+    """torch.profiler (CUDA activity) over ``steps`` calls of ``step``, after one warm-up call
+    outside it; returns the profiler (``.key_averages()`` for per-kernel device times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return prof
+
+
 def try_provider(name: str, fn: Callable[[], float]) -> Optional[float]:
     """Run one provider's timing; a provider that fails is reported, not fatal."""
     try:
