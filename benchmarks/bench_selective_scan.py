@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from benchmarks.common import EXP_PER_S, HBM_BYTES_PER_S, save_results, time_ms, try_provider
+from benchmarks.common import EXP_PER_S, HBM_BYTES_PER_S, cuda_profile, save_results, time_ms, try_provider
 
 
 # Timed repetitions per case in ms (--rep-ms; the warm-up is a quarter of it).
@@ -131,12 +131,12 @@ def _hook_block_sizes(overrides):
 
     original = ss._block_sizes
 
-    def hooked(dstate, group_size, grouped, pass_, low_reg=False):
+    def hooked(dstate, group_size, grouped, pass_):
         cfg = overrides.get((dstate, pass_))
         if cfg is None and pass_ == "ckpt" and (dstate, "bwd") in overrides:
             cfg = overrides[(dstate, "bwd")]
         if cfg is None or grouped:
-            return original(dstate, group_size, grouped, pass_, low_reg)
+            return original(dstate, group_size, grouped, pass_)
         return (*cfg, None) if len(cfg) == 5 else tuple(cfg)
 
     ss._block_sizes = hooked
@@ -236,8 +236,11 @@ def variants(names=None):
         f.write("\n".join(lines) + "\n")
 
 
-# --waves: the N = 16 shapes of selective_scan._block_sizes forced (whatever _low_register picks), at
-# mamba-130m's training shape (issue #8), the issue's B=4 D=2048 and mamba-1.4b's B=4 D=4096.
+# --waves: the default N = 16 shapes against low-register ones (12 instead of 8 one-warp programs per
+# SM: one wave for the 1536 programs of B=8 D=1536, mamba-130m's training shape, issue #8), at that
+# shape, the issue's B=4 D=2048 and mamba-1.4b's B=4 D=4096. Not kept: slower at every shape (H100,
+# session 6 round 2, results/bench_selective_scan_waves.txt: B=8 D=1536 L=2048 fwd+bwd 1.450 default,
+# 1.658 low-register, 1.608 low-register backward only; the 4-step backward is 40% slower per step).
 WAVE_SHAPES = [(8, 1536, 2048), (4, 2048, 2048), (4, 4096, 2048), (8, 1536, 8192), (4, 2048, 8192)]
 WAVE_VARIANTS = {
     "default": {"fwd": (8, 4, 4, 16, 1), "ckpt": (8, 4, 4, 16, 1), "bwd": (8, 4, 4, 8, 1)},
@@ -250,9 +253,6 @@ WAVE_VARIANTS = {
 def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
     """ms per call of our kernels (torch.profiler): the forward without gradients, then the
     checkpointing forward and the backward of a fwd+bwd."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     fn = provider_fn("ours")
     result = {}
     for pass_ in ("fwd", "fwdbwd"):
@@ -266,13 +266,7 @@ def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
             else:
                 fn(*args).backward(grad)
 
-        step()
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        for e in prof.key_averages():
+        for e in cuda_profile(step, steps).key_averages():
             for kernel, name in (("_fwd_kernel", "fwd" if pass_ == "fwd" else "ckpt_fwd"), ("_bwd_kernel", "bwd")):
                 if e.key.startswith("_selective_scan") and e.key.endswith(kernel):
                     total = getattr(e, "device_time_total", None) or e.cuda_time_total
@@ -281,8 +275,6 @@ def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
 
 
 def waves():
-    import mamba_pkg.ops.selective_scan as ss
-
     lines, rows = [], []
     reference = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)
 
@@ -291,8 +283,7 @@ def waves():
         print(text, flush=True)
 
     for batch, dim, seqlen in WAVE_SHAPES:
-        picks = ss._low_register(batch, dim, 16, dim, False, torch.device("cuda", torch.cuda.current_device()))
-        log(f"B={batch} D={dim} L={seqlen}: launch picks {'low_reg' if picks else 'default'}")
+        log(f"B={batch} D={dim} L={seqlen}")
         for pass_ in ("fwd", "fwdbwd"):
             ms = try_provider("mamba_ssm", lambda: bench_case("mamba_ssm", pass_, batch, dim, seqlen, 16))
             rows.append({"case": f"{pass_} B={batch} D={dim} L={seqlen} N=16", "provider": "mamba_ssm", "ms": ms})

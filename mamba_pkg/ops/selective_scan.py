@@ -834,11 +834,10 @@ def _selective_scan_bwd_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str, low_reg: bool = False):
+def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps, max_registers) of the kernels' 4-D blocks
     for pass_ "fwd" (no gradient), "ckpt" (the forward that saves the backward's
     checkpoints, one per backward tile; up to N = 16 its tiles span two backward tiles) or "bwd".
-    low_reg (see _low_register; N = 9..16 only): half-length tiles, <= 168 registers per thread.
 
     N_LANES threads share a channel's state (N_IN entries each); BLOCK_D is chosen
     so that threads and warps cover BLOCK_D * N_LANES exactly, keeping BLOCK_L in
@@ -853,15 +852,9 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str, low_re
     N = 64's backward stays on four warps (one-warp shapes spill registers).
     """
     block_n = max(2, next_pow2(dstate))
-    max_registers = None
     if block_n <= 16:
         n_lanes = 2 if block_n <= 8 else 4
         num_warps, block_l = 1, (8 if pass_ == "bwd" else 16)
-        if low_reg and block_n == 16:
-            # Forward 156 registers as compiled; the 4-step backward takes 218 unless capped,
-            # and fits 168 without spilling (offline sm_90 SASS, Triton 3.6).
-            block_l //= 2
-            max_registers = 168 if pass_ == "bwd" else None
     elif block_n <= 64 and pass_ != "bwd":
         n_lanes, num_warps, block_l = 4, 1, 8
     else:
@@ -874,43 +867,7 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str, low_re
     block_d = max(1, 32 * num_warps // n_lanes)
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
-    return block_d, n_in, n_lanes, block_l, num_warps, max_registers
-
-
-# One-warp programs resident per SM for N = 9..16 (65536 registers per SM): the default shapes
-# take 250-255 registers per thread (8 warps), the low-register ones 156-168 (12 warps).
-_RESIDENT_PER_SM = (8, 12)
-_SM_COUNTS: dict = {}
-# _low_register's answers by its arguments (host time: three look-ups per fwd+bwd).
-_LOW_REGISTER: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNTS.get(index)
-    if count is None:
-        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
-
-
-def _low_register(batch: int, dim: int, dstate: int, group_size: int, grouped: bool, device) -> bool:
-    """Whether the launch (forward and backward alike: the checkpoints follow the backward's
-    tiles) takes the low-register N = 9..16 shapes: only where they run all programs in
-    fewer waves. The default shapes are faster per step (longer tiles) but fit 8 programs per
-    SM: B=8 D=1536 launches 1536 programs, 1.45 waves of 1056 on 132 SMs, but one of 1584 with
-    12 per SM; B=4 D=2048 (1024) and B=4 D=4096 (2048) take as many waves either way."""
-    if device.type != "cuda" or next_pow2(dstate) != 16:
-        return False
-    key = (batch, dim, dstate, group_size, grouped, device)
-    symbolic = not all(isinstance(v, int) for v in key[:4])  # torch.compile's dynamic sizes: not hashable
-    low = None if symbolic else _LOW_REGISTER.get(key)
-    if low is None:
-        n_programs = batch * cdiv(dim, _block_sizes(dstate, group_size, grouped, "bwd")[0])
-        sms = _sm_count(device)
-        low = bool(cdiv(n_programs, _RESIDENT_PER_SM[0] * sms) > cdiv(n_programs, _RESIDENT_PER_SM[1] * sms))
-        if not symbolic:
-            _LOW_REGISTER[key] = low
-    return low
+    return block_d, n_in, n_lanes, block_l, num_warps, None
 
 
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
@@ -936,9 +893,6 @@ class _Prepared:
         self.initial_state, self.seq_idx, self.num_seqs = initial_state, seq_idx, num_seqs
         self.B_var, self.C_var = B.dim() == 4, C.dim() == 4
         self.b_group_size, self.c_group_size, self.group_size, self.grouped = _groups(self.dim, B, C)
-
-    def low_register(self) -> bool:
-        return _low_register(self.batch, self.dim, self.dstate, self.group_size, self.grouped, self.u.device)
 
     def row_strides(self):
         """(batch, channel) strides of u, delta and z (their L stride is 1)."""
@@ -978,8 +932,7 @@ def _fwd_outputs(u, A, B, C, num_seqs: int, store_ckpt: bool):
     if not store_ckpt:
         return out, last, absent(u)
     _, _, group_size, grouped = _groups(dim, B, C)
-    low_reg = _low_register(batch, dim, dstate, group_size, grouped, u.device)
-    block_l = _block_sizes(dstate, group_size, grouped, "bwd", low_reg)[3]
+    block_l = _block_sizes(dstate, group_size, grouped, "bwd")[3]
     return out, last, u.new_empty(batch, cdiv(seqlen, block_l), dim, dstate, dtype=torch.float32)
 
 
@@ -991,11 +944,10 @@ def _selective_scan_fwd(
     """Kernel-ready inputs (see _Prepared) -> out (B, D, L), last_state (num_seqs, D, N)
     fp32, and the per-tile start states for the backward (empty unless store_ckpt)."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
-    low_reg = p.low_register()
     block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
-        p.dstate, p.group_size, p.grouped, "ckpt" if store_ckpt else "fwd", low_reg)
+        p.dstate, p.group_size, p.grouped, "ckpt" if store_ckpt else "fwd")
     out, last, ckpt = _fwd_outputs(u, A, B, C, num_seqs, store_ckpt)
-    ckpt_l = _block_sizes(p.dstate, p.group_size, p.grouped, "bwd", low_reg)[3] if store_ckpt else block_l
+    ckpt_l = _block_sizes(p.dstate, p.group_size, p.grouped, "bwd")[3] if store_ckpt else block_l
     varlen = seq_idx is not None
     if varlen and initial_state is not None:
         # Empty sequences are never visited by the kernel: their last state is their initial state.
@@ -1070,7 +1022,7 @@ def _selective_scan_bwd(
     _bwd_outputs for their forms and _param_grads for the split."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
-        p.dstate, p.group_size, p.grouped, "bwd", p.low_register())
+        p.dstate, p.group_size, p.grouped, "bwd")
     n_dblocks = cdiv(p.dim, block_d)
     dout = _rows(dout)
     varlen = seq_idx is not None

@@ -330,41 +330,6 @@ def test_kernel_full_tiles():
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_low_register_shapes(monkeypatch):
-    """The half-length tiles that launches with too many programs for one wave take (N = 16):
-    the forward with and without checkpoints (one per 4-step backward tile) and the backward
-    match the reference, with partial tiles."""
-    import mamba_pkg.ops.selective_scan as ss
-
-    monkeypatch.setattr(ss, "_low_register", lambda *a: True)
-    assert ss._block_sizes(16, 8, False, "bwd", True)[3:] == (4, 1, 168)
-    args = make_inputs(2, 8, 22, 16, bc="var", dtype=torch.bfloat16, device=DEV)
-    h0 = torch.randn(2, 8, 16).to(DEV)
-    check_kernel(args, h0=h0)
-    with torch.no_grad():
-        out = selective_scan_fn(**args, delta_softplus=True, initial_state=h0, backend="triton")
-        ref = selective_scan_ref(**{k: v.float() for k, v in args.items()}, delta_softplus=True, initial_state=h0)
-        lowp = selective_scan_ref(**args, delta_softplus=True, initial_state=h0)
-    _rule(out, ref, lowp, "out")
-
-
-def test_low_register_only_where_it_saves_a_wave(monkeypatch):
-    """On 132 SMs (8 default or 12 low-register one-warp programs each): B=8 D=1536 (1536
-    programs) takes 2 waves with the default shapes and 1 with the low-register ones; B=4
-    D=2048 and B=4 D=4096 take as many either way; other state sizes and CPU tensors never."""
-    import mamba_pkg.ops.selective_scan as ss
-
-    monkeypatch.setattr(ss, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(ss, "_LOW_REGISTER", {})
-    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert ss._low_register(8, 1536, 16, 1536, False, gpu)
-    assert ss._low_register(8, 1536, 12, 1536, False, gpu)
-    assert not ss._low_register(4, 2048, 16, 2048, False, gpu)
-    assert not ss._low_register(4, 4096, 16, 4096, False, gpu)
-    assert not ss._low_register(8, 1536, 8, 1536, False, gpu)
-    assert not ss._low_register(8, 1536, 16, 1536, False, cpu)
-
-
 def test_kernel_strided_rows():
     """u and z as the halves of one (B, 2D, L) tensor and delta with padded rows: the
     kernels read them in place (batch and channel strides); values and gradients match."""
@@ -476,18 +441,6 @@ def test_kernel_l1_prefetch_changes_no_bits_cuda(monkeypatch, dstate):
         results.append([t.detach() for t in (*plain, *ckpt)])
     for on, off in zip(*results):
         assert torch.equal(on, off)
-
-
-@requires_cuda
-@pytest.mark.parametrize("seqlen", [2048, 1001])
-def test_kernel_low_register_shapes_cuda(monkeypatch, seqlen):
-    """The low-register shapes (4-step backward tiles capped at 168 registers, 8-step forward
-    tiles) at a realistic size, full and partial tiles."""
-    import mamba_pkg.ops.selective_scan as ss
-
-    monkeypatch.setattr(ss, "_low_register", lambda *a: True)
-    args = make_inputs(2, 256, seqlen, 16, bc="var", dtype=torch.bfloat16)
-    check_kernel(args, h0=torch.randn(2, 256, 16), device="cuda")
 
 
 @requires_cuda
