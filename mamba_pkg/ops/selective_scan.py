@@ -16,7 +16,6 @@ states (B, D, N) fp32. Packed sequences: batch 1 and ``cu_seqlens``
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Tuple
 
@@ -835,7 +834,6 @@ def _selective_scan_bwd_kernel(
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)  # pure, and asked for two or three times per launch
 def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     """(BLOCK_D, N_IN, N_LANES, BLOCK_L, num_warps, max_registers) of the kernels' 4-D blocks
     for pass_ "fwd" (no gradient), "ckpt" (the forward that saves the backward's
