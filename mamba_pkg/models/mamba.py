@@ -148,9 +148,8 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())  # (D, N)
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         if self.use_fast_path and inference_params is None:
-            # x and z from two products: their gradients come back apart, so no (B, 2D, L)
-            # gradient is assembled (two copies per layer; dz still takes one back into its
-            # product's layout).
+            # x and z from two products: their gradients come back apart, each in its product's
+            # layout, so no (B, 2D, L) gradient is assembled (two copies per layer).
             weights = self.in_proj.weight.chunk(2, dim=0)
             biases = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
             x, z = (self._in_proj_part(w, b, hidden_t, seqlen) for w, b in zip(weights, biases))

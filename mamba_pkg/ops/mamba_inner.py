@@ -275,9 +275,8 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
     dx, d_conv1d_weight, d_conv1d_bias = [next(grads) if t is not None and t.requires_grad else None
                                           for t in conv_leaves]
     if z_in is not None:
-        # x and z came apart (e.g. from two products): their gradients go back apart, no
-        # (B, 2D, L) gradient assembled (dx in x's layout from the conv; dz contiguous, see
-        # selective_scan._bwd_outputs).
+        # x and z came apart (e.g. from two products): each gradient goes back in its own
+        # layout (dx in x's from the conv, dz in z's from the scan), no copies.
         dxz, dz_in = dx, (dz if needs[1] else None)
     else:
         dxz, dz_in = None, None
@@ -344,8 +343,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
             memory. No effect elsewhere (checkpoint_lvl=0 and the torch backend keep
             everything anyway; with B or C given the backward recomputes with a graph).
         z: optional (B, D, L) gate given apart from x (then xz is x), e.g. when x and z come
-            from two products: their gradients then come back apart, with no (B, 2*D, L)
-            gradient assembled.
+            from two products: their gradients then come back apart, each in its own tensor's
+            layout, with no (B, 2*D, L) gradient assembled.
 
     Returns:
         (B, L, d_model) in the dtype of xz (or the autocast dtype).

@@ -130,7 +130,7 @@ def test_inner_save_scan_states_skips_the_scan_recompute(monkeypatch, packed):
 @pytest.mark.parametrize("save_scan_states", [False, True])
 def test_inner_x_and_z_apart(save_scan_states):
     """z given apart (x and z from two (D, B * L) products, as in Mamba): same output as the xz
-    call, the gradients of x and z are xz's halves, x's in x's own layout."""
+    call, the gradients of x and z are xz's halves, each in its own tensor's layout."""
     params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
     dout = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(5)).to(DEV)
     xz = params.pop("xz")
@@ -142,7 +142,7 @@ def test_inner_x_and_z_apart(save_scan_states):
     z.register_hook(lambda g: grads.setdefault("z", g))
     out = mamba_inner_fn(x, **params, z=z, backend="triton", save_scan_states=save_scan_states)
     dx_base, dz_base = torch.autograd.grad((out * dout).sum(), [x_base, z_base])
-    assert grads["x"].stride() == x.stride()  # from the conv backward in x's layout: no copy on the way back
+    assert grads["x"].stride() == x.stride() and grads["z"].stride() == z.stride()  # no copy on the way back
     leaf = xz.clone().requires_grad_(True)
     want = mamba_inner_fn(leaf, **params, backend="triton")
     (dxz,) = torch.autograd.grad((want * dout).sum(), [leaf])
