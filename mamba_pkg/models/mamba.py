@@ -114,12 +114,6 @@ class Mamba(nn.Module):
                                 dtype=ssm_state_dtype or torch.float32)
         return conv_state, ssm_state
 
-    @staticmethod
-    def _in_proj_part(weight, bias, hidden_t, seqlen):
-        """weight (E, d_model) @ hidden_t (d_model, B * L) -> (B, E, L), a view of the (E, B * L) product."""
-        out = rearrange(weight @ hidden_t, "e (b l) -> b e l", l=seqlen)
-        return out + bias.to(out.dtype)[:, None] if bias is not None else out
-
     def forward(self, hidden_states, inference_params=None, *, cu_seqlens=None):
         """hidden_states (B, L, d_model) -> (B, L, d_model).
 
@@ -140,21 +134,19 @@ class Mamba(nn.Module):
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
 
-        # in_proj's output laid out as (2D, B * L) and viewed as (B, 2D, L): each (b, d) row has
-        # unit stride along L, so the conv and the scan read x and z in place (the transposed
-        # (B, L, 2D) output of in_proj(hidden_states) would be copied into that layout, forward
-        # and backward).
-        hidden_t = rearrange(hidden_states, "b l d -> d (b l)")
+        # xz (B, 2D, L) laid out as (2D, B * L): each (b, d) row has unit stride along L, so the
+        # conv and the scan read its x and z halves in place (the transposed (B, L, 2D) output
+        # of in_proj(hidden_states) would be copied into that layout, forward and backward).
+        xz = rearrange(
+            self.in_proj.weight @ rearrange(hidden_states, "b l d -> d (b l)"), "d (b l) -> b d l", l=seqlen
+        )
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         A = -torch.exp(self.A_log.float())  # (D, N)
         conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         if self.use_fast_path and inference_params is None:
-            # x and z from two products: their gradients come back apart, each in its product's
-            # layout, so no (B, 2D, L) gradient is assembled (two copies per layer).
-            weights = self.in_proj.weight.chunk(2, dim=0)
-            biases = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
-            x, z = (self._in_proj_part(w, b, hidden_t, seqlen) for w, b in zip(weights, biases))
             return mamba_inner_fn(
-                x,
+                xz,
                 conv_weight,
                 self.conv1d.bias,
                 self.x_proj.weight,
@@ -169,9 +161,7 @@ class Mamba(nn.Module):
                 delta_softplus=True,
                 cu_seqlens=cu_seqlens,
                 save_scan_states=self.save_scan_states,
-                z=z,
             )
-        xz = self._in_proj_part(self.in_proj.weight, self.in_proj.bias, hidden_t, seqlen)
         x, z = xz.chunk(2, dim=1)
         x = conv_with_cache(x, conv_weight, self.conv1d.bias, self.activation, conv_state, fresh=fresh, cu_seqlens=cu_seqlens)
         x_dbl = self.x_proj(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)

@@ -907,10 +907,7 @@ def _bwd_outputs(x, weight, bias, wgrad_fp32):
     dim, width = weight.shape
     dw = torch.empty(dim, width, device=x.device, dtype=torch.float32 if wgrad_fp32 else weight.dtype)
     db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else absent(x)
-    # With L contiguous, dx keeps a dense x's strides (e.g. Mamba's x, a view of a (D, B * L)
-    # product): its gradient then goes back through that view without a copy.
-    dx = torch.empty_like(x) if _layout(x) == "contiguous" else _empty_in_layout(x)
-    return dx, dw, db
+    return _empty_in_layout(x), dw, db
 
 
 def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,

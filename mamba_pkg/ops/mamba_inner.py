@@ -35,16 +35,12 @@ from mamba_pkg.ops.selective_scan import (
 
 
 def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C, cu_seqlens, z=None):
+                 out_proj_bias, A, B, C, cu_seqlens):
     check_tensor("xz", xz, ndim=3, dtype=FLOAT_DTYPES)
     check_cu_seqlens(cu_seqlens, xz.shape[2], xz.shape[0])
-    if z is not None:
-        check_tensor("z", z, shape=tuple(xz.shape), dtype=(xz.dtype,))
-        dim = xz.shape[1]
-    elif xz.shape[1] % 2:
+    if xz.shape[1] % 2:
         raise ValueError(f"xz must have shape (B, 2*D, L) (x and z halves), got {tuple(xz.shape)}")
-    else:
-        dim = xz.shape[1] // 2
+    dim = xz.shape[1] // 2
     check_tensor("conv1d_weight", conv1d_weight, ndim=(2, 3), dtype=FLOAT_DTYPES)
     if conv1d_weight.dim() == 3 and conv1d_weight.shape[1] != 1:
         raise ValueError(f"conv1d_weight must have shape (D, W) or (D, 1, W), got {tuple(conv1d_weight.shape)}")
@@ -60,7 +56,7 @@ def _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weigh
 
 
 def _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-              out_proj_bias, A, B, C, z=None) -> bool:
+              out_proj_bias, A, B, C) -> bool:
     """The common case of mamba_inner_fn (B and C from x_proj, no cu_seqlens) in a few
     comparisons; anything else goes through _check_inner, which names the bad argument."""
     weights = (conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight)
@@ -68,13 +64,9 @@ def _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, 
         return False
     if not all(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES for t in weights):
         return False
-    if xz.dtype not in FLOAT_DTYPES or xz.dim() != 3 or A.dtype != torch.float32:
+    if xz.dtype not in FLOAT_DTYPES or xz.dim() != 3 or xz.shape[1] % 2 or A.dtype != torch.float32:
         return False
-    if z is None and xz.shape[1] % 2:
-        return False
-    if z is not None and not (isinstance(z, torch.Tensor) and z.shape == xz.shape and z.dtype == xz.dtype):
-        return False
-    dim, width = (xz.shape[1] // 2 if z is None else xz.shape[1]), conv1d_weight.shape[-1]
+    dim, width = xz.shape[1] // 2, conv1d_weight.shape[-1]
     if conv1d_weight.shape != (dim, width) and conv1d_weight.shape != (dim, 1, width):
         return False
     if delta_proj_weight.dim() != 2 or A.dim() != 2 or out_proj_weight.dim() != 2:
@@ -91,11 +83,6 @@ def _left_matmul(weight, x):
     """weight (E, D) @ x (B, D, L) -> (B, E, L) contiguous, as a bmm over an expanded
     weight (torch.matmul would fold it as x^T @ weight^T and copy x into (B*L, D))."""
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-
-
-def _halves(xz, z):
-    """(x, z): the halves of xz (B, 2D, L), or xz itself as x when z is given apart."""
-    return xz.chunk(2, dim=1) if z is None else (xz, z)
 
 
 def _conv(x, conv1d_weight, conv1d_bias, cu_seqlens, backend):
@@ -126,21 +113,21 @@ def _projections(xc, x_proj_weight, delta_proj_weight, dstate, B, C, B_proj_bias
     return x_dbl, delta, B, C
 
 
-def _inner_scan(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+def _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                 B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend):
     """Everything before out_proj; returns the gated scan output y (B, D, L)."""
-    x, z = _halves(xz, z)
+    x, z = xz.chunk(2, dim=1)
     xc = _conv(x, conv1d_weight, conv1d_bias, cu_seqlens, backend)
     _, delta, B, C = _projections(xc, x_proj_weight, delta_proj_weight, A.shape[1], B, C, B_proj_bias, C_proj_bias)
     scan = selective_scan_ref if backend == "torch" else functools.partial(selective_scan_fn, backend=backend)
     return scan(xc, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens=cu_seqlens)
 
 
-def _scan_saving_states(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias,
+def _scan_saving_states(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D, delta_bias,
                         B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend):
     """The Triton forward of _inner_scan (B and C from x_proj) through the scan kernel that
     also stores the backward's state checkpoints: (y (B, D, L), checkpoints)."""
-    x, z = _halves(xz, z)
+    x, z = xz.chunk(2, dim=1)
     xc = _conv(x, conv1d_weight, conv1d_bias, cu_seqlens, backend)
     _, delta, B, C = _projections(xc, x_proj_weight, delta_proj_weight, A.shape[1], None, None, B_proj_bias,
                                   C_proj_bias)
@@ -158,10 +145,10 @@ def _out_proj(y, weight, bias):
     return torch.baddbmm(bias.expand(y.shape[0], y.shape[2], -1), y.transpose(1, 2), weight_t)
 
 
-def _inner_and_out_proj(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+def _inner_and_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                         out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
                         cu_seqlens, backend):
-    y = _inner_scan(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+    y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                     B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend)
     return _out_proj(y, out_proj_weight, out_proj_bias)
 
@@ -173,13 +160,13 @@ class MambaInnerFn(torch.autograd.Function):
     the scan output and the scan's state checkpoints, and the backward skips the scan forward."""
 
     @staticmethod
-    def forward(ctx, xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+    def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, options):
         delta_softplus, cu_seqlens, backend, save_states = options
-        inputs = (xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+        inputs = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                   B_proj_bias, C_proj_bias)
         if save_states:
-            y, ckpt = _scan_saving_states(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D,
+            y, ckpt = _scan_saving_states(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D,
                                           delta_bias, B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, backend)
             ctx.save_for_backward(*inputs, out_proj_weight, out_proj_bias, y, ckpt)
         else:
@@ -192,10 +179,10 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         saved = ctx.saved_tensors
-        inputs, (out_proj_weight, out_proj_bias), states = saved[:13], saved[13:15], saved[15:]
+        inputs, (out_proj_weight, out_proj_bias), states = saved[:12], saved[12:14], saved[14:]
         enabled, dtype = ctx.autocast
         with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled):
-            if inputs[7] is None and inputs[8] is None:
+            if inputs[6] is None and inputs[7] is None:
                 return _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states)
             return _inner_backward_autograd(ctx, dout, inputs, out_proj_weight, out_proj_bias)
 
@@ -214,14 +201,14 @@ def _inner_backward_autograd(ctx, dout, inputs, out_proj_weight, out_proj_bias):
     """Backward with B or C given: recompute the forward with a graph and differentiate it."""
     delta_softplus, cu_seqlens, backend, _ = ctx.options
     leaves = [t.detach().requires_grad_(need) if t is not None else None
-              for t, need in zip(inputs, ctx.needs_input_grad[:6] + ctx.needs_input_grad[8:15])]
+              for t, need in zip(inputs, ctx.needs_input_grad[:5] + ctx.needs_input_grad[7:14])]
     with torch.enable_grad():
         y = _inner_scan(*leaves, delta_softplus, cu_seqlens, backend)
     dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y.detach(), out_proj_weight, out_proj_bias)
     wanted = [t for t in leaves if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(y, wanted, dy) if wanted else [])
     dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    return (*dinputs[:6], d_out_proj_weight, d_out_proj_bias, *dinputs[6:], None)
+    return (*dinputs[:5], d_out_proj_weight, d_out_proj_bias, *dinputs[5:], None)
 
 
 def _weight_grad(dout, x, weight):
@@ -235,14 +222,14 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
     the conv is recomputed with a graph; x_proj, dt_proj and (unless ``states`` holds the
     forward's scan output and checkpoints) the scan forward are recomputed plainly, and their
     gradients are batched products and the scan's backward launcher."""
-    (xz, z_in, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, _, _, D, delta_bias, B_proj_bias,
+    (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, _, _, D, delta_bias, B_proj_bias,
      C_proj_bias) = inputs
     delta_softplus, cu_seqlens, backend, _ = ctx.options
     needs = ctx.needs_input_grad
     rank = delta_proj_weight.shape[1]
-    x, z = _halves(xz.detach(), z_in.detach() if z_in is not None else None)
-    conv_leaves = [x.requires_grad_(needs[0]), conv1d_weight.detach().requires_grad_(needs[2]),
-                   conv1d_bias.detach().requires_grad_(needs[3]) if conv1d_bias is not None else None]
+    x, z = xz.detach().chunk(2, dim=1)
+    conv_leaves = [x.requires_grad_(needs[0]), conv1d_weight.detach().requires_grad_(needs[1]),
+                   conv1d_bias.detach().requires_grad_(needs[2]) if conv1d_bias is not None else None]
     with torch.enable_grad():
         xc = _conv(x, conv_leaves[1], conv_leaves[2], cu_seqlens, backend)
     xc_plain = xc.detach()
@@ -274,34 +261,29 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
     grads = iter(torch.autograd.grad(xc, wanted, dxc) if wanted else [])
     dx, d_conv1d_weight, d_conv1d_bias = [next(grads) if t is not None and t.requires_grad else None
                                           for t in conv_leaves]
-    if z_in is not None:
-        # x and z came apart (e.g. from two products): each gradient goes back in its own
-        # layout (dx in x's from the conv, dz in z's from the scan), no copies.
-        dxz, dz_in = dx, (dz if needs[1] else None)
-    else:
-        dxz, dz_in = None, None
-        if dx is not None:
-            # dxz in xz's layout (empty_like keeps a dense tensor's strides): Mamba's xz is a (B, 2D, L)
-            # view of in_proj's (2D, B * L) product, and a contiguous dxz would be permuted (copied)
-            # once more on its way back through that view.
-            # Two copies rather than torch.cat(out=dxz): cat into that non-contiguous layout takes
-            # its unvectorised path (152 us per mamba-130m layer on an H100, ~1.3 TB/s).
-            dxz = torch.empty_like(xz, dtype=dx.dtype)
-            dim = dx.shape[1]
-            dxz[:, :dim].copy_(dx)
-            dxz[:, dim:].copy_(dz)
-    return (dxz, dz_in, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
+    dxz = None
+    if dx is not None:
+        # dxz in xz's layout (empty_like keeps a dense tensor's strides): Mamba's xz is a (B, 2D, L)
+        # view of in_proj's (2D, B * L) product, and a contiguous dxz would be permuted (copied)
+        # once more on its way back through that view.
+        # Two copies rather than torch.cat(out=dxz): cat into that non-contiguous layout takes
+        # its unvectorised path (152 us per mamba-130m layer on an H100, ~1.3 TB/s).
+        dxz = torch.empty_like(xz, dtype=dx.dtype)
+        dim = dx.shape[1]
+        dxz[:, :dim].copy_(dx)
+        dxz[:, dim:].copy_(dz)
+    return (dxz, d_conv1d_weight, d_conv1d_bias, d_x_proj_weight, d_delta_proj_weight, d_out_proj_weight,
             d_out_proj_bias, dA, None, None, dD, ddelta_bias, d_B_proj_bias, d_C_proj_bias, None)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                     out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
-                    C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None, z=None):
+                    C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None):
     """Torch reference of :func:`mamba_inner_fn` (plain autograd; checkpoint_lvl has
     no effect on the result)."""
     _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C, cu_seqlens, z)
-    y = _inner_scan(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                 out_proj_bias, A, B, C, cu_seqlens)
+    y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
                     B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, "torch")
     return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias)
 
@@ -317,11 +299,11 @@ def _recompute_policy(save_states, ctx, op, *args, **kwargs):
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
                    C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, *, cu_seqlens=None, backend=None,
-                   save_scan_states=False, z=None):
+                   save_scan_states=False):
     """The Mamba-1 block's inner path, fused for training memory.
 
     Args:
-        xz: (B, 2*D, L) in_proj output, x and z halves; or x (B, D, L) alone when z is given.
+        xz: (B, 2*D, L) in_proj output, x and z halves.
         conv1d_weight: (D, W) or (D, 1, W); conv1d_bias: (D,) or None.
         x_proj_weight: (R + 2*N, D), rows [dt (R); B (N); C (N)].
         delta_proj_weight: (D, R).
@@ -342,25 +324,22 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
             mamba-130m step at 8 x 2048 on an H100) for about 3x the block's saved activation
             memory. No effect elsewhere (checkpoint_lvl=0 and the torch backend keep
             everything anyway; with B or C given the backward recomputes with a graph).
-        z: optional (B, D, L) gate given apart from x (then xz is x), e.g. when x and z come
-            from two products: their gradients then come back apart, each in its own tensor's
-            layout, with no (B, 2*D, L) gradient assembled.
 
     Returns:
         (B, L, d_model) in the dtype of xz (or the autocast dtype).
     """
     if cu_seqlens is not None or not _inner_ok(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
-                                               out_proj_weight, out_proj_bias, A, B, C, z):
+                                               out_proj_weight, out_proj_bias, A, B, C):
         _check_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                     out_proj_bias, A, B, C, cu_seqlens, z)
+                     out_proj_bias, A, B, C, cu_seqlens)
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl}")
     if not isinstance(save_scan_states, bool):
         raise TypeError(f"save_scan_states must be a bool, got {type(save_scan_states).__name__}")
     which = resolve_backend(backend, xz, conv1d_weight, A)
     if which == "torch" or checkpoint_lvl == 0 or not torch.is_grad_enabled():
-        y = _inner_scan(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D,
-                        delta_bias, B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, which)
+        y = _inner_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                        B_proj_bias, C_proj_bias, delta_softplus, cu_seqlens, which)
         return F.linear(rearrange(y, "b d l -> b l d"), out_proj_weight, out_proj_bias) if which == "torch" \
             else _out_proj(y, out_proj_weight, out_proj_bias)
     save_states = save_scan_states and B is None and C is None
@@ -372,11 +351,11 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         # 2.11's partitioner saved the scan's checkpoints and intermediates instead (compiled
         # mamba-1.4b, 4 x 2048: 32.5 GiB peak against 14.5 eager).
         return torch.utils.checkpoint.checkpoint(
-            _inner_and_out_proj, xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+            _inner_and_out_proj, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
             out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
             cu_seqlens, which, use_reentrant=False,
             context_fn=functools.partial(create_selective_checkpoint_contexts,
                                          functools.partial(_recompute_policy, save_states)))
-    return MambaInnerFn.apply(xz, z, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+    return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                               out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                               (delta_softplus, cu_seqlens, which, save_states))

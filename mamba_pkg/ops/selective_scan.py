@@ -654,7 +654,6 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
-    DZ_LIKE_Z: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
@@ -666,8 +665,7 @@ def _selective_scan_bwd_kernel(
     apart), sums over the channels of a block (input-dependent dB / dC, at o_dB_var and
     o_dC_var of dbc_ptr) to one slab per program; the launcher adds them up in torch:
     deterministic, no atomics. ATOMIC: all of them are instead added atomically into their
-    zeroed fp32 results (order-dependent rounding; stride_part_batch 0). DZ_LIKE_Z: dz has
-    z's strides (else it is contiguous)."""
+    zeroed fp32 results (order-dependent rounding; stride_part_batch 0)."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -774,8 +772,7 @@ def _selective_scan_bwd_kernel(
                 b_y += b_D[None, :] * b_u
             b_sig = ptx_sigmoid(b_z, FAST_MATH)
             b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
-            o_dz = o_row_z[None, :] + o_l[:, None] if DZ_LIKE_Z else o_ld
-            tl.store(dz_ptr + o_dz, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
+            tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
             b_dy = b_dout * b_z * b_sig
         else:
             b_dy = b_dout
@@ -1010,9 +1007,7 @@ def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
                                      delta_bias is not None)
     return (
         u.new_empty(u.shape), delta.new_empty(u.shape),
-        # dz in z's layout where z is dense (e.g. Mamba's z, a view of a (D, B * L) product):
-        # its gradient then goes back through that view without a copy.
-        torch.empty_like(z) if z is not None else absent(u),
+        z.new_empty(u.shape) if z is not None else absent(u),
         A.new_empty(initial_state.shape) if initial_state is not None else absent(u),
         A.new_empty(n_params + sum(_bc_grad_sizes(B, C))),
     )
@@ -1070,7 +1065,6 @@ def _selective_scan_bwd(
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
-        DZ_LIKE_Z=z is not None and dz.stride() == z.stride(),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
     )
     if not atomic and p.batch > 1:

@@ -127,32 +127,6 @@ def test_inner_save_scan_states_skips_the_scan_recompute(monkeypatch, packed):
         torch.testing.assert_close(grads_s[name], grads_r[name], rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("save_scan_states", [False, True])
-def test_inner_x_and_z_apart(save_scan_states):
-    """z given apart (x and z from two (D, B * L) products, as in Mamba): same output as the xz
-    call, the gradients of x and z are xz's halves, each in its own tensor's layout."""
-    params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
-    dout = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(5)).to(DEV)
-    xz = params.pop("xz")
-    x_base = xz[:, :4].permute(1, 0, 2).reshape(4, 18).clone().requires_grad_(True)  # (D, B * L)
-    z_base = xz[:, 4:].permute(1, 0, 2).reshape(4, 18).clone().requires_grad_(True)
-    x, z = (t.view(4, 2, 9).permute(1, 0, 2) for t in (x_base, z_base))  # (B, D, L) views
-    grads = {}
-    x.register_hook(lambda g: grads.setdefault("x", g))
-    z.register_hook(lambda g: grads.setdefault("z", g))
-    out = mamba_inner_fn(x, **params, z=z, backend="triton", save_scan_states=save_scan_states)
-    dx_base, dz_base = torch.autograd.grad((out * dout).sum(), [x_base, z_base])
-    assert grads["x"].stride() == x.stride() and grads["z"].stride() == z.stride()  # no copy on the way back
-    leaf = xz.clone().requires_grad_(True)
-    want = mamba_inner_fn(leaf, **params, backend="triton")
-    (dxz,) = torch.autograd.grad((want * dout).sum(), [leaf])
-    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dx_base.view(4, 2, 9).permute(1, 0, 2), dxz[:, :4], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dz_base.view(4, 2, 9).permute(1, 0, 2), dxz[:, 4:], rtol=1e-5, atol=1e-6)
-    ref = mamba_inner_ref(x.detach(), **params, z=z.detach())
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-
-
 def test_inner_varlen_equals_per_sequence():
     lengths = [3, 6, 1]
     cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
@@ -198,7 +172,6 @@ def test_inner_ref_matches_unfused_composition():
         (dict(A=torch.randn(4, 4, dtype=torch.float64)), TypeError, "A must have dtype float32"),
         (dict(checkpoint_lvl=2), ValueError, "checkpoint_lvl"),
         (dict(save_scan_states=1), TypeError, "save_scan_states must be a bool"),
-        (dict(z=torch.randn(2, 4, 8)), ValueError, "z must have shape"),
         (dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "cu_seqlens.*batch size 1"),
     ],
 )
