@@ -16,6 +16,13 @@ Parts (--parts, comma-separated):
 - model: whole decode steps (one CUDA-graph replay of our captured step, bf16 states) with a
   module setting switched, A against B, on the real model sizes (weights stream from HBM, unlike
   the isolated kernels above whose weights can stay in L2).
+- ncu: one eager step of each --models model at --ncu-batch between cudaProfilerStart / Stop, for
+  `ncu --profile-from-start off ...` (isolated kernel times, DRAM throughput, waves).
+- timeline: the kernels of one replay of the captured step (ours under each TIMELINE setting, and
+  mamba_ssm's captured step), from torch.profiler's trace: per kernel (name and grid) its count,
+  mean duration and mean "advance" = how far its end moves the step's end past every kernel
+  before it. With PDL a kernel starts early and waits (gdc_wait) inside its duration, so
+  durations overlap; the advances add up to the step, so they say what each kernel costs.
 
 Every time is a CUDA-graph replay (median). Prints one line per candidate and saves rows via
 benchmarks.common.save_results ("sweep_decode").
@@ -55,13 +62,11 @@ NORM_BLOCK_N = (4, 8, 16)
 # noise of the A/B.
 DL = "ops.decode_linear."
 DOT64 = {"models._cache_utils.STEP_DOT_MAX_ROWS": 64}
+SDS = "ops.ssm_decode_step."
 MODEL_AB = [
-    ("mamba-1.4b", 1, ({}, {DL + "TILE_ELEMS": 16384}, {DL + "BLOCK_N": 2}, {DL + "BLOCK_N": 8, DL + "TILE_ELEMS": 16384},
-                       {DL + "PREPASS_ADD_NORM_ALONE": True}, {})),
-    ("mamba-1.4b", 64, ({}, DOT64)),
-    ("mamba2-1.3b", 1, ({}, {DL + "TILE_ELEMS": 16384}, {DL + "BLOCK_N": 2}, {DL + "PREPASS_GATED": False},
-                        {DL + "PREPASS_ADD_NORM_CONV": False}, {DL + "NORM_PREPASS": False}, {})),
-    ("mamba2-1.3b", 64, ({}, DOT64)),
+    ("mamba2-1.3b", 1, ({}, {DL + "PREPASS_FP32": False}, {DL + "PREPASS_ADD_NORM_CONV": False},
+                        {SDS + "TILE_ELEMS": {16: 2048, 128: 2048}, SDS + "NUM_WARPS": {16: 4, 128: 4}},
+                        {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}}, {DL + "NUM_WARPS": 8}, {})),
 ]
 
 
@@ -240,6 +245,116 @@ def fold_part(sw):
                 sw.timed(f"in_proj {name} b1", f"{label} pdl={int(pdl)}", run)
 
 
+# (model, batch, settings) of the timeline part; mamba_ssm's step is profiled after ours.
+TIMELINE = [
+    ("mamba2-1.3b", 1, ({}, {DL + "PDL": False})),
+    ("mamba2-130m", 64, ({},)),
+]
+
+
+def step_timeline(replay, reps=3):
+    """Kernels of one ``replay()`` (a CUDA graph): list of (name, grid, start_us, end_us), by start."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(reps):
+        replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    kernels = [(e["name"], tuple(e.get("args", {}).get("grid", ())), float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+               for e in events if e.get("cat") == "kernel"]
+    return sorted(kernels, key=lambda k: k[2])
+
+
+def timeline_table(kernels):
+    """Rows (label, count, mean duration us, mean advance us, total advance us) by total advance,
+    and the step's span (us)."""
+    stats, front = {}, None
+    for name, grid, start, end in kernels:
+        advance = end - start if front is None else max(0.0, end - front)
+        front = end if front is None else max(front, end)
+        label = f"{name[:48]} grid={list(grid)}"
+        count, dur, adv = stats.get(label, (0, 0.0, 0.0))
+        stats[label] = (count + 1, dur + end - start, adv + advance)
+    rows = sorted(((lab, c, d / c, a / c, a) for lab, (c, d, a) in stats.items()), key=lambda r: -r[4])
+    span = (max(k[3] for k in kernels) - kernels[0][2]) if kernels else 0.0
+    return rows, span
+
+
+def timeline_part(sw, models=None):
+    """Per-kernel advances of one graph replay (TIMELINE), ours then mamba_ssm's, printed and saved
+    as rows (provider = "<setting> <kernel label>", ms = total advance)."""
+    import importlib
+
+    from benchmarks.bench_generation import NEW, PROMPT, VOCAB, build_mamba_ssm, build_ours
+    from mamba_pkg.generation.decode import _decode_graph, free_decode_graphs
+
+    for name, batch, settings in TIMELINE:
+        if (models is not None and name not in models) or time.time() - sw.t0 > sw.budget_s:
+            continue
+        torch.cuda.empty_cache()
+        model = build_ours(name)
+        runs = []
+        for setting in settings:
+            targets = {k: (importlib.import_module("mamba_pkg." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
+                       for k in setting}
+            original = {k: getattr(mod, attr) for k, (mod, attr) in targets.items()}
+            for k, v in setting.items():
+                setattr(*targets[k], v)
+            try:
+                free_decode_graphs(model)
+                graph = _decode_graph(model, batch, PROMPT + NEW, BF, VOCAB, BF)
+                runs.append((_label(setting), step_timeline(graph.graph.replay)))
+            finally:
+                for k, v in original.items():
+                    setattr(*targets[k], v)
+        free_decode_graphs(model)
+        theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, model))
+        if theirs is not None:
+            ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
+            theirs.generate(ids, max_length=PROMPT + 2, cg=True)
+            run = theirs._decoding_cache.callables[batch, 1]
+            tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+            runs.append(("mamba_ssm", step_timeline(lambda: run(tok, tok, PROMPT))))
+        del model, theirs
+        for label, kernels in runs:
+            rows, span = timeline_table(kernels)
+            print(f"== timeline {name} b{batch} {label}: {len(kernels)} kernels, span {span:.1f} us", flush=True)
+            print(f"   {'kernel':70s} {'n':>4s} {'dur us':>8s} {'adv us':>8s} {'sum adv':>9s}")
+            for lab, count, dur, adv, total in rows[:14]:
+                print(f"   {lab:70s} {count:4d} {dur:8.2f} {adv:8.2f} {total:9.1f}")
+                sw.rows.append({"case": f"timeline {name} b{batch}", "provider": f"{label} {lab}",
+                                "ms": round(total / 1e3, 5), "count": count, "dur_us": round(dur, 3),
+                                "adv_us": round(adv, 3)})
+            # The first layer's kernels in order (start relative to the step, duration, advance).
+            print("   first kernels: " + "; ".join(
+                f"{n[:22]}{list(g)} +{s - kernels[0][2]:.1f} d{e - s:.1f}" for n, g, s, e in kernels[:12]))
+
+
+def ncu_part(models, batch):
+    """One eager step per model inside torch.cuda.profiler.profile() (after 3 warm-up steps)."""
+    from benchmarks.bench_generation import build_ours, eager_step
+
+    for name in models or ("mamba2-1.3b",):
+        step = eager_step("ours", build_ours(name), batch)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with torch.cuda.profiler.profile():
+            step()
+            torch.cuda.synchronize()
+
+
 def _label(setting):
     return ",".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in setting.items()) or "committed"
 
@@ -285,15 +400,18 @@ def main():
     ap.add_argument("--parts", default="ssm,pair,linear,fold,model")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new candidate after this")
     ap.add_argument("--models", help="model part: only these models (comma-separated)")
+    ap.add_argument("--ncu-batch", type=int, default=1, help="ncu part: batch size")
     ap.add_argument("--compile-only", action="store_true", help="model part: compile the settings, time nothing")
     args = ap.parse_args()
     sw = Sweep(args.budget_s)
     models = args.models.split(",") if args.models else None
     parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part,
-             "model": lambda sw: model_part(sw, models, args.compile_only)}
+             "model": lambda sw: model_part(sw, models, args.compile_only),
+             "timeline": lambda sw: timeline_part(sw, models),
+             "ncu": lambda sw: ncu_part(models, args.ncu_batch)}
     for part in args.parts.split(","):
         parts[part](sw)
-    if args.compile_only:
+    if args.compile_only or args.parts == "ncu":
         return
     print(f"sweep took {time.time() - sw.t0:.0f} s")
     save_results("sweep_decode", sw.rows, plot_key="case")

@@ -111,6 +111,9 @@ PREPASS_GATED = False  # the gated norm before out_proj
 PREPASS_ADD_NORM_CONV = True  # the add + norm before an in_proj that carries the conv
 PREPASS_ADD_NORM_ALONE = False  # the add + norm before a plain in_proj
 PREPASS_MIN_K = 2048
+# The pre-pass writes the normalised row in fp32 (not rounded); False: in x's dtype (half the bytes
+# that every program of the product re-reads).
+PREPASS_FP32 = True
 PREPASS_MAX_K = 8192
 
 
@@ -204,7 +207,7 @@ def _row_norm_kernel(
     b_y = b_x * (1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=0) / K + eps)) * b_nw
     if NORM == 3:
         b_y *= b_gate
-    tl.store(y_ptr + i_b * K + o_k, b_y, mask=m_k)
+    tl.store(y_ptr + i_b * K + o_k, b_y.to(y_ptr.dtype.element_ty), mask=m_k)
 
 
 @triton.jit
@@ -340,7 +343,7 @@ def _outputs(x, weight):
 def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm):
     """The normalised rows (B, K) in fp32 of x (and residual or gate, as in _launch_small)."""
     batch, n_in = x.shape
-    normed = torch.empty(batch, n_in, device=x.device, dtype=torch.float32)
+    normed = torch.empty(batch, n_in, device=x.device, dtype=torch.float32 if PREPASS_FP32 else x.dtype)
     block_k = next_pow2(n_in)
     pdl = use_pdl(x)
     r_st = residual.stride() if residual is not None else (0, 0)
