@@ -36,14 +36,15 @@ def make_params(batch, dim, seqlen, dstate=4, rank=2, d_model=6, width=4, device
 
 
 def _grads(fn, params, dout, **kw):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    leaves = {k: v.detach().clone().requires_grad_(True) if v is not None else None for k, v in params.items()}
     out = fn(**leaves, **kw)
-    grads = torch.autograd.grad((out.float() * dout).sum(), list(leaves.values()))
-    return out, dict(zip(leaves, grads))
+    wanted = {k: v for k, v in leaves.items() if v is not None}
+    grads = torch.autograd.grad((out.float() * dout).sum(), list(wanted.values()))
+    return out, dict(zip(wanted, grads))
 
 
 def _check(params, device, **kw):
-    params = {k: v.to(device) for k, v in params.items()}
+    params = {k: v.to(device) if v is not None else None for k, v in params.items()}
     out_ref = mamba_inner_ref(**params, cu_seqlens=kw.get("cu_seqlens"))
     dout = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(5)).to(device)
     out, grads = _grads(mamba_inner_fn, params, dout, backend="triton", **kw)
@@ -59,6 +60,12 @@ def _check(params, device, **kw):
 @pytest.mark.parametrize("checkpoint_lvl", [0, 1])
 def test_inner_kernel_matches_ref(checkpoint_lvl):
     _check(make_params(2, 4, 7, conv_3d=checkpoint_lvl == 1), DEV, checkpoint_lvl=checkpoint_lvl)
+
+
+def test_inner_without_conv_bias_matches_ref():
+    params = make_params(2, 4, 9)
+    params["conv1d_bias"] = None
+    _check(params, DEV)
 
 
 def test_inner_proj_biases_match_ref():
@@ -84,6 +91,21 @@ def test_inner_xz_as_a_view_of_in_proj_output():
         (grads[name],) = torch.autograd.grad((out.float() * dout).sum(), leaf)
     assert layouts[0] == (9, 18, 1)
     torch.testing.assert_close(grads["ours"], grads["ref"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim, seqlen", [(4, 1024), (5, 7), (3, 1030)])
+def test_copy_rows_into_a_permuted_layout(dim, seqlen):
+    """The row copy that assembles dxz: (B, D, L) contiguous into one half of a (B, 2D, L) view
+    of a (2D, B * L) buffer, full and partial tiles; the other half is left alone."""
+    from mamba_pkg.ops.mamba_inner import _copy_rows
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(2, dim, seqlen, generator=g).to(DEV, torch.bfloat16)
+    buf = torch.full((2 * dim, 2 * seqlen), -7.0, device=DEV, dtype=torch.bfloat16)
+    view = buf.view(2 * dim, 2, seqlen).permute(1, 0, 2)  # (B, 2D, L), strides (L, B * L, 1)
+    _copy_rows(view[:, dim:], src)
+    assert torch.equal(view[:, dim:], src)
+    assert bool((view[:, :dim] == -7.0).all())
 
 
 def test_inner_input_without_grad():
