@@ -30,7 +30,8 @@ from mamba_pkg.models._cache_utils import (
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
-from mamba_pkg.ops.decode_linear import decode_linear, gated_rms_norm_linear
+from mamba_pkg.ops import decode_linear as _dl
+from mamba_pkg.ops.decode_linear import decode_linear, gated_rms_norm_linear, rms_norm_linear
 from mamba_pkg.ops.ssd.combined import (
     mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
@@ -41,6 +42,18 @@ from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 # the in_proj launch (decode_linear's conv argument): one launch per layer fewer (H100 graph replay,
 # mamba2-1.3b b1 with the norm unfused: 1.706 vs 1.834 ms per step). False: off.
 STEP_CONV_IN_PROJ = True
+# Decode steps of decode_linear.SMALL_ROWS < B <= MAX_ROWS rows (16-bit weights) run in_proj with the
+# conv update in its epilogue, and the RMSNorm + out_proj, as decode_linear's tl.dot kernels, chained
+# with the SSM step by programmatic dependent launch, instead of cuBLAS GEMMs and separate conv and
+# gated-norm kernels (3 launches per layer instead of 5; the gate goes into the SSM step, as below).
+# False: the cuBLAS path.
+STEP_DOT = True
+# The SSM step applies the z gate (y * silu(z), rounded once to the activation dtype) and out_proj
+# folds a plain RMSNorm of that (rms_norm_linear) instead of the gated RMSNorm (gated_rms_norm_linear):
+# each out_proj program re-reads one row instead of two and computes no sigmoids, so it can take
+# decode_linear.WIDE_BLOCK_N features. Decode steps of <= STEP_LINEAR_MAX_ROWS rows; norm_before_gate
+# False, one norm group.
+STEP_GATE_IN_SSM = True
 
 
 class Mamba2(nn.Module):
@@ -259,8 +272,11 @@ class Mamba2(nn.Module):
             xBC = causal_conv1d_update(xBC, conv_state, conv_weight, self.conv1d.bias, self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         P = self.headdim
+        rows = x.shape[0]
+        gate_in_ssm = self._gate_in_ssm(rows, z0)
         # One fused kernel: dt + dt_bias, softplus, dt_limit, A = -exp(A_log), state update, D (and
-        # the z gate without rmsnorm), reading x, B, C, dt, z as views of the conv / in_proj outputs.
+        # the z gate without rmsnorm, or before out_proj's plain RMSNorm), reading x, B, C, dt, z as
+        # views of the conv / in_proj outputs.
         y = ssm_decode_step(
             ssm_state,
             rearrange(x, "b (h p) -> b h p", p=P),
@@ -269,16 +285,35 @@ class Mamba2(nn.Module):
             rearrange(B, "b (g n) -> b g n", g=self.ngroups),
             rearrange(C, "b (g n) -> b g n", g=self.ngroups),
             self._D(),
-            z=None if self.rmsnorm else rearrange(z, "b (h p) -> b h p", p=P),
+            z=rearrange(z, "b (h p) -> b h p", p=P) if gate_in_ssm or not self.rmsnorm else None,
             dt_bias=self.dt_bias,
             dt_limit=self.dt_limit,
         )
         y = rearrange(y, "b h p -> b (h p)")
+        if gate_in_ssm:  # RMSNorm of the gated y + out_proj in one launch
+            out = rms_norm_linear(y, self.norm.weight, self.out_proj.weight, self.out_proj.bias, self.norm.eps)
+            return out.unsqueeze(1), conv_state, ssm_state
         if self._fused_norm_step(y, z0):  # gated norm + out_proj in one launch
             out = gated_rms_norm_linear(y, z, self.norm.weight, self.out_proj.weight, self.out_proj.bias, self.norm.eps,
                                         self.norm.norm_before_gate)
             return out.unsqueeze(1), conv_state, ssm_state
         return self._finish(y, z, z0, x0, step=True).unsqueeze(1), conv_state, ssm_state
+
+    def _dot_rows(self, rows, layer) -> bool:
+        """A decode step of ``rows`` rows takes decode_linear's tl.dot kernel for ``layer`` (STEP_DOT)."""
+        return (STEP_DOT and _dl.SMALL_ROWS < rows <= _dl.MAX_ROWS and plain_linear(layer)
+                and layer.weight.dtype in (torch.bfloat16, torch.float16))
+
+    def _gate_in_ssm(self, rows, z0) -> bool:
+        """The SSM step applies the gate and out_proj a plain RMSNorm (STEP_GATE_IN_SSM at
+        <= STEP_LINEAR_MAX_ROWS rows, STEP_DOT above SMALL_ROWS): rmsnorm after the gate, one norm
+        group spanning the row, no in-mixer MLP, a plain out_proj."""
+        if not (self.rmsnorm and not self.norm.norm_before_gate and z0.shape[-1] == 0
+                and self.norm.group_size in (None, self.d_ssm) and plain_linear(self.out_proj)):
+            return False
+        if rows <= _cache_utils.STEP_LINEAR_MAX_ROWS:
+            return STEP_GATE_IN_SSM
+        return self._dot_rows(rows, self.out_proj)
 
     def _fused_norm_step(self, y, z0) -> bool:
         """The step's gated RMSNorm can join out_proj: one norm group spanning the row, no
@@ -290,9 +325,9 @@ class Mamba2(nn.Module):
     def _step_conv(self, conv_state, rows):
         """The conv argument of decode_linear / add_rms_norm_linear that folds this layer's conv
         update into the in_proj launch of a decode step (the conv is depthwise: each in_proj
-        program owns the channels it writes), or None: more than STEP_LINEAR_MAX_ROWS rows,
-        STEP_CONV_IN_PROJ off, or an in_proj hooked or sharded (not plain_linear)."""
-        if not (STEP_CONV_IN_PROJ and rows <= _cache_utils.STEP_LINEAR_MAX_ROWS
+        program owns the channels it writes), or None: STEP_CONV_IN_PROJ off, an in_proj hooked or
+        sharded (not plain_linear), or rows neither <= STEP_LINEAR_MAX_ROWS nor in _dot_rows."""
+        if not (STEP_CONV_IN_PROJ and (rows <= _cache_utils.STEP_LINEAR_MAX_ROWS or self._dot_rows(rows, self.in_proj))
                 and plain_linear(self.in_proj)):
             return None
         # From the weight, not in_proj.out_features: under tensor parallelism the weight is this rank's rows.

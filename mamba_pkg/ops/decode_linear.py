@@ -108,6 +108,7 @@ WEIGHT_EVICT_FIRST = True
 # its in_proj + conv: 1.425 folded, no change (results/bench_generation_session6_ab2.json).
 NORM_PREPASS = True
 PREPASS_GATED = False  # the gated norm before out_proj
+PREPASS_RMS = False  # a plain RMSNorm (rms_norm_linear)
 PREPASS_ADD_NORM_CONV = True  # the add + norm before an in_proj that carries the conv
 PREPASS_ADD_NORM_ALONE = False  # the add + norm before a plain in_proj
 PREPASS_MIN_K = 2048
@@ -167,14 +168,20 @@ def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-
     return out, s.to(_residual_dtype(x, residual, residual_in_fp32))
 
 
+def rms_norm_linear_ref(x, norm_weight, weight, bias=None, eps=1e-5):
+    """Torch reference of :func:`rms_norm_linear` (fp32 math)."""
+    normed = layer_norm_ref(x.float(), norm_weight, None, eps=eps, is_rms_norm=True)  # fp32: not rounded
+    return decode_linear_ref(normed, weight, bias).to(x.dtype)
+
+
 def gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_before_gate=False):
     """Torch reference of :func:`gated_rms_norm_linear` (fp32 math)."""
     normed = rms_norm_gated_ref(x.float(), norm_weight, None, z, eps, None, norm_before_gate)  # fp32: not rounded
     return decode_linear_ref(normed, weight, bias).to(x.dtype)
 
 
-# Prologues of the small-batch kernel (NORM): none, add + RMSNorm, gated RMSNorm (gate first or last).
-NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER = 0, 1, 2, 3
+# Prologues of the product (NORM): none, add + RMSNorm, gated RMSNorm (gate first or last), RMSNorm.
+NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER, NORM_RMS = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -199,7 +206,7 @@ def _row_norm_kernel(
         if HAS_RESIDUAL:
             b_x += tl.load(res_ptr + i_b * stride_r_b + o_k * stride_r_k, mask=m_k, other=0.0).to(tl.float32)
         tl.store(res_out_ptr + i_b * stride_ro_b + o_k * stride_ro_k, b_x.to(res_out_ptr.dtype.element_ty), mask=m_k)
-    if NORM >= 2:
+    if NORM == 2 or NORM == 3:
         b_z = tl.load(res_ptr + i_b * stride_r_b + o_k * stride_r_k, mask=m_k, other=0.0).to(tl.float32)
         b_gate = b_z * ptx_sigmoid(b_z, PTX)
         if NORM == 2:
@@ -208,6 +215,38 @@ def _row_norm_kernel(
     if NORM == 3:
         b_y *= b_gate
     tl.store(y_ptr + i_b * K + o_k, b_y.to(y_ptr.dtype.element_ty), mask=m_k)
+
+
+@triton.jit
+def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
+               stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
+               CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr, PTX: tl.constexpr):
+    # The conv update of a finished (rows o_b, features o_n) output tile: features [conv_start,
+    # conv_start + conv_dim) are conv channels, cs_ptr their state (B, conv_dim, S_LEN), cw_ptr the
+    # weights (conv_dim, W), cb_ptr the bias. State slot s holds input (s - S_LEN) relative to the
+    # new one; the window is its last W-1 slots (tap s - (S_LEN - (W-1))) and the new input (tap
+    # W-1): the product as stored (rounded), as the unfused conv reads it. Unrolled over the slots
+    # with tiles in the product's layout (a (B, N, S) tile made Triton 3.6 spill at d_model 2048).
+    # Only this program reads or writes these (row, channel) slots: shifting in place is safe.
+    o_c = o_n - conv_start
+    m_c = m_n & (o_c >= 0) & (o_c < conv_dim)
+    m_bc = m_b[:, None] & m_c[None, :]
+    p_cs = cs_ptr + o_b[:, None].to(tl.int64) * stride_cs_b + o_c[None, :] * stride_cs_d
+    p_cw = cw_ptr + o_c * stride_cw_d
+    b_conv = b_out.to(tl.float32) * tl.load(p_cw + (W - 1) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    if CONV_BIAS:
+        b_conv += tl.load(cb_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    for i_s in tl.static_range(S_LEN):
+        b_slot = tl.load(p_cs + i_s * stride_cs_s, mask=m_bc, other=0.0)
+        if i_s >= S_LEN - (W - 1):
+            b_tap = tl.load(p_cw + (i_s - (S_LEN - (W - 1))) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)
+            b_conv += b_slot.to(tl.float32) * b_tap[None, :]
+        if i_s > 0:
+            tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
+    tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
+    if SILU:
+        b_conv = b_conv * ptx_sigmoid(b_conv, PTX)
+    return tl.where(m_c[None, :], b_conv.to(b_out.dtype), b_out)
 
 
 @triton.jit
@@ -255,7 +294,7 @@ def _decode_linear_kernel(
             if i_n == 0:
                 tl.store(res_out_ptr + o_b[:, None] * stride_ro_b + o_k[None, :] * stride_ro_k,
                          b_x.to(res_out_ptr.dtype.element_ty), mask=m_bk)
-        if NORM >= 2:
+        if NORM == 2 or NORM == 3:
             b_z = tl.load(res_ptr + o_b[:, None] * stride_r_b + o_k[None, :] * stride_r_k,
                           mask=m_bk, other=0.0).to(tl.float32)
             b_gate = b_z * ptx_sigmoid(b_z, PTX)
@@ -279,41 +318,26 @@ def _decode_linear_kernel(
         b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     b_out = b_acc.to(out_ptr.dtype.element_ty)
     if CONV:
-        # State slot s holds input (s - S_LEN) relative to the new one; the window is its last
-        # W-1 slots (tap s - (S_LEN - (W-1))) and the new input (tap W-1): the product as stored
-        # (rounded), as the unfused conv reads it. Unrolled over the slots with (BLOCK_B, BLOCK_N)
-        # tiles in the product's layout (a (B, N, S) tile here made Triton 3.6 spill at d_model 2048).
-        # Only this program reads or writes these (row, channel) slots: shifting in place is safe.
-        o_c = o_n - conv_start
-        m_c = m_n & (o_c >= 0) & (o_c < conv_dim)
-        m_bc = m_b[:, None] & m_c[None, :]
-        p_cs = cs_ptr + o_b[:, None].to(tl.int64) * stride_cs_b + o_c[None, :] * stride_cs_d
-        p_cw = cw_ptr + o_c * stride_cw_d
-        b_conv = b_out.to(tl.float32) * tl.load(p_cw + (W - 1) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
-        if CONV_BIAS:
-            b_conv += tl.load(cb_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-        for i_s in tl.static_range(S_LEN):
-            b_slot = tl.load(p_cs + i_s * stride_cs_s, mask=m_bc, other=0.0)
-            if i_s >= S_LEN - (W - 1):
-                b_tap = tl.load(p_cw + (i_s - (S_LEN - (W - 1))) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)
-                b_conv += b_slot.to(tl.float32) * b_tap[None, :]
-            if i_s > 0:
-                tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
-        tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
-        if SILU:
-            b_conv = b_conv * ptx_sigmoid(b_conv, PTX)
-        b_out = tl.where(m_c[None, :], b_conv.to(out_ptr.dtype.element_ty), b_out)
+        b_out = _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
+                           stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
+                           CONV_BIAS, SILU, W, S_LEN, PTX)
     tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
 
 
 @triton.jit
 def _decode_linear_dot_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    batch, N, K,
+    x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, cs_ptr, cw_ptr, cb_ptr,
+    batch, N, K, eps, conv_start, conv_dim,
     stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
-    HAS_BIAS: tl.constexpr, FP32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
+    HAS_BIAS: tl.constexpr, FP32: tl.constexpr, NORM: tl.constexpr,
+    CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr, PTX: tl.constexpr,
 ):
+    # NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is x * norm_weight, the rows'
+    # sums of squares accumulate beside it and rsqrt(mean + eps) scales the finished rows (a row scale
+    # commutes with the product). CONV: as in _decode_linear_kernel (_conv_tile).
     i_n, i_b = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -321,19 +345,35 @@ def _decode_linear_dot_kernel(
     p_x = x_ptr + o_b[:, None].to(tl.int64) * stride_x_b
     p_w = w_ptr + o_n[None, :].to(tl.int64) * stride_w_n
     b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
         b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
         b_w = tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        if NORM != 0:
+            b_xf = b_x.to(tl.float32)
+            b_ss += tl.sum(b_xf * b_xf, axis=1)
+            b_x = b_xf * tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
+            if not FP32:
+                b_x = b_x.to(b_w.dtype)
         if FP32:  # mixed or fp32 operands: exact fp32 products
             b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision="ieee")
         else:  # bf16 / fp16 on the tensor cores, fp32 accumulation
             b_acc = tl.dot(b_x, b_w, b_acc)
+    if NORM != 0:
+        b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
     if HAS_BIAS:
         b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n,
-             b_acc.to(out_ptr.dtype.element_ty), mask=m_b[:, None] & m_n[None, :])
+    b_out = b_acc.to(out_ptr.dtype.element_ty)
+    if CONV:
+        b_out = _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
+                           stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
+                           CONV_BIAS, SILU, W, S_LEN, PTX)
+    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
 
 
 def _outputs(x, weight):
@@ -360,6 +400,8 @@ def _prepass(norm, n_in, has_conv):
     """Whether the norm runs as the row pre-pass (else folded into the product): the switches above."""
     if norm == NORM_NONE or not NORM_PREPASS or not PREPASS_MIN_K <= n_in <= PREPASS_MAX_K:
         return False
+    if norm == NORM_RMS:
+        return PREPASS_RMS
     if norm != NORM_ADD:
         return PREPASS_GATED
     return PREPASS_ADD_NORM_CONV if has_conv else PREPASS_ADD_NORM_ALONE
@@ -396,23 +438,37 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
     )
 
 
-@launcher_op("decode_linear")
-def _decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    out = _outputs(x, weight)
+def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
+    """The tl.dot kernel (more than SMALL_ROWS rows): norm_weight: x is RMS-normalised first
+    (NORM_RMS); conv: as in _launch_small."""
     batch, n_in = x.shape
-    if batch <= SMALL_ROWS:
-        _launch_small(x, weight, bias, out)
-        return out
     block_n, block_k, stages, warps = dot_config(weight.shape[0]) or DOT_CONFIGS[-1][1]
     block_b = min(64, max(16, next_pow2(batch)))
     # The CPU interpreter's tl.dot gets 16-bit operands wrong: it takes the fp32 route there.
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
+    pdl = use_pdl(x)
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
     _decode_linear_dot_kernel[(cdiv(weight.shape[0], block_n), cdiv(batch, block_b))](
-        x, weight, bias, out, batch, weight.shape[0], n_in,
+        x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias,
+        batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
         *x.stride(), *weight.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, FP32=fp32, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        *(conv_state.stride() if conv is not None else (0, 0, 0)),
+        *(conv_weight.stride() if conv is not None else (0, 0)),
+        HAS_BIAS=bias is not None, FP32=fp32, NORM=NORM_NONE if norm_weight is None else NORM_RMS,
+        CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
+        W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, USE_PDL=pdl,
+        PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps, num_stages=stages, **pdl_launch(pdl),
     )
+
+
+@launcher_op("decode_linear")
+def _decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out = _outputs(x, weight)
+    if x.shape[0] <= SMALL_ROWS:
+        _launch_small(x, weight, bias, out)
+    else:
+        _launch_dot(x, weight, bias, out)
     return out
 
 
@@ -452,6 +508,21 @@ def _(x, z, norm_weight, weight, bias, eps, norm_before_gate):
     return _outputs(x, weight)
 
 
+@launcher_op("rms_norm_linear")
+def _rms_norm_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    out = _outputs(x, weight)
+    if x.shape[0] <= SMALL_ROWS:
+        _launch_small(x, weight, bias, out, None, norm_weight, None, eps, NORM_RMS)
+    else:
+        _launch_dot(x, weight, bias, out, norm_weight, eps)
+    return out
+
+
+@_rms_norm_linear.register_fake
+def _(x, norm_weight, weight, bias, eps):
+    return _outputs(x, weight)
+
+
 def _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32):
     if norm_weight is None:
         return _outputs(x, weight), absent(x)
@@ -466,7 +537,9 @@ def _linear_conv_step(x: Tensor, residual: Tensor | None, norm_weight: Tensor | 
     output is absent without the norm."""
     out, res_out = _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32)
     conv = (conv_state, conv_weight, conv_bias, conv_start, silu)
-    if norm_weight is None:
+    if norm_weight is None and x.shape[0] > SMALL_ROWS:
+        _launch_dot(x, weight, bias, out, conv=conv)
+    elif norm_weight is None:
         _launch_small(x, weight, bias, out, conv=conv)
     else:
         _launch_small(x, weight, bias, out, residual, norm_weight, res_out, eps, NORM_ADD, conv=conv)
@@ -486,8 +559,6 @@ def _check_conv(conv, x, weight):
     conv_state, conv_weight, conv_bias, conv_start, activation = conv
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    if x.shape[0] > SMALL_ROWS:
-        raise ValueError(f"x must have shape (B, K) with B <= {SMALL_ROWS} to fold a conv in, got {tuple(x.shape)}")
     check_tensor("conv_weight", conv_weight, ndim=2, dtype=FLOAT_DTYPES)
     channels, width = conv_weight.shape
     if not 2 <= width <= 8:
@@ -518,25 +589,29 @@ def _validate(x, weight, bias):
     check_same_device(x=x, weight=weight, bias=bias)
 
 
+def _linear_ok(x, weight, bias):
+    """_validate's checks as plain comparisons (a decode step is host-bound without a graph)."""
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2 and weight.dim() == 2
+            and 1 <= x.shape[0] <= MAX_ROWS and weight.shape[1] == x.shape[1] and x.device == weight.device
+            and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
+                                  and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
+
+
 def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
     """``x @ weight.T + bias`` for a decode step's few rows.
 
     Args:
         x: (B, K) with 1 <= B <= 64 (any strides).  weight: (N, K).  bias: (N,) or None.
         conv: None, or (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None,
-            conv_start, activation) with B <= 8: outputs [conv_start, conv_start + C) go through a
+            conv_start, activation): outputs [conv_start, conv_start + C) go through a
             depthwise causal conv update (causal_conv1d_update's math; W in 2..8, S >= W-1,
             activation None | "silu" | "swish"), conv_state advancing in place.
         backend: "torch", "triton" or None (the device decides).
     Returns:
         (B, N) in x's dtype, accumulated in fp32.
     """
-    ok = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2 and weight.dim() == 2
-          and 1 <= x.shape[0] <= MAX_ROWS and weight.shape[1] == x.shape[1] and x.device == weight.device
-          and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
-          and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
-                                and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
-    if not ok:
+    if not _linear_ok(x, weight, bias):
         _validate(x, weight, bias)
     if conv is not None:
         _check_conv(conv, x, weight)
@@ -608,3 +683,26 @@ def gated_rms_norm_linear(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_b
     if resolve_backend(backend, x, weight) == "torch":
         return gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias, eps, norm_before_gate)
     return _gated_rms_norm_linear(x, z, norm_weight, weight, bias, float(eps), norm_before_gate)
+
+
+def rms_norm_linear(x, norm_weight, weight, bias=None, eps=1e-5, *, backend=None):
+    """An RMSNorm of the rows and the linear layer that follows, in one launch (Mamba-2's out_proj
+    after its gated norm when the SSM step already applied the gate: x = y * silu(z)).
+
+    Args:
+        x: (B, K) with 1 <= B <= 64.  norm_weight: (K,).  weight: (N, K).  bias: (N,) or None.
+        backend: "torch", "triton" or None (the device decides).
+    Returns:
+        (B, N) in x's dtype: (x * rsqrt(mean(x^2) + eps) * norm_weight) @ weight.T + bias, accumulated
+        in fp32 (up to 8 rows the normalised row is not rounded; above, x * norm_weight is rounded to
+        weight's dtype for the tensor cores and the row scale applied to the fp32 result).
+    """
+    if not (_linear_ok(x, weight, bias) and isinstance(norm_weight, torch.Tensor)
+            and norm_weight.shape == (x.shape[1],) and norm_weight.dtype in FLOAT_DTYPES
+            and norm_weight.device == x.device):
+        _validate(x, weight, bias)
+        check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
+        check_same_device(x=x, norm_weight=norm_weight)
+    if resolve_backend(backend, x, weight) == "torch":
+        return rms_norm_linear_ref(x, norm_weight, weight, bias, eps)
+    return _rms_norm_linear(x, norm_weight, weight, bias, float(eps))

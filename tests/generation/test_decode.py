@@ -446,6 +446,40 @@ def test_step_kernels_equal_torch_reference(layer, monkeypatch):
             torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 12])
+def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
+    """Mamba-2's decode step with the gate applied by the SSM step and a plain RMSNorm folded into
+    out_proj (rms_norm_linear), and above SMALL_ROWS rows in_proj + conv update and norm + out_proj as
+    decode_linear's tl.dot kernels (3 launches), equals the unfused step (separate conv update, gated
+    RMSNorm, the layers' own products): bf16 weights, the Triton kernels (the interpreter on CPU)."""
+    from mamba_pkg.models import mamba2 as m2
+
+    monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mixer = m2.Mamba2(32, d_state=16, headdim=16, layer_idx=0, device=device, dtype=torch.bfloat16)
+    u = torch.randn(batch, 1, 32, device=device, dtype=torch.bfloat16)
+    cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(batch, 8)]
+    runs = []
+    for fused in (True, False):
+        for name in ("STEP_DOT", "STEP_GATE_IN_SSM", "STEP_CONV_IN_PROJ"):
+            monkeypatch.setattr(m2, name, fused)
+        launches = []
+        for name in ("_launch_dot", "_launch_small"):
+            real = getattr(dl, name)
+            monkeypatch.setattr(dl, name, lambda *a, real=real, name=name, **k: launches.append(name) or real(*a, **k))
+        states = [t.clone() for t in cache]
+        with torch.no_grad():
+            runs.append((mixer.step(u, *states)[0].float(), states, launches))
+        monkeypatch.undo()
+        monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    (fused_out, fused_states, fused_launches), (out, states, _) = runs
+    assert fused_launches == (["_launch_dot"] * 2 if batch > dl.SMALL_ROWS else ["_launch_small"] * 2)
+    torch.testing.assert_close(fused_out, out, rtol=3e-2, atol=3e-2)
+    for got, exp in zip(fused_states, states):
+        torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_step_kernels_compile_to_one_graph(layer, monkeypatch):

@@ -11,6 +11,8 @@ from mamba_pkg.ops.decode_linear import (
     decode_linear_ref,
     gated_rms_norm_linear,
     gated_rms_norm_linear_ref,
+    rms_norm_linear,
+    rms_norm_linear_ref,
 )
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
 from mamba_pkg.ops.norm import layer_norm_ref, rms_norm_gated_ref
@@ -73,7 +75,7 @@ def _norm_path(monkeypatch, prepass):
     every width takes WIDE_BLOCK_N output features per program (the gated fold keeps BLOCK_N)."""
     monkeypatch.setattr(dl, "NORM_PREPASS", prepass)
     monkeypatch.setattr(dl, "PREPASS_MIN_K", 1)
-    for name in ("PREPASS_ADD_NORM_ALONE", "PREPASS_ADD_NORM_CONV", "PREPASS_GATED"):
+    for name in ("PREPASS_ADD_NORM_ALONE", "PREPASS_ADD_NORM_CONV", "PREPASS_GATED", "PREPASS_RMS"):
         monkeypatch.setattr(dl, name, True)
     monkeypatch.setattr(dl, "WIDE_K", 1)
 
@@ -133,6 +135,51 @@ def test_gated_rms_norm_linear_matches_ref(norm_before_gate, prepass, batch, mon
     with pytest.raises(ValueError, match="z must have shape"):
         gated_rms_norm_linear(x, z[:, :59], nw, w)
     torch.library.opcheck(torch.ops.mamba_pkg.gated_rms_norm_linear, (x, z, nw, w, None, 1e-5, norm_before_gate))
+
+
+@pytest.mark.parametrize("prepass,batch", [(True, 2), (False, 1), (False, 19)])
+def test_rms_norm_linear_matches_ref(prepass, batch, monkeypatch):
+    """RMSNorm + linear: the norm as a pre-pass or folded (batch 1, 2), and in the tl.dot kernel
+    (batch 19: ragged batch tile, two K steps, ragged output blocks) as a row scale after the
+    product; the reference equals the norm followed by the linear."""
+    _norm_path(monkeypatch, prepass)
+    monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 64, 2, 4)),))
+    torch.manual_seed(0)
+    x = torch.randn(batch, 2 * 70, device=DEVICE)[:, 70:]
+    nw, w, b = torch.randn(70, device=DEVICE), torch.randn(37, 70, device=DEVICE), torch.randn(37, device=DEVICE)
+    out = rms_norm_linear(x, nw, w, b, 1e-5, backend="triton")
+    ref = rms_norm_linear_ref(x, nw, w, b, 1e-5)
+    normed = layer_norm_ref(x, nw, None, eps=1e-5, is_rms_norm=True)
+    torch.testing.assert_close(ref, decode_linear_ref(normed, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm_linear_errors_and_opcheck():
+    x, w, nw = torch.randn(2, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        rms_norm_linear(x, torch.randn(7, device=DEVICE), w)
+    with pytest.raises(ValueError, match="1 <= B <= 64"):
+        rms_norm_linear(torch.randn(65, 8, device=DEVICE), nw, w)
+    with pytest.raises(TypeError, match="norm_weight must have dtype"):
+        rms_norm_linear(x, nw.long(), w)
+    op = torch.ops.mamba_pkg.rms_norm_linear
+    torch.library.opcheck(op, (x, nw, w, torch.randn(3, device=DEVICE), 1e-5))
+    torch.library.opcheck(op, (torch.randn(12, 8, device=DEVICE), nw, w, None, 1e-6))
+
+
+def test_conv_fold_in_dot_kernel_matches_ref(monkeypatch):
+    """Above SMALL_ROWS rows the conv update runs in the tl.dot kernel's epilogue: batch 11 (a
+    ragged batch tile), conv channels [9, 29) of 37 across ragged output blocks of 16, a bf16 state."""
+    monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 32, 2, 4)),))
+    torch.manual_seed(2)
+    x = torch.randn(11, 2 * 40, device=DEVICE)[:, 40:]
+    w, b = torch.randn(37, 40, device=DEVICE), torch.randn(37, device=DEVICE)
+    state, conv = _conv_case(11, 37, 20, 9, 4, torch.bfloat16)
+    ref_state = state.clone()
+    out = decode_linear(x, w, b, conv=conv, backend="triton")
+    ref = decode_linear_ref(x, w, b, (ref_state, *conv[1:]))
+    torch.testing.assert_close(state, ref_state, rtol=2.0**-7, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def _conv_case(batch, n_out, channels, start, state_len, dtype=torch.float32, bias=True):
@@ -199,8 +246,8 @@ def test_conv_fold_errors_and_opcheck():
         decode_linear(x, w, conv=(state[..., :2], *conv[1:]))
     with pytest.raises(ValueError, match="activation must be"):
         decode_linear(x, w, conv=(*conv[:4], "relu"))
-    with pytest.raises(ValueError, match="B <= 8"):
-        decode_linear(torch.randn(9, 8, device=DEVICE), w, conv=conv)
+    with pytest.raises(ValueError, match="conv_state must have shape"):
+        decode_linear(torch.randn(9, 8, device=DEVICE), w, conv=conv)  # the state holds 2 rows
     with pytest.raises(TypeError, match="conv must be a tuple"):
         decode_linear(x, w, conv=list(conv))
     op = torch.ops.mamba_pkg.linear_conv_step
@@ -249,6 +296,35 @@ def test_gpu_add_rms_norm_linear_full_size(prepass, monkeypatch):
     ref_out, ref_s = add_rms_norm_linear_ref(x, res, nw, w, None, 1e-5, True)
     torch.testing.assert_close(s, ref_s)
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=1e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,width", [(1, 4096), (2, 1536), (64, 4096), (64, 1536), (33, 1536)])
+def test_gpu_rms_norm_linear_full_size(batch, width):
+    """Mamba-2 out_proj widths after a gate applied by the SSM step: the one-row / two-row product
+    and the tl.dot kernel (bf16 x * norm_weight into the tensor cores, fp32 row scale after)."""
+    x = torch.randn(batch, width, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(width, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(768, width, device="cuda", dtype=torch.bfloat16) / 40
+    out = rms_norm_linear(x, nw, w)
+    ref = rms_norm_linear_ref(x, nw, w)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,d_model,d_ssm", [(64, 768, 1536), (64, 2048, 4096), (16, 768, 1536)])
+def test_gpu_conv_fold_dot_full_size(batch, d_model, d_ssm):
+    """Mamba-2 in_proj + conv at batch 16-64 (the tl.dot kernel's conv epilogue), bf16 state."""
+    n_out, channels = 2 * d_ssm + 256 + d_ssm // 64, d_ssm + 256
+    x = torch.randn(batch, d_model, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n_out, d_model, device="cuda", dtype=torch.bfloat16) / d_model**0.5
+    state = torch.randn(batch, channels, 4, device="cuda", dtype=torch.bfloat16)
+    cw, cb = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16), torch.randn(channels, device="cuda")
+    ref_state = state.clone()
+    out = decode_linear(x, w, conv=(state, cw, cb, d_ssm, "silu"))
+    ref = decode_linear_ref(x, w, None, (ref_state, cw, cb, d_ssm, "silu"))
+    torch.testing.assert_close(state, ref_state, rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=5e-2)
 
 
 @requires_cuda
