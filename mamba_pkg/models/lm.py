@@ -233,15 +233,24 @@ def _lm_head_loss_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     step peaked at 12.2 GiB against 6.0 eager before this op; its effect there is not measured)."""
     inv_count = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     dhidden = torch.empty_like(hidden)
-    # dweight summed over chunks in fp32 and rounded once, as one unfused matmul would.
+    # dweight summed over chunks in fp32 and rounded once, as one unfused matmul would. On CUDA
+    # the products accumulate into it in their epilogue (out_dtype, in place): no (V, d) bf16
+    # partial, no cast, no separate add (~0.16 ms per chunk at mamba-130m's 50280 x 768, H100).
     dweight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    # Under autocast (fp32 weights) the products take the plain path.
+    fp32_out = (hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16) and weight.dtype == hidden.dtype
+                and not torch.is_autocast_enabled(hidden.device.type))
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = hidden[start : start + chunk_rows]
         loss, dlogits = _chunk_loss_and_dlogits(rows, weight, targets[start : start + chunk_rows], inv_count)
         total = total + loss
-        dhidden[start : start + chunk_rows] = dlogits @ weight
-        dweight += (dlogits.t() @ rows).float()
+        if fp32_out:
+            torch.mm(dlogits, weight, out=dhidden[start : start + chunk_rows])
+            torch.addmm(dweight, dlogits.t(), rows, out_dtype=torch.float32, out=dweight)
+        else:
+            dhidden[start : start + chunk_rows] = dlogits @ weight
+            dweight += (dlogits.t() @ rows).float()
     return total * inv_count, dhidden, dweight.to(weight.dtype)
 
 

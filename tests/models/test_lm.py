@@ -217,16 +217,18 @@ def test_inference_params_reset():
     assert torch.allclose(first, again, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the fp32-accumulating products)"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
-def test_fused_lm_head_loss_equals_unfused(dtype, packed):
+def test_fused_lm_head_loss_equals_unfused(dtype, packed, device):
     """Loss and gradients of the chunked lm_head + cross entropy equal logits -> shifted_cross_entropy
     (chunks of 3 and 10 rows: not dividing the 2 x 37 tokens; ignored labels; packed boundaries)."""
     batch = 1 if packed else 2
-    cu_seqlens = torch.tensor([0, 10, 11, 37], dtype=torch.int32) if packed else None
-    hidden = torch.randn(batch, 37, 16).to(dtype).requires_grad_()
-    weight = torch.randn(61, 16).to(dtype).requires_grad_()
-    labels = torch.randint(0, 61, (batch, 37))
+    cu_seqlens = torch.tensor([0, 10, 11, 37], dtype=torch.int32, device=device) if packed else None
+    hidden = torch.randn(batch, 37, 16).to(device, dtype).requires_grad_()
+    weight = torch.randn(61, 16).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, 61, (batch, 37)).to(device)
     labels[0, 5] = -100
     ref = shifted_cross_entropy(F.linear(hidden, weight), labels, cu_seqlens)
     ref_grads = torch.autograd.grad(2.5 * ref, (hidden, weight))
