@@ -191,14 +191,19 @@ VARIANTS = {
     "default": {},
     "exact math": {"fast_math": False},
     "no L1 prefetch": {"l1_prefetch": False},
+    # Sums across lanes by shuffles (session 6) instead of the layout change of _sum_last.
+    "shuffle sums": {"split_sums": False},
 }
+
+
+VARIANT_SHAPES = [(4, 2048, 2048), (4, 2048, 8192), (1, 4096, 8192)]
 
 
 def variants(names=None):
     import mamba_pkg.ops.selective_scan as ss
 
     fast_math = ss.ptx_math
-    shapes = [(4, 2048, 2048), (4, 2048, 8192), (1, 4096, 8192)]
+    shapes = VARIANT_SHAPES
     lines, reference = [], None
     for batch, dim, seqlen in shapes:
         for pass_ in ("fwd", "fwdbwd"):
@@ -212,14 +217,15 @@ def variants(names=None):
         undo = _hook_block_sizes(overrides)
         ss.ptx_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
         ss.L1_PREFETCH = spec.get("l1_prefetch", True)
+        ss.SPLIT_SUMS = spec.get("split_sums", True)
         try:
             got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
             if reference is None:
                 reference = got
             worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                         for g, r in zip(got, reference))
-            passes = [p for p, keys in (("fwd", {"fwd", "fast_math", "l1_prefetch"}),
-                                        ("fwdbwd", {"ckpt", "bwd", "fast_math", "l1_prefetch"}))
+            passes = [p for p, keys in (("fwd", {"fwd", "fast_math", "l1_prefetch", "split_sums"}),
+                                        ("fwdbwd", {"ckpt", "bwd", "fast_math", "l1_prefetch", "split_sums"}))
                       if name == "default" or keys & set(spec)]
             for batch, dim, seqlen in shapes:
                 for pass_ in passes if worst < 1e-2 else ():
@@ -232,6 +238,7 @@ def variants(names=None):
             undo()
             ss.ptx_math = fast_math
             ss.L1_PREFETCH = True
+            ss.SPLIT_SUMS = True
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_variants.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -242,6 +249,8 @@ def variants(names=None):
 # session 6 round 2, results/bench_selective_scan_waves.txt: B=8 D=1536 L=2048 fwd+bwd 1.450 default,
 # 1.658 low-register, 1.608 low-register backward only; the 4-step backward is 40% slower per step).
 WAVE_SHAPES = [(8, 1536, 2048), (4, 2048, 2048), (4, 4096, 2048), (8, 1536, 8192), (4, 2048, 8192)]
+# Session 7: the two-channels-per-thread forward (half the programs: B=8 D=1536 in one wave at 5.8
+# per SM; 584 instead of 614 loop instructions per 64 elements, offline SASS).
 WAVE_VARIANTS = {
     "default": {"fwd": (8, 4, 4, 16, 1), "ckpt": (8, 4, 4, 16, 1), "bwd": (8, 4, 4, 8, 1)},
     "low_reg": {"fwd": (8, 4, 4, 8, 1), "ckpt": (8, 4, 4, 8, 1), "bwd": (8, 4, 4, 4, 1, 168)},
@@ -251,6 +260,7 @@ WAVE_VARIANTS = {
     # spill (offline sm_90 SASS, Triton 3.6: fwd 216 B, ckpt fwd 224 B, bwd 312 B of stack).
     "capped": {"fwd": (8, 4, 4, 16, 1, 168), "ckpt": (8, 4, 4, 16, 1, 168), "bwd": (8, 4, 4, 8, 1, 168)},
     "capped_bwd": {"fwd": (8, 4, 4, 16, 1), "ckpt": (8, 4, 4, 16, 1), "bwd": (8, 4, 4, 8, 1, 168)},
+    "two_channel_fwd": {"fwd": (16, 4, 4, 8, 1), "ckpt": (16, 4, 4, 8, 1), "bwd": (8, 4, 4, 8, 1)},
 }
 
 
@@ -278,7 +288,8 @@ def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
     return result
 
 
-def waves():
+def waves(names=None, shapes=None):
+    """names: WAVE_VARIANTS to time (default: all); shapes: (B, D, L) rows (default: WAVE_SHAPES)."""
     lines, rows = [], []
     reference = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)
 
@@ -286,13 +297,15 @@ def waves():
         lines.append(text)
         print(text, flush=True)
 
-    for batch, dim, seqlen in WAVE_SHAPES:
+    for batch, dim, seqlen in shapes or WAVE_SHAPES:
         log(f"B={batch} D={dim} L={seqlen}")
         for pass_ in ("fwd", "fwdbwd"):
             ms = try_provider("mamba_ssm", lambda: bench_case("mamba_ssm", pass_, batch, dim, seqlen, 16))
             rows.append({"case": f"{pass_} B={batch} D={dim} L={seqlen} N=16", "provider": "mamba_ssm", "ms": ms})
             log(f"  mamba_ssm {pass_}: {ms}")
         for name, spec in WAVE_VARIANTS.items():
+            if names and name not in names:
+                continue
             undo = _hook_block_sizes({(16, k): v for k, v in spec.items()})
             try:
                 got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)
@@ -354,6 +367,9 @@ def main(argv=None):
                         help="time VARIANTS (comma-separated names, or 'all') and exit")
     parser.add_argument("--waves", action="store_true",
                         help="default vs low-register N=16 shapes at WAVE_SHAPES (kernel times too) and exit")
+    parser.add_argument("--wave-variants", type=str, default=None, help="comma-separated WAVE_VARIANTS names")
+    parser.add_argument("--wave-shapes", type=str, default=None,
+                        help="B,D,L rows separated by ';' (default WAVE_SHAPES)")
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
@@ -362,7 +378,9 @@ def main(argv=None):
     REP_MS = args.rep_ms
     passes = tuple(args.passes.split(","))
     if args.waves:
-        waves()
+        shapes = [tuple(int(x) for x in row.split(",")) for row in args.wave_shapes.split(";")] \
+            if args.wave_shapes else None
+        waves(args.wave_variants.split(",") if args.wave_variants else None, shapes)
         return 0
     if args.variants:
         variants(None if args.variants == "all" else args.variants.split(","))

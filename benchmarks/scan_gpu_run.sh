@@ -126,6 +126,36 @@ torch.cuda.synchronize()"
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
+if [ "${1:-}" = s7mid ]; then
+  # Session 7's A/B call (at most ~220 s): the scan / mamba_inner GPU tests in parallel groups beside warm-ups
+  # of every variant's kernels, then on a quiet machine bench --variants (split vs shuffle sums, ours vs
+  # mamba_ssm) and bench --waves at B=8 D=1536 / B=4 D=2048 L=2048 (default vs capped vs two-channel forward).
+  t tests_ref 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
+  t tests_inner 120 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
+  for v in default capped capped_bwd two_channel_fwd; do t warm_$v 120 python3 -c "import torch
+from benchmarks.bench_selective_scan import WAVE_VARIANTS, _hook_block_sizes, _outputs_and_grads, make_inputs, provider_fn
+undo = _hook_block_sizes({(16, k): v for k, v in WAVE_VARIANTS['$v'].items()})
+_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
+with torch.no_grad():
+    provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
+torch.cuda.synchronize()"; done
+  t warm_shuffle 120 python3 -c "import torch
+import mamba_pkg.ops.selective_scan as ss
+from benchmarks.bench_selective_scan import _outputs_and_grads, make_inputs, provider_fn
+ss.SPLIT_SUMS = False
+_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
+with torch.no_grad():
+    provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
+torch.cuda.synchronize()"
+  wait
+  timeout ${2:-40} python3 benchmarks/bench_selective_scan.py --variants "shuffle sums" --rep-ms 150 > $L/variants.log 2>&1
+  show variants $? 30
+  timeout ${3:-60} python3 benchmarks/bench_selective_scan.py --waves --rep-ms 150 --wave-variants default,capped,capped_bwd,two_channel_fwd \
+    --wave-shapes "8,1536,2048;4,2048,2048" > $L/bench.log 2>&1; show bench $? 40
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
 if [ "${1:-}" = variants ]; then
   t tests_n16 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 1000) or varlen_cuda"
   timeout 170 python3 benchmarks/bench_selective_scan.py --variants all > $L/variants.log 2>&1; show variants $? 40

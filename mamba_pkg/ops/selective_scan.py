@@ -51,6 +51,9 @@ MAX_DSTATE = 256
 # in the backward too it cost 1% at B=4 D=2048 (fwd+bwd 0.798 -> 0.808 ms at L=2048), so not there.
 # A switch for benchmarks/bench_selective_scan.py --variants.
 L1_PREFETCH = True
+# Sums across lanes by a layout change and adds instead of shuffles (see _sum_last); a switch for
+# benchmarks/bench_selective_scan.py --variants.
+SPLIT_SUMS = True
 # Steps per chunk of the reference: the scan inside a chunk is vectorised, the
 # state is carried across chunks in a Python loop of L / REF_CHUNK iterations.
 REF_CHUNK = 64
@@ -372,10 +375,36 @@ def _bc_f32(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, ONE_WARP: tl.constexpr
 
 
 @triton.jit
-def _sum_n(x):
-    """(N_IN, BLOCK_L, BLOCK_D, N_LANES) -> (BLOCK_L, BLOCK_D); the in-thread axis
-    first, so that the shuffles across lanes run on 1 / N_IN of the values."""
-    return tl.sum(tl.sum(x, axis=0), axis=2)
+def _sum_last(t, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, K: tl.constexpr):
+    """(S0, S1, S2, K) -> (S0, S1, S2), the sum over the last axis (K a power of two) as a tree of
+    tl.split halves. A split needs its pair inside a thread, so where the summed axis lies across
+    lanes Triton first moves the values once into a layout that has it in registers (through
+    shared memory), and the sums are then plain adds in that layout, which is also the one of
+    what consumes them (the (l, d) work and the stores, or the dB / dC stores)."""
+    if K > 1:
+        a, b = tl.split(tl.permute(tl.reshape(t, (S0, S1, S2, 2, K // 2)), (0, 1, 2, 4, 3)))
+        t = _sum_last(a + b, S0, S1, S2, K // 2)
+    else:
+        t = tl.reshape(t, (S0, S1, S2))
+    return t
+
+
+@triton.jit
+def _sum_n(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, N_LANES: tl.constexpr,
+           SPLIT: tl.constexpr):
+    """(N_IN, BLOCK_L, BLOCK_D, N_LANES) -> (BLOCK_L, BLOCK_D); the in-thread axis first. Then
+    across the N_LANES lanes: SPLIT, by _sum_last (one layout change of 1 / N_IN of the values
+    through shared memory instead of a butterfly of shuffles that leaves every lane with every
+    sum, and which the (l, d) work would then convert anyway; offline SASS, Triton 3.6, N = 16:
+    per tile forward 666 -> 614 instructions, backward 1220 -> 1037), else tl.sum. Only with four
+    lanes of up to 8 states each: with two lanes (N <= 8) the forward took 16 more instructions,
+    with 16 states a lane (N = 64) it spilled 16 bytes more."""
+    t = tl.sum(x, axis=0)  # (BLOCK_L, BLOCK_D, N_LANES)
+    if SPLIT and N_LANES == 4 and N_IN <= 8:
+        t = _sum_last(t[None, :, :, :], 1, BLOCK_L, BLOCK_D, N_LANES)
+        return tl.reshape(t, (BLOCK_L, BLOCK_D))
+    else:
+        return tl.sum(t, axis=2)
 
 
 @triton.jit
@@ -398,15 +427,19 @@ def _sum_d_halving(t, R: tl.constexpr, Q: tl.constexpr, NL: tl.constexpr, M: tl.
 
 @triton.jit
 def _sum_d(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, N_LANES: tl.constexpr,
-           ONE_WARP: tl.constexpr):
+           ONE_WARP: tl.constexpr, SPLIT: tl.constexpr):
     """(N_IN, BLOCK_L, BLOCK_D, N_LANES) -> sum over the channels, (N_IN, BLOCK_L, N_LANES).
-    In one-warp programs (channels on lanes) by halving (_sum_d_halving): (BLOCK_D - 1) / BLOCK_D
+    SPLIT: by _sum_last, one layout change through shared memory and adds (offline SASS, Triton
+    3.6, N = 16: backward 1037 -> 849 instructions per tile; N = 4 1023 -> 803). Else, in one-warp
+    programs (channels on lanes) by halving (_sum_d_halving): (BLOCK_D - 1) / BLOCK_D
     shuffles per value instead of tl.sum's log2(BLOCK_D), e.g. 28 instead of 96 for 32 values
     and 8 channels (and 2 selects each), through tl.gather, so that Triton places the lanes
     (lane-level inline PTX would depend on its layouts: wrong results with Triton 3.6). Only with
     four lanes per channel (N = 9..16): for N = 8 Triton 3.6 gives the gathers layouts that need
     conversions (SASS: more shuffles than tl.sum, and a spill); N = 4 gained 2%."""
-    if ONE_WARP and N_LANES == 4 and N_IN * BLOCK_L >= BLOCK_D:
+    if SPLIT:
+        return _sum_last(tl.permute(x, (0, 1, 3, 2)), N_IN, BLOCK_L, N_LANES, BLOCK_D)
+    elif ONE_WARP and N_LANES == 4 and N_IN * BLOCK_L >= BLOCK_D:
         x = _anchor(x, 4, True)
         t = tl.reshape(tl.permute(x, (2, 3, 0, 1)), (BLOCK_D, 1, N_LANES, N_IN * BLOCK_L))
         t = _sum_d_halving(t, BLOCK_D, 1, N_LANES, N_IN * BLOCK_L)  # (1, BLOCK_D, N_LANES, M / BLOCK_D)
@@ -503,7 +536,7 @@ def _selective_scan_fwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     STORE_CKPT: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
-    CKPT_L: tl.constexpr, L1_PREFETCH: tl.constexpr,
+    CKPT_L: tl.constexpr, L1_PREFETCH: tl.constexpr, ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
 ):
     """STORE_CKPT: also store the state before every CKPT_L steps (the backward's tiles; CKPT_L
     divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward. L1_PREFETCH: see _prefetch_tile."""
@@ -569,10 +602,10 @@ def _selective_scan_fwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_next, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)  # (N_IN, BLOCK_L, 1, N_LANES)
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)  # (N_IN, BLOCK_L, 1, N_LANES)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
         if C_VAR:
-            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
         # Two tiles ahead of the register prefetch (clamped to the last step: in bounds).
         l_pf = tl.minimum(i_t * BLOCK_L + 3 * BLOCK_L, seqlen - 1)
@@ -580,7 +613,7 @@ def _selective_scan_fwd_kernel(
             _prefetch_tile(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, o_row_u, o_row_delta, o_row_z, o_b_row, o_c_row, m_d,
                            l_pf, seqlen, dstate, HAS_Z, B_VAR, C_VAR, N_IN * N_LANES)
         b_dt, _ = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
-        b_dt = _anchor(b_dt, 2, BLOCK_D * N_LANES == 32)
+        b_dt = _anchor(b_dt, 2, ONE_WARP)
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)  # (N_IN, BLOCK_L, BLOCK_D, N_LANES)
         b_inp = (b_dt * b_u)[None, :, :, None] * b_B
         if IS_VARLEN:
@@ -595,7 +628,7 @@ def _selective_scan_fwd_kernel(
                 b_inp += b_decay * b_h0
             b_decay = tl.where(m_start4, 0.0, b_decay)
         b_hs, b_h_last = _scan_tile(b_decay, b_inp, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
-        b_y = _sum_n(b_hs * b_C)  # (BLOCK_L, BLOCK_D)
+        b_y = _sum_n(b_hs * b_C, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)  # (BLOCK_L, BLOCK_D)
         if HAS_D:
             b_y += b_D[None, :] * b_u
         if HAS_Z:
@@ -655,6 +688,7 @@ def _selective_scan_bwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
+    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
@@ -738,16 +772,16 @@ def _selective_scan_bwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_prev, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         if C_VAR:
-            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, BLOCK_D * N_LANES == 32)
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
-        b_dt = _anchor(b_dt, 2, BLOCK_D * N_LANES == 32)
+        b_dt = _anchor(b_dt, 2, ONE_WARP)
         # Forward again, from the state checkpointed at the tile start.
         b_decay = tl.exp2(b_dt[None, :, :, None] * b_A2)
-        b_dtu = _anchor(b_dt * b_u, 2, BLOCK_D * N_LANES == 32)
+        b_dtu = _anchor(b_dt * b_u, 2, ONE_WARP)
         b_inp = b_dtu[None, :, :, None] * b_B
         b_inp_scan = b_inp
         b_decay_scan = b_decay
@@ -767,7 +801,7 @@ def _selective_scan_bwd_kernel(
             b_decay_scan = tl.where(m_start4, 0.0, b_decay)
         b_hs, _ = _scan_tile(b_decay_scan, b_inp_scan, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
         if HAS_Z:
-            b_y = _sum_n(b_hs * b_C)
+            b_y = _sum_n(b_hs * b_C, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)
             if HAS_D:
                 b_y += b_D[None, :] * b_u
             b_sig = ptx_sigmoid(b_z, FAST_MATH)
@@ -791,20 +825,20 @@ def _selective_scan_bwd_kernel(
             tl.store(dh0_ptr + o_seq4 + o_dn4, b_decay * b_dh, mask=m_dn4 & m_start4)
         # Gradients of the step input dt * u * B and of the log-decay dt * A;
         # decay_t * h_{t-1} = h_t - input_t avoids shifting h by one step.
-        b_dh_B = _sum_n(b_dh * b_B)  # (BLOCK_L, BLOCK_D)
+        b_dh_B = _sum_n(b_dh * b_B, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)  # (BLOCK_L, BLOCK_D)
         b_du += b_dt * b_dh_B
         b_dlogdecay = b_dh * (b_hs - b_inp)
-        b_ddt = b_u * b_dh_B + _sum_n(b_dlogdecay * b_A)
+        b_ddt = b_u * b_dh_B + _sum_n(b_dlogdecay * b_A, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)
         b_dA_acc += tl.sum(b_dlogdecay * b_dt[None, :, :, None], axis=1)
         if B_VAR:
             b_dB = _sum_d(b_dh * b_dtu[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES,
-                          BLOCK_D * N_LANES == 32)  # (N_IN, BLOCK_L, N_LANES)
+                          ONE_WARP, SPLIT_SUMS)  # (N_IN, BLOCK_L, N_LANES)
             _store_bc_grad(dbc_ptr + o_dB_var, b_dB, o_part, o_b_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen,
                            ATOMIC)
         else:
             b_dB_acc += tl.sum(b_dh * b_dtu[None, :, :, None], axis=1)
         if C_VAR:
-            b_dC = _sum_d(b_hs * b_dy[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES, BLOCK_D * N_LANES == 32)
+            b_dC = _sum_d(b_hs * b_dy[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES, ONE_WARP, SPLIT_SUMS)
             _store_bc_grad(dbc_ptr + o_dC_var, b_dC, o_part, o_c_row, o_n3, o_l, m_n3 & m_l[None, :, None], seqlen,
                            ATOMIC)
         else:
@@ -868,6 +902,19 @@ def _block_sizes(dstate: int, group_size: int, grouped: bool, pass_: str):
     if grouped:
         block_d = min(block_d, group_size & -group_size)  # largest power of two dividing group_size
     return block_d, n_in, n_lanes, block_l, num_warps, None
+
+
+def _one_warp(block_d: int, n_lanes: int, num_warps: int) -> bool:
+    """Whether a program is one warp whose lanes hold distinct (channel, lane) pairs (the kernels'
+    _anchor and _sum_d halving apply); one or more channels per thread."""
+    return num_warps == 1 and block_d * n_lanes >= 32
+
+
+def _split_sums(block_d: int, n_lanes: int, num_warps: int) -> bool:
+    """Whether the kernels sum across lanes by _sum_last (SPLIT_SUMS): one-warp programs of one
+    channel per thread. With two channels per thread the layout change costs more shuffles than
+    it saves (offline SASS)."""
+    return SPLIT_SUMS and num_warps == 1 and block_d * n_lanes == 32
 
 
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
@@ -966,6 +1013,7 @@ def _selective_scan_fwd(
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=even,
         FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, CKPT_L=ckpt_l,
+        ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
         L1_PREFETCH=L1_PREFETCH and even and n_in * n_lanes <= 16 and ptx_math(_selective_scan_fwd_kernel),
     )
     return out, last, ckpt
@@ -1066,6 +1114,7 @@ def _selective_scan_bwd(
         IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
+        ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
     )
     if not atomic and p.batch > 1:
         torch.sum(params_part, 0, out=dgrads[:n_params])

@@ -315,6 +315,16 @@ def test_kernel_deterministic_mode_matches_ref(bc):
         torch.use_deterministic_algorithms(False)
 
 
+def test_kernel_shuffle_sums_match_ref(monkeypatch):
+    """SPLIT_SUMS off: the sums across lanes by shuffles (tl.sum, and the dB / dC halving), which
+    the shapes other than one channel per thread of a one-warp program still use."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    monkeypatch.setattr(ss, "SPLIT_SUMS", False)
+    args = make_inputs(2, 8, 20, 16, bc="var", dtype=torch.bfloat16)
+    check_kernel(args, h0=torch.randn(2, 8, 16))
+
+
 def test_kernel_full_tiles():
     """D, N and L that fill every tile: the kernels drop their bounds masks."""
     args = make_inputs(2, 16, 32, 16, bc="var", dtype=torch.bfloat16, device=DEV)
