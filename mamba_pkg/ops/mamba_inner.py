@@ -338,8 +338,10 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
                         dC.to(x_dbl.dtype)], dim=1)
     d_delta_proj_weight = _weight_grad(ddelta, x_dbl[:, :rank], delta_proj_weight)
     d_x_proj_weight = _weight_grad(dx_dbl, xc_plain.to(dx_dbl.dtype), x_proj_weight)
-    if dxc.dtype == dx_dbl.dtype:  # the add in the product's epilogue: one pass less over (B, D, L)
-        dxc = torch.baddbmm(dxc, x_proj_weight.t().expand(dxc.shape[0], -1, -1), dx_dbl)
+    if dxc.dtype == dx_dbl.dtype:
+        # The add in the product's epilogue, in place: one pass less over (B, D, L), and no copy
+        # of dxc into a new result first (out-of-place baddbmm's memcpy, 30 us per mamba-130m layer).
+        dxc = dxc.baddbmm_(x_proj_weight.t().expand(dxc.shape[0], -1, -1), dx_dbl)
     else:
         dxc = dxc + _left_matmul(x_proj_weight.t(), dx_dbl).to(dxc.dtype)
     d_B_proj_bias = dB.sum(dim=(0, 2)).to(B_proj_bias.dtype) if B_proj_bias is not None else None
