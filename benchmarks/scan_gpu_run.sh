@@ -156,6 +156,28 @@ torch.cuda.synchronize()"
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
+if [ "${1:-}" = s7ab ]; then
+  # Session 7's second call (~120 s): the scan / mamba_inner GPU tests beside warm-ups of the layout-change
+  # variants' kernels, then bench --variants (64-bit B/C pairs and split sums on / off, ours vs mamba_ssm at
+  # VARIANT_SHAPES) and the fwd+bwd kernel profile at L=2048.
+  t tests_ref 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
+  t tests_inner 120 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
+  for v in "1 1" "0 1" "1 0" "0 0"; do set -- $v; t warm_$1$2 120 python3 -c "import torch
+import mamba_pkg.ops.selective_scan as ss
+from benchmarks.bench_selective_scan import _outputs_and_grads, make_inputs, provider_fn
+ss.SPLIT_SUMS, ss.PACK_BC = bool($1), bool($2)
+_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
+with torch.no_grad():
+    provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
+torch.cuda.synchronize()"; done
+  wait
+  timeout 70 python3 benchmarks/bench_selective_scan.py --variants "shuffle sums,no B/C pairs,session 6 layout changes" \
+    --rep-ms 150 > $L/variants.log 2>&1; show variants $? 45
+  timeout 15 python3 -c "from benchmarks.bench_selective_scan import profile; profile()" > $L/profile.log 2>&1; show profile $? 14
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
 if [ "${1:-}" = variants ]; then
   t tests_n16 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 1000) or varlen_cuda"
   timeout 170 python3 benchmarks/bench_selective_scan.py --variants all > $L/variants.log 2>&1; show variants $? 40
