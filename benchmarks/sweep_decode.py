@@ -63,10 +63,17 @@ NORM_BLOCK_N = (4, 8, 16)
 DL = "ops.decode_linear."
 DOT64 = {"models._cache_utils.STEP_DOT_MAX_ROWS": 64}
 SDS = "ops.ssm_decode_step."
+M2 = "models.mamba2."
+GREEDY_TORCH = {"generation.decode.GREEDY_ARGMAX": False}
+DOT_MANY = {DL + "DOT_MIN_PROGRAMS": 200}
 MODEL_AB = [
-    ("mamba2-1.3b", 1, ({}, {DL + "PREPASS_FP32": False}, {DL + "PREPASS_ADD_NORM_CONV": False},
-                        {SDS + "TILE_ELEMS": {16: 2048, 128: 2048}, SDS + "NUM_WARPS": {16: 4, 128: 4}},
-                        {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}}, {DL + "NUM_WARPS": 8}, {})),
+    ("mamba2-1.3b", 1, ({}, {M2 + "STEP_GATE_IN_SSM": False}, {M2 + "STEP_STATE_EARLY": False},
+                        {DL + "PREPASS_ADD_NORM_CONV": False, DL + "WIDE_BLOCK_N": 8, DL + "TILE_ELEMS": 16384}, {})),
+    ("mamba2-1.3b", 64, ({}, {M2 + "STEP_DOT": False, M2 + "STEP_DOT_NORM_OUT": False},
+                         {M2 + "STEP_DOT_NORM_OUT": False}, DOT_MANY, {})),
+    ("mamba2-130m", 1, ({}, {M2 + "STEP_GATE_IN_SSM": False}, {})),
+    ("mamba2-130m", 64, ({}, {M2 + "STEP_DOT": False, M2 + "STEP_DOT_NORM_OUT": False}, DOT_MANY, {})),
+    ("mamba-130m", 64, ({}, GREEDY_TORCH, {})),
 ]
 
 
@@ -245,11 +252,14 @@ def fold_part(sw):
                 sw.timed(f"in_proj {name} b1", f"{label} pdl={int(pdl)}", run)
 
 
-# (model, batch, settings) of the timeline part; mamba_ssm's step is profiled after ours.
+# (model, batch, settings) of the timeline part; mamba_ssm's step is profiled after ours (unless
+# --no-anchor).
 TIMELINE = [
-    ("mamba2-1.3b", 1, ({}, {DL + "PDL": False})),
+    ("mamba2-1.3b", 1, ({},)),
     ("mamba2-130m", 64, ({},)),
+    ("mamba2-1.3b", 64, ({},)),
 ]
+TIMELINE_NO_ANCHOR = False
 
 
 def step_timeline(replay, reps=3):
@@ -319,7 +329,7 @@ def timeline_part(sw, models=None):
                 for k, v in original.items():
                     setattr(*targets[k], v)
         free_decode_graphs(model)
-        theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, model))
+        theirs = None if TIMELINE_NO_ANCHOR else try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, model))
         if theirs is not None:
             ids = torch.randint(0, VOCAB, (batch, PROMPT), device="cuda")
             theirs.generate(ids, max_length=PROMPT + 2, cg=True)
@@ -400,10 +410,13 @@ def main():
     ap.add_argument("--parts", default="ssm,pair,linear,fold,model")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new candidate after this")
     ap.add_argument("--models", help="model part: only these models (comma-separated)")
+    ap.add_argument("--no-anchor", action="store_true", help="timeline part: ours only")
     ap.add_argument("--ncu-batch", type=int, default=1, help="ncu part: batch size")
     ap.add_argument("--compile-only", action="store_true", help="model part: compile the settings, time nothing")
     args = ap.parse_args()
     sw = Sweep(args.budget_s)
+    global TIMELINE_NO_ANCHOR
+    TIMELINE_NO_ANCHOR = args.no_anchor
     models = args.models.split(",") if args.models else None
     parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part,
              "model": lambda sw: model_part(sw, models, args.compile_only),

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.generation.sampling import is_greedy, sample
+from mamba_pkg.ops.greedy_argmax import greedy_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ DEFAULT_PREFILL_CHUNK = 4096
 # Greedy steps per replay of the multi-step decode graph (the host's share of a step at
 # mamba-130m batch 1 was ~0.1 ms of 0.39 ms with one replay per token).
 GRAPH_STEPS = 16
+# Greedy choices by ops.greedy_argmax (one program per row over the model's 16-bit logits) instead of
+# torch's argmax of an fp32 copy (two launches; 17 us per step at batch 1, V = 50277, H100). False: torch.
+GREEDY_ARGMAX = True
 
 
 @dataclass
@@ -150,10 +154,11 @@ def _new_cache(model, batch: int, max_seqlen: int, dtype, ssm_state_dtype=None) 
     return params
 
 
-def _last_logits(model, ids, params, vocab_size) -> torch.Tensor:
+def _last_logits(model, ids, params, vocab_size, fp32=True) -> torch.Tensor:
+    """(B, vocab_size) logits of the last position: fp32, or (fp32=False) a view of the model's own."""
     out = model(ids, inference_params=params, num_last_tokens=1)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[:, -1, :vocab_size].float()
+    logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :vocab_size]
+    return logits.float() if fp32 else logits
 
 
 def _prefill_chunks(model, ids, params, vocab_size, chunk_size: int) -> torch.Tensor:
@@ -249,8 +254,9 @@ def _greedy_steps(model, tokens, params, vocab_size, out, stop=None) -> None:
     (out (B, n) int64), and advances each row's length. Run eagerly, or captured as the
     multi-step graph."""
     for j in range(out.shape[1]):
-        logits = _step_eager(model, tokens, params, vocab_size)
-        chosen = logits.argmax(dim=-1)
+        logits = _last_logits(model, tokens[:, None], params, vocab_size, fp32=not GREEDY_ARGMAX)
+        # The argmax of the model's own logits (no fp32 copy: the conversion is exact, the choice the same).
+        chosen = greedy_argmax(logits) if GREEDY_ARGMAX else logits.argmax(dim=-1)
         if stop is not None:
             chosen = _stop(chosen, *stop)
         tokens.copy_(chosen)
@@ -287,7 +293,7 @@ class DecodeGraph:
             # The rest of the step lives in the graph too, so that a greedy loop launches
             # nothing else between replays: the greedy choice becomes the next input, and
             # each row's length advances.
-            self.tokens.copy_(self.logits.argmax(dim=-1))
+            self.tokens.copy_(greedy_argmax(self.logits) if GREEDY_ARGMAX else self.logits.argmax(dim=-1))
             self.params.lengths_per_sample += 1
         self._storage = _cache_tensors(self.params.key_value_memory_dict)
         # Multi-step greedy graphs, captured on first use, keyed by (steps, number of EOS ids):

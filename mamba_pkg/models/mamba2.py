@@ -43,17 +43,22 @@ from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 # mamba2-1.3b b1 with the norm unfused: 1.706 vs 1.834 ms per step). False: off.
 STEP_CONV_IN_PROJ = True
 # Decode steps of decode_linear.SMALL_ROWS < B <= MAX_ROWS rows (16-bit weights) run in_proj with the
-# conv update in its epilogue, and the RMSNorm + out_proj, as decode_linear's tl.dot kernels, chained
-# with the SSM step by programmatic dependent launch, instead of cuBLAS GEMMs and separate conv and
-# gated-norm kernels (3 launches per layer instead of 5; the gate goes into the SSM step, as below).
-# False: the cuBLAS path.
+# conv update in its epilogue (STEP_DOT), and the RMSNorm + out_proj (STEP_DOT_NORM_OUT), as
+# decode_linear's tl.dot kernels, chained with the SSM step by programmatic dependent launch, instead
+# of cuBLAS GEMMs and separate conv and gated-norm kernels (3 launches per layer instead of 5; the gate
+# goes into the SSM step, as below). False: cuBLAS and the separate kernels.
 STEP_DOT = True
+STEP_DOT_NORM_OUT = True
 # The SSM step applies the z gate (y * silu(z), rounded once to the activation dtype) and out_proj
 # folds a plain RMSNorm of that (rms_norm_linear) instead of the gated RMSNorm (gated_rms_norm_linear):
 # each out_proj program re-reads one row instead of two and computes no sigmoids, so it can take
 # decode_linear.WIDE_BLOCK_N features. Decode steps of <= STEP_LINEAR_MAX_ROWS rows; norm_before_gate
 # False, one norm group.
 STEP_GATE_IN_SSM = True
+# The SSM step loads its state before waiting for the in_proj launch (ssm_decode_step's state_ready)
+# where that launch is a barrier (decode_linear.completes_before_next: mamba2-1.3b's in_proj at batch 1,
+# 4256 programs). False: off.
+STEP_STATE_EARLY = True
 
 
 class Mamba2(nn.Module):
@@ -288,6 +293,9 @@ class Mamba2(nn.Module):
             z=rearrange(z, "b (h p) -> b h p", p=P) if gate_in_ssm or not self.rmsnorm else None,
             dt_bias=self.dt_bias,
             dt_limit=self.dt_limit,
+            # The in_proj launch just before (conv folded in) is a barrier: nothing still running
+            # writes this layer's state (its last writer is this layer's previous step).
+            state_ready=conv_done and STEP_STATE_EARLY and _dl.completes_before_next(rows, self.in_proj.weight),
         )
         y = rearrange(y, "b h p -> b (h p)")
         if gate_in_ssm:  # RMSNorm of the gated y + out_proj in one launch
@@ -299,21 +307,23 @@ class Mamba2(nn.Module):
             return out.unsqueeze(1), conv_state, ssm_state
         return self._finish(y, z, z0, x0, step=True).unsqueeze(1), conv_state, ssm_state
 
-    def _dot_rows(self, rows, layer) -> bool:
-        """A decode step of ``rows`` rows takes decode_linear's tl.dot kernel for ``layer`` (STEP_DOT)."""
-        return (STEP_DOT and _dl.SMALL_ROWS < rows <= _dl.MAX_ROWS and plain_linear(layer)
+    @staticmethod
+    def _dot_rows(rows, layer, switch) -> bool:
+        """A decode step of ``rows`` rows takes decode_linear's tl.dot kernel for ``layer`` (switch:
+        STEP_DOT or STEP_DOT_NORM_OUT)."""
+        return (switch and _dl.SMALL_ROWS < rows <= _dl.MAX_ROWS and plain_linear(layer)
                 and layer.weight.dtype in (torch.bfloat16, torch.float16))
 
     def _gate_in_ssm(self, rows, z0) -> bool:
         """The SSM step applies the gate and out_proj a plain RMSNorm (STEP_GATE_IN_SSM at
-        <= STEP_LINEAR_MAX_ROWS rows, STEP_DOT above SMALL_ROWS): rmsnorm after the gate, one norm
-        group spanning the row, no in-mixer MLP, a plain out_proj."""
+        <= STEP_LINEAR_MAX_ROWS rows, STEP_DOT_NORM_OUT above SMALL_ROWS): rmsnorm after the gate, one
+        norm group spanning the row, no in-mixer MLP, a plain out_proj."""
         if not (self.rmsnorm and not self.norm.norm_before_gate and z0.shape[-1] == 0
                 and self.norm.group_size in (None, self.d_ssm) and plain_linear(self.out_proj)):
             return False
         if rows <= _cache_utils.STEP_LINEAR_MAX_ROWS:
             return STEP_GATE_IN_SSM
-        return self._dot_rows(rows, self.out_proj)
+        return self._dot_rows(rows, self.out_proj, STEP_DOT_NORM_OUT)
 
     def _fused_norm_step(self, y, z0) -> bool:
         """The step's gated RMSNorm can join out_proj: one norm group spanning the row, no
@@ -327,7 +337,8 @@ class Mamba2(nn.Module):
         update into the in_proj launch of a decode step (the conv is depthwise: each in_proj
         program owns the channels it writes), or None: STEP_CONV_IN_PROJ off, an in_proj hooked or
         sharded (not plain_linear), or rows neither <= STEP_LINEAR_MAX_ROWS nor in _dot_rows."""
-        if not (STEP_CONV_IN_PROJ and (rows <= _cache_utils.STEP_LINEAR_MAX_ROWS or self._dot_rows(rows, self.in_proj))
+        small = rows <= _cache_utils.STEP_LINEAR_MAX_ROWS
+        if not (STEP_CONV_IN_PROJ and (small or self._dot_rows(rows, self.in_proj, STEP_DOT))
                 and plain_linear(self.in_proj)):
             return None
         # From the weight, not in_proj.out_features: under tensor parallelism the weight is this rank's rows.

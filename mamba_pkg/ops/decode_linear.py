@@ -82,10 +82,13 @@ WIDE_K = 2048
 WIDE_BLOCK_N = 2
 NUM_WARPS = 4
 # tl.dot kernel: (BLOCK_N, BLOCK_K, stages, warps) for the widest BLOCK_N that still gives
-# DOT_MIN_PROGRAMS programs. Batch 64 on the H100: mamba-1.4b in_proj 7.95 us vs cuBLAS 9.20,
-# mamba-130m in_proj (BLOCK_N 32) 3.38 vs 3.64; the out_proj shapes (24-64 programs) lost to
-# cuBLAS's split-K GEMM, so dot_config says None there and step_linear keeps cuBLAS.
-DOT_CONFIGS = ((64, (64, 128, 4, 4)), (32, (32, 128, 4, 4)))
+# DOT_MIN_PROGRAMS programs (else the last). Session 3, batch 64 on the H100 (BLOCK_K 128): mamba-1.4b
+# in_proj 7.95 us vs cuBLAS 9.20, mamba-130m in_proj (BLOCK_N 32) 3.38 vs 3.64; the out_proj shapes
+# (24-64 programs) lost to cuBLAS's split-K GEMM, so dot_config says None there and step_linear keeps
+# cuBLAS. BLOCK_K 64: 4 stages of a 64-row tile take 32-64 KB of shared memory, so that 2-3 programs
+# share an SM: mamba2-1.3b's in_proj (133 programs of 64 features) then runs in one wave on 132 SMs
+# instead of two.
+DOT_CONFIGS = ((64, (64, 64, 4, 4)), (32, (32, 64, 4, 4)), (16, (16, 64, 4, 4)))
 DOT_MIN_PROGRAMS = 96
 
 
@@ -128,6 +131,26 @@ def use_pdl(t: Tensor) -> bool:
     not the interpreter. Every kernel so launched must call gdc_wait before it reads an activation
     or writes anything, so that "kernel k finished" still implies "every kernel before it did"."""
     return PDL and t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_programs(device_index, warps):
+    """Programs of ``warps`` warps that the GPU holds at once at most (the thread limit per SM)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * warps))
+
+
+def completes_before_next(rows: int, weight: Tensor, gated: bool = False) -> bool:
+    """Whether, with PDL, the kernel launched right after a small-batch product (rows <= SMALL_ROWS
+    of x (rows, K) times weight (N, K); gated: the gated-norm fold) can start only once every kernel
+    launched before that product has completed. True when the product has more programs than the
+    GPU holds at once: its last programs start only after earlier ones exited, each of which had
+    waited (gdc_wait) for the kernel before it, which had waited for its own, and so on; the next
+    kernel starts only after the product's last program started."""
+    if rows > SMALL_ROWS or not use_pdl(weight):
+        return False
+    block_n = WIDE_BLOCK_N if weight.shape[1] >= WIDE_K and not gated else BLOCK_N
+    return cdiv(weight.shape[0], block_n) > _resident_programs(weight.device.index, NUM_WARPS)
 
 
 def pdl_launch(pdl: bool) -> dict:

@@ -105,7 +105,7 @@ def _ssm_decode_step_kernel(
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PTX: tl.constexpr, STATE_EARLY: tl.constexpr,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -142,14 +142,17 @@ def _ssm_decode_step_kernel(
                                 other=0.0).to(tl.float32)[None, :]
     if HAS_D:
         b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
+    m_state = m_bp[:, :, None] & m_n[None, None, :]
+    p_state = (state_ptr + o_b[:, None, None] * stride_s_b + i_h.to(tl.int64) * stride_s_h
+               + o_p.to(tl.int64)[None, :, None] * stride_s_p + o_n[None, None, :] * stride_s_n)
+    if STATE_EARLY:  # no kernel still running writes the state (state_ready): its DRAM round trip
+        b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)  # overlaps the predecessor
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
 
     # The loads that do not depend on dt first: their DRAM round trip overlaps the dt math.
-    m_state = m_bp[:, :, None] & m_n[None, None, :]
-    p_state = (state_ptr + o_b[:, None, None] * stride_s_b + i_h.to(tl.int64) * stride_s_h
-               + o_p.to(tl.int64)[None, :, None] * stride_s_p + o_n[None, None, :] * stride_s_n)
-    b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
+    if not STATE_EARLY:
+        b_state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
     b_x = tl.load(x_ptr + o_b[:, None] * stride_x_b + i_h * stride_x_h + o_p[None, :] * stride_x_p, mask=m_bp,
                   other=0.0).to(tl.float32)
     # The S split-K partials of B, C (and dt below) as one (BLOCK_S, BLOCK_B, ...) tile summed over
@@ -236,7 +239,7 @@ def _launch_config(batch, hdim, n_state, rank, tie):
 @launcher_op("ssm_decode_step", mutates_args=("state",))
 def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                      z: Tensor | None, dt_bias: Tensor | None, dt_proj_weight: Tensor | None, dt_limit: list[float],
-                     split_sum: bool) -> Tensor:
+                     split_sum: bool, state_ready: bool = False) -> Tensor:
     batch = x.shape[0]
     n_state = state.shape[-1]
     out = _outputs(x)
@@ -294,7 +297,8 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
-        USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), num_warps=warps, **pdl_launch(pdl),
+        USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), STATE_EARLY=state_ready, num_warps=warps,
+        **pdl_launch(pdl),
     )
     return out
 
@@ -304,7 +308,7 @@ def _outputs(x):
 
 
 @_ssm_decode_step.register_fake
-def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum):
+def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready=False):
     return _outputs(x)
 
 
@@ -383,7 +387,7 @@ def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
 
 
 def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
-                    dt_limit=NO_DT_LIMIT, *, split_sum=False, backend=None):
+                    dt_limit=NO_DT_LIMIT, *, split_sum=False, state_ready=False, backend=None):
     """One token of the selective SSM, with the dt projection and softplus fused in; the
     state is updated in place and the output returned.
 
@@ -400,6 +404,10 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
     The state may be fp32 (default of the mixers), bf16 or fp16; inputs may be strided views.
     split_sum: dt, B and C have an extra leading axis S and are summed over it (fp32) first,
         e.g. the partial x_proj products of conv_xproj_step: dt (S, B, R), B, C (S, B, N).
+    state_ready: the caller guarantees that no kernel still running when this one is launched writes
+        ``state`` (see decode_linear.completes_before_next), so that with PDL the kernel loads the
+        state before it waits for its predecessor. Never true right after another step on the same
+        state: with PDL that step may still be running.
     backend: "torch", "triton" or None (the device decides).
     """
     limit_ok = len(dt_limit) == 2 and dt_limit[0] <= dt_limit[1]
@@ -413,7 +421,7 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
     if resolve_backend(backend, state, x) == "torch":
         return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum)
     return _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight,
-                            [float(dt_limit[0]), float(dt_limit[1])], split_sum)
+                            [float(dt_limit[0]), float(dt_limit[1])], split_sum, bool(state_ready))
 
 
 def _check_splits(dt, B, C):

@@ -462,7 +462,7 @@ def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
     cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(batch, 8)]
     runs = []
     for fused in (True, False):
-        for name in ("STEP_DOT", "STEP_GATE_IN_SSM", "STEP_CONV_IN_PROJ"):
+        for name in ("STEP_DOT", "STEP_DOT_NORM_OUT", "STEP_GATE_IN_SSM", "STEP_CONV_IN_PROJ"):
             monkeypatch.setattr(m2, name, fused)
         launches = []
         for name in ("_launch_dot", "_launch_small"):

@@ -327,6 +327,22 @@ def test_gpu_conv_fold_dot_full_size(batch, d_model, d_ssm):
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=5e-2)
 
 
+def test_completes_before_next_needs_pdl_and_few_rows():
+    """Without PDL (CPU) or above SMALL_ROWS rows a product is never taken for a barrier."""
+    w = torch.empty(8512, 2048, device=DEVICE)
+    assert not dl.completes_before_next(64, w)
+    if not torch.cuda.is_available():
+        assert not dl.completes_before_next(1, w)
+
+
+@requires_cuda
+def test_gpu_completes_before_next_counts_programs():
+    """mamba2-1.3b's in_proj at batch 1 (4256 programs of 4 warps) is a barrier on an H100 (at most
+    16 such programs per SM, 132 SMs); mamba2-130m's (838) is not."""
+    assert dl.completes_before_next(1, torch.empty(8512, 2048, device="cuda", dtype=torch.bfloat16))
+    assert not dl.completes_before_next(1, torch.empty(3352, 768, device="cuda", dtype=torch.bfloat16))
+
+
 @requires_cuda
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_gpu_full_size(batch):

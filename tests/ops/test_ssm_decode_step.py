@@ -82,7 +82,8 @@ def explicit_step(kw, dt_limit=(0.0, float("inf"))):
 
 def _check(kw, dt_limit=(0.0, float("inf")), backend=None, tol=1e-5):
     state0 = kw["state"].clone()
-    exp_out, exp_state = explicit_step(dict(kw, state=state0), dt_limit)
+    inputs = {k: v for k, v in dict(kw, state=state0).items() if k != "state_ready"}
+    exp_out, exp_state = explicit_step(inputs, dt_limit)
     out = ssm_decode_step(**kw, dt_limit=dt_limit, backend=backend)
     assert out.shape == kw["x"].shape and out.dtype == kw["x"].dtype
     torch.testing.assert_close(out.double(), exp_out, rtol=tol, atol=tol)
@@ -124,12 +125,15 @@ def test_triton_mamba1_without_dt_proj_or_optionals():
     torch.testing.assert_close(kw["state"], state_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_channel_D", [False, True])
-def test_triton_mamba2(per_channel_D):
+@pytest.mark.parametrize("per_channel_D,state_ready", [(False, False), (True, False), (False, True)])
+def test_triton_mamba2(per_channel_D, state_ready):
+    """state_ready: the state is loaded before the PDL wait (the same result)."""
     kw = mamba2_inputs(3, 4, 3, 5, 2)
     if per_channel_D:
         kw["D"] = torch.randn(4, 3, device=DEVICE)
         kw["z"] = None
+    if state_ready:
+        kw["state_ready"] = True
     _check(kw, dt_limit=(0.0, float("inf")) if per_channel_D else (0.05, 0.7), backend="triton")
 
 
@@ -195,6 +199,32 @@ def test_gpu_full_size(layout, batch):
     exp = ssm_decode_step_ref(**ref_kw)
     torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(kw["state"], state_ref, rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+def test_gpu_state_ready_after_a_barrier_product():
+    """The Mamba-2 chain at mamba2-1.3b's batch-1 sizes, three steps: a product of 4256 programs
+    (decode_linear, a barrier: completes_before_next) then the SSM step loading its state before the
+    PDL wait; the same outputs and states as the chain without state_ready."""
+    from mamba_pkg.ops.decode_linear import completes_before_next, decode_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    assert completes_before_next(1, w)
+    u = torch.randn(3, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    A_log, D, dt_bias = torch.randn(64, device="cuda"), torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    runs = []
+    for ready in (False, True):
+        state = torch.zeros(1, 64, 64, 128, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for t in range(3):
+            proj = decode_linear(u[t], w)
+            x, z, B, C, dt = torch.split(proj, [4096, 4096, 128, 128, 64], dim=-1)
+            outs.append(ssm_decode_step(state, x.view(1, 64, 64), dt, A_log, B.view(1, 1, 128), C.view(1, 1, 128), D,
+                                        z.view(1, 64, 64), dt_bias, state_ready=ready))
+        torch.cuda.synchronize()
+        runs.append((torch.stack(outs), state))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
