@@ -54,9 +54,6 @@ L1_PREFETCH = True
 # Sums across lanes by a layout change and adds instead of shuffles (see _sum_last); a switch for
 # benchmarks/bench_selective_scan.py --variants.
 SPLIT_SUMS = True
-# Input-dependent B and C taken to the scan layout as 64-bit pairs (see _bc_pair_f32); a switch for
-# benchmarks/bench_selective_scan.py --variants.
-PACK_BC = True
 # Steps per chunk of the reference: the scan inside a chunk is vectorised, the
 # state is carried across chunks in a Python loop of L / REF_CHUNK iterations.
 REF_CHUNK = 64
@@ -378,21 +375,6 @@ def _bc_f32(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, ONE_WARP: tl.constexpr
 
 
 @triton.jit
-def _bc_pair_f32(b, c, ONE_WARP: tl.constexpr):
-    """Loaded input-dependent B and C tiles (N_IN, BLOCK_L, N_LANES) in fp32, as (N_IN, BLOCK_L, 1,
-    N_LANES) each, taken to the scan layout together: each (B, C) pair as one 64-bit value (C's
-    bits high), converted in the load layout (_anchor). Why: Triton 3.6 moves 32-bit values
-    through shared memory one register at a time (a stmatrix between two warp syncs per
-    register), 64-bit ones with 16-byte stores; splitting the halves again costs no instruction.
-    Offline SASS, N = 16, loop per tile: fwd 614 -> 570, ckpt fwd 654 -> 609, bwd 849 -> 831."""
-    b_bits = b.to(tl.float32).to(tl.uint32, bitcast=True).to(tl.uint64)
-    c_bits = c.to(tl.float32).to(tl.uint32, bitcast=True).to(tl.uint64)
-    pair = _anchor((c_bits << 32) | b_bits, 3, ONE_WARP)[:, :, None, :]
-    return ((pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True),
-            (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True))
-
-
-@triton.jit
 def _sum_last(t, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, K: tl.constexpr):
     """(S0, S1, S2, K) -> (S0, S1, S2), the sum over the last axis (K a power of two) as a tree of
     tl.split halves. A split needs its pair inside a thread, so where the summed axis lies across
@@ -414,12 +396,11 @@ def _sum_n(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, 
     across the N_LANES lanes: SPLIT, by _sum_last (one layout change of 1 / N_IN of the values
     through shared memory instead of a butterfly of shuffles that leaves every lane with every
     sum, and which the (l, d) work would then convert anyway; offline SASS, Triton 3.6, N = 16:
-    per tile forward 666 -> 614 instructions, backward 1220 -> 1037), else tl.sum. The callers
-    split up to 8 states a lane (N = 64's forward spilled 16 bytes more), and in the forward only
-    with four lanes (with two, N <= 8, it took 16 more instructions; N = 8's backward 1490 -> 1431
-    and no spill)."""
+    per tile forward 666 -> 614 instructions, backward 1220 -> 1037), else tl.sum. Only with four
+    lanes of up to 8 states each: with two lanes (N <= 8) the forward took 16 more instructions,
+    with 16 states a lane (N = 64) it spilled 16 bytes more."""
     t = tl.sum(x, axis=0)  # (BLOCK_L, BLOCK_D, N_LANES)
-    if SPLIT:
+    if SPLIT and N_LANES == 4 and N_IN <= 8:
         t = _sum_last(t[None, :, :, :], 1, BLOCK_L, BLOCK_D, N_LANES)
         return tl.reshape(t, (BLOCK_L, BLOCK_D))
     else:
@@ -556,12 +537,9 @@ def _selective_scan_fwd_kernel(
     STORE_CKPT: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
     CKPT_L: tl.constexpr, L1_PREFETCH: tl.constexpr, ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
-    PACK_BC: tl.constexpr,
 ):
     """STORE_CKPT: also store the state before every CKPT_L steps (the backward's tiles; CKPT_L
-    divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward. L1_PREFETCH: see _prefetch_tile.
-    PACK_BC: B and C are input-dependent and taken to the scan layout as pairs (_bc_pair_f32)."""
-    SPLIT_N: tl.constexpr = SPLIT_SUMS and N_LANES == 4 and N_IN <= 8  # see _sum_n
+    divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward. L1_PREFETCH: see _prefetch_tile."""
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
@@ -623,17 +601,12 @@ def _selective_scan_fwd_kernel(
         if HAS_Z:
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_next, m_d, seqlen, EVEN)
-        if PACK_BC:
-            b_B, b_C = _bc_pair_f32(b_B_next, b_C_next, ONE_WARP)
+        if B_VAR:
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)  # (N_IN, BLOCK_L, 1, N_LANES)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
+        if C_VAR:
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
-        else:
-            if B_VAR:
-                b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)  # (N_IN, BLOCK_L, 1, N_LANES)
-                b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
-            if C_VAR:
-                b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
-                b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
         # Two tiles ahead of the register prefetch (clamped to the last step: in bounds).
         l_pf = tl.minimum(i_t * BLOCK_L + 3 * BLOCK_L, seqlen - 1)
         if L1_PREFETCH:
@@ -655,7 +628,7 @@ def _selective_scan_fwd_kernel(
                 b_inp += b_decay * b_h0
             b_decay = tl.where(m_start4, 0.0, b_decay)
         b_hs, b_h_last = _scan_tile(b_decay, b_inp, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
-        b_y = _sum_n(b_hs * b_C, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_N)  # (BLOCK_L, BLOCK_D)
+        b_y = _sum_n(b_hs * b_C, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)  # (BLOCK_L, BLOCK_D)
         if HAS_D:
             b_y += b_D[None, :] * b_u
         if HAS_Z:
@@ -715,7 +688,7 @@ def _selective_scan_bwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
-    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr, PACK_BC: tl.constexpr,
+    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
@@ -727,7 +700,6 @@ def _selective_scan_bwd_kernel(
     o_dC_var of dbc_ptr) to one slab per program; the launcher adds them up in torch:
     deterministic, no atomics. ATOMIC: all of them are instead added atomically into their
     zeroed fp32 results (order-dependent rounding; stride_part_batch 0)."""
-    SPLIT_N: tl.constexpr = SPLIT_SUMS and N_IN <= 8  # see _sum_n
     i_d, i_b = tl.program_id(0), tl.program_id(1)
     n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -799,17 +771,12 @@ def _selective_scan_bwd_kernel(
         if HAS_Z:
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_prev, m_d, seqlen, EVEN)
-        if PACK_BC:
-            b_B, b_C = _bc_pair_f32(b_B_next, b_C_next, ONE_WARP)
+        if B_VAR:
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)
             b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
+        if C_VAR:
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
             b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
-        else:
-            if B_VAR:
-                b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)
-                b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
-            if C_VAR:
-                b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
-                b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         b_dt = _anchor(b_dt, 2, ONE_WARP)
         # Forward again, from the state checkpointed at the tile start.
@@ -834,7 +801,7 @@ def _selective_scan_bwd_kernel(
             b_decay_scan = tl.where(m_start4, 0.0, b_decay)
         b_hs, _ = _scan_tile(b_decay_scan, b_inp_scan, b_h, N_IN, BLOCK_L, BLOCK_D, N_LANES, False)
         if HAS_Z:
-            b_y = _sum_n(b_hs * b_C, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_N)
+            b_y = _sum_n(b_hs * b_C, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)
             if HAS_D:
                 b_y += b_D[None, :] * b_u
             b_sig = ptx_sigmoid(b_z, FAST_MATH)
@@ -858,10 +825,10 @@ def _selective_scan_bwd_kernel(
             tl.store(dh0_ptr + o_seq4 + o_dn4, b_decay * b_dh, mask=m_dn4 & m_start4)
         # Gradients of the step input dt * u * B and of the log-decay dt * A;
         # decay_t * h_{t-1} = h_t - input_t avoids shifting h by one step.
-        b_dh_B = _sum_n(b_dh * b_B, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_N)  # (BLOCK_L, BLOCK_D)
+        b_dh_B = _sum_n(b_dh * b_B, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)  # (BLOCK_L, BLOCK_D)
         b_du += b_dt * b_dh_B
         b_dlogdecay = b_dh * (b_hs - b_inp)
-        b_ddt = b_u * b_dh_B + _sum_n(b_dlogdecay * b_A, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_N)
+        b_ddt = b_u * b_dh_B + _sum_n(b_dlogdecay * b_A, N_IN, BLOCK_L, BLOCK_D, N_LANES, SPLIT_SUMS)
         b_dA_acc += tl.sum(b_dlogdecay * b_dt[None, :, :, None], axis=1)
         if B_VAR:
             b_dB = _sum_d(b_dh * b_dtu[None, :, :, None], N_IN, BLOCK_L, BLOCK_D, N_LANES,
@@ -950,13 +917,23 @@ def _split_sums(block_d: int, n_lanes: int, num_warps: int) -> bool:
     return SPLIT_SUMS and num_warps == 1 and block_d * n_lanes == 32
 
 
-def _pack_bc(p, n_in: int, n_lanes: int, block_l: int, one_warp: bool, pass_: str) -> bool:
-    """Whether the kernels take B and C to the scan layout as pairs (PACK_BC, _bc_pair_f32): both
-    input-dependent, one-warp programs, up to 64 values a thread (offline SASS: N = 64's forward
-    spilled 456 instead of 24 bytes); in the backward only with four lanes per channel (N = 8's
-    spilled 32 bytes)."""
-    return (PACK_BC and p.B_var and p.C_var and one_warp and n_in * block_l <= 64
-            and (pass_ == "fwd" or n_lanes == 4))
+# The forward without checkpoints keeps the shuffle sums below this many programs per multiprocessor:
+# at about one warp per scheduler the kernel waits on latency, and the layout change of the split
+# sums adds a shared-memory round trip per tile (H100, same run, session 7: B=1 D=4096 L=8192, 3.9
+# programs per SM, 0.452 ms split against 0.435 shuffles; B=4 D=2048, 7.8 per SM, 0.165 against 0.173).
+SPLIT_MIN_PROGRAMS_PER_SM = 6
+_sm_counts: dict = {}
+
+
+def _forward_split_sums(device: torch.device, n_programs: int) -> bool:
+    """Whether the forward without checkpoints has enough programs for the split sums (see
+    SPLIT_MIN_PROGRAMS_PER_SM); True off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return True
+    n_sms = _sm_counts.get(device.index)
+    if n_sms is None:
+        n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n_programs >= SPLIT_MIN_PROGRAMS_PER_SM * n_sms
 
 
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
@@ -1055,9 +1032,10 @@ def _selective_scan_fwd(
         IS_VARLEN=varlen, STORE_CKPT=store_ckpt, EVEN=even,
         FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, CKPT_L=ckpt_l,
-        ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
+        ONE_WARP=_one_warp(block_d, n_lanes, num_warps),
+        SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps) and (
+            store_ckpt or _forward_split_sums(u.device, grid[0] * grid[1])),
         L1_PREFETCH=L1_PREFETCH and even and n_in * n_lanes <= 16 and ptx_math(_selective_scan_fwd_kernel),
-        PACK_BC=_pack_bc(p, n_in, n_lanes, block_l, _one_warp(block_d, n_lanes, num_warps), "fwd"),
     )
     return out, last, ckpt
 
@@ -1158,7 +1136,6 @@ def _selective_scan_bwd(
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
         ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
-        PACK_BC=_pack_bc(p, n_in, n_lanes, block_l, _one_warp(block_d, n_lanes, num_warps), "bwd"),
     )
     if not atomic and p.batch > 1:
         torch.sum(params_part, 0, out=dgrads[:n_params])

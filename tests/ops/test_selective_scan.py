@@ -315,16 +315,26 @@ def test_kernel_deterministic_mode_matches_ref(bc):
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("switch", ["SPLIT_SUMS", "PACK_BC"])
-def test_kernel_switched_off_matches_ref(monkeypatch, switch):
-    """SPLIT_SUMS off: the sums across lanes by shuffles (tl.sum, and the dB / dC halving); PACK_BC
-    off: B and C taken to the scan layout one by one. Other shapes than the ones these switches
-    apply to still take those paths."""
+def test_kernel_shuffle_sums_match_ref(monkeypatch):
+    """SPLIT_SUMS off: the sums across lanes by shuffles (tl.sum, and the dB / dC halving), which
+    the shapes other than one channel per thread of a one-warp program still use."""
     import mamba_pkg.ops.selective_scan as ss
 
-    monkeypatch.setattr(ss, switch, False)
+    monkeypatch.setattr(ss, "SPLIT_SUMS", False)
     args = make_inputs(2, 8, 20, 16, bc="var", dtype=torch.bfloat16)
     check_kernel(args, h0=torch.randn(2, 8, 16))
+
+
+def test_forward_split_sums_rule(monkeypatch):
+    """The forward without checkpoints splits its sums only with enough programs per SM (the
+    interpreter always)."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    monkeypatch.setitem(ss._sm_counts, 0, 132)
+    per_sm = ss.SPLIT_MIN_PROGRAMS_PER_SM
+    assert ss._forward_split_sums(torch.device("cuda", 0), per_sm * 132)
+    assert not ss._forward_split_sums(torch.device("cuda", 0), per_sm * 132 - 1)
+    assert ss._forward_split_sums(torch.device("cpu"), 1)
 
 
 def test_kernel_full_tiles():
