@@ -378,6 +378,9 @@ def main(argv=None):
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
     parser.add_argument("--rep-ms", type=int, default=REP_MS, help="timed repetitions per case, in ms")
+    parser.add_argument("--cases", type=str, default=None,
+                        help="B,D,L,N rows separated by ';' instead of the issue's matrix")
+    parser.add_argument("--name", type=str, default=None, help="results file name (default from the options)")
     args = parser.parse_args(argv)
     REP_MS = args.rep_ms
     passes = tuple(args.passes.split(","))
@@ -394,7 +397,9 @@ def main(argv=None):
     if args.profile:
         profile()
     rows = []
-    for batch, dim, seqlen, dstate in cases(args.quick, args.main):
+    rows_to_run = [tuple(int(x) for x in row.split(",")) for row in args.cases.split(";")] if args.cases \
+        else cases(args.quick, args.main)
+    for batch, dim, seqlen, dstate in rows_to_run:
         if args.main and "fwdbwd" in passes:
             ms = try_provider("ours", lambda: bench_case("ours", "fwdbwd", batch, dim, seqlen, dstate, True))
             rows.append({"case": f"fwdbwd B={batch} D={dim} L={seqlen} N={dstate} deterministic=1",
@@ -417,7 +422,7 @@ def main(argv=None):
             json.dump(rows, f)
     both = set(passes) == {"fwd", "fwdbwd"}
     name = "bench_selective_scan" if both else "bench_selective_scan_" + "_".join(passes)
-    save_results(name + "_main" if args.main else name, rows)
+    save_results(args.name or (name + "_main" if args.main else name), rows)
 
 
 if __name__ == "__main__":

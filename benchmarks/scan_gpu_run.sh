@@ -178,6 +178,28 @@ torch.cuda.synchronize()"; done
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi
+if [ "${1:-}" = s7final ]; then
+  # Session 7's last call (~90 s): the scan / mamba_inner GPU tests in parallel groups beside N=16 / N=4 warm-ups,
+  # then on a quiet machine ours vs mamba_ssm at the session's rows (JSON + PNG bench_selective_scan_s7), the
+  # fwd+bwd kernel profile at L=2048 and our kernel times at B=8 D=1536 L=2048.
+  t tests_ref 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
+  t tests_inner 120 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
+  for n in 16 4; do t warm$n 120 python3 -c "$(warm $n)"; done
+  t warm_b1 120 python3 -c "import torch
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+with torch.no_grad():
+    provider_fn('ours')(*make_inputs(1, 4096, 512, 16))
+torch.cuda.synchronize()"
+  wait
+  timeout 60 python3 benchmarks/bench_selective_scan.py --rep-ms 150 --name bench_selective_scan_s7 \
+    --cases "4,2048,2048,16;4,2048,8192,16;8,1536,2048,16;1,4096,8192,16;4,2048,4096,4" > $L/bench.log 2>&1
+  show bench $? 24
+  timeout 15 python3 -c "from benchmarks.bench_selective_scan import profile, kernel_ms; profile()
+print('kernels ms B=8 D=1536 L=2048:', kernel_ms(8, 1536, 2048))" > $L/profile.log 2>&1; show profile $? 8
+  cp $L/*.log ${OUT:-/tmp}/
+  exit 0
+fi
 if [ "${1:-}" = variants ]; then
   t tests_n16 150 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda and (2049 or 1000) or varlen_cuda"
   timeout 170 python3 benchmarks/bench_selective_scan.py --variants all > $L/variants.log 2>&1; show variants $? 40

@@ -466,6 +466,24 @@ def test_kernel_l1_prefetch_changes_no_bits_cuda(monkeypatch, dstate):
 
 
 @requires_cuda
+@pytest.mark.parametrize("seqlen", [128, 100])
+def test_kernel_forward_split_sums_cuda(seqlen):
+    """The forward without gradients at a launch with enough programs for the split sums (the
+    other CUDA tests launch fewer, which keep the shuffles) against the reference."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    args = make_inputs(8, 1024, seqlen, 16, bc="var", dtype=torch.bfloat16, device="cuda")
+    assert ss._forward_split_sums(args["u"].device, 8 * 1024 // 8)
+    with torch.no_grad():
+        out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, backend="triton")
+        args32 = {k: v.float() for k, v in args.items()}
+        ref, ref_last = selective_scan_ref(**args32, delta_softplus=True, return_last_state=True)
+        lowp = selective_scan_ref(**args, delta_softplus=True)
+    _rule(out, ref, lowp, "out")
+    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
 def test_kernel_varlen_cuda():
     lengths = [700, 1, 0, 2048, 333]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
