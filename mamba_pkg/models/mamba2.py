@@ -42,22 +42,27 @@ from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 # the in_proj launch (decode_linear's conv argument): one launch per layer fewer (H100 graph replay,
 # mamba2-1.3b b1 with the norm unfused: 1.706 vs 1.834 ms per step). False: off.
 STEP_CONV_IN_PROJ = True
-# Decode steps of decode_linear.SMALL_ROWS < B <= MAX_ROWS rows (16-bit weights) run in_proj with the
-# conv update in its epilogue (STEP_DOT), and the RMSNorm + out_proj (STEP_DOT_NORM_OUT), as
-# decode_linear's tl.dot kernels, chained with the SSM step by programmatic dependent launch, instead
-# of cuBLAS GEMMs and separate conv and gated-norm kernels (3 launches per layer instead of 5; the gate
-# goes into the SSM step, as below). False: cuBLAS and the separate kernels.
-STEP_DOT = True
-STEP_DOT_NORM_OUT = True
-# The SSM step applies the z gate (y * silu(z), rounded once to the activation dtype) and out_proj
-# folds a plain RMSNorm of that (rms_norm_linear) instead of the gated RMSNorm (gated_rms_norm_linear):
-# each out_proj program re-reads one row instead of two and computes no sigmoids, so it can take
-# decode_linear.WIDE_BLOCK_N features. Decode steps of <= STEP_LINEAR_MAX_ROWS rows; norm_before_gate
-# False, one norm group.
+# Decode steps of decode_linear.SMALL_ROWS < B <= MAX_ROWS rows (16-bit weights) can run in_proj with
+# the conv update in its epilogue (STEP_DOT), and the RMSNorm + out_proj (STEP_DOT_NORM_OUT), as
+# decode_linear's tl.dot kernels chained with the SSM step by programmatic dependent launch (3 launches
+# per layer instead of 5; the gate goes into the SSM step). Off: on the H100 those kernels took 20 us
+# (mamba2-130m) and 55-70 us (mamba2-1.3b) per launch at batch 64, and whole steps (graph replay, same
+# process) 1.55 vs 0.99 ms and 8.60 vs 4.44 ms with cuBLAS and the separate conv / gated-norm kernels
+# (benchmarks/notes_decode.md, session 7).
+STEP_DOT = False
+STEP_DOT_NORM_OUT = False
+# Decode steps of <= STEP_LINEAR_MAX_ROWS rows with d_ssm <= STEP_GATE_IN_SSM_MAX_DIM: the SSM step
+# applies the z gate (y * silu(z), rounded once to the activation dtype) and out_proj folds a plain
+# RMSNorm of that (rms_norm_linear) instead of the gated RMSNorm (gated_rms_norm_linear): each out_proj
+# program re-reads one row instead of two and computes no sigmoids. norm_before_gate False, one norm
+# group. H100 b1 whole step (graph replay, same process): mamba2-130m (d_ssm 1536) 0.268-0.271 vs
+# 0.280 ms; mamba2-1.3b (4096) 1.318-1.342 vs 1.300 without (its out_proj took 4.8 instead of 7.7 us,
+# but the add + norm pre-pass after it 4.4 instead of 1.4), hence the width limit.
 STEP_GATE_IN_SSM = True
+STEP_GATE_IN_SSM_MAX_DIM = 2048
 # The SSM step loads its state before waiting for the in_proj launch (ssm_decode_step's state_ready)
 # where that launch is a barrier (decode_linear.completes_before_next: mamba2-1.3b's in_proj at batch 1,
-# 4256 programs). False: off.
+# 4256 programs). H100 b1 whole step (graph replay, same process): 1.318-1.342 ms vs 1.358 off.
 STEP_STATE_EARLY = True
 
 
@@ -315,14 +320,14 @@ class Mamba2(nn.Module):
                 and layer.weight.dtype in (torch.bfloat16, torch.float16))
 
     def _gate_in_ssm(self, rows, z0) -> bool:
-        """The SSM step applies the gate and out_proj a plain RMSNorm (STEP_GATE_IN_SSM at
-        <= STEP_LINEAR_MAX_ROWS rows, STEP_DOT_NORM_OUT above SMALL_ROWS): rmsnorm after the gate, one
-        norm group spanning the row, no in-mixer MLP, a plain out_proj."""
+        """The SSM step applies the gate and out_proj a plain RMSNorm (STEP_GATE_IN_SSM up to
+        STEP_GATE_IN_SSM_MAX_DIM at <= STEP_LINEAR_MAX_ROWS rows, STEP_DOT_NORM_OUT above SMALL_ROWS):
+        rmsnorm after the gate, one norm group spanning the row, no in-mixer MLP, a plain out_proj."""
         if not (self.rmsnorm and not self.norm.norm_before_gate and z0.shape[-1] == 0
                 and self.norm.group_size in (None, self.d_ssm) and plain_linear(self.out_proj)):
             return False
         if rows <= _cache_utils.STEP_LINEAR_MAX_ROWS:
-            return STEP_GATE_IN_SSM
+            return STEP_GATE_IN_SSM and self.d_ssm <= STEP_GATE_IN_SSM_MAX_DIM
         return self._dot_rows(rows, self.out_proj, STEP_DOT_NORM_OUT)
 
     def _fused_norm_step(self, y, z0) -> bool:

@@ -82,13 +82,10 @@ WIDE_K = 2048
 WIDE_BLOCK_N = 2
 NUM_WARPS = 4
 # tl.dot kernel: (BLOCK_N, BLOCK_K, stages, warps) for the widest BLOCK_N that still gives
-# DOT_MIN_PROGRAMS programs (else the last). Session 3, batch 64 on the H100 (BLOCK_K 128): mamba-1.4b
-# in_proj 7.95 us vs cuBLAS 9.20, mamba-130m in_proj (BLOCK_N 32) 3.38 vs 3.64; the out_proj shapes
-# (24-64 programs) lost to cuBLAS's split-K GEMM, so dot_config says None there and step_linear keeps
-# cuBLAS. BLOCK_K 64: 4 stages of a 64-row tile take 32-64 KB of shared memory, so that 2-3 programs
-# share an SM: mamba2-1.3b's in_proj (133 programs of 64 features) then runs in one wave on 132 SMs
-# instead of two.
-DOT_CONFIGS = ((64, (64, 64, 4, 4)), (32, (32, 64, 4, 4)), (16, (16, 64, 4, 4)))
+# DOT_MIN_PROGRAMS programs. Batch 64 on the H100: mamba-1.4b in_proj 7.95 us vs cuBLAS 9.20,
+# mamba-130m in_proj (BLOCK_N 32) 3.38 vs 3.64; the out_proj shapes (24-64 programs) lost to
+# cuBLAS's split-K GEMM, so dot_config says None there and step_linear keeps cuBLAS.
+DOT_CONFIGS = ((64, (64, 128, 4, 4)), (32, (32, 128, 4, 4)))
 DOT_MIN_PROGRAMS = 96
 
 

@@ -327,13 +327,19 @@ def test_cuda_step_logits_equal_full_forward(kind):
 
 
 @requires_cuda
-@pytest.mark.parametrize("kind,gated_prepass", [("mamba1", True), ("mamba2", True), ("mamba2", False)])
-def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, monkeypatch):
+@pytest.mark.parametrize("kind,gated_prepass,gate_in_ssm", [("mamba1", True, False), ("mamba2", True, False),
+                                                            ("mamba2", False, False), ("mamba2", False, True)])
+def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, gate_in_ssm, monkeypatch):
     """At d_model 2048 the step's norms run as decode_linear's row pre-pass (add + RMSNorm before
     in_proj; Mamba-2's gated RMSNorm over d_inner 4096 before out_proj, or folded into out_proj:
-    the default), the products with 2 output features per program (rows >= WIDE_K)."""
+    the default), the products with 2 output features per program (rows >= WIDE_K); or the SSM step
+    applies the gate and out_proj folds a plain RMSNorm (gate_in_ssm). Mamba-2's SSM step loads its
+    state before the PDL wait here (in_proj: 4360 programs, a barrier)."""
+    from mamba_pkg.models import mamba2 as m2
+
     monkeypatch.setattr(dl, "PREPASS_ADD_NORM_ALONE", True)  # Mamba-1's in_proj too
     monkeypatch.setattr(dl, "PREPASS_GATED", gated_prepass)
+    monkeypatch.setattr(m2, "STEP_GATE_IN_SSM_MAX_DIM", 4096 if gate_in_ssm else 0)
     launches = []
     row_norm = dl._launch_row_norm
     monkeypatch.setattr(dl, "_launch_row_norm", lambda *args: launches.append(1) or row_norm(*args))
