@@ -193,6 +193,8 @@ VARIANTS = {
     "no L1 prefetch": {"l1_prefetch": False},
     # Sums across lanes by shuffles (session 6) instead of the layout change of _sum_last.
     "shuffle sums": {"split_sums": False},
+    # The forward's last blocks of channels in two half-length programs (selective_scan._tail_split).
+    "split tail": {"split_tail": True},
 }
 # Not kept (H100, same run, session 7; results/bench_selective_scan_s7_variants.txt): B and C taken to
 # the scan layout as 64-bit pairs (one STS.128 per two pairs instead of a stmatrix between two warp
@@ -203,11 +205,11 @@ VARIANTS = {
 VARIANT_SHAPES = [(4, 2048, 2048), (4, 2048, 8192), (8, 1536, 2048), (1, 4096, 8192)]
 
 
-def variants(names=None):
+def variants(names=None, shapes=None):
     import mamba_pkg.ops.selective_scan as ss
 
     fast_math = ss.ptx_math
-    shapes = VARIANT_SHAPES
+    shapes = shapes or VARIANT_SHAPES
     lines, reference = [], None
     for batch, dim, seqlen in shapes:
         for pass_ in ("fwd", "fwdbwd"):
@@ -222,14 +224,16 @@ def variants(names=None):
         ss.ptx_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
         ss.L1_PREFETCH = spec.get("l1_prefetch", True)
         ss.SPLIT_SUMS = spec.get("split_sums", True)
+        ss.SPLIT_TAIL = spec.get("split_tail", False)
         try:
             got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
             if reference is None:
                 reference = got
             worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                         for g, r in zip(got, reference))
-            passes = [p for p, keys in (("fwd", {"fwd", "fast_math", "l1_prefetch", "split_sums"}),
-                                        ("fwdbwd", {"ckpt", "bwd", "fast_math", "l1_prefetch", "split_sums"}))
+            passes = [p for p, keys in (("fwd", {"fwd", "fast_math", "l1_prefetch", "split_sums", "split_tail"}),
+                                        ("fwdbwd", {"ckpt", "bwd", "fast_math", "l1_prefetch", "split_sums",
+                                                    "split_tail"}))
                       if name == "default" or keys & set(spec)]
             for batch, dim, seqlen in shapes:
                 for pass_ in passes if worst < 1e-2 else ():
@@ -243,6 +247,7 @@ def variants(names=None):
             ss.ptx_math = fast_math
             ss.L1_PREFETCH = True
             ss.SPLIT_SUMS = True
+            ss.SPLIT_TAIL = False
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_variants.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -373,7 +378,8 @@ def main(argv=None):
                         help="default vs low-register N=16 shapes at WAVE_SHAPES (kernel times too) and exit")
     parser.add_argument("--wave-variants", type=str, default=None, help="comma-separated WAVE_VARIANTS names")
     parser.add_argument("--wave-shapes", type=str, default=None,
-                        help="B,D,L rows separated by ';' (default WAVE_SHAPES)")
+                        help="B,D,L rows separated by ';' for --waves and --variants (default WAVE_SHAPES, "
+                             "VARIANT_SHAPES)")
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")
@@ -390,7 +396,9 @@ def main(argv=None):
         waves(args.wave_variants.split(",") if args.wave_variants else None, shapes)
         return 0
     if args.variants:
-        variants(None if args.variants == "all" else args.variants.split(","))
+        shapes = [tuple(int(x) for x in row.split(",")) for row in args.wave_shapes.split(";")] \
+            if args.wave_shapes else None
+        variants(None if args.variants == "all" else args.variants.split(","), shapes)
         return 0
     if args.sweep:
         sweep(tuple(int(n) for n in args.sweep.split(",")))

@@ -181,7 +181,8 @@ fi
 if [ "${1:-}" = s7final ]; then
   # Session 7's last call (~90 s): the scan / mamba_inner GPU tests in parallel groups beside N=16 / N=4 warm-ups,
   # then on a quiet machine ours vs mamba_ssm at the session's rows (JSON + PNG bench_selective_scan_s7), the
-  # fwd+bwd kernel profile at L=2048 and our kernel times at B=8 D=1536 L=2048.
+  # "split tail" variant at B=8 D=1536, the fwd+bwd kernel profile at L=2048, our kernel times at B=8 D=1536
+  # L=2048, and with time left (of ${2:-110} s) ncu's memory tables of the forward kernel.
   t tests_ref 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
   t tests_cuda 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
   t tests_inner 120 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
@@ -191,13 +192,35 @@ from benchmarks.bench_selective_scan import make_inputs, provider_fn
 with torch.no_grad():
     provider_fn('ours')(*make_inputs(1, 4096, 512, 16))
 torch.cuda.synchronize()"
+  t warm_tail 120 python3 -c "import torch
+import mamba_pkg.ops.selective_scan as ss
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+ss.SPLIT_TAIL = True
+f = provider_fn('ours')
+f(*make_inputs(8, 1536, 512, 16, requires_grad=True)).sum().backward()
+with torch.no_grad():
+    f(*make_inputs(8, 1536, 512, 16))
+torch.cuda.synchronize()"
   wait
   timeout 60 python3 benchmarks/bench_selective_scan.py --rep-ms 150 --name bench_selective_scan_s7 \
     --cases "4,2048,2048,16;4,2048,8192,16;8,1536,2048,16;1,4096,8192,16;4,2048,4096,4" > $L/bench.log 2>&1
   show bench $? 24
+  timeout 25 python3 benchmarks/bench_selective_scan.py --variants "split tail" --rep-ms 150 \
+    --wave-shapes "8,1536,2048;8,1536,8192" > $L/variants.log 2>&1; show variants $? 12
   timeout 15 python3 -c "from benchmarks.bench_selective_scan import profile, kernel_ms; profile()
 print('kernels ms B=8 D=1536 L=2048:', kernel_ms(8, 1536, 2048))" > $L/profile.log 2>&1; show profile $? 8
-  cp $L/*.log ${OUT:-/tmp}/
+  left=$(( ${2:-110} - $(date +%s) + T0 ))
+  if [ $left -gt 20 ] && command -v ncu > /dev/null; then
+    # The forward kernel's memory-pipe use (shared wavefronts and bank conflicts per instruction kind).
+    timeout $left ncu --section SpeedOfLight --section MemoryWorkloadAnalysis_Tables --section SchedulerStats \
+      -k regex:_selective_scan_fwd -s 2 -c 1 python3 -c "import torch
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+f = provider_fn('ours'); a = make_inputs(4, 2048, 2048, 16)
+with torch.no_grad():
+    for _ in range(3): f(*a)
+torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 6
+  fi
+  tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
   exit 0
 fi
 if [ "${1:-}" = variants ]; then
