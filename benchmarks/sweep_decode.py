@@ -33,6 +33,8 @@ benchmarks.common.save_results ("sweep_decode").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import time
 
 import torch
@@ -304,8 +306,6 @@ def timeline_table(kernels):
 def timeline_part(sw, models=None):
     """Per-kernel advances of one graph replay (TIMELINE), ours then mamba_ssm's, printed and saved
     as rows (provider = "<setting> <kernel label>", ms = total advance)."""
-    import importlib
-
     from benchmarks.bench_generation import NEW, PROMPT, VOCAB, build_mamba_ssm, build_ours
     from mamba_pkg.generation.decode import _decode_graph, free_decode_graphs
 
@@ -316,18 +316,10 @@ def timeline_part(sw, models=None):
         model = build_ours(name)
         runs = []
         for setting in settings:
-            targets = {k: (importlib.import_module("mamba_pkg." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
-                       for k in setting}
-            original = {k: getattr(mod, attr) for k, (mod, attr) in targets.items()}
-            for k, v in setting.items():
-                setattr(*targets[k], v)
-            try:
+            with applied(setting):
                 free_decode_graphs(model)
                 graph = _decode_graph(model, batch, PROMPT + NEW, BF, VOCAB, BF)
                 runs.append((_label(setting), step_timeline(graph.graph.replay)))
-            finally:
-                for k, v in original.items():
-                    setattr(*targets[k], v)
         free_decode_graphs(model)
         theirs = None if TIMELINE_NO_ANCHOR else try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, model))
         if theirs is not None:
@@ -365,6 +357,21 @@ def ncu_part(models, batch):
             torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def applied(setting):
+    """Set the module attributes of ``setting`` ({"ops.decode_linear.BLOCK_N": 2, ...}, relative to
+    mamba_pkg) for the body of the with statement."""
+    targets = {k: (importlib.import_module("mamba_pkg." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]) for k in setting}
+    original = {k: getattr(mod, attr) for k, (mod, attr) in targets.items()}
+    for k, v in setting.items():
+        setattr(*targets[k], v)
+    try:
+        yield
+    finally:
+        for k, v in original.items():
+            setattr(*targets[k], v)
+
+
 def _label(setting):
     return ",".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in setting.items()) or "committed"
 
@@ -372,8 +379,6 @@ def _label(setting):
 def model_part(sw, models=None, compile_only=False):
     """Whole-step A/B (MODEL_AB) of the models in ``models`` (all if None). compile_only: run one
     eager step per setting and time nothing (a process per model in parallel fills the Triton cache)."""
-    import importlib
-
     from benchmarks.bench_generation import build_ours, eager_step, our_graph_ms
     from mamba_pkg.generation.decode import free_decode_graphs
 
@@ -387,21 +392,13 @@ def model_part(sw, models=None, compile_only=False):
             built[name] = build_ours(name)
         model = built[name]
         for setting in settings:
-            targets = {k: (importlib.import_module("mamba_pkg." + k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])
-                       for k in setting}
-            original = {k: getattr(mod, attr) for k, (mod, attr) in targets.items()}
-            for k, v in setting.items():
-                setattr(*targets[k], v)
-            try:
+            with applied(setting):
                 free_decode_graphs(model)
                 if compile_only:
                     eager_step("ours", model, batch)()
                     continue
                 sw.timed(f"step {name} b{batch}", _label(setting), lambda: our_graph_ms(model, batch, BF),
                          timer=lambda f: f())
-            finally:
-                for k, v in original.items():
-                    setattr(*targets[k], v)
         free_decode_graphs(model)
 
 

@@ -270,6 +270,25 @@ def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, co
 
 
 @triton.jit
+def _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
+                 cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
+                 stride_cw_d, stride_cw_k, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, CONV: tl.constexpr,
+                 CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr, PTX: tl.constexpr):
+    # The epilogue of both product kernels: the norm's row scale rsqrt(mean(s^2) + eps) (SCALE; b_ss
+    # holds the rows' sums of squares), the bias, the conv update (CONV), the store.
+    if SCALE:
+        b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
+    if HAS_BIAS:
+        b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    b_out = b_acc.to(out_ptr.dtype.element_ty)
+    if CONV:
+        b_out = _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
+                           stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
+                           CONV_BIAS, SILU, W, S_LEN, PTX)
+    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
+
+
+@triton.jit
 def _decode_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, nw_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr,
     batch, N, K, eps, conv_start, conv_dim,
@@ -332,16 +351,9 @@ def _decode_linear_kernel(
             b_acc += tl.sum(b_w * b_x, axis=1)[None, :]
         else:
             b_acc += tl.sum(b_x[:, None, :] * b_w[None, :, :], axis=2)
-    if NORM != 0:
-        b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
-    if HAS_BIAS:
-        b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    b_out = b_acc.to(out_ptr.dtype.element_ty)
-    if CONV:
-        b_out = _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
-                           stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
-                           CONV_BIAS, SILU, W, S_LEN, PTX)
-    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
+    _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
+                 cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
+                 stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX)
 
 
 @triton.jit
@@ -384,16 +396,9 @@ def _decode_linear_dot_kernel(
             b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision="ieee")
         else:  # bf16 / fp16 on the tensor cores, fp32 accumulation
             b_acc = tl.dot(b_x, b_w, b_acc)
-    if NORM != 0:
-        b_acc *= (1.0 / tl.sqrt(b_ss / K + eps))[:, None]
-    if HAS_BIAS:
-        b_acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    b_out = b_acc.to(out_ptr.dtype.element_ty)
-    if CONV:
-        b_out = _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
-                           stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
-                           CONV_BIAS, SILU, W, S_LEN, PTX)
-    tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
+    _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
+                 cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
+                 stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX)
 
 
 def _outputs(x, weight):
