@@ -13,6 +13,8 @@
 # selective_scan.py when its copy is there, mamba_inner_fn), at most about 150 s.
 # `scan_gpu_run.sh s6final [SECONDS]`: session 6's last call (see below).
 # `scan_gpu_run.sh waves`: session 6 round 2's call (see below).
+# `scan_gpu_run.sh s7final [SECONDS]`: session 7's last call (see below); the session's two A/B calls ran the
+# GPU tests beside warm-ups, then bench --variants / --waves with the variants named in notes_selective_scan.md.
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -123,58 +125,6 @@ for spec in WAVE_VARIANTS.values():
 torch.cuda.synchronize()"
   wait
   timeout 110 python3 benchmarks/bench_selective_scan.py --waves --rep-ms 150 > $L/bench.log 2>&1; show bench $? 60
-  cp $L/*.log ${OUT:-/tmp}/
-  exit 0
-fi
-if [ "${1:-}" = s7mid ]; then
-  # Session 7's A/B call (at most ~220 s): the scan / mamba_inner GPU tests in parallel groups beside warm-ups
-  # of every variant's kernels, then on a quiet machine bench --variants (split vs shuffle sums, ours vs
-  # mamba_ssm) and bench --waves at B=8 D=1536 / B=4 D=2048 L=2048 (default vs capped vs two-channel forward).
-  t tests_ref 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
-  t tests_cuda 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
-  t tests_inner 120 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
-  for v in default capped capped_bwd two_channel_fwd; do t warm_$v 120 python3 -c "import torch
-from benchmarks.bench_selective_scan import WAVE_VARIANTS, _hook_block_sizes, _outputs_and_grads, make_inputs, provider_fn
-undo = _hook_block_sizes({(16, k): v for k, v in WAVE_VARIANTS['$v'].items()})
-_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
-with torch.no_grad():
-    provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
-torch.cuda.synchronize()"; done
-  t warm_shuffle 120 python3 -c "import torch
-import mamba_pkg.ops.selective_scan as ss
-from benchmarks.bench_selective_scan import _outputs_and_grads, make_inputs, provider_fn
-ss.SPLIT_SUMS = False
-_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
-with torch.no_grad():
-    provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
-torch.cuda.synchronize()"
-  wait
-  timeout ${2:-40} python3 benchmarks/bench_selective_scan.py --variants "shuffle sums" --rep-ms 150 > $L/variants.log 2>&1
-  show variants $? 30
-  timeout ${3:-60} python3 benchmarks/bench_selective_scan.py --waves --rep-ms 150 --wave-variants default,capped,capped_bwd,two_channel_fwd \
-    --wave-shapes "8,1536,2048;4,2048,2048" > $L/bench.log 2>&1; show bench $? 40
-  cp $L/*.log ${OUT:-/tmp}/
-  exit 0
-fi
-if [ "${1:-}" = s7ab ]; then
-  # Session 7's second call (~120 s): the scan / mamba_inner GPU tests beside warm-ups of the layout-change
-  # variants' kernels, then bench --variants (64-bit B/C pairs and split sums on / off, ours vs mamba_ssm at
-  # VARIANT_SHAPES) and the fwd+bwd kernel profile at L=2048.
-  t tests_ref 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
-  t tests_cuda 120 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
-  t tests_inner 120 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
-  for v in "1 1" "0 1" "1 0" "0 0"; do set -- $v; t warm_$1$2 120 python3 -c "import torch
-import mamba_pkg.ops.selective_scan as ss
-from benchmarks.bench_selective_scan import _outputs_and_grads, make_inputs, provider_fn
-ss.SPLIT_SUMS, ss.PACK_BC = bool($1), bool($2)
-_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
-with torch.no_grad():
-    provider_fn('ours')(*make_inputs(2, 512, 1024, 16))
-torch.cuda.synchronize()"; done
-  wait
-  timeout 70 python3 benchmarks/bench_selective_scan.py --variants "shuffle sums,no B/C pairs,session 6 layout changes" \
-    --rep-ms 150 > $L/variants.log 2>&1; show variants $? 45
-  timeout 15 python3 -c "from benchmarks.bench_selective_scan import profile; profile()" > $L/profile.log 2>&1; show profile $? 14
   cp $L/*.log ${OUT:-/tmp}/
   exit 0
 fi

@@ -287,6 +287,19 @@ def check_kernel(args, h0=None, cu=None, softplus=True, use_out=True, device=DEV
         _rule(got[name], ref[name], lowp[name], name)
 
 
+def check_forward_no_grad(args, h0=None):
+    """The forward without gradients (no checkpoints, its own tile length) against the reference:
+    the output under the tolerance rule, the last state to 1e-4."""
+    with torch.no_grad():
+        out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                      backend="triton")
+        args32 = {k: v.float() for k, v in args.items()}
+        ref, ref_last = selective_scan_ref(**args32, delta_softplus=True, return_last_state=True, initial_state=h0)
+        lowp = selective_scan_ref(**args, delta_softplus=True, initial_state=h0)
+    _rule(out, ref, lowp, "out")
+    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "dtype,bc,seqlen,dstate,dim",
     [
@@ -348,14 +361,7 @@ def test_kernel_split_tail_matches_ref(monkeypatch, seqlen):
     args = make_inputs(2, 24, seqlen, 16, bc="var", dtype=torch.bfloat16)
     h0 = torch.randn(2, 24, 16)
     check_kernel(args, h0=h0)
-    with torch.no_grad():
-        out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, initial_state=h0,
-                                      backend="triton")
-        args32 = {k: v.float() for k, v in args.items()}
-        ref, ref_last = selective_scan_ref(**args32, delta_softplus=True, return_last_state=True, initial_state=h0)
-        lowp = selective_scan_ref(**args, delta_softplus=True, initial_state=h0)
-    _rule(out, ref, lowp, "out")
-    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+    check_forward_no_grad(args, h0)
 
 
 def test_kernel_full_tiles():
@@ -363,14 +369,7 @@ def test_kernel_full_tiles():
     args = make_inputs(2, 16, 32, 16, bc="var", dtype=torch.bfloat16, device=DEV)
     h0 = torch.randn(2, 16, 16).to(DEV)
     check_kernel(args, h0=h0)
-    with torch.no_grad():  # the forward without checkpoints uses its own tile length
-        out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, initial_state=h0,
-                                      backend="triton")
-        args32 = {k: v.float() for k, v in args.items()}
-        ref, ref_last = selective_scan_ref(**args32, delta_softplus=True, return_last_state=True, initial_state=h0)
-        lowp = selective_scan_ref(**args, delta_softplus=True, initial_state=h0)
-    _rule(out, ref, lowp, "out")
-    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+    check_forward_no_grad(args, h0)  # the forward without checkpoints uses its own tile length
 
 
 def test_kernel_strided_rows():
@@ -495,13 +494,7 @@ def test_kernel_forward_split_sums_cuda(seqlen):
 
     args = make_inputs(8, 1024, seqlen, 16, bc="var", dtype=torch.bfloat16, device="cuda")
     assert ss._forward_split_sums(args["u"].device, 8 * 1024 // 8)
-    with torch.no_grad():
-        out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, backend="triton")
-        args32 = {k: v.float() for k, v in args.items()}
-        ref, ref_last = selective_scan_ref(**args32, delta_softplus=True, return_last_state=True)
-        lowp = selective_scan_ref(**args, delta_softplus=True)
-    _rule(out, ref, lowp, "out")
-    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+    check_forward_no_grad(args)
 
 
 @requires_cuda
