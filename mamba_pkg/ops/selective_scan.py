@@ -713,16 +713,15 @@ def _store_param_grad(p, b_grad, mask, ATOMIC: tl.constexpr):
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr, seq_idx_ptr, ckpt_ptr,
     dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dparam_ptr, dbc_ptr, dh0_ptr, sync_ptr, carry_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dparam_ptr, dbc_ptr, dh0_ptr,
     seqlen, dim, dstate, b_group_size, c_group_size, stride_b_batch, stride_b_group, stride_c_batch,
     stride_c_group, stride_u_batch, stride_u_dim, stride_delta_batch, stride_delta_dim, stride_z_batch, stride_z_dim,
     stride_dout_batch, stride_dout_dim, stride_part_batch, o_dB, o_dC, o_dD, o_ddb, o_dB_var, o_dC_var,
-    n_full, n_split,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
-    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
@@ -733,25 +732,9 @@ def _selective_scan_bwd_kernel(
     apart), sums over the channels of a block (input-dependent dB / dC, at o_dB_var and
     o_dC_var of dbc_ptr) to one slab per program; the launcher adds them up in torch:
     deterministic, no atomics. ATOMIC: all of them are instead added atomically into their
-    zeroed fp32 results (order-dependent rounding; stride_part_batch 0). SPLIT_TAIL (ATOMIC only):
-    as in the forward kernel, the later halves of the last n_split blocks first, then the whole
-    blocks, then the earlier halves, which start from the later halves' carried gradient
-    (carry_ptr, a (B, D, N) tensor) once their flags are set."""
-    n_tiles = tl.cdiv(seqlen, BLOCK_L)
-    t_lo = 0
-    t_hi = n_tiles
-    if SPLIT_TAIL:
-        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-        n_dblocks = tl.cdiv(dim, BLOCK_D)
-        part = (ticket >= n_split).to(tl.int32) + (ticket >= n_split + n_full).to(tl.int32)  # 0 later half, 1 whole
-        block = tl.where(part == 0, n_full + ticket, ticket - n_split)
-        i_d, i_b = block % n_dblocks, block // n_dblocks
-        t_lo = tl.where(part == 0, n_tiles // 2, 0)
-        t_hi = tl.where(part == 2, n_tiles // 2, n_tiles)
-    else:
-        part = 1
-        i_d, i_b = tl.program_id(0), tl.program_id(1)
-        n_dblocks = tl.num_programs(0)
+    zeroed fp32 results (order-dependent rounding; stride_part_batch 0)."""
+    i_d, i_b = tl.program_id(0), tl.program_id(1)
+    n_dblocks = tl.num_programs(0)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o_t = tl.arange(0, BLOCK_L)
     m_d = (o_d < dim) | EVEN
@@ -780,21 +763,15 @@ def _selective_scan_bwd_kernel(
     b_g = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     if HAS_DLAST and not IS_VARLEN:
         b_g = tl.load(dlast_ptr + o_state, mask=m_dn3, other=0.0)
-    if SPLIT_TAIL:
-        if part == 2:
-            p_flag = sync_ptr + 1 + i_b * n_dblocks + i_d
-            while tl.atomic_add(p_flag, 0, sem="acquire") == 0:
-                pass
-            tl.debug_barrier()
-            b_g = tl.load(carry_ptr + o_state, mask=m_dn3, other=0.0, cache_modifier=".cg")
     b_dA_acc = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     b_dB_acc = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     b_dC_acc = tl.zeros([N_IN, BLOCK_D, N_LANES], dtype=tl.float32)
     b_dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_ddb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     o_part = (i_b.to(tl.int64) * n_dblocks + i_d) * dstate  # row of this program's dB / dC partials
+    n_tiles = tl.cdiv(seqlen, BLOCK_L)
     # Tiles are loaded one iteration ahead (see the forward kernel).
-    o_l = (t_hi - 1) * BLOCK_L + o_t
+    o_l = (n_tiles - 1) * BLOCK_L + o_t
     b_u_next = _load_ld(u_ptr, o_row_u, o_l, m_d, seqlen, EVEN)
     b_delta_next = _load_ld(delta_ptr, o_row_delta, o_l, m_d, seqlen, EVEN)
     b_dout_next = _load_ld(dout_ptr, o_row_dout, o_l, m_d, seqlen, EVEN)
@@ -804,10 +781,10 @@ def _selective_scan_bwd_kernel(
         b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l, m_n3, seqlen, EVEN)
     if C_VAR:
         b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l, m_n3, seqlen, EVEN)
-    b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + t_hi - 1) * dim * dstate + o_dn3,
+    b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + n_tiles - 1) * dim * dstate + o_dn3,
                        mask=m_dn3, other=0.0)
-    for i_rev in range(0, t_hi - t_lo):
-        i_t = t_hi - 1 - i_rev
+    for i_rev in range(0, n_tiles):
+        i_t = n_tiles - 1 - i_rev
         o_l = i_t * BLOCK_L + o_t
         m_l = (o_l < seqlen) | EVEN
         m_ld = m_l[:, None] & m_d[None, :]
@@ -905,13 +882,8 @@ def _selective_scan_bwd_kernel(
         b_ddb_acc += tl.sum(b_ddt, axis=0)
         tl.store(du_ptr + o_ld, b_du.to(du_ptr.dtype.element_ty), mask=m_ld)
         tl.store(ddelta_ptr + o_ld, b_ddt.to(ddelta_ptr.dtype.element_ty), mask=m_ld)
-    if HAS_H0 and not IS_VARLEN and part != 0:
+    if HAS_H0 and not IS_VARLEN:
         tl.store(dh0_ptr + o_state, b_g, mask=m_dn3)
-    if SPLIT_TAIL:
-        if part == 0:
-            tl.store(carry_ptr + o_state, b_g, mask=m_dn3)
-            tl.debug_barrier()
-            tl.atomic_xchg(sync_ptr + 1 + i_b * n_dblocks + i_d, 1, sem="release")
     p_param = dparam_ptr + i_b.to(tl.int64) * stride_part_batch
     _store_param_grad(p_param + o_dn3, b_dA_acc, m_dn3, ATOMIC)
     if not B_VAR:
@@ -997,7 +969,9 @@ def _forward_split_sums(device: torch.device, n_programs: int) -> bool:
     return n_programs >= SPLIT_MIN_PROGRAMS_PER_SM * n_sms
 
 
-# Off by default until measured (bench --variants "split tail"): see _tail_split.
+# The forward without checkpoints in about 1.5 waves at 1 to 1.5 waves of programs (see _tail_split).
+# H100, same run, session 7 (bench --variants "split tail"): B=8 D=1536 fwd L=2048 0.293 vs 0.310 ms,
+# L=8192 1.123 vs 1.181. Off until a run with it on by default (and its GPU test) confirms it.
 SPLIT_TAIL = False
 # Resident one-warp programs per multiprocessor at the N <= 16 shapes' 242-255 registers.
 _PROGRAMS_PER_SM = 8
@@ -1107,8 +1081,10 @@ def _selective_scan_fwd(
         last.zero_()
     grid = (cdiv(p.dim, block_d), p.batch)
     even = _is_even(p, block_d, n_in * n_lanes, block_l)
-    tail = None if varlen else _tail_split(u.device, grid[0] * grid[1], cdiv(p.seqlen, block_l), num_warps,
-                                           max_registers)
+    # Only the forward without checkpoints: with the checkpointing forward and the backward split the same
+    # way, fwd+bwd measured slower (H100, session 7: B=8 D=1536 L=2048 1.299 vs 1.194 ms).
+    tail = None if varlen or store_ckpt else _tail_split(u.device, grid[0] * grid[1], cdiv(p.seqlen, block_l),
+                                                         num_warps, max_registers)
     sync, n_full, n_split = None, 0, 0
     if tail is not None:
         n_full, n_split = tail
@@ -1217,21 +1193,12 @@ def _selective_scan_bwd(
         dh0.zero_()
     dlast = dlast.contiguous() if dlast is not None else None
     grid = (n_dblocks, p.batch)
-    tail = None if varlen or not atomic else _tail_split(u.device, n_dblocks * p.batch, cdiv(p.seqlen, block_l),
-                                                         num_warps, max_registers)
-    sync, carry, n_full, n_split = None, None, 0, 0
-    if tail is not None:
-        n_full, n_split = tail
-        sync = torch.zeros(1 + n_dblocks * p.batch, dtype=torch.int32, device=u.device)
-        carry = torch.empty(p.batch, p.dim, p.dstate, dtype=torch.float32, device=u.device)
-        grid = (n_full + 2 * n_split, 1)
     launch(
         _selective_scan_bwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt, dout, dlast,
-        du, ddelta, dz if z is not None else None, params_part, bc_part, dh0 if has_h0 else None, sync, carry,
+        du, ddelta, dz if z is not None else None, params_part, bc_part, dh0 if has_h0 else None,
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
         *dout.stride()[:2], stride_part, o_dB or 0, o_dC or 0, o_dD or 0, o_ddb or 0, o_dB_var, o_dB_var + n_b,
-        n_full, n_split,
         num_warps=num_warps, maxnreg=max_registers,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
@@ -1239,7 +1206,6 @@ def _selective_scan_bwd(
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
         ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
-        SPLIT_TAIL=tail is not None,
     )
     if not atomic and p.batch > 1:
         torch.sum(params_part, 0, out=dgrads[:n_params])
