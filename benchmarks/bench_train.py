@@ -257,7 +257,8 @@ def main() -> None:
             state["model"] = model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if args.optimizer else None
             step = make_step(fn, model, ids, args.precision, opt, fused_loss=fused_loss)
-            graphed = provider.endswith("_graphed")
+            # The provider's name may carry a variant suffix ("ours_graphed+saved").
+            graphed = provider.split("+")[0].endswith("_graphed")
             if graphed:
                 step = capture_step(step)
             # reduce-overhead replays CUDA graphs too: their pool counts as reserved, not allocated.

@@ -358,8 +358,8 @@ def test_kernel_split_tail_matches_ref(monkeypatch, seqlen):
     import mamba_pkg.ops.selective_scan as ss
 
     monkeypatch.setattr(ss, "_tail_split", lambda device, n_blocks, n_tiles, *_: (n_blocks - 2, 2))
-    args = make_inputs(2, 24, seqlen, 16, bc="var", dtype=torch.bfloat16)
-    check_forward_no_grad(args, torch.randn(2, 24, 16))
+    args = make_inputs(2, 24, seqlen, 16, bc="var", dtype=torch.bfloat16, device=DEV)
+    check_forward_no_grad(args, torch.randn(2, 24, 16).to(DEV))
 
 
 def test_kernel_full_tiles():
