@@ -257,14 +257,15 @@ def main() -> None:
             state["model"] = model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if args.optimizer else None
             step = make_step(fn, model, ids, args.precision, opt, fused_loss=fused_loss)
-            # The provider's name may carry a variant suffix ("ours_graphed+saved").
-            graphed = provider.split("+")[0].endswith("_graphed")
+            # Every check below reads the provider without its variant suffix ("ours_graphed+saved").
+            base = provider.split("+")[0]
+            graphed = base.endswith("_graphed")
             if graphed:
                 step = capture_step(step)
             # reduce-overhead replays CUDA graphs too: their pool counts as reserved, not allocated.
-            in_graphs = graphed or (provider.startswith("ours_compiled") and args.compile_mode == "reduce-overhead")
+            in_graphs = graphed or (base == "ours_compiled" and args.compile_mode == "reduce-overhead")
             result = measure(step, device, graphed=in_graphs)
-            if args.profile and name in profile_names and provider.split("+")[0] in ("ours_fused_loss", "mamba_ssm", "ours_compiled"):
+            if args.profile and name in profile_names and base in ("ours_fused_loss", "mamba_ssm", "ours_compiled"):
                 table_ = try_provider(f"{name} {provider} profile", lambda: kernel_profile(step))
                 if table_ is not None:
                     profiles.append({"case": f"profile model={name} batch={batch} L={seqlen}", "provider": provider,
