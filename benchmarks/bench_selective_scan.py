@@ -179,9 +179,9 @@ def sweep(states=(16, 4, 64)):
         f.write("\n".join(lines) + "\n")
 
 
-# Variants timed side by side at N=16 (--variants): block-shape overrides per pass (cfg as in
-# SWEEP, with a register cap as a sixth entry), and "fast_math": False for Triton's own exp2 /
-# log2 (libdevice's accurate log2f on Triton 3.6) instead of the inline-PTX approximations.
+# Variants timed side by side (--variants): block-shape overrides per pass at N=16 (cfg as in SWEEP, with
+# a register cap as a sixth entry), "fast_math": False for Triton's own exp2 / log2 (libdevice's accurate
+# log2f on Triton 3.6) instead of the inline-PTX approximations, and the module switches of FLAGS.
 # Each is checked against the first variant on the same inputs before it is timed.
 # Not kept (H100, same run, session 6; results/bench_selective_scan_s6_variants.txt): eight lanes
 # per channel (twice the warps), fwd (4, 2, 8, 16, 1) 0.277 / (4, 2, 8, 8, 1) 0.313 ms against 0.176
@@ -195,6 +195,19 @@ VARIANTS = {
     "shuffle sums": {"split_sums": False},
     # The forward's last blocks of channels in two half-length programs (selective_scan._tail_split).
     "split tail": {"split_tail": True},
+    # B and C converted to fp32 before their layout change (session 7) instead of moved as bf16 words.
+    "no B/C words": {"bc_words_fwd": False, "bc_words_bwd": False},
+    "no B/C words in bwd": {"bc_words_bwd": False},
+    # Session 6's forward (fp32 B/C, shuffle sums): the B=8 D=1536 L=8192 row measured 1.087 ms then.
+    "session 6 forward": {"bc_words_fwd": False, "split_sums": False},
+}
+# Module switches of mamba_pkg.ops.selective_scan a variant may set, and the passes they change.
+FLAGS = {
+    "l1_prefetch": ("L1_PREFETCH", {"fwd", "fwdbwd"}),
+    "split_sums": ("SPLIT_SUMS", {"fwd", "fwdbwd"}),
+    "split_tail": ("SPLIT_TAIL", {"fwd"}),
+    "bc_words_fwd": ("BC_WORDS_FWD", {"fwd", "fwdbwd"}),
+    "bc_words_bwd": ("BC_WORDS_BWD", {"fwdbwd"}),
 }
 # Not kept (H100, same run, session 7; results/bench_selective_scan_s7_variants.txt): B and C taken to
 # the scan layout as 64-bit pairs (one STS.128 per two pairs instead of a stmatrix between two warp
@@ -202,6 +215,7 @@ VARIANTS = {
 # fwd B=4 D=2048 L=2048 0.196 against 0.165 ms, L=8192 0.750 against 0.621, bwd kernel 0.536 vs 0.506.
 
 
+# (B, D, L[, N]) rows of --variants (N 16 unless given).
 VARIANT_SHAPES = [(4, 2048, 2048), (4, 2048, 8192), (8, 1536, 2048), (1, 4096, 8192)]
 
 
@@ -209,12 +223,13 @@ def variants(names=None, shapes=None):
     import mamba_pkg.ops.selective_scan as ss
 
     fast_math = ss.ptx_math
-    shapes = shapes or VARIANT_SHAPES
+    saved = {attr: getattr(ss, attr) for attr, _ in FLAGS.values()}
+    shapes = [(*row, 16)[:4] for row in shapes or VARIANT_SHAPES]
     lines, reference = [], None
-    for batch, dim, seqlen in shapes:
+    for batch, dim, seqlen, dstate in shapes:
         for pass_ in ("fwd", "fwdbwd"):
-            ms = try_provider("mamba_ssm", lambda: bench_case("mamba_ssm", pass_, batch, dim, seqlen, 16))
-            lines.append(f"mamba_ssm {pass_} B={batch} D={dim} L={seqlen}: ms={ms}")
+            ms = try_provider("mamba_ssm", lambda: bench_case("mamba_ssm", pass_, batch, dim, seqlen, dstate))
+            lines.append(f"mamba_ssm {pass_} B={batch} D={dim} L={seqlen} N={dstate}: ms={ms}")
             print(lines[-1], flush=True)
     for name, spec in VARIANTS.items():
         if names and name not in names and name != "default":
@@ -222,32 +237,31 @@ def variants(names=None, shapes=None):
         overrides = {(16, k): v for k, v in spec.items() if k in ("fwd", "ckpt", "bwd")}
         undo = _hook_block_sizes(overrides)
         ss.ptx_math = fast_math if spec.get("fast_math", True) else (lambda kernel: False)
-        ss.L1_PREFETCH = spec.get("l1_prefetch", True)
-        ss.SPLIT_SUMS = spec.get("split_sums", True)
-        ss.SPLIT_TAIL = spec.get("split_tail", False)
+        for key, (attr, _) in FLAGS.items():
+            setattr(ss, attr, spec.get(key, saved[attr]))
         try:
             got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
             if reference is None:
                 reference = got
             worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                         for g, r in zip(got, reference))
-            passes = [p for p, keys in (("fwd", {"fwd", "fast_math", "l1_prefetch", "split_sums", "split_tail"}),
-                                        ("fwdbwd", {"ckpt", "bwd", "fast_math", "l1_prefetch", "split_sums",
-                                                    "split_tail"}))
-                      if name == "default" or keys & set(spec)]
-            for batch, dim, seqlen in shapes:
-                for pass_ in passes if worst < 1e-2 else ():
-                    ms = try_provider("ours", lambda: bench_case("ours", pass_, batch, dim, seqlen, 16))
-                    lines.append(f"variant {name!r} {pass_} B={batch} D={dim} L={seqlen}: ms={ms}")
+            passes = {"fwd", "fwdbwd"} if name == "default" or "fast_math" in spec else set()
+            passes |= {"fwd"} if {"fwd"} & set(spec) else set()
+            passes |= {"fwdbwd"} if {"ckpt", "bwd"} & set(spec) else set()
+            for key in spec:
+                passes |= FLAGS[key][1] if key in FLAGS else set()
+            for batch, dim, seqlen, dstate in shapes:
+                for pass_ in sorted(passes) if worst < 1e-2 else ():
+                    ms = try_provider("ours", lambda: bench_case("ours", pass_, batch, dim, seqlen, dstate))
+                    lines.append(f"variant {name!r} {pass_} B={batch} D={dim} L={seqlen} N={dstate}: ms={ms}")
                     print(lines[-1], flush=True)
             lines.append(f"variant {name!r}: max_rel_err_vs_default={worst:.1e}")
             print(lines[-1], flush=True)
         finally:
             undo()
             ss.ptx_math = fast_math
-            ss.L1_PREFETCH = True
-            ss.SPLIT_SUMS = True
-            ss.SPLIT_TAIL = False
+            for attr, value in saved.items():
+                setattr(ss, attr, value)
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_variants.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -379,7 +393,7 @@ def main(argv=None):
     parser.add_argument("--wave-variants", type=str, default=None, help="comma-separated WAVE_VARIANTS names")
     parser.add_argument("--wave-shapes", type=str, default=None,
                         help="B,D,L rows separated by ';' for --waves and --variants (default WAVE_SHAPES, "
-                             "VARIANT_SHAPES)")
+                             "VARIANT_SHAPES; --variants also B,D,L,N)")
     parser.add_argument("--skip-anchor", action="store_true", help="time ours only")
     parser.add_argument("--passes", type=str, default="fwd,fwdbwd",
                         help="which passes to time; other than both, results go to bench_selective_scan_<passes>")

@@ -15,6 +15,7 @@
 # `scan_gpu_run.sh waves`: session 6 round 2's call (see below).
 # `scan_gpu_run.sh s7final [SECONDS]`: session 7's last call (see below); the session's two A/B calls ran the
 # GPU tests beside warm-ups, then bench --variants / --waves with the variants named in notes_selective_scan.md.
+# `scan_gpu_run.sh s8ab [SECONDS]`: session 8's A/B call (see below).
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -169,6 +170,56 @@ f = provider_fn('ours'); a = make_inputs(4, 2048, 2048, 16)
 with torch.no_grad():
     for _ in range(3): f(*a)
 torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 6
+  fi
+  tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
+  exit 0
+fi
+if [ "${1:-}" = s8ab ]; then
+  # Session 8's A/B call (at most ${2:-130} s): the scan / mamba_inner GPU tests in parallel groups beside warm-ups
+  # of every variant's kernels, then on a quiet machine bench --variants (B/C as bf16 words or fp32, shuffle
+  # sums, session 6's forward, L1 prefetch) against mamba_ssm at the rows below, our kernel times, and with
+  # the time left ncu's shared-memory wavefronts of the forward with and without the B/C words.
+  budget=${2:-130}
+  rows="4,2048,2048;4,2048,8192;8,1536,2048;8,1536,8192;1,4096,8192;4,2048,4096,4"
+  t tests_ref 75 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 75 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
+  t tests_inner 75 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py -k "cuda"
+  i=0
+  for v in "default" "no B/C words" "no B/C words in bwd" "session 6 forward" "shuffle sums" "no L1 prefetch"; do
+    i=$((i + 1))
+    t warm$i 75 python3 -c "import torch
+import mamba_pkg.ops.selective_scan as ss
+from benchmarks.bench_selective_scan import FLAGS, VARIANTS, _outputs_and_grads, make_inputs, provider_fn
+for key, value in VARIANTS['$v'].items():
+    setattr(ss, FLAGS[key][0], value)
+f = provider_fn('ours')
+_outputs_and_grads(16); _outputs_and_grads(16, seqlen=1000)
+for b, d, n in ((4, 2048, 16), (1, 4096, 16), (4, 2048, 4)):
+    f(*make_inputs(b, d, 512, n, requires_grad=True)).sum().backward()
+    with torch.no_grad():
+        f(*make_inputs(b, d, 512, n))
+torch.cuda.synchronize()"
+  done
+  wait
+  timeout 50 python3 benchmarks/bench_selective_scan.py --rep-ms 100 --wave-shapes "$rows" \
+    --variants "no B/C words,no B/C words in bwd,session 6 forward,shuffle sums,no L1 prefetch" > $L/variants.log 2>&1
+  show variants $? 80
+  timeout 12 python3 -c "from benchmarks.bench_selective_scan import kernel_ms
+for s in ((4, 2048, 2048), (8, 1536, 2048)): print('kernels ms B=%d D=%d L=%d:' % s, kernel_ms(*s))" > $L/kernels.log 2>&1
+  show kernels $? 3
+  left=$(( budget - $(date +%s) + T0 ))
+  if [ $left -gt 15 ] && command -v ncu > /dev/null; then
+    timeout $left ncu --section SpeedOfLight --section SchedulerStats --metrics \
+l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,\
+l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts.sum,\
+smsp__inst_executed.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum \
+      -k regex:_selective_scan_fwd -c 2 python3 -c "import torch
+import mamba_pkg.ops.selective_scan as ss
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+f = provider_fn('ours'); a = make_inputs(4, 2048, 2048, 16)
+with torch.no_grad():
+    f(*a); ss.BC_WORDS_FWD = False; f(*a)
+torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 70
   fi
   tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
   exit 0

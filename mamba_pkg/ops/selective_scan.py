@@ -44,16 +44,30 @@ from mamba_pkg.ops.backend import (
 )
 
 MAX_DSTATE = 256
-# With full tiles (EVEN) and N <= 16, the forward kernels prefetch their next tiles' lines into L1
-# (PTX; see _prefetch_tile; masked tiles and N = 64's forward already spill, and the prefetch's
-# addresses add to the spill: offline SASS, N = 64 24 -> 56 bytes of stack). H100,
-# same run: fwd B=1 D=4096 L=8192 0.503 -> 0.479 ms, B=4 D=2048 L=8192 0.674 -> 0.665, L=2048 equal;
-# in the backward too it cost 1% at B=4 D=2048 (fwd+bwd 0.798 -> 0.808 ms at L=2048), so not there.
+# With full tiles (EVEN), N <= 16 and few programs per SM (_few_programs), the forward kernels prefetch
+# their next tiles' lines into L1 (PTX; see _prefetch_tile; masked tiles and N = 64's forward already
+# spill, and the prefetch's addresses add to the spill: offline SASS, N = 64 24 -> 56 bytes of stack).
+# H100, same run, session 6: fwd B=1 D=4096 L=8192 0.503 -> 0.479 ms; in the backward it cost 1% (fwd+bwd
+# 0.798 -> 0.808 ms at B=4 D=2048 L=2048), so not there. Session 8, with the B/C words (same run): it
+# costs where the L1 pipe is busy, fwd B=4 D=2048 L=2048 0.162 with against 0.153 without, B=8 D=1536
+# L=8192 0.952 / 0.790, fwd+bwd B=4 D=2048 L=2048 0.709 / 0.662, and still pays at 3.9 programs per SM:
+# B=1 D=4096 L=8192 0.432 / 0.469, N=4 B=4 D=2048 L=4096 0.207 / 0.240.
 # A switch for benchmarks/bench_selective_scan.py --variants.
 L1_PREFETCH = True
 # Sums across lanes by a layout change and adds instead of shuffles (see _sum_last); a switch for
 # benchmarks/bench_selective_scan.py --variants.
 SPLIT_SUMS = True
+# Input-dependent bf16 B and C taken to the scan layout as bf16 (32-bit words of two steps) and unpacked
+# there, instead of converted to fp32 first (see _bc_f32): half the shared-memory bytes of their layout
+# change, at one shift or mask per value; with four or more lanes per channel (N > 8). Offline sm_90
+# SASS, Triton 3.6, N = 16, loop per tile: fwd 614 -> 670 instructions (LDS.128 40 -> 24, and 168
+# instead of 254 registers: 12 programs per SM, B=8 D=1536 in one wave), ckpt fwd 654 -> 709, bwd
+# 849 -> 878 (LDS.128 24 -> 16); ncu, fwd B=4 D=2048 L=2048: shared wavefronts 21.1M -> 15.6M, L1 pipe
+# 81% -> 69%. H100, same run (session 8): fwd+bwd B=4 D=2048 L=8192 2.709 -> 2.619 ms, B=8 D=1536 L=2048
+# 1.189 -> 1.058, B=1 D=4096 L=8192 1.805 -> 1.644; with two lanes (N = 4) slower: fwd+bwd 0.841 -> 0.960.
+# Switches per kernel for benchmarks/bench_selective_scan.py --variants.
+BC_WORDS_FWD = True
+BC_WORDS_BWD = True
 # Steps per chunk of the reference: the scan inside a chunk is vectorised, the
 # state is carried across chunks in a Python loop of L / REF_CHUNK iterations.
 REF_CHUNK = 64
@@ -367,11 +381,22 @@ def _anchor(x, AXIS: tl.constexpr, ONE_WARP: tl.constexpr):
 
 
 @triton.jit
-def _bc_f32(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, ONE_WARP: tl.constexpr):
+def _bc_f32(x, N_IN: tl.constexpr, BLOCK_L: tl.constexpr, N_LANES: tl.constexpr, ONE_WARP: tl.constexpr,
+            WORDS: tl.constexpr):
     """A loaded B or C tile (N_IN, BLOCK_L, N_LANES) in fp32, as (N_IN, BLOCK_L, 1, N_LANES),
     converted in the load layout (_anchor) up to 64 values per thread; larger tiles keep the
-    bf16 pairs until the scan layout (fp32 there spills registers: N = 64)."""
-    return _anchor(x.to(tl.float32), 3, ONE_WARP and N_IN * BLOCK_L <= 64)[:, :, None, :]
+    bf16 pairs until the scan layout (fp32 there spills registers: N = 64). WORDS: x is the tile
+    as (N_IN, BLOCK_L / 2, N_LANES) 32-bit words of two bf16 steps (_load_bc_tile), moved to the
+    scan layout as words and unpacked there by one shift or mask per value."""
+    if WORDS:
+        w = x[:, :, None, :]
+        lo = (w << 16).to(tl.float32, bitcast=True)  # the earlier step: the word's low half
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+        b = tl.permute(tl.join(lo, hi), (0, 1, 4, 2, 3))  # (N_IN, BLOCK_L / 2, 2, 1, N_LANES)
+        b = tl.reshape(b, (N_IN, BLOCK_L, 1, N_LANES))
+    else:
+        b = _anchor(x.to(tl.float32), 3, ONE_WARP and N_IN * BLOCK_L <= 64)[:, :, None, :]
+    return b
 
 
 @triton.jit
@@ -458,13 +483,20 @@ def _load_ld(ptr, o_row, o_l, m_d, seqlen, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _load_bc_tile(ptr, o_bc_row, o_n3, o_l, m_n3, seqlen, EVEN: tl.constexpr):
-    """An input-dependent B or C tile as (N_IN, BLOCK_L, N_LANES), in its own dtype.
-    Loaded 3-D and expanded by the caller: a 4-D load would impose its
-    memory-coalesced layout (threads along L) on the whole scan."""
-    m_l = ((o_l >= 0) & (o_l < seqlen)) | EVEN
-    p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]
-    return tl.load(p, mask=m_n3 & m_l[None, :, None], other=0.0)
+def _load_bc_tile(ptr, o_bc_row, o_n3, l_start, o_t, m_n3, seqlen, EVEN: tl.constexpr, WORDS: tl.constexpr):
+    """An input-dependent B or C tile of steps l_start + o_t (BLOCK_L,) as (N_IN, BLOCK_L, N_LANES),
+    in its own dtype. Loaded 3-D and expanded by the caller: a 4-D load would impose its
+    memory-coalesced layout (threads along L) on the whole scan. WORDS (bf16, full tiles, 4-byte
+    aligned rows): as (N_IN, BLOCK_L / 2, N_LANES) int32 words of two steps each (see _bc_f32)."""
+    if WORDS:
+        p = (ptr + o_bc_row + o_n3.to(tl.int64) * seqlen).to(tl.pointer_type(tl.int32))
+        b = tl.load(p + (l_start // 2 + tl.arange(0, o_t.shape[0] // 2))[None, :, None])
+    else:
+        o_l = l_start + o_t
+        m_l = ((o_l >= 0) & (o_l < seqlen)) | EVEN
+        p = ptr + o_bc_row + o_n3.to(tl.int64) * seqlen + o_l[None, :, None]
+        b = tl.load(p, mask=m_n3 & m_l[None, :, None], other=0.0)
+    return b
 
 
 @triton.jit
@@ -538,7 +570,7 @@ def _selective_scan_fwd_kernel(
     STORE_CKPT: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
     CKPT_L: tl.constexpr, L1_PREFETCH: tl.constexpr, ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, BC_WORDS: tl.constexpr,
 ):
     """STORE_CKPT: also store the state before every CKPT_L steps (the backward's tiles; CKPT_L
     divides BLOCK_L), (B, L / CKPT_L, D, N), for the backward. L1_PREFETCH: see _prefetch_tile.
@@ -604,15 +636,16 @@ def _selective_scan_fwd_kernel(
             b_h = tl.load(last_ptr + o_state, mask=m_dn3, other=0.0, cache_modifier=".cg")
     # Tiles are loaded one iteration ahead so that their memory latency overlaps
     # the current tile's arithmetic (each program walks L serially).
-    o_first = t_begin * BLOCK_L + o_t
+    l_first = t_begin * BLOCK_L
+    o_first = l_first + o_t
     b_u_next = _load_ld(u_ptr, o_row_u, o_first, m_d, seqlen, EVEN)
     b_delta_next = _load_ld(delta_ptr, o_row_delta, o_first, m_d, seqlen, EVEN)
     if HAS_Z:
         b_z_next = _load_ld(z_ptr, o_row_z, o_first, m_d, seqlen, EVEN)
     if B_VAR:
-        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_first, m_n3, seqlen, EVEN)
+        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, l_first, o_t, m_n3, seqlen, EVEN, BC_WORDS)
     if C_VAR:
-        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_first, m_n3, seqlen, EVEN)
+        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, l_first, o_t, m_n3, seqlen, EVEN, BC_WORDS)
     n_ckpt = tl.cdiv(seqlen, CKPT_L)
     if STORE_CKPT and part != 2:
         tl.store(ckpt_ptr + i_b.to(tl.int64) * n_ckpt * dim * dstate + o_dn3, b_h, mask=m_dn3)
@@ -622,7 +655,8 @@ def _selective_scan_fwd_kernel(
         m_ld = m_l[:, None] & m_d[None, :]
         o_ld = o_row[None, :] + o_l[:, None]  # (BLOCK_L, BLOCK_D)
         # The last iteration reloads its own tile (unused) instead of reading past L.
-        o_next = tl.minimum(i_t + 1, n_tiles - 1) * BLOCK_L + o_t
+        l_next = tl.minimum(i_t + 1, n_tiles - 1) * BLOCK_L
+        o_next = l_next + o_t
         b_u = b_u_next.to(tl.float32)
         b_delta = b_delta_next
         b_u_next = _load_ld(u_ptr, o_row_u, o_next, m_d, seqlen, EVEN)
@@ -631,11 +665,11 @@ def _selective_scan_fwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_next, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)  # (N_IN, BLOCK_L, 1, N_LANES)
-            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_next, m_n3, seqlen, EVEN)
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, N_LANES, ONE_WARP, BC_WORDS)  # (N_IN, BLOCK_L, 1, N_LANES)
+            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, l_next, o_t, m_n3, seqlen, EVEN, BC_WORDS)
         if C_VAR:
-            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
-            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_next, m_n3, seqlen, EVEN)
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, N_LANES, ONE_WARP, BC_WORDS)
+            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, l_next, o_t, m_n3, seqlen, EVEN, BC_WORDS)
         # Two tiles ahead of the register prefetch (clamped to the last step: in bounds).
         l_pf = tl.minimum(i_t * BLOCK_L + 3 * BLOCK_L, seqlen - 1)
         if L1_PREFETCH:
@@ -721,7 +755,7 @@ def _selective_scan_bwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
-    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr,
+    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr, BC_WORDS: tl.constexpr,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
@@ -771,16 +805,17 @@ def _selective_scan_bwd_kernel(
     o_part = (i_b.to(tl.int64) * n_dblocks + i_d) * dstate  # row of this program's dB / dC partials
     n_tiles = tl.cdiv(seqlen, BLOCK_L)
     # Tiles are loaded one iteration ahead (see the forward kernel).
-    o_l = (n_tiles - 1) * BLOCK_L + o_t
+    l_last = (n_tiles - 1) * BLOCK_L
+    o_l = l_last + o_t
     b_u_next = _load_ld(u_ptr, o_row_u, o_l, m_d, seqlen, EVEN)
     b_delta_next = _load_ld(delta_ptr, o_row_delta, o_l, m_d, seqlen, EVEN)
     b_dout_next = _load_ld(dout_ptr, o_row_dout, o_l, m_d, seqlen, EVEN)
     if HAS_Z:
         b_z_next = _load_ld(z_ptr, o_row_z, o_l, m_d, seqlen, EVEN)
     if B_VAR:
-        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_l, m_n3, seqlen, EVEN)
+        b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, l_last, o_t, m_n3, seqlen, EVEN, BC_WORDS)
     if C_VAR:
-        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_l, m_n3, seqlen, EVEN)
+        b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, l_last, o_t, m_n3, seqlen, EVEN, BC_WORDS)
     b_h_next = tl.load(ckpt_ptr + (i_b.to(tl.int64) * n_tiles + n_tiles - 1) * dim * dstate + o_dn3,
                        mask=m_dn3, other=0.0)
     for i_rev in range(0, n_tiles):
@@ -790,7 +825,8 @@ def _selective_scan_bwd_kernel(
         m_ld = m_l[:, None] & m_d[None, :]
         o_ld = o_row[None, :] + o_l[:, None]
         # The first tile reloads itself (unused) instead of reading before 0.
-        o_prev = tl.maximum(i_t - 1, 0) * BLOCK_L + o_t
+        l_prev = tl.maximum(i_t - 1, 0) * BLOCK_L
+        o_prev = l_prev + o_t
         b_u = b_u_next.to(tl.float32)
         b_delta = b_delta_next
         b_dout = b_dout_next.to(tl.float32)
@@ -805,11 +841,11 @@ def _selective_scan_bwd_kernel(
             b_z = b_z_next.to(tl.float32)
             b_z_next = _load_ld(z_ptr, o_row_z, o_prev, m_d, seqlen, EVEN)
         if B_VAR:
-            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, ONE_WARP)
-            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, o_prev, m_n3, seqlen, EVEN)
+            b_B = _bc_f32(b_B_next, N_IN, BLOCK_L, N_LANES, ONE_WARP, BC_WORDS)
+            b_B_next = _load_bc_tile(B_ptr, o_b_row, o_n3, l_prev, o_t, m_n3, seqlen, EVEN, BC_WORDS)
         if C_VAR:
-            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, ONE_WARP)
-            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, o_prev, m_n3, seqlen, EVEN)
+            b_C = _bc_f32(b_C_next, N_IN, BLOCK_L, N_LANES, ONE_WARP, BC_WORDS)
+            b_C_next = _load_bc_tile(C_ptr, o_c_row, o_n3, l_prev, o_t, m_n3, seqlen, EVEN, BC_WORDS)
         b_dt, b_dt_raw = _delta_tile(b_delta, b_delta_bias, m_ld, HAS_DELTA_BIAS, DELTA_SOFTPLUS, FAST_MATH)
         b_dt = _anchor(b_dt, 2, ONE_WARP)
         # Forward again, from the state checkpointed at the tile start.
@@ -950,30 +986,32 @@ def _split_sums(block_d: int, n_lanes: int, num_warps: int) -> bool:
     return SPLIT_SUMS and num_warps == 1 and block_d * n_lanes == 32
 
 
-# The forward without checkpoints keeps the shuffle sums below this many programs per multiprocessor:
-# at about one warp per scheduler the kernel waits on latency, and the layout change of the split
-# sums adds a shared-memory round trip per tile (H100, same run, session 7: B=1 D=4096 L=8192, 3.9
-# programs per SM, 0.452 ms split against 0.435 shuffles; B=4 D=2048, 7.8 per SM, 0.165 against 0.173).
-SPLIT_MIN_PROGRAMS_PER_SM = 6
+# Below this many programs per multiprocessor (about one warp per scheduler) the forward kernels wait on
+# latency more than on their pipes: there the forward without checkpoints keeps the shuffle sums (the
+# layout change of the split sums adds a shared-memory round trip per tile; H100, same run, session 7:
+# B=1 D=4096 L=8192, 3.9 programs per SM, 0.452 ms split against 0.435 shuffles; B=4 D=2048, 7.8 per
+# SM, 0.165 against 0.173), and only there the forward kernels prefetch into L1 (see L1_PREFETCH).
+FEW_PROGRAMS_PER_SM = 6
 _sm_counts: dict = {}
 
 
-def _forward_split_sums(device: torch.device, n_programs: int) -> bool:
-    """Whether the forward without checkpoints has enough programs for the split sums (see
-    SPLIT_MIN_PROGRAMS_PER_SM); True off CUDA (the interpreter)."""
+def _few_programs(device: torch.device, n_programs: int) -> bool:
+    """Whether a launch of n_programs has fewer than FEW_PROGRAMS_PER_SM per multiprocessor; False off
+    CUDA (the interpreter)."""
     if device.type != "cuda":
-        return True
+        return False
     n_sms = _sm_counts.get(device.index)
     if n_sms is None:
         n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n_programs >= SPLIT_MIN_PROGRAMS_PER_SM * n_sms
+    return n_programs < FEW_PROGRAMS_PER_SM * n_sms
 
 
 # The forward without checkpoints in about 1.5 waves at 1 to 1.5 waves of programs (see _tail_split).
 # H100, same run, session 7 (bench --variants "split tail"): B=8 D=1536 fwd L=2048 0.293 vs 0.310 ms,
 # L=8192 1.123 vs 1.181. Off until a run with it on by default (and its GPU test) confirms it.
 SPLIT_TAIL = False
-# Resident one-warp programs per multiprocessor at the N <= 16 shapes' 242-255 registers.
+# Resident one-warp programs per multiprocessor at the N <= 16 shapes' 242-255 registers (with fp32
+# B / C; the B / C words kernel has 168 and runs B=8 D=1536 in one wave: no split then).
 _PROGRAMS_PER_SM = 8
 
 
@@ -998,6 +1036,14 @@ def _tail_split(device: torch.device, n_blocks: int, n_tiles: int, num_warps: in
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
     """Whether every tile is in bounds, so that the kernels can drop their masks."""
     return p.dim % block_d == 0 and p.dstate == block_n and p.seqlen % block_l == 0
+
+
+def _bc_words(p, even: bool, n_lanes: int) -> bool:
+    """Whether the kernels read the input-dependent B and C as 32-bit words of two bf16 steps
+    (BC_WORDS): four or more lanes per channel (see BC_WORDS_FWD), full tiles (even L) and bf16 rows
+    starting on 4-byte boundaries."""
+    return n_lanes >= 4 and even and all(t.dtype == torch.bfloat16 and t.data_ptr() % 4 == 0
+                                         for t, var in ((p.B, p.B_var), (p.C, p.C_var)) if var)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -1081,10 +1127,12 @@ def _selective_scan_fwd(
         last.zero_()
     grid = (cdiv(p.dim, block_d), p.batch)
     even = _is_even(p, block_d, n_in * n_lanes, block_l)
+    bc_words = BC_WORDS_FWD and _bc_words(p, even, n_lanes)
+    few = _few_programs(u.device, grid[0] * grid[1])
     # Only the forward without checkpoints: with the checkpointing forward and the backward split the same
     # way, fwd+bwd measured slower (H100, session 7: B=8 D=1536 L=2048 1.299 vs 1.194 ms).
-    tail = None if varlen or store_ckpt else _tail_split(u.device, grid[0] * grid[1], cdiv(p.seqlen, block_l),
-                                                         num_warps, max_registers)
+    tail = None if varlen or store_ckpt or bc_words else _tail_split(
+        u.device, grid[0] * grid[1], cdiv(p.seqlen, block_l), num_warps, max_registers)
     sync, n_full, n_split = None, 0, 0
     if tail is not None:
         n_full, n_split = tail
@@ -1102,10 +1150,9 @@ def _selective_scan_fwd(
         FAST_MATH=ptx_math(_selective_scan_fwd_kernel),
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l, CKPT_L=ckpt_l,
         ONE_WARP=_one_warp(block_d, n_lanes, num_warps),
-        SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps) and (
-            store_ckpt or _forward_split_sums(u.device, grid[0] * grid[1])),
-        L1_PREFETCH=L1_PREFETCH and even and n_in * n_lanes <= 16 and ptx_math(_selective_scan_fwd_kernel),
-        SPLIT_TAIL=tail is not None,
+        SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps) and (store_ckpt or not few),
+        L1_PREFETCH=L1_PREFETCH and few and even and n_in * n_lanes <= 16 and ptx_math(_selective_scan_fwd_kernel),
+        SPLIT_TAIL=tail is not None, BC_WORDS=bc_words,
     )
     return out, last, ckpt
 
@@ -1193,6 +1240,7 @@ def _selective_scan_bwd(
         dh0.zero_()
     dlast = dlast.contiguous() if dlast is not None else None
     grid = (n_dblocks, p.batch)
+    even = _is_even(p, block_d, n_in * n_lanes, block_l)
     launch(
         _selective_scan_bwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt, dout, dlast,
@@ -1202,10 +1250,11 @@ def _selective_scan_bwd(
         num_warps=num_warps, maxnreg=max_registers,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, B_VAR=p.B_var, C_VAR=p.C_var, HAS_H0=has_h0,
-        IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=_is_even(p, block_d, n_in * n_lanes, block_l),
+        IS_VARLEN=varlen, HAS_DLAST=dlast is not None, EVEN=even,
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
         ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
+        BC_WORDS=BC_WORDS_BWD and _bc_words(p, even, n_lanes),
     )
     if not atomic and p.batch > 1:
         torch.sum(params_part, 0, out=dgrads[:n_params])

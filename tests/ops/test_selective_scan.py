@@ -338,16 +338,16 @@ def test_kernel_shuffle_sums_match_ref(monkeypatch):
     check_kernel(args, h0=torch.randn(2, 8, 16))
 
 
-def test_forward_split_sums_rule(monkeypatch):
-    """The forward without checkpoints splits its sums only with enough programs per SM (the
-    interpreter always)."""
+def test_few_programs_rule(monkeypatch):
+    """The forward without checkpoints splits its sums, and the forward kernels skip the L1 prefetch,
+    from FEW_PROGRAMS_PER_SM programs per SM on (the interpreter: always split, never prefetched)."""
     import mamba_pkg.ops.selective_scan as ss
 
     monkeypatch.setitem(ss._sm_counts, 0, 132)
-    per_sm = ss.SPLIT_MIN_PROGRAMS_PER_SM
-    assert ss._forward_split_sums(torch.device("cuda", 0), per_sm * 132)
-    assert not ss._forward_split_sums(torch.device("cuda", 0), per_sm * 132 - 1)
-    assert ss._forward_split_sums(torch.device("cpu"), 1)
+    per_sm = ss.FEW_PROGRAMS_PER_SM
+    assert not ss._few_programs(torch.device("cuda", 0), per_sm * 132)
+    assert ss._few_programs(torch.device("cuda", 0), per_sm * 132 - 1)
+    assert not ss._few_programs(torch.device("cpu"), 1)
 
 
 @pytest.mark.parametrize("seqlen", [40, 64])
@@ -368,6 +368,24 @@ def test_kernel_full_tiles():
     h0 = torch.randn(2, 16, 16).to(DEV)
     check_kernel(args, h0=h0)
     check_forward_no_grad(args, h0)  # the forward without checkpoints uses its own tile length
+
+
+def test_kernel_bc_words_need_aligned_rows(monkeypatch):
+    """Full tiles of bf16 B and C: read as 32-bit words of two steps (BC_WORDS) when their rows start
+    on 4-byte boundaries; as views at an odd element offset they are read step by step. The same
+    results either way."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    seen = []
+    real = ss._bc_words
+    monkeypatch.setattr(ss, "_bc_words", lambda *a: seen.append(real(*a)) or seen[-1])
+    args = make_inputs(2, 8, 32, 16, bc="var", dtype=torch.bfloat16, device=DEV)
+    check_forward_no_grad(args)
+    for name in ("B", "C"):
+        buf = torch.empty(args[name].numel() + 1, dtype=torch.bfloat16, device=DEV)
+        args[name] = buf[1:].view(args[name].shape).copy_(args[name])
+    check_forward_no_grad(args)
+    assert seen == [True, False]
 
 
 def test_kernel_strided_rows():
@@ -484,6 +502,32 @@ def test_kernel_l1_prefetch_changes_no_bits_cuda(monkeypatch, dstate):
 
 
 @requires_cuda
+def test_kernel_bc_words_change_no_bits_cuda(monkeypatch):
+    """bf16 B and C moved to the scan layout as 32-bit words and unpacked there (BC_WORDS), or
+    converted to fp32 before: exact either way. The forward without gradients gives the same bits;
+    the other kernels may contract and order their fp32 sums differently (the H100 gave a few
+    different bits in the checkpointing forward's output), and atomic adds sum dA, dB, dC, dD and
+    d delta_bias in a varying order: those to rounding."""
+    import mamba_pkg.ops.selective_scan as ss
+
+    args = make_inputs(2, 256, 1024, 16, bc="var", dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn_like(args["u"])
+    results = []
+    for words in (True, False):
+        monkeypatch.setattr(ss, "BC_WORDS_FWD", words)
+        monkeypatch.setattr(ss, "BC_WORDS_BWD", words)
+        with torch.no_grad():
+            plain = selective_scan_fn(**args, delta_softplus=True, backend="triton")
+        leaves = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+        out = selective_scan_fn(**leaves, delta_softplus=True, backend="triton")
+        results.append([plain, out.detach(), *torch.autograd.grad(out, list(leaves.values()), dout)])
+    assert torch.equal(results[0][0], results[1][0])
+    for name, on, off in zip(["out", *(f"d{k}" for k in args)], results[0][1:], results[1][1:]):
+        scale = off.float().abs().max().item()
+        torch.testing.assert_close(on.float(), off.float(), rtol=2 ** -7, atol=1e-4 * scale, msg=name)
+
+
+@requires_cuda
 @pytest.mark.parametrize("seqlen", [128, 100])
 def test_kernel_forward_split_sums_cuda(seqlen):
     """The forward without gradients at a launch with enough programs for the split sums (the
@@ -491,7 +535,7 @@ def test_kernel_forward_split_sums_cuda(seqlen):
     import mamba_pkg.ops.selective_scan as ss
 
     args = make_inputs(8, 1024, seqlen, 16, bc="var", dtype=torch.bfloat16, device="cuda")
-    assert ss._forward_split_sums(args["u"].device, 8 * 1024 // 8)
+    assert not ss._few_programs(args["u"].device, 8 * 1024 // 8)
     check_forward_no_grad(args)
 
 
