@@ -15,7 +15,7 @@
 # `scan_gpu_run.sh waves`: session 6 round 2's call (see below).
 # `scan_gpu_run.sh s7final [SECONDS]`: session 7's last call (see below); the session's two A/B calls ran the
 # GPU tests beside warm-ups, then bench --variants / --waves with the variants named in notes_selective_scan.md.
-# `scan_gpu_run.sh s8ab [SECONDS]`: session 8's A/B call (see below).
+# `scan_gpu_run.sh s8ab [SECONDS]` / `s8final [SECONDS]`: session 8's A/B and last calls (see below).
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -220,6 +220,55 @@ f = provider_fn('ours'); a = make_inputs(4, 2048, 2048, 16)
 with torch.no_grad():
     f(*a); ss.BC_WORDS_FWD = False; f(*a)
 torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 70
+  fi
+  tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
+  exit 0
+fi
+if [ "${1:-}" = s8final ]; then
+  # Session 8's last call (at most ${2:-185} s): every test of test_selective_scan.py and test_mamba_inner.py on the
+  # GPU in parallel groups (at most 100 s) beside warm-ups of the bench's N=4/16/64 kernels, then on a quiet
+  # machine the issue's matrix plus B=8 D=1536 against mamba_ssm (JSON + PNG bench_selective_scan_s8), our
+  # kernel times, and with the time left ncu of the forward at B=4 D=2048 L=2048.
+  budget=${2:-185}
+  t tests_ref 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
+  t tests_rest 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda"
+  t tests_inner 100 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py
+  for n in 16 4 64; do t warm$n 100 python3 -c "$(warm $n)"; done
+  t warm_b1 100 python3 -c "import torch
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+f = provider_fn('ours')
+f(*make_inputs(1, 4096, 512, 16, requires_grad=True)).sum().backward()
+with torch.no_grad():
+    f(*make_inputs(1, 4096, 512, 16))
+torch.cuda.synchronize()"
+  wait
+  rows="4,2048,512,16;4,2048,2048,16;4,2048,8192,16;4,2048,32768,16;1,4096,8192,16;1,4096,32768,16;1,4096,131072,16"
+  rows="$rows;4,2048,4096,4;4,2048,4096,16;4,2048,4096,64;8,1536,2048,16;8,1536,8192,16"
+  left=$(( budget - $(date +%s) + T0 - 20 ))
+  timeout $left python3 benchmarks/bench_selective_scan.py --rep-ms 100 --name bench_selective_scan_s8 --cases "$rows" \
+    > $L/bench.log 2>&1; show bench $? 50
+  if [ ! -f ${OUT:-.}/bench_selective_scan_s8.json ] && [ -f ${OUT:-.}/bench_selective_scan_partial.json ]; then
+    # Cut by the limit: JSON + plot of the rows measured.
+    python3 -c "import json, os; from benchmarks.common import save_results
+save_results('bench_selective_scan_s8', json.load(open(os.path.join(os.environ.get('OUT') or '.', 'bench_selective_scan_partial.json'))))" > /dev/null 2>&1
+  fi
+  left=$(( budget - $(date +%s) + T0 ))
+  if [ $left -gt 10 ]; then
+    timeout $(( left > 12 ? 12 : left )) python3 -c "from benchmarks.bench_selective_scan import kernel_ms
+for s in ((4, 2048, 2048), (8, 1536, 2048)): print('kernels ms B=%d D=%d L=%d:' % s, kernel_ms(*s))" > $L/kernels.log 2>&1
+    show kernels $? 3
+  fi
+  left=$(( budget - $(date +%s) + T0 ))
+  if [ $left -gt 12 ] && command -v ncu > /dev/null; then
+    timeout $left ncu --section SpeedOfLight --section SchedulerStats --section WarpStateStats --metrics \
+l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_pipe_lsu_wavefronts.sum,smsp__inst_executed.sum \
+      -k regex:_selective_scan_fwd -c 1 python3 -c "import torch
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+f = provider_fn('ours'); a = make_inputs(4, 2048, 2048, 16)
+with torch.no_grad():
+    f(*a)
+torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 60
   fi
   tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
   exit 0
