@@ -113,7 +113,8 @@ if [ "${1:-}" = waves ]; then
   # quiet machine bench --waves (default vs low-register shapes, ours vs mamba_ssm, kernel times).
   t tests_ref 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
   t tests_cuda 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda"
-  t tests_rest 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda"
+  t tests_rest 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda and not compile"
+  t tests_compile 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "compile"
   t tests_inner 100 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py
   t warm_waves 100 python3 -c "import torch
 from benchmarks.bench_selective_scan import WAVE_VARIANTS, _hook_block_sizes, _outputs_and_grads, make_inputs, provider_fn
@@ -232,7 +233,8 @@ if [ "${1:-}" = s8final ]; then
   budget=${2:-185}
   t tests_ref 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
   t tests_cuda 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
-  t tests_rest 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda"
+  t tests_rest 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda and not compile"
+  t tests_compile 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "compile"
   t tests_inner 100 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py
   for n in 16 4 64; do t warm$n 100 python3 -c "$(warm $n)"; done
   t warm_b1 100 python3 -c "import torch
