@@ -97,9 +97,10 @@ def test_training_step_triton_path_fullgraph_matches_eager(monkeypatch):
     _assert_same(eager, compiled)
     forward = "\n".join(g.code for g in backend.fw_graphs)
     backward = "\n".join(g.code for g in backend.bw_graphs)
-    for op in ("add_norm_fwd", "rms_norm_gated_fwd", "causal_conv1d_fwd", "ssd_chunk_scan_fwd"):
+    for op in ("add_norm_fwd", "rms_norm_gated_fwd", "split_conv1d_fwd", "ssd_chunk_scan_fwd"):
         assert f"mamba_pkg.{op}" in forward, op
     assert "mamba_pkg.ssd_chunk_scan_bwd" in backward and "mamba_pkg.add_norm_bwd" in backward
+    assert "mamba_pkg.split_conv1d_bwd" in backward
 
 
 def _mamba1_triton_compiled_step(monkeypatch, packed, **ssm_cfg):
@@ -246,7 +247,7 @@ def test_training_step_triton_path_mamba2_packed_fullgraph_matches_eager(monkeyp
     compiled = _train_step(torch.compile(model, backend=backend, fullgraph=True), model, ids, cu_seqlens)
     _assert_same(eager, compiled)
     forward = "\n".join(g.code for g in backend.fw_graphs)
-    assert "mamba_pkg.ssd_chunk_scan_fwd" in forward and "mamba_pkg.causal_conv1d_fwd" in forward
+    assert "mamba_pkg.ssd_chunk_scan_fwd" in forward and "mamba_pkg.split_conv1d_fwd" in forward
 
 
 def test_training_step_packed_with_graph_breaks_matches_eager():

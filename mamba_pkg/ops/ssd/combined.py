@@ -424,13 +424,22 @@ def _split_sizes(zxbcdt, conv1d_weight, A, D, headdim, ngroups):
 
 def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states, seq_idx,
                        dt_limit, return_final_states, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight,
-                       outproj_bias, headdim, ngroups, norm_before_gate, cu_seqlens, backend):
-    """The composition itself; ``backend=None`` means the torch references."""
+                       outproj_bias, headdim, ngroups, norm_before_gate, cu_seqlens, backend, split_op=False):
+    """The composition itself; ``backend=None`` means the torch references. split_op (Triton):
+    the split + conv as ops/split_conv1d.py's op (dense x, B, C; one dense zxbcdt gradient)."""
     batch, L, _ = zxbcdt.shape
     H = A.shape[0]
     d_inner = H * headdim
     G = ngroups
     N = (conv1d_weight.shape[0] - d_inner) // (2 * G)
+    if split_op:
+        from mamba_pkg.ops.split_conv1d import split_conv1d
+
+        z, x, B, C, dt = split_conv1d(zxbcdt, conv1d_weight, conv1d_bias, d_inner, G * N, activation is not None,
+                                      seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+        return _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_states, seq_idx, dt_limit,
+                                   return_final_states, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
+                                   headdim, ngroups, norm_before_gate, cu_seqlens, backend)
     z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * G * N, H], dim=-1)
     conv_in = xBC.transpose(1, 2)  # (B, conv_dim, L), channel-last memory
     if backend is None:
@@ -447,6 +456,18 @@ def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_
         conv_out = conv(conv_in, conv1d_weight, conv1d_bias, activation=activation, seq_idx=seq_idx, **conv_kw)
     xBC = conv_out.transpose(1, 2)  # (B, L, conv_dim)
     x, B, C = torch.split(xBC, [d_inner, G * N, G * N], dim=-1)
+    return _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_states, seq_idx, dt_limit,
+                               return_final_states, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
+                               headdim, ngroups, norm_before_gate, cu_seqlens, backend)
+
+
+def _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_states, seq_idx, dt_limit, return_final_states,
+                        rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
+                        norm_before_gate, cu_seqlens, backend):
+    """The mixer after the conv: x (B, L, D_inner), B / C (B, L, G*N), z (B, L, D_inner), dt (B, L, H)."""
+    batch, L, d_inner = x.shape
+    H, G = A.shape[0], ngroups
+    N = B.shape[-1] // G
     x = x.reshape(batch, L, H, headdim)
     B = B.reshape(batch, L, G, N)
     C = C.reshape(batch, L, G, N)
@@ -534,7 +555,8 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
                                      initial_states=None, seq_idx=None, dt_limit=(0.0, float("inf")),
                                      return_final_states=False, activation="silu", rmsnorm_weight=None,
                                      rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
-                                     ngroups=1, norm_before_gate=True, *, cu_seqlens=None, backend=None):
+                                     ngroups=1, norm_before_gate=True, *, cu_seqlens=None, backend=None,
+                                     recompute=False):
     """The Mamba-2 mixer from the in_proj output on (mamba_ssm semantics).
 
     zxbcdt (B, L, 2*D_inner + 2*G*N + H) splits into z (D_inner), xBC
@@ -562,6 +584,11 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
         ngroups: G.
         cu_seqlens: (num_seqs + 1,) int32 packed-sequence boundaries (B == 1).
         backend: "torch" | "triton" | None.
+        recompute: (Triton, with gradients) keep only the inputs for the backward and
+            recompute the conv, the scan and the norm there (activation checkpointing):
+            less memory, a slower step. Default: the backward reuses the forward's conv
+            outputs, scan output and normalised activations (about 3 * D_inner 16-bit values
+            more per token and layer; mamba2-130m at 8 x 2048: ~3.8 GB over 24 layers).
 
     Returns:
         out (B, L, d_model) with outproj_weight, else (B, L, D_inner), dtype of
@@ -576,10 +603,10 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
             ngroups, norm_before_gate, cu_seqlens)
     if which == "torch":
         return _split_conv1d_scan(*args, None)
-    # Memory-efficient training: keep only the inputs; the conv output, the scan
-    # output and the normalised activations are recomputed in the backward pass.
-    if torch.is_grad_enabled():
+    if recompute and torch.is_grad_enabled():
+        # Keep only the inputs; the conv output, the scan output and the normalised
+        # activations are recomputed in the backward pass.
         from torch.utils.checkpoint import checkpoint
 
         return checkpoint(_split_conv1d_scan, *args, which, use_reentrant=False)
-    return _split_conv1d_scan(*args, which)
+    return _split_conv1d_scan(*args, which, split_op=True)

@@ -1,0 +1,135 @@
+"""split_conv1d (Mamba-2's split + conv with one dense zxbcdt gradient) and the Triton path of
+mamba_split_conv1d_scan_combined built on it, against the torch composition; CPU through the
+Triton interpreter, CUDA when present."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close_rule
+from mamba_pkg.ops.causal_conv1d import causal_conv1d_ref
+from mamba_pkg.ops.split_conv1d import split_conv1d
+from mamba_pkg.ops.ssd.combined import mamba_split_conv1d_scan_combined
+from tests.ops.compile_check import compiled_matches_eager
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def _split_ref(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=None):
+    """torch.split + the conv reference: (z, x, B, C, dt)."""
+    z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gn, zxbcdt.shape[-1] - 2 * d_inner - 2 * gn], dim=-1)
+    xBC = causal_conv1d_ref(xBC.transpose(1, 2), weight, bias, activation="silu" if silu else None,
+                            seq_idx=seq_idx).transpose(1, 2)
+    x, B, C = torch.split(xBC, [d_inner, gn, gn], dim=-1)
+    return z, x, B, C, dt
+
+
+def _inputs(batch, L, d_inner, gn, H, W, device, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(L)
+    conv_dim = d_inner + 2 * gn
+    zxbcdt = torch.randn(batch, L, 2 * d_inner + 2 * gn + H, generator=g)
+    weight = torch.randn(conv_dim, W, generator=g) * 0.5
+    b = torch.randn(conv_dim, generator=g) * 0.3 if bias else None
+    return [t.to(device, dtype) if t is not None else None for t in (zxbcdt, weight, b)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L,W,bias,silu,packed", [(1, 4, True, True, False), (37, 4, True, True, True),
+                                                   (19, 3, False, False, False)])
+def test_split_conv1d_equals_split_and_conv(device, L, W, bias, silu, packed):
+    d_inner, gn, H = 12, 4, 3
+    leaves = _inputs(2, L, d_inner, gn, H, W, device, bias=bias)
+    seq_idx = None
+    if packed:
+        seq_idx = torch.tensor([[0] * 20 + [1] * (L - 20), [0] * L], dtype=torch.int32, device=device)
+    outs = []
+    for fn in (lambda *a: split_conv1d(*a, d_inner, gn, silu, seq_idx=seq_idx),
+               lambda *a: _split_ref(*a, d_inner, gn, silu, seq_idx=seq_idx)):
+        inputs = [t.clone().requires_grad_() if t is not None else None for t in leaves]
+        parts = fn(*inputs)
+        weights = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(device)
+                   for i, p in enumerate(parts)]
+        loss = sum((p * w).sum() for p, w in zip(parts, weights))
+        grads = torch.autograd.grad(loss, [t for t in inputs if t is not None])
+        outs.append((parts, grads))
+    (parts, grads), (ref_parts, ref_grads) = outs
+    for name, a, b in zip("z x B C dt".split(), parts, ref_parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for name, a, b in zip(["zxbcdt", "weight", "bias"], grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"grad {name}")
+    z, x, B, C, dt = parts
+    # x, B and C are dense (the SSD kernels need no copy); z and dt stay views of zxbcdt.
+    assert x.is_contiguous() and B.is_contiguous() and C.is_contiguous()
+    assert z.data_ptr() == leaves[0].data_ptr() or z._base is not None
+    assert dt.stride(1) == leaves[0].shape[-1]
+    # One dense gradient for the whole in_proj output.
+    assert grads[0].shape == leaves[0].shape and grads[0].is_contiguous()
+
+
+def _mixer_inputs(device, dtype, L=29):
+    g = torch.Generator().manual_seed(3)
+    H, P, G, N, W, d_model = 4, 8, 2, 8, 4, 16
+    d = H * P
+    t = dict(zxbcdt=torch.randn(2, L, 2 * d + 2 * G * N + H, generator=g),
+             conv1d_weight=torch.randn(d + 2 * G * N, W, generator=g) * 0.5,
+             conv1d_bias=torch.randn(d + 2 * G * N, generator=g) * 0.2,
+             dt_bias=torch.randn(H, generator=g) * 0.3 - 1.0, A=-torch.rand(H, generator=g) - 0.3,
+             D=torch.randn(H, generator=g), rmsnorm_weight=torch.rand(d, generator=g) + 0.5,
+             outproj_weight=torch.randn(d_model, d, generator=g) * 0.2)
+    low = ("zxbcdt", "conv1d_weight", "conv1d_bias", "rmsnorm_weight", "outproj_weight")
+    return {k: v.to(device, dtype if k in low else torch.float32) for k, v in t.items()}, dict(
+        chunk_size=16, headdim=P, ngroups=G, norm_before_gate=False)
+
+
+def _mixer_grads(inp, kw, **extra):
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    out = mamba_split_conv1d_scan_combined(**leaves, **kw, **extra)
+    g = torch.cos(torch.arange(out.numel(), device=out.device, dtype=torch.float32)).reshape(out.shape)
+    grads = torch.autograd.grad((out.float() * g).sum(), list(leaves.values()))
+    return [out] + list(grads)
+
+
+NAMES = ["out"] + list(_mixer_inputs("cpu", torch.float32)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", ["none", "seq_idx", "cu_seqlens"])
+def test_mixer_triton_path_equals_torch(device, varlen):
+    """The default Triton path (split op, no recompute) and recompute=True both equal the torch
+    composition: forward and every gradient, with and without packed sequences."""
+    inp, kw = _mixer_inputs(device, torch.float32)
+    if varlen == "seq_idx":
+        kw["seq_idx"] = torch.tensor([[0] * 11 + [1] * 18, [0] * 29], dtype=torch.int32, device=device)
+    elif varlen == "cu_seqlens":
+        inp["zxbcdt"] = inp["zxbcdt"][:1]
+        kw["cu_seqlens"] = torch.tensor([0, 11, 29], dtype=torch.int32, device=device)
+    ref = _mixer_grads(inp, kw, backend="torch")
+    for extra in ({}, {"recompute": True}):
+        got = _mixer_grads(inp, kw, backend="triton", **extra)
+        for name, a, b in zip(NAMES, got, ref):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=f"{name} {extra}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixer_triton_path_bf16_tolerance_rule(device):
+    inp32, kw = _mixer_inputs(device, torch.float32)
+    inp16, _ = _mixer_inputs(device, torch.bfloat16)
+    ref32 = _mixer_grads(inp32, kw, backend="torch")
+    ref16 = _mixer_grads(inp16, kw, backend="torch")
+    got = _mixer_grads(inp16, kw, backend="triton")
+    for name, a, r32, r16 in zip(NAMES, got, ref32, ref16):
+        assert_close_rule(a.float(), r32.float(), r16.float(), atol=2e-2 * r32.abs().max().item() + 1e-4, name=name)
+
+
+def test_split_conv1d_compiles_to_one_graph():
+    d_inner, gn, H = 8, 4, 2
+    zxbcdt, weight, bias = _inputs(1, 9, d_inner, gn, H, 4, "cpu")
+
+    def step(zxbcdt, weight, bias):
+        z, x, B, C, dt = split_conv1d(zxbcdt, weight, bias, d_inner, gn, True)
+        return (z * x).sum() + (B * C).sum() + F.softplus(dt).sum()
+
+    forward, backward = compiled_matches_eager(step, [zxbcdt, weight, bias])
+    assert "split_conv1d_fwd" in forward and "split_conv1d_bwd" in backward
+    assert "cat" not in backward
