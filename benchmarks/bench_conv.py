@@ -14,9 +14,9 @@ Every case is timed twice, for both providers:
 
     PYTHONPATH=. python benchmarks/bench_conv.py [--tune] [--quick]
 
---tune first times tile shapes and backward variants (graph replays, L=8192), then runs
+--tune first times tile shapes and backward variants (graph replays, L=2048 and 8192), then runs
 the comparison with the fastest (printed and stored with the rows; copy them into
-mamba_pkg/ops/causal_conv1d.py). --quick: L=8192 only.
+mamba_pkg/ops/causal_conv1d.py). --quick: L=8192 only. --graph-only: no eager timings.
 """
 
 from __future__ import annotations
@@ -97,13 +97,13 @@ def providers():
     return out
 
 
-def main_rows(lengths):
+def main_rows(lengths, timings=("graph", "eager")):
     rows = []
     for length in lengths:
         for layout in ("contiguous", "channel_last"):
             for pass_name, make in (("fwd", fwd_fn), ("fwdbwd", fwdbwd_fn)):
                 n_bytes = (2 if pass_name == "fwd" else 5) * B * D * length * 2
-                for timing, timer in (("graph", graph_ms), ("eager", time_ms)):
+                for timing, timer in [(t, {"graph": graph_ms, "eager": time_ms}[t]) for t in timings]:
                     case = f"{pass_name} B={B} D={D} W={W} L={length} layout={layout} timing={timing}"
                     for name, impl in providers().items():
                         x, w, b = make_inputs(length, layout, pass_name == "fwdbwd")
@@ -136,18 +136,22 @@ def kernel_rows(lengths):
 # Few candidates: each is a Triton compile, and a device run is short. The chunked path's
 # configs are (BLOCK_D, chunks of 8 positions, num_warps[, register cap]) with (tiles per
 # program, prefetch); the rows kernel's
-# (BLOCK_D = 256 * num_warps, chunks of 4 rows per program, num_warps[, register cap]); the
-# general kernel's (BLOCK_D, BLOCK_L, num_warps).
-FWD_CANDIDATES = {"chunked": [(2, 128, 8), (4, 64, 4), (4, 32, 4)],
+# (BLOCK_D = 256 * num_warps, chunks of 4 rows per program, num_warps[, register cap]) with
+# (variant, minimum programs per SM: STEPS is halved below that); the general kernel's
+# (BLOCK_D, BLOCK_L, num_warps).
+FWD_CANDIDATES = {"chunked": [(2, 128, 8), (4, 64, 4)],
                   "channel_last": [(128, 32, 4), (64, 64, 4)]}
-BWD_CANDIDATES = {"chunked": [((2, 64, 4), (16, False)), ((2, 64, 4), (16, True)), ((2, 64, 4), (32, True)),
-                              ((4, 32, 4), (16, True)), ((2, 64, 4, 80), (16, False))],
-                  "channel_last": [((256, 32, 1), "rows"), ((256, 8, 1), "rows"), ((512, 32, 2), "rows"),
-                                   ((256, 32, 1, 168), "rows"), ((64, 64, 4), "scratch")]}
+BWD_CANDIDATES = {"chunked": [((2, 64, 4), (16, False)), ((2, 64, 4), (16, True)), ((2, 64, 4), (8, False)),
+                              ((4, 32, 4), (16, False)), ((2, 128, 8), (16, False)), ((1, 64, 2), (16, False))],
+                  "channel_last": [((512, 32, 2), ("rows", 0)), ((512, 32, 2), ("rows", 4)),
+                                   ((512, 32, 2), ("rows", 8)), ((256, 32, 1), ("rows", 4)),
+                                   ((256, 32, 1), ("rows", 8)), ((1024, 32, 4), ("rows", 4))]}
+SWEEP_LENGTHS = (2048, 8192)
 
 
 def sweep():
-    """Time the candidates at L=8192 (graph replays); return (rows, the fastest per path)."""
+    """Time the candidates at both lengths (graph replays); return (rows, the best per path:
+    the smallest sum over the lengths of ms / the length's fastest ms)."""
     rows, best = [], {}
 
     def timed(case, label, fn):
@@ -157,20 +161,27 @@ def sweep():
             print(f"{case:40s} {label:40s} {ms:.4f}", flush=True)
         return ms if ms is not None else float("inf")
 
+    def fastest(times):  # times: {length: {candidate: ms}}
+        rel = {c: sum(t[c] / min(t.values()) for t in times.values()) for c in next(iter(times.values()))}
+        return min(rel, key=rel.get)
+
     for path, layout in (("chunked", "contiguous"), ("channel_last", "channel_last")):
-        x, w, b = make_inputs(8192, layout, False)
-        g = torch.randn_like(x)
-        out = conv._empty_in_layout(x)
-        dx, dw, db = conv._bwd_outputs(x, w, b, False)
-        fwd = {cfg: timed(f"fwd L=8192 layout={layout}", str(cfg), lambda: conv._launch_fwd(
-            out, x, w, b, None, None, None, True, config=cfg)) for cfg in FWD_CANDIDATES[path]}
-        bwd = {}
-        for cfg, option in BWD_CANDIDATES[path]:
-            extra = ({"tiles_per_program": option[0], "prefetch": option[1]} if path == "chunked"
-                     else {"variant": option})
-            bwd[(cfg, option)] = timed(f"bwd L=8192 layout={layout}", f"{cfg} {option}", lambda: conv._launch_bwd(
-                dx, dw, db, x, w, b, None, None, None, True, g, config=cfg, **extra))
-        best[path] = (min(fwd, key=fwd.get), min(bwd, key=bwd.get))
+        fwd, bwd = {}, {}
+        for length in SWEEP_LENGTHS:
+            x, w, b = make_inputs(length, layout, False)
+            g = torch.randn_like(x)
+            out = conv._empty_in_layout(x)
+            dx, dw, db = conv._bwd_outputs(x, w, b, False)
+            fwd[length] = {cfg: timed(f"fwd L={length} layout={layout}", str(cfg), lambda: conv._launch_fwd(
+                out, x, w, b, None, None, None, True, config=cfg)) for cfg in FWD_CANDIDATES[path]}
+            bwd[length] = {}
+            for cfg, option in BWD_CANDIDATES[path]:
+                extra = ({"tiles_per_program": option[0], "prefetch": option[1]} if path == "chunked"
+                         else {"variant": option[0], "programs_per_sm": option[1]})
+                bwd[length][(cfg, option)] = timed(f"bwd L={length} layout={layout}", f"{cfg} {option}",
+                                                   lambda: conv._launch_bwd(dx, dw, db, x, w, b, None, None, None,
+                                                                            True, g, config=cfg, **extra))
+        best[path] = (fastest(fwd), fastest(bwd))
     return rows, best
 
 
@@ -182,14 +193,16 @@ def apply(best):
             conv.BWD_CONFIG[path] = bwd_cfg
             conv.BWD_TILES_PER_PROGRAM, conv.BWD_PREFETCH = option
         else:
-            conv.BWD_CONFIG["rows" if option == "rows" else path] = bwd_cfg
-            conv.BWD_DY_SHIFT[path] = option
+            variant, min_programs = option
+            conv.BWD_CONFIG["rows" if variant == "rows" else path] = bwd_cfg
+            conv.BWD_DY_SHIFT[path] = variant
+            conv.BWD_ROWS_MIN_PROGRAMS_PER_SM = min_programs
 
 
 def settings():
     return {"fwd": dict(conv.FWD_CONFIG), "bwd": dict(conv.BWD_CONFIG), "dy_shift": dict(conv.BWD_DY_SHIFT),
             "tiles_per_program": conv.BWD_TILES_PER_PROGRAM, "prefetch": conv.BWD_PREFETCH,
-            "programs_per_sm": conv.BWD_PROGRAMS_PER_SM}
+            "programs_per_sm": conv.BWD_PROGRAMS_PER_SM, "rows_min_programs_per_sm": conv.BWD_ROWS_MIN_PROGRAMS_PER_SM}
 
 
 def main():
@@ -197,6 +210,7 @@ def main():
     parser.add_argument("--tune", action="store_true",
                         help="sweep tile shapes first and run the comparison with the fastest ones")
     parser.add_argument("--quick", action="store_true", help="L=8192 only")
+    parser.add_argument("--graph-only", action="store_true", help="skip the eager timings")
     args = parser.parse_args()
     if args.tune:
         rows, best = sweep()
@@ -204,7 +218,7 @@ def main():
         save_results("bench_conv_sweep", rows, plot_key="L")
     print("settings:", settings(), flush=True)
     lengths = (8192,) if args.quick else LENGTHS
-    rows = main_rows(lengths) + kernel_rows(lengths)
+    rows = main_rows(lengths, ("graph",) if args.graph_only else ("graph", "eager")) + kernel_rows(lengths)
     for r in rows:
         if r["provider"] == "ours":
             r["settings"] = str(settings())

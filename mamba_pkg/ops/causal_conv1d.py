@@ -382,11 +382,11 @@ def _chunk_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_d, stride
 
 
 @triton.jit
-def _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _chunk_pre(cur, prev, p_w, stride_w_k, bias_ptr, o_d, m_d, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_D: tl.constexpr, NC: tl.constexpr, CHUNK: tl.constexpr = 8):
-    """Pre-activation at the positions of cur, given the chunks before them (prev), fp32.
-    Chunks of 8 (or 4: the channel-last rows kernel)."""
-    pre = tl.load(w_ptr + o_d * W + (W - 1), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
+    """Pre-activation at the positions of cur, given the chunks before them (prev), fp32; p_w
+    points at tap 0 of each channel's weights. Chunks of 8 (or 4: the channel-last rows kernel)."""
+    pre = tl.load(p_w + (W - 1) * stride_w_k, mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
     if HAS_BIAS:
         pre += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None, None]
     for j in tl.static_range(1, W):
@@ -396,7 +396,7 @@ def _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W: tl.constexpr, HAS_BIAS: 
         else:
             cur = _shift4(cur, prev, False, BLOCK_D, NC)
             prev = _shift4(prev, prev, False, BLOCK_D, NC)
-        pre += tl.load(w_ptr + o_d * W + (W - 1 - j), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
+        pre += tl.load(p_w + (W - 1 - j) * stride_w_k, mask=m_d, other=0.0).to(tl.float32)[:, None, None] * cur
     return pre
 
 
@@ -418,7 +418,7 @@ def _causal_conv1d_fwd_chunk_kernel(
                       stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
     prev = _chunk_load(x_ptr, init_ptr, i_b, o_d, m_d, o_l - CHUNK, L, stride_x_b, stride_x_d,
                        stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
-    acc = _chunk_pre(cur, prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC)
+    acc = _chunk_pre(cur, prev, w_ptr + o_d * W, 1, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC)
     if SILU:
         acc = acc * ptx_sigmoid(acc, FAST)
     p_o = out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None, None] * stride_o_d + o_l[None, :, :]
@@ -668,13 +668,15 @@ def _tap_grads(dy, dy_next, x_cur, dx, dw, w_ptr, o_d, m_d, s: tl.constexpr, W: 
         dy = _shift8(dy, dy_next, True, BLOCK_D, NC)
         dy_next = _shift8(dy_next, dy_next, True, BLOCK_D, NC)  # only its first W-1-s positions are read
     dx += tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy
-    dw += x_cur * dy
+    # The chunk axis is inside a thread: summing it here is a chain of FMAs into one register
+    # per tap, where an elementwise accumulator held CHUNK registers per tap.
+    dw += tl.sum(x_cur * dy, axis=2)
     return dy, dy_next, dx, dw
 
 
 @triton.jit
 def _store_wgrad(p_dw, dw, k: tl.constexpr, m_d):
-    tl.store(p_dw + k, tl.sum(tl.sum(dw, axis=2), axis=1), mask=m_d)
+    tl.store(p_dw + k, tl.sum(dw, axis=1), mask=m_d)
 
 
 @triton.jit
@@ -702,22 +704,23 @@ def _causal_conv1d_bwd_chunk_kernel(
     """One pass over TILES consecutive L tiles: dy = dout * act'(pre) with pre recomputed from
     x (never stored), dx[p] = sum_s w[W-1-s] dy[p+s]; the program's dw[W-1-s] = sum_p x[p]
     dy[p+s] and dbias = sum_p dy[p] go to its own fp32 partial row (summed by
-    _conv_wgrad_reduce_kernel). They accumulate elementwise (one FMA per tap and position)
-    and are reduced across threads once, after the last tile."""
+    _conv_wgrad_reduce_kernel). They accumulate per thread (one FMA per tap and position,
+    one register per tap: 64 registers, 8 programs of 4 warps per SM on an H100, where
+    elementwise accumulators took 96) and are reduced across threads once, after the last tile."""
     tl.static_assert(CHUNK == 8)
     i_g, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
     # Triton has no lists of tensors: one accumulator per tap s, written out (W <= 8).
-    db = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw0 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw1 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw2 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw3 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw4 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw5 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw6 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
-    dw7 = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw4 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw5 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw6 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
+    dw7 = tl.zeros([BLOCK_D, NC], dtype=tl.float32)
     o_t = tl.arange(0, NC)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NC, CHUNK)
     if PREFETCH:
         o_l = i_g * TILES * (NC * CHUNK) + o_t
@@ -742,13 +745,13 @@ def _causal_conv1d_bwd_chunk_kernel(
             if HAS_INIT:
                 x_prev += _chunk_init(init_ptr, i_b, o_d, m_d, o_l - CHUNK, stride_i_b, stride_i_d, stride_i_w, W)
             x_next = xn_r.to(tl.float32)
-            dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, NC),
-                            SILU, FAST)
-            dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS,
-                                                     BLOCK_D, NC), SILU, FAST)
+            dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, w_ptr + o_d * W, 1, bias_ptr, o_d, m_d, W, HAS_BIAS,
+                                           BLOCK_D, NC), SILU, FAST)
+            dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, w_ptr + o_d * W, 1, bias_ptr, o_d, m_d, W,
+                                                     HAS_BIAS, BLOCK_D, NC), SILU, FAST)
         if PREFETCH:
             x_r, xp_r, xn_r, do_r, dn_r = x_n, xp_n, xn_n, do_n, dn_n
-        db += dy
+        db += tl.sum(dy, axis=2)
         dx = tl.zeros([BLOCK_D, NC, CHUNK], dtype=tl.float32)
         dy, dy_next, dx, dw0 = _tap_grads(dy, dy_next, x_cur, dx, dw0, w_ptr, o_d, m_d, 0, W, BLOCK_D, NC)
         dy, dy_next, dx, dw1 = _tap_grads(dy, dy_next, x_cur, dx, dw1, w_ptr, o_d, m_d, 1, W, BLOCK_D, NC)
@@ -769,7 +772,7 @@ def _causal_conv1d_bwd_chunk_kernel(
         tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_l < L)[None, :, :])
     i_part = (i_b * tl.num_programs(0) + i_g).to(tl.int64)
     if HAS_BIAS:
-        tl.store(db_ptr + i_part * D + o_d, tl.sum(tl.sum(db, axis=2), axis=1), mask=m_d)
+        tl.store(db_ptr + i_part * D + o_d, tl.sum(db, axis=1), mask=m_d)
     p_dw = dw_ptr + (i_part * D + o_d) * W
     _store_wgrad(p_dw, dw0, W - 1, m_d)
     _store_wgrad(p_dw, dw1, W - 2, m_d)
@@ -818,7 +821,7 @@ def _causal_conv1d_bwd_rows_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
     L, D,
     stride_x_b, stride_x_l, stride_do_b, stride_do_l, stride_dx_b, stride_dx_l,
-    stride_i_b, stride_i_d, stride_i_w,
+    stride_i_b, stride_i_d, stride_i_w, stride_w_d, stride_w_k,
     W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
     FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
 ):
@@ -837,7 +840,8 @@ def _causal_conv1d_bwd_rows_kernel(
     x_cur = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_x_b, stride_x_l,
                        stride_i_b, stride_i_d, stride_i_w, W, False)
     dy = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_do_b, stride_do_l, 0, 0, 0, W, False)
-    dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1, ROWS),
+    p_w = w_ptr + o_d * stride_w_d
+    dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, p_w, stride_w_k, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1, ROWS),
                     SILU, FAST)
     dw = tl.zeros([BLOCK_D, 1, W_POW2], dtype=tl.float32)
     db = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
@@ -847,7 +851,7 @@ def _causal_conv1d_bwd_rows_kernel(
                             stride_i_b, stride_i_d, stride_i_w, W, False)
         dy_next = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_q + ROWS, L, stride_do_b, stride_do_l,
                              0, 0, 0, W, False)
-        dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, w_ptr, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1,
+        dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, p_w, stride_w_k, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1,
                                                  ROWS), SILU, FAST)
         db += tl.sum(dy, axis=2)
         dx = tl.zeros([BLOCK_D, 1, ROWS], dtype=tl.float32)
@@ -856,7 +860,7 @@ def _causal_conv1d_bwd_rows_kernel(
             if s > 0:  # dy at p+s
                 dy_s = _shift4(dy_s, dy_ns, True, BLOCK_D, 1)
                 dy_ns = _shift4(dy_ns, dy_ns, True, BLOCK_D, 1)
-            dx += tl.load(w_ptr + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy_s
+            dx += tl.load(p_w + (W - 1 - s) * stride_w_k, mask=m_d, other=0.0).to(tl.float32)[:, None, None] * dy_s
             # o_w is known per register: this adds to one column, no select.
             dw = tl.where(o_w == W - 1 - s, dw + tl.sum(x_cur * dy_s, axis=2)[:, :, None], dw)
         p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d[:, None, None]
@@ -897,8 +901,14 @@ def _n_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-# The weight-gradient reduction: parts summed BLOCK_P at a time, BLOCK_N outputs per program.
-WGRAD_BLOCK_P, WGRAD_BLOCK_N = 16, 256
+# The weight-gradient reduction sums (BLOCK_P, BLOCK_N) tiles of WGRAD_TILE elements (32 per
+# thread): BLOCK_P up to 128 partial rows at a time, so that its loop of dependent loads is
+# short (with 16 rows per step and 256 partial rows it took ~20 us) and BLOCK_N small enough
+# to give the D*W outputs a few hundred programs.
+WGRAD_TILE, WGRAD_MAX_P = 4096, 128
+# Rows kernel: halve STEPS (down to 4) until the grid has this many programs per SM (short
+# sequences would otherwise leave SMs idle: L=2048 at STEPS=32 is 2 programs per SM).
+BWD_ROWS_MIN_PROGRAMS_PER_SM = 4
 
 
 def _bwd_outputs(x, weight, bias, wgrad_fp32):
@@ -934,6 +944,10 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         n_parts = cdiv(length, block * CHUNK * tiles)
     elif path == "rows":
         steps = min(block, cdiv(length, ROWS))
+        min_programs = _n_sms(x.device) * (BWD_ROWS_MIN_PROGRAMS_PER_SM if programs_per_sm is None
+                                           else programs_per_sm)
+        while steps > 4 and cdiv(length, steps * ROWS) * cdiv(dim, block_d) * batch < min_programs:
+            steps = cdiv(steps, 2)
         n_parts = cdiv(length, steps * ROWS)
     else:
         n_parts = cdiv(length, block)
@@ -952,9 +966,13 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     elif path == "rows":
         if dout.stride(1) != 1:
             dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+        # Weights as (W, D): a thread's 8 channels of one tap are one 16-byte load, where the
+        # (D, W) rows took 8 scalar loads of 8 cache lines per warp each, per tap and step.
+        weight_t = weight.t().contiguous()
         launch(_causal_conv1d_bwd_rows_kernel, (n_parts, cdiv(dim, block_d), batch),
-            x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
+            x, weight_t, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
+            *weight_t.stride()[::-1],
             W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
         )
     else:
@@ -979,9 +997,11 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
             HALO=halo, **flags,
         )
-    launch(_conv_wgrad_reduce_kernel, (cdiv(dim * width, WGRAD_BLOCK_N),),
+    block_p = min(WGRAD_MAX_P, next_pow2(batch * n_parts))
+    block_n = WGRAD_TILE // block_p
+    launch(_conv_wgrad_reduce_kernel, (cdiv(dim * width, block_n),),
         dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
-        HAS_BIAS=bias is not None, BLOCK_P=WGRAD_BLOCK_P, BLOCK_N=WGRAD_BLOCK_N, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
     )
 
 

@@ -345,12 +345,18 @@ def test_triton_conv_matches_ref_fp32(case, variant, monkeypatch):
 @interpreter_only
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 def test_triton_conv_bwd_options(layout, monkeypatch):
-    """Options the benchmark sweeps: a register cap (maxnreg) in a backward config, and the
-    chunked backward's prefetch of the next tile (with initial states: the first tile's)."""
+    """Options the benchmark sweeps: a register cap (maxnreg) in a backward config, the
+    chunked backward's prefetch of the next tile (with initial states: the first tile's), the
+    rows kernel's STEPS halved for a small grid (16 -> 10 -> 5 -> 3: an odd count, a partial
+    last program), and the weight-gradient reduction in several row blocks and programs."""
     monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
-    monkeypatch.setattr(conv_mod, "BWD_CONFIG", {k: v + (64,) for k, v in SMALL_TILES.items()})
+    monkeypatch.setattr(conv_mod, "BWD_CONFIG", {**{k: v + (64,) for k, v in SMALL_TILES.items()},
+                                                 "rows": (8, 16, 1, 64)})
     monkeypatch.setattr(conv_mod, "BWD_PREFETCH", True)
     monkeypatch.setattr(conv_mod, "BWD_TILES_PER_PROGRAM", 2)
+    monkeypatch.setattr(conv_mod, "BWD_ROWS_MIN_PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(conv_mod, "WGRAD_MAX_P", 2)
+    monkeypatch.setattr(conv_mod, "WGRAD_TILE", 16)
     (x, w, b, i), _, _ = _conv_case(2, 8, 40, 4, layout, True, True, "silu", None, torch.float32)
     g = torch.randn(2, 8, 40, device=DEVICE)
     gf = torch.randn(2, 8, 3, device=DEVICE)
