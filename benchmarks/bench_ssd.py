@@ -16,6 +16,8 @@ anchor_configs="N=128 picks"); ours autotune normally. `--budget-s` skips the sh
 that would start after that many seconds (the rows so far are saved after each shape).
 `--host-profile` prints cProfile's top functions of our eager fwd+bwd step; `--uncached` adds, at
 the main shape, ours launched through Triton's launch path every call (no cached launches).
+`--overlap` adds, at the main shape, ours with the forward scan launched beside the walk
+(provider ours_overlap_walk; chunk_scan.OVERLAP_WALK, off by default).
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
 
@@ -26,7 +28,7 @@ at those N: run them in parallel processes (e.g. beside the GPU tests) with a sh
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
     PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--host-profile] [--uncached]
-        [--budget-s S]
+        [--overlap] [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -97,6 +99,9 @@ def bench_case(s, provider, fwdbwd):
     if provider == UNCACHED:
         with uncached_launches():
             return bench_case(s, "ours", fwdbwd)
+    if provider == OVERLAP:
+        with overlap_walk():
+            return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
     def fwd():
@@ -121,6 +126,22 @@ def bench_case(s, provider, fwdbwd):
 # Our kernels launched through Triton's own launch path every time (no cached launches,
 # mamba_pkg/ops/_launch.py): the host time before session 5 round 2, same kernels.
 UNCACHED = "ours_uncached_launch"
+
+
+# Our forward scan launched beside the walk (chunk_scan.OVERLAP_WALK = True: programmatic
+# dependent launch, the walk in its lighter configs), session 8's off-by-default variant.
+OVERLAP = "ours_overlap_walk"
+
+
+@contextlib.contextmanager
+def overlap_walk(on=True):
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    chunk_scan.OVERLAP_WALK = on
+    try:
+        yield
+    finally:
+        chunk_scan.OVERLAP_WALK = False
 
 
 @contextlib.contextmanager
@@ -250,10 +271,15 @@ def stage_profile(s):
         finally:
             chunk_state.FUSED_WALKS = True
 
+    def forward(overlap):
+        with overlap_walk(overlap):
+            return _chunk_scan_fwd(x, None, dt, A, B, C, D, dt_bias, None, None, True, 0.0, inf, Q)
+
     stages = {
         "fwd chunk_state (dt + cumsum + states walk)":
             lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True),
-        "fwd C B^T + chunk_scan": lambda: _chunk_scan_fwd(x, None, B, C, D, None, dt_c, cs_c, states, Q),
+        "fwd C B^T + walk + chunk_scan, scan beside the walk": lambda: forward(True),
+        "fwd C B^T + walk + chunk_scan, one after the other": lambda: forward(False),
         "bwd walks, one launch (states rerun beside the state-gradient walk)": lambda: walks(True),
         "bwd walks, two launches": lambda: walks(False),
         "bwd W (+ C B^T) + dB/dC + dx (+ dt chain) kernels (auto head split)": bwd,
@@ -320,6 +346,8 @@ def main():
     ap.add_argument("--host-profile", action="store_true", help="cProfile of our eager fwd+bwd at L=8192")
     ap.add_argument("--uncached", action="store_true",
                     help=f"main shape: also ours with Triton's own launch path every call (provider {UNCACHED})")
+    ap.add_argument("--overlap", action="store_true",
+                    help=f"main shape: also ours with the forward scan beside the walk (provider {OVERLAP})")
     ap.add_argument("--budget-s", type=float, default=160.0,
                     help="start no new shape after this many seconds")
     ap.add_argument("--precompile", type=int, nargs="+", metavar="N",
@@ -356,7 +384,8 @@ def main():
             pass_name = "fwdbwd" if fwdbwd else "fwd"
             case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
             flops, nbytes = flops_and_bytes(s, fwdbwd)
-            for provider in ("ours", "mamba_ssm") + ((UNCACHED,) if args.uncached and i == 0 else ()):
+            variants = ((UNCACHED,) if args.uncached else ()) + ((OVERLAP,) if args.overlap else ())
+            for provider in ("ours", "mamba_ssm") + (variants if i == 0 else ()):
                 res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 for timing, k in (("eager", 0), ("graph", 1)):
                     ms = res[k] if res else None

@@ -229,6 +229,49 @@ def test_head_and_n_splits_give_the_same_gradients():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_walk_counts_every_state_entry_of_each_chunk():
+    """The forward walk adds the state entries it wrote to ready[b, h, c] (the forward scan,
+    launched beside it on a GPU, waits for P * N): several (P, N) blocks, masked edges."""
+    from mamba_pkg.ops.ssd.chunk_state import launch_forward_walk
+
+    inp = make(2, 40, 3, 20, 1, 18)
+    x, dt, A, B = (inp[k] for k in ("x", "dt", "A", "B"))
+    ready = torch.zeros(2, 3, 3, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):  # the second launch after the autotuner's runs (which count too)
+        ready.zero_()
+        launch_forward_walk(x, dt, A, B, None, None, None, True, 0.0, float("inf"), 16, True, ready)
+    assert (ready == 20 * 18).all()
+
+
+def test_triton_whole_tiles_without_masks():
+    """L a multiple of the chunk and P, N multiples of the walks' blocks: the walks load their
+    tiles without masks (chunk_state._even_tiles)."""
+    from mamba_pkg.ops.ssd.chunk_state import _even_tiles
+
+    shape, chunk = ((1, 512, 2, 64, 1, 128), 256) if DEVICE == "cuda" else ((1, 32, 2, 16, 1, 16), 16)
+    assert _even_tiles(shape[1], shape[3], shape[5], chunk)
+    inputs = make(*shape)
+    compare_fp32(run(inputs, torch.float32, "triton", chunk), run(inputs, torch.float32, "ref", chunk),
+                 2e-3 if DEVICE == "cuda" else 1e-4)
+
+
+def test_scan_beside_the_walk_gives_the_same_bits(monkeypatch):
+    """The forward scan launched beside the walk (OVERLAP_WALK: on an H100 a programmatic
+    dependent launch, each program waiting for its chunk's count) equals the scan after it,
+    bit for bit, forward and backward. On CUDA 25 chunks, so that the scan's programs reach
+    chunks the walk has not finished; in the interpreter the counts and waits run in order."""
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    shape, chunk = ((2, 256 * 24 + 100, 8, 64, 1, 128), 256) if DEVICE == "cuda" else ((1, 50, 2, 4, 1, 4), 16)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    inputs = make(*shape)
+    a = run(inputs, dtype, "triton", chunk)
+    monkeypatch.setattr(chunk_scan, "OVERLAP_WALK", True)
+    b = run(inputs, dtype, "triton", chunk)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_triton_varlen_matches_reference():
     lengths = [5, 0, 23, 9]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
@@ -343,8 +386,8 @@ def _opcheck_cases():
         (ops.ssd_chunk_state_fwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, False)),
         (ops.ssd_state_walks_bwd, (x, dt, A, B, dt_bias, seq, init, True, 0.1, 2.0, 16, dout, z, C, cs_c, final)),
         (ops.ssd_state_walks_bwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, dout, None, C, cs_c, None)),
-        (ops.ssd_chunk_scan_fwd, (x, z, B, C, D, seq, dt_c, cs_c, states, 16)),
-        (ops.ssd_chunk_scan_fwd, (x, None, B, C, None, None, dt_c, cs_c, states, 16)),
+        (ops.ssd_chunk_scan_fwd, (x, z, dt, A, B, C, D, dt_bias, seq, init, True, 0.1, 2.0, 16)),
+        (ops.ssd_chunk_scan_fwd, (x, None, dt, A, B, C, None, None, None, None, False, 0.0, inf, 16)),
         (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, dstates,
                                   True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,
@@ -378,7 +421,7 @@ def test_ssd_compiles_to_one_graph_with_custom_ops():
         return (out * out).sum() + (final * final).sum()
 
     forward, backward = compiled_matches_eager(step, leaves)
-    assert "mamba_pkg.ssd_chunk_state_fwd" in forward and "mamba_pkg.ssd_chunk_scan_fwd" in forward
+    assert "mamba_pkg.ssd_chunk_scan_fwd" in forward
     assert "mamba_pkg.ssd_state_walks_bwd" in backward and "mamba_pkg.ssd_chunk_scan_bwd" in backward
 
 

@@ -44,13 +44,16 @@ softplus backward, dA and ddt_bias partial sums), so the backward has no torch g
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
 from mamba_pkg.ops._launch import launch
-from mamba_pkg.ops.ssd.chunk_state import _dot, _softplus, block_size, dot_dtype_for
+from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _softplus, block_size, dot_dtype_for,
+                                            launch_forward_walk)
 
 
 def _tile_configs():
@@ -162,23 +165,44 @@ def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,)):
 @triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _chunk_scan_fwd_kernel(
-    x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr,
+    x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr, ready_ptr,
     L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PTX: tl.constexpr, WAIT_READY: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Heads vary fastest so that the heads of one chunk run together and share
     # its C B^T tiles through L2. A 1-D grid: axes 1 and 2 allow at most 65535 programs.
     i_h = tl.program_id(0) % H
     i_m = (tl.program_id(0) // H) % (Q // BLOCK_M)
     i_bc = tl.program_id(0) // (H * (Q // BLOCK_M))
-    i_b = i_bc // nchunks
-    i_c = i_bc % nchunks
+    if WAIT_READY:
+        # Chunk before batch: the walk beside this kernel finishes the chunks in order.
+        batch = tl.num_programs(0) // (H * (Q // BLOCK_M) * nchunks)
+        i_b = i_bc % batch
+        i_c = i_bc // batch
+    else:
+        i_b = i_bc // nchunks
+        i_c = i_bc % nchunks
     G = H // heads_per_group
+    if WAIT_READY:
+        # The walk (launched just before, programmatic dependent launch) may still run: wait
+        # until its programs have written this chunk's state, dt and cumsum (P * N entries
+        # counted; more after the walk's autotuning runs). The walk's programs all started
+        # before this kernel could, so they finish. After a bounded wait (a safety net), or
+        # for the last chunk (so that this kernel's end implies the walk's, whose final state
+        # later kernels read), wait for the whole walk.
+        p_ready = ready_ptr + (i_b * H + i_h) * nchunks + i_c
+        spins = 0
+        while (tl.atomic_add(p_ready, 0, sem="acquire", scope="gpu") < P * N) & (spins < 1 << 20):
+            spins += 1
+        if USE_PDL:
+            if (spins >= 1 << 20) | (i_c == nchunks - 1):
+                tl.extra.cuda.gdc_wait()
+        tl.debug_barrier()
     i_g = i_h // heads_per_group
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -188,14 +212,16 @@ def _chunk_scan_fwd_kernel(
     o_lt = i_c * Q + o_t
     m_t = o_lt < L
     chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
+    CACHE: tl.constexpr = ".cg" if WAIT_READY else ""
     # Log-decays in log2 units (one exp2 instruction each).
-    cs_t = tl.load(cs_ptr + chunk_off + o_t) * 1.4426950408889634
+    # Written by the walk while this kernel may run: read from L2 (.cg), not a stale L1 line.
+    cs_t = tl.load(cs_ptr + chunk_off + o_t, cache_modifier=CACHE) * 1.4426950408889634
     # c0: the cumulative log-decay at the last row before this block. For a row t of the
     # block and a row s before it, exp(cs_t - cs_s) = exp2(cs_t - c0) exp2(c0 - cs_s), and
     # cs is monotone along the chunk (dt >= 0), so c0 lies between the two: each factor
     # lies between 1 and the product (no overflow or underflow the product has not).
     # The tiles before the diagonal then need one exp2 per row and column, not per pair.
-    c0 = tl.load(cs_ptr + chunk_off + tl.maximum(i_m * BLOCK_M - 1, 0)) * 1.4426950408889634
+    c0 = tl.load(cs_ptr + chunk_off + tl.maximum(i_m * BLOCK_M - 1, 0), cache_modifier=CACHE) * 1.4426950408889634
     c0 = tl.where(i_m == 0, 0.0, c0)
     cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
 
@@ -208,7 +234,7 @@ def _chunk_scan_fwd_kernel(
     # The state entering the chunk: (P, N), read once per row block.
     st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
     b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
-                  mask=m_p[:, None] & m_n[None, :], other=0.0)
+                  mask=m_p[:, None] & m_n[None, :], other=0.0, cache_modifier=CACHE)
     # State term exp(cs_t) C_t S^T = exp2(cs_t - c0) [exp2(c0) C_t S^T]; the first factor
     # is applied with the tiles before the diagonal, below.
     scale_t = tl.zeros((BLOCK_M,), dtype=tl.float32) + ptx_exp2(c0, PTX)
@@ -230,8 +256,8 @@ def _chunk_scan_fwd_kernel(
         o_s = j * BLOCK_M + tl.arange(0, BLOCK_M)
         o_ls = i_c * Q + o_s
         m_s = o_ls < L
-        w_s = ptx_exp2(c0 - tl.load(cs_ptr + chunk_off + o_s) * 1.4426950408889634, PTX) \
-            * tl.load(dt_ptr + chunk_off + o_s)
+        w_s = ptx_exp2(c0 - tl.load(cs_ptr + chunk_off + o_s, cache_modifier=CACHE) * 1.4426950408889634, PTX) \
+            * tl.load(dt_ptr + chunk_off + o_s, cache_modifier=CACHE)
         if HAS_SEQ_IDX:
             seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
             w_s = tl.where(seq_s == seq_c0, w_s, 0.0)
@@ -247,7 +273,7 @@ def _chunk_scan_fwd_kernel(
     # The diagonal tile (this block's own rows): the exact decay per pair, and D x_t.
     m_tp = m_t[:, None] & m_p[None, :]
     x_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-    dt_t = tl.load(dt_ptr + chunk_off + o_t)
+    dt_t = tl.load(dt_ptr + chunk_off + o_t, cache_modifier=CACHE)
     cb = tl.load(cb_base + o_t[:, None] * Q + o_t[None, :]).to(tl.float32)
     b_x = tl.load(x_base + x_off, mask=m_tp, other=0.0)
     keep = o_t[:, None] >= o_t[None, :]
@@ -275,42 +301,68 @@ def _pick_block_m(Q):
     return min(Q, 64)
 
 
-def _chunk_scan_fwd_outputs(x, z):
-    """(out, y_pre) of the forward scan, uninitialised; shared with the fake op."""
+def _chunk_scan_fwd_outputs(x, z, B, Q):
+    """(out, y_pre, final, dt, cs) of the forward, uninitialised; shared with the fake op."""
     # fp32: the z gradient is dout * y_pre * silu'(z), and rounding y_pre would add
     # the storage rounding to it.
     ypre = torch.empty(x.shape, device=x.device, dtype=torch.float32) if z is not None else absent(x)
-    return torch.empty_like(x), ypre
+    _, final, dt_c, cs_c = _chunk_state_fwd_outputs(x, B, Q, False)
+    return torch.empty_like(x), ypre, final, dt_c, cs_c
+
+
+# The scan launched beside the walk (programmatic dependent launch on sm_90+; elsewhere, and in
+# the interpreter, after it with the same counts and waits), each program waiting for its
+# chunk's state. Off: measured slower on an H100 (main shape, CUDA graph: 0.451 vs 0.440 ms with
+# the walk's 82 KB steps, which leave room for one scan program per SM). bench_ssd --overlap
+# measures it with the walk's lighter configs (see chunk_state._prune_walk_configs).
+OVERLAP_WALK = False
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index):
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 @launcher_op("ssd_chunk_scan_fwd")
-def _chunk_scan_fwd(x: Tensor, z: Tensor | None, B: Tensor, C: Tensor, D: Tensor | None, seq_idx: Tensor | None,
-                    dt_c: Tensor, cs_c: Tensor, states: Tensor, Q: int) -> tuple[Tensor, Tensor]:
-    """Launch C B^T and the forward chunk scan. x, z (B, L, H, P) contiguous; returns
-    out (B, L, H, P) and y_pre (B, L, H, P) fp32 [empty without z]."""
+def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                    dt_bias: Tensor | None, seq_idx: Tensor | None, initial_states: Tensor | None, dt_softplus: bool,
+                    dt_min: float, dt_max: float, Q: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward pass: C B^T, the walk (chunk_state.py), the chunk scan. x, z (B, L, H, P)
+    contiguous; returns out (B, L, H, P), y_pre (B, L, H, P) fp32 [empty without z], final
+    (B, H, P, N) fp32, dt and cs (B, H, C, Q) fp32 (the processed dt and its cumsum).
+
+    C B^T comes first, so that the scan is the launch right after the walk: with OVERLAP_WALK
+    the walk lets it start at once (programmatic dependent launch), and each scan program
+    waits for the walk's count of its chunk (ready: the walk is a chain of 32 dependent steps
+    at the main shape, and the scan's programs of chunk c only need its chunks up to c)."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     nchunks = cdiv(L, Q)
     dot_dtype = dot_dtype_for(x.dtype)
     (cb,) = _bmm_chunk(B, C, Q, dot_dtype, (_cb_operand_dtype(dot_dtype),))
-    out, ypre = _chunk_scan_fwd_outputs(x, z)
+    wait = OVERLAP_WALK
+    pdl = wait and x.is_cuda and not triton_interpret() and _has_pdl(x.device.index)
+    ready = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.int32) if wait else None
+    states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
+                                                    dt_min, dt_max, Q, True, ready, pdl)
+    out, ypre = _chunk_scan_fwd_outputs(x, z, B, Q)[:2]
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     launch(_chunk_scan_fwd_kernel, grid,
         x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
-        ypre if z is not None else out,
+        ypre if z is not None else out, ready if wait else out,
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
-        PTX=ptx_math(_chunk_scan_fwd_kernel.fn),
+        PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
-    return out, ypre
+    return out, ypre, final, dt_c, cs_c
 
 
 @_chunk_scan_fwd.register_fake
-def _(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q):
-    return _chunk_scan_fwd_outputs(x, z)
+def _(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q):
+    return _chunk_scan_fwd_outputs(x, z, B, Q)
 
 
 @triton.jit

@@ -65,22 +65,28 @@ def _walk_configs():
     for the GPU tests' one-config fixture; the second, kept there too, fits in fp32. The
     backward's two walks in one launch take 146 registers at (32, 128) (3 programs per SM:
     512 programs at the main shape need two rounds); capped at 128 (32 bytes spilled) they
-    fit 4 programs per SM, one round."""
+    fit 4 programs per SM, one round, by registers; but one 256-row step stages 82 KB of x and
+    B tiles in shared memory, so only 2 programs per SM run (two rounds). 128-row steps capped
+    at 128 registers take 41 KB (24 bytes spilled): 4 programs per SM, one round."""
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st, maxnreg=r)
         for bp, bn, bl, w, st, r in ((64, 64, 256, 4, 2, None), (32, 64, 256, 4, 2, None),
                                      (32, 128, 256, 4, 2, None), (16, 128, 256, 4, 2, None),
-                                     (32, 128, 256, 4, 2, 128))
+                                     (32, 128, 256, 4, 2, 128), (32, 128, 128, 4, 2, 128))
     ]
 
 
 def _prune_walk_configs(configs, named_args, **kwargs):
-    """Steps no longer than the chunk."""
+    """Steps no longer than the chunk. A walk that a forward scan runs beside (LAUNCH_DEPENDENTS)
+    takes only the configs whose x and B tiles stage at most 48 KB of shared memory per step,
+    so that the SMs hold scan programs beside two walk programs each."""
     Q = kwargs["Q"]
-    return [c for c in configs if c.kwargs["BLOCK_L"] <= Q] or [
-        triton.Config(dict(configs[0].kwargs, BLOCK_L=Q), num_warps=configs[0].num_warps)]
+    fits = [c for c in configs if c.kwargs["BLOCK_L"] <= Q]
+    if kwargs.get("LAUNCH_DEPENDENTS"):
+        fits = [c for c in fits if c.kwargs["BLOCK_L"] * (c.kwargs["BLOCK_P"] + c.kwargs["BLOCK_N"]) * 2 <= 48 << 10]
+    return fits or [triton.Config(dict(configs[0].kwargs, BLOCK_L=Q), num_warps=configs[0].num_warps)]
 
 
 @triton.jit
@@ -138,20 +144,33 @@ def _softplus(v, PTX: tl.constexpr):
 
 
 @triton.jit
+def _cta_barrier(value, PTX: tl.constexpr):
+    """value (int32), returned after every thread of the program reached this point."""
+    if PTX:
+        return tl.inline_asm_elementwise("bar.sync 0;\n mov.b32 $0, $1;", "=r,r", [value], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    tl.debug_barrier()
+    return value
+
+
+@triton.jit
 def _forward_walk(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
-    i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+    ready_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, WRITE_DT: tl.constexpr,
-    PTX: tl.constexpr, Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    SIGNAL: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr, Q: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """The forward walk of one (batch * H + head) = i_bh and (P, N) block. WRITE_DT: also
-    the processed dt, the cumsum and the final state (the backward's rerun needs only the states)."""
+    the processed dt, the cumsum and the final state (the backward's rerun needs only the states).
+    SIGNAL: after each chunk, add the number of state entries this program covers to
+    ready[batch, head, chunk] (B, H, C) int32 (release), so that a forward scan running beside the
+    walk can start a chunk once its state, dt and cumsum are all written (P * N)."""
     i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(i_bh, H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
     o_q = tl.arange(0, BLOCK_L)
     A = tl.load(A_ptr + i_h).to(tl.float32)
@@ -169,6 +188,7 @@ def _forward_walk(
                                                 BLOCK_P, BLOCK_N)
     if HAS_SEQ_IDX:
         seq_prev = tl.load(seq_base)
+    n_entries = tl.sum(m_p.to(tl.int32), axis=0) * tl.sum(m_n.to(tl.int32), axis=0)
 
     for c in range(nchunks):
         chunk_off = ((i_b * H + i_h) * nchunks + c).to(tl.int64) * Q
@@ -206,13 +226,23 @@ def _forward_walk(
                 weight = tl.where(seq == seq_end, weight, 0.0)
                 decay = tl.where(seq_prev == seq_end, decay, 0.0)
                 seq_prev = seq_end
-            b_x = tl.load(x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                          mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+            p_x = x_base + o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
             # Matrix operand: kept in its storage dtype, _dot casts it.
-            b_B = tl.load(B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                          mask=m_l[:, None] & m_n[None, :], other=0.0)
+            p_B = B_base + o_l.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
+            if EVEN:
+                b_x = tl.load(p_x).to(tl.float32)
+                b_B = tl.load(p_B)
+            else:
+                b_x = tl.load(p_x, mask=m_l[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+                b_B = tl.load(p_B, mask=m_l[:, None] & m_n[None, :], other=0.0)
             b_xw = b_x * weight[:, None]
             state = state * decay + _dot(tl.trans(b_xw), b_B, DOT_DTYPE)
+        if SIGNAL:
+            # Every thread's stores of this chunk (state, dt, cumsum) precede the count: a CTA
+            # barrier, as inline asm (tl.debug_barrier here costs the 256-row steps 110
+            # registers and a spill, offline sm_90), whose output is the count added.
+            tl.atomic_add(ready_ptr + (i_b * H + i_h) * nchunks + c, _cta_barrier(n_entries, PTX), sem="release",
+                          scope="gpu")
 
     if WRITE_DT:
         tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
@@ -225,7 +255,7 @@ def _reverse_walk(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     stride_seq_b, stride_seq_l,
-    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, HAS_DFINAL: tl.constexpr, EVEN: tl.constexpr,
     Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """The state-gradient walk of one (batch * H + head) = i_bh and (P, N) block, last chunk first."""
@@ -268,24 +298,31 @@ def _reverse_walk(
                 step_decay = tl.where(seq_prev == seq_end, step_decay, 0.0)
             m_lp = m_l[:, None] & m_p[None, :]
             x_off = o_l.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-            dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
-                dy = dy * zz * tl.sigmoid(zz)
-            b_C = tl.load(C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n,
-                          mask=m_l[:, None] & m_n[None, :], other=0.0)
+            p_C = C_base + o_l.to(tl.int64)[:, None] * stride_C_l + o_n[None, :] * stride_C_n
+            if EVEN:
+                dy = tl.load(dout_base + x_off).to(tl.float32)
+                if HAS_Z:
+                    zz = tl.load(z_base + x_off).to(tl.float32)
+                    dy = dy * zz * tl.sigmoid(zz)
+                b_C = tl.load(p_C)
+            else:
+                dy = tl.load(dout_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zz = tl.load(z_base + x_off, mask=m_lp, other=0.0).to(tl.float32)
+                    dy = dy * zz * tl.sigmoid(zz)
+                b_C = tl.load(p_C, mask=m_l[:, None] & m_n[None, :], other=0.0)
             dstate = dstate * step_decay + _dot(tl.trans(dy * weight[:, None]), b_C, DOT_DTYPE)
 
     tl.store(dinit_ptr + state_bh + pn_off, dstate, mask=m_pn)
 
 
 # Keyed like the tile kernels in chunk_scan.py (the tensors' dtypes are added), and on which walks run.
-@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX", "FWD", "REV"],
+@triton.autotune(configs=_walk_configs(), key=["P", "N", "Q", "HAS_SEQ_IDX", "FWD", "REV", "LAUNCH_DEPENDENTS"],
                  prune_configs_by={"early_config_prune": _prune_walk_configs})
 @triton.jit
 def _chunk_state_walks_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
-    dout_ptr, z_ptr, C_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    dout_ptr, z_ptr, C_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, ready_ptr,
     L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_l, stride_dt_h,
@@ -293,14 +330,19 @@ def _chunk_state_walks_kernel(
     stride_seq_b, stride_seq_l,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    STORE_STATES: tl.constexpr, FWD: tl.constexpr, REV: tl.constexpr, PTX: tl.constexpr,
+    STORE_STATES: tl.constexpr, FWD: tl.constexpr, REV: tl.constexpr, SIGNAL: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr,
     Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """FWD only: the forward pass's walk (states, final, dt, cs). FWD and REV: the backward's
     two walks side by side in one launch (grid axis 1 = 2 * batch * H; the first half reruns
     the forward walk for the states, the second walks the state gradient back, from the cs
     kept by the forward pass). Each walk is a chain of dependent steps with the SMs half
-    idle, so the two overlap. REV only: the state-gradient walk alone."""
+    idle, so the two overlap. REV only: the state-gradient walk alone. LAUNCH_DEPENDENTS (a
+    programmatic dependent launch follows): the next kernel may start once every program of
+    this one has started; it must wait for the ready counts (SIGNAL) of what it reads."""
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     i_bh = tl.program_id(1)
     # Two call sites per walk: the forward pass's walk alone must not sit under the runtime
     # branch (offline sm_90 compile: 187 registers instead of 145 at (32, 128)).
@@ -308,29 +350,32 @@ def _chunk_state_walks_kernel(
         n_bh = tl.num_programs(1) // 2
         if i_bh < n_bh:
             _forward_walk(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr,
-                          dt_out_ptr, cs_out_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+                          dt_out_ptr, cs_out_ptr, ready_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min,
+                          dt_max,
                           stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_dt_b, stride_dt_l, stride_dt_h,
                           stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
-                          HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, False, PTX,
+                          HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, False, False,
+                          EVEN, PTX,
                           Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
         else:
             _reverse_walk(dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
                           i_bh - n_bh, L, H, P, N, heads_per_group, nchunks,
                           stride_x_b, stride_x_l, stride_x_h, stride_x_p,
                           stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
-                          HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
+                          HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, EVEN, Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
     elif FWD:
         _forward_walk(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr,
-                      dt_out_ptr, cs_out_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+                      dt_out_ptr, cs_out_ptr, ready_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
                       stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_dt_b, stride_dt_l, stride_dt_h,
                       stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
-                      HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, True, PTX,
+                      HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, True, SIGNAL,
+                      EVEN, PTX,
                       Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
     else:
         _reverse_walk(dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
                       i_bh, L, H, P, N, heads_per_group, nchunks,
                       stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-                      stride_seq_b, stride_seq_l, HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, Q, BLOCK_L, BLOCK_P, BLOCK_N,
+                      stride_seq_b, stride_seq_l, HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, EVEN, Q, BLOCK_L, BLOCK_P, BLOCK_N,
                       DOT_DTYPE)
 
 
@@ -343,6 +388,16 @@ def _chunk_state_fwd_outputs(x, B, Q, store_states):
     final = x.new_empty(batch, H, P, N, dtype=torch.float32)
     dt_out = x.new_empty(batch, H, nchunks, Q, dtype=torch.float32)
     return states, final, dt_out, torch.empty_like(dt_out)
+
+
+def _even_tiles(L, P, N, Q) -> bool:
+    """Whether every walk config's x / dout and B / C tiles lie inside the tensors, so that
+    the walks load them without masks (the loads then go to shared memory as cp.async copies;
+    offline sm_90, Triton 3.6: the (32, 128) forward step 2016 -> 1824 instructions): whole
+    chunks, and P, N multiples of every config's BLOCK_P and BLOCK_N."""
+    configs = _chunk_state_walks_kernel.configs
+    return (L % Q == 0 and all(P % c.kwargs["BLOCK_P"] == 0 for c in configs)
+            and all(N % c.kwargs["BLOCK_N"] == 0 for c in configs))
 
 
 def _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, states, final, dt_out,
@@ -360,7 +415,7 @@ def _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_mi
     flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
                  HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
                  HAS_INIT=initial_states is not None, PTX=ptx_math(_chunk_state_walks_kernel.fn), Q=Q,
-                 DOT_DTYPE=dot_dtype_for(x.dtype))
+                 DOT_DTYPE=dot_dtype_for(x.dtype), EVEN=_even_tiles(L, P, N, Q))
     return ptrs, scalars, flags
 
 
@@ -368,21 +423,33 @@ def _walk_grid(batch, H, P, N, n_walks):
     return lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(N, meta["BLOCK_N"]), n_walks * batch * H)
 
 
-@launcher_op("ssd_chunk_state_fwd")
-def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
-                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
-                     store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward walk. Returns states (B, C, H, P, N) [empty unless store_states],
-    final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
+def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states,
+                 ready=None, launch_dependents=False):
+    """Launch the forward walk (not an op: chunk_scan.py's forward op launches it right before
+    the scan). ready: (B, H, C) int32 zeros, counted up as the chunks' states are written;
+    launch_dependents: the next launch is a programmatic dependent launch. Returns states
+    (B, C, H, P, N) [empty unless store_states], final (B, H, P, N) fp32, dt (B, H, C, Q) fp32,
+    cs (B, H, C, Q) fp32."""
     batch, L, H, P = x.shape
     N = B.shape[3]
     states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
     ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q,
                                       states if store_states else final, final, dt_out, cs_out)
     # The reverse walk's pointers are not read.
-    launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *([x] * 7), *scalars, **flags,
-           HAS_Z=False, HAS_DFINAL=False, STORE_STATES=store_states, FWD=True, REV=False)
+    launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *([x] * 7),
+           ready if ready is not None else x, *scalars, **flags, HAS_Z=False, HAS_DFINAL=False,
+           STORE_STATES=store_states, FWD=True, REV=False, SIGNAL=ready is not None,
+           LAUNCH_DEPENDENTS=launch_dependents)
     return states, final, dt_out, cs_out
+
+
+@launcher_op("ssd_chunk_state_fwd")
+def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
+                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
+                     store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward walk alone (see launch_forward_walk)."""
+    return launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q,
+                               store_states)
 
 
 @_chunk_state_fwd.register_fake
@@ -420,7 +487,8 @@ def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
     N = B.shape[3]
     states, dstates, dinit = _state_walks_bwd_outputs(x, B, Q)
     rev_ptrs = (dout, z if z is not None else dout, C, cs, dfinal if dfinal is not None else dinit, dstates, dinit)
-    rev_flags = dict(HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, STORE_STATES=True)
+    rev_flags = dict(HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, STORE_STATES=True, SIGNAL=False,
+                     LAUNCH_DEPENDENTS=False)
     # One launch unless grid axis 1 (at most 65535 programs) cannot take both walks.
     fused = FUSED_WALKS and 2 * batch * H <= 65535
     grid = _walk_grid(batch, H, P, N, 2 if fused else 1)
@@ -428,7 +496,7 @@ def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
         # The rerun writes only the states (no final state, dt or cs: the pointers are not read).
         ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
                                           Q, states, dinit, cs, cs)
-        launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, *scalars, **flags, **rev_flags,
+        launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, x, *scalars, **flags, **rev_flags,
                FWD=True, REV=True)
     else:
         # The forward walk alone also writes a final state (into dinit, before the reverse
@@ -436,7 +504,7 @@ def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
         ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
                                           Q, states, dinit, torch.empty_like(cs), torch.empty_like(cs))
         for fwd in (True, False):
-            launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, *scalars, **flags, **rev_flags,
+            launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, x, *scalars, **flags, **rev_flags,
                    FWD=fwd, REV=not fwd)
     return states, dstates, dinit
 

@@ -128,14 +128,12 @@ class SsdChunkScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, options):
         from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_fwd
-        from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd
 
         Q, dt_softplus, dt_limit = options
         x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
-        states, final, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                     dt_limit[0], dt_limit[1], Q, True)
-        out, ypre = _chunk_scan_fwd(x, z, B, C, D, seq_idx, dt_c, cs_c, states, Q)
+        out, ypre, final, dt_c, cs_c = _chunk_scan_fwd(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states,
+                                                       dt_softplus, dt_limit[0], dt_limit[1], Q)
         # The processed dt and its cumsum (B, H, C, Q) fp32 are kept (small next to x): the
         # backward's state-gradient walk then needs nothing from its rerun of the forward walk.
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None,
