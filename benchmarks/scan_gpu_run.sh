@@ -24,13 +24,13 @@ L=/tmp/scan_logs; mkdir -p $L
 T0=$(date +%s)
 show() { echo "== $1 (exit $2 at $(( $(date +%s) - T0 )) s)"; grep -v DEBUG $L/$1.log | tail -n ${3:-4} | cut -c1-240; }
 t() { name=$1; lim=$2; shift 2; (timeout $lim "$@" > $L/$name.log 2>&1; show $name $?) & }
-warm() {  # compile the bench's kernels for state size $1 (the matrix rows' specialisation)
+warm() {  # compile the bench's kernels for state size $1 (the matrix rows' specialisation), batch ${2:-4}, D ${3:-2048}
   echo "from benchmarks.bench_selective_scan import make_inputs, provider_fn
 import torch
 f = provider_fn('ours')
-f(*make_inputs(4, 2048, 512, $1, requires_grad=True)).sum().backward()
+f(*make_inputs(${2:-4}, ${3:-2048}, 512, $1, requires_grad=True)).sum().backward()
 with torch.no_grad():
-    f(*make_inputs(4, 2048, 512, $1))
+    f(*make_inputs(${2:-4}, ${3:-2048}, 512, $1))
 torch.cuda.synchronize()"
 }
 if [ "${1:-}" = fwdbwd ]; then
@@ -237,13 +237,7 @@ if [ "${1:-}" = s8final ]; then
   t tests_compile 100 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "compile"
   t tests_inner 100 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py
   for n in 16 4 64; do t warm$n 100 python3 -c "$(warm $n)"; done
-  t warm_b1 100 python3 -c "import torch
-from benchmarks.bench_selective_scan import make_inputs, provider_fn
-f = provider_fn('ours')
-f(*make_inputs(1, 4096, 512, 16, requires_grad=True)).sum().backward()
-with torch.no_grad():
-    f(*make_inputs(1, 4096, 512, 16))
-torch.cuda.synchronize()"
+  t warm_b1 100 python3 -c "$(warm 16 1 4096)"
   wait
   rows="4,2048,512,16;4,2048,2048,16;4,2048,8192,16;4,2048,32768,16;1,4096,8192,16;1,4096,32768,16;1,4096,131072,16"
   rows="$rows;4,2048,4096,4;4,2048,4096,16;4,2048,4096,64;8,1536,2048,16;8,1536,8192,16"
