@@ -27,8 +27,8 @@ d_state N (no kernel runs), and `--precompile-anchor N [N ...]` mamba_ssm's pinn
 at those N: run them in parallel processes (e.g. beside the GPU tests) with a shared
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick] [--stages] [--profile] [--host-profile] [--uncached]
-        [--overlap] [--budget-s S]
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L ..] [--stages] [--profile] [--host-profile]
+        [--uncached] [--overlap] [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -46,10 +46,12 @@ from benchmarks.common import BF16_FLOPS, HBM_BYTES_PER_S, save_results, time_ms
 CHUNK = 256
 
 
-def shapes(quick: bool):
+def shapes(quick: bool, lengths=None):
     base = dict(B=4, H=32, P=64, N=128, G=1)
     if quick:
         return [dict(base, L=8192)]
+    if lengths:
+        return [dict(base, L=L) for L in lengths]
     # The main shape first: a run cut short still has it; then the shapes that compile
     # nothing new, while `--precompile 64 256` / `--precompile-anchor 64 256` processes
     # beside the run compile the other d_states.
@@ -252,11 +254,11 @@ def stage_profile(s):
     """Time each of our kernels alone at shape s (bf16); returns {stage: ms}."""
     from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd, _chunk_scan_fwd
     from mamba_pkg.ops.ssd import chunk_state
-    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd, _state_walks_bwd
+    from mamba_pkg.ops.ssd.chunk_state import _state_walks_bwd, launch_forward_walk
 
     x, dt, A, B, C, D, dt_bias = make_inputs(s, False)
     Q, inf = CHUNK, float("inf")
-    states, _, dt_c, cs_c = _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True)
+    states, _, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True)
     dout = torch.randn_like(x)
     _, dstates, _ = _state_walks_bwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, dout, None, C, cs_c, None)
 
@@ -277,7 +279,7 @@ def stage_profile(s):
 
     stages = {
         "fwd chunk_state (dt + cumsum + states walk)":
-            lambda: _chunk_state_fwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True),
+            lambda: launch_forward_walk(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True),
         "fwd C B^T + walk + chunk_scan, scan beside the walk": lambda: forward(True),
         "fwd C B^T + walk + chunk_scan, one after the other": lambda: forward(False),
         "bwd walks, one launch (states rerun beside the state-gradient walk)": lambda: walks(True),
@@ -340,6 +342,8 @@ def tuned_configs():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the main shape (L=8192)")
+    ap.add_argument("--lengths", type=int, nargs="+", metavar="L", help="only these L at the main shape's B, H, P, N")
+    ap.add_argument("--name", default="bench_ssd", help="results file name (<name>.json / .png)")
     ap.add_argument("--stages", action="store_true", help="also time each of our kernels at L=8192")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler kernel tables after the main shape (same process: no new compiles)")
@@ -373,7 +377,7 @@ def main():
     rows = []
     t_start = time.time()
     pinned = False
-    for i, s in enumerate(shapes(args.quick)):
+    for i, s in enumerate(shapes(args.quick, args.lengths)):
         if time.time() - t_start > args.budget_s:
             print(f"skipped (budget): {s}")
             continue
@@ -402,7 +406,7 @@ def main():
                         row["anchor_configs"] = "N=128 picks"
                     rows.append(row)
                 print(f"{case} {provider}: eager/graph/host ms {res} (at {time.time() - t_start:.0f} s)", flush=True)
-        save_results("bench_ssd", [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
+        save_results(args.name, [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
         tuned_configs()
         if args.stages and i == 0:
             try_provider("ours", lambda s=s: stage_profile(s))

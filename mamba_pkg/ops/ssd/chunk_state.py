@@ -425,8 +425,8 @@ def _walk_grid(batch, H, P, N, n_walks):
 
 def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states,
                  ready=None, launch_dependents=False):
-    """Launch the forward walk (not an op: chunk_scan.py's forward op launches it right before
-    the scan). ready: (B, H, C) int32 zeros, counted up as the chunks' states are written;
+    """Launch the forward walk (chunk_scan.py's forward op launches it between C B^T and the
+    scan). ready: (B, H, C) int32 zeros, counted up as the chunks' states are written;
     launch_dependents: the next launch is a programmatic dependent launch. Returns states
     (B, C, H, P, N) [empty unless store_states], final (B, H, P, N) fp32, dt (B, H, C, Q) fp32,
     cs (B, H, C, Q) fp32."""
@@ -441,20 +441,6 @@ def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softpl
            STORE_STATES=store_states, FWD=True, REV=False, SIGNAL=ready is not None,
            LAUNCH_DEPENDENTS=launch_dependents)
     return states, final, dt_out, cs_out
-
-
-@launcher_op("ssd_chunk_state_fwd")
-def _chunk_state_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
-                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
-                     store_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward walk alone (see launch_forward_walk)."""
-    return launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q,
-                               store_states)
-
-
-@_chunk_state_fwd.register_fake
-def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states):
-    return _chunk_state_fwd_outputs(x, B, Q, store_states)
 
 
 # The backward's two walks run in one launch (see _chunk_state_walks_kernel); False launches
