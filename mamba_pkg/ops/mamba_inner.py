@@ -100,8 +100,15 @@ def _left_matmul(weight, x):
 
 @triton.jit
 def _copy_rows_kernel(src_ptr, dst_ptr, dim, seqlen, stride_src_b, stride_src_d, stride_dst_b, stride_dst_d,
-                      ROWS: tl.constexpr, BLOCK_L: tl.constexpr, EVEN: tl.constexpr):
-    """dst[b, d, :] = src[b, d, :] for a (ROWS, BLOCK_L) tile; both have unit stride along L."""
+                      ROWS: tl.constexpr, BLOCK_L: tl.constexpr, EVEN: tl.constexpr, VEC: tl.constexpr):
+    """dst[b, d, :] = src[b, d, :] for a (ROWS, BLOCK_L) tile; both have unit stride along L.
+    The strides arrive divided by VEC (a constexpr): Triton only knows the 16-byte alignment of
+    rows whose stride argument is divisible by 16 (Mamba-2's zxbcdt rows are 3352 elements at
+    130m), and otherwise stores 2 bytes at a time (tl.multiple_of on the argument did not help)."""
+    stride_src_b *= VEC
+    stride_src_d *= VEC
+    stride_dst_b *= VEC
+    stride_dst_d *= VEC
     i_b = tl.program_id(2)
     o_d = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     o_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -123,10 +130,15 @@ def _copy_rows(dst, src) -> None:
         dst.copy_(src)
         return
     batch, dim, seqlen = src.shape
-    rows, block_l = 4, 1024
+    rows = 4
+    # The widest tile along L that divides it (no masked tail), at most 1024.
+    block_l = next((b for b in (1024, 512, 256) if seqlen % b == 0), 1024)
+    vec = 16 // src.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(1) % vec == 0 and t.stride(0) % vec == 0 for t in (src, dst))
+    vec = vec if aligned else 1
     launch(_copy_rows_kernel, (cdiv(seqlen, block_l), cdiv(dim, rows), batch), src, dst, dim, seqlen,
-           src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
-           ROWS=rows, BLOCK_L=block_l, EVEN=dim % rows == 0 and seqlen % block_l == 0, num_warps=4)
+           src.stride(0) // vec, src.stride(1) // vec, dst.stride(0) // vec, dst.stride(1) // vec,
+           ROWS=rows, BLOCK_L=block_l, EVEN=dim % rows == 0 and seqlen % block_l == 0, VEC=vec, num_warps=4)
 
 
 def _dxz_outputs(xz, weight, bias, dz):

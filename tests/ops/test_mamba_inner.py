@@ -108,6 +108,21 @@ def test_copy_rows_into_a_permuted_layout(dim, seqlen):
     assert bool((view[:, :dim] == -7.0).all())
 
 
+@pytest.mark.parametrize("row", [40, 35])
+def test_copy_rows_into_rows_of_another_width(row):
+    """Mamba-2's dz: (B, L, D) rows into the first D columns of (B, L, row) rows. A row of 40
+    bf16 values is a multiple of 16 bytes but not of 16 elements (the kernel is told: strides
+    in units of 16 bytes); 35 is not (element strides)."""
+    from mamba_pkg.ops.mamba_inner import _copy_rows
+
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(2, 9, 24, generator=g).to(DEV, torch.bfloat16)
+    buf = torch.full((2, 9, row), -7.0, device=DEV, dtype=torch.bfloat16)
+    _copy_rows(buf[..., 8:32], src)
+    assert torch.equal(buf[..., 8:32], src)
+    assert bool((buf[..., :8] == -7.0).all()) and bool((buf[..., 32:] == -7.0).all())
+
+
 def test_inner_input_without_grad():
     """Only the weights need gradients (xz does not): they match the reference's."""
     params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
