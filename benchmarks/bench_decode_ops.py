@@ -146,20 +146,24 @@ LINEAR_SHAPES = {  # (out_features, in_features) of a step's projections
 
 
 def linear_rows(batches=(1, 8)):
-    """decode_linear (one launch) against torch's F.linear (cuBLAS) at decode batch sizes."""
+    """A decode step's projection as the models run it (models/_cache_utils.step_linear: decode_linear's
+    one launch up to STEP_LINEAR_MAX_ROWS rows, else the nn.Linear, i.e. cuBLAS) against torch's F.linear
+    (cuBLAS); ``path=`` in the case names what ours ran."""
     import torch.nn.functional as F
 
-    from mamba_pkg.ops.decode_linear import decode_linear
+    from mamba_pkg.models import _cache_utils
 
     rows = []
     for name, (n_out, n_in) in LINEAR_SHAPES.items():
+        layer = torch.nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
         for batch in batches:
             x = torch.randn(batch, n_in, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
             n_bytes = n_out * n_in * 2 + batch * (n_in + n_out) * 2
-            case = f"step linear {name.replace(' ', '_')} batch={batch}"
-            for provider, fn in (("ours", decode_linear), ("torch", F.linear)):
-                ms = try_provider(provider, lambda fn=fn: graph_ms(lambda: fn(x, w)))
+            path = "decode_linear" if batch <= _cache_utils.STEP_LINEAR_MAX_ROWS else "cublas"
+            case = f"step linear {name.replace(' ', '_')} batch={batch} path={path}"
+            for provider, fn in (("ours", lambda: _cache_utils.step_linear(layer, x)),
+                                 ("torch", lambda: F.linear(x, layer.weight))):
+                ms = try_provider(provider, lambda fn=fn: graph_ms(fn))
                 if ms is not None:
                     rows.append(bandwidth_row(case, provider, ms, n_bytes))
     return rows

@@ -13,6 +13,8 @@ Parts (--parts, comma-separated):
   against rms_norm_fn + decode_linear.
 - fold: the in_proj launch variants of a Mamba-2 step at batch 1 (decode_linear, add + RMSNorm, each
   with and without the conv update folded in), mamba2-130m and mamba2-1.3b shapes, PDL on and off.
+- probe: decode_linear at 3 and 8 rows (broadcast-sum kernel, tl.dot kernel, cuBLAS) and mamba-1.4b's SSM
+  step at batch 64 (fp32 / bf16 state) in pieces against mamba_ssm's (bench_decode_ops' odd rows).
 - model: whole decode steps (one CUDA-graph replay of our captured step, bf16 states) with a
   module setting switched, A against B, on the real model sizes (weights stream from HBM, unlike
   the isolated kernels above whose weights can stay in L2).
@@ -68,14 +70,12 @@ SDS = "ops.ssm_decode_step."
 M2 = "models.mamba2."
 GREEDY_TORCH = {"generation.decode.GREEDY_ARGMAX": False}
 DOT_MANY = {DL + "DOT_MIN_PROGRAMS": 200}
+LM = "models.lm."
+# The session-7 final settings
+OLD_M2 = {DL + "PREPASS_ADD_NORM_CONV": True, LM + "STEP_LM_HEAD": False, M2 + "STEP_GATE_IN_SSM_MAX_DIM": 2048}
 MODEL_AB = [
-    ("mamba2-1.3b", 1, ({}, {M2 + "STEP_GATE_IN_SSM": False}, {M2 + "STEP_STATE_EARLY": False},
-                        {DL + "PREPASS_ADD_NORM_CONV": False, DL + "WIDE_BLOCK_N": 8, DL + "TILE_ELEMS": 16384}, {})),
-    ("mamba2-1.3b", 64, ({}, {M2 + "STEP_DOT": False, M2 + "STEP_DOT_NORM_OUT": False},
-                         {M2 + "STEP_DOT_NORM_OUT": False}, DOT_MANY, {})),
-    ("mamba2-130m", 1, ({}, {M2 + "STEP_GATE_IN_SSM": False}, {})),
-    ("mamba2-130m", 64, ({}, {M2 + "STEP_DOT": False, M2 + "STEP_DOT_NORM_OUT": False}, DOT_MANY, {})),
-    ("mamba-130m", 64, ({}, GREEDY_TORCH, {})),
+    ("mamba2-1.3b", 1, ({}, {M2 + "STEP_STATE_EARLY": False}, {DL + "FOLD_RMS_BLOCK_N": 4}, {DL + "WIDE_BLOCK_N": 4},
+                        {DL + "WIDE_BLOCK_N": 8}, OLD_M2, {})),
 ]
 
 
@@ -254,12 +254,56 @@ def fold_part(sw):
                 sw.timed(f"in_proj {name} b1", f"{label} pdl={int(pdl)}", run)
 
 
+def probe_part(sw):
+    """The decode ops at the batch sizes of bench_decode_ops' suspicious rows: decode_linear at 3 and 8
+    rows (broadcast-sum kernel, tl.dot kernel, cuBLAS); mamba-1.4b's SSM step at batch 64 (fp32 and
+    bf16 state): ours as the model runs it (cuBLAS dt_proj + kernel), the kernel alone (dt given),
+    PDL off, our state_update op, mamba_ssm's selective_state_update alone and its chain."""
+    for name, (n_out, n_in) in LINEAR.items():
+        w = torch.randn(n_out, n_in, device="cuda", dtype=BF) / n_in**0.5
+        for batch in (3, 8):
+            x = torch.randn(batch, n_in, device="cuda", dtype=BF)
+            case = f"linear {name} b{batch}"
+            sw.timed(case, "cublas", lambda x=x, w=w: F.linear(x, w))
+            for small_rows in (8, 2):
+                def run(small_rows=small_rows, x=x, w=w):
+                    with applied({DL + "SMALL_ROWS": small_rows}):
+                        return dl.decode_linear(x, w)
+                sw.timed(case, "broadcast kernel" if small_rows == 8 else "tl.dot kernel", run)
+    from mamba_pkg.ops.state_update import selective_state_update as ours_ssu
+    dim, rank = MAMBA1["mamba-1.4b"]
+    for state_dtype in (torch.float32, BF):
+        kw = ssm_inputs(dim, rank, 64, split=False)
+        kw["state"] = kw["state"].to(state_dtype)
+        case = f"ssm mamba-1.4b b64 state={str(state_dtype)[6:]}"
+        dt_full = F.linear(kw["dt"], kw["dt_proj_weight"])
+        A = -torch.exp(kw["A_log"])
+        sw.timed(case, "ours (model path)", lambda kw=kw: sds.ssm_decode_step(**kw))
+        sw.timed(case, "ours kernel alone", lambda kw=kw, dt=dt_full: sds.ssm_decode_step(
+            **{**kw, "dt": dt, "dt_proj_weight": None}))
+        def no_pdl(kw=kw):
+            with applied({DL + "PDL": False}):
+                return sds.ssm_decode_step(**kw)
+        sw.timed(case, "ours pdl off", no_pdl)
+        sw.timed(case, "ours state_update op", lambda kw=kw, dt=dt_full, A=A: ours_ssu(
+            kw["state"], kw["x"], dt, A, kw["B"], kw["C"], kw["D"], z=kw["z"], dt_bias=kw["dt_bias"], dt_softplus=True))
+        try:
+            from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        except Exception as exc:  # the anchor is optional
+            print("mamba_ssm missing:", exc)
+            continue
+        sw.timed(case, "mamba_ssm ssu alone", lambda kw=kw, dt=dt_full, A=A: selective_state_update(
+            kw["state"], kw["x"], dt, A, kw["B"], kw["C"], kw["D"], z=kw["z"], dt_bias=kw["dt_bias"], dt_softplus=True))
+        sw.timed(case, "mamba_ssm chain", lambda kw=kw: selective_state_update(
+            kw["state"], kw["x"], F.linear(kw["dt"], kw["dt_proj_weight"]), -torch.exp(kw["A_log"]), kw["B"], kw["C"],
+            kw["D"], z=kw["z"], dt_bias=kw["dt_bias"].float(), dt_softplus=True))
+
+
 # (model, batch, settings) of the timeline part; mamba_ssm's step is profiled after ours (unless
 # --no-anchor).
 TIMELINE = [
     ("mamba2-1.3b", 1, ({},)),
-    ("mamba2-130m", 64, ({},)),
-    ("mamba2-1.3b", 64, ({},)),
+    ("mamba-1.4b", 64, ({},)),
 ]
 TIMELINE_NO_ANCHOR = False
 
@@ -415,7 +459,7 @@ def main():
     global TIMELINE_NO_ANCHOR
     TIMELINE_NO_ANCHOR = args.no_anchor
     models = args.models.split(",") if args.models else None
-    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part,
+    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part, "probe": probe_part,
              "model": lambda sw: model_part(sw, models, args.compile_only),
              "timeline": lambda sw: timeline_part(sw, models),
              "ncu": lambda sw: ncu_part(models, args.ncu_batch)}

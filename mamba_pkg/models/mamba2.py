@@ -56,13 +56,16 @@ STEP_DOT_NORM_OUT = False
 # RMSNorm of that (rms_norm_linear) instead of the gated RMSNorm (gated_rms_norm_linear): each out_proj
 # program re-reads one row instead of two and computes no sigmoids. norm_before_gate False, one norm
 # group. H100 b1 whole step (graph replay, same process): mamba2-130m (d_ssm 1536) 0.268-0.271 vs
-# 0.280 ms; mamba2-1.3b (4096) 1.318-1.342 vs 1.300 without (its out_proj took 4.8 instead of 7.7 us,
-# but the add + norm pre-pass after it 4.4 instead of 1.4), hence the width limit.
+# 0.280 ms. mamba2-1.3b (4096): with the add + norm as a pre-pass before in_proj 1.318-1.342 vs 1.300
+# without (session 7: the pre-pass after out_proj took 4.4 instead of 1.4 us); with it folded into
+# in_proj (decode_linear.FOLD_BLOCK_N, session 8) 1.276 vs 1.316-1.323 without, 1.303-1.307 for the
+# session-7 settings (results/sweep_decode_session8a.json).
 STEP_GATE_IN_SSM = True
-STEP_GATE_IN_SSM_MAX_DIM = 2048
+STEP_GATE_IN_SSM_MAX_DIM = 4096
 # The SSM step loads its state before waiting for the in_proj launch (ssm_decode_step's state_ready)
 # where that launch is a barrier (decode_linear.completes_before_next: mamba2-1.3b's in_proj at batch 1,
-# 4256 programs). H100 b1 whole step (graph replay, same process): 1.318-1.342 ms vs 1.358 off.
+# 1064 programs of ~108 registers, 4 per SM). H100 b1 whole step (graph replay, same process, session 7,
+# in_proj then 4256 programs): 1.318-1.342 ms vs 1.358 off.
 STEP_STATE_EARLY = True
 
 
@@ -267,6 +270,8 @@ class Mamba2(nn.Module):
         zxbcdt: (B, in_proj.out_features) in_proj output computed by the caller (the block's fused
         add + norm + in_proj); hidden_states is then not used. conv_done: that launch also ran the
         conv update (step_conv), so zxbcdt's xBC part is already the conv output."""
+        # The caller's in_proj launch (the block's) folded its add + RMSNorm in.
+        in_proj_norm = _dl.NORM_NONE if zxbcdt is None else _dl.NORM_ADD
         if zxbcdt is None:
             if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
                 raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
@@ -300,7 +305,8 @@ class Mamba2(nn.Module):
             dt_limit=self.dt_limit,
             # The in_proj launch just before (conv folded in) is a barrier: nothing still running
             # writes this layer's state (its last writer is this layer's previous step).
-            state_ready=conv_done and STEP_STATE_EARLY and _dl.completes_before_next(rows, self.in_proj.weight),
+            state_ready=conv_done and STEP_STATE_EARLY and _dl.completes_before_next(rows, self.in_proj.weight,
+                                                                                     in_proj_norm, conv=True),
         )
         y = rearrange(y, "b h p -> b (h p)")
         if gate_in_ssm:  # RMSNorm of the gated y + out_proj in one launch

@@ -5,7 +5,7 @@
 and, for the in_proj of a decode step, the block's residual add + RMSNorm folded in:
 
     s = x + residual;  out = (s * rsqrt(mean(s^2) + eps) * norm_weight) @ weight.T + bias
-    returns (out, s)                 B <= 8; s in fp32 if residual_in_fp32
+    returns (out, s)                 B <= 2; s in fp32 if residual_in_fp32
 
 and, for Mamba-2's in_proj (either form above), its depthwise causal conv update folded in: the
 outputs [conv_start, conv_start + C) are replaced by
@@ -31,8 +31,9 @@ finished dot product by rsqrt(...). The pre-pass is one more launch per norm, wh
 overlaps with the product's first weight loads; which one is faster depends on the product
 (measured settings below). The conv is depthwise, so the
 program that computes an output feature owns its conv channel (state, weights) outright.
-Above 8 rows the product is a tl.dot over BLOCK_K steps (a weight-streaming GEMM with the
-whole batch in one tile).
+Above SMALL_ROWS (2) rows the product is a tl.dot over BLOCK_K steps (a weight-streaming GEMM with
+the whole batch in one tile), or, for decode_linear's plain one-dtype product where that is faster,
+cuBLAS (F.linear, see CUBLAS_MAX_ROWS).
 
 On Hopper and newer the decode kernels (these, conv_xproj_step, ssm_decode_step) are launched
 with programmatic dependent launch (PDL): each lets its successor start at once, issues the
@@ -67,7 +68,14 @@ from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
 from mamba_pkg.ops.norm import _residual_dtype, layer_norm_ref, rms_norm_gated_ref
 
 MAX_ROWS = 64
-SMALL_ROWS = 8  # up to here the broadcast-sum kernel; above, the tl.dot kernel
+# Up to SMALL_ROWS rows (the decode steps' batch 1-2, models/_cache_utils.STEP_LINEAR_MAX_ROWS) the
+# broadcast-sum kernel; above, the tl.dot kernel, except that decode_linear's plain product (one dtype,
+# no conv) is F.linear up to CUBLAS_MAX_ROWS rows and where dot_config has too few programs: cuBLAS
+# streams the weight faster there. H100, CUDA graph (sweep_decode probe, session 8), mamba-1.4b in_proj
+# at 3 / 8 rows: cuBLAS 7.8 / 7.0 us, tl.dot 12.5 / 12.3, broadcast-sum 21.1 / 56.0; out_proj 7.1 / 7.1,
+# 17.8 / 15.9, 11.4 / 28.9 (at 64 rows the tl.dot kernel won on in_proj shapes, see DOT_CONFIGS).
+SMALL_ROWS = 2
+CUBLAS_MAX_ROWS = 8
 # Broadcast-sum kernel: output features per program, fp32 values per product tile, warps
 # (benchmarks/sweep_decode.py, H100, batch 1: the best or within 5% of it on the in_proj and
 # out_proj shapes of mamba-130m and mamba-1.4b).
@@ -80,6 +88,15 @@ TILE_ELEMS = 8192  # BLOCK_B * BLOCK_N * BLOCK_K per product tile
 # 1.245 vs 1.274-1.294 ms, mamba2-1.3b (pre-pass norms) 1.370 vs 1.424-1.427.
 WIDE_K = 2048
 WIDE_BLOCK_N = 2
+# Mamba-2's wide products with a norm folded in (the add + norm before an in_proj that carries the
+# conv, the plain RMSNorm before out_proj) take FOLD_BLOCK_N features per program in tiles of
+# FOLD_TILE_ELEMS: every program re-reads the input row (and the residual, the norm weight) and sums
+# its squares again, so fewer, wider programs cut those L2 re-reads (mamba2-1.3b in_proj: 1064
+# programs instead of 4256). H100 b1 whole step, same run (session 7, results/decode_run_log_session7.txt):
+# mamba2-1.3b 1.283 ms vs 1.318 / 1.342 with the add + norm pre-pass and 2 features per program.
+FOLD_BLOCK_N = 8
+FOLD_TILE_ELEMS = 16384
+FOLD_RMS_BLOCK_N = 8  # the plain RMSNorm before out_proj (mamba2-1.3b: 256 programs of 8 x 4096)
 NUM_WARPS = 4
 # tl.dot kernel: (BLOCK_N, BLOCK_K, stages, warps) for the widest BLOCK_N that still gives
 # DOT_MIN_PROGRAMS programs. Batch 64 on the H100: mamba-1.4b in_proj 7.95 us vs cuBLAS 9.20,
@@ -109,7 +126,7 @@ WEIGHT_EVICT_FIRST = True
 NORM_PREPASS = True
 PREPASS_GATED = False  # the gated norm before out_proj
 PREPASS_RMS = False  # a plain RMSNorm (rms_norm_linear)
-PREPASS_ADD_NORM_CONV = True  # the add + norm before an in_proj that carries the conv
+PREPASS_ADD_NORM_CONV = False  # the add + norm before an in_proj that carries the conv (FOLD_BLOCK_N)
 PREPASS_ADD_NORM_ALONE = False  # the add + norm before a plain in_proj
 PREPASS_MIN_K = 2048
 # The pre-pass writes the normalised row in fp32 (not rounded); False: in x's dtype (half the bytes
@@ -131,23 +148,38 @@ def use_pdl(t: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_programs(device_index, warps):
-    """Programs of ``warps`` warps that the GPU holds at once at most (the thread limit per SM)."""
+def _resident_programs(device_index, warps, regs=0):
+    """Programs of ``warps`` warps and ``regs`` registers per thread (0: unknown) that the GPU holds at
+    once at most: the thread limit per SM, and the register file (without allocation rounding, so
+    never below the true count)."""
     props = torch.cuda.get_device_properties(device_index)
-    return props.multi_processor_count * (props.max_threads_per_multi_processor // (32 * warps))
+    per_sm = props.max_threads_per_multi_processor // (32 * warps)
+    if regs:
+        per_sm = min(per_sm, getattr(props, "regs_per_multiprocessor", 65536) // (regs * 32 * warps))
+    return props.multi_processor_count * per_sm
 
 
-def completes_before_next(rows: int, weight: Tensor, gated: bool = False) -> bool:
+# Registers per thread of the broadcast-sum kernel as compiled, by (weight shape, prologue as
+# launched, conv, BLOCK_B), recorded at each launch: the folds' one (8, 2048) tile takes ~108, so an
+# SM holds 4 such programs, not 16 (completes_before_next).
+_REGISTERS = {}
+
+
+def completes_before_next(rows: int, weight: Tensor, norm: int = 0, conv: bool = False) -> bool:
     """Whether, with PDL, the kernel launched right after a small-batch product (rows <= SMALL_ROWS
-    of x (rows, K) times weight (N, K); gated: the gated-norm fold) can start only once every kernel
-    launched before that product has completed. True when the product has more programs than the
-    GPU holds at once: its last programs start only after earlier ones exited, each of which had
-    waited (gdc_wait) for the kernel before it, which had waited for its own, and so on; the next
-    kernel starts only after the product's last program started."""
+    of x (rows, K) times weight (N, K); norm: the NORM_* prologue asked for, conv: the conv update
+    folded in) can start only once every kernel launched before that product has completed. True
+    when the product has more programs than the GPU holds at once: its last programs start only
+    after earlier ones exited, each of which had waited (gdc_wait) for the kernel before it, which
+    had waited for its own, and so on; the next kernel starts only after the product's last program
+    started."""
     if rows > SMALL_ROWS or not use_pdl(weight):
         return False
-    block_n = WIDE_BLOCK_N if weight.shape[1] >= WIDE_K and not gated else BLOCK_N
-    return cdiv(weight.shape[0], block_n) > _resident_programs(weight.device.index, NUM_WARPS)
+    if _prepass(norm, weight.shape[1], conv):
+        norm = NORM_NONE
+    block_n, _ = _small_config(weight.shape[1], norm, conv)
+    regs = _REGISTERS.get((tuple(weight.shape), norm, conv, next_pow2(rows)), 0)
+    return cdiv(weight.shape[0], block_n) > _resident_programs(weight.device.index, NUM_WARPS, regs)
 
 
 def pdl_launch(pdl: bool) -> dict:
@@ -247,7 +279,11 @@ def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, co
     # new one; the window is its last W-1 slots (tap s - (S_LEN - (W-1))) and the new input (tap
     # W-1): the product as stored (rounded), as the unfused conv reads it. Unrolled over the slots
     # with tiles in the product's layout (a (B, N, S) tile made Triton 3.6 spill at d_model 2048).
-    # Only this program reads or writes these (row, channel) slots: shifting in place is safe.
+    # Only this program reads or writes these (row, channel) slots, but the tile of a few features
+    # is held by several threads (replicas in every warp), which run apart: a barrier between the
+    # reads of a slot and the shift that overwrites it. Without it a late replica read an already
+    # shifted slot (H100: one output in 8512 off by 1.3 at mamba2-1.3b's in_proj, 8 features per
+    # program).
     o_c = o_n - conv_start
     m_c = m_n & (o_c >= 0) & (o_c < conv_dim)
     m_bc = m_b[:, None] & m_c[None, :]
@@ -261,6 +297,7 @@ def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, co
         if i_s >= S_LEN - (W - 1):
             b_tap = tl.load(p_cw + (i_s - (S_LEN - (W - 1))) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)
             b_conv += b_slot.to(tl.float32) * b_tap[None, :]
+        tl.debug_barrier()  # every thread has read slot i_s - 1 (previous iteration) and slot i_s
         if i_s > 0:
             tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
     tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
@@ -432,6 +469,19 @@ def _prepass(norm, n_in, has_conv):
     return PREPASS_ADD_NORM_CONV if has_conv else PREPASS_ADD_NORM_ALONE
 
 
+def _small_config(n_in, norm, conv):
+    """(BLOCK_N, fp32 values per product tile) of the broadcast-sum kernel for rows n_in wide with
+    the prologue ``norm`` (after the pre-pass decision) and the conv (bool): FOLD_BLOCK_N for Mamba-2's
+    wide folds, WIDE_BLOCK_N for other wide rows except the gated fold, else BLOCK_N."""
+    if n_in < WIDE_K or norm in (NORM_GATE, NORM_GATE_AFTER):
+        return BLOCK_N, TILE_ELEMS
+    if norm == NORM_RMS:
+        return FOLD_RMS_BLOCK_N, FOLD_TILE_ELEMS
+    if norm == NORM_ADD and conv:
+        return FOLD_BLOCK_N, FOLD_TILE_ELEMS
+    return WIDE_BLOCK_N, TILE_ELEMS
+
+
 def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out=None, eps=0.0, norm=NORM_NONE,
                   conv=None):
     """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
@@ -442,15 +492,15 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         norm = NORM_NONE
     batch, n_in = x.shape
     block_b = next_pow2(batch)
-    block_n = WIDE_BLOCK_N if n_in >= WIDE_K and norm not in (NORM_GATE, NORM_GATE_AFTER) else BLOCK_N
-    block_k = min(next_pow2(n_in), max(16, TILE_ELEMS // (block_b * block_n)))
+    block_n, tile_elems = _small_config(n_in, norm, conv is not None)
+    block_k = min(next_pow2(n_in), max(16, tile_elems // (block_b * block_n)))
     pdl = use_pdl(x)
     r_st = residual.stride() if residual is not None else (0, 0)
     ro_st = res_out.stride() if res_out is not None else (0, 0)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
     cs_st = conv_state.stride() if conv is not None else (0, 0, 0)
     cw_st = conv_weight.stride() if conv is not None else (0, 0)
-    _decode_linear_kernel[(cdiv(weight.shape[0], block_n),)](
+    compiled = _decode_linear_kernel[(cdiv(weight.shape[0], block_n),)](
         x, weight, bias, out, residual, norm_weight, res_out, conv_state, conv_weight, conv_bias,
         batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
         *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st, *cs_st, *cw_st,
@@ -461,6 +511,8 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         USE_PDL=pdl, PTX=ptx_math(_decode_linear_kernel), W_EVICT="evict_first" if WEIGHT_EVICT_FIRST else "",
         num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
+    if pdl:
+        _REGISTERS[(tuple(weight.shape), norm, conv is not None, block_b)] = getattr(compiled, "n_regs", 0)
 
 
 def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
@@ -628,6 +680,8 @@ def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
 
     Args:
         x: (B, K) with 1 <= B <= 64 (any strides).  weight: (N, K).  bias: (N,) or None.
+            3-8 rows (and above, where dot_config is None), with x, weight and bias of one dtype
+            and no conv: F.linear (cuBLAS is faster there).
         conv: None, or (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None,
             conv_start, activation): outputs [conv_start, conv_start + C) go through a
             depthwise causal conv update (causal_conv1d_update's math; W in 2..8, S >= W-1,
@@ -644,6 +698,9 @@ def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
         return decode_linear_ref(x, weight, bias, conv)
     if conv is not None:
         return _launch_conv(x, None, None, weight, bias, conv, 0.0, False)[0]
+    if (x.shape[0] > SMALL_ROWS and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
+            and (x.shape[0] <= CUBLAS_MAX_ROWS or dot_config(weight.shape[0]) is None)):
+        return F.linear(x, weight, bias)  # cuBLAS: faster than either kernel there (CUBLAS_MAX_ROWS)
     return _decode_linear(x, weight, bias)
 
 
@@ -673,7 +730,7 @@ def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, r
     """The prenorm block's add + RMSNorm and the in_proj that follows, in one launch.
 
     Args:
-        x: (B, K) with 1 <= B <= 8, the previous block's output.  residual: (B, K) or None (zero).
+        x: (B, K) with 1 <= B <= 2 (SMALL_ROWS), the previous block's output.  residual: (B, K) or None (zero).
         norm_weight: (K,).  weight: (N, K).  bias: (N,) or None.
         residual_in_fp32: return the sum in fp32 (else in residual's dtype, or x's without one).
         conv: None, or a conv update folded into the output, as in :func:`decode_linear`.
@@ -696,7 +753,7 @@ def gated_rms_norm_linear(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_b
     """Mamba-2's gated RMSNorm (one group over the whole row) and the out_proj that follows, in one launch.
 
     Args:
-        x: (B, K) with 1 <= B <= 8, the SSM output.  z: (B, K), the gate.  norm_weight: (K,).
+        x: (B, K) with 1 <= B <= 2 (SMALL_ROWS), the SSM output.  z: (B, K), the gate.  norm_weight: (K,).
         weight: (N, K).  bias: (N,) or None.
         norm_before_gate: False (Mamba-2's default): normalise x * silu(z); True: normalise x,
             then multiply by silu(z).
@@ -719,7 +776,7 @@ def rms_norm_linear(x, norm_weight, weight, bias=None, eps=1e-5, *, backend=None
         backend: "torch", "triton" or None (the device decides).
     Returns:
         (B, N) in x's dtype: (x * rsqrt(mean(x^2) + eps) * norm_weight) @ weight.T + bias, accumulated
-        in fp32 (up to 8 rows the normalised row is not rounded; above, x * norm_weight is rounded to
+        in fp32 (up to SMALL_ROWS rows the normalised row is not rounded; above, x * norm_weight is rounded to
         weight's dtype for the tensor cores and the row scale applied to the fp32 result).
     """
     if not (_linear_ok(x, weight, bias) and isinstance(norm_weight, torch.Tensor)

@@ -327,17 +327,20 @@ def test_cuda_step_logits_equal_full_forward(kind):
 
 
 @requires_cuda
-@pytest.mark.parametrize("kind,gated_prepass,gate_in_ssm", [("mamba1", True, False), ("mamba2", True, False),
-                                                            ("mamba2", False, False), ("mamba2", False, True)])
-def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, gate_in_ssm, monkeypatch):
+@pytest.mark.parametrize("kind,gated_prepass,gate_in_ssm,add_prepass", [
+    ("mamba1", True, False, True), ("mamba2", True, False, True), ("mamba2", False, False, True),
+    ("mamba2", False, True, True), ("mamba2", False, True, False), ("mamba2", False, False, False)])
+def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, gate_in_ssm, add_prepass, monkeypatch):
     """At d_model 2048 the step's norms run as decode_linear's row pre-pass (add + RMSNorm before
-    in_proj; Mamba-2's gated RMSNorm over d_inner 4096 before out_proj, or folded into out_proj:
-    the default), the products with 2 output features per program (rows >= WIDE_K); or the SSM step
-    applies the gate and out_proj folds a plain RMSNorm (gate_in_ssm). Mamba-2's SSM step loads its
-    state before the PDL wait here (in_proj: 4360 programs, a barrier)."""
+    in_proj; Mamba-2's gated RMSNorm over d_inner 4096 before out_proj), or folded into the products
+    (Mamba-2's default: add + norm into in_proj + conv and, with the gate in the SSM step, the plain
+    RMSNorm into out_proj, FOLD_BLOCK_N features per program), the other products with WIDE_BLOCK_N
+    features per program (rows >= WIDE_K). With the add + norm pre-pass Mamba-2's in_proj is a barrier
+    (4360 programs) and its SSM step loads the state before the PDL wait."""
     from mamba_pkg.models import mamba2 as m2
 
     monkeypatch.setattr(dl, "PREPASS_ADD_NORM_ALONE", True)  # Mamba-1's in_proj too
+    monkeypatch.setattr(dl, "PREPASS_ADD_NORM_CONV", add_prepass)
     monkeypatch.setattr(dl, "PREPASS_GATED", gated_prepass)
     monkeypatch.setattr(m2, "STEP_GATE_IN_SSM_MAX_DIM", 4096 if gate_in_ssm else 0)
     launches = []
@@ -348,8 +351,8 @@ def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, gate_in_s
     out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
     ref = full_logits(model, out.sequences)[:, 4:-1]
     torch.testing.assert_close(torch.stack(out.scores, dim=1), ref, rtol=1e-3, atol=1e-3)
-    per_layer_and_step = 2 if kind == "mamba2" and gated_prepass else 1
-    assert len(launches) >= per_layer_and_step * 2 * 2
+    per_layer_and_step = int(add_prepass) + int(kind == "mamba2" and gated_prepass and not gate_in_ssm)
+    assert len(launches) == per_layer_and_step * 2 * 2
 
 
 @requires_cuda
@@ -510,8 +513,9 @@ def test_step_kernels_compile_to_one_graph(layer, monkeypatch):
 
 
 def test_step_linear_routes_by_rows_width_and_dtype(monkeypatch):
-    """decode_linear takes 1-2 rows of any layer, and 9-64 rows of a wide 16-bit layer (its
-    tl.dot kernel); the rest goes to the layer (cuBLAS). All routes give the layer's result."""
+    """decode_linear takes 1-2 rows of any layer, and 3-64 rows of a wide 16-bit layer (its tl.dot
+    kernel from 9 rows, cuBLAS inside decode_linear below); the rest goes to the layer (cuBLAS). All
+    routes give the layer's result."""
     import copy
 
     from mamba_pkg.models import _cache_utils
@@ -522,7 +526,7 @@ def test_step_linear_routes_by_rows_width_and_dtype(monkeypatch):
     monkeypatch.setattr(_cache_utils, "decode_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     wide = torch.nn.Linear(8, 3200, dtype=torch.bfloat16)  # 100 programs of 32 outputs
     narrow = torch.nn.Linear(8, 40, dtype=torch.bfloat16)
-    for layer, rows, routed in ((narrow, 2, True), (narrow, 16, False), (wide, 5, False), (wide, 16, True),
+    for layer, rows, routed in ((narrow, 2, True), (narrow, 16, False), (wide, 5, True), (wide, 16, True),
                                 (wide, 65, False), (copy.deepcopy(wide).float(), 16, False)):
         x = torch.randn(rows, 8, dtype=layer.weight.dtype)
         calls.clear()

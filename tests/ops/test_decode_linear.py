@@ -28,19 +28,33 @@ def test_ref_is_fp32_linear():
     torch.testing.assert_close(out, (x.double() @ w.double().t() + b.double()).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("batch,n_in,n_out,bias", [(1, 700, 9, True), (3, 40, 6, False), (8, 600, 5, True),
-                                                   (19, 70, 37, True)])
+@pytest.mark.parametrize("batch,n_in,n_out,bias", [(1, 700, 9, True), (2, 40, 6, False), (2, 1100, 5, True),
+                                                   (3, 40, 6, False), (19, 70, 37, True)])
 def test_triton_matches_ref(batch, n_in, n_out, bias, monkeypatch):
-    """Odd sizes: a ragged output block, ragged K, several unrolled K chunks (600 at batch 8: chunks
-    of 256), a strided x (half of a wider tensor, as in_proj's halves); batch 19 takes the tl.dot
-    kernel (ragged batch tile, two K steps of 64, ragged output blocks of 16)."""
+    """Odd sizes: a ragged output block, ragged K, several unrolled K chunks (1100 at batch 2: chunks
+    of 1024), a strided x (half of a wider tensor, as in_proj's halves); above SMALL_ROWS rows a bf16
+    weight with fp32 x (two dtypes: not cuBLAS) takes the tl.dot kernel (ragged batch tile, K steps of
+    64, ragged output blocks of 16)."""
     monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 64, 2, 4)),))
     assert dl.dot_config(n_out) is None  # too few programs for the GEMM path: the fallback config
     x = torch.randn(batch, 2 * n_in, device=DEVICE)[:, n_in:]
     w = torch.randn(n_out, n_in, device=DEVICE)
+    if batch > dl.SMALL_ROWS:
+        w = w.to(torch.bfloat16)
     b = torch.randn(n_out, device=DEVICE) if bias else None
     out = decode_linear(x, w, b, backend="triton")
     torch.testing.assert_close(out, decode_linear_ref(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [3, 8, 64])
+def test_one_dtype_above_small_rows_is_cublas(batch, monkeypatch):
+    """3-8 rows, and more where dot_config finds too few programs (6 outputs), a plain product of one
+    dtype is F.linear (cuBLAS on CUDA), no kernel."""
+    for name in ("_launch_small", "_launch_dot"):
+        monkeypatch.setattr(dl, name, lambda *a, **k: pytest.fail("a decode_linear kernel ran"))
+    x = torch.randn(batch, 40, device=DEVICE, dtype=torch.bfloat16)
+    w, b = torch.randn(6, 40, device=DEVICE, dtype=torch.bfloat16), torch.randn(6, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(decode_linear(x, w, b, backend="triton"), F.linear(x, w, b), rtol=0, atol=0)
 
 
 def test_bf16():
@@ -104,8 +118,8 @@ def test_add_rms_norm_linear_matches_ref(residual, prepass, batch, monkeypatch):
 
 def test_add_rms_norm_linear_errors_and_opcheck():
     x, w, nw = torch.randn(2, 8), torch.randn(3, 8), torch.randn(8)
-    with pytest.raises(ValueError, match="1 <= B <= 8"):
-        add_rms_norm_linear(torch.randn(9, 8), None, nw, w)
+    with pytest.raises(ValueError, match="1 <= B <= 2"):
+        add_rms_norm_linear(torch.randn(3, 8), None, nw, w)
     with pytest.raises(ValueError, match="residual must have shape"):
         add_rms_norm_linear(x, torch.randn(2, 7), nw, w)
     with pytest.raises(ValueError, match="norm_weight must have shape"):
@@ -257,16 +271,25 @@ def test_conv_fold_errors_and_opcheck():
 
 
 @requires_cuda
-def test_gpu_conv_fold_full_size():
-    """mamba2-1.3b's in_proj (2048 -> 8512, conv channels [4096, 8448)) at batch 1 and 2."""
+@pytest.mark.parametrize("norm", [False, True])
+def test_gpu_conv_fold_full_size(norm):
+    """mamba2-1.3b's in_proj (2048 -> 8512, conv channels [4096, 8448)) at batch 1 and 2; norm: with
+    the block's add + RMSNorm (the default: folded, FOLD_BLOCK_N features per program)."""
     for batch in (1, 2):
         x = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn(batch, 2048, device="cuda")
+        nw = torch.rand(2048, device="cuda", dtype=torch.bfloat16) + 0.5
         w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16) / 45
         state = torch.randn(batch, 4352, 4, device="cuda", dtype=torch.bfloat16)
         cw, cb = torch.randn(4352, 4, device="cuda", dtype=torch.bfloat16), torch.randn(4352, device="cuda")
         ref_state = state.clone()
-        out = decode_linear(x, w, conv=(state, cw, cb, 4096, "silu"))
-        ref = decode_linear_ref(x, w, None, (ref_state, cw, cb, 4096, "silu"))
+        if norm:
+            out, s = add_rms_norm_linear(x, res, nw, w, None, 1e-5, True, (state, cw, cb, 4096, "silu"))
+            ref, ref_s = add_rms_norm_linear_ref(x, res, nw, w, None, 1e-5, True, (ref_state, cw, cb, 4096, "silu"))
+            torch.testing.assert_close(s, ref_s)
+        else:
+            out = decode_linear(x, w, conv=(state, cw, cb, 4096, "silu"))
+            ref = decode_linear_ref(x, w, None, (ref_state, cw, cb, 4096, "silu"))
         torch.testing.assert_close(state, ref_state, rtol=1e-2, atol=2e-2)
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=5e-2)
 
@@ -337,9 +360,19 @@ def test_completes_before_next_needs_pdl_and_few_rows():
 
 @requires_cuda
 def test_gpu_completes_before_next_counts_programs():
-    """mamba2-1.3b's in_proj at batch 1 (4256 programs of 4 warps) is a barrier on an H100 (at most
-    16 such programs per SM, 132 SMs); mamba2-130m's (838) is not."""
-    assert dl.completes_before_next(1, torch.empty(8512, 2048, device="cuda", dtype=torch.bfloat16))
+    """mamba2-1.3b's in_proj at batch 1 (4256 programs of 4 warps: the add + norm as a pre-pass, or
+    none) is a barrier on an H100 (at most 16 such programs per SM, 132 SMs); with the add + norm and
+    the conv folded (1064 programs of FOLD_BLOCK_N features) it is one once a launch has shown its
+    ~108 registers per thread (4 programs per SM); mamba2-130m's (838 small programs) is not."""
+    w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16)
+    assert dl.completes_before_next(1, w)
+    dl._REGISTERS.clear()
+    assert not dl.completes_before_next(1, w, dl.NORM_ADD, conv=True)  # registers unknown: thread limit only
+    x, res = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16), torch.randn(1, 2048, device="cuda")
+    conv = (torch.randn(1, 4352, 4, device="cuda", dtype=torch.bfloat16),
+            torch.randn(4352, 4, device="cuda", dtype=torch.bfloat16), None, 4096, "silu")
+    add_rms_norm_linear(x, res, torch.ones(2048, device="cuda", dtype=torch.bfloat16), w, None, 1e-5, True, conv)
+    assert dl.completes_before_next(1, w, dl.NORM_ADD, conv=True) == (not dl.PREPASS_ADD_NORM_CONV)
     assert not dl.completes_before_next(1, torch.empty(3352, 768, device="cuda", dtype=torch.bfloat16))
 
 
