@@ -119,8 +119,9 @@ def fused_inputs(batch, rank=128):
 
 
 def fused_providers():
-    """The SSM part of Mamba.step: ours in one kernel; mamba_ssm's chain (dt_proj GEMM,
-    A = -exp(A_log), bias cast, selective_state_update) as its Mamba.step runs it."""
+    """The SSM part of Mamba.step: ours as the model runs it (one kernel; from CUBLAS_DT_BATCH rows the
+    dt projection is a cuBLAS GEMM first); mamba_ssm's chain (dt_proj GEMM, A = -exp(A_log), bias cast,
+    selective_state_update) as its Mamba.step runs it."""
     from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 
     out = {"ours": ssm_decode_step}
