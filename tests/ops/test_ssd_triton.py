@@ -316,6 +316,27 @@ def test_gpu_bf16_tolerance_rule():
 
 
 @requires_cuda
+def test_gpu_whole_tiles_and_one_stage_configs_give_the_same_bits(monkeypatch):
+    """bf16 at whole tiles (unmasked loads) equals the masked kernels bit for bit, and the
+    one-stage configs of the forward scan and the dx kernel equal the first configs."""
+    from mamba_pkg.ops.ssd import chunk_scan, chunk_state
+
+    inputs = make(2, 512, 4, 64, 1, 128)
+    a = run(inputs, torch.bfloat16, "triton", 256)
+    for kernel, configs in ((chunk_scan._chunk_scan_fwd_kernel, chunk_scan._fwd_configs()),
+                            (chunk_scan._chunk_scan_bwd_dx_kernel, chunk_scan._tile_configs())):
+        monkeypatch.setattr(kernel, "configs", [c for c in configs if c.num_stages == 1])
+        monkeypatch.setattr(kernel, "cache", {})
+    b = run(inputs, torch.bfloat16, "triton", 256)
+    monkeypatch.setattr(chunk_scan, "_whole_tiles", lambda *args: False)
+    monkeypatch.setattr(chunk_state, "_even_tiles", lambda *args: False)
+    c = run(inputs, torch.bfloat16, "triton", 256)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k
+
+
+@requires_cuda
 def test_gpu_fp32_and_seq_idx():
     inputs = make(2, 300, 4, 64, 2, 128)
     seq = torch.zeros(2, 300, dtype=torch.int32, device=DEVICE)
