@@ -67,25 +67,30 @@ def _walk_configs():
     512 programs at the main shape need two rounds); capped at 128 (32 bytes spilled) they
     fit 4 programs per SM, one round, by registers; but one 256-row step stages 82 KB of x and
     B tiles in shared memory, so only 2 programs per SM run (two rounds). 128-row steps capped
-    at 128 registers take 41 KB (24 bytes spilled): 4 programs per SM, one round."""
+    at 128 registers take 41 KB (24 bytes spilled): 4 programs per SM, one round. (64, 128)
+    blocks with 8 warps: one program per SM and per head (B read once per head, not twice), the
+    step's product on warpgroup MMA (16 HGMMA per warp instead of 128 HMMA at BLOCK_P 32) and
+    the next step's tiles loaded during this one (two stages: 160 KB at 256 rows, 80 KB at 128;
+    174-183 registers)."""
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st, maxnreg=r)
         for bp, bn, bl, w, st, r in ((64, 64, 256, 4, 2, None), (32, 64, 256, 4, 2, None),
                                      (32, 128, 256, 4, 2, None), (16, 128, 256, 4, 2, None),
-                                     (32, 128, 256, 4, 2, 128), (32, 128, 128, 4, 2, 128))
+                                     (32, 128, 256, 4, 2, 128), (32, 128, 128, 4, 2, 128),
+                                     (64, 128, 256, 8, 2, None), (64, 128, 128, 8, 2, None))
     ]
 
 
 def _prune_walk_configs(configs, named_args, **kwargs):
     """Steps no longer than the chunk. A walk that a forward scan runs beside (LAUNCH_DEPENDENTS)
-    takes only the configs whose x and B tiles stage at most 48 KB of shared memory per step,
+    takes only the configs whose x and B tiles stage at most 40 KB of shared memory per step,
     so that the SMs hold scan programs beside two walk programs each."""
     Q = kwargs["Q"]
     fits = [c for c in configs if c.kwargs["BLOCK_L"] <= Q]
     if kwargs.get("LAUNCH_DEPENDENTS"):
-        fits = [c for c in fits if c.kwargs["BLOCK_L"] * (c.kwargs["BLOCK_P"] + c.kwargs["BLOCK_N"]) * 2 <= 48 << 10]
+        fits = [c for c in fits if c.kwargs["BLOCK_L"] * (c.kwargs["BLOCK_P"] + c.kwargs["BLOCK_N"]) * 2 <= 40 << 10]
     return fits or [triton.Config(dict(configs[0].kwargs, BLOCK_L=Q), num_warps=configs[0].num_warps)]
 
 
