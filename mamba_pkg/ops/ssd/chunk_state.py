@@ -71,7 +71,8 @@ def _walk_configs():
     blocks with 8 warps: one program per SM and per head (B read once per head, not twice), the
     step's product on warpgroup MMA (16 HGMMA per warp instead of 128 HMMA at BLOCK_P 32) and
     the next step's tiles loaded during this one (two stages: 160 KB at 256 rows, 80 KB at 128;
-    174-183 registers)."""
+    174-183 registers); the backward's two walks at 128 rows capped at 128 registers (40 bytes
+    spilled, 99 KB): 2 programs per SM, the 256 programs of the main shape in one round."""
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
@@ -79,7 +80,8 @@ def _walk_configs():
         for bp, bn, bl, w, st, r in ((64, 64, 256, 4, 2, None), (32, 64, 256, 4, 2, None),
                                      (32, 128, 256, 4, 2, None), (16, 128, 256, 4, 2, None),
                                      (32, 128, 256, 4, 2, 128), (32, 128, 128, 4, 2, 128),
-                                     (64, 128, 256, 8, 2, None), (64, 128, 128, 8, 2, None))
+                                     (64, 128, 256, 8, 2, None), (64, 128, 128, 8, 2, None),
+                                     (64, 128, 128, 8, 2, 128))
     ]
 
 
