@@ -178,15 +178,17 @@ def _into_final_states_out(final, final_states_out):
 def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
               stride_x_l, stride_i_b, stride_i_d, stride_i_w,
               W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, INIT_PER_SEQ: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, ALIGN: tl.constexpr):
     """fp32 (BLOCK_D, BLOCK_L) tile of the inputs at positions o_l + q_shift (q_shift <= 0),
-    zero where the input is outside the output position's sequence."""
+    zero where the input is outside the output position's sequence. ALIGN: stride_x_l is a
+    multiple of it (see _row_align)."""
     q = o_l + q_shift
+    row = tl.multiple_of(q.to(tl.int64)[None, :] * stride_x_l, [ALIGN, ALIGN])
     if MASKED:
         m_q = m_l & (q >= b_start)
-        b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l, mask=m_d[:, None] & m_q[None, :], other=0.0)
+        b_x = tl.load(p_x + row, mask=m_d[:, None] & m_q[None, :], other=0.0)
     else:
-        b_x = tl.load(p_x + q.to(tl.int64)[None, :] * stride_x_l)
+        b_x = tl.load(p_x + row)
     b_x = b_x.to(tl.float32)
     # Unmasked tiles start at or after position W-1: they never read an initial state.
     if HAS_INIT:
@@ -210,7 +212,7 @@ def _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, q_shift,
 def _conv_pre(p_x, w_ptr, bias_ptr, p_init, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
               stride_x_l, stride_i_b, stride_i_d, stride_i_w,
               W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-              INIT_PER_SEQ: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr):
+              INIT_PER_SEQ: tl.constexpr, MASKED: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr = 1):
     """Pre-activation sum_k w[k] * in[t - (W-1) + k] (+ bias) at positions o_l, fp32."""
     m_l = o_l < L
     if HAS_SEQ:
@@ -224,7 +226,8 @@ def _conv_pre(p_x, w_ptr, bias_ptr, p_init, start_ptr, row_ptr, i_b, o_d, o_l, m
     pre = tl.zeros([BLOCK_D, o_l.shape[0]], dtype=tl.float32)
     for k in tl.static_range(W):
         b_x = _load_tap(p_x, p_init, o_d, o_l, m_d, m_l, b_start, b_row, i_b, k - (W - 1),
-                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED)
+                        stride_x_l, stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED,
+                        ALIGN)
         if MASKED:
             b_w = tl.load(w_ptr + o_d * W + k, mask=m_d, other=0.0).to(tl.float32)
         else:
@@ -241,14 +244,14 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
                    stride_i_b, stride_i_d, stride_i_w,
                    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                    INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, ALIGN: tl.constexpr):
     o_d = d0 + tl.arange(0, BLOCK_D)
     o_l = l0 + tl.arange(0, BLOCK_L)
     m_d = o_d < D
     p_x = x_ptr + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[:, None] * stride_x_d
     acc = _conv_pre(p_x, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, i_b, o_d, o_l, m_d, L,
                     stride_x_l, stride_i_b, stride_i_d, stride_i_w,
-                    W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D)
+                    W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, MASKED, BLOCK_D, ALIGN)
     if SILU:
         acc = acc * ptx_sigmoid(acc, FAST)
     p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
@@ -268,6 +271,7 @@ def _causal_conv1d_fwd_kernel(
     stride_i_b, stride_i_d, stride_i_w,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
@@ -275,18 +279,18 @@ def _causal_conv1d_fwd_kernel(
         _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
                        stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                        stride_i_b, stride_i_d, stride_i_w,
-                       W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L)
+                       W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L, ALIGN)
     else:
         if (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= D):
             _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
                            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                            stride_i_b, stride_i_d, stride_i_w,
-                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, False, BLOCK_D, BLOCK_L)
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, False, BLOCK_D, BLOCK_L, ALIGN)
         else:
             _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
                            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                            stride_i_b, stride_i_d, stride_i_w,
-                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L)
+                           W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L, ALIGN)
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +471,16 @@ def _path(x, starts):
     return _layout(x)
 
 
+def _row_align(*tensors) -> int:
+    """The multiple (in elements; 16 bytes) that the L strides of channel-last tensors share, else 1.
+    Triton knows a stride argument's 16-byte multiple only when it is divisible by 16 elements;
+    Mamba-2's xBC rows are slices of zxbcdt rows of 3352 values at 130m (8 * 419), and its loads
+    and stores then ran 2 bytes at a time (offline sm_90 SASS: 266 LDG.E.U16 per forward tile)."""
+    vec = 16 // tensors[0].element_size()
+    ok = all(t.stride(1) == 1 and t.stride(2) % vec == 0 for t in tensors)
+    return vec if ok else 1
+
+
 def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config=None):
     """Write the forward into out; config overrides the tile shape (benchmarks)."""
     batch, dim, length = x.shape
@@ -488,7 +502,7 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     launch(_causal_conv1d_fwd_kernel, grid,
         x, weight, bias, initial_states, starts, rows, out, length, dim,
         *x.stride(), *out.stride(), *init_strides,
-        HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, **flags,
+        HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, ALIGN=_row_align(x), **flags,
     )
 
 
@@ -802,10 +816,11 @@ ROWS = 4
 
 @triton.jit
 def _rows_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_l, stride_i_b, stride_i_d, stride_i_w,
-               W: tl.constexpr, HAS_INIT: tl.constexpr):
+               W: tl.constexpr, HAS_INIT: tl.constexpr, ALIGN: tl.constexpr):
     """fp32 (BLOCK_D, 1, ROWS) of a channel-last tensor (stride 1 along D) at positions o_q
     (1, ROWS): zero past L and, before 0, the initial state (HAS_INIT) or zero."""
-    p = ptr + i_b.to(tl.int64) * stride_b + o_d[:, None, None] + o_q.to(tl.int64)[None, :, :] * stride_l
+    p = (ptr + i_b.to(tl.int64) * stride_b + o_d[:, None, None]
+         + tl.multiple_of(o_q.to(tl.int64)[None, :, :] * stride_l, [ALIGN, ALIGN, ALIGN]))
     b = tl.load(p, mask=m_d[:, None, None] & ((o_q >= 0) & (o_q < L))[None, :, :], other=0.0).to(tl.float32)
     if HAS_INIT:
         slot = o_q + (W - 1)
@@ -823,10 +838,11 @@ def _causal_conv1d_bwd_rows_kernel(
     stride_x_b, stride_x_l, stride_do_b, stride_do_l, stride_dx_b, stride_dx_l,
     stride_i_b, stride_i_d, stride_i_w, stride_w_d, stride_w_k,
     W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """The chunked kernel's one-pass backward for channel-last x, over STEPS chunks of ROWS
-    positions: chunk c+1's dy is computed once and carried to the next step as chunk c's."""
+    positions: chunk c+1's dy is computed once and carried to the next step as chunk c's.
+    ALIGN: the L strides of x, dout and dx are multiples of it (see _row_align)."""
     tl.static_assert(ROWS == 4)
     tl.static_assert(W <= ROWS + 1)
     i_g, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -836,10 +852,11 @@ def _causal_conv1d_bwd_rows_kernel(
     o_w = tl.arange(0, W_POW2)
     l0 = i_g * (STEPS * ROWS)
     x_prev = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, l0 - ROWS + o_r, L, stride_x_b, stride_x_l,
-                        stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT)
+                        stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, ALIGN)
     x_cur = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_x_b, stride_x_l,
-                       stride_i_b, stride_i_d, stride_i_w, W, False)
-    dy = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_do_b, stride_do_l, 0, 0, 0, W, False)
+                       stride_i_b, stride_i_d, stride_i_w, W, False, ALIGN)
+    dy = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, l0 + o_r, L, stride_do_b, stride_do_l, 0, 0, 0, W, False,
+                    ALIGN)
     p_w = w_ptr + o_d * stride_w_d
     dy = _conv_dact(dy, _chunk_pre(x_cur, x_prev, p_w, stride_w_k, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1, ROWS),
                     SILU, FAST)
@@ -848,9 +865,9 @@ def _causal_conv1d_bwd_rows_kernel(
     for i_s in range(STEPS):
         o_q = l0 + i_s * ROWS + o_r
         x_next = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, o_q + ROWS, L, stride_x_b, stride_x_l,
-                            stride_i_b, stride_i_d, stride_i_w, W, False)
+                            stride_i_b, stride_i_d, stride_i_w, W, False, ALIGN)
         dy_next = _rows_load(dout_ptr, dout_ptr, i_b, o_d, m_d, o_q + ROWS, L, stride_do_b, stride_do_l,
-                             0, 0, 0, W, False)
+                             0, 0, 0, W, False, ALIGN)
         dy_next = _conv_dact(dy_next, _chunk_pre(x_next, x_cur, p_w, stride_w_k, bias_ptr, o_d, m_d, W, HAS_BIAS, BLOCK_D, 1,
                                                  ROWS), SILU, FAST)
         db += tl.sum(dy, axis=2)
@@ -864,7 +881,7 @@ def _causal_conv1d_bwd_rows_kernel(
             # o_w is known per register: this adds to one column, no select.
             dw = tl.where(o_w == W - 1 - s, dw + tl.sum(x_cur * dy_s, axis=2)[:, :, None], dw)
         p_dx = (dx_ptr + i_b.to(tl.int64) * stride_dx_b + o_d[:, None, None]
-                + o_q.to(tl.int64)[None, :, :] * stride_dx_l)
+                + tl.multiple_of(o_q.to(tl.int64)[None, :, :] * stride_dx_l, [ALIGN, ALIGN, ALIGN]))
         tl.store(p_dx, dx.to(dx_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_q < L)[None, :, :])
         x_cur, dy = x_next, dy_next
     i_part = (i_b * tl.num_programs(0) + i_g).to(tl.int64)
@@ -973,7 +990,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             x, weight_t, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
             x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
             *weight_t.stride()[::-1],
-            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps, **flags,
+            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps, ALIGN=_row_align(x, dout, dx), **flags,
         )
     else:
         n_l_tiles = n_parts
