@@ -336,8 +336,9 @@ def _gated_fwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, out_ptr, rstd_ptr,
     M, D, GS, stride_x, stride_z, stride_out, eps,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, Z_VEC: tl.constexpr,
 ):
+    stride_z *= Z_VEC  # passed divided by Z_VEC: see _z_vec
     i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_c = i_g * GS + tl.arange(0, BLOCK_G)
@@ -365,7 +366,9 @@ def _gated_bwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, db_ptr, rstd_ptr,
     M, D, GS, rows_per_program, stride_x, stride_z, stride_dy, stride_dx, stride_dz,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_G: tl.constexpr,
+    Z_VEC: tl.constexpr,
 ):
+    stride_z *= Z_VEC  # passed divided by Z_VEC: see _z_vec
     i_prog, i_g = tl.program_id(0), tl.program_id(1)
     o_c = i_g * GS + tl.arange(0, BLOCK_G)
     m_c = tl.arange(0, BLOCK_G) < GS
@@ -410,6 +413,17 @@ def _gated_bwd_kernel(
         tl.store(db_ptr + i_prog * D + o_c, acc_db, mask=m_c)
 
 
+def _z_vec(z2) -> int:
+    """z's row stride in units of 16 bytes when it is one (else 1). Mamba-2's z is a slice of
+    zxbcdt rows (3352 values at 130m, not divisible by 16): Triton knows the alignment only of
+    stride arguments divisible by 16, and loaded z 2 bytes at a time; a stride passed divided
+    by a constexpr that the kernel multiplies back carries the alignment."""
+    if z2 is None:
+        return 1
+    vec = 16 // z2.element_size()
+    return vec if z2.stride(0) % vec == 0 else 1
+
+
 def _gated_fwd_outputs(x2, group_size):
     """(out (M, D), rstd (M, D // group_size) fp32) of the forward launch; shared with the fake op."""
     rows, dim = x2.shape
@@ -429,9 +443,9 @@ def _rms_norm_gated_fwd(
     block_m = max(1, min(16, 2048 // block_g))
     launch(_gated_fwd_kernel, (cdiv(rows, block_m), dim // group_size),
         x2, z2, weight, bias, out, rstd, rows, dim, group_size,
-        x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0), eps,
+        x2.stride(0), z2.stride(0) // _z_vec(z2) if z2 is not None else 0, out.stride(0), eps,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_M=block_m, BLOCK_G=block_g, num_warps=min(16, max(4, block_g * block_m // 512)),
+        BLOCK_M=block_m, BLOCK_G=block_g, Z_VEC=_z_vec(z2), num_warps=min(16, max(4, block_g * block_m // 512)),
     )
     return out, rstd
 
@@ -468,9 +482,10 @@ def _rms_norm_gated_bwd(
     launch(_gated_bwd_kernel, (n_prog, dim // group_size),
         x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
         rows, dim, group_size, cdiv(rows, n_prog), x2.stride(0),
-        z2.stride(0) if z2 is not None else 0, dy2.stride(0), dx.stride(0), dz.stride(0) if z2 is not None else 0,
+        z2.stride(0) // _z_vec(z2) if z2 is not None else 0, dy2.stride(0), dx.stride(0),
+        dz.stride(0) if z2 is not None else 0,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_G=block_g, num_warps=min(16, max(4, block_g // 256)),
+        BLOCK_G=block_g, Z_VEC=_z_vec(z2), num_warps=min(16, max(4, block_g // 256)),
     )
     return dx, dz, dw.sum(0).to(weight.dtype), absent(x2) if bias is None else db.sum(0).to(bias.dtype)
 
