@@ -181,17 +181,26 @@ def pair_part(sw):
             sw.timed(case, f"block_d={block_d}", run)
 
 
+def linear_inputs(sw, name, batches):
+    """The weight of the LINEAR shape ``name`` and, per batch, (batch, x, case), cuBLAS timed for each."""
+    n_out, n_in = LINEAR[name]
+    w = torch.randn(n_out, n_in, device="cuda", dtype=BF) / n_in**0.5
+    cases = []
+    for batch in batches:
+        x = torch.randn(batch, n_in, device="cuda", dtype=BF)
+        cases.append((batch, x, f"linear {name} b{batch}"))
+        sw.timed(cases[-1][2], "cublas", lambda x=x, w=w: F.linear(x, w))
+    return w, cases
+
+
 def linear_part(sw):
     saved = (dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.dot_config)
 
     def restore():
         dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.dot_config = saved
     for name, (n_out, n_in) in LINEAR.items():
-        w = torch.randn(n_out, n_in, device="cuda", dtype=BF) / n_in**0.5
-        for batch in (1, 64):
-            x = torch.randn(batch, n_in, device="cuda", dtype=BF)
-            case = f"linear {name} b{batch}"
-            sw.timed(case, "cublas", lambda x=x, w=w: F.linear(x, w))
+        w, cases = linear_inputs(sw, name, (1, 64))
+        for batch, x, case in cases:
             for cfg in (SMALL_LINEAR if batch == 1 else DOT_LINEAR):
                 def run(cfg=cfg, x=x, w=w, batch=batch):
                     if batch == 1:
@@ -259,16 +268,13 @@ def probe_part(sw):
     rows (broadcast-sum kernel, tl.dot kernel, cuBLAS); mamba-1.4b's SSM step at batch 64 (fp32 and
     bf16 state): ours as the model runs it (cuBLAS dt_proj + kernel), the kernel alone (dt given),
     PDL off, our state_update op, mamba_ssm's selective_state_update alone and its chain."""
-    for name, (n_out, n_in) in LINEAR.items():
-        w = torch.randn(n_out, n_in, device="cuda", dtype=BF) / n_in**0.5
-        for batch in (3, 8):
-            x = torch.randn(batch, n_in, device="cuda", dtype=BF)
-            case = f"linear {name} b{batch}"
-            sw.timed(case, "cublas", lambda x=x, w=w: F.linear(x, w))
+    for name in LINEAR:
+        w, cases = linear_inputs(sw, name, (3, 8))
+        for batch, x, case in cases:
             for small_rows in (8, 2):
                 def run(small_rows=small_rows, x=x, w=w):
                     with applied({DL + "SMALL_ROWS": small_rows}):
-                        return dl.decode_linear(x, w)
+                        return dl._decode_linear(x, w, None)  # the kernels (decode_linear: cuBLAS here)
                 sw.timed(case, "broadcast kernel" if small_rows == 8 else "tl.dot kernel", run)
     from mamba_pkg.ops.state_update import selective_state_update as ours_ssu
     dim, rank = MAMBA1["mamba-1.4b"]
