@@ -130,7 +130,9 @@ def _copy_rows(dst, src) -> None:
         dst.copy_(src)
         return
     batch, dim, seqlen = src.shape
-    rows = 4
+    # 16 KB tiles (bf16) of 8 warps: with 4 KB tiles (4 rows, 4 warps) the copy moved 50 MB in
+    # 32-36 us per mamba-130m / mamba2-130m layer on an H100 (~1.4 TB/s).
+    rows, warps = (8, 8) if dim >= 64 else (4, 4)
     # The widest tile along L that divides it (no masked tail), at most 1024.
     block_l = next((b for b in (1024, 512, 256) if seqlen % b == 0), 1024)
     vec = 16 // src.element_size()
@@ -138,7 +140,7 @@ def _copy_rows(dst, src) -> None:
     vec = vec if aligned else 1
     launch(_copy_rows_kernel, (cdiv(seqlen, block_l), cdiv(dim, rows), batch), src, dst, dim, seqlen,
            src.stride(0) // vec, src.stride(1) // vec, dst.stride(0) // vec, dst.stride(1) // vec,
-           ROWS=rows, BLOCK_L=block_l, EVEN=dim % rows == 0 and seqlen % block_l == 0, VEC=vec, num_warps=4)
+           ROWS=rows, BLOCK_L=block_l, EVEN=dim % rows == 0 and seqlen % block_l == 0, VEC=vec, num_warps=warps)
 
 
 def _dxz_outputs(xz, weight, bias, dz):

@@ -93,7 +93,7 @@ def test_inner_xz_as_a_view_of_in_proj_output():
     torch.testing.assert_close(grads["ours"], grads["ref"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dim, seqlen", [(4, 1024), (5, 7), (3, 1030)])
+@pytest.mark.parametrize("dim, seqlen", [(4, 1024), (5, 7), (3, 1030), (70, 300)])
 def test_copy_rows_into_a_permuted_layout(dim, seqlen):
     """The row copy that assembles dxz: (B, D, L) contiguous into one half of a (B, 2D, L) view
     of a (2D, B * L) buffer, full and partial tiles; the other half is left alone."""
