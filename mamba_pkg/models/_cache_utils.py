@@ -133,7 +133,9 @@ def plain_linear(layer) -> bool:
 def step_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a decode step, x (B, in_features): up to STEP_LINEAR_MAX_ROWS rows one
     decode_linear launch (cuBLAS takes two at batch 1: split-K GEMM + reduction), wide 16-bit
-    layers at SMALL_ROWS < B <= STEP_DOT_MAX_ROWS its tl.dot kernel; else the layer."""
+    layers at SMALL_ROWS < B <= STEP_DOT_MAX_ROWS (off by default) decode_linear too, which runs
+    its tl.dot kernel where that has programs enough and hands plain products of 3-8 rows and the
+    rest to cuBLAS (F.linear); else the layer."""
     rows = x.shape[0]
     if rows <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
         return decode_linear(x, layer.weight, layer.bias)
