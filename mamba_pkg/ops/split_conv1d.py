@@ -24,8 +24,15 @@ from torch import Tensor
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.causal_conv1d import _launch_bwd as _launch_conv_bwd
 from mamba_pkg.ops.causal_conv1d import _launch_fwd as _launch_conv_fwd
-from mamba_pkg.ops.causal_conv1d import _run_starts
-from mamba_pkg.ops.backend import seq_idx_from_cu_seqlens
+from mamba_pkg.ops.causal_conv1d import INDEX_DTYPES, _run_starts
+from mamba_pkg.ops.backend import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+    seq_idx_from_cu_seqlens,
+)
 from mamba_pkg.ops.mamba_inner import _copy_rows
 
 
@@ -111,22 +118,8 @@ class SplitConv1dFn(torch.autograd.Function):
         return dzxbcdt, dw, db if bias is not None else None, None, None, None, None
 
 
-def split_conv1d(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor], d_inner: int, gn: int, silu: bool,
-                 seq_idx: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
-    """Mamba-2's split of the in_proj output and its depthwise conv (Triton path; the caller,
-    ssd.combined.mamba_split_conv1d_scan_combined, has checked the inputs).
-
-    Args:
-        zxbcdt: (B, L, 2*D_inner + 2*G*N + H), last dim contiguous.
-        weight: (D_inner + 2*G*N, W) contiguous; bias: (D_inner + 2*G*N,) or None.
-        d_inner: D_inner; gn: G*N; silu: silu after the conv.
-        seq_idx: (B, L) int32 or None; cu_seqlens: (num_seqs + 1,) int32 or None (B == 1):
-            the conv never reads across a sequence boundary.
-
-    Returns:
-        z (B, L, D_inner) and dt (B, L, H), views of zxbcdt; x (B, L, D_inner), B and C
-        (B, L, G*N), dense. Gradients of all five go back as one dense (B, L, d_in_proj).
-    """
+def _split_conv1d(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=None, cu_seqlens=None):
+    """split_conv1d without the input checks (mamba_split_conv1d_scan_combined has made them)."""
     starts = None
     if cu_seqlens is not None:
         starts = cu_seqlens.to(torch.int32)[seq_idx_from_cu_seqlens(cu_seqlens, zxbcdt.shape[1]).long()]
@@ -136,3 +129,41 @@ def split_conv1d(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor], d_inner
         zxbcdt = zxbcdt.contiguous()
     return SplitConv1dFn.apply(zxbcdt, weight.contiguous(), None if bias is None else bias.contiguous(), starts,
                                d_inner, gn, silu)
+
+
+def split_conv1d(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor], d_inner: int, gn: int, silu: bool,
+                 seq_idx: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
+    """Mamba-2's split of the in_proj output and its depthwise conv (the Triton path of
+    ssd.combined.mamba_split_conv1d_scan_combined's training step).
+
+    Args:
+        zxbcdt: (B, L, 2*D_inner + 2*G*N + H), H >= 1.
+        weight: (D_inner + 2*G*N, W), W in 2..8; bias: (D_inner + 2*G*N,) or None.
+        d_inner: D_inner; gn: G*N; silu: silu after the conv.
+        seq_idx: (B, L) int32 or None; cu_seqlens: (num_seqs + 1,) int32 or None (B == 1):
+            the conv never reads across a sequence boundary.
+
+    Returns:
+        z (B, L, D_inner) and dt (B, L, H), views of zxbcdt; x (B, L, D_inner), B and C
+        (B, L, G*N), dense. Gradients of all five go back as one dense (B, L, d_in_proj).
+    """
+    for name, value in (("d_inner", d_inner), ("gn", gn)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_tensor("zxbcdt", zxbcdt, ndim=3, dtype=FLOAT_DTYPES)
+    batch, length, width = zxbcdt.shape
+    if width <= 2 * (d_inner + gn):
+        raise ValueError(f"zxbcdt must have shape (B, L, 2*d_inner + 2*gn + H) with H >= 1 = (B, L, > "
+                         f"{2 * (d_inner + gn)}), got {tuple(zxbcdt.shape)}")
+    check_tensor("weight", weight, ndim=2, dtype=FLOAT_DTYPES)
+    if weight.shape[0] != d_inner + 2 * gn or not 2 <= weight.shape[1] <= 8:
+        raise ValueError(f"weight must have shape (d_inner + 2*gn = {d_inner + 2 * gn}, W) with W in 2..8, "
+                         f"got {tuple(weight.shape)}")
+    check_tensor("bias", bias, shape=(d_inner + 2 * gn,), dtype=FLOAT_DTYPES, optional=True)
+    if seq_idx is not None and cu_seqlens is not None:
+        raise ValueError("give seq_idx or cu_seqlens, not both")
+    check_tensor("seq_idx", seq_idx, shape=(batch, length), dtype=INDEX_DTYPES, optional=True)
+    check_same_device(zxbcdt=zxbcdt, weight=weight, bias=bias, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+    check_cu_seqlens(cu_seqlens, length, batch)
+    resolve_backend("triton", zxbcdt, weight)  # an error where the kernels cannot run (CPU without the interpreter)
+    return _split_conv1d(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=seq_idx, cu_seqlens=cu_seqlens)

@@ -136,3 +136,23 @@ def test_split_conv1d_compiles_to_one_graph():
     forward, backward = compiled_matches_eager(step, [zxbcdt, weight, bias])
     assert "split_conv1d_fwd" in forward and "split_conv1d_bwd" in backward
     assert "cat" not in backward
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(zxbcdt=torch.randn(2, 5, 20)), "zxbcdt must have shape"),
+    (dict(zxbcdt=torch.randn(5, 35)), "zxbcdt must have 3 dim"),
+    (dict(weight=torch.randn(19, 4)), "weight must have shape"),
+    (dict(weight=torch.randn(20, 9)), "weight must have shape"),
+    (dict(bias=torch.randn(7)), "bias must have shape"),
+    (dict(d_inner=0), "d_inner must be a positive int"),
+    (dict(gn=2.0), "gn must be a positive int"),
+    (dict(seq_idx=torch.zeros(2, 4, dtype=torch.int32)), "seq_idx must have shape"),
+    (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "cu_seqlens"),
+])
+def test_split_conv1d_bad_inputs(change, match):
+    d_inner, gn, H = 12, 4, 3
+    zxbcdt, weight, bias = _inputs(2, 5, d_inner, gn, H, 4, DEV)
+    args = dict(zxbcdt=zxbcdt, weight=weight, bias=bias, d_inner=d_inner, gn=gn, silu=True)
+    args.update({k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    with pytest.raises((ValueError, TypeError), match=match):
+        split_conv1d(**args)

@@ -431,10 +431,10 @@ def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_
     G = ngroups
     N = (conv1d_weight.shape[0] - d_inner) // (2 * G)
     if split_op:
-        from mamba_pkg.ops.split_conv1d import split_conv1d
+        from mamba_pkg.ops.split_conv1d import _split_conv1d
 
-        z, x, B, C, dt = split_conv1d(zxbcdt, conv1d_weight, conv1d_bias, d_inner, G * N, activation is not None,
-                                      seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+        z, x, B, C, dt = _split_conv1d(zxbcdt, conv1d_weight, conv1d_bias, d_inner, G * N, activation is not None,
+                                       seq_idx=seq_idx, cu_seqlens=cu_seqlens)
         return _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_states, seq_idx, dt_limit,
                                    return_final_states, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
                                    headdim, ngroups, norm_before_gate, cu_seqlens, backend)
