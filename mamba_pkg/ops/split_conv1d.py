@@ -25,14 +25,8 @@ from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.causal_conv1d import _launch_bwd as _launch_conv_bwd
 from mamba_pkg.ops.causal_conv1d import _launch_fwd as _launch_conv_fwd
 from mamba_pkg.ops.causal_conv1d import INDEX_DTYPES, _run_starts
-from mamba_pkg.ops.backend import (
-    FLOAT_DTYPES,
-    check_cu_seqlens,
-    check_same_device,
-    check_tensor,
-    resolve_backend,
-    seq_idx_from_cu_seqlens,
-)
+from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_tensor
+from mamba_pkg.ops.backend import resolve_backend, seq_idx_from_cu_seqlens
 from mamba_pkg.ops.mamba_inner import _copy_rows
 
 
