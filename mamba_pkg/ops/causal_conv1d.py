@@ -61,6 +61,13 @@ def _run_starts(seq_idx):
     return torch.where(first, pos, 0).cummax(dim=1).values.to(torch.int32)
 
 
+def _packed_starts(cu_seqlens, length):
+    """The launchers' starts (1, L) int32, each position's first position of its packed sequence,
+    and rows (L,) int32, its initial-state row (its sequence index)."""
+    seq = seq_idx_from_cu_seqlens(cu_seqlens, length)  # (1, L)
+    return cu_seqlens.to(torch.int32)[seq.long()], seq[0].contiguous()
+
+
 def _conv_dense_ref(x, weight, bias, initial_states, starts, apply_silu):
     """One state per row. ``starts`` (B, L) or None: an input q reaches output t only if
     q >= starts[t]; the initial state only reaches the row's first run. Returns fp32 out."""
@@ -1172,9 +1179,7 @@ def causal_conv1d_fn(
     length, width = x.shape[2], weight.shape[1]
     starts = rows = None
     if cu_seqlens is not None:
-        seq = seq_idx_from_cu_seqlens(cu_seqlens, length)  # (1, L)
-        starts = cu_seqlens.to(torch.int32)[seq.long()]  # (1, L): first position of each one's sequence
-        rows = seq[0].contiguous()  # (L,): its initial-state row
+        starts, rows = _packed_starts(cu_seqlens, length)
     elif seq_idx is not None:
         starts = _run_starts(seq_idx)
     out = CausalConv1dFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),

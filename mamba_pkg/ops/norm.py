@@ -338,7 +338,7 @@ def _gated_fwd_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, Z_VEC: tl.constexpr,
 ):
-    stride_z *= Z_VEC  # passed divided by Z_VEC: see _z_vec
+    stride_z *= Z_VEC  # passed divided by Z_VEC: see _z_stride
     i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_c = i_g * GS + tl.arange(0, BLOCK_G)
@@ -368,7 +368,7 @@ def _gated_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_G: tl.constexpr,
     Z_VEC: tl.constexpr,
 ):
-    stride_z *= Z_VEC  # passed divided by Z_VEC: see _z_vec
+    stride_z *= Z_VEC  # passed divided by Z_VEC: see _z_stride
     i_prog, i_g = tl.program_id(0), tl.program_id(1)
     o_c = i_g * GS + tl.arange(0, BLOCK_G)
     m_c = tl.arange(0, BLOCK_G) < GS
@@ -413,15 +413,17 @@ def _gated_bwd_kernel(
         tl.store(db_ptr + i_prog * D + o_c, acc_db, mask=m_c)
 
 
-def _z_vec(z2) -> int:
-    """z's row stride in units of 16 bytes when it is one (else 1). Mamba-2's z is a slice of
-    zxbcdt rows (3352 values at 130m, not divisible by 16): Triton knows the alignment only of
-    stride arguments divisible by 16, and loaded z 2 bytes at a time; a stride passed divided
-    by a constexpr that the kernel multiplies back carries the alignment."""
+def _z_stride(z2) -> tuple[int, int]:
+    """(stride argument, Z_VEC) of z's rows: the row stride divided by its 16-byte multiple
+    Z_VEC (1 when it has none; (0, 1) without z). Mamba-2's z is a slice of zxbcdt rows (3352
+    values at 130m, not divisible by 16): Triton knows the alignment only of stride arguments
+    divisible by 16, and loaded z 2 bytes at a time; a stride passed divided by a constexpr that
+    the kernel multiplies back carries the alignment."""
     if z2 is None:
-        return 1
+        return 0, 1
     vec = 16 // z2.element_size()
-    return vec if z2.stride(0) % vec == 0 else 1
+    vec = vec if z2.stride(0) % vec == 0 else 1
+    return z2.stride(0) // vec, vec
 
 
 def _gated_fwd_outputs(x2, group_size):
@@ -441,11 +443,11 @@ def _rms_norm_gated_fwd(
     rows, dim = x2.shape
     block_g = next_pow2(group_size)
     block_m = max(1, min(16, 2048 // block_g))
+    stride_z, z_vec = _z_stride(z2)
     launch(_gated_fwd_kernel, (cdiv(rows, block_m), dim // group_size),
-        x2, z2, weight, bias, out, rstd, rows, dim, group_size,
-        x2.stride(0), z2.stride(0) // _z_vec(z2) if z2 is not None else 0, out.stride(0), eps,
+        x2, z2, weight, bias, out, rstd, rows, dim, group_size, x2.stride(0), stride_z, out.stride(0), eps,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_M=block_m, BLOCK_G=block_g, Z_VEC=_z_vec(z2), num_warps=min(16, max(4, block_g * block_m // 512)),
+        BLOCK_M=block_m, BLOCK_G=block_g, Z_VEC=z_vec, num_warps=min(16, max(4, block_g * block_m // 512)),
     )
     return out, rstd
 
@@ -479,13 +481,13 @@ def _rms_norm_gated_bwd(
     dw = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32)
     db = torch.empty(n_prog, dim, device=x2.device, dtype=torch.float32) if bias is not None else None
     block_g = next_pow2(group_size)
+    stride_z, z_vec = _z_stride(z2)
     launch(_gated_bwd_kernel, (n_prog, dim // group_size),
         x2, z2, weight, bias, dy2, dx, dz, dw, db, rstd,
         rows, dim, group_size, cdiv(rows, n_prog), x2.stride(0),
-        z2.stride(0) // _z_vec(z2) if z2 is not None else 0, dy2.stride(0), dx.stride(0),
-        dz.stride(0) if z2 is not None else 0,
+        stride_z, dy2.stride(0), dx.stride(0), dz.stride(0) if z2 is not None else 0,
         HAS_Z=z2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-        BLOCK_G=block_g, Z_VEC=_z_vec(z2), num_warps=min(16, max(4, block_g // 256)),
+        BLOCK_G=block_g, Z_VEC=z_vec, num_warps=min(16, max(4, block_g // 256)),
     )
     return dx, dz, dw.sum(0).to(weight.dtype), absent(x2) if bias is None else db.sum(0).to(bias.dtype)
 

@@ -24,9 +24,9 @@ from torch import Tensor
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.causal_conv1d import _launch_bwd as _launch_conv_bwd
 from mamba_pkg.ops.causal_conv1d import _launch_fwd as _launch_conv_fwd
-from mamba_pkg.ops.causal_conv1d import INDEX_DTYPES, _run_starts
+from mamba_pkg.ops.causal_conv1d import INDEX_DTYPES, _packed_starts, _run_starts
 from mamba_pkg.ops.backend import FLOAT_DTYPES, check_cu_seqlens, check_same_device, check_tensor
-from mamba_pkg.ops.backend import resolve_backend, seq_idx_from_cu_seqlens
+from mamba_pkg.ops.backend import resolve_backend
 from mamba_pkg.ops.mamba_inner import _copy_rows
 
 
@@ -83,7 +83,7 @@ def _split_conv1d_bwd_launcher(zxbcdt: Tensor, weight: Tensor, bias: Optional[Te
                          dout.transpose(1, 2))
     # (B, L, width) rows of dense gradients into dzxbcdt's strided slices: 16-byte row copies.
     _copy_rows(dzxbcdt[..., :d_inner], dz)
-    dzxbcdt[..., d_inner + d_inner + 2 * gn:].copy_(ddt)
+    dzxbcdt[..., 2 * (d_inner + gn):].copy_(ddt)
     return dzxbcdt, dw, db
 
 
@@ -116,7 +116,7 @@ def _split_conv1d(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=None, cu_seql
     """split_conv1d without the input checks (mamba_split_conv1d_scan_combined has made them)."""
     starts = None
     if cu_seqlens is not None:
-        starts = cu_seqlens.to(torch.int32)[seq_idx_from_cu_seqlens(cu_seqlens, zxbcdt.shape[1]).long()]
+        starts, _ = _packed_starts(cu_seqlens, zxbcdt.shape[1])
     elif seq_idx is not None:
         starts = _run_starts(seq_idx)
     if zxbcdt.stride(-1) != 1:
