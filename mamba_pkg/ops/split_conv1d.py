@@ -61,19 +61,19 @@ def _(zxbcdt, weight, bias, starts, d_inner, gn, silu):
     return _fwd_outputs(zxbcdt, d_inner, gn)
 
 
+def _wgrad_outputs(weight: Tensor, bias: Optional[Tensor]):
+    return torch.empty_like(weight), torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+
+
 def _bwd_outputs(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    dzxbcdt = torch.empty(zxbcdt.shape, device=zxbcdt.device, dtype=zxbcdt.dtype)
-    dw = torch.empty_like(weight)
-    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return dzxbcdt, dw, db
+    return (torch.empty(zxbcdt.shape, device=zxbcdt.device, dtype=zxbcdt.dtype), *_wgrad_outputs(weight, bias))
 
 
-def _split_conv1d_bwd_launcher(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor], starts: Optional[Tensor],
-                               dz: Tensor, dx: Tensor, dB: Tensor, dC: Tensor,
-                               ddt: Tensor, d_inner: int, gn: int, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of (z, x, B, C, dt) -> (dzxbcdt (B, L, d_in_proj) dense, dweight, dbias or empty).
-    The conv's backward writes each part's input gradient into dzxbcdt's xBC slice."""
-    dzxbcdt, dw, db = _bwd_outputs(zxbcdt, weight, bias)
+def _conv_grads_into(dzxbcdt: Tensor, dw: Tensor, db: Tensor, zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     starts: Optional[Tensor], dx: Tensor, dB: Tensor, dC: Tensor, ddt: Tensor, d_inner: int,
+                     gn: int, silu: bool) -> None:
+    """The conv's backward writes each part's input gradient into dzxbcdt's xBC slice; ddt goes
+    into its dt slice (dz is the caller's)."""
     for (first, width), dout in zip(_channel_parts(d_inner, gn), (dx, dB, dC)):
         lo, hi = d_inner + first, d_inner + first + width
         _launch_conv_bwd(dzxbcdt[..., lo:hi].transpose(1, 2), dw[first: first + width],
@@ -81,9 +81,17 @@ def _split_conv1d_bwd_launcher(zxbcdt: Tensor, weight: Tensor, bias: Optional[Te
                          zxbcdt[..., lo:hi].transpose(1, 2), weight[first: first + width],
                          None if bias is None else bias[first: first + width], None, starts, None, silu,
                          dout.transpose(1, 2))
+    dzxbcdt[..., 2 * (d_inner + gn):].copy_(ddt)
+
+
+def _split_conv1d_bwd_launcher(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor], starts: Optional[Tensor],
+                               dz: Tensor, dx: Tensor, dB: Tensor, dC: Tensor,
+                               ddt: Tensor, d_inner: int, gn: int, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of (z, x, B, C, dt) -> (dzxbcdt (B, L, d_in_proj) dense, dweight, dbias or empty)."""
+    dzxbcdt, dw, db = _bwd_outputs(zxbcdt, weight, bias)
+    _conv_grads_into(dzxbcdt, dw, db, zxbcdt, weight, bias, starts, dx, dB, dC, ddt, d_inner, gn, silu)
     # (B, L, width) rows of dense gradients into dzxbcdt's strided slices: 16-byte row copies.
     _copy_rows(dzxbcdt[..., :d_inner], dz)
-    dzxbcdt[..., 2 * (d_inner + gn):].copy_(ddt)
     return dzxbcdt, dw, db
 
 
@@ -95,25 +103,60 @@ def _(zxbcdt, weight, bias, starts, dz, dx, dB, dC, ddt, d_inner, gn, silu):
     return _bwd_outputs(zxbcdt, weight, bias)
 
 
+@launcher_op("split_conv1d_bwd_into", mutates_args=("dzxbcdt",))
+def _split_conv1d_bwd_into(dzxbcdt: Tensor, zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           starts: Optional[Tensor], dx: Tensor, dB: Tensor, dC: Tensor, ddt: Tensor, d_inner: int,
+                           gn: int, silu: bool) -> tuple[Tensor, Tensor]:
+    """_split_conv1d_bwd when dz already fills dzxbcdt's first D_inner columns (dense (B, L,
+    d_in_proj)): writes the rest of dzxbcdt -> (dweight, dbias or empty)."""
+    dw, db = _wgrad_outputs(weight, bias)
+    _conv_grads_into(dzxbcdt, dw, db, zxbcdt, weight, bias, starts, dx, dB, dC, ddt, d_inner, gn, silu)
+    return dw, db
+
+
+@_split_conv1d_bwd_into.register_fake
+def _(dzxbcdt, zxbcdt, weight, bias, starts, dx, dB, dC, ddt, d_inner, gn, silu):
+    return _wgrad_outputs(weight, bias)
+
+
+def _fills_z_columns(dz: Tensor, zxbcdt: Tensor) -> bool:
+    """Whether dz is the first D_inner columns of a fresh dense buffer shaped like zxbcdt (what
+    norm.RMSNormGatedFn(grad_z_rows=True) returns), so the buffer can be zxbcdt's gradient."""
+    base = dz._base
+    return (base is not None and base.is_contiguous() and base.numel() == zxbcdt.numel()
+            and base.dtype == zxbcdt.dtype and dz.data_ptr() == base.data_ptr()
+            and dz.stride() == (zxbcdt.shape[1] * zxbcdt.shape[2], zxbcdt.shape[2], 1))
+
+
 class SplitConv1dFn(torch.autograd.Function):
+    """adopt_dz: z's only consumer returns its gradient in z's layout (see _fills_z_columns); the
+    backward then writes the other gradients around it instead of copying it."""
+
     @staticmethod
-    def forward(ctx, zxbcdt, weight, bias, starts, d_inner, gn, silu):
+    def forward(ctx, zxbcdt, weight, bias, starts, d_inner, gn, silu, adopt_dz=False):
         x, B, C = _split_conv1d_fwd(zxbcdt, weight, bias, starts, d_inner, gn, silu)
         ctx.save_for_backward(zxbcdt, weight, bias, starts)
-        ctx.sizes = (d_inner, gn, silu)
+        ctx.sizes = (d_inner, gn, silu, adopt_dz)
         return zxbcdt[..., :d_inner], x, B, C, zxbcdt[..., 2 * (d_inner + gn):]
 
     @staticmethod
     def backward(ctx, dz, dx, dB, dC, ddt):
         zxbcdt, weight, bias, starts = ctx.saved_tensors
-        d_inner, gn, silu = ctx.sizes
-        dzxbcdt, dw, db = _split_conv1d_bwd(zxbcdt, weight, bias, starts, dz, dx.contiguous(),
-                                            dB.contiguous(), dC.contiguous(), ddt, d_inner, gn, silu)
-        return dzxbcdt, dw, db if bias is not None else None, None, None, None, None
+        d_inner, gn, silu, adopt_dz = ctx.sizes
+        dx, dB, dC = dx.contiguous(), dB.contiguous(), dC.contiguous()
+        if adopt_dz and not torch.compiler.is_compiling() and _fills_z_columns(dz, zxbcdt):
+            dzxbcdt = dz._base.view(zxbcdt.shape)
+            dw, db = _split_conv1d_bwd_into(dzxbcdt, zxbcdt, weight, bias, starts, dx, dB, dC, ddt, d_inner, gn,
+                                            silu)
+        else:
+            dzxbcdt, dw, db = _split_conv1d_bwd(zxbcdt, weight, bias, starts, dz, dx, dB, dC, ddt, d_inner, gn,
+                                                silu)
+        return dzxbcdt, dw, db if bias is not None else None, None, None, None, None, None
 
 
-def _split_conv1d(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=None, cu_seqlens=None):
-    """split_conv1d without the input checks (mamba_split_conv1d_scan_combined has made them)."""
+def _split_conv1d(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=None, cu_seqlens=None, adopt_dz=False):
+    """split_conv1d without the input checks (mamba_split_conv1d_scan_combined has made them);
+    adopt_dz: see SplitConv1dFn."""
     starts = None
     if cu_seqlens is not None:
         starts, _ = _packed_starts(cu_seqlens, zxbcdt.shape[1])
@@ -122,7 +165,7 @@ def _split_conv1d(zxbcdt, weight, bias, d_inner, gn, silu, seq_idx=None, cu_seql
     if zxbcdt.stride(-1) != 1:
         zxbcdt = zxbcdt.contiguous()
     return SplitConv1dFn.apply(zxbcdt, weight.contiguous(), None if bias is None else bias.contiguous(), starts,
-                               d_inner, gn, silu)
+                               d_inner, gn, silu, adopt_dz)
 
 
 def split_conv1d(zxbcdt: Tensor, weight: Tensor, bias: Optional[Tensor], d_inner: int, gn: int, silu: bool,

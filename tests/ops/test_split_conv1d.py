@@ -114,6 +114,33 @@ def test_mixer_triton_path_equals_torch(varlen):
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=f"{name} {extra}")
 
 
+def test_mixer_adopts_gated_norm_dz(monkeypatch):
+    """The gated norm hands z's gradient back in zxbcdt's layout and the split backward writes the
+    rest of zxbcdt's gradient around it: no dz copy, the same gradients as the copying path."""
+    import mamba_pkg.ops.split_conv1d as split_mod
+
+    inp, kw = _mixer_inputs(DEV, torch.float32)
+    calls = {"into": 0, "copy": 0}
+    into, copy = split_mod._split_conv1d_bwd_into, split_mod._copy_rows
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(split_mod, "_split_conv1d_bwd_into", counted("into", into))
+    monkeypatch.setattr(split_mod, "_copy_rows", counted("copy", copy))
+    got = _mixer_grads(inp, kw, backend="triton")
+    assert calls == {"into": 1, "copy": 0}
+    # A dz not in zxbcdt's layout (z with a second consumer, say) is copied.
+    monkeypatch.setattr(split_mod, "_fills_z_columns", lambda dz, zxbcdt: False)
+    copied = _mixer_grads(inp, kw, backend="triton")
+    assert calls == {"into": 1, "copy": 1}
+    for name, a, b in zip(NAMES, got, copied):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_mixer_triton_path_bf16_tolerance_rule():
     device = DEV
     inp32, kw = _mixer_inputs(device, torch.float32)

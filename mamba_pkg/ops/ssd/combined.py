@@ -433,11 +433,14 @@ def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_
     if split_op:
         from mamba_pkg.ops.split_conv1d import _split_conv1d
 
+        # z's gradient comes back in zxbcdt's layout from the gated norm, its only consumer, and
+        # becomes zxbcdt's gradient (norm.RMSNormGatedFn); compiled graphs keep the copy.
+        adopt = rmsnorm_weight is not None and not torch.compiler.is_compiling()
         z, x, B, C, dt = _split_conv1d(zxbcdt, conv1d_weight, conv1d_bias, d_inner, G * N, activation is not None,
-                                       seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+                                       seq_idx=seq_idx, cu_seqlens=cu_seqlens, adopt_dz=adopt)
         return _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_states, seq_idx, dt_limit,
                                    return_final_states, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
-                                   headdim, ngroups, norm_before_gate, cu_seqlens, backend)
+                                   headdim, ngroups, norm_before_gate, cu_seqlens, backend, grad_z_rows=adopt)
     z, xBC, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * G * N, H], dim=-1)
     conv_in = xBC.transpose(1, 2)  # (B, conv_dim, L), channel-last memory
     if backend is None:
@@ -461,8 +464,9 @@ def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_
 
 def _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_states, seq_idx, dt_limit, return_final_states,
                         rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
-                        norm_before_gate, cu_seqlens, backend):
-    """The mixer after the conv: x (B, L, D_inner), B / C (B, L, G*N), z (B, L, D_inner), dt (B, L, H)."""
+                        norm_before_gate, cu_seqlens, backend, grad_z_rows=False):
+    """The mixer after the conv: x (B, L, D_inner), B / C (B, L, G*N), z (B, L, D_inner), dt (B, L, H).
+    grad_z_rows: the gated norm returns z's gradient in z's row layout (norm.RMSNormGatedFn)."""
     batch, L, d_inner = x.shape
     H, G = A.shape[0], ngroups
     N = B.shape[-1] // G
@@ -480,16 +484,22 @@ def _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_state
     y, final_states = (scanned, None) if not return_final_states else scanned
     y = y.reshape(batch, L, d_inner)
     if rmsnorm_weight is not None:
-        if backend is None:
-            from mamba_pkg.ops.norm import rms_norm_gated_ref as norm
+        if grad_z_rows:
+            from mamba_pkg.ops.norm import RMSNormGatedFn
 
-            norm_kw = {}
+            y = RMSNormGatedFn.apply(y, rmsnorm_weight.contiguous(), None, z, float(rmsnorm_eps), d_inner // G,
+                                     norm_before_gate, True)
         else:
-            from mamba_pkg.ops.norm import rms_norm_gated_fn as norm
+            if backend is None:
+                from mamba_pkg.ops.norm import rms_norm_gated_ref as norm
 
-            norm_kw = {"backend": backend}
-        y = norm(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=d_inner // G,
-                 norm_before_gate=norm_before_gate, **norm_kw)
+                norm_kw = {}
+            else:
+                from mamba_pkg.ops.norm import rms_norm_gated_fn as norm
+
+                norm_kw = {"backend": backend}
+            y = norm(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=d_inner // G,
+                     norm_before_gate=norm_before_gate, **norm_kw)
     if outproj_weight is not None:
         y = torch.nn.functional.linear(y, outproj_weight.to(y.dtype),
                                        None if outproj_bias is None else outproj_bias.to(y.dtype))
