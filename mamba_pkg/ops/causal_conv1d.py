@@ -170,8 +170,9 @@ def _into_final_states_out(final, final_states_out):
 
 # ---------------------------------------------------------------------------
 # Triton kernels. Three paths: "chunked" ((B, D, L)-contiguous x without packing), "rows"
-# (the backward of channel-last x without packing) and the general kernels below (packed
-# inputs, the channel-last forward, W > 5 channel-last backward).
+# (channel-last x without packing, W <= 5) and the general kernels below (packed inputs,
+# W > 5 channel-last). The channel-last kernels also take their output (forward) or output
+# gradient (backward) as up to three tensors along D: Mamba-2's x, B and C in one launch.
 # General kernels: a tile is (BLOCK_D channels, BLOCK_L positions) of one row; every
 # stride is passed, so one kernel serves (B, D, L)-contiguous and channel-last x
 # (Triton specialises a stride of 1 and vectorises along that axis). The W taps are
@@ -262,7 +263,7 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
     if SILU:
         acc = acc * ptx_sigmoid(acc, FAST)
     p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64)[:, None] * stride_o_d
-           + o_l.to(tl.int64)[None, :] * stride_o_l)
+           + tl.multiple_of(o_l.to(tl.int64)[None, :] * stride_o_l, [ALIGN, ALIGN]))
     if MASKED:
         tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=m_d[:, None] & (o_l < L)[None, :])
     else:
@@ -270,31 +271,57 @@ def _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr
 
 
 @triton.jit
+def _part(i_d, ptr0, ptr1, ptr2, stride0_b, stride0_l, stride1_b, stride1_l, stride2_b, stride2_l,
+          D, D1, D2, T1, T2, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
+    """Channel tile i_d of a tensor given as PARTS = 3 channel-last parts along D (channels [0, D1),
+    [D1, D2), [D2, D); tiles [0, T1), [T1, T2), [T2, ...), none straddling two parts) or as one
+    (PARTS = 1: ptr0) -> the tile's first channel, its part's end, and the part's pointer
+    (shifted so that a global channel index addresses it) and (B, L) strides. Selects of
+    scalars: no branch, and Triton keeps the pointers' and strides' 16-byte divisibility."""
+    if PARTS == 3:
+        in1, in2 = i_d >= T1, i_d >= T2
+        d0 = tl.where(in2, D2 + (i_d - T2) * BLOCK_D, tl.where(in1, D1 + (i_d - T1) * BLOCK_D, i_d * BLOCK_D))
+        d_end = tl.where(in2, D, tl.where(in1, D2, D1))
+        ptr = tl.where(in2, ptr2 - D2, tl.where(in1, ptr1 - D1, ptr0))
+        stride_b = tl.where(in2, stride2_b, tl.where(in1, stride1_b, stride0_b))
+        stride_l = tl.where(in2, stride2_l, tl.where(in1, stride1_l, stride0_l))
+    else:
+        d0, d_end, ptr, stride_b, stride_l = i_d * BLOCK_D, D, ptr0, stride0_b, stride0_l
+    return d0, d_end, ptr, stride_b, stride_l
+
+
+@triton.jit
 def _causal_conv1d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr,
-    L, D,
+    x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, out1_ptr, out2_ptr,
+    L, D, D1, D2, T1, T2,
     stride_x_b, stride_x_d, stride_x_l,
     stride_o_b, stride_o_d, stride_o_l,
+    stride_o1_b, stride_o1_l, stride_o2_b, stride_o2_l,
     stride_i_b, stride_i_d, stride_i_w,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     INIT_PER_SEQ: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, PARTS: tl.constexpr,
 ):
+    """PARTS = 3: out is three channel-last tensors along D (see _part; stride_o_d == 1), one launch
+    for Mamba-2's x, B and C."""
     i_l, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    l0, d0 = i_l * BLOCK_L, i_d * BLOCK_D
+    l0 = i_l * BLOCK_L
+    d0, d_end, out_ptr, stride_o_b, stride_o_l = _part(
+        i_d, out_ptr, out1_ptr, out2_ptr, stride_o_b, stride_o_l, stride_o1_b, stride_o1_l,
+        stride_o2_b, stride_o2_l, D, D1, D2, T1, T2, BLOCK_D, PARTS)
     if HAS_SEQ:
-        _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+        _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, d_end,
                        stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                        stride_i_b, stride_i_d, stride_i_w,
                        W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L, ALIGN)
     else:
-        if (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= D):
-            _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+        if (l0 >= W - 1) & (l0 + BLOCK_L <= L) & (d0 + BLOCK_D <= d_end):
+            _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, d_end,
                            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                            stride_i_b, stride_i_d, stride_i_w,
                            W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, False, BLOCK_D, BLOCK_L, ALIGN)
         else:
-            _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, D,
+            _conv_fwd_tile(x_ptr, w_ptr, bias_ptr, init_ptr, start_ptr, row_ptr, out_ptr, i_b, l0, d0, L, d_end,
                            stride_x_b, stride_x_d, stride_x_l, stride_o_b, stride_o_d, stride_o_l,
                            stride_i_b, stride_i_d, stride_i_w,
                            W, HAS_BIAS, HAS_INIT, HAS_SEQ, INIT_PER_SEQ, SILU, FAST, True, BLOCK_D, BLOCK_L, ALIGN)
@@ -439,10 +466,12 @@ def _causal_conv1d_fwd_chunk_kernel(
 # Tile shapes, chosen by measurement on an H100 (benchmarks/bench_conv.py --tune). The
 # chunked path's are (BLOCK_D, NC chunks of CHUNK positions, num_warps); the general
 # kernel's (BLOCK_D, BLOCK_L, num_warps), the layout deciding which axis is contiguous.
-# The rows kernel's are (BLOCK_D = 256 * num_warps: 8 channels per thread, STEPS, num_warps).
+# The rows kernels' are (BLOCK_D = 32 * num_warps * channels per thread (see *_LOAD_BYTES),
+# STEPS, num_warps).
 # A backward config may end with a register cap per thread (Triton's maxnreg).
-FWD_CONFIG = {"chunked": (2, 128, 8), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4)}
-BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4), "rows": (256, 32, 1)}
+FWD_CONFIG = {"chunked": (2, 128, 8), "contiguous": (8, 256, 4), "channel_last": (128, 32, 4),
+              "rows": (128, 16, 1)}
+BWD_CONFIG = {"chunked": (2, 64, 4), "contiguous": (8, 256, 4), "channel_last": (64, 64, 4), "rows": (128, 32, 1)}
 # Channel-last backward: "rows" runs the rows kernel (unpacked x, W <= 5; else the general
 # kernel's "scratch"). General backward kernel: programs per SM (a persistent grid: each
 # program reuses one scratch tile), and how it gets dy at the W-1 positions after each
@@ -455,6 +484,18 @@ BWD_TILES_PER_PROGRAM = 16
 # Chunked backward: load the next tile while computing this one (more registers).
 BWD_PREFETCH = False
 BWD_DY_SHIFT = {"contiguous": "scratch", "channel_last": "rows"}
+# Rows kernels: bytes per load and store along D (16 or 8). Triton vectorises as wide as the
+# known alignment allows and gives each thread that many channels, so a smaller alignment hint
+# means fewer channels per thread: in the backward 4 bf16 channels hold half the registers of 8
+# (128 vs 255 on sm_90), twice the resident warps to hide the loads' latency (H100, session 9:
+# Mamba-2's split backward 95.5 -> 92.3 us, B=4 D=2048 L=8192 0.199 -> 0.183 ms).
+FWD_ROWS_LOAD_BYTES = 8
+BWD_ROWS_LOAD_BYTES = 8
+# Channel-last forward without packing, W <= 5: "rows" (the rows kernel, x loaded once) or
+# "general" (W shifted tile loads). Rows kernel: STEPS is halved (down to 1) until the grid
+# has this many programs per SM.
+FWD_CHANNEL_LAST = "rows"
+FWD_ROWS_MIN_PROGRAMS_PER_SM = 4
 
 
 def _layout(x):
@@ -488,12 +529,50 @@ def _row_align(*tensors) -> int:
     return vec if ok else 1
 
 
-def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config=None):
-    """Write the forward into out; config overrides the tile shape (benchmarks)."""
+def _parts_layout(parts, dim, block_d):
+    """(D1, D2, T1, T2, number of channel tiles) of up to three channel parts (see _part), or
+    None when they cannot share one launch (more than three, or one not channel-last)."""
+    widths = [p.shape[1] for p in parts]
+    if len(parts) > 3 or sum(widths) != dim or any(p.stride(1) != 1 for p in parts):
+        return None
+    widths += [0] * (3 - len(widths))
+    tiles = [cdiv(w, block_d) for w in widths]
+    return widths[0], widths[0] + widths[1], tiles[0], tiles[0] + tiles[1], sum(tiles)
+
+
+def _part_args(parts):
+    """The three parts' pointers and (B, L) strides for the kernels (missing parts repeat the last)."""
+    parts = list(parts) + [parts[-1]] * (3 - len(parts))
+    return parts, [s for p in parts[1:] for s in (p.stride(0), p.stride(2))]
+
+
+def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config=None, variant=None):
+    """Write the forward into out; config and variant ("rows" or "general", for channel-last x)
+    override the tuned settings (benchmarks). out may be a tuple of (B, D_k, L) tensors whose
+    D_k add up to D, each taking its channels of the output (Mamba-2's x, B and C):
+    channel-last ones share one launch."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     path = _path(x, starts)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if (path == "channel_last" and (variant or FWD_CHANNEL_LAST) == "rows" and starts is None
+            and width <= ROWS + 1 and x.stride(1) == 1 and all(o.stride(1) == 1 for o in outs)):
+        path = "rows"
     block_d, block, warps = config or FWD_CONFIG[path]
+    parts = None
+    if isinstance(out, (tuple, list)):
+        parts = _parts_layout(out, dim, block_d) if path != "chunked" else None
+        if parts is None:
+            first = 0
+            for part in out:
+                last = first + part.shape[1]
+                _launch_fwd(part, x[:, first:last], weight[first:last], None if bias is None else bias[first:last],
+                            None if initial_states is None else initial_states[:, first:last], starts, rows, silu,
+                            config, variant)
+                first = last
+            return
+        out, extra_strides = _part_args(out)
+        out, out1, out2 = out
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": ptx_math(_causal_conv1d_fwd_kernel), "BLOCK_D": block_d, "num_warps": warps}
@@ -505,11 +584,31 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
             NC=block, CHUNK=CHUNK, **flags,
         )
         return
-    grid = (cdiv(length, block), cdiv(dim, block_d), batch)
-    launch(_causal_conv1d_fwd_kernel, grid,
-        x, weight, bias, initial_states, starts, rows, out, length, dim,
-        *x.stride(), *out.stride(), *init_strides,
-        HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, ALIGN=_row_align(x), **flags,
+    if parts is None:
+        d1 = d2 = dim
+        n_tiles = t1 = t2 = cdiv(dim, block_d)
+        out1 = out2 = out
+        extra_strides = (0, 0, 0, 0)
+    else:
+        d1, d2, t1, t2, n_tiles = parts
+    align = _row_align(x, out, out1, out2)
+    flags["PARTS"] = 1 if parts is None else 3
+    if path == "rows":
+        steps = min(block, cdiv(length, ROWS))
+        min_programs = _n_sms(x.device) * FWD_ROWS_MIN_PROGRAMS_PER_SM
+        while steps > 1 and cdiv(length, steps * ROWS) * n_tiles * batch < min_programs:
+            steps = cdiv(steps, 2)
+        launch(_causal_conv1d_fwd_rows_kernel, (cdiv(length, steps * ROWS), n_tiles, batch),
+            x, weight, bias, initial_states, out, out1, out2, length, dim, d1, d2, t1, t2,
+            x.stride(0), x.stride(2), out.stride(0), out.stride(2), *extra_strides, *init_strides,
+            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps,
+            ALIGN=min(align, FWD_ROWS_LOAD_BYTES // x.element_size()), **flags,
+        )
+        return
+    launch(_causal_conv1d_fwd_kernel, (cdiv(length, block), n_tiles, batch),
+        x, weight, bias, initial_states, starts, rows, out, out1, out2, length, dim, d1, d2, t1, t2,
+        *x.stride(), *out.stride(), *extra_strides, *init_strides,
+        HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, ALIGN=align, **flags,
     )
 
 
@@ -811,9 +910,9 @@ def _causal_conv1d_bwd_chunk_kernel(
         _store_wgrad(p_dw, dw7, W - 8, m_d)
 
 
-# Channel-last x without packing: the rows kernel. Here the positions of a chunk are rows
-# D elements apart, so a thread holds 8 channels (one 16-byte load per row) of ROWS = 4
-# consecutive rows; Triton then keeps the row axis inside the thread and the split/join
+# Channel-last x without packing: the rows kernels. Here the positions of a chunk are rows
+# D elements apart, so a thread holds 4 or 8 channels (one 8- or 16-byte load per row) of
+# ROWS = 4 consecutive rows; Triton then keeps the row axis inside the thread and the split/join
 # shifts stay register renames (a tile with channels spread over fewer threads would move
 # the rows through shared memory). A program walks STEPS chunks along L in order, carrying
 # x and dy of the current chunk: each chunk of x and dout is loaded once, and pre and dy are
@@ -839,22 +938,91 @@ def _rows_load(ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_b, stride_l, stride_
 
 
 @triton.jit
-def _causal_conv1d_bwd_rows_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr,
-    L, D,
-    stride_x_b, stride_x_l, stride_do_b, stride_do_l, stride_dx_b, stride_dx_l,
-    stride_i_b, stride_i_d, stride_i_w, stride_w_d, stride_w_k,
-    W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr, ALIGN: tl.constexpr,
-):
-    """The chunked kernel's one-pass backward for channel-last x, over STEPS chunks of ROWS
-    positions: chunk c+1's dy is computed once and carried to the next step as chunk c's.
-    ALIGN: the L strides of x, dout and dx are multiples of it (see _row_align)."""
+def _rows_program(ptr0, ptr1, ptr2, stride0_b, stride0_l, stride1_b, stride1_l, stride2_b, stride2_l,
+                  D, D1, D2, T1, T2, W: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+                  PARTS: tl.constexpr):
+    """A rows kernel's program (chunk group i_g along L, channel tile, row i_b) -> i_g, i_b, its
+    channels and their mask, and the pointer and (B, L) strides of its part (see _part)."""
     tl.static_assert(ROWS == 4)
     tl.static_assert(W <= ROWS + 1)
     i_g, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
+    d0, d_end, ptr, stride_b, stride_l = _part(i_d, ptr0, ptr1, ptr2, stride0_b, stride0_l, stride1_b, stride1_l,
+                                               stride2_b, stride2_l, D, D1, D2, T1, T2, BLOCK_D, PARTS)
+    o_d = d0 + tl.arange(0, BLOCK_D)
+    return i_g, i_b, o_d, o_d < d_end, ptr, stride_b, stride_l
+
+
+@triton.jit
+def _tap(w_all, o_w, k: tl.constexpr):
+    """Tap k of the weights held as (BLOCK_D, 1, W_POW2) per thread, as (BLOCK_D, 1, 1): o_w is
+    known per register, so this is a register pick, no arithmetic."""
+    return tl.sum(tl.where(o_w == k, w_all, 0.0), axis=2)[:, :, None]
+
+
+@triton.jit
+def _causal_conv1d_fwd_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr, out1_ptr, out2_ptr,
+    L, D, D1, D2, T1, T2,
+    stride_x_b, stride_x_l, stride_o_b, stride_o_l, stride_o1_b, stride_o1_l, stride_o2_b, stride_o2_l,
+    stride_i_b, stride_i_d, stride_i_w,
+    W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr, ALIGN: tl.constexpr,
+    PARTS: tl.constexpr,
+):
+    """Channel-last forward over STEPS chunks of ROWS positions: each chunk of x is loaded once
+    (16 or 8 bytes per row and thread) and the taps are register shifts of it and the chunk
+    before, carried from the previous step (the general kernel loads W shifted tiles). The
+    (D, W) weights are loaded once per program. PARTS = 3: out is three tensors (see _part)."""
+    i_g, i_b, o_d, m_d, out_ptr, stride_o_b, stride_o_l = _rows_program(
+        out_ptr, out1_ptr, out2_ptr, stride_o_b, stride_o_l, stride_o1_b, stride_o1_l, stride_o2_b, stride_o2_l,
+        D, D1, D2, T1, T2, W, BLOCK_D, ROWS, PARTS)
+    o_r = tl.arange(0, ROWS)[None, :]  # (1, ROWS)
+    o_w = tl.arange(0, W_POW2)[None, None, :]
+    w_all = tl.load(w_ptr + o_d[:, None, None] * W + o_w, mask=m_d[:, None, None] & (o_w < W),
+                    other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None, None]
+    l0 = i_g * (STEPS * ROWS)
+    x_prev = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, l0 - ROWS + o_r, L, stride_x_b, stride_x_l,
+                        stride_i_b, stride_i_d, stride_i_w, W, HAS_INIT, ALIGN)
+    for i_s in range(STEPS):
+        o_q = l0 + i_s * ROWS + o_r
+        x_cur = _rows_load(x_ptr, init_ptr, i_b, o_d, m_d, o_q, L, stride_x_b, stride_x_l,
+                           stride_i_b, stride_i_d, stride_i_w, W, False, ALIGN)
+        cur, prev = x_cur, x_prev
+        pre = _tap(w_all, o_w, W - 1) * cur
+        if HAS_BIAS:
+            pre += b_bias
+        for j in tl.static_range(1, W):
+            cur = _shift4(cur, prev, False, BLOCK_D, 1)
+            prev = _shift4(prev, prev, False, BLOCK_D, 1)  # only its last W-1-j positions are read
+            pre += _tap(w_all, o_w, W - 1 - j) * cur
+        if SILU:
+            pre = pre * ptx_sigmoid(pre, FAST)
+        p_o = (out_ptr + i_b.to(tl.int64) * stride_o_b + o_d[:, None, None]
+               + tl.multiple_of(o_q.to(tl.int64)[None, :, :] * stride_o_l, [ALIGN, ALIGN, ALIGN]))
+        tl.store(p_o, pre.to(out_ptr.dtype.element_ty), mask=m_d[:, None, None] & (o_q < L)[None, :, :])
+        x_prev = x_cur
+
+
+@triton.jit
+def _causal_conv1d_bwd_rows_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dout1_ptr, dout2_ptr, dx_ptr, dw_ptr, db_ptr,
+    L, D, D1, D2, T1, T2,
+    stride_x_b, stride_x_l, stride_do_b, stride_do_l, stride_do1_b, stride_do1_l, stride_do2_b, stride_do2_l,
+    stride_dx_b, stride_dx_l,
+    stride_i_b, stride_i_d, stride_i_w, stride_w_d, stride_w_k,
+    W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr, ALIGN: tl.constexpr,
+    PARTS: tl.constexpr,
+):
+    """The chunked kernel's one-pass backward for channel-last x, over STEPS chunks of ROWS
+    positions: chunk c+1's dy is computed once and carried to the next step as chunk c's.
+    ALIGN: the L strides of x, dout and dx are multiples of it (see _row_align). PARTS = 3: dout
+    is three channel-last tensors along D (see _part), one launch for Mamba-2's x, B and C."""
+    i_g, i_b, o_d, m_d, dout_ptr, stride_do_b, stride_do_l = _rows_program(
+        dout_ptr, dout1_ptr, dout2_ptr, stride_do_b, stride_do_l, stride_do1_b, stride_do1_l, stride_do2_b,
+        stride_do2_l, D, D1, D2, T1, T2, W, BLOCK_D, ROWS, PARTS)
     o_r = tl.arange(0, ROWS)[None, :]  # (1, ROWS)
     o_w = tl.arange(0, W_POW2)
     l0 = i_g * (STEPS * ROWS)
@@ -932,7 +1100,7 @@ def _n_sms(device):
 WGRAD_TILE, WGRAD_MAX_P = 4096, 128
 # Rows kernel: halve STEPS (down to 4) until the grid has this many programs per SM (short
 # sequences would otherwise leave SMs idle: L=2048 at STEPS=32 is 2 programs per SM).
-BWD_ROWS_MIN_PROGRAMS_PER_SM = 4
+BWD_ROWS_MIN_PROGRAMS_PER_SM = 8
 
 
 def _bwd_outputs(x, weight, bias, wgrad_fp32):
@@ -946,7 +1114,9 @@ def _bwd_outputs(x, weight, bias, wgrad_fp32):
 
 def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,
                 programs_per_sm=None, tiles_per_program=None, prefetch=None):
-    """Write the backward into dx, dw, db; the keywords override the tuned settings (benchmarks)."""
+    """Write the backward into dx, dw, db; the keywords override the tuned settings (benchmarks).
+    dout may be a tuple of (B, D_k, L) tensors whose D_k add up to D, the gradients of the
+    channels of _launch_fwd's tuple out: on the rows kernel's path they share one launch."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     path = _path(x, starts)
@@ -957,6 +1127,22 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         if variant == "rows":
             path = "rows"
     block_d, block, warps, *register_cap = config or BWD_CONFIG[path]
+    douts_in = dout if isinstance(dout, (tuple, list)) else (dout,)
+    parts = _parts_layout(douts_in, dim, block_d) if path == "rows" else None
+    if len(douts_in) > 1 and parts is None:
+        first = 0
+        for part in douts_in:
+            last = first + part.shape[1]
+            _launch_bwd(dx[:, first:last], dw[first:last], None if db is None else db[first:last], x[:, first:last],
+                        weight[first:last], None if bias is None else bias[first:last],
+                        None if initial_states is None else initial_states[:, first:last], starts, rows, silu, part,
+                        config, variant, programs_per_sm, tiles_per_program, prefetch)
+            first = last
+        return
+    dout = douts_in[0]
+    n_d_tiles = cdiv(dim, block_d) if parts is None else parts[4]
+    if parts is None:
+        parts = (dim, dim, n_d_tiles, n_d_tiles)
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": ptx_math(_causal_conv1d_fwd_kernel), "BLOCK_D": block_d, "num_warps": warps}
@@ -970,7 +1156,7 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         steps = min(block, cdiv(length, ROWS))
         min_programs = _n_sms(x.device) * (BWD_ROWS_MIN_PROGRAMS_PER_SM if programs_per_sm is None
                                            else programs_per_sm)
-        while steps > 4 and cdiv(length, steps * ROWS) * cdiv(dim, block_d) * batch < min_programs:
+        while steps > 4 and cdiv(length, steps * ROWS) * n_d_tiles * batch < min_programs:
             steps = cdiv(steps, 2)
         n_parts = cdiv(length, steps * ROWS)
     else:
@@ -988,16 +1174,18 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
             NC=block, CHUNK=CHUNK, TILES=tiles, PREFETCH=prefetch and tiles > 1, **flags,
         )
     elif path == "rows":
-        if dout.stride(1) != 1:
-            dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
         # Weights as (W, D): a thread's 8 channels of one tap are one 16-byte load, where the
         # (D, W) rows took 8 scalar loads of 8 cache lines per warp each, per tap and step.
         weight_t = weight.t().contiguous()
-        launch(_causal_conv1d_bwd_rows_kernel, (n_parts, cdiv(dim, block_d), batch),
-            x, weight_t, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
-            x.stride(0), x.stride(2), dout.stride(0), dout.stride(2), dx.stride(0), dx.stride(2), *init_strides,
-            *weight_t.stride()[::-1],
-            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps, ALIGN=_row_align(x, dout, dx), **flags,
+        douts = [d if d.stride(1) == 1 else d.transpose(1, 2).contiguous().transpose(1, 2) for d in douts_in]
+        douts, extra_strides = _part_args(douts)
+        launch(_causal_conv1d_bwd_rows_kernel, (n_parts, n_d_tiles, batch),
+            x, weight_t, bias, initial_states, *douts, dx, dw_part, db_part, length, dim, *parts[:4],
+            x.stride(0), x.stride(2), douts[0].stride(0), douts[0].stride(2), *extra_strides,
+            dx.stride(0), dx.stride(2), *init_strides, *weight_t.stride()[::-1],
+            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps,
+            ALIGN=min(_row_align(x, dx, *douts), BWD_ROWS_LOAD_BYTES // x.element_size()),
+            PARTS=3 if len(douts_in) > 1 else 1, **flags,
         )
     else:
         n_l_tiles = n_parts

@@ -383,6 +383,47 @@ def test_triton_conv_on_a_channel_slice(monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
+def _split_parts_run(widths, B, L, W, extra, seed=0):
+    """Mamba-2's split conv as _launch_fwd / _launch_bwd with tuples: x a channel slice of a wider
+    (B, L, .) tensor, outputs / output gradients one dense tensor per part, dx into a slice of a
+    dense gradient. Returns (out parts, dx, dw, db, the gradient's columns outside the slice) and
+    the reference (out, dx, dw, db)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = sum(widths)
+    z = torch.randn(B, L, dim + extra, generator=g).to(DEVICE)
+    x = z[..., 3:3 + dim].transpose(1, 2)
+    w, b = torch.randn(dim, W, generator=g).to(DEVICE), torch.randn(dim, generator=g).to(DEVICE)
+    outs = [torch.empty(B, L, k, device=DEVICE).transpose(1, 2) for k in widths]
+    conv_mod._launch_fwd(tuple(outs), x, w, b, None, None, None, True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = causal_conv1d_ref(*leaves, activation="silu")
+    dout = torch.randn(B, dim, L, generator=g).to(DEVICE)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    douts = tuple(_channel_last(part) for part in dout.split(list(widths), dim=1))
+    dz = torch.zeros_like(z)
+    dw, db = torch.empty_like(w), torch.empty_like(b)
+    conv_mod._launch_bwd(dz[..., 3:3 + dim].transpose(1, 2), dw, db, x, w, b, None, None, None, True, douts)
+    outside = torch.cat([dz[..., :3], dz[..., 3 + dim:]], dim=-1)
+    return (torch.cat(outs, dim=1), dz[..., 3:3 + dim].transpose(1, 2), dw, db, outside), (ref.detach(), *ref_grads)
+
+
+@pytest.mark.parametrize("kernels", ["rows", "general"])
+def test_triton_conv_channel_parts_share_a_launch(kernels, monkeypatch):
+    """Outputs (forward) and output gradients (backward) given as channel parts (Mamba-2's x, B, C),
+    parts of widths that are not multiples of the tile: one launch per pass for the rows kernels,
+    the general forward's fused launch, or a launch per part (the general backward)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+        monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "FWD_CHANNEL_LAST", kernels)
+    monkeypatch.setattr(conv_mod, "BWD_DY_SHIFT", {"contiguous": "scratch",
+                                                   "channel_last": "rows" if kernels == "rows" else "scratch"})
+    (out, dx, dw, db, outside), exp = _split_parts_run((16, 5, 3), 2, 37, 4, 9)
+    for name, a, e in zip(["out", "dx", "dw", "db"], (out, dx, dw, db), exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+    assert torch.all(outside == 0)  # nothing written outside dx's channels
+
+
 @interpreter_only
 @pytest.mark.parametrize("layout", ["contiguous", "channel_last"])
 def test_triton_conv_bf16_tolerance_rule(layout, monkeypatch):
@@ -444,6 +485,19 @@ def test_gpu_conv_all_widths_bf16(width, layout, variant, init, monkeypatch):
     again = _run_fwd_bwd(_triton, x, w, b, i, None, None, "silu", g, gf)
     for name, a, e in zip(names, got, again):
         assert torch.equal(a, e), f"{name} differs between two runs (the backward must be deterministic)"
+
+
+@requires_cuda
+@pytest.mark.parametrize("load_bytes", [16, 8])
+def test_gpu_conv_split_shape_parts(load_bytes, monkeypatch):
+    """Mamba-2 130m's xBC split (1536 + 128 + 128 channels of 3352-value rows) in one launch per
+    pass, with 16- and 8-byte loads (8 or 4 channels per thread), against the reference."""
+    monkeypatch.setattr(conv_mod, "FWD_ROWS_LOAD_BYTES", load_bytes)
+    monkeypatch.setattr(conv_mod, "BWD_ROWS_LOAD_BYTES", load_bytes)
+    (out, dx, dw, db, outside), exp = _split_parts_run((1536, 128, 128), 2, 300, 4, 3352 - 1792 - 3)
+    for name, a, e in zip(["out", "dx", "dw", "db"], (out, dx, dw, db), exp):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3, msg=name)
+    assert torch.all(outside == 0)
 
 
 @requires_cuda
