@@ -69,16 +69,19 @@ def _tile_configs():
             for w, st, r in ((4, 2, None), (8, 2, 128), (4, 2, 168), (4, 2, 128), (4, 1, 168))]
 
 
-def _head_loop_configs(fewer_stages=False):
+def _head_loop_configs(fewer_stages=False, capped=False):
     """The kernels whose main loop runs over the heads of a group (many iterations,
     independent loads): three pipeline stages (the pick of every H100 run so far). The
     128-register cap at 8 warps fits two programs per SM without spilling the W kernel.
     fewer_stages adds 2- and 1-stage configs: the dB/dC kernel buffers four (rows, N) or
     (P, N) tiles per stage, and at N=256 three stages need 247 KB of shared memory (H100
-    limit 227 KB), so without them no config fits."""
+    limit 227 KB), so without them no config fits. capped adds 4 warps at 168 registers
+    (the W kernel: 3 programs per SM instead of 2 at 216 registers; offline sm_90, Triton
+    3.6: no spill, 2336 instead of 2144 instructions at 3 stages)."""
     if triton_interpret():
         return [triton.Config({}, num_warps=4)]
-    configs = [(8, 3, None), (4, 3, None), (8, 3, 128)] + ([(8, 2, None), (8, 1, None)] if fewer_stages else [])
+    configs = [(8, 3, None), (4, 3, None), (8, 3, 128)] + ([(8, 2, None), (8, 1, None)] if fewer_stages else []) \
+        + ([(4, 3, 168), (4, 2, 168)] if capped else [])
     return [triton.Config({}, num_warps=w, num_stages=st, maxnreg=r) for w, st, r in configs]
 
 
@@ -388,7 +391,7 @@ def _load_dy(dout_base, z_base, x_off, mask, HAS_Z: tl.constexpr):
     return dy
 
 
-@triton.autotune(configs=_head_loop_configs(), key=[k for k in _KEY if k != "N"])
+@triton.autotune(configs=_head_loop_configs(capped=True), key=[k for k in _KEY if k != "N"])
 @triton.jit
 def _chunk_scan_bwd_w_kernel(
     x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
@@ -400,74 +403,102 @@ def _chunk_scan_bwd_w_kernel(
     EVEN: tl.constexpr,
 ):
     # One program per (t block, s block <= t block) of a chunk and group; the
-    # loop over the group's heads is the long, pipelined loop.
+    # loop over the group's heads is the long, pipelined loop. Blocks below the diagonal
+    # block and the diagonal block have loops of their own (no pair masks below it).
     G = H // heads_per_group
     i_t, i_s, i_bcg, i_g, i_c, i_b = _block_pair(G, nchunks, Q, BLOCK_M)
-    if i_s <= i_t:
-        n_mblocks = Q // BLOCK_M
-        o_p = tl.arange(0, BLOCK_P)
-        m_p = (o_p < P) | EVEN
-        o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
-        o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
-        o_lt = i_c * Q + o_t
-        o_ls = i_c * Q + o_s
-        m_t = (o_lt < L) | EVEN
-        m_s = (o_ls < L) | EVEN
-        cb_off = i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
-        cb = tl.load(cb_ptr + cb_off)
-        keep = o_t[:, None] >= o_s[None, :]
-        if HAS_SEQ_IDX:
-            seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
-            seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
-            seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
-            keep = keep & (seq_t[:, None] == seq_s[None, :])
-        # The diagonal (s = t) cancels in rowsum - colsum; leave it out of both.
-        off_diag = o_t[:, None] > o_s[None, :]
-        xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-        xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
-        w = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-        # Below the diagonal block every s precedes every t: the decay splits at the s
-        # block's last row c (as in the forward scan), an outer product of two exp2 vectors
-        # applied in fp32 after the product (the operands stay the exact inputs).
-        below = i_s < i_t
+    if i_s < i_t:
+        _w_heads(x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
+                 i_t, i_s, i_bcg, i_g, i_c, i_b, L, H, P, heads_per_group, nchunks,
+                 stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_seq_b, stride_seq_l,
+                 HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, DOT_DTYPE, PTX, EVEN, True)
+    elif i_s == i_t:
+        _w_heads(x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
+                 i_t, i_s, i_bcg, i_g, i_c, i_b, L, H, P, heads_per_group, nchunks,
+                 stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_seq_b, stride_seq_l,
+                 HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, DOT_DTYPE, PTX, EVEN, False)
+
+
+@triton.jit
+def _w_heads(
+    x_ptr, dout_ptr, z_ptr, cb_ptr, seq_idx_ptr, dt_ptr, cs_ptr, w_ptr, rowsum_ptr, colsum_ptr,
+    i_t, i_s, i_bcg, i_g, i_c, i_b, L, H, P, heads_per_group, nchunks,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_seq_b, stride_seq_l,
+    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr, PTX: tl.constexpr,
+    EVEN: tl.constexpr, BELOW: tl.constexpr,
+):
+    """The W tile and the pair sums of one block pair (BELOW: s block < t block, else the
+    diagonal block), over the group's heads."""
+    n_mblocks = Q // BLOCK_M
+    o_p = tl.arange(0, BLOCK_P)
+    m_p = (o_p < P) | EVEN
+    o_t = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_s = i_s * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_lt = i_c * Q + o_t
+    o_ls = i_c * Q + o_s
+    m_t = (o_lt < L) | EVEN
+    m_s = (o_ls < L) | EVEN
+    cb_off = i_bcg.to(tl.int64) * Q * Q + o_t[:, None] * Q + o_s[None, :]
+    cb = tl.load(cb_ptr + cb_off)
+    if HAS_SEQ_IDX:
+        seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+        seq_t = tl.load(seq_base + o_lt.to(tl.int64) * stride_seq_l, mask=m_t, other=-1)
+        seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
+    xt_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+    xs_off = o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+    w = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    if BELOW:
+        # Every s precedes every t: the decay splits at the s block's last row c (as in the
+        # forward scan), an outer product of two exp2 vectors applied in fp32 after the
+        # product (the operands stay the exact inputs).
         if HAS_SEQ_IDX:
             # The sequence mask splits there too (see the forward scan): both rows in c's sequence.
             seq_c = tl.load(seq_base + tl.minimum(i_c * Q + i_s * BLOCK_M + BLOCK_M - 1, L - 1).to(tl.int64)
                             * stride_seq_l)
             keep_t = seq_t == seq_c
             keep_s = seq_s == seq_c
-        for hh in range(heads_per_group):
-            i_h = i_g * heads_per_group + hh
-            head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-            chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
-            cs_t = tl.load(cs_ptr + chunk_off + o_t) * 1.4426950408889634
-            cs_s = tl.load(cs_ptr + chunk_off + o_s) * 1.4426950408889634
-            dt_s = tl.load(dt_ptr + chunk_off + o_s)
-            dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xt_off, m_t[:, None] & m_p[None, :], HAS_Z)
-            b_xs = tl.load(x_ptr + head_off + xs_off, mask=m_s[:, None] & m_p[None, :], other=0.0)
-            if below:
-                c = tl.load(cs_ptr + chunk_off + i_s * BLOCK_M + BLOCK_M - 1) * 1.4426950408889634
-                decay_t = ptx_exp2(cs_t - c, PTX)
-                decay_s = ptx_exp2(c - cs_s, PTX) * dt_s
-                if HAS_SEQ_IDX:
-                    decay_t = tl.where(keep_t, decay_t, 0.0)
-                    decay_s = tl.where(keep_s, decay_s, 0.0)
-                decay = decay_t[:, None] * decay_s[None, :]
-            else:
-                decay = tl.where(keep, ptx_exp2(cs_t[:, None] - cs_s[None, :], PTX), 0.0) * dt_s[None, :]
-            w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay
-            w += w_h
+    else:
+        keep = o_t[:, None] >= o_s[None, :]
+        if HAS_SEQ_IDX:
+            keep = keep & (seq_t[:, None] == seq_s[None, :])
+        # The diagonal (s = t) cancels in rowsum - colsum; leave it out of both.
+        off_diag = o_t[:, None] > o_s[None, :]
+    for hh in range(heads_per_group):
+        i_h = i_g * heads_per_group + hh
+        head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+        chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
+        cs_t = tl.load(cs_ptr + chunk_off + o_t) * 1.4426950408889634
+        cs_s = tl.load(cs_ptr + chunk_off + o_s) * 1.4426950408889634
+        dt_s = tl.load(dt_ptr + chunk_off + o_s)
+        dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xt_off, m_t[:, None] & m_p[None, :], HAS_Z)
+        b_xs = tl.load(x_ptr + head_off + xs_off, mask=m_s[:, None] & m_p[None, :], other=0.0)
+        if BELOW:
+            c = tl.load(cs_ptr + chunk_off + i_s * BLOCK_M + BLOCK_M - 1) * 1.4426950408889634
+            decay_t = ptx_exp2(cs_t - c, PTX)
+            decay_s = ptx_exp2(c - cs_s, PTX) * dt_s
+            if HAS_SEQ_IDX:
+                decay_t = tl.where(keep_t, decay_t, 0.0)
+                decay_s = tl.where(keep_s, decay_s, 0.0)
+            decay = decay_t[:, None] * decay_s[None, :]
+        else:
+            decay = tl.where(keep, ptx_exp2(cs_t[:, None] - cs_s[None, :], PTX), 0.0) * dt_s[None, :]
+        w_h = _dot(dy, tl.trans(b_xs), DOT_DTYPE) * decay
+        w += w_h
+        if BELOW:
+            pair = w_h * cb
+        else:
             pair = tl.where(off_diag, w_h * cb, 0.0)
-            # Slot = the other block: each (head, chunk, block, slot) is written by one
-            # program; slots of pairs that do not exist (s block > t block) are never
-            # written, and the dt kernel masks them out.
-            part = chunk_off * n_mblocks
-            tl.store(rowsum_ptr + part + i_s * Q + o_t, tl.sum(pair, axis=1))
-            tl.store(colsum_ptr + part + i_t * Q + o_s, tl.sum(pair, axis=0))
-        tl.store(w_ptr + cb_off, w)
+        # Slot = the other block: each (head, chunk, block, slot) is written by one
+        # program; slots of pairs that do not exist (s block > t block) are never
+        # written, and the dt kernel masks them out.
+        part = chunk_off * n_mblocks
+        tl.store(rowsum_ptr + part + i_s * Q + o_t, tl.sum(pair, axis=1))
+        tl.store(colsum_ptr + part + i_t * Q + o_s, tl.sum(pair, axis=0))
+    tl.store(w_ptr + cb_off, w)
 
 
-@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY + ["BLOCK_N"])
+@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY + ["BLOCK_N", "SPLIT_BC"])
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
@@ -478,14 +509,61 @@ def _chunk_scan_bwd_dbc_kernel(
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, SPLIT_BC: tl.constexpr,
 ):
     # Rows r of one block, columns of one BLOCK_N block of N: dC for r as the target t, dB
     # for r as the source s. A 1-D grid with the row blocks of a chunk as neighbours, then
-    # its N blocks (they share the row block's dy and x tiles).
-    i_m = tl.program_id(0) % (Q // BLOCK_M)
-    i_nb = (tl.program_id(0) // (Q // BLOCK_M)) % n_nblocks
-    i_prog = tl.program_id(0) // ((Q // BLOCK_M) * n_nblocks)
+    # (SPLIT_BC) dC and dB in programs of their own, then its N blocks (they share the row
+    # block's dy and x tiles).
+    n_mblocks = Q // BLOCK_M
+    i_m = tl.program_id(0) % n_mblocks
+    pid = tl.program_id(0) // n_mblocks
+    if SPLIT_BC:
+        part = pid % 2
+        pid = pid // 2
+    i_nb = pid % n_nblocks
+    i_prog = pid // n_nblocks
+    if SPLIT_BC:
+        # One (rows, N) fp32 accumulator per program instead of two: about half the
+        # registers, twice the programs per SM.
+        if part == 0:
+            _dbc_rows(
+                x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
+                dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
+                L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
+                stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+                stride_seq_b, stride_seq_l,
+                HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, BLOCK_N, DOT_DTYPE, EVEN, True, False)
+        else:
+            _dbc_rows(
+                x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
+                dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
+                L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
+                stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+                stride_seq_b, stride_seq_l,
+                HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, BLOCK_N, DOT_DTYPE, EVEN, False, True)
+    else:
+        _dbc_rows(
+            x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
+            dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
+            L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
+            stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+            stride_seq_b, stride_seq_l,
+            HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, BLOCK_N, DOT_DTYPE, EVEN, True, True)
+
+
+@triton.jit
+def _dbc_rows(
+    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
+    dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
+    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_seq_b, stride_seq_l,
+    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, DO_C: tl.constexpr, DO_B: tl.constexpr,
+):
+    """dC (DO_C) and / or dB (DO_B) of one row block, N block and head split."""
     G = H // heads_per_group
     n_split = heads_per_group // heads_per_prog
     i_split = i_prog % n_split
@@ -509,9 +587,10 @@ def _chunk_scan_bwd_dbc_kernel(
     ddecay_ptr += i_nb.to(tl.int64) * slot_stride
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    # Kept in its storage dtype through the head loop: two fp32 accumulators already
-    # take most of the registers.
-    b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
+    if DO_C:
+        # Kept in its storage dtype through the head loop: the fp32 accumulators already
+        # take most of the registers.
+        b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
     start_mask = m_r
     end_mask = m_r
     if HAS_SEQ_IDX:
@@ -537,52 +616,62 @@ def _chunk_scan_bwd_dbc_kernel(
         head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
         chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
         cs_r = tl.load(cs_ptr + chunk_off + o_r)
-        dt_r = tl.load(dt_ptr + chunk_off + o_r)
         total = tl.load(cs_ptr + chunk_off + Q - 1)
         st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
-        b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0)
-        b_dS = tl.load(dstates_ptr + st_off + pn_off, mask=m_pn, other=0.0)
-        dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xr_off, m_rp, HAS_Z)
-        b_x = tl.load(x_ptr + head_off + xr_off, mask=m_rp, other=0.0).to(tl.float32)
-        scale = tl.where(start_mask, tl.exp(cs_r), 0.0)
-        end_scale = tl.where(end_mask, tl.exp(total - cs_r), 0.0)
-        dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
-        tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
-        dC += dC_state
-        dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
-        if i_m == 0:
-            # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the pairs
-            # that cross the whole chunk, <dS_c, S_{c-1}> exp(total) (the dt kernel adds it).
-            ddecay = tl.sum(tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1), axis=0) * tl.exp(total)
-            if HAS_SEQ_IDX:
-                ddecay = tl.where(keep_decay, ddecay, 0.0)
-            tl.store(ddecay_ptr + (i_b * H + i_h).to(tl.int64) * nchunks + i_c, ddecay)
+        if DO_C:
+            b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0)
+            dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xr_off, m_rp, HAS_Z)
+            scale = tl.where(start_mask, tl.exp(cs_r), 0.0)
+            dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
+            tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
+            dC += dC_state
+        if DO_B:
+            dt_r = tl.load(dt_ptr + chunk_off + o_r)
+            b_dS = tl.load(dstates_ptr + st_off + pn_off, mask=m_pn, other=0.0)
+            b_x = tl.load(x_ptr + head_off + xr_off, mask=m_rp, other=0.0).to(tl.float32)
+            end_scale = tl.where(end_mask, tl.exp(total - cs_r), 0.0)
+            dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
+        if DO_B:
+            if i_m == 0:
+                # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the pairs
+                # that cross the whole chunk, <dS_c, S_{c-1}> exp(total) (the dt kernel adds it).
+                # In the dB programs: the dC programs' accumulator and C tile take more registers.
+                if not DO_C:
+                    b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0)
+                ddecay = tl.sum(tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1), axis=0) * tl.exp(total)
+                if HAS_SEQ_IDX:
+                    ddecay = tl.where(keep_decay, ddecay, 0.0)
+                tl.store(ddecay_ptr + (i_b * H + i_h).to(tl.int64) * nchunks + i_c, ddecay)
 
     # The terms inside the chunk go through W (summed over the group's heads):
     # dC_t += sum_{s <= t} W_ts B_s and dB_s += sum_{t >= s} W_ts C_t. The first
     # program of a head split adds them.
     if i_split == 0:
         w_base = w_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
-        for j in range(i_m + 1):
-            o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-            o_lj = i_c * Q + o_j
-            b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
-            b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                          mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
-            dC += _dot(b_w, b_B, DOT_DTYPE)
-        for j in range(i_m, n_mblocks):
-            o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-            o_lj = i_c * Q + o_j
-            # Load the (t, s) tile row-major (coalesced) and transpose in registers.
-            b_wT = tl.trans(tl.load(w_base + o_j[:, None] * Q + o_r[None, :]))
-            b_Cj = tl.load(C_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                           mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
-            dB += _dot(b_wT, b_Cj, DOT_DTYPE)
+        if DO_C:
+            for j in range(i_m + 1):
+                o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+                o_lj = i_c * Q + o_j
+                b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
+                b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l
+                              + o_n[None, :] * stride_B_n, mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
+                dC += _dot(b_w, b_B, DOT_DTYPE)
+        if DO_B:
+            for j in range(i_m, n_mblocks):
+                o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+                o_lj = i_c * Q + o_j
+                # Load the (t, s) tile row-major (coalesced) and transpose in registers.
+                b_wT = tl.trans(tl.load(w_base + o_j[:, None] * Q + o_r[None, :]))
+                b_Cj = tl.load(C_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l
+                               + o_n[None, :] * stride_B_n, mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
+                dB += _dot(b_wT, b_Cj, DOT_DTYPE)
 
     # With several programs per group (split heads) each writes its own fp32 partial sum.
     out_off = i_split.to(tl.int64) * split_stride + group_off + rn_off
-    tl.store(dC_ptr + out_off, dC.to(dC_ptr.dtype.element_ty), mask=m_rn)
-    tl.store(dB_ptr + out_off, dB.to(dB_ptr.dtype.element_ty), mask=m_rn)
+    if DO_C:
+        tl.store(dC_ptr + out_off, dC.to(dC_ptr.dtype.element_ty), mask=m_rn)
+    if DO_B:
+        tl.store(dB_ptr + out_off, dB.to(dB_ptr.dtype.element_ty), mask=m_rn)
 
 
 @triton.autotune(configs=_tile_configs(), key=_KEY)
@@ -804,6 +893,9 @@ def _dt_bwd_kernel(
 # blocks was 0.06-0.2 ms slower than one (see _head_split).
 DBC_BLOCK_N = 256
 
+# dC and dB of a row block in programs of their own (one fp32 accumulator each).
+SPLIT_BC = True
+
 
 def _head_split(heads_per_group, programs, target=512):
     """How many programs share the heads of one group: enough programs to fill the GPU,
@@ -887,11 +979,12 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         dC_part = torch.empty_like(dB_part)
     rowsum_state = cs_c.new_empty((n_nblocks,) + tuple(cs_c.shape))
     ddecay = cs_c.new_empty(n_nblocks, batch, H, nchunks)
-    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * n_mblocks,),
+    split_bc = SPLIT_BC
+    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * n_mblocks * (2 if split_bc else 1),),
         x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
         dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, ddecay,
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), n_nblocks, batch * H * nchunks,
-        *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, **common,
+        *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, SPLIT_BC=split_bc, **common,
     )
 
     ddt_in = torch.empty_like(cs_c)
