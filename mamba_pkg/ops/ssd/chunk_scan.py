@@ -317,13 +317,18 @@ def _pick_block_m(Q):
     return min(Q, 64)
 
 
-def _chunk_scan_fwd_outputs(x, z, B, Q):
-    """(out, y_pre, final, dt, cs) of the forward, uninitialised; shared with the fake op."""
+def _scan_outputs(x, z):
+    """(out, y_pre) of the chunk scan, uninitialised."""
     # fp32: the z gradient is dout * y_pre * silu'(z), and rounding y_pre would add
     # the storage rounding to it.
     ypre = torch.empty(x.shape, device=x.device, dtype=torch.float32) if z is not None else absent(x)
-    _, final, dt_c, cs_c = _chunk_state_fwd_outputs(x, B, Q, False)
-    return torch.empty_like(x), ypre, final, dt_c, cs_c
+    return torch.empty_like(x), ypre
+
+
+def _chunk_scan_fwd_outputs(x, z, B, Q):
+    """(out, y_pre, final, dt, cs) of the forward, uninitialised: the fake op's (the real one
+    takes final, dt and cs from the walk)."""
+    return _scan_outputs(x, z) + _chunk_state_fwd_outputs(x, B, Q, False)[1:]
 
 
 # The scan launched beside the walk (programmatic dependent launch on sm_90+; elsewhere, and in
@@ -361,7 +366,7 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     ready = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.int32) if wait else None
     states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
                                                     dt_min, dt_max, Q, True, ready, pdl)
-    out, ypre = _chunk_scan_fwd_outputs(x, z, B, Q)[:2]
+    out, ypre = _scan_outputs(x, z)
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)

@@ -117,6 +117,21 @@ def _kernel_chunk_len(chunk_size: int) -> int:
     return min(256, max(16, 1 << (int(chunk_size) - 1).bit_length()))
 
 
+def _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, options):
+    """The Triton forward: out, the final state and the tensors the backward needs."""
+    from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_fwd
+
+    Q, dt_softplus, dt_limit = options
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    z = z.contiguous() if z is not None else None
+    out, ypre, final, dt_c, cs_c = _chunk_scan_fwd(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states,
+                                                   dt_softplus, dt_limit[0], dt_limit[1], Q)
+    # The processed dt and its cumsum (B, H, C, Q) fp32 are kept (small next to x): the
+    # backward's state-gradient walk then needs nothing from its rerun of the forward walk.
+    return out, final, (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None,
+                        dt_c, cs_c)
+
+
 class SsdChunkScanFn(torch.autograd.Function):
     """Triton SSD: out (B, L, H, P) and final state (B, H, P, N), both differentiable.
 
@@ -127,17 +142,8 @@ class SsdChunkScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, options):
-        from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_fwd
-
-        Q, dt_softplus, dt_limit = options
-        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-        z = z.contiguous() if z is not None else None
-        out, ypre, final, dt_c, cs_c = _chunk_scan_fwd(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states,
-                                                       dt_softplus, dt_limit[0], dt_limit[1], Q)
-        # The processed dt and its cumsum (B, H, C, Q) fp32 are kept (small next to x): the
-        # backward's state-gradient walk then needs nothing from its rerun of the forward walk.
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None,
-                              dt_c, cs_c)
+        out, final, saved = _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, options)
+        ctx.save_for_backward(*saved)
         ctx.options = options
         # An unused final state gets no zero-filled gradient (the walk then starts from zero).
         ctx.set_materialize_grads(False)
@@ -296,9 +302,14 @@ def _chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states
     varlen_init = cu_seqlens is not None and initial_states is not None
     # With per-sequence initial states the gate must see their output term too.
     gate_in_kernel = z is not None and not varlen_init
-    out, final = SsdChunkScanFn.apply(x, dt, A, B, C, D, z if gate_in_kernel else None, dt_bias,
-                                      None if cu_seqlens is not None else initial_states, seq_idx,
-                                      (Q, bool(dt_softplus), tuple(dt_limit)))
+    args = (x, dt, A, B, C, D, z if gate_in_kernel else None, dt_bias, None if cu_seqlens is not None else initial_states,
+            seq_idx, (Q, bool(dt_softplus), tuple(dt_limit)))
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        out, final = SsdChunkScanFn.apply(*args)
+    else:
+        # Nothing to record for autograd (eager inference): the forward alone, without the
+        # autograd.Function's host time.
+        out, final = _ssd_forward(*args)[:2]
     varlen_states = None
     want_states = return_final_states or return_varlen_states
     if cu_seqlens is not None and (initial_states is not None or want_states):
