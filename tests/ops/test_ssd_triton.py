@@ -209,6 +209,20 @@ def test_triton_bf16_tolerance_rule():
     check_rule(got, want, lowp_baselines(inputs, 16))
 
 
+def test_triton_no_grad_forward_equals_the_autograd_forward():
+    """Under no_grad the forward skips the autograd.Function (host time): same outputs."""
+    inp = make(1, 20, 2, 4, 1, 8)
+    args = {k: v for k, v in inp.items() if v is not None}
+    kw = dict(chunk_size=16, dt_softplus=True, return_final_states=True, backend="triton")
+    args_grad = {k: v.clone().requires_grad_(True) for k, v in args.items()}
+    out, final = mamba_chunk_scan_combined(**args_grad, **kw)
+    assert out.grad_fn is not None
+    with torch.no_grad():
+        out_ng, final_ng = mamba_chunk_scan_combined(**args, **kw)
+    assert out_ng.grad_fn is None
+    assert torch.equal(out.detach(), out_ng) and torch.equal(final.detach(), final_ng)
+
+
 def test_head_and_n_splits_give_the_same_gradients(monkeypatch):
     """The dB/dC kernel may split a group's heads over programs (fp32 partial dB/dC) or N
     (partial pair sums), and compute dC and dB in programs of their own or together; same
