@@ -17,7 +17,10 @@ that would start after that many seconds (the rows so far are saved after each s
 `--host-profile` prints cProfile's top functions of our eager fwd+bwd step; `--uncached` adds, at
 the main shape, ours launched through Triton's launch path every call (no cached launches).
 `--overlap` adds, at the main shape, ours with the forward scan launched beside the walk
-(provider ours_overlap_walk; chunk_scan.OVERLAP_WALK, off by default).
+(provider ours_overlap_walk; chunk_scan.OVERLAP_WALK, off by default). `--save-states` adds, at
+every shape, ours fwd+bwd with the states between chunks kept for the backward (provider
+ours_saved_states; combined.SAVE_STATES, off by default). `--train-shape` (with `--lengths`) adds
+Mamba-2 130m's training shape, B=8 L=2048 H=24.
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
 
@@ -27,8 +30,8 @@ d_state N (no kernel runs), and `--precompile-anchor N [N ...]` mamba_ssm's pinn
 at those N: run them in parallel processes (e.g. beside the GPU tests) with a shared
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L ..] [--stages] [--profile] [--host-profile]
-        [--uncached] [--overlap] [--budget-s S]
+    PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L .. [--train-shape]] [--stages] [--profile]
+        [--host-profile] [--uncached] [--overlap] [--save-states] [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -46,12 +49,16 @@ from benchmarks.common import BF16_FLOPS, HBM_BYTES_PER_S, save_results, time_ms
 CHUNK = 256
 
 
-def shapes(quick: bool, lengths=None):
+# Mamba-2 130m's SSD in training (24 heads of 64, d_state 128, batch 8 of 2048 tokens).
+TRAIN_SHAPE = dict(B=8, H=24, P=64, N=128, G=1, L=2048)
+
+
+def shapes(quick: bool, lengths=None, train=False):
     base = dict(B=4, H=32, P=64, N=128, G=1)
     if quick:
         return [dict(base, L=8192)]
     if lengths:
-        return [dict(base, L=L) for L in lengths]
+        return [dict(base, L=L) for L in lengths] + ([TRAIN_SHAPE] if train else [])
     # The main shape first: a run cut short still has it; then the shapes that compile
     # nothing new, while `--precompile 64 256` / `--precompile-anchor 64 256` processes
     # beside the run compile the other d_states.
@@ -104,6 +111,9 @@ def bench_case(s, provider, fwdbwd):
     if provider == OVERLAP:
         with overlap_walk():
             return bench_case(s, "ours", fwdbwd)
+    if provider == SAVED:
+        with saved_states():
+            return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
     def fwd():
@@ -133,6 +143,22 @@ UNCACHED = "ours_uncached_launch"
 # Our forward scan launched beside the walk (chunk_scan.OVERLAP_WALK = True: programmatic
 # dependent launch, the walk in its lighter configs), session 8's off-by-default variant.
 OVERLAP = "ours_overlap_walk"
+
+
+# The forward keeps the states between chunks for the backward (combined.SAVE_STATES: no rerun of
+# the forward walk in the backward, B * C * H * P * N bf16 more memory), off by default.
+SAVED = "ours_saved_states"
+
+
+@contextlib.contextmanager
+def saved_states():
+    from mamba_pkg.ops.ssd import combined
+
+    combined.SAVE_STATES = True
+    try:
+        yield
+    finally:
+        combined.SAVE_STATES = False
 
 
 @contextlib.contextmanager
@@ -204,6 +230,9 @@ def precompile(d_states, provider):
         t0 = time.time()
         with compile_only():
             step(dict(base, N=n))
+            if provider == "ours":
+                with saved_states():  # the backward's reverse walk alone
+                    step(dict(base, N=n))
         print(f"precompiled {provider} N={n} in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -358,6 +387,10 @@ def main():
                     help="only compile our kernels' configs for these d_states, then exit")
     ap.add_argument("--precompile-anchor", type=int, nargs="+", metavar="N",
                     help="only compile mamba_ssm's pinned configs for these d_states, then exit")
+    ap.add_argument("--save-states", action="store_true",
+                    help=f"every shape, fwd+bwd: also ours with the states kept for the backward (provider {SAVED})")
+    ap.add_argument("--train-shape", action="store_true",
+                    help="with --lengths: also Mamba-2 130m's training shape (B=8, L=2048, H=24)")
     ap.add_argument("--dbc-block-n", type=int, help="our dB/dC kernel's N block (chunk_scan.DBC_BLOCK_N)")
     ap.add_argument("--two-walk-launches", action="store_true",
                     help="our backward's walks as two launches (chunk_state.FUSED_WALKS = False)")
@@ -377,7 +410,7 @@ def main():
     rows = []
     t_start = time.time()
     pinned = False
-    for i, s in enumerate(shapes(args.quick, args.lengths)):
+    for i, s in enumerate(shapes(args.quick, args.lengths, args.train_shape)):
         if time.time() - t_start > args.budget_s:
             print(f"skipped (budget): {s}")
             continue
@@ -389,7 +422,8 @@ def main():
             case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
             flops, nbytes = flops_and_bytes(s, fwdbwd)
             variants = ((UNCACHED,) if args.uncached else ()) + ((OVERLAP,) if args.overlap else ())
-            for provider in ("ours", "mamba_ssm") + (variants if i == 0 else ()):
+            saved = (SAVED,) if args.save_states and fwdbwd else ()
+            for provider in ("ours", "mamba_ssm") + (variants if i == 0 else ()) + saved:
                 res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 for timing, k in (("eager", 0), ("graph", 1)):
                     ms = res[k] if res else None

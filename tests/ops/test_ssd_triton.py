@@ -223,6 +223,18 @@ def test_triton_no_grad_forward_equals_the_autograd_forward():
     assert torch.equal(out.detach(), out_ng) and torch.equal(final.detach(), final_ng)
 
 
+def test_triton_saved_states_give_the_same_gradients(monkeypatch):
+    """SAVE_STATES: the backward takes the forward's states instead of rerunning the forward walk."""
+    from mamba_pkg.ops.ssd import combined
+
+    inp = make(1, 40, 2, 4, 1, 8)
+    want = run(inp, torch.float32, "triton", 16)
+    monkeypatch.setattr(combined, "SAVE_STATES", True)
+    got = run(inp, torch.float32, "triton", 16)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_head_and_n_splits_give_the_same_gradients(monkeypatch):
     """The dB/dC kernel may split a group's heads over programs (fp32 partial dB/dC) or N
     (partial pair sums), and compute dC and dB in programs of their own or together; same
@@ -422,9 +434,10 @@ def _opcheck_cases():
     ops = torch.ops.mamba_pkg
     return [
         (ops.ssd_state_walks_bwd, (x, dt, A, B, dt_bias, seq, init, True, 0.1, 2.0, 16, dout, z, C, cs_c, final)),
-        (ops.ssd_state_walks_bwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, dout, None, C, cs_c, None)),
+        (ops.ssd_state_walks_bwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, dout, None, C, cs_c, None,
+                                   False)),
         (ops.ssd_chunk_scan_fwd, (x, z, dt, A, B, C, D, dt_bias, seq, init, True, 0.1, 2.0, 16)),
-        (ops.ssd_chunk_scan_fwd, (x, None, dt, A, B, C, None, None, None, None, False, 0.0, inf, 16)),
+        (ops.ssd_chunk_scan_fwd, (x, None, dt, A, B, C, None, None, None, None, False, 0.0, inf, 16, True)),
         (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, dstates,
                                   True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,

@@ -325,10 +325,11 @@ def _scan_outputs(x, z):
     return torch.empty_like(x), ypre
 
 
-def _chunk_scan_fwd_outputs(x, z, B, Q):
-    """(out, y_pre, final, dt, cs) of the forward, uninitialised: the fake op's (the real one
-    takes final, dt and cs from the walk)."""
-    return _scan_outputs(x, z) + _chunk_state_fwd_outputs(x, B, Q, False)[1:]
+def _chunk_scan_fwd_outputs(x, z, B, Q, keep_states):
+    """(out, y_pre, final, dt, cs, states) of the forward, uninitialised: the fake op's (the
+    real one takes final, dt, cs and the states from the walk)."""
+    states, final, dt_c, cs_c = _chunk_state_fwd_outputs(x, B, Q, keep_states)
+    return _scan_outputs(x, z) + (final, dt_c, cs_c, states)
 
 
 # The scan launched beside the walk (programmatic dependent launch on sm_90+; elsewhere, and in
@@ -347,10 +348,12 @@ def _has_pdl(device_index):
 @launcher_op("ssd_chunk_scan_fwd")
 def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                     dt_bias: Tensor | None, seq_idx: Tensor | None, initial_states: Tensor | None, dt_softplus: bool,
-                    dt_min: float, dt_max: float, Q: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    dt_min: float, dt_max: float, Q: int,
+                    keep_states: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward pass: C B^T, the walk (chunk_state.py), the chunk scan. x, z (B, L, H, P)
     contiguous; returns out (B, L, H, P), y_pre (B, L, H, P) fp32 [empty without z], final
-    (B, H, P, N) fp32, dt and cs (B, H, C, Q) fp32 (the processed dt and its cumsum).
+    (B, H, P, N) fp32, dt and cs (B, H, C, Q) fp32 (the processed dt and its cumsum), and with
+    keep_states the states entering each chunk (B, C, H, P, N) (else empty).
 
     C B^T comes first, so that the scan is the launch right after the walk: with OVERLAP_WALK
     the walk lets it start at once (programmatic dependent launch), and each scan program
@@ -379,12 +382,12 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
         PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl, EVEN=_whole_tiles(L, P, N, Q),
         **({"launch_pdl": True} if pdl else {}),
     )
-    return out, ypre, final, dt_c, cs_c
+    return out, ypre, final, dt_c, cs_c, states if keep_states else absent(x)
 
 
 @_chunk_scan_fwd.register_fake
-def _(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q):
-    return _chunk_scan_fwd_outputs(x, z, B, Q)
+def _(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, keep_states=False):
+    return _chunk_scan_fwd_outputs(x, z, B, Q, keep_states)
 
 
 @triton.jit

@@ -455,33 +455,42 @@ def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softpl
 FUSED_WALKS = True
 
 
-def _state_walks_bwd_outputs(x, B, Q):
-    """(states, dstates, dinit) of the backward's walks, uninitialised; shared with the fake op."""
+def _state_walks_bwd_outputs(x, B, Q, rerun=True):
+    """(states, dstates, dinit) of the backward's walks, uninitialised; shared with the fake op.
+    Without the rerun of the forward walk, states is empty."""
     batch, L, H, P = x.shape
     N = B.shape[3]
     nchunks = cdiv(L, Q)
-    states = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype))
+    dstates = x.new_empty(batch, nchunks, H, P, N, dtype=states_dtype_for(x.dtype))
     dinit = x.new_empty(batch, H, P, N, dtype=torch.float32)
-    return states, torch.empty_like(states), dinit
+    return torch.empty_like(dstates) if rerun else absent(x), dstates, dinit
 
 
 @launcher_op("ssd_state_walks_bwd")
 def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
                      initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
                      dout: Tensor, z: Tensor | None, C: Tensor, cs: Tensor,
-                     dfinal: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                     dfinal: Tensor | None, rerun: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward's walks: the forward walk again for the states between chunks
-    (recomputed, not kept from the forward pass), and the reverse walk for their gradients
-    from the forward pass's cs (B, H, C, Q). dout, z (B, L, H, P) with x's strides, C with
-    B's. Returns states (B, C, H, P, N) (the state entering each chunk), dstates
-    (B, C, H, P, N) (the gradient wrt the state leaving each chunk) and dinit (B, H, P, N)
-    fp32 (the gradient wrt the initial state)."""
+    (recomputed, not kept from the forward pass; rerun=False: kept, and only the reverse walk
+    runs), and the reverse walk for their gradients from the forward pass's cs (B, H, C, Q).
+    dout, z (B, L, H, P) with x's strides, C with B's. Returns states (B, C, H, P, N) (the
+    state entering each chunk; empty without the rerun), dstates (B, C, H, P, N) (the gradient
+    wrt the state leaving each chunk) and dinit (B, H, P, N) fp32 (the gradient wrt the
+    initial state)."""
     batch, L, H, P = x.shape
     N = B.shape[3]
-    states, dstates, dinit = _state_walks_bwd_outputs(x, B, Q)
+    states, dstates, dinit = _state_walks_bwd_outputs(x, B, Q, rerun)
     rev_ptrs = (dout, z if z is not None else dout, C, cs, dfinal if dfinal is not None else dinit, dstates, dinit)
     rev_flags = dict(HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, STORE_STATES=True, SIGNAL=False,
                      LAUNCH_DEPENDENTS=False)
+    if not rerun:
+        # The forward walk's pointers are not read.
+        ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
+                                          Q, dstates, dinit, cs, cs)
+        launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *rev_ptrs, x, *scalars, **flags,
+               **rev_flags, FWD=False, REV=True)
+        return states, dstates, dinit
     # One launch unless grid axis 1 (at most 65535 programs) cannot take both walks.
     fused = FUSED_WALKS and 2 * batch * H <= 65535
     grid = _walk_grid(batch, H, P, N, 2 if fused else 1)
@@ -503,5 +512,6 @@ def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tenso
 
 
 @_state_walks_bwd.register_fake
-def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs, dfinal):
-    return _state_walks_bwd_outputs(x, B, Q)
+def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs, dfinal,
+      rerun=True):
+    return _state_walks_bwd_outputs(x, B, Q, rerun)

@@ -117,27 +117,34 @@ def _kernel_chunk_len(chunk_size: int) -> int:
     return min(256, max(16, 1 << (int(chunk_size) - 1).bit_length()))
 
 
+# Training speed for memory: the forward keeps the states entering each chunk (B, C, H, P, N)
+# for the backward (B * C * H * P * N bf16, half of x's bytes at P = 64, N = 128), which then
+# runs only the reverse walk instead of rerunning the forward walk beside it.
+SAVE_STATES = False
+
+
 def _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, options):
-    """The Triton forward: out, the final state and the tensors the backward needs."""
+    """The Triton forward: out, the final state and the tensors the backward needs (with
+    options' save_states, the states between chunks last)."""
     from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_fwd
 
-    Q, dt_softplus, dt_limit = options
+    Q, dt_softplus, dt_limit, save_states = options
     x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
     z = z.contiguous() if z is not None else None
-    out, ypre, final, dt_c, cs_c = _chunk_scan_fwd(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states,
-                                                   dt_softplus, dt_limit[0], dt_limit[1], Q)
+    out, ypre, final, dt_c, cs_c, states = _chunk_scan_fwd(x, z, dt, A, B, C, D, dt_bias, seq_idx, initial_states,
+                                                           dt_softplus, dt_limit[0], dt_limit[1], Q, save_states)
     # The processed dt and its cumsum (B, H, C, Q) fp32 are kept (small next to x): the
     # backward's state-gradient walk then needs nothing from its rerun of the forward walk.
     return out, final, (x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre if z is not None else None,
-                        dt_c, cs_c)
+                        dt_c, cs_c) + ((states,) if save_states else ())
 
 
 class SsdChunkScanFn(torch.autograd.Function):
     """Triton SSD: out (B, L, H, P) and final state (B, H, P, N), both differentiable.
 
-    options = (Q, dt_softplus, dt_limit). The backward recomputes the states
-    between chunks instead of keeping them from the forward pass. Every launch is a
-    torch.ops.mamba_pkg custom op, so torch.compile sees them as opaque nodes.
+    options = (Q, dt_softplus, dt_limit, save_states). The backward recomputes the states
+    between chunks instead of keeping them from the forward pass, unless save_states. Every
+    launch is a torch.ops.mamba_pkg custom op, so torch.compile sees them as opaque nodes.
     """
 
     @staticmethod
@@ -154,11 +161,14 @@ class SsdChunkScanFn(torch.autograd.Function):
         from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd
         from mamba_pkg.ops.ssd.chunk_state import _state_walks_bwd
 
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, dt_c, cs_c = ctx.saved_tensors
-        Q, dt_softplus, dt_limit = ctx.options
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, dt_c, cs_c = ctx.saved_tensors[:13]
+        Q, dt_softplus, dt_limit, save_states = ctx.options
         dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
         states, dstates, dinit = _state_walks_bwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                  dt_limit[0], dt_limit[1], Q, dout, z, C, cs_c, dfinal)
+                                                  dt_limit[0], dt_limit[1], Q, dout, z, C, cs_c, dfinal,
+                                                  not save_states)
+        if save_states:
+            states = ctx.saved_tensors[13]
         # The dt, dt_bias and A gradients (decay sums, clamp and softplus backward) come
         # out of the last kernel: no torch glue here.
         dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd(
@@ -303,13 +313,14 @@ def _chunk_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states
     # With per-sequence initial states the gate must see their output term too.
     gate_in_kernel = z is not None and not varlen_init
     args = (x, dt, A, B, C, D, z if gate_in_kernel else None, dt_bias, None if cu_seqlens is not None else initial_states,
-            seq_idx, (Q, bool(dt_softplus), tuple(dt_limit)))
+            seq_idx)
+    options = (Q, bool(dt_softplus), tuple(dt_limit))
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        out, final = SsdChunkScanFn.apply(*args)
+        out, final = SsdChunkScanFn.apply(*args, options + (SAVE_STATES,))
     else:
         # Nothing to record for autograd (eager inference): the forward alone, without the
         # autograd.Function's host time.
-        out, final = _ssd_forward(*args)[:2]
+        out, final = _ssd_forward(*args, options + (False,))[:2]
     varlen_states = None
     want_states = return_final_states or return_varlen_states
     if cu_seqlens is not None and (initial_states is not None or want_states):
