@@ -15,6 +15,10 @@ Parts (--parts, comma-separated):
   with and without the conv update folded in), mamba2-130m and mamba2-1.3b shapes, PDL on and off.
 - probe: decode_linear at 3 and 8 rows (broadcast-sum kernel, tl.dot kernel, cuBLAS) and mamba-1.4b's SSM
   step at batch 64 (fp32 / bf16 state) in pieces against mamba_ssm's (bench_decode_ops' odd rows).
+- gemm: decode_linear's tl.dot kernel at 64 rows on the models' shapes (GEMM64) against F.linear
+  (cuBLAS), weights streaming from HBM: one CUDA graph of GEMM_COPIES launches, each on its own
+  copy of the weight (together > the 50 MB L2), time per launch. Candidates: dot_config's pick,
+  then (BLOCK_N, BLOCK_K, stages, warps, SPLIT) variants, PDL off, dependents launched late.
 - model: whole decode steps (one CUDA-graph replay of our captured step, bf16 states) with a
   module setting switched, A against B, on the real model sizes (weights stream from HBM, unlike
   the isolated kernels above whose weights can stay in L2).
@@ -59,23 +63,26 @@ SSM_B1 = [(1, 16, 4), (1, 16, 2), (1, 32, 4), (1, 32, 2), (1, 8, 4)]
 SSM_B64 = [(1, 128, 4), (1, 256, 4), (1, 256, 8), (2, 64, 4), (4, 32, 4)]
 PAIR_BLOCK_D = (64, 128, 256)
 SMALL_LINEAR = [(4, 8192, 4), (2, 8192, 4), (4, 16384, 4)]
-DOT_LINEAR = [(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 3, 4), (64, 64, 5, 4)]
+DOT_LINEAR = [(64, 128, 4, 4, 1), (32, 128, 4, 4, 1), (64, 128, 3, 4, 1), (64, 64, 5, 4, 1)]
 NORM_BLOCK_N = (4, 8, 16)
 # (model, batch, settings): each setting a dict {"module.ATTR": value} of mamba_pkg module attributes
 # ("ops.decode_linear.BLOCK_N"); the first ({}) is the committed code. A setting repeated measures the
 # noise of the A/B.
 DL = "ops.decode_linear."
-DOT64 = {"models._cache_utils.STEP_DOT_MAX_ROWS": 64}
 SDS = "ops.ssm_decode_step."
 M2 = "models.mamba2."
-GREEDY_TORCH = {"generation.decode.GREEDY_ARGMAX": False}
-DOT_MANY = {DL + "DOT_MIN_PROGRAMS": 200}
 LM = "models.lm."
-# The session-7 final settings
-OLD_M2 = {DL + "PREPASS_ADD_NORM_CONV": True, LM + "STEP_LM_HEAD": False, M2 + "STEP_GATE_IN_SSM_MAX_DIM": 2048}
+CU = "models._cache_utils."
+# Batch 9-64 products as decode_linear's tl.dot kernel (split-K in one launch), Mamba-2's conv in its
+# in_proj and RMSNorm in its out_proj, Mamba-1's conv in its in_proj (session 9).
+DOT_ALL = {CU + "STEP_DOT_MAX_ROWS": 64, M2 + "STEP_DOT": True, M2 + "STEP_DOT_NORM_OUT": True}
+DOT_LM = {**DOT_ALL, LM + "STEP_LM_HEAD_DOT": True}
+DOT_PEEL = {**DOT_ALL, DL + "DOT_PEEL": True}
 MODEL_AB = [
-    ("mamba2-1.3b", 1, ({}, {M2 + "STEP_STATE_EARLY": False}, {DL + "FOLD_RMS_BLOCK_N": 4}, {DL + "WIDE_BLOCK_N": 4},
-                        {DL + "WIDE_BLOCK_N": 8}, OLD_M2, {})),
+    ("mamba2-1.3b", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM, {**DOT_ALL, M2 + "STEP_DOT_NORM_OUT": False})),
+    ("mamba-1.4b", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM, {**DOT_ALL, "models.mamba.STEP_DOT_X_PROJ": False})),
+    ("mamba2-130m", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM)),
+    ("mamba-130m", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM)),
 ]
 
 
@@ -193,6 +200,89 @@ def linear_inputs(sw, name, batches):
     return w, cases
 
 
+GEMM64 = {  # (out_features, in_features, RMSNorm prologue, conv (start, channels) or None)
+    "m1.4b in_proj+conv": (8192, 2048, False, (0, 4096)),
+    "m2-1.3b in_proj+conv": (8512, 2048, False, (4096, 4352)), "1.3b out_proj": (2048, 4096, False, None),
+    "m2-1.3b norm+out_proj": (2048, 4096, True, None), "m1.4b x_proj": (160, 4096, False, None),
+    "m130m in_proj+conv": (3072, 768, False, (0, 1536)), "m2-130m in_proj+conv": (3352, 768, False, (1536, 1792)),
+    "130m out_proj": (768, 1536, False, None), "m130m x_proj": (80, 1536, False, None),
+    "lm_head 1.3b": (50280, 2048, False, None),
+}
+GEMM_COPIES = 8
+GEMM_VARIANTS = [  # changes to dot_config's pick: (BLOCK_N, BLOCK_K, stages, warps, SPLIT) fields by index
+    {0: 32}, {0: 128, 4: "x2"}, {1: 64}, {2: 3}, {3: 8}, {3: 4}, {4: "x2"}, {4: "/2"},
+]
+
+
+def gemm_part(sw, shapes=None, compile_only=False, batch=64):
+    """GEMM64 shapes (``shapes``: their indices, all if None): cuBLAS vs the tl.dot kernel (dot_config
+    and GEMM_VARIANTS), cold weights. compile_only: one eager launch per candidate, nothing timed."""
+    saved = (dl.dot_config, dl.PDL, dl.DOT_LAUNCH_EARLY, dl.DOT_CONV_WARPS, dl.DOT_PEEL)
+
+    def restore():
+        dl.dot_config, dl.PDL, dl.DOT_LAUNCH_EARLY, dl.DOT_CONV_WARPS, dl.DOT_PEEL = saved
+    from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
+
+    for index, (name, (n_out, n_in, norm, conv)) in enumerate(GEMM64.items()):
+        if shapes is not None and index not in shapes:
+            continue
+        copies = 1 if compile_only else max(2, min(GEMM_COPIES, int(200e6 // (n_out * n_in * 2))))
+        ws = [torch.randn(n_out, n_in, device="cuda", dtype=BF) / n_in**0.5 for _ in range(copies)]
+        x = torch.randn(batch, n_in, device="cuda", dtype=BF)
+        nw = torch.rand(n_in, device="cuda", dtype=BF) + 0.5
+        outs = [torch.empty(batch, n_out, device="cuda", dtype=BF) for _ in range(copies)]
+        convs = [None] * copies
+        if conv is not None:
+            start, ch = conv
+            convs = [(torch.randn(batch, ch, 4, device="cuda", dtype=BF), torch.randn(ch, 4, device="cuda", dtype=BF),
+                      torch.randn(ch, device="cuda", dtype=BF), start, "silu") for _ in range(copies)]
+        case = f"gemm {name} b{batch} ({n_out}x{n_in}) per launch"
+        weight_us = n_out * n_in * 2 / 3.0e6
+
+        def cublas():
+            for w, o, cv in zip(ws, outs, convs):
+                torch.matmul(x * nw if norm else x, w.t(), out=o)
+                if cv is not None:
+                    causal_conv1d_update(o[:, cv[3]:cv[3] + cv[0].shape[1]], *cv[:3], cv[4])
+        timer = (lambda f: f() and None) if compile_only else (lambda f: graph_ms(f) / copies)
+        ms = sw.timed(case, "cublas" + (" (+x*nw)" if norm else " (+conv update)" if conv else ""), cublas,
+                      timer=timer)
+        base = saved[0](n_out, n_in) or (dl.DOT_BLOCK_N, dl.DOT_BLOCK_K, dl.DOT_STAGES, dl.DOT_WARPS, 1)
+        if conv is not None:
+            base = (*base[:3], max(base[3], dl.DOT_CONV_WARPS), base[4])
+        cands = [("pick", base, {}), ("pick pdl off", base, {"PDL": False}),
+                 ("pick launch late", base, {"DOT_LAUNCH_EARLY": False}), ("pick peel", base, {"DOT_PEEL": True})]
+        for var in GEMM_VARIANTS:
+            cfg = list(base)
+            for i, v in var.items():
+                cfg[i] = cfg[i] * 2 if v == "x2" else max(1, cfg[i] // 2) if v == "/2" else v
+            if tuple(cfg) != base:
+                cands.append((",".join(map(str, cfg)), tuple(cfg), {}))
+        for label, cfg, attrs in cands:
+            def run(cfg=cfg, attrs=attrs):
+                dl.dot_config = lambda n_out, n_in=None, cfg=cfg: cfg
+                dl.DOT_CONV_WARPS = cfg[3]
+                for k, v in attrs.items():
+                    setattr(dl, k, v)
+                try:
+                    for w, o, cv in zip(ws, outs, convs):
+                        dl._launch_dot(x, w, None, o, nw if norm else None, 1e-5,
+                                       None if cv is None else (*cv[:4], True))
+                finally:
+                    restore()
+            got = sw.timed(case, f"dot {label}", run, timer=timer)
+            if label == "pick" and got:
+                print(f"    pick {base}: {weight_us / (got * 1e3) * 100:.0f}% of 3.0 TB/s, cublas "
+                      f"{weight_us / (ms * 1e3) * 100 if ms else 0:.0f}%", flush=True)
+        if conv is None:
+            ref = (F.linear(x.float() * nw.float(), ws[0].float())
+                   * torch.rsqrt((x.float() ** 2).mean(1, keepdim=True) + 1e-5)) if norm else F.linear(x.float(), ws[0].float())
+            run_err = (outs[0].float() - ref).abs().max().item() / ref.abs().max().item()
+            print(f"    max rel err of the last candidate {run_err:.2e}", flush=True)
+        del ws, outs
+        torch.cuda.empty_cache()
+
+
 def linear_part(sw):
     saved = (dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS, dl.dot_config)
 
@@ -206,7 +296,7 @@ def linear_part(sw):
                     if batch == 1:
                         dl.BLOCK_N, dl.TILE_ELEMS, dl.NUM_WARPS = cfg
                     else:
-                        dl.dot_config = lambda n_out, cfg=cfg: cfg
+                        dl.dot_config = lambda n_out, n_in=None, cfg=cfg: cfg
                     try:
                         return dl.decode_linear(x, w)
                     finally:
@@ -459,13 +549,15 @@ def main():
     ap.add_argument("--models", help="model part: only these models (comma-separated)")
     ap.add_argument("--no-anchor", action="store_true", help="timeline part: ours only")
     ap.add_argument("--ncu-batch", type=int, default=1, help="ncu part: batch size")
-    ap.add_argument("--compile-only", action="store_true", help="model part: compile the settings, time nothing")
+    ap.add_argument("--compile-only", action="store_true", help="model / gemm part: compile, time nothing")
+    ap.add_argument("--gemm-shapes", help="gemm part: only these GEMM64 indices (comma-separated)")
     args = ap.parse_args()
     sw = Sweep(args.budget_s)
     global TIMELINE_NO_ANCHOR
     TIMELINE_NO_ANCHOR = args.no_anchor
     models = args.models.split(",") if args.models else None
-    parts = {"ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part, "probe": probe_part,
+    shapes = [int(i) for i in args.gemm_shapes.split(",")] if args.gemm_shapes else None
+    parts = {"gemm": lambda sw: gemm_part(sw, shapes, args.compile_only), "ssm": ssm_part, "pair": pair_part, "linear": linear_part, "fold": fold_part, "probe": probe_part,
              "model": lambda sw: model_part(sw, models, args.compile_only),
              "timeline": lambda sw: timeline_part(sw, models),
              "ncu": lambda sw: ncu_part(models, args.ncu_batch)}

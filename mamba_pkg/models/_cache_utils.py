@@ -20,12 +20,14 @@ from mamba_pkg.ops.decode_linear import decode_linear
 # the weight once in one launch; it re-reads x per program, so it is meant for batch 1-2
 # (at batch 3-8 cuBLAS's GEMM wins). 0 switches it off.
 STEP_LINEAR_MAX_ROWS = 2
-# From 9 rows up to this many, 16-bit layers wide enough for decode_linear's tl.dot kernel
-# (dot_config) use it instead of cuBLAS. Off (0): alone it beat cuBLAS on mamba-1.4b's in_proj at
-# batch 64 (8.4 vs 10.0 us, weight partly L2-resident), but in whole decode steps, weights
-# streaming from HBM, it lost (H100 graph replay: mamba-1.4b 2.825 vs 2.818 ms, mamba2-1.3b
-# 4.61 vs 4.41 ms; sweep_decode "model").
-STEP_DOT_MAX_ROWS = 0
+# From 9 rows up to this many, 16-bit layers of at least STEP_DOT_MIN_WEIGHT weights that are wide
+# enough for decode_linear's tl.dot kernel (dot_config: split-K in one launch) use it instead of
+# cuBLAS (whose split-K GEMMs take a second launch for the reduction and do not chain by PDL). 0: off.
+# H100 b64 whole step (graph replay, same process, session 9): mamba-1.4b 2.649 ms vs 2.801 (in_proj
+# with the conv folded in and out_proj by the tl.dot kernel, x_proj cuBLAS); mamba2-1.3b 4.463 vs 4.462;
+# the 130m models' products (2.6M weights and less, latency-bound) lost: mamba-130m 0.760 vs 0.739.
+STEP_DOT_MAX_ROWS = 64
+STEP_DOT_MIN_WEIGHT = 4 * 2**20
 # Blocks of at most this width fold their add + RMSNorm into the in_proj of a decode step of
 # <= STEP_LINEAR_MAX_ROWS rows (decode_linear.add_rms_norm_linear): each program re-reads the
 # input row. Without programmatic dependent launch this lost at d_model 2048 (mamba-1.4b step
@@ -130,17 +132,21 @@ def plain_linear(layer) -> bool:
     return not (layer._forward_hooks or layer._forward_pre_hooks) and type(layer.weight.data) is torch.Tensor
 
 
-def step_linear(layer, x: torch.Tensor) -> torch.Tensor:
+def dot_rows(layer, x: torch.Tensor) -> bool:
+    """A decode step's x (B, in_features) takes decode_linear's tl.dot kernel for ``layer``: 16-bit
+    x and weight of one dtype, SMALL_ROWS < B <= STEP_DOT_MAX_ROWS, at least STEP_DOT_MIN_WEIGHT
+    weights, programs enough (dot_config), a plain layer."""
+    return (_dl.SMALL_ROWS < x.shape[0] <= min(STEP_DOT_MAX_ROWS, _dl.MAX_ROWS) and x.dtype == layer.weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and layer.weight.numel() >= STEP_DOT_MIN_WEIGHT
+            and _dl.dot_config(layer.out_features, layer.in_features) is not None and plain_linear(layer))
+
+
+def step_linear(layer, x: torch.Tensor, dot: bool = True) -> torch.Tensor:
     """``layer(x)`` for a decode step, x (B, in_features): up to STEP_LINEAR_MAX_ROWS rows one
-    decode_linear launch (cuBLAS takes two at batch 1: split-K GEMM + reduction), wide 16-bit
-    layers at SMALL_ROWS < B <= STEP_DOT_MAX_ROWS (off by default) decode_linear too, which runs
-    its tl.dot kernel where that has programs enough and hands plain products of 3-8 rows and the
-    rest to cuBLAS (F.linear); else the layer."""
-    rows = x.shape[0]
-    if rows <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
+    decode_linear launch (cuBLAS takes two at batch 1: split-K GEMM + reduction); with ``dot``, rows
+    in dot_rows decode_linear's tl.dot kernel; else the layer (cuBLAS)."""
+    if x.shape[0] <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
         return decode_linear(x, layer.weight, layer.bias)
-    if (_dl.SMALL_ROWS < rows <= min(STEP_DOT_MAX_ROWS, _dl.MAX_ROWS) and x.dtype == layer.weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and _dl.dot_config(layer.out_features) is not None
-            and plain_linear(layer)):
+    if dot and dot_rows(layer, x):
         return decode_linear(x, layer.weight, layer.bias)
     return layer(x)

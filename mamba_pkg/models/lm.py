@@ -41,6 +41,9 @@ from mamba_pkg.ops.cross_entropy import IGNORE_INDEX, cross_entropy_grad_
 # one PDL-chained launch; cuBLAS's GEMM read it at 2.47 TB/s at batch 1 (mamba2-1.3b, H100, session 7
 # profile: 83.5 us of a 1.33 ms step). False: the lm_head module (cuBLAS) at every batch size.
 STEP_LM_HEAD = True
+# Above SMALL_ROWS rows the logits of a decode step take decode_linear's tl.dot kernel where
+# models/_cache_utils.STEP_DOT_MAX_ROWS allows it (True), or cuBLAS (False).
+STEP_LM_HEAD_DOT = False
 
 
 class CausalLMOutput(NamedTuple):
@@ -383,7 +386,7 @@ class MambaLMHeadModel(nn.Module):
 
     def _step_logits(self, hidden_states):
         """lm_head of a decode step's (B, 1, d_model) hidden states through step_linear."""
-        return step_linear(self.lm_head, hidden_states.squeeze(1)).unsqueeze(1)
+        return step_linear(self.lm_head, hidden_states.squeeze(1), dot=STEP_LM_HEAD_DOT).unsqueeze(1)
 
     @classmethod
     def from_pretrained(cls, name_or_path, **kwargs):

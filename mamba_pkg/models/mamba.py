@@ -23,6 +23,7 @@ from einops import rearrange, repeat
 from mamba_pkg.models._cache_utils import (
     check_mixer_input,
     conv_with_cache,
+    dot_rows,
     layer_cache,
     plain_linear,
     step_linear,
@@ -30,6 +31,7 @@ from mamba_pkg.models._cache_utils import (
 from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 from mamba_pkg.ops.conv_xproj_step import conv_xproj_step
+from mamba_pkg.ops.decode_linear import decode_linear
 from mamba_pkg.ops.mamba_inner import mamba_inner_fn
 from mamba_pkg.ops.selective_scan import selective_scan_fn
 from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
@@ -38,6 +40,12 @@ from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 # then reads S = D / 128 partial sums per row (32 KB per program at batch 2, mamba-1.4b), so
 # at larger batch the cuBLAS x_proj (one summed row) is cheaper. 0 switches the fusion off.
 FUSED_X_PROJ_MAX_BATCH = 2
+# Decode steps whose in_proj takes decode_linear's tl.dot kernel (_cache_utils.dot_rows) run the conv
+# update in its epilogue (the x half's channels, conv_start 0): one launch per layer fewer. False: off.
+STEP_DOT_CONV = True
+# Those steps' x_proj (4096 -> 160 at mamba-1.4b) through the tl.dot kernel too (True), or cuBLAS
+# (H100 b64 step: 2.665 ms with the tl.dot kernel's 16 K splits, 2.649 with cuBLAS).
+STEP_DOT_X_PROJ = False
 
 
 class Mamba(nn.Module):
@@ -193,21 +201,29 @@ class Mamba(nn.Module):
         ssm_state (B, D, N) (fp32 by default) are updated in place. Returns (out (B, 1, d_model), conv_state, ssm_state).
         xz: (B, 2D) in_proj output computed by the caller (the block's fused add + norm + in_proj);
         hidden_states is then not used."""
+        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
+        conv_done = False
         if xz is None:
             if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
                 raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
-            xz = step_linear(self.in_proj, hidden_states.squeeze(1))
+            u = hidden_states.squeeze(1)
+            if STEP_DOT_CONV and u.shape[0] > FUSED_X_PROJ_MAX_BATCH and dot_rows(self.in_proj, u):
+                conv = (conv_state, conv_weight, self.conv1d.bias, 0, self.activation)
+                xz, conv_done = decode_linear(u, self.in_proj.weight, self.in_proj.bias, conv=conv), True
+            else:
+                xz = step_linear(self.in_proj, u)
         x, z = xz.chunk(2, dim=-1)  # (B, D) each
-        conv_weight = rearrange(self.conv1d.weight, "d 1 w -> d w")
         split_sum = x.shape[0] <= FUSED_X_PROJ_MAX_BATCH and self.x_proj.bias is None and plain_linear(self.x_proj)
-        if split_sum:
+        if conv_done:
+            x_dbl = step_linear(self.x_proj, x, dot=STEP_DOT_X_PROJ)
+        elif split_sum:
             # Small batch (launch-bound): the conv and x_proj in one kernel, leaving the x_proj
             # as per-block partial sums (S, B, R + 2N) that the SSM kernel adds up.
             x, x_dbl = conv_xproj_step(x, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight,
                                        self.activation)
         else:
             x = causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, self.activation)
-            x_dbl = self.x_proj(x)
+            x_dbl = step_linear(self.x_proj, x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # One fused kernel: dt_proj, + bias, softplus, A = -exp(A_log), state update, D, z gate.
         y = ssm_decode_step(ssm_state, x, dt, self.A_log, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,

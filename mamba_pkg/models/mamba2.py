@@ -42,15 +42,17 @@ from mamba_pkg.ops.ssm_decode_step import ssm_decode_step
 # the in_proj launch (decode_linear's conv argument): one launch per layer fewer (H100 graph replay,
 # mamba2-1.3b b1 with the norm unfused: 1.706 vs 1.834 ms per step). False: off.
 STEP_CONV_IN_PROJ = True
-# Decode steps of decode_linear.SMALL_ROWS < B <= MAX_ROWS rows (16-bit weights) can run in_proj with
-# the conv update in its epilogue (STEP_DOT), and the RMSNorm + out_proj (STEP_DOT_NORM_OUT), as
-# decode_linear's tl.dot kernels chained with the SSM step by programmatic dependent launch (3 launches
-# per layer instead of 5; the gate goes into the SSM step). Off: on the H100 those kernels took 20 us
-# (mamba2-130m) and 55-70 us (mamba2-1.3b) per launch at batch 64, and whole steps (graph replay, same
-# process) 1.55 vs 0.99 ms and 8.60 vs 4.44 ms with cuBLAS and the separate conv / gated-norm kernels
-# (benchmarks/notes_decode.md, session 7).
-STEP_DOT = False
-STEP_DOT_NORM_OUT = False
+# Decode steps of decode_linear.SMALL_ROWS < B <= MAX_ROWS rows (16-bit weights of at least
+# _cache_utils.STEP_DOT_MIN_WEIGHT) run in_proj with the conv update in its epilogue (STEP_DOT), and the
+# RMSNorm + out_proj (STEP_DOT_NORM_OUT, the gate applied by the SSM step), as decode_linear's tl.dot
+# kernels chained with the SSM step by programmatic dependent launch (3 launches per layer instead of
+# 5). H100 b64 whole step (graph replay, same process, session 9): mamba2-1.3b 4.463 ms vs 4.462 with
+# cuBLAS and the separate conv / gated-norm kernels, 4.566 with the gated-norm kernel before out_proj
+# (STEP_DOT_NORM_OUT off). (Session 7's kernels
+# lost badly, 8.60 vs 4.44 ms: their conv epilogue read the state 2 bytes of every 8 and the norm
+# weight's load sat in every K step.)
+STEP_DOT = True
+STEP_DOT_NORM_OUT = True
 # Decode steps of <= STEP_LINEAR_MAX_ROWS rows with d_ssm <= STEP_GATE_IN_SSM_MAX_DIM: the SSM step
 # applies the z gate (y * silu(z), rounded once to the activation dtype) and out_proj folds a plain
 # RMSNorm of that (rms_norm_linear) instead of the gated RMSNorm (gated_rms_norm_linear): each out_proj
@@ -323,7 +325,8 @@ class Mamba2(nn.Module):
         """A decode step of ``rows`` rows takes decode_linear's tl.dot kernel for ``layer`` (switch:
         STEP_DOT or STEP_DOT_NORM_OUT)."""
         return (switch and _dl.SMALL_ROWS < rows <= _dl.MAX_ROWS and plain_linear(layer)
-                and layer.weight.dtype in (torch.bfloat16, torch.float16))
+                and layer.weight.dtype in (torch.bfloat16, torch.float16)
+                and layer.weight.numel() >= _cache_utils.STEP_DOT_MIN_WEIGHT)
 
     def _gate_in_ssm(self, rows, z0) -> bool:
         """The SSM step applies the gate and out_proj a plain RMSNorm (STEP_GATE_IN_SSM up to

@@ -32,8 +32,9 @@ overlaps with the product's first weight loads; which one is faster depends on t
 (measured settings below). The conv is depthwise, so the
 program that computes an output feature owns its conv channel (state, weights) outright.
 Above SMALL_ROWS (2) rows the product is a tl.dot over BLOCK_K steps (a weight-streaming GEMM with
-the whole batch in one tile), or, for decode_linear's plain one-dtype product where that is faster,
-cuBLAS (F.linear, see CUBLAS_MAX_ROWS).
+the whole batch in one tile; where the outputs alone give too few programs, the K range is split
+over several and the last one of a tile to finish adds their partials: one launch), or, for
+decode_linear's plain one-dtype product where that is faster, cuBLAS (F.linear, see CUBLAS_MAX_ROWS).
 
 On Hopper and newer the decode kernels (these, conv_xproj_step, ssm_decode_step) are launched
 with programmatic dependent launch (PDL): each lets its successor start at once, issues the
@@ -98,12 +99,46 @@ FOLD_BLOCK_N = 8
 FOLD_TILE_ELEMS = 16384
 FOLD_RMS_BLOCK_N = 8  # the plain RMSNorm before out_proj (mamba2-1.3b: 256 programs of 8 x 4096)
 NUM_WARPS = 4
-# tl.dot kernel: (BLOCK_N, BLOCK_K, stages, warps) for the widest BLOCK_N that still gives
-# DOT_MIN_PROGRAMS programs. Batch 64 on the H100: mamba-1.4b in_proj 7.95 us vs cuBLAS 9.20,
-# mamba-130m in_proj (BLOCK_N 32) 3.38 vs 3.64; the out_proj shapes (24-64 programs) lost to
-# cuBLAS's split-K GEMM, so dot_config says None there and step_linear keeps cuBLAS.
-DOT_CONFIGS = ((64, (64, 128, 4, 4)), (32, (32, 128, 4, 4)))
-DOT_MIN_PROGRAMS = 96
+# tl.dot kernel (a weight-streaming GEMM with all rows, up to 64, in one tile): DOT_BLOCK_N output
+# features per program; below DOT_TARGET_PROGRAMS programs the K range is split over up to
+# DOT_MAX_SPLIT programs per tile (a power of two), whose fp32 partial tiles the last one of them to
+# finish adds up in split order (deterministic) before the epilogue: one launch, no separate
+# reduction kernel (cuBLAS's split-K GEMMs take two). Fewer than DOT_MIN_PROGRAMS programs even so:
+# dot_config says None (decode_linear's plain product then goes to cuBLAS).
+DOT_BLOCK_N = 64
+DOT_BLOCK_K = 128
+DOT_STAGES = 4
+DOT_WARPS = 4
+# With the conv update in the epilogue: 8 warps (the (64, 64) tile's state slots, taps and pointers
+# fit in registers; 4 warps spilled, offline sm_90 SASS).
+DOT_CONV_WARPS = 8
+# With the RMSNorm prologue: 8 warps (H100, mamba2-1.3b out_proj 2048 x 4096 at 64 rows, cold weights,
+# PDL chain: 12.7 us vs 24.9 with 4; cuBLAS + an x * norm_weight kernel 14.3).
+DOT_NORM_WARPS = 8
+# Products of more than DOT_MANY_PROGRAMS programs (lm_head) take DOT_MANY_STAGES stages (H100, 50280 x
+# 2048 at 64 rows: 74.7 us with 3 vs 78.2 with 4, cuBLAS 80.1).
+DOT_MANY_PROGRAMS = 264
+DOT_MANY_STAGES = 3
+# The conv epilogue of the tl.dot kernel reads and writes a 4-slot contiguous state as whole rows
+# (_conv_tile's ROWS4); False: slot by slot.
+DOT_CONV_ROWS4 = True
+DOT_MIN_PROGRAMS = 32
+DOT_TARGET_PROGRAMS = 128
+DOT_MAX_SPLIT = 32
+# K steps (DOT_BLOCK_K) each split streams at least (H100, 64 rows: x_proj 160 x 4096 7.9 us in 16 splits
+# of 2 steps vs 12.0 in 32 of 1; 768 x 1536 5.0 us in 4 splits vs 6.1 in 8).
+DOT_MIN_SPLIT_STEPS = 2
+# With PDL the product lets its successor launch at its start (True) or after its K loop (False:
+# the successor's programs do not take SM slots while the weights stream). H100, 64 rows, chains of
+# one shape: no better (e.g. norm + out_proj 21.2 vs 24.9 us at 4 warps, but 8 warps 12.7 early).
+DOT_LAUNCH_EARLY = True
+# The first K step's weight tile is loaded before the PDL wait (peeled off the pipelined loop).
+# H100 b64 whole steps slower: mamba-1.4b 2.745 vs 2.665 ms, mamba2-1.3b 4.574 vs 4.463.
+DOT_PEEL = False
+# Per-tile arrival counters of the split-K tiles, per device (zeroed once; the last program of a
+# tile resets its counter).
+DOT_COUNTERS = 8192
+_COUNTERS = {}
 
 
 # Programmatic dependent launch of the decode kernels (module docstring); False switches it off.
@@ -187,13 +222,19 @@ def pdl_launch(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-def dot_config(n_out):
-    """(BLOCK_N, BLOCK_K, stages, warps) of the tl.dot kernel for n_out output features, or None
-    where it has too few programs to beat cuBLAS."""
-    for block_n, config in DOT_CONFIGS:
-        if cdiv(n_out, block_n) >= DOT_MIN_PROGRAMS:
-            return config
-    return None
+def dot_config(n_out, n_in=None):
+    """(BLOCK_N, BLOCK_K, stages, warps, SPLIT) of the tl.dot kernel for weight (n_out, n_in), or
+    None where even the K split gives fewer than DOT_MIN_PROGRAMS programs (n_in None: no split)."""
+    block_n = DOT_BLOCK_N
+    tiles = cdiv(n_out, block_n)
+    split = 1
+    steps = cdiv(n_in, DOT_BLOCK_K) if n_in else 1
+    while (tiles * split < DOT_TARGET_PROGRAMS and split < DOT_MAX_SPLIT
+           and steps >= 2 * split * DOT_MIN_SPLIT_STEPS and tiles <= DOT_COUNTERS):
+        split *= 2
+    if tiles * split < DOT_MIN_PROGRAMS:
+        return None
+    return block_n, DOT_BLOCK_K, DOT_MANY_STAGES if tiles * split > DOT_MANY_PROGRAMS else DOT_STAGES, DOT_WARPS, split
 
 
 def _conv_columns_ref(out, conv):
@@ -272,7 +313,8 @@ def _row_norm_kernel(
 @triton.jit
 def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
                stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
-               CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr, PTX: tl.constexpr):
+               CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr, PTX: tl.constexpr,
+               ROWS4: tl.constexpr = False, n_start=0, BLOCK_B: tl.constexpr = 1, BLOCK_N: tl.constexpr = 1):
     # The conv update of a finished (rows o_b, features o_n) output tile: features [conv_start,
     # conv_start + conv_dim) are conv channels, cs_ptr their state (B, conv_dim, S_LEN), cw_ptr the
     # weights (conv_dim, W), cb_ptr the bias. State slot s holds input (s - S_LEN) relative to the
@@ -292,15 +334,38 @@ def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, co
     b_conv = b_out.to(tl.float32) * tl.load(p_cw + (W - 1) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
     if CONV_BIAS:
         b_conv += tl.load(cb_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    for i_s in tl.static_range(S_LEN):
-        b_slot = tl.load(p_cs + i_s * stride_cs_s, mask=m_bc, other=0.0)
-        if i_s >= S_LEN - (W - 1):
-            b_tap = tl.load(p_cw + (i_s - (S_LEN - (W - 1))) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)
-            b_conv += b_slot.to(tl.float32) * b_tap[None, :]
-        tl.debug_barrier()  # every thread has read slot i_s - 1 (previous iteration) and slot i_s
-        if i_s > 0:
-            tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
-    tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
+    if ROWS4:
+        # Contiguous 4-slot state (stride_cs_d 4, stride_cs_s 1): each row's slots of the tile's
+        # channels are 4 * BLOCK_N contiguous values, loaded and stored as one (B, 4 * BLOCK_N) tile
+        # (16-byte accesses) and split into the slots in registers. Per-slot (B, N) tiles in the
+        # product's layout read 2 of every 8 bytes: at 64 rows that epilogue took ~30 us (H100, session 9).
+        o_j = tl.arange(0, 4 * BLOCK_N)
+        o_cj = n_start - conv_start + o_j // 4
+        m_j = m_b[:, None] & ((o_cj >= 0) & (o_cj < conv_dim))[None, :]
+        p_j = cs_ptr + o_b[:, None].to(tl.int64) * stride_cs_b + (n_start - conv_start) * 4 + o_j[None, :]
+        b_e, b_o = tl.split(tl.reshape(tl.load(p_j, mask=m_j, other=0.0), (BLOCK_B, BLOCK_N, 2, 2)))
+        b_s0, b_s2 = tl.split(b_e)  # slot 2i + j is element [i, j]
+        b_s1, b_s3 = tl.split(b_o)
+        if W == 5:
+            b_conv += b_s0.to(tl.float32) * tl.load(p_cw, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        if W >= 4:
+            b_conv += b_s1.to(tl.float32) * tl.load(p_cw + (W - 4) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        if W >= 3:
+            b_conv += b_s2.to(tl.float32) * tl.load(p_cw + (W - 3) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        b_conv += b_s3.to(tl.float32) * tl.load(p_cw + (W - 2) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        tl.debug_barrier()  # every slot read before the shift overwrites it
+        b_new = tl.join(tl.join(b_s1, b_s3), tl.join(b_s2, b_out.to(cs_ptr.dtype.element_ty)))
+        tl.store(p_j, tl.reshape(b_new, (BLOCK_B, 4 * BLOCK_N)), mask=m_j)
+    else:
+        for i_s in tl.static_range(S_LEN):
+            b_slot = tl.load(p_cs + i_s * stride_cs_s, mask=m_bc, other=0.0)
+            if i_s >= S_LEN - (W - 1):
+                b_tap = tl.load(p_cw + (i_s - (S_LEN - (W - 1))) * stride_cw_k, mask=m_c, other=0.0).to(tl.float32)
+                b_conv += b_slot.to(tl.float32) * b_tap[None, :]
+            tl.debug_barrier()  # every thread has read slot i_s - 1 (previous iteration) and slot i_s
+            if i_s > 0:
+                tl.store(p_cs + (i_s - 1) * stride_cs_s, b_slot, mask=m_bc)
+        tl.store(p_cs + (S_LEN - 1) * stride_cs_s, b_out.to(cs_ptr.dtype.element_ty), mask=m_bc)
     if SILU:
         b_conv = b_conv * ptx_sigmoid(b_conv, PTX)
     return tl.where(m_c[None, :], b_conv.to(b_out.dtype), b_out)
@@ -310,7 +375,8 @@ def _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, co
 def _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
                  cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
                  stride_cw_d, stride_cw_k, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, CONV: tl.constexpr,
-                 CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr, PTX: tl.constexpr):
+                 CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr, PTX: tl.constexpr,
+                 ROWS4: tl.constexpr = False, n_start=0, BLOCK_B: tl.constexpr = 1, BLOCK_N: tl.constexpr = 1):
     # The epilogue of both product kernels: the norm's row scale rsqrt(mean(s^2) + eps) (SCALE; b_ss
     # holds the rows' sums of squares), the bias, the conv update (CONV), the store.
     if SCALE:
@@ -321,7 +387,7 @@ def _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, str
     if CONV:
         b_out = _conv_tile(b_out, o_b, m_b, o_n, m_n, cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim,
                            stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
-                           CONV_BIAS, SILU, W, S_LEN, PTX)
+                           CONV_BIAS, SILU, W, S_LEN, PTX, ROWS4, n_start, BLOCK_B, BLOCK_N)
     tl.store(out_ptr + o_b[:, None] * stride_o_b + o_n[None, :] * stride_o_n, b_out, mask=m_b[:, None] & m_n[None, :])
 
 
@@ -394,20 +460,43 @@ def _decode_linear_kernel(
 
 
 @triton.jit
+def _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM: tl.constexpr, FP32: tl.constexpr):
+    # One K step of the tl.dot kernel: b_acc += x_tile @ w_tile; NORM_RMS: x_tile * norm_weight into
+    # the dot, its rows' sums of squares into b_ss.
+    if NORM != 0:
+        b_xf = b_x.to(tl.float32)
+        b_ss += tl.sum(b_xf * b_xf, axis=1)
+        b_x = b_xf * b_nw.to(tl.float32)[None, :]
+        if not FP32:
+            b_x = b_x.to(b_w.dtype)
+    if FP32:  # mixed or fp32 operands: exact fp32 products
+        b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision="ieee")
+    else:  # bf16 / fp16 on the tensor cores, fp32 accumulation
+        b_acc = tl.dot(b_x, b_w, b_acc)
+    return b_acc, b_ss
+
+
+@triton.jit
 def _decode_linear_dot_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, cs_ptr, cw_ptr, cb_ptr,
-    batch, N, K, eps, conv_start, conv_dim,
+    x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, cs_ptr, cw_ptr, cb_ptr, part_ptr, ss_ptr, cnt_ptr,
+    batch, N, K, k_split, eps, conv_start, conv_dim,
     stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
     stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
     HAS_BIAS: tl.constexpr, FP32: tl.constexpr, NORM: tl.constexpr,
     CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr, PTX: tl.constexpr,
+    ROWS4: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT: tl.constexpr, PEEL: tl.constexpr, USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr,
+    PTX: tl.constexpr,
 ):
-    # NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is x * norm_weight, the rows'
-    # sums of squares accumulate beside it and rsqrt(mean + eps) scales the finished rows (a row scale
-    # commutes with the product). CONV: as in _decode_linear_kernel (_conv_tile).
-    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    # Program (i_n, i_s) of row block i_b: features [i_n * BLOCK_N, +BLOCK_N) over K range
+    # [i_s * k_split, +k_split). NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is
+    # x * norm_weight, the rows' sums of squares accumulate beside it and rsqrt(mean + eps) scales the
+    # finished rows (a row scale commutes with the product). CONV: as in _decode_linear_kernel.
+    # SPLIT > 1: part_ptr (SPLIT, B_pad, N) fp32 and ss_ptr (n_tiles, SPLIT, B_pad) take the partial
+    # tile and sums of squares; cnt_ptr[i_n] counts the tile's finished splits; the last one adds
+    # the partials up in split order (the same bits whichever program is last) and finishes the tile.
+    pid = tl.program_id(0)
+    i_n, i_s, i_b = pid // SPLIT, pid % SPLIT, tl.program_id(1)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_b, m_n = o_b < batch, o_n < N
@@ -415,27 +504,67 @@ def _decode_linear_dot_kernel(
     p_w = w_ptr + o_n[None, :].to(tl.int64) * stride_w_n
     b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    k_lo = i_s * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    o_k = k_lo + tl.arange(0, BLOCK_K)
+    m_k = o_k < k_hi
+    if NORM != 0:  # a parameter: loaded before the wait, and one K step ahead in the loop
+        b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0)
+    if PEEL:  # the first weight tile is in flight while the predecessor finishes
+        b_w = tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
     if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+        if LAUNCH_EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    if PEEL:
+        b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
+        if NORM != 0:
+            b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
+        b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw if NORM != 0 else b_ss, NORM, FP32)
+        if NORM != 0:
+            b_nw = b_nw_next
+        k_lo += BLOCK_K
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
+        m_k = o_k < k_hi
         b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
         b_w = tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
         if NORM != 0:
-            b_xf = b_x.to(tl.float32)
-            b_ss += tl.sum(b_xf * b_xf, axis=1)
-            b_x = b_xf * tl.load(nw_ptr + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
-            if not FP32:
-                b_x = b_x.to(b_w.dtype)
-        if FP32:  # mixed or fp32 operands: exact fp32 products
-            b_acc = tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), b_acc, input_precision="ieee")
-        else:  # bf16 / fp16 on the tensor cores, fp32 accumulation
-            b_acc = tl.dot(b_x, b_w, b_acc)
-    _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
-                 cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
-                 stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX)
+            # The next step's norm weight is in flight while this step's waits for its use: a load
+            # used in its own step exposed one L2 round trip per K step (session 7).
+            b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
+        b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw if NORM != 0 else b_ss, NORM, FP32)
+        if NORM != 0:
+            b_nw = b_nw_next
+    if USE_PDL and not LAUNCH_EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
+    if SPLIT == 1:
+        _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
+                     cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
+                     stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX, ROWS4,
+                     i_n * BLOCK_N, BLOCK_B, BLOCK_N)
+    else:
+        n_pad = tl.num_programs(1) * BLOCK_B  # rows of the partial buffers
+        p_part = part_ptr + o_b[:, None].to(tl.int64) * N + o_n[None, :]
+        tl.store(p_part + i_s * n_pad * N, b_acc, mask=m_n[None, :])
+        p_ss = ss_ptr + i_n * SPLIT * n_pad + o_b
+        if NORM != 0:
+            tl.store(p_ss + i_s * n_pad, b_ss)
+        # Every thread's partial is stored before the tile's counter moves (release, GPU scope).
+        tl.debug_barrier()
+        n_done = tl.atomic_add(cnt_ptr + i_n * tl.num_programs(1) + i_b, 1, sem="acq_rel", scope="gpu")
+        if n_done == SPLIT - 1:
+            tl.atomic_xchg(cnt_ptr + i_n * tl.num_programs(1) + i_b, 0, sem="relaxed", scope="gpu")
+            b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+            b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):  # ".cg": from L2, where the other programs' stores are
+                b_acc += tl.load(p_part + j * n_pad * N, mask=m_n[None, :], other=0.0, cache_modifier=".cg")
+                if NORM != 0:
+                    b_ss += tl.load(p_ss + j * n_pad, cache_modifier=".cg")
+            _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
+                         cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
+                         stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX,
+                         ROWS4, i_n * BLOCK_N, BLOCK_B, BLOCK_N)
 
 
 def _outputs(x, weight):
@@ -515,27 +644,56 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         _REGISTERS[(tuple(weight.shape), norm, conv is not None, block_b)] = getattr(compiled, "n_regs", 0)
 
 
+def _counters(device, n):
+    """The split-K tiles' arrival counters on ``device`` (int32, zero between launches), or None
+    while a CUDA graph is being captured before they exist (no allocation inside a capture)."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(DOT_COUNTERS, device=device, dtype=torch.int32)
+    return counters if n <= counters.numel() else None
+
+
 def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     """The tl.dot kernel (more than SMALL_ROWS rows): norm_weight: x is RMS-normalised first
     (NORM_RMS); conv: as in _launch_small."""
     batch, n_in = x.shape
-    block_n, block_k, stages, warps = dot_config(weight.shape[0]) or DOT_CONFIGS[-1][1]
+    n_out = weight.shape[0]
+    block_n, block_k, stages, warps, split = (dot_config(n_out, n_in)
+                                              or (DOT_BLOCK_N, DOT_BLOCK_K, DOT_STAGES, DOT_WARPS, 1))
+    if conv is not None:
+        warps = max(warps, DOT_CONV_WARPS)
+    if norm_weight is not None:
+        warps = max(warps, DOT_NORM_WARPS)
     block_b = min(64, max(16, next_pow2(batch)))
+    tiles, row_blocks = cdiv(n_out, block_n), cdiv(batch, block_b)
+    counters = _counters(x.device, tiles * row_blocks) if split > 1 else None
+    if counters is None:
+        split = 1
+    k_split = cdiv(cdiv(n_in, block_k), split) * block_k
+    part = ss = None
+    if split > 1:
+        rows_pad = row_blocks * block_b
+        part = torch.empty(split, rows_pad, n_out, device=x.device, dtype=torch.float32)
+        ss = torch.empty(tiles, split, rows_pad, device=x.device, dtype=torch.float32)
     # The CPU interpreter's tl.dot gets 16-bit operands wrong: it takes the fp32 route there.
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
     pdl = use_pdl(x)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
-    _decode_linear_dot_kernel[(cdiv(weight.shape[0], block_n), cdiv(batch, block_b))](
-        x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias,
-        batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
+    _decode_linear_dot_kernel[(tiles * split, row_blocks)](
+        x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters,
+        batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
         *x.stride(), *weight.stride(), *out.stride(),
         *(conv_state.stride() if conv is not None else (0, 0, 0)),
         *(conv_weight.stride() if conv is not None else (0, 0)),
         HAS_BIAS=bias is not None, FP32=fp32, NORM=NORM_NONE if norm_weight is None else NORM_RMS,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, USE_PDL=pdl,
-        PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps, num_stages=stages, **pdl_launch(pdl),
+        ROWS4=conv is not None and conv_state.shape[2] == 4 and conv_state.stride()[1:] == (4, 1) and DOT_CONV_ROWS4,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=split, PEEL=DOT_PEEL, USE_PDL=pdl,
+        LAUNCH_EARLY=DOT_LAUNCH_EARLY, PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps,
+        num_stages=stages, **pdl_launch(pdl),
     )
 
 
@@ -699,7 +857,7 @@ def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
     if conv is not None:
         return _launch_conv(x, None, None, weight, bias, conv, 0.0, False)[0]
     if (x.shape[0] > SMALL_ROWS and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
-            and (x.shape[0] <= CUBLAS_MAX_ROWS or dot_config(weight.shape[0]) is None)):
+            and (x.shape[0] <= CUBLAS_MAX_ROWS or dot_config(weight.shape[0], x.shape[1]) is None)):
         return F.linear(x, weight, bias)  # cuBLAS: faster than either kernel there (CUBLAS_MAX_ROWS)
     return _decode_linear(x, weight, bias)
 

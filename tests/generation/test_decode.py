@@ -426,6 +426,36 @@ def test_cuda_graph_with_pdl_equals_without(kind, monkeypatch):
     free_decode_graphs(model)
 
 
+@requires_cuda
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+def test_cuda_dot_step_equals_cublas_step(kind, monkeypatch):
+    """Batch 12 at d_model 2048 in bf16, captured: the step's products through decode_linear's tl.dot
+    kernel (in_proj with the conv update in its epilogue, split-K out_proj; Mamba-2's RMSNorm folded
+    into out_proj) give the logits of the cuBLAS step with the separate conv / norm kernels."""
+    from mamba_pkg.models import _cache_utils
+    from mamba_pkg.models import mamba2 as m2
+
+    model = make_model(kind, device="cuda", n_layer=2, d_model=2048).to(torch.bfloat16)
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (12, 5), device="cuda")
+    runs = []
+    for dot in (True, False):
+        monkeypatch.setattr(_cache_utils, "STEP_DOT_MAX_ROWS", 64 if dot else 0)
+        monkeypatch.setattr(m2, "STEP_DOT", dot)
+        monkeypatch.setattr(m2, "STEP_DOT_NORM_OUT", dot)
+        launches = []
+        real = dl._launch_dot
+        monkeypatch.setattr(dl, "_launch_dot", lambda *a, **k: launches.append(1) or real(*a, **k))
+        free_decode_graphs(model)
+        out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True, cg=True)
+        runs.append((out, len(launches)))
+    (dot_out, dot_launches), (ref_out, ref_launches) = runs
+    assert dot_launches > 0 and ref_launches == 0
+    assert torch.equal(dot_out.sequences[:, :7], ref_out.sequences[:, :7])
+    torch.testing.assert_close(dot_out.scores[1].float(), ref_out.scores[1].float(), rtol=3e-2, atol=3e-2)
+    free_decode_graphs(model)
+
+
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_step_kernels_equal_torch_reference(layer, monkeypatch):
     """A mixer's decode step through the Triton kernels (the interpreter on CPU) equals the torch
@@ -470,9 +500,12 @@ def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
     u = torch.randn(batch, 1, 32, device=device, dtype=torch.bfloat16)
     cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(batch, 8)]
     runs = []
+    from mamba_pkg.models import _cache_utils
+
     for fused in (True, False):
         for name in ("STEP_DOT", "STEP_DOT_NORM_OUT", "STEP_GATE_IN_SSM", "STEP_CONV_IN_PROJ"):
             monkeypatch.setattr(m2, name, fused)
+        monkeypatch.setattr(_cache_utils, "STEP_DOT_MIN_WEIGHT", 0)  # the tiny layers too
         launches = []
         for name in ("_launch_dot", "_launch_small"):
             real = getattr(dl, name)
@@ -484,6 +517,43 @@ def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
         monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
     (fused_out, fused_states, fused_launches), (out, states, _) = runs
     assert fused_launches == (["_launch_dot"] * 2 if batch > dl.SMALL_ROWS else ["_launch_small"] * 2)
+    torch.testing.assert_close(fused_out, out, rtol=3e-2, atol=3e-2)
+    for got, exp in zip(fused_states, states):
+        torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_mamba1_dot_step_equals_unfused(monkeypatch):
+    """Mamba-1's decode step at 12 rows with the tl.dot kernel (STEP_DOT_MAX_ROWS): in_proj with the
+    conv update in its epilogue, x_proj (STEP_DOT_X_PROJ) and out_proj with their K range split (the last program of a
+    tile adds the partials), equals the step of the layers' own products and the separate conv
+    update: bf16 weights, the Triton kernels (the interpreter on CPU)."""
+    from mamba_pkg.models import _cache_utils
+    from mamba_pkg.models import mamba as m1
+
+    monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mixer = m1.Mamba(32, d_state=8, layer_idx=0, device=device, dtype=torch.bfloat16)
+    u = torch.randn(12, 1, 32, device=device, dtype=torch.bfloat16)
+    cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(12, 8)]
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(_cache_utils, "STEP_DOT_MAX_ROWS", 64 if fused else 0)
+        monkeypatch.setattr(_cache_utils, "STEP_DOT_MIN_WEIGHT", 0)  # the tiny layers too
+        monkeypatch.setattr(m1, "STEP_DOT_X_PROJ", True)
+        for name, value in (("DOT_BLOCK_N", 16), ("DOT_BLOCK_K", 16), ("DOT_STAGES", 2), ("DOT_MIN_PROGRAMS", 1),
+                            ("DOT_MAX_SPLIT", 2), ("DOT_MIN_SPLIT_STEPS", 1), ("DOT_TARGET_PROGRAMS", 1 << 20)):
+            monkeypatch.setattr(dl, name, value)
+        launches = []
+        real = dl._launch_dot
+        monkeypatch.setattr(dl, "_launch_dot", lambda *a, **k: launches.append(k.get("conv") is not None) or real(*a, **k))
+        states = [t.clone() for t in cache]
+        with torch.no_grad():
+            runs.append((mixer.step(u, *states)[0].float(), states, launches))
+        monkeypatch.undo()
+        monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    (fused_out, fused_states, fused_launches), (out, states, launches) = runs
+    assert fused_launches == [True, False, False] and launches == []  # in_proj + conv, x_proj, out_proj
     torch.testing.assert_close(fused_out, out, rtol=3e-2, atol=3e-2)
     for got, exp in zip(fused_states, states):
         torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2)
@@ -521,10 +591,11 @@ def test_step_linear_routes_by_rows_width_and_dtype(monkeypatch):
     from mamba_pkg.models import _cache_utils
 
     monkeypatch.setattr(_cache_utils, "STEP_DOT_MAX_ROWS", 64)
+    monkeypatch.setattr(_cache_utils, "STEP_DOT_MIN_WEIGHT", 0)
     calls = []
     real = _cache_utils.decode_linear
     monkeypatch.setattr(_cache_utils, "decode_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    wide = torch.nn.Linear(8, 3200, dtype=torch.bfloat16)  # 100 programs of 32 outputs
+    wide = torch.nn.Linear(8, 6400, dtype=torch.bfloat16)  # 100 programs of 64 outputs
     narrow = torch.nn.Linear(8, 40, dtype=torch.bfloat16)
     for layer, rows, routed in ((narrow, 2, True), (narrow, 16, False), (wide, 5, True), (wide, 16, True),
                                 (wide, 65, False), (copy.deepcopy(wide).float(), 16, False)):

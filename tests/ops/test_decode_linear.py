@@ -21,6 +21,17 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _small_dot(monkeypatch, block_n=16, block_k=64, split=False):
+    """The tl.dot kernel with small tiles for tiny test shapes; split: as many K splits as dot_config
+    allows (up to 4), whatever the program count."""
+    for name, value in (("DOT_BLOCK_N", block_n), ("DOT_BLOCK_K", block_k), ("DOT_STAGES", 2), ("DOT_WARPS", 4),
+                        ("DOT_MAX_SPLIT", 4), ("DOT_TARGET_PROGRAMS", 1 << 20 if split else 1)):
+        monkeypatch.setattr(dl, name, value)
+    if split:
+        monkeypatch.setattr(dl, "DOT_MIN_PROGRAMS", 1)
+        monkeypatch.setattr(dl, "DOT_MIN_SPLIT_STEPS", 1)
+
+
 def test_ref_is_fp32_linear():
     x, w, b = torch.randn(3, 7, dtype=torch.bfloat16), torch.randn(5, 7, dtype=torch.bfloat16), torch.randn(5)
     out = decode_linear_ref(x, w, b)
@@ -35,8 +46,8 @@ def test_triton_matches_ref(batch, n_in, n_out, bias, monkeypatch):
     of 1024), a strided x (half of a wider tensor, as in_proj's halves); above SMALL_ROWS rows a bf16
     weight with fp32 x (two dtypes: not cuBLAS) takes the tl.dot kernel (ragged batch tile, K steps of
     64, ragged output blocks of 16)."""
-    monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 64, 2, 4)),))
-    assert dl.dot_config(n_out) is None  # too few programs for the GEMM path: the fallback config
+    _small_dot(monkeypatch)
+    assert dl.dot_config(n_out, n_in) is None  # too few programs for the GEMM path: the fallback config
     x = torch.randn(batch, 2 * n_in, device=DEVICE)[:, n_in:]
     w = torch.randn(n_out, n_in, device=DEVICE)
     if batch > dl.SMALL_ROWS:
@@ -157,7 +168,7 @@ def test_rms_norm_linear_matches_ref(prepass, batch, monkeypatch):
     (batch 19: ragged batch tile, two K steps, ragged output blocks) as a row scale after the
     product; the reference equals the norm followed by the linear."""
     _norm_path(monkeypatch, prepass)
-    monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 64, 2, 4)),))
+    _small_dot(monkeypatch)
     torch.manual_seed(0)
     x = torch.randn(batch, 2 * 70, device=DEVICE)[:, 70:]
     nw, w, b = torch.randn(70, device=DEVICE), torch.randn(37, 70, device=DEVICE), torch.randn(37, device=DEVICE)
@@ -184,7 +195,7 @@ def test_rms_norm_linear_errors_and_opcheck():
 def test_conv_fold_in_dot_kernel_matches_ref(monkeypatch):
     """Above SMALL_ROWS rows the conv update runs in the tl.dot kernel's epilogue: batch 11 (a
     ragged batch tile), conv channels [9, 29) of 37 across ragged output blocks of 16, a bf16 state."""
-    monkeypatch.setattr(dl, "DOT_CONFIGS", ((16, (16, 32, 2, 4)),))
+    _small_dot(monkeypatch, block_k=32)
     torch.manual_seed(2)
     x = torch.randn(11, 2 * 40, device=DEVICE)[:, 40:]
     w, b = torch.randn(37, 40, device=DEVICE), torch.randn(37, device=DEVICE)
@@ -194,6 +205,43 @@ def test_conv_fold_in_dot_kernel_matches_ref(monkeypatch):
     ref = decode_linear_ref(x, w, b, (ref_state, *conv[1:]))
     torch.testing.assert_close(state, ref_state, rtol=2.0**-7, atol=1e-4)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm,conv,peel", [(False, False, False), (True, False, False), (False, 4, False),
+                                            (True, False, True), (False, 5, True)])
+def test_dot_split_k_matches_ref(norm, conv, peel, monkeypatch):
+    """The tl.dot kernel with its K range split over 4 programs per output tile (K steps of 32 over
+    200 values: splits of 64, the last one 8 wide), batch 19 (a ragged row tile), 37 outputs (ragged
+    blocks of 16): the last program of each tile adds the partials and runs the epilogue (bias, the
+    RMSNorm's row scale, the conv update, 4 or 5 state slots); the arrival counters are back at zero, and a second call
+    gives the same bits. peel: the first K step's weight tile loaded before the loop (DOT_PEEL)."""
+    _small_dot(monkeypatch, block_k=32, split=True)
+    monkeypatch.setattr(dl, "DOT_PEEL", peel)
+    assert dl.dot_config(37, 200)[4] == 4
+    torch.manual_seed(3)
+    x = torch.randn(19, 2 * 200, device=DEVICE)[:, 200:]
+    w, b, nw = torch.randn(37, 200, device=DEVICE), torch.randn(37, device=DEVICE), torch.randn(200, device=DEVICE)
+    state = conv_args = None
+    if conv:
+        state, conv_args = _conv_case(19, 37, 20, 9, conv, torch.bfloat16)  # conv: the state's slots
+        ref_state = state.clone()
+        first_state = state.clone()
+
+    def run():
+        if norm:
+            return rms_norm_linear(x, nw, w, b, 1e-5, backend="triton")
+        return decode_linear(x, w, b, conv=conv_args, backend="triton")
+    out = run()
+    if norm:
+        ref = rms_norm_linear_ref(x, nw, w, b, 1e-5)
+    else:
+        ref = decode_linear_ref(x, w, b, None if not conv else (ref_state, *conv_args[1:]))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    if conv:
+        torch.testing.assert_close(state, ref_state, rtol=2.0**-7, atol=1e-4)
+        state.copy_(first_state)
+    assert not dl._COUNTERS[x.device].any()
+    assert torch.equal(run(), out)
 
 
 def _conv_case(batch, n_out, channels, start, state_len, dtype=torch.float32, bias=True):
@@ -348,6 +396,36 @@ def test_gpu_conv_fold_dot_full_size(batch, d_model, d_ssm):
     ref = decode_linear_ref(x, w, None, (ref_state, cw, cb, d_ssm, "silu"))
     torch.testing.assert_close(state, ref_state, rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=5e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("n_out,n_in,conv,peel", [(160, 4096, False, False), (80, 1536, False, False),
+                                                  (2048, 4096, False, False), (2048, 4096, False, True),
+                                                  (768, 1536, False, False), (8192, 2048, True, False),
+                                                  (3072, 768, True, False), (3072, 768, True, True)])
+def test_gpu_dot_64_rows_model_shapes(n_out, n_in, conv, peel, monkeypatch):
+    """Batch 64 on the models' shapes through the tl.dot kernel as dot_config picks it (split-K for
+    x_proj / out_proj, whole K for in_proj): Mamba-1's x_proj and out_proj, its in_proj with the conv
+    on the x half (conv_start 0), bf16 state; twice the same bits (the split sums in a fixed order).
+    peel: the first weight tile loaded before the PDL wait (DOT_PEEL)."""
+    monkeypatch.setattr(dl, "DOT_PEEL", peel)
+    torch.manual_seed(0)
+    x = torch.randn(64, n_in, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
+    assert dl.dot_config(n_out, n_in) is not None
+    state = ref_state = conv_args = None
+    if conv:
+        state = torch.randn(64, n_out // 2, 4, device="cuda", dtype=torch.bfloat16)
+        conv_args = (state, torch.randn(n_out // 2, 4, device="cuda", dtype=torch.bfloat16),
+                     torch.randn(n_out // 2, device="cuda", dtype=torch.bfloat16), 0, "silu")
+        ref_state, first = state.clone(), state.clone()
+    out = decode_linear(x, w, conv=conv_args)
+    ref = decode_linear_ref(x, w, None, None if not conv else (ref_state, *conv_args[1:]))
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=2e-2)
+    if conv:
+        torch.testing.assert_close(state, ref_state, rtol=1e-2, atol=2e-2)
+        state.copy_(first)
+    assert torch.equal(decode_linear(x, w, conv=conv_args), out)
 
 
 def test_completes_before_next_needs_pdl_and_few_rows():
