@@ -508,6 +508,7 @@ def _decode_linear_dot_kernel(
     k_hi = tl.minimum(K, k_lo + k_split)
     o_k = k_lo + tl.arange(0, BLOCK_K)
     m_k = o_k < k_hi
+    b_nw = b_ss  # unused without the norm (NORM_NONE)
     if NORM != 0:  # a parameter: loaded before the wait, and one K step ahead in the loop
         b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0)
     if PEEL:  # the first weight tile is in flight while the predecessor finishes
@@ -520,7 +521,7 @@ def _decode_linear_dot_kernel(
         b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
         if NORM != 0:
             b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
-        b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw if NORM != 0 else b_ss, NORM, FP32)
+        b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
         if NORM != 0:
             b_nw = b_nw_next
         k_lo += BLOCK_K
@@ -533,7 +534,7 @@ def _decode_linear_dot_kernel(
             # The next step's norm weight is in flight while this step's waits for its use: a load
             # used in its own step exposed one L2 round trip per K step (session 7).
             b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
-        b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw if NORM != 0 else b_ss, NORM, FP32)
+        b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
         if NORM != 0:
             b_nw = b_nw_next
     if USE_PDL and not LAUNCH_EARLY:

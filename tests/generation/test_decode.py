@@ -485,12 +485,33 @@ def test_step_kernels_equal_torch_reference(layer, monkeypatch):
             torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
 
 
+def _fused_and_unfused_steps(mixer, u, cache, monkeypatch, setup):
+    """mixer.step on copies of cache after setup(fused, launches) patched the switches (fused True,
+    then False) and the launchers to record into launches; asserts both steps' outputs and states
+    agree, returns the two launch lists."""
+    runs = []
+    for fused in (True, False):
+        launches = []
+        setup(fused, launches)
+        states = [t.clone() for t in cache]
+        with torch.no_grad():
+            runs.append((mixer.step(u, *states)[0].float(), states, launches))
+        monkeypatch.undo()
+        monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
+    (fused_out, fused_states, fused_launches), (out, states, launches) = runs
+    torch.testing.assert_close(fused_out, out, rtol=3e-2, atol=3e-2)
+    for got, exp in zip(fused_states, states):
+        torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2)
+    return fused_launches, launches
+
+
 @pytest.mark.parametrize("batch", [1, 12])
 def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
     """Mamba-2's decode step with the gate applied by the SSM step and a plain RMSNorm folded into
     out_proj (rms_norm_linear), and above SMALL_ROWS rows in_proj + conv update and norm + out_proj as
     decode_linear's tl.dot kernels (3 launches), equals the unfused step (separate conv update, gated
     RMSNorm, the layers' own products): bf16 weights, the Triton kernels (the interpreter on CPU)."""
+    from mamba_pkg.models import _cache_utils
     from mamba_pkg.models import mamba2 as m2
 
     monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
@@ -499,34 +520,23 @@ def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
     mixer = m2.Mamba2(32, d_state=16, headdim=16, layer_idx=0, device=device, dtype=torch.bfloat16)
     u = torch.randn(batch, 1, 32, device=device, dtype=torch.bfloat16)
     cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(batch, 8)]
-    runs = []
-    from mamba_pkg.models import _cache_utils
 
-    for fused in (True, False):
+    def setup(fused, launches):
         for name in ("STEP_DOT", "STEP_DOT_NORM_OUT", "STEP_GATE_IN_SSM", "STEP_CONV_IN_PROJ"):
             monkeypatch.setattr(m2, name, fused)
         monkeypatch.setattr(_cache_utils, "STEP_DOT_MIN_WEIGHT", 0)  # the tiny layers too
-        launches = []
         for name in ("_launch_dot", "_launch_small"):
             real = getattr(dl, name)
             monkeypatch.setattr(dl, name, lambda *a, real=real, name=name, **k: launches.append(name) or real(*a, **k))
-        states = [t.clone() for t in cache]
-        with torch.no_grad():
-            runs.append((mixer.step(u, *states)[0].float(), states, launches))
-        monkeypatch.undo()
-        monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
-    (fused_out, fused_states, fused_launches), (out, states, _) = runs
+    fused_launches, _ = _fused_and_unfused_steps(mixer, u, cache, monkeypatch, setup)
     assert fused_launches == (["_launch_dot"] * 2 if batch > dl.SMALL_ROWS else ["_launch_small"] * 2)
-    torch.testing.assert_close(fused_out, out, rtol=3e-2, atol=3e-2)
-    for got, exp in zip(fused_states, states):
-        torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_mamba1_dot_step_equals_unfused(monkeypatch):
     """Mamba-1's decode step at 12 rows with the tl.dot kernel (STEP_DOT_MAX_ROWS): in_proj with the
-    conv update in its epilogue, x_proj (STEP_DOT_X_PROJ) and out_proj with their K range split (the last program of a
-    tile adds the partials), equals the step of the layers' own products and the separate conv
-    update: bf16 weights, the Triton kernels (the interpreter on CPU)."""
+    conv update in its epilogue, x_proj (STEP_DOT_X_PROJ) and out_proj with their K range split (the
+    last program of a tile adds the partials), equals the step of the layers' own products and the
+    separate conv update: bf16 weights, the Triton kernels (the interpreter on CPU)."""
     from mamba_pkg.models import _cache_utils
     from mamba_pkg.models import mamba as m1
 
@@ -536,27 +546,18 @@ def test_mamba1_dot_step_equals_unfused(monkeypatch):
     mixer = m1.Mamba(32, d_state=8, layer_idx=0, device=device, dtype=torch.bfloat16)
     u = torch.randn(12, 1, 32, device=device, dtype=torch.bfloat16)
     cache = [torch.randn_like(t) for t in mixer.allocate_inference_cache(12, 8)]
-    runs = []
-    for fused in (True, False):
+
+    def setup(fused, launches):
         monkeypatch.setattr(_cache_utils, "STEP_DOT_MAX_ROWS", 64 if fused else 0)
         monkeypatch.setattr(_cache_utils, "STEP_DOT_MIN_WEIGHT", 0)  # the tiny layers too
         monkeypatch.setattr(m1, "STEP_DOT_X_PROJ", True)
         for name, value in (("DOT_BLOCK_N", 16), ("DOT_BLOCK_K", 16), ("DOT_STAGES", 2), ("DOT_MIN_PROGRAMS", 1),
                             ("DOT_MAX_SPLIT", 2), ("DOT_MIN_SPLIT_STEPS", 1), ("DOT_TARGET_PROGRAMS", 1 << 20)):
             monkeypatch.setattr(dl, name, value)
-        launches = []
         real = dl._launch_dot
         monkeypatch.setattr(dl, "_launch_dot", lambda *a, **k: launches.append(k.get("conv") is not None) or real(*a, **k))
-        states = [t.clone() for t in cache]
-        with torch.no_grad():
-            runs.append((mixer.step(u, *states)[0].float(), states, launches))
-        monkeypatch.undo()
-        monkeypatch.setenv("MAMBA_PKG_BACKEND", "triton")
-    (fused_out, fused_states, fused_launches), (out, states, launches) = runs
+    fused_launches, launches = _fused_and_unfused_steps(mixer, u, cache, monkeypatch, setup)
     assert fused_launches == [True, False, False] and launches == []  # in_proj + conv, x_proj, out_proj
-    torch.testing.assert_close(fused_out, out, rtol=3e-2, atol=3e-2)
-    for got, exp in zip(fused_states, states):
-        torch.testing.assert_close(got.float(), exp.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")
