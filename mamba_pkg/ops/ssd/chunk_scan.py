@@ -506,7 +506,7 @@ def _w_heads(
     tl.store(w_ptr + cb_off, w)
 
 
-@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY + ["BLOCK_N", "SPLIT_BC"])
+@triton.autotune(configs=_head_loop_configs(fewer_stages=True), key=_KEY + ["BLOCK_N"])
 @triton.jit
 def _chunk_scan_bwd_dbc_kernel(
     x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
@@ -517,61 +517,17 @@ def _chunk_scan_bwd_dbc_kernel(
     stride_seq_b, stride_seq_l,
     HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, SPLIT_BC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr,
 ):
     # Rows r of one block, columns of one BLOCK_N block of N: dC for r as the target t, dB
-    # for r as the source s. A 1-D grid with the row blocks of a chunk as neighbours, then
-    # (SPLIT_BC) dC and dB in programs of their own, then its N blocks (they share the row
-    # block's dy and x tiles).
+    # for r as the source s, in programs of their own (one (rows, N) fp32 accumulator each:
+    # about half the registers of both in one program). A 1-D grid with the row blocks of a
+    # chunk as neighbours, then dC / dB, then its N blocks.
     n_mblocks = Q // BLOCK_M
     i_m = tl.program_id(0) % n_mblocks
-    pid = tl.program_id(0) // n_mblocks
-    if SPLIT_BC:
-        part = pid % 2
-        pid = pid // 2
-    i_nb = pid % n_nblocks
-    i_prog = pid // n_nblocks
-    if SPLIT_BC:
-        # One (rows, N) fp32 accumulator per program instead of two: about half the
-        # registers, twice the programs per SM.
-        if part == 0:
-            _dbc_rows(
-                x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-                dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
-                L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
-                stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-                stride_seq_b, stride_seq_l,
-                HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, BLOCK_N, DOT_DTYPE, EVEN, True, False)
-        else:
-            _dbc_rows(
-                x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-                dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
-                L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
-                stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-                stride_seq_b, stride_seq_l,
-                HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, BLOCK_N, DOT_DTYPE, EVEN, False, True)
-    else:
-        _dbc_rows(
-            x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-            dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
-            L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
-            stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-            stride_seq_b, stride_seq_l,
-            HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, BLOCK_P, BLOCK_N, DOT_DTYPE, EVEN, True, True)
-
-
-@triton.jit
-def _dbc_rows(
-    x_ptr, dout_ptr, z_ptr, B_ptr, C_ptr, w_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr,
-    dB_ptr, dC_ptr, rowsum_state_ptr, ddecay_ptr, i_m, i_nb, i_prog,
-    L, H, P, N, heads_per_group, nchunks, heads_per_prog, split_stride, slot_stride,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-    stride_seq_b, stride_seq_l,
-    HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr, DO_C: tl.constexpr, DO_B: tl.constexpr,
-):
-    """dC (DO_C) and / or dB (DO_B) of one row block, N block and head split."""
+    is_dB = (tl.program_id(0) // n_mblocks) % 2
+    i_nb = (tl.program_id(0) // (2 * n_mblocks)) % n_nblocks
+    i_prog = tl.program_id(0) // (2 * n_mblocks * n_nblocks)
     G = H // heads_per_group
     n_split = heads_per_group // heads_per_prog
     i_split = i_prog % n_split
@@ -579,7 +535,6 @@ def _dbc_rows(
     i_g = i_bcg % G
     i_c = (i_bcg // G) % nchunks
     i_b = i_bcg // (G * nchunks)
-    n_mblocks = Q // BLOCK_M
     o_p = tl.arange(0, BLOCK_P)
     o_n = i_nb * BLOCK_N + tl.arange(0, BLOCK_N)
     m_p = (o_p < P) | EVEN
@@ -587,99 +542,124 @@ def _dbc_rows(
     o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_lr = i_c * Q + o_r
     m_r = (o_lr < L) | EVEN
-    m_rp = m_r[:, None] & m_p[None, :]
-    m_rn = m_r[:, None] & m_n[None, :]
-    # The pair sums below are partial sums over this N block: one slot of batch * H * nchunks
-    # (ddecay) or that times Q (rowsum_state) per block.
-    rowsum_state_ptr += i_nb.to(tl.int64) * slot_stride * Q
-    ddecay_ptr += i_nb.to(tl.int64) * slot_stride
     group_off = i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     rn_off = o_lr.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n
-    if DO_C:
-        # Kept in its storage dtype through the head loop: the fp32 accumulators already
-        # take most of the registers.
-        b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
-    start_mask = m_r
-    end_mask = m_r
-    if HAS_SEQ_IDX:
-        seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
-        seq_r = tl.load(seq_base + o_lr.to(tl.int64) * stride_seq_l, mask=m_r, other=-1)
-        seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
-        seq_end = tl.load(seq_base + (tl.minimum(i_c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
-        start_mask = start_mask & (seq_r == seq_prev)
-        end_mask = end_mask & (seq_r == seq_end)
-        # A sequence that starts inside the chunk carries no state across it.
-        keep_decay = seq_prev == seq_end
+    seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
+    # Programs of the first head split add the terms inside the chunk, through W (summed over
+    # the group's heads); with several splits each writes its own fp32 partial sum.
+    w_base = w_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
+    out_off = i_split.to(tl.int64) * split_stride + group_off + rn_off
     xr_off = o_lr.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
     pn_off = o_p[:, None] * N + o_n[None, :]
     m_pn = m_p[:, None] & m_n[None, :]
-    dC = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dB = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The heads of this program: (batch, head) offsets in x, in the (B, H, C, Q) and in the
+    # (B, C, H, P, N) layouts, of its first head; the next ones follow at fixed strides.
+    i_h0 = i_g * heads_per_group + i_split * heads_per_prog
+    head_off = i_b.to(tl.int64) * stride_x_b + i_h0 * stride_x_h
+    chunk_off = ((i_b * H + i_h0) * nchunks + i_c).to(tl.int64) * Q
+    st_off = ((i_b * nchunks + i_c) * H + i_h0).to(tl.int64) * P * N
+    # The pair sums are partial sums over this N block: one slot of batch * H * nchunks
+    # (ddecay) or that times Q (rowsum_state) per block.
+    if is_dB == 0:
+        _dbc_dC_rows(dout_ptr + head_off, z_ptr + head_off, B_ptr, C_ptr, w_base, cs_ptr + chunk_off,
+                     states_ptr + st_off, dC_ptr + out_off, rowsum_state_ptr + i_nb.to(tl.int64) * slot_stride * Q
+                     + chunk_off, seq_base, i_m, i_c, L, P, N, nchunks, heads_per_prog, i_split,
+                     stride_x_h, stride_B_l, stride_B_n, stride_seq_l,
+                     o_n, m_p, m_n, o_r, o_lr, m_r, group_off, rn_off, xr_off, pn_off, m_pn,
+                     HAS_Z, HAS_SEQ_IDX, Q, BLOCK_M, DOT_DTYPE, EVEN)
+    else:
+        _dbc_dB_rows(x_ptr + head_off, C_ptr, w_base, dt_ptr + chunk_off, cs_ptr + chunk_off, states_ptr + st_off,
+                     dstates_ptr + st_off, dB_ptr + out_off,
+                     ddecay_ptr + i_nb.to(tl.int64) * slot_stride + chunk_off // Q, seq_base,
+                     i_m, i_c, L, P, N, nchunks, heads_per_prog, i_split,
+                     stride_x_h, stride_B_l, stride_B_n, stride_seq_l,
+                     o_n, m_p, m_n, o_r, o_lr, m_r, group_off, rn_off, xr_off, pn_off, m_pn,
+                     HAS_SEQ_IDX, Q, BLOCK_M, DOT_DTYPE, EVEN)
 
-    # The state terms, per head: dC_t += exp(cs_t) dy_t S_{c-1}, dB_s += exp(cs_Q - cs_s) dt_s x_s dS_c;
-    # each head's pair sums from the entering state, rowsum_state_t = <dC_state_t, C_t>,
-    # for the decay gradient.
+
+@triton.jit
+def _dbc_dC_rows(dout_ptr, z_ptr, B_ptr, C_ptr, w_base, cs_ptr, states_ptr, dC_out, rowsum_state_ptr, seq_base,
+                 i_m, i_c, L, P, N, nchunks, heads_per_prog, i_split, stride_x_h, stride_B_l, stride_B_n, stride_seq_l,
+                 o_n, m_p, m_n, o_r, o_lr, m_r, group_off, rn_off, xr_off, pn_off, m_pn,
+                 HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, EVEN: tl.constexpr):
+    """dC of the dB/dC kernel's rows (pointers at the program's first head): the state terms
+    dC_t += exp(cs_t) dy_t S_{c-1} per head, with each head's pair sums from the entering
+    state, rowsum_state_t = <dC_state_t, C_t>, for the decay gradient; then
+    dC_t += sum_{s <= t} W_ts B_s."""
+    m_rn = m_r[:, None] & m_n[None, :]
+    # Kept in its storage dtype through the head loop: the fp32 accumulator and the state
+    # term already take most of the registers.
+    b_C = tl.load(C_ptr + group_off + rn_off, mask=m_rn, other=0.0)
+    start_mask = m_r
+    if HAS_SEQ_IDX:
+        seq_r = tl.load(seq_base + o_lr.to(tl.int64) * stride_seq_l, mask=m_r, other=-1)
+        seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
+        start_mask = start_mask & (seq_r == seq_prev)
+    dC = tl.zeros((BLOCK_M, o_n.shape[0]), dtype=tl.float32)
     for hh in range(heads_per_prog):
-        i_h = i_g * heads_per_group + i_split * heads_per_prog + hh
-        head_off = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-        chunk_off = ((i_b * H + i_h) * nchunks + i_c).to(tl.int64) * Q
-        cs_r = tl.load(cs_ptr + chunk_off + o_r)
-        total = tl.load(cs_ptr + chunk_off + Q - 1)
-        st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
-        if DO_C:
-            b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0)
-            dy = _load_dy(dout_ptr + head_off, z_ptr + head_off, xr_off, m_rp, HAS_Z)
-            scale = tl.where(start_mask, tl.exp(cs_r), 0.0)
-            dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
-            tl.store(rowsum_state_ptr + chunk_off + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
-            dC += dC_state
-        if DO_B:
-            dt_r = tl.load(dt_ptr + chunk_off + o_r)
-            b_dS = tl.load(dstates_ptr + st_off + pn_off, mask=m_pn, other=0.0)
-            b_x = tl.load(x_ptr + head_off + xr_off, mask=m_rp, other=0.0).to(tl.float32)
-            end_scale = tl.where(end_mask, tl.exp(total - cs_r), 0.0)
-            dB += _dot(b_x * (end_scale * dt_r)[:, None], b_dS, DOT_DTYPE)
-        if DO_B:
-            if i_m == 0:
-                # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the pairs
-                # that cross the whole chunk, <dS_c, S_{c-1}> exp(total) (the dt kernel adds it).
-                # In the dB programs: the dC programs' accumulator and C tile take more registers.
-                if not DO_C:
-                    b_S = tl.load(states_ptr + st_off + pn_off, mask=m_pn, other=0.0)
-                ddecay = tl.sum(tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1), axis=0) * tl.exp(total)
-                if HAS_SEQ_IDX:
-                    ddecay = tl.where(keep_decay, ddecay, 0.0)
-                tl.store(ddecay_ptr + (i_b * H + i_h).to(tl.int64) * nchunks + i_c, ddecay)
-
-    # The terms inside the chunk go through W (summed over the group's heads):
-    # dC_t += sum_{s <= t} W_ts B_s and dB_s += sum_{t >= s} W_ts C_t. The first
-    # program of a head split adds them.
+        scale = tl.where(start_mask, tl.exp(tl.load(cs_ptr + hh * nchunks * Q + o_r)), 0.0)
+        dy = _load_dy(dout_ptr + hh * stride_x_h, z_ptr + hh * stride_x_h, xr_off, m_r[:, None] & m_p[None, :],
+                      HAS_Z)
+        b_S = tl.load(states_ptr + hh * P * N + pn_off, mask=m_pn, other=0.0)
+        dC_state = _dot(dy, b_S, DOT_DTYPE) * scale[:, None]
+        tl.store(rowsum_state_ptr + hh * nchunks * Q + o_r, tl.sum(dC_state * b_C.to(tl.float32), axis=1))
+        dC += dC_state
     if i_split == 0:
-        w_base = w_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
-        if DO_C:
-            for j in range(i_m + 1):
-                o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-                o_lj = i_c * Q + o_j
-                b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
-                b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l
-                              + o_n[None, :] * stride_B_n, mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
-                dC += _dot(b_w, b_B, DOT_DTYPE)
-        if DO_B:
-            for j in range(i_m, n_mblocks):
-                o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
-                o_lj = i_c * Q + o_j
-                # Load the (t, s) tile row-major (coalesced) and transpose in registers.
-                b_wT = tl.trans(tl.load(w_base + o_j[:, None] * Q + o_r[None, :]))
-                b_Cj = tl.load(C_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l
-                               + o_n[None, :] * stride_B_n, mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
-                dB += _dot(b_wT, b_Cj, DOT_DTYPE)
+        for j in range(i_m + 1):
+            o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+            o_lj = i_c * Q + o_j
+            b_w = tl.load(w_base + o_r[:, None] * Q + o_j[None, :])
+            b_B = tl.load(B_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                          mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
+            dC += _dot(b_w, b_B, DOT_DTYPE)
+    tl.store(dC_out, dC.to(dC_out.dtype.element_ty), mask=m_rn)
 
-    # With several programs per group (split heads) each writes its own fp32 partial sum.
-    out_off = i_split.to(tl.int64) * split_stride + group_off + rn_off
-    if DO_C:
-        tl.store(dC_ptr + out_off, dC.to(dC_ptr.dtype.element_ty), mask=m_rn)
-    if DO_B:
-        tl.store(dB_ptr + out_off, dB.to(dB_ptr.dtype.element_ty), mask=m_rn)
+
+@triton.jit
+def _dbc_dB_rows(x_ptr, C_ptr, w_base, dt_ptr, cs_ptr, states_ptr, dstates_ptr, dB_out, ddecay_ptr, seq_base,
+                 i_m, i_c, L, P, N, nchunks, heads_per_prog, i_split, stride_x_h, stride_B_l, stride_B_n, stride_seq_l,
+                 o_n, m_p, m_n, o_r, o_lr, m_r, group_off, rn_off, xr_off, pn_off, m_pn,
+                 HAS_SEQ_IDX: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """dB of the dB/dC kernel's rows (pointers at the program's first head): the state terms
+    dB_s += exp(cs_Q - cs_s) dt_s x_s dS_c per head, and (first row block) each chunk's decay
+    gradient through the state it carries across; then dB_s += sum_{t >= s} W_ts C_t."""
+    end_mask = m_r
+    if HAS_SEQ_IDX:
+        seq_r = tl.load(seq_base + o_lr.to(tl.int64) * stride_seq_l, mask=m_r, other=-1)
+        seq_prev = tl.load(seq_base + tl.maximum(i_c * Q - 1, 0).to(tl.int64) * stride_seq_l)
+        seq_end = tl.load(seq_base + (tl.minimum(i_c * Q + Q, L) - 1).to(tl.int64) * stride_seq_l)
+        end_mask = end_mask & (seq_r == seq_end)
+        # A sequence that starts inside the chunk carries no state across it.
+        keep_decay = seq_prev == seq_end
+    dB = tl.zeros((BLOCK_M, o_n.shape[0]), dtype=tl.float32)
+    for hh in range(heads_per_prog):
+        cs_r = tl.load(cs_ptr + hh * nchunks * Q + o_r)
+        total = tl.load(cs_ptr + hh * nchunks * Q + Q - 1)
+        b_dS = tl.load(dstates_ptr + hh * P * N + pn_off, mask=m_pn, other=0.0)
+        b_x = tl.load(x_ptr + hh * stride_x_h + xr_off, mask=m_r[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        weight = tl.where(end_mask, tl.exp(total - cs_r), 0.0) * tl.load(dt_ptr + hh * nchunks * Q + o_r)
+        dB += _dot(b_x * weight[:, None], b_dS, DOT_DTYPE)
+        if i_m == 0:
+            # Gradient wrt the chunk's total log-decay through exp(total) S_{c-1}: the pairs
+            # that cross the whole chunk, <dS_c, S_{c-1}> exp(total) (the dt kernel adds it).
+            # Here, not in the dC programs: their accumulator and C tile take more registers.
+            b_S = tl.load(states_ptr + hh * P * N + pn_off, mask=m_pn, other=0.0)
+            ddecay = tl.sum(tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1), axis=0) * tl.exp(total)
+            if HAS_SEQ_IDX:
+                ddecay = tl.where(keep_decay, ddecay, 0.0)
+            tl.store(ddecay_ptr + hh * nchunks, ddecay)
+    if i_split == 0:
+        for j in range(i_m, Q // BLOCK_M):
+            o_j = j * BLOCK_M + tl.arange(0, BLOCK_M)
+            o_lj = i_c * Q + o_j
+            # Load the (t, s) tile row-major (coalesced) and transpose in registers.
+            b_wT = tl.trans(tl.load(w_base + o_j[:, None] * Q + o_r[None, :]))
+            b_Cj = tl.load(C_ptr + group_off + o_lj.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                           mask=((o_lj < L) | EVEN)[:, None] & m_n[None, :], other=0.0)
+            dB += _dot(b_wT, b_Cj, DOT_DTYPE)
+    tl.store(dB_out, dB.to(dB_out.dtype.element_ty), mask=m_r[:, None] & m_n[None, :])
 
 
 @triton.autotune(configs=_tile_configs(), key=_KEY)
@@ -901,9 +881,6 @@ def _dt_bwd_kernel(
 # blocks was 0.06-0.2 ms slower than one (see _head_split).
 DBC_BLOCK_N = 256
 
-# dC and dB of a row block in programs of their own (one fp32 accumulator each).
-SPLIT_BC = True
-
 
 def _head_split(heads_per_group, programs, target=512):
     """How many programs share the heads of one group: enough programs to fill the GPU,
@@ -987,12 +964,11 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         dC_part = torch.empty_like(dB_part)
     rowsum_state = cs_c.new_empty((n_nblocks,) + tuple(cs_c.shape))
     ddecay = cs_c.new_empty(n_nblocks, batch, H, nchunks)
-    split_bc = SPLIT_BC
-    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * n_mblocks * (2 if split_bc else 1),),
+    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * 2 * n_mblocks,),
         x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
         dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, ddecay,
         L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), n_nblocks, batch * H * nchunks,
-        *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, SPLIT_BC=split_bc, **common,
+        *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, **common,
     )
 
     ddt_in = torch.empty_like(cs_c)
