@@ -146,16 +146,17 @@ def _(x2, res2, weight, bias, eps, is_rms, res_dtype, store_res):
 
 
 @triton.jit
-def _add_norm_bwd_row(s_ptr, dy_ptr, ds_ptr, r, row_end, o_d, m_d, stride_s, stride_dy, stride_ds, HAS_DS: tl.constexpr):
-    """Row r's s, dy [, ds] as loaded (zeros past row_end)."""
+def _bwd_row(a_ptr, b_ptr, c_ptr, r, row_end, o, m_o, stride_a, stride_b, stride_c, HAS_C: tl.constexpr):
+    """The backward kernels' row r of two or three inputs, as loaded (zeros past row_end; without
+    c, the third value repeats a)."""
     r64 = tl.cast(r, tl.int64)
-    m = m_d & (o_d * 0 + r < row_end)  # a vector compare: the interpreter refuses a scalar-bool mask
-    s = tl.load(s_ptr + r64 * stride_s + o_d, mask=m, other=0.0)
-    dy = tl.load(dy_ptr + r64 * stride_dy + o_d, mask=m, other=0.0)
-    ds = s
-    if HAS_DS:
-        ds = tl.load(ds_ptr + r64 * stride_ds + o_d, mask=m, other=0.0)
-    return s, dy, ds
+    m = m_o & (o * 0 + r < row_end)  # a vector compare: the interpreter refuses a scalar-bool mask
+    a = tl.load(a_ptr + r64 * stride_a + o, mask=m, other=0.0)
+    b = tl.load(b_ptr + r64 * stride_b + o, mask=m, other=0.0)
+    c = a
+    if HAS_C:
+        c = tl.load(c_ptr + r64 * stride_c + o, mask=m, other=0.0)
+    return a, b, c
 
 
 @triton.jit
@@ -177,16 +178,16 @@ def _add_norm_bwd_kernel(
     row_start = i_prog * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if PREFETCH:
-        n_s, n_dy, n_ds = _add_norm_bwd_row(s_ptr, dy_ptr, ds_ptr, row_start, row_end, o_d, m_d, stride_s,
+        n_s, n_dy, n_ds = _bwd_row(s_ptr, dy_ptr, ds_ptr, row_start, row_end, o_d, m_d, stride_s,
                                             stride_dy, stride_ds, HAS_DS)
     for r in range(row_start, row_end):
         r64 = tl.cast(r, tl.int64)
         if PREFETCH:
             s_r, dy_r, ds_r = n_s, n_dy, n_ds
-            n_s, n_dy, n_ds = _add_norm_bwd_row(s_ptr, dy_ptr, ds_ptr, r + 1, row_end, o_d, m_d, stride_s,
+            n_s, n_dy, n_ds = _bwd_row(s_ptr, dy_ptr, ds_ptr, r + 1, row_end, o_d, m_d, stride_s,
                                                 stride_dy, stride_ds, HAS_DS)
         else:
-            s_r, dy_r, ds_r = _add_norm_bwd_row(s_ptr, dy_ptr, ds_ptr, r, row_end, o_d, m_d, stride_s, stride_dy,
+            s_r, dy_r, ds_r = _bwd_row(s_ptr, dy_ptr, ds_ptr, r, row_end, o_d, m_d, stride_s, stride_dy,
                                                 stride_ds, HAS_DS)
         s = s_r.to(tl.float32)
         dy = dy_r.to(tl.float32)
@@ -391,19 +392,6 @@ def _gated_fwd_kernel(
 
 
 @triton.jit
-def _gated_bwd_row(x_ptr, dy_ptr, z_ptr, r, row_end, o_c, m_c, stride_x, stride_dy, stride_z, HAS_Z: tl.constexpr):
-    """Row r's x, dy [, z] as loaded (zeros past row_end)."""
-    r64 = tl.cast(r, tl.int64)
-    m = m_c & (o_c * 0 + r < row_end)  # a vector compare: the interpreter refuses a scalar-bool mask
-    b_x = tl.load(x_ptr + r64 * stride_x + o_c, mask=m, other=0.0)
-    dy = tl.load(dy_ptr + r64 * stride_dy + o_c, mask=m, other=0.0)
-    b_z = b_x
-    if HAS_Z:
-        b_z = tl.load(z_ptr + r64 * stride_z + o_c, mask=m, other=0.0)
-    return b_x, dy, b_z
-
-
-@triton.jit
 def _gated_bwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dz_ptr, dw_ptr, db_ptr, rstd_ptr,
     M, D, GS, rows_per_program, stride_x, stride_z, stride_dy, stride_dx, stride_dz,
@@ -423,16 +411,16 @@ def _gated_bwd_kernel(
     row_start = i_prog * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     if PREFETCH:
-        n_x, n_dy, n_z = _gated_bwd_row(x_ptr, dy_ptr, z_ptr, row_start, row_end, o_c, m_c, stride_x, stride_dy,
+        n_x, n_dy, n_z = _bwd_row(x_ptr, dy_ptr, z_ptr, row_start, row_end, o_c, m_c, stride_x, stride_dy,
                                         stride_z, HAS_Z)
     for r in range(row_start, row_end):
         r64 = tl.cast(r, tl.int64)
         if PREFETCH:
             x_r, dy_r, z_r = n_x, n_dy, n_z
-            n_x, n_dy, n_z = _gated_bwd_row(x_ptr, dy_ptr, z_ptr, r + 1, row_end, o_c, m_c, stride_x, stride_dy,
+            n_x, n_dy, n_z = _bwd_row(x_ptr, dy_ptr, z_ptr, r + 1, row_end, o_c, m_c, stride_x, stride_dy,
                                             stride_z, HAS_Z)
         else:
-            x_r, dy_r, z_r = _gated_bwd_row(x_ptr, dy_ptr, z_ptr, r, row_end, o_c, m_c, stride_x, stride_dy,
+            x_r, dy_r, z_r = _bwd_row(x_ptr, dy_ptr, z_ptr, r, row_end, o_c, m_c, stride_x, stride_dy,
                                             stride_z, HAS_Z)
         b_x = x_r.to(tl.float32)
         dy = dy_r.to(tl.float32)
