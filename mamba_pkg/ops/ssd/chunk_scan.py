@@ -915,10 +915,11 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
        heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
        and each head's row and column sums of the pair terms W_h * CB.
-    2. dB/dC kernel: per (chunk, group, row block): the state terms (a loop over
-       heads) plus W B and W^T C. B and C are shared by the heads of a group, so the
-       terms inside a chunk cost two matrix products per group instead of per head;
-       and each chunk's decay gradient through the state it carries across.
+    2. dB/dC kernel: per (chunk, group, row block, dC or dB): the state terms (a loop
+       over heads) plus W B (dC) or W^T C (dB). B and C are shared by the heads of a
+       group, so the terms inside a chunk cost two matrix products per group instead of
+       per head; and (dB programs) each chunk's decay gradient through the state it
+       carries across.
     3. dx kernel: per (chunk, head, row block): dx, dz, the input-term ddt, the state
        column sums, dD partial sums.
     4. dt kernel: per (chunk, head): the decay gradient from the pair sums, the clamp
