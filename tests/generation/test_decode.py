@@ -431,14 +431,19 @@ def test_cuda_graph_with_pdl_equals_without(kind, monkeypatch):
 def test_cuda_dot_step_equals_cublas_step(kind, monkeypatch):
     """Batch 12 at d_model 2048 in bf16, captured: the step's products through decode_linear's tl.dot
     kernel (in_proj with the conv update in its epilogue, split-K out_proj; Mamba-2's RMSNorm folded
-    into out_proj) give the logits of the cuBLAS step with the separate conv / norm kernels."""
+    into out_proj) are as accurate as the cuBLAS step with the separate conv / norm kernels: both
+    teacher-forced on the fp32 model's tokens, the tl.dot step's score error against the fp32 model's
+    scores is at most twice the cuBLAS step's (logits of a few hundred: bf16 rounding alone moves them
+    by ~1)."""
     from mamba_pkg.models import _cache_utils
     from mamba_pkg.models import mamba2 as m2
 
-    model = make_model(kind, device="cuda", n_layer=2, d_model=2048).to(torch.bfloat16)
+    model = make_model(kind, device="cuda", n_layer=2, d_model=2048)
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (12, 5), device="cuda")
-    runs = []
+    ref = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
+    model = model.to(torch.bfloat16)
+    errs = []
     for dot in (True, False):
         monkeypatch.setattr(_cache_utils, "STEP_DOT_MAX_ROWS", 64 if dot else 0)
         monkeypatch.setattr(m2, "STEP_DOT", dot)
@@ -447,12 +452,12 @@ def test_cuda_dot_step_equals_cublas_step(kind, monkeypatch):
         real = dl._launch_dot
         monkeypatch.setattr(dl, "_launch_dot", lambda *a, **k: launches.append(1) or real(*a, **k))
         free_decode_graphs(model)
-        out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True, cg=True)
-        runs.append((out, len(launches)))
-    (dot_out, dot_launches), (ref_out, ref_launches) = runs
-    assert dot_launches > 0 and ref_launches == 0
-    assert torch.equal(dot_out.sequences[:, :7], ref_out.sequences[:, :7])
-    torch.testing.assert_close(dot_out.scores[1].float(), ref_out.scores[1].float(), rtol=3e-2, atol=3e-2)
+        out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True, cg=True,
+                       teacher_outputs=ref.sequences)
+        assert (len(launches) > 0) == dot
+        errs.append(max((a.float() - b).abs().max().item() for a, b in zip(out.scores, ref.scores)))
+    scale = max(s.abs().max().item() for s in ref.scores)
+    assert errs[0] <= 2 * errs[1] + 1e-3 * scale, (errs, scale)
     free_decode_graphs(model)
 
 

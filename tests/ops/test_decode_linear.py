@@ -399,7 +399,8 @@ def test_gpu_conv_fold_dot_full_size(batch, d_model, d_ssm):
 
 
 @requires_cuda
-@pytest.mark.parametrize("n_out,n_in,conv,peel", [(160, 4096, False, False), (80, 1536, False, False),
+# mamba-130m's x_proj (80, 1536) is absent: too few programs even split (dot_config None; it stays on cuBLAS).
+@pytest.mark.parametrize("n_out,n_in,conv,peel", [(160, 4096, False, False),
                                                   (2048, 4096, False, False), (2048, 4096, False, True),
                                                   (768, 1536, False, False), (8192, 2048, True, False),
                                                   (3072, 768, True, False), (3072, 768, True, True)])
