@@ -19,7 +19,7 @@ the main shape, ours launched through Triton's launch path every call (no cached
 `--overlap` adds, at the main shape, ours with the forward scan launched beside the walk
 (provider ours_overlap_walk; chunk_scan.OVERLAP_WALK, off by default). `--save-states` adds, at
 every shape, ours fwd+bwd with the states between chunks kept for the backward (provider
-ours_saved_states; combined.SAVE_STATES, off by default). `--train-shape` (with `--lengths`) adds
+ours_saved_states; combined.SAVE_STATES, on by default since session 9). `--train-shape` (with `--lengths`) adds
 Mamba-2 130m's training shape, B=8 L=2048 H=24.
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
@@ -146,7 +146,7 @@ OVERLAP = "ours_overlap_walk"
 
 
 # The forward keeps the states between chunks for the backward (combined.SAVE_STATES: no rerun of
-# the forward walk in the backward, B * C * H * P * N bf16 more memory), off by default.
+# the forward walk in the backward, B * C * H * P * N bf16 more memory), on by default since session 9.
 SAVED = "ours_saved_states"
 
 
@@ -154,11 +154,11 @@ SAVED = "ours_saved_states"
 def saved_states():
     from mamba_pkg.ops.ssd import combined
 
-    combined.SAVE_STATES = True
+    before, combined.SAVE_STATES = combined.SAVE_STATES, True
     try:
         yield
     finally:
-        combined.SAVE_STATES = False
+        combined.SAVE_STATES = before
 
 
 @contextlib.contextmanager
