@@ -132,12 +132,12 @@ def plain_linear(layer) -> bool:
     return not (layer._forward_hooks or layer._forward_pre_hooks) and type(layer.weight.data) is torch.Tensor
 
 
-def dot_rows(layer, x: torch.Tensor) -> bool:
-    """A decode step's x (B, in_features) takes decode_linear's tl.dot kernel for ``layer``: 16-bit
-    x and weight of one dtype, SMALL_ROWS < B <= STEP_DOT_MAX_ROWS, at least STEP_DOT_MIN_WEIGHT
-    weights, programs enough (dot_config), a plain layer."""
-    return (_dl.SMALL_ROWS < x.shape[0] <= min(STEP_DOT_MAX_ROWS, _dl.MAX_ROWS) and x.dtype == layer.weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and layer.weight.numel() >= STEP_DOT_MIN_WEIGHT
+def dot_rows(layer, rows: int, dtype: torch.dtype) -> bool:
+    """A decode step of ``rows`` rows of ``dtype`` takes decode_linear's tl.dot kernel for ``layer``:
+    16-bit x and weight of one dtype, SMALL_ROWS < rows <= STEP_DOT_MAX_ROWS, at least
+    STEP_DOT_MIN_WEIGHT weights, programs enough (dot_config), a plain layer."""
+    return (_dl.SMALL_ROWS < rows <= min(STEP_DOT_MAX_ROWS, _dl.MAX_ROWS) and dtype == layer.weight.dtype
+            and dtype in (torch.bfloat16, torch.float16) and layer.weight.numel() >= STEP_DOT_MIN_WEIGHT
             and _dl.dot_config(layer.out_features, layer.in_features) is not None and plain_linear(layer))
 
 
@@ -147,6 +147,6 @@ def step_linear(layer, x: torch.Tensor, dot: bool = True) -> torch.Tensor:
     in dot_rows decode_linear's tl.dot kernel; else the layer (cuBLAS)."""
     if x.shape[0] <= STEP_LINEAR_MAX_ROWS and plain_linear(layer):
         return decode_linear(x, layer.weight, layer.bias)
-    if dot and dot_rows(layer, x):
+    if dot and dot_rows(layer, x.shape[0], x.dtype):
         return decode_linear(x, layer.weight, layer.bias)
     return layer(x)

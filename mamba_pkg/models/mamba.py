@@ -207,7 +207,8 @@ class Mamba(nn.Module):
             if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
                 raise ValueError(f"step takes hidden_states (B, 1, d_model), got {tuple(hidden_states.shape)}")
             u = hidden_states.squeeze(1)
-            if STEP_DOT_CONV and u.shape[0] > FUSED_X_PROJ_MAX_BATCH and dot_rows(self.in_proj, u):
+            rows = u.shape[0]
+            if STEP_DOT_CONV and rows > FUSED_X_PROJ_MAX_BATCH and dot_rows(self.in_proj, rows, u.dtype):
                 conv = (conv_state, conv_weight, self.conv1d.bias, 0, self.activation)
                 xz, conv_done = decode_linear(u, self.in_proj.weight, self.in_proj.bias, conv=conv), True
             else:

@@ -540,6 +540,15 @@ def _parts_layout(parts, dim, block_d):
     return widths[0], widths[0] + widths[1], tiles[0], tiles[0] + tiles[1], sum(tiles)
 
 
+def _part_slices(parts):
+    """(channel slice, part) of each of a tuple of (B, D_k, L) parts along D: what a launch that
+    cannot take them together runs per part."""
+    first = 0
+    for part in parts:
+        yield slice(first, first + part.shape[1]), part
+        first += part.shape[1]
+
+
 def _part_args(parts):
     """The three parts' pointers and (B, L) strides for the kernels (missing parts repeat the last)."""
     parts = list(parts) + [parts[-1]] * (3 - len(parts))
@@ -563,13 +572,10 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     if isinstance(out, (tuple, list)):
         parts = _parts_layout(out, dim, block_d) if path != "chunked" else None
         if parts is None:
-            first = 0
-            for part in out:
-                last = first + part.shape[1]
-                _launch_fwd(part, x[:, first:last], weight[first:last], None if bias is None else bias[first:last],
-                            None if initial_states is None else initial_states[:, first:last], starts, rows, silu,
-                            config, variant)
-                first = last
+            for d, part in _part_slices(out):
+                _launch_fwd(part, x[:, d], weight[d], None if bias is None else bias[d],
+                            None if initial_states is None else initial_states[:, d], starts, rows, silu, config,
+                            variant)
             return
         out, extra_strides = _part_args(out)
         out, out1, out2 = out
@@ -1130,14 +1136,10 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     douts_in = dout if isinstance(dout, (tuple, list)) else (dout,)
     parts = _parts_layout(douts_in, dim, block_d) if path == "rows" else None
     if len(douts_in) > 1 and parts is None:
-        first = 0
-        for part in douts_in:
-            last = first + part.shape[1]
-            _launch_bwd(dx[:, first:last], dw[first:last], None if db is None else db[first:last], x[:, first:last],
-                        weight[first:last], None if bias is None else bias[first:last],
-                        None if initial_states is None else initial_states[:, first:last], starts, rows, silu, part,
-                        config, variant, programs_per_sm, tiles_per_program, prefetch)
-            first = last
+        for d, part in _part_slices(douts_in):
+            _launch_bwd(dx[:, d], dw[d], None if db is None else db[d], x[:, d], weight[d],
+                        None if bias is None else bias[d], None if initial_states is None else initial_states[:, d],
+                        starts, rows, silu, part, config, variant, programs_per_sm, tiles_per_program, prefetch)
         return
     dout = douts_in[0]
     n_d_tiles = cdiv(dim, block_d) if parts is None else parts[4]

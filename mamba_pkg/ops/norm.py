@@ -179,16 +179,16 @@ def _add_norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     if PREFETCH:
         n_s, n_dy, n_ds = _bwd_row(s_ptr, dy_ptr, ds_ptr, row_start, row_end, o_d, m_d, stride_s,
-                                            stride_dy, stride_ds, HAS_DS)
+                                   stride_dy, stride_ds, HAS_DS)
     for r in range(row_start, row_end):
         r64 = tl.cast(r, tl.int64)
         if PREFETCH:
             s_r, dy_r, ds_r = n_s, n_dy, n_ds
             n_s, n_dy, n_ds = _bwd_row(s_ptr, dy_ptr, ds_ptr, r + 1, row_end, o_d, m_d, stride_s,
-                                                stride_dy, stride_ds, HAS_DS)
+                                       stride_dy, stride_ds, HAS_DS)
         else:
             s_r, dy_r, ds_r = _bwd_row(s_ptr, dy_ptr, ds_ptr, r, row_end, o_d, m_d, stride_s, stride_dy,
-                                                stride_ds, HAS_DS)
+                                       stride_ds, HAS_DS)
         s = s_r.to(tl.float32)
         dy = dy_r.to(tl.float32)
         rstd = tl.load(rstd_ptr + r)
@@ -412,16 +412,16 @@ def _gated_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, M)
     if PREFETCH:
         n_x, n_dy, n_z = _bwd_row(x_ptr, dy_ptr, z_ptr, row_start, row_end, o_c, m_c, stride_x, stride_dy,
-                                        stride_z, HAS_Z)
+                                  stride_z, HAS_Z)
     for r in range(row_start, row_end):
         r64 = tl.cast(r, tl.int64)
         if PREFETCH:
             x_r, dy_r, z_r = n_x, n_dy, n_z
             n_x, n_dy, n_z = _bwd_row(x_ptr, dy_ptr, z_ptr, r + 1, row_end, o_c, m_c, stride_x, stride_dy,
-                                            stride_z, HAS_Z)
+                                      stride_z, HAS_Z)
         else:
             x_r, dy_r, z_r = _bwd_row(x_ptr, dy_ptr, z_ptr, r, row_end, o_c, m_c, stride_x, stride_dy,
-                                            stride_z, HAS_Z)
+                                      stride_z, HAS_Z)
         b_x = x_r.to(tl.float32)
         dy = dy_r.to(tl.float32)
         rstd = tl.load(rstd_ptr + r64 * (D // GS) + i_g)

@@ -510,22 +510,17 @@ def _scan_norm_out_proj(x, dt, A, B, C, z, D, dt_bias, chunk_size, initial_state
     y, final_states = (scanned, None) if not return_final_states else scanned
     y = y.reshape(batch, L, d_inner)
     if rmsnorm_weight is not None:
-        if grad_z_rows:
-            from mamba_pkg.ops.norm import RMSNormGatedFn
+        from mamba_pkg.ops.norm import RMSNormGatedFn, rms_norm_gated_fn, rms_norm_gated_ref
 
+        if grad_z_rows:
             y = RMSNormGatedFn.apply(y, rmsnorm_weight.contiguous(), None, z, float(rmsnorm_eps), d_inner // G,
                                      norm_before_gate, True)
+        elif backend is None:
+            y = rms_norm_gated_ref(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=d_inner // G,
+                                   norm_before_gate=norm_before_gate)
         else:
-            if backend is None:
-                from mamba_pkg.ops.norm import rms_norm_gated_ref as norm
-
-                norm_kw = {}
-            else:
-                from mamba_pkg.ops.norm import rms_norm_gated_fn as norm
-
-                norm_kw = {"backend": backend}
-            y = norm(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=d_inner // G,
-                     norm_before_gate=norm_before_gate, **norm_kw)
+            y = rms_norm_gated_fn(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=d_inner // G,
+                                  norm_before_gate=norm_before_gate, backend=backend)
     if outproj_weight is not None:
         y = torch.nn.functional.linear(y, outproj_weight.to(y.dtype),
                                        None if outproj_bias is None else outproj_bias.to(y.dtype))
