@@ -228,6 +228,7 @@ def test_triton_saved_states_give_the_same_gradients(monkeypatch):
     from mamba_pkg.ops.ssd import combined
 
     inp = make(1, 40, 2, 4, 1, 8)
+    monkeypatch.setattr(combined, "SAVE_STATES", False)
     want = run(inp, torch.float32, "triton", 16)
     monkeypatch.setattr(combined, "SAVE_STATES", True)
     got = run(inp, torch.float32, "triton", 16)
@@ -385,18 +386,24 @@ def test_gpu_more_programs_than_a_grid_axis_allows():
 
 @requires_cuda
 def test_gpu_backward_is_deterministic(monkeypatch):
-    """Same bits twice; and the cached direct launches (ops/_launch.py: every launch of the
-    second run) give the same bits as Triton's own launch path."""
+    """Same bits twice; the cached direct launches (ops/_launch.py: every launch of the
+    second run) give the same bits as Triton's own launch path; and C B^T and the W kernel on
+    the side stream beside the walks (chunk_scan.OVERLAP_BACKWARD) the same as after them."""
     from mamba_pkg.ops import _launch
+    from mamba_pkg.ops.ssd import chunk_scan
 
     inputs = make(*GPU_SHAPE)
     a = run(inputs, torch.bfloat16, "triton", 256)
     b = run(inputs, torch.bfloat16, "triton", 256)
     monkeypatch.setattr(_launch, "enabled", False)
     c = run(inputs, torch.bfloat16, "triton", 256)
+    monkeypatch.setattr(_launch, "enabled", True)
+    monkeypatch.setattr(chunk_scan, "OVERLAP_BACKWARD", False)
+    d = run(inputs, torch.bfloat16, "triton", 256)
     for k in a:
         assert torch.equal(a[k], b[k]), k
         assert torch.equal(a[k], c[k]), k
+        assert torch.equal(a[k], d[k]), k
 
 
 @requires_cuda
@@ -434,8 +441,9 @@ def _opcheck_cases():
                                    False)),
         (ops.ssd_chunk_scan_fwd, (x, z, dt, A, B, C, D, dt_bias, seq, init, True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_fwd, (x, None, dt, A, B, C, None, None, None, None, False, 0.0, inf, 16, True)),
-        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, dstates,
-                                  True, 0.1, 2.0, 16)),
+        # The walks inside the op (dstates None; states None: the forward walk's rerun too).
+        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, None, None,
+                                  True, 0.1, 2.0, 16, 0, 0, init, final)),
         (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,
                                   False, 0.0, inf, 16, 2)),
         (ops.ssd_varlen_terms, (x, dt, A, B, C, dt_bias, torch.cat([init, init]), cu, True, 0.1, 2.0, True)),
@@ -468,7 +476,7 @@ def test_ssd_compiles_to_one_graph_with_custom_ops():
 
     forward, backward = compiled_matches_eager(step, leaves)
     assert "mamba_pkg.ssd_chunk_scan_fwd" in forward
-    assert "mamba_pkg.ssd_state_walks_bwd" in backward and "mamba_pkg.ssd_chunk_scan_bwd" in backward
+    assert "mamba_pkg.ssd_chunk_scan_bwd" in backward  # the walks run inside it
 
 
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")

@@ -52,8 +52,8 @@ from torch import Tensor
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
 from mamba_pkg.ops._launch import launch
-from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _softplus, block_size, dot_dtype_for,
-                                            launch_forward_walk)
+from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _softplus, _state_walks_bwd,
+                                            _state_walks_bwd_outputs, block_size, dot_dtype_for, launch_forward_walk)
 
 
 def _tile_configs():
@@ -157,16 +157,19 @@ def _cb_operand_dtype(dot_dtype):
     return torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32
 
 
-def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,)):
+def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None):
     """CB (B, C, G, Q, Q), lower block triangle filled: one tensor per entry of `dtypes`
-    (one or two dtypes; the same tensor twice when they are equal)."""
+    (one or two dtypes; the same tensor twice when they are equal). Allocated on the current
+    stream, launched on `stream` (None: the current one)."""
     batch, L, G, N = B.shape
     nchunks = cdiv(L, Q)
     cbs = [torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=dt) for dt in dict.fromkeys(dtypes)]
     BLOCK_M = _pick_block_m(Q)
     grid = (batch * nchunks * G * (Q // BLOCK_M) ** 2,)
-    launch(_bmm_chunk_kernel, grid, B, C, cbs[0], cbs[-1], L, N, G, nchunks, *B.stride(), TWO_COPIES=len(cbs) == 2,
-                            Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype, num_warps=4)
+    with torch.cuda.stream(stream):
+        launch(_bmm_chunk_kernel, grid, B, C, cbs[0], cbs[-1], L, N, G, nchunks, *B.stride(),
+               TWO_COPIES=len(cbs) == 2, Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
+               num_warps=4)
     return [cbs[0] if dt == dtypes[0] else cbs[-1] for dt in dtypes]
 
 
@@ -902,15 +905,38 @@ def _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias):
             torch.empty_like(A), ddt_bias, dD)
 
 
+def _dinit_output(x, B, Q, walks_here):
+    """The gradient wrt the initial state (B, H, P, N) fp32 when the backward op runs the walks,
+    else empty."""
+    return _state_walks_bwd_outputs(x, B, Q)[2] if walks_here else absent(x)
+
+
+# With the walks inside the backward op, C B^T and the W kernel (which need neither the states
+# nor their gradients) run on a side stream beside them: the walks are chains of dependent
+# steps (the reverse walk alone: 128 programs of 8 warps at the main shape, a quarter of an
+# SM's registers and half its shared memory each), so the W kernel's programs fill the rest.
+OVERLAP_BACKWARD = True
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index):
+    return torch.cuda.Stream(device_index)
+
+
 @launcher_op("ssd_chunk_scan_bwd")
 def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | None, dt: Tensor, A: Tensor,
                     B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None,
-                    dt_c: Tensor, cs_c: Tensor, states: Tensor, dstates: Tensor,
+                    dt_c: Tensor, cs_c: Tensor, states: Tensor | None, dstates: Tensor | None,
                     dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
-                    head_split: int = 0,
-                    n_blocks: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    head_split: int = 0, n_blocks: int = 0, initial_states: Tensor | None = None,
+                    dfinal: Tensor | None = None,
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch C B^T and the four backward kernels. x, dout, z, B, C (B, L, ...) contiguous;
     dt (B, L, H) the raw dt (any strides); states and dstates (B, C, H, P, N) from the walks.
+    dstates None: this op runs the walks first (chunk_state._state_walks_bwd: the reverse walk
+    from dfinal (B, H, P, N) or zeros, and with states None also the rerun of the forward walk
+    from initial_states), with C B^T and kernel 1 beside them on a side stream (CUDA,
+    OVERLAP_BACKWARD).
 
     1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
        heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
@@ -927,7 +953,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
        of about thirty torch ops).
 
     Returns dx, dz, dB, dC, ddt (B, L, H) in dt's dtype, dA (H,), ddt_bias (H,), dD (shape
-    of D), each in its input's dtype; dz, ddt_bias, dD are empty when their input is None.
+    of D), each in its input's dtype, and dinit (B, H, P, N) fp32 (the gradient wrt the initial
+    state); dz, ddt_bias, dD are empty when their input is None, dinit when dstates is given.
     head_split: programs per group in kernel 2 (0: chosen to fill the GPU); n_blocks: its
     blocks of N (0: N / DBC_BLOCK_N; each needs 16 columns or more).
     Deterministic: every sum has a fixed order.
@@ -947,15 +974,31 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
                   BLOCK_P=block_size(P), DOT_DTYPE=dot_dtype, EVEN=_whole_tiles(L, P, N, Q))
     dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)
 
-    cb, cb_operand = _bmm_chunk(B, C, Q, dot_dtype, (torch.float32, _cb_operand_dtype(dot_dtype)))
+    dinit = absent(x)
+    side = None
+    if dstates is None:
+        if OVERLAP_BACKWARD and x.is_cuda and not triton_interpret():
+            # The side stream starts here, before the walks are queued; everything it uses is
+            # allocated on the current stream, which waits for it before reading its results.
+            side = _side_stream(x.device.index)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+        # The op body directly (not a nested op call, which would dispatch again).
+        walked, dstates, dinit = _state_walks_bwd._init_fn(
+            x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs_c, dfinal,
+            states is None)
+        states = walked if states is None else states
+    cb, cb_operand = _bmm_chunk(B, C, Q, dot_dtype, (torch.float32, _cb_operand_dtype(dot_dtype)), side)
     w = torch.empty_like(cb)
     row_part = torch.empty(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
     col_part = torch.empty_like(row_part)
-    launch(_chunk_scan_bwd_w_kernel, (batch * nchunks * G * n_mblocks * n_mblocks,),
-        x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
-        L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, PTX=ptx_math(_chunk_scan_bwd_w_kernel.fn),
-        **common,
-    )
+    with torch.cuda.stream(side):
+        launch(_chunk_scan_bwd_w_kernel, (batch * nchunks * G * n_mblocks * n_mblocks,),
+            x, dout, z_arg, cb, seq_arg, dt_c, cs_c, w, row_part, col_part,
+            L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, PTX=ptx_math(_chunk_scan_bwd_w_kernel.fn),
+            **common,
+        )
+    if side is not None:
+        torch.cuda.current_stream(x.device).wait_stream(side)
 
     n_nblocks = n_blocks or max(1, BLOCK_N // DBC_BLOCK_N)
     n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G * n_nblocks)
@@ -1005,7 +1048,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         _sum_into(ddt_bias, sums[:, :, 1], (0,))
     if D is not None:
         _sum_into(dD, dD_part.view(-1, H, P), (0, 2) if D.dim() == 1 else (0,))
-    return dx, dz, dB, dC, ddt, dA, ddt_bias, dD
+    return dx, dz, dB, dC, ddt, dA, ddt_bias, dD, dinit
 
 
 def _sum_into(out, parts, dims):
@@ -1018,5 +1061,5 @@ def _sum_into(out, parts, dims):
 
 @_chunk_scan_bwd.register_fake
 def _(x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates, dt_softplus,
-      dt_min, dt_max, Q, head_split=0, n_blocks=0):
-    return _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)
+      dt_min, dt_max, Q, head_split=0, n_blocks=0, initial_states=None, dfinal=None):
+    return _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias) + (_dinit_output(x, B, Q, dstates is None),)

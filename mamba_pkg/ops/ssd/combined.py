@@ -162,22 +162,17 @@ class SsdChunkScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dfinal):
         from mamba_pkg.ops.ssd.chunk_scan import _chunk_scan_bwd
-        from mamba_pkg.ops.ssd.chunk_state import _state_walks_bwd
 
         saved = ctx.saved_tensors  # read once: activation checkpointing (recompute=True) unpacks once
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, ypre, dt_c, cs_c = saved[:13]
         Q, dt_softplus, dt_limit, save_states = ctx.options
         dout = dout.contiguous() if dout is not None else torch.zeros_like(x)
-        states, dstates, dinit = _state_walks_bwd(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                  dt_limit[0], dt_limit[1], Q, dout, z, C, cs_c, dfinal,
-                                                  not save_states)
-        if save_states:
-            states = saved[13]
-        # The dt, dt_bias and A gradients (decay sums, clamp and softplus backward) come
-        # out of the last kernel: no torch glue here.
-        dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd(
-            x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, states, dstates,
-            dt_softplus, dt_limit[0], dt_limit[1], Q)
+        # One op: the walks (the reverse walk, and without saved states the forward walk's
+        # rerun), then the tile kernels; the dt, dt_bias and A gradients (decay sums, clamp and
+        # softplus backward) come out of the last kernel: no torch glue here.
+        dx, dz, dB, dC, ddt, dA, ddt_bias, dD, dinit = _chunk_scan_bwd(
+            x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, dt_c, cs_c, saved[13] if save_states else None, None,
+            dt_softplus, dt_limit[0], dt_limit[1], Q, initial_states=initial_states, dfinal=dfinal)
         dinit = dinit.to(initial_states.dtype) if initial_states is not None else None
         return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 ddt_bias if dt_bias is not None else None, dinit, None, None)
