@@ -19,9 +19,10 @@ the main shape, ours launched through Triton's launch path every call (no cached
 `--overlap` adds, at the main shape, ours with the forward scan launched beside the walk
 (provider ours_overlap_walk; chunk_scan.OVERLAP_WALK, off by default). `--save-states` adds, at
 every shape, ours fwd+bwd with the states between chunks kept for the backward (provider
-ours_saved_states; combined.SAVE_STATES, on by default since session 9). `--serial-backward` adds, at every
-shape, ours fwd+bwd with C B^T and the W kernel after the walks, not beside them on a side stream (provider
-ours_serial_backward; chunk_scan.OVERLAP_BACKWARD, on by default since session 10). `--train-shape` (with
+ours_saved_states; combined.SAVE_STATES, on by default since session 9). `--backward-streams K [K ...]` adds, at every
+shape, ours fwd+bwd with chunk_scan.BACKWARD_STREAMS = K (provider ours_backward_streams=K; 0: every launch on
+one stream, session 9's order; 1, the default since session 10: C B^T and the W kernel beside the walks on a side
+stream; 2: also dB/dC beside dx). `--train-shape` (with
 `--lengths`) adds Mamba-2 130m's training shape, B=8 L=2048 H=24.
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
@@ -33,7 +34,7 @@ at those N: run them in parallel processes (e.g. beside the GPU tests) with a sh
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
     PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L .. [--train-shape]] [--stages] [--profile]
-        [--host-profile] [--uncached] [--overlap] [--save-states] [--serial-backward] [--budget-s S]
+        [--host-profile] [--uncached] [--overlap] [--save-states] [--backward-streams K ..] [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -116,8 +117,8 @@ def bench_case(s, provider, fwdbwd):
     if provider == SAVED:
         with saved_states():
             return bench_case(s, "ours", fwdbwd)
-    if provider == SERIAL:
-        with serial_backward():
+    if provider.startswith(STREAMS):
+        with backward_streams(int(provider[len(STREAMS):])):
             return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
@@ -155,20 +156,20 @@ OVERLAP = "ours_overlap_walk"
 SAVED = "ours_saved_states"
 
 
-# Our backward with C B^T and the W kernel after the walks instead of beside them on a side stream
-# (chunk_scan.OVERLAP_BACKWARD = False): session 9's order, same kernels.
-SERIAL = "ours_serial_backward"
+# Our backward with its launches on one stream or two (chunk_scan.BACKWARD_STREAMS = k: 0 = session
+# 9's order, 1 = C B^T and W beside the walks (the default), 2 = also dB/dC beside dx); same kernels.
+STREAMS = "ours_backward_streams="
 
 
 @contextlib.contextmanager
-def serial_backward():
+def backward_streams(k):
     from mamba_pkg.ops.ssd import chunk_scan
 
-    before, chunk_scan.OVERLAP_BACKWARD = chunk_scan.OVERLAP_BACKWARD, False
+    before, chunk_scan.BACKWARD_STREAMS = chunk_scan.BACKWARD_STREAMS, k
     try:
         yield
     finally:
-        chunk_scan.OVERLAP_BACKWARD = before
+        chunk_scan.BACKWARD_STREAMS = before
 
 
 @contextlib.contextmanager
@@ -410,8 +411,8 @@ def main():
                     help="only compile mamba_ssm's pinned configs for these d_states, then exit")
     ap.add_argument("--save-states", action="store_true",
                     help=f"every shape, fwd+bwd: also ours with the states kept for the backward (provider {SAVED})")
-    ap.add_argument("--serial-backward", action="store_true",
-                    help=f"every shape, fwd+bwd: also ours with C B^T and W after the walks (provider {SERIAL})")
+    ap.add_argument("--backward-streams", type=int, nargs="+", metavar="K", default=[],
+                    help=f"every shape, fwd+bwd: also ours with chunk_scan.BACKWARD_STREAMS = K (provider {STREAMS}K)")
     ap.add_argument("--train-shape", action="store_true",
                     help="with --lengths: also Mamba-2 130m's training shape (B=8, L=2048, H=24)")
     ap.add_argument("--dbc-block-n", type=int, help="our dB/dC kernel's N block (chunk_scan.DBC_BLOCK_N)")
@@ -445,8 +446,8 @@ def main():
             case = f"{pass_name} B={s['B']} L={s['L']} H={s['H']} P={s['P']} N={s['N']} G={s['G']} chunk={CHUNK}"
             flops, nbytes = flops_and_bytes(s, fwdbwd)
             variants = ((UNCACHED,) if args.uncached else ()) + ((OVERLAP,) if args.overlap else ())
-            saved = ((SAVED,) if args.save_states and fwdbwd else ()) + ((SERIAL,) if args.serial_backward and fwdbwd
-                                                                         else ())
+            saved = ((SAVED,) if args.save_states and fwdbwd else ()) \
+                + (tuple(f"{STREAMS}{k}" for k in args.backward_streams) if fwdbwd else ())
             for provider in ("ours", "mamba_ssm") + (variants if i == 0 else ()) + saved:
                 res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 for timing, k in (("eager", 0), ("graph", 1)):

@@ -387,8 +387,8 @@ def test_gpu_more_programs_than_a_grid_axis_allows():
 @requires_cuda
 def test_gpu_backward_is_deterministic(monkeypatch):
     """Same bits twice; the cached direct launches (ops/_launch.py: every launch of the
-    second run) give the same bits as Triton's own launch path; and C B^T and the W kernel on
-    the side stream beside the walks (chunk_scan.OVERLAP_BACKWARD) the same as after them."""
+    second run) give the same bits as Triton's own launch path; and the backward's launches on
+    one stream or two (chunk_scan.BACKWARD_STREAMS 0, 1, 2) the same bits."""
     from mamba_pkg.ops import _launch
     from mamba_pkg.ops.ssd import chunk_scan
 
@@ -398,12 +398,13 @@ def test_gpu_backward_is_deterministic(monkeypatch):
     monkeypatch.setattr(_launch, "enabled", False)
     c = run(inputs, torch.bfloat16, "triton", 256)
     monkeypatch.setattr(_launch, "enabled", True)
-    monkeypatch.setattr(chunk_scan, "OVERLAP_BACKWARD", False)
-    d = run(inputs, torch.bfloat16, "triton", 256)
+    others = []
+    for streams in (0, 1, 2):
+        monkeypatch.setattr(chunk_scan, "BACKWARD_STREAMS", streams)
+        others.append(run(inputs, torch.bfloat16, "triton", 256))
     for k in a:
-        assert torch.equal(a[k], b[k]), k
-        assert torch.equal(a[k], c[k]), k
-        assert torch.equal(a[k], d[k]), k
+        for other in [b, c] + others:
+            assert torch.equal(a[k], other[k]), k
 
 
 @requires_cuda

@@ -913,9 +913,12 @@ def _dinit_output(x, B, Q, walks_here):
 
 # With the walks inside the backward op, C B^T and the W kernel (which need neither the states
 # nor their gradients) run on a side stream beside them: the walks are chains of dependent
-# steps (the reverse walk alone: 128 programs of 8 warps at the main shape, a quarter of an
-# SM's registers and half its shared memory each), so the W kernel's programs fill the rest.
-OVERLAP_BACKWARD = True
+# steps (the reverse walk alone: 128 programs of 8 warps at the main shape, half of an SM's
+# registers and shared memory each), so the W kernel's programs fill the rest. 0: every launch
+# on the current stream. 1: C B^T and W beside the walks. 2: also the dB/dC kernel on the side
+# stream (after W and the walks), beside the dx kernel (after C B^T and the walks), which then
+# may start while W still runs.
+BACKWARD_STREAMS = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -936,7 +939,7 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     dstates None: this op runs the walks first (chunk_state._state_walks_bwd: the reverse walk
     from dfinal (B, H, P, N) or zeros, and with states None also the rerun of the forward walk
     from initial_states), with C B^T and kernel 1 beside them on a side stream (CUDA,
-    OVERLAP_BACKWARD).
+    BACKWARD_STREAMS).
 
     1. W kernel: per (chunk, group, t block, s block <= t block), over the group's
        heads, W_ts = sum_h (dy_t . x_s) exp(cs_t - cs_s) dt_s (B, C, G, Q, Q) fp32,
@@ -975,19 +978,22 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
     dx, dz, dB, dC, ddt, dA, ddt_bias, dD = _chunk_scan_bwd_outputs(x, z, dt, A, B, C, D, dt_bias)
 
     dinit = absent(x)
-    side = None
+    side = main = None
     if dstates is None:
-        if OVERLAP_BACKWARD and x.is_cuda and not triton_interpret():
+        if BACKWARD_STREAMS and x.is_cuda and not triton_interpret():
             # The side stream starts here, before the walks are queued; everything it uses is
             # allocated on the current stream, which waits for it before reading its results.
-            side = _side_stream(x.device.index)
-            side.wait_stream(torch.cuda.current_stream(x.device))
+            side, main = _side_stream(x.device.index), torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
         # The op body directly (not a nested op call, which would dispatch again).
         walked, dstates, dinit = _state_walks_bwd._init_fn(
             x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs_c, dfinal,
             states is None)
         states = walked if states is None else states
     cb, cb_operand = _bmm_chunk(B, C, Q, dot_dtype, (torch.float32, _cb_operand_dtype(dot_dtype)), side)
+    dbc_stream = side if BACKWARD_STREAMS >= 2 else None
+    if dbc_stream is not None:
+        main.wait_stream(side)  # the dx kernel reads C B^T
     w = torch.empty_like(cb)
     row_part = torch.empty(batch, H, nchunks, n_mblocks, Q, device=x.device, dtype=torch.float32)
     col_part = torch.empty_like(row_part)
@@ -997,8 +1003,10 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
             L, H, P, heads_per_group, nchunks, *x.stride(), *seq_strides, PTX=ptx_math(_chunk_scan_bwd_w_kernel.fn),
             **common,
         )
-    if side is not None:
-        torch.cuda.current_stream(x.device).wait_stream(side)
+    if dbc_stream is not None:
+        dbc_stream.wait_stream(main)  # the dB/dC kernel reads the walks' dstates
+    elif side is not None:
+        main.wait_stream(side)
 
     n_nblocks = n_blocks or max(1, BLOCK_N // DBC_BLOCK_N)
     n_split = head_split or _head_split(heads_per_group, n_mblocks * batch * nchunks * G * n_nblocks)
@@ -1008,12 +1016,13 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         dC_part = torch.empty_like(dB_part)
     rowsum_state = cs_c.new_empty((n_nblocks,) + tuple(cs_c.shape))
     ddecay = cs_c.new_empty(n_nblocks, batch, H, nchunks)
-    launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * 2 * n_mblocks,),
-        x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
-        dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, ddecay,
-        L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), n_nblocks, batch * H * nchunks,
-        *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, **common,
-    )
+    with torch.cuda.stream(dbc_stream):
+        launch(_chunk_scan_bwd_dbc_kernel, (batch * nchunks * G * n_split * n_nblocks * 2 * n_mblocks,),
+            x, dout, z_arg, B, C, w, seq_arg, dt_c, cs_c, states, dstates,
+            dB if n_split == 1 else dB_part, dC if n_split == 1 else dC_part, rowsum_state, ddecay,
+            L, H, P, N, heads_per_group, nchunks, heads_per_prog, B.numel(), n_nblocks, batch * H * nchunks,
+            *x.stride(), *B.stride(), *seq_strides, BLOCK_N=BLOCK_N // n_nblocks, **common,
+        )
 
     ddt_in = torch.empty_like(cs_c)
     colsum_state = torch.empty_like(cs_c)
@@ -1027,6 +1036,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, BLOCK_N=BLOCK_N,
         PTX=ptx_math(_chunk_scan_bwd_dx_kernel.fn), **common,
     )
+    if dbc_stream is not None:
+        main.wait_stream(dbc_stream)
 
     sums = torch.empty(batch, nchunks, H, 2, device=x.device, dtype=torch.float32)
     launch(_dt_bwd_kernel, (batch * H * nchunks,),
