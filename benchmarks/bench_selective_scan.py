@@ -102,9 +102,9 @@ def cases(quick: bool, main: bool = False):
     return out
 
 
-def _outputs_and_grads(dstate, seed=0, seqlen=1024):
+def _outputs_and_grads(dstate, seed=0, seqlen=1024, batch=2, dim=512):
     torch.manual_seed(seed)
-    args = make_inputs(2, 512, seqlen, dstate, requires_grad=True)
+    args = make_inputs(batch, dim, seqlen, dstate, requires_grad=True)
     out = provider_fn("ours")(*args)
     grads = torch.autograd.grad(out.float().square().sum(), args)
     return [out.detach()] + list(grads)
@@ -200,7 +200,18 @@ VARIANTS = {
     "no B/C words in bwd": {"bc_words_bwd": False},
     # Session 6's forward (fp32 B/C, shuffle sums): the B=8 D=1536 L=8192 row measured 1.087 ms then.
     "session 6 forward": {"bc_words_fwd": False, "split_sums": False},
+    # Our deterministic mode (per-block dB / dC partials summed by torch instead of atomic adds).
+    "deterministic": {"deterministic": True},
+    # The backward capped at 216 / 200 registers (9 / 10 one-warp programs per SM instead of 8; offline sm_90
+    # SASS, Triton 3.6: 24 / 104 bytes of spill, loop otherwise unchanged), the checkpointing forward as is.
+    "bwd 216 regs": {"bwd": (8, 4, 4, 8, 1, 216), "ckpt": (8, 4, 4, 16, 1)},
+    "bwd 200 regs": {"bwd": (8, 4, 4, 8, 1, 200), "ckpt": (8, 4, 4, 16, 1)},
 }
+# Not kept (H100, same run, session 10, B=4 D=4096 L=2048 fwd+bwd, default 1.336 ms;
+# results/bench_selective_scan_s10_variants.txt): the backward's atomic dB / dC adds spread over 4 / 16
+# copies of dB / dC (program i_d into copy i_d % copies, then a torch sum) 1.343 / 1.353, so the adds of
+# the 512 programs of a batch row into the same lines do not contend; the tail split (SPLIT_TAIL) with the
+# B / C words kernels at 12 programs per SM, in both forwards: fwd 0.321 against 0.289, fwd+bwd 1.347.
 # Module switches of mamba_pkg.ops.selective_scan a variant may set, and the passes they change.
 FLAGS = {
     "l1_prefetch": ("L1_PREFETCH", {"fwd", "fwdbwd"}),
@@ -219,7 +230,8 @@ FLAGS = {
 VARIANT_SHAPES = [(4, 2048, 2048), (4, 2048, 8192), (8, 1536, 2048), (1, 4096, 8192)]
 
 
-def variants(names=None, shapes=None):
+def variants(names=None, shapes=None, kernels=False):
+    """kernels: also our kernel times per pass (kernel_ms) for each variant and shape."""
     import mamba_pkg.ops.selective_scan as ss
 
     fast_math = ss.ptx_math
@@ -240,20 +252,27 @@ def variants(names=None, shapes=None):
         for key, (attr, _) in FLAGS.items():
             setattr(ss, attr, spec.get(key, saved[attr]))
         try:
-            got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000)  # full and partial tiles
+            # Full and partial tiles; at the first row's B and D (whose launch shapes the variants may change).
+            got = _outputs_and_grads(16) + _outputs_and_grads(16, seqlen=1000) \
+                + _outputs_and_grads(16, batch=shapes[0][0], dim=shapes[0][1])
             if reference is None:
                 reference = got
             worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                         for g, r in zip(got, reference))
             passes = {"fwd", "fwdbwd"} if name == "default" or "fast_math" in spec else set()
             passes |= {"fwd"} if {"fwd"} & set(spec) else set()
-            passes |= {"fwdbwd"} if {"ckpt", "bwd"} & set(spec) else set()
+            passes |= {"fwdbwd"} if {"ckpt", "bwd", "deterministic"} & set(spec) else set()
             for key in spec:
                 passes |= FLAGS[key][1] if key in FLAGS else set()
+            det = spec.get("deterministic", False)
             for batch, dim, seqlen, dstate in shapes:
                 for pass_ in sorted(passes) if worst < 1e-2 else ():
-                    ms = try_provider("ours", lambda: bench_case("ours", pass_, batch, dim, seqlen, dstate))
+                    ms = try_provider("ours", lambda: bench_case("ours", pass_, batch, dim, seqlen, dstate, det))
                     lines.append(f"variant {name!r} {pass_} B={batch} D={dim} L={seqlen} N={dstate}: ms={ms}")
+                    print(lines[-1], flush=True)
+                if kernels and worst < 1e-2:
+                    ms = try_provider("ours", lambda: kernel_ms(batch, dim, seqlen, dstate, deterministic=det))
+                    lines.append(f"variant {name!r} kernels B={batch} D={dim} L={seqlen} N={dstate}: {ms}")
                     print(lines[-1], flush=True)
             lines.append(f"variant {name!r}: max_rel_err_vs_default={worst:.1e}")
             print(lines[-1], flush=True)
@@ -287,11 +306,18 @@ WAVE_VARIANTS = {
 }
 
 
-def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
+def kernel_ms(batch, dim, seqlen, dstate=16, steps=5, deterministic=False):
     """ms per call of our kernels (torch.profiler): the forward without gradients, then the
-    checkpointing forward and the backward of a fwd+bwd."""
+    checkpointing forward, the backward and everything else on the GPU ("other": fills, sums
+    of partials, casts) of a fwd+bwd."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return kernel_ms(batch, dim, seqlen, dstate, steps)
+        finally:
+            torch.use_deterministic_algorithms(False)
     fn = provider_fn("ours")
-    result = {}
+    result = {"other": 0.0}
     for pass_ in ("fwd", "fwdbwd"):
         args = make_inputs(batch, dim, seqlen, dstate, requires_grad=pass_ == "fwdbwd")
         grad = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.bfloat16)
@@ -304,10 +330,14 @@ def kernel_ms(batch, dim, seqlen, dstate=16, steps=5):
                 fn(*args).backward(grad)
 
         for e in cuda_profile(step, steps).key_averages():
+            total = getattr(e, "self_device_time_total", 0) / 1e3 / steps
             for kernel, name in (("_fwd_kernel", "fwd" if pass_ == "fwd" else "ckpt_fwd"), ("_bwd_kernel", "bwd")):
                 if e.key.startswith("_selective_scan") and e.key.endswith(kernel):
-                    total = getattr(e, "device_time_total", None) or e.cuda_time_total
-                    result[name] = round(total / 1e3 / steps, 4)
+                    result[name] = round(total, 4)
+                    break
+            else:
+                if pass_ == "fwdbwd" and total > 0:
+                    result["other"] = round(result["other"] + total, 4)
     return result
 
 
@@ -371,7 +401,7 @@ def profile(seqlen=2048):
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
     print(table)
     with open(os.path.join(os.environ.get("OUT") or ".", "bench_selective_scan_profile.txt"), "w") as f:
         f.write(f"fwd+bwd x5, B=4 D=2048 L={seqlen} N=16\n{table}\n")
@@ -388,6 +418,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", type=str, default=None,
                         help="time VARIANTS (comma-separated names, or 'all') and exit")
+    parser.add_argument("--kernel-ms", action="store_true", help="--variants: also our kernel times per variant")
     parser.add_argument("--waves", action="store_true",
                         help="default vs low-register N=16 shapes at WAVE_SHAPES (kernel times too) and exit")
     parser.add_argument("--wave-variants", type=str, default=None, help="comma-separated WAVE_VARIANTS names")
@@ -412,7 +443,7 @@ def main(argv=None):
     if args.variants:
         shapes = [tuple(int(x) for x in row.split(",")) for row in args.wave_shapes.split(";")] \
             if args.wave_shapes else None
-        variants(None if args.variants == "all" else args.variants.split(","), shapes)
+        variants(None if args.variants == "all" else args.variants.split(","), shapes, args.kernel_ms)
         return 0
     if args.sweep:
         sweep(tuple(int(n) for n in args.sweep.split(",")))

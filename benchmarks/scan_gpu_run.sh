@@ -16,6 +16,7 @@
 # `scan_gpu_run.sh s7final [SECONDS]`: session 7's last call (see below); the session's two A/B calls ran the
 # GPU tests beside warm-ups, then bench --variants / --waves with the variants named in notes_selective_scan.md.
 # `scan_gpu_run.sh s8ab [SECONDS]` / `s8final [SECONDS]`: session 8's A/B and last calls (see below).
+# `scan_gpu_run.sh s10final [SECONDS]`: session 10's last call (see below).
 # `scan_gpu_run.sh variants`: the N=16 GPU tests in the background, bench --variants all (mamba_ssm
 # and each variant at B=4 D=2048 L=2048/8192 and B=1 D=4096 L=8192), the fwd+bwd kernel profile.
 set -u
@@ -171,6 +172,71 @@ f = provider_fn('ours'); a = make_inputs(4, 2048, 2048, 16)
 with torch.no_grad():
     for _ in range(3): f(*a)
 torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 6
+  fi
+  tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
+  exit 0
+fi
+nostore_copy() {  # /tmp/nostore: this tree with the backward's atomic adds masked off (timing only: what the adds cost)
+  mkdir -p /tmp/nostore && cp -r mamba_pkg benchmarks /tmp/nostore/
+  sed -i 's/tl.atomic_add(p, b_grad, mask=mask, sem="relaxed")/tl.atomic_add(p, b_grad, mask=mask \& (b_grad == 1.25e-37), sem="relaxed")/' \
+    /tmp/nostore/mamba_pkg/ops/selective_scan.py
+}
+warm_variant() {  # compile variant $1's kernels (bench VARIANTS) at the shapes below
+  echo "import torch
+import mamba_pkg.ops.selective_scan as ss
+from benchmarks.bench_selective_scan import FLAGS, VARIANTS, _hook_block_sizes, make_inputs, provider_fn
+spec = VARIANTS['$1']
+for key, value in spec.items():
+    if key in FLAGS: setattr(ss, FLAGS[key][0], value)
+_hook_block_sizes({(16, k): v for k, v in spec.items() if k in ('fwd', 'ckpt', 'bwd')})
+torch.use_deterministic_algorithms(spec.get('deterministic', False), warn_only=True)
+f = provider_fn('ours')
+for b, d, l in ((4, 4096, 256), (2, 512, 1000), (8, 1536, 256)):
+    f(*make_inputs(b, d, l, 16, requires_grad=True)).sum().backward()
+    with torch.no_grad():
+        f(*make_inputs(b, d, l, 16))
+torch.cuda.synchronize()"
+}
+if [ "${1:-}" = s10final ]; then
+  # Session 10's last call (at most ${2:-125} s): every test of test_selective_scan.py and test_mamba_inner.py on the
+  # GPU in parallel groups beside warm-ups, then on a quiet machine the rows below against mamba_ssm (JSON + PNG
+  # bench_selective_scan_s10), our kernel times per pass (fwd, ckpt_fwd, bwd, other) at each row, and with the time
+  # left the backward without its dB / dC adds, the backward capped at 216 / 200 registers, ncu of the backward.
+  budget=${2:-125}
+  t tests_ref 75 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "matches_ref_cuda"
+  t tests_cuda 75 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "cuda and not matches_ref_cuda and not compile"
+  t tests_rest 75 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "not cuda and not compile"
+  t tests_compile 75 python3 -m pytest -q -rs tests/ops/test_selective_scan.py -k "compile"
+  t tests_inner 75 python3 -m pytest -q -rs tests/ops/test_mamba_inner.py
+  i=0
+  for v in default "bwd 216 regs" "bwd 200 regs"; do i=$((i + 1)); t warm$i 80 python3 -c "$(warm_variant "$v")"; done
+  nostore_copy
+  t warm_nostore 80 env PYTHONPATH=/tmp/nostore python3 -c "from benchmarks.bench_selective_scan import kernel_ms
+kernel_ms(4, 4096, 256, steps=1)"
+  wait
+  rows="4,4096,2048,16;4,2048,2048,16;4,2048,8192,16;8,1536,2048,16"
+  timeout 35 python3 benchmarks/bench_selective_scan.py --rep-ms 100 --name bench_selective_scan_s10 --cases "$rows" \
+    > $L/bench.log 2>&1; show bench $? 20
+  timeout 15 python3 -c "from benchmarks.bench_selective_scan import kernel_ms
+for s in ((4, 4096, 2048), (4, 2048, 2048), (4, 2048, 8192), (8, 1536, 2048)): print('kernels ms B=%d D=%d L=%d:' % s, kernel_ms(*s))" \
+    > $L/kernels.log 2>&1; show kernels $? 4
+  (cd /tmp/nostore && PYTHONPATH=/tmp/nostore timeout 10 python3 -c "from benchmarks.bench_selective_scan import kernel_ms
+print('no dB/dC adds, kernels ms B=4 D=4096 L=2048:', kernel_ms(4, 4096, 2048))") > $L/nostore.log 2>&1
+  show nostore $? 1
+  left=$(( budget - $(date +%s) + T0 ))
+  if [ $left -gt 15 ]; then
+    timeout $(( left > 25 ? 25 : left )) python3 benchmarks/bench_selective_scan.py --rep-ms 60 --kernel-ms \
+      --wave-shapes "4,4096,2048;8,1536,2048" --variants "bwd 216 regs,bwd 200 regs" > $L/variants.log 2>&1
+    show variants $? 20
+  fi
+  left=$(( budget - $(date +%s) + T0 ))
+  if [ $left -gt 12 ] && command -v ncu > /dev/null; then
+    timeout $left ncu --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section Occupancy \
+      -k regex:_selective_scan_bwd -c 1 python3 -c "import torch
+from benchmarks.bench_selective_scan import make_inputs, provider_fn
+f = provider_fn('ours'); a = make_inputs(4, 4096, 2048, 16, requires_grad=True)
+f(*a).sum().backward()
+torch.cuda.synchronize()" > $L/ncu.log 2>&1; show ncu $? 60
   fi
   tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
   exit 0
