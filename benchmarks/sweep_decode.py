@@ -78,11 +78,23 @@ CU = "models._cache_utils."
 DOT_ALL = {CU + "STEP_DOT_MAX_ROWS": 64, M2 + "STEP_DOT": True, M2 + "STEP_DOT_NORM_OUT": True}
 DOT_LM = {**DOT_ALL, LM + "STEP_LM_HEAD_DOT": True}
 DOT_PEEL = {**DOT_ALL, DL + "DOT_PEEL": True}
+# Session 10, batch 64: two programs per SM where a launch has more programs than SMs (DOT_FIT, on in the
+# committed code), the SSM step not launching its successor early (LATE_SSM), the products' successors
+# launched after the K loop (LATE_DOT), split-K products of up to 256 programs (SPLIT8: out_proj in 8
+# splits, two per SM), and the 130m models' products through the tl.dot kernel (SMALL_DOT, 32 features).
+FIT_OFF = {DL + "DOT_FIT": False}
+LATE_SSM = {SDS + "LATE_DEPENDENTS_ROWS": 16}
+LATE_DOT = {DL + "DOT_LAUNCH_EARLY": False}
+SPLIT8 = {DL + "DOT_TARGET_PROGRAMS": 256}
+SMALL_DOT = {CU + "STEP_DOT_MIN_WEIGHT": 0, DL + "DOT_BLOCK_N": 32}
+# The Mamba-2 SSM step's programs at batch 64: a whole head (64 x 128 state values) per program, or 4 warps.
+SSM_HEAD = {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}}
+SSM_4WARPS = {SDS + "NUM_WARPS": {16: 4, 128: 4}}
 MODEL_AB = [
-    ("mamba2-1.3b", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM, {**DOT_ALL, M2 + "STEP_DOT_NORM_OUT": False})),
-    ("mamba-1.4b", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM, {**DOT_ALL, "models.mamba.STEP_DOT_X_PROJ": False})),
-    ("mamba2-130m", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM)),
-    ("mamba-130m", 64, ({}, DOT_ALL, DOT_PEEL, DOT_LM)),
+    ("mamba2-1.3b", 64, ({}, FIT_OFF, LATE_SSM, LATE_DOT, SPLIT8, SSM_HEAD, SSM_4WARPS, {})),
+    ("mamba-1.4b", 64, ({}, LATE_SSM, LATE_DOT, SPLIT8)),
+    ("mamba2-130m", 64, ({}, SMALL_DOT, LATE_SSM, SSM_HEAD)),
+    ("mamba-130m", 64, ({}, SMALL_DOT)),
 ]
 
 
@@ -397,10 +409,7 @@ def probe_part(sw):
 
 # (model, batch, settings) of the timeline part; mamba_ssm's step is profiled after ours (unless
 # --no-anchor).
-TIMELINE = [
-    ("mamba2-1.3b", 1, ({},)),
-    ("mamba-1.4b", 64, ({},)),
-]
+TIMELINE = [(name, 64, ({},)) for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
 TIMELINE_NO_ANCHOR = False
 
 

@@ -119,6 +119,15 @@ DOT_NORM_WARPS = 8
 # 2048 at 64 rows: 74.7 us with 3 vs 78.2 with 4, cuBLAS 80.1).
 DOT_MANY_PROGRAMS = 264
 DOT_MANY_STAGES = 3
+# A launch of more programs than the GPU has SMs runs at one program per SM (4 stages of (64, 128) x and
+# weight tiles = 128 KB of shared memory; the conv epilogue's 153 registers x 8 warps) in two waves, the
+# second a tail of few programs (mamba2-1.3b in_proj + conv at 64 rows: 133 tiles on 132 SMs). There it
+# takes DOT_FIT_STAGES stages (96 KB) and, with the conv, at most DOT_CONV_MAXNREG registers per thread
+# (128 x 256 threads x 2 = the register file; offline sm_90: 72 bytes of epilogue spill, none in the K
+# loop), so that two programs fit per SM and all run in one wave. False: off.
+DOT_FIT = True
+DOT_FIT_STAGES = 3
+DOT_CONV_MAXNREG = 128
 # The conv epilogue of the tl.dot kernel reads and writes a 4-slot contiguous state as whole rows
 # (_conv_tile's ROWS4); False: slot by slot.
 DOT_CONV_ROWS4 = True
@@ -180,6 +189,11 @@ def use_pdl(t: Tensor) -> bool:
     not the interpreter. Every kernel so launched must call gdc_wait before it reads an activation
     or writes anything, so that "kernel k finished" still implies "every kernel before it did"."""
     return PDL and t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -673,6 +687,11 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     if counters is None:
         split = 1
     k_split = cdiv(cdiv(n_in, block_k), split) * block_k
+    flags = {}
+    if DOT_FIT and x.is_cuda and tiles * split * row_blocks > _sm_count(x.device.index):
+        stages = min(stages, DOT_FIT_STAGES)
+        if conv is not None:
+            flags["maxnreg"] = DOT_CONV_MAXNREG
     part = ss = None
     if split > 1:
         rows_pad = row_blocks * block_b
@@ -694,7 +713,7 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
         ROWS4=conv is not None and conv_state.shape[2] == 4 and conv_state.stride()[1:] == (4, 1) and DOT_CONV_ROWS4,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=split, PEEL=DOT_PEEL, USE_PDL=pdl,
         LAUNCH_EARLY=DOT_LAUNCH_EARLY, PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps,
-        num_stages=stages, **pdl_launch(pdl),
+        num_stages=stages, **flags, **pdl_launch(pdl),
     )
 
 

@@ -106,6 +106,7 @@ def _ssm_decode_step_kernel(
     HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PTX: tl.constexpr, STATE_EARLY: tl.constexpr,
+    DEPENDENTS_EARLY: tl.constexpr = True,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -116,7 +117,7 @@ def _ssm_decode_step_kernel(
     m_bn = m_b[:, None] & m_n[None, :]  # (BLOCK_B, BLOCK_N)
     o_b = o_b.to(tl.int64)
     i_g = i_h // heads_per_group
-    if USE_PDL:
+    if USE_PDL and DEPENDENTS_EARLY:
         tl.extra.cuda.gdc_launch_dependents()
 
     # Parameters first: with PDL their loads are in flight while the previous kernel finishes.
@@ -222,6 +223,11 @@ PROJ_BLOCK_P = 32
 PROJ_MAX_BLOCK_B = 4
 PROJ_WARPS = 4
 CUBLAS_DT_BATCH = 16
+# From this many rows on (None: never) the kernel does not let its successor launch at its start
+# (PDL then launches it as the last programs exit): at batch 64 the step is many waves of programs,
+# and the successor's programs (out_proj's tl.dot kernel: 128 KB of shared memory, 8 warps each) would
+# sit on the SMs in their PDL wait through all of them, taking slots from the state-streaming programs.
+LATE_DEPENDENTS_ROWS = None
 
 
 def _launch_config(batch, hdim, n_state, rank, tie):
@@ -298,6 +304,7 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
         USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), STATE_EARLY=state_ready, num_warps=warps,
+        **({"DEPENDENTS_EARLY": False} if LATE_DEPENDENTS_ROWS is not None and batch >= LATE_DEPENDENTS_ROWS else {}),
         **pdl_launch(pdl),
     )
     return out

@@ -399,6 +399,23 @@ def test_gpu_conv_fold_dot_full_size(batch, d_model, d_ssm):
 
 
 @requires_cuda
+def test_gpu_dot_fit_same_bits(monkeypatch):
+    """mamba2-1.3b's in_proj + conv at 64 rows (133 tiles: more programs than an H100's 132 SMs) in the
+    two-per-SM config (DOT_FIT: 3 stages, a register cap) gives the bits of the one-per-SM config."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    state0 = torch.randn(64, 4352, 4, device="cuda", dtype=torch.bfloat16)
+    cw, cb = torch.randn(4352, 4, device="cuda", dtype=torch.bfloat16), torch.randn(4352, device="cuda")
+    runs = []
+    for fit in (False, True):
+        monkeypatch.setattr(dl, "DOT_FIT", fit)
+        state = state0.clone()
+        runs.append((decode_linear(x, w, conv=(state, cw, cb, 4096, "silu")), state))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@requires_cuda
 # mamba-130m's x_proj (80, 1536) is absent: too few programs even split (dot_config None; it stays on cuBLAS).
 @pytest.mark.parametrize("n_out,n_in,conv,peel", [(160, 4096, False, False),
                                                   (2048, 4096, False, False), (2048, 4096, False, True),

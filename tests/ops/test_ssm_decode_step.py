@@ -202,6 +202,20 @@ def test_gpu_full_size(layout, batch):
 
 
 @requires_cuda
+def test_gpu_late_dependents_same_bits(monkeypatch):
+    """Mamba-2 at batch 64 with the successor's early launch withheld (LATE_DEPENDENTS_ROWS): the same
+    outputs and states."""
+    kw = mamba2_inputs(64, 32, 64, 128, 1, dtype=torch.bfloat16)
+    state0 = kw["state"].clone()
+    runs = []
+    for rows in (None, 16):
+        monkeypatch.setattr(sds, "LATE_DEPENDENTS_ROWS", rows)
+        kw["state"].copy_(state0)
+        runs.append((ssm_decode_step(**kw), kw["state"].clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@requires_cuda
 def test_gpu_state_ready_after_a_barrier_product():
     """The Mamba-2 chain at mamba2-1.3b's batch-1 sizes, three steps: a product of 4256 programs
     (decode_linear, a barrier: completes_before_next) then the SSM step loading its state before the
