@@ -202,6 +202,8 @@ VARIANTS = {
     "session 6 forward": {"bc_words_fwd": False, "split_sums": False},
     # Our deterministic mode (per-block dB / dC partials summed by torch instead of atomic adds).
     "deterministic": {"deterministic": True},
+    # The backward without BWD_REGISTER_CAP (242 registers, 8 programs per SM, at launches of more than a wave).
+    "bwd uncapped": {"bwd_register_cap": False},
     # The backward capped at 216 / 200 registers (9 / 10 one-warp programs per SM instead of 8; offline sm_90
     # SASS, Triton 3.6: 24 / 104 bytes of spill, loop otherwise unchanged), the checkpointing forward as is.
     "bwd 216 regs": {"bwd": (8, 4, 4, 8, 1, 216), "ckpt": (8, 4, 4, 16, 1)},
@@ -219,6 +221,7 @@ FLAGS = {
     "split_tail": ("SPLIT_TAIL", {"fwd"}),
     "bc_words_fwd": ("BC_WORDS_FWD", {"fwd", "fwdbwd"}),
     "bc_words_bwd": ("BC_WORDS_BWD", {"fwdbwd"}),
+    "bwd_register_cap": ("BWD_REGISTER_CAP", {"fwdbwd"}),
 }
 # Not kept (H100, same run, session 7; results/bench_selective_scan_s7_variants.txt): B and C taken to
 # the scan layout as 64-bit pairs (one STS.128 per two pairs instead of a stmatrix between two warp
