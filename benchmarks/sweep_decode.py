@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.common import save_results, try_provider
+from mamba_pkg.models.block import add_norm as _BLOCK_ADD_NORM
 from mamba_pkg.ops import conv_xproj_step as cx
 from mamba_pkg.ops import decode_linear as dl
 from mamba_pkg.ops import ssm_decode_step as sds
@@ -87,14 +88,30 @@ LATE_SSM = {SDS + "LATE_DEPENDENTS_ROWS": 16}
 LATE_DOT = {DL + "DOT_LAUNCH_EARLY": False}
 SPLIT8 = {DL + "DOT_TARGET_PROGRAMS": 256}
 SMALL_DOT = {CU + "STEP_DOT_MIN_WEIGHT": 0, DL + "DOT_BLOCK_N": 32}
+
+
+def _pdl_add_norm(norm, hidden_states, residual, *, fused, residual_in_fp32):
+    """models.block.add_norm with a decode step's (B, 1, D) rows through decode_linear.add_rms_norm_rows
+    (one launch, PDL-chained with the products around it; the block's own is not); other calls as before."""
+    from mamba_pkg.models.norm import RMSNorm
+
+    if fused and isinstance(norm, RMSNorm) and hidden_states.dim() == 3 and hidden_states.shape[1] == 1:
+        normed, residual = dl.add_rms_norm_rows(hidden_states[:, 0], None if residual is None else residual[:, 0],
+                                                norm.weight, norm.eps, residual_in_fp32)
+        return normed[:, None], residual[:, None]
+    return _BLOCK_ADD_NORM(norm, hidden_states, residual, fused=fused, residual_in_fp32=residual_in_fp32)
+
+
+# The block's add + RMSNorm before the mixer as the PDL row kernel (Block.forward is the lead's: A/B only).
+PDL_NORM = {"models.block.add_norm": _pdl_add_norm}
 # The Mamba-2 SSM step's programs at batch 64: a whole head (64 x 128 state values) per program, or 4 warps.
 SSM_HEAD = {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}}
 SSM_4WARPS = {SDS + "NUM_WARPS": {16: 4, 128: 4}}
 MODEL_AB = [
-    ("mamba2-1.3b", 64, ({}, FIT_OFF, LATE_SSM, LATE_DOT, SPLIT8, SSM_HEAD, SSM_4WARPS, {})),
-    ("mamba-1.4b", 64, ({}, LATE_SSM, LATE_DOT, SPLIT8)),
-    ("mamba2-130m", 64, ({}, SMALL_DOT, LATE_SSM, SSM_HEAD)),
-    ("mamba-130m", 64, ({}, SMALL_DOT)),
+    ("mamba2-1.3b", 64, ({}, FIT_OFF, LATE_SSM, PDL_NORM, SPLIT8, LATE_DOT, SSM_HEAD, SSM_4WARPS, {})),
+    ("mamba-1.4b", 64, ({}, LATE_SSM, PDL_NORM, SPLIT8, LATE_DOT)),
+    ("mamba2-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM}, LATE_SSM, SSM_HEAD)),
+    ("mamba-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM})),
 ]
 
 
@@ -522,7 +539,7 @@ def applied(setting):
 
 
 def _label(setting):
-    return ",".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in setting.items()) or "committed"
+    return ",".join(f"{k.rsplit('.', 1)[1]}={getattr(v, '__name__', v)}" for k, v in setting.items()) or "committed"
 
 
 def model_part(sw, models=None, compile_only=False):

@@ -586,10 +586,11 @@ def _outputs(x, weight):
     return torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
 
-def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm):
-    """The normalised rows (B, K) in fp32 of x (and residual or gate, as in _launch_small)."""
+def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm, normed=None):
+    """The normalised rows (B, K) in fp32 of x (and residual or gate, as in _launch_small), or into normed."""
     batch, n_in = x.shape
-    normed = torch.empty(batch, n_in, device=x.device, dtype=torch.float32 if PREPASS_FP32 else x.dtype)
+    if normed is None:
+        normed = torch.empty(batch, n_in, device=x.device, dtype=torch.float32 if PREPASS_FP32 else x.dtype)
     block_k = next_pow2(n_in)
     pdl = use_pdl(x)
     r_st = residual.stride() if residual is not None else (0, 0)
@@ -778,6 +779,24 @@ def _(x, norm_weight, weight, bias, eps):
     return _outputs(x, weight)
 
 
+def _add_rms_norm_outputs(x, residual, residual_in_fp32):
+    res_out = torch.empty(x.shape, device=x.device, dtype=_residual_dtype(x, residual, residual_in_fp32))
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype), res_out
+
+
+@launcher_op("add_rms_norm_rows")
+def _add_rms_norm_rows(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float,
+                       residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    normed, res_out = _add_rms_norm_outputs(x, residual, residual_in_fp32)
+    _launch_row_norm(x, residual, norm_weight, res_out, eps, NORM_ADD, normed)
+    return normed, res_out
+
+
+@_add_rms_norm_rows.register_fake
+def _(x, residual, norm_weight, eps, residual_in_fp32):
+    return _add_rms_norm_outputs(x, residual, residual_in_fp32)
+
+
 def _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32):
     if norm_weight is None:
         return _outputs(x, weight), absent(x)
@@ -925,6 +944,33 @@ def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, r
     if conv is not None:
         return _launch_conv(x, residual, norm_weight, weight, bias, conv, eps, residual_in_fp32)
     return _add_rms_norm_linear(x, residual, norm_weight, weight, bias, float(eps), residual_in_fp32)
+
+
+def add_rms_norm_rows(x, residual, norm_weight, eps=1e-5, residual_in_fp32=False, *, backend=None):
+    """A prenorm block's residual add + RMSNorm for a decode step's rows, one program per row, chained
+    with the decode kernels around it by programmatic dependent launch (the norm before a product that
+    cannot fold it: more than SMALL_ROWS rows).
+
+    Args:
+        x: (B, K) with 1 <= B <= 64, the previous block's output.  residual: (B, K) or None (zero).
+        norm_weight: (K,), K <= 8192.
+        residual_in_fp32: return the sum in fp32 (else in residual's dtype, or x's without one).
+        backend: "torch", "triton" or None (the device decides).
+    Returns:
+        (normed (B, K) in x's dtype: rmsnorm(x + residual) * norm_weight, s = x + residual (B, K)).
+    """
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    if not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] > PREPASS_MAX_K:
+        raise ValueError(f"x must have shape (B, K) with 1 <= B <= {MAX_ROWS}, K <= {PREPASS_MAX_K}, "
+                         f"got {tuple(x.shape)}")
+    check_tensor("residual", residual, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=True)
+    check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
+    check_same_device(x=x, residual=residual, norm_weight=norm_weight)
+    if resolve_backend(backend, x) == "torch":
+        s = x.float() if residual is None else x.float() + residual.float()
+        normed = layer_norm_ref(s, norm_weight, None, eps=eps, is_rms_norm=True).to(x.dtype)
+        return normed, s.to(_residual_dtype(x, residual, residual_in_fp32))
+    return _add_rms_norm_rows(x, residual, norm_weight, float(eps), residual_in_fp32)
 
 
 def gated_rms_norm_linear(x, z, norm_weight, weight, bias=None, eps=1e-5, norm_before_gate=False, *, backend=None):

@@ -6,6 +6,7 @@ import mamba_pkg.ops.decode_linear as dl
 
 from mamba_pkg.ops.decode_linear import (
     add_rms_norm_linear,
+    add_rms_norm_rows,
     add_rms_norm_linear_ref,
     decode_linear,
     decode_linear_ref,
@@ -93,6 +94,40 @@ def test_custom_op_opcheck():
     x, w = torch.randn(2, 40, device=DEVICE), torch.randn(6, 40, device=DEVICE)
     torch.library.opcheck(torch.ops.mamba_pkg.decode_linear, (x, w, torch.randn(6, device=DEVICE)))
     torch.library.opcheck(torch.ops.mamba_pkg.decode_linear, (x, w, None))
+
+
+@pytest.mark.parametrize("batch,residual,residual_in_fp32", [(1, None, False), (5, torch.float32, True),
+                                                            (3, torch.bfloat16, False)])
+def test_add_rms_norm_rows(batch, residual, residual_in_fp32):
+    """The PDL add + RMSNorm of a decode step's rows against the fp32 reference (normed rounded once to
+    x's dtype, the sum in the residual dtype)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 40, device=DEVICE, dtype=torch.bfloat16)
+    res = None if residual is None else torch.randn(batch, 40, device=DEVICE, dtype=residual)
+    nw = torch.randn(40, device=DEVICE, dtype=torch.bfloat16)
+    normed, s = add_rms_norm_rows(x, res, nw, 1e-5, residual_in_fp32, backend="triton")
+    s_ref = x.float() if res is None else x.float() + res.float()
+    normed_ref = layer_norm_ref(s_ref, nw, None, eps=1e-5, is_rms_norm=True)
+    assert normed.dtype == x.dtype and s.dtype == (torch.float32 if residual_in_fp32 else (res if res is not None else x).dtype)
+    torch.testing.assert_close(s, s_ref.to(s.dtype))  # one rounding of the fp32 sum (bf16: the dtype's tolerance)
+    torch.testing.assert_close(normed.float(), normed_ref.to(x.dtype).float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(add_rms_norm_rows(x, res, nw, 1e-5, residual_in_fp32, backend="torch")[0], normed,
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_add_rms_norm_rows_opcheck():
+    x, nw = torch.randn(2, 24, device=DEVICE), torch.randn(24, device=DEVICE)
+    torch.library.opcheck(torch.ops.mamba_pkg.add_rms_norm_rows, (x, torch.randn(2, 24, device=DEVICE), nw, 1e-5, True))
+
+
+def test_add_rms_norm_rows_errors():
+    x, nw = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="1 <= B <= 64"):
+        add_rms_norm_rows(torch.randn(65, 8), None, nw)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        add_rms_norm_rows(x, torch.randn(2, 7), nw)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        add_rms_norm_rows(x, None, torch.randn(7))
 
 
 def _norm_path(monkeypatch, prepass):
