@@ -208,6 +208,8 @@ VARIANTS = {
     # SASS, Triton 3.6: 24 / 104 bytes of spill, loop otherwise unchanged), the checkpointing forward as is.
     "bwd 216 regs": {"bwd": (8, 4, 4, 8, 1, 216), "ckpt": (8, 4, 4, 16, 1)},
     "bwd 200 regs": {"bwd": (8, 4, 4, 8, 1, 200), "ckpt": (8, 4, 4, 16, 1)},
+    # Both forwards capped at 152 registers (13 programs per SM instead of 12; offline: no spill, same loop).
+    "fwd 152 regs": {"fwd": (8, 4, 4, 16, 1, 152), "ckpt": (8, 4, 4, 16, 1, 152)},
 }
 # Not kept (H100, same run, session 10, B=4 D=4096 L=2048 fwd+bwd, default 1.336 ms;
 # results/bench_selective_scan_s10_variants.txt): the backward's atomic dB / dC adds spread over 4 / 16

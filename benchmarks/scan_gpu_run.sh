@@ -209,11 +209,11 @@ if [ "${1:-}" = s10final ]; then
   # GPU in parallel groups beside warm-ups, then on a quiet machine the rows below against mamba_ssm (JSON + PNG
   # bench_selective_scan_s10), our kernel times per pass (fwd, ckpt_fwd, bwd, other) at each row, the backward
   # without BWD_REGISTER_CAP, and with the time left the backward without its dB / dC adds, capped at 216 / 200
-  # registers, and ncu of the backward at B=4 D=4096 L=2048.
+  # registers, the forwards capped at 152, and ncu of the backward at B=4 D=4096 L=2048.
   budget=${2:-130}
   all_tests 70
   i=0
-  for v in default "bwd uncapped" "bwd 216 regs" "bwd 200 regs"; do i=$((i + 1)); t warm$i 70 python3 -c "$(warm_variant "$v")"; done
+  for v in default "bwd uncapped" "bwd 216 regs" "bwd 200 regs" "fwd 152 regs"; do i=$((i + 1)); t warm$i 70 python3 -c "$(warm_variant "$v")"; done
   nostore_copy
   t warm_nostore 70 env PYTHONPATH=/tmp/nostore python3 -c "from benchmarks.bench_selective_scan import kernel_ms
 kernel_ms(4, 4096, 256, steps=1)"
@@ -235,7 +235,7 @@ print('no dB/dC adds, kernels ms B=4 D=4096 L=2048:', kernel_ms(4, 4096, 2048))"
   left=$(( budget - $(date +%s) + T0 ))
   if [ $left -gt 15 ]; then
     timeout $(( left > 25 ? 25 : left )) python3 benchmarks/bench_selective_scan.py --rep-ms 60 --kernel-ms \
-      --wave-shapes "4,4096,2048;8,1536,2048" --variants "bwd 216 regs,bwd 200 regs" > $L/variants_regs.log 2>&1
+      --wave-shapes "4,4096,2048;8,1536,2048" --variants "bwd 216 regs,bwd 200 regs,fwd 152 regs" > $L/variants_regs.log 2>&1
     show variants_regs $? 12
   fi
   left=$(( budget - $(date +%s) + T0 ))
