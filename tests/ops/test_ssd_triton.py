@@ -367,14 +367,20 @@ def test_gpu_whole_tiles_and_one_stage_configs_give_the_same_bits(monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("rows", [64, 128])
-def test_gpu_forward_scan_row_blocks(monkeypatch, rows):
-    """The forward scan's 64- and 128-row configs (the autotuner picks one) each meet the bf16
-    tolerance rule, with a chunk of several row blocks and a partial last chunk."""
-    from mamba_pkg.ops.ssd import chunk_scan
+@pytest.mark.parametrize("pinned", ["scan rows 64", "scan rows 128", "walks 8 warps"])
+def test_gpu_configs_meet_the_tolerance_rule(monkeypatch, pinned):
+    """Configs the autotuner may pick that the other GPU tests do not run (they keep the first
+    configs): the forward scan's 64- and 128-row blocks, the walks' (64, 64) blocks with 8 warps;
+    bf16 tolerance rule, a chunk of several row blocks and a partial last chunk."""
+    from mamba_pkg.ops.ssd import chunk_scan, chunk_state
 
-    kernel = chunk_scan._chunk_scan_fwd_kernel
-    monkeypatch.setattr(kernel, "configs", [c for c in chunk_scan._fwd_configs() if c.kwargs["BLOCK_M"] == rows][:1])
+    if pinned.startswith("scan"):
+        kernel, rows = chunk_scan._chunk_scan_fwd_kernel, int(pinned.split()[-1])
+        configs = [c for c in chunk_scan._fwd_configs() if c.kwargs["BLOCK_M"] == rows][:1]
+    else:
+        kernel = chunk_state._chunk_state_walks_kernel
+        configs = [c for c in chunk_state._walk_configs() if c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64]
+    monkeypatch.setattr(kernel, "configs", configs)
     monkeypatch.setattr(kernel, "cache", {})
     inputs = make(*GPU_SHAPE)
     got = run(inputs, torch.bfloat16, "triton", 256)

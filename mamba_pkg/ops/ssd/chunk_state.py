@@ -72,7 +72,11 @@ def _walk_configs():
     step's product on warpgroup MMA (16 HGMMA per warp instead of 128 HMMA at BLOCK_P 32) and
     the next step's tiles loaded during this one (two stages: 160 KB at 256 rows, 80 KB at 128;
     174-183 registers); the backward's two walks at 128 rows capped at 128 registers (40 bytes
-    spilled, 99 KB): 2 programs per SM, the 256 programs of the main shape in one round."""
+    spilled, 99 KB): 2 programs per SM, the 256 programs of the main shape in one round.
+    (64, 64) blocks with 8 warps capped at 128 registers (no spill; 255 registers at 4 warps, the
+    forward walk's pick in sessions 8-9): the same 2 programs per SM (98 KB each), twice the
+    warps to hide each step's latency, half the elementwise work per thread (1088 instead of
+    1680 instructions). Forward walk only (_prune_walk_configs)."""
     if triton_interpret():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16}, num_warps=4)]
     return [
@@ -81,16 +85,20 @@ def _walk_configs():
                                      (32, 128, 256, 4, 2, None), (16, 128, 256, 4, 2, None),
                                      (32, 128, 256, 4, 2, 128), (32, 128, 128, 4, 2, 128),
                                      (64, 128, 256, 8, 2, None), (64, 128, 128, 8, 2, None),
-                                     (64, 128, 128, 8, 2, 128))
+                                     (64, 128, 128, 8, 2, 128), (64, 64, 256, 8, 2, 128))
     ]
 
 
 def _prune_walk_configs(configs, named_args, **kwargs):
     """Steps no longer than the chunk. A walk that a forward scan runs beside (LAUNCH_DEPENDENTS)
     takes only the configs whose x and B tiles stage at most 40 KB of shared memory per step,
-    so that the SMs hold scan programs beside two walk programs each."""
+    so that the SMs hold scan programs beside two walk programs each. The reverse walk does not
+    take (64, 64) blocks with 8 warps: two such programs fill an SM (registers and shared
+    memory), and the backward runs its W kernel beside the walk (chunk_scan.BACKWARD_STREAMS)
+    in the room its other configs leave."""
     Q = kwargs["Q"]
-    fits = [c for c in configs if c.kwargs["BLOCK_L"] <= Q]
+    fits = [c for c in configs if c.kwargs["BLOCK_L"] <= Q
+            and not (kwargs.get("REV") and c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64)]
     if kwargs.get("LAUNCH_DEPENDENTS"):
         fits = [c for c in fits if c.kwargs["BLOCK_L"] * (c.kwargs["BLOCK_P"] + c.kwargs["BLOCK_N"]) * 2 <= 40 << 10]
     return fits or [triton.Config(dict(configs[0].kwargs, BLOCK_L=Q), num_warps=configs[0].num_warps)]
