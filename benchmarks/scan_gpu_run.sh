@@ -226,6 +226,7 @@ for s in ((4, 4096, 2048), (4, 2048, 2048), (4, 2048, 8192), (8, 1536, 2048)): p
     > $L/kernels.log 2>&1; show kernels $? 4
   timeout 20 python3 benchmarks/bench_selective_scan.py --rep-ms 60 --kernel-ms --wave-shapes "4,4096,2048;8,1536,2048" \
     --variants "bwd uncapped" > $L/variants.log 2>&1; show variants $? 12
+  tar -C $L -czf ${OUT:-/tmp}/scan_logs.tgz .
   left=$(( budget - $(date +%s) + T0 ))
   if [ $left -gt 10 ]; then
     (cd /tmp/nostore && PYTHONPATH=/tmp/nostore timeout 10 python3 -c "from benchmarks.bench_selective_scan import kernel_ms
