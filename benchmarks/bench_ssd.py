@@ -28,9 +28,9 @@ stream; 2: also dB/dC beside dx). `--train-shape` (with
 times of `--stages` compare them at the main shape).
 
 Cold compiles dominate a device call (every autotuning config of every kernel, per d_state).
-`--precompile N [N ...]` only compiles every config of our kernels for the main shape with
-d_state N (no kernel runs), and `--precompile-anchor N [N ...]` mamba_ssm's pinned N=128 picks
-at those N: run them in parallel processes (e.g. beside the GPU tests) with a shared
+`--precompile N [N ...]` only compiles every config of our kernels for the main shape (or the
+shapes of `--lengths` / `--train-shape`) with d_state N (no kernel runs), and `--precompile-anchor
+N [N ...]` mamba_ssm's pinned N=128 picks at those N: run them in parallel processes (e.g. beside the GPU tests) with a shared
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
     PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L .. [--train-shape]] [--stages] [--profile]
@@ -229,10 +229,12 @@ def compile_only():
         JITFunction.run, Autotuner.run = jit_run, tuned_run
 
 
-def precompile(d_states, provider):
-    """Compile (not run) what one fwd+bwd step of `provider` launches at the main shape with
-    each d_state. mamba_ssm first runs one real step at N=128 (its tuned configs, from the
-    autotuning cache when TRITON_CACHE_AUTOTUNING is set) and is pinned to them, as in main()."""
+def precompile(d_states, provider, bases=None):
+    """Compile (not run) what one fwd+bwd step of `provider` launches at each shape of `bases`
+    (default: the main shape) with each d_state (Triton specialises on the sizes, e.g. on H and
+    the chunk count being multiples of 16, so L=2048 and the training shape compile anew).
+    mamba_ssm first runs one real step at N=128 (its tuned configs, from the autotuning cache
+    when TRITON_CACHE_AUTOTUNING is set) and is pinned to them, as in main()."""
     base = dict(B=4, H=32, P=64, N=128, G=1, L=8192)
     if provider == "ours":
         from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
@@ -248,14 +250,12 @@ def precompile(d_states, provider):
     if provider != "ours":
         step(base)
         pin_anchor_autotuners()
-    for n in d_states:
-        t0 = time.time()
-        with compile_only():
-            step(dict(base, N=n))
-            if provider == "ours":
-                with saved_states():  # the backward's reverse walk alone
-                    step(dict(base, N=n))
-        print(f"precompiled {provider} N={n} in {time.time() - t0:.0f} s", flush=True)
+    for shape in bases or [base]:
+        for n in d_states:
+            t0 = time.time()
+            with compile_only():
+                step(dict(shape, N=n))
+            print(f"precompiled {provider} {dict(shape, N=n)} in {time.time() - t0:.0f} s", flush=True)
 
 
 def host_profile(s, steps=20):
@@ -426,10 +426,11 @@ def main():
     if args.two_walk_launches:
         chunk_state.FUSED_WALKS = False
     if args.precompile or args.precompile_anchor:
+        bases = shapes(False, args.lengths, args.train_shape) if args.lengths else None
         if args.precompile:
-            precompile(args.precompile, "ours")
+            precompile(args.precompile, "ours", bases)
         if args.precompile_anchor:
-            precompile(args.precompile_anchor, "mamba_ssm")
+            precompile(args.precompile_anchor, "mamba_ssm", bases)
         return
     rows = []
     t_start = time.time()
