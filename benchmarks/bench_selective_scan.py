@@ -202,8 +202,6 @@ VARIANTS = {
     "session 6 forward": {"bc_words_fwd": False, "split_sums": False},
     # Our deterministic mode (per-block dB / dC partials summed by torch instead of atomic adds).
     "deterministic": {"deterministic": True},
-    # The backward without BWD_REGISTER_CAP (242 registers, 8 programs per SM, at launches of more than a wave).
-    "bwd uncapped": {"bwd_register_cap": False},
     # The backward capped at 216 / 200 registers (9 / 10 one-warp programs per SM instead of 8; offline sm_90
     # SASS, Triton 3.6: 24 / 104 bytes of spill, loop otherwise unchanged), the checkpointing forward as is.
     "bwd 216 regs": {"bwd": (8, 4, 4, 8, 1, 216), "ckpt": (8, 4, 4, 16, 1)},
@@ -216,6 +214,9 @@ VARIANTS = {
 # copies of dB / dC (program i_d into copy i_d % copies, then a torch sum) 1.343 / 1.353, so the adds of
 # the 512 programs of a batch row into the same lines do not contend; the tail split (SPLIT_TAIL) with the
 # B / C words kernels at 12 programs per SM, in both forwards: fwd 0.321 against 0.289, fwd+bwd 1.347.
+# The backward capped at 224 registers (9 programs per SM, no spill, loop +5 instructions) where a launch has
+# more than 8 per SM (results/bench_selective_scan_s10_variants.txt, kernel times): 0.984 against 0.963 ms
+# at B=4 D=4096 L=2048, 0.801 against 0.780 at B=8 D=1536 L=2048.
 # Module switches of mamba_pkg.ops.selective_scan a variant may set, and the passes they change.
 FLAGS = {
     "l1_prefetch": ("L1_PREFETCH", {"fwd", "fwdbwd"}),
@@ -223,7 +224,6 @@ FLAGS = {
     "split_tail": ("SPLIT_TAIL", {"fwd"}),
     "bc_words_fwd": ("BC_WORDS_FWD", {"fwd", "fwdbwd"}),
     "bc_words_bwd": ("BC_WORDS_BWD", {"fwdbwd"}),
-    "bwd_register_cap": ("BWD_REGISTER_CAP", {"fwdbwd"}),
 }
 # Not kept (H100, same run, session 7; results/bench_selective_scan_s7_variants.txt): B and C taken to
 # the scan layout as 64-bit pairs (one STS.128 per two pairs instead of a stmatrix between two warp
@@ -332,6 +332,8 @@ def kernel_ms(batch, dim, seqlen, dstate=16, steps=5, deterministic=False):
                 with torch.no_grad():
                     fn(*args)
             else:
+                for t in args:
+                    t.grad = None  # else "other" holds autograd's accumulation into .grad
                 fn(*args).backward(grad)
 
         for e in cuda_profile(step, steps).key_averages():

@@ -995,20 +995,15 @@ FEW_PROGRAMS_PER_SM = 6
 _sm_counts: dict = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (cached: the query costs host time per launch)."""
-    n_sms = _sm_counts.get(device.index)
-    if n_sms is None:
-        n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return n_sms
-
-
 def _few_programs(device: torch.device, n_programs: int) -> bool:
     """Whether a launch of n_programs has fewer than FEW_PROGRAMS_PER_SM per multiprocessor; False off
     CUDA (the interpreter)."""
     if device.type != "cuda":
         return False
-    return n_programs < FEW_PROGRAMS_PER_SM * _sm_count(device)
+    n_sms = _sm_counts.get(device.index)
+    if n_sms is None:
+        n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n_programs < FEW_PROGRAMS_PER_SM * n_sms
 
 
 # The forward without checkpoints in about 1.5 waves at 1 to 1.5 waves of programs (see _tail_split).
@@ -1028,32 +1023,14 @@ def _tail_split(device: torch.device, n_blocks: int, n_tiles: int, num_warps: in
     SM (session 6: 74% of a full wave's time for 45% of its work). None: no split."""
     if not SPLIT_TAIL or device.type != "cuda" or num_warps != 1 or max_registers is not None or n_tiles < 2:
         return None
-    slots = _PROGRAMS_PER_SM * _sm_count(device)
+    n_sms = _sm_counts.get(device.index)
+    if n_sms is None:
+        n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    slots = _PROGRAMS_PER_SM * n_sms
     n_split = n_blocks - slots
     if n_split <= 0 or 2 * n_split > slots:
         return None
     return n_blocks - n_split, n_split
-
-
-# The backward at N = 16 with the B / C words (242 registers: 8 one-warp programs per SM) capped at 224
-# registers where a launch has more programs than 8 per SM: 9 per SM (65536 / (224 * 32)) without spilling
-# (offline sm_90 SASS, Triton 3.6, bf16, with and without z / D / delta_bias: no stack, loop +5 of ~970
-# instructions per tile; fp32 inputs would spill, fixed B / C have 208 anyway). At mamba-1.4b's B=4 D=4096
-# the 2048 programs then take 1.7 waves instead of 1.9 with one more warp per SM to hide latency; launches
-# of up to one wave at 8 per SM gain no programs and keep the compiler's choice. A switch for
-# benchmarks/bench_selective_scan.py --variants.
-BWD_REGISTER_CAP = True
-_BWD_CAP_REGISTERS = 224
-
-
-def _bwd_register_cap(device: torch.device, n_programs: int, num_warps: int, block_n: int, block_l: int,
-                      bc_words: bool):
-    """max_registers for a backward launch of n_programs (see BWD_REGISTER_CAP); None: uncapped."""
-    if not (BWD_REGISTER_CAP and bc_words and num_warps == 1 and block_n == 16 and block_l == 8):
-        return None
-    if device.type != "cuda" or n_programs <= _PROGRAMS_PER_SM * _sm_count(device):
-        return None
-    return _BWD_CAP_REGISTERS
 
 
 def _is_even(p, block_d: int, block_n: int, block_l: int) -> bool:
@@ -1264,9 +1241,6 @@ def _selective_scan_bwd(
     dlast = dlast.contiguous() if dlast is not None else None
     grid = (n_dblocks, p.batch)
     even = _is_even(p, block_d, n_in * n_lanes, block_l)
-    bc_words = BC_WORDS_BWD and _bc_words(p, even, n_lanes)
-    if max_registers is None:
-        max_registers = _bwd_register_cap(u.device, n_dblocks * p.batch, num_warps, n_in * n_lanes, block_l, bc_words)
     launch(
         _selective_scan_bwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt, dout, dlast,
@@ -1280,7 +1254,7 @@ def _selective_scan_bwd(
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
         ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
-        BC_WORDS=bc_words,
+        BC_WORDS=BC_WORDS_BWD and _bc_words(p, even, n_lanes),
     )
     if not atomic and p.batch > 1:
         torch.sum(params_part, 0, out=dgrads[:n_params])

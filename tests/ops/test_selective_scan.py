@@ -350,22 +350,6 @@ def test_few_programs_rule(monkeypatch):
     assert not ss._few_programs(torch.device("cpu"), 1)
 
 
-def test_bwd_register_cap_rule(monkeypatch):
-    """The backward of the B / C words kernel (N = 16) is capped at 224 registers (9 one-warp programs
-    per SM instead of 8) only when a launch has more than 8 programs per SM, and only on CUDA."""
-    import mamba_pkg.ops.selective_scan as ss
-
-    monkeypatch.setitem(ss._sm_counts, 0, 132)
-    cuda = torch.device("cuda", 0)
-    assert ss._bwd_register_cap(cuda, 8 * 132 + 1, 1, 16, 8, True) == 224
-    assert ss._bwd_register_cap(cuda, 8 * 132, 1, 16, 8, True) is None
-    assert ss._bwd_register_cap(cuda, 2048, 1, 16, 8, False) is None  # fp32 B / C: would spill
-    assert ss._bwd_register_cap(cuda, 2048, 1, 8, 8, True) is None
-    assert ss._bwd_register_cap(torch.device("cpu"), 2048, 1, 16, 8, True) is None
-    monkeypatch.setattr(ss, "BWD_REGISTER_CAP", False)
-    assert ss._bwd_register_cap(cuda, 2048, 1, 16, 8, True) is None
-
-
 @pytest.mark.parametrize("seqlen", [40, 64])
 def test_kernel_split_tail_matches_ref(monkeypatch, seqlen):
     """The forward launch without gradients with its last blocks of channels split along L
@@ -554,17 +538,6 @@ def test_kernel_forward_split_sums_cuda(seqlen):
     args = make_inputs(8, 1024, seqlen, 16, bc="var", dtype=torch.bfloat16, device="cuda")
     assert not ss._few_programs(args["u"].device, 8 * 1024 // 8)
     check_forward_no_grad(args)
-
-
-@requires_cuda
-def test_kernel_bwd_register_cap_cuda():
-    """The backward capped at 224 registers (BWD_REGISTER_CAP: B=8 D=1536, 1536 one-warp programs, more
-    than 8 per SM on an H100) against the reference."""
-    import mamba_pkg.ops.selective_scan as ss
-
-    if ss._bwd_register_cap(torch.device("cuda", torch.cuda.current_device()), 8 * 1536 // 8, 1, 16, 8, True) is None:
-        pytest.skip("this GPU runs B=8 D=1536 in one wave of 8 programs per SM")
-    check_kernel(make_inputs(8, 1536, 256, 16, bc="var", dtype=torch.bfloat16), device="cuda")
 
 
 @requires_cuda
