@@ -79,13 +79,15 @@ CU = "models._cache_utils."
 DOT_ALL = {CU + "STEP_DOT_MAX_ROWS": 64, M2 + "STEP_DOT": True, M2 + "STEP_DOT_NORM_OUT": True}
 DOT_LM = {**DOT_ALL, LM + "STEP_LM_HEAD_DOT": True}
 DOT_PEEL = {**DOT_ALL, DL + "DOT_PEEL": True}
-# Session 10, batch 64: two programs per SM where a launch has more programs than SMs (DOT_FIT, on in the
-# committed code), the SSM step not launching its successor early (LATE_SSM), the products' successors
-# launched after the K loop (LATE_DOT), split-K products of up to 256 programs (SPLIT8: out_proj in 8
-# splits, two per SM), and the 130m models' products through the tl.dot kernel (SMALL_DOT, 32 features).
-FIT_OFF = {DL + "DOT_FIT": False}
+# Session 10, batch 64 (committed: DOT_STAGES 6, DOT_FIT with 64-wide K steps in 6 stages): S9 = session 9's
+# configs (4 stages, no fit), FIT128 = the fit as 3 stages of 128, STAGES4 = 4 stages where a launch fits one
+# wave anyway, LATE_SSM = the SSM step not launching its successor early, SPLIT8 = split-K products of up to
+# 256 programs (out_proj in 8 splits, two per SM), SMALL_DOT = the 130m models' products through the tl.dot
+# kernel (32 features per program), PDL_NORM (below) = the block's add + RMSNorm as a PDL row kernel.
+S9 = {DL + "DOT_STAGES": 4, DL + "DOT_FIT": False}
+FIT128 = {DL + "DOT_FIT_BLOCK_K": 128, DL + "DOT_FIT_STAGES": 3}
+STAGES4 = {DL + "DOT_STAGES": 4}
 LATE_SSM = {SDS + "LATE_DEPENDENTS_ROWS": 16}
-LATE_DOT = {DL + "DOT_LAUNCH_EARLY": False}
 SPLIT8 = {DL + "DOT_TARGET_PROGRAMS": 256}
 SMALL_DOT = {CU + "STEP_DOT_MIN_WEIGHT": 0, DL + "DOT_BLOCK_N": 32}
 
@@ -104,13 +106,10 @@ def _pdl_add_norm(norm, hidden_states, residual, *, fused, residual_in_fp32):
 
 # The block's add + RMSNorm before the mixer as the PDL row kernel (Block.forward is the lead's: A/B only).
 PDL_NORM = {"models.block.add_norm": _pdl_add_norm}
-# The Mamba-2 SSM step's programs at batch 64: a whole head (64 x 128 state values) per program, or 4 warps.
-SSM_HEAD = {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}}
-SSM_4WARPS = {SDS + "NUM_WARPS": {16: 4, 128: 4}}
 MODEL_AB = [
-    ("mamba2-1.3b", 64, ({}, FIT_OFF, LATE_SSM, PDL_NORM, SPLIT8, LATE_DOT, SSM_HEAD, SSM_4WARPS, {})),
-    ("mamba-1.4b", 64, ({}, LATE_SSM, PDL_NORM, SPLIT8, LATE_DOT)),
-    ("mamba2-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM}, LATE_SSM, SSM_HEAD)),
+    ("mamba2-1.3b", 64, ({}, S9, FIT128, PDL_NORM, LATE_SSM, SPLIT8, {})),
+    ("mamba-1.4b", 64, ({}, STAGES4, PDL_NORM, SPLIT8, LATE_SSM)),
+    ("mamba2-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM})),
     ("mamba-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM})),
 ]
 
@@ -550,7 +549,7 @@ def model_part(sw, models=None, compile_only=False):
 
     built = {}
     for name, batch, settings in MODEL_AB:
-        if models is not None and name not in models:
+        if (models is not None and name not in models) or (not compile_only and time.time() - sw.t0 > sw.budget_s):
             continue
         if name not in built:
             built.clear()

@@ -107,7 +107,11 @@ NUM_WARPS = 4
 # dot_config says None (decode_linear's plain product then goes to cuBLAS).
 DOT_BLOCK_N = 64
 DOT_BLOCK_K = 128
-DOT_STAGES = 4
+# Pipeline stages: a launch of at most one program per SM streams as fast as it has weight bytes in flight
+# (stages - 1 tiles of BLOCK_N x BLOCK_K). H100, 64 rows, out_proj 2048 x 4096 split 4, cold weights
+# (session 9 sweep): 24 KB in flight per SM 13.39 us, 32 KB 12.06, 48 KB (4 stages) 10.0, which fits
+# 6.6 + 163 / KB; 6 stages (192 KB of shared memory, 80 KB in flight) by that ~8.6 us.
+DOT_STAGES = 6
 DOT_WARPS = 4
 # With the conv update in the epilogue: 8 warps (the (64, 64) tile's state slots, taps and pointers
 # fit in registers; 4 warps spilled, offline sm_90 SASS).
@@ -119,14 +123,16 @@ DOT_NORM_WARPS = 8
 # 2048 at 64 rows: 74.7 us with 3 vs 78.2 with 4, cuBLAS 80.1).
 DOT_MANY_PROGRAMS = 264
 DOT_MANY_STAGES = 3
-# A launch of more programs than the GPU has SMs runs at one program per SM (4 stages of (64, 128) x and
-# weight tiles = 128 KB of shared memory; the conv epilogue's 153 registers x 8 warps) in two waves, the
-# second a tail of few programs (mamba2-1.3b in_proj + conv at 64 rows: 133 tiles on 132 SMs). There it
-# takes DOT_FIT_STAGES stages (96 KB) and, with the conv, at most DOT_CONV_MAXNREG registers per thread
-# (128 x 256 threads x 2 = the register file; offline sm_90: 72 bytes of epilogue spill, none in the K
-# loop), so that two programs fit per SM and all run in one wave. False: off.
+# A launch of more programs than the GPU has SMs runs at one program per SM (DOT_STAGES stages of (64, 128)
+# x and weight tiles: 128-192 KB of shared memory; the conv epilogue's 153 registers x 8 warps) in two
+# waves, the second a tail of few programs (mamba2-1.3b in_proj + conv at 64 rows: 133 tiles on 132 SMs).
+# There it takes DOT_FIT_STAGES stages of DOT_FIT_BLOCK_K (96 KB, 40 KB of weights in flight) and, with the
+# conv, at most DOT_CONV_MAXNREG registers per thread (128 x 256 threads x 2 = the register file; offline
+# sm_90: 96 bytes of epilogue spill, none in the K loop), so that two programs fit per SM and all run in
+# one wave. False: off.
 DOT_FIT = True
-DOT_FIT_STAGES = 3
+DOT_FIT_BLOCK_K = 64
+DOT_FIT_STAGES = 6
 DOT_CONV_MAXNREG = 128
 # The conv epilogue of the tl.dot kernel reads and writes a 4-slot contiguous state as whole rows
 # (_conv_tile's ROWS4); False: slot by slot.
@@ -194,6 +200,14 @@ def use_pdl(t: Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device_index):
+    """Shared memory bytes one program may use on the device (the opt-in limit; where torch does not say,
+    an SM's less the 1 KB the driver reserves per program)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_multiprocessor - 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -687,12 +701,15 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     counters = _counters(x.device, tiles * row_blocks) if split > 1 else None
     if counters is None:
         split = 1
-    k_split = cdiv(cdiv(n_in, block_k), split) * block_k
     flags = {}
     if DOT_FIT and x.is_cuda and tiles * split * row_blocks > _sm_count(x.device.index):
-        stages = min(stages, DOT_FIT_STAGES)
+        block_k, stages = DOT_FIT_BLOCK_K, DOT_FIT_STAGES
         if conv is not None:
             flags["maxnreg"] = DOT_CONV_MAXNREG
+    if x.is_cuda:  # as many stages of x and weight tiles as the device's shared memory holds (4 KB spare)
+        stage_bytes = block_k * (block_b * x.element_size() + block_n * weight.element_size())
+        stages = max(2, min(stages, (_shared_memory(x.device.index) - 4096) // stage_bytes))
+    k_split = cdiv(cdiv(n_in, block_k), split) * block_k
     part = ss = None
     if split > 1:
         rows_pad = row_blocks * block_b
