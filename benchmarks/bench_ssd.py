@@ -311,7 +311,7 @@ def stage_profile(s):
     Q, inf = CHUNK, float("inf")
     states, _, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True)
     dout = torch.randn_like(x)
-    _, dstates, _ = _state_walks_bwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, dout, None, C, cs_c, None)
+    _, dstates, _ = _state_walks_bwd(x, B, None, None, Q, dout, None, C, dt_c, cs_c, None)
 
     def bwd(split=0, n_blocks=0):
         return _chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, dt_bias, None, dt_c, cs_c, states, dstates,
@@ -320,7 +320,7 @@ def stage_profile(s):
     def walks(fused):
         chunk_state.FUSED_WALKS = fused
         try:
-            return _state_walks_bwd(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, dout, None, C, cs_c, None)
+            return _state_walks_bwd(x, B, None, None, Q, dout, None, C, dt_c, cs_c, None)
         finally:
             chunk_state.FUSED_WALKS = True
 

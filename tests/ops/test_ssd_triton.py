@@ -247,7 +247,7 @@ def test_head_and_n_splits_give_the_same_gradients():
     inf = float("inf")
     states, _, dt_c, cs_c = launch_forward_walk(x, dt, A, B, None, None, None, True, 0.0, inf, 16, True)
     dout = torch.randn_like(x)
-    _, dstates, _ = _state_walks_bwd(x, dt, A, B, None, None, None, True, 0.0, inf, 16, dout, None, C, cs_c, None)
+    _, dstates, _ = _state_walks_bwd(x, B, None, None, 16, dout, None, C, dt_c, cs_c, None)
     results = [_chunk_scan_bwd(x, dout, None, None, dt, A, B, C, D, None, None, dt_c, cs_c, states, dstates,
                                True, 0.0, inf, 16, head_split=split, n_blocks=nb)
                for split, nb in ((1, 1), (4, 1), (1, 2), (2, 2))]
@@ -458,13 +458,12 @@ def _opcheck_cases():
     inf = float("inf")
     states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq, init, True, 0.0, inf, 16, True)
     dout = torch.randn_like(x)
-    _, dstates, _ = _state_walks_bwd(x, dt, A, B, dt_bias, seq, init, True, 0.0, inf, 16, dout, z, C, cs_c, final)
+    _, dstates, _ = _state_walks_bwd(x, B, seq, init, 16, dout, z, C, dt_c, cs_c, final)
     ypre = torch.randn(x.shape, device=DEVICE)
     ops = torch.ops.mamba_pkg
     return [
-        (ops.ssd_state_walks_bwd, (x, dt, A, B, dt_bias, seq, init, True, 0.1, 2.0, 16, dout, z, C, cs_c, final)),
-        (ops.ssd_state_walks_bwd, (x, dt, A, B, None, None, None, False, 0.0, inf, 16, dout, None, C, cs_c, None,
-                                   False)),
+        (ops.ssd_state_walks_bwd, (x, B, seq, init, 16, dout, z, C, dt_c, cs_c, final)),
+        (ops.ssd_state_walks_bwd, (x, B, None, None, 16, dout, None, C, dt_c, cs_c, None, False)),
         (ops.ssd_chunk_scan_fwd, (x, z, dt, A, B, C, D, dt_bias, seq, init, True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_fwd, (x, None, dt, A, B, C, None, None, None, None, False, 0.0, inf, 16, True)),
         # The walks inside the op (dstates None; states None: the forward walk's rerun too).

@@ -991,9 +991,8 @@ def _chunk_scan_bwd(x: Tensor, dout: Tensor, z: Tensor | None, ypre: Tensor | No
             side, main = _side_stream(x.device.index), torch.cuda.current_stream(x.device)
             side.wait_stream(main)
         # The op body directly (not a nested op call, which would dispatch again).
-        walked, dstates, dinit = _state_walks_bwd._init_fn(
-            x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs_c, dfinal,
-            states is None)
+        walked, dstates, dinit = _state_walks_bwd._init_fn(x, B, seq_idx, initial_states, Q, dout, z, C, dt_c, cs_c,
+                                                           dfinal, states is None)
         states = walked if states is None else states
     cb, cb_operand = _bmm_chunk(B, C, Q, dot_dtype, (torch.float32, _cb_operand_dtype(dot_dtype)), side)
     dbc_stream = side if BACKWARD_STREAMS >= 2 else None

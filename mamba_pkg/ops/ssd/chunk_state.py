@@ -1,13 +1,18 @@
 """SSD stage 1: dt processing, per-chunk decay cumsum and the states between chunks.
 
-One program walks the chunks of one (batch, head, P-block, N-block) in order and
-keeps the running state in registers, so the chunk-state, state-passing and
-cumsum stages of the usual five-kernel pipeline are one pass over x and B:
+A small kernel processes dt and cumulates the decay inside each chunk; then one program
+walks the chunks of one (batch, head, P-block, N-block) in order and keeps the running
+state in registers, so the chunk-state and state-passing stages of the usual five-kernel
+pipeline are one pass over x and B:
 
     dt_t    = clamp(softplus(dt_t + dt_bias))                    (B, L, H) -> (B, H, C, Q)
     cs_t    = dt_1 A + ... + dt_t A   (cumulated inside the chunk)  (B, H, C, Q)
     S_c     = exp(cs_Q) S_{c-1} + sum_s exp(cs_Q - cs_s) dt_s x_s B_s^T
     states[c] = S_{c-1}, the state entering chunk c                (B, C, H, P, N)
+
+(Until session 10 each walk program processed dt and cumulated it in every step of its
+chain: a softplus and a cross-warp scan, 8 of the step's 12 CTA barriers at (64, 64) with
+8 warps, offline sm_90, and dt loads strided by H.)
 
 The backward stage here is the same walk in reverse for the state gradient:
 
@@ -169,33 +174,59 @@ def _cta_barrier(value, PTX: tl.constexpr):
 
 
 @triton.jit
-def _forward_walk(
-    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
-    ready_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
-    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+def _dt_fwd_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The processed dt and its cumsum dt * A inside the chunk, (B, H, C, Q) fp32 each (0 and
+    flat past L), for one (batch, chunk, block of BLOCK_H heads): the walks then load them instead
+    of each (P, N) block's program redoing the softplus and the cumsum (a cross-warp scan) in
+    every step of its chain. dt rows of BLOCK_H heads are contiguous: coalesced loads."""
+    n_hblocks = tl.cdiv(H, BLOCK_H)
+    i_hb = tl.program_id(0) % n_hblocks
+    i_c = (tl.program_id(0) // n_hblocks) % nchunks
+    i_b = tl.program_id(0) // (n_hblocks * nchunks)
+    o_q = tl.arange(0, Q)
+    o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+    o_l = i_c * Q + o_q
+    m = (o_l < L)[:, None] & m_h[None, :]
+    dt = tl.load(dt_ptr + i_b.to(tl.int64) * stride_dt_b + o_l.to(tl.int64)[:, None] * stride_dt_l
+                 + o_h[None, :] * stride_dt_h, mask=m, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt = dt + tl.load(dt_bias_ptr + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :]
+    if DT_SOFTPLUS:
+        dt = _softplus(dt, PTX)
+    if HAS_DT_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    dt = tl.where(m, dt, 0.0)
+    cs = tl.cumsum(dt * tl.load(A_ptr + o_h, mask=m_h, other=0.0).to(tl.float32)[None, :], axis=0)
+    out_off = ((i_b * H + o_h[None, :]) * nchunks + i_c).to(tl.int64) * Q + o_q[:, None]
+    tl.store(dt_out_ptr + out_off, dt, mask=m_h[None, :])
+    tl.store(cs_out_ptr + out_off, cs, mask=m_h[None, :])
+
+
+@triton.jit
+def _forward_walk(
+    x_ptr, B_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_ptr, cs_ptr, ready_ptr,
+    i_bh, L, H, P, N, heads_per_group, nchunks,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, WRITE_DT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, WRITE_FINAL: tl.constexpr,
     SIGNAL: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr, Q: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """The forward walk of one (batch * H + head) = i_bh and (P, N) block. WRITE_DT: also
-    the processed dt, the cumsum and the final state (the backward's rerun needs only the states).
-    SIGNAL: after each chunk, add the number of state entries this program covers to
-    ready[batch, head, chunk] (B, H, C) int32 (release), so that a forward scan running beside the
-    walk can start a chunk once its state, dt and cumsum are all written (P * N)."""
+    """The forward walk of one (batch * H + head) = i_bh and (P, N) block, from the processed dt
+    and its cumsum (B, H, C, Q) (_dt_fwd_kernel). WRITE_FINAL: also the final state (the
+    backward's rerun needs only the states). SIGNAL: after each chunk, add the number of state
+    entries this program covers to ready[batch, head, chunk] (B, H, C) int32 (release), so that a
+    forward scan running beside the walk can start a chunk once its state is written (P * N)."""
     i_pn, i_b, i_h, i_g, o_p, o_n, m_p, m_n = _walk_program(i_bh, H, P, N, heads_per_group, BLOCK_P, BLOCK_N)
     o_q = tl.arange(0, BLOCK_L)
-    A = tl.load(A_ptr + i_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
-    # Only the first (P, N) block writes the processed dt and the cumsum.
-    write_dt = i_pn == 0
-
     x_base = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-    dt_base = dt_ptr + i_b.to(tl.int64) * stride_dt_b + i_h * stride_dt_h
     B_base = B_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
     # (B, H, P, N) contiguous fp32 for init/final; (B, C, H, P, N) for states.
@@ -212,28 +243,17 @@ def _forward_walk(
             tl.store(states_ptr + st_off + pn_off, state.to(states_ptr.dtype.element_ty), mask=m_pn)
         # The chunk in row blocks of BLOCK_L, each a step of the same recurrence: a whole
         # chunk's (Q, BLOCK_P) and (Q, BLOCK_N) tiles at once spill registers.
-        cs_base = 0.0
         for j in range(Q // BLOCK_L):
             o_r = j * BLOCK_L + o_q
             o_l = c * Q + o_r
             m_l = o_l < L
-            dt = tl.load(dt_base + o_l.to(tl.int64) * stride_dt_l, mask=m_l, other=0.0).to(tl.float32)
-            if HAS_DT_BIAS:
-                dt = dt + dt_bias
-            if DT_SOFTPLUS:
-                dt = _softplus(dt, PTX)
-            if HAS_DT_LIMIT:
-                dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-            dt = tl.where(m_l, dt, 0.0)
-            cs_local = tl.cumsum(dt * A, axis=0)  # from the start of this row block
-            total = tl.sum(dt * A, axis=0)
-            if WRITE_DT:
-                if write_dt:
-                    tl.store(dt_out_ptr + chunk_off + o_r, dt)
-                    tl.store(cs_out_ptr + chunk_off + o_r, cs_base + cs_local)
-            cs_base += total
-            weight = tl.exp(total - cs_local) * dt
-            decay = tl.exp(total)
+            # dt is 0 past L, so those rows weigh nothing.
+            dt = tl.load(dt_ptr + chunk_off + o_r)
+            cs_end = tl.load(cs_ptr + chunk_off + j * BLOCK_L + BLOCK_L - 1)
+            cs_start = tl.load(cs_ptr + chunk_off + tl.maximum(j * BLOCK_L - 1, 0))
+            cs_start = tl.where(j == 0, 0.0, cs_start)
+            weight = tl.exp(cs_end - tl.load(cs_ptr + chunk_off + o_r)) * dt
+            decay = tl.exp(cs_end - cs_start)
             if HAS_SEQ_IDX:
                 last = tl.minimum(c * Q + j * BLOCK_L + BLOCK_L, L) - 1
                 seq_end = tl.load(seq_base + last.to(tl.int64) * stride_seq_l)
@@ -253,13 +273,13 @@ def _forward_walk(
             b_xw = b_x * weight[:, None]
             state = state * decay + _dot(tl.trans(b_xw), b_B, DOT_DTYPE)
         if SIGNAL:
-            # Every thread's stores of this chunk (state, dt, cumsum) precede the count: a CTA
-            # barrier, as inline asm (tl.debug_barrier here costs the 256-row steps 110
-            # registers and a spill, offline sm_90), whose output is the count added.
+            # Every thread's stores of this chunk's state precede the count: a CTA barrier, as
+            # inline asm (tl.debug_barrier here costs the 256-row steps 110 registers and a
+            # spill, offline sm_90), whose output is the count added.
             tl.atomic_add(ready_ptr + (i_b * H + i_h) * nchunks + c, _cta_barrier(n_entries, PTX), sem="release",
                           scope="gpu")
 
-    if WRITE_DT:
+    if WRITE_FINAL:
         tl.store(final_ptr + state_bh + pn_off, state, mask=m_pn)
 
 
@@ -336,26 +356,25 @@ def _reverse_walk(
                  prune_configs_by={"early_config_prune": _prune_walk_configs})
 @triton.jit
 def _chunk_state_walks_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_out_ptr, cs_out_ptr,
-    dout_ptr, z_ptr, C_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, ready_ptr,
-    L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
+    x_ptr, B_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_ptr, cs_ptr,
+    dout_ptr, z_ptr, C_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, ready_ptr,
+    L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    stride_dt_b, stride_dt_l, stride_dt_h,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_seq_b, stride_seq_l,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_INIT: tl.constexpr, HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr,
     STORE_STATES: tl.constexpr, FWD: tl.constexpr, REV: tl.constexpr, SIGNAL: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr,
     Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """FWD only: the forward pass's walk (states, final, dt, cs). FWD and REV: the backward's
-    two walks side by side in one launch (grid axis 1 = 2 * batch * H; the first half reruns
-    the forward walk for the states, the second walks the state gradient back, from the cs
-    kept by the forward pass). Each walk is a chain of dependent steps with the SMs half
-    idle, so the two overlap. REV only: the state-gradient walk alone. LAUNCH_DEPENDENTS (a
-    programmatic dependent launch follows): the next kernel may start once every program of
-    this one has started; it must wait for the ready counts (SIGNAL) of what it reads."""
+    """FWD only: the forward pass's walk (states, final). FWD and REV: the backward's two walks
+    side by side in one launch (grid axis 1 = 2 * batch * H; the first half reruns the forward
+    walk for the states, the second walks the state gradient back). Both read the processed dt
+    and its cumsum cs (B, H, C, Q) of the forward pass. Each walk is a chain of dependent steps
+    with the SMs half idle, so the two overlap. REV only: the state-gradient walk alone.
+    LAUNCH_DEPENDENTS (a programmatic dependent launch follows): the next kernel may start once
+    every program of this one has started; it must wait for the ready counts (SIGNAL) of what
+    it reads."""
     if LAUNCH_DEPENDENTS:
         tl.extra.cuda.gdc_launch_dependents()
     i_bh = tl.program_id(1)
@@ -364,13 +383,11 @@ def _chunk_state_walks_kernel(
     if FWD and REV:
         n_bh = tl.num_programs(1) // 2
         if i_bh < n_bh:
-            _forward_walk(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr,
-                          dt_out_ptr, cs_out_ptr, ready_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min,
-                          dt_max,
-                          stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_dt_b, stride_dt_l, stride_dt_h,
+            _forward_walk(x_ptr, B_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_ptr, cs_ptr, ready_ptr,
+                          i_bh, L, H, P, N, heads_per_group, nchunks,
+                          stride_x_b, stride_x_l, stride_x_h, stride_x_p,
                           stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
-                          HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, False, False,
-                          EVEN, PTX,
+                          HAS_SEQ_IDX, HAS_INIT, STORE_STATES, False, False, EVEN, PTX,
                           Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
         else:
             _reverse_walk(dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
@@ -379,12 +396,11 @@ def _chunk_state_walks_kernel(
                           stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
                           HAS_Z, HAS_SEQ_IDX, HAS_DFINAL, EVEN, Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
     elif FWD:
-        _forward_walk(x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr,
-                      dt_out_ptr, cs_out_ptr, ready_ptr, i_bh, L, H, P, N, heads_per_group, nchunks, dt_min, dt_max,
-                      stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_dt_b, stride_dt_l, stride_dt_h,
+        _forward_walk(x_ptr, B_ptr, seq_idx_ptr, init_ptr, states_ptr, final_ptr, dt_ptr, cs_ptr, ready_ptr,
+                      i_bh, L, H, P, N, heads_per_group, nchunks,
+                      stride_x_b, stride_x_l, stride_x_h, stride_x_p,
                       stride_B_b, stride_B_l, stride_B_g, stride_B_n, stride_seq_b, stride_seq_l,
-                      HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, HAS_SEQ_IDX, HAS_INIT, STORE_STATES, True, SIGNAL,
-                      EVEN, PTX,
+                      HAS_SEQ_IDX, HAS_INIT, STORE_STATES, True, SIGNAL, EVEN, PTX,
                       Q, BLOCK_L, BLOCK_P, BLOCK_N, DOT_DTYPE)
     else:
         _reverse_walk(dout_ptr, z_ptr, C_ptr, seq_idx_ptr, cs_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
@@ -415,22 +431,31 @@ def _even_tiles(L, P, N, Q) -> bool:
             and all(N % c.kwargs["BLOCK_N"] == 0 for c in configs))
 
 
-def _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, states, final, dt_out,
-               cs_out):
+def _process_dt(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, dt_out, cs_out):
+    """Fill dt_out and cs_out (B, H, C, Q) fp32 with the processed dt and its cumsum inside each
+    chunk (_dt_fwd_kernel) from dt (B, L, H) (any strides)."""
+    batch, L, H = dt.shape
+    nchunks = cdiv(L, Q)
+    BLOCK_H = 16  # a (Q, 16) fp32 tile: 32 values per thread at 4 warps
+    launch(_dt_fwd_kernel, (batch * nchunks * cdiv(H, BLOCK_H),), dt, A, dt_bias if dt_bias is not None else A,
+           dt_out, cs_out, L, H, nchunks, float(dt_min), float(dt_max), *dt.stride(),
+           HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+           HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), PTX=ptx_math(_dt_fwd_kernel), Q=Q, BLOCK_H=BLOCK_H,
+           num_warps=4)
+
+
+def _walk_args(x, B, seq_idx, initial_states, Q, states, final, dt, cs):
     """The forward walk's part of the walk kernel's arguments: (pointers, scalars and strides,
-    constexprs)."""
+    constexprs); dt and cs (B, H, C, Q) fp32 from _process_dt."""
     batch, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    seq_arg = seq_idx if seq_idx is not None else cs_out
+    seq_arg = seq_idx if seq_idx is not None else cs
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    ptrs = (x, dt, A, B, dt_bias if dt_bias is not None else A, seq_arg,
-            initial_states if initial_states is not None else final, states, final, dt_out, cs_out)
-    scalars = (L, H, P, N, H // G, cdiv(L, Q), float(dt_min), float(dt_max), *x.stride(), *dt.stride(), *B.stride(),
-               *seq_strides)
-    flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-                 HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), HAS_SEQ_IDX=seq_idx is not None,
-                 HAS_INIT=initial_states is not None, PTX=ptx_math(_chunk_state_walks_kernel.fn), Q=Q,
-                 DOT_DTYPE=dot_dtype_for(x.dtype), EVEN=_even_tiles(L, P, N, Q))
+    ptrs = (x, B, seq_arg, initial_states if initial_states is not None else final, states, final, dt, cs)
+    scalars = (L, H, P, N, H // G, cdiv(L, Q), *x.stride(), *B.stride(), *seq_strides)
+    flags = dict(HAS_SEQ_IDX=seq_idx is not None, HAS_INIT=initial_states is not None,
+                 PTX=ptx_math(_chunk_state_walks_kernel.fn), Q=Q, DOT_DTYPE=dot_dtype_for(x.dtype),
+                 EVEN=_even_tiles(L, P, N, Q))
     return ptrs, scalars, flags
 
 
@@ -440,18 +465,19 @@ def _walk_grid(batch, H, P, N, n_walks):
 
 def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states,
                  ready=None, launch_dependents=False):
-    """Launch the forward walk (chunk_scan.py's forward op launches it between C B^T and the
-    scan). ready: (B, H, C) int32 zeros, counted up as the chunks' states are written;
-    launch_dependents: the next launch is a programmatic dependent launch. Returns states
-    (B, C, H, P, N) [empty unless store_states], final (B, H, P, N) fp32, dt (B, H, C, Q) fp32,
-    cs (B, H, C, Q) fp32."""
+    """Launch the dt processing and the forward walk (chunk_scan.py's forward op launches them
+    between C B^T and the scan). ready: (B, H, C) int32 zeros, counted up as the chunks' states
+    are written; launch_dependents: the next launch is a programmatic dependent launch. Returns
+    states (B, C, H, P, N) [empty unless store_states], final (B, H, P, N) fp32, dt (B, H, C, Q)
+    fp32, cs (B, H, C, Q) fp32."""
     batch, L, H, P = x.shape
     N = B.shape[3]
     states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
-    ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q,
-                                      states if store_states else final, final, dt_out, cs_out)
+    _process_dt(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, dt_out, cs_out)
+    ptrs, scalars, flags = _walk_args(x, B, seq_idx, initial_states, Q, states if store_states else final, final,
+                                      dt_out, cs_out)
     # The reverse walk's pointers are not read.
-    launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *([x] * 7),
+    launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *([x] * 6),
            ready if ready is not None else x, *scalars, **flags, HAS_Z=False, HAS_DFINAL=False,
            STORE_STATES=store_states, FWD=True, REV=False, SIGNAL=ready is not None,
            LAUNCH_DEPENDENTS=launch_dependents)
@@ -475,51 +501,38 @@ def _state_walks_bwd_outputs(x, B, Q, rerun=True):
 
 
 @launcher_op("ssd_state_walks_bwd")
-def _state_walks_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, seq_idx: Tensor | None,
-                     initial_states: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, Q: int,
-                     dout: Tensor, z: Tensor | None, C: Tensor, cs: Tensor,
+def _state_walks_bwd(x: Tensor, B: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None, Q: int,
+                     dout: Tensor, z: Tensor | None, C: Tensor, dt: Tensor, cs: Tensor,
                      dfinal: Tensor | None, rerun: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward's walks: the forward walk again for the states between chunks
     (recomputed, not kept from the forward pass; rerun=False: kept, and only the reverse walk
-    runs), and the reverse walk for their gradients from the forward pass's cs (B, H, C, Q).
-    dout, z (B, L, H, P) with x's strides, C with B's. Returns states (B, C, H, P, N) (the
-    state entering each chunk; empty without the rerun), dstates (B, C, H, P, N) (the gradient
-    wrt the state leaving each chunk) and dinit (B, H, P, N) fp32 (the gradient wrt the
-    initial state)."""
+    runs), and the reverse walk for their gradients, both from the forward pass's processed dt
+    and cs (B, H, C, Q) fp32. dout, z (B, L, H, P) with x's strides, C with B's. Returns states
+    (B, C, H, P, N) (the state entering each chunk; empty without the rerun), dstates
+    (B, C, H, P, N) (the gradient wrt the state leaving each chunk) and dinit (B, H, P, N) fp32
+    (the gradient wrt the initial state)."""
     batch, L, H, P = x.shape
     N = B.shape[3]
     states, dstates, dinit = _state_walks_bwd_outputs(x, B, Q, rerun)
-    rev_ptrs = (dout, z if z is not None else dout, C, cs, dfinal if dfinal is not None else dinit, dstates, dinit)
+    rev_ptrs = (dout, z if z is not None else dout, C, dfinal if dfinal is not None else dinit, dstates, dinit, x)
     rev_flags = dict(HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, STORE_STATES=True, SIGNAL=False,
                      LAUNCH_DEPENDENTS=False)
+    # Without the rerun the forward walk's pointers are not read; with it, the rerun writes
+    # only the states (its final state goes to dinit, which the reverse walk writes after it).
+    ptrs, scalars, flags = _walk_args(x, B, seq_idx, initial_states, Q, dstates if not rerun else states, dinit,
+                                      dt, cs)
     if not rerun:
-        # The forward walk's pointers are not read.
-        ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
-                                          Q, dstates, dinit, cs, cs)
-        launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *rev_ptrs, x, *scalars, **flags,
+        launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *rev_ptrs, *scalars, **flags,
                **rev_flags, FWD=False, REV=True)
         return states, dstates, dinit
     # One launch unless grid axis 1 (at most 65535 programs) cannot take both walks.
     fused = FUSED_WALKS and 2 * batch * H <= 65535
     grid = _walk_grid(batch, H, P, N, 2 if fused else 1)
-    if fused:
-        # The rerun writes only the states (no final state, dt or cs: the pointers are not read).
-        ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
-                                          Q, states, dinit, cs, cs)
-        launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, x, *scalars, **flags, **rev_flags,
-               FWD=True, REV=True)
-    else:
-        # The forward walk alone also writes a final state (into dinit, before the reverse
-        # walk writes it), dt and cs (scratch).
-        ptrs, scalars, flags = _walk_args(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max,
-                                          Q, states, dinit, torch.empty_like(cs), torch.empty_like(cs))
-        for fwd in (True, False):
-            launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, x, *scalars, **flags, **rev_flags,
-                   FWD=fwd, REV=not fwd)
+    for fwd, rev in ((True, True),) if fused else ((True, False), (False, True)):
+        launch(_chunk_state_walks_kernel, grid, *ptrs, *rev_ptrs, *scalars, **flags, **rev_flags, FWD=fwd, REV=rev)
     return states, dstates, dinit
 
 
 @_state_walks_bwd.register_fake
-def _(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, dout, z, C, cs, dfinal,
-      rerun=True):
+def _(x, B, seq_idx, initial_states, Q, dout, z, C, dt, cs, dfinal, rerun=True):
     return _state_walks_bwd_outputs(x, B, Q, rerun)
