@@ -233,8 +233,8 @@ def precompile(d_states, provider, bases=None):
     """Compile (not run) what one fwd+bwd step of `provider` launches at each shape of `bases`
     (default: the main shape) with each d_state (Triton specialises on the sizes, e.g. on H and
     the chunk count being multiples of 16, so L=2048 and the training shape compile anew).
-    mamba_ssm first runs one real step at N=128 (its tuned configs, from the autotuning cache
-    when TRITON_CACHE_AUTOTUNING is set) and is pinned to them, as in main()."""
+    mamba_ssm first runs one real step per shape at N=128 (some of its autotuning keys hold the
+    head count: a new key compiles every config) and is then pinned to its picks, as in main()."""
     base = dict(B=4, H=32, P=64, N=128, G=1, L=8192)
     if provider == "ours":
         from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
@@ -248,10 +248,13 @@ def precompile(d_states, provider, bases=None):
         torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     if provider != "ours":
-        step(base)
+        for shape in bases or [base]:
+            step(shape)
         pin_anchor_autotuners()
     for shape in bases or [base]:
         for n in d_states:
+            if provider != "ours" and n == 128:
+                continue  # compiled by the real steps
             t0 = time.time()
             with compile_only():
                 step(dict(shape, N=n))
