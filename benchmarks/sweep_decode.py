@@ -83,13 +83,16 @@ DOT_PEEL = {**DOT_ALL, DL + "DOT_PEEL": True}
 # configs (4 stages, no fit), FIT128 = the fit as 3 stages of 128, STAGES4 = 4 stages where a launch fits one
 # wave anyway, LATE_SSM = the SSM step not launching its successor early, SPLIT8 = split-K products of up to
 # 256 programs (out_proj in 8 splits, two per SM), SMALL_DOT = the 130m models' products through the tl.dot
-# kernel (32 features per program), PDL_NORM (below) = the block's add + RMSNorm as a PDL row kernel.
+# kernel (32 features per program), M1_CHAIN = Mamba-1's x_proj / dt_proj by it too, PDL_NORM (below) = the
+# block's add + RMSNorm as a PDL row kernel.
 S9 = {DL + "DOT_STAGES": 4, DL + "DOT_FIT": False}
 FIT128 = {DL + "DOT_FIT_BLOCK_K": 128, DL + "DOT_FIT_STAGES": 3}
 STAGES4 = {DL + "DOT_STAGES": 4}
 LATE_SSM = {SDS + "LATE_DEPENDENTS_ROWS": 16}
 SPLIT8 = {DL + "DOT_TARGET_PROGRAMS": 256}
 SMALL_DOT = {CU + "STEP_DOT_MIN_WEIGHT": 0, DL + "DOT_BLOCK_N": 32}
+# Mamba-1's x_proj and dt_proj through the tl.dot kernel too: in_proj to out_proj one PDL chain.
+M1_CHAIN = {"models.mamba.STEP_DOT_X_PROJ": True, CU + "STEP_DOT_MIN_WEIGHT": 0, SDS + "DT_PROJ_DOT": True}
 
 
 def _pdl_add_norm(norm, hidden_states, residual, *, fused, residual_in_fp32):
@@ -108,7 +111,7 @@ def _pdl_add_norm(norm, hidden_states, residual, *, fused, residual_in_fp32):
 PDL_NORM = {"models.block.add_norm": _pdl_add_norm}
 MODEL_AB = [
     ("mamba2-1.3b", 64, ({}, S9, FIT128, PDL_NORM, LATE_SSM, SPLIT8, {})),
-    ("mamba-1.4b", 64, ({}, STAGES4, PDL_NORM, SPLIT8, LATE_SSM)),
+    ("mamba-1.4b", 64, ({}, STAGES4, PDL_NORM, M1_CHAIN, {**M1_CHAIN, **PDL_NORM}, SPLIT8, LATE_SSM)),
     ("mamba2-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM})),
     ("mamba-130m", 64, ({}, SMALL_DOT, PDL_NORM, {**SMALL_DOT, **PDL_NORM})),
 ]
