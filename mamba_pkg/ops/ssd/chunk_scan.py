@@ -90,17 +90,18 @@ def _fwd_configs():
     compile with Triton 3.6: 128 registers uncapped and at 128 = 4 programs; at 96 = 5, 56
     bytes spilled outside the loop), and one stage (the loop before the diagonal runs 1.5
     times on average: 1304 instead of 1480 instructions with whole tiles, 128 registers).
-    128-row blocks with 8 warps and one stage (the loop runs 0 or 1 times at a 256-row chunk):
-    each program does twice the rows per round trip to L2 and reads the state once per 128
-    rows (the kernel is latency-bound: 4 warps per scheduler, ~35% of stalls on shared-memory
-    operands, H100 ncu, session 9); 160 registers = 1 program per SM, or capped at 128 (32
-    bytes spilled) = 2, the 16 warps per SM of the 64-row configs. Session 4's 128-row blocks
-    (4 warps, before the split decays) spilled and lost; the kernel takes any BLOCK_M."""
+    128-row blocks with 8 warps (the loop runs 0 or 1 times at a 256-row chunk): each program
+    does twice the rows per round trip to L2 and reads the state once per 128 rows (the kernel
+    is latency-bound: 4 warps per scheduler, ~35% of stalls on shared-memory operands, H100
+    ncu, session 9); one stage: 170 registers = 1 program per SM, or capped at 128 (32 bytes
+    spilled) = 2, the 16 warps per SM of the 64-row configs; two stages capped at 128 (8 bytes
+    spilled, 97 KB: 2 per SM) stage the loop's tiles with cp.async. Session 4's 128-row
+    blocks (4 warps, before the split decays) spilled and lost; the kernel takes any BLOCK_M."""
     if triton_interpret():
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st, maxnreg=r)
             for bm, w, st, r in ((64, 4, 2, None), (64, 4, 2, 128), (64, 4, 2, 96), (64, 4, 1, None),
-                                 (128, 8, 1, 128), (128, 8, 1, None))]
+                                 (128, 8, 1, 128), (128, 8, 1, None), (128, 8, 2, 128))]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
