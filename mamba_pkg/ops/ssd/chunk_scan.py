@@ -52,8 +52,9 @@ from torch import Tensor
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
 from mamba_pkg.ops._launch import launch
-from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _softplus, _state_walks_bwd,
-                                            _state_walks_bwd_outputs, block_size, dot_dtype_for, launch_forward_walk)
+from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _dt_rows, _softplus, _state_walks_bwd,
+                                            _state_walks_bwd_outputs, block_size, dot_dtype_for, dt_launch_args,
+                                            launch_forward_walk)
 
 
 def _tile_configs():
@@ -129,7 +130,7 @@ def _block_pair(G, nchunks, Q: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _bmm_chunk_kernel(
+def _cb_tile(
     B_ptr, C_ptr, cb_ptr, cb2_ptr, L, N, G, nchunks,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     TWO_COPIES: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -155,6 +156,31 @@ def _bmm_chunk_kernel(
             tl.store(cb2_ptr + cb_off, cb.to(cb2_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _bmm_chunk_kernel(
+    B_ptr, C_ptr, cb_ptr, cb2_ptr, dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr,
+    L, N, G, nchunks, n_cb_programs,
+    stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    H, dt_min, dt_max, stride_dt_b, stride_dt_l, stride_dt_h,
+    TWO_COPIES: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, WITH_DT: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """C B^T tiles; WITH_DT: the programs after the first n_cb_programs process dt instead
+    (chunk_state._dt_rows), one launch fewer before the walk."""
+    if WITH_DT:
+        if tl.program_id(0) >= n_cb_programs:
+            _dt_rows(tl.program_id(0) - n_cb_programs, dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H,
+                     nchunks, dt_min, dt_max, stride_dt_b, stride_dt_l, stride_dt_h, HAS_DT_BIAS, DT_SOFTPLUS,
+                     HAS_DT_LIMIT, PTX, Q, BLOCK_H)
+        else:
+            _cb_tile(B_ptr, C_ptr, cb_ptr, cb2_ptr, L, N, G, nchunks, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+                     TWO_COPIES, Q, BLOCK_M, BLOCK_N, DOT_DTYPE)
+    else:
+        _cb_tile(B_ptr, C_ptr, cb_ptr, cb2_ptr, L, N, G, nchunks, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+                 TWO_COPIES, Q, BLOCK_M, BLOCK_N, DOT_DTYPE)
+
+
 def _cb_operand_dtype(dot_dtype):
     """Storage dtype of C B^T where it only feeds a matrix product (forward scan, dx): bf16
     for bf16 inputs. Those kernels read each tile once per head of the group, most of their
@@ -163,18 +189,26 @@ def _cb_operand_dtype(dot_dtype):
     return torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32
 
 
-def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None):
+def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None, dt_job=None):
     """CB (B, C, G, Q, Q), lower block triangle filled: one tensor per entry of `dtypes`
     (one or two dtypes; the same tensor twice when they are equal). Allocated on the current
-    stream, launched on `stream` (None: the current one)."""
+    stream, launched on `stream` (None: the current one). dt_job: the arguments of
+    chunk_state.dt_launch_args, whose dt processing then runs in the same launch."""
     batch, L, G, N = B.shape
     nchunks = cdiv(L, Q)
     cbs = [torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=dt) for dt in dict.fromkeys(dtypes)]
     BLOCK_M = _pick_block_m(Q)
-    grid = (batch * nchunks * G * (Q // BLOCK_M) ** 2,)
+    n_cb = batch * nchunks * G * (Q // BLOCK_M) ** 2
+    if dt_job is not None:
+        n_dt, dt_ptrs, dt_scalars, dt_flags = dt_launch_args(*dt_job)
+        dt_scalars = dt_scalars[1:2] + dt_scalars[3:]  # (H, dt_min, dt_max, strides): L and nchunks are here
+    else:
+        n_dt, dt_ptrs, dt_scalars = 0, (B,) * 5, (1, 0.0, 0.0, 0, 0, 0)
+        dt_flags = dict(HAS_DT_BIAS=False, DT_SOFTPLUS=False, HAS_DT_LIMIT=False, PTX=False, BLOCK_H=16)
     with torch.cuda.stream(stream):
-        launch(_bmm_chunk_kernel, grid, B, C, cbs[0], cbs[-1], L, N, G, nchunks, *B.stride(),
-               TWO_COPIES=len(cbs) == 2, Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
+        launch(_bmm_chunk_kernel, (n_cb + n_dt,), B, C, cbs[0], cbs[-1], *dt_ptrs, L, N, G, nchunks, n_cb,
+               *B.stride(), *dt_scalars, TWO_COPIES=len(cbs) == 2, Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N),
+               DOT_DTYPE=dot_dtype, WITH_DT=dt_job is not None, **{k: v for k, v in dt_flags.items() if k != "Q"},
                num_warps=4)
     return [cbs[0] if dt == dtypes[0] else cbs[-1] for dt in dtypes]
 
@@ -359,8 +393,8 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
                     dt_bias: Tensor | None, seq_idx: Tensor | None, initial_states: Tensor | None, dt_softplus: bool,
                     dt_min: float, dt_max: float, Q: int,
                     keep_states: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The forward pass: C B^T, the walk (chunk_state.py), the chunk scan. x, z (B, L, H, P)
-    contiguous; returns out (B, L, H, P), y_pre (B, L, H, P) fp32 [empty without z], final
+    """The forward pass: C B^T with the dt processing, the walk (chunk_state.py), the chunk
+    scan. x, z (B, L, H, P) contiguous; returns out (B, L, H, P), y_pre (B, L, H, P) fp32 [empty without z], final
     (B, H, P, N) fp32, dt and cs (B, H, C, Q) fp32 (the processed dt and its cumsum), and with
     keep_states the states entering each chunk (B, C, H, P, N) (else empty).
 
@@ -372,12 +406,15 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     G, N = B.shape[2], B.shape[3]
     nchunks = cdiv(L, Q)
     dot_dtype = dot_dtype_for(x.dtype)
-    (cb,) = _bmm_chunk(B, C, Q, dot_dtype, (_cb_operand_dtype(dot_dtype),))
+    walk_outputs = _chunk_state_fwd_outputs(x, B, Q, True)
+    # The dt processing runs in the C B^T launch (its programs after the C B^T tiles).
+    (cb,) = _bmm_chunk(B, C, Q, dot_dtype, (_cb_operand_dtype(dot_dtype),),
+                       dt_job=(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, *walk_outputs[2:]))
     wait = OVERLAP_WALK
     pdl = wait and x.is_cuda and not triton_interpret() and _has_pdl(x.device.index)
     ready = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.int32) if wait else None
     states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                    dt_min, dt_max, Q, True, ready, pdl)
+                                                    dt_min, dt_max, Q, True, ready, pdl, walk_outputs)
     out, ypre = _scan_outputs(x, z)
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c

@@ -1,6 +1,7 @@
 """SSD stage 1: dt processing, per-chunk decay cumsum and the states between chunks.
 
-A small kernel processes dt and cumulates the decay inside each chunk; then one program
+The dt processing and the decay cumsum inside each chunk come first (_dt_rows: programs of
+the forward op's C B^T launch, or a small kernel of their own); then one program
 walks the chunks of one (batch, head, P-block, N-block) in order and keeps the running
 state in registers, so the chunk-state and state-passing stages of the usual five-kernel
 pipeline are one pass over x and B:
@@ -174,20 +175,21 @@ def _cta_barrier(value, PTX: tl.constexpr):
 
 
 @triton.jit
-def _dt_fwd_kernel(
-    dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
+def _dt_rows(
+    i_prog, dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr,
     Q: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The processed dt and its cumsum dt * A inside the chunk, (B, H, C, Q) fp32 each (0 and
-    flat past L), for one (batch, chunk, block of BLOCK_H heads): the walks then load them instead
-    of each (P, N) block's program redoing the softplus and the cumsum (a cross-warp scan) in
-    every step of its chain. dt rows of BLOCK_H heads are contiguous: coalesced loads."""
+    flat past L), for one (batch, chunk, block of BLOCK_H heads) = i_prog: the walks then load
+    them instead of each (P, N) block's program redoing the softplus and the cumsum (a
+    cross-warp scan) in every step of its chain. dt rows of BLOCK_H heads are contiguous:
+    coalesced loads. The forward op runs these programs in the C B^T launch (chunk_scan.py)."""
     n_hblocks = tl.cdiv(H, BLOCK_H)
-    i_hb = tl.program_id(0) % n_hblocks
-    i_c = (tl.program_id(0) // n_hblocks) % nchunks
-    i_b = tl.program_id(0) // (n_hblocks * nchunks)
+    i_hb = i_prog % n_hblocks
+    i_c = (i_prog // n_hblocks) % nchunks
+    i_b = i_prog // (n_hblocks * nchunks)
     o_q = tl.arange(0, Q)
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < H
@@ -206,6 +208,17 @@ def _dt_fwd_kernel(
     out_off = ((i_b * H + o_h[None, :]) * nchunks + i_c).to(tl.int64) * Q + o_q[:, None]
     tl.store(dt_out_ptr + out_off, dt, mask=m_h[None, :])
     tl.store(cs_out_ptr + out_off, cs, mask=m_h[None, :])
+
+
+@triton.jit
+def _dt_fwd_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
+    stride_dt_b, stride_dt_l, stride_dt_h,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    _dt_rows(tl.program_id(0), dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
+             stride_dt_b, stride_dt_l, stride_dt_h, HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, PTX, Q, BLOCK_H)
 
 
 @triton.jit
@@ -431,17 +444,17 @@ def _even_tiles(L, P, N, Q) -> bool:
             and all(N % c.kwargs["BLOCK_N"] == 0 for c in configs))
 
 
-def _process_dt(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, dt_out, cs_out):
-    """Fill dt_out and cs_out (B, H, C, Q) fp32 with the processed dt and its cumsum inside each
-    chunk (_dt_fwd_kernel) from dt (B, L, H) (any strides)."""
+def dt_launch_args(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, dt_out, cs_out):
+    """(programs, pointers, scalars and strides, constexprs) of _dt_rows for dt (B, L, H) (any
+    strides) into dt_out and cs_out (B, H, C, Q) fp32."""
     batch, L, H = dt.shape
     nchunks = cdiv(L, Q)
-    BLOCK_H = 16  # a (Q, 16) fp32 tile: 32 values per thread at 4 warps
-    launch(_dt_fwd_kernel, (batch * nchunks * cdiv(H, BLOCK_H),), dt, A, dt_bias if dt_bias is not None else A,
-           dt_out, cs_out, L, H, nchunks, float(dt_min), float(dt_max), *dt.stride(),
-           HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
-           HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), PTX=ptx_math(_dt_fwd_kernel), Q=Q, BLOCK_H=BLOCK_H,
-           num_warps=4)
+    BLOCK_H = 8  # a (Q, 8) fp32 tile: 16 values per thread at 4 warps
+    flags = dict(HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+                 HAS_DT_LIMIT=(dt_min, dt_max) != (0.0, float("inf")), PTX=ptx_math(_dt_fwd_kernel), Q=Q,
+                 BLOCK_H=BLOCK_H)
+    return (batch * nchunks * cdiv(H, BLOCK_H), (dt, A, dt_bias if dt_bias is not None else A, dt_out, cs_out),
+            (L, H, nchunks, float(dt_min), float(dt_max), *dt.stride()), flags)
 
 
 def _walk_args(x, B, seq_idx, initial_states, Q, states, final, dt, cs):
@@ -464,16 +477,21 @@ def _walk_grid(batch, H, P, N, n_walks):
 
 
 def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states,
-                 ready=None, launch_dependents=False):
-    """Launch the dt processing and the forward walk (chunk_scan.py's forward op launches them
-    between C B^T and the scan). ready: (B, H, C) int32 zeros, counted up as the chunks' states
-    are written; launch_dependents: the next launch is a programmatic dependent launch. Returns
-    states (B, C, H, P, N) [empty unless store_states], final (B, H, P, N) fp32, dt (B, H, C, Q)
-    fp32, cs (B, H, C, Q) fp32."""
+                 ready=None, launch_dependents=False, outputs=None):
+    """Launch the dt processing and the forward walk. ready: (B, H, C) int32 zeros, counted up as
+    the chunks' states are written; launch_dependents: the next launch is a programmatic dependent
+    launch. outputs: (states, final, dt, cs) from _chunk_state_fwd_outputs with dt and cs already
+    filled (chunk_scan.py's forward op processes dt in its C B^T launch); None: allocated here,
+    and dt processed by a launch of its own. Returns states (B, C, H, P, N) [empty unless
+    store_states], final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
     batch, L, H, P = x.shape
     N = B.shape[3]
-    states, final, dt_out, cs_out = _chunk_state_fwd_outputs(x, B, Q, store_states)
-    _process_dt(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, dt_out, cs_out)
+    if outputs is None:
+        outputs = _chunk_state_fwd_outputs(x, B, Q, store_states)
+        n_dt, dt_ptrs, dt_scalars, dt_flags = dt_launch_args(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q,
+                                                             *outputs[2:])
+        launch(_dt_fwd_kernel, (n_dt,), *dt_ptrs, *dt_scalars, **dt_flags, num_warps=4)
+    states, final, dt_out, cs_out = outputs
     ptrs, scalars, flags = _walk_args(x, B, seq_idx, initial_states, Q, states if store_states else final, final,
                                       dt_out, cs_out)
     # The reverse walk's pointers are not read.
