@@ -24,10 +24,20 @@ STEP_LINEAR_MAX_ROWS = 2
 # enough for decode_linear's tl.dot kernel (dot_config: split-K in one launch) use it instead of
 # cuBLAS (whose split-K GEMMs take a second launch for the reduction and do not chain by PDL). 0: off.
 # H100 b64 whole step (graph replay, same process, session 9): mamba-1.4b 2.649 ms vs 2.801 (in_proj
-# with the conv folded in and out_proj by the tl.dot kernel, x_proj cuBLAS); mamba2-1.3b 4.463 vs 4.462;
-# the 130m models' products (2.6M weights and less, latency-bound) lost: mamba-130m 0.760 vs 0.739.
+# with the conv folded in and out_proj by the tl.dot kernel, x_proj cuBLAS); mamba2-1.3b 4.463 vs 4.462.
+# The 130m models' products (2.6M weights and less, latency-bound) lost with 64 features per program
+# (mamba-130m 0.760 vs 0.739) and win with 32 (decode_linear.DOT_SMALL_BLOCK_N) and the block's add +
+# RMSNorm chained with them (STEP_NORM_ROWS): session 10, mamba2-130m 0.995 vs 1.073 ms, mamba-130m
+# 0.789 vs 0.820; so no weight minimum now (0).
 STEP_DOT_MAX_ROWS = 64
-STEP_DOT_MIN_WEIGHT = 4 * 2**20
+STEP_DOT_MIN_WEIGHT = 0
+# Decode steps of more than STEP_LINEAR_MAX_ROWS rows (up to decode_linear.MAX_ROWS) run the block's
+# residual add + RMSNorm as decode_linear.add_rms_norm_rows, a row kernel chained by programmatic
+# dependent launch with the step's tl.dot products on both sides (the fused add + norm of ops/norm.py
+# is a full stop in that chain). H100 b64 whole steps (graph replay, same process, session 10):
+# mamba-1.4b 2.753 vs 2.786 ms, mamba2-130m 0.995 vs 1.008 and mamba-130m 0.789 vs 0.810 (with the
+# 32-feature products), mamba2-1.3b 4.495 vs 4.472 (within noise). False: off.
+STEP_NORM_ROWS = True
 # Blocks of at most this width fold their add + RMSNorm into the in_proj of a decode step of
 # <= STEP_LINEAR_MAX_ROWS rows (decode_linear.add_rms_norm_linear): each program re-reads the
 # input row. Without programmatic dependent launch this lost at d_model 2048 (mamba-1.4b step

@@ -21,7 +21,8 @@ import torch.nn as nn
 from mamba_pkg.models import _cache_utils
 from mamba_pkg.models._cache_utils import plain_linear
 from mamba_pkg.models.norm import RMSNorm
-from mamba_pkg.ops.decode_linear import add_rms_norm_linear
+from mamba_pkg.ops import decode_linear as _dl
+from mamba_pkg.ops.decode_linear import add_rms_norm_linear, add_rms_norm_rows
 from mamba_pkg.ops.norm import layer_norm_fn
 
 
@@ -82,9 +83,16 @@ class Block(nn.Module):
             if conv is not None:
                 return self.mixer.cached_step(proj, inference_params, conv_done=True), residual.unsqueeze(1)
             return self.mixer.cached_step(proj, inference_params), residual.unsqueeze(1)
-        hidden_states, residual = add_norm(
-            self.norm, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32
-        )
+        if self._step_norm_rows(hidden_states, inference_params, mixer_kwargs):
+            hidden_states, residual = add_rms_norm_rows(
+                hidden_states.squeeze(1), None if residual is None else residual.squeeze(1), self.norm.weight,
+                self.norm.eps, self.residual_in_fp32,
+            )
+            hidden_states, residual = hidden_states.unsqueeze(1), residual.unsqueeze(1)
+        else:
+            hidden_states, residual = add_norm(
+                self.norm, hidden_states, residual, fused=self.fused_add_norm, residual_in_fp32=self.residual_in_fp32
+            )
         hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
         if self.mlp is not None:
             hidden_states, residual = add_norm(
@@ -102,6 +110,16 @@ class Block(nn.Module):
                 and hasattr(self.mixer, "cached_step") and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
                 and hidden_states.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS
                 and hidden_states.shape[-1] <= _cache_utils.STEP_NORM_MAX_DIM and plain_linear(self.mixer.in_proj))
+
+    def _step_norm_rows(self, hidden_states, inference_params, mixer_kwargs) -> bool:
+        """A decode step whose add + RMSNorm runs as decode_linear.add_rms_norm_rows (STEP_NORM_ROWS):
+        one token of up to decode_linear.MAX_ROWS rows continuing a cache, a fused RMSNorm of width
+        <= PREPASS_MAX_K, no gradient (the row kernel has no backward)."""
+        return (_cache_utils.STEP_NORM_ROWS and inference_params is not None and inference_params.seqlen_offset > 0
+                and not mixer_kwargs and self.fused_add_norm and isinstance(self.norm, RMSNorm)
+                and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
+                and hidden_states.shape[0] <= _dl.MAX_ROWS and hidden_states.shape[-1] <= _dl.PREPASS_MAX_K
+                and not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.norm.weight.requires_grad)))
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)

@@ -106,6 +106,12 @@ NUM_WARPS = 4
 # reduction kernel (cuBLAS's split-K GEMMs take two). Fewer than DOT_MIN_PROGRAMS programs even so:
 # dot_config says None (decode_linear's plain product then goes to cuBLAS).
 DOT_BLOCK_N = 64
+# Weights of fewer than DOT_SMALL_WEIGHT values (the 130m models' in_proj / out_proj, 2.6M and less) take
+# DOT_SMALL_BLOCK_N features per program (at most DOT_BLOCK_N): twice the programs of a latency-bound
+# launch. H100 b64 whole steps (graph replay, same process, session 10 sweep): mamba2-130m 1.008 ms vs
+# 1.073 on cuBLAS, mamba-130m 0.810 vs 0.820 (with 64 features, session 9: 0.760 vs 0.739, a loss).
+DOT_SMALL_WEIGHT = 4 * 2**20
+DOT_SMALL_BLOCK_N = 32
 DOT_BLOCK_K = 128
 # Pipeline stages: a launch of at most one program per SM streams as fast as it has weight bytes in flight
 # (stages - 1 tiles of BLOCK_N x BLOCK_K). H100, 64 rows, out_proj 2048 x 4096 split 4, cold weights
@@ -253,7 +259,7 @@ def pdl_launch(pdl: bool) -> dict:
 def dot_config(n_out, n_in=None):
     """(BLOCK_N, BLOCK_K, stages, warps, SPLIT) of the tl.dot kernel for weight (n_out, n_in), or
     None where even the K split gives fewer than DOT_MIN_PROGRAMS programs (n_in None: no split)."""
-    block_n = DOT_BLOCK_N
+    block_n = min(DOT_BLOCK_N, DOT_SMALL_BLOCK_N) if n_in and n_out * n_in < DOT_SMALL_WEIGHT else DOT_BLOCK_N
     tiles = cdiv(n_out, block_n)
     split = 1
     steps = cdiv(n_in, DOT_BLOCK_K) if n_in else 1

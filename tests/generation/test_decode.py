@@ -346,7 +346,7 @@ def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, gate_in_s
     launches = []
     row_norm = dl._launch_row_norm
     monkeypatch.setattr(dl, "_launch_row_norm", lambda *args: launches.append(1) or row_norm(*args))
-    model = make_model(kind, device="cuda", n_layer=2, d_model=2048)
+    model = make_model(kind, device="cuda", n_layer=2, d_model=d_model)
     ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
     out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
     ref = full_logits(model, out.sequences)[:, 4:-1]
@@ -428,8 +428,10 @@ def test_cuda_graph_with_pdl_equals_without(kind, monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
-def test_cuda_dot_step_equals_cublas_step(kind, monkeypatch):
-    """Batch 12 at d_model 2048 in bf16, captured: the step's products through decode_linear's tl.dot
+@pytest.mark.parametrize("d_model", [2048, 768])
+def test_cuda_dot_step_equals_cublas_step(kind, d_model, monkeypatch):
+    """Batch 12 at d_model 2048 or 768 (the 130m models' products: decode_linear.DOT_SMALL_BLOCK_N
+    features per program) in bf16, captured: the step's products through decode_linear's tl.dot
     kernel (in_proj with the conv update in its epilogue, split-K out_proj; Mamba-2's RMSNorm folded
     into out_proj) are as accurate as the cuBLAS step with the separate conv / norm kernels: both
     teacher-forced on the fp32 model's tokens, the tl.dot step's score error against the fp32 model's

@@ -104,6 +104,43 @@ def test_fused_norm_in_proj_step_equals_forward(mixer, monkeypatch):
     assert len(calls) == 6  # batch 2 > 1 row: the unfused path
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@torch.no_grad()
+def test_step_norm_rows_equals_forward(backend, monkeypatch):
+    """A decode step of more than STEP_LINEAR_MAX_ROWS rows runs the add + RMSNorm as
+    decode_linear.add_rms_norm_rows (counted; the Triton row kernel through the interpreter on CPU),
+    first block and later ones; steps equal the full forward, and the add_norm path (switch off)."""
+    monkeypatch.setenv("MAMBA_PKG_BACKEND", backend)
+    torch.manual_seed(0)
+    block = Block(32, partial(Mamba, d_state=4, layer_idx=0), nn.Identity, norm_cls=partial(RMSNorm, eps=1e-5),
+                  fused_add_norm=True, residual_in_fp32=True)
+    block.norm.weight.add_(torch.randn(32) * 0.1)
+    calls = []
+    rows = block_module.add_rms_norm_rows
+    monkeypatch.setattr(block_module, "add_rms_norm_rows", lambda *a: calls.append(1) or rows(*a))
+    x, res = torch.randn(4, 5, 32), torch.randn(4, 5, 32)
+    for residual in (None, res):
+        hidden, residual_out = block(x, residual)
+        params = InferenceParams(max_seqlen=5, max_batch_size=4)
+        outs = [block(x[:, :3], None if residual is None else residual[:, :3], inference_params=params)]
+        for t in range(3, 5):
+            params.seqlen_offset = t
+            outs.append(block(x[:, t : t + 1], None if residual is None else residual[:, t : t + 1],
+                              inference_params=params))
+        assert torch.allclose(torch.cat([o[0] for o in outs], dim=1), hidden, atol=1e-5)
+        assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual_out, atol=1e-6)
+        assert outs[-1][1].dtype == torch.float32  # residual_in_fp32
+    assert len(calls) == 4
+    saved = [t.clone() for t in params.key_value_memory_dict[0]]  # the step updates the caches in place
+    step = block(x[:, 4:5], res[:, 4:5], inference_params=params)
+    for t, s in zip(params.key_value_memory_dict[0], saved):
+        t.copy_(s)
+    monkeypatch.setattr(_cache_utils, "STEP_NORM_ROWS", False)
+    unfused = block(x[:, 4:5], res[:, 4:5], inference_params=params)
+    assert len(calls) == 5
+    assert torch.allclose(step[0], unfused[0], atol=1e-5) and torch.equal(step[1], unfused[1])
+
+
 def test_packed_goes_to_mixer():
     block = _block("mha")
     x = torch.randn(1, 8, 32)

@@ -456,7 +456,8 @@ def test_gpu_dot_fit_same_bits(monkeypatch):
 @pytest.mark.parametrize("n_out,n_in,conv,peel", [(160, 4096, False, False),
                                                   (2048, 4096, False, False), (2048, 4096, False, True),
                                                   (768, 1536, False, False), (8192, 2048, True, False),
-                                                  (3072, 768, True, False), (3072, 768, True, True)])
+                                                  (3072, 768, True, False), (3072, 768, True, True),
+                                                  (3352, 768, True, False)])
 def test_gpu_dot_64_rows_model_shapes(n_out, n_in, conv, peel, monkeypatch):
     """Batch 64 on the models' shapes through the tl.dot kernel as dot_config picks it (split-K for
     x_proj / out_proj, whole K for in_proj): Mamba-1's x_proj and out_proj, its in_proj with the conv
@@ -480,6 +481,14 @@ def test_gpu_dot_64_rows_model_shapes(n_out, n_in, conv, peel, monkeypatch):
         torch.testing.assert_close(state, ref_state, rtol=1e-2, atol=2e-2)
         state.copy_(first)
     assert torch.equal(decode_linear(x, w, conv=conv_args), out)
+
+
+def test_dot_config_narrow_tiles_for_small_weights():
+    """Weights of fewer than DOT_SMALL_WEIGHT values (the 130m models' in_proj / out_proj) take
+    DOT_SMALL_BLOCK_N features per program, larger ones DOT_BLOCK_N; never more than DOT_BLOCK_N."""
+    assert dl.dot_config(3072, 768)[0] == dl.dot_config(768, 1536)[0] == dl.DOT_SMALL_BLOCK_N < dl.DOT_BLOCK_N
+    assert dl.dot_config(2048, 4096)[0] == dl.dot_config(8192, 2048)[0] == dl.DOT_BLOCK_N
+    assert 768 * 1536 < dl.DOT_SMALL_WEIGHT <= 2048 * 4096
 
 
 def test_completes_before_next_needs_pdl_and_few_rows():
