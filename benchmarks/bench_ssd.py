@@ -21,8 +21,8 @@ the main shape, ours launched through Triton's launch path every call (no cached
 every shape, ours fwd+bwd with the states between chunks kept for the backward (provider
 ours_saved_states; combined.SAVE_STATES, on by default since session 9). `--backward-streams K [K ...]` adds, at every
 shape, ours fwd+bwd with chunk_scan.BACKWARD_STREAMS = K (provider ours_backward_streams=K; 0: every launch on
-one stream, session 9's order; 1, the default since session 10: C B^T and the W kernel beside the walks on a side
-stream; 2: also dB/dC beside dx). `--train-shape` (with
+one stream, session 9's order; 1: C B^T and the W kernel beside the walks on a side stream; 2, the default since
+session 10: also dB/dC beside dx). `--train-shape` (with
 `--lengths`) adds Mamba-2 130m's training shape, B=8 L=2048 H=24.
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
@@ -157,7 +157,7 @@ SAVED = "ours_saved_states"
 
 
 # Our backward with its launches on one stream or two (chunk_scan.BACKWARD_STREAMS = k: 0 = session
-# 9's order, 1 = C B^T and W beside the walks (the default), 2 = also dB/dC beside dx); same kernels.
+# 9's order, 1 = C B^T and W beside the walks, 2 = also dB/dC beside dx (the default)); same kernels.
 STREAMS = "ours_backward_streams="
 
 

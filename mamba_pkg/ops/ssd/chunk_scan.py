@@ -91,18 +91,14 @@ def _fwd_configs():
     compile with Triton 3.6: 128 registers uncapped and at 128 = 4 programs; at 96 = 5, 56
     bytes spilled outside the loop), and one stage (the loop before the diagonal runs 1.5
     times on average: 1304 instead of 1480 instructions with whole tiles, 128 registers).
-    128-row blocks with 8 warps (the loop runs 0 or 1 times at a 256-row chunk): each program
-    does twice the rows per round trip to L2 and reads the state once per 128 rows (the kernel
-    is latency-bound: 4 warps per scheduler, ~35% of stalls on shared-memory operands, H100
-    ncu, session 9); one stage: 170 registers = 1 program per SM, or capped at 128 (32 bytes
-    spilled) = 2, the 16 warps per SM of the 64-row configs; two stages capped at 128 (8 bytes
-    spilled, 97 KB: 2 per SM) stage the loop's tiles with cp.async. Session 4's 128-row
-    blocks (4 warps, before the split decays) spilled and lost; the kernel takes any BLOCK_M."""
+    128-row blocks lost on every H100 run: session 4 (4 warps, spilled), session 10 with 8 warps
+    (autotuner, main shape: 0.270 ms at one stage capped at 128 registers, 0.375 uncapped (1
+    program per SM), 0.287 at two stages, vs 0.229 for 64 rows at one stage); the kernel still
+    takes any BLOCK_M."""
     if triton_interpret():
         return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st, maxnreg=r)
-            for bm, w, st, r in ((64, 4, 2, None), (64, 4, 2, 128), (64, 4, 2, 96), (64, 4, 1, None),
-                                 (128, 8, 1, 128), (128, 8, 1, None), (128, 8, 2, 128))]
+    return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=st, maxnreg=r)
+            for st, r in ((2, None), (2, 128), (2, 96), (1, None))]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
@@ -955,13 +951,14 @@ def _dinit_output(x, B, Q, walks_here):
 
 
 # With the walks inside the backward op, C B^T and the W kernel (which need neither the states
-# nor their gradients) run on a side stream beside them: the walks are chains of dependent
-# steps (the reverse walk alone: 128 programs of 8 warps at the main shape, half of an SM's
-# registers and shared memory each), so the W kernel's programs fill the rest. 0: every launch
-# on the current stream. 1: C B^T and W beside the walks. 2: also the dB/dC kernel on the side
-# stream (after W and the walks), beside the dx kernel (after C B^T and the walks), which then
-# may start while W still runs.
-BACKWARD_STREAMS = 1
+# nor their gradients) run on a side stream beside them. 0: every launch on the current stream.
+# 1: C B^T and W beside the walks. 2: also the dB/dC kernel on the side stream (after W and the
+# walks), beside the dx kernel (after C B^T and the walks), which then may start while W still
+# runs. H100, same process, CUDA graph fwd+bwd (session 10): B=4 L=8192 H=32 1.435 / 1.426 /
+# 1.392 ms for 0 / 1 / 2; L=2048 0.441 / 0.441 / 0.412; B=8 L=2048 H=24 0.645 / 0.636 / 0.610.
+# 1 gains little there: the reverse walk's pick, (64, 64) blocks at 4 warps (2 programs of 234
+# registers per SM), leaves no room beside it, so W mostly runs after it.
+BACKWARD_STREAMS = 2
 
 
 @functools.lru_cache(maxsize=None)

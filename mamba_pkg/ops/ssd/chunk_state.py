@@ -99,9 +99,10 @@ def _prune_walk_configs(configs, named_args, **kwargs):
     """Steps no longer than the chunk. A walk that a forward scan runs beside (LAUNCH_DEPENDENTS)
     takes only the configs whose x and B tiles stage at most 40 KB of shared memory per step,
     so that the SMs hold scan programs beside two walk programs each. The reverse walk does not
-    take (64, 64) blocks with 8 warps: two such programs fill an SM (registers and shared
-    memory), and the backward runs its W kernel beside the walk (chunk_scan.BACKWARD_STREAMS)
-    in the room its other configs leave."""
+    take (64, 64) blocks with 8 warps (added for the forward walk in session 10, with the W
+    kernel meant to run beside the reverse walk, chunk_scan.BACKWARD_STREAMS); the H100 then
+    picked (64, 64) blocks at 4 warps for it (0.130 ms at the main shape), which fill the SMs
+    as well: whether the 8-warp blocks would beat that is not measured."""
     Q = kwargs["Q"]
     fits = [c for c in configs if c.kwargs["BLOCK_L"] <= Q
             and not (kwargs.get("REV") and c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64)]
