@@ -346,7 +346,7 @@ def test_cuda_step_logits_equal_full_forward_wide(kind, gated_prepass, gate_in_s
     launches = []
     row_norm = dl._launch_row_norm
     monkeypatch.setattr(dl, "_launch_row_norm", lambda *args: launches.append(1) or row_norm(*args))
-    model = make_model(kind, device="cuda", n_layer=2, d_model=d_model)
+    model = make_model(kind, device="cuda", n_layer=2, d_model=2048)
     ids = torch.randint(0, VOCAB, (2, 5), device="cuda")
     out = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)
     ref = full_logits(model, out.sequences)[:, 4:-1]
@@ -440,7 +440,7 @@ def test_cuda_dot_step_equals_cublas_step(kind, d_model, monkeypatch):
     from mamba_pkg.models import _cache_utils
     from mamba_pkg.models import mamba2 as m2
 
-    model = make_model(kind, device="cuda", n_layer=2, d_model=2048)
+    model = make_model(kind, device="cuda", n_layer=2, d_model=d_model)
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (12, 5), device="cuda")
     ref = generate(model, ids, max_new_tokens=3, return_dict_in_generate=True, output_scores=True)

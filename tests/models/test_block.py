@@ -111,14 +111,15 @@ def test_step_norm_rows_equals_forward(backend, monkeypatch):
     decode_linear.add_rms_norm_rows (counted; the Triton row kernel through the interpreter on CPU),
     first block and later ones; steps equal the full forward, and the add_norm path (switch off)."""
     monkeypatch.setenv("MAMBA_PKG_BACKEND", backend)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     block = Block(32, partial(Mamba, d_state=4, layer_idx=0), nn.Identity, norm_cls=partial(RMSNorm, eps=1e-5),
-                  fused_add_norm=True, residual_in_fp32=True)
-    block.norm.weight.add_(torch.randn(32) * 0.1)
+                  fused_add_norm=True, residual_in_fp32=True).to(device)
+    block.norm.weight.add_(torch.randn(32, device=device) * 0.1)
     calls = []
     rows = block_module.add_rms_norm_rows
     monkeypatch.setattr(block_module, "add_rms_norm_rows", lambda *a: calls.append(1) or rows(*a))
-    x, res = torch.randn(4, 5, 32), torch.randn(4, 5, 32)
+    x, res = torch.randn(4, 5, 32, device=device), torch.randn(4, 5, 32, device=device)
     for residual in (None, res):
         hidden, residual_out = block(x, residual)
         params = InferenceParams(max_seqlen=5, max_batch_size=4)
