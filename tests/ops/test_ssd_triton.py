@@ -463,8 +463,9 @@ def _opcheck_cases():
         (ops.ssd_state_walks_bwd, (x, B, None, None, 16, dout, None, C, dt_c, cs_c, None, False)),
         (ops.ssd_chunk_scan_fwd, (x, z, dt, A, B, C, D, dt_bias, seq, init, True, 0.1, 2.0, 16)),
         (ops.ssd_chunk_scan_fwd, (x, None, dt, A, B, C, None, None, None, None, False, 0.0, inf, 16, True)),
-        # The walks inside the op (dstates None; states None: the forward walk's rerun too).
-        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, None, None,
+        # The reverse walk inside the op (dstates None; the rerun beside it, states None, runs in
+        # test_triton_saved_states_give_the_same_gradients).
+        (ops.ssd_chunk_scan_bwd, (x, dout, z, ypre, dt, A, B, C, D, dt_bias, seq, dt_c, cs_c, states, None,
                                   True, 0.1, 2.0, 16, 0, 0, init, final)),
         (ops.ssd_chunk_scan_bwd, (x, dout, None, None, dt, A, B, C, None, None, None, dt_c, cs_c, states, dstates,
                                   False, 0.0, inf, 16, 2)),
