@@ -144,13 +144,16 @@ def _copy_rows(dst, src) -> None:
            ROWS=rows, BLOCK_L=block_l, EVEN=dim % rows == 0 and seqlen % block_l == 0, VEC=vec, num_warps=warps)
 
 
+def _wgrad_outputs(xz, weight, bias):
+    """(dweight (D, W), dbias (D,) or absent), uninitialised; shared with the fakes."""
+    dw = torch.empty(weight.shape, device=xz.device, dtype=weight.dtype)
+    db = torch.empty(weight.shape[0], device=xz.device, dtype=bias.dtype) if bias is not None else absent(xz)
+    return dw, db
+
+
 def _dxz_outputs(xz, weight, bias, dz):
     """(dxz in xz's layout, dweight (D, W), dbias (D,) or absent), uninitialised; shared with the fake."""
-    dim, width = weight.shape
-    dxz = torch.empty_like(xz, dtype=dz.dtype)  # keeps a dense xz's strides
-    dw = torch.empty(dim, width, device=xz.device, dtype=weight.dtype)
-    db = torch.empty(dim, device=xz.device, dtype=bias.dtype) if bias is not None else absent(xz)
-    return dxz, dw, db
+    return (torch.empty_like(xz, dtype=dz.dtype), *_wgrad_outputs(xz, weight, bias))  # keeps a dense xz's strides
 
 
 def _conv_bwd_dxz_launcher(xz: Tensor, weight: Tensor, bias: Optional[Tensor], dxc: Tensor,
@@ -172,6 +175,22 @@ _conv_bwd_dxz = launcher_op("mamba_inner_conv_bwd_dxz")(_conv_bwd_dxz_launcher)
 @_conv_bwd_dxz.register_fake
 def _(xz, weight, bias, dxc, dz):
     return _dxz_outputs(xz, weight, bias, dz)
+
+
+@launcher_op("mamba_inner_conv_bwd_into_dxz", mutates_args=("dxz",))
+def _conv_bwd_into_dxz(dxz: Tensor, xz: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       dxc: Tensor) -> tuple[Tensor, Tensor]:
+    """_conv_bwd_dxz when the scan's backward has written dz into dxz's z half already (its dz_pair
+    buffer, in xz's layout): the conv's input gradient into the x half -> (dweight, dbias or empty)."""
+    dw, db = _wgrad_outputs(xz, weight, bias)
+    dim = dxc.shape[1]
+    _launch_conv_bwd(dxz[:, :dim], dw, db, xz[:, :dim], weight, bias, None, None, None, True, dxc)
+    return dw, db
+
+
+@_conv_bwd_into_dxz.register_fake
+def _(dxz, xz, weight, bias, dxc):
+    return _wgrad_outputs(xz, weight, bias)
 
 
 def _conv_weight(conv1d_weight):
@@ -343,7 +362,10 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
     else:
         y, _, ckpt = _selective_scan_fwd_op(*scan_inputs, num_seqs, delta_softplus, True)
     dy, d_out_proj_weight, d_out_proj_bias = _out_proj_backward(dout, y, out_proj_weight, out_proj_bias)
-    dxc, ddelta, dz, _, dgrads = _selective_scan_bwd_op(*scan_inputs, num_seqs, delta_softplus, ckpt, dy, None)
+    # Without packed sequences dz comes back as the z half of a buffer in xz's layout (dz_pair), which
+    # becomes dxz: the conv's backward writes the x half (no copy of dz).
+    dxc, ddelta, dz, _, dgrads = _selective_scan_bwd_op(*scan_inputs, num_seqs, delta_softplus, ckpt, dy, None,
+                                                        direct)
     form = (B.shape, B.dtype, True)
     dA, dB, dC, dD, ddelta_bias = _param_grads(dgrads, *A.shape, form, (C.shape, C.dtype, True),
                                                D is not None, delta_bias is not None)
@@ -362,7 +384,13 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
     d_B_proj_bias = dB.sum(dim=(0, 2)).to(B_proj_bias.dtype) if B_proj_bias is not None else None
     d_C_proj_bias = dC.sum(dim=(0, 2)).to(C_proj_bias.dtype) if C_proj_bias is not None else None
     if direct:
-        dxz, d_conv1d_weight, d_conv1d_bias = _conv_bwd_dxz(xz, conv_weight, conv1d_bias, dxc, dz.to(xz.dtype))
+        dim = dxc.shape[1]
+        if dz.shape[1] == 2 * dim and dz.dtype == xz.dtype and dz.stride() == xz.stride():
+            dxz = dz
+            d_conv1d_weight, d_conv1d_bias = _conv_bwd_into_dxz(dxz, xz, conv_weight, conv1d_bias, dxc)
+        else:
+            dz = dz[:, dim:] if dz.shape[1] == 2 * dim else dz
+            dxz, d_conv1d_weight, d_conv1d_bias = _conv_bwd_dxz(xz, conv_weight, conv1d_bias, dxc, dz.to(xz.dtype))
         dxz = dxz if needs[0] else None
         d_conv1d_weight = d_conv1d_weight.view(conv1d_weight.shape) if needs[1] else None
         d_conv1d_bias = d_conv1d_bias if needs[2] and conv1d_bias is not None else None

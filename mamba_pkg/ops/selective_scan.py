@@ -755,7 +755,7 @@ def _selective_scan_bwd_kernel(
     B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DLAST: tl.constexpr, EVEN: tl.constexpr, FAST_MATH: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, N_IN: tl.constexpr, N_LANES: tl.constexpr, BLOCK_L: tl.constexpr,
-    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr, BC_WORDS: tl.constexpr,
+    ONE_WARP: tl.constexpr, SPLIT_SUMS: tl.constexpr, BC_WORDS: tl.constexpr, DZ_LIKE_Z: tl.constexpr = False,
 ):
     """Walks the tiles last to first. Per tile: recompute the forward scan from the
     checkpointed state, then scan the state gradient backwards,
@@ -875,7 +875,10 @@ def _selective_scan_bwd_kernel(
                 b_y += b_D[None, :] * b_u
             b_sig = ptx_sigmoid(b_z, FAST_MATH)
             b_dz = b_dout * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig))
-            tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
+            if DZ_LIKE_Z:  # dz with z's (batch, channel) strides (_dz_buffer)
+                tl.store(dz_ptr + o_row_z[None, :] + o_l[:, None], b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
+            else:
+                tl.store(dz_ptr + o_ld, b_dz.to(dz_ptr.dtype.element_ty), mask=m_ld)
             b_dy = b_dout * b_z * b_sig
         else:
             b_dy = b_dout
@@ -1184,16 +1187,31 @@ def _bc_grad_sizes(B, C):
     return (B.numel() if B.dim() == 4 else 0), (C.numel() if C.dim() == 4 else 0)
 
 
-def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _dz_buffer(z, dz_pair: bool):
+    """With dz_pair, for z the second half of the channels of a (B, 2D, L) tensor laid out as
+    (B, 2D, L) or (2D, B, L) (Mamba's xz): a fresh (B, 2D, L) buffer of that layout, whose second
+    half (z's strides) takes dz (_selective_scan_bwd); else None."""
+    if not dz_pair or z is None:
+        return None
+    batch, dim, seqlen = z.shape
+    if z.stride() == (2 * dim * seqlen, seqlen, 1):
+        return z.new_empty(batch, 2 * dim, seqlen)
+    if z.stride() == (seqlen, batch * seqlen, 1):
+        return z.new_empty(2 * dim, batch, seqlen).permute(1, 0, 2)
+    return None
+
+
+def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, dz_pair=False):
     """(du, ddelta, dz, dinitial_state, dgrads), uninitialised: dgrads one flat fp32 vector, the
     parameter gradients (_param_grad_layout) then the input-dependent dB and dC in the kernel
     form of B and C (B, G, N, L) (one tensor, so one allocation and one fill); absent(u) for
-    what is not produced."""
+    what is not produced. dz_pair: dz as _dz_buffer's (B, 2D, L) buffer where it applies."""
     _, n_params = _param_grad_layout(u.shape[1], A.shape[1], B.dim() == 4, C.dim() == 4, D is not None,
                                      delta_bias is not None)
+    pair = _dz_buffer(z, dz_pair)
     return (
         u.new_empty(u.shape), delta.new_empty(u.shape),
-        z.new_empty(u.shape) if z is not None else absent(u),
+        pair if pair is not None else z.new_empty(u.shape) if z is not None else absent(u),
         A.new_empty(initial_state.shape) if initial_state is not None else absent(u),
         A.new_empty(n_params + sum(_bc_grad_sizes(B, C))),
     )
@@ -1202,10 +1220,13 @@ def _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
 def _selective_scan_bwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, initial_state: Tensor | None, seq_idx: Tensor | None, num_seqs: int,
-    delta_softplus: bool, ckpt: Tensor, dout: Tensor, dlast: Tensor | None,
+    delta_softplus: bool, ckpt: Tensor, dout: Tensor, dlast: Tensor | None, dz_pair: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (du, ddelta, dz, dinitial_state, dgrads) from the forward's checkpoints; see
-    _bwd_outputs for their forms and _param_grads for the split."""
+    _bwd_outputs for their forms and _param_grads for the split. dz_pair (mamba_inner): where z is
+    the second half of a (B, 2D, L) xz (_dz_buffer), dz comes back as the second half of a fresh
+    buffer in xz's layout, the whole (B, 2D, L) buffer in its place, so that it can become xz's
+    gradient without a copy of dz."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs)
     block_d, n_in, n_lanes, block_l, num_warps, max_registers = _block_sizes(
         p.dstate, p.group_size, p.grouped, "bwd")
@@ -1213,7 +1234,9 @@ def _selective_scan_bwd(
     dout = _rows(dout)
     varlen = seq_idx is not None
     has_h0 = initial_state is not None
-    du, ddelta, dz, dh0, dgrads = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    du, ddelta, dz, dh0, dgrads = _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, dz_pair)
+    dz_like_z = z is not None and dz.shape[1] == 2 * p.dim
+    dz_arg = dz[:, p.dim:] if dz_like_z else dz
     (_, o_dB, o_dC, o_dD, o_ddb), n_params = _param_grad_layout(
         p.dim, p.dstate, p.B_var, p.C_var, D is not None, delta_bias is not None)
     n_b, _ = _bc_grad_sizes(B, C)
@@ -1244,7 +1267,7 @@ def _selective_scan_bwd(
     launch(
         _selective_scan_bwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, ckpt, dout, dlast,
-        du, ddelta, dz if z is not None else None, params_part, bc_part, dh0 if has_h0 else None,
+        du, ddelta, dz_arg if z is not None else None, params_part, bc_part, dh0 if has_h0 else None,
         p.seqlen, p.dim, p.dstate, p.b_group_size, p.c_group_size, *p.bc_strides(), *p.row_strides(),
         *dout.stride()[:2], stride_part, o_dB or 0, o_dC or 0, o_dD or 0, o_ddb or 0, o_dB_var, o_dB_var + n_b,
         num_warps=num_warps, maxnreg=max_registers,
@@ -1254,7 +1277,7 @@ def _selective_scan_bwd(
         FAST_MATH=ptx_math(_selective_scan_bwd_kernel), ATOMIC=atomic,
         BLOCK_D=block_d, N_IN=n_in, N_LANES=n_lanes, BLOCK_L=block_l,
         ONE_WARP=_one_warp(block_d, n_lanes, num_warps), SPLIT_SUMS=_split_sums(block_d, n_lanes, num_warps),
-        BC_WORDS=BC_WORDS_BWD and _bc_words(p, even, n_lanes),
+        BC_WORDS=BC_WORDS_BWD and _bc_words(p, even, n_lanes), DZ_LIKE_Z=dz_like_z,
     )
     if not atomic and p.batch > 1:
         torch.sum(params_part, 0, out=dgrads[:n_params])
@@ -1268,8 +1291,9 @@ _selective_scan_bwd_op = launcher_op("selective_scan_bwd")(_selective_scan_bwd)
 
 
 @_selective_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs, delta_softplus, ckpt, dout, dlast):
-    return _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, num_seqs, delta_softplus, ckpt, dout, dlast,
+      dz_pair=False):
+    return _bwd_outputs(u, delta, A, B, C, D, z, delta_bias, initial_state, dz_pair)
 
 
 def _reduce_bc_grads(partial, out, batch: int, n_dblocks: int, dstate: int, seqlen: int, B, C):

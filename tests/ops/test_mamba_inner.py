@@ -76,9 +76,30 @@ def test_inner_proj_biases_match_ref():
     _check(params, DEV)
 
 
-def test_inner_xz_as_a_view_of_in_proj_output():
+def _count_dz_copies(monkeypatch):
+    """Calls of the backward's two ways to build dxz: the conv writing around the scan's dz buffer
+    (adopted) or a new buffer with dz copied in."""
+    from mamba_pkg.ops import mamba_inner as mi
+
+    calls = {"adopted": 0, "copied": 0}
+    for name, key in (("_conv_bwd_into_dxz", "adopted"), ("_conv_bwd_dxz", "copied")):
+        real = getattr(mi, name)
+        monkeypatch.setattr(mi, name, lambda *a, real=real, key=key: calls.__setitem__(key, calls[key] + 1) or real(*a))
+    return calls
+
+
+def test_inner_dz_written_into_dxz(monkeypatch):
+    """The scan's backward writes dz into the z half of a buffer in xz's layout, which becomes xz's
+    gradient (no copy of dz); packed sequences take the conv's autograd (neither)."""
+    calls = _count_dz_copies(monkeypatch)
+    _check(make_params(2, 4, 9), DEV)
+    assert calls == {"adopted": 1, "copied": 0}
+
+
+def test_inner_xz_as_a_view_of_in_proj_output(monkeypatch):
     """Mamba's xz is a (B, 2D, L) view of in_proj's (2D, B * L) product: the gradient comes back in
-    that layout (no extra permute copy) and matches the reference's."""
+    that layout (no extra permute copy, dz written in place by the scan) and matches the reference's."""
+    calls = _count_dz_copies(monkeypatch)
     params = {k: v.to(DEV) for k, v in make_params(2, 4, 9).items()}
     base = params.pop("xz").permute(1, 0, 2).reshape(8, 2 * 9)  # (2D, B * L)
     dout = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(5)).to(DEV)
@@ -89,7 +110,7 @@ def test_inner_xz_as_a_view_of_in_proj_output():
         xz.register_hook(lambda g: layouts.append(g.stride()))
         out = fn(xz=xz, **params, **kw)
         (grads[name],) = torch.autograd.grad((out.float() * dout).sum(), leaf)
-    assert layouts[0] == (9, 18, 1)
+    assert layouts[0] == (9, 18, 1) and calls == {"adopted": 1, "copied": 0}
     torch.testing.assert_close(grads["ours"], grads["ref"], rtol=1e-4, atol=1e-4)
 
 
