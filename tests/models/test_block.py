@@ -74,6 +74,24 @@ def test_cached_steps_equal_forward(mixer):
     assert cache[0].shape[:2] == (3, 10) if mixer == "mha" else cache[1].shape[0] == 3
 
 
+def _steps_equal_forward(block, x, res, prefill):
+    """As the first block (no residual) and a later one: a prefill of ``prefill`` tokens then one-token
+    steps equal the full forward (hidden states and fp32 residuals); returns the last cache."""
+    batch, seqlen, _ = x.shape
+    for residual in (None, res):
+        hidden, residual_out = block(x, residual)
+        params = InferenceParams(max_seqlen=seqlen, max_batch_size=batch)
+        outs = [block(x[:, :prefill], None if residual is None else residual[:, :prefill], inference_params=params)]
+        for t in range(prefill, seqlen):
+            params.seqlen_offset = t
+            outs.append(block(x[:, t : t + 1], None if residual is None else residual[:, t : t + 1],
+                              inference_params=params))
+        assert torch.allclose(torch.cat([o[0] for o in outs], dim=1), hidden, atol=1e-5)
+        assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual_out, atol=1e-6)
+        assert outs[-1][1].dtype == torch.float32  # residual_in_fp32
+    return params
+
+
 @pytest.mark.parametrize("mixer", [partial(Mamba, d_state=4, layer_idx=0), MIXERS["mamba2"]])
 @torch.no_grad()
 def test_fused_norm_in_proj_step_equals_forward(mixer, monkeypatch):
@@ -87,16 +105,7 @@ def test_fused_norm_in_proj_step_equals_forward(mixer, monkeypatch):
     fused = block_module.add_rms_norm_linear
     monkeypatch.setattr(block_module, "add_rms_norm_linear", lambda *a: calls.append(1) or fused(*a))
     x, res = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
-    for residual in (None, res):
-        hidden, residual_out = block(x, residual)
-        params = InferenceParams(max_seqlen=6, max_batch_size=2)
-        outs = [block(x[:, :3], None if residual is None else residual[:, :3], inference_params=params)]
-        for t in range(3, 6):
-            params.seqlen_offset = t
-            outs.append(block(x[:, t : t + 1], None if residual is None else residual[:, t : t + 1],
-                              inference_params=params))
-        assert torch.allclose(torch.cat([o[0] for o in outs], dim=1), hidden, atol=1e-5)
-        assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual_out, atol=1e-6)
+    params = _steps_equal_forward(block, x, res, prefill=3)
     assert len(calls) == 6
     monkeypatch.setattr(_cache_utils, "STEP_LINEAR_MAX_ROWS", 1)
     params.seqlen_offset = 6
@@ -120,17 +129,7 @@ def test_step_norm_rows_equals_forward(backend, monkeypatch):
     rows = block_module.add_rms_norm_rows
     monkeypatch.setattr(block_module, "add_rms_norm_rows", lambda *a: calls.append(1) or rows(*a))
     x, res = torch.randn(4, 5, 32, device=device), torch.randn(4, 5, 32, device=device)
-    for residual in (None, res):
-        hidden, residual_out = block(x, residual)
-        params = InferenceParams(max_seqlen=5, max_batch_size=4)
-        outs = [block(x[:, :3], None if residual is None else residual[:, :3], inference_params=params)]
-        for t in range(3, 5):
-            params.seqlen_offset = t
-            outs.append(block(x[:, t : t + 1], None if residual is None else residual[:, t : t + 1],
-                              inference_params=params))
-        assert torch.allclose(torch.cat([o[0] for o in outs], dim=1), hidden, atol=1e-5)
-        assert torch.allclose(torch.cat([o[1] for o in outs], dim=1), residual_out, atol=1e-6)
-        assert outs[-1][1].dtype == torch.float32  # residual_in_fp32
+    params = _steps_equal_forward(block, x, res, prefill=3)
     assert len(calls) == 4
     saved = [t.clone() for t in params.key_value_memory_dict[0]]  # the step updates the caches in place
     step = block(x[:, 4:5], res[:, 4:5], inference_params=params)
