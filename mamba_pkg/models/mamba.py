@@ -43,9 +43,11 @@ FUSED_X_PROJ_MAX_BATCH = 2
 # Decode steps whose in_proj takes decode_linear's tl.dot kernel (_cache_utils.dot_rows) run the conv
 # update in its epilogue (the x half's channels, conv_start 0): one launch per layer fewer. False: off.
 STEP_DOT_CONV = True
-# Those steps' x_proj (4096 -> 160 at mamba-1.4b) through the tl.dot kernel too (True), or cuBLAS
-# (H100 b64 step: 2.665 ms with the tl.dot kernel's 16 K splits, 2.649 with cuBLAS).
-STEP_DOT_X_PROJ = False
+# Those steps' x_proj (4096 -> 160 at mamba-1.4b) through the tl.dot kernel too (True), or cuBLAS. Alone it
+# did not pay (session 9, H100 b64 step: 2.665 ms with the tl.dot kernel's 16 K splits, 2.649 with cuBLAS);
+# with dt_proj by it as well (ssm_decode_step.DT_PROJ_DOT), in_proj to out_proj is one PDL chain: session 10,
+# mamba-1.4b 2.426 vs 2.484-2.546 ms, mamba-130m 0.678 vs 0.706-0.709 (graph replays, same process).
+STEP_DOT_X_PROJ = True
 
 
 class Mamba(nn.Module):

@@ -42,7 +42,7 @@ from mamba_pkg.ops.backend import (
     tl,
     triton,
 )
-from mamba_pkg.ops.decode_linear import decode_linear, pdl_launch, use_pdl
+from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear, pdl_launch, use_pdl
 from mamba_pkg.ops.state_update import _softplus, selective_state_update_ref
 
 NO_DT_LIMIT = (0.0, float("inf"))
@@ -228,8 +228,11 @@ CUBLAS_DT_BATCH = 16
 # and the successor's programs (out_proj's tl.dot kernel: 128 KB of shared memory, 8 warps each) would
 # sit on the SMs in their PDL wait through all of them, taking slots from the state-streaming programs.
 LATE_DEPENDENTS_ROWS = None
-# That dt_proj GEMM by decode_linear (its tl.dot kernel: chained with this kernel by PDL) instead of cuBLAS.
-DT_PROJ_DOT = False
+# That dt_proj GEMM by decode_linear (its tl.dot kernel: chained with this kernel by PDL) instead of cuBLAS,
+# up to decode_linear's MAX_ROWS rows of a 16-bit weight. H100 b64 whole steps (graph replay, same process,
+# session 10, with Mamba-1's x_proj by the tl.dot kernel too, models/mamba.STEP_DOT_X_PROJ): mamba-1.4b 2.426
+# vs 2.484-2.546 ms, mamba-130m 0.678 vs 0.706-0.709. False: cuBLAS.
+DT_PROJ_DOT = True
 
 
 def _launch_config(batch, hdim, n_state, rank, tie):
@@ -258,7 +261,8 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
     mamba2 = state.dim() == 4
     if dt_proj_weight is not None and batch >= CUBLAS_DT_BATCH and not split_sum:
         # dt is rounded once to the weight dtype here (as mamba_ssm's step does); the rest is fp32.
-        dt = (decode_linear if DT_PROJ_DOT else F.linear)(dt.to(dt_proj_weight.dtype), dt_proj_weight)
+        dot = DT_PROJ_DOT and batch <= MAX_ROWS and dt_proj_weight.dtype in (torch.bfloat16, torch.float16)
+        dt = (decode_linear if dot else F.linear)(dt.to(dt_proj_weight.dtype), dt_proj_weight)
         dt_proj_weight = None
     zero3 = (0, 0, 0)
     if mamba2:

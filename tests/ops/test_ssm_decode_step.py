@@ -114,6 +114,22 @@ def test_triton_mamba1(groups, batch):
     _check(mamba1_inputs(batch, 40, 5, 3, groups), backend="triton")
 
 
+@pytest.mark.parametrize("batch", [19, 70])
+def test_triton_mamba1_dt_proj_rows(batch, monkeypatch):
+    """From CUBLAS_DT_BATCH rows dt_proj is a product first: decode_linear (DT_PROJ_DOT, 16-bit weight)
+    up to its MAX_ROWS rows, F.linear above (counted); both equal the reference on the rounded dt."""
+    calls = []
+    real = sds.decode_linear
+    monkeypatch.setattr(sds, "decode_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = mamba1_inputs(batch, 40, 5, 3, dtype=torch.bfloat16)
+    state_ref = kw["state"].clone()
+    out = ssm_decode_step(**kw, backend="triton")
+    assert len(calls) == (1 if batch <= 64 else 0)
+    ref_kw = dict(kw, state=state_ref, dt=F.linear(kw["dt"], kw["dt_proj_weight"]), dt_proj_weight=None)
+    torch.testing.assert_close(out.float(), ssm_decode_step_ref(**ref_kw).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(kw["state"], state_ref, rtol=1e-3, atol=1e-3)
+
+
 def test_triton_mamba1_without_dt_proj_or_optionals():
     kw = mamba1_inputs(2, 4, 3, 4)
     kw["dt"] = torch.randn(2, 4, device=DEVICE)
