@@ -162,47 +162,38 @@ STREAMS = "ours_backward_streams="
 
 
 @contextlib.contextmanager
+def module_flag(module, name, value):
+    """``module.name = value`` inside the block, its previous value after it."""
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
 def backward_streams(k):
     from mamba_pkg.ops.ssd import chunk_scan
 
-    before, chunk_scan.BACKWARD_STREAMS = chunk_scan.BACKWARD_STREAMS, k
-    try:
-        yield
-    finally:
-        chunk_scan.BACKWARD_STREAMS = before
+    return module_flag(chunk_scan, "BACKWARD_STREAMS", k)
 
 
-@contextlib.contextmanager
 def saved_states():
     from mamba_pkg.ops.ssd import combined
 
-    before, combined.SAVE_STATES = combined.SAVE_STATES, True
-    try:
-        yield
-    finally:
-        combined.SAVE_STATES = before
+    return module_flag(combined, "SAVE_STATES", True)
 
 
-@contextlib.contextmanager
 def overlap_walk(on=True):
     from mamba_pkg.ops.ssd import chunk_scan
 
-    chunk_scan.OVERLAP_WALK = on
-    try:
-        yield
-    finally:
-        chunk_scan.OVERLAP_WALK = False
+    return module_flag(chunk_scan, "OVERLAP_WALK", on)
 
 
-@contextlib.contextmanager
 def uncached_launches():
     from mamba_pkg.ops import _launch
 
-    _launch.enabled = False
-    try:
-        yield
-    finally:
-        _launch.enabled = True
+    return module_flag(_launch, "enabled", False)
 
 
 @contextlib.contextmanager
@@ -321,11 +312,8 @@ def stage_profile(s):
                                True, 0.0, inf, Q, head_split=split, n_blocks=n_blocks)
 
     def walks(fused):
-        chunk_state.FUSED_WALKS = fused
-        try:
+        with module_flag(chunk_state, "FUSED_WALKS", fused):
             return _state_walks_bwd(x, B, None, None, Q, dout, None, C, dt_c, cs_c, None)
-        finally:
-            chunk_state.FUSED_WALKS = True
 
     def forward(overlap):
         with overlap_walk(overlap):
