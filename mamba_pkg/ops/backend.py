@@ -17,6 +17,7 @@ interpreter; that is how CI checks them without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -104,6 +105,17 @@ def ptx_math(kernel) -> bool:
     """Whether ``kernel`` (a @triton.jit function) may take the PTX paths above: compiled for
     NVIDIA (not ROCm), not run by Triton's interpreter."""
     return torch.version.hip is None and type(kernel).__name__ != "InterpretedFunction"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (a torch.device or its index; None: the current one), cached."""
+    index = device.index if isinstance(device, torch.device) else device
+    return _sm_count(torch.cuda.current_device() if index is None else index)
 
 
 def cdiv(a: int, b: int) -> int:

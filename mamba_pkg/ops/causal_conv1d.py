@@ -18,8 +18,6 @@ row belongs to the row's first (initial) and last (final) sequence.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +35,7 @@ from mamba_pkg.ops.backend import (
     ptx_sigmoid,
     resolve_backend,
     seq_idx_from_cu_seqlens,
+    sm_count,
     state_row,
     tl,
     triton,
@@ -1094,9 +1093,8 @@ def _conv_wgrad_reduce_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts,
         tl.store(db_ptr + o_n, acc_b.to(db_ptr.dtype.element_ty), mask=o_n < D)
 
 
-@functools.cache
 def _n_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return sm_count(device) if device.type == "cuda" else 1
 
 
 # The weight-gradient reduction sums (BLOCK_P, BLOCK_N) tiles of WGRAD_TILE elements (32 per

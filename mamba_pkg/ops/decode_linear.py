@@ -61,6 +61,7 @@ from mamba_pkg.ops.backend import (
     ptx_math,
     ptx_sigmoid,
     resolve_backend,
+    sm_count,
     tl,
     triton,
     triton_interpret,
@@ -201,11 +202,6 @@ def use_pdl(t: Tensor) -> bool:
     not the interpreter. Every kernel so launched must call gdc_wait before it reads an activation
     or writes anything, so that "kernel k finished" still implies "every kernel before it did"."""
     return PDL and t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -708,7 +704,7 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     if counters is None:
         split = 1
     flags = {}
-    if DOT_FIT and x.is_cuda and tiles * split * row_blocks > _sm_count(x.device.index):
+    if DOT_FIT and x.is_cuda and tiles * split * row_blocks > sm_count(x.device):
         block_k, stages = DOT_FIT_BLOCK_K, DOT_FIT_STAGES
         if conv is not None:
             flags["maxnreg"] = DOT_CONV_MAXNREG

@@ -26,6 +26,7 @@ from mamba_pkg.ops.backend import (
     check_tensor,
     next_pow2,
     resolve_backend,
+    sm_count,
     tl,
     triton,
 )
@@ -218,7 +219,7 @@ BWD_PREFETCH = True
 
 
 def _n_programs(device, rows):
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    sms = sm_count(device) if device.type == "cuda" else 2
     return max(1, min(rows, 8 * sms))
 
 

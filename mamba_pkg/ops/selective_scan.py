@@ -39,6 +39,7 @@ from mamba_pkg.ops.backend import (
     ptx_sigmoid,
     resolve_backend,
     seq_idx_from_cu_seqlens,
+    sm_count,
     tl,
     triton,
 )
@@ -995,7 +996,6 @@ def _split_sums(block_d: int, n_lanes: int, num_warps: int) -> bool:
 # B=1 D=4096 L=8192, 3.9 programs per SM, 0.452 ms split against 0.435 shuffles; B=4 D=2048, 7.8 per
 # SM, 0.165 against 0.173), and only there the forward kernels prefetch into L1 (see L1_PREFETCH).
 FEW_PROGRAMS_PER_SM = 6
-_sm_counts: dict = {}
 
 
 def _few_programs(device: torch.device, n_programs: int) -> bool:
@@ -1003,9 +1003,7 @@ def _few_programs(device: torch.device, n_programs: int) -> bool:
     CUDA (the interpreter)."""
     if device.type != "cuda":
         return False
-    n_sms = _sm_counts.get(device.index)
-    if n_sms is None:
-        n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    n_sms = sm_count(device)
     return n_programs < FEW_PROGRAMS_PER_SM * n_sms
 
 
@@ -1026,9 +1024,7 @@ def _tail_split(device: torch.device, n_blocks: int, n_tiles: int, num_warps: in
     SM (session 6: 74% of a full wave's time for 45% of its work). None: no split."""
     if not SPLIT_TAIL or device.type != "cuda" or num_warps != 1 or max_registers is not None or n_tiles < 2:
         return None
-    n_sms = _sm_counts.get(device.index)
-    if n_sms is None:
-        n_sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    n_sms = sm_count(device)
     slots = _PROGRAMS_PER_SM * n_sms
     n_split = n_blocks - slots
     if n_split <= 0 or 2 * n_split > slots:

@@ -343,7 +343,7 @@ def test_few_programs_rule(monkeypatch):
     from FEW_PROGRAMS_PER_SM programs per SM on (the interpreter: always split, never prefetched)."""
     import mamba_pkg.ops.selective_scan as ss
 
-    monkeypatch.setitem(ss._sm_counts, 0, 132)
+    monkeypatch.setattr(ss, "sm_count", lambda device: 132)
     per_sm = ss.FEW_PROGRAMS_PER_SM
     assert not ss._few_programs(torch.device("cuda", 0), per_sm * 132)
     assert ss._few_programs(torch.device("cuda", 0), per_sm * 132 - 1)
