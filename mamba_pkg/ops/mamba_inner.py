@@ -385,11 +385,10 @@ def _inner_backward(ctx, dout, inputs, out_proj_weight, out_proj_bias, states):
     d_C_proj_bias = dC.sum(dim=(0, 2)).to(C_proj_bias.dtype) if C_proj_bias is not None else None
     if direct:
         dim = dxc.shape[1]
-        if dz.shape[1] == 2 * dim and dz.dtype == xz.dtype and dz.stride() == xz.stride():
+        if dz.shape[1] == 2 * dim:  # the scan's buffer: xz's dtype and strides (z is a view of xz)
             dxz = dz
             d_conv1d_weight, d_conv1d_bias = _conv_bwd_into_dxz(dxz, xz, conv_weight, conv1d_bias, dxc)
         else:
-            dz = dz[:, dim:] if dz.shape[1] == 2 * dim else dz
             dxz, d_conv1d_weight, d_conv1d_bias = _conv_bwd_dxz(xz, conv_weight, conv1d_bias, dxc, dz.to(xz.dtype))
         dxz = dxz if needs[0] else None
         d_conv1d_weight = d_conv1d_weight.view(conv1d_weight.shape) if needs[1] else None
