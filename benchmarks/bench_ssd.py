@@ -23,7 +23,9 @@ ours_saved_states; combined.SAVE_STATES, on by default since session 9). `--back
 shape, ours fwd+bwd with chunk_scan.BACKWARD_STREAMS = K (provider ours_backward_streams=K; 0: every launch on
 one stream, session 9's order; 1: C B^T and the W kernel beside the walks on a side stream; 2, the default since
 session 10: also dB/dC beside dx). `--train-shape` (with
-`--lengths`) adds Mamba-2 130m's training shape, B=8 L=2048 H=24.
+`--lengths`) adds Mamba-2 130m's training shape, B=8 L=2048 H=24. `--tma-ab` adds, at every shape, ours with plain
+loads instead of bulk copies (TMA) in the forward scan (provider ours_no_tma: chunk_scan.SCAN_TMA off, the forward
+before session 11).
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
 
@@ -34,7 +36,8 @@ N [N ...]` mamba_ssm's pinned N=128 picks at those N: run them in parallel proce
 TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
     PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L .. [--train-shape]] [--stages] [--profile]
-        [--host-profile] [--uncached] [--overlap] [--save-states] [--backward-streams K ..] [--budget-s S]
+        [--host-profile] [--uncached] [--overlap] [--save-states] [--backward-streams K ..] [--tma-ab]
+        [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -120,6 +123,9 @@ def bench_case(s, provider, fwdbwd):
     if provider.startswith(STREAMS):
         with backward_streams(int(provider[len(STREAMS):])):
             return bench_case(s, "ours", fwdbwd)
+    if provider == NO_TMA:
+        with plain_loads():
+            return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
     def fwd():
@@ -161,6 +167,11 @@ SAVED = "ours_saved_states"
 STREAMS = "ours_backward_streams="
 
 
+# Plain loads instead of bulk copies (TMA) in the forward scan (chunk_scan.SCAN_TMA, on by default since session
+# 11); same arithmetic, same bits.
+NO_TMA = "ours_no_tma"
+
+
 @contextlib.contextmanager
 def module_flag(module, name, value):
     """``module.name = value`` inside the block, its previous value after it."""
@@ -176,6 +187,12 @@ def backward_streams(k):
     from mamba_pkg.ops.ssd import chunk_scan
 
     return module_flag(chunk_scan, "BACKWARD_STREAMS", k)
+
+
+def plain_loads():
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    return module_flag(chunk_scan, "SCAN_TMA", False)
 
 
 def saved_states():
@@ -375,7 +392,7 @@ def tuned_configs():
                chunk_scan._chunk_scan_bwd_dbc_kernel, chunk_scan._chunk_scan_bwd_dx_kernel]
     for k in kernels:
         for key, cfg in getattr(k, "cache", {}).items():
-            print(f"  tuned {k.fn.__name__} {key[:4]}: {cfg}")
+            print(f"  tuned {k.fn.__name__} {key[:6]}: {cfg}")
         # The last tuning's time of every config (ms): how close the runners-up came.
         for cfg, ms in (getattr(k, "configs_timings", None) or {}).items():
             print(f"    {k.fn.__name__} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: {ms}")
@@ -404,6 +421,8 @@ def main():
                     help=f"every shape, fwd+bwd: also ours with the states kept for the backward (provider {SAVED})")
     ap.add_argument("--backward-streams", type=int, nargs="+", metavar="K", default=[],
                     help=f"every shape, fwd+bwd: also ours with chunk_scan.BACKWARD_STREAMS = K (provider {STREAMS}K)")
+    ap.add_argument("--tma-ab", action="store_true",
+                    help=f"every shape: also ours with plain loads instead of bulk copies (provider {NO_TMA})")
     ap.add_argument("--train-shape", action="store_true",
                     help="with --lengths: also Mamba-2 130m's training shape (B=8, L=2048, H=24)")
     ap.add_argument("--dbc-block-n", type=int, help="our dB/dC kernel's N block (chunk_scan.DBC_BLOCK_N)")
@@ -439,7 +458,8 @@ def main():
             flops, nbytes = flops_and_bytes(s, fwdbwd)
             variants = ((UNCACHED,) if args.uncached else ()) + ((OVERLAP,) if args.overlap else ())
             saved = ((SAVED,) if args.save_states and fwdbwd else ()) \
-                + (tuple(f"{STREAMS}{k}" for k in args.backward_streams) if fwdbwd else ())
+                + (tuple(f"{STREAMS}{k}" for k in args.backward_streams) if fwdbwd else ()) \
+                + ((NO_TMA,) if args.tma_ab else ())
             for provider in ("ours", "mamba_ssm") + (variants if i == 0 else ()) + saved:
                 res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 for timing, k in (("eager", 0), ("graph", 1)):

@@ -299,6 +299,64 @@ def test_scan_beside_the_walk_gives_the_same_bits(monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("case", ["groups", "seq_idx"])
+def test_scan_bulk_copies_give_the_same_bits(monkeypatch, case):
+    """chunk_scan.SCAN_TMA (the forward scan's tiles through tensor descriptors, whole tiles) gives
+    the same bits as the plain loads, forward and backward, and matches the reference; several row
+    blocks per chunk, two groups and z, or seq_idx without z. On CUDA (sm_90+: bulk copies) bf16 at
+    the benchmark's head shape, one autotuning config, the second call a cached launch; in the
+    interpreter fp32."""
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    cuda = DEVICE == "cuda"
+    if case == "groups":
+        shape, chunk, kw = ((2, 768, 4, 64, 2, 128), 256, {}) if cuda else ((2, 64, 4, 16, 2, 32), 32, {})
+    else:
+        shape, chunk, kw = ((1, 512, 4, 64, 1, 128), 256, dict(z=False)) if cuda else ((1, 64, 2, 16, 1, 16), 32,
+                                                                                        dict(z=False))
+    extra = {}
+    if case == "seq_idx":
+        extra["seq_idx"] = torch.zeros(1, shape[1], dtype=torch.int32, device=DEVICE)
+        extra["seq_idx"][:, shape[1] // 3:] = 1
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        kernel = chunk_scan._chunk_scan_fwd_kernel
+        monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
+        monkeypatch.setattr(kernel, "cache", {})
+    used = []
+    descriptors = chunk_scan._scan_descriptors
+    monkeypatch.setattr(chunk_scan, "_scan_descriptors", lambda *a: used.append(descriptors(*a)) or used[-1])
+    inputs = make(*shape, **kw)
+    results = []
+    for on in (False, True, True):
+        monkeypatch.setattr(chunk_scan, "SCAN_TMA", on)
+        results.append(run(inputs, dtype, "triton", chunk, **extra))
+    assert len(used) == 2 and all(d is not None for d in used)
+    for other in results[1:]:
+        for k in results[0]:
+            assert torch.equal(results[0][k], other[k]), k
+    if not cuda:
+        compare_fp32(results[1], run(inputs, torch.float32, "ref", chunk, **extra), 1e-4)
+
+
+def test_scan_bulk_copies_only_for_whole_tiles():
+    """Tensor descriptors only where every row block lies inside one chunk (L a multiple of the
+    chunk) and C's rows are views of one stride with (G, N) contiguous; else the plain loads.
+    The descriptors are launch-cache keys: equal by dtype, shape, strides and block, not by tensor."""
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    x, C = torch.zeros(2, 48, 2, 16, device=DEVICE), torch.zeros(2, 48, 1, 16, device=DEVICE)
+    cb = torch.zeros(2, 3, 1, 16, 16, device=DEVICE)
+    if DEVICE == "cpu":  # in the interpreter; on CUDA only sm_90+ has bulk copies
+        first = chunk_scan._scan_descriptors(x, None, C, cb, x, x, 16)
+        second = chunk_scan._scan_descriptors(x.clone(), None, C.clone(), cb.clone(), x.clone(), x, 16)
+        assert first is not None and first == second and hash(first) == hash(second)
+        assert first[0].base is x
+    assert chunk_scan._scan_descriptors(x[:, :40], None, C[:, :40], cb, x, x, 16) is None  # L = 40
+    wide = torch.zeros(2, 48, 1, 32, device=DEVICE)[..., :16]  # N = 16 of rows of 32
+    assert chunk_scan._scan_descriptors(x, None, wide, cb, x, x, 16) is None
+
+
 def test_triton_varlen_matches_reference():
     lengths = [5, 0, 23, 9]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)

@@ -21,6 +21,9 @@ loop body: 641 -> 293 sm_90 instructions per thread); the diagonal tile keeps th
 exact decay per pair. The dx kernel splits its decays the same way (at its source
 block's last row); the W kernel's blocks below the diagonal too, as an fp32 outer
 product after the matrix product.
+On sm_90+ with whole tiles the forward scan takes its x, C and C B^T tiles by bulk
+copies (TMA, tensor descriptors of 2-D views; SCAN_TMA): fewer address instructions and
+registers, 5 programs per SM instead of 4.
 
 Backward (dy = dout * silu(z), dS_c the gradient wrt the state leaving chunk c):
 
@@ -45,6 +48,7 @@ softplus backward, dA and ddt_bias partial sums), so the backward has no torch g
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor
@@ -86,6 +90,12 @@ def _head_loop_configs(fewer_stages=False, capped=False):
     return [triton.Config({}, num_warps=w, num_stages=st, maxnreg=r) for w, st, r in configs]
 
 
+def _fwd_block_m():
+    """The forward scan's row block (its autotuning configs' BLOCK_M; a chunk shorter than it
+    gets one block, _prune_fwd_configs); the tensor descriptors' blocks follow it."""
+    return 16 if triton_interpret() else 64
+
+
 def _fwd_configs():
     """64-row blocks, 4 warps, with register caps for more programs per SM (offline sm_90
     compile with Triton 3.6: 128 registers uncapped and at 128 = 4 programs; at 96 = 5, 56
@@ -94,11 +104,13 @@ def _fwd_configs():
     128-row blocks lost on every H100 run: session 4 (4 warps, spilled), session 10 with 8 warps
     (autotuner, main shape: 0.270 ms at one stage capped at 128 registers, 0.375 uncapped (1
     program per SM), 0.287 at two stages, vs 0.229 for 64 rows at one stage); the kernel still
-    takes any BLOCK_M."""
+    takes any BLOCK_M. With bulk copies (SCAN_TMA) the tiles need fewer registers: one stage at 96
+    registers does not spill (5 programs per SM; the H100's pick, 0.204 vs 0.226 ms uncapped); at 80
+    (6 programs per SM, 88 bytes spilled) it was not picked."""
     if triton_interpret():
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=st, maxnreg=r)
-            for st, r in ((2, None), (2, 128), (2, 96), (1, None))]
+        return [triton.Config({"BLOCK_M": _fwd_block_m()}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": _fwd_block_m()}, num_warps=4, num_stages=st, maxnreg=r)
+            for st, r in ((2, None), (2, 128), (2, 96), (1, None), (1, 96))]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
@@ -209,10 +221,12 @@ def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None, dt_job=
     return [cbs[0] if dt == dtypes[0] else cbs[-1] for dt in dtypes]
 
 
-@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_fwd_configs})
+@triton.autotune(configs=_fwd_configs(), key=_KEY + ["TMA"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _chunk_scan_fwd_kernel(
     x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, seq_idx_ptr, dt_ptr, cs_ptr, states_ptr, out_ptr, ypre_ptr, ready_ptr,
+    x_desc, C_desc, cb_desc, out_desc, ypre_desc,
     L, H, P, N, heads_per_group, nchunks,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     stride_B_b, stride_B_l, stride_B_g, stride_B_n,
@@ -220,8 +234,12 @@ def _chunk_scan_fwd_kernel(
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PTX: tl.constexpr, WAIT_READY: tl.constexpr, USE_PDL: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, TMA: tl.constexpr,
 ):
+    # TMA (whole tiles): the x, C and C B^T tiles that feed the matrix products arrive by bulk
+    # copies (Hopper's TMA: straight to shared memory, no per-element addresses in registers) and
+    # out / y_pre leave by them, through the *_desc tensor descriptors of 2-D views
+    # (_scan_descriptors). Without TMA the *_desc arguments are unused (0).
     # Heads vary fastest so that the heads of one chunk run together and share
     # its C B^T tiles through L2. A 1-D grid: axes 1 and 2 allow at most 65535 programs.
     i_h = tl.program_id(0) % H
@@ -272,17 +290,32 @@ def _chunk_scan_fwd_kernel(
     c0 = tl.load(cs_ptr + chunk_off + tl.maximum(i_m * BLOCK_M - 1, 0), cache_modifier=CACHE) * 1.4426950408889634
     c0 = tl.where(i_m == 0, 0.0, c0)
     cb_base = cb_ptr + ((i_b * nchunks + i_c) * G + i_g).to(tl.int64) * Q * Q
-
     x_base = x_ptr + i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
     C_base = C_ptr + i_b.to(tl.int64) * stride_B_b + i_g * stride_B_g
+    out_base = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
+    x_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
+    st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
     seq_base = seq_idx_ptr + i_b.to(tl.int64) * stride_seq_b
 
-    b_C = tl.load(C_base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
-                  mask=m_t[:, None] & m_n[None, :], other=0.0)
+    # Descriptor rows: x, out, y_pre (B * L, H * P), C (B * L, G * N), C B^T (B * C * G * Q, Q).
+    row_t = i_b * L + i_c * Q + i_m * BLOCK_M
+    row_cb = ((i_b * nchunks + i_c) * G + i_g) * Q + i_m * BLOCK_M
     # The state entering the chunk: (P, N), read once per row block.
-    st_off = ((i_b * nchunks + i_c) * H + i_h).to(tl.int64) * P * N
     b_S = tl.load(states_ptr + st_off + o_p[:, None] * N + o_n[None, :],
                   mask=m_p[:, None] & m_n[None, :], other=0.0, cache_modifier=CACHE)
+    if TMA:
+        # Each bulk copy waits for its data right after it is issued (Triton 3.6, outside a
+        # pipelined loop), so the tiles that go through registers anyway are plain loads issued
+        # first, whose latencies overlap with the C copy's: the state, the diagonal C B^T tile,
+        # z. (Every tile by bulk copies, the state, z and the diagonal tile too: 108 instead of
+        # 128 registers, but 0.351 vs 0.335 ms for the forward at the main shape, H100.)
+        cb_diag = tl.load(cb_base + o_t[:, None] * Q + o_t[None, :])
+        if HAS_Z:
+            b_z = tl.load(z_ptr + out_base + x_off)
+        b_C = C_desc.load([row_t, i_g * N])
+    else:
+        b_C = tl.load(C_base + o_lt.to(tl.int64)[:, None] * stride_B_l + o_n[None, :] * stride_B_n,
+                      mask=m_t[:, None] & m_n[None, :], other=0.0)
     # State term exp(cs_t) C_t S^T = exp2(cs_t - c0) [exp2(c0) C_t S^T]; the first factor
     # is applied with the tiles before the diagonal, below.
     scale_t = tl.zeros((BLOCK_M,), dtype=tl.float32) + ptx_exp2(c0, PTX)
@@ -309,9 +342,13 @@ def _chunk_scan_fwd_kernel(
         if HAS_SEQ_IDX:
             seq_s = tl.load(seq_base + o_ls.to(tl.int64) * stride_seq_l, mask=m_s, other=-2)
             w_s = tl.where(seq_s == seq_c0, w_s, 0.0)
-        cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
-        b_xs = tl.load(x_base + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
-                       mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)
+        if TMA:
+            cb = cb_desc.load([row_cb, j * BLOCK_M])
+            b_xs = x_desc.load([i_b * L + i_c * Q + j * BLOCK_M, i_h * P]).to(tl.float32)
+        else:
+            cb = tl.load(cb_base + o_t[:, None] * Q + o_s[None, :])
+            b_xs = tl.load(x_base + o_ls.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p,
+                           mask=m_s[:, None] & m_p[None, :], other=0.0).to(tl.float32)
         acc += _dot(cb, b_xs * w_s[:, None], DOT_DTYPE)
     scale_t = ptx_exp2(cs_t - c0, PTX)
     if HAS_SEQ_IDX:
@@ -320,10 +357,13 @@ def _chunk_scan_fwd_kernel(
 
     # The diagonal tile (this block's own rows): the exact decay per pair, and D x_t.
     m_tp = m_t[:, None] & m_p[None, :]
-    x_off = o_lt.to(tl.int64)[:, None] * stride_x_l + o_p[None, :] * stride_x_p
     dt_t = tl.load(dt_ptr + chunk_off + o_t, cache_modifier=CACHE)
-    cb = tl.load(cb_base + o_t[:, None] * Q + o_t[None, :]).to(tl.float32)
-    b_x = tl.load(x_base + x_off, mask=m_tp, other=0.0)
+    if TMA:
+        cb = cb_diag.to(tl.float32)
+        b_x = x_desc.load([row_t, i_h * P])
+    else:
+        cb = tl.load(cb_base + o_t[:, None] * Q + o_t[None, :]).to(tl.float32)
+        b_x = tl.load(x_base + x_off, mask=m_tp, other=0.0)
     keep = o_t[:, None] >= o_t[None, :]
     if HAS_SEQ_IDX:
         keep = keep & (seq_t[:, None] == seq_t[None, :])
@@ -337,12 +377,18 @@ def _chunk_scan_fwd_kernel(
         else:
             acc += b_x.to(tl.float32) * tl.load(D_ptr + i_h).to(tl.float32)
 
-    out_base = i_b.to(tl.int64) * stride_x_b + i_h * stride_x_h
-    if HAS_Z:
-        tl.store(ypre_ptr + out_base + x_off, acc.to(ypre_ptr.dtype.element_ty), mask=m_tp)
-        b_z = tl.load(z_ptr + out_base + x_off, mask=m_tp, other=0.0).to(tl.float32)
-        acc = acc * b_z * tl.sigmoid(b_z)
-    tl.store(out_ptr + out_base + x_off, acc.to(out_ptr.dtype.element_ty), mask=m_tp)
+    if TMA:
+        if HAS_Z:
+            ypre_desc.store([row_t, i_h * P], acc.to(ypre_desc.dtype))
+            b_z = b_z.to(tl.float32)
+            acc = acc * b_z * tl.sigmoid(b_z)
+        out_desc.store([row_t, i_h * P], acc.to(out_desc.dtype))
+    else:
+        if HAS_Z:
+            tl.store(ypre_ptr + out_base + x_off, acc.to(ypre_ptr.dtype.element_ty), mask=m_tp)
+            b_z = tl.load(z_ptr + out_base + x_off, mask=m_tp, other=0.0).to(tl.float32)
+            acc = acc * b_z * tl.sigmoid(b_z)
+        tl.store(out_ptr + out_base + x_off, acc.to(out_ptr.dtype.element_ty), mask=m_tp)
 
 
 def _whole_tiles(L, P, N, Q) -> bool:
@@ -384,6 +430,88 @@ def _has_pdl(device_index):
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+# The forward scan's x, C and C B^T tiles by bulk copies (TMA, sm_90+, through Triton's tensor
+# descriptors) where every tile lies inside its tensor (_whole_tiles) and the tensors allow 2-D
+# views with 16-byte aligned rows; else (and when off) plain loads; same bits either way. H100,
+# same process, CUDA graph, forward (session 11, two calls): 0.335-0.338 vs 0.361-0.363 ms at
+# B=4 L=8192 H=32, 0.093-0.095 vs 0.099-0.102 at L=2048, 0.149-0.151 vs 0.159-0.160 at B=8 L=2048
+# H=24 (the scan alone about 0.204 vs 0.226 ms). The dx and W kernels the same way: no gain (notes).
+SCAN_TMA = True
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index):
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptor_class():
+    """Triton's host tensor descriptor, made a launch-cache key (ops/_launch.py keys a launch on its
+    non-pointer arguments): equal and hashed by what a compiled kernel specialises on (dtype, shape,
+    strides, block), its tensor held weakly, so that a cached launch signature keeps no tensor alive.
+    The compiled launcher encodes each call's descriptor from the live tensor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    class Descriptor(TensorDescriptor):
+        @property
+        def base(self):
+            return self._base()
+
+        @base.setter
+        def base(self, tensor):
+            self._base = weakref.ref(tensor)
+
+        def __post_init__(self):
+            super().__post_init__()
+            # Kept from construction: a key's tensor may be gone when later keys are compared.
+            self._signature = (self.base.dtype, tuple(self.shape), tuple(self.strides), tuple(self.block_shape),
+                               self.padding)
+
+        def __eq__(self, other):
+            return type(other) is type(self) and self._signature == other._signature
+
+        def __hash__(self):
+            return hash(self._signature)
+
+    return Descriptor
+
+
+def _bulk_copies_apply(L, P, N, Q, views) -> bool:
+    """Whether tile kernels may take their tiles by bulk copies from 2-D views of `views`, pairs of
+    (tensor, row stride in elements): whole tiles (no block crosses a chunk or a tensor's end, so
+    the views need no masks), an sm_90+ GPU or the interpreter, 16-byte aligned bases and rows."""
+    device = views[0][0].device
+    return _whole_tiles(L, P, N, Q) and (triton_interpret() or (device.type == "cuda" and _has_tma(device.index))) \
+        and not any(t.data_ptr() % 16 or (row * t.element_size()) % 16 for t, row in views)
+
+
+def _group_rows(B):
+    """The row stride of B or C (B, L, G, N) as a (B * L, G * N) view, or None where it has none
+    (B may be a slice of a wider tensor: its rows need one stride and (G, N) contiguous)."""
+    batch, L, G, N = B.shape
+    rows = B.stride(1)
+    return rows if B.stride(3) == 1 and B.stride(2) == N and (batch == 1 or B.stride(0) == L * rows) else None
+
+
+def _scan_descriptors(x, z, C, cb, out, ypre, Q):
+    """(x, C, C B^T, out, y_pre) as tensor descriptors of 2-D views for the forward scan's bulk
+    copies, or None where they do not apply (the plain loads run then): x, out, y_pre (B * L, H * P)
+    with (BLOCK_M, P) blocks, C (B * L, G * N) with (BLOCK_M, N) blocks, C B^T (B * C * G * Q, Q) with
+    (BLOCK_M, BLOCK_M) blocks."""
+    batch, L, H, P = x.shape
+    G, N = C.shape[2], C.shape[3]
+    c_rows = _group_rows(C)
+    views = [(x, H * P), (C, c_rows), (cb, Q), (out, H * P)] + ([(z, H * P), (ypre, H * P)] if z is not None else [])
+    if c_rows is None or not _bulk_copies_apply(L, P, N, Q, views):
+        return None
+    Descriptor = _descriptor_class()
+    block_m = min(Q, _fwd_block_m())
+    rows = lambda t: Descriptor(t, [batch * L, H * P], [H * P, 1], [block_m, P])  # noqa: E731
+    return (rows(x), Descriptor(C, [batch * L, G * N], [c_rows, 1], [block_m, N]),
+            Descriptor(cb, [cb.numel() // Q, Q], [Q, 1], [block_m, block_m]), rows(out),
+            rows(ypre) if z is not None else 0)
+
+
 @launcher_op("ssd_chunk_scan_fwd")
 def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                     dt_bias: Tensor | None, seq_idx: Tensor | None, initial_states: Tensor | None, dt_softplus: bool,
@@ -415,14 +543,15 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q) if SCAN_TMA and not wait else None
     launch(_chunk_scan_fwd_kernel, grid,
         x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
-        ypre if z is not None else out, ready if wait else out,
+        ypre if z is not None else out, ready if wait else out, *(descriptors or (0,) * 5),
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
         PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl, EVEN=_whole_tiles(L, P, N, Q),
-        **({"launch_pdl": True} if pdl else {}),
+        TMA=descriptors is not None, **({"launch_pdl": True} if pdl else {}),
     )
     return out, ypre, final, dt_c, cs_c, states if keep_states else absent(x)
 
