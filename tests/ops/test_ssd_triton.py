@@ -341,7 +341,7 @@ def test_scan_bulk_copies_give_the_same_bits(monkeypatch, case):
 
 def test_scan_bulk_copies_only_for_whole_tiles():
     """Tensor descriptors only where every row block lies inside one chunk (L a multiple of the
-    chunk) and C's rows are views of one stride with (G, N) contiguous; else the plain loads.
+    chunk), C's rows are views of one stride with (G, N) contiguous and N <= 256; else the plain loads.
     The descriptors are launch-cache keys: equal by dtype, shape, strides and block, not by tensor."""
     from mamba_pkg.ops.ssd import chunk_scan
 
@@ -355,6 +355,8 @@ def test_scan_bulk_copies_only_for_whole_tiles():
     assert chunk_scan._scan_descriptors(x[:, :40], None, C[:, :40], cb, x, x, 16) is None  # L = 40
     wide = torch.zeros(2, 48, 1, 32, device=DEVICE)[..., :16]  # N = 16 of rows of 32
     assert chunk_scan._scan_descriptors(x, None, wide, cb, x, x, 16) is None
+    big_n = torch.zeros(2, 48, 1, 512, device=DEVICE)  # a copy's box holds at most 256 columns
+    assert chunk_scan._scan_descriptors(x, None, big_n, cb, x, x, 16) is None
 
 
 def test_triton_varlen_matches_reference():

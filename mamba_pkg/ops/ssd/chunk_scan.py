@@ -453,19 +453,18 @@ def _descriptor_class():
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     class Descriptor(TensorDescriptor):
+        def __init__(self, base, shape, strides, block_shape):
+            # Not the dataclass's checks (several us per descriptor on every call): _scan_descriptors
+            # checks what the copies need (aligned base and rows, blocks of powers of two <= 256).
+            self._base = weakref.ref(base)
+            self.shape, self.strides, self.block_shape = shape, strides, block_shape
+            self.padding, self.round_f32_to_tf32 = "zero", False
+            # Kept from construction: a key's tensor may be gone when later keys are compared.
+            self._signature = (base.dtype, tuple(shape), tuple(strides), tuple(block_shape))
+
         @property
         def base(self):
             return self._base()
-
-        @base.setter
-        def base(self, tensor):
-            self._base = weakref.ref(tensor)
-
-        def __post_init__(self):
-            super().__post_init__()
-            # Kept from construction: a key's tensor may be gone when later keys are compared.
-            self._signature = (self.base.dtype, tuple(self.shape), tuple(self.strides), tuple(self.block_shape),
-                               self.padding)
 
         def __eq__(self, other):
             return type(other) is type(self) and self._signature == other._signature
@@ -479,9 +478,11 @@ def _descriptor_class():
 def _bulk_copies_apply(L, P, N, Q, views) -> bool:
     """Whether tile kernels may take their tiles by bulk copies from 2-D views of `views`, pairs of
     (tensor, row stride in elements): whole tiles (no block crosses a chunk or a tensor's end, so
-    the views need no masks), an sm_90+ GPU or the interpreter, 16-byte aligned bases and rows."""
+    the views need no masks; blocks are powers of two), at most 256 columns (a copy's box), an
+    sm_90+ GPU or the interpreter, 16-byte aligned bases and rows."""
     device = views[0][0].device
-    return _whole_tiles(L, P, N, Q) and (triton_interpret() or (device.type == "cuda" and _has_tma(device.index))) \
+    return _whole_tiles(L, P, N, Q) and max(P, N) <= 256 \
+        and (triton_interpret() or (device.type == "cuda" and _has_tma(device.index))) \
         and not any(t.data_ptr() % 16 or (row * t.element_size()) % 16 for t, row in views)
 
 
