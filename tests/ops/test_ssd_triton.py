@@ -5,6 +5,7 @@ requires_cuda tests add realistic shapes, bf16, determinism and mamba_ssm.
 """
 
 import importlib.util
+from unittest import mock
 
 import pytest
 import torch
@@ -341,7 +342,8 @@ def test_scan_bulk_copies_give_the_same_bits(monkeypatch, case):
 
 def test_scan_bulk_copies_only_for_whole_tiles():
     """Tensor descriptors only where every row block lies inside one chunk (L a multiple of the
-    chunk), C's rows are views of one stride with (G, N) contiguous and N <= 256; else the plain loads.
+    chunk), C's rows are views of one stride with (G, N) contiguous, N <= 256, and Triton has
+    tensor descriptors; else the plain loads.
     The descriptors are launch-cache keys: equal by dtype, shape, strides and block, not by tensor."""
     from mamba_pkg.ops.ssd import chunk_scan
 
@@ -357,6 +359,12 @@ def test_scan_bulk_copies_only_for_whole_tiles():
     assert chunk_scan._scan_descriptors(x, None, wide, cb, x, x, 16) is None
     big_n = torch.zeros(2, 48, 1, 512, device=DEVICE)  # a copy's box holds at most 256 columns
     assert chunk_scan._scan_descriptors(x, None, big_n, cb, x, x, 16) is None
+    if DEVICE == "cpu":  # a Triton without tensor descriptors (3.0-3.2): the plain loads
+        chunk_scan._has_descriptors.cache_clear()
+        with mock.patch.dict("sys.modules", {"triton.tools.tensor_descriptor": None}):
+            assert chunk_scan._scan_descriptors(x, None, C, cb, x, x, 16) is None
+        chunk_scan._has_descriptors.cache_clear()
+        assert chunk_scan._scan_descriptors(x, None, C, cb, x, x, 16) is not None
 
 
 def test_triton_varlen_matches_reference():

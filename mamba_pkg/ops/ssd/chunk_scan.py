@@ -445,6 +445,16 @@ def _has_tma(device_index):
 
 
 @functools.lru_cache(maxsize=None)
+def _has_descriptors() -> bool:
+    """Whether this Triton has host tensor descriptors (the package allows Triton 3.0, which has not)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def _descriptor_class():
     """Triton's host tensor descriptor, made a launch-cache key (ops/_launch.py keys a launch on its
     non-pointer arguments): equal and hashed by what a compiled kernel specialises on (dtype, shape,
@@ -478,10 +488,10 @@ def _descriptor_class():
 def _bulk_copies_apply(L, P, N, Q, views) -> bool:
     """Whether tile kernels may take their tiles by bulk copies from 2-D views of `views`, pairs of
     (tensor, row stride in elements): whole tiles (no block crosses a chunk or a tensor's end, so
-    the views need no masks; blocks are powers of two), at most 256 columns (a copy's box), an
-    sm_90+ GPU or the interpreter, 16-byte aligned bases and rows."""
+    the views need no masks; blocks are powers of two), at most 256 columns (a copy's box), a
+    Triton with tensor descriptors, an sm_90+ GPU or the interpreter, 16-byte aligned bases and rows."""
     device = views[0][0].device
-    return _whole_tiles(L, P, N, Q) and max(P, N) <= 256 \
+    return _whole_tiles(L, P, N, Q) and max(P, N) <= 256 and _has_descriptors() \
         and (triton_interpret() or (device.type == "cuda" and _has_tma(device.index))) \
         and not any(t.data_ptr() % 16 or (row * t.element_size()) % 16 for t, row in views)
 
