@@ -134,8 +134,9 @@ PFL_ALL = {**OFF, DL + "DOT_PREFETCH_K": 1 << 20, DL + "DOT_PREFETCH_LINES": Tru
 TMA16 = {**TMA, DL + "DOT_TMA_MIN_STEPS": 16}
 MODEL_AB_DPROD2 = [(name, 64, (OFF, PF512, PFL512, PFL256, PFL_ALL, TMA16, {**PFL512, **TMA16}, {**PFL512, **TMA},
                                OFF)) for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
-# Call 3: the adopted defaults ({}: TMA16 + PFL256) against OFF, PFL256 alone and TMA16 + PFL512.
-MODEL_AB_DPROD3 = [(name, 64, ({}, OFF, PFL256, {DL + "DOT_PREFETCH_K": 512}, {}))
+# Call 3: the adopted defaults ({}: TMA16 + PFL256) against OFF, PFL256 alone, TMA16 + PFL512, and 32 features
+# per program for the 1.3b / 1.4b products too (the 130m models' already).
+MODEL_AB_DPROD3 = [(name, 64, ({}, OFF, PFL256, {DL + "DOT_PREFETCH_K": 512}, {DL + "DOT_BLOCK_N": 32}, {}))
                    for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
 
 def graph_ms(fn, rep=20):
@@ -284,6 +285,7 @@ GEMM_SETTINGS = [
     ("pfline256", None, {**_OFF, "DOT_PREFETCH_K": 256, "DOT_PREFETCH_LINES": True}),
     ("pfline all", None, {**_OFF, "DOT_PREFETCH_K": 1 << 20, "DOT_PREFETCH_LINES": True}),
     ("tma+pfline512", None, {**_OFF, "DOT_TMA": True, "DOT_PREFETCH_K": 512, "DOT_PREFETCH_LINES": True}),
+    ("n32", {0: 32}, {}),  # call 3: on the defaults (in_proj: 256-266 tiles, the fit config)
 ]
 GEMM_ONLY = None  # --gemm-only: only the candidates of these labels (and cuBLAS)
 

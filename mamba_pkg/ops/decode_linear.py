@@ -178,7 +178,9 @@ DOT_PREFETCH_LINES = True
 # 2 steps, 6.41 vs 5.90 us; out_proj 2048 x 4096 split 4, 8 steps, 10.6 vs 10.2); in_proj + conv 23.1 vs
 # 24.1 (32 steps), norm + out_proj 13.3 vs 14.4. Whole b64 steps (same process): TMA everywhere
 # mamba2-1.3b 4.304 vs 4.392, mamba-1.4b 2.481 vs 2.422 (its x_proj, dt_proj, out_proj); only 16+ steps or
-# the norm 4.309 / 2.418; with the prefetch by lines (512) 4.261 / 2.306 vs 4.326 / 2.324 without. False: off.
+# the norm 4.309 / 2.418; with the prefetch by lines (512) 4.261 / 2.306 vs 4.326 / 2.324 without. Both as
+# adopted (TMA for 16+ steps, 256 columns by lines) against neither, same process: 4.196 vs 4.390, 2.300 vs 2.409,
+# mamba2-130m 0.909 vs 0.941, mamba-130m 0.655 vs 0.680 (bench_generation b64: 0.679x / 0.698x mamba_ssm's). False: off.
 DOT_TMA = True
 DOT_TMA_MIN_STEPS = 16
 # Per-tile arrival counters of the split-K tiles, per device (zeroed once; the last program of a
