@@ -118,6 +118,26 @@ MODEL_AB = [
     ("mamba2-130m", 64, ({}, {CU + "STEP_NORM_ROWS": False}, {})),
 ]
 
+# Session 11 (dprod, --model-ab MODEL_AB_DPROD): the settings of GEMM_SETTINGS in whole b64 steps, from the
+# session-10 code (OFF: no prefetch, no TMA; the defaults since: TMA for 16+ K steps or the norm, 256 columns
+# prefetched by lines). PF: bulk prefetch of the whole K range, PF512: of 512 columns.
+OFF = {DL + "DOT_TMA": False, DL + "DOT_TMA_MIN_STEPS": 0, DL + "DOT_PREFETCH_K": 0, DL + "DOT_PREFETCH_LINES": False}
+PF = {**OFF, DL + "DOT_PREFETCH_K": 1 << 20}
+PF512 = {**OFF, DL + "DOT_PREFETCH_K": 512}
+TMA = {**OFF, DL + "DOT_TMA": True}
+MODEL_AB_DPROD = [(name, 64, (OFF, PF, TMA, {**TMA, **PF}, PF512, {**PF, DL + "DOT_STAGES": 3}, OFF))
+                  for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
+# Call 2: the prefetch by lines (PFL), TMA only for programs of 16+ K steps or with the norm (TMA16).
+PFL512 = {**OFF, DL + "DOT_PREFETCH_K": 512, DL + "DOT_PREFETCH_LINES": True}
+PFL256 = {**OFF, DL + "DOT_PREFETCH_K": 256, DL + "DOT_PREFETCH_LINES": True}
+PFL_ALL = {**OFF, DL + "DOT_PREFETCH_K": 1 << 20, DL + "DOT_PREFETCH_LINES": True}
+TMA16 = {**TMA, DL + "DOT_TMA_MIN_STEPS": 16}
+MODEL_AB_DPROD2 = [(name, 64, (OFF, PF512, PFL512, PFL256, PFL_ALL, TMA16, {**PFL512, **TMA16}, {**PFL512, **TMA},
+                               OFF)) for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
+# Call 3: the adopted defaults ({}: TMA16 + PFL256) against OFF, PFL256 alone, TMA16 + PFL512, and 32 features
+# per program for the 1.3b / 1.4b products too (the 130m models' already).
+MODEL_AB_DPROD3 = [(name, 64, ({}, OFF, PFL256, {DL + "DOT_PREFETCH_K": 512}, {DL + "DOT_BLOCK_N": 32}, {}))
+                   for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
 
 def graph_ms(fn, rep=20):
     import triton.testing
@@ -246,6 +266,29 @@ GEMM_VARIANTS = [  # changes to dot_config's pick: (BLOCK_N, BLOCK_K, stages, wa
     {0: 32}, {0: 128, 4: "x2"}, {1: 64}, {2: 3}, {3: 8}, {3: 4}, {4: "x2"}, {4: "/2"},
 ]
 
+# Session 11 (dprod), appended to the candidates above ("pick" and those: the defaults, since session 11 TMA for
+# 16+ K steps or the norm and 256 columns prefetched by lines): (label, config fields changed by index or None,
+# decode_linear attributes): each program's weight slice prefetched into L2 before the PDL wait (all of
+# it, or its first 512 columns; with 3 stages), the x / weight tiles through TMA descriptors, both; K steps of 256.
+_OFF = {k[len(DL):]: v for k, v in OFF.items()}  # measured from the session-10 code: no TMA, no prefetch
+GEMM_SETTINGS = [
+    ("pick off", None, _OFF),
+    ("pick prefetch", None, {**_OFF, "DOT_PREFETCH_K": 1 << 20}),
+    ("pick prefetch512", None, {**_OFF, "DOT_PREFETCH_K": 512}),
+    ("pick tma", None, {**_OFF, "DOT_TMA": True}),
+    ("pick tma+prefetch", None, {**_OFF, "DOT_TMA": True, "DOT_PREFETCH_K": 1 << 20}),
+    ("k256 tma", {1: 256, 2: 3}, {**_OFF, "DOT_TMA": True}),
+    ("k256 tma+prefetch", {1: 256, 2: 3}, {**_OFF, "DOT_TMA": True, "DOT_PREFETCH_K": 1 << 20}),
+    ("n32 k256", {0: 32, 1: 256, 2: 4}, _OFF), ("prefetch s3", {2: 3}, {**_OFF, "DOT_PREFETCH_K": 1 << 20}),
+    # call 2: the prefetch by 128-byte lines (one per thread and line: no loop over a warp's rows)
+    ("pfline512", None, {**_OFF, "DOT_PREFETCH_K": 512, "DOT_PREFETCH_LINES": True}),
+    ("pfline256", None, {**_OFF, "DOT_PREFETCH_K": 256, "DOT_PREFETCH_LINES": True}),
+    ("pfline all", None, {**_OFF, "DOT_PREFETCH_K": 1 << 20, "DOT_PREFETCH_LINES": True}),
+    ("tma+pfline512", None, {**_OFF, "DOT_TMA": True, "DOT_PREFETCH_K": 512, "DOT_PREFETCH_LINES": True}),
+    ("n32", {0: 32}, {}),  # call 3: on the defaults (in_proj: 256-266 tiles, the fit config)
+]
+GEMM_ONLY = None  # --gemm-only: only the candidates of these labels (and cuBLAS)
+
 
 def gemm_part(sw, shapes=None, compile_only=False, batch=64):
     """GEMM64 shapes (``shapes``: their indices, all if None): cuBLAS vs the tl.dot kernel (dot_config
@@ -291,16 +334,22 @@ def gemm_part(sw, shapes=None, compile_only=False, batch=64):
                 cfg[i] = cfg[i] * 2 if v == "x2" else max(1, cfg[i] // 2) if v == "/2" else v
             if tuple(cfg) != base:
                 cands.append((",".join(map(str, cfg)), tuple(cfg), {}))
+        for label, var, attrs in GEMM_SETTINGS:
+            cfg = list(base)
+            for i, v in (var or {}).items():
+                cfg[i] = v
+            cands.append((label, tuple(cfg), attrs))
+        if GEMM_ONLY:
+            cands = [c for c in cands if c[0] in GEMM_ONLY]
         for label, cfg, attrs in cands:
             def run(cfg=cfg, attrs=attrs):
                 dl.dot_config = lambda n_out, n_in=None, cfg=cfg: cfg
                 dl.DOT_CONV_WARPS = cfg[3]
-                for k, v in attrs.items():
-                    setattr(dl, k, v)
                 try:
-                    for w, o, cv in zip(ws, outs, convs):
-                        dl._launch_dot(x, w, None, o, nw if norm else None, 1e-5,
-                                       None if cv is None else (*cv[:4], True))
+                    with applied({DL + k: v for k, v in attrs.items()}):
+                        for w, o, cv in zip(ws, outs, convs):
+                            dl._launch_dot(x, w, None, o, nw if norm else None, 1e-5,
+                                           None if cv is None else (*cv[:4], True))
                 finally:
                     restore()
             got = sw.timed(case, f"dot {label}", run, timer=timer)
@@ -581,7 +630,12 @@ def main():
     ap.add_argument("--ncu-batch", type=int, default=1, help="ncu part: batch size")
     ap.add_argument("--compile-only", action="store_true", help="model / gemm part: compile, time nothing")
     ap.add_argument("--gemm-shapes", help="gemm part: only these GEMM64 indices (comma-separated)")
+    ap.add_argument("--gemm-only", help="gemm part: only the candidates of these labels (comma-separated)")
+    ap.add_argument("--model-ab", default="MODEL_AB", help="model part: the module's list of (model, batch, settings)")
     args = ap.parse_args()
+    global GEMM_ONLY, MODEL_AB
+    GEMM_ONLY = args.gemm_only.split(",") if args.gemm_only else None
+    MODEL_AB = globals()[args.model_ab]
     sw = Sweep(args.budget_s)
     global TIMELINE_NO_ANCHOR
     TIMELINE_NO_ANCHOR = args.no_anchor

@@ -157,6 +157,32 @@ DOT_LAUNCH_EARLY = True
 # The first K step's weight tile is loaded before the PDL wait (peeled off the pipelined loop).
 # H100 b64 whole steps slower: mamba-1.4b 2.745 vs 2.665 ms, mamba2-1.3b 4.574 vs 4.463.
 DOT_PEEL = False
+# Before its PDL wait each program asks L2 for the first DOT_PREFETCH_K columns of its weight rows (its
+# K range at most; nothing held: no registers or shared memory), so that the first K steps' weights are
+# on their way from HBM while the predecessor finishes, instead of only after the wait. 0: off (also off
+# the interpreter, before sm_90, and where the weight rows are not 16-byte aligned). DOT_PREFETCH_LINES:
+# one prefetch.global.L2 per 128-byte line, per thread; False: one sm_90 bulk prefetch per row
+# (cp.async.bulk.prefetch.L2), whose uniform operands make ptxas loop over a warp's 32 rows before the
+# first load. H100 b64 whole steps (graph replay, same process, session 11; committed 4.398 / 2.426 /
+# 0.944 / 0.678 ms for mamba2-1.3b / mamba-1.4b / mamba2-130m / mamba-130m): by lines, 256 columns
+# 4.302 / 2.303 / 0.910 / 0.652, 512 4.326 / 2.324 / 0.916 / 0.650, the whole K range 4.462 / 2.408 /
+# 0.912 / 0.658 (floods HBM out of the pipeline's order); bulk, 512 columns 4.364 / 2.354 / 0.974 / 0.742.
+DOT_PREFETCH_K = 256
+DOT_PREFETCH_LINES = True
+# The weight (TMA_W) and x (TMA_X) tiles through TMA tensor descriptors (Hopper bulk copies: 66 instead of
+# 102 registers and 968 instead of 1144 instructions at out_proj's shape, offline sm_90 SASS) instead of
+# cp.async pointer loads, for programs of at least DOT_TMA_MIN_STEPS K steps, or with the RMSNorm
+# prologue. The descriptors are made on the host (the launch encodes them; a CUDA graph keeps them) and
+# need 16-byte aligned rows contiguous along K (else the pointer loads). Each program pays the
+# descriptor's first fetch: short K loops lose (H100, 64 rows, cold weights: x_proj 160 x 4096 split 16,
+# 2 steps, 6.41 vs 5.90 us; out_proj 2048 x 4096 split 4, 8 steps, 10.6 vs 10.2); in_proj + conv 23.1 vs
+# 24.1 (32 steps), norm + out_proj 13.3 vs 14.4. Whole b64 steps (same process): TMA everywhere
+# mamba2-1.3b 4.304 vs 4.392, mamba-1.4b 2.481 vs 2.422 (its x_proj, dt_proj, out_proj); only 16+ steps or
+# the norm 4.309 / 2.418; with the prefetch by lines (512) 4.261 / 2.306 vs 4.326 / 2.324 without. Both as
+# adopted (TMA for 16+ steps, 256 columns by lines) against neither, same process: 4.196 vs 4.390, 2.300 vs 2.409,
+# mamba2-130m 0.909 vs 0.941, mamba-130m 0.655 vs 0.680 (bench_generation b64: 0.679x / 0.698x mamba_ssm's). False: off.
+DOT_TMA = True
+DOT_TMA_MIN_STEPS = 16
 # Per-tile arrival counters of the split-K tiles, per device (zeroed once; the last program of a
 # tile resets its counter).
 DOT_COUNTERS = 8192
@@ -507,6 +533,41 @@ def _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM: tl.constexpr, FP32: tl.constexp
 
 
 @triton.jit
+def _prefetch_l2(p_row, n_bytes):
+    # An L2 prefetch of n_bytes (a multiple of 16) from each 16-byte aligned address of p_row (sm_90 bulk
+    # prefetch: one instruction per address, nothing held); the value returned is a dummy.
+    return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                     [p_row, n_bytes + tl.zeros_like(p_row.to(tl.int64)).to(tl.int32)],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_line(p, m):
+    # An L2 prefetch of the line holding each address of p where m (per thread: no bulk prefetch's
+    # uniform operands, which ptxas serialises over a warp's distinct addresses); the value is a dummy.
+    return tl.inline_asm_elementwise("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p prefetch.global.L2 [$1];"
+                                     "\n\tmov.u32 $0, 0;\n\t}", "=r,l,r", [p, m.to(tl.int32)],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _dot_x_tile(p_x, x_desc, o_k, m_k, m_b, stride_x_k, b_start, k0, TMA: tl.constexpr):
+    # The (BLOCK_B, BLOCK_K) x tile at K offset k0: by TMA (rows past the batch and columns past K read
+    # as zeros), or pointers (p_x: the rows' pointers, o_k = k0 + arange).
+    if TMA:
+        return x_desc.load([b_start, k0])
+    return tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_w_tile(p_w, w_desc, o_k, m_k, m_n, stride_w_k, n_start, k0, TMA: tl.constexpr):
+    # The (BLOCK_K, BLOCK_N) weight tile at K offset k0, as _dot_x_tile (the descriptor's block is (BLOCK_N, BLOCK_K)).
+    if TMA:
+        return tl.trans(w_desc.load([n_start, k0]))
+    return tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
+
+
+@triton.jit
 def _decode_linear_dot_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, cs_ptr, cw_ptr, cb_ptr, part_ptr, ss_ptr, cnt_ptr,
     batch, N, K, k_split, eps, conv_start, conv_dim,
@@ -517,6 +578,8 @@ def _decode_linear_dot_kernel(
     ROWS4: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, PEEL: tl.constexpr, USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr,
     PTX: tl.constexpr,
+    w_desc=None, x_desc=None, TMA_W: tl.constexpr = False, TMA_X: tl.constexpr = False,
+    PREFETCH_K: tl.constexpr = 0, PREFETCH_LINE: tl.constexpr = 0,
 ):
     # Program (i_n, i_s) of row block i_b: features [i_n * BLOCK_N, +BLOCK_N) over K range
     # [i_s * k_split, +k_split). NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is
@@ -541,14 +604,23 @@ def _decode_linear_dot_kernel(
     b_nw = b_ss  # unused without the norm (NORM_NONE)
     if NORM != 0:  # a parameter: loaded before the wait, and one K step ahead in the loop
         b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0)
+    if PREFETCH_K > 0:  # the weight rows' first PREFETCH_K columns into L2 (rows past N: row N - 1 again)
+        p_pf = w_ptr + tl.minimum(o_n, N - 1).to(tl.int64) * stride_w_n + k_lo
+        if PREFETCH_LINE > 0:  # one prefetch per 128-byte line (PREFETCH_LINE values), per thread
+            o_l = tl.arange(0, PREFETCH_K // PREFETCH_LINE) * PREFETCH_LINE
+            _prefetch_line(p_pf[:, None] + o_l[None, :], (k_lo + o_l < k_hi)[None, :] & m_n[:, None])
+        else:  # one bulk prefetch per row
+            n_bytes = tl.minimum(k_hi - k_lo, PREFETCH_K) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8) // 16 * 16
+            if n_bytes > 0:
+                _prefetch_l2(p_pf, n_bytes)
     if PEEL:  # the first weight tile is in flight while the predecessor finishes
-        b_w = tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_w = _dot_w_tile(p_w, w_desc, o_k, m_k, m_n, stride_w_k, i_n * BLOCK_N, k_lo, TMA_W)
     if USE_PDL:
         if LAUNCH_EARLY:
             tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     if PEEL:
-        b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_x = _dot_x_tile(p_x, x_desc, o_k, m_k, m_b, stride_x_k, i_b * BLOCK_B, k_lo, TMA_X)
         if NORM != 0:
             b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
         b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
@@ -558,8 +630,8 @@ def _decode_linear_dot_kernel(
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < k_hi
-        b_x = tl.load(p_x + o_k[None, :] * stride_x_k, mask=m_b[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w + o_k[:, None] * stride_w_k, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_x = _dot_x_tile(p_x, x_desc, o_k, m_k, m_b, stride_x_k, i_b * BLOCK_B, k0, TMA_X)
+        b_w = _dot_w_tile(p_w, w_desc, o_k, m_k, m_n, stride_w_k, i_n * BLOCK_N, k0, TMA_W)
         if NORM != 0:
             # The next step's norm weight is in flight while this step's waits for its use: a load
             # used in its own step exposed one L2 round trip per K step (session 7).
@@ -687,6 +759,23 @@ def _counters(device, n):
     return counters if n <= counters.numel() else None
 
 
+def _aligned(t):
+    """Rows of t (2-D) start 16-byte aligned and are contiguous along K (TMA, bulk prefetch)."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
+def _sm90(t):
+    """t is on an sm_90+ CUDA device and kernels are compiled (TMA, bulk prefetch)."""
+    return t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
+
+
+def _descriptor(t, block):
+    """A TMA descriptor of t (2-D) with tiles of ``block`` (out of bounds: zeros), or None where t is not _aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block) if _aligned(t) else None
+
+
 def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     """The tl.dot kernel (more than SMALL_ROWS rows): norm_weight: x is RMS-normalised first
     (NORM_RMS); conv: as in _launch_small."""
@@ -721,6 +810,16 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
     pdl = use_pdl(x)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
+    sm90 = _sm90(x)
+    steps = k_split // block_k  # K steps per program
+    tma = (DOT_TMA and (sm90 or triton_interpret())  # the interpreter runs descriptors too (CPU tests)
+           and (steps >= DOT_TMA_MIN_STEPS or norm_weight is not None))
+    w_desc = _descriptor(weight, [block_n, block_k]) if tma else None
+    x_desc = _descriptor(x, [block_b, block_k]) if tma else None
+    prefetch = DOT_PREFETCH_K if sm90 and _aligned(weight) else 0
+    line = 128 // weight.element_size() if DOT_PREFETCH_LINES else 0
+    if prefetch and line:
+        prefetch = next_pow2(max(min(prefetch, k_split), line))  # a power of two of lines, at most the K range's
     _decode_linear_dot_kernel[(tiles * split, row_blocks)](
         x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters,
         batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
@@ -734,6 +833,8 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=split, PEEL=DOT_PEEL, USE_PDL=pdl,
         LAUNCH_EARLY=DOT_LAUNCH_EARLY, PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps,
         num_stages=stages, **flags, **pdl_launch(pdl),
+        w_desc=w_desc, x_desc=x_desc, TMA_W=w_desc is not None, TMA_X=x_desc is not None, PREFETCH_K=prefetch,
+        PREFETCH_LINE=line,
     )
 
 

@@ -524,3 +524,140 @@ def test_gpu_full_size(batch):
     w = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
     out = decode_linear(x, w)
     torch.testing.assert_close(out.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("norm,conv,aligned", [(False, False, True), (True, False, True), (False, 4, True),
+                                               (False, False, False)])
+def test_dot_tma_matches_pointer_loads(norm, conv, aligned, monkeypatch):
+    """DOT_TMA: the tl.dot kernel's x and weight tiles through TMA descriptors (the interpreter runs them
+    too) give the pointer loads' bits: split-K over 4 programs with a ragged last split (K 200, steps of
+    32), batch 19 (rows past it read as zeros), 37 outputs in ragged blocks of 16, with the RMSNorm
+    prologue or the conv epilogue. aligned False: x's rows 201 values apart (not 16-byte aligned) take
+    the pointer loads, the weight the descriptor."""
+    _small_dot(monkeypatch, block_k=32, split=True)
+    monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 0)
+    made = []
+    descriptor = dl._descriptor
+    monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(descriptor(t, block)) or made[-1])
+    torch.manual_seed(5)
+    width = 200 if aligned else 201
+    x = torch.randn(19, 2 * width, device=DEVICE)[:, width:width + 200]
+    w, b, nw = torch.randn(37, 200, device=DEVICE), torch.randn(37, device=DEVICE), torch.randn(200, device=DEVICE)
+    state0 = conv_args = None
+    if conv:
+        state0, conv_args = _conv_case(19, 37, 20, 9, conv, torch.bfloat16)
+    outs, states = [], []
+    for tma in (False, True):
+        monkeypatch.setattr(dl, "DOT_TMA", tma)
+        if conv:
+            conv_args = (state0.clone(), *conv_args[1:])
+        outs.append(rms_norm_linear(x, nw, w, b, 1e-5, backend="triton") if norm
+                    else decode_linear(x, w, b, conv=conv_args, backend="triton"))
+        states.append(conv_args[0] if conv else None)
+    assert [d is not None for d in made] == [True, aligned]  # the weight's, then x's
+    assert torch.equal(outs[1], outs[0])
+    if conv:
+        assert torch.equal(states[1], states[0])
+    ref = rms_norm_linear_ref(x, nw, w, b, 1e-5) if norm else decode_linear_ref(
+        x, w, b, None if not conv else (state0.clone(), *conv_args[1:]))
+    torch.testing.assert_close(outs[1], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dot_tma_min_steps(monkeypatch):
+    """DOT_TMA_MIN_STEPS: programs of fewer K steps keep the pointer loads, except with the RMSNorm prologue."""
+    _small_dot(monkeypatch, block_k=32, split=True)  # K 200 over 4 splits: 2 steps per program
+    monkeypatch.setattr(dl, "DOT_TMA", True)
+    monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 3)
+    made = []
+    descriptor = dl._descriptor
+    monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(t.shape) or descriptor(t, block))
+    x, w, nw = torch.randn(19, 200, device=DEVICE), torch.randn(37, 200, device=DEVICE), torch.randn(200, device=DEVICE)
+    torch.testing.assert_close(decode_linear(x, w, backend="triton"), decode_linear_ref(x, w), rtol=1e-4, atol=1e-4)
+    assert made == []
+    torch.testing.assert_close(rms_norm_linear(x, nw, w, None, 1e-5, backend="triton"),
+                               rms_norm_linear_ref(x, nw, w, None, 1e-5), rtol=1e-4, atol=1e-4)
+    assert made == [w.shape, x.shape]
+
+
+def test_dot_tma_and_prefetch_need_aligned_rows():
+    """TMA descriptors and the bulk prefetch need rows that start 16-byte aligned and are contiguous."""
+    w = torch.empty(8, 64, dtype=torch.bfloat16)
+    assert dl._aligned(w) and dl._aligned(w[:, 8:])
+    assert not dl._aligned(w[:, 1:]) and not dl._aligned(w[:, :60].t())
+    assert not dl._aligned(torch.empty(8, 67, dtype=torch.bfloat16)[:, :64])  # rows 134 bytes apart
+    assert not dl._sm90(w)  # CPU: the pointer loads, no prefetch
+
+
+@requires_cuda
+@pytest.mark.parametrize("n_out,n_in,norm,conv", [(2048, 4096, True, None), (2048, 4096, False, None),
+                                                  (8512, 2048, False, (4096, 4352)), (8192, 2048, False, (0, 4096)),
+                                                  (160, 4096, False, None)])
+def test_gpu_dot_tma_prefetch_model_shapes(n_out, n_in, norm, conv, monkeypatch):
+    """Batch 64 on the 1.3b / 1.4b models' shapes (out_proj with and without the RMSNorm prologue, split
+    4; in_proj + conv, Mamba-2's in two programs per SM; x_proj, split 16): the weight slice prefetched
+    into L2 before the PDL wait (DOT_PREFETCH_K: by rows or by lines), the tiles through TMA (DOT_TMA), or both, as close to
+    the fp32 reference as the pointer loads, and the same bits twice; a weight whose rows are not
+    16-byte aligned takes neither and is right too."""
+    torch.manual_seed(0)
+    x = torch.randn(64, n_in, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
+    nw = torch.rand(n_in, device="cuda", dtype=torch.bfloat16) + 0.5
+    state0 = conv_rest = None
+    if conv:
+        state0 = torch.randn(64, conv[1], 4, device="cuda", dtype=torch.bfloat16)
+        conv_rest = (torch.randn(conv[1], 4, device="cuda", dtype=torch.bfloat16),
+                     torch.randn(conv[1], device="cuda", dtype=torch.bfloat16), conv[0], "silu")
+
+    def run(weight):
+        state = None if conv is None else state0.clone()
+        if norm:
+            return rms_norm_linear(x, nw, weight, None, 1e-5), state
+        return decode_linear(x, weight, conv=None if conv is None else (state, *conv_rest)), state
+    base, base_state = run(w)
+    if norm:
+        ref = rms_norm_linear_ref(x, nw, w, None, 1e-5)
+    else:
+        ref_state = None if conv is None else state0.clone()
+        ref = decode_linear_ref(x, w, None, None if conv is None else (ref_state, *conv_rest))
+    base_err = (base.float() - ref.float()).abs().max().item()
+    misaligned = torch.empty(n_out, n_in + 1, device="cuda", dtype=torch.bfloat16)[:, :n_in].copy_(w)
+    for tma, prefetch, lines in ((False, 1 << 20, False), (True, 0, False), (True, 1 << 20, False), (False, 512, False),
+                                 (False, 512, True), (False, 1 << 20, True), (True, 256, True)):
+        monkeypatch.setattr(dl, "DOT_TMA", tma)
+        monkeypatch.setattr(dl, "DOT_PREFETCH_K", prefetch)
+        monkeypatch.setattr(dl, "DOT_PREFETCH_LINES", lines)
+        out, state = run(w)
+        assert (out.float() - ref.float()).abs().max().item() <= 2 * base_err + 1e-2, (tma, prefetch)
+        assert torch.equal(run(w)[0], out)
+        if conv:
+            torch.testing.assert_close(state, base_state, rtol=1e-2, atol=2e-2)
+        out, _ = run(misaligned)
+        assert (out.float() - ref.float()).abs().max().item() <= 2 * base_err + 1e-2, ("misaligned", tma, prefetch)
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch", [3, 9, 19, 33])
+def test_gpu_dot_tma_odd_batches(batch, monkeypatch):
+    """Batches below the row tile (16, 32 or 64 rows: the x descriptor's box is taller than x, the rows
+    past the batch read as zeros): the RMSNorm + out_proj product and Mamba-1's in_proj + conv (16 K steps)
+    through TMA equal the pointer loads' results and the fp32 reference."""
+    torch.manual_seed(batch)
+    x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    w_out = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    h = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
+    w_in = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    state0 = torch.randn(batch, 4096, 4, device="cuda", dtype=torch.bfloat16)
+    conv_rest = (torch.randn(4096, 4, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(4096, device="cuda", dtype=torch.bfloat16), 0, "silu")
+    runs = []
+    for tma in (False, True):
+        monkeypatch.setattr(dl, "DOT_TMA", tma)
+        state = state0.clone()
+        runs.append((rms_norm_linear(x, nw, w_out, None, 1e-5), decode_linear(h, w_in, conv=(state, *conv_rest)), state))
+    ref_state = state0.clone()
+    refs = (rms_norm_linear_ref(x, nw, w_out, None, 1e-5), decode_linear_ref(h, w_in, None, (ref_state, *conv_rest)))
+    for got, base, ref in zip(runs[1][:2], runs[0][:2], refs):
+        torch.testing.assert_close(got.float(), base.float(), rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(runs[1][2], runs[0][2], rtol=1e-2, atol=2e-2)
