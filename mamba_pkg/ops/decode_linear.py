@@ -45,6 +45,7 @@ this overlaps each kernel's launch and first weight round trip with the tail of 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -183,6 +184,23 @@ DOT_PREFETCH_LINES = True
 # mamba2-130m 0.909 vs 0.941, mamba-130m 0.655 vs 0.680 (bench_generation b64: 0.679x / 0.698x mamba_ssm's). False: off.
 DOT_TMA = True
 DOT_TMA_MIN_STEPS = 16
+# Descriptors are encoded on the host at every launch (the H100 host, session 11 lead diag: ~15 us each),
+# so on a GPU the TMA path is taken only while a CUDA graph is being captured, where that cost is paid once
+# (generate(cg=True)'s decode graphs); eager launches, host-bound at decode sizes, keep the pointer loads.
+# True: eager launches take it too (tests).
+DOT_TMA_EAGER = False
+
+
+@contextlib.contextmanager
+def eager_tma():
+    """Eager launches inside take the TMA tiles too (DOT_TMA_EAGER): a CUDA graph's warm-up, so that
+    the kernel variants its capture launches are compiled before the capture."""
+    global DOT_TMA_EAGER
+    before, DOT_TMA_EAGER = DOT_TMA_EAGER, True
+    try:
+        yield
+    finally:
+        DOT_TMA_EAGER = before
 # Per-tile arrival counters of the split-K tiles, per device (zeroed once; the last program of a
 # tile resets its counter).
 DOT_COUNTERS = 8192
@@ -812,7 +830,8 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
     sm90 = _sm90(x)
     steps = k_split // block_k  # K steps per program
-    tma = (DOT_TMA and (sm90 or triton_interpret())  # the interpreter runs descriptors too (CPU tests)
+    tma = (DOT_TMA and (triton_interpret()  # the interpreter runs descriptors too (CPU tests)
+                        or (sm90 and (DOT_TMA_EAGER or torch.cuda.is_current_stream_capturing())))
            and (steps >= DOT_TMA_MIN_STEPS or norm_weight is not None))
     w_desc = _descriptor(weight, [block_n, block_k]) if tma else None
     x_desc = _descriptor(x, [block_b, block_k]) if tma else None

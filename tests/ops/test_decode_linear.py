@@ -464,6 +464,7 @@ def test_gpu_dot_64_rows_model_shapes(n_out, n_in, conv, peel, monkeypatch):
     on the x half (conv_start 0), bf16 state; twice the same bits (the split sums in a fixed order).
     peel: the first weight tile loaded before the PDL wait (DOT_PEEL)."""
     monkeypatch.setattr(dl, "DOT_PEEL", peel)
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)  # eager launches: TMA only while capturing otherwise
     torch.manual_seed(0)
     x = torch.randn(64, n_in, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
@@ -536,6 +537,7 @@ def test_dot_tma_matches_pointer_loads(norm, conv, aligned, monkeypatch):
     the pointer loads, the weight the descriptor."""
     _small_dot(monkeypatch, block_k=32, split=True)
     monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 0)
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)
     made = []
     descriptor = dl._descriptor
     monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(descriptor(t, block)) or made[-1])
@@ -567,6 +569,7 @@ def test_dot_tma_min_steps(monkeypatch):
     """DOT_TMA_MIN_STEPS: programs of fewer K steps keep the pointer loads, except with the RMSNorm prologue."""
     _small_dot(monkeypatch, block_k=32, split=True)  # K 200 over 4 splits: 2 steps per program
     monkeypatch.setattr(dl, "DOT_TMA", True)
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)
     monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 3)
     made = []
     descriptor = dl._descriptor
@@ -598,6 +601,7 @@ def test_gpu_dot_tma_prefetch_model_shapes(n_out, n_in, norm, conv, monkeypatch)
     into L2 before the PDL wait (DOT_PREFETCH_K: by rows or by lines), the tiles through TMA (DOT_TMA), or both, as close to
     the fp32 reference as the pointer loads, and the same bits twice; a weight whose rows are not
     16-byte aligned takes neither and is right too."""
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)  # eager launches: TMA only while capturing otherwise
     torch.manual_seed(0)
     x = torch.randn(64, n_in, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
@@ -641,6 +645,7 @@ def test_gpu_dot_tma_odd_batches(batch, monkeypatch):
     """Batches below the row tile (16, 32 or 64 rows: the x descriptor's box is taller than x, the rows
     past the batch read as zeros): the RMSNorm + out_proj product and Mamba-1's in_proj + conv (16 K steps)
     through TMA equal the pointer loads' results and the fp32 reference."""
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)
     torch.manual_seed(batch)
     x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
     nw = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
@@ -661,3 +666,48 @@ def test_gpu_dot_tma_odd_batches(batch, monkeypatch):
         torch.testing.assert_close(got.float(), base.float(), rtol=1e-2, atol=2e-2)
         torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(runs[1][2], runs[0][2], rtol=1e-2, atol=2e-2)
+
+
+@requires_cuda
+def test_gpu_dot_tma_only_while_capturing(monkeypatch):
+    """DOT_TMA_EAGER False (the default): an eager 64-row launch takes the pointer loads (no descriptor is
+    encoded on the host), a launch captured into a CUDA graph the TMA tiles; the replay equals the eager
+    result within the tolerance of the two load paths (RMSNorm + out_proj, 32 K steps)."""
+    made = []
+    descriptor = dl._descriptor
+    monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(t.shape) or descriptor(t, block))
+    torch.manual_seed(1)
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    eager = rms_norm_linear(x, nw, w, None, 1e-5)
+    assert made == []
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)
+    with torch.cuda.stream(stream):  # warm-up off the capture: compiles the TMA variant
+        rms_norm_linear(x, nw, w, None, 1e-5)
+    torch.cuda.current_stream().wait_stream(stream)
+    monkeypatch.setattr(dl, "DOT_TMA_EAGER", False)
+    made.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rms_norm_linear(x, nw, w, None, 1e-5)
+    assert made == [w.shape, x.shape]
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = rms_norm_linear_ref(x, nw, w, None, 1e-5)
+    base_err = (eager.float() - ref.float()).abs().max().item()
+    assert (captured.float() - ref.float()).abs().max().item() <= 2 * base_err + 1e-2
+
+
+def test_eager_tma_context_restores_the_flag():
+    """eager_tma switches DOT_TMA_EAGER on inside (a graph's warm-up) and restores it, also after an error."""
+    assert dl.DOT_TMA_EAGER is False
+    with dl.eager_tma():
+        assert dl.DOT_TMA_EAGER is True
+    assert dl.DOT_TMA_EAGER is False
+    with pytest.raises(RuntimeError):
+        with dl.eager_tma():
+            raise RuntimeError("inside")
+    assert dl.DOT_TMA_EAGER is False
