@@ -321,6 +321,7 @@ def test_scan_bulk_copies_give_the_same_bits(monkeypatch, case):
         extra["seq_idx"][:, shape[1] // 3:] = 1
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
+        monkeypatch.setattr(chunk_scan, "SCAN_TMA_EAGER_ROWS", 0)  # eager launches too (else only while capturing)
         kernel = chunk_scan._chunk_scan_fwd_kernel
         monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
         monkeypatch.setattr(kernel, "cache", {})
@@ -590,3 +591,61 @@ def test_ssd_packed_compiles_to_one_graph():
 
     forward, backward = compiled_matches_eager(step, leaves)
     assert "mamba_pkg.ssd_varlen_terms" in forward and "mamba_pkg.ssd_varlen_terms_bwd" in backward
+
+
+def test_scan_bulk_copies_policy(monkeypatch):
+    """Where the forward scan asks for bulk copies on a GPU (the descriptors cost host time at every
+    launch): while a CUDA graph is captured; eagerly on the first call of an autotuning key (so the
+    variant is tuned before a capture) and from SCAN_TMA_EAGER_ROWS rows; never with SCAN_TMA off."""
+    from types import SimpleNamespace
+
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    capturing = [False]
+    monkeypatch.setattr(chunk_scan, "triton_interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(chunk_scan, "_TMA_TUNED", set())
+    small = SimpleNamespace(is_cuda=True, shape=(4, 2048, 32, 64))
+    big = SimpleNamespace(is_cuda=True, shape=(4, 32768, 32, 64))
+    assert chunk_scan._scan_tma(small, "key")  # not tuned yet
+    chunk_scan._TMA_TUNED.add("key")
+    assert not chunk_scan._scan_tma(small, "key")
+    assert chunk_scan._scan_tma(big, "key")
+    capturing[0] = True
+    assert chunk_scan._scan_tma(small, "key")
+    monkeypatch.setattr(chunk_scan, "SCAN_TMA_EAGER_ROWS", None)
+    capturing[0] = False
+    assert not chunk_scan._scan_tma(big, "key")
+    monkeypatch.setattr(chunk_scan, "SCAN_TMA", False)
+    capturing[0] = True
+    assert not chunk_scan._scan_tma(small, "key")
+
+
+@requires_cuda
+def test_gpu_scan_bulk_copies_when_captured(monkeypatch):
+    """A small forward (below SCAN_TMA_EAGER_ROWS) takes the bulk copies on its first eager call (tuning
+    them), plain loads on later eager calls, and the bulk copies again inside a CUDA graph, whose replay
+    gives the eager call's bits."""
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    monkeypatch.setattr(chunk_scan, "_TMA_TUNED", set())
+    used = []
+    descriptors = chunk_scan._scan_descriptors
+    monkeypatch.setattr(chunk_scan, "_scan_descriptors", lambda *a: used.append(descriptors(*a)) or used[-1])
+    inputs = make(2, 512, 4, 64, 1, 128, z=False, init=False)
+    args = {k: (v.to(torch.bfloat16) if k in ("x", "dt", "B", "C") else v) for k, v in inputs.items()
+            if v is not None}
+
+    def fwd():
+        return mamba_chunk_scan_combined(**args, chunk_size=256, dt_softplus=True)
+    first = fwd()
+    assert len(used) == 1 and used[0] is not None
+    eager = fwd()
+    assert len(used) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fwd()
+    assert len(used) == 2 and used[1] is not None
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager) and torch.equal(first, eager)

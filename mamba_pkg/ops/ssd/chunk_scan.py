@@ -437,6 +437,34 @@ def _has_pdl(device_index):
 # B=4 L=8192 H=32, 0.093-0.095 vs 0.099-0.102 at L=2048, 0.149-0.151 vs 0.159-0.160 at B=8 L=2048
 # H=24 (the scan alone about 0.204 vs 0.226 ms). The dx and W kernels the same way: no gain (notes).
 SCAN_TMA = True
+# The descriptors are encoded on the host at every launch (~15 us each on the H100 host: +90 us per
+# forward call, session 11 lead diag, eager: B=4 L=2048 H=32 0.28 vs 0.21-0.26 ms, B=8 L=2048 H=24 0.39-0.41
+# vs 0.30-0.31, B=4 L=8192 H=32 0.48-0.50 vs 0.37-0.38), while they save ~25 us of GPU time at the main
+# shape. So on a GPU the bulk copies are taken while a CUDA graph is captured (the cost paid once), or
+# eagerly where the scan has at least SCAN_TMA_EAGER_ROWS (batch * L * heads) rows: there the GPU time
+# (~0.33 us per 1024 rows) outgrows the host's. None: never eagerly.
+SCAN_TMA_EAGER_ROWS = 1 << 22
+
+
+# Autotuning keys (see _scan_tma) whose bulk-copy variant has run eagerly, so is tuned and compiled.
+_TMA_TUNED: set = set()
+
+
+def _scan_tma(x, key):
+    """Whether the forward scan of x (B, L, H, P) asks for bulk copies: SCAN_TMA, and in the
+    interpreter, while capturing a CUDA graph, or eagerly from SCAN_TMA_EAGER_ROWS rows (see there);
+    _scan_descriptors then says whether they apply. key: what selects the kernel's autotuning (its
+    shape constants and every tensor's dtype): the first eager call of a key takes the bulk copies
+    anyway, so that their variant is tuned before a graph that captures the call (the autotuner
+    cannot time configs inside a capture); a capture's warm-up is that eager call. The caller adds
+    the key to _TMA_TUNED once the copies applied."""
+    if not SCAN_TMA:
+        return False
+    if triton_interpret() or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return True
+    if key not in _TMA_TUNED:
+        return True
+    return SCAN_TMA_EAGER_ROWS is not None and x.shape[0] * x.shape[1] * x.shape[2] >= SCAN_TMA_EAGER_ROWS
 
 
 @functools.lru_cache(maxsize=None)
@@ -554,10 +582,13 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
     seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q) if SCAN_TMA and not wait else None
-    launch(_chunk_scan_fwd_kernel, grid,
-        x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
-        ypre if z is not None else out, ready if wait else out, *(descriptors or (0,) * 5),
+    tensors = (x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
+               ypre if z is not None else out, ready if wait else out)
+    tma_key = (x.device, P, N, Q, seq_idx is not None, z is not None, tuple(t.dtype for t in tensors))
+    descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q) if not wait and _scan_tma(x, tma_key) else None
+    if descriptors is not None:
+        _TMA_TUNED.add(tma_key)
+    launch(_chunk_scan_fwd_kernel, grid, *tensors, *(descriptors or (0,) * 5),
         L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
