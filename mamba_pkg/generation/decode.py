@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from mamba_pkg.generation.cache import InferenceParams
 from mamba_pkg.generation.sampling import is_greedy, sample
-from mamba_pkg.ops.decode_linear import eager_tma
 from mamba_pkg.ops.greedy_argmax import greedy_argmax
 
 logger = logging.getLogger(__name__)
@@ -284,9 +283,7 @@ class DecodeGraph:
         self.params.seqlen_offset = 1
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        # The warm-up compiles what the capture launches (decode_linear's TMA tiles are taken only
-        # while capturing, or inside eager_tma).
-        with torch.cuda.stream(stream), eager_tma():
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 _step_eager(model, self.tokens, self.params, vocab_size)
         torch.cuda.current_stream().wait_stream(stream)

@@ -118,3 +118,29 @@ def _entry(kernel, jit, compiled, n_args, kwargs):
     if any(name not in meta for name in tail):
         return None  # a parameter left to its default
     return compiled, meta, tuple(meta[name] for name in tail)
+
+
+# Launch signatures (see variant_needed) that have launched a kernel's alternative variant.
+_VARIANTS_SEEN: set = set()
+
+
+def signature(*args, **kwargs) -> tuple:
+    """A key that changes whenever Triton could compile a kernel anew for a launch of ``args``
+    (pointers, scalars) and ``kwargs`` (constexprs, options): per tensor its device, dtype and
+    whether its address is a multiple of 16, every other argument's value (a superset of what
+    Triton specialises on)."""
+    return tuple((a.device, a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+                 for a in args) + tuple(kwargs.items())
+
+
+def variant_needed(tag, key) -> bool:
+    """Whether an eager launch with this signature (tag: which kernel and variant) must take a
+    variant that CUDA-graph captures take (e.g. TMA tiles) although eager launches skip it, because
+    no launch of that signature has taken it yet: a capture cannot compile or autotune (the driver
+    refuses module loads while a stream captures), so the eager call that precedes a capture, its
+    warm-up, compiles and tunes what the capture will launch. Marks the signature as seen."""
+    entry = (tag, key)
+    if entry in _VARIANTS_SEEN:
+        return False
+    _VARIANTS_SEEN.add(entry)
+    return True

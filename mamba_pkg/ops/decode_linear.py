@@ -45,13 +45,13 @@ this overlaps each kernel's launch and first weight round trip with the tail of 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamba_pkg.ops._launch import signature, variant_needed
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -186,21 +186,10 @@ DOT_TMA = True
 DOT_TMA_MIN_STEPS = 16
 # Descriptors are encoded on the host at every launch (the H100 host, session 11 lead diag: ~15 us each),
 # so on a GPU the TMA path is taken only while a CUDA graph is being captured, where that cost is paid once
-# (generate(cg=True)'s decode graphs); eager launches, host-bound at decode sizes, keep the pointer loads.
-# True: eager launches take it too (tests).
+# (generate(cg=True)'s decode graphs), and by the first eager launch of each signature (a capture's warm-up:
+# it compiles the variant, since a capture cannot load modules; _launch.variant_needed); other eager
+# launches, host-bound at decode sizes, keep the pointer loads. True: every eager launch takes it (tests).
 DOT_TMA_EAGER = False
-
-
-@contextlib.contextmanager
-def eager_tma():
-    """Eager launches inside take the TMA tiles too (DOT_TMA_EAGER): a CUDA graph's warm-up, so that
-    the kernel variants its capture launches are compiled before the capture."""
-    global DOT_TMA_EAGER
-    before, DOT_TMA_EAGER = DOT_TMA_EAGER, True
-    try:
-        yield
-    finally:
-        DOT_TMA_EAGER = before
 # Per-tile arrival counters of the split-K tiles, per device (zeroed once; the last program of a
 # tile resets its counter).
 DOT_COUNTERS = 8192
@@ -829,32 +818,32 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     pdl = use_pdl(x)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
     sm90 = _sm90(x)
-    steps = k_split // block_k  # K steps per program
-    tma = (DOT_TMA and (triton_interpret()  # the interpreter runs descriptors too (CPU tests)
-                        or (sm90 and (DOT_TMA_EAGER or torch.cuda.is_current_stream_capturing())))
-           and (steps >= DOT_TMA_MIN_STEPS or norm_weight is not None))
-    w_desc = _descriptor(weight, [block_n, block_k]) if tma else None
-    x_desc = _descriptor(x, [block_b, block_k]) if tma else None
     prefetch = DOT_PREFETCH_K if sm90 and _aligned(weight) else 0
     line = 128 // weight.element_size() if DOT_PREFETCH_LINES else 0
     if prefetch and line:
         prefetch = next_pow2(max(min(prefetch, k_split), line))  # a power of two of lines, at most the K range's
-    _decode_linear_dot_kernel[(tiles * split, row_blocks)](
-        x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters,
-        batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
-        *x.stride(), *weight.stride(), *out.stride(),
-        *(conv_state.stride() if conv is not None else (0, 0, 0)),
-        *(conv_weight.stride() if conv is not None else (0, 0)),
+    args = (x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters,
+            batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
+            *x.stride(), *weight.stride(), *out.stride(),
+            *(conv_state.stride() if conv is not None else (0, 0, 0)),
+            *(conv_weight.stride() if conv is not None else (0, 0)))
+    kwargs = dict(
         HAS_BIAS=bias is not None, FP32=fp32, NORM=NORM_NONE if norm_weight is None else NORM_RMS,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
         ROWS4=conv is not None and conv_state.shape[2] == 4 and conv_state.stride()[1:] == (4, 1) and DOT_CONV_ROWS4,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=split, PEEL=DOT_PEEL, USE_PDL=pdl,
         LAUNCH_EARLY=DOT_LAUNCH_EARLY, PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps,
-        num_stages=stages, **flags, **pdl_launch(pdl),
-        w_desc=w_desc, x_desc=x_desc, TMA_W=w_desc is not None, TMA_X=x_desc is not None, PREFETCH_K=prefetch,
-        PREFETCH_LINE=line,
+        num_stages=stages, **flags, **pdl_launch(pdl), PREFETCH_K=prefetch, PREFETCH_LINE=line,
     )
+    tma = DOT_TMA and (k_split // block_k >= DOT_TMA_MIN_STEPS or norm_weight is not None) and (
+        triton_interpret()  # the interpreter runs descriptors too (CPU tests)
+        or (sm90 and (DOT_TMA_EAGER or torch.cuda.is_current_stream_capturing()
+                      or variant_needed("decode_linear_dot_tma", signature(*args, **kwargs)))))
+    w_desc = _descriptor(weight, [block_n, block_k]) if tma else None
+    x_desc = _descriptor(x, [block_b, block_k]) if tma else None
+    _decode_linear_dot_kernel[(tiles * split, row_blocks)](
+        *args, **kwargs, w_desc=w_desc, x_desc=x_desc, TMA_W=w_desc is not None, TMA_X=x_desc is not None)
 
 
 @launcher_op("decode_linear")

@@ -595,21 +595,23 @@ def test_ssd_packed_compiles_to_one_graph():
 
 def test_scan_bulk_copies_policy(monkeypatch):
     """Where the forward scan asks for bulk copies on a GPU (the descriptors cost host time at every
-    launch): while a CUDA graph is captured; eagerly on the first call of an autotuning key (so the
-    variant is tuned before a capture) and from SCAN_TMA_EAGER_ROWS rows; never with SCAN_TMA off."""
+    launch): while a CUDA graph is captured; eagerly on the first launch of a signature (so that a
+    capture after it finds the variant compiled and tuned) and from SCAN_TMA_EAGER_ROWS rows; never
+    with SCAN_TMA off."""
     from types import SimpleNamespace
 
+    from mamba_pkg.ops import _launch
     from mamba_pkg.ops.ssd import chunk_scan
 
     capturing = [False]
     monkeypatch.setattr(chunk_scan, "triton_interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(chunk_scan, "_TMA_TUNED", set())
+    monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
     small = SimpleNamespace(is_cuda=True, shape=(4, 2048, 32, 64))
     big = SimpleNamespace(is_cuda=True, shape=(4, 32768, 32, 64))
-    assert chunk_scan._scan_tma(small, "key")  # not tuned yet
-    chunk_scan._TMA_TUNED.add("key")
+    assert chunk_scan._scan_tma(small, "key")  # first launch of the signature
     assert not chunk_scan._scan_tma(small, "key")
+    assert chunk_scan._scan_tma(small, "other key")
     assert chunk_scan._scan_tma(big, "key")
     capturing[0] = True
     assert chunk_scan._scan_tma(small, "key")
@@ -618,17 +620,35 @@ def test_scan_bulk_copies_policy(monkeypatch):
     assert not chunk_scan._scan_tma(big, "key")
     monkeypatch.setattr(chunk_scan, "SCAN_TMA", False)
     capturing[0] = True
-    assert not chunk_scan._scan_tma(small, "key")
+    assert not chunk_scan._scan_tma(small, "third key")
+
+
+def test_launch_signature_and_variant_needed(monkeypatch):
+    """_launch.signature changes with a tensor's dtype, device or 16-byte alignment and any other
+    argument; variant_needed says True once per (tag, signature)."""
+    from mamba_pkg.ops import _launch
+
+    monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
+    x = torch.zeros(64)
+    base = _launch.signature(x, 3, FLAG=True)
+    assert base == _launch.signature(torch.ones(64), 3, FLAG=True)
+    assert base != _launch.signature(x[1:], 3, FLAG=True)  # 4 bytes off: not 16-byte aligned
+    assert base != _launch.signature(x.double(), 3, FLAG=True)
+    assert base != _launch.signature(x, 4, FLAG=True) != _launch.signature(x, 3, FLAG=False)
+    assert _launch.variant_needed("k", base) and not _launch.variant_needed("k", base)
+    assert _launch.variant_needed("other", base)
 
 
 @requires_cuda
 def test_gpu_scan_bulk_copies_when_captured(monkeypatch):
-    """A small forward (below SCAN_TMA_EAGER_ROWS) takes the bulk copies on its first eager call (tuning
-    them), plain loads on later eager calls, and the bulk copies again inside a CUDA graph, whose replay
-    gives the eager call's bits."""
+    """A small forward (below SCAN_TMA_EAGER_ROWS) takes the bulk copies on the first eager call of its
+    signature (tuning and compiling them), plain loads on later eager calls, and the bulk copies again
+    inside a CUDA graph, whose replay gives the eager call's bits; the same for a second length."""
     from mamba_pkg.ops.ssd import chunk_scan
 
-    monkeypatch.setattr(chunk_scan, "_TMA_TUNED", set())
+    from mamba_pkg.ops import _launch
+
+    monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
     used = []
     descriptors = chunk_scan._scan_descriptors
     monkeypatch.setattr(chunk_scan, "_scan_descriptors", lambda *a: used.append(descriptors(*a)) or used[-1])
@@ -649,3 +669,18 @@ def test_gpu_scan_bulk_copies_when_captured(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager) and torch.equal(first, eager)
+    # Another length (3 chunks: another specialisation): its first eager call compiles the copies'
+    # variant again, so that capturing it after eager calls needs no compile (the driver forbids
+    # module loads during a capture).
+    other = make(2, 768, 4, 64, 1, 128, z=False, init=False)
+    args = {k: (v.to(torch.bfloat16) if k in ("x", "dt", "B", "C") else v) for k, v in other.items() if v is not None}
+    fwd(), fwd()
+    assert len(used) == 3 and used[2] is not None
+    eager = fwd()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fwd()
+    assert len(used) == 4
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
-from mamba_pkg.ops._launch import launch
+from mamba_pkg.ops._launch import launch, signature, variant_needed
 from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _dt_rows, _softplus, _state_walks_bwd,
                                             _state_walks_bwd_outputs, block_size, dot_dtype_for, dt_launch_args,
                                             launch_forward_walk)
@@ -446,25 +446,19 @@ SCAN_TMA = True
 SCAN_TMA_EAGER_ROWS = 1 << 22
 
 
-# Autotuning keys (see _scan_tma) whose bulk-copy variant has run eagerly, so is tuned and compiled.
-_TMA_TUNED: set = set()
-
-
 def _scan_tma(x, key):
     """Whether the forward scan of x (B, L, H, P) asks for bulk copies: SCAN_TMA, and in the
     interpreter, while capturing a CUDA graph, or eagerly from SCAN_TMA_EAGER_ROWS rows (see there);
-    _scan_descriptors then says whether they apply. key: what selects the kernel's autotuning (its
-    shape constants and every tensor's dtype): the first eager call of a key takes the bulk copies
-    anyway, so that their variant is tuned before a graph that captures the call (the autotuner
-    cannot time configs inside a capture); a capture's warm-up is that eager call. The caller adds
-    the key to _TMA_TUNED once the copies applied."""
+    _scan_descriptors then says whether they apply. key: the launch's signature (_launch.signature):
+    its first eager launch takes the bulk copies anyway, so that their variant is compiled and tuned
+    before a graph captures it (_launch.variant_needed)."""
     if not SCAN_TMA:
         return False
     if triton_interpret() or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return True
-    if key not in _TMA_TUNED:
+    if SCAN_TMA_EAGER_ROWS is not None and x.shape[0] * x.shape[1] * x.shape[2] >= SCAN_TMA_EAGER_ROWS:
         return True
-    return SCAN_TMA_EAGER_ROWS is not None and x.shape[0] * x.shape[1] * x.shape[2] >= SCAN_TMA_EAGER_ROWS
+    return variant_needed("ssd_chunk_scan_fwd_tma", key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -584,17 +578,16 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     tensors = (x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
                ypre if z is not None else out, ready if wait else out)
-    tma_key = (x.device, P, N, Q, seq_idx is not None, z is not None, tuple(t.dtype for t in tensors))
-    descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q) if not wait and _scan_tma(x, tma_key) else None
-    if descriptors is not None:
-        _TMA_TUNED.add(tma_key)
-    launch(_chunk_scan_fwd_kernel, grid, *tensors, *(descriptors or (0,) * 5),
-        L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides,
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N), DOT_DTYPE=dot_dtype,
-        PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl, EVEN=_whole_tiles(L, P, N, Q),
-        TMA=descriptors is not None, **({"launch_pdl": True} if pdl else {}),
-    )
+    scalars = (L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides)
+    flags = dict(HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
+                 HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N),
+                 DOT_DTYPE=dot_dtype, PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl,
+                 EVEN=_whole_tiles(L, P, N, Q), **({"launch_pdl": True} if pdl else {}))
+    descriptors = None
+    if not wait and _scan_tma(x, signature(*tensors, *scalars, **flags)):
+        descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q)
+    launch(_chunk_scan_fwd_kernel, grid, *tensors, *(descriptors or (0,) * 5), *scalars, **flags,
+           TMA=descriptors is not None)
     return out, ypre, final, dt_c, cs_c, states if keep_states else absent(x)
 
 
