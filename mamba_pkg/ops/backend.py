@@ -112,6 +112,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def sm90(index: int) -> bool:
+    """Whether CUDA device ``index`` is an NVIDIA sm_90+ GPU (Hopper: programmatic dependent launch,
+    TMA bulk copies), cached."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def sm_count(device) -> int:
     """Multiprocessors of a CUDA device (a torch.device or its index; None: the current one), cached."""
     index = device.index if isinstance(device, torch.device) else device

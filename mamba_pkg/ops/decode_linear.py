@@ -62,6 +62,7 @@ from mamba_pkg.ops.backend import (
     ptx_math,
     ptx_sigmoid,
     resolve_backend,
+    sm90,
     sm_count,
     tl,
     triton,
@@ -225,16 +226,11 @@ PREPASS_FP32 = True
 PREPASS_MAX_K = 8192
 
 
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index):
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def use_pdl(t: Tensor) -> bool:
     """Launch the decode kernels on t's device with programmatic dependent launch: CUDA on sm_90+,
     not the interpreter. Every kernel so launched must call gdc_wait before it reads an activation
     or writes anything, so that "kernel k finished" still implies "every kernel before it did"."""
-    return PDL and t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
+    return PDL and _sm90(t)
 
 
 @functools.lru_cache(maxsize=None)
@@ -773,7 +769,7 @@ def _aligned(t):
 
 def _sm90(t):
     """t is on an sm_90+ CUDA device and kernels are compiled (TMA, bulk prefetch)."""
-    return t.is_cuda and not triton_interpret() and _has_pdl(t.device.index)
+    return t.is_cuda and not triton_interpret() and sm90(t.device.index)
 
 
 def _descriptor(t, block):
@@ -817,8 +813,8 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
     pdl = use_pdl(x)
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
-    sm90 = _sm90(x)
-    prefetch = DOT_PREFETCH_K if sm90 and _aligned(weight) else 0
+    hopper = _sm90(x)
+    prefetch = DOT_PREFETCH_K if hopper and _aligned(weight) else 0
     line = 128 // weight.element_size() if DOT_PREFETCH_LINES else 0
     if prefetch and line:
         prefetch = next_pow2(max(min(prefetch, k_split), line))  # a power of two of lines, at most the K range's
@@ -838,7 +834,7 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     )
     tma = DOT_TMA and (k_split // block_k >= DOT_TMA_MIN_STEPS or norm_weight is not None) and (
         triton_interpret()  # the interpreter runs descriptors too (CPU tests)
-        or (sm90 and (DOT_TMA_EAGER or torch.cuda.is_current_stream_capturing()
+        or (hopper and (DOT_TMA_EAGER or torch.cuda.is_current_stream_capturing()
                       or variant_needed("decode_linear_dot_tma", signature(*args, **kwargs)))))
     w_desc = _descriptor(weight, [block_n, block_k]) if tma else None
     x_desc = _descriptor(x, [block_b, block_k]) if tma else None

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from mamba_pkg.ops._library import absent, launcher_op
-from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, tl, triton, triton_interpret
+from mamba_pkg.ops.backend import cdiv, ptx_exp2, ptx_math, ptx_sigmoid, sm90, tl, triton, triton_interpret
 from mamba_pkg.ops._launch import launch, signature, variant_needed
 from mamba_pkg.ops.ssd.chunk_state import (_chunk_state_fwd_outputs, _dot, _dt_rows, _softplus, _state_walks_bwd,
                                             _state_walks_bwd_outputs, block_size, dot_dtype_for, dt_launch_args,
@@ -425,11 +425,6 @@ def _chunk_scan_fwd_outputs(x, z, B, Q, keep_states):
 OVERLAP_WALK = False
 
 
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index):
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 # The forward scan's x, C and C B^T tiles by bulk copies (TMA, sm_90+, through Triton's tensor
 # descriptors) where every tile lies inside its tensor (_whole_tiles) and the tensors allow 2-D
 # views with 16-byte aligned rows; else (and when off) plain loads; same bits either way. H100,
@@ -459,11 +454,6 @@ def _scan_tma(x, key):
     if SCAN_TMA_EAGER_ROWS is not None and x.shape[0] * x.shape[1] * x.shape[2] >= SCAN_TMA_EAGER_ROWS:
         return True
     return variant_needed("ssd_chunk_scan_fwd_tma", key)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_tma(device_index):
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -514,7 +504,7 @@ def _bulk_copies_apply(L, P, N, Q, views) -> bool:
     Triton with tensor descriptors, an sm_90+ GPU or the interpreter, 16-byte aligned bases and rows."""
     device = views[0][0].device
     return _whole_tiles(L, P, N, Q) and max(P, N) <= 256 and _has_descriptors() \
-        and (triton_interpret() or (device.type == "cuda" and _has_tma(device.index))) \
+        and (triton_interpret() or (device.type == "cuda" and sm90(device.index))) \
         and not any(t.data_ptr() % 16 or (row * t.element_size()) % 16 for t, row in views)
 
 
@@ -568,7 +558,7 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     (cb,) = _bmm_chunk(B, C, Q, dot_dtype, (_cb_operand_dtype(dot_dtype),),
                        dt_job=(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, *walk_outputs[2:]))
     wait = OVERLAP_WALK
-    pdl = wait and x.is_cuda and not triton_interpret() and _has_pdl(x.device.index)
+    pdl = wait and x.is_cuda and not triton_interpret() and sm90(x.device.index)
     ready = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.int32) if wait else None
     states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
                                                     dt_min, dt_max, Q, True, ready, pdl, walk_outputs)
