@@ -607,20 +607,23 @@ def test_scan_bulk_copies_policy(monkeypatch):
     monkeypatch.setattr(chunk_scan, "triton_interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
+    asked = []
+    key = lambda: asked.append(1) or "key"  # noqa: E731
     small = SimpleNamespace(is_cuda=True, shape=(4, 2048, 32, 64))
     big = SimpleNamespace(is_cuda=True, shape=(4, 32768, 32, 64))
-    assert chunk_scan._scan_tma(small, "key")  # first launch of the signature
-    assert not chunk_scan._scan_tma(small, "key")
-    assert chunk_scan._scan_tma(small, "other key")
-    assert chunk_scan._scan_tma(big, "key")
+    assert chunk_scan._scan_tma(small, key)  # first launch of the signature
+    assert not chunk_scan._scan_tma(small, key)
+    assert chunk_scan._scan_tma(small, lambda: "other key")
+    assert chunk_scan._scan_tma(big, key)
     capturing[0] = True
-    assert chunk_scan._scan_tma(small, "key")
+    assert chunk_scan._scan_tma(small, key)
+    assert len(asked) == 2  # the signature only for the small eager launches
     monkeypatch.setattr(chunk_scan, "SCAN_TMA_EAGER_ROWS", None)
     capturing[0] = False
-    assert not chunk_scan._scan_tma(big, "key")
+    assert not chunk_scan._scan_tma(big, key)
     monkeypatch.setattr(chunk_scan, "SCAN_TMA", False)
     capturing[0] = True
-    assert not chunk_scan._scan_tma(small, "third key")
+    assert not chunk_scan._scan_tma(small, lambda: "third key")
 
 
 def test_launch_signature_and_variant_needed(monkeypatch):

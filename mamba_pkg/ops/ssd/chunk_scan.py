@@ -444,16 +444,17 @@ SCAN_TMA_EAGER_ROWS = 1 << 22
 def _scan_tma(x, key):
     """Whether the forward scan of x (B, L, H, P) asks for bulk copies: SCAN_TMA, and in the
     interpreter, while capturing a CUDA graph, or eagerly from SCAN_TMA_EAGER_ROWS rows (see there);
-    _scan_descriptors then says whether they apply. key: the launch's signature (_launch.signature):
-    its first eager launch takes the bulk copies anyway, so that their variant is compiled and tuned
-    before a graph captures it (_launch.variant_needed)."""
+    _scan_descriptors then says whether they apply. key: a callable giving the launch's signature
+    (_launch.signature), computed only for the eager launches below that size: the first of a
+    signature takes the bulk copies anyway, so that their variant is compiled and tuned before a
+    graph captures it (_launch.variant_needed)."""
     if not SCAN_TMA:
         return False
     if triton_interpret() or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return True
     if SCAN_TMA_EAGER_ROWS is not None and x.shape[0] * x.shape[1] * x.shape[2] >= SCAN_TMA_EAGER_ROWS:
         return True
-    return variant_needed("ssd_chunk_scan_fwd_tma", key)
+    return variant_needed("ssd_chunk_scan_fwd_tma", key())
 
 
 @functools.lru_cache(maxsize=None)
@@ -574,7 +575,7 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
                  DOT_DTYPE=dot_dtype, PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl,
                  EVEN=_whole_tiles(L, P, N, Q), **({"launch_pdl": True} if pdl else {}))
     descriptors = None
-    if not wait and _scan_tma(x, signature(*tensors, *scalars, **flags)):
+    if not wait and _scan_tma(x, lambda: signature(*tensors, *scalars, **flags)):
         descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q)
     launch(_chunk_scan_fwd_kernel, grid, *tensors, *(descriptors or (0,) * 5), *scalars, **flags,
            TMA=descriptors is not None)
