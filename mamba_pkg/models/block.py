@@ -101,13 +101,19 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
+    def _rms_decode_token(self, hidden_states, inference_params, mixer_kwargs) -> bool:
+        """One token (B, 1, dim) continuing a cache, without mixer arguments, into a fused RMSNorm: the
+        decode steps that the two paths below may take."""
+        return (inference_params is not None and inference_params.seqlen_offset > 0 and not mixer_kwargs
+                and self.fused_add_norm and isinstance(self.norm, RMSNorm)
+                and hidden_states.dim() == 3 and hidden_states.shape[1] == 1)
+
     def _fused_step(self, hidden_states, inference_params, mixer_kwargs) -> bool:
         """A decode step that can run add + RMSNorm + in_proj as one launch: one token of at most
         STEP_LINEAR_MAX_ROWS rows and width STEP_NORM_MAX_DIM, continuing a cache, a mixer with
         cached_step and a plain in_proj, no MLP (its norm2 would need the mixer's output first)."""
-        return (inference_params is not None and inference_params.seqlen_offset > 0 and not mixer_kwargs
-                and self.mlp is None and self.fused_add_norm and isinstance(self.norm, RMSNorm)
-                and hasattr(self.mixer, "cached_step") and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
+        return (self._rms_decode_token(hidden_states, inference_params, mixer_kwargs)
+                and self.mlp is None and hasattr(self.mixer, "cached_step")
                 and hidden_states.shape[0] <= _cache_utils.STEP_LINEAR_MAX_ROWS
                 and hidden_states.shape[-1] <= _cache_utils.STEP_NORM_MAX_DIM and plain_linear(self.mixer.in_proj))
 
@@ -115,9 +121,7 @@ class Block(nn.Module):
         """A decode step whose add + RMSNorm runs as decode_linear.add_rms_norm_rows (STEP_NORM_ROWS):
         one token of up to decode_linear.MAX_ROWS rows continuing a cache, a fused RMSNorm of width
         <= PREPASS_MAX_K, no gradient (the row kernel has no backward)."""
-        return (_cache_utils.STEP_NORM_ROWS and inference_params is not None and inference_params.seqlen_offset > 0
-                and not mixer_kwargs and self.fused_add_norm and isinstance(self.norm, RMSNorm)
-                and hidden_states.dim() == 3 and hidden_states.shape[1] == 1
+        return (_cache_utils.STEP_NORM_ROWS and self._rms_decode_token(hidden_states, inference_params, mixer_kwargs)
                 and hidden_states.shape[0] <= _dl.MAX_ROWS and hidden_states.shape[-1] <= _dl.PREPASS_MAX_K
                 and not (torch.is_grad_enabled() and (hidden_states.requires_grad or self.norm.weight.requires_grad)))
 
