@@ -527,6 +527,18 @@ def test_gpu_full_size(batch):
     torch.testing.assert_close(out.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=2e-2)
 
 
+def _record_descriptors(monkeypatch):
+    """decode_linear's TMA descriptors as they are made: a list of (tensor shape, descriptor or None)."""
+    made = []
+    descriptor = dl._descriptor
+
+    def record(t, block):
+        made.append((t.shape, descriptor(t, block)))
+        return made[-1][1]
+    monkeypatch.setattr(dl, "_descriptor", record)
+    return made
+
+
 @pytest.mark.parametrize("norm,conv,aligned", [(False, False, True), (True, False, True), (False, 4, True),
                                                (False, False, False)])
 def test_dot_tma_matches_pointer_loads(norm, conv, aligned, monkeypatch):
@@ -538,9 +550,7 @@ def test_dot_tma_matches_pointer_loads(norm, conv, aligned, monkeypatch):
     _small_dot(monkeypatch, block_k=32, split=True)
     monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 0)
     monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)
-    made = []
-    descriptor = dl._descriptor
-    monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(descriptor(t, block)) or made[-1])
+    made = _record_descriptors(monkeypatch)
     torch.manual_seed(5)
     width = 200 if aligned else 201
     x = torch.randn(19, 2 * width, device=DEVICE)[:, width:width + 200]
@@ -556,7 +566,7 @@ def test_dot_tma_matches_pointer_loads(norm, conv, aligned, monkeypatch):
         outs.append(rms_norm_linear(x, nw, w, b, 1e-5, backend="triton") if norm
                     else decode_linear(x, w, b, conv=conv_args, backend="triton"))
         states.append(conv_args[0] if conv else None)
-    assert [d is not None for d in made] == [True, aligned]  # the weight's, then x's
+    assert [d is not None for _, d in made] == [True, aligned]  # the weight's, then x's
     assert torch.equal(outs[1], outs[0])
     if conv:
         assert torch.equal(states[1], states[0])
@@ -571,15 +581,13 @@ def test_dot_tma_min_steps(monkeypatch):
     monkeypatch.setattr(dl, "DOT_TMA", True)
     monkeypatch.setattr(dl, "DOT_TMA_EAGER", True)
     monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 3)
-    made = []
-    descriptor = dl._descriptor
-    monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(t.shape) or descriptor(t, block))
+    made = _record_descriptors(monkeypatch)
     x, w, nw = torch.randn(19, 200, device=DEVICE), torch.randn(37, 200, device=DEVICE), torch.randn(200, device=DEVICE)
     torch.testing.assert_close(decode_linear(x, w, backend="triton"), decode_linear_ref(x, w), rtol=1e-4, atol=1e-4)
     assert made == []
     torch.testing.assert_close(rms_norm_linear(x, nw, w, None, 1e-5, backend="triton"),
                                rms_norm_linear_ref(x, nw, w, None, 1e-5), rtol=1e-4, atol=1e-4)
-    assert made == [w.shape, x.shape]
+    assert [shape for shape, _ in made] == [w.shape, x.shape]
 
 
 def test_dot_tma_and_prefetch_need_aligned_rows():
@@ -677,22 +685,20 @@ def test_gpu_dot_tma_only_while_capturing(monkeypatch):
     from mamba_pkg.ops import _launch
 
     monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
-    made = []
-    descriptor = dl._descriptor
-    monkeypatch.setattr(dl, "_descriptor", lambda t, block: made.append(t.shape) or descriptor(t, block))
+    made = _record_descriptors(monkeypatch)
     torch.manual_seed(1)
     x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
     nw = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
     w = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
     first = rms_norm_linear(x, nw, w, None, 1e-5)
-    assert made == [w.shape, x.shape]
+    assert [shape for shape, _ in made] == [w.shape, x.shape]
     made.clear()
     eager = rms_norm_linear(x, nw, w, None, 1e-5)
     assert made == []
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = rms_norm_linear(x, nw, w, None, 1e-5)
-    assert made == [w.shape, x.shape]
+    assert [shape for shape, _ in made] == [w.shape, x.shape]
     graph.replay()
     torch.cuda.synchronize()
     ref = rms_norm_linear_ref(x, nw, w, None, 1e-5)
