@@ -443,15 +443,17 @@ OVERLAP_WALK = False
 # Programmatic dependent launch (PDL, sm_90+) along the forward's launches, each later launch a
 # dependent of the one before: its programs may start while its predecessor runs (the predecessor lets
 # them at its start, gdc_launch_dependents) and wait (gdc_wait) before they read what it writes; no
-# counters (OVERLAP_WALK's). The graph launch gap and the next kernel's start then overlap the
-# predecessor's tail. 0: off. 1: C B^T with the dt processing -> walk -> scan. 2: dt processing -> walk
-# -> C B^T -> scan: C B^T (no input from the walk) runs beside the walk, whose programs (one per SM at
-# the main shape, 160 KB of shared memory) leave room for it; one C B^T program waits for the walk at
-# its end, so that the scan's wait (for C B^T) implies the walk's. Order 2 is one launch more than 1
-# (host time: +11 us per eager forward on the CPU model of host_ssd.py, ~4x that on the H100's host), so
-# eagerly it runs like the bulk copies (_graph_variant): from FORWARD_PDL_EAGER_ROWS rows and on the first
-# call of a signature; other eager calls run order 1. The interpreter runs the order without PDL; GPUs
-# before sm_90 run 0.
+# counters (OVERLAP_WALK's). 0: off. 1: C B^T with the dt processing -> walk -> scan. 2: dt processing
+# -> walk -> C B^T -> scan: C B^T (no input from the walk) runs beside the walk, whose programs (one per
+# SM at the main shape, ~162 KB of shared memory) leave room for it; one C B^T program waits for the walk
+# at its end, so that the scan's wait (for C B^T) implies the walk's. H100, same process, CUDA graph
+# (session 12), orders 2 / 1 / 0: forward 0.326 / 0.335 / 0.335 ms at B=4 L=8192 H=32 (mamba_ssm 0.662),
+# 0.091 / 0.092 / 0.093 at L=2048, 0.146 / 0.148 / 0.149 at B=8 L=2048 H=24; fwd+bwd 1.356 / 1.360 / 1.365
+# at L=8192: hiding the launch gaps (order 1) gains nothing, C B^T off the critical path ~9 us. Order 2 is
+# one launch more than 1 (host time: +11 us per eager forward on the CPU model of host_ssd.py, ~4x that on
+# the H100's host), so eagerly it runs like the bulk copies (_graph_variant): from FORWARD_PDL_EAGER_ROWS
+# rows and on the first call of a signature; other eager calls run order 1. The interpreter runs the order
+# without PDL; GPUs before sm_90 run 0.
 FORWARD_PDL = 2
 FORWARD_PDL_EAGER_ROWS = 1 << 22
 
