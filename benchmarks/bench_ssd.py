@@ -26,6 +26,12 @@ session 10: also dB/dC beside dx). `--train-shape` (with
 `--lengths`) adds Mamba-2 130m's training shape, B=8 L=2048 H=24. `--tma-ab` adds, at every shape, ours with plain
 loads instead of bulk copies (TMA) in the forward scan (provider ours_no_tma: chunk_scan.SCAN_TMA off, the forward
 before session 11).
+`--forward-pdl K [K ...]` adds, at every shape, ours with chunk_scan.FORWARD_PDL = K (provider
+ours_forward_pdl=K; 0: the forward's three launches one after the other, session 11's; 1: programmatic dependent
+launches along them; 2, the default since session 12: dt processing, walk, C B^T beside the walk, scan, chained the
+same way). `--walk-probe` times
+the forward walk alone (CUDA graph) at the main shape in each of a few pinned configs (chunk_state's space and deeper
+pipelines).
 `--dbc-block-n` / `--two-walk-launches` switch our backward to its other layouts (the stage
 times of `--stages` compare them at the main shape).
 
@@ -37,7 +43,7 @@ TRITON_CACHE_DIR, and the benchmark then only loads and times.
 
     PYTHONPATH=. python benchmarks/bench_ssd.py [--quick | --lengths L .. [--train-shape]] [--stages] [--profile]
         [--host-profile] [--uncached] [--overlap] [--save-states] [--backward-streams K ..] [--tma-ab]
-        [--budget-s S]
+        [--forward-pdl K ..] [--walk-probe] [--budget-s S]
     PYTHONPATH=. python benchmarks/bench_ssd.py --precompile 64 128 256
 """
 
@@ -126,6 +132,9 @@ def bench_case(s, provider, fwdbwd):
     if provider == NO_TMA:
         with plain_loads():
             return bench_case(s, "ours", fwdbwd)
+    if provider.startswith(FWD_PDL):
+        with forward_pdl(int(provider[len(FWD_PDL):])):
+            return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
     def fwd():
@@ -143,6 +152,9 @@ def bench_case(s, provider, fwdbwd):
             # autograd.grad, not backward(): no .grad accumulation kernels in the timing.
             return torch.autograd.grad(fwd(), leaves, grad)
 
+    # Twice: the first eager call of a signature takes the variants of CUDA-graph captures (chunk_scan's
+    # bulk copies, launch order 2), the second the eager ones, compiled here and not inside the timing.
+    step()
     step()
     return time_ms(step, warmup_ms=50, rep_ms=200), graph_ms(step), host_ms(step, n=20)
 
@@ -172,6 +184,11 @@ STREAMS = "ours_backward_streams="
 NO_TMA = "ours_no_tma"
 
 
+# Our forward's launches chained by programmatic dependent launch or not (chunk_scan.FORWARD_PDL = k: 0 = session 11's
+# three launches one after the other, 1 = chained, 2 = dt processing, walk, C B^T beside the walk, scan, chained).
+FWD_PDL = "ours_forward_pdl="
+
+
 @contextlib.contextmanager
 def module_flag(module, name, value):
     """``module.name = value`` inside the block, its previous value after it."""
@@ -193,6 +210,12 @@ def plain_loads():
     from mamba_pkg.ops.ssd import chunk_scan
 
     return module_flag(chunk_scan, "SCAN_TMA", False)
+
+
+def forward_pdl(k):
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    return module_flag(chunk_scan, "FORWARD_PDL", k)
 
 
 def saved_states():
@@ -358,6 +381,39 @@ def stage_profile(s):
     return out
 
 
+# (BLOCK_P, BLOCK_N, BLOCK_L, warps, stages, maxnreg) of the forward walk probe: the session 10-11 pick first.
+WALK_PROBE = ((64, 128, 256, 8, 2, None), (64, 128, 128, 8, 2, None), (64, 128, 128, 8, 3, None),
+              (64, 128, 128, 8, 4, None), (64, 64, 256, 8, 2, 128))
+
+
+def walk_probe(s):
+    """The forward walk alone (dt processed once before), CUDA graph ms, in each WALK_PROBE config."""
+    import triton
+
+    from mamba_pkg.ops.ssd import chunk_state
+    from mamba_pkg.ops.ssd.chunk_state import _chunk_state_fwd_outputs, launch_forward_walk
+
+    x, dt, A, B, C, D, dt_bias = make_inputs(s, False)
+    Q, inf = CHUNK, float("inf")
+    outputs = _chunk_state_fwd_outputs(x, B, Q, True)
+    launch_forward_walk(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True, outputs=outputs, process_dt=True)
+    kernel = chunk_state._chunk_state_walks_kernel
+    out = {}
+    for bp, bn, bl, w, st, r in WALK_PROBE:
+        cfg = triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=st, maxnreg=r)
+        name = f"({bp}, {bn}, {bl}) w{w} s{st} r{r}"
+        with module_flag(kernel, "configs", [cfg]), module_flag(kernel, "cache", {}):
+            def walk():
+                launch_forward_walk(x, dt, A, B, dt_bias, None, None, True, 0.0, inf, Q, True, outputs=outputs)
+            try:
+                out[name] = graph_ms(walk)
+            except Exception as exc:  # e.g. out of shared memory
+                print(f"  walk probe {name}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+        print(f"  walk probe {name}: {out[name]:.4f} ms (graph)", flush=True)
+    return out
+
+
 def kernel_profile(s, provider):
     """torch.profiler table of the GPU kernels of 3 fwd+bwd steps at shape s."""
     from torch.profiler import ProfilerActivity, profile
@@ -423,6 +479,10 @@ def main():
                     help=f"every shape, fwd+bwd: also ours with chunk_scan.BACKWARD_STREAMS = K (provider {STREAMS}K)")
     ap.add_argument("--tma-ab", action="store_true",
                     help=f"every shape: also ours with plain loads instead of bulk copies (provider {NO_TMA})")
+    ap.add_argument("--forward-pdl", type=int, nargs="+", metavar="K", default=[],
+                    help=f"every shape: also ours with chunk_scan.FORWARD_PDL = K (provider {FWD_PDL}K)")
+    ap.add_argument("--walk-probe", action="store_true",
+                    help="main shape: time the forward walk alone in a few pinned configs (CUDA graph)")
     ap.add_argument("--train-shape", action="store_true",
                     help="with --lengths: also Mamba-2 130m's training shape (B=8, L=2048, H=24)")
     ap.add_argument("--dbc-block-n", type=int, help="our dB/dC kernel's N block (chunk_scan.DBC_BLOCK_N)")
@@ -459,7 +519,7 @@ def main():
             variants = ((UNCACHED,) if args.uncached else ()) + ((OVERLAP,) if args.overlap else ())
             saved = ((SAVED,) if args.save_states and fwdbwd else ()) \
                 + (tuple(f"{STREAMS}{k}" for k in args.backward_streams) if fwdbwd else ()) \
-                + ((NO_TMA,) if args.tma_ab else ())
+                + ((NO_TMA,) if args.tma_ab else ()) + tuple(f"{FWD_PDL}{k}" for k in args.forward_pdl)
             for provider in ("ours", "mamba_ssm") + (variants if i == 0 else ()) + saved:
                 res = try_provider(provider, lambda s=s, provider=provider, fwdbwd=fwdbwd: bench_case(s, provider, fwdbwd))
                 for timing, k in (("eager", 0), ("graph", 1)):
@@ -479,6 +539,8 @@ def main():
                 print(f"{case} {provider}: eager/graph/host ms {res} (at {time.time() - t_start:.0f} s)", flush=True)
         save_results(args.name, [dict(r) for r in rows])  # after every shape: a cut-off run keeps its rows
         tuned_configs()
+        if args.walk_probe and i == 0:
+            try_provider("ours", lambda s=s: walk_probe(s))
         if args.stages and i == 0:
             try_provider("ours", lambda s=s: stage_profile(s))
         if args.profile and i == 0:

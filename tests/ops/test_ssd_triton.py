@@ -300,6 +300,56 @@ def test_scan_beside_the_walk_gives_the_same_bits(monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_forward_launch_orders_give_the_same_bits(monkeypatch):
+    """chunk_scan.FORWARD_PDL 2 (dt processing, walk, C B^T, scan; on sm_90+ each a programmatic dependent
+    launch after the one before) gives the bits of order 1 (C B^T with the dt processing, walk, scan; chained)
+    and 0 (the same, not chained), forward and backward, with z and an initial state (the interpreter: the
+    launch orders without PDL). On CUDA bf16 at the benchmark's head shape, 3 chunks: the cached launches
+    keep the PDL attribute (the compiled launcher's), and a CUDA graph of each chained forward replays the
+    eager bits."""
+    from mamba_pkg.ops import _launch
+    from mamba_pkg.ops.ssd import chunk_scan, chunk_state
+
+    cuda = DEVICE == "cuda"
+    shape, chunk = ((2, 768, 8, 64, 1, 128), 256) if cuda else ((1, 48, 2, 4, 1, 8), 16)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    inputs = make(*shape)
+    monkeypatch.setattr(chunk_scan, "FORWARD_PDL_EAGER_ROWS", 0)  # order 2 on every eager call too
+    results = {}
+    for order in (2, 2, 1, 0):  # order 2 twice: the second call's launches are cached ones
+        monkeypatch.setattr(chunk_scan, "FORWARD_PDL", order)
+        results[order] = run(inputs, dtype, "triton", chunk)
+    for order in (0, 1):
+        for k in results[2]:
+            assert torch.equal(results[2][k], results[order][k]), (order, k)
+    if not cuda:
+        compare_fp32(results[2], run(inputs, torch.float32, "ref", chunk), 1e-4)
+        return
+    chained = [(key, entry) for kernel in (chunk_state._chunk_state_walks_kernel, chunk_scan._chunk_scan_fwd_kernel,
+                                           chunk_scan._bmm_chunk_kernel)
+               for key, entry in _launch._caches.get(kernel, {}).items()
+               if isinstance(key, tuple) and ("launch_pdl", True) in key[3]]
+    if chunk_scan._pdl_chain(inputs["x"]):  # sm_90+
+        assert len(chained) >= 3 and all(entry[0].metadata.launch_pdl for _, entry in chained)
+    args = {k: (v.to(dtype) if k in ("x", "dt", "B", "C", "z") else v) for k, v in inputs.items() if v is not None}
+    monkeypatch.setattr(chunk_scan, "FORWARD_PDL_EAGER_ROWS", None)  # eager: order 1 after the first call
+    for order in (2, 1):
+        monkeypatch.setattr(chunk_scan, "FORWARD_PDL", order)
+
+        def fwd():
+            return mamba_chunk_scan_combined(**args, chunk_size=chunk, dt_softplus=True, return_final_states=True)
+        with torch.no_grad():
+            fwd()
+            eager = fwd()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = fwd()
+            graph.replay()
+            torch.cuda.synchronize()
+        for got, want in zip(captured, eager):
+            assert torch.equal(got, want), order
+
+
 @pytest.mark.parametrize("case", ["groups", "seq_idx"])
 def test_scan_bulk_copies_give_the_same_bits(monkeypatch, case):
     """chunk_scan.SCAN_TMA (the forward scan's tiles through tensor descriptors, whole tiles) gives
@@ -624,6 +674,36 @@ def test_scan_bulk_copies_policy(monkeypatch):
     monkeypatch.setattr(chunk_scan, "SCAN_TMA", False)
     capturing[0] = True
     assert not chunk_scan._scan_tma(small, lambda: "third key")
+
+
+def test_forward_launch_order_policy(monkeypatch):
+    """Where the forward takes launch order 2 (one launch more than order 1: host time) on an sm_90+
+    GPU: as the bulk copies (_graph_variant with FORWARD_PDL_EAGER_ROWS), else order 1; with FORWARD_PDL
+    1 always 1; without a PDL-capable GPU 0; in the interpreter FORWARD_PDL's order without PDL."""
+    from types import SimpleNamespace
+
+    from mamba_pkg.ops import _launch
+    from mamba_pkg.ops.ssd import chunk_scan
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
+    small = SimpleNamespace(is_cuda=True, shape=(4, 2048, 32, 64))
+    big = SimpleNamespace(is_cuda=True, shape=(4, 32768, 32, 64))
+    if chunk_scan.triton_interpret():
+        assert chunk_scan._forward_pdl(small, lambda: "key") == (2, False)
+    monkeypatch.setattr(chunk_scan, "triton_interpret", lambda: False)
+    monkeypatch.setattr(chunk_scan, "_pdl_chain", lambda x: True)
+    assert chunk_scan._forward_pdl(small, lambda: "key") == (2, True)  # the signature's first call
+    assert chunk_scan._forward_pdl(small, lambda: "key") == (1, True)
+    assert chunk_scan._forward_pdl(big, lambda: "key") == (2, True)
+    capturing[0] = True
+    assert chunk_scan._forward_pdl(small, lambda: "key") == (2, True)
+    monkeypatch.setattr(chunk_scan, "FORWARD_PDL", 1)
+    assert chunk_scan._forward_pdl(big, lambda: "other key") == (1, True)
+    monkeypatch.setattr(chunk_scan, "_pdl_chain", lambda x: False)
+    monkeypatch.setattr(chunk_scan, "FORWARD_PDL", 2)
+    assert chunk_scan._forward_pdl(big, lambda: "key") == (0, False)
 
 
 def test_launch_signature_and_variant_needed(monkeypatch):

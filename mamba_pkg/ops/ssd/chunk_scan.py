@@ -172,10 +172,17 @@ def _bmm_chunk_kernel(
     H, dt_min, dt_max, stride_dt_b, stride_dt_l, stride_dt_h,
     TWO_COPIES: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, WITH_DT: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-    HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr, BLOCK_H: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    JOIN: tl.constexpr,
 ):
     """C B^T tiles; WITH_DT: the programs after the first n_cb_programs process dt instead
-    (chunk_state._dt_rows), one launch fewer before the walk."""
+    (chunk_state._dt_rows), one launch fewer before the walk. LAUNCH_DEPENDENTS (a programmatic
+    dependent launch follows): the next launch may start once every program has started. JOIN (this
+    launch is a programmatic dependent launch that reads nothing its predecessor writes, FORWARD_PDL 2):
+    program 0 waits for the predecessor at its end, so that this launch completes after it (the
+    launch after this one waits for this one only)."""
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     if WITH_DT:
         if tl.program_id(0) >= n_cb_programs:
             _dt_rows(tl.program_id(0) - n_cb_programs, dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H,
@@ -187,6 +194,9 @@ def _bmm_chunk_kernel(
     else:
         _cb_tile(B_ptr, C_ptr, cb_ptr, cb2_ptr, L, N, G, nchunks, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
                  TWO_COPIES, Q, BLOCK_M, BLOCK_N, DOT_DTYPE)
+    if JOIN:
+        if tl.program_id(0) == 0:
+            tl.extra.cuda.gdc_wait()
 
 
 def _cb_operand_dtype(dot_dtype):
@@ -197,11 +207,13 @@ def _cb_operand_dtype(dot_dtype):
     return torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32
 
 
-def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None, dt_job=None):
+def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None, dt_job=None, pdl=0):
     """CB (B, C, G, Q, Q), lower block triangle filled: one tensor per entry of `dtypes`
     (one or two dtypes; the same tensor twice when they are equal). Allocated on the current
     stream, launched on `stream` (None: the current one). dt_job: the arguments of
-    chunk_state.dt_launch_args, whose dt processing then runs in the same launch."""
+    chunk_state.dt_launch_args, whose dt processing then runs in the same launch. pdl (sm_90+):
+    1 = the first launch of a programmatic dependent launch chain (lets the next one start),
+    2 = a programmatic dependent launch beside its predecessor (FORWARD_PDL 2; see JOIN)."""
     batch, L, G, N = B.shape
     nchunks = cdiv(L, Q)
     cbs = [torch.empty(batch, nchunks, G, Q, Q, device=B.device, dtype=dt) for dt in dict.fromkeys(dtypes)]
@@ -217,7 +229,7 @@ def _bmm_chunk(B, C, Q, dot_dtype, dtypes=(torch.float32,), stream=None, dt_job=
         launch(_bmm_chunk_kernel, (n_cb + n_dt,), B, C, cbs[0], cbs[-1], *dt_ptrs, L, N, G, nchunks, n_cb,
                *B.stride(), *dt_scalars, TWO_COPIES=len(cbs) == 2, Q=Q, BLOCK_M=BLOCK_M, BLOCK_N=block_size(N),
                DOT_DTYPE=dot_dtype, WITH_DT=dt_job is not None, **{k: v for k, v in dt_flags.items() if k != "Q"},
-               num_warps=4)
+               LAUNCH_DEPENDENTS=pdl > 0, JOIN=pdl == 2, num_warps=4, **({"launch_pdl": True} if pdl == 2 else {}))
     return [cbs[0] if dt == dtypes[0] else cbs[-1] for dt in dtypes]
 
 
@@ -234,7 +246,7 @@ def _chunk_scan_fwd_kernel(
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PTX: tl.constexpr, WAIT_READY: tl.constexpr, USE_PDL: tl.constexpr,
-    EVEN: tl.constexpr, TMA: tl.constexpr,
+    EVEN: tl.constexpr, TMA: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
     # TMA (whole tiles): the x, C and C B^T tiles that feed the matrix products arrive by bulk
     # copies (Hopper's TMA: straight to shared memory, no per-element addresses in registers) and
@@ -269,6 +281,9 @@ def _chunk_scan_fwd_kernel(
             if (spins >= 1 << 20) | (i_c == nchunks - 1):
                 tl.extra.cuda.gdc_wait()
         tl.debug_barrier()
+    if PDL_WAIT:
+        # A programmatic dependent launch (FORWARD_PDL): the walk and C B^T before it may still run.
+        tl.extra.cuda.gdc_wait()
     i_g = i_h // heads_per_group
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -425,6 +440,41 @@ def _chunk_scan_fwd_outputs(x, z, B, Q, keep_states):
 OVERLAP_WALK = False
 
 
+# Programmatic dependent launch (PDL, sm_90+) along the forward's launches, each later launch a
+# dependent of the one before: its programs may start while its predecessor runs (the predecessor lets
+# them at its start, gdc_launch_dependents) and wait (gdc_wait) before they read what it writes; no
+# counters (OVERLAP_WALK's). 0: off. 1: C B^T with the dt processing -> walk -> scan. 2: dt processing
+# -> walk -> C B^T -> scan: C B^T (no input from the walk) runs beside the walk, whose programs (one per
+# SM at the main shape, ~162 KB of shared memory) leave room for it; one C B^T program waits for the walk
+# at its end, so that the scan's wait (for C B^T) implies the walk's. H100, same process, CUDA graph
+# (session 12), orders 2 / 1 / 0: forward 0.326 / 0.335 / 0.335 ms at B=4 L=8192 H=32 (mamba_ssm 0.662),
+# 0.091 / 0.092 / 0.093 at L=2048, 0.146 / 0.148 / 0.149 at B=8 L=2048 H=24; fwd+bwd 1.356 / 1.360 / 1.365
+# at L=8192: hiding the launch gaps (order 1) gains nothing, C B^T off the critical path ~9 us. Order 2 is
+# one launch more than 1 (host time: +11 us per eager forward on the CPU model of host_ssd.py, ~4x that on
+# the H100's host), so eagerly it runs like the bulk copies (_graph_variant): from FORWARD_PDL_EAGER_ROWS
+# rows and on the first call of a signature; other eager calls run order 1. The interpreter runs the order
+# without PDL; GPUs before sm_90 run 0.
+FORWARD_PDL = 2
+FORWARD_PDL_EAGER_ROWS = 1 << 22
+
+
+def _pdl_chain(x) -> bool:
+    """Whether the forward's launches on x's device can be chained by programmatic dependent launch."""
+    return x.is_cuda and not triton_interpret() and sm90(x.device.index)
+
+
+def _forward_pdl(x, key) -> tuple[int, bool]:
+    """(launch order, whether its launches are chained by PDL) of the forward of x (FORWARD_PDL;
+    key: see _graph_variant)."""
+    if triton_interpret():
+        return FORWARD_PDL, False
+    if not FORWARD_PDL or not _pdl_chain(x):
+        return 0, False
+    if FORWARD_PDL == 2 and not _graph_variant(x, "ssd_forward_order_2", key, FORWARD_PDL_EAGER_ROWS):
+        return 1, True
+    return FORWARD_PDL, True
+
+
 # The forward scan's x, C and C B^T tiles by bulk copies (TMA, sm_90+, through Triton's tensor
 # descriptors) where every tile lies inside its tensor (_whole_tiles) and the tensors allow 2-D
 # views with 16-byte aligned rows; else (and when off) plain loads; same bits either way. H100,
@@ -442,19 +492,23 @@ SCAN_TMA_EAGER_ROWS = 1 << 22
 
 
 def _scan_tma(x, key):
-    """Whether the forward scan of x (B, L, H, P) asks for bulk copies: SCAN_TMA, and in the
-    interpreter, while capturing a CUDA graph, or eagerly from SCAN_TMA_EAGER_ROWS rows (see there);
-    _scan_descriptors then says whether they apply. key: a callable giving the launch's signature
-    (_launch.signature), computed only for the eager launches below that size: the first of a
-    signature takes the bulk copies anyway, so that their variant is compiled and tuned before a
-    graph captures it (_launch.variant_needed)."""
-    if not SCAN_TMA:
-        return False
+    """Whether the forward scan of x (B, L, H, P) asks for bulk copies: SCAN_TMA and _graph_variant
+    (SCAN_TMA_EAGER_ROWS); _scan_descriptors then says whether they apply."""
+    return SCAN_TMA and _graph_variant(x, "ssd_chunk_scan_fwd_tma", key, SCAN_TMA_EAGER_ROWS)
+
+
+def _graph_variant(x, tag, key, eager_rows) -> bool:
+    """Whether a forward of x (B, L, H, P) takes a variant that costs host time at every eager call
+    and saves GPU time: in the interpreter, off a GPU, while capturing a CUDA graph (the host cost is
+    paid once), or eagerly from eager_rows rows (batch * L * heads; None: never). key: a callable
+    giving the launch's signature (_launch.signature), computed only for the eager launches below that
+    size: the first of a signature (tag: which variant) takes the variant anyway, so that it is
+    compiled and tuned before a graph captures it (_launch.variant_needed)."""
     if triton_interpret() or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return True
-    if SCAN_TMA_EAGER_ROWS is not None and x.shape[0] * x.shape[1] * x.shape[2] >= SCAN_TMA_EAGER_ROWS:
+    if eager_rows is not None and x.shape[0] * x.shape[1] * x.shape[2] >= eager_rows:
         return True
-    return variant_needed("ssd_chunk_scan_fwd_tma", key())
+    return variant_needed(tag, key())
 
 
 @functools.lru_cache(maxsize=None)
@@ -542,7 +596,8 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
                     dt_min: float, dt_max: float, Q: int,
                     keep_states: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward pass: C B^T with the dt processing, the walk (chunk_state.py), the chunk
-    scan. x, z (B, L, H, P) contiguous; returns out (B, L, H, P), y_pre (B, L, H, P) fp32 [empty without z], final
+    scan (FORWARD_PDL 2: the dt processing, the walk, C B^T beside it, the chunk scan). x, z
+    (B, L, H, P) contiguous; returns out (B, L, H, P), y_pre (B, L, H, P) fp32 [empty without z], final
     (B, H, P, N) fp32, dt and cs (B, H, C, Q) fp32 (the processed dt and its cumsum), and with
     keep_states the states entering each chunk (B, C, H, P, N) (else empty).
 
@@ -555,30 +610,45 @@ def _chunk_scan_fwd(x: Tensor, z: Tensor | None, dt: Tensor, A: Tensor, B: Tenso
     nchunks = cdiv(L, Q)
     dot_dtype = dot_dtype_for(x.dtype)
     walk_outputs = _chunk_state_fwd_outputs(x, B, Q, True)
-    # The dt processing runs in the C B^T launch (its programs after the C B^T tiles).
-    (cb,) = _bmm_chunk(B, C, Q, dot_dtype, (_cb_operand_dtype(dot_dtype),),
-                       dt_job=(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, *walk_outputs[2:]))
     wait = OVERLAP_WALK
-    pdl = wait and x.is_cuda and not triton_interpret() and sm90(x.device.index)
-    ready = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.int32) if wait else None
-    states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
-                                                    dt_min, dt_max, Q, True, ready, pdl, walk_outputs)
-    out, ypre = _scan_outputs(x, z)
-    grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
-    seq_arg = seq_idx if seq_idx is not None else cs_c
     seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    tensors = (x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
-               ypre if z is not None else out, ready if wait else out)
     scalars = (L, H, P, N, H // G, nchunks, *x.stride(), *B.stride(), *seq_strides)
     flags = dict(HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
                  HAS_SEQ_IDX=seq_idx is not None, Q=Q, BLOCK_P=block_size(P), BLOCK_N=block_size(N),
-                 DOT_DTYPE=dot_dtype, PTX=ptx_math(_chunk_scan_fwd_kernel.fn), WAIT_READY=wait, USE_PDL=pdl,
-                 EVEN=_whole_tiles(L, P, N, Q), **({"launch_pdl": True} if pdl else {}))
+                 DOT_DTYPE=dot_dtype, PTX=ptx_math(_chunk_scan_fwd_kernel.fn), EVEN=_whole_tiles(L, P, N, Q))
+    memo = []
+
+    def key():
+        """The launch signature of the eager-call policies (_graph_variant: launch order 2, the scan's bulk
+        copies), computed at most once per call and only where asked: a superset of what order 2's launches
+        and the scan specialise on (the tensors allocated here are fresh, so aligned)."""
+        if not memo:
+            memo.append(signature(x, z, dt, A, B, C, D, dt_bias, seq_idx, *scalars, *x.shape, *B.shape, *dt.stride(),
+                                  *C.stride(), dt_softplus, dt_min, dt_max, FORWARD_PDL, **flags))
+        return memo[0]
+    order, chain = _forward_pdl(x, key) if not wait else (0, False)
+    cb_dtypes = (_cb_operand_dtype(dot_dtype),)
+    if order != 2:
+        # The dt processing runs in the C B^T launch (its programs after the C B^T tiles).
+        (cb,) = _bmm_chunk(B, C, Q, dot_dtype, cb_dtypes, pdl=int(chain),
+                           dt_job=(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q, *walk_outputs[2:]))
+    pdl = wait and _pdl_chain(x)
+    ready = torch.zeros(batch, H, nchunks, device=x.device, dtype=torch.int32) if wait else None
+    states, final, dt_c, cs_c = launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus,
+                                                    dt_min, dt_max, Q, True, ready, pdl, walk_outputs,
+                                                    process_dt=order == 2, pdl=chain)
+    if order == 2:
+        (cb,) = _bmm_chunk(B, C, Q, dot_dtype, cb_dtypes, pdl=2 if chain else 0)
+    out, ypre = _scan_outputs(x, z)
+    grid = lambda meta: (H * (Q // meta["BLOCK_M"]) * batch * nchunks,)
+    seq_arg = seq_idx if seq_idx is not None else cs_c
+    tensors = (x, z if z is not None else x, C, cb, D if D is not None else cs_c, seq_arg, dt_c, cs_c, states, out,
+               ypre if z is not None else out, ready if wait else out)
     descriptors = None
-    if not wait and _scan_tma(x, lambda: signature(*tensors, *scalars, **flags)):
+    if not wait and _scan_tma(x, key):
         descriptors = _scan_descriptors(x, z, C, cb, out, ypre, Q)
-    launch(_chunk_scan_fwd_kernel, grid, *tensors, *(descriptors or (0,) * 5), *scalars, **flags,
-           TMA=descriptors is not None)
+    launch(_chunk_scan_fwd_kernel, grid, *tensors, *(descriptors or (0,) * 5), *scalars, **flags, WAIT_READY=wait,
+           USE_PDL=pdl, PDL_WAIT=chain, **({"launch_pdl": True} if pdl or chain else {}), TMA=descriptors is not None)
     return out, ypre, final, dt_c, cs_c, states if keep_states else absent(x)
 
 

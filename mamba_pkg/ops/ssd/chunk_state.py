@@ -216,8 +216,10 @@ def _dt_fwd_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
     stride_dt_b, stride_dt_l, stride_dt_h,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, PTX: tl.constexpr,
-    Q: tl.constexpr, BLOCK_H: tl.constexpr,
+    Q: tl.constexpr, BLOCK_H: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the walk after this launch may start (it waits before reading dt and cs)
+        tl.extra.cuda.gdc_launch_dependents()
     _dt_rows(tl.program_id(0), dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cs_out_ptr, L, H, nchunks, dt_min, dt_max,
              stride_dt_b, stride_dt_l, stride_dt_h, HAS_DT_BIAS, DT_SOFTPLUS, HAS_DT_LIMIT, PTX, Q, BLOCK_H)
 
@@ -380,6 +382,7 @@ def _chunk_state_walks_kernel(
     STORE_STATES: tl.constexpr, FWD: tl.constexpr, REV: tl.constexpr, SIGNAL: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr,
     Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """FWD only: the forward pass's walk (states, final). FWD and REV: the backward's two walks
     side by side in one launch (grid axis 1 = 2 * batch * H; the first half reruns the forward
@@ -388,9 +391,13 @@ def _chunk_state_walks_kernel(
     with the SMs half idle, so the two overlap. REV only: the state-gradient walk alone.
     LAUNCH_DEPENDENTS (a programmatic dependent launch follows): the next kernel may start once
     every program of this one has started; it must wait for the ready counts (SIGNAL) of what
-    it reads."""
-    if LAUNCH_DEPENDENTS:
+    it reads. PDL (chunk_scan.FORWARD_PDL, the forward walk): a programmatic dependent launch in a
+    chain: the next launch may start at once; this one waits for its predecessor (the dt processing)
+    before it reads anything."""
+    if LAUNCH_DEPENDENTS or PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     i_bh = tl.program_id(1)
     # Two call sites per walk: the forward pass's walk alone must not sit under the runtime
     # branch (offline sm_90 compile: 187 registers instead of 145 at (32, 128)).
@@ -478,20 +485,26 @@ def _walk_grid(batch, H, P, N, n_walks):
 
 
 def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softplus, dt_min, dt_max, Q, store_states,
-                 ready=None, launch_dependents=False, outputs=None):
+                 ready=None, launch_dependents=False, outputs=None, process_dt=None, pdl=False):
     """Launch the dt processing and the forward walk. ready: (B, H, C) int32 zeros, counted up as
     the chunks' states are written; launch_dependents: the next launch is a programmatic dependent
     launch. outputs: (states, final, dt, cs) from _chunk_state_fwd_outputs with dt and cs already
-    filled (chunk_scan.py's forward op processes dt in its C B^T launch); None: allocated here,
-    and dt processed by a launch of its own. Returns states (B, C, H, P, N) [empty unless
-    store_states], final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs (B, H, C, Q) fp32."""
+    filled (chunk_scan.py's forward op processes dt in its C B^T launch) unless process_dt; None:
+    allocated here. process_dt (default: outputs is None): dt processed by a launch of its own.
+    pdl (chunk_scan.FORWARD_PDL): the walk is a programmatic dependent launch after the launch
+    before it (the dt processing here, or the caller's), and lets the next one start. Returns states
+    (B, C, H, P, N) [empty unless store_states], final (B, H, P, N) fp32, dt (B, H, C, Q) fp32, cs
+    (B, H, C, Q) fp32."""
     batch, L, H, P = x.shape
     N = B.shape[3]
+    if process_dt is None:
+        process_dt = outputs is None
     if outputs is None:
         outputs = _chunk_state_fwd_outputs(x, B, Q, store_states)
+    if process_dt:
         n_dt, dt_ptrs, dt_scalars, dt_flags = dt_launch_args(dt, A, dt_bias, dt_softplus, dt_min, dt_max, Q,
                                                              *outputs[2:])
-        launch(_dt_fwd_kernel, (n_dt,), *dt_ptrs, *dt_scalars, **dt_flags, num_warps=4)
+        launch(_dt_fwd_kernel, (n_dt,), *dt_ptrs, *dt_scalars, **dt_flags, LAUNCH_DEPENDENTS=pdl, num_warps=4)
     states, final, dt_out, cs_out = outputs
     ptrs, scalars, flags = _walk_args(x, B, seq_idx, initial_states, Q, states if store_states else final, final,
                                       dt_out, cs_out)
@@ -499,7 +512,7 @@ def launch_forward_walk(x, dt, A, B, dt_bias, seq_idx, initial_states, dt_softpl
     launch(_chunk_state_walks_kernel, _walk_grid(batch, H, P, N, 1), *ptrs, *([x] * 6),
            ready if ready is not None else x, *scalars, **flags, HAS_Z=False, HAS_DFINAL=False,
            STORE_STATES=store_states, FWD=True, REV=False, SIGNAL=ready is not None,
-           LAUNCH_DEPENDENTS=launch_dependents)
+           LAUNCH_DEPENDENTS=launch_dependents, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return states, final, dt_out, cs_out
 
 
@@ -535,7 +548,7 @@ def _state_walks_bwd(x: Tensor, B: Tensor, seq_idx: Tensor | None, initial_state
     states, dstates, dinit = _state_walks_bwd_outputs(x, B, Q, rerun)
     rev_ptrs = (dout, z if z is not None else dout, C, dfinal if dfinal is not None else dinit, dstates, dinit, x)
     rev_flags = dict(HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, STORE_STATES=True, SIGNAL=False,
-                     LAUNCH_DEPENDENTS=False)
+                     LAUNCH_DEPENDENTS=False, PDL=False)
     # Without the rerun the forward walk's pointers are not read; with it, the rerun writes
     # only the states (its final state goes to dinit, which the reverse walk writes after it).
     ptrs, scalars, flags = _walk_args(x, B, seq_idx, initial_states, Q, dstates if not rerun else states, dinit,
