@@ -118,18 +118,22 @@ class Plan:
     call of a pointer signature goes through ``kernel[grid]``, and hooks, pre-run hooks, the
     interpreter, new autotuning configs and the ``enabled`` switch take Triton's own path."""
 
-    __slots__ = ("kernel", "grid", "scalars", "kwargs", "_jit", "_configs", "_entries")
+    __slots__ = ("kernel", "grid", "scalars", "kwargs", "_jit", "_configs", "_static_ok", "_entries")
 
     def __init__(self, kernel, grid, *scalars, **kwargs):
         self.kernel, self.grid, self.scalars, self.kwargs = kernel, grid, scalars, kwargs
-        self._jit = kernel.fn if Autotuner is not None and isinstance(kernel, Autotuner) else kernel
-        self._configs = getattr(kernel, "configs", None)
+        tuned = Autotuner is not None and isinstance(kernel, Autotuner)
+        self._jit = kernel.fn if tuned else kernel
+        # An autotuned kernel's list of configs (a new one is Triton's path: see launch); None: not tuned.
+        self._configs = kernel.configs if tuned else None
+        self._static_ok = (CompiledKernel is not None and triton.__version__.startswith(DIRECT_LAUNCH_TRITON)
+                           and not _interpreted(self._jit))
         self._entries: dict = {}
 
     def __call__(self, *pointers) -> None:
         kernel = self.kernel
-        if (not _direct_ok() or _interpreted(self._jit) or getattr(self._jit, "pre_run_hooks", None)
-                or getattr(kernel, "configs", None) is not self._configs):
+        if (not (self._static_ok and enabled) or _hooked() or getattr(self._jit, "pre_run_hooks", None)
+                or (self._configs is not None and kernel.configs is not self._configs)):
             kernel[self.grid](*pointers, *self.scalars, **self.kwargs)
             return
         device = driver.active.get_current_device()
