@@ -18,7 +18,7 @@ one layer as graph replays, three launches per pass (x, B, C apart) against one 
 per pass, causal_conv1d's forward on the whole xBC slice, and a per-kernel profile.
 
     PYTHONPATH=. python benchmarks/bench_conv.py [--tune] [--quick] [--split] [--split-tune]
-                                                 [--baseline DIR] [--rounds N]
+                                                 [--baseline DIR] [--rounds N] [--host-profile]
 
 --tune first times tile shapes and backward variants (graph replays, L=2048 and 8192), then runs
 the comparison with the fastest (printed and stored with the rows; copy them into
@@ -28,7 +28,7 @@ shape and the channel-last standalone cases first (bench_conv_split_sweep).
 --baseline DIR: also time DIR/causal_conv1d.py (a copy of the file from another commit) as provider
 "ours@base", in the same process (see load_baseline). --rounds N: eager timings are taken N times,
 the providers interleaved, and the median kept (the H100 host's eager times move by +-0.1 ms between
-runs; interleaving keeps the comparison fair).
+runs; interleaving keeps the comparison fair). --host-profile: a cProfile of our eager fwd+bwd.
 """
 
 from __future__ import annotations
