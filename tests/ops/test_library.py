@@ -53,7 +53,6 @@ def test_grad_mode_and_dispatch_modes_use_the_op():
     torch.testing.assert_close(out, 3 * x)
     with torch.no_grad():
         assert not _dispatched(lambda: _scale(x, 3.0))[0]
-    x = x.detach()
     from torch._subclasses.fake_tensor import FakeTensorMode
     with torch.no_grad(), FakeTensorMode() as mode:
         fake = mode.from_tensor(x)
