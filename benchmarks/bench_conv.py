@@ -18,12 +18,17 @@ one layer as graph replays, three launches per pass (x, B, C apart) against one 
 per pass, causal_conv1d's forward on the whole xBC slice, and a per-kernel profile.
 
     PYTHONPATH=. python benchmarks/bench_conv.py [--tune] [--quick] [--split] [--split-tune]
+                                                 [--baseline DIR] [--rounds N] [--host-profile]
 
 --tune first times tile shapes and backward variants (graph replays, L=2048 and 8192), then runs
 the comparison with the fastest (printed and stored with the rows; copy them into
 mamba_pkg/ops/causal_conv1d.py). --quick: L=8192 only. --graph-only: no eager timings.
 --split: the split rows only; --split-tune: a sweep of the channel-last settings at the split
 shape and the channel-last standalone cases first (bench_conv_split_sweep).
+--baseline DIR: also time DIR/causal_conv1d.py (a copy of the file from another commit) as provider
+"ours@base", in the same process (see load_baseline). --rounds N: eager timings are taken N times,
+the providers interleaved, and the median kept (the H100 host's eager times move by +-0.1 ms between
+runs; interleaving keeps the comparison fair). --host-profile: a cProfile of our eager fwd+bwd.
 """
 
 from __future__ import annotations
@@ -92,8 +97,30 @@ def host_ms(fn, n=50):
     return (t1 - t0) / n * 1e3
 
 
+def load_baseline(path: str, name: str):
+    """The op module at ``path`` (a copy of one of mamba_pkg/ops' files from another commit, for an A/B
+    in one process), imported against today's package; its custom ops are registered as
+    ``base_<name>`` so that they do not clash with ours."""
+    import re
+    import sys
+    import types
+
+    with open(path) as f:
+        source = re.sub(r'launcher_op\("(\w+)"', r'launcher_op("base_\1"', f.read())
+    module = types.ModuleType(f"mamba_pkg.ops._base_{name}")
+    module.__file__ = path  # Triton reads the kernels' source from the file (same lines as the source run)
+    sys.modules[module.__name__] = module
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+BASELINE = None  # the --baseline module, a provider when given
+
+
 def providers():
     out = {"ours": lambda x, w, b, activation: conv.causal_conv1d_fn(x, w, b, activation=activation)}
+    if BASELINE is not None:
+        out["ours@base"] = lambda x, w, b, activation: BASELINE.causal_conv1d_fn(x, w, b, activation=activation)
     try:
         import causal_conv1d
 
@@ -104,39 +131,80 @@ def providers():
     return out
 
 
-def main_rows(lengths, timings=("graph", "eager")):
+def eager_ms(fns: dict, rounds: int) -> dict:
+    """{provider: (ms, host_ms)}: do_bench of each Python call, ``rounds`` times with the providers
+    interleaved, medians over the rounds."""
+    import statistics
+
+    times = {name: ([], []) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            ms = try_provider(name, lambda: time_ms(fn))
+            if ms is not None:
+                times[name][0].append(ms)
+                times[name][1].append(host_ms(fn))
+    return {name: (statistics.median(ms), statistics.median(host)) for name, (ms, host) in times.items() if ms}
+
+
+def main_rows(lengths, timings=("graph", "eager"), rounds=3):
     rows = []
     for length in lengths:
         for layout in ("contiguous", "channel_last"):
             for pass_name, make in (("fwd", fwd_fn), ("fwdbwd", fwdbwd_fn)):
                 n_bytes = (2 if pass_name == "fwd" else 5) * B * D * length * 2
-                for timing, timer in [(t, {"graph": graph_ms, "eager": time_ms}[t]) for t in timings]:
+                fns = {}
+                for name, impl in providers().items():
+                    x, w, b = make_inputs(length, layout, pass_name == "fwdbwd")
+                    fns[name] = make(impl, x, w, b)
+                for timing in timings:
                     case = f"{pass_name} B={B} D={D} W={W} L={length} layout={layout} timing={timing}"
-                    for name, impl in providers().items():
-                        x, w, b = make_inputs(length, layout, pass_name == "fwdbwd")
-                        fn = make(impl, x, w, b)
-                        ms = try_provider(name, lambda: timer(fn))
-                        if ms is None:
-                            continue
-                        row = bandwidth_row(case, name, ms, n_bytes)
-                        if timing == "eager":
-                            row["host_ms"] = round(host_ms(fn), 4)
-                        rows.append(row)
+                    if timing == "eager":
+                        for name, (ms, host) in eager_ms(fns, rounds).items():
+                            rows.append(dict(bandwidth_row(case, name, ms, n_bytes), host_ms=round(host, 4)))
+                        continue
+                    for name, fn in fns.items():
+                        ms = try_provider(name, lambda: graph_ms(fn))
+                        if ms is not None:
+                            rows.append(bandwidth_row(case, name, ms, n_bytes))
     return rows
 
 
+def host_profile(length=8192, layout="channel_last", n=200, top=25):
+    """cProfile of n eager fwd+bwd calls of ours (printed): where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    x, w, b = make_inputs(length, layout, True)
+    fn = fwdbwd_fn(providers()["ours"], x, w, b)
+    fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    print(f"cProfile, {n} eager fwd+bwd calls of ours, L={length} {layout}:\n{text.getvalue()}", flush=True)
+
+
 def kernel_rows(lengths):
-    """Our backward launch alone (graph replays), for the notes: its share of fwd+bwd."""
+    """Our backward launch alone (graph replays), for the notes: its share of fwd+bwd (and the
+    baseline's, when given)."""
     rows = []
+    modules = {"ours": conv, **({"ours@base": BASELINE} if BASELINE is not None else {})}
     for length in lengths:
         for layout in ("contiguous", "channel_last"):
             x, w, b = make_inputs(length, layout, False)
             g = torch.randn_like(x)
-            ms = try_provider("ours bwd", lambda: graph_ms(lambda: conv._causal_conv1d_bwd(
-                x, w, b, None, None, None, True, g, False)))
-            if ms is not None:
-                rows.append(bandwidth_row(f"bwd B={B} D={D} W={W} L={length} layout={layout} timing=graph",
-                                          "ours", ms, 3 * B * D * length * 2))
+            for name, module in modules.items():
+                ms = try_provider(f"{name} bwd", lambda: graph_ms(lambda: module._causal_conv1d_bwd(
+                    x, w, b, None, None, None, True, g, False)))
+                if ms is not None:
+                    rows.append(bandwidth_row(f"bwd B={B} D={D} W={W} L={length} layout={layout} timing=graph",
+                                              name, ms, 3 * B * D * length * 2))
     return rows
 
 
@@ -373,7 +441,16 @@ def main():
     parser.add_argument("--split", action="store_true",
                         help="only the split op's launches at mamba2-130m's training shape (every run ends with them)")
     parser.add_argument("--split-tune", action="store_true", help="sweep channel-last settings (split shape too)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also time DIR/causal_conv1d.py (a copy from another commit) as provider ours@base")
+    parser.add_argument("--rounds", type=int, default=3, help="eager timings: interleaved rounds (median kept)")
+    parser.add_argument("--host-profile", action="store_true", help="print a cProfile of ours' eager fwd+bwd")
     args = parser.parse_args()
+    global BASELINE
+    if args.baseline:
+        import os
+
+        BASELINE = load_baseline(os.path.join(args.baseline, "causal_conv1d.py"), "causal_conv1d")
     if args.split_tune:
         save_results("bench_conv_split_sweep", split_sweep(), plot_key="L")
     if args.split or args.split_tune:
@@ -385,7 +462,9 @@ def main():
         save_results("bench_conv_sweep", rows, plot_key="L")
     print("settings:", settings(), flush=True)
     lengths = (8192,) if args.quick else LENGTHS
-    rows = main_rows(lengths, ("graph",) if args.graph_only else ("graph", "eager")) + kernel_rows(lengths)
+    rows = main_rows(lengths, ("graph",) if args.graph_only else ("graph", "eager"), args.rounds) + kernel_rows(lengths)
+    if args.host_profile:
+        host_profile()
     for r in rows:
         if r["provider"] == "ours":
             r["settings"] = str(settings())

@@ -11,9 +11,15 @@ Timed as CUDA-graph replays, as decoding runs them (generation captures the step
 eager call of these microsecond kernels measures the host, not the op. Without the L2
 flush of time_ms, a Mamba-1 state (8 MB at batch 64) can stay in L2; Mamba-2's does not.
 
-    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--tune] [--quick]
+    PYTHONPATH=. python benchmarks/bench_decode_ops.py [--tune] [--quick] [--baseline DIR] [--rounds N]
 
 --tune first times tile shapes and runs the comparison with the fastest (printed).
+State-update rows are also timed eagerly (``timing=eager``: triton.testing.do_bench of the plain
+Python call, with host_ms, the host's time to issue one call), under the default grad mode
+(``mode=grad``) and under torch.inference_mode (``mode=inference``), the providers interleaved over
+--rounds rounds (median kept). --baseline DIR: also time DIR/state_update.py (a copy from another
+commit) as provider "ours@base" in the same process; under grad mode it runs with the custom-op
+dispatcher as before session 12 (_library.bypass_without_grad off).
 """
 
 from __future__ import annotations
@@ -199,6 +205,44 @@ def conv_xproj_rows(batch=1):
     return rows
 
 
+BASELINE = None  # the --baseline state_update module, a provider when given
+
+
+def eager_ssu_rows(batches, rounds):
+    """selective_state_update timed eagerly (see the module docstring), grad mode and inference mode."""
+    from benchmarks.bench_conv import eager_ms
+    from mamba_pkg.ops import _library
+
+    rows = []
+    providers = dict(ssu_providers())
+    if BASELINE is not None:
+        providers["ours@base"] = BASELINE.selective_state_update
+    for model in ("mamba1", "mamba2"):
+        for batch in batches:
+            kw, n_bytes = ssu_inputs(model, batch)
+            for mode in ("grad", "inference"):
+                fns = {}
+                for name, fn in providers.items():
+                    fns[name] = lambda fn=fn: fn(**kw, dt_softplus=True)
+                if "ours@base" in fns:
+                    base = fns["ours@base"]
+
+                    def before(base=base):
+                        _library.bypass_without_grad = False
+                        try:
+                            return base()
+                        finally:
+                            _library.bypass_without_grad = True
+                    fns["ours@base"] = before
+                with torch.inference_mode() if mode == "inference" else torch.enable_grad():
+                    times = eager_ms(fns, rounds)
+                case = f"step state_update model={model} batch={batch} timing=eager mode={mode}"
+                for name, (ms, host) in times.items():
+                    rows.append(dict(bandwidth_row(case, name, ms, n_bytes), host_ms=round(host, 4)))
+                    print(f"{case:70s} {name:10s} {ms:.4f} ms  host {host:.4f} ms", flush=True)
+    return rows
+
+
 def main_rows(batches=BATCHES, with_conv=True):
     rows = linear_rows() + conv_xproj_rows()
     for batch in batches:
@@ -270,13 +314,26 @@ def main():
                         help="sweep tile shapes first and run the comparison with the fastest ones")
     parser.add_argument("--quick", action="store_true",
                         help="batch 64 only, state update and fused rows (no conv_update rows)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also time DIR/state_update.py (a copy from another commit) as provider ours@base")
+    parser.add_argument("--rounds", type=int, default=3, help="eager timings: interleaved rounds (median kept)")
+    parser.add_argument("--eager-only", action="store_true", help="only the eager state-update rows")
     args = parser.parse_args()
+    global BASELINE
+    if args.baseline:
+        import os
+
+        from benchmarks.bench_conv import load_baseline
+
+        BASELINE = load_baseline(os.path.join(args.baseline, "state_update.py"), "state_update")
     settings = None
     if args.tune:
         rows, settings = sweep()
         save_results("bench_decode_ops_sweep", rows, plot_key="batch")
         print("settings:", settings)
-    rows = main_rows((64,), with_conv=False) if args.quick else main_rows()
+    batches = (64,) if args.quick or args.eager_only else BATCHES
+    rows = [] if args.eager_only else main_rows((64,), with_conv=False) if args.quick else main_rows()
+    rows += eager_ssu_rows(batches, args.rounds)
     for r in rows:
         if r["provider"] == "ours" and settings:
             r["settings"] = str(settings)

@@ -57,21 +57,35 @@ def explicit_inductor_fallback(op: torch._ops.OpOverload) -> bool:
     return True
 
 
+# Off: grad mode alone sends every call through the dispatcher, as before session 12 (A/B runs).
+bypass_without_grad = True
+
+
+def _wants_grad(args, kwargs) -> bool:
+    """Whether any tensor argument requires grad (autograd would record the call)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in kwargs.values())
+
+
 class _LauncherOp(CustomOpDef):
     """A custom op that an eager call outside autograd bypasses.
 
     Going through the dispatcher costs about 40 us of host time per call (measured on the
-    H100 host), which made small eager launches host-bound (the scan's forward at L=512:
-    0.128 instead of 0.072 ms). The op is used whenever something may need it: torch.compile
-    tracing (checked first: dynamo folds it to a constant), a dispatch mode such as fake
-    tensors, or grad mode (so a differentiable call keeps the custom op's autograd error
-    instead of silently dropping gradients). Launchers run inside autograd.Function.forward /
-    backward or under no_grad, so they take the direct path.
+    H100 host; 60 us for selective_state_update under grad mode in session 12), which made small
+    eager launches host-bound (the scan's forward at L=512: 0.128 instead of 0.072 ms). The op is
+    used whenever something may need it: torch.compile tracing (checked first: dynamo folds it to
+    a constant), a dispatch mode such as fake tensors, or a call autograd would record (grad mode
+    and a tensor argument that requires grad, so a differentiable call keeps the custom op's
+    autograd error instead of silently dropping gradients). Launchers run inside
+    autograd.Function.forward / backward, under no_grad, or (decode steps, under grad mode) on
+    tensors that need no grad, so they take the direct path.
     """
 
     def __call__(self, *args, **kwargs):
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled()
-                or torch._C._len_torch_dispatch_stack() > 0):
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or (torch.is_grad_enabled() and (not bypass_without_grad or _wants_grad(args, kwargs)))):
             return self._opoverload(*args, **kwargs)
         return self._init_fn(*args, **kwargs)
 
@@ -95,8 +109,8 @@ def launcher_op(name: str, *, mutates_args: Iterable[str] = ()):
 
     Returns torch.library.custom_op's object: call it like the function, and attach the
     fake implementation with ``@<op>.register_fake``. It runs on every device type (CUDA,
-    and CPU tensors under TRITON_INTERPRET=1). Eager calls under no_grad skip the dispatcher
-    (see _LauncherOp).
+    and CPU tensors under TRITON_INTERPRET=1). Eager calls that autograd would not record skip
+    the dispatcher (see _LauncherOp).
     """
     def register(fn):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=tuple(mutates_args))(fn)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import launch
+from mamba_pkg.ops._launch import Plan
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -548,10 +548,53 @@ def _part_slices(parts):
         first += part.shape[1]
 
 
+def _pad3(parts):
+    """Up to three parts as three (missing parts repeat the last)."""
+    return (parts[0], parts[1 if len(parts) > 1 else -1], parts[2 if len(parts) > 2 else -1])
+
+
 def _part_args(parts):
     """The three parts' pointers and (B, L) strides for the kernels (missing parts repeat the last)."""
-    parts = list(parts) + [parts[-1]] * (3 - len(parts))
+    parts = _pad3(parts)
     return parts, [s for p in parts[1:] for s in (p.stride(0), p.stride(2))]
+
+
+# Launch runners: the Python that maps a call's tensors to its launches (the path, tiles, grid, strides
+# and flags, as Plans with everything but the pointers fixed) runs once per launch signature (shapes,
+# strides, dtype, device, flags, overrides) and tuning settings; a call then runs the runner: its
+# allocations and launches. Eager training steps are host-bound (session 12, H100 host: an eager
+# fwd+bwd call issued its launches for 0.39 ms (contiguous) / 0.78 ms (channel-last) against 0.24 /
+# 0.28 ms of kernels).
+_RUNNERS: dict = {}
+_MAX_RUNNERS = 256
+_runners_settings = None
+
+
+def _settings() -> tuple:
+    """The tuning settings that runners are built from (tests and benchmarks change them)."""
+    return (FWD_CHANNEL_LAST, FWD_ROWS_LOAD_BYTES, FWD_ROWS_MIN_PROGRAMS_PER_SM, BWD_PREFETCH, BWD_TILES_PER_PROGRAM,
+            BWD_ROWS_LOAD_BYTES, BWD_ROWS_MIN_PROGRAMS_PER_SM, BWD_PROGRAMS_PER_SM, WGRAD_TILE,
+            WGRAD_MAX_P, *FWD_CONFIG.items(), *BWD_CONFIG.items(), *BWD_DY_SHIFT.items())
+
+
+def _runner(key, build):
+    """The cached runner for ``key``, built by ``build()`` on first use (or after a settings change)."""
+    global _runners_settings
+    settings = _settings()
+    if settings != _runners_settings or len(_RUNNERS) >= _MAX_RUNNERS:
+        _RUNNERS.clear()
+        _runners_settings = settings
+    run = _RUNNERS.get(key)
+    if run is None:
+        run = _RUNNERS[key] = build()
+    return run
+
+
+def _sig(t):
+    """A tensor's or a tuple of tensors' part of a runner key."""
+    if isinstance(t, (tuple, list)):
+        return tuple((p.shape, p.stride()) for p in t)
+    return t.stride()
 
 
 def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config=None, variant=None):
@@ -559,6 +602,15 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     override the tuned settings (benchmarks). out may be a tuple of (B, D_k, L) tensors whose
     D_k add up to D, each taking its channels of the output (Mamba-2's x, B and C):
     channel-last ones share one launch."""
+    key = ("fwd", x.shape, x.stride(), x.dtype, x.device, _sig(out), weight.shape, bias is None,
+           None if initial_states is None else initial_states.stride(), starts is None, rows is None, silu, config,
+           variant)
+    _runner(key, lambda: _fwd_runner(out, x, weight, bias, initial_states, starts, rows, silu, config, variant))(
+        out, x, weight, bias, initial_states, starts, rows)
+
+
+def _fwd_runner(out, x, weight, bias, initial_states, starts, rows, silu, config, variant):
+    """run(out, x, weight, bias, initial_states, starts, rows) for _launch_fwd's signature."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     path = _path(x, starts)
@@ -571,50 +623,50 @@ def _launch_fwd(out, x, weight, bias, initial_states, starts, rows, silu, config
     if isinstance(out, (tuple, list)):
         parts = _parts_layout(out, dim, block_d) if path != "chunked" else None
         if parts is None:
-            for d, part in _part_slices(out):
-                _launch_fwd(part, x[:, d], weight[d], None if bias is None else bias[d],
-                            None if initial_states is None else initial_states[:, d], starts, rows, silu, config,
-                            variant)
-            return
+            def run_parts(out, x, weight, bias, initial_states, starts, rows):
+                for d, part in _part_slices(out):
+                    _launch_fwd(part, x[:, d], weight[d], None if bias is None else bias[d],
+                                None if initial_states is None else initial_states[:, d], starts, rows, silu, config,
+                                variant)
+            return run_parts
         out, extra_strides = _part_args(out)
-        out, out1, out2 = out
+        out = out[0]
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0)
     flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_INIT": initial_states is not None, "SILU": silu,
              "FAST": ptx_math(_causal_conv1d_fwd_kernel), "BLOCK_D": block_d, "num_warps": warps}
     if path == "chunked":
         grid = (cdiv(length, block * CHUNK), cdiv(dim, block_d), batch)
-        launch(_causal_conv1d_fwd_chunk_kernel, grid,
-            x, weight, bias, initial_states, out, length, dim,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
-            NC=block, CHUNK=CHUNK, **flags,
-        )
-        return
+        plan = Plan(_causal_conv1d_fwd_chunk_kernel, grid, length, dim,
+                    x.stride(0), x.stride(1), out.stride(0), out.stride(1), *init_strides,
+                    NC=block, CHUNK=CHUNK, **flags)
+        return lambda out, x, weight, bias, initial_states, starts, rows: plan(x, weight, bias, initial_states, out)
     if parts is None:
         d1 = d2 = dim
         n_tiles = t1 = t2 = cdiv(dim, block_d)
-        out1 = out2 = out
         extra_strides = (0, 0, 0, 0)
+        out_parts = lambda out: (out, out, out)  # noqa: E731
     else:
         d1, d2, t1, t2, n_tiles = parts
-    align = _row_align(x, out, out1, out2)
+        out_parts = _pad3
+    align = _row_align(x, *out_parts(outs if parts is not None else out))
     flags["PARTS"] = 1 if parts is None else 3
     if path == "rows":
         steps = min(block, cdiv(length, ROWS))
         min_programs = _n_sms(x.device) * FWD_ROWS_MIN_PROGRAMS_PER_SM
         while steps > 1 and cdiv(length, steps * ROWS) * n_tiles * batch < min_programs:
             steps = cdiv(steps, 2)
-        launch(_causal_conv1d_fwd_rows_kernel, (cdiv(length, steps * ROWS), n_tiles, batch),
-            x, weight, bias, initial_states, out, out1, out2, length, dim, d1, d2, t1, t2,
-            x.stride(0), x.stride(2), out.stride(0), out.stride(2), *extra_strides, *init_strides,
-            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps,
-            ALIGN=min(align, FWD_ROWS_LOAD_BYTES // x.element_size()), **flags,
-        )
-        return
-    launch(_causal_conv1d_fwd_kernel, (cdiv(length, block), n_tiles, batch),
-        x, weight, bias, initial_states, starts, rows, out, out1, out2, length, dim, d1, d2, t1, t2,
-        *x.stride(), *out.stride(), *extra_strides, *init_strides,
-        HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, ALIGN=align, **flags,
-    )
+        plan = Plan(_causal_conv1d_fwd_rows_kernel, (cdiv(length, steps * ROWS), n_tiles, batch),
+                    length, dim, d1, d2, t1, t2,
+                    x.stride(0), x.stride(2), out.stride(0), out.stride(2), *extra_strides, *init_strides,
+                    W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps,
+                    ALIGN=min(align, FWD_ROWS_LOAD_BYTES // x.element_size()), **flags)
+        return lambda out, x, weight, bias, initial_states, starts, rows: plan(
+            x, weight, bias, initial_states, *out_parts(out))
+    plan = Plan(_causal_conv1d_fwd_kernel, (cdiv(length, block), n_tiles, batch),
+                length, dim, d1, d2, t1, t2, *x.stride(), *out.stride(), *extra_strides, *init_strides,
+                HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, BLOCK_L=block, ALIGN=align, **flags)
+    return lambda out, x, weight, bias, initial_states, starts, rows: plan(
+        x, weight, bias, initial_states, starts, rows, *out_parts(out))
 
 
 def _causal_conv1d_fwd_launcher(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
@@ -1107,20 +1159,38 @@ WGRAD_TILE, WGRAD_MAX_P = 4096, 128
 BWD_ROWS_MIN_PROGRAMS_PER_SM = 8
 
 
-def _bwd_outputs(x, weight, bias, wgrad_fp32):
-    """(dx in x's layout, dweight (D, W) fp32 or weight's dtype, dbias (D,) or absent),
-    uninitialised; shared with the fake op."""
+def _wgrad_outputs(x, weight, bias, wgrad_fp32):
+    """(dweight (D, W) fp32 or weight's dtype, dbias (D,) or absent), uninitialised."""
     dim, width = weight.shape
     dw = torch.empty(dim, width, device=x.device, dtype=torch.float32 if wgrad_fp32 else weight.dtype)
     db = torch.empty(dim, device=x.device, dtype=bias.dtype) if bias is not None else absent(x)
-    return _empty_in_layout(x), dw, db
+    return dw, db
+
+
+def _bwd_outputs(x, weight, bias, wgrad_fp32):
+    """(dx in x's layout, dweight, dbias) as _wgrad_outputs, uninitialised; shared with the fake op."""
+    return _empty_in_layout(x), *_wgrad_outputs(x, weight, bias, wgrad_fp32)
 
 
 def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout, config=None, variant=None,
-                programs_per_sm=None, tiles_per_program=None, prefetch=None):
-    """Write the backward into dx, dw, db; the keywords override the tuned settings (benchmarks).
-    dout may be a tuple of (B, D_k, L) tensors whose D_k add up to D, the gradients of the
-    channels of _launch_fwd's tuple out: on the rows kernel's path they share one launch."""
+                programs_per_sm=None, tiles_per_program=None, prefetch=None, wgrad_fp32=False):
+    """Write the backward into dx, dw, db and return (dw, db); the keywords override the tuned
+    settings (benchmarks). dw None: dweight and dbias (see _wgrad_outputs) are allocated after the
+    main launch, off the host's path from the forward's launch to the backward's. dout may be a
+    tuple of (B, D_k, L) tensors whose D_k add up to D, the gradients of the channels of
+    _launch_fwd's tuple out: on the rows kernel's path they share one launch."""
+    key = ("bwd", x.shape, x.stride(), x.dtype, x.device, dx.stride(), _sig(dout), weight.shape, bias is None,
+           None if initial_states is None else initial_states.stride(), starts is None, rows is None, silu, config,
+           variant, programs_per_sm, tiles_per_program, prefetch)
+    return _runner(key, lambda: _bwd_runner(dx, x, weight, bias, initial_states, starts, rows, silu, dout, config,
+                                            variant, programs_per_sm, tiles_per_program, prefetch))(
+        dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32)
+
+
+def _bwd_runner(dx, x, weight, bias, initial_states, starts, rows, silu, dout, config, variant, programs_per_sm,
+                tiles_per_program, prefetch):
+    """run(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32) -> (dw, db) for
+    _launch_bwd's signature."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     path = _path(x, starts)
@@ -1134,12 +1204,16 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
     douts_in = dout if isinstance(dout, (tuple, list)) else (dout,)
     parts = _parts_layout(douts_in, dim, block_d) if path == "rows" else None
     if len(douts_in) > 1 and parts is None:
-        for d, part in _part_slices(douts_in):
-            _launch_bwd(dx[:, d], dw[d], None if db is None else db[d], x[:, d], weight[d],
-                        None if bias is None else bias[d], None if initial_states is None else initial_states[:, d],
-                        starts, rows, silu, part, config, variant, programs_per_sm, tiles_per_program, prefetch)
-        return
-    dout = douts_in[0]
+        def run_parts(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32):
+            if dw is None:
+                dw, db = _wgrad_outputs(x, weight, bias, wgrad_fp32)
+            for d, part in _part_slices(dout):
+                _launch_bwd(dx[:, d], dw[d], None if db is None else db[d], x[:, d], weight[d],
+                            None if bias is None else bias[d],
+                            None if initial_states is None else initial_states[:, d], starts, rows, silu, part, config,
+                            variant, programs_per_sm, tiles_per_program, prefetch)
+            return dw, db
+        return run_parts
     n_d_tiles = cdiv(dim, block_d) if parts is None else parts[4]
     if parts is None:
         parts = (dim, dim, n_d_tiles, n_d_tiles)
@@ -1163,58 +1237,83 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         n_parts = cdiv(length, block)
     # One fp32 partial row per (row, program along L), summed in a fixed order: dweight
     # is deterministic.
-    dw_part = torch.empty(batch * n_parts, dim, width, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch * n_parts, dim, device=x.device, dtype=torch.float32) if bias is not None else None
-    if path == "chunked":
-        if dout.stride(2) != 1:
-            dout = dout.contiguous()
-        launch(_causal_conv1d_bwd_chunk_kernel, (n_parts, cdiv(dim, block_d), batch),
-            x, weight, bias, initial_states, dout, dx, dw_part, db_part, length, dim,
-            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1), *init_strides,
-            NC=block, CHUNK=CHUNK, TILES=tiles, PREFETCH=prefetch and tiles > 1, **flags,
-        )
-    elif path == "rows":
-        # Weights as (W, D): a thread's 8 channels of one tap are one 16-byte load, where the
-        # (D, W) rows took 8 scalar loads of 8 cache lines per warp each, per tap and step.
-        weight_t = weight.t().contiguous()
-        douts = [d if d.stride(1) == 1 else d.transpose(1, 2).contiguous().transpose(1, 2) for d in douts_in]
-        douts, extra_strides = _part_args(douts)
-        launch(_causal_conv1d_bwd_rows_kernel, (n_parts, n_d_tiles, batch),
-            x, weight_t, bias, initial_states, *douts, dx, dw_part, db_part, length, dim, *parts[:4],
-            x.stride(0), x.stride(2), douts[0].stride(0), douts[0].stride(2), *extra_strides,
-            dx.stride(0), dx.stride(2), *init_strides, *weight_t.stride()[::-1],
-            W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps,
-            ALIGN=min(_row_align(x, dx, *douts), BWD_ROWS_LOAD_BYTES // x.element_size()),
-            PARTS=3 if len(douts_in) > 1 else 1, **flags,
-        )
-    else:
-        n_l_tiles = n_parts
-        scratch_mode = variant == "scratch"
-        halo = next_pow2(width - 1)
-        n_d_tiles = cdiv(dim, block_d)
-        n_tiles = batch * n_l_tiles * n_d_tiles
-        n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
-        if scratch_mode:
-            # Laid out like x's tiles, so that the shifted reads are along the fast axis too.
-            channel_last = path == "channel_last"
-            shape = (n_prog, block + halo, block_d) if channel_last else (n_prog, block_d, block + halo)
-            scratch = torch.empty(shape, device=x.device, dtype=torch.float32)
-            sc_strides = (scratch.stride(0), 1, block_d) if channel_last else (scratch.stride(0), block + halo, 1)
-        else:
-            scratch, sc_strides = None, (0, 0, 0)
-        launch(_causal_conv1d_bwd_kernel, (n_prog,),
-            x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, scratch,
-            length, dim, n_l_tiles, n_d_tiles, n_tiles,
-            *x.stride(), *dout.stride(), *dx.stride(), *init_strides, *sc_strides,
-            HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
-            HALO=halo, **flags,
-        )
+    part_shape, device = (batch * n_parts, dim), x.device
+    has_bias = bias is not None
     block_p = min(WGRAD_MAX_P, next_pow2(batch * n_parts))
     block_n = WGRAD_TILE // block_p
-    launch(_conv_wgrad_reduce_kernel, (cdiv(dim * width, block_n),),
-        dw_part, db_part, dw, db, batch * n_parts, dim * width, dim,
-        HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
-    )
+    reduce = Plan(_conv_wgrad_reduce_kernel, (cdiv(dim * width, block_n),), batch * n_parts, dim * width, dim,
+                  HAS_BIAS=has_bias, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+
+    def partials():
+        dw_part = torch.empty(*part_shape, width, device=device, dtype=torch.float32)
+        return dw_part, torch.empty(part_shape, device=device, dtype=torch.float32) if has_bias else None
+
+    def finish(dw_part, db_part, dw, db, x, weight, bias, wgrad_fp32):
+        if dw is None:
+            dw, db = _wgrad_outputs(x, weight, bias, wgrad_fp32)
+        reduce(dw_part, db_part, dw, db)
+        return dw, db
+
+    if path == "chunked":
+        copy_dout = douts_in[0].stride(2) != 1
+        dout_strides = (dim * length, length) if copy_dout else douts_in[0].stride()[:2]
+        plan = Plan(_causal_conv1d_bwd_chunk_kernel, (n_parts, cdiv(dim, block_d), batch), length, dim,
+                    x.stride(0), x.stride(1), *dout_strides, dx.stride(0), dx.stride(1), *init_strides,
+                    NC=block, CHUNK=CHUNK, TILES=tiles, PREFETCH=prefetch and tiles > 1, **flags)
+
+        def run(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32):
+            dw_part, db_part = partials()
+            plan(x, weight, bias, initial_states, dout.contiguous() if copy_dout else dout, dx, dw_part, db_part)
+            return finish(dw_part, db_part, dw, db, x, weight, bias, wgrad_fp32)
+        return run
+    if path == "rows":
+        # Channel-last douts (a row-major copy of any that is not); strides as the copy has them.
+        copies = [d.stride(1) != 1 for d in douts_in]
+        douts_like = [d.transpose(1, 2).contiguous().transpose(1, 2) if c else d for d, c in zip(douts_in, copies)]
+        douts_like, extra_strides = _part_args(douts_like)
+        n_in = len(douts_in)
+        # Weights as a (W, D) copy (strides (1, D)): a thread's channels of one tap are one vector load,
+        # where the (D, W) rows took scalar loads of 8 cache lines per warp each, per tap and step.
+        plan = Plan(_causal_conv1d_bwd_rows_kernel, (n_parts, n_d_tiles, batch), length, dim, *parts[:4],
+                    x.stride(0), x.stride(2), douts_like[0].stride(0), douts_like[0].stride(2), *extra_strides,
+                    dx.stride(0), dx.stride(2), *init_strides, 1, dim,
+                    W_POW2=next_pow2(width), ROWS=ROWS, STEPS=steps,
+                    ALIGN=min(_row_align(x, dx, *douts_like), BWD_ROWS_LOAD_BYTES // x.element_size()),
+                    PARTS=3 if n_in > 1 else 1, **flags)
+
+        def run(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32):
+            douts = dout if n_in > 1 else (dout,)
+            if any(copies):
+                douts = [d.transpose(1, 2).contiguous().transpose(1, 2) if c else d for d, c in zip(douts, copies)]
+            dw_part, db_part = partials()
+            plan(x, weight.t().contiguous(), bias, initial_states, *_pad3(douts), dx, dw_part, db_part)
+            return finish(dw_part, db_part, dw, db, x, weight, bias, wgrad_fp32)
+        return run
+    n_l_tiles = n_parts
+    scratch_mode = variant == "scratch"
+    halo = next_pow2(width - 1)
+    n_d_tiles = cdiv(dim, block_d)
+    n_tiles = batch * n_l_tiles * n_d_tiles
+    n_prog = max(1, min(n_tiles, _n_sms(x.device) * (programs_per_sm or BWD_PROGRAMS_PER_SM)))
+    if scratch_mode:
+        # Laid out like x's tiles, so that the shifted reads are along the fast axis too.
+        channel_last = path == "channel_last"
+        scratch_shape = (n_prog, block + halo, block_d) if channel_last else (n_prog, block_d, block + halo)
+        sc_strides = ((block + halo) * block_d, 1, block_d) if channel_last else ((block + halo) * block_d,
+                                                                                 block + halo, 1)
+    else:
+        sc_strides = (0, 0, 0)
+    plan = Plan(_causal_conv1d_bwd_kernel, (n_prog,), length, dim, n_l_tiles, n_d_tiles, n_tiles,
+                *x.stride(), *douts_in[0].stride(), *dx.stride(), *init_strides, *sc_strides,
+                HAS_SEQ=starts is not None, INIT_PER_SEQ=rows is not None, SCRATCH=scratch_mode, BLOCK_L=block,
+                HALO=halo, **flags)
+
+    def run(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32):
+        scratch = torch.empty(scratch_shape, device=device, dtype=torch.float32) if scratch_mode else None
+        dw_part, db_part = partials()
+        plan(x, weight, bias, initial_states, starts, rows, dout, dx, dw_part, db_part, scratch)
+        return finish(dw_part, db_part, dw, db, x, weight, bias, wgrad_fp32)
+    return run
 
 
 def _causal_conv1d_bwd_launcher(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
@@ -1223,8 +1322,9 @@ def _causal_conv1d_bwd_launcher(x: Tensor, weight: Tensor, bias: Tensor | None, 
     """Inputs as _causal_conv1d_fwd's, dout (B, D, L) -> dx (B, D, L) in x's layout, dweight
     (D, W) (fp32 if wgrad_fp32, else weight's dtype), dbias (D,) (empty if bias is None).
     dweight counts the taps on x only (the initial-state taps are _initial_states_grad's)."""
-    dx, dw, db = _bwd_outputs(x, weight, bias, wgrad_fp32)
-    _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu, dout)
+    dx = _empty_in_layout(x)
+    dw, db = _launch_bwd(dx, None, None, x, weight, bias, initial_states, starts, rows, silu, dout,
+                         wgrad_fp32=wgrad_fp32)
     return dx, dw, db
 
 
@@ -1296,6 +1396,25 @@ class CausalConv1dFn(torch.autograd.Function):
         return dx, (dw + dw_state).to(weight.dtype), db, dinit, None, None, None, None
 
 
+def _conv_inputs_ok(x, weight, bias, seq_idx, initial_states, final_states_out, cu_seqlens):
+    """The common case (no packing, no final-state buffer) in a few comparisons; anything it does
+    not accept goes through _validate_conv, which names the offending argument."""
+    if seq_idx is not None or cu_seqlens is not None or final_states_out is not None:
+        return False
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)) or x.dim() != 3 or weight.dim() != 2:
+        return False
+    device, dim = x.device, x.shape[1]
+    if (x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES or weight.device != device
+            or weight.shape[0] != dim or not 2 <= weight.shape[1] <= 8):
+        return False
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype in FLOAT_DTYPES
+                                 and bias.device == device and bias.shape == (dim,)):
+        return False
+    return initial_states is None or (
+        isinstance(initial_states, torch.Tensor) and initial_states.dtype in FLOAT_DTYPES
+        and initial_states.device == device and initial_states.shape == (x.shape[0], dim, weight.shape[1] - 1))
+
+
 def _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens):
     check_tensor("x", x, ndim=3, dtype=FLOAT_DTYPES)
     batch, dim, length = x.shape
@@ -1360,7 +1479,8 @@ def causal_conv1d_fn(
         out (B, D, L) in the dtype and memory layout of x, or (out, final_states).
     """
     _check_activation(activation)
-    _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens)
+    if not _conv_inputs_ok(x, weight, bias, seq_idx, initial_states, final_states_out, cu_seqlens):
+        _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens)
     if resolve_backend(backend, x, weight) == "torch" or x.shape[2] == 0:
         return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, final_states_out,
                                  activation, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
@@ -1495,28 +1615,35 @@ def _causal_conv1d_update_kernel(
 
 
 UPDATE_BLOCK_D = 128
+# Launch plans of the update per signature (a decode step is host-bound; see _RUNNERS).
+_UPDATE_PLANS: dict = {}
 
 
 def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
                           cache_seqlens: Tensor | None, conv_state_indices: Tensor | None, silu: bool) -> Tensor:
     """x (B, D) or (B, D, T), conv_state (B_state, D, S) updated in place, weight (D, W)
     contiguous -> out shaped like x (dense)."""
-    batch, dim = x.shape[:2]
-    n_tok = x.shape[2] if x.dim() == 3 else 1
-    state_len = conv_state.shape[2]
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    # One token: a token axis of stride 0 instead of an unsqueeze()d view.
-    x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
-    out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
-    block_d = min(UPDATE_BLOCK_D, next_pow2(dim))
-    _causal_conv1d_update_kernel[(cdiv(dim, block_d), batch)](
-        x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
-        dim, n_tok, state_len, conv_state.shape[0],
-        *x_st, *conv_state.stride(), *out_st,
-        W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
-        HAS_INDICES=conv_state_indices is not None, SILU=silu, BLOCK_D=block_d,
-        BLOCK_S=next_pow2(state_len), num_warps=4,
-    )
+    key = ("update", x.shape, x.stride(), conv_state.shape, conv_state.stride(), weight.shape, bias is None,
+           cache_seqlens is None, conv_state_indices is None, silu, UPDATE_BLOCK_D)
+    plan = _UPDATE_PLANS.get(key)
+    if plan is None:
+        if len(_UPDATE_PLANS) >= _MAX_RUNNERS:
+            _UPDATE_PLANS.clear()
+        batch, dim = x.shape[:2]
+        n_tok = x.shape[2] if x.dim() == 3 else 1
+        state_len = conv_state.shape[2]
+        # One token: a token axis of stride 0 instead of an unsqueeze()d view.
+        x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
+        out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
+        block_d = min(UPDATE_BLOCK_D, next_pow2(dim))
+        plan = _UPDATE_PLANS[key] = Plan(
+            _causal_conv1d_update_kernel, (cdiv(dim, block_d), batch),
+            dim, n_tok, state_len, conv_state.shape[0], *x_st, *conv_state.stride(), *out_st,
+            W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
+            HAS_INDICES=conv_state_indices is not None, SILU=silu, BLOCK_D=block_d,
+            BLOCK_S=next_pow2(state_len), num_warps=4)
+    plan(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out)
     return out
 
 

@@ -442,6 +442,45 @@ def test_triton_conv_bf16_tolerance_rule(layout, monkeypatch):
         assert_close_rule(a, r32, r16, atol=_bf16_atol(r32), name=name)
 
 
+def test_launch_runners_follow_signature_and_settings(monkeypatch):
+    """A call builds its launches (Plans) once per signature; a call with another layout, or after a
+    tuning setting changed, builds its own; every call matches the reference."""
+    built = []
+
+    class RecordingPlan(conv_mod.Plan):
+        __slots__ = ()
+
+        def __init__(self, kernel, *args, **kwargs):
+            built.append(kernel)
+            super().__init__(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(conv_mod, "Plan", RecordingPlan)
+    monkeypatch.setattr(conv_mod, "_RUNNERS", {})
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
+    (x, w, b, _), _, _ = _conv_case(2, 8, 24, 4, "contiguous", False, True, "silu", None, torch.float32)
+    g, gf = torch.randn(2, 8, 24, device=DEVICE), torch.randn(2, 8, 3, device=DEVICE)
+
+    def check(x):
+        got = _run_fwd_bwd(_triton, x, w, b, None, None, None, "silu", g, gf)
+        exp = _run_fwd_bwd(_torch, x, w, b, None, None, None, "silu", g, gf)
+        for name, a, e in zip(["out", "final", "dx", "dw", "db"], got, exp):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+    check(x)
+    check(x)
+    assert built == [conv_mod._causal_conv1d_fwd_chunk_kernel, conv_mod._conv_wgrad_reduce_kernel,
+                     conv_mod._causal_conv1d_bwd_chunk_kernel]
+    x_cl = _channel_last(x)
+    check(x_cl)
+    check(x_cl)
+    assert built[3:] == [conv_mod._causal_conv1d_fwd_rows_kernel, conv_mod._conv_wgrad_reduce_kernel,
+                         conv_mod._causal_conv1d_bwd_rows_kernel]
+    monkeypatch.setattr(conv_mod, "FWD_CHANNEL_LAST", "general")
+    check(x_cl)
+    assert built[6] is conv_mod._causal_conv1d_fwd_kernel and len(built) == 9
+
+
 @pytest.mark.parametrize("mode", ["shift", "circular", "indices"])
 def test_triton_update_matches_ref(mode):
     B, D, W, S, T = 3, 5, 4, 6, 4

@@ -57,7 +57,6 @@ def fakes(monkeypatch):
                                                          compilation=SimpleNamespace(instrumentation_mode="")))
     monkeypatch.setattr(_launch, "driver", SimpleNamespace(active=SimpleNamespace(
         get_current_device=lambda: 0, get_current_stream=lambda device: 99)))
-    monkeypatch.setattr(_launch, "triton_interpret", lambda: False)
     monkeypatch.setattr(_launch, "_caches", {})
     return hooks
 
@@ -146,3 +145,57 @@ def test_unchecked_triton_version_keeps_the_normal_path(fakes, monkeypatch):
     for _ in range(2):
         _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
     assert len(k.slow) == 2 and not k.compiled.calls
+
+
+def test_plan_launches_like_launch(fakes):
+    """A Plan (scalars and constexprs fixed) makes the same direct launch as launch() with the same
+    arguments, and compiles anew for a pointer signature it has not seen (alignment, None, dtype)."""
+    k, k_plan = FakeJit(), FakeJit()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    plan = _launch.Plan(k_plan, (5, 2), 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
+    for _ in range(3):
+        _launch.launch(k, (5, 2), x, y, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
+        plan(x, y)
+    assert k_plan.slow == k.slow and k_plan.compiled.calls == k.compiled.calls and len(k.compiled.calls) == 2
+    for other in (x[1:], None, x.double(), x):
+        plan(other, y)
+    assert len(k_plan.slow) == 4 and len(k_plan.compiled.calls) == 3
+    assert k_plan.compiled.calls[-1][9] == x.data_ptr()
+
+
+def test_plan_keeps_the_normal_path_where_launch_does(fakes, monkeypatch):
+    x = torch.zeros(64)
+    tuned = FakeAutotuner()
+    plan = _launch.Plan(tuned, lambda meta: (128 // meta["BLOCK"],), 3, 1.0, FLAG=False)
+    for _ in range(2):
+        plan(x, x)
+    assert len(tuned.slow) == 1 and tuned.compiled.calls[0][:3] == (4, 1, 1)
+    tuned.configs = list(tuned.configs)  # pinned configs: Triton's path
+    plan(x, x)
+    assert len(tuned.slow) == 2 and len(tuned.compiled.calls) == 1
+
+    k = FakeJit()
+    plan = _launch.Plan(k, (1,), 3, 1.0, FLAG=False, BLOCK=16)
+    plan(x, x)
+    fakes.launch_enter_hook.calls.append(print)  # a profiler's hook
+    plan(x, x)
+    fakes.launch_enter_hook.calls.clear()
+    monkeypatch.setattr(_launch, "enabled", False)
+    plan(x, x)
+    monkeypatch.setattr(_launch, "enabled", True)
+    k.pre_run_hooks.append(print)
+    plan(x, x)
+    assert len(k.slow) == 4 and not k.compiled.calls
+
+
+def test_interpreted_kernels_take_tritons_path(fakes):
+    class InterpretedFunction(FakeJit):  # the interpreter's kernels return no CompiledKernel
+        pass
+
+    k = InterpretedFunction()
+    x = torch.zeros(64)
+    plan = _launch.Plan(k, (1,), 3, 1.0, FLAG=False, BLOCK=16)
+    for _ in range(2):
+        _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
+        plan(x, x)
+    assert len(k.slow) == 4 and not k.compiled.calls

@@ -33,11 +33,26 @@ def test_eager_no_grad_skips_the_dispatcher():
     torch.testing.assert_close(out, 2 * x)
 
 
-def test_grad_mode_and_dispatch_modes_use_the_op():
+def test_grad_mode_without_grad_inputs_skips_the_dispatcher(monkeypatch):
+    """Under grad mode a call on tensors that need no grad (a decode step outside no_grad) is not
+    recorded by autograd either way: it skips the dispatcher, unless the switch is off."""
+    from mamba_pkg.ops import _library
+
     x = torch.randn(5)
+    hit, out = _dispatched(lambda: _scale(x, 3.0))
+    assert not hit
+    torch.testing.assert_close(out, 3 * x)
+    monkeypatch.setattr(_library, "bypass_without_grad", False)
+    assert _dispatched(lambda: _scale(x, 3.0))[0]
+
+
+def test_grad_mode_and_dispatch_modes_use_the_op():
+    x = torch.randn(5, requires_grad=True)
     hit, out = _dispatched(lambda: _scale(x, 3.0))
     assert hit
     torch.testing.assert_close(out, 3 * x)
+    with torch.no_grad():
+        assert not _dispatched(lambda: _scale(x, 3.0))[0]
     from torch._subclasses.fake_tensor import FakeTensorMode
     with torch.no_grad(), FakeTensorMode() as mode:
         fake = mode.from_tensor(x)

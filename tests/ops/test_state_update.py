@@ -291,3 +291,45 @@ def test_custom_op_opcheck():
     idx = torch.tensor([1, -1], dtype=torch.int32, device=DEVICE)
     args = (kw["state"], kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], None, None, None, False, idx)
     torch.library.opcheck(torch.ops.mamba_pkg.selective_state_update, args)
+
+
+def test_grad_mode_call_skips_the_dispatcher_unless_an_input_needs_grad():
+    """A decode step under grad mode (no torch.no_grad around generation) launches directly, as it
+    does under no_grad; a call that autograd would record still goes through the custom op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def dispatched(kw):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = selective_state_update(**kw, dt_softplus=True, backend="triton")
+        return any(e.name == "mamba_pkg::selective_state_update" for e in prof.events()), out
+
+    kw = _to(mamba2_inputs(2, 4, 3, 5, 2), DEVICE)
+    state_ref = kw["state"].clone()
+    hit, out = dispatched(kw)
+    assert not hit
+    torch.testing.assert_close(out, selective_state_update_ref(**dict(kw, state=state_ref), dt_softplus=True),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kw["state"], state_ref, rtol=1e-5, atol=1e-5)
+    assert dispatched(dict(kw, x=kw["x"].clone().requires_grad_()))[0]
+
+
+def test_launch_plan_per_signature(monkeypatch):
+    """Calls with one signature share a launch plan; another stride, or another tile setting, gets
+    its own, and each matches the reference."""
+    from mamba_pkg.ops import state_update as ssu
+
+    monkeypatch.setattr(ssu, "_PLANS", {})
+    kw = _to(mamba1_inputs(3, 8, 5), DEVICE)
+    strided = dict(kw, x=torch.randn(3, 16, device=DEVICE)[:, ::2])
+    for call in (kw, kw, strided, strided):
+        state_ref = call["state"].clone()
+        out = selective_state_update(**call, dt_softplus=True, backend="triton")
+        exp = selective_state_update_ref(**dict(call, state=state_ref), dt_softplus=True)
+        torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    assert len(ssu._PLANS) == 2
+    monkeypatch.setitem(ssu.TILE_ELEMS, 16, 16)  # BLOCK_P 2 instead of 8: a grid of 4 programs per head
+    state_ref = kw["state"].clone()
+    out = selective_state_update(**kw, dt_softplus=True, backend="triton")
+    torch.testing.assert_close(out, selective_state_update_ref(**dict(kw, state=state_ref), dt_softplus=True),
+                               rtol=1e-5, atol=1e-5)
+    assert len(ssu._PLANS) == 3 and next(reversed(ssu._PLANS.values())).grid[0] == 4
