@@ -16,6 +16,12 @@ waits for the launch, so this is above the GPU time per step inside a long gener
     PYTHONPATH=. python benchmarks/bench_generation.py [--models mamba-130m,mamba2-130m] [--batches 1,64] [--quick]
     PYTHONPATH=. python benchmarks/bench_generation.py --tables profile.txt   (kernel tables of one step)
     PYTHONPATH=. python benchmarks/bench_generation.py --warmup --models mamba-1.4b   (compile only)
+    PYTHONPATH=. python benchmarks/bench_generation.py --eager [--eager-profile prof.txt]   (eager steps)
+--eager times one eager decode step (generate(cg=False)'s step: host-bound, every launch from Python)
+per model and batch, in one process: ours with the cached direct launches (ops/_launch.py), ours with
+Triton's own launch path (_launch.enabled = False), mamba_ssm's eager step, and our graph replay of the
+same step; host_us_per_launch = the eager step's wall time / the kernels it launches. --eager-profile
+appends a cProfile of our eager steps (direct launches) per model and batch to that file.
 --warmup runs each model's decode paths once (ours and mamba_ssm, every batch size) and times nothing:
 run one such process per model in parallel with a shared TRITON_CACHE_DIR (and TRITON_CACHE_AUTOTUNING=1)
 before the timed run, so that the Triton compiles of all models overlap. --budget-s: start no model or
@@ -228,6 +234,82 @@ def eager_step(provider, model, batch):
     return lambda: model(tokens[:, None], inference_params=params, num_last_tokens=1).logits
 
 
+def eager_ms(step, steps: int) -> tuple[float, float]:
+    """(wall ms per call of step over ``steps`` calls ended by a synchronize, host ms per call before it):
+    an eager decode step is host-bound, so the wall time is the host's launch time."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return wall / steps * 1e3, host / steps * 1e3
+
+
+def eager_rows(name: str, batches, steps: int, profile_file: str | None = None) -> list:
+    """Rows ``step model=... batch=... state=bf16``: eager step ms of ours (direct launches; ``triton_path_ms``:
+    Triton's launch path), our graph replay of the step (``graph_ms``), and mamba_ssm's eager step."""
+    from mamba_pkg.ops import _launch
+
+    ours = build_ours(name)
+    theirs = try_provider("mamba_ssm build", lambda: build_mamba_ssm(name, ours))
+    rows = []
+    for batch in batches:
+        case = f"step model={name} batch={batch} state=bf16"
+        step = eager_step("ours", ours, batch)
+        kernels = profile_step(step)[0]
+        graph = try_provider("ours graph", lambda: our_graph_ms(ours, batch, torch.bfloat16))
+        timings = {}
+        for direct in (True, False, True):  # direct twice: its spread is the A/B's noise
+            _launch.enabled = direct
+            timings.setdefault(direct, []).append(eager_ms(step, steps))
+        _launch.enabled = True
+        (wall, host), (wall2, _) = timings[True]
+        row = {"case": case, "provider": "ours", "ms": round(wall, 4), "host_ms": round(host, 4),
+               "repeat_ms": round(wall2, 4), "triton_path_ms": round(timings[False][0][0], 4),
+               "graph_ms": None if graph is None else round(graph, 4), "kernels_per_step": kernels,
+               "host_us_per_launch": round(wall / kernels * 1e3, 1)}
+        if graph:
+            row["eager_vs_graph"] = round(wall / graph, 2)
+        rows.append(row)
+        print(row, flush=True)
+        if profile_file:
+            _cprofile(step, steps, profile_file, f"ours eager {case}")
+        if theirs is not None:
+            their_step = eager_step("mamba_ssm", theirs, batch)
+            their = try_provider("mamba_ssm eager", lambda: eager_ms(their_step, steps))
+            if their is not None:
+                kernels = try_provider("mamba_ssm profile", lambda: profile_step(their_step)[0])
+                rows.append({"case": case, "provider": "mamba_ssm", "ms": round(their[0], 4),
+                             "host_ms": round(their[1], 4), "kernels_per_step": kernels})
+                row["vs_mamba_ssm"] = round(their[0] / wall, 3)
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _cprofile(step, steps: int, path: str, title: str) -> None:
+    """Append cProfile's tables (by own time, by cumulative time) of ``steps`` calls of step to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(path, "a") as f:
+        f.write(f"== {title}: {steps} steps\n{text.getvalue()}\n")
+
+
 def profile_step(step):
     """(kernels launched by one call of step, their GPU time in us, torch.profiler's table)."""
     from torch.profiler import ProfilerActivity, profile
@@ -256,6 +338,10 @@ def main() -> None:
     ap.add_argument("--warmup", action="store_true", help="compile only (see the module docstring); times nothing")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no model / batch size after this many seconds")
+    ap.add_argument("--eager", action="store_true", help="time eager steps (see the module docstring)")
+    ap.add_argument("--eager-steps", type=int, default=30, help="--eager: steps per timing")
+    ap.add_argument("--eager-profile", metavar="FILE", help="--eager: append cProfile tables of our eager steps here")
+    ap.add_argument("--tag", default="", help="--eager: results file bench_generation_eager<tag>.json")
     ap.add_argument("--quick", action="store_true",
                     help="mamba-1.4b and mamba2-1.3b only, no transformers (fits 120 s on an H100)")
     args = ap.parse_args()
@@ -268,6 +354,15 @@ def main() -> None:
         return
     deadline = time.perf_counter() + args.budget_s
     rows = []
+    if args.eager:
+        for name in args.models.split(","):
+            if time.perf_counter() > deadline:
+                print(f"skipped {name}: --budget-s spent", flush=True)
+                continue
+            rows += eager_rows(name, batches, args.eager_steps, args.eager_profile)
+            torch.cuda.empty_cache()
+            save_results("bench_generation_eager" + args.tag, rows, plot_key="batch")
+        return
     for name in args.models.split(","):
         if time.perf_counter() > deadline:
             print(f"skipped {name}: --budget-s spent", flush=True)

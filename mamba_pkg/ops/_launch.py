@@ -69,14 +69,14 @@ def _n_pointers(args) -> int:
     return n
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
+def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` for a @triton.jit or @triton.autotune kernel; args are
     the leading parameters (pointers first), kwargs the constexprs and launch options (num_warps,
-    maxnreg, ...)."""
+    maxnreg, ...). Returns what ``kernel[grid]`` returns (the compiled kernel; None from the
+    interpreter), the cached one on the direct path."""
     jit = kernel.fn if Autotuner is not None and isinstance(kernel, Autotuner) else kernel
     if not _direct_ok() or _interpreted(jit) or getattr(jit, "pre_run_hooks", None):
-        kernel[grid](*args, **kwargs)
-        return
+        return kernel[grid](*args, **kwargs)
     device = driver.active.get_current_device()
     cache = _caches.get(kernel)
     # A new list of autotuning configs (the GPU tests pin them) starts a new cache.
@@ -95,18 +95,20 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             if len(cache) > _MAX_ENTRIES:
                 cache = _caches[kernel] = {"n_pointers": n, "configs": configs}
             cache[key] = entry
-        return
-    _run(entry, grid, device, addresses, args[n:])
+        return compiled
+    return _run(entry, grid, device, addresses, args[n:])
 
 
-def _run(entry, grid, device, addresses, scalars) -> None:
-    """The direct launch of a cached entry: what JITFunction.run ends in (Triton 3.6)."""
+def _run(entry, grid, device, addresses, scalars):
+    """The direct launch of a cached entry: what JITFunction.run ends in (Triton 3.6). Returns
+    the compiled kernel."""
     compiled, meta, tail = entry
     if callable(grid):
         grid = grid(meta)
     stream = driver.active.get_current_stream(device)
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata, None, None, None, *addresses, *scalars, *tail)
+    return compiled
 
 
 class Plan:

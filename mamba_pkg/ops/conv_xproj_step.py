@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -31,7 +32,7 @@ from mamba_pkg.ops.backend import (
     triton,
 )
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
-from mamba_pkg.ops.decode_linear import pdl_launch, use_pdl
+from mamba_pkg.ops.decode_linear import layout_key, pdl_launch, settings_cache, use_pdl
 
 # Channels per split: also the partition the reference uses. 64 gives 24 / 64 programs at
 # mamba-130m / -1.4b; with the SSM kernel adding the partials it beat 128 and 256 on an H100
@@ -39,6 +40,8 @@ from mamba_pkg.ops.decode_linear import pdl_launch, use_pdl
 BLOCK_D = 64
 # x_proj outputs per step of the (unrolled) output loop: the weight tile is BLOCK_J x BLOCK_D.
 MAX_TILE = 16384
+# Launch plans of _conv_xproj_step (decode_linear.settings_cache: dropped when a switch above is set).
+_PLANS = settings_cache(__name__)
 
 
 def conv_xproj_step_ref(x, conv_state, weight, bias, x_proj_weight, activation=None):
@@ -132,20 +135,24 @@ def _conv_xproj_outputs(x, x_proj_weight):
 def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, x_proj_weight: Tensor,
                      silu: bool) -> tuple[Tensor, Tensor]:
     out, parts = _conv_xproj_outputs(x, x_proj_weight)
-    batch, dim = x.shape
-    state_len = conv_state.shape[2]
-    n_out = x_proj_weight.shape[0]
-    block_j = min(next_pow2(n_out), MAX_TILE // BLOCK_D)
-    pdl = use_pdl(x)
-    _conv_xproj_step_kernel[(parts.shape[0], batch)](
-        x, conv_state, weight, bias, x_proj_weight, out, parts,
-        dim, state_len, x_proj_weight.shape[0],
-        *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(), *out.stride(),
-        *parts.stride(),
-        W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu,
-        BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(state_len), BLOCK_J=block_j,
-        N_J=cdiv(n_out, block_j), USE_PDL=pdl, PTX=ptx_math(_conv_xproj_step_kernel), num_warps=8, **pdl_launch(pdl),
-    )
+    key = (x.device, x.shape, x.stride(), x.dtype, *map(layout_key, (conv_state, weight, x_proj_weight)),
+           None if bias is None else bias.dtype, silu)
+    plan = _PLANS.get(key)
+    if plan is None:
+        batch, dim = x.shape
+        state_len = conv_state.shape[2]
+        n_out = x_proj_weight.shape[0]
+        block_j = min(next_pow2(n_out), MAX_TILE // BLOCK_D)
+        pdl = use_pdl(x)
+        plan = _PLANS[key] = (
+            (parts.shape[0], batch),
+            (dim, state_len, n_out, *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(),
+             *out.stride(), *parts.stride()),
+            dict(W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(state_len),
+                 BLOCK_J=block_j, N_J=cdiv(n_out, block_j), USE_PDL=pdl, PTX=ptx_math(_conv_xproj_step_kernel),
+                 num_warps=8, **pdl_launch(pdl)))
+    grid, scalars, kwargs = plan
+    launch(_conv_xproj_step_kernel, grid, x, conv_state, weight, bias, x_proj_weight, out, parts, *scalars, **kwargs)
     return out, parts
 
 

@@ -46,12 +46,13 @@ this overlaps each kernel's launch and first weight round trip with the tail of 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import signature, variant_needed
+from mamba_pkg.ops._launch import launch, variant_needed
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -195,6 +196,42 @@ DOT_TMA_EAGER = False
 # tile resets its counter).
 DOT_COUNTERS = 8192
 _COUNTERS = {}
+# The split-K tiles' partial sums (and sums of squares) of eager launches, per (device, shape, what):
+# reused by every eager launch instead of allocated by each (on the H100 host a torch.empty is several
+# us of a launch's host time). Safe in a PDL chain: a kernel writes them only after its gdc_wait, that
+# is after every kernel before it (the last one to read them included) finished. Launches under CUDA
+# graph capture allocate their own (from the graph's pool), as before. Like the counters, one set per
+# device: split-K launches on two streams at once would share them.
+_SCRATCH = {}
+
+
+# Every settings_cache dict: a switch of one module can enter another's plans (decode_linear.PDL decides
+# the PDL launches of ssm_decode_step), so setting any of them empties them all.
+_SETTINGS_CACHES = []
+
+
+def settings_cache(module_name: str) -> dict:
+    """A dict for a module's launch plans (what a launcher derives from its operands' shapes, strides
+    and dtypes and the modules' switches, kept so that an eager decode step does not derive it again at
+    every call), emptied whenever an attribute of this module or of another with a settings_cache is set
+    from outside (a test's monkeypatch.setattr, a sweep's setting): a plan never outlives the switches
+    it was made with."""
+    module = sys.modules[module_name]
+    plans = {}
+    _SETTINGS_CACHES.append(plans)
+
+    class _Module(type(module)):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            for cache in _SETTINGS_CACHES:
+                cache.clear()
+
+    module.__class__ = _Module
+    return plans
+
+
+# Launch plans of this module's launchers (settings_cache).
+_PLANS = settings_cache(__name__)
 
 
 # Programmatic dependent launch of the decode kernels (module docstring); False switches it off.
@@ -266,14 +303,21 @@ def completes_before_next(rows: int, weight: Tensor, norm: int = 0, conv: bool =
     when the product has more programs than the GPU holds at once: its last programs start only
     after earlier ones exited, each of which had waited (gdc_wait) for the kernel before it, which
     had waited for its own, and so on; the next kernel starts only after the product's last program
-    started."""
+    started. The answer is kept in _PLANS once the product's registers are known."""
+    key = ("completes_before_next", rows, weight.shape, weight.device, norm, conv)
+    known = _PLANS.get(key)
+    if known is not None:
+        return known
     if rows > SMALL_ROWS or not use_pdl(weight):
         return False
     if _prepass(norm, weight.shape[1], conv):
         norm = NORM_NONE
     block_n, _ = _small_config(weight.shape[1], norm, conv)
     regs = _REGISTERS.get((tuple(weight.shape), norm, conv, next_pow2(rows)), 0)
-    return cdiv(weight.shape[0], block_n) > _resident_programs(weight.device.index, NUM_WARPS, regs)
+    answer = cdiv(weight.shape[0], block_n) > _resident_programs(weight.device.index, NUM_WARPS, regs)
+    if regs:  # kept once the product's registers are known (its first launch)
+        _PLANS[key] = answer
+    return answer
 
 
 def pdl_launch(pdl: bool) -> dict:
@@ -283,7 +327,15 @@ def pdl_launch(pdl: bool) -> dict:
 
 def dot_config(n_out, n_in=None):
     """(BLOCK_N, BLOCK_K, stages, warps, SPLIT) of the tl.dot kernel for weight (n_out, n_in), or
-    None where even the K split gives fewer than DOT_MIN_PROGRAMS programs (n_in None: no split)."""
+    None where even the K split gives fewer than DOT_MIN_PROGRAMS programs (n_in None: no split).
+    Kept in _PLANS (a decode step asks for each of its products several times)."""
+    key = ("dot_config", n_out, n_in)
+    if key not in _PLANS:
+        _PLANS[key] = _dot_config(n_out, n_in)
+    return _PLANS[key]
+
+
+def _dot_config(n_out, n_in):
     block_n = min(DOT_BLOCK_N, DOT_SMALL_BLOCK_N) if n_in and n_out * n_in < DOT_SMALL_WEIGHT else DOT_BLOCK_N
     tiles = cdiv(n_out, block_n)
     split = 1
@@ -575,14 +627,13 @@ def _decode_linear_dot_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, cs_ptr, cw_ptr, cb_ptr, part_ptr, ss_ptr, cnt_ptr,
     batch, N, K, k_split, eps, conv_start, conv_dim,
     stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
-    stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k,
+    stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k, w_desc, x_desc,
     HAS_BIAS: tl.constexpr, FP32: tl.constexpr, NORM: tl.constexpr,
     CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
     ROWS4: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, PEEL: tl.constexpr, USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr,
     PTX: tl.constexpr,
-    w_desc=None, x_desc=None, TMA_W: tl.constexpr = False, TMA_X: tl.constexpr = False,
-    PREFETCH_K: tl.constexpr = 0, PREFETCH_LINE: tl.constexpr = 0,
+    TMA_W: tl.constexpr, TMA_X: tl.constexpr, PREFETCH_K: tl.constexpr, PREFETCH_LINE: tl.constexpr,
 ):
     # Program (i_n, i_s) of row block i_b: features [i_n * BLOCK_N, +BLOCK_N) over K range
     # [i_s * k_split, +k_split). NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is
@@ -677,20 +728,40 @@ def _outputs(x, weight):
     return torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
 
+def layout_key(t):
+    """What a plan key needs of an optional tensor operand: None, or its shape, strides and dtype."""
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+_NO_CONV = (None, None, None, 0, False)
+
+
+def _conv_key(conv):
+    if conv is None:
+        return None
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv
+    return (layout_key(conv_state), layout_key(conv_weight), None if conv_bias is None else conv_bias.dtype,
+            conv_start, silu)
+
+
 def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm, normed=None):
     """The normalised rows (B, K) in fp32 of x (and residual or gate, as in _launch_small), or into normed."""
     batch, n_in = x.shape
     if normed is None:
         normed = torch.empty(batch, n_in, device=x.device, dtype=torch.float32 if PREPASS_FP32 else x.dtype)
-    block_k = next_pow2(n_in)
-    pdl = use_pdl(x)
-    r_st = residual.stride() if residual is not None else (0, 0)
-    ro_st = res_out.stride() if res_out is not None else (0, 0)
-    _row_norm_kernel[(batch,)](
-        x, residual, norm_weight, res_out, normed, n_in, eps, *x.stride(), *r_st, *ro_st,
-        NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_K=block_k, USE_PDL=pdl,
-        PTX=ptx_math(_row_norm_kernel), num_warps=4 if block_k <= 2048 else 8, **pdl_launch(pdl),
-    )
+    key = ("row_norm", x.device, x.shape, x.stride(), x.dtype, layout_key(residual), norm_weight.dtype,
+           layout_key(res_out), normed.dtype, eps, norm)
+    plan = _PLANS.get(key)
+    if plan is None:
+        block_k = next_pow2(n_in)
+        pdl = use_pdl(x)
+        plan = _PLANS[key] = (
+            (n_in, eps, *x.stride(), *(residual.stride() if residual is not None else (0, 0)),
+             *(res_out.stride() if res_out is not None else (0, 0))),
+            dict(NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_K=block_k, USE_PDL=pdl,
+                 PTX=ptx_math(_row_norm_kernel), num_warps=4 if block_k <= 2048 else 8, **pdl_launch(pdl)))
+    scalars, kwargs = plan
+    launch(_row_norm_kernel, (batch,), x, residual, norm_weight, res_out, normed, *scalars, **kwargs)
     return normed
 
 
@@ -722,24 +793,40 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
                   conv=None):
     """residual: the residual (NORM_ADD) or the gate z (NORM_GATE*). conv: None or (conv_state,
     conv_weight, conv_bias, conv_start, silu)."""
-    if _prepass(norm, x.shape[1], conv is not None):
+    if norm != NORM_NONE and _prepass(norm, x.shape[1], conv is not None):
         x = _launch_row_norm(x, residual, norm_weight, res_out, eps, norm)
         residual = norm_weight = res_out = None
         norm = NORM_NONE
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv or _NO_CONV
+    key = ("small", x.device, x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
+           None if bias is None else bias.dtype, out.stride(), out.dtype, layout_key(residual),
+           None if norm_weight is None else norm_weight.dtype, layout_key(res_out), eps, norm, _conv_key(conv))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _small_plan(x, weight, bias, out, residual, res_out, eps, norm, conv)
+    grid, scalars, kwargs, registers = plan
+    compiled = launch(_decode_linear_kernel, grid, x, weight, bias, out, residual, norm_weight, res_out, conv_state,
+                      conv_weight, conv_bias, *scalars, **kwargs)
+    if registers is not None and registers not in _REGISTERS:
+        _REGISTERS[registers] = getattr(compiled, "n_regs", 0)
+
+
+def _small_plan(x, weight, bias, out, residual, res_out, eps, norm, conv):
+    """(grid, the scalar arguments, the constexprs and launch options, the _REGISTERS key or None) of
+    _launch_small's kernel for these operands."""
     batch, n_in = x.shape
     block_b = next_pow2(batch)
     block_n, tile_elems = _small_config(n_in, norm, conv is not None)
     block_k = min(next_pow2(n_in), max(16, tile_elems // (block_b * block_n)))
     pdl = use_pdl(x)
-    r_st = residual.stride() if residual is not None else (0, 0)
-    ro_st = res_out.stride() if res_out is not None else (0, 0)
-    conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
-    cs_st = conv_state.stride() if conv is not None else (0, 0, 0)
-    cw_st = conv_weight.stride() if conv is not None else (0, 0)
-    compiled = _decode_linear_kernel[(cdiv(weight.shape[0], block_n),)](
-        x, weight, bias, out, residual, norm_weight, res_out, conv_state, conv_weight, conv_bias,
-        batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
-        *x.stride(), *weight.stride(), *out.stride(), *r_st, *ro_st, *cs_st, *cw_st,
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv or _NO_CONV
+    scalars = (batch, weight.shape[0], n_in, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
+               *x.stride(), *weight.stride(), *out.stride(),
+               *(residual.stride() if residual is not None else (0, 0)),
+               *(res_out.stride() if res_out is not None else (0, 0)),
+               *(conv_state.stride() if conv is not None else (0, 0, 0)),
+               *(conv_weight.stride() if conv is not None else (0, 0)))
+    kwargs = dict(
         HAS_BIAS=bias is not None, NORM=norm, HAS_RESIDUAL=residual is not None,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
@@ -747,8 +834,8 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
         USE_PDL=pdl, PTX=ptx_math(_decode_linear_kernel), W_EVICT="evict_first" if WEIGHT_EVICT_FIRST else "",
         num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
-    if pdl:
-        _REGISTERS[(tuple(weight.shape), norm, conv is not None, block_b)] = getattr(compiled, "n_regs", 0)
+    registers = (tuple(weight.shape), norm, conv is not None, block_b) if pdl else None
+    return (cdiv(weight.shape[0], block_n),), scalars, kwargs, registers
 
 
 def _counters(device, n):
@@ -762,6 +849,16 @@ def _counters(device, n):
     return counters if n <= counters.numel() else None
 
 
+def _scratch(device, shape, capturing):
+    """An fp32 buffer of ``shape`` for a split-K launch: fresh under capture, else _SCRATCH's."""
+    if capturing:
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    buf = _SCRATCH.get((device, shape))
+    if buf is None:
+        buf = _SCRATCH[(device, shape)] = torch.empty(shape, device=device, dtype=torch.float32)
+    return buf
+
+
 def _aligned(t):
     """Rows of t (2-D) start 16-byte aligned and are contiguous along K (TMA, bulk prefetch)."""
     return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
@@ -773,15 +870,59 @@ def _sm90(t):
 
 
 def _descriptor(t, block):
-    """A TMA descriptor of t (2-D) with tiles of ``block`` (out of bounds: zeros), or None where t is not _aligned."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    """A TMA descriptor of t (2-D) with tiles of ``block`` (out of bounds: zeros), or None where t is
+    not _aligned. The SSD's descriptor class: a launch-cache key (_launch.launch keys on it), its tensor
+    held weakly."""
+    from mamba_pkg.ops.ssd.chunk_scan import _descriptor_class
 
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block) if _aligned(t) else None
+    return _descriptor_class()(t, list(t.shape), list(t.stride()), block) if _aligned(t) else None
 
 
 def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     """The tl.dot kernel (more than SMALL_ROWS rows): norm_weight: x is RMS-normalised first
     (NORM_RMS); conv: as in _launch_small."""
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv or _NO_CONV
+    key = ("dot", x.device, x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
+           weight.data_ptr() % 16 == 0, None if bias is None else bias.dtype, out.stride(), out.dtype,
+           None if norm_weight is None else norm_weight.dtype, eps, _conv_key(conv))
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok=True)
+    counters = part = ss = None
+    if plan.split > 1:
+        counters = _COUNTERS.get(x.device)
+        if counters is None:
+            counters = _counters(x.device, 0)
+        if counters is None or plan.counters > counters.numel():  # a capture before any counters: no split
+            key += ("no split",)
+            plan = _PLANS.get(key)
+            if plan is None:
+                plan = _PLANS[key] = _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok=False)
+        else:
+            part = _scratch(x.device, plan.part_shape, capturing)
+            ss = _scratch(x.device, plan.ss_shape, capturing)
+    ptrs = (x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters)
+    tma = plan.tma and (plan.interpret or DOT_TMA_EAGER or capturing or variant_needed(
+        "decode_linear_dot_tma", (key, tuple([None if t is None else t.data_ptr() % 16 for t in ptrs]))))
+    if not tma:
+        launch(_decode_linear_dot_kernel, plan.grid, *ptrs, *plan.scalars, None, None, **plan.kwargs)
+        return
+    w_desc = _descriptor(weight, [plan.block_n, plan.block_k])
+    x_desc = _descriptor(x, [plan.block_b, plan.block_k])
+    launch(_decode_linear_dot_kernel, plan.grid, *ptrs, *plan.scalars, w_desc, x_desc,
+           **{**plan.kwargs, "TMA_W": w_desc is not None, "TMA_X": x_desc is not None})
+
+
+class _DotPlan:
+    """_launch_dot's launch for one key: grid, scalar arguments, constexprs and launch options (TMA off),
+    the split-K buffers' shapes and counters, and whether TMA tiles may be taken (plan.tma) and how big."""
+
+    __slots__ = ("grid", "scalars", "kwargs", "split", "counters", "part_shape", "ss_shape", "tma", "interpret",
+                 "block_b", "block_n", "block_k")
+
+
+def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok):
     batch, n_in = x.shape
     n_out = weight.shape[0]
     block_n, block_k, stages, warps, split = (dot_config(n_out, n_in)
@@ -792,8 +933,7 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
         warps = max(warps, DOT_NORM_WARPS)
     block_b = min(64, max(16, next_pow2(batch)))
     tiles, row_blocks = cdiv(n_out, block_n), cdiv(batch, block_b)
-    counters = _counters(x.device, tiles * row_blocks) if split > 1 else None
-    if counters is None:
+    if not split_ok:
         split = 1
     flags = {}
     if DOT_FIT and x.is_cuda and tiles * split * row_blocks > sm_count(x.device):
@@ -804,26 +944,26 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
         stage_bytes = block_k * (block_b * x.element_size() + block_n * weight.element_size())
         stages = max(2, min(stages, (_shared_memory(x.device.index) - 4096) // stage_bytes))
     k_split = cdiv(cdiv(n_in, block_k), split) * block_k
-    part = ss = None
-    if split > 1:
-        rows_pad = row_blocks * block_b
-        part = torch.empty(split, rows_pad, n_out, device=x.device, dtype=torch.float32)
-        ss = torch.empty(tiles, split, rows_pad, device=x.device, dtype=torch.float32)
     # The CPU interpreter's tl.dot gets 16-bit operands wrong: it takes the fp32 route there.
     fp32 = x.dtype != weight.dtype or x.dtype == torch.float32 or triton_interpret()
     pdl = use_pdl(x)
-    conv_state, conv_weight, conv_bias, conv_start, silu = conv or (None, None, None, 0, False)
+    conv_state, conv_weight, conv_bias, conv_start, silu = conv or _NO_CONV
     hopper = _sm90(x)
     prefetch = DOT_PREFETCH_K if hopper and _aligned(weight) else 0
     line = 128 // weight.element_size() if DOT_PREFETCH_LINES else 0
     if prefetch and line:
         prefetch = next_pow2(max(min(prefetch, k_split), line))  # a power of two of lines, at most the K range's
-    args = (x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters,
-            batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
-            *x.stride(), *weight.stride(), *out.stride(),
-            *(conv_state.stride() if conv is not None else (0, 0, 0)),
-            *(conv_weight.stride() if conv is not None else (0, 0)))
-    kwargs = dict(
+    plan = _DotPlan()
+    plan.grid = (tiles * split, row_blocks)
+    plan.split, plan.counters = split, tiles * row_blocks
+    rows_pad = row_blocks * block_b
+    plan.part_shape = (split, rows_pad, n_out)
+    plan.ss_shape = (tiles, split, rows_pad)
+    plan.scalars = (batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
+                    *x.stride(), *weight.stride(), *out.stride(),
+                    *(conv_state.stride() if conv is not None else (0, 0, 0)),
+                    *(conv_weight.stride() if conv is not None else (0, 0)))
+    plan.kwargs = dict(
         HAS_BIAS=bias is not None, FP32=fp32, NORM=NORM_NONE if norm_weight is None else NORM_RMS,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
@@ -831,15 +971,13 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=split, PEEL=DOT_PEEL, USE_PDL=pdl,
         LAUNCH_EARLY=DOT_LAUNCH_EARLY, PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps,
         num_stages=stages, **flags, **pdl_launch(pdl), PREFETCH_K=prefetch, PREFETCH_LINE=line,
+        TMA_W=False, TMA_X=False,
     )
-    tma = DOT_TMA and (k_split // block_k >= DOT_TMA_MIN_STEPS or norm_weight is not None) and (
-        triton_interpret()  # the interpreter runs descriptors too (CPU tests)
-        or (hopper and (DOT_TMA_EAGER or torch.cuda.is_current_stream_capturing()
-                      or variant_needed("decode_linear_dot_tma", signature(*args, **kwargs)))))
-    w_desc = _descriptor(weight, [block_n, block_k]) if tma else None
-    x_desc = _descriptor(x, [block_b, block_k]) if tma else None
-    _decode_linear_dot_kernel[(tiles * split, row_blocks)](
-        *args, **kwargs, w_desc=w_desc, x_desc=x_desc, TMA_W=w_desc is not None, TMA_X=x_desc is not None)
+    plan.interpret = triton_interpret()  # the interpreter runs descriptors too (CPU tests)
+    plan.tma = DOT_TMA and (k_split // block_k >= DOT_TMA_MIN_STEPS or norm_weight is not None) and (
+        plan.interpret or hopper)
+    plan.block_b, plan.block_n, plan.block_k = block_b, block_n, block_k
+    return plan
 
 
 @launcher_op("decode_linear")
@@ -950,8 +1088,26 @@ def _(x, residual, norm_weight, weight, bias, conv_state, conv_weight, conv_bias
     return _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32)
 
 
+def _conv_ok(conv, x, weight):
+    """_check_conv's checks as plain comparisons (a decode step is host-bound without a graph)."""
+    if not (isinstance(conv, tuple) and len(conv) == 5):
+        return False
+    conv_state, conv_weight, conv_bias, conv_start, activation = conv
+    return (activation in (None, "silu", "swish") and isinstance(conv_state, torch.Tensor)
+            and isinstance(conv_weight, torch.Tensor) and conv_weight.dim() == 2 and conv_state.dim() == 3
+            and 2 <= conv_weight.shape[1] <= 8 and conv_state.shape[0] == x.shape[0]
+            and conv_state.shape[1] == conv_weight.shape[0] and conv_state.shape[2] >= conv_weight.shape[1] - 1
+            and conv_weight.dtype in FLOAT_DTYPES and conv_state.dtype in FLOAT_DTYPES
+            and conv_state.device == x.device and conv_weight.device == x.device
+            and (conv_bias is None or (isinstance(conv_bias, torch.Tensor) and conv_bias.shape == (conv_weight.shape[0],)
+                                       and conv_bias.dtype in FLOAT_DTYPES and conv_bias.device == x.device))
+            and isinstance(conv_start, int) and 0 <= conv_start <= weight.shape[0] - conv_weight.shape[0])
+
+
 def _check_conv(conv, x, weight):
     """conv = (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None, conv_start, activation)."""
+    if _conv_ok(conv, x, weight):
+        return
     if not (isinstance(conv, tuple) and len(conv) == 5):
         raise TypeError("conv must be a tuple (conv_state, conv_weight, conv_bias, conv_start, activation)")
     conv_state, conv_weight, conv_bias, conv_start, activation = conv

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamba_pkg.ops._launch import launch
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -42,7 +43,7 @@ from mamba_pkg.ops.backend import (
     tl,
     triton,
 )
-from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear, pdl_launch, use_pdl
+from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear, layout_key, pdl_launch, settings_cache, use_pdl
 from mamba_pkg.ops.state_update import _softplus, selective_state_update_ref
 
 NO_DT_LIMIT = (0.0, float("inf"))
@@ -233,6 +234,8 @@ LATE_DEPENDENTS_ROWS = None
 # session 10, with Mamba-1's x_proj by the tl.dot kernel too, models/mamba.STEP_DOT_X_PROJ): mamba-1.4b 2.426
 # vs 2.484-2.546 ms, mamba-130m 0.678 vs 0.706-0.709. False: cuBLAS.
 DT_PROJ_DOT = True
+# Launch plans of _ssm_decode_step (decode_linear.settings_cache: dropped when a switch above is set).
+_PLANS = settings_cache(__name__)
 
 
 def _launch_config(batch, hdim, n_state, rank, tie):
@@ -251,19 +254,34 @@ def _launch_config(batch, hdim, n_state, rank, tie):
 def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                      z: Tensor | None, dt_bias: Tensor | None, dt_proj_weight: Tensor | None, dt_limit: list[float],
                      split_sum: bool, state_ready: bool = False) -> Tensor:
+    out = _outputs(x)
+    if dt_proj_weight is not None and x.shape[0] >= CUBLAS_DT_BATCH and not split_sum:
+        # dt is rounded once to the weight dtype here (as mamba_ssm's step does); the rest is fp32.
+        dot = (DT_PROJ_DOT and x.shape[0] <= MAX_ROWS
+               and dt_proj_weight.dtype in (torch.bfloat16, torch.float16))
+        dt = (decode_linear if dot else F.linear)(dt.to(dt_proj_weight.dtype), dt_proj_weight)
+        dt_proj_weight = None
+    key = (x.device, split_sum, state_ready, dt_limit[0], dt_limit[1], *map(layout_key, (
+        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum,
+                                       state_ready, out)
+    grid, scalars, kwargs = plan
+    launch(_ssm_decode_step_kernel, grid, state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out, *scalars,
+           **kwargs)
+    return out
+
+
+def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready, out):
+    """(grid, the scalar arguments, the constexprs and launch options) of the kernel for these operands."""
     batch = x.shape[0]
     n_state = state.shape[-1]
-    out = _outputs(x)
     split_st = (dt.stride(0), B.stride(0), C.stride(0)) if split_sum else (0, 0, 0)
     n_splits = dt.shape[0] if split_sum else 1
     if split_sum:  # one split's views, for their strides
         dt, B, C = dt[0], B[0], C[0]
     mamba2 = state.dim() == 4
-    if dt_proj_weight is not None and batch >= CUBLAS_DT_BATCH and not split_sum:
-        # dt is rounded once to the weight dtype here (as mamba_ssm's step does); the rest is fp32.
-        dot = DT_PROJ_DOT and batch <= MAX_ROWS and dt_proj_weight.dtype in (torch.bfloat16, torch.float16)
-        dt = (decode_linear if dot else F.linear)(dt.to(dt_proj_weight.dtype), dt_proj_weight)
-        dt_proj_weight = None
     zero3 = (0, 0, 0)
     if mamba2:
         heads, hdim = x.shape[1:]
@@ -299,21 +317,17 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
             dt_st = split(dt.stride())
     block_b, block_p, block_n, block_r, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
     limit = tuple(dt_limit) != NO_DT_LIMIT
-    grid = (cdiv(hdim, block_p), cdiv(batch, block_b), heads)
     pdl = use_pdl(x)
-    _ssm_decode_step_kernel[grid](
-        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out,
-        batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
-        *split_st,
-        *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
+    scalars = (batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
+               *split_st, *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st)
+    kwargs = dict(
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
         USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), STATE_EARLY=state_ready, num_warps=warps,
-        **({"DEPENDENTS_EARLY": False} if LATE_DEPENDENTS_ROWS is not None and batch >= LATE_DEPENDENTS_ROWS else {}),
-        **pdl_launch(pdl),
+        DEPENDENTS_EARLY=LATE_DEPENDENTS_ROWS is None or batch < LATE_DEPENDENTS_ROWS, **pdl_launch(pdl),
     )
-    return out
+    return (cdiv(hdim, block_p), cdiv(batch, block_b), heads), scalars, kwargs
 
 
 def _outputs(x):

@@ -409,6 +409,61 @@ def test_cuda_multistep_graph_equals_eager(kind):
 
 @requires_cuda
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_cuda_eager_step_takes_cached_launches(kind, batch, monkeypatch):
+    """An eager decode step (generate(cg=False)'s, under no_grad) launches its Triton kernels through
+    ops/_launch.launch: once a step of these shapes has run, a step launches nothing through Triton's own
+    launch path (JITFunction.run) and gives that step's bits (logits, greedy tokens, states). The first
+    step may take the TMA tiles (compiling them for a capture: the second compiles the pointer loads) and
+    is as close. The cached kernels keep programmatic dependent launch (compiled with launch_pdl).
+    The layers have the 130m models' widths and state sizes (bf16 states, as bench_generation's eager
+    step); under grad mode with d_state 8 / headdim 8 Mamba-2 layers at batch 64 two such steps once
+    differed in the last bit of some logits (H100, session 12: not explained yet, see notes_decode.md)."""
+    from triton.runtime.jit import JITFunction
+
+    from mamba_pkg.ops import _launch
+    from mamba_pkg.ops import conv_xproj_step as cx
+    from mamba_pkg.ops import ssm_decode_step as sds
+    from mamba_pkg.ops.greedy_argmax import greedy_argmax
+
+    monkeypatch.setattr(_launch, "_caches", {})
+    monkeypatch.setattr(_launch, "_VARIANTS_SEEN", set())
+    torch.manual_seed(1)
+    config = MambaConfig(d_model=768, n_layer=2, vocab_size=VOCAB, ssm_cfg={"layer": kind.capitalize()})
+    model = MambaLMHeadModel(config, device="cuda", dtype=torch.bfloat16).eval()
+    params = dec._new_cache(model, batch, 16, torch.bfloat16, torch.bfloat16)
+    params.lengths_per_sample = torch.full((batch,), 5, dtype=torch.int32, device="cuda")
+    params.seqlen_offset = 5
+    states = [t for entry in params.key_value_memory_dict.values() for t in entry]
+    torch.manual_seed(2)
+    for t in states:
+        t.normal_()
+    start = [t.clone() for t in states]
+    tokens = torch.randint(0, VOCAB, (batch,), device="cuda")
+    slow = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: slow.append(self.fn.__name__) or run(self, *a, **k))
+    steps = []
+    with torch.no_grad():
+        for _ in range(3):
+            for t, t0 in zip(states, start):
+                t.copy_(t0)
+            logits = dec._step_eager(model, tokens, params, VOCAB)
+            steps.append((len(slow), logits, greedy_argmax(logits), [t.clone() for t in states]))
+    assert steps[2][0] == steps[1][0], slow[steps[1][0]:]
+    assert torch.equal(steps[2][1], steps[1][1]) and torch.equal(steps[2][2], steps[1][2])
+    assert all(torch.equal(a, b) for a, b in zip(steps[2][3], steps[1][3]))
+    torch.testing.assert_close(steps[0][1], steps[1][1], rtol=2e-2, atol=2e-2)
+    kernels = (dl._row_norm_kernel, dl._decode_linear_kernel, dl._decode_linear_dot_kernel,
+               sds._ssm_decode_step_kernel, cx._conv_xproj_step_kernel)
+    cached = [entry[0] for kernel in kernels for entry in _launch._caches.get(kernel, {}).values()
+              if isinstance(entry, tuple)]
+    assert len(cached) >= 3
+    assert all(bool(c.metadata.launch_pdl) == dl.use_pdl(tokens) for c in cached)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
 def test_cuda_graph_with_pdl_equals_without(kind, monkeypatch):
     """The decode kernels chained by programmatic dependent launch (each waits for its
     predecessor before touching activations) give the same tokens and logits as plain launches."""

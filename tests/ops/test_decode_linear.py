@@ -509,6 +509,7 @@ def test_gpu_completes_before_next_counts_programs():
     w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16)
     assert dl.completes_before_next(1, w)
     dl._REGISTERS.clear()
+    dl._PLANS.clear()  # answers kept there once the registers are known
     assert not dl.completes_before_next(1, w, dl.NORM_ADD, conv=True)  # registers unknown: thread limit only
     x, res = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16), torch.randn(1, 2048, device="cuda")
     conv = (torch.randn(1, 4352, 4, device="cuda", dtype=torch.bfloat16),
@@ -705,3 +706,26 @@ def test_gpu_dot_tma_only_while_capturing(monkeypatch):
     base_err = (eager.float() - ref.float()).abs().max().item()
     for out in (first, captured):
         assert (out.float() - ref.float()).abs().max().item() <= 2 * base_err + 1e-2
+
+
+def test_launch_plans_are_reused_and_dropped_when_a_switch_is_set(monkeypatch):
+    """A launcher derives its launch (grid, scalars, constexprs) once per operand layout and reuses
+    it (decode_linear._PLANS); setting a switch of a module with plans (here BLOCK_N) drops every
+    module's plans (ssm_decode_step's too), so that the next call follows the new setting."""
+    from mamba_pkg.ops import ssm_decode_step as sds
+
+    grids = []
+    launch = dl.launch
+    monkeypatch.setattr(dl, "launch", lambda kernel, grid, *a, **k: grids.append(grid) or launch(kernel, grid, *a, **k))
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 40, device=DEVICE), torch.randn(37, 40, device=DEVICE)
+    first = decode_linear(x, w, backend="triton")
+    plans = dict(dl._PLANS)
+    assert len(plans) == 1
+    assert torch.equal(decode_linear(x, w, backend="triton"), first)
+    assert dl._PLANS == plans and grids == [(dl.cdiv(37, dl.BLOCK_N),)] * 2
+    sds._PLANS["probe"] = None
+    monkeypatch.setattr(dl, "BLOCK_N", 2 * dl.BLOCK_N)
+    assert not dl._PLANS and not sds._PLANS
+    torch.testing.assert_close(decode_linear(x, w, backend="triton"), first, rtol=1e-5, atol=1e-5)
+    assert grids[-1] == (dl.cdiv(37, dl.BLOCK_N),) != grids[0]
