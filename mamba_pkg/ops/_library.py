@@ -20,11 +20,13 @@ Rules the launchers follow (torch.library.custom_op's contract):
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Iterable
 
 import torch
 from torch._library.custom_ops import CustomOpDef
+from torch.autograd.graph import increment_version
 from torch.torch_version import TorchVersion
 
 NAMESPACE = "mamba_pkg"
@@ -83,11 +85,24 @@ class _LauncherOp(CustomOpDef):
     tensors that need no grad, so they take the direct path.
     """
 
+    # (position, name) of each argument the op writes in place (set by launcher_op).
+    _mutated: tuple = ()
+
     def __call__(self, *args, **kwargs):
-        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                or (torch.is_grad_enabled() and (not bypass_without_grad or _wants_grad(args, kwargs)))):
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
             return self._opoverload(*args, **kwargs)
-        return self._init_fn(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return self._init_fn(*args, **kwargs)
+        if not bypass_without_grad or _wants_grad(args, kwargs):
+            return self._opoverload(*args, **kwargs)
+        out = self._init_fn(*args, **kwargs)
+        # What the dispatcher does for an op that mutates its arguments: bump their version counters, so
+        # that autograd still refuses a backward through a tensor saved before this call overwrote it.
+        for i, name in self._mutated:
+            t = args[i] if i < len(args) else kwargs.get(name)
+            if isinstance(t, torch.Tensor):
+                increment_version(t)
+        return out
 
     _inductor_ready = False
 
@@ -115,6 +130,8 @@ def launcher_op(name: str, *, mutates_args: Iterable[str] = ()):
     def register(fn):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=tuple(mutates_args))(fn)
         op.__class__ = _LauncherOp
+        params = list(inspect.signature(fn).parameters)
+        op._mutated = tuple((params.index(arg), arg) for arg in mutates_args)
         return op
 
     return register

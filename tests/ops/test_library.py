@@ -2,6 +2,7 @@
 
 import sys
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -44,6 +45,34 @@ def test_grad_mode_without_grad_inputs_skips_the_dispatcher(monkeypatch):
     torch.testing.assert_close(out, 3 * x)
     monkeypatch.setattr(_library, "bypass_without_grad", False)
     assert _dispatched(lambda: _scale(x, 3.0))[0]
+
+
+@launcher_op("_test_add_into", mutates_args=("out",))
+def _add_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    out.data.add_(x)  # as a kernel writes: autograd's version counter does not see it
+
+
+@_add_into.register_fake
+def _(x, out):
+    return None
+
+
+def test_grad_mode_bypass_bumps_the_version_of_mutated_arguments():
+    """A call that skips the dispatcher under grad mode still marks what it overwrote, as the
+    dispatcher does: a backward through a tensor saved before the overwrite is refused, not wrong."""
+    w = torch.randn(4, requires_grad=True)
+    buf = torch.randn(4)
+    y = (w * buf).sum()  # saves buf for the backward
+    expected = buf + 1
+    before = buf._version
+    _add_into(torch.ones(4), out=buf)
+    assert buf._version == before + 1
+    assert torch.equal(buf, expected)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    other = torch.zeros(3)
+    _add_into(torch.ones(3), other)  # positional
+    assert other._version == 1 and torch.equal(other, torch.ones(3))
 
 
 def test_grad_mode_and_dispatch_modes_use_the_op():
