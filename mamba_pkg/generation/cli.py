@@ -1,7 +1,7 @@
 """`mamba-generate`: generate text from a prompt, streaming it to the terminal.
 
     mamba-generate "ROMEO:" --max-new-tokens 100
-    mamba-generate "The capital of France is" --model state-spaces/mamba-130m --device cuda --cg
+    mamba-generate "The capital of France is" --model state-spaces/mamba-130m --device cuda
     python -m mamba_pkg.generation.cli "..."
 
 Without --model it uses the small model embedded in the package (mamba_pkg/assets),
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cg", action="store_true", help="CUDA-graph decoding (CUDA only)")
+    p.add_argument("--cg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA-graph decoding (default: on with a CUDA device, off on a CPU; --no-cg: eager decode "
+                        "steps, which are bound by Python launch overhead on a GPU, 10-40x slower per token)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
     return p
 
@@ -83,6 +85,12 @@ def eos_id(tokenizer) -> Optional[int]:
     return None
 
 
+def use_graphs(cg: Optional[bool], device: torch.device) -> bool:
+    """--cg / --no-cg, or by default: CUDA-graph decoding on a CUDA device (an eager GPU decode step is
+    host-bound), eager steps on a CPU."""
+    return device.type == "cuda" if cg is None else cg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,6 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cg and device.type != "cuda":
         parser.error("--cg: CUDA graphs need --device cuda")
+    cg = use_graphs(args.cg, device)
 
     from mamba_pkg.generation.decode import generate
     from mamba_pkg.generation.streamer import TextStreamer
@@ -123,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_new_tokens=None if args.max_length is not None else args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, eos_token_id=None if args.no_eos else eos_id(tokenizer),
-            streamer=streamer, cg=args.cg, generator=generator, return_dict_in_generate=True, enable_timing=True,
+            streamer=streamer, cg=cg, generator=generator, return_dict_in_generate=True, enable_timing=True,
         )
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))

@@ -98,6 +98,18 @@ def test_cli_as_module_subprocess():
     assert "tokens/s" in proc.stderr
 
 
+def test_cli_graphs_by_default_on_cuda_only():
+    """Without --cg / --no-cg the script decodes with CUDA graphs on a GPU and eagerly on a CPU."""
+    from mamba_pkg.generation.cli import build_parser, use_graphs
+
+    parser = build_parser()
+    assert parser.parse_args(["hi"]).cg is None
+    assert parser.parse_args(["hi", "--cg"]).cg is True
+    assert parser.parse_args(["hi", "--no-cg"]).cg is False
+    assert use_graphs(None, torch.device("cuda")) and not use_graphs(None, torch.device("cpu"))
+    assert not use_graphs(False, torch.device("cuda")) and use_graphs(True, torch.device("cuda"))
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
