@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from benchmarks.common import host_profile as common_host_profile
 from benchmarks.common import bandwidth_row, cuda_profile, save_results, time_ms, try_provider
 from mamba_pkg.ops import causal_conv1d as conv
 
@@ -171,23 +172,8 @@ def main_rows(lengths, timings=("graph", "eager"), rounds=3):
 
 def host_profile(length=8192, layout="channel_last", n=200, top=25):
     """cProfile of n eager fwd+bwd calls of ours (printed): where the host time goes."""
-    import cProfile
-    import io
-    import pstats
-
     x, w, b = make_inputs(length, layout, True)
-    fn = fwdbwd_fn(providers()["ours"], x, w, b)
-    fn()
-    torch.cuda.synchronize()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(n):
-        fn()
-    profiler.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
-    print(f"cProfile, {n} eager fwd+bwd calls of ours, L={length} {layout}:\n{text.getvalue()}", flush=True)
+    common_host_profile(fwdbwd_fn(providers()["ours"], x, w, b), n, f"ours fwd+bwd, L={length} {layout}", top)
 
 
 def kernel_rows(lengths):

@@ -56,6 +56,7 @@ import time
 import torch
 
 from benchmarks.bench_conv import graph_ms, host_ms
+from benchmarks.common import host_profile as common_host_profile
 from benchmarks.common import BF16_FLOPS, HBM_BYTES_PER_S, save_results, time_ms, try_provider
 
 CHUNK = 256
@@ -294,9 +295,6 @@ def precompile(d_states, provider, bases=None):
 
 def host_profile(s, steps=20):
     """cProfile's top functions (own time) of `steps` eager fwd+bwd steps of ours at shape s."""
-    import cProfile
-    import pstats
-
     from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
     leaves = make_inputs(s, True)
     x, dt, A, B, C, D, dt_bias = leaves
@@ -305,16 +303,7 @@ def host_profile(s, steps=20):
     def step():
         return torch.autograd.grad(fn(x, dt, A, B, C, CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True), leaves, grad)
 
-    step()
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(steps):
-        step()
-    prof.disable()
-    torch.cuda.synchronize()
-    print(f"--- host profile, ours, {steps} eager fwd+bwd steps ---")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    common_host_profile(step, steps, "ours fwd+bwd", top=18)
 
 
 def pin_anchor_autotuners():

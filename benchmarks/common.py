@@ -51,6 +51,28 @@ def cuda_profile(step: Callable[[], object], steps: int = 2):
     return prof
 
 
+def host_profile(step: Callable[[], object], steps: int, title: str, top: int = 25) -> str:
+    """cProfile's top functions (own time) of ``steps`` eager calls of ``step``, after one warm-up
+    call outside it: where the host time of an eager call goes. Printed and returned."""
+    import cProfile
+    import io
+    import pstats
+
+    step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    report = f"--- host profile: {title}, {steps} eager calls ---\n{text.getvalue()}"
+    print(report, flush=True)
+    return report
+
+
 def try_provider(name: str, fn: Callable[[], float]) -> Optional[float]:
     """Run one provider's timing; a provider that fails is reported, not fatal."""
     try:
