@@ -417,8 +417,9 @@ def test_cuda_eager_step_takes_cached_launches(kind, batch, monkeypatch):
     step may take the TMA tiles (compiling them for a capture: the second compiles the pointer loads) and
     is as close. The cached kernels keep programmatic dependent launch (compiled with launch_pdl).
     The layers have the 130m models' widths and state sizes (bf16 states, as bench_generation's eager
-    step); under grad mode with d_state 8 / headdim 8 Mamba-2 layers at batch 64 two such steps once
-    differed in the last bit of some logits (H100, session 12: not explained yet, see notes_decode.md)."""
+    step). (With d_state 8 / headdim 8 Mamba-2 layers at batch 64 the second step differs from the later ones
+    in the last bit of some logits, as it did before the cached launches: a launch decision that settles after
+    the first steps of a shape, not a race; notes_decode.md, session 12.)"""
     from triton.runtime.jit import JITFunction
 
     from mamba_pkg.ops import _launch
