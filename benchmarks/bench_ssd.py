@@ -118,23 +118,9 @@ def bench_case(s, provider, fwdbwd):
         from mamba_pkg.ops.ssd.combined import mamba_chunk_scan_combined as fn
     else:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as fn
-    if provider == UNCACHED:
-        with uncached_launches():
-            return bench_case(s, "ours", fwdbwd)
-    if provider == OVERLAP:
-        with overlap_walk():
-            return bench_case(s, "ours", fwdbwd)
-    if provider == SAVED:
-        with saved_states():
-            return bench_case(s, "ours", fwdbwd)
-    if provider.startswith(STREAMS):
-        with backward_streams(int(provider[len(STREAMS):])):
-            return bench_case(s, "ours", fwdbwd)
-    if provider == NO_TMA:
-        with plain_loads():
-            return bench_case(s, "ours", fwdbwd)
-    if provider.startswith(FWD_PDL):
-        with forward_pdl(int(provider[len(FWD_PDL):])):
+    switch = variant_switch(provider)
+    if switch is not None:
+        with switch:
             return bench_case(s, "ours", fwdbwd)
     x, dt, A, B, C, D, dt_bias = make_inputs(s, fwdbwd)
 
@@ -235,6 +221,18 @@ def uncached_launches():
     from mamba_pkg.ops import _launch
 
     return module_flag(_launch, "enabled", False)
+
+
+def variant_switch(provider):
+    """The module switch (a context manager) that makes ours the A/B provider ``provider``, or None
+    for a provider that is not one of those variants."""
+    fixed = {UNCACHED: uncached_launches, OVERLAP: overlap_walk, SAVED: saved_states, NO_TMA: plain_loads}
+    if provider in fixed:
+        return fixed[provider]()
+    for prefix, switch in ((STREAMS, backward_streams), (FWD_PDL, forward_pdl)):
+        if provider.startswith(prefix):
+            return switch(int(provider[len(prefix):]))
+    return None
 
 
 @contextlib.contextmanager
