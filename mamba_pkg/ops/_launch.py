@@ -132,12 +132,12 @@ class Plan:
                            and not _interpreted(self._jit))
         self._entries: dict = {}
 
-    def __call__(self, *pointers) -> None:
+    def __call__(self, *pointers):
+        """Launch with these pointers; returns the compiled kernel (as ``launch``)."""
         kernel = self.kernel
         if (not (self._static_ok and enabled) or _hooked() or getattr(self._jit, "pre_run_hooks", None)
                 or (self._configs is not None and kernel.configs is not self._configs)):
-            kernel[self.grid](*pointers, *self.scalars, **self.kwargs)
-            return
+            return kernel[self.grid](*pointers, *self.scalars, **self.kwargs)
         device = driver.active.get_current_device()
         addresses = [None if t is None else t.data_ptr() for t in pointers]
         key = (device, tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(pointers, addresses)]),
@@ -148,8 +148,12 @@ class Plan:
             entry = _entry(kernel, self._jit, compiled, len(pointers) + len(self.scalars), self.kwargs)
             if entry is not None:
                 self._entries[key] = entry
-            return
-        _run(entry, self.grid, device, addresses, self.scalars)
+            return compiled
+        return _run(entry, self.grid, device, addresses, self.scalars)
+
+    def compiled(self) -> list:
+        """The compiled kernels this plan launches directly (one per pointer signature met)."""
+        return [entry[0] for entry in self._entries.values()]
 
 
 def _entry(kernel, jit, compiled, n_args, kwargs):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mamba_pkg.ops._launch import launch
+from mamba_pkg.ops._launch import Plan
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -144,15 +144,14 @@ def _conv_xproj_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
         n_out = x_proj_weight.shape[0]
         block_j = min(next_pow2(n_out), MAX_TILE // BLOCK_D)
         pdl = use_pdl(x)
-        plan = _PLANS[key] = (
-            (parts.shape[0], batch),
-            (dim, state_len, n_out, *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(),
-             *out.stride(), *parts.stride()),
-            dict(W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(state_len),
-                 BLOCK_J=block_j, N_J=cdiv(n_out, block_j), USE_PDL=pdl, PTX=ptx_math(_conv_xproj_step_kernel),
-                 num_warps=8, **pdl_launch(pdl)))
-    grid, scalars, kwargs = plan
-    launch(_conv_xproj_step_kernel, grid, x, conv_state, weight, bias, x_proj_weight, out, parts, *scalars, **kwargs)
+        plan = _PLANS[key] = Plan(
+            _conv_xproj_step_kernel, (parts.shape[0], batch),
+            dim, state_len, n_out, *x.stride(), *conv_state.stride(), *weight.stride(), *x_proj_weight.stride(),
+            *out.stride(), *parts.stride(),
+            W=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_D=BLOCK_D, BLOCK_S=next_pow2(state_len),
+            BLOCK_J=block_j, N_J=cdiv(n_out, block_j), USE_PDL=pdl, PTX=ptx_math(_conv_xproj_step_kernel),
+            num_warps=8, **pdl_launch(pdl))
+    plan(x, conv_state, weight, bias, x_proj_weight, out, parts)
     return out, parts
 
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import launch, variant_needed
+from mamba_pkg.ops._launch import Plan, launch, variant_needed
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -755,13 +755,13 @@ def _launch_row_norm(x, residual, norm_weight, res_out, eps, norm, normed=None):
     if plan is None:
         block_k = next_pow2(n_in)
         pdl = use_pdl(x)
-        plan = _PLANS[key] = (
-            (n_in, eps, *x.stride(), *(residual.stride() if residual is not None else (0, 0)),
-             *(res_out.stride() if res_out is not None else (0, 0))),
-            dict(NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_K=block_k, USE_PDL=pdl,
-                 PTX=ptx_math(_row_norm_kernel), num_warps=4 if block_k <= 2048 else 8, **pdl_launch(pdl)))
-    scalars, kwargs = plan
-    launch(_row_norm_kernel, (batch,), x, residual, norm_weight, res_out, normed, *scalars, **kwargs)
+        plan = _PLANS[key] = Plan(
+            _row_norm_kernel, (batch,), n_in, eps, *x.stride(),
+            *(residual.stride() if residual is not None else (0, 0)),
+            *(res_out.stride() if res_out is not None else (0, 0)),
+            NORM=norm, HAS_RESIDUAL=residual is not None, BLOCK_K=block_k, USE_PDL=pdl,
+            PTX=ptx_math(_row_norm_kernel), num_warps=4 if block_k <= 2048 else 8, **pdl_launch(pdl))
+    plan(x, residual, norm_weight, res_out, normed)
     return normed
 
 
@@ -804,16 +804,14 @@ def _launch_small(x, weight, bias, out, residual=None, norm_weight=None, res_out
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _small_plan(x, weight, bias, out, residual, res_out, eps, norm, conv)
-    grid, scalars, kwargs, registers = plan
-    compiled = launch(_decode_linear_kernel, grid, x, weight, bias, out, residual, norm_weight, res_out, conv_state,
-                      conv_weight, conv_bias, *scalars, **kwargs)
+    run, registers = plan
+    compiled = run(x, weight, bias, out, residual, norm_weight, res_out, conv_state, conv_weight, conv_bias)
     if registers is not None and registers not in _REGISTERS:
         _REGISTERS[registers] = getattr(compiled, "n_regs", 0)
 
 
 def _small_plan(x, weight, bias, out, residual, res_out, eps, norm, conv):
-    """(grid, the scalar arguments, the constexprs and launch options, the _REGISTERS key or None) of
-    _launch_small's kernel for these operands."""
+    """(the launch Plan, the _REGISTERS key or None) of _launch_small's kernel for these operands."""
     batch, n_in = x.shape
     block_b = next_pow2(batch)
     block_n, tile_elems = _small_config(n_in, norm, conv is not None)
@@ -835,7 +833,7 @@ def _small_plan(x, weight, bias, out, residual, res_out, eps, norm, conv):
         num_warps=NUM_WARPS, **pdl_launch(pdl),
     )
     registers = (tuple(weight.shape), norm, conv is not None, block_b) if pdl else None
-    return (cdiv(weight.shape[0], block_n),), scalars, kwargs, registers
+    return Plan(_decode_linear_kernel, (cdiv(weight.shape[0], block_n),), *scalars, **kwargs), registers
 
 
 def _counters(device, n):
@@ -906,7 +904,7 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
     tma = plan.tma and (plan.interpret or DOT_TMA_EAGER or capturing or variant_needed(
         "decode_linear_dot_tma", (key, tuple([None if t is None else t.data_ptr() % 16 for t in ptrs]))))
     if not tma:
-        launch(_decode_linear_dot_kernel, plan.grid, *ptrs, *plan.scalars, None, None, **plan.kwargs)
+        plan.plain(*ptrs)
         return
     w_desc = _descriptor(weight, [plan.block_n, plan.block_k])
     x_desc = _descriptor(x, [plan.block_b, plan.block_k])
@@ -916,10 +914,11 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
 
 class _DotPlan:
     """_launch_dot's launch for one key: grid, scalar arguments, constexprs and launch options (TMA off),
-    the split-K buffers' shapes and counters, and whether TMA tiles may be taken (plan.tma) and how big."""
+    the launch Plan of the pointer loads (plain), the split-K buffers' shapes and counters, and whether TMA
+    tiles may be taken (plan.tma) and how big."""
 
-    __slots__ = ("grid", "scalars", "kwargs", "split", "counters", "part_shape", "ss_shape", "tma", "interpret",
-                 "block_b", "block_n", "block_k")
+    __slots__ = ("grid", "scalars", "kwargs", "plain", "split", "counters", "part_shape", "ss_shape", "tma",
+                 "interpret", "block_b", "block_n", "block_k")
 
 
 def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok):
@@ -973,6 +972,7 @@ def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok):
         num_stages=stages, **flags, **pdl_launch(pdl), PREFETCH_K=prefetch, PREFETCH_LINE=line,
         TMA_W=False, TMA_X=False,
     )
+    plan.plain = Plan(_decode_linear_dot_kernel, plan.grid, *plan.scalars, None, None, **plan.kwargs)
     plan.interpret = triton_interpret()  # the interpreter runs descriptors too (CPU tests)
     plan.tma = DOT_TMA and (k_split // block_k >= DOT_TMA_MIN_STEPS or norm_weight is not None) and (
         plan.interpret or hopper)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import launch
+from mamba_pkg.ops._launch import Plan
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -267,14 +267,12 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
     if plan is None:
         plan = _PLANS[key] = _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum,
                                        state_ready, out)
-    grid, scalars, kwargs = plan
-    launch(_ssm_decode_step_kernel, grid, state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out, *scalars,
-           **kwargs)
+    plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out)
     return out
 
 
 def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready, out):
-    """(grid, the scalar arguments, the constexprs and launch options) of the kernel for these operands."""
+    """The launch Plan of the kernel for these operands."""
     batch = x.shape[0]
     n_state = state.shape[-1]
     split_st = (dt.stride(0), B.stride(0), C.stride(0)) if split_sum else (0, 0, 0)
@@ -327,7 +325,7 @@ def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
         USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), STATE_EARLY=state_ready, num_warps=warps,
         DEPENDENTS_EARLY=LATE_DEPENDENTS_ROWS is None or batch < LATE_DEPENDENTS_ROWS, **pdl_launch(pdl),
     )
-    return (cdiv(hdim, block_p), cdiv(batch, block_b), heads), scalars, kwargs
+    return Plan(_ssm_decode_step_kernel, (cdiv(hdim, block_p), cdiv(batch, block_b), heads), *scalars, **kwargs)
 
 
 def _outputs(x):

@@ -455,10 +455,16 @@ def test_cuda_eager_step_takes_cached_launches(kind, batch, monkeypatch):
     assert torch.equal(steps[2][1], steps[1][1]) and torch.equal(steps[2][2], steps[1][2])
     assert all(torch.equal(a, b) for a, b in zip(steps[2][3], steps[1][3]))
     torch.testing.assert_close(steps[0][1], steps[1][1], rtol=2e-2, atol=2e-2)
+    # The kernels launched directly: by the launchers' plans (_launch.Plan, kept in each module's _PLANS,
+    # alone or beside other settings) and by _launch.launch (the tl.dot kernel's TMA variant).
+    plans = [p for cache in (dl._PLANS, sds._PLANS, cx._PLANS) for value in cache.values()
+             for p in (value if isinstance(value, tuple) else (getattr(value, "plain", value),))
+             if isinstance(p, _launch.Plan)]
     kernels = (dl._row_norm_kernel, dl._decode_linear_kernel, dl._decode_linear_dot_kernel,
                sds._ssm_decode_step_kernel, cx._conv_xproj_step_kernel)
-    cached = [entry[0] for kernel in kernels for entry in _launch._caches.get(kernel, {}).values()
-              if isinstance(entry, tuple)]
+    cached = [compiled for plan in plans for compiled in plan.compiled()] + [
+        entry[0] for kernel in kernels for entry in _launch._caches.get(kernel, {}).values()
+        if isinstance(entry, tuple)]
     assert len(cached) >= 3
     assert all(bool(c.metadata.launch_pdl) == dl.use_pdl(tokens) for c in cached)
 

@@ -155,7 +155,8 @@ def test_plan_launches_like_launch(fakes):
     plan = _launch.Plan(k_plan, (5, 2), 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
     for _ in range(3):
         _launch.launch(k, (5, 2), x, y, 7, 0.5, FLAG=True, BLOCK=16, num_warps=4)
-        plan(x, y)
+        assert plan(x, y) is k_plan.compiled  # returned on both paths, as by launch()
+    assert plan.compiled() == [k_plan.compiled]
     assert k_plan.slow == k.slow and k_plan.compiled.calls == k.compiled.calls and len(k.compiled.calls) == 2
     for other in (x[1:], None, x.double(), x):
         plan(other, y)
