@@ -138,6 +138,22 @@ MODEL_AB_DPROD2 = [(name, 64, (OFF, PF512, PFL512, PFL256, PFL_ALL, TMA16, {**PF
 # per program for the 1.3b / 1.4b products too (the 130m models' already).
 MODEL_AB_DPROD3 = [(name, 64, ({}, OFF, PFL256, {DL + "DOT_PREFETCH_K": 512}, {DL + "DOT_BLOCK_N": 32}, {}))
                    for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
+# Session 13 (--model-ab MODEL_AB_S13): the Mamba-2 out_proj's RMSNorm split between the SSM step and out_proj
+# (models.mamba2.STEP_NORM_FOLD, on by default) against the norm in out_proj's K loop; the SSM step's tiles
+# (TILE_ELEMS / NUM_WARPS of 128-state rows: 4096 values and 8 warps by default).
+NO_FOLD = {M2 + "STEP_NORM_FOLD": False}
+MODEL_AB_S13 = [(name, 64, ({}, NO_FOLD, {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}},
+                            {SDS + "TILE_ELEMS": {16: 2048, 128: 2048}, SDS + "NUM_WARPS": {16: 4, 128: 4}},
+                            {SDS + "NUM_WARPS": {16: 4, 128: 4}}, {}, NO_FOLD))
+                for name in ("mamba2-1.3b", "mamba2-130m")]
+# Call 2: both SSM-step settings that gained in call 1, with and without the fold.
+W4 = {SDS + "NUM_WARPS": {16: 4, 128: 4}}
+T8K = {SDS + "TILE_ELEMS": {16: 2048, 128: 8192}}
+MODEL_AB_S13B = [(name, 64, (NO_FOLD, {**NO_FOLD, **W4}, W4, {**NO_FOLD, **T8K}, T8K, {**NO_FOLD, **T8K, **W4},
+                             {**T8K, **W4}, {DL + "DOT_SUMS_EARLY": True}, {DL + "DOT_SUMS_EARLY": True, **W4}, {},
+                             NO_FOLD))
+                 for name in ("mamba2-1.3b", "mamba2-130m")]
+
 
 def graph_ms(fn, rep=20):
     import triton.testing
@@ -286,6 +302,12 @@ GEMM_SETTINGS = [
     ("pfline all", None, {**_OFF, "DOT_PREFETCH_K": 1 << 20, "DOT_PREFETCH_LINES": True}),
     ("tma+pfline512", None, {**_OFF, "DOT_TMA": True, "DOT_PREFETCH_K": 512, "DOT_PREFETCH_LINES": True}),
     ("n32", {0: 32}, {}),  # call 3: on the defaults (in_proj: 256-266 tiles, the fit config)
+    # Session 13: wider feature tiles with the K range split to keep ~128 programs (x, re-read from L2 by every
+    # program, is as many bytes as a program's weights at 64 features; at 256 a quarter of them).
+    ("n128 s2", {0: 128, 3: 8, 4: 2}, {}), ("n128 s2 k128", {0: 128, 1: 128, 3: 8, 4: 2}, {}),
+    ("n256 s4", {0: 256, 3: 8, 4: 4}, {}), ("n256 s4 w4", {0: 256, 3: 4, 4: 4}, {}),
+    ("n256 s4 k32", {0: 256, 1: 32, 3: 8, 4: 4}, {}), ("n128 s4", {0: 128, 3: 8, 4: 4}, {}),
+    ("n128 s8", {0: 128, 3: 8, 4: 8}, {}), ("n256 s16", {0: 256, 3: 8, 4: 16}, {}), ("n256 s8", {0: 256, 3: 8, 4: 8}, {}),
 ]
 GEMM_ONLY = None  # --gemm-only: only the candidates of these labels (and cuBLAS)
 

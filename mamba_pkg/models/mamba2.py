@@ -31,7 +31,7 @@ from mamba_pkg.models._init import inverse_softplus_dt
 from mamba_pkg.models.norm import RMSNormGated
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 from mamba_pkg.ops import decode_linear as _dl
-from mamba_pkg.ops.decode_linear import decode_linear, gated_rms_norm_linear, rms_norm_linear
+from mamba_pkg.ops.decode_linear import decode_linear, gated_rms_norm_linear, rms_norm_linear, rms_scaled_linear
 from mamba_pkg.ops.ssd.combined import (
     mamba_chunk_scan_combined,
     mamba_split_conv1d_scan_combined,
@@ -64,6 +64,14 @@ STEP_DOT_NORM_OUT = True
 # session-7 settings (results/sweep_decode_session8a.json).
 STEP_GATE_IN_SSM = True
 STEP_GATE_IN_SSM_MAX_DIM = 4096
+# Decode steps of decode_linear.SMALL_ROWS < B rows that take the tl.dot out_proj (STEP_DOT_NORM_OUT) with the
+# gate in the SSM step: the RMSNorm is split between the two launches instead of run in out_proj's K loop: the
+# SSM step writes y * norm_weight and per-program sums of squares, out_proj (decode_linear.rms_scaled_linear)
+# a plain product that scales the rows. H100 b64 whole steps (graph replay, same process, session 13, with
+# the SSM step's 4 warps from ssm_decode_step.MANY_ROWS rows and decode_linear.DOT_SUMS_EARLY): mamba2-1.3b
+# 4.052 ms vs 4.217 without the fold, mamba2-130m 0.882 vs 0.930 (results/sweep_decode_s13_fold_b.json; with
+# the SSM step's former 8 warps the fold lost: 4.331 vs 4.201-4.262). False: rms_norm_linear.
+STEP_NORM_FOLD = True
 # The SSM step loads its state before waiting for the in_proj launch (ssm_decode_step's state_ready)
 # where that launch is a barrier (decode_linear.completes_before_next: mamba2-1.3b's in_proj at batch 1,
 # 1064 programs of ~108 registers, 4 per SM). H100 b1 whole step (graph replay, same process, session 7,
@@ -291,6 +299,8 @@ class Mamba2(nn.Module):
         P = self.headdim
         rows = x.shape[0]
         gate_in_ssm = self._gate_in_ssm(rows, z0)
+        fold = (gate_in_ssm and STEP_NORM_FOLD and rows > _dl.SMALL_ROWS
+                and zxbcdt.dtype == self.out_proj.weight.dtype in (torch.bfloat16, torch.float16))
         # One fused kernel: dt + dt_bias, softplus, dt_limit, A = -exp(A_log), state update, D (and
         # the z gate without rmsnorm, or before out_proj's plain RMSNorm), reading x, B, C, dt, z as
         # views of the conv / in_proj outputs.
@@ -311,7 +321,12 @@ class Mamba2(nn.Module):
             # writes this layer's state (its last writer is this layer's previous step).
             state_ready=conv_done and STEP_STATE_EARLY and _dl.completes_before_next(rows, self.in_proj.weight,
                                                                                      in_proj_norm, conv=True),
+            norm_weight=self.norm.weight if fold else None,
         )
+        if fold:  # y * norm_weight and its rows' partial sums of squares: out_proj finishes the norm
+            y, sums = y
+            out = rms_scaled_linear(y.reshape(rows, -1), sums, self.out_proj.weight, self.out_proj.bias, self.norm.eps)
+            return out.unsqueeze(1), conv_state, ssm_state
         y = y.reshape(rows, -1)  # (B, H * P)
         if gate_in_ssm:  # RMSNorm of the gated y + out_proj in one launch
             out = rms_norm_linear(y, self.norm.weight, self.out_proj.weight, self.out_proj.bias, self.norm.eps)

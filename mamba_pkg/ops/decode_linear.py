@@ -192,6 +192,11 @@ DOT_TMA_MIN_STEPS = 16
 # it compiles the variant, since a capture cannot load modules; _launch.variant_needed); other eager
 # launches, host-bound at decode sizes, keep the pointer loads. True: every eager launch takes it (tests).
 DOT_TMA_EAGER = False
+# NORM_SUMS (rms_scaled_linear) with the K range split: every program loads its rows' sums right after its PDL
+# wait (in flight over the K loop), not only the program that finishes the tile, after the partial sums.
+# H100 b64 whole steps (session 13, with the SSM step's 4 warps): mamba2-1.3b 4.052 vs 4.143 ms, mamba2-130m
+# 0.882 vs 0.895 (results/sweep_decode_s13_fold_b.json).
+DOT_SUMS_EARLY = True
 # Per-tile arrival counters of the split-K tiles, per device (zeroed once; the last program of a
 # tile resets its counter).
 DOT_COUNTERS = 8192
@@ -372,6 +377,13 @@ def add_rms_norm_linear_ref(x, residual, norm_weight, weight, bias=None, eps=1e-
     return out, s.to(_residual_dtype(x, residual, residual_in_fp32))
 
 
+def rms_scaled_linear_ref(x, sums, weight, bias=None, eps=1e-5):
+    """Torch reference of :func:`rms_scaled_linear` (fp32 math)."""
+    scale = torch.rsqrt(sums.float().sum(1, keepdim=True) / x.shape[1] + eps)
+    out = F.linear(x.float(), weight.float()) * scale
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
 def rms_norm_linear_ref(x, norm_weight, weight, bias=None, eps=1e-5):
     """Torch reference of :func:`rms_norm_linear` (fp32 math)."""
     normed = layer_norm_ref(x.float(), norm_weight, None, eps=eps, is_rms_norm=True)  # fp32: not rounded
@@ -385,7 +397,7 @@ def gated_rms_norm_linear_ref(x, z, norm_weight, weight, bias=None, eps=1e-5, no
 
 
 # Prologues of the product (NORM): none, add + RMSNorm, gated RMSNorm (gate first or last), RMSNorm.
-NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER, NORM_RMS = 0, 1, 2, 3, 4
+NORM_NONE, NORM_ADD, NORM_GATE, NORM_GATE_AFTER, NORM_RMS, NORM_SUMS = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
@@ -574,7 +586,7 @@ def _decode_linear_kernel(
 def _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM: tl.constexpr, FP32: tl.constexpr):
     # One K step of the tl.dot kernel: b_acc += x_tile @ w_tile; NORM_RMS: x_tile * norm_weight into
     # the dot, its rows' sums of squares into b_ss.
-    if NORM != 0:
+    if NORM == 4:
         b_xf = b_x.to(tl.float32)
         b_ss += tl.sum(b_xf * b_xf, axis=1)
         b_x = b_xf * b_nw.to(tl.float32)[None, :]
@@ -585,6 +597,14 @@ def _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM: tl.constexpr, FP32: tl.constexp
     else:  # bf16 / fp16 on the tensor cores, fp32 accumulation
         b_acc = tl.dot(b_x, b_w, b_acc)
     return b_acc, b_ss
+
+
+@triton.jit
+def _row_sums(p_sums, o_b, m_b, n_sums, stride_b, BLOCK_S: tl.constexpr):
+    # Each row's total of its n_sums fp32 partial sums of squares (NORM_SUMS), in a fixed order.
+    o_s = tl.arange(0, BLOCK_S)
+    p = p_sums + o_b[:, None].to(tl.int64) * stride_b + o_s[None, :]
+    return tl.sum(tl.load(p, mask=m_b[:, None] & (o_s < n_sums)[None, :], other=0.0), axis=1)
 
 
 @triton.jit
@@ -625,8 +645,8 @@ def _dot_w_tile(p_w, w_desc, o_k, m_k, m_n, stride_w_k, n_start, k0, TMA: tl.con
 @triton.jit
 def _decode_linear_dot_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, nw_ptr, cs_ptr, cw_ptr, cb_ptr, part_ptr, ss_ptr, cnt_ptr,
-    batch, N, K, k_split, eps, conv_start, conv_dim,
-    stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n,
+    batch, N, K, k_split, eps, conv_start, conv_dim, n_sums,
+    stride_x_b, stride_x_k, stride_w_n, stride_w_k, stride_o_b, stride_o_n, stride_sums_b,
     stride_cs_b, stride_cs_d, stride_cs_s, stride_cw_d, stride_cw_k, w_desc, x_desc,
     HAS_BIAS: tl.constexpr, FP32: tl.constexpr, NORM: tl.constexpr,
     CONV: tl.constexpr, CONV_BIAS: tl.constexpr, SILU: tl.constexpr, W: tl.constexpr, S_LEN: tl.constexpr,
@@ -634,6 +654,7 @@ def _decode_linear_dot_kernel(
     SPLIT: tl.constexpr, PEEL: tl.constexpr, USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr,
     PTX: tl.constexpr,
     TMA_W: tl.constexpr, TMA_X: tl.constexpr, PREFETCH_K: tl.constexpr, PREFETCH_LINE: tl.constexpr,
+    BLOCK_S: tl.constexpr = 1, SUMS_EARLY: tl.constexpr = False,
 ):
     # Program (i_n, i_s) of row block i_b: features [i_n * BLOCK_N, +BLOCK_N) over K range
     # [i_s * k_split, +k_split). NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is
@@ -642,6 +663,8 @@ def _decode_linear_dot_kernel(
     # SPLIT > 1: part_ptr (SPLIT, B_pad, N) fp32 and ss_ptr (n_tiles, SPLIT, B_pad) take the partial
     # tile and sums of squares; cnt_ptr[i_n] counts the tile's finished splits; the last one adds
     # the partials up in split order (the same bits whichever program is last) and finishes the tile.
+    # NORM_SUMS: x is already times the norm weight and nw_ptr holds (B, n_sums) fp32 partial sums of
+    # squares of the rows (ssm_decode_step's norm_weight): the program that finishes a tile scales its rows.
     pid = tl.program_id(0)
     i_n, i_s, i_b = pid // SPLIT, pid % SPLIT, tl.program_id(1)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -656,7 +679,7 @@ def _decode_linear_dot_kernel(
     o_k = k_lo + tl.arange(0, BLOCK_K)
     m_k = o_k < k_hi
     b_nw = b_ss  # unused without the norm (NORM_NONE)
-    if NORM != 0:  # a parameter: loaded before the wait, and one K step ahead in the loop
+    if NORM == 4:  # a parameter: loaded before the wait, and one K step ahead in the loop
         b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0)
     if PREFETCH_K > 0:  # the weight rows' first PREFETCH_K columns into L2 (rows past N: row N - 1 again)
         p_pf = w_ptr + tl.minimum(o_n, N - 1).to(tl.int64) * stride_w_n + k_lo
@@ -673,12 +696,14 @@ def _decode_linear_dot_kernel(
         if LAUNCH_EARLY:
             tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+    if NORM == 5 and (SPLIT == 1 or SUMS_EARLY):  # written by the predecessor; in flight over the K loop
+        b_ss = _row_sums(nw_ptr, o_b, m_b, n_sums, stride_sums_b, BLOCK_S)
     if PEEL:
         b_x = _dot_x_tile(p_x, x_desc, o_k, m_k, m_b, stride_x_k, i_b * BLOCK_B, k_lo, TMA_X)
-        if NORM != 0:
+        if NORM == 4:
             b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
         b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
-        if NORM != 0:
+        if NORM == 4:
             b_nw = b_nw_next
         k_lo += BLOCK_K
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
@@ -686,12 +711,12 @@ def _decode_linear_dot_kernel(
         m_k = o_k < k_hi
         b_x = _dot_x_tile(p_x, x_desc, o_k, m_k, m_b, stride_x_k, i_b * BLOCK_B, k0, TMA_X)
         b_w = _dot_w_tile(p_w, w_desc, o_k, m_k, m_n, stride_w_k, i_n * BLOCK_N, k0, TMA_W)
-        if NORM != 0:
+        if NORM == 4:
             # The next step's norm weight is in flight while this step's waits for its use: a load
             # used in its own step exposed one L2 round trip per K step (session 7).
             b_nw_next = tl.load(nw_ptr + o_k + BLOCK_K, mask=o_k + BLOCK_K < k_hi, other=0.0)
         b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
-        if NORM != 0:
+        if NORM == 4:
             b_nw = b_nw_next
     if USE_PDL and not LAUNCH_EARLY:
         tl.extra.cuda.gdc_launch_dependents()
@@ -705,7 +730,7 @@ def _decode_linear_dot_kernel(
         p_part = part_ptr + o_b[:, None].to(tl.int64) * N + o_n[None, :]
         tl.store(p_part + i_s * n_pad * N, b_acc, mask=m_n[None, :])
         p_ss = ss_ptr + i_n * SPLIT * n_pad + o_b
-        if NORM != 0:
+        if NORM == 4:
             tl.store(p_ss + i_s * n_pad, b_ss)
         # Every thread's partial is stored before the tile's counter moves (release, GPU scope).
         tl.debug_barrier()
@@ -713,11 +738,14 @@ def _decode_linear_dot_kernel(
         if n_done == SPLIT - 1:
             tl.atomic_xchg(cnt_ptr + i_n * tl.num_programs(1) + i_b, 0, sem="relaxed", scope="gpu")
             b_acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-            b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
+            if NORM == 4:
+                b_ss = tl.zeros([BLOCK_B], dtype=tl.float32)
             for j in tl.static_range(SPLIT):  # ".cg": from L2, where the other programs' stores are
                 b_acc += tl.load(p_part + j * n_pad * N, mask=m_n[None, :], other=0.0, cache_modifier=".cg")
-                if NORM != 0:
+                if NORM == 4:
                     b_ss += tl.load(p_ss + j * n_pad, cache_modifier=".cg")
+            if NORM == 5 and not SUMS_EARLY:
+                b_ss = _row_sums(nw_ptr, o_b, m_b, n_sums, stride_sums_b, BLOCK_S)
             _finish_tile(b_acc, b_ss, o_b, m_b, o_n, m_n, K, eps, bias_ptr, out_ptr, stride_o_b, stride_o_n,
                          cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
                          stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX,
@@ -876,17 +904,18 @@ def _descriptor(t, block):
     return _descriptor_class()(t, list(t.shape), list(t.stride()), block) if _aligned(t) else None
 
 
-def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
+def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None, sums=None):
     """The tl.dot kernel (more than SMALL_ROWS rows): norm_weight: x is RMS-normalised first
-    (NORM_RMS); conv: as in _launch_small."""
+    (NORM_RMS); sums: (B, S) fp32 partial sums of squares that scale the rows (NORM_SUMS, x already
+    times the norm weight); conv: as in _launch_small."""
     conv_state, conv_weight, conv_bias, conv_start, silu = conv or _NO_CONV
     key = ("dot", x.device, x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
            weight.data_ptr() % 16 == 0, None if bias is None else bias.dtype, out.stride(), out.dtype,
-           None if norm_weight is None else norm_weight.dtype, eps, _conv_key(conv))
+           None if norm_weight is None else norm_weight.dtype, eps, _conv_key(conv), layout_key(sums))
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok=True)
+        plan = _PLANS[key] = _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok=True, sums=sums)
     counters = part = ss = None
     if plan.split > 1:
         counters = _COUNTERS.get(x.device)
@@ -896,11 +925,13 @@ def _launch_dot(x, weight, bias, out, norm_weight=None, eps=0.0, conv=None):
             key += ("no split",)
             plan = _PLANS.get(key)
             if plan is None:
-                plan = _PLANS[key] = _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok=False)
+                plan = _PLANS[key] = _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok=False,
+                                               sums=sums)
         else:
             part = _scratch(x.device, plan.part_shape, capturing)
             ss = _scratch(x.device, plan.ss_shape, capturing)
-    ptrs = (x, weight, bias, out, norm_weight, conv_state, conv_weight, conv_bias, part, ss, counters)
+    ptrs = (x, weight, bias, out, norm_weight if sums is None else sums, conv_state, conv_weight, conv_bias, part, ss,
+            counters)
     tma = plan.tma and (plan.interpret or DOT_TMA_EAGER or capturing or variant_needed(
         "decode_linear_dot_tma", (key, tuple([None if t is None else t.data_ptr() % 16 for t in ptrs]))))
     if not tma:
@@ -921,7 +952,7 @@ class _DotPlan:
                  "interpret", "block_b", "block_n", "block_k")
 
 
-def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok):
+def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok, sums=None):
     batch, n_in = x.shape
     n_out = weight.shape[0]
     block_n, block_k, stages, warps, split = (dot_config(n_out, n_in)
@@ -959,11 +990,14 @@ def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok):
     plan.part_shape = (split, rows_pad, n_out)
     plan.ss_shape = (tiles, split, rows_pad)
     plan.scalars = (batch, n_out, n_in, k_split, eps, conv_start, conv_weight.shape[0] if conv is not None else 0,
-                    *x.stride(), *weight.stride(), *out.stride(),
+                    0 if sums is None else sums.shape[1], *x.stride(), *weight.stride(), *out.stride(),
+                    0 if sums is None else sums.stride(0),
                     *(conv_state.stride() if conv is not None else (0, 0, 0)),
                     *(conv_weight.stride() if conv is not None else (0, 0)))
     plan.kwargs = dict(
-        HAS_BIAS=bias is not None, FP32=fp32, NORM=NORM_NONE if norm_weight is None else NORM_RMS,
+        HAS_BIAS=bias is not None, FP32=fp32,
+        NORM=NORM_SUMS if sums is not None else NORM_NONE if norm_weight is None else NORM_RMS,
+        BLOCK_S=1 if sums is None else next_pow2(sums.shape[1]), SUMS_EARLY=DOT_SUMS_EARLY,
         CONV=conv is not None, CONV_BIAS=conv_bias is not None, SILU=silu,
         W=conv_weight.shape[1] if conv is not None else 1, S_LEN=conv_state.shape[2] if conv is not None else 1,
         ROWS4=conv is not None and conv_state.shape[2] == 4 and conv_state.stride()[1:] == (4, 1) and DOT_CONV_ROWS4,
@@ -1038,6 +1072,18 @@ def _rms_norm_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, bias: Tenso
 
 @_rms_norm_linear.register_fake
 def _(x, norm_weight, weight, bias, eps):
+    return _outputs(x, weight)
+
+
+@launcher_op("rms_scaled_linear")
+def _rms_scaled_linear(x: Tensor, sums: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    out = _outputs(x, weight)
+    _launch_dot(x, weight, bias, out, None, eps, sums=sums)
+    return out
+
+
+@_rms_scaled_linear.register_fake
+def _(x, sums, weight, bias, eps):
     return _outputs(x, weight)
 
 
@@ -1292,3 +1338,31 @@ def rms_norm_linear(x, norm_weight, weight, bias=None, eps=1e-5, *, backend=None
     if resolve_backend(backend, x, weight) == "torch":
         return rms_norm_linear_ref(x, norm_weight, weight, bias, eps)
     return _rms_norm_linear(x, norm_weight, weight, bias, float(eps))
+
+
+def rms_scaled_linear(x, sums, weight, bias=None, eps=1e-5, *, backend=None):
+    """The second half of an RMSNorm folded into its producer, and the linear layer that follows, in one
+    launch: the producer wrote x = v * norm_weight and partial sums of squares of v (ssm_decode_step with
+    norm_weight: Mamba-2's gated output), and this is rmsnorm(v) * norm_weight @ weight.T + bias.
+
+    Args:
+        x: (B, K) with 1 <= B <= 64, 16-bit (the tensor-core kernel).  sums: (B, S) fp32, sums.sum(1) = each
+            row's sum of squares of v (S <= 1024).  weight: (N, K) in x's dtype.  bias: (N,) or None.
+        backend: "torch", "triton" or None (the device decides).
+    Returns:
+        (B, N) in x's dtype: (x @ weight.T) * rsqrt(sums.sum(1) / K + eps) + bias, accumulated in fp32.
+    """
+    if not (_linear_ok(x, weight, bias) and isinstance(sums, torch.Tensor) and sums.dim() == 2
+            and sums.shape[0] == x.shape[0] and 1 <= sums.shape[1] <= 1024 and sums.dtype == torch.float32
+            and sums.device == x.device and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
+        _validate(x, weight, bias)
+        check_tensor("sums", sums, shape=(x.shape[0], None), dtype=(torch.float32,))
+        if not 1 <= sums.shape[1] <= 1024:
+            raise ValueError(f"sums must have shape (B, S) with 1 <= S <= 1024, got {tuple(sums.shape)}")
+        if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+            raise ValueError(f"x and weight must share a 16-bit dtype (bfloat16 or float16), got {x.dtype} "
+                             f"and {weight.dtype}")
+        check_same_device(x=x, sums=sums)
+    if resolve_backend(backend, x, weight) == "torch":
+        return rms_scaled_linear_ref(x, sums, weight, bias, eps)
+    return _rms_scaled_linear(x, sums, weight, bias, float(eps))

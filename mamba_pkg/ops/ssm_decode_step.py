@@ -65,8 +65,12 @@ def _full_dt(state, x, dt, dt_bias, dt_proj_weight, dt_limit):
 
 
 def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
-                        dt_limit=NO_DT_LIMIT, split_sum=False):
+                        dt_limit=NO_DT_LIMIT, split_sum=False, norm_weight=None):
     """Torch reference of :func:`ssm_decode_step` (fp32 math; updates ``state`` in place)."""
+    if norm_weight is not None:  # (out * norm_weight, per-head sums of squares of out), out in fp32
+        out = ssm_decode_step_ref(state, x.float(), dt, A_log, B, C, D, z.float(), dt_bias, dt_proj_weight, dt_limit,
+                                  split_sum)
+        return (out * norm_weight.float().view(out.shape[1:])).to(x.dtype), out.square().sum(-1)
     if split_sum:
         dt, B, C = dt.float().sum(0), B.float().sum(0), C.float().sum(0)
     dt = _full_dt(state, x, dt, dt_bias, dt_proj_weight, dt_limit)
@@ -90,7 +94,7 @@ def ssm_decode_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None,
 
 @triton.jit
 def _ssm_decode_step_kernel(
-    state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr,
+    state_ptr, x_ptr, dt_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, w_ptr, out_ptr, nw_ptr, ss_ptr,
     batch, P, N, R, heads_per_group, dt_min, dt_max, stride_dt_s, stride_B_s, stride_C_s,
     stride_s_b, stride_s_h, stride_s_p, stride_s_n,
     stride_x_b, stride_x_h, stride_x_p,
@@ -102,12 +106,12 @@ def _ssm_decode_step_kernel(
     stride_z_b, stride_z_h, stride_z_p,
     stride_dtb_h, stride_dtb_p,
     stride_w_h, stride_w_p, stride_w_r,
-    stride_o_b, stride_o_h, stride_o_p,
+    stride_o_b, stride_o_h, stride_o_p, stride_ss_b,
     TIE_HDIM: tl.constexpr, HAS_DT_PROJ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_DT_LIMIT: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr, PTX: tl.constexpr, STATE_EARLY: tl.constexpr,
-    DEPENDENTS_EARLY: tl.constexpr = True,
+    DEPENDENTS_EARLY: tl.constexpr = True, HAS_NORM: tl.constexpr = False,
 ):
     i_p, i_bb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_b = i_bb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -144,6 +148,8 @@ def _ssm_decode_step_kernel(
                                 other=0.0).to(tl.float32)[None, :]
     if HAS_D:
         b_D = tl.load(D_ptr + i_h * stride_D_h + o_p * stride_D_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM:  # the norm weight of channels h * P + p (the (H, P) output flattened)
+        b_nw = tl.load(nw_ptr + i_h * P + o_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
     m_state = m_bp[:, :, None] & m_n[None, None, :]
     p_state = (state_ptr + o_b[:, None, None] * stride_s_b + i_h.to(tl.int64) * stride_s_h
                + o_p.to(tl.int64)[None, :, None] * stride_s_p + o_n[None, None, :] * stride_s_n)
@@ -205,6 +211,12 @@ def _ssm_decode_step_kernel(
         b_out += b_x * b_D
     if HAS_Z:
         b_out = b_out * b_z * ptx_sigmoid(b_z, PTX)
+    if HAS_NORM:
+        # The RMSNorm that follows, folded: this program's sum of squares of its channels of each row (column
+        # i_h * n_p + i_p of ss), and the output times the norm weight; the consumer scales the rows.
+        b_sq = tl.where(m_bp, b_out * b_out, 0.0)
+        tl.store(ss_ptr + o_b * stride_ss_b + i_h * tl.num_programs(0) + i_p, tl.sum(b_sq, axis=1), mask=m_b)
+        b_out = b_out * b_nw
     tl.store(out_ptr + o_b[:, None] * stride_o_b + i_h * stride_o_h + o_p[None, :] * stride_o_p,
              b_out.to(out_ptr.dtype.element_ty), mask=m_bp)
 
@@ -220,6 +232,12 @@ def _ssm_decode_step_kernel(
 # over 16-row tiles 27 us), mamba_ssm's chain 16.5 us.
 TILE_ELEMS = {16: 2048, 128: 4096}
 NUM_WARPS = {16: 4, 128: 8}
+# From MANY_ROWS rows (Mamba-2 decode at batch 64): 4 warps per 4096-value tile. H100 b64 whole steps
+# (graph replay, same process, session 13, with models.mamba2.STEP_NORM_FOLD and
+# decode_linear.DOT_SUMS_EARLY): mamba2-1.3b 4.052 vs 4.273 ms with 8 warps, mamba2-130m 0.882 vs 0.929
+# (results/sweep_decode_s13_fold_b.json).
+MANY_ROWS = 16
+NUM_WARPS_MANY_ROWS = {16: 4, 128: 4}
 PROJ_BLOCK_P = 32
 PROJ_MAX_BLOCK_B = 4
 PROJ_WARPS = 4
@@ -245,7 +263,7 @@ def _launch_config(batch, hdim, n_state, rank, tie):
     hdim_p2 = next_pow2(hdim)
     if tie or not rank:
         block_p = min(hdim_p2, max(1, TILE_ELEMS[key] // block_n))
-        return 1, block_p, block_n, 1, NUM_WARPS[key]
+        return 1, block_p, block_n, 1, (NUM_WARPS_MANY_ROWS if batch >= MANY_ROWS else NUM_WARPS)[key]
     block_b = min(next_pow2(batch), PROJ_MAX_BLOCK_B)
     return block_b, min(hdim_p2, PROJ_BLOCK_P), block_n, max(16, next_pow2(rank)), PROJ_WARPS
 
@@ -261,17 +279,31 @@ def _ssm_decode_step(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Ten
                and dt_proj_weight.dtype in (torch.bfloat16, torch.float16))
         dt = (decode_linear if dot else F.linear)(dt.to(dt_proj_weight.dtype), dt_proj_weight)
         dt_proj_weight = None
-    key = (x.device, split_sum, state_ready, dt_limit[0], dt_limit[1], *map(layout_key, (
-        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight)))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum,
-                                       state_ready, out)
-    plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out)
+    _launch(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready, out)
     return out
 
 
-def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready, out):
+@launcher_op("ssm_decode_step_norm", mutates_args=("state",))
+def _ssm_decode_step_norm(state: Tensor, x: Tensor, dt: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
+                          D: Tensor | None, z: Tensor, dt_bias: Tensor | None, dt_limit: list[float],
+                          norm_weight: Tensor, state_ready: bool = False) -> tuple[Tensor, Tensor]:
+    out, sums = _norm_outputs(state, x)
+    _launch(state, x, dt, A_log, B, C, D, z, dt_bias, None, dt_limit, False, state_ready, out, norm_weight, sums)
+    return out, sums
+
+
+def _launch(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready, out,
+            norm_weight=None, sums=None):
+    key = (x.device, split_sum, state_ready, dt_limit[0], dt_limit[1], *map(layout_key, (
+        state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, norm_weight)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum,
+                                       state_ready, out, sums)
+    plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, out, norm_weight, sums)
+
+
+def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready, out, sums):
     """The launch Plan of the kernel for these operands."""
     batch = x.shape[0]
     n_state = state.shape[-1]
@@ -317,13 +349,15 @@ def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
     limit = tuple(dt_limit) != NO_DT_LIMIT
     pdl = use_pdl(x)
     scalars = (batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
-               *split_st, *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st)
+               *split_st, *state_st, *x_st, *dt_st, *a_st, *b_st, *c_st, *d_st, *z_st, *dtb_st, *w_st, *o_st,
+               sums.stride(0) if sums is not None else 0)
     kwargs = dict(
         TIE_HDIM=mamba2, HAS_DT_PROJ=dt_proj_weight is not None, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_DT_LIMIT=limit, SPLITS=n_splits,
         BLOCK_B=block_b, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=next_pow2(n_splits),
         USE_PDL=pdl, PTX=ptx_math(_ssm_decode_step_kernel), STATE_EARLY=state_ready, num_warps=warps,
-        DEPENDENTS_EARLY=LATE_DEPENDENTS_ROWS is None or batch < LATE_DEPENDENTS_ROWS, **pdl_launch(pdl),
+        DEPENDENTS_EARLY=LATE_DEPENDENTS_ROWS is None or batch < LATE_DEPENDENTS_ROWS, HAS_NORM=sums is not None,
+        **pdl_launch(pdl),
     )
     return Plan(_ssm_decode_step_kernel, (cdiv(hdim, block_p), cdiv(batch, block_b), heads), *scalars, **kwargs)
 
@@ -332,9 +366,21 @@ def _outputs(x):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
+def _norm_outputs(state, x):
+    """(out like x, sums (B, H * program columns per head) fp32) of ssm_decode_step_norm."""
+    heads, hdim = x.shape[1:]
+    n_p = cdiv(hdim, _launch_config(x.shape[0], hdim, state.shape[-1], 0, True)[1])
+    return _outputs(x), torch.empty(x.shape[0], heads * n_p, device=x.device, dtype=torch.float32)
+
+
 @_ssm_decode_step.register_fake
 def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum, state_ready=False):
     return _outputs(x)
+
+
+@_ssm_decode_step_norm.register_fake
+def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_limit, norm_weight, state_ready=False):
+    return _norm_outputs(state, x)
 
 
 def _inputs_ok(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
@@ -412,7 +458,7 @@ def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
 
 
 def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
-                    dt_limit=NO_DT_LIMIT, *, split_sum=False, state_ready=False, backend=None):
+                    dt_limit=NO_DT_LIMIT, *, split_sum=False, state_ready=False, norm_weight=None, backend=None):
     """One token of the selective SSM, with the dt projection and softplus fused in; the
     state is updated in place and the output returned.
 
@@ -433,6 +479,11 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
         ``state`` (see decode_linear.completes_before_next), so that with PDL the kernel loads the
         state before it waits for its predecessor. Never true right after another step on the same
         state: with PDL that step may still be running.
+    norm_weight: (H * P,), Mamba-2 layout with z only: the RMSNorm that follows the gated output
+        (one group over the row, after the gate) folded in. Returns (out * norm_weight (B, H, P),
+        sums (B, S) fp32) instead: sums.sum(1) is each row's sum of squares of the gated output, so
+        that rmsnorm(out_gated) @ W.T = rsqrt(sums.sum(1) / (H * P) + eps) * (returned out @ W.T)
+        (see decode_linear.rms_scaled_linear).
     backend: "torch", "triton" or None (the device decides).
     """
     limit_ok = len(dt_limit) == 2 and dt_limit[0] <= dt_limit[1]
@@ -443,10 +494,24 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
         dt1, B1, C1 = dt, B, C
     if not (limit_ok and _inputs_ok(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight)):
         _validate(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight, dt_limit)
+    if norm_weight is not None:
+        _check_norm_weight(norm_weight, state, x, z, dt_proj_weight, split_sum)
+        if resolve_backend(backend, state, x) == "torch":
+            return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, None, dt_limit, False, norm_weight)
+        return _ssm_decode_step_norm(state, x, dt, A_log, B, C, D, z, dt_bias,
+                                     [float(dt_limit[0]), float(dt_limit[1])], norm_weight, bool(state_ready))
     if resolve_backend(backend, state, x) == "torch":
         return ssm_decode_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit, split_sum)
     return _ssm_decode_step(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight,
                             [float(dt_limit[0]), float(dt_limit[1])], split_sum, bool(state_ready))
+
+
+def _check_norm_weight(norm_weight, state, x, z, dt_proj_weight, split_sum):
+    if state.dim() != 4 or z is None or dt_proj_weight is not None or split_sum:
+        raise ValueError("norm_weight needs the Mamba-2 layout (state (B, H, P, N)) with the gate z, without "
+                         "dt_proj_weight or split_sum")
+    check_tensor("norm_weight", norm_weight, shape=(x.shape[1] * x.shape[2],), dtype=FLOAT_DTYPES)
+    check_same_device(state=state, norm_weight=norm_weight)
 
 
 def _check_splits(dt, B, C):

@@ -577,8 +577,9 @@ def _fused_and_unfused_steps(mixer, u, cache, monkeypatch, setup):
 @pytest.mark.parametrize("batch", [1, 12])
 def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
     """Mamba-2's decode step with the gate applied by the SSM step and a plain RMSNorm folded into
-    out_proj (rms_norm_linear), and above SMALL_ROWS rows in_proj + conv update and norm + out_proj as
-    decode_linear's tl.dot kernels (3 launches), equals the unfused step (separate conv update, gated
+    out_proj (rms_norm_linear), and above SMALL_ROWS rows in_proj + conv update and out_proj as
+    decode_linear's tl.dot kernels with the norm split between the SSM step and out_proj (STEP_NORM_FOLD;
+    3 launches), equals the unfused step (separate conv update, gated
     RMSNorm, the layers' own products): bf16 weights, the Triton kernels (the interpreter on CPU)."""
     from mamba_pkg.models import _cache_utils
     from mamba_pkg.models import mamba2 as m2
@@ -594,11 +595,17 @@ def test_mamba2_fused_step_equals_unfused(batch, monkeypatch):
         for name in ("STEP_DOT", "STEP_DOT_NORM_OUT", "STEP_GATE_IN_SSM", "STEP_CONV_IN_PROJ"):
             monkeypatch.setattr(m2, name, fused)
         monkeypatch.setattr(_cache_utils, "STEP_DOT_MIN_WEIGHT", 0)  # the tiny layers too
+        monkeypatch.setattr(m2, "STEP_NORM_FOLD", fused)
         for name in ("_launch_dot", "_launch_small"):
             real = getattr(dl, name)
             monkeypatch.setattr(dl, name, lambda *a, real=real, name=name, **k: launches.append(name) or real(*a, **k))
+        real_fold = m2.rms_scaled_linear
+        monkeypatch.setattr(m2, "rms_scaled_linear", lambda *a, **k: launches.append("fold") or real_fold(*a, **k))
     fused_launches, _ = _fused_and_unfused_steps(mixer, u, cache, monkeypatch, setup)
-    assert fused_launches == (["_launch_dot"] * 2 if batch > dl.SMALL_ROWS else ["_launch_small"] * 2)
+    # Above SMALL_ROWS the norm is folded: the SSM step scales by the norm weight and writes the sums of
+    # squares, out_proj (rms_scaled_linear) scales the rows.
+    assert fused_launches == (["_launch_dot", "fold", "_launch_dot"] if batch > dl.SMALL_ROWS
+                              else ["_launch_small"] * 2)
 
 
 def test_mamba1_dot_step_equals_unfused(monkeypatch):

@@ -14,6 +14,8 @@ from mamba_pkg.ops.decode_linear import (
     gated_rms_norm_linear_ref,
     rms_norm_linear,
     rms_norm_linear_ref,
+    rms_scaled_linear,
+    rms_scaled_linear_ref,
 )
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
 from mamba_pkg.ops.norm import layer_norm_ref, rms_norm_gated_ref
@@ -227,6 +229,53 @@ def test_rms_norm_linear_errors_and_opcheck():
     torch.library.opcheck(op, (torch.randn(12, 8, device=DEVICE), nw, w, None, 1e-6))
 
 
+def _folded_norm_inputs(batch, n_in, n_out, device=DEVICE):
+    """v (the rows before the norm, fp32), norm weight, x = bf16(v * nw), three partial sums of squares of v
+    per row (as ssm_decode_step(norm_weight=...) writes them), bf16 weight and bias."""
+    torch.manual_seed(0)
+    v = torch.randn(batch, n_in, device=device)
+    nw = torch.rand(n_in, device=device) + 0.5
+    x = (v * nw).to(torch.bfloat16)
+    sums = torch.stack([c.square().sum(1) for c in v.chunk(3, dim=1)], 1)
+    w = torch.randn(n_out, n_in, device=device, dtype=torch.bfloat16) / n_in**0.5
+    b = torch.randn(n_out, device=device, dtype=torch.bfloat16)
+    return v, nw, x, sums, w, b
+
+
+@pytest.mark.parametrize("batch,split,early", [(1, False, False), (5, False, False), (12, True, False),
+                                               (33, True, False), (12, True, True)])
+def test_rms_scaled_linear_matches_ref(batch, split, early, monkeypatch):
+    """The norm's row scale from partial sums, in the tl.dot kernel's finishing programs (split: the K range
+    in up to 4 programs, the last one scales; early: every program loads the sums before its K loop):
+    equal to the fp32 RMSNorm + product of the unrounded rows under the tolerance rule (the bf16 torch
+    reference on the same rounded x as the baseline)."""
+    _small_dot(monkeypatch, split=split)
+    monkeypatch.setattr(dl, "DOT_SUMS_EARLY", early)
+    v, nw, x, sums, w, b = _folded_norm_inputs(batch, 70, 37)
+    out = rms_scaled_linear(x, sums, w, b, 1e-5, backend="triton")
+    exact = rms_norm_linear_ref(v, nw, w.float(), b.float(), 1e-5)
+    low = rms_scaled_linear_ref(x, sums, w, b, 1e-5)
+    assert out.dtype == torch.bfloat16 and out.shape == (batch, 37)
+    assert (out.float() - exact).abs().max() <= 2 * (low.float() - exact).abs().max() + 1e-2
+    if split:
+        assert any(getattr(p, "split", 1) > 1 for p in dl._PLANS.values())
+
+
+def test_rms_scaled_linear_errors_and_opcheck():
+    v, nw, x, sums, w, b = _folded_norm_inputs(4, 24, 8)
+    with pytest.raises(ValueError, match=r"sums must have shape \(4, \*\)"):
+        rms_scaled_linear(x, sums[:3], w)
+    with pytest.raises(TypeError, match="sums must have dtype"):
+        rms_scaled_linear(x, sums.double(), w)
+    with pytest.raises(ValueError, match="16-bit"):
+        rms_scaled_linear(x.float(), sums, w.float())
+    with pytest.raises(ValueError, match="1 <= B <= 64"):
+        rms_scaled_linear(torch.zeros(65, 24, device=DEVICE, dtype=torch.bfloat16), sums, w)
+    op = torch.ops.mamba_pkg.rms_scaled_linear
+    torch.library.opcheck(op, (x, sums, w, b, 1e-5))
+    torch.library.opcheck(op, (x, sums, w, None, 1e-6))
+
+
 def test_conv_fold_in_dot_kernel_matches_ref(monkeypatch):
     """Above SMALL_ROWS rows the conv update runs in the tl.dot kernel's epilogue: batch 11 (a
     ragged batch tile), conv channels [9, 29) of 37 across ragged output blocks of 16, a bf16 state."""
@@ -415,6 +464,18 @@ def test_gpu_rms_norm_linear_full_size(batch, width):
     out = rms_norm_linear(x, nw, w)
     ref = rms_norm_linear_ref(x, nw, w)
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,width,n_out", [(64, 4096, 2048), (64, 1536, 768), (33, 1536, 768), (3, 4096, 2048)])
+def test_gpu_rms_scaled_linear_full_size(batch, width, n_out):
+    """Mamba-2 out_proj shapes with the norm folded into the SSM step (split-K picks of dot_config): as close
+    to the fp32 RMSNorm + product as rms_norm_linear's in-loop norm is."""
+    v, nw, x, sums, w, b = _folded_norm_inputs(batch, width, n_out, "cuda")
+    out = rms_scaled_linear(x, sums, w, b)
+    exact = rms_norm_linear_ref(v, nw, w.float(), b.float())
+    in_loop = rms_norm_linear(v.to(torch.bfloat16), nw.to(torch.bfloat16), w, b)
+    assert (out.float() - exact).abs().max() <= 2 * (in_loop.float() - exact).abs().max() + 1e-2
 
 
 @requires_cuda

@@ -169,6 +169,50 @@ def test_triton_low_precision_state_and_inputs(layout):
     torch.testing.assert_close(kw["state"].float(), state_ref.float(), rtol=0, atol=s_scale * 2.0**-7)
 
 
+@pytest.mark.parametrize("tile_elems", [None, 32])
+def test_triton_mamba2_norm_weight(tile_elems, monkeypatch):
+    """norm_weight (the RMSNorm after the gate folded in): out * norm_weight and partial sums of squares
+    that add up to each row's sum of squares of the gated output (two programs per head with 32-element
+    tiles); the state as without it. Tolerance rule: the kernel's error against the fp32 reference is
+    at most 2x that of the bf16 chain it replaces (the gated output rounded, then times the weight)."""
+    if tile_elems:
+        monkeypatch.setattr(sds, "TILE_ELEMS", {16: tile_elems, 128: tile_elems})
+    kw = mamba2_inputs(3, 4, 6, 5, 1, dtype=torch.bfloat16)
+    nw = torch.rand(24, device=DEVICE) + 0.5
+    state0 = kw["state"].clone()
+    out, sums = ssm_decode_step(**kw, norm_weight=nw, backend="triton")
+    if tile_elems:
+        assert sums.shape == (3, 8)  # (B, H * 2)
+    plain_state = state0.clone()
+    plain = ssm_decode_step(**dict(kw, state=plain_state), backend="triton")
+    torch.testing.assert_close(kw["state"], plain_state, rtol=0, atol=0)
+    exp, exp_sums = ssm_decode_step_ref(**dict(kw, state=state0.clone()), norm_weight=nw)
+    fp32 = ssm_decode_step_ref(**dict(kw, state=state0.clone(), x=kw["x"].float(), z=kw["z"].float()))
+    exact = fp32 * nw.view(4, 6)
+    chain = (plain.float() * nw.view(4, 6)).to(torch.bfloat16).float()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - exact).abs().max() <= 2 * (chain - exact).abs().max() + 1e-3
+    torch.testing.assert_close(sums.sum(1), exp_sums.sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exp_sums.sum(1), fp32.square().sum((1, 2)), rtol=1e-6, atol=1e-6)
+
+
+def test_norm_weight_errors():
+    kw = mamba2_inputs(2, 4, 3, 5, 1, device="cpu")
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(12\)"):
+        ssm_decode_step(**kw, norm_weight=torch.ones(4))
+    with pytest.raises(ValueError, match="norm_weight needs the Mamba-2 layout"):
+        ssm_decode_step(**dict(kw, z=None), norm_weight=torch.ones(12))
+    with pytest.raises(ValueError, match="norm_weight needs the Mamba-2 layout"):
+        ssm_decode_step(**mamba1_inputs(2, 4, 5, 3, device="cpu"), norm_weight=torch.ones(4))
+
+
+def test_norm_weight_opcheck():
+    kw = mamba2_inputs(2, 4, 3, 5, 1)
+    args = (kw["state"], kw["x"], kw["dt"], kw["A_log"], kw["B"], kw["C"], kw["D"], kw["z"], kw["dt_bias"],
+            [0.0, float("inf")], torch.rand(12, device=DEVICE) + 0.5, False)
+    torch.library.opcheck(torch.ops.mamba_pkg.ssm_decode_step_norm, args)
+
+
 def test_errors():
     kw = mamba1_inputs(2, 4, 5, 3, device="cpu")
     with pytest.raises(ValueError, match="state must have 3 or 4"):
@@ -215,6 +259,22 @@ def test_gpu_full_size(layout, batch):
     exp = ssm_decode_step_ref(**ref_kw)
     torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(kw["state"], state_ref, rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("heads", [24, 64])
+def test_gpu_norm_weight_full_size(heads):
+    """The fold at mamba2-130m / -1.3b's batch-64 shapes: the same state as without it, out * norm_weight
+    within one rounding of the unfolded output times the weight, sums as the reference's."""
+    kw = mamba2_inputs(64, heads, 64, 128, 1, dtype=torch.bfloat16)
+    kw["state"] = kw["state"].to(torch.bfloat16)
+    nw = torch.rand(heads * 64, device="cuda") + 0.5
+    state0 = kw["state"].clone()
+    out, sums = ssm_decode_step(**kw, norm_weight=nw)
+    plain = ssm_decode_step(**dict(kw, state=state0))
+    assert torch.equal(kw["state"], state0)
+    torch.testing.assert_close(out.float(), plain.float() * nw.view(heads, 64), rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(sums.sum(1), plain.float().square().sum((1, 2)), rtol=1e-2, atol=1e-2)
 
 
 @requires_cuda
