@@ -41,6 +41,7 @@ import torch
 from benchmarks.common import host_profile as common_host_profile
 from benchmarks.common import bandwidth_row, cuda_profile, save_results, time_ms, try_provider
 from mamba_pkg.ops import causal_conv1d as conv
+from mamba_pkg.ops._launch import clear_plans
 
 B, D, W = 4, 2048, 4
 LENGTHS = (2048, 8192)
@@ -256,6 +257,7 @@ def apply(best):
             conv.BWD_CONFIG["rows" if variant == "rows" else path] = bwd_cfg
             conv.BWD_DY_SHIFT[path] = variant
             conv.BWD_ROWS_MIN_PROGRAMS_PER_SM = min_programs
+    clear_plans()  # the dicts changed in place: no attribute hook sees that
 
 
 def settings():

@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.common import bandwidth_row, save_results, time_ms, try_provider
 from mamba_pkg.ops import state_update as ssu
+from mamba_pkg.ops._launch import clear_plans
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update
 
 BATCHES = (1, 64, 256)
@@ -293,10 +294,12 @@ def sweep():
         for tile in (2048, 4096, 8192):
             for warps in (4, 8):
                 ssu.TILE_ELEMS[key], ssu.NUM_WARPS[key] = tile, warps
+                clear_plans()  # changed in place: no attribute hook sees it
                 times[(tile, warps)] = timed(f"step state_update model={model} batch=64", f"tile={tile} warps={warps}",
                                              lambda: ssu.selective_state_update(**kw, dt_softplus=True))
         best[key] = min(times, key=times.get)
         ssu.TILE_ELEMS[key], ssu.NUM_WARPS[key] = best[key]
+        clear_plans()
     (x, state, w, b), _ = conv_inputs("mamba2", 64)
     times = {}
     for block in (128, 256):

@@ -22,6 +22,9 @@ the interpreter) always take Triton's own path.
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 
 try:
@@ -84,9 +87,9 @@ def launch(kernel, grid, *args, **kwargs):
     if cache is None or cache["configs"] is not configs:
         cache = _caches[kernel] = {"n_pointers": _n_pointers(args), "configs": configs}
     n = cache["n_pointers"]
-    addresses = [None if t is None else t.data_ptr() for t in args[:n]]
-    key = (device, tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(args[:n], addresses)]),
-           args[n:], tuple(kwargs.items()), knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+    addresses, pointer_key = _pointer_key(args[:n])
+    key = (device, pointer_key, args[n:], tuple(kwargs.items()), knobs.runtime.debug,
+           knobs.compilation.instrumentation_mode)
     entry = cache.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -97,6 +100,13 @@ def launch(kernel, grid, *args, **kwargs):
             cache[key] = entry
         return compiled
     return _run(entry, grid, device, addresses, args[n:])
+
+
+def _pointer_key(pointers):
+    """(the pointers' addresses, their part of a launch key: per pointer None, or its dtype and whether
+    its address is a multiple of 16), shared by launch and Plan."""
+    addresses = [None if t is None else t.data_ptr() for t in pointers]
+    return addresses, tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(pointers, addresses)])
 
 
 def _run(entry, grid, device, addresses, scalars):
@@ -139,9 +149,8 @@ class Plan:
                 or (self._configs is not None and kernel.configs is not self._configs)):
             return kernel[self.grid](*pointers, *self.scalars, **self.kwargs)
         device = driver.active.get_current_device()
-        addresses = [None if t is None else t.data_ptr() for t in pointers]
-        key = (device, tuple([None if t is None else (t.dtype, a % 16 == 0) for t, a in zip(pointers, addresses)]),
-               knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+        addresses, pointer_key = _pointer_key(pointers)
+        key = (device, pointer_key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
         entry = self._entries.get(key)
         if entry is None:
             compiled = kernel[self.grid](*pointers, *self.scalars, **self.kwargs)
@@ -200,3 +209,51 @@ def variant_needed(tag, key) -> bool:
         return False
     _VARIANTS_SEEN.add(entry)
     return True
+
+
+# Launch plans that depend on tuning switches: every settings_cache dict, emptied together (a switch of one
+# module can enter another's plans: decode_linear.PDL decides the PDL launches of ssm_decode_step).
+_SETTINGS_CACHES: list = []
+
+
+class PlanCache(dict):
+    """A module's launch plans (settings_cache): a dict that holds at most _MAX_ENTRIES of them (a new
+    length or batch is a new key), emptied when one more would pass that."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        if len(self) >= _MAX_ENTRIES and key not in self:
+            self.clear()
+        super().__setitem__(key, value)
+
+
+def clear_plans() -> None:
+    """Empty every settings_cache. Setting a module's attribute does it (see settings_cache); code that
+    changes a setting in place (``FWD_CONFIG["rows"] = ...``, ``monkeypatch.setitem``), which no
+    attribute hook sees, calls this after the change (and after undoing it)."""
+    for cache in _SETTINGS_CACHES:
+        cache.clear()
+
+
+class _SettingsModule(types.ModuleType):
+    """A module whose attributes, set from outside (a test's monkeypatch.setattr, a sweep's setting),
+    drop every settings_cache; the module's own code writes its globals without this hook."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        clear_plans()
+
+
+def settings_cache(module_name: str) -> PlanCache:
+    """A PlanCache for a module's launch plans (what a launcher derives from its operands' shapes,
+    strides and dtypes and the modules' switches, kept so that an eager call does not derive it again
+    each time), emptied whenever an attribute of this module or of another with a settings_cache is set
+    from outside, or by clear_plans: a plan never outlives the switches it was made with, and a call
+    pays one dict lookup for it (no settings in its key)."""
+    module = sys.modules[module_name]
+    if not isinstance(module, _SettingsModule):
+        module.__class__ = _SettingsModule
+    plans = PlanCache()
+    _SETTINGS_CACHES.append(plans)
+    return plans

@@ -18,11 +18,13 @@ row belongs to the row's first (initial) and last (final) sequence.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import Plan
+from mamba_pkg.ops._launch import Plan, settings_cache
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -507,7 +509,8 @@ def _empty_in_layout(x):
     batch, dim, length = x.shape
     if _layout(x) == "contiguous":
         return torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
-    return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+    # One allocation with the strides, not an empty() and a transpose() view of it (host time per call).
+    return torch.empty_strided((batch, dim, length), (length * dim, 1, dim), device=x.device, dtype=x.dtype)
 
 
 def _path(x, starts):
@@ -561,29 +564,16 @@ def _part_args(parts):
 
 # Launch runners: the Python that maps a call's tensors to its launches (the path, tiles, grid, strides
 # and flags, as Plans with everything but the pointers fixed) runs once per launch signature (shapes,
-# strides, dtype, device, flags, overrides) and tuning settings; a call then runs the runner: its
-# allocations and launches. Eager training steps are host-bound (session 12, H100 host: an eager
-# fwd+bwd call issued its launches for 0.39 ms (contiguous) / 0.78 ms (channel-last) against 0.24 /
-# 0.28 ms of kernels).
-_RUNNERS: dict = {}
-_MAX_RUNNERS = 256
-_runners_settings = None
-
-
-def _settings() -> tuple:
-    """The tuning settings that runners are built from (tests and benchmarks change them)."""
-    return (FWD_CHANNEL_LAST, FWD_ROWS_LOAD_BYTES, FWD_ROWS_MIN_PROGRAMS_PER_SM, BWD_PREFETCH, BWD_TILES_PER_PROGRAM,
-            BWD_ROWS_LOAD_BYTES, BWD_ROWS_MIN_PROGRAMS_PER_SM, BWD_PROGRAMS_PER_SM, WGRAD_TILE,
-            WGRAD_MAX_P, *FWD_CONFIG.items(), *BWD_CONFIG.items(), *BWD_DY_SHIFT.items())
+# strides, dtype, device, flags, overrides); a call then runs the runner: its allocations and launches.
+# Eager training steps are host-bound (session 12, H100 host: an eager fwd+bwd call issued its launches
+# for 0.39 ms (contiguous) / 0.78 ms (channel-last) against 0.24 / 0.28 ms of kernels). The runners are
+# built from this module's tuning settings: setting one drops them (_launch.settings_cache); code that
+# changes one of the dicts in place (FWD_CONFIG["rows"] = ...) calls _launch.clear_plans().
+_RUNNERS = settings_cache(__name__)
 
 
 def _runner(key, build):
     """The cached runner for ``key``, built by ``build()`` on first use (or after a settings change)."""
-    global _runners_settings
-    settings = _settings()
-    if settings != _runners_settings or len(_RUNNERS) >= _MAX_RUNNERS:
-        _RUNNERS.clear()
-        _runners_settings = settings
     run = _RUNNERS.get(key)
     if run is None:
         run = _RUNNERS[key] = build()
@@ -1187,6 +1177,39 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
         dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32)
 
 
+# The rows backward's (W, D) copies of the weights (see _weight_taps_major): (id of the weight's base
+# tensor, its address) -> (weak reference to the base, (version, shape, strides) of the weight, copy).
+# An eager channel-last backward made its copy at every call: an aten copy, ~16 us of the H100 host's
+# time (session 12) in a call that is host-bound.
+_WEIGHT_COPIES: dict = {}
+_MAX_WEIGHT_COPIES = 256
+
+
+def _weight_taps_major(weight):
+    """weight (D, W) as a contiguous (W, D) copy, kept from call to call while it is the same weight:
+    the same base tensor (weight._base, or weight; compared by identity and held by weak reference, so
+    a freed weight's address taken by another tensor never matches), the same address, shape and
+    strides, and the same version counter value, so that any in-place write that autograd sees (an
+    optimizer step, load_state_dict, a write through a view) makes the next call copy again. A write
+    through ``.data``, which autograd does not see either, is not seen. While a CUDA graph is captured
+    the copy is made in the graph: a replay after the weights changed must copy them again."""
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return weight.t().contiguous()
+    base = weight._base
+    if base is None:
+        base = weight
+    key = (id(base), weight.data_ptr())  # slices of one base (Mamba-2's x, B, C parts) each have theirs
+    state = (weight._version, weight.shape, weight.stride())
+    entry = _WEIGHT_COPIES.get(key)
+    if entry is not None and entry[0]() is base and entry[1] == state:
+        return entry[2]
+    copy = weight.t().contiguous()
+    if len(_WEIGHT_COPIES) >= _MAX_WEIGHT_COPIES:
+        _WEIGHT_COPIES.clear()
+    _WEIGHT_COPIES[key] = (weakref.ref(base), state, copy)
+    return copy
+
+
 def _bwd_runner(dx, x, weight, bias, initial_states, starts, rows, silu, dout, config, variant, programs_per_sm,
                 tiles_per_program, prefetch):
     """run(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32) -> (dw, db) for
@@ -1271,7 +1294,7 @@ def _bwd_runner(dx, x, weight, bias, initial_states, starts, rows, silu, dout, c
         copies = [d.stride(1) != 1 for d in douts_in]
         douts_like = [d.transpose(1, 2).contiguous().transpose(1, 2) if c else d for d, c in zip(douts_in, copies)]
         douts_like, extra_strides = _part_args(douts_like)
-        n_in = len(douts_in)
+        n_in, copy_any = len(douts_in), any(copies)
         # Weights as a (W, D) copy (strides (1, D)): a thread's channels of one tap are one vector load,
         # where the (D, W) rows took scalar loads of 8 cache lines per warp each, per tap and step.
         plan = Plan(_causal_conv1d_bwd_rows_kernel, (n_parts, n_d_tiles, batch), length, dim, *parts[:4],
@@ -1283,10 +1306,10 @@ def _bwd_runner(dx, x, weight, bias, initial_states, starts, rows, silu, dout, c
 
         def run(dx, dw, db, x, weight, bias, initial_states, starts, rows, dout, wgrad_fp32):
             douts = dout if n_in > 1 else (dout,)
-            if any(copies):
+            if copy_any:
                 douts = [d.transpose(1, 2).contiguous().transpose(1, 2) if c else d for d, c in zip(douts, copies)]
             dw_part, db_part = partials()
-            plan(x, weight.t().contiguous(), bias, initial_states, *_pad3(douts), dx, dw_part, db_part)
+            plan(x, _weight_taps_major(weight), bias, initial_states, *_pad3(douts), dx, dw_part, db_part)
             return finish(dw_part, db_part, dw, db, x, weight, bias, wgrad_fp32)
         return run
     n_l_tiles = n_parts
@@ -1396,46 +1419,51 @@ class CausalConv1dFn(torch.autograd.Function):
         return dx, (dw + dw_state).to(weight.dtype), db, dinit, None, None, None, None
 
 
-def _conv_inputs_ok(x, weight, bias, seq_idx, initial_states, final_states_out, cu_seqlens):
-    """The common case (no packing, no final-state buffer) in a few comparisons; anything it does
-    not accept goes through _validate_conv, which names the offending argument."""
-    if seq_idx is not None or cu_seqlens is not None or final_states_out is not None:
-        return False
-    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)) or x.dim() != 3 or weight.dim() != 2:
-        return False
-    device, dim = x.device, x.shape[1]
-    if (x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES or weight.device != device
-            or weight.shape[0] != dim or not 2 <= weight.shape[1] <= 8):
-        return False
-    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype in FLOAT_DTYPES
-                                 and bias.device == device and bias.shape == (dim,)):
-        return False
-    return initial_states is None or (
-        isinstance(initial_states, torch.Tensor) and initial_states.dtype in FLOAT_DTYPES
-        and initial_states.device == device and initial_states.shape == (x.shape[0], dim, weight.shape[1] - 1))
+def _check_weight_bias(weight, bias, dim: int) -> int:
+    """weight (D, W) with W in 2..8 and bias None or (D,), float tensors; returns W. The comparisons
+    first, check_tensor (its message naming the argument) only where they fail."""
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype in FLOAT_DTYPES):
+        check_tensor("weight", weight, ndim=2, dtype=FLOAT_DTYPES)
+    dim_w, width = weight.shape
+    if dim_w != dim or not 2 <= width <= 8:
+        raise ValueError(f"weight must have shape (D={dim}, W) with W in 2..8, got {tuple(weight.shape)}")
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.shape == (dim,)
+                                 and bias.dtype in FLOAT_DTYPES):
+        check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES)
+    return width
 
 
 def _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens):
-    check_tensor("x", x, ndim=3, dtype=FLOAT_DTYPES)
-    batch, dim, length = x.shape
-    check_tensor("weight", weight, ndim=2, dtype=FLOAT_DTYPES)
-    if weight.shape[0] != dim or not 2 <= weight.shape[1] <= 8:
-        raise ValueError(f"weight must have shape (D={dim}, W) with W in 2..8, got {tuple(weight.shape)}")
-    width = weight.shape[1]
-    check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
-    if seq_idx is not None and cu_seqlens is not None:
-        raise ValueError("give seq_idx or cu_seqlens, not both")
-    check_tensor("seq_idx", seq_idx, shape=(batch, length), dtype=INDEX_DTYPES, optional=True)
-    check_same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
-                      final_states_out=final_states_out, cu_seqlens=cu_seqlens)
+    """What causal_conv1d_fn accepts, in one place. Each check is a few comparisons, and only one that
+    fails builds its error (naming the argument; check_tensor's message where its check is the same):
+    an accepted call pays the comparisons only (eager calls are host-bound)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.dtype in FLOAT_DTYPES):
+        check_tensor("x", x, ndim=3, dtype=FLOAT_DTYPES)
+    dim = x.shape[1]
+    width = _check_weight_bias(weight, bias, dim)
+    # Packed sequences or a final-state buffer: every check below runs (cu_seqlens is read on the host).
+    rare = seq_idx is not None or cu_seqlens is not None or final_states_out is not None
+    if seq_idx is not None or cu_seqlens is not None:
+        if seq_idx is not None and cu_seqlens is not None:
+            raise ValueError("give seq_idx or cu_seqlens, not both")
+        check_tensor("seq_idx", seq_idx, shape=(x.shape[0], x.shape[2]), dtype=INDEX_DTYPES, optional=True)
+    device = x.device
+    if (rare or weight.device != device or (bias is not None and bias.device != device)
+            or (initial_states is not None and getattr(initial_states, "device", None) != device)):
+        check_same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                          final_states_out=final_states_out, cu_seqlens=cu_seqlens)
+    if initial_states is None and not rare:
+        return
+    batch, length = x.shape[0], x.shape[2]
     check_cu_seqlens(cu_seqlens, length, batch)
     n_states = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     who = "B" if cu_seqlens is None else "num_seqs"
-    if initial_states is not None:
+    if initial_states is not None and not (
+            isinstance(initial_states, torch.Tensor) and initial_states.dtype in FLOAT_DTYPES
+            and initial_states.shape == (n_states, dim, width - 1)):
         check_tensor("initial_states", initial_states, dtype=FLOAT_DTYPES)
-        if tuple(initial_states.shape) != (n_states, dim, width - 1):
-            raise ValueError(f"initial_states must have shape ({who}={n_states}, D={dim}, W-1={width - 1}), "
-                             f"got {tuple(initial_states.shape)}")
+        raise ValueError(f"initial_states must have shape ({who}={n_states}, D={dim}, W-1={width - 1}), "
+                         f"got {tuple(initial_states.shape)}")
     if final_states_out is not None:
         if not return_final_states:
             raise ValueError("final_states_out is given but return_final_states=False")
@@ -1479,8 +1507,7 @@ def causal_conv1d_fn(
         out (B, D, L) in the dtype and memory layout of x, or (out, final_states).
     """
     _check_activation(activation)
-    if not _conv_inputs_ok(x, weight, bias, seq_idx, initial_states, final_states_out, cu_seqlens):
-        _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens)
+    _validate_conv(x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, cu_seqlens)
     if resolve_backend(backend, x, weight) == "torch" or x.shape[2] == 0:
         return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, final_states_out,
                                  activation, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
@@ -1615,8 +1642,6 @@ def _causal_conv1d_update_kernel(
 
 
 UPDATE_BLOCK_D = 128
-# Launch plans of the update per signature (a decode step is host-bound; see _RUNNERS).
-_UPDATE_PLANS: dict = {}
 
 
 def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
@@ -1624,12 +1649,11 @@ def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor
     """x (B, D) or (B, D, T), conv_state (B_state, D, S) updated in place, weight (D, W)
     contiguous -> out shaped like x (dense)."""
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    # The update's plans live with the runners (a decode step is host-bound).
     key = ("update", x.shape, x.stride(), conv_state.shape, conv_state.stride(), weight.shape, bias is None,
-           cache_seqlens is None, conv_state_indices is None, silu, UPDATE_BLOCK_D)
-    plan = _UPDATE_PLANS.get(key)
+           cache_seqlens is None, conv_state_indices is None, silu)
+    plan = _RUNNERS.get(key)
     if plan is None:
-        if len(_UPDATE_PLANS) >= _MAX_RUNNERS:
-            _UPDATE_PLANS.clear()
         batch, dim = x.shape[:2]
         n_tok = x.shape[2] if x.dim() == 3 else 1
         state_len = conv_state.shape[2]
@@ -1637,7 +1661,7 @@ def _causal_conv1d_update_launcher(x: Tensor, conv_state: Tensor, weight: Tensor
         x_st = x.stride() if x.dim() == 3 else x.stride() + (0,)
         out_st = out.stride() if x.dim() == 3 else out.stride() + (0,)
         block_d = min(UPDATE_BLOCK_D, next_pow2(dim))
-        plan = _UPDATE_PLANS[key] = Plan(
+        plan = _RUNNERS[key] = Plan(
             _causal_conv1d_update_kernel, (cdiv(dim, block_d), batch),
             dim, n_tok, state_len, conv_state.shape[0], *x_st, *conv_state.stride(), *out_st,
             W=weight.shape[1], HAS_BIAS=bias is not None, CIRCULAR=cache_seqlens is not None,
@@ -1656,49 +1680,33 @@ def _(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
-def _update_inputs_ok(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
-    """The common case in a few comparisons (a decode step is host-bound); anything it does
-    not accept goes through _validate_update, which names the offending argument."""
-    device = getattr(x, "device", None)
-    for t in (x, conv_state, weight, bias):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
-            return False
-    if x.dim() not in (2, 3) or weight.dim() != 2 or conv_state.dim() != 3:
-        return False
-    batch, dim = x.shape[:2]
-    width = weight.shape[1]
-    if weight.shape[0] != dim or not 2 <= width <= 8 or (bias is not None and bias.shape != (dim,)):
-        return False
-    if conv_state.shape[1] != dim or conv_state.shape[2] < width - 1:
-        return False
-    for t in (cache_seqlens, conv_state_indices):
-        # The host range check of the indices (CPU only) lives in _validate_update.
-        if t is not None and not (isinstance(t, torch.Tensor) and t.is_cuda and t.device == device
-                                  and t.shape == (batch,) and t.dtype in INDEX_DTYPES):
-            return False
-    return conv_state_indices is not None or conv_state.shape[0] == batch
-
-
 def _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
-    check_tensor("x", x, ndim=(2, 3), dtype=FLOAT_DTYPES)
+    """What causal_conv1d_update accepts, in one place; as _validate_conv, an accepted call pays a few
+    comparisons (a decode step is host-bound) and only a failing check builds its error."""
+    if not (isinstance(x, torch.Tensor) and x.dim() in (2, 3) and x.dtype in FLOAT_DTYPES):
+        check_tensor("x", x, ndim=(2, 3), dtype=FLOAT_DTYPES)
     batch, dim = x.shape[:2]
-    check_tensor("weight", weight, ndim=2, dtype=FLOAT_DTYPES)
-    if weight.shape[0] != dim or not 2 <= weight.shape[1] <= 8:
-        raise ValueError(f"weight must have shape (D={dim}, W) with W in 2..8, got {tuple(weight.shape)}")
-    width = weight.shape[1]
-    check_tensor("conv_state", conv_state, ndim=3, dtype=FLOAT_DTYPES)
+    width = _check_weight_bias(weight, bias, dim)
+    if not (isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 and conv_state.dtype in FLOAT_DTYPES):
+        check_tensor("conv_state", conv_state, ndim=3, dtype=FLOAT_DTYPES)
     if conv_state.shape[1] != dim or conv_state.shape[2] < width - 1:
         raise ValueError(f"conv_state must have shape (B_state, D={dim}, S) with S >= W-1={width - 1}, "
                          f"got {tuple(conv_state.shape)}")
-    check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
-    check_tensor("cache_seqlens", cache_seqlens, shape=(batch,), dtype=INDEX_DTYPES, optional=True)
-    check_tensor("conv_state_indices", conv_state_indices, shape=(batch,), dtype=INDEX_DTYPES, optional=True)
+    for name, index in (("cache_seqlens", cache_seqlens), ("conv_state_indices", conv_state_indices)):
+        if index is not None and not (isinstance(index, torch.Tensor) and index.shape == (batch,)
+                                      and index.dtype in INDEX_DTYPES):
+            check_tensor(name, index, shape=(batch,), dtype=INDEX_DTYPES)
     if conv_state_indices is None and conv_state.shape[0] != batch:
         raise ValueError(f"conv_state must have batch B={batch} when conv_state_indices is None, "
                          f"got shape {tuple(conv_state.shape)}")
-    check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
-                      conv_state_indices=conv_state_indices)
-    if (conv_state_indices is not None and conv_state_indices.numel() > 0 and not conv_state_indices.is_cuda
+    device = x.device
+    if (conv_state.device != device or weight.device != device or (bias is not None and bias.device != device)
+            or (cache_seqlens is not None and cache_seqlens.device != device)
+            or (conv_state_indices is not None and conv_state_indices.device != device)):
+        check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                          conv_state_indices=conv_state_indices)
+    # The indices' range is checked on the host for CPU tensors only (a GPU decode step must not sync).
+    if (conv_state_indices is not None and not conv_state_indices.is_cuda and conv_state_indices.numel() > 0
             and not torch.compiler.is_compiling()):
         top = int(conv_state_indices.max())
         if top >= conv_state.shape[0]:
@@ -1727,8 +1735,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         out shaped like x.
     """
     _check_activation(activation)
-    if not _update_inputs_ok(x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
-        _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    _validate_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
     if resolve_backend(backend, x, conv_state) == "torch":
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     if weight.stride() != (weight.shape[1], 1):

@@ -161,34 +161,34 @@ def _(x, conv_state, weight, bias, x_proj_weight, silu):
 
 
 def _validate(x, conv_state, weight, bias, x_proj_weight, activation):
+    """What conv_xproj_step accepts, in one place: each check is a few comparisons, and only one that
+    fails builds its error (naming the argument), so an accepted decode step pays the comparisons only."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype in FLOAT_DTYPES):
+        check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     batch, dim = x.shape
-    check_tensor("weight", weight, shape=(dim, None), dtype=FLOAT_DTYPES)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == dim
+            and weight.dtype in FLOAT_DTYPES):
+        check_tensor("weight", weight, shape=(dim, None), dtype=FLOAT_DTYPES)
     width = weight.shape[1]
     if not 2 <= width <= 8:
         raise ValueError(f"weight must have shape (D, W) with W in 2..8, got {tuple(weight.shape)}")
-    check_tensor("conv_state", conv_state, shape=(batch, dim, None), dtype=FLOAT_DTYPES)
+    if not (isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 and conv_state.shape[:2] == (batch, dim)
+            and conv_state.dtype in FLOAT_DTYPES):
+        check_tensor("conv_state", conv_state, shape=(batch, dim, None), dtype=FLOAT_DTYPES)
     if conv_state.shape[2] < width - 1:
         raise ValueError(f"conv_state must have shape (B, D, S) with S >= W-1 = {width - 1}, got {tuple(conv_state.shape)}")
-    check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
-    check_tensor("x_proj_weight", x_proj_weight, shape=(None, dim), dtype=FLOAT_DTYPES)
-    check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, x_proj_weight=x_proj_weight)
-
-
-def _inputs_ok(x, conv_state, weight, bias, x_proj_weight, activation):
-    """The common case in a few comparisons; anything else goes through _validate (named errors)."""
-    device = getattr(x, "device", None)
-    for t in (x, conv_state, weight, bias, x_proj_weight):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
-            return False
-    if activation not in (None, "silu", "swish") or x.dim() != 2 or weight.dim() != 2:
-        return False
-    batch, dim = x.shape
-    return (conv_state.shape[:2] == (batch, dim) and conv_state.dim() == 3 and weight.shape[0] == dim
-            and 2 <= weight.shape[1] <= conv_state.shape[2] + 1 and weight.shape[1] <= 8
-            and (bias is None or bias.shape == (dim,)) and x_proj_weight.dim() == 2 and x_proj_weight.shape[1] == dim)
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.shape == (dim,)
+                                 and bias.dtype in FLOAT_DTYPES):
+        check_tensor("bias", bias, shape=(dim,), dtype=FLOAT_DTYPES)
+    if not (isinstance(x_proj_weight, torch.Tensor) and x_proj_weight.dim() == 2 and x_proj_weight.shape[1] == dim
+            and x_proj_weight.dtype in FLOAT_DTYPES):
+        check_tensor("x_proj_weight", x_proj_weight, shape=(None, dim), dtype=FLOAT_DTYPES)
+    device = x.device
+    if (conv_state.device != device or weight.device != device or x_proj_weight.device != device
+            or (bias is not None and bias.device != device)):
+        check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias, x_proj_weight=x_proj_weight)
 
 
 def conv_xproj_step(x, conv_state, weight, bias, x_proj_weight, activation=None, *, backend=None):
@@ -204,8 +204,7 @@ def conv_xproj_step(x, conv_state, weight, bias, x_proj_weight, activation=None,
         (xc (B, D) in x's dtype, parts (S, B, J) fp32) with parts.sum(0) = xc @ x_proj_weight.T,
         S = ceil(D / 128).
     """
-    if not _inputs_ok(x, conv_state, weight, bias, x_proj_weight, activation):
-        _validate(x, conv_state, weight, bias, x_proj_weight, activation)
+    _validate(x, conv_state, weight, bias, x_proj_weight, activation)
     if resolve_backend(backend, x, conv_state) == "torch":
         return conv_xproj_step_ref(x, conv_state, weight, bias, x_proj_weight, activation)
     return _conv_xproj_step(x, conv_state, weight, bias, x_proj_weight, activation is not None)

@@ -46,13 +46,12 @@ this overlaps each kernel's launch and first weight round trip with the tail of 
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import Plan, launch, variant_needed
+from mamba_pkg.ops._launch import Plan, launch, settings_cache, variant_needed
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -208,31 +207,6 @@ _COUNTERS = {}
 # graph capture allocate their own (from the graph's pool), as before. Like the counters, one set per
 # device: split-K launches on two streams at once would share them.
 _SCRATCH = {}
-
-
-# Every settings_cache dict: a switch of one module can enter another's plans (decode_linear.PDL decides
-# the PDL launches of ssm_decode_step), so setting any of them empties them all.
-_SETTINGS_CACHES = []
-
-
-def settings_cache(module_name: str) -> dict:
-    """A dict for a module's launch plans (what a launcher derives from its operands' shapes, strides
-    and dtypes and the modules' switches, kept so that an eager decode step does not derive it again at
-    every call), emptied whenever an attribute of this module or of another with a settings_cache is set
-    from outside (a test's monkeypatch.setattr, a sweep's setting): a plan never outlives the switches
-    it was made with."""
-    module = sys.modules[module_name]
-    plans = {}
-    _SETTINGS_CACHES.append(plans)
-
-    class _Module(type(module)):
-        def __setattr__(self, name, value):
-            super().__setattr__(name, value)
-            for cache in _SETTINGS_CACHES:
-                cache.clear()
-
-    module.__class__ = _Module
-    return plans
 
 
 # Launch plans of this module's launchers (settings_cache).

@@ -15,12 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mamba_pkg.ops._launch import launch
+from mamba_pkg.ops._launch import Plan, settings_cache
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import FLOAT_DTYPES, cdiv, check_tensor, next_pow2, resolve_backend, tl, triton
 
 BLOCK_V = 4096  # logits per unrolled step of a program (8 per thread: one 16-byte load of bf16)
 NUM_WARPS = 16
+# Launch plans per (shape, strides, dtype, whether the padded columns may be read): a decode step's
+# logits keep theirs from step to step (_launch.settings_cache: dropped when a setting above is set).
+_PLANS = settings_cache(__name__)
 
 
 def greedy_argmax_ref(logits: Tensor) -> Tensor:
@@ -72,13 +75,18 @@ def _greedy_argmax(logits: Tensor) -> Tensor:
         logits = logits.contiguous()
     batch, vocab = logits.shape
     out = torch.empty(batch, device=logits.device, dtype=torch.long)
-    block_v = min(BLOCK_V, next_pow2(vocab))
     # Read up to the next multiple of 8 where each row (the last one too) has the columns in memory.
     v_load = cdiv(vocab, 8) * 8
     last = logits.storage_offset() + (batch - 1) * logits.stride(0) + v_load - 1
     aligned = logits.stride(0) >= v_load and last < logits.untyped_storage().nbytes() // logits.element_size()
-    launch(_greedy_argmax_kernel, (batch,), logits, out, vocab, STRIDE_X_B=logits.stride(0), BLOCK_V=block_v,
-           V_BLOCKS=cdiv(vocab, block_v), V_LOAD=v_load if aligned else vocab, num_warps=NUM_WARPS)
+    key = (batch, vocab, logits.stride(0), aligned)
+    plan = _PLANS.get(key)
+    if plan is None:
+        block_v = min(BLOCK_V, next_pow2(vocab))
+        plan = _PLANS[key] = Plan(_greedy_argmax_kernel, (batch,), vocab, STRIDE_X_B=logits.stride(0),
+                                  BLOCK_V=block_v, V_BLOCKS=cdiv(vocab, block_v), V_LOAD=v_load if aligned else vocab,
+                                  num_warps=NUM_WARPS)
+    plan(logits, out)
     return out
 
 

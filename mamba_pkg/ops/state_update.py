@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import Plan
+from mamba_pkg.ops._launch import Plan, settings_cache
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -245,19 +245,18 @@ def _outputs(x):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
-# Launch plans per signature of the inputs (shapes, strides, flags, the tile settings): a decode
-# step's inputs keep theirs from step to step, so the canonical strides, the tile and the launch's
-# arguments are computed once (session 12: ~15 of the ~20 us of Python per call on this CPU, with
-# the launch signature that a Plan call no longer builds).
-_PLANS: dict = {}
-_MAX_PLANS = 256
+# Launch plans per signature of the inputs (shapes, strides, flags): a decode step's inputs keep theirs
+# from step to step, so the canonical strides, the tile and the launch's arguments are computed once
+# (session 12: ~15 of the ~20 us of Python per call on this CPU, with the launch signature that a Plan
+# call no longer builds). Dropped when a tile setting is set (_launch.settings_cache; code that changes
+# TILE_ELEMS or NUM_WARPS in place calls _launch.clear_plans()).
+_PLANS = settings_cache(__name__)
 
 
 def _plan(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_indices, out) -> Plan:
     key = (state.shape, state.stride(), x.shape, x.stride(), dt.stride(), A.stride(), B.shape, B.stride(),
            C.stride(), None if D is None else D.stride(), None if z is None else z.stride(),
-           None if dt_bias is None else dt_bias.stride(), dt_softplus, has_indices,
-           TILE_ELEMS[16], TILE_ELEMS[128], NUM_WARPS[16], NUM_WARPS[128])
+           None if dt_bias is None else dt_bias.stride(), dt_softplus, has_indices)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -276,8 +275,6 @@ def _plan(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_indices, out) -
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
                 HAS_INDICES=has_indices, SOFTPLUS=dt_softplus, TIE_HDIM=tie,
                 BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
     _PLANS[key] = plan
     return plan
 
@@ -297,81 +294,67 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
     return _outputs(x)
 
 
-def _inputs_ok(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
-    """The common case in a few comparisons (a decode step is host-bound); anything it does
-    not accept goes through _validate, which names the offending argument."""
-    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
-    device = getattr(state, "device", None)
-    for t in tensors:
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
-            return False
-    if state.dim() not in (3, 4):
-        return False
-    inner, n_state = state.shape[1:-1], state.shape[-1]
-    multi = x.dim() == len(inner) + 2
-    lead = x.shape[: 2 if multi else 1]
-    if x.shape[len(lead):] != inner or x.dim() not in (len(inner) + 1, len(inner) + 2):
-        return False
-    if dt.shape != x.shape or (z is not None and z.shape != x.shape) or A.shape != (*inner, n_state):
-        return False
-    if (D is not None and D.shape != inner) or (dt_bias is not None and dt_bias.shape != inner):
-        return False
-    if C.shape != B.shape or B.shape[: len(lead)] != lead or B.shape[-1] != n_state:
-        return False
-    extra = B.dim() - len(lead)
-    if extra == 2:
-        groups = B.shape[-2]
-    elif extra == 1 and state.dim() == 3:
-        groups = 1
-    else:
-        return False
-    if groups == 0 or inner[0] % groups:
-        return False
-    if state_batch_indices is None:
-        return state.shape[0] == lead[0]
-    # The host range check of the indices (CPU only) lives in _validate.
-    return (isinstance(state_batch_indices, torch.Tensor) and state_batch_indices.is_cuda
-            and state_batch_indices.device == device and state_batch_indices.shape == lead[:1]
-            and state_batch_indices.dtype in INDEX_DTYPES)
-
-
 def _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
-    check_tensor("state", state, ndim=(3, 4), dtype=FLOAT_DTYPES)
+    """What selective_state_update accepts, in one place. Each check is a few comparisons, and only one
+    that fails builds its error (naming the argument): an accepted call, a decode step that is
+    host-bound, pays the comparisons only."""
+    if not (isinstance(state, torch.Tensor) and state.dim() in (3, 4) and state.dtype in FLOAT_DTYPES):
+        check_tensor("state", state, ndim=(3, 4), dtype=FLOAT_DTYPES)
     mamba1 = state.dim() == 3
-    layout = "Mamba-1" if mamba1 else "Mamba-2"
-    check_tensor("x", x, ndim=(2, 3) if mamba1 else (3, 4), dtype=FLOAT_DTYPES)
-    multi = x.dim() == (3 if mamba1 else 4)
-    batch = x.shape[0]
-    tok = (x.shape[1],) if multi else ()
-    inner = tuple(x.shape[2:] if multi else x.shape[1:])  # (D,) or (H, P)
+    x_ndims = (2, 3) if mamba1 else (3, 4)
+    if not (isinstance(x, torch.Tensor) and x.dim() in x_ndims and x.dtype in FLOAT_DTYPES):
+        check_tensor("x", x, ndim=x_ndims, dtype=FLOAT_DTYPES)
+    shape = x.shape
+    n_lead = 2 if x.dim() == x_ndims[1] else 1
+    batch, lead, inner = shape[0], shape[:n_lead], shape[n_lead:]  # (B, [T]), (D,) or (H, P)
     n_state = state.shape[-1]
-    if tuple(state.shape[1:-1]) != inner:
-        raise ValueError(f"{layout} state must have shape (B, {', '.join(map(str, inner))}, N) to match x "
-                         f"{tuple(x.shape)}, got {tuple(state.shape)}")
-    check_tensor("dt", dt, shape=(batch, *tok, *inner), dtype=FLOAT_DTYPES)
-    check_tensor("z", z, shape=(batch, *tok, *inner), dtype=FLOAT_DTYPES, optional=True)
-    check_tensor("A", A, shape=(*inner, n_state), dtype=FLOAT_DTYPES)
-    check_tensor("D", D, shape=inner, dtype=FLOAT_DTYPES, optional=True)
-    check_tensor("dt_bias", dt_bias, shape=inner, dtype=FLOAT_DTYPES, optional=True)
-    for name, t in (("B", B), ("C", C)):
-        check_tensor(name, t, dtype=FLOAT_DTYPES)
-        ranks = (len(tok) + 2, len(tok) + 3) if mamba1 else (len(tok) + 3,)
-        if t.dim() not in ranks or tuple(t.shape[: 1 + len(tok)]) != (batch, *tok) or t.shape[-1] != n_state:
-            want = "(B, [T,] N) or (B, [T,] G, N)" if mamba1 else "(B, [T,] G, N)"
-            raise ValueError(f"{name} must have shape {want} with B={batch}, N={n_state}, got {tuple(t.shape)}")
-    if B.shape != C.shape:
+    if state.shape[1:-1] != inner:
+        raise ValueError(f"{'Mamba-1' if mamba1 else 'Mamba-2'} state must have shape "
+                         f"(B, {', '.join(map(str, inner))}, N) to match x {tuple(shape)}, got {tuple(state.shape)}")
+    # Each accepted argument: a tensor, of this shape, of a float dtype (check_tensor's test, inline).
+    tensor = torch.Tensor
+    if not (isinstance(dt, tensor) and dt.shape == shape and dt.dtype in FLOAT_DTYPES):
+        check_tensor("dt", dt, shape=shape, dtype=FLOAT_DTYPES)
+    if z is not None and not (isinstance(z, tensor) and z.shape == shape and z.dtype in FLOAT_DTYPES):
+        check_tensor("z", z, shape=shape, dtype=FLOAT_DTYPES)
+    if not (isinstance(A, tensor) and A.shape == (*inner, n_state) and A.dtype in FLOAT_DTYPES):
+        check_tensor("A", A, shape=(*inner, n_state), dtype=FLOAT_DTYPES)
+    if D is not None and not (isinstance(D, tensor) and D.shape == inner and D.dtype in FLOAT_DTYPES):
+        check_tensor("D", D, shape=inner, dtype=FLOAT_DTYPES)
+    if dt_bias is not None and not (isinstance(dt_bias, tensor) and dt_bias.shape == inner
+                                    and dt_bias.dtype in FLOAT_DTYPES):
+        check_tensor("dt_bias", dt_bias, shape=inner, dtype=FLOAT_DTYPES)
+    # B: (B, [T,] N) (Mamba-1) or (B, [T,] G, N); C: B's shape (checked through B's, then the full
+    # checks of each only if that fails).
+    ranks = (n_lead + 1, n_lead + 2) if mamba1 else (n_lead + 2,)
+    b_shape = getattr(B, "shape", None)
+    if not (isinstance(B, tensor) and B.dtype in FLOAT_DTYPES and B.dim() in ranks and b_shape[:n_lead] == lead
+            and b_shape[-1] == n_state and isinstance(C, tensor) and C.dtype in FLOAT_DTYPES and C.shape == b_shape):
+        for name, t in (("B", B), ("C", C)):
+            check_tensor(name, t, dtype=FLOAT_DTYPES)
+            if t.dim() not in ranks or t.shape[:n_lead] != lead or t.shape[-1] != n_state:
+                want = "(B, [T,] N) or (B, [T,] G, N)" if mamba1 else "(B, [T,] G, N)"
+                raise ValueError(f"{name} must have shape {want} with B={batch}, N={n_state}, got {tuple(t.shape)}")
         raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
-    groups = B.shape[-2] if B.dim() == len(tok) + 3 else 1
-    split = inner[0]
-    if split % groups != 0:
-        raise ValueError(f"the number of groups G={groups} in B/C must divide {'D' if mamba1 else 'H'}={split}")
-    check_tensor("state_batch_indices", state_batch_indices, shape=(batch,), dtype=INDEX_DTYPES, optional=True)
-    if state_batch_indices is None and state.shape[0] != batch:
-        raise ValueError(f"state must have batch B={batch} when state_batch_indices is None, "
-                         f"got shape {tuple(state.shape)}")
-    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
-                      state_batch_indices=state_batch_indices)
-    if state_batch_indices is not None and state_batch_indices.numel() > 0 and not state_batch_indices.is_cuda:
+    groups = b_shape[-2] if len(b_shape) == n_lead + 2 else 1
+    if groups == 0 or inner[0] % groups != 0:
+        raise ValueError(f"the number of groups G={groups} in B/C must divide {'D' if mamba1 else 'H'}={inner[0]}")
+    if state_batch_indices is None:
+        if state.shape[0] != batch:
+            raise ValueError(f"state must have batch B={batch} when state_batch_indices is None, "
+                             f"got shape {tuple(state.shape)}")
+    elif not (isinstance(state_batch_indices, torch.Tensor) and state_batch_indices.shape == (batch,)
+              and state_batch_indices.dtype in INDEX_DTYPES):
+        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,), dtype=INDEX_DTYPES)
+    device = state.device
+    if (x.device != device or dt.device != device or A.device != device or B.device != device or C.device != device
+            or (D is not None and D.device != device) or (z is not None and z.device != device)
+            or (dt_bias is not None and dt_bias.device != device)
+            or (state_batch_indices is not None and state_batch_indices.device != device)):
+        check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                          state_batch_indices=state_batch_indices)
+    # The indices' range is checked on the host for CPU tensors only (a GPU decode step must not sync).
+    if state_batch_indices is not None and not state_batch_indices.is_cuda and state_batch_indices.numel() > 0:
         top = int(state_batch_indices.max())
         if top >= state.shape[0]:
             raise ValueError(f"state_batch_indices holds {top} but state has only {state.shape[0]} rows")
@@ -395,8 +378,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     end of ``state`` is an error on CPU; on the GPU (no host sync per step) it is padding.
     dt_softplus applies softplus to dt + dt_bias. backend: "torch", "triton" or None.
     """
-    if not _inputs_ok(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
-        _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    _validate(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     if resolve_backend(backend, state, x) == "torch":
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     return _selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)

@@ -217,6 +217,10 @@ def test_conv_errors():
         causal_conv1d_fn(x[:1], w, b, initial_states=init[:1], cu_seqlens=cu, backend="torch")
     with pytest.raises(ValueError, match="backend="):
         causal_conv1d_fn(x, w, b, backend="cuda")
+    with pytest.raises(ValueError, match="bias is on meta"):
+        causal_conv1d_fn(x, w, b.to("meta"), backend="torch")
+    with pytest.raises(ValueError, match="initial_states is on meta"):
+        causal_conv1d_fn(x, w, b, initial_states=init.to("meta"), backend="torch")
 
 
 def test_update_errors():
@@ -240,6 +244,11 @@ def test_update_errors():
                              backend="torch")
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d_update(x, state, w, activation="gelu", backend="torch")
+    with pytest.raises(ValueError, match="conv_state is on meta"):
+        causal_conv1d_update(x, state.to("meta"), w, backend="torch")
+    with pytest.raises(ValueError, match="cache_seqlens is on meta"):
+        causal_conv1d_update(x, state, w, cache_seqlens=torch.zeros(2, dtype=torch.int32, device="meta"),
+                             backend="torch")
 
 
 # ------------------------------------------------------------------ Triton kernels
@@ -248,6 +257,7 @@ def test_update_errors():
 from conftest import assert_close_rule  # noqa: E402
 
 import mamba_pkg.ops.causal_conv1d as conv_mod  # noqa: E402
+from mamba_pkg.ops._launch import clear_plans  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The small-tile matrix compiles ~20 kernel variants: on a GPU the test_gpu_* tests cover the
@@ -455,8 +465,7 @@ def test_launch_runners_follow_signature_and_settings(monkeypatch):
             super().__init__(kernel, *args, **kwargs)
 
     monkeypatch.setattr(conv_mod, "Plan", RecordingPlan)
-    monkeypatch.setattr(conv_mod, "_RUNNERS", {})
-    monkeypatch.setattr(conv_mod, "FWD_CONFIG", SMALL_TILES)
+    monkeypatch.setattr(conv_mod, "FWD_CONFIG", dict(SMALL_TILES))
     monkeypatch.setattr(conv_mod, "BWD_CONFIG", SMALL_TILES)
     (x, w, b, _), _, _ = _conv_case(2, 8, 24, 4, "contiguous", False, True, "silu", None, torch.float32)
     g, gf = torch.randn(2, 8, 24, device=DEVICE), torch.randn(2, 8, 3, device=DEVICE)
@@ -479,6 +488,60 @@ def test_launch_runners_follow_signature_and_settings(monkeypatch):
     monkeypatch.setattr(conv_mod, "FWD_CHANNEL_LAST", "general")
     check(x_cl)
     assert built[6] is conv_mod._causal_conv1d_fwd_kernel and len(built) == 9
+    # A setting changed in place is no attribute set: clear_plans() drops the runners.
+    check(x_cl)
+    assert len(built) == 9
+    saved = conv_mod.FWD_CONFIG["channel_last"]
+    conv_mod.FWD_CONFIG["channel_last"] = (8, 8, 2)
+    try:
+        clear_plans()
+        assert not conv_mod._RUNNERS
+        check(x_cl)
+        assert len(built) == 12
+    finally:
+        conv_mod.FWD_CONFIG["channel_last"] = saved
+        clear_plans()
+
+
+def test_weight_copy_follows_the_weights():
+    """The channel-last backward's (W, D) weight copy is reused while the weight is the same tensor at
+    the same version (also through a new view of one parameter at each call), made again after an
+    in-place update (its version moves), and never taken for another tensor (a different one, or one
+    made after the first was freed)."""
+    param = torch.randn(6, 1, 4, device=DEVICE)
+    first = conv_mod._weight_taps_major(param[:, 0])
+    assert torch.equal(first, param[:, 0].t()) and first.is_contiguous()
+    assert conv_mod._weight_taps_major(param[:, 0]) is first  # a new view of the same parameter
+    with torch.no_grad():
+        param.mul_(2)  # an optimizer step: in place, the version moves
+    second = conv_mod._weight_taps_major(param[:, 0])
+    assert second is not first and torch.equal(second, param[:, 0].t())
+    halves = [conv_mod._weight_taps_major(param[:3, 0]), conv_mod._weight_taps_major(param[3:, 0])]
+    assert conv_mod._weight_taps_major(param[:3, 0]) is halves[0]
+    assert conv_mod._weight_taps_major(param[3:, 0]) is halves[1]
+    assert torch.equal(torch.cat(halves, 1), second)  # slices of one base keep a copy each
+    other = param.clone()[:, 0]  # same values and shape, another tensor
+    assert conv_mod._weight_taps_major(other) is not second
+    for _ in range(3):  # a weight freed and another made in its place (often at its address)
+        weight = torch.randn(6, 4, device=DEVICE)
+        assert torch.equal(conv_mod._weight_taps_major(weight), weight.t())
+        del weight
+
+
+def test_channel_last_backward_sees_in_place_weight_updates():
+    """Training steps with an in-place weight update between them, on one weight tensor: each
+    backward (channel-last, rows path, cached weight copy) matches the reference with the weights of
+    its step (dx is where stale weights would show)."""
+    (x, w, b, _), _, _ = _conv_case(2, 8, 24, 4, "channel_last", False, True, "silu", None, torch.float32)
+    x, w = x.requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn(2, 8, 24, device=DEVICE)
+    for _ in range(3):
+        got = torch.autograd.grad(causal_conv1d_fn(x, w, b, activation="silu", backend="triton"), (x, w), g)
+        exp = torch.autograd.grad(causal_conv1d_ref(x, w, b, activation="silu"), (x, w), g)
+        for name, a, e in zip(["dx", "dw"], got, exp):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+        with torch.no_grad():
+            w.add_(torch.randn_like(w))
 
 
 @pytest.mark.parametrize("mode", ["shift", "circular", "indices"])

@@ -85,6 +85,8 @@ def test_errors():
         conv_xproj_step(**dict(kw, bias=torch.zeros(5)))
     with pytest.raises(TypeError, match="x must have dtype"):
         conv_xproj_step(**dict(kw, x=torch.zeros(2, 6, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="x_proj_weight is on meta"):
+        conv_xproj_step(**dict(kw, x_proj_weight=kw["x_proj_weight"].to("meta")))
 
 
 def test_custom_ops_opcheck():

@@ -31,6 +31,20 @@ def test_matches_torch_argmax(dtype, monkeypatch):
     assert out[1:].tolist() == [7, 130, 10, 0, 299]
 
 
+def test_launch_plan_reused_and_dropped_by_a_setting(monkeypatch):
+    """Calls with one logits layout share one launch plan (any dtype); a new setting drops it."""
+    monkeypatch.setattr(ga, "NUM_WARPS", 4)
+    assert not ga._PLANS
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        logits = torch.randn(3, 40, device=DEVICE).to(dtype)
+        assert greedy_argmax(logits, backend="triton").tolist() == greedy_argmax_ref(logits).tolist()
+    assert len(ga._PLANS) == 1 and next(iter(ga._PLANS.values())).kwargs["num_warps"] == 4
+    monkeypatch.setattr(ga, "NUM_WARPS", 2)
+    assert not ga._PLANS
+    assert greedy_argmax(logits, backend="triton").tolist() == greedy_argmax_ref(logits).tolist()
+    assert next(iter(ga._PLANS.values())).kwargs["num_warps"] == 2
+
+
 def test_errors_and_opcheck():
     with pytest.raises(ValueError, match="logits must have 2 dimensions"):
         greedy_argmax(torch.randn(3))

@@ -200,3 +200,31 @@ def test_interpreted_kernels_take_tritons_path(fakes):
         _launch.launch(k, (1,), x, x, 3, 1.0, FLAG=False, BLOCK=16)
         plan(x, x)
     assert len(k.slow) == 4 and not k.compiled.calls
+
+
+def test_settings_cache_dropped_by_a_module_setting_and_by_clear_plans(monkeypatch):
+    """Every settings_cache is emptied when an attribute of a module holding one is set from outside
+    (also another module's: their plans can depend on each other's switches) and by clear_plans();
+    a cache holds at most _MAX_ENTRIES plans."""
+    import sys
+    import types
+
+    names = ("mamba_pkg_test_settings_a", "mamba_pkg_test_settings_b")
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    plans_a, plans_b = (_launch.settings_cache(name) for name in names)
+    module_a = sys.modules[names[0]]
+    try:
+        plans_a["k"], plans_b["k"] = 1, 2
+        module_a.SWITCH = True
+        assert not plans_a and not plans_b
+        plans_a["k"] = 1
+        _launch.clear_plans()
+        assert not plans_a
+        last = _launch._MAX_ENTRIES + 4
+        for i in range(last + 1):
+            plans_b[i] = i
+        assert 0 < len(plans_b) <= _launch._MAX_ENTRIES and plans_b[last] == last
+    finally:
+        for plans in (plans_a, plans_b):
+            _launch._SETTINGS_CACHES.remove(plans)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from mamba_pkg.ops._launch import clear_plans
 from mamba_pkg.ops.state_update import selective_state_update, selective_state_update_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -163,6 +164,8 @@ def test_errors():
         selective_state_update(**kw, state_batch_indices=torch.tensor([0, 7], dtype=torch.int32), backend="torch")
     with pytest.raises(TypeError, match="state_batch_indices must have dtype"):
         selective_state_update(**kw, state_batch_indices=torch.zeros(2), backend="torch")
+    with pytest.raises(ValueError, match="dt_bias is on meta"):
+        selective_state_update(**dict(kw, dt_bias=kw["dt_bias"].to("meta")), backend="torch")
     kw2 = mamba2_inputs(2, 4, 3, 5, 2)
     with pytest.raises(ValueError, match=r"B must have shape \(B, \[T,\] G, N\)"):
         selective_state_update(**dict(kw2, B=torch.zeros(2, 5)), backend="torch")
@@ -314,22 +317,37 @@ def test_grad_mode_call_skips_the_dispatcher_unless_an_input_needs_grad():
 
 
 def test_launch_plan_per_signature(monkeypatch):
-    """Calls with one signature share a launch plan; another stride, or another tile setting, gets
-    its own, and each matches the reference."""
+    """Calls with one signature share a launch plan; another stride gets its own; a tile setting
+    changed in place (then clear_plans()) or set as an attribute drops the plans, and each call
+    matches the reference."""
     from mamba_pkg.ops import state_update as ssu
 
-    monkeypatch.setattr(ssu, "_PLANS", {})
+    clear_plans()
     kw = _to(mamba1_inputs(3, 8, 5), DEVICE)
     strided = dict(kw, x=torch.randn(3, 16, device=DEVICE)[:, ::2])
-    for call in (kw, kw, strided, strided):
+
+    def check(call):
         state_ref = call["state"].clone()
         out = selective_state_update(**call, dt_softplus=True, backend="triton")
         exp = selective_state_update_ref(**dict(call, state=state_ref), dt_softplus=True)
         torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+
+    for call in (kw, kw, strided, strided):
+        check(call)
     assert len(ssu._PLANS) == 2
-    monkeypatch.setitem(ssu.TILE_ELEMS, 16, 16)  # BLOCK_P 2 instead of 8: a grid of 4 programs per head
-    state_ref = kw["state"].clone()
-    out = selective_state_update(**kw, dt_softplus=True, backend="triton")
-    torch.testing.assert_close(out, selective_state_update_ref(**dict(kw, state=state_ref), dt_softplus=True),
-                               rtol=1e-5, atol=1e-5)
-    assert len(ssu._PLANS) == 3 and next(reversed(ssu._PLANS.values())).grid[0] == 4
+    saved = ssu.TILE_ELEMS[16]
+    try:
+        ssu.TILE_ELEMS[16] = 16  # BLOCK_P 2 instead of 8: a grid of 4 programs per head
+        clear_plans()
+        assert not ssu._PLANS
+        check(kw)
+        assert len(ssu._PLANS) == 1 and next(iter(ssu._PLANS.values())).grid[0] == 4
+    finally:
+        ssu.TILE_ELEMS[16] = saved
+        clear_plans()
+    check(kw)
+    assert next(iter(ssu._PLANS.values())).grid[0] == 1
+    monkeypatch.setattr(ssu, "TILE_ELEMS", {**ssu.TILE_ELEMS, 16: 16})
+    assert not ssu._PLANS
+    check(kw)
+    assert next(iter(ssu._PLANS.values())).grid[0] == 4
