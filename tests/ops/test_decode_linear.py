@@ -775,11 +775,12 @@ def test_launch_plans_are_reused_and_dropped_when_a_switch_is_set(monkeypatch):
     module's plans (ssm_decode_step's too), so that the next call follows the new setting."""
     from mamba_pkg.ops import ssm_decode_step as sds
 
-    from mamba_pkg.ops._launch import Plan
+    from mamba_pkg.ops._launch import Plan, clear_plans
 
     grids = []
     run = Plan.__call__
     monkeypatch.setattr(Plan, "__call__", lambda self, *a: grids.append(self.grid) or run(self, *a))
+    clear_plans()  # whatever earlier tests left
     torch.manual_seed(0)
     x, w = torch.randn(2, 40, device=DEVICE), torch.randn(37, 40, device=DEVICE)
     first = decode_linear(x, w, backend="triton")

@@ -226,5 +226,5 @@ def test_settings_cache_dropped_by_a_module_setting_and_by_clear_plans(monkeypat
             plans_b[i] = i
         assert 0 < len(plans_b) <= _launch._MAX_ENTRIES and plans_b[last] == last
     finally:
-        for plans in (plans_a, plans_b):
-            _launch._SETTINGS_CACHES.remove(plans)
+        # By identity: list.remove compares dicts by value and would take another module's empty cache.
+        _launch._SETTINGS_CACHES[:] = [c for c in _launch._SETTINGS_CACHES if c is not plans_a and c is not plans_b]
