@@ -68,7 +68,7 @@ STEP_GATE_IN_SSM_MAX_DIM = 4096
 # gate in the SSM step: the RMSNorm is split between the two launches instead of run in out_proj's K loop: the
 # SSM step writes y * norm_weight and per-program sums of squares, out_proj (decode_linear.rms_scaled_linear)
 # a plain product that scales the rows. H100 b64 whole steps (graph replay, same process, session 13, with
-# the SSM step's 4 warps from ssm_decode_step.MANY_ROWS rows and decode_linear.DOT_SUMS_EARLY): mamba2-1.3b
+# the SSM step's 4 warps from ssm_decode_step.MANY_ROWS rows (16-bit states) and DOT_SUMS_EARLY): mamba2-1.3b
 # 4.052 ms vs 4.217 without the fold, mamba2-130m 0.882 vs 0.930 (results/sweep_decode_s13_fold_b.json; with
 # the SSM step's former 8 warps the fold lost: 4.331 vs 4.201-4.262). False: rms_norm_linear.
 STEP_NORM_FOLD = True

@@ -232,10 +232,11 @@ def _ssm_decode_step_kernel(
 # over 16-row tiles 27 us), mamba_ssm's chain 16.5 us.
 TILE_ELEMS = {16: 2048, 128: 4096}
 NUM_WARPS = {16: 4, 128: 8}
-# From MANY_ROWS rows (Mamba-2 decode at batch 64): 4 warps per 4096-value tile. H100 b64 whole steps
-# (graph replay, same process, session 13, with models.mamba2.STEP_NORM_FOLD and
+# From MANY_ROWS rows with a 16-bit state (Mamba-2 decode at batch 64): 4 warps per 4096-value tile. H100 b64
+# whole steps (graph replay, same process, session 13, with models.mamba2.STEP_NORM_FOLD and
 # decode_linear.DOT_SUMS_EARLY): mamba2-1.3b 4.052 vs 4.273 ms with 8 warps, mamba2-130m 0.882 vs 0.929
-# (results/sweep_decode_s13_fold_b.json).
+# (results/sweep_decode_s13_fold_b.json); with an fp32 state 8 warps stay (6.525 vs 6.544-6.570 ms, 1.332 vs
+# 1.345: results/s13_lead/fp32_ab.log).
 MANY_ROWS = 16
 NUM_WARPS_MANY_ROWS = {16: 4, 128: 4}
 PROJ_BLOCK_P = 32
@@ -256,14 +257,15 @@ DT_PROJ_DOT = True
 _PLANS = settings_cache(__name__)
 
 
-def _launch_config(batch, hdim, n_state, rank, tie):
+def _launch_config(batch, hdim, n_state, rank, tie, state_bytes=4):
     """(BLOCK_B, BLOCK_P, BLOCK_N, BLOCK_R, num_warps)."""
     block_n = next_pow2(n_state)
     key = 16 if block_n <= 16 else 128
     hdim_p2 = next_pow2(hdim)
     if tie or not rank:
         block_p = min(hdim_p2, max(1, TILE_ELEMS[key] // block_n))
-        return 1, block_p, block_n, 1, (NUM_WARPS_MANY_ROWS if batch >= MANY_ROWS else NUM_WARPS)[key]
+        many = batch >= MANY_ROWS and state_bytes < 4
+        return 1, block_p, block_n, 1, (NUM_WARPS_MANY_ROWS if many else NUM_WARPS)[key]
     block_b = min(next_pow2(batch), PROJ_MAX_BLOCK_B)
     return block_b, min(hdim_p2, PROJ_BLOCK_P), block_n, max(16, next_pow2(rank)), PROJ_WARPS
 
@@ -345,7 +347,8 @@ def _ssm_plan(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
         else:
             rank, w_st = 0, zero3
             dt_st = split(dt.stride())
-    block_b, block_p, block_n, block_r, warps = _launch_config(batch, hdim, n_state, rank, mamba2)
+    block_b, block_p, block_n, block_r, warps = _launch_config(batch, hdim, n_state, rank, mamba2,
+                                                               state.element_size())
     limit = tuple(dt_limit) != NO_DT_LIMIT
     pdl = use_pdl(x)
     scalars = (batch, hdim, n_state, rank, heads // groups, float(dt_limit[0]), float(dt_limit[1]) if limit else 0.0,
