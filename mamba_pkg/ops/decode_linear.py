@@ -1108,44 +1108,35 @@ def _(x, residual, norm_weight, weight, bias, conv_state, conv_weight, conv_bias
     return _conv_outputs(x, residual, norm_weight, weight, residual_in_fp32)
 
 
-def _conv_ok(conv, x, weight):
-    """_check_conv's checks as plain comparisons (a decode step is host-bound without a graph)."""
-    if not (isinstance(conv, tuple) and len(conv) == 5):
-        return False
-    conv_state, conv_weight, conv_bias, conv_start, activation = conv
-    return (activation in (None, "silu", "swish") and isinstance(conv_state, torch.Tensor)
-            and isinstance(conv_weight, torch.Tensor) and conv_weight.dim() == 2 and conv_state.dim() == 3
-            and 2 <= conv_weight.shape[1] <= 8 and conv_state.shape[0] == x.shape[0]
-            and conv_state.shape[1] == conv_weight.shape[0] and conv_state.shape[2] >= conv_weight.shape[1] - 1
-            and conv_weight.dtype in FLOAT_DTYPES and conv_state.dtype in FLOAT_DTYPES
-            and conv_state.device == x.device and conv_weight.device == x.device
-            and (conv_bias is None or (isinstance(conv_bias, torch.Tensor) and conv_bias.shape == (conv_weight.shape[0],)
-                                       and conv_bias.dtype in FLOAT_DTYPES and conv_bias.device == x.device))
-            and isinstance(conv_start, int) and 0 <= conv_start <= weight.shape[0] - conv_weight.shape[0])
-
-
 def _check_conv(conv, x, weight):
-    """conv = (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None, conv_start, activation)."""
-    if _conv_ok(conv, x, weight):
-        return
+    """conv = (conv_state (B, C, S), conv_weight (C, W), conv_bias (C,) or None, conv_start, activation).
+    Each check is a few comparisons, and only a failing one builds its error (a decode step is host-bound)."""
     if not (isinstance(conv, tuple) and len(conv) == 5):
         raise TypeError("conv must be a tuple (conv_state, conv_weight, conv_bias, conv_start, activation)")
     conv_state, conv_weight, conv_bias, conv_start, activation = conv
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    check_tensor("conv_weight", conv_weight, ndim=2, dtype=FLOAT_DTYPES)
+    if not (isinstance(conv_weight, torch.Tensor) and conv_weight.dim() == 2 and conv_weight.dtype in FLOAT_DTYPES):
+        check_tensor("conv_weight", conv_weight, ndim=2, dtype=FLOAT_DTYPES)
     channels, width = conv_weight.shape
     if not 2 <= width <= 8:
         raise ValueError(f"conv_weight must have shape (C, W) with W in 2..8, got {tuple(conv_weight.shape)}")
-    check_tensor("conv_state", conv_state, shape=(x.shape[0], channels, None), dtype=FLOAT_DTYPES)
+    if not (isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3 and conv_state.shape[0] == x.shape[0]
+            and conv_state.shape[1] == channels and conv_state.dtype in FLOAT_DTYPES):
+        check_tensor("conv_state", conv_state, shape=(x.shape[0], channels, None), dtype=FLOAT_DTYPES)
     if conv_state.shape[2] < width - 1:
         raise ValueError(f"conv_state must have shape (B, C, S) with S >= W-1 = {width - 1}, "
                          f"got {tuple(conv_state.shape)}")
-    check_tensor("conv_bias", conv_bias, shape=(channels,), dtype=FLOAT_DTYPES, optional=True)
+    if conv_bias is not None and not (isinstance(conv_bias, torch.Tensor) and conv_bias.shape == (channels,)
+                                      and conv_bias.dtype in FLOAT_DTYPES):
+        check_tensor("conv_bias", conv_bias, shape=(channels,), dtype=FLOAT_DTYPES)
     if not (isinstance(conv_start, int) and 0 <= conv_start <= weight.shape[0] - channels):
         raise ValueError(f"conv_start must be an int in [0, {weight.shape[0] - channels}] (the conv channels "
                          f"are outputs [conv_start, conv_start + {channels}) of {weight.shape[0]}), got {conv_start!r}")
-    check_same_device(x=x, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias)
+    device = x.device
+    if conv_state.device != device or conv_weight.device != device or (conv_bias is not None
+                                                                       and conv_bias.device != device):
+        check_same_device(x=x, conv_state=conv_state, conv_weight=conv_weight, conv_bias=conv_bias)
 
 
 def _launch_conv(x, residual, norm_weight, weight, bias, conv, eps, residual_in_fp32):
@@ -1154,22 +1145,36 @@ def _launch_conv(x, residual, norm_weight, weight, bias, conv, eps, residual_in_
                              int(conv_start), activation is not None, float(eps), residual_in_fp32)
 
 
+# The decode products' input checks. Each is a few comparisons, and only a failing one builds its error
+# (check_tensor's message, naming the argument): an eager decode step is host-bound.
+def _check_x(x, max_rows):
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype in FLOAT_DTYPES):
+        check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    if not 1 <= x.shape[0] <= max_rows:
+        raise ValueError(f"x must have shape (B, K) with 1 <= B <= {max_rows}, got {tuple(x.shape)}")
+
+
+def _check_weight_bias(x, weight, bias):
+    if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+            and weight.dtype in FLOAT_DTYPES):
+        check_tensor("weight", weight, shape=(None, x.shape[1]), dtype=FLOAT_DTYPES)
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
+                                 and bias.dtype in FLOAT_DTYPES):
+        check_tensor("bias", bias, shape=(weight.shape[0],), dtype=FLOAT_DTYPES)
+
+
+def _check_norm_weight(norm_weight, x):
+    if not (isinstance(norm_weight, torch.Tensor) and norm_weight.shape == (x.shape[1],)
+            and norm_weight.dtype in FLOAT_DTYPES):
+        check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
+
+
 def _validate(x, weight, bias):
-    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
-    if not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"x must have shape (B, K) with 1 <= B <= {MAX_ROWS}, got {tuple(x.shape)}")
-    check_tensor("weight", weight, shape=(None, x.shape[1]), dtype=FLOAT_DTYPES)
-    check_tensor("bias", bias, shape=(weight.shape[0],), dtype=FLOAT_DTYPES, optional=True)
-    check_same_device(x=x, weight=weight, bias=bias)
-
-
-def _linear_ok(x, weight, bias):
-    """_validate's checks as plain comparisons (a decode step is host-bound without a graph)."""
-    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 2 and weight.dim() == 2
-            and 1 <= x.shape[0] <= MAX_ROWS and weight.shape[1] == x.shape[1] and x.device == weight.device
-            and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
-            and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
-                                  and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
+    """x (B, K) with 1 <= B <= MAX_ROWS, weight (N, K), bias (N,) or None, on one device."""
+    _check_x(x, MAX_ROWS)
+    _check_weight_bias(x, weight, bias)
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        check_same_device(x=x, weight=weight, bias=bias)
 
 
 def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
@@ -1187,8 +1192,7 @@ def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
     Returns:
         (B, N) in x's dtype, accumulated in fp32.
     """
-    if not _linear_ok(x, weight, bias):
-        _validate(x, weight, bias)
+    _validate(x, weight, bias)
     if conv is not None:
         _check_conv(conv, x, weight)
     if resolve_backend(backend, x, weight) == "torch":
@@ -1202,24 +1206,17 @@ def decode_linear(x, weight, bias=None, *, conv=None, backend=None):
 
 
 def _check_norm_inputs(x, extra_name, extra, norm_weight, weight, bias, extra_optional):
-    """The shared checks of the fused-norm variants (the fast path compares, _validate names)."""
-    ok = (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(norm_weight, torch.Tensor)
-          and x.dim() == 2 and 1 <= x.shape[0] <= SMALL_ROWS and weight.dim() == 2 and weight.shape[1] == x.shape[1]
-          and norm_weight.shape == (x.shape[1],) and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
-          and norm_weight.dtype in FLOAT_DTYPES and x.device == weight.device == norm_weight.device
-          and ((extra is None and extra_optional) or (isinstance(extra, torch.Tensor) and extra.shape == x.shape
-                                                       and extra.device == x.device and extra.dtype in FLOAT_DTYPES))
-          and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (weight.shape[0],)
-                                and bias.device == x.device and bias.dtype in FLOAT_DTYPES)))
-    if ok:
-        return
-    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
-    if not 1 <= x.shape[0] <= SMALL_ROWS:
-        raise ValueError(f"x must have shape (B, K) with 1 <= B <= {SMALL_ROWS}, got {tuple(x.shape)}")
-    check_tensor(extra_name, extra, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=extra_optional)
-    check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
-    _validate(x, weight, bias)
-    check_same_device(x=x, **{extra_name: extra}, norm_weight=norm_weight)
+    """The shared checks of the fused-norm variants (1 <= B <= SMALL_ROWS; extra: the residual or the gate)."""
+    _check_x(x, SMALL_ROWS)
+    if not ((extra is None and extra_optional)
+            or (isinstance(extra, torch.Tensor) and extra.shape == x.shape and extra.dtype in FLOAT_DTYPES)):
+        check_tensor(extra_name, extra, shape=tuple(x.shape), dtype=FLOAT_DTYPES, optional=extra_optional)
+    _check_norm_weight(norm_weight, x)
+    _check_weight_bias(x, weight, bias)
+    device = x.device
+    if (weight.device != device or norm_weight.device != device or (bias is not None and bias.device != device)
+            or (extra is not None and extra.device != device)):
+        check_same_device(x=x, weight=weight, bias=bias, **{extra_name: extra}, norm_weight=norm_weight)
 
 
 def add_rms_norm_linear(x, residual, norm_weight, weight, bias=None, eps=1e-5, residual_in_fp32=False, conv=None, *,
@@ -1303,12 +1300,11 @@ def rms_norm_linear(x, norm_weight, weight, bias=None, eps=1e-5, *, backend=None
         in fp32 (up to SMALL_ROWS rows the normalised row is not rounded; above, x * norm_weight is rounded to
         weight's dtype for the tensor cores and the row scale applied to the fp32 result).
     """
-    if not (_linear_ok(x, weight, bias) and isinstance(norm_weight, torch.Tensor)
-            and norm_weight.shape == (x.shape[1],) and norm_weight.dtype in FLOAT_DTYPES
-            and norm_weight.device == x.device):
-        _validate(x, weight, bias)
-        check_tensor("norm_weight", norm_weight, shape=(x.shape[1],), dtype=FLOAT_DTYPES)
-        check_same_device(x=x, norm_weight=norm_weight)
+    _check_x(x, MAX_ROWS)
+    _check_weight_bias(x, weight, bias)
+    _check_norm_weight(norm_weight, x)
+    if weight.device != x.device or norm_weight.device != x.device or (bias is not None and bias.device != x.device):
+        check_same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight)
     if resolve_backend(backend, x, weight) == "torch":
         return rms_norm_linear_ref(x, norm_weight, weight, bias, eps)
     return _rms_norm_linear(x, norm_weight, weight, bias, float(eps))
@@ -1326,17 +1322,18 @@ def rms_scaled_linear(x, sums, weight, bias=None, eps=1e-5, *, backend=None):
     Returns:
         (B, N) in x's dtype: (x @ weight.T) * rsqrt(sums.sum(1) / K + eps) + bias, accumulated in fp32.
     """
-    if not (_linear_ok(x, weight, bias) and isinstance(sums, torch.Tensor) and sums.dim() == 2
-            and sums.shape[0] == x.shape[0] and 1 <= sums.shape[1] <= 1024 and sums.dtype == torch.float32
-            and sums.device == x.device and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
-        _validate(x, weight, bias)
+    _check_x(x, MAX_ROWS)
+    _check_weight_bias(x, weight, bias)
+    if not (isinstance(sums, torch.Tensor) and sums.dim() == 2 and sums.shape[0] == x.shape[0]
+            and sums.dtype == torch.float32):
         check_tensor("sums", sums, shape=(x.shape[0], None), dtype=(torch.float32,))
-        if not 1 <= sums.shape[1] <= 1024:
-            raise ValueError(f"sums must have shape (B, S) with 1 <= S <= 1024, got {tuple(sums.shape)}")
-        if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
-            raise ValueError(f"x and weight must share a 16-bit dtype (bfloat16 or float16), got {x.dtype} "
-                             f"and {weight.dtype}")
-        check_same_device(x=x, sums=sums)
+    if not 1 <= sums.shape[1] <= 1024:
+        raise ValueError(f"sums must have shape (B, S) with 1 <= S <= 1024, got {tuple(sums.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share a 16-bit dtype (bfloat16 or float16), got {x.dtype} "
+                         f"and {weight.dtype}")
+    if weight.device != x.device or sums.device != x.device or (bias is not None and bias.device != x.device):
+        check_same_device(x=x, weight=weight, bias=bias, sums=sums)
     if resolve_backend(backend, x, weight) == "torch":
         return rms_scaled_linear_ref(x, sums, weight, bias, eps)
     return _rms_scaled_linear(x, sums, weight, bias, float(eps))

@@ -276,6 +276,25 @@ def test_rms_scaled_linear_errors_and_opcheck():
     torch.library.opcheck(op, (x, sums, w, None, 1e-6))
 
 
+def test_device_mismatch_is_named():
+    """Each product's operands on another device than x (meta tensors) are named in the error."""
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    w, nw = torch.zeros(6, 8, dtype=torch.bfloat16), torch.ones(8)
+    meta = {"device": "meta"}
+    with pytest.raises(ValueError, match="weight is on meta"):
+        decode_linear(x, w.to(**meta))
+    with pytest.raises(ValueError, match="bias is on meta"):
+        decode_linear(x, w, torch.zeros(6, **meta))
+    with pytest.raises(ValueError, match="conv_state is on meta"):
+        decode_linear(x, w, conv=(torch.zeros(4, 2, 4, **meta), torch.zeros(2, 4), None, 0, None))
+    with pytest.raises(ValueError, match="norm_weight is on meta"):
+        rms_norm_linear(x, nw.to(**meta), w)
+    with pytest.raises(ValueError, match="sums is on meta"):
+        rms_scaled_linear(x, torch.zeros(4, 2, **meta), w)
+    with pytest.raises(ValueError, match="residual is on meta"):
+        add_rms_norm_linear(x[:2], torch.zeros(2, 8, **meta), nw, w)
+
+
 def test_conv_fold_in_dot_kernel_matches_ref(monkeypatch):
     """Above SMALL_ROWS rows the conv update runs in the tl.dot kernel's epilogue: batch 11 (a
     ragged batch tile), conv channels [9, 29) of 37 across ragged output blocks of 16, a bf16 state."""
