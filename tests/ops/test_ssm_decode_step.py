@@ -204,6 +204,8 @@ def test_norm_weight_errors():
         ssm_decode_step(**dict(kw, z=None), norm_weight=torch.ones(12))
     with pytest.raises(ValueError, match="norm_weight needs the Mamba-2 layout"):
         ssm_decode_step(**mamba1_inputs(2, 4, 5, 3, device="cpu"), norm_weight=torch.ones(4))
+    with pytest.raises(ValueError, match="norm_weight is on meta"):
+        ssm_decode_step(**kw, norm_weight=torch.ones(12, device="meta"))
 
 
 def test_norm_weight_opcheck():
