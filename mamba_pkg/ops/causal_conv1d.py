@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import Plan, settings_cache
+from mamba_pkg.ops._launch import Plan, PlanCache, settings_cache
 from mamba_pkg.ops._library import absent, launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -1180,9 +1180,9 @@ def _launch_bwd(dx, dw, db, x, weight, bias, initial_states, starts, rows, silu,
 # The rows backward's (W, D) copies of the weights (see _weight_taps_major): (id of the weight's base
 # tensor, its address) -> (weak reference to the base, (version, shape, strides) of the weight, copy).
 # An eager channel-last backward made its copy at every call: an aten copy, ~16 us of the H100 host's
-# time (session 12) in a call that is host-bound.
-_WEIGHT_COPIES: dict = {}
-_MAX_WEIGHT_COPIES = 256
+# time (session 12) in a call that is host-bound. Capped like the plans (a PlanCache, not registered
+# with the settings: the copies do not depend on them).
+_WEIGHT_COPIES = PlanCache()
 
 
 def _weight_taps_major(weight):
@@ -1204,8 +1204,6 @@ def _weight_taps_major(weight):
     if entry is not None and entry[0]() is base and entry[1] == state:
         return entry[2]
     copy = weight.t().contiguous()
-    if len(_WEIGHT_COPIES) >= _MAX_WEIGHT_COPIES:
-        _WEIGHT_COPIES.clear()
     _WEIGHT_COPIES[key] = (weakref.ref(base), state, copy)
     return copy
 
