@@ -155,6 +155,21 @@ MODEL_AB_S13B = [(name, 64, (NO_FOLD, {**NO_FOLD, **W4}, W4, {**NO_FOLD, **T8K},
                  for name in ("mamba2-1.3b", "mamba2-130m")]
 
 
+def _no_add_norm(x, residual, norm_weight, eps=1e-5, residual_in_fp32=False, **kw):
+    """A stand-in for decode_linear.add_rms_norm_rows that launches nothing (wrong numbers): what a b64 step
+    would take without the block's add + RMSNorm launch, the upper bound of folding it into the products."""
+    return x, (residual if residual is not None else x.float() if residual_in_fp32 else x)
+
+
+# Session 14 (--model-ab MODEL_AB_S14): the block's add + RMSNorm launch left out (timing only).
+NO_ADD_NORM = {"models.block.add_rms_norm_rows": _no_add_norm}
+MODEL_AB_S14 = [(name, 64, ({}, NO_ADD_NORM, {})) for name in ("mamba2-1.3b", "mamba-1.4b", "mamba2-130m", "mamba-130m")]
+# Call 3: mamba2-1.3b's in_proj + conv (133 tiles) with its 64 dt features one per program of the first 132 tiles
+# (DOT_OVERFLOW, the default) against the fit config.
+OVER_OFF = {DL + "DOT_OVERFLOW": False}
+MODEL_AB_S14B = [("mamba2-1.3b", 64, ({}, OVER_OFF, {}, OVER_OFF))]
+
+
 def graph_ms(fn, rep=20):
     import triton.testing
 
@@ -276,6 +291,8 @@ GEMM64 = {  # (out_features, in_features, RMSNorm prologue, conv (start, channel
     "m130m in_proj+conv": (3072, 768, False, (0, 1536)), "m2-130m in_proj+conv": (3352, 768, False, (1536, 1792)),
     "130m out_proj": (768, 1536, False, None), "m130m x_proj": (80, 1536, False, None),
     "lm_head 1.3b": (50280, 2048, False, None),
+    # Session 14: mamba2-1.3b's in_proj without its 64 dt features: 132 tiles of 64 (one per SM) instead of 133.
+    "m2-1.3b in_proj+conv 132 tiles": (8448, 2048, False, (4096, 4352)),
 }
 GEMM_COPIES = 8
 GEMM_VARIANTS = [  # changes to dot_config's pick: (BLOCK_N, BLOCK_K, stages, warps, SPLIT) fields by index
@@ -308,6 +325,9 @@ GEMM_SETTINGS = [
     ("n256 s4", {0: 256, 3: 8, 4: 4}, {}), ("n256 s4 w4", {0: 256, 3: 4, 4: 4}, {}),
     ("n256 s4 k32", {0: 256, 1: 32, 3: 8, 4: 4}, {}), ("n128 s4", {0: 128, 3: 8, 4: 4}, {}),
     ("n128 s8", {0: 128, 3: 8, 4: 8}, {}), ("n256 s16", {0: 256, 3: 8, 4: 16}, {}), ("n256 s8", {0: 256, 3: 8, 4: 8}, {}),
+    # Session 14: the features past one tile per SM, one per program of the others (DOT_OVERFLOW, on by
+    # default: "pick"), against the fit config (off).
+    ("overflow off", None, {"DOT_OVERFLOW": False}),
 ]
 GEMM_ONLY = None  # --gemm-only: only the candidates of these labels (and cuBLAS)
 

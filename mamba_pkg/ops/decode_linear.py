@@ -140,6 +140,19 @@ DOT_MANY_STAGES = 3
 # sm_90: 96 bytes of epilogue spill, none in the K loop), so that two programs fit per SM and all run in
 # one wave. False: off.
 DOT_FIT = True
+# Where the output features run a few past one tile per SM (no more features past them than SMs; one row
+# block, no K split, no norm in the K loop, none of them a conv channel: mamba2-1.3b's in_proj at 64 rows, 8512
+# features = 132 tiles of 64 + its 64 dt features), the launch runs one program per SM over the first SM-count
+# tiles (the plain config, no fit), and program p also computes overflow feature SMs * BLOCK_N + p whole, as a
+# matrix-vector product on the x tiles its K loop streams anyway (one more weight row per program; the sums
+# stay elementwise over the loop and are reduced once). H100, 64 rows, mamba2-1.3b's in_proj + conv, cold weights
+# (session 14, results/sweep_decode_s14_overflow.json): 18.2 us vs 24.1 with the fit (the 132-tile product
+# alone: 17.1); b64 step graph replay 3.956 / 3.957 ms vs 4.054 / 4.045. Splitting the 133rd tile along K
+# instead (16 or 8 slices, the last to finish adds them up) lost in the step: 4.14-4.23 ms
+# (sweep_decode_s14_overflow_slices.json). DOT_OVERFLOW_SMS: the SM count to plan for (0: the device's; CPU
+# tests set it to run the path through the interpreter). False: off (the fit above).
+DOT_OVERFLOW = True
+DOT_OVERFLOW_SMS = 0
 DOT_FIT_BLOCK_K = 64
 DOT_FIT_STAGES = 6
 DOT_CONV_MAXNREG = 128
@@ -629,6 +642,7 @@ def _decode_linear_dot_kernel(
     PTX: tl.constexpr,
     TMA_W: tl.constexpr, TMA_X: tl.constexpr, PREFETCH_K: tl.constexpr, PREFETCH_LINE: tl.constexpr,
     BLOCK_S: tl.constexpr = 1, SUMS_EARLY: tl.constexpr = False,
+    over_start=0, OVER: tl.constexpr = False,
 ):
     # Program (i_n, i_s) of row block i_b: features [i_n * BLOCK_N, +BLOCK_N) over K range
     # [i_s * k_split, +k_split). NORM_RMS: x is RMS-normalised on the fly: the tile fed to the dot is
@@ -639,6 +653,9 @@ def _decode_linear_dot_kernel(
     # the partials up in split order (the same bits whichever program is last) and finishes the tile.
     # NORM_SUMS: x is already times the norm weight and nw_ptr holds (B, n_sums) fp32 partial sums of
     # squares of the rows (ssm_decode_step's norm_weight): the program that finishes a tile scales its rows.
+    # OVER (one row block, SPLIT 1, NORM 0 or 5): the grid covers the features below over_start, and program
+    # pid also computes feature over_start + pid (if < N) from the same x tiles: b_of holds its elementwise
+    # products over the K loop, summed once at the end.
     pid = tl.program_id(0)
     i_n, i_s, i_b = pid // SPLIT, pid % SPLIT, tl.program_id(1)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -653,6 +670,11 @@ def _decode_linear_dot_kernel(
     o_k = k_lo + tl.arange(0, BLOCK_K)
     m_k = o_k < k_hi
     b_nw = b_ss  # unused without the norm (NORM_NONE)
+    if OVER:  # this program's overflow feature: its weight row (past N: row N - 1, not stored), its products with x
+        i_of = over_start + pid
+        has_of = i_of < N
+        p_of = w_ptr + tl.minimum(i_of, N - 1).to(tl.int64) * stride_w_n
+        b_of = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
     if NORM == 4:  # a parameter: loaded before the wait, and one K step ahead in the loop
         b_nw = tl.load(nw_ptr + o_k, mask=m_k, other=0.0)
     if PREFETCH_K > 0:  # the weight rows' first PREFETCH_K columns into L2 (rows past N: row N - 1 again)
@@ -679,6 +701,8 @@ def _decode_linear_dot_kernel(
         b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
         if NORM == 4:
             b_nw = b_nw_next
+        if OVER:
+            b_of += b_x.to(tl.float32) * tl.load(p_of + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
         k_lo += BLOCK_K
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -692,6 +716,8 @@ def _decode_linear_dot_kernel(
         b_acc, b_ss = _dot_step(b_acc, b_ss, b_x, b_w, b_nw, NORM, FP32)
         if NORM == 4:
             b_nw = b_nw_next
+        if OVER:
+            b_of += b_x.to(tl.float32) * tl.load(p_of + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]
     if USE_PDL and not LAUNCH_EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     if SPLIT == 1:
@@ -699,6 +725,14 @@ def _decode_linear_dot_kernel(
                      cs_ptr, cw_ptr, cb_ptr, conv_start, conv_dim, stride_cs_b, stride_cs_d, stride_cs_s,
                      stride_cw_d, stride_cw_k, HAS_BIAS, NORM != 0, CONV, CONV_BIAS, SILU, W, S_LEN, PTX, ROWS4,
                      i_n * BLOCK_N, BLOCK_B, BLOCK_N)
+        if OVER:
+            if has_of:
+                b_o = tl.sum(b_of, axis=1)
+                if NORM == 5:
+                    b_o *= 1.0 / tl.sqrt(b_ss / K + eps)
+                if HAS_BIAS:
+                    b_o += tl.load(bias_ptr + i_of).to(tl.float32)
+                tl.store(out_ptr + o_b * stride_o_b + i_of * stride_o_n, b_o.to(out_ptr.dtype.element_ty), mask=m_b)
     else:
         n_pad = tl.num_programs(1) * BLOCK_B  # rows of the partial buffers
         p_part = part_ptr + o_b[:, None].to(tl.int64) * N + o_n[None, :]
@@ -922,8 +956,24 @@ class _DotPlan:
     the launch Plan of the pointer loads (plain), the split-K buffers' shapes and counters, and whether TMA
     tiles may be taken (plan.tma) and how big."""
 
-    __slots__ = ("grid", "scalars", "kwargs", "plain", "split", "counters", "part_shape", "ss_shape", "tma",
+    __slots__ = ("grid", "scalars", "kwargs", "plain", "split", "over", "counters", "part_shape", "ss_shape", "tma",
                  "interpret", "block_b", "block_n", "block_k")
+
+
+def _overflow(n_out, block_n, split, row_blocks, x, norm, conv):
+    """1 where the launch of ``n_out`` features in tiles of ``block_n`` takes DOT_OVERFLOW (its last tile's
+    features one per program of the others), else 0: that tile lies past one tile per SM and holds no more
+    features than SMs; one row block, no K split, no norm in the K loop (norm: a norm weight), no conv
+    channel among those features."""
+    if not DOT_OVERFLOW or split != 1 or row_blocks != 1 or norm:
+        return 0
+    sms = DOT_OVERFLOW_SMS or (sm_count(x.device) if x.is_cuda else 0)
+    start = sms * block_n
+    if not (sms and start < n_out <= start + min(sms, block_n)):
+        return 0
+    if conv is not None and conv[3] + conv[1].shape[0] > start:  # conv channels [conv_start, + conv_dim)
+        return 0
+    return 1
 
 
 def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok, sums=None):
@@ -939,8 +989,11 @@ def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok, sums=None)
     tiles, row_blocks = cdiv(n_out, block_n), cdiv(batch, block_b)
     if not split_ok:
         split = 1
+    # 1: the last tile's features go one per program of the others, from over_start on (DOT_OVERFLOW).
+    over = _overflow(n_out, block_n, split, row_blocks, x, norm_weight is not None, conv)
+    over_start = (tiles - over) * block_n if over else 0
     flags = {}
-    if DOT_FIT and x.is_cuda and tiles * split * row_blocks > sm_count(x.device):
+    if DOT_FIT and x.is_cuda and (tiles - over) * split * row_blocks > sm_count(x.device):
         block_k, stages = DOT_FIT_BLOCK_K, DOT_FIT_STAGES
         if conv is not None:
             flags["maxnreg"] = DOT_CONV_MAXNREG
@@ -958,8 +1011,8 @@ def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok, sums=None)
     if prefetch and line:
         prefetch = next_pow2(max(min(prefetch, k_split), line))  # a power of two of lines, at most the K range's
     plan = _DotPlan()
-    plan.grid = (tiles * split, row_blocks)
-    plan.split, plan.counters = split, tiles * row_blocks
+    plan.grid = (tiles * split - over, row_blocks)
+    plan.split, plan.over, plan.counters = split, over, tiles * row_blocks
     rows_pad = row_blocks * block_b
     plan.part_shape = (split, rows_pad, n_out)
     plan.ss_shape = (tiles, split, rows_pad)
@@ -978,7 +1031,7 @@ def _dot_plan(x, weight, bias, out, norm_weight, eps, conv, split_ok, sums=None)
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SPLIT=split, PEEL=DOT_PEEL, USE_PDL=pdl,
         LAUNCH_EARLY=DOT_LAUNCH_EARLY, PTX=ptx_math(_decode_linear_dot_kernel), num_warps=warps,
         num_stages=stages, **flags, **pdl_launch(pdl), PREFETCH_K=prefetch, PREFETCH_LINE=line,
-        TMA_W=False, TMA_X=False,
+        TMA_W=False, TMA_X=False, over_start=over_start, OVER=bool(over),
     )
     plan.plain = Plan(_decode_linear_dot_kernel, plan.grid, *plan.scalars, None, None, **plan.kwargs)
     plan.interpret = triton_interpret()  # the interpreter runs descriptors too (CPU tests)

@@ -347,6 +347,75 @@ def test_dot_split_k_matches_ref(norm, conv, peel, monkeypatch):
     assert torch.equal(run(), out)
 
 
+@pytest.mark.parametrize("case", ["plain", "sums", "conv", "peel", "tma"])
+def test_dot_overflow_features_match_ref(case, monkeypatch):
+    """Features past one tile per SM (DOT_OVERFLOW; 3 "SMs" planned for, tiles of 16 outputs, 51 outputs:
+    the last 3 past 48, or 50: a program without one) computed one per program of the first tiles, as a matrix-vector product on the x
+    tiles of its K loop (32-wide steps over 200 values): equal to the reference with a bias, with the row
+    scale from partial sums (sums), with a conv update of channels below them (conv), with the first K step
+    peeled (peel), through TMA descriptors (tma). The launch has 3 programs, and a second call gives the
+    same bits."""
+    _small_dot(monkeypatch, block_k=32)
+    monkeypatch.setattr(dl, "DOT_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(dl, "DOT_OVERFLOW_SMS", 3)
+    monkeypatch.setattr(dl, "DOT_PEEL", case == "peel")
+    monkeypatch.setattr(dl, "DOT_TMA_MIN_STEPS", 1 if case == "tma" else 1 << 20)
+    n_out = 50 if case in ("sums", "conv") else 51
+    torch.manual_seed(5)
+    x = torch.randn(19, 2 * 200, device=DEVICE)[:, 200:]
+    w, b = torch.randn(n_out, 200, device=DEVICE), torch.randn(n_out, device=DEVICE)
+    if case == "tma":
+        x, w, b = x.contiguous().to(torch.bfloat16), w.to(torch.bfloat16), b.to(torch.bfloat16)
+    conv_args = ref_state = None
+    if case == "conv":
+        state, conv_args = _conv_case(19, n_out, 21, 20, 4, torch.bfloat16)  # channels 20..40: below 48
+        ref_state, first_state = state.clone(), state.clone()
+    if case == "sums":
+        v, nw, xs, sums, wb, bb = _folded_norm_inputs(19, 200, n_out)
+
+    def run():
+        if case == "sums":
+            return rms_scaled_linear(xs, sums, wb, bb, 1e-5, backend="triton")
+        return decode_linear(x, w, b, conv=conv_args, backend="triton")
+    out = run()
+    if case == "sums":
+        ref = rms_scaled_linear_ref(xs, sums, wb, bb, 1e-5)
+    else:
+        ref = decode_linear_ref(x.float(), w.float(), b.float(), None if conv_args is None else (ref_state, *conv_args[1:]))
+    plans = [p for p in dl._PLANS.values() if getattr(p, "over", 0)]
+    assert plans and plans[-1].grid == (3, 1) and plans[-1].tma == (case == "tma")
+    tol = dict(rtol=2e-2, atol=2e-2) if case in ("sums", "tma") else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    if conv_args is not None:
+        torch.testing.assert_close(state, ref_state, rtol=2.0**-7, atol=1e-4)
+        state.copy_(first_state)
+    assert torch.equal(run(), out)
+
+
+def test_dot_overflow_only_for_a_few_features_past_the_tiles(monkeypatch):
+    """DOT_OVERFLOW takes launches whose last tile lies past one tile per SM and holds no more features than
+    SMs; not with a K split, several row blocks, a norm in the K loop, a conv channel among those features,
+    the switch off, or no SM count (a CPU tensor without DOT_OVERFLOW_SMS)."""
+    monkeypatch.setattr(dl, "DOT_OVERFLOW_SMS", 132)
+    x = torch.empty(64, 2048)
+    conv_state, conv_w = torch.empty(64, 4352, 4), torch.empty(4352, 4)
+    assert dl._overflow(8512, 64, 1, 1, x, False, None) == 1
+    assert dl._overflow(8512, 64, 1, 1, x, False, (conv_state, conv_w, None, 4096, True)) == 1
+    assert dl._overflow(8512, 64, 1, 1, x, False, (conv_state, conv_w, None, 4160, True)) == 0
+    assert dl._overflow(8448, 64, 1, 1, x, False, None) == 0
+    assert dl._overflow(8513, 64, 1, 1, x, False, None) == 0  # a 134th tile
+    assert dl._overflow(8512, 64, 2, 1, x, False, None) == 0
+    assert dl._overflow(8512, 64, 1, 2, x, False, None) == 0
+    assert dl._overflow(8512, 64, 1, 1, x, True, None) == 0
+    monkeypatch.setattr(dl, "DOT_OVERFLOW_SMS", 100)
+    assert dl._overflow(100 * 128 + 101, 128, 1, 1, x, False, None) == 0  # more features than SMs
+    monkeypatch.setattr(dl, "DOT_OVERFLOW", False)
+    assert dl._overflow(6500, 64, 1, 1, x, False, None) == 0
+    monkeypatch.setattr(dl, "DOT_OVERFLOW", True)
+    monkeypatch.setattr(dl, "DOT_OVERFLOW_SMS", 0)
+    assert dl._overflow(8512, 64, 1, 1, x, False, None) == 0
+
+
 def _conv_case(batch, n_out, channels, start, state_len, dtype=torch.float32, bias=True):
     conv_state = torch.randn(batch, channels, state_len, device=DEVICE).to(dtype)
     conv_weight = torch.randn(channels, 4, device=DEVICE)
@@ -516,19 +585,29 @@ def test_gpu_conv_fold_dot_full_size(batch, d_model, d_ssm):
 @requires_cuda
 def test_gpu_dot_fit_same_bits(monkeypatch):
     """mamba2-1.3b's in_proj + conv at 64 rows (133 tiles: more programs than an H100's 132 SMs) in the
-    two-per-SM config (DOT_FIT: 64-wide K steps, a register cap) gives what the one-per-SM config gives."""
+    two-per-SM config (DOT_FIT: 64-wide K steps, a register cap) and with the 64 features past 132 tiles one
+    per program of the others (DOT_OVERFLOW, 132 SMs planned for) gives what the one-per-SM config gives; the
+    overflow's second call gives the same bits."""
     torch.manual_seed(0)
     x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8512, 2048, device="cuda", dtype=torch.bfloat16) / 45
     state0 = torch.randn(64, 4352, 4, device="cuda", dtype=torch.bfloat16)
     cw, cb = torch.randn(4352, 4, device="cuda", dtype=torch.bfloat16), torch.randn(4352, device="cuda")
     runs = []
-    for fit in (False, True):
+    for fit, over in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(dl, "DOT_FIT", fit)
+        monkeypatch.setattr(dl, "DOT_OVERFLOW", over)
+        monkeypatch.setattr(dl, "DOT_OVERFLOW_SMS", 8448 // 64 if over else 0)
         state = state0.clone()
         runs.append((decode_linear(x, w, conv=(state, cw, cb, 4096, "silu")), state))
-    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-2, atol=1e-2)
+        if over:
+            assert any(getattr(p, "over", 0) for p in dl._PLANS.values())
+            state = state0.clone()
+            again = decode_linear(x, w, conv=(state, cw, cb, 4096, "silu"))
+            assert torch.equal(again, runs[-1][0]) and torch.equal(state, runs[-1][1])
+    for out, state in runs[1:]:
+        torch.testing.assert_close(out, runs[0][0], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(state, runs[0][1], rtol=1e-2, atol=1e-2)
 
 
 @requires_cuda
