@@ -168,6 +168,10 @@ MODEL_AB_S14 = [(name, 64, ({}, NO_ADD_NORM, {})) for name in ("mamba2-1.3b", "m
 # (DOT_OVERFLOW, the default) against the fit config.
 OVER_OFF = {DL + "DOT_OVERFLOW": False}
 MODEL_AB_S14B = [("mamba2-1.3b", 64, ({}, OVER_OFF, {}, OVER_OFF))]
+# Call 4: mamba-130m's x_proj (80 x 1536: 6 programs even split, so cuBLAS, which breaks the PDL chain) by the
+# tl.dot kernel: fewer programs allowed (6), or one K step per split too (12 programs).
+MODEL_AB_S14C = [("mamba-130m", 64, ({}, {DL + "DOT_MIN_PROGRAMS": 4},
+                                     {DL + "DOT_MIN_PROGRAMS": 4, DL + "DOT_MIN_SPLIT_STEPS": 1}, {}))]
 
 
 def graph_ms(fn, rep=20):
