@@ -386,68 +386,64 @@ def _(state, x, dt, A_log, B, C, D, z, dt_bias, dt_limit, norm_weight, state_rea
     return _norm_outputs(state, x)
 
 
-def _inputs_ok(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
-    """The common case in a few comparisons (a decode step is host-bound); anything else goes
-    through _validate, which names the offending argument."""
-    device = getattr(state, "device", None)
-    for t in (state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device or t.dtype not in FLOAT_DTYPES):
-            return False
-    if state.dim() not in (3, 4) or x.shape[1:] != state.shape[1:-1] or x.shape[0] != state.shape[0]:
-        return False
-    if (z is not None and z.shape != x.shape) or C.shape != B.shape or B.shape[0] != x.shape[0]:
-        return False
-    n_state = state.shape[-1]
-    if state.dim() == 4:
-        heads = x.shape[1]
-        return (dt_proj_weight is None and dt.shape == x.shape[:2] and A_log.shape == (heads,)
-                and B.dim() == 3 and B.shape[2] == n_state and heads % B.shape[1] == 0
-                and (D is None or D.shape in ((heads,), x.shape[1:]))
-                and (dt_bias is None or dt_bias.shape == (heads,)))
-    dim = x.shape[1]
-    if dt_proj_weight is None:
-        dt_ok = dt.shape == x.shape
-    else:
-        dt_ok = dt.dim() == 2 and dt.shape[0] == x.shape[0] and dt_proj_weight.shape == (dim, dt.shape[1])
-    groups = B.shape[1] if B.dim() == 3 else 1
-    return (dt_ok and A_log.shape == (dim, n_state) and B.dim() in (2, 3) and B.shape[-1] == n_state
-            and groups > 0 and dim % groups == 0
-            and (D is None or D.shape == (dim,)) and (dt_bias is None or dt_bias.shape == (dim,)))
-
-
 def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit):
-    check_tensor("state", state, ndim=(3, 4), dtype=FLOAT_DTYPES)
+    """What ssm_decode_step accepts, in one place. Each check is a few comparisons, and only one that
+    fails builds its error (naming the argument): an accepted call, a decode step that is host-bound,
+    pays the comparisons only."""
+    tensor, floats = torch.Tensor, FLOAT_DTYPES
+    if not (isinstance(state, tensor) and state.dim() in (3, 4) and state.dtype in floats):
+        check_tensor("state", state, ndim=(3, 4), dtype=floats)
     mamba2 = state.dim() == 4
     inner, n_state = tuple(state.shape[1:-1]), state.shape[-1]
     batch = state.shape[0]
-    check_tensor("x", x, shape=(batch, *inner), dtype=FLOAT_DTYPES)
-    check_tensor("z", z, shape=(batch, *inner), dtype=FLOAT_DTYPES, optional=True)
-    check_tensor("C", C, dtype=FLOAT_DTYPES)
+    shape = (batch, *inner)
+    if not (isinstance(x, tensor) and x.shape == shape and x.dtype in floats):
+        check_tensor("x", x, shape=shape, dtype=floats)
+    if z is not None and not (isinstance(z, tensor) and z.shape == shape and z.dtype in floats):
+        check_tensor("z", z, shape=shape, dtype=floats)
+    if not (isinstance(C, tensor) and C.dtype in floats):
+        check_tensor("C", C, dtype=floats)
     if mamba2:
         heads, hdim = inner
         if dt_proj_weight is not None:
             raise ValueError("dt_proj_weight is for the Mamba-1 layout (state (B, D, N)); Mamba-2 takes dt (B, H)")
-        check_tensor("dt", dt, shape=(batch, heads), dtype=FLOAT_DTYPES)
-        check_tensor("A_log", A_log, shape=(heads,), dtype=FLOAT_DTYPES)
-        check_tensor("B", B, shape=(batch, None, n_state), dtype=FLOAT_DTYPES)
-        if D is not None and tuple(D.shape) not in ((heads,), (heads, hdim)):
-            raise ValueError(f"D must have shape ({heads},) or ({heads}, {hdim}), got {tuple(D.shape)}")
-        check_tensor("D", D, dtype=FLOAT_DTYPES, optional=True)
-        check_tensor("dt_bias", dt_bias, shape=(heads,), dtype=FLOAT_DTYPES, optional=True)
+        if not (isinstance(dt, tensor) and dt.shape == (batch, heads) and dt.dtype in floats):
+            check_tensor("dt", dt, shape=(batch, heads), dtype=floats)
+        if not (isinstance(A_log, tensor) and A_log.shape == (heads,) and A_log.dtype in floats):
+            check_tensor("A_log", A_log, shape=(heads,), dtype=floats)
+        if not (isinstance(B, tensor) and B.dim() == 3 and B.shape[0] == batch and B.shape[2] == n_state
+                and B.dtype in floats):
+            check_tensor("B", B, shape=(batch, None, n_state), dtype=floats)
+        if D is not None and not (isinstance(D, tensor) and D.shape in ((heads,), (heads, hdim)) and D.dtype in floats):
+            if isinstance(D, tensor) and tuple(D.shape) not in ((heads,), (heads, hdim)):
+                raise ValueError(f"D must have shape ({heads},) or ({heads}, {hdim}), got {tuple(D.shape)}")
+            check_tensor("D", D, dtype=floats)
+        if dt_bias is not None and not (isinstance(dt_bias, tensor) and dt_bias.shape == (heads,)
+                                        and dt_bias.dtype in floats):
+            check_tensor("dt_bias", dt_bias, shape=(heads,), dtype=floats)
         split, split_name = heads, "H"
     else:
         (dim,) = inner
         if dt_proj_weight is None:
-            check_tensor("dt", dt, shape=(batch, dim), dtype=FLOAT_DTYPES)
+            if not (isinstance(dt, tensor) and dt.shape == shape and dt.dtype in floats):
+                check_tensor("dt", dt, shape=shape, dtype=floats)
         else:
-            check_tensor("dt", dt, shape=(batch, None), dtype=FLOAT_DTYPES)
-            check_tensor("dt_proj_weight", dt_proj_weight, shape=(dim, dt.shape[1]), dtype=FLOAT_DTYPES)
-        check_tensor("A_log", A_log, shape=(dim, n_state), dtype=FLOAT_DTYPES)
-        check_tensor("B", B, ndim=(2, 3), dtype=FLOAT_DTYPES)
+            if not (isinstance(dt, tensor) and dt.dim() == 2 and dt.shape[0] == batch and dt.dtype in floats):
+                check_tensor("dt", dt, shape=(batch, None), dtype=floats)
+            if not (isinstance(dt_proj_weight, tensor) and dt_proj_weight.shape == (dim, dt.shape[1])
+                    and dt_proj_weight.dtype in floats):
+                check_tensor("dt_proj_weight", dt_proj_weight, shape=(dim, dt.shape[1]), dtype=floats)
+        if not (isinstance(A_log, tensor) and A_log.shape == (dim, n_state) and A_log.dtype in floats):
+            check_tensor("A_log", A_log, shape=(dim, n_state), dtype=floats)
+        if not (isinstance(B, tensor) and B.dim() in (2, 3) and B.dtype in floats):
+            check_tensor("B", B, ndim=(2, 3), dtype=floats)
         if B.shape[0] != batch or B.shape[-1] != n_state:
             raise ValueError(f"B must have shape ({batch}, {n_state}) or ({batch}, G, {n_state}), got {tuple(B.shape)}")
-        check_tensor("D", D, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
-        check_tensor("dt_bias", dt_bias, shape=(dim,), dtype=FLOAT_DTYPES, optional=True)
+        if D is not None and not (isinstance(D, tensor) and D.shape == (dim,) and D.dtype in floats):
+            check_tensor("D", D, shape=(dim,), dtype=floats)
+        if dt_bias is not None and not (isinstance(dt_bias, tensor) and dt_bias.shape == (dim,)
+                                        and dt_bias.dtype in floats):
+            check_tensor("dt_bias", dt_bias, shape=(dim,), dtype=floats)
         split, split_name = dim, "D"
     if B.shape != C.shape:
         raise ValueError(f"B and C must have the same shape, got {tuple(B.shape)} and {tuple(C.shape)}")
@@ -456,8 +452,11 @@ def _validate(state, x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight, dt_limit
         raise ValueError(f"the number of groups G={groups} in B/C must divide {split_name}={split}")
     if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
         raise ValueError(f"dt_limit must be (low, high) with low <= high, got {dt_limit}")
-    check_same_device(state=state, x=x, dt=dt, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
-                      dt_proj_weight=dt_proj_weight)
+    device = state.device
+    for t in (x, dt, A_log, B, C, D, z, dt_bias, dt_proj_weight):
+        if t is not None and t.device != device:
+            check_same_device(state=state, x=x, dt=dt, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                              dt_proj_weight=dt_proj_weight)
 
 
 def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_proj_weight=None,
@@ -489,14 +488,12 @@ def ssm_decode_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, dt_
         (see decode_linear.rms_scaled_linear).
     backend: "torch", "triton" or None (the device decides).
     """
-    limit_ok = len(dt_limit) == 2 and dt_limit[0] <= dt_limit[1]
     if split_sum:
         _check_splits(dt, B, C)
         dt1, B1, C1 = dt[0], B[0], C[0]
     else:
         dt1, B1, C1 = dt, B, C
-    if not (limit_ok and _inputs_ok(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight)):
-        _validate(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight, dt_limit)
+    _validate(state, x, dt1, A_log, B1, C1, D, z, dt_bias, dt_proj_weight, dt_limit)
     if norm_weight is not None:
         _check_norm_weight(norm_weight, state, x, z, dt_proj_weight, split_sum)
         if resolve_backend(backend, state, x) == "torch":

@@ -244,6 +244,16 @@ def test_errors():
         ssm_decode_step(**dict(kw2, D=torch.zeros(3)))
     with pytest.raises(ValueError, match="A_log must have shape"):
         ssm_decode_step(**dict(kw2, A_log=torch.zeros(4, 3, 5)))
+    with pytest.raises(TypeError, match="D must be a torch.Tensor"):
+        ssm_decode_step(**dict(kw2, D=[1.0] * 4))
+    with pytest.raises(ValueError, match=r"B must have shape \(2, \*, 5\)"):
+        ssm_decode_step(**dict(kw2, B=torch.zeros(2, 2, 4), C=torch.zeros(2, 2, 4)))
+    with pytest.raises(TypeError, match="dt_bias must have dtype"):
+        ssm_decode_step(**dict(kw2, dt_bias=torch.zeros(4, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="dt_bias is on meta"):
+        ssm_decode_step(**dict(kw2, dt_bias=torch.zeros(4, device="meta")))
+    with pytest.raises(ValueError, match="B must have shape"):
+        ssm_decode_step(**dict(kw, B=torch.zeros(2, 4), C=torch.zeros(2, 4)))
 
 
 @requires_cuda
