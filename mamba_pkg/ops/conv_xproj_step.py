@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mamba_pkg.ops._launch import Plan
+from mamba_pkg.ops._launch import Plan, settings_cache
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -32,7 +32,7 @@ from mamba_pkg.ops.backend import (
     triton,
 )
 from mamba_pkg.ops.causal_conv1d import causal_conv1d_update_ref
-from mamba_pkg.ops.decode_linear import layout_key, pdl_launch, settings_cache, use_pdl
+from mamba_pkg.ops.decode_linear import layout_key, pdl_launch, use_pdl
 
 # Channels per split: also the partition the reference uses. 64 gives 24 / 64 programs at
 # mamba-130m / -1.4b; with the SSM kernel adding the partials it beat 128 and 256 on an H100
@@ -40,7 +40,7 @@ from mamba_pkg.ops.decode_linear import layout_key, pdl_launch, settings_cache, 
 BLOCK_D = 64
 # x_proj outputs per step of the (unrolled) output loop: the weight tile is BLOCK_J x BLOCK_D.
 MAX_TILE = 16384
-# Launch plans of _conv_xproj_step (decode_linear.settings_cache: dropped when a switch above is set).
+# Launch plans of _conv_xproj_step (_launch.settings_cache: dropped when a switch above is set).
 _PLANS = settings_cache(__name__)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamba_pkg.ops._launch import Plan
+from mamba_pkg.ops._launch import Plan, settings_cache
 from mamba_pkg.ops._library import launcher_op
 from mamba_pkg.ops.backend import (
     FLOAT_DTYPES,
@@ -43,7 +43,7 @@ from mamba_pkg.ops.backend import (
     tl,
     triton,
 )
-from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear, layout_key, pdl_launch, settings_cache, use_pdl
+from mamba_pkg.ops.decode_linear import MAX_ROWS, decode_linear, layout_key, pdl_launch, use_pdl
 from mamba_pkg.ops.state_update import _softplus, selective_state_update_ref
 
 NO_DT_LIMIT = (0.0, float("inf"))
@@ -253,7 +253,7 @@ LATE_DEPENDENTS_ROWS = None
 # session 10, with Mamba-1's x_proj by the tl.dot kernel too, models/mamba.STEP_DOT_X_PROJ): mamba-1.4b 2.426
 # vs 2.484-2.546 ms, mamba-130m 0.678 vs 0.706-0.709. False: cuBLAS.
 DT_PROJ_DOT = True
-# Launch plans of _ssm_decode_step (decode_linear.settings_cache: dropped when a switch above is set).
+# Launch plans of _ssm_decode_step (_launch.settings_cache: dropped when a switch above is set).
 _PLANS = settings_cache(__name__)
 
 
